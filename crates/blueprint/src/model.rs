@@ -1,0 +1,244 @@
+//! The typed, validated blueprint that the rest of OneCommons works with.
+
+use std::path::PathBuf;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+use crate::template::{Ref, Template};
+
+/// A loaded blueprint with every included blueprint flattened into it.
+///
+/// Components of an included blueprint are named `INCLUDE.COMPONENT`
+/// (for example `other.web`); every reference is already rewritten to the
+/// flat names, so a consumer never needs to know about inclusion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Blueprint {
+    pub name: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub depends_on_projects: Vec<ProjectDependency>,
+    #[serde(default)]
+    pub inputs: IndexMap<String, InputSpec>,
+    #[serde(default)]
+    pub secrets: IndexMap<String, SecretSpec>,
+    #[serde(default)]
+    pub outputs: IndexMap<String, Template>,
+    pub components: IndexMap<String, Component>,
+    /// Every file read to build this blueprint, the root file first.
+    #[serde(default)]
+    pub files: Vec<PathBuf>,
+}
+
+/// An upstream developer project whose code this blueprint uses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectDependency {
+    pub project: String,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputType {
+    String,
+    Int,
+    Bool,
+    List,
+    Map,
+}
+
+impl InputType {
+    pub const NAMES: [&'static str; 5] = ["string", "int", "bool", "list", "map"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            InputType::String => "string",
+            InputType::Int => "int",
+            InputType::Bool => "bool",
+            InputType::List => "list",
+            InputType::Map => "map",
+        }
+    }
+
+    /// Whether `value` has this type.
+    pub fn accepts(self, value: &serde_json::Value) -> bool {
+        use serde_json::Value as V;
+        matches!(
+            (self, value),
+            (InputType::String, V::String(_))
+                | (InputType::Bool, V::Bool(_))
+                | (InputType::List, V::Array(_))
+                | (InputType::Map, V::Object(_))
+        ) || (self == InputType::Int && value.as_i64().is_some())
+    }
+
+    /// Parses a value given on the command line (`--input key=value`).
+    pub fn parse_cli(self, raw: &str) -> Result<serde_json::Value, String> {
+        use serde_json::Value as V;
+        match self {
+            InputType::String => Ok(V::String(raw.to_string())),
+            InputType::Int => raw
+                .trim()
+                .parse::<i64>()
+                .map(V::from)
+                .map_err(|_| format!("expected an integer, got \"{raw}\"")),
+            InputType::Bool => match raw.trim() {
+                "true" => Ok(V::Bool(true)),
+                "false" => Ok(V::Bool(false)),
+                _ => Err(format!("expected true or false, got \"{raw}\"")),
+            },
+            InputType::List | InputType::Map => {
+                let v: V = serde_json::from_str(raw).map_err(|e| {
+                    format!("expected a JSON {} ({e})", self.name())
+                })?;
+                if self.accepts(&v) {
+                    Ok(v)
+                } else {
+                    Err(format!("expected a JSON {}, got \"{raw}\"", self.name()))
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InputSpec {
+    #[serde(rename = "type")]
+    pub ty: InputType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// Where a secret's value comes from. The value itself never appears in a blueprint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretSpec {
+    /// A random string of this many characters, made once and kept.
+    Generate(usize),
+    /// Read from this environment variable at deploy time.
+    FromEnv(String),
+}
+
+/// One component, after validation and flattening.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Component {
+    pub kind: Kind,
+    /// Components that must be ready first: `after:` plus every component referenced.
+    pub depends_on: Vec<String>,
+    #[serde(default)]
+    pub env: IndexMap<String, Template>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
+    #[serde(default)]
+    pub resources: Resources,
+    /// Per-attempt time limit in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Further attempts after a failed one.
+    #[serde(default)]
+    pub retries: u32,
+    /// Directory commands run in and relative paths resolve against.
+    pub dir: PathBuf,
+    /// Where the component is declared.
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+}
+
+/// What a component is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Kind {
+    /// A command that runs once per change and must exit 0.
+    Job { command: Template },
+    /// A long-running command given `PORT`.
+    Process { command: Template },
+    /// A directory of files served by the gateway.
+    Static { path: PathBuf },
+    /// A PostgreSQL database on the platform's server.
+    Postgres,
+    /// A SQLite database file in the deployment's data directory.
+    Sqlite,
+    /// A named persistent directory that survives redeploys.
+    Volume,
+}
+
+impl Kind {
+    /// The blueprint keyword for this kind.
+    pub fn keyword(&self) -> &'static str {
+        match self {
+            Kind::Job { .. } => "job",
+            Kind::Process { .. } => "process",
+            Kind::Static { .. } => "static",
+            Kind::Postgres => "postgres",
+            Kind::Sqlite => "sqlite",
+            Kind::Volume => "volume",
+        }
+    }
+
+    /// Attributes other components may read with `${components.NAME.ATTR}`.
+    pub fn attributes(keyword: &str) -> &'static [&'static str] {
+        match keyword {
+            "process" => &["port", "url", "host"],
+            "static" => &["path"],
+            "postgres" => &["url"],
+            "sqlite" => &["path", "url"],
+            "volume" => &["path"],
+            _ => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    /// Path of an HTTP GET that must answer 2xx or 3xx.
+    pub http: String,
+    pub timeout_ms: u64,
+    pub interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub host: String,
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+}
+
+impl Component {
+    /// Every template the component reads (command first, then env in order).
+    pub fn templates(&self) -> impl Iterator<Item = &Template> {
+        let command = match &self.kind {
+            Kind::Job { command } | Kind::Process { command } => Some(command),
+            _ => None,
+        };
+        command.into_iter().chain(self.env.values())
+    }
+
+    /// Every reference the component reads.
+    pub fn refs(&self) -> impl Iterator<Item = &Ref> {
+        self.templates().flat_map(|t| t.refs())
+    }
+}

@@ -1,0 +1,359 @@
+//! Every kind of validation error, with the file, line and column it points at.
+
+use std::path::{Path, PathBuf};
+
+use commons_blueprint::{load, Diagnostics, InMemory, Kind, Ref};
+
+fn files(list: &[(&str, &str)]) -> InMemory {
+    let mut m = InMemory::default();
+    for (p, t) in list {
+        m.0.insert(PathBuf::from(p), t.to_string());
+    }
+    m
+}
+
+fn errors(text: &str) -> Diagnostics {
+    let src = files(&[("/bp/commons.yaml", text)]);
+    load(Path::new("/bp/commons.yaml"), &src).expect_err("expected validation errors")
+}
+
+/// Asserts exactly one error, at line:col, whose message contains `msg`.
+fn one(text: &str, line: usize, col: usize, msg: &str) {
+    let d = errors(text);
+    assert_eq!(d.len(), 1, "expected one error, got: {d}");
+    let e = &d.0[0];
+    assert_eq!((e.line, e.column), (line, col), "wrong position for: {e}");
+    assert!(e.message.contains(msg), "message {:?} lacks {:?}", e.message, msg);
+    assert_eq!(e.file, PathBuf::from("/bp/commons.yaml"));
+}
+
+#[test]
+fn full_example_loads() {
+    let src = files(&[
+        (
+            "/bp/commons.yaml",
+            r#"name: hello
+version: 0.1.0
+project: example.org/hello
+depends_on_projects:
+  - { project: example.org/lib, weight: 2 }
+  - example.org/other
+inputs:
+  greeting: { type: string, default: "hi" }
+secrets:
+  api_key: { generate: 32 }
+components:
+  migrate:
+    job: "echo ${inputs.greeting}"
+  web:
+    process: "python3 -m http.server $PORT"
+    after: [migrate]
+    env: { KEY: "${secrets.api_key}", DB: "${components.db.url}" }
+    health: { http: "/", timeout: 10s }
+    route: { host: hello.localhost }
+    resources: { memory: 256Mi, cpu: 0.5 }
+  docs:
+    static: ./public
+  db:
+    postgres: {}
+  other:
+    blueprint: ../lib-blueprint
+    with: { port: "${components.web.port}" }
+"#,
+        ),
+        ("/bp/public/index.html", "hi"),
+        (
+            "/lib-blueprint/commons.yaml",
+            r#"name: lib
+inputs:
+  port: { type: string }
+secrets:
+  token: { from_env: LIB_TOKEN }
+components:
+  worker:
+    process: "worker --upstream ${inputs.port} --token ${secrets.token}"
+outputs:
+  url: "http://127.0.0.1:${components.worker.port}"
+"#,
+        ),
+    ]);
+    let bp = load(Path::new("/bp"), &src).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(bp.name, "hello");
+    assert_eq!(bp.depends_on_projects[0].weight, 2);
+    assert_eq!(bp.depends_on_projects[1].weight, 1);
+    let names: Vec<&str> = bp.components.keys().map(String::as_str).collect();
+    assert_eq!(names, ["migrate", "web", "docs", "db", "other.worker"]);
+    assert_eq!(bp.components["web"].depends_on, ["migrate", "db"]);
+    assert_eq!(bp.components["web"].resources.memory_bytes, Some(256 << 20));
+    assert_eq!(bp.components["web"].resources.cpu_millis, Some(500));
+    // The included worker reads the parent's web port and its own, namespaced secret.
+    let worker = &bp.components["other.worker"];
+    assert_eq!(worker.depends_on, ["web"]);
+    let refs: Vec<&Ref> = worker.refs().collect();
+    assert!(refs.contains(&&Ref::Component { name: "web".into(), attr: "port".into() }));
+    assert!(refs.contains(&&Ref::Secret { name: "other.token".into() }));
+    assert!(bp.secrets.contains_key("other.token"));
+    assert!(matches!(bp.components["docs"].kind, Kind::Static { .. }));
+    assert_eq!(bp.files.len(), 2);
+}
+
+#[test]
+fn output_of_include_is_inlined() {
+    let src = files(&[
+        ("/a/commons.yaml", "name: a\ncomponents:\n  lib:\n    blueprint: ../b\n  app:\n    job: \"curl ${components.lib.url}\"\n"),
+        ("/b/commons.yaml", "name: b\ncomponents:\n  srv:\n    process: serve\noutputs:\n  url: \"http://${components.srv.host}:${components.srv.port}\"\n"),
+    ]);
+    let bp = load(Path::new("/a"), &src).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(bp.components["app"].depends_on, ["lib.srv"]);
+    let Kind::Job { command } = &bp.components["app"].kind else { panic!() };
+    assert_eq!(command.source(), "curl http://${components.lib.srv.host}:${components.lib.srv.port}");
+}
+
+#[test]
+fn yaml_syntax_error() {
+    one("name: x\ncomponents: [a\nb: c\n", 3, 2, "YAML syntax error");
+}
+
+#[test]
+fn empty_file() {
+    one("", 1, 1, "empty");
+}
+
+#[test]
+fn unknown_field_with_suggestion() {
+    let d = errors("name: x\ncomponents:\n  web:\n    procss: \"serve\"\n");
+    // Two problems: the typo, and so the component has no kind. Only the typo is reported for it.
+    let e = d.iter().find(|e| e.message.contains("procss")).expect("typo reported");
+    assert_eq!((e.line, e.column), (4, 5));
+    assert_eq!(e.message, "unknown field \"procss\" in component \"web\", did you mean \"process\"?");
+}
+
+#[test]
+fn unknown_top_level_field() {
+    one("name: x\ncomponent:\n  a: {job: x}\ncomponents:\n  a: {job: x}\n", 2, 1, "did you mean \"components\"?");
+}
+
+#[test]
+fn missing_name() {
+    one("components:\n  a: {job: x}\n", 1, 1, "missing required field \"name\"");
+}
+
+#[test]
+fn missing_components() {
+    one("name: x\n", 1, 1, "missing required field \"components\"");
+}
+
+#[test]
+fn invalid_name() {
+    one("name: Hello_World\ncomponents:\n  a: {job: x}\n", 1, 7, "invalid name");
+}
+
+#[test]
+fn invalid_component_name() {
+    one("name: x\ncomponents:\n  Web: {job: x}\n", 3, 3, "invalid component name");
+}
+
+#[test]
+fn bad_semver() {
+    one("name: x\nversion: one\ncomponents:\n  a: {job: x}\n", 2, 10, "not a semantic version");
+}
+
+#[test]
+fn no_kind() {
+    one("name: x\ncomponents:\n  a: {after: []}\n", 3, 3, "does not say what it is");
+}
+
+#[test]
+fn two_kinds() {
+    one("name: x\ncomponents:\n  a:\n    job: x\n    process: y\n", 5, 5, "both a job and a process");
+}
+
+#[test]
+fn field_not_for_kind() {
+    one("name: x\ncomponents:\n  a:\n    job: x\n    health: { http: / }\n", 5, 5, "does not apply to a job");
+}
+
+#[test]
+fn wrong_type() {
+    one("name: x\ncomponents:\n  a:\n    job: [x]\n", 4, 10, "must be a string, found a list");
+}
+
+#[test]
+fn unknown_input_reference() {
+    one(
+        "name: x\ninputs:\n  greeting: {default: hi}\ncomponents:\n  a:\n    job: \"echo ${inputs.greting}\"\n",
+        6, 16, "unknown input \"greting\", did you mean \"greeting\"?",
+    );
+}
+
+#[test]
+fn unknown_secret_reference() {
+    one("name: x\ncomponents:\n  a:\n    job: echo ${secrets.key}\n", 4, 15, "unknown secret \"key\"");
+}
+
+#[test]
+fn unknown_component_reference() {
+    one("name: x\ncomponents:\n  a:\n    job: echo ${components.bd.url}\n  db: {postgres: {}}\n", 4, 15, "unknown component \"bd\", did you mean \"db\"?");
+}
+
+#[test]
+fn unknown_attribute() {
+    one("name: x\ncomponents:\n  a:\n    job: echo ${components.db.uri}\n  db: {postgres: {}}\n", 4, 15, "has no attribute \"uri\", did you mean \"url\"?");
+}
+
+#[test]
+fn malformed_expression() {
+    one("name: x\ncomponents:\n  a:\n    job: \"echo ${components.db}\"\n  db: {postgres: {}}\n", 4, 16, "malformed expression");
+}
+
+#[test]
+fn unclosed_expression() {
+    one("name: x\ncomponents:\n  a:\n    job: \"echo ${inputs.x\"\n", 4, 16, "unclosed expression");
+}
+
+#[test]
+fn unknown_after() {
+    one("name: x\ncomponents:\n  a:\n    job: x\n    after: [mgrate]\n  migrate: {job: y}\n", 5, 13, "unknown component \"mgrate\", did you mean \"migrate\"?");
+}
+
+#[test]
+fn cycle_reports_path() {
+    let d = errors("name: x\ncomponents:\n  a: {job: x, after: [c]}\n  b: {job: x, after: [a]}\n  c: {job: x, after: [b]}\n");
+    assert_eq!(d.len(), 1, "{d}");
+    let e = &d.0[0];
+    assert!(e.message.starts_with("dependency cycle: "), "{}", e.message);
+    // Whichever component the path starts from, it is a closed loop through all three.
+    let path: Vec<&str> = e.message["dependency cycle: ".len()..].split(" -> ").collect();
+    assert_eq!(path.len(), 4);
+    assert_eq!(path[0], path[3]);
+    assert_eq!(e.line, match path[0] { "a" => 3, "b" => 4, _ => 5 });
+}
+
+#[test]
+fn cycle_through_reference() {
+    let d = errors("name: x\ncomponents:\n  a: {process: \"x ${components.b.port}\"}\n  b: {process: \"y ${components.a.port}\"}\n");
+    assert!(d.0[0].message.contains("dependency cycle"), "{d}");
+}
+
+#[test]
+fn bad_duration() {
+    one("name: x\ncomponents:\n  a:\n    job: x\n    timeout: soon\n", 5, 14, "is not a duration");
+}
+
+#[test]
+fn bad_memory() {
+    one("name: x\ncomponents:\n  a:\n    process: x\n    resources: { memory: lots }\n", 5, 26, "memory \"lots\"");
+}
+
+#[test]
+fn bad_cpu() {
+    one("name: x\ncomponents:\n  a:\n    process: x\n    resources: { cpu: -1 }\n", 5, 23, "cpu \"-1\"");
+}
+
+#[test]
+fn default_type_mismatch() {
+    one("name: x\ninputs:\n  n: { type: int, default: many }\ncomponents:\n  a: {job: x}\n", 3, 28, "must be an int, found a string");
+}
+
+#[test]
+fn unknown_input_type() {
+    one("name: x\ninputs:\n  n: { type: integer }\ncomponents:\n  a: {job: x}\n", 3, 14, "unknown input type \"integer\"");
+}
+
+#[test]
+fn secret_without_source() {
+    one("name: x\nsecrets:\n  k: {description: key}\ncomponents:\n  a: {job: x}\n", 3, 6, "says nowhere where its value comes from");
+}
+
+#[test]
+fn secret_with_two_sources() {
+    one("name: x\nsecrets:\n  k: {generate: 32, from_env: K}\ncomponents:\n  a: {job: x}\n", 3, 21, "both `generate` and `from_env`");
+}
+
+#[test]
+fn weak_secret() {
+    one("name: x\nsecrets:\n  k: {generate: 4}\ncomponents:\n  a: {job: x}\n", 3, 17, "too weak");
+}
+
+#[test]
+fn duplicate_key() {
+    one("name: x\ncomponents:\n  a: {job: x}\n  a: {job: y}\n", 4, 3, "duplicate name \"a\"");
+}
+
+#[test]
+fn missing_static_dir() {
+    one("name: x\ncomponents:\n  docs: {static: ./nope}\n", 3, 18, "static directory \"./nope\" does not exist");
+}
+
+#[test]
+fn missing_include() {
+    one("name: x\ncomponents:\n  lib: {blueprint: ../nope}\n", 3, 20, "cannot read blueprint");
+}
+
+#[test]
+fn include_cycle() {
+    let src = files(&[
+        ("/a/commons.yaml", "name: a\ncomponents:\n  b: {blueprint: ../b}\n"),
+        ("/b/commons.yaml", "name: b\ncomponents:\n  a: {blueprint: ../a}\n"),
+    ]);
+    let d = load(Path::new("/a"), &src).unwrap_err();
+    assert!(d.0[0].message.contains("includes itself"), "{d}");
+    assert_eq!(d.0[0].file, PathBuf::from("/b/commons.yaml"));
+    assert_eq!((d.0[0].line, d.0[0].column), (3, 18));
+}
+
+#[test]
+fn include_missing_input() {
+    let src = files(&[
+        ("/a/commons.yaml", "name: a\ncomponents:\n  b: {blueprint: ../b}\n"),
+        ("/b/commons.yaml", "name: b\ninputs:\n  port: {type: int}\ncomponents:\n  w: {job: x}\n"),
+    ]);
+    let d = load(Path::new("/a"), &src).unwrap_err();
+    assert!(d.0[0].message.contains("needs input \"port\""), "{d}");
+    assert_eq!((d.0[0].line, d.0[0].column), (3, 3));
+}
+
+#[test]
+fn errors_in_included_file_point_there() {
+    let src = files(&[
+        ("/a/commons.yaml", "name: a\ncomponents:\n  b: {blueprint: ../b}\n"),
+        ("/b/commons.yaml", "name: b\ncomponents:\n  w: {jbo: x}\n"),
+    ]);
+    let d = load(Path::new("/a"), &src).unwrap_err();
+    assert_eq!(d.0[0].file, PathBuf::from("/b/commons.yaml"));
+    assert!(d.0[0].message.contains("did you mean \"job\""), "{d}");
+}
+
+#[test]
+fn reserved_env() {
+    one("name: x\ncomponents:\n  a:\n    process: x\n    env: { PORT: 1 }\n", 5, 12, "set by the platform");
+}
+
+#[test]
+fn bad_route_host() {
+    one("name: x\ncomponents:\n  a:\n    process: x\n    route: { host: \"bad host\" }\n", 5, 20, "not a valid host name");
+}
+
+#[test]
+fn health_path() {
+    one("name: x\ncomponents:\n  a:\n    process: x\n    health: { http: healthz }\n", 5, 21, "must start with /");
+}
+
+#[test]
+fn reports_every_error_at_once() {
+    let d = errors("name: X\ncomponents:\n  a: {jb: x}\n  b:\n    job: x\n    timeout: never\n    after: [zz]\n");
+    assert!(d.len() >= 4, "{d}");
+    let lines: Vec<usize> = d.iter().map(|e| e.line).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted, "errors are in source order");
+}
+
+#[test]
+fn schema_covers_every_kind() {
+    let s = commons_blueprint::schema::json_schema();
+    let props = &s["properties"]["components"]["additionalProperties"]["properties"];
+    for k in ["job", "process", "static", "postgres", "sqlite", "volume", "blueprint", "after", "env", "health", "route", "resources", "timeout", "retries"] {
+        assert!(props.get(k).is_some(), "schema lacks {k}");
+    }
+}
