@@ -1,0 +1,138 @@
+//! Persistence behind traits.
+//!
+//! [`StateStore`] is what the engine needs: deployments, the recorded state
+//! of their components, and the log of runs and tasks. [`SqliteStore`] is the
+//! embedded default (one file, WAL). A PostgreSQL implementation of the same
+//! trait comes with the control plane; nothing outside this crate sees SQL.
+
+mod sqlite;
+
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteStore;
+
+/// A store failure. Storage errors are not the user's fault: they carry the
+/// underlying cause for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state store holds malformed data: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("state store at {path}: {message}")]
+    Open { path: String, message: String },
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One deployment: a blueprint deployed under a name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentRow {
+    pub name: String,
+    /// The blueprint file last deployed.
+    pub blueprint: String,
+    /// Input values last deployed (never secrets).
+    pub inputs: serde_json::Value,
+    /// ok, failed, running or destroyed.
+    pub status: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// Life-cycle state of a recorded component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ComponentState {
+    /// A task is acting on it; if the deploy dies, the next one finishes the job.
+    Applying,
+    /// The last task succeeded; `hash` is what it was applied with.
+    Ready,
+    /// The last task failed; whatever it left is tracked in `handle`.
+    Error,
+    /// A destroy is removing it.
+    Deleting,
+}
+
+impl ComponentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentState::Applying => "applying",
+            ComponentState::Ready => "ready",
+            ComponentState::Error => "error",
+            ComponentState::Deleting => "deleting",
+        }
+    }
+
+    fn parse(s: &str) -> ComponentState {
+        match s {
+            "applying" => ComponentState::Applying,
+            "ready" => ComponentState::Ready,
+            "deleting" => ComponentState::Deleting,
+            _ => ComponentState::Error,
+        }
+    }
+}
+
+/// The recorded state of one component.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentRow {
+    pub name: String,
+    pub kind: String,
+    pub state: ComponentState,
+    /// Hash of everything the component read when it was last applied.
+    pub hash: String,
+    /// The attribute values it was last applied with (secrets as keyed hashes).
+    pub config: serde_json::Value,
+    /// Attributes others may read (`port`, `url`, `path`).
+    pub outputs: serde_json::Value,
+    /// What the driver needs to find it again (pid, instance token, ...).
+    pub handle: serde_json::Value,
+    /// Components it depends on, so that deletes can run in reverse order.
+    pub depends_on: Vec<String>,
+    pub error: Option<String>,
+    pub updated_at_ms: i64,
+}
+
+/// One task of a run, as it finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRow {
+    pub run: i64,
+    pub component: String,
+    /// create, update, replace, delete.
+    pub action: String,
+    /// ok, failed, blocked, timeout.
+    pub outcome: String,
+    pub attempts: u32,
+    pub error: Option<String>,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+}
+
+/// A change to a deployment's components, applied atomically with others.
+#[derive(Debug, Clone)]
+pub enum ComponentChange {
+    Put(ComponentRow),
+    Delete(String),
+}
+
+/// Where the engine keeps what it knows about deployments.
+///
+/// Every method is atomic; `apply` writes all its changes or none, so a crash
+/// never leaves half a batch.
+pub trait StateStore: Send + Sync {
+    fn deployment(&self, name: &str) -> Result<Option<DeploymentRow>>;
+    fn deployments(&self) -> Result<Vec<DeploymentRow>>;
+    fn put_deployment(&self, row: &DeploymentRow) -> Result<()>;
+    /// Removes the deployment, its components and its task log.
+    fn delete_deployment(&self, name: &str) -> Result<()>;
+    fn components(&self, deployment: &str) -> Result<Vec<ComponentRow>>;
+    /// Applies component changes and appends finished tasks in one transaction.
+    fn apply(&self, deployment: &str, changes: &[ComponentChange], tasks: &[TaskRow]) -> Result<()>;
+    /// Starts a new run and returns its number (1, 2, ...).
+    fn begin_run(&self, deployment: &str, started_at_ms: i64) -> Result<i64>;
+    fn finish_run(&self, deployment: &str, run: i64, outcome: &str, finished_at_ms: i64) -> Result<()>;
+    /// Tasks of one run, in the order they finished.
+    fn tasks(&self, deployment: &str, run: i64) -> Result<Vec<TaskRow>>;
+    /// The latest task of each component, for `status`.
+    fn last_tasks(&self, deployment: &str) -> Result<Vec<TaskRow>>;
+}

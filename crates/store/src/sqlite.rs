@@ -1,0 +1,416 @@
+//! The embedded default: one SQLite file in WAL mode.
+//!
+//! `synchronous = NORMAL` with WAL keeps every committed transaction across a
+//! crash of the process (the case `kill -9` tests); only a power loss can take
+//! back the last few, and never tears one.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::*;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE deployments (
+    name TEXT PRIMARY KEY,
+    blueprint TEXT NOT NULL,
+    inputs TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    last_run INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE components (
+    deployment TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    config TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    handle TEXT NOT NULL,
+    depends_on TEXT NOT NULL,
+    error TEXT,
+    updated_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (deployment, name)
+) WITHOUT ROWID;
+CREATE TABLE runs (
+    deployment TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER,
+    PRIMARY KEY (deployment, run)
+) WITHOUT ROWID;
+CREATE TABLE tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    component TEXT NOT NULL,
+    action TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    error TEXT,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER NOT NULL
+);
+CREATE INDEX tasks_by_run ON tasks (deployment, run);
+CREATE INDEX tasks_by_component ON tasks (deployment, component, seq);
+"#];
+
+/// The SQLite implementation of [`StateStore`].
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<SqliteStore> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let store = SqliteStore {
+            conn: Mutex::new(conn),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// An in-memory store, for tests.
+    pub fn memory() -> Result<SqliteStore> {
+        let store = SqliteStore {
+            conn: Mutex::new(Connection::open_in_memory()?),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let mut conn = self.conn.lock().expect("store lock");
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().expect("store lock");
+        f(&mut conn)
+    }
+}
+
+fn deployment_row(r: &rusqlite::Row) -> rusqlite::Result<(DeploymentRow, String)> {
+    Ok((
+        DeploymentRow {
+            name: r.get(0)?,
+            blueprint: r.get(1)?,
+            inputs: serde_json::Value::Null,
+            status: r.get(3)?,
+            created_at_ms: r.get(4)?,
+            updated_at_ms: r.get(5)?,
+        },
+        r.get(2)?,
+    ))
+}
+
+fn finish_deployment((mut row, inputs): (DeploymentRow, String)) -> Result<DeploymentRow> {
+    row.inputs = serde_json::from_str(&inputs)?;
+    Ok(row)
+}
+
+fn task_row(r: &rusqlite::Row) -> rusqlite::Result<TaskRow> {
+    Ok(TaskRow {
+        run: r.get(0)?,
+        component: r.get(1)?,
+        action: r.get(2)?,
+        outcome: r.get(3)?,
+        attempts: r.get(4)?,
+        error: r.get(5)?,
+        started_at_ms: r.get(6)?,
+        finished_at_ms: r.get(7)?,
+    })
+}
+
+const DEPLOYMENT_COLS: &str = "name, blueprint, inputs, status, created_at_ms, updated_at_ms";
+const TASK_COLS: &str =
+    "run, component, action, outcome, attempts, error, started_at_ms, finished_at_ms";
+
+impl StateStore for SqliteStore {
+    fn deployment(&self, name: &str) -> Result<Option<DeploymentRow>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    &format!("SELECT {DEPLOYMENT_COLS} FROM deployments WHERE name = ?1"),
+                    [name],
+                    deployment_row,
+                )
+                .optional()?;
+            row.map(finish_deployment).transpose()
+        })
+    }
+
+    fn deployments(&self) -> Result<Vec<DeploymentRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {DEPLOYMENT_COLS} FROM deployments ORDER BY name"
+            ))?;
+            let rows = stmt
+                .query_map([], deployment_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            rows.into_iter().map(finish_deployment).collect()
+        })
+    }
+
+    fn put_deployment(&self, row: &DeploymentRow) -> Result<()> {
+        let inputs = serde_json::to_string(&row.inputs)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO deployments (name, blueprint, inputs, status, created_at_ms, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (name) DO UPDATE SET blueprint = ?2, inputs = ?3, status = ?4, updated_at_ms = ?6",
+                params![row.name, row.blueprint, inputs, row.status, row.created_at_ms, row.updated_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn delete_deployment(&self, name: &str) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for table in ["components", "tasks", "runs"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE deployment = ?1"), [name])?;
+            }
+            tx.execute("DELETE FROM deployments WHERE name = ?1", [name])?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn components(&self, deployment: &str) -> Result<Vec<ComponentRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, kind, state, hash, config, outputs, handle, depends_on, error, updated_at_ms
+                 FROM components WHERE deployment = ?1 ORDER BY name",
+            )?;
+            let raw = stmt
+                .query_map([deployment], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                        r.get::<_, String>(6)?,
+                        r.get::<_, String>(7)?,
+                        r.get::<_, Option<String>>(8)?,
+                        r.get::<_, i64>(9)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            raw.into_iter()
+                .map(|(name, kind, state, hash, config, outputs, handle, deps, error, at)| {
+                    Ok(ComponentRow {
+                        name,
+                        kind,
+                        state: ComponentState::parse(&state),
+                        hash,
+                        config: serde_json::from_str(&config)?,
+                        outputs: serde_json::from_str(&outputs)?,
+                        handle: serde_json::from_str(&handle)?,
+                        depends_on: serde_json::from_str(&deps)?,
+                        error,
+                        updated_at_ms: at,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn apply(&self, deployment: &str, changes: &[ComponentChange], tasks: &[TaskRow]) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT INTO components (deployment, name, kind, state, hash, config, outputs, handle, depends_on, error, updated_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                     ON CONFLICT (deployment, name) DO UPDATE SET kind = ?3, state = ?4, hash = ?5, config = ?6,
+                        outputs = ?7, handle = ?8, depends_on = ?9, error = ?10, updated_at_ms = ?11",
+                )?;
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM components WHERE deployment = ?1 AND name = ?2")?;
+                for change in changes {
+                    match change {
+                        ComponentChange::Put(r) => {
+                            put.execute(params![
+                                deployment,
+                                r.name,
+                                r.kind,
+                                r.state.as_str(),
+                                r.hash,
+                                serde_json::to_string(&r.config)?,
+                                serde_json::to_string(&r.outputs)?,
+                                serde_json::to_string(&r.handle)?,
+                                serde_json::to_string(&r.depends_on)?,
+                                r.error,
+                                r.updated_at_ms,
+                            ])?;
+                        }
+                        ComponentChange::Delete(name) => {
+                            delete.execute(params![deployment, name])?;
+                        }
+                    }
+                }
+                let mut task = tx.prepare_cached(
+                    "INSERT INTO tasks (deployment, run, component, action, outcome, attempts, error, started_at_ms, finished_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?;
+                for t in tasks {
+                    task.execute(params![
+                        deployment,
+                        t.run,
+                        t.component,
+                        t.action,
+                        t.outcome,
+                        t.attempts,
+                        t.error,
+                        t.started_at_ms,
+                        t.finished_at_ms
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    fn begin_run(&self, deployment: &str, started_at_ms: i64) -> Result<i64> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let run: i64 = tx.query_row(
+                "SELECT COALESCE(MAX(run), 0) + 1 FROM runs WHERE deployment = ?1",
+                [deployment],
+                |r| r.get(0),
+            )?;
+            tx.execute(
+                "INSERT INTO runs (deployment, run, outcome, started_at_ms) VALUES (?1, ?2, 'running', ?3)",
+                params![deployment, run, started_at_ms],
+            )?;
+            tx.commit()?;
+            Ok(run)
+        })
+    }
+
+    fn finish_run(&self, deployment: &str, run: i64, outcome: &str, finished_at_ms: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET outcome = ?3, finished_at_ms = ?4 WHERE deployment = ?1 AND run = ?2",
+                params![deployment, run, outcome, finished_at_ms],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn tasks(&self, deployment: &str, run: i64) -> Result<Vec<TaskRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE deployment = ?1 AND run = ?2 ORDER BY seq"
+            ))?;
+            let rows = stmt
+                .query_map(params![deployment, run], task_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn last_tasks(&self, deployment: &str) -> Result<Vec<TaskRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TASK_COLS} FROM tasks WHERE seq IN
+                   (SELECT MAX(seq) FROM tasks WHERE deployment = ?1 GROUP BY component)
+                 ORDER BY seq"
+            ))?;
+            let rows = stmt
+                .query_map([deployment], task_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn component(name: &str) -> ComponentRow {
+        ComponentRow {
+            name: name.into(),
+            kind: "job".into(),
+            state: ComponentState::Ready,
+            hash: "h".into(),
+            config: serde_json::json!({"command": "true"}),
+            outputs: serde_json::json!({}),
+            handle: serde_json::Value::Null,
+            depends_on: vec![],
+            error: None,
+            updated_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_delete() {
+        let s = SqliteStore::memory().unwrap();
+        s.put_deployment(&DeploymentRow {
+            name: "d".into(),
+            blueprint: "/x/commons.yaml".into(),
+            inputs: serde_json::json!({"a": 1}),
+            status: "ok".into(),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+        })
+        .unwrap();
+        let run = s.begin_run("d", 5).unwrap();
+        assert_eq!(run, 1);
+        s.apply(
+            "d",
+            &[
+                ComponentChange::Put(component("b")),
+                ComponentChange::Put(component("a")),
+            ],
+            &[TaskRow {
+                run,
+                component: "a".into(),
+                action: "create".into(),
+                outcome: "ok".into(),
+                attempts: 1,
+                error: None,
+                started_at_ms: 5,
+                finished_at_ms: 6,
+            }],
+        )
+        .unwrap();
+        let names: Vec<String> = s.components("d").unwrap().into_iter().map(|c| c.name).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(s.tasks("d", run).unwrap().len(), 1);
+        assert_eq!(s.begin_run("d", 7).unwrap(), 2);
+        assert_eq!(s.deployment("d").unwrap().unwrap().inputs["a"], 1);
+        s.apply("d", &[ComponentChange::Delete("a".into())], &[]).unwrap();
+        assert_eq!(s.components("d").unwrap().len(), 1);
+        s.delete_deployment("d").unwrap();
+        assert!(s.deployment("d").unwrap().is_none());
+        assert!(s.components("d").unwrap().is_empty());
+    }
+}
