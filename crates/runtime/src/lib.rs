@@ -1,0 +1,101 @@
+//! The node runtime: what makes a component real.
+//!
+//! A [`Driver`] knows one kind of component (`job`, `process`, `static`,
+//! `volume`, `sqlite`, `postgres`). The engine decides *what* to do; a driver
+//! does it and returns a [`Handle`] (what it needs to find the component
+//! again) and the component's outputs (`port`, `url`, `path`).
+//!
+//! Every process a driver starts runs in a session and process group of its
+//! own (so it outlives the CLI and can be stopped as a whole) and writes its
+//! pid to a pidfile from inside the child before it runs the command, so a
+//! deploy killed at any instant leaves nothing that cannot be found again.
+
+pub mod drivers;
+pub mod health;
+pub mod layout;
+pub mod proc;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+pub use drivers::{driver_for, Driver};
+pub use layout::Layout;
+
+/// A boxed future, so drivers can be trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Everything a driver needs to make one component real.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub deployment: String,
+    pub component: String,
+    pub kind: commons_blueprint::Kind,
+    /// The command with expressions turned into environment references.
+    pub command: Option<String>,
+    /// Extra environment: the component's `env:` and the values its command reads.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    pub health: Option<commons_blueprint::Health>,
+    /// Time limit of one attempt.
+    pub timeout: Option<Duration>,
+    /// A unique token for this start, so the process can be recognised later.
+    pub instance: String,
+}
+
+/// What a driver returns once a component is applied.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub handle: Handle,
+    pub outputs: IndexMap<String, String>,
+}
+
+/// What a driver needs to find a component again (stored in the state store).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handle {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+/// What a driver sees when it looks at a component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Observed {
+    /// A long-running process that is alive.
+    Running,
+    /// A long-running process that is not.
+    Stopped,
+    /// Nothing to run (jobs, files, resources): present as recorded.
+    Present,
+}
+
+/// A driver failure, phrased for the person who deployed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DriverError {
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DriverError {
+        let what = what.into();
+        move |source| DriverError::Io { what, source }
+    }
+}

@@ -1,0 +1,75 @@
+//! Where a deployment's files live under the data directory (`COMMONS_HOME`).
+
+use std::path::{Path, PathBuf};
+
+/// The data directory and the places in it.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub home: PathBuf,
+}
+
+impl Layout {
+    pub fn new(home: impl Into<PathBuf>) -> Layout {
+        Layout { home: home.into() }
+    }
+
+    pub fn state_db(&self) -> PathBuf {
+        self.home.join("state.db")
+    }
+
+    pub fn deployment_dir(&self, deployment: &str) -> PathBuf {
+        self.home.join("deployments").join(deployment)
+    }
+
+    /// The writable directory workloads get as `COMMONS_DATA_DIR`.
+    pub fn data_dir(&self, deployment: &str) -> PathBuf {
+        self.deployment_dir(deployment).join("data")
+    }
+
+    pub fn volume_dir(&self, deployment: &str, component: &str) -> PathBuf {
+        self.deployment_dir(deployment).join("volumes").join(component)
+    }
+
+    pub fn sqlite_file(&self, deployment: &str, component: &str) -> PathBuf {
+        self.data_dir(deployment).join(format!("{component}.sqlite3"))
+    }
+
+    pub fn log_dir(&self, deployment: &str) -> PathBuf {
+        self.deployment_dir(deployment).join("logs")
+    }
+
+    pub fn log_file(&self, deployment: &str, component: &str) -> PathBuf {
+        self.log_dir(deployment).join(format!("{component}.log"))
+    }
+
+    pub fn pid_file(&self, deployment: &str, component: &str) -> PathBuf {
+        self.deployment_dir(deployment)
+            .join("run")
+            .join(format!("{component}.pid"))
+    }
+
+    pub fn records_dir(&self, deployment: &str) -> PathBuf {
+        self.home.join("records").join(deployment)
+    }
+
+    pub fn secrets_file(&self, deployment: &str) -> PathBuf {
+        self.home.join("secrets").join(format!("{deployment}.enc"))
+    }
+
+    pub fn secrets_key(&self) -> PathBuf {
+        self.home.join("secrets").join("key")
+    }
+
+    pub fn lock_file(&self, deployment: &str) -> PathBuf {
+        self.home.join("locks").join(format!("{deployment}.lock"))
+    }
+}
+
+/// Creates `dir` (and parents) readable only by its owner.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}

@@ -1,0 +1,244 @@
+//! Starting, recognising and stopping the processes of components.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use crate::{DriverError, Spec};
+
+/// Environment variable carrying the start's unique token.
+pub const INSTANCE_VAR: &str = "COMMONS_INSTANCE";
+
+/// Characters that make a command need a shell.
+const SHELL_SYNTAX: &[char] = &[
+    '|', '&', ';', '<', '>', '(', ')', '$', '`', '\\', '"', '\'', '*', '?', '[', ']', '#', '~',
+    '=', '%', '{', '}', '\n', '!',
+];
+
+/// Where a started process writes its output and pid.
+pub struct Files<'a> {
+    pub log: &'a Path,
+    pub pidfile: &'a Path,
+}
+
+/// A started process: the child, and where its log started for this run.
+pub struct Started {
+    pub child: Child,
+    pub pid: i32,
+    pub log: PathBuf,
+    pub log_offset: u64,
+}
+
+/// Starts `spec.command` in a new session, with output appended to the log.
+///
+/// Commands without shell syntax are executed directly (half the cost of a
+/// shell); others run under `sh -c`.
+pub fn spawn(spec: &Spec, extra_env: &[(&str, String)], files: Files<'_>) -> Result<Started, DriverError> {
+    let command = spec
+        .command
+        .as_deref()
+        .ok_or_else(|| DriverError::Failed("component has no command".into()))?;
+    for dir in [files.log.parent(), files.pidfile.parent()].into_iter().flatten() {
+        crate::layout::private_dir(dir).map_err(DriverError::io(format!("creating {}", dir.display())))?;
+    }
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(files.log)
+        .map_err(DriverError::io(format!("opening log {}", files.log.display())))?;
+    let log_offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
+    let _ = writeln!(
+        log,
+        "--- {} {} started (instance {}) ---",
+        spec.component,
+        if matches!(spec.kind, commons_blueprint::Kind::Job { .. }) { "job" } else { "process" },
+        spec.instance
+    );
+    let log_offset = log_offset.max(log.stream_position().unwrap_or(log_offset));
+    let stderr = log.try_clone().map_err(DriverError::io("duplicating log handle"))?;
+
+    let mut cmd = if command.contains(SHELL_SYNTAX) {
+        let mut c = Command::new("/bin/sh");
+        c.arg("-c").arg(command);
+        c
+    } else {
+        let mut words = command.split_whitespace();
+        let mut c = Command::new(words.next().expect("non-empty command"));
+        c.args(words);
+        c
+    };
+    cmd.current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(stderr))
+        .env(INSTANCE_VAR, &spec.instance)
+        .kill_on_drop(false);
+    for (k, v) in &spec.env {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let pidfile = CString::new(files.pidfile.as_os_str().as_bytes())
+        .map_err(|_| DriverError::Failed("pidfile path contains a NUL byte".into()))?;
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (setsid, getpid, open, write, close) on memory prepared before fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            write_pid(&pidfile);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        let program = command.split_whitespace().next().unwrap_or("");
+        DriverError::Failed(format!("cannot start `{program}`: {e}"))
+    })?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    Ok(Started {
+        child,
+        pid,
+        log: files.log.to_path_buf(),
+        log_offset,
+    })
+}
+
+/// Writes the calling process's pid to `path`. Async-signal-safe.
+fn write_pid(path: &CString) {
+    let mut buf = [0u8; 16];
+    let mut n = unsafe { libc::getpid() } as u32;
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o600,
+        );
+        if fd >= 0 {
+            libc::write(fd, buf[i..].as_ptr().cast(), buf.len() - i);
+            libc::close(fd);
+        }
+    }
+}
+
+/// Reads the pid a child wrote before it ran its command.
+pub fn read_pidfile(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// True if `pid` is alive and was started with this instance token.
+///
+/// The token guards against pid reuse; a zombie has an empty environment and
+/// so counts as gone.
+pub fn is_instance_alive(pid: i32, instance: &str) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let Ok(mut f) = File::open(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let mut env = Vec::new();
+    if f.read_to_end(&mut env).is_err() {
+        return false;
+    }
+    let needle = format!("{INSTANCE_VAR}={instance}");
+    env.split(|&b| b == 0).any(|var| var == needle.as_bytes())
+}
+
+/// Live (not zombie) members of process group `pgid`.
+fn live_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        if pgrp == Some(pgid) && state != "Z" && state != "X" {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Stops the process group that `pid` leads: SIGTERM, then SIGKILL after
+/// `grace`. Returns once no member is left.
+///
+/// Only a group that carries `instance` is signalled, so a reused pid of
+/// somebody else's process is never touched.
+pub async fn stop(pid: i32, instance: &str, grace: Duration) {
+    if pid <= 0 {
+        return;
+    }
+    let ours = |members: &[i32]| members.iter().any(|&m| is_instance_alive(m, instance));
+    let members = live_members(pid);
+    if !ours(&members) {
+        return;
+    }
+    unsafe {
+        libc::kill(-pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        if live_members(pid).is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+    }
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !live_members(pid).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Kills a whole group at once, for leftovers of an interrupted deploy.
+pub async fn kill_group(pid: i32, instance: &str) {
+    stop(pid, instance, Duration::ZERO).await;
+}
+
+/// The last `max` bytes a component wrote to its log since `offset`.
+pub fn log_tail(log: &Path, offset: u64, max: u64) -> String {
+    let Ok(mut f) = File::open(log) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = offset.max(len.saturating_sub(max));
+    if f.seek(SeekFrom::Start(start)).is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
