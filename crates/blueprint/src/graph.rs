@@ -21,7 +21,8 @@ pub fn topo_order(components: &IndexMap<String, Component>) -> Result<Vec<usize>
             }
         }
     }
-    let mut ready: std::collections::VecDeque<usize> = (0..n).filter(|&i| indegree[i] == 0).collect();
+    let mut ready: std::collections::VecDeque<usize> =
+        (0..n).filter(|&i| indegree[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(i) = ready.pop_front() {
         order.push(i);
@@ -37,7 +38,9 @@ pub fn topo_order(components: &IndexMap<String, Component>) -> Result<Vec<usize>
     }
     // Every component left has a dependency that is also left: walk those
     // edges until a component repeats; the walk from there is a cycle.
-    let start = (0..n).find(|&i| indegree[i] > 0).expect("a component is left");
+    let start = (0..n)
+        .find(|&i| indegree[i] > 0)
+        .expect("a component is left");
     let mut seen_at = vec![usize::MAX; n];
     let mut path = Vec::new();
     let mut at = start;

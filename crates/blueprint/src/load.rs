@@ -29,7 +29,13 @@ pub const TOP_FIELDS: &[&str] = &[
 ];
 /// Keywords that say what a component is; each component has exactly one.
 pub const KIND_FIELDS: &[&str] = &[
-    "job", "process", "static", "postgres", "sqlite", "volume", "blueprint",
+    "job",
+    "process",
+    "static",
+    "postgres",
+    "sqlite",
+    "volume",
+    "blueprint",
 ];
 /// Fields any component may have besides its kind.
 pub const COMMON_FIELDS: &[&str] = &[
@@ -81,7 +87,9 @@ impl Sources for InMemory {
     }
     fn is_dir(&self, path: &Path) -> bool {
         let prefix = path.to_path_buf();
-        self.0.keys().any(|k| k.starts_with(&prefix) && k != &prefix)
+        self.0
+            .keys()
+            .any(|k| k.starts_with(&prefix) && k != &prefix)
     }
 }
 
@@ -249,7 +257,11 @@ fn is_identifier(s: &str) -> bool {
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
-    let (num, unit) = if split == 0 { return None } else { s.split_at(split) };
+    let (num, unit) = if split == 0 {
+        return None;
+    } else {
+        s.split_at(split)
+    };
     let n: f64 = num.parse().ok()?;
     let scale = match unit.trim() {
         "ms" => 1.0,
@@ -259,7 +271,7 @@ pub fn parse_duration_ms(s: &str) -> Option<u64> {
         _ => return None,
     };
     let ms = n * scale;
-    (ms.is_finite() && ms >= 0.0 && ms <= 1e13).then_some(ms as u64)
+    (ms.is_finite() && (0.0..=1e13).contains(&ms)).then_some(ms as u64)
 }
 
 /// Parses `256Mi`, `1Gi`, `512M`, `1000000`.
@@ -271,8 +283,8 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
     let scale: u64 = match unit {
         "" => 1,
         "K" | "k" => 1000,
-        "M" => 1000_000,
-        "G" => 1000_000_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
         "Ki" => 1 << 10,
         "Mi" => 1 << 20,
         "Gi" => 1 << 30,
@@ -342,7 +354,14 @@ impl<'a> Loader<'a> {
             Err(e) => {
                 let (file, pos) = match from {
                     Some((f, p)) => (f.to_path_buf(), p),
-                    None => (path.to_path_buf(), Pos { line: 1, col: 1, offset: 0 }),
+                    None => (
+                        path.to_path_buf(),
+                        Pos {
+                            line: 1,
+                            col: 1,
+                            offset: 0,
+                        },
+                    ),
                 };
                 let help = if from.is_some() {
                     "point `blueprint:` at a directory holding commons.yaml, or at a blueprint file"
@@ -362,7 +381,11 @@ impl<'a> Loader<'a> {
             Ok(Some(root)) => root,
             Ok(None) => {
                 self.sink(path).error_help(
-                    Pos { line: 1, col: 1, offset: 0 },
+                    Pos {
+                        line: 1,
+                        col: 1,
+                        offset: 0,
+                    },
                     "the blueprint is empty",
                     "add at least `name:` and `components:`",
                 );
@@ -380,7 +403,13 @@ impl<'a> Loader<'a> {
         raw
     }
 
-    fn fields<'n>(&mut self, file: &Path, node: &'n Node, allowed: &[&str], what: &str) -> Option<Fields<'n>> {
+    fn fields<'n>(
+        &mut self,
+        file: &Path,
+        node: &'n Node,
+        allowed: &[&str],
+        what: &str,
+    ) -> Option<Fields<'n>> {
         let NodeKind::Map(entries) = &node.kind else {
             self.sink(file).error(
                 node.pos,
@@ -391,14 +420,18 @@ impl<'a> Loader<'a> {
         let mut out: Vec<(&str, &Node, &Node)> = Vec::new();
         for (k, v) in entries {
             let Some(key) = k.as_str() else {
-                self.sink(file).error(k.pos, format!("keys in {what} must be plain words"));
+                self.sink(file)
+                    .error(k.pos, format!("keys in {what} must be plain words"));
                 continue;
             };
             if !allowed.contains(&key) {
                 let hint = did_you_mean(key, allowed.iter().copied());
                 let help = format!("allowed fields: {}", allowed.join(", "));
-                self.sink(file)
-                    .error_help(k.pos, format!("unknown field \"{key}\" in {what}{hint}"), help);
+                self.sink(file).error_help(
+                    k.pos,
+                    format!("unknown field \"{key}\" in {what}{hint}"),
+                    help,
+                );
                 continue;
             }
             if out.iter().any(|(seen, _, _)| *seen == key) {
@@ -415,19 +448,27 @@ impl<'a> Loader<'a> {
     }
 
     /// Entries of a map whose keys are user-chosen names.
-    fn named<'n>(&mut self, file: &Path, node: &'n Node, what: &str) -> Vec<(&'n str, Pos, &'n Node)> {
+    fn named<'n>(
+        &mut self,
+        file: &Path,
+        node: &'n Node,
+        what: &str,
+    ) -> Vec<(&'n str, Pos, &'n Node)> {
         if node.is_null() {
             return Vec::new();
         }
         let NodeKind::Map(entries) = &node.kind else {
-            self.sink(file)
-                .error(node.pos, format!("{what} must be a map, found {}", node.describe()));
+            self.sink(file).error(
+                node.pos,
+                format!("{what} must be a map, found {}", node.describe()),
+            );
             return Vec::new();
         };
         let mut out: Vec<(&str, Pos, &Node)> = Vec::new();
         for (k, v) in entries {
             let Some(key) = k.as_str() else {
-                self.sink(file).error(k.pos, format!("names in {what} must be plain words"));
+                self.sink(file)
+                    .error(k.pos, format!("names in {what} must be plain words"));
                 continue;
             };
             if out.iter().any(|(seen, _, _)| *seen == key) {
@@ -447,8 +488,10 @@ impl<'a> Loader<'a> {
         match &node.kind {
             NodeKind::Scalar(s, _) if !node.is_null() => Some(s.clone()),
             _ => {
-                self.sink(file)
-                    .error(node.pos, format!("{what} must be a string, found {}", node.describe()));
+                self.sink(file).error(
+                    node.pos,
+                    format!("{what} must be a string, found {}", node.describe()),
+                );
                 None
             }
         }
@@ -494,12 +537,19 @@ impl<'a> Loader<'a> {
         parsed
     }
 
-    fn template(&mut self, file: &Path, node: &Node, what: &str) -> Option<(Template, Vec<(Ref, Pos)>)> {
+    fn template(
+        &mut self,
+        file: &Path,
+        node: &Node,
+        what: &str,
+    ) -> Option<(Template, Vec<(Ref, Pos)>)> {
         let text = match &node.kind {
             NodeKind::Scalar(s, _) if !node.is_null() => s.clone(),
             _ => {
-                self.sink(file)
-                    .error(node.pos, format!("{what} must be a string, found {}", node.describe()));
+                self.sink(file).error(
+                    node.pos,
+                    format!("{what} must be a string, found {}", node.describe()),
+                );
                 return None;
             }
         };
@@ -512,7 +562,10 @@ impl<'a> Loader<'a> {
         };
         match Template::parse(&text) {
             Ok((t, located)) => {
-                let refs = located.into_iter().map(|l| (l.reference, at(l.at))).collect();
+                let refs = located
+                    .into_iter()
+                    .map(|l| (l.reference, at(l.at)))
+                    .collect();
                 Some((t, refs))
             }
             Err(e) => {
@@ -566,7 +619,9 @@ impl<'a> Loader<'a> {
             }
             None => "0.0.0".to_string(),
         };
-        let project = f.get("project").and_then(|n| self.string(file, n, "project"));
+        let project = f
+            .get("project")
+            .and_then(|n| self.string(file, n, "project"));
         let description = f
             .get("description")
             .and_then(|n| self.string(file, n, "description"));
@@ -639,7 +694,8 @@ impl<'a> Loader<'a> {
         if let Some(n) = f.get("outputs") {
             for (key, pos, v) in self.named(file, n, "outputs") {
                 if !is_identifier(key) {
-                    self.sink(file).error(pos, format!("invalid output name \"{key}\""));
+                    self.sink(file)
+                        .error(pos, format!("invalid output name \"{key}\""));
                     continue;
                 }
                 if let Some((t, r)) = self.template(file, v, "an output") {
@@ -703,7 +759,9 @@ impl<'a> Loader<'a> {
                 self.sink(file).error_help(
                     pos,
                     format!("unknown secret \"{name}\"{hint}"),
-                    format!("declare it under `secrets:`, for example `{name}: {{ generate: 32 }}`"),
+                    format!(
+                        "declare it under `secrets:`, for example `{name}: {{ generate: 32 }}`"
+                    ),
                 );
             }
             Ref::Component { name, attr } => match components.get(name) {
@@ -715,9 +773,10 @@ impl<'a> Loader<'a> {
                 Some(c) => {
                     let (kind, attrs): (&str, Vec<&str>) = match &c.kind {
                         RawKind::Plain(k) => (k.keyword(), Kind::attributes(k.keyword()).to_vec()),
-                        RawKind::Include { blueprint, .. } => {
-                            ("blueprint", blueprint.outputs.keys().map(String::as_str).collect())
-                        }
+                        RawKind::Include { blueprint, .. } => (
+                            "blueprint",
+                            blueprint.outputs.keys().map(String::as_str).collect(),
+                        ),
                     };
                     if !attrs.contains(&attr.as_str()) {
                         let hint = did_you_mean(attr, attrs.iter().copied());
@@ -742,16 +801,24 @@ impl<'a> Loader<'a> {
         let NodeKind::Seq(items) = &node.kind else {
             self.sink(file).error(
                 node.pos,
-                format!("depends_on_projects must be a list, found {}", node.describe()),
+                format!(
+                    "depends_on_projects must be a list, found {}",
+                    node.describe()
+                ),
             );
             return Vec::new();
         };
         let mut out: Vec<ProjectDependency> = Vec::new();
         for item in items {
             let dep = if let NodeKind::Scalar(..) = item.kind {
-                self.string(file, item, "a project").map(|p| ProjectDependency { project: p, weight: 1 })
+                self.string(file, item, "a project")
+                    .map(|p| ProjectDependency {
+                        project: p,
+                        weight: 1,
+                    })
             } else {
-                let Some(f) = self.fields(file, item, PROJECT_DEP_FIELDS, "a project dependency") else {
+                let Some(f) = self.fields(file, item, PROJECT_DEP_FIELDS, "a project dependency")
+                else {
                     continue;
                 };
                 let project = match f.get("project") {
@@ -775,7 +842,9 @@ impl<'a> Loader<'a> {
                     },
                     None => Some(1),
                 };
-                project.zip(weight).map(|(project, weight)| ProjectDependency { project, weight })
+                project
+                    .zip(weight)
+                    .map(|(project, weight)| ProjectDependency { project, weight })
             };
             if let Some(dep) = dep {
                 if out.iter().any(|d| d.project == dep.project) {
@@ -799,7 +868,13 @@ impl<'a> Loader<'a> {
             Some(n) => {
                 let s = self.string(file, n, "type")?;
                 match InputType::NAMES.iter().position(|t| *t == s) {
-                    Some(i) => [InputType::String, InputType::Int, InputType::Bool, InputType::List, InputType::Map][i],
+                    Some(i) => [
+                        InputType::String,
+                        InputType::Int,
+                        InputType::Bool,
+                        InputType::List,
+                        InputType::Map,
+                    ][i],
                     None => {
                         let hint = did_you_mean(&s, InputType::NAMES);
                         self.sink(file).error_help(
@@ -840,15 +915,24 @@ impl<'a> Loader<'a> {
                             article(ty),
                             d.describe()
                         ),
-                        format!("change the default or the type ({})", InputType::NAMES.join(", ")),
+                        format!(
+                            "change the default or the type ({})",
+                            InputType::NAMES.join(", ")
+                        ),
                     );
                     return None;
                 }
                 Some(v)
             }
         };
-        let description = f.get("description").and_then(|n| self.string(file, n, "description"));
-        Some(InputSpec { ty, default, description })
+        let description = f
+            .get("description")
+            .and_then(|n| self.string(file, n, "description"));
+        Some(InputSpec {
+            ty,
+            default,
+            description,
+        })
     }
 
     fn secret(&mut self, file: &Path, key: &str, node: &Node) -> Option<SecretSpec> {
@@ -914,7 +998,11 @@ impl<'a> Loader<'a> {
         let before = self.diags.len();
         let f = self.fields(file, node, &allowed, &what)?;
         let unknown_fields = self.diags.len() > before;
-        let kinds: Vec<&str> = KIND_FIELDS.iter().copied().filter(|k| f.get(k).is_some()).collect();
+        let kinds: Vec<&str> = KIND_FIELDS
+            .iter()
+            .copied()
+            .filter(|k| f.get(k).is_some())
+            .collect();
         let keyword = match kinds.as_slice() {
             [one] => *one,
             // A misspelt kind was already reported as an unknown field.
@@ -965,7 +1053,8 @@ impl<'a> Loader<'a> {
                 let (command, r) = self.template(file, value, &format!("the {keyword} command"))?;
                 refs.extend(r);
                 if command.render(|_| "x".into()).trim().is_empty() {
-                    self.sink(file).error(value.pos, format!("the {keyword} command is empty"));
+                    self.sink(file)
+                        .error(value.pos, format!("the {keyword} command is empty"));
                     return None;
                 }
                 if keyword == "job" {
@@ -981,7 +1070,10 @@ impl<'a> Loader<'a> {
                     self.sink(file).error_help(
                         value.pos,
                         format!("static directory \"{p}\" does not exist"),
-                        format!("create {} or fix the path (relative to the blueprint)", path.display()),
+                        format!(
+                            "create {} or fix the path (relative to the blueprint)",
+                            path.display()
+                        ),
                     );
                     return None;
                 }
@@ -1026,7 +1118,10 @@ impl<'a> Loader<'a> {
                             let hint = did_you_mean(key, nested.inputs.keys().map(String::as_str));
                             self.sink(file).error(
                                 kpos,
-                                format!("blueprint \"{}\" has no input \"{key}\"{hint}", nested.name),
+                                format!(
+                                    "blueprint \"{}\" has no input \"{key}\"{hint}",
+                                    nested.name
+                                ),
                             );
                             ok = false;
                             continue;
@@ -1041,7 +1136,10 @@ impl<'a> Loader<'a> {
                     if spec.default.is_none() && !with.contains_key(key) && ok {
                         self.sink(file).error_help(
                             pos,
-                            format!("included blueprint \"{}\" needs input \"{key}\"", nested.name),
+                            format!(
+                                "included blueprint \"{}\" needs input \"{key}\"",
+                                nested.name
+                            ),
                             format!("add `with: {{ {key}: ... }}` to component \"{name}\""),
                         );
                         ok = false;
@@ -1060,7 +1158,11 @@ impl<'a> Loader<'a> {
                 NodeKind::Seq(items) => items.iter().collect(),
                 NodeKind::Scalar(..) => vec![a],
                 NodeKind::Map(_) => {
-                    self.sink(file).error_help(a.pos, "`after` must be a list of component names", "write `after: [migrate]`");
+                    self.sink(file).error_help(
+                        a.pos,
+                        "`after` must be a list of component names",
+                        "write `after: [migrate]`",
+                    );
                     ok = false;
                     Vec::new()
                 }
@@ -1068,7 +1170,10 @@ impl<'a> Loader<'a> {
             for item in items {
                 if let Some(s) = self.string(file, item, "a component name in `after`") {
                     if s == name {
-                        self.sink(file).error(item.pos, format!("component \"{name}\" cannot come after itself"));
+                        self.sink(file).error(
+                            item.pos,
+                            format!("component \"{name}\" cannot come after itself"),
+                        );
                         ok = false;
                     }
                     afters.push((s.clone(), item.pos));
@@ -1100,9 +1205,14 @@ impl<'a> Loader<'a> {
                 }
                 // Numbers and booleans are fine as environment values.
                 let t = match &v.kind {
-                    NodeKind::Scalar(..) if !v.is_null() => self.template(file, v, "an environment value"),
+                    NodeKind::Scalar(..) if !v.is_null() => {
+                        self.template(file, v, "an environment value")
+                    }
                     _ => {
-                        self.sink(file).error(v.pos, format!("env value must be a string, found {}", v.describe()));
+                        self.sink(file).error(
+                            v.pos,
+                            format!("env value must be a string, found {}", v.describe()),
+                        );
                         None
                     }
                 };
@@ -1128,7 +1238,9 @@ impl<'a> Loader<'a> {
             Some(r) => self.resources(file, r).unwrap_or_default(),
             None => Resources::default(),
         };
-        let timeout_ms = f.get("timeout").and_then(|t| self.duration(file, t, "timeout"));
+        let timeout_ms = f
+            .get("timeout")
+            .and_then(|t| self.duration(file, t, "timeout"));
         let retries = match f.get("retries") {
             Some(r) => self.uint(file, r, "retries", 100).unwrap_or(0) as u32,
             None => 0,
@@ -1162,7 +1274,11 @@ impl<'a> Loader<'a> {
                 p
             }
             None => {
-                self.sink(file).error_help(node.pos, "health needs `http`", "write `health: { http: \"/\" }`");
+                self.sink(file).error_help(
+                    node.pos,
+                    "health needs `http`",
+                    "write `health: { http: \"/\" }`",
+                );
                 return None;
             }
         };
@@ -1174,7 +1290,11 @@ impl<'a> Loader<'a> {
             Some(n) => self.duration(file, n, "health.interval")?.max(1),
             None => 50,
         };
-        Some(Health { http, timeout_ms, interval_ms })
+        Some(Health {
+            http,
+            timeout_ms,
+            interval_ms,
+        })
     }
 
     fn route(&mut self, file: &Path, node: &Node) -> Option<Route> {
@@ -1202,7 +1322,11 @@ impl<'a> Loader<'a> {
                 h
             }
             None => {
-                self.sink(file).error_help(node.pos, "route needs `host`", "write `route: { host: hello.localhost }`");
+                self.sink(file).error_help(
+                    node.pos,
+                    "route needs `host`",
+                    "write `route: { host: hello.localhost }`",
+                );
                 return None;
             }
         };
@@ -1210,7 +1334,11 @@ impl<'a> Loader<'a> {
             Some(n) => {
                 let p = self.string(file, n, "route.path")?;
                 if !p.starts_with('/') {
-                    self.sink(file).error_help(n.pos, format!("route path \"{p}\" must start with /"), format!("write \"/{p}\""));
+                    self.sink(file).error_help(
+                        n.pos,
+                        format!("route path \"{p}\" must start with /"),
+                        format!("write \"/{p}\""),
+                    );
                     return None;
                 }
                 p
@@ -1338,7 +1466,12 @@ fn rewrite(raw: &Raw, prefix: &str, inputs: &Inputs, t: &Template) -> Template {
                     .iter()
                     .map(|(k, v)| (k.clone(), rewrite(raw, prefix, inputs, v)))
                     .collect();
-                rewrite(blueprint, &inner_prefix, &Inputs::Bound(&bound), &blueprint.outputs[attr])
+                rewrite(
+                    blueprint,
+                    &inner_prefix,
+                    &Inputs::Bound(&bound),
+                    &blueprint.outputs[attr],
+                )
             }
             RawKind::Plain(_) => Template(vec![crate::template::Segment::Ref(Ref::Component {
                 name: format!("{prefix}{name}"),
@@ -1392,7 +1525,14 @@ fn flatten(
                     }
                 }
                 let inner = format!("{prefix}{name}.");
-                flatten(blueprint, &inner, &Inputs::Bound(&bound), &after, out, secrets);
+                flatten(
+                    blueprint,
+                    &inner,
+                    &Inputs::Bound(&bound),
+                    &after,
+                    out,
+                    secrets,
+                );
             }
             RawKind::Plain(kind) => {
                 let kind = match kind {

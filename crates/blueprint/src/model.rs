@@ -92,9 +92,8 @@ impl InputType {
                 _ => Err(format!("expected true or false, got \"{raw}\"")),
             },
             InputType::List | InputType::Map => {
-                let v: V = serde_json::from_str(raw).map_err(|e| {
-                    format!("expected a JSON {} ({e})", self.name())
-                })?;
+                let v: V = serde_json::from_str(raw)
+                    .map_err(|e| format!("expected a JSON {} ({e})", self.name()))?;
                 if self.accepts(&v) {
                     Ok(v)
                 } else {

@@ -23,38 +23,67 @@ pub fn json_schema() -> Value {
         "description": "Text with ${inputs.X}, ${secrets.X} or ${components.NAME.ATTR}" });
     let kind = |k: &str| -> Value {
         match k {
-            "job" => json!({ "type": "string", "description": "A command run once per change; must exit 0." }),
-            "process" => json!({ "type": "string", "description": "A long-running command; $PORT is given." }),
-            "static" => json!({ "type": "string", "description": "A directory of files served by the gateway." }),
-            "blueprint" => json!({ "type": "string", "description": "Another blueprint (a directory or file) included as a component." }),
+            "job" => {
+                json!({ "type": "string", "description": "A command run once per change; must exit 0." })
+            }
+            "process" => {
+                json!({ "type": "string", "description": "A long-running command; $PORT is given." })
+            }
+            "static" => {
+                json!({ "type": "string", "description": "A directory of files served by the gateway." })
+            }
+            "blueprint" => {
+                json!({ "type": "string", "description": "Another blueprint (a directory or file) included as a component." })
+            }
             _ => json!({ "type": ["object", "null"], "additionalProperties": false }),
         }
     };
     let mut component = props(KIND_FIELDS, kind);
     let c = component.as_object_mut().expect("object");
-    c.insert("after".into(), json!({ "type": "array", "items": name.clone() }));
-    c.insert("env".into(), json!({ "type": "object", "additionalProperties": template.clone() }));
+    c.insert(
+        "after".into(),
+        json!({ "type": "array", "items": name.clone() }),
+    );
+    c.insert(
+        "env".into(),
+        json!({ "type": "object", "additionalProperties": template.clone() }),
+    );
     c.insert("health".into(), json!({
         "type": "object", "additionalProperties": false, "required": ["http"],
         "properties": props(HEALTH_FIELDS, |f| if f == "http" { json!({"type": "string", "pattern": "^/"}) } else { duration.clone() }),
     }));
-    c.insert("route".into(), json!({
-        "type": "object", "additionalProperties": false, "required": ["host"],
-        "properties": props(ROUTE_FIELDS, |_| json!({"type": "string"})),
-    }));
-    c.insert("resources".into(), json!({
-        "type": "object", "additionalProperties": false,
-        "properties": props(RESOURCE_FIELDS, |f| match f {
-            "memory" => json!({"type": "string", "pattern": "^[0-9]+(K|k|M|G|Ki|Mi|Gi|Ti)?$"}),
-            "cpu" => json!({"type": ["number", "string"]}),
-            _ => json!({"type": "integer", "minimum": 1}),
+    c.insert(
+        "route".into(),
+        json!({
+            "type": "object", "additionalProperties": false, "required": ["host"],
+            "properties": props(ROUTE_FIELDS, |_| json!({"type": "string"})),
         }),
-    }));
+    );
+    c.insert(
+        "resources".into(),
+        json!({
+            "type": "object", "additionalProperties": false,
+            "properties": props(RESOURCE_FIELDS, |f| match f {
+                "memory" => json!({"type": "string", "pattern": "^[0-9]+(K|k|M|G|Ki|Mi|Gi|Ti)?$"}),
+                "cpu" => json!({"type": ["number", "string"]}),
+                _ => json!({"type": "integer", "minimum": 1}),
+            }),
+        }),
+    );
     c.insert("timeout".into(), duration.clone());
-    c.insert("retries".into(), json!({ "type": "integer", "minimum": 0, "maximum": 100 }));
-    c.insert("with".into(), json!({ "type": "object", "additionalProperties": template.clone() }));
+    c.insert(
+        "retries".into(),
+        json!({ "type": "integer", "minimum": 0, "maximum": 100 }),
+    );
+    c.insert(
+        "with".into(),
+        json!({ "type": "object", "additionalProperties": template.clone() }),
+    );
     c.insert("description".into(), json!({ "type": "string" }));
-    let one_of: Vec<Value> = KIND_FIELDS.iter().map(|k| json!({ "required": [k] })).collect();
+    let one_of: Vec<Value> = KIND_FIELDS
+        .iter()
+        .map(|k| json!({ "required": [k] }))
+        .collect();
 
     json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",

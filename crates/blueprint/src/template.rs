@@ -65,8 +65,7 @@ impl Template {
         let mut text = String::new();
         let mut i = 0;
         while i < chars.len() {
-            if chars[i] == '$' && chars.get(i + 1) == Some(&'$') && chars.get(i + 2) == Some(&'{')
-            {
+            if chars[i] == '$' && chars.get(i + 1) == Some(&'$') && chars.get(i + 2) == Some(&'{') {
                 text.push_str("${");
                 i += 3;
                 continue;

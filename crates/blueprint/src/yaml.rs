@@ -189,9 +189,7 @@ impl MarkedEventReceiver for Builder {
                 }
                 let (style, pos) = match style {
                     TScalarStyle::Plain => (Style::Plain, pos),
-                    TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => {
-                        (Style::Quoted, pos)
-                    }
+                    TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => (Style::Quoted, pos),
                     TScalarStyle::Literal | TScalarStyle::Folded => (Style::Block, pos),
                 };
                 let node = Node {
@@ -292,7 +290,14 @@ mod tests {
         let NodeKind::Map(entries) = &root.kind else {
             panic!("expected map")
         };
-        assert_eq!(entries[0].0.pos, Pos { line: 1, col: 1, offset: 0 });
+        assert_eq!(
+            entries[0].0.pos,
+            Pos {
+                line: 1,
+                col: 1,
+                offset: 0
+            }
+        );
         let NodeKind::Map(comps) = &entries[1].1.kind else {
             panic!()
         };

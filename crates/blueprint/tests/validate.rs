@@ -23,7 +23,12 @@ fn one(text: &str, line: usize, col: usize, msg: &str) {
     assert_eq!(d.len(), 1, "expected one error, got: {d}");
     let e = &d.0[0];
     assert_eq!((e.line, e.column), (line, col), "wrong position for: {e}");
-    assert!(e.message.contains(msg), "message {:?} lacks {:?}", e.message, msg);
+    assert!(
+        e.message.contains(msg),
+        "message {:?} lacks {:?}",
+        e.message,
+        msg
+    );
     assert_eq!(e.file, PathBuf::from("/bp/commons.yaml"));
 }
 
@@ -90,8 +95,13 @@ outputs:
     let worker = &bp.components["other.worker"];
     assert_eq!(worker.depends_on, ["web"]);
     let refs: Vec<&Ref> = worker.refs().collect();
-    assert!(refs.contains(&&Ref::Component { name: "web".into(), attr: "port".into() }));
-    assert!(refs.contains(&&Ref::Secret { name: "other.token".into() }));
+    assert!(refs.contains(&&Ref::Component {
+        name: "web".into(),
+        attr: "port".into()
+    }));
+    assert!(refs.contains(&&Ref::Secret {
+        name: "other.token".into()
+    }));
     assert!(bp.secrets.contains_key("other.token"));
     assert!(matches!(bp.components["docs"].kind, Kind::Static { .. }));
     assert_eq!(bp.files.len(), 2);
@@ -105,8 +115,13 @@ fn output_of_include_is_inlined() {
     ]);
     let bp = load(Path::new("/a"), &src).unwrap_or_else(|d| panic!("{d}"));
     assert_eq!(bp.components["app"].depends_on, ["lib.srv"]);
-    let Kind::Job { command } = &bp.components["app"].kind else { panic!() };
-    assert_eq!(command.source(), "curl http://${components.lib.srv.host}:${components.lib.srv.port}");
+    let Kind::Job { command } = &bp.components["app"].kind else {
+        panic!()
+    };
+    assert_eq!(
+        command.source(),
+        "curl http://${components.lib.srv.host}:${components.lib.srv.port}"
+    );
 }
 
 #[test]
@@ -123,19 +138,35 @@ fn empty_file() {
 fn unknown_field_with_suggestion() {
     let d = errors("name: x\ncomponents:\n  web:\n    procss: \"serve\"\n");
     // Two problems: the typo, and so the component has no kind. Only the typo is reported for it.
-    let e = d.iter().find(|e| e.message.contains("procss")).expect("typo reported");
+    let e = d
+        .iter()
+        .find(|e| e.message.contains("procss"))
+        .expect("typo reported");
     assert_eq!((e.line, e.column), (4, 5));
-    assert_eq!(e.message, "unknown field \"procss\" in component \"web\", did you mean \"process\"?");
+    assert_eq!(
+        e.message,
+        "unknown field \"procss\" in component \"web\", did you mean \"process\"?"
+    );
 }
 
 #[test]
 fn unknown_top_level_field() {
-    one("name: x\ncomponent:\n  a: {job: x}\ncomponents:\n  a: {job: x}\n", 2, 1, "did you mean \"components\"?");
+    one(
+        "name: x\ncomponent:\n  a: {job: x}\ncomponents:\n  a: {job: x}\n",
+        2,
+        1,
+        "did you mean \"components\"?",
+    );
 }
 
 #[test]
 fn missing_name() {
-    one("components:\n  a: {job: x}\n", 1, 1, "missing required field \"name\"");
+    one(
+        "components:\n  a: {job: x}\n",
+        1,
+        1,
+        "missing required field \"name\"",
+    );
 }
 
 #[test]
@@ -145,37 +176,72 @@ fn missing_components() {
 
 #[test]
 fn invalid_name() {
-    one("name: Hello_World\ncomponents:\n  a: {job: x}\n", 1, 7, "invalid name");
+    one(
+        "name: Hello_World\ncomponents:\n  a: {job: x}\n",
+        1,
+        7,
+        "invalid name",
+    );
 }
 
 #[test]
 fn invalid_component_name() {
-    one("name: x\ncomponents:\n  Web: {job: x}\n", 3, 3, "invalid component name");
+    one(
+        "name: x\ncomponents:\n  Web: {job: x}\n",
+        3,
+        3,
+        "invalid component name",
+    );
 }
 
 #[test]
 fn bad_semver() {
-    one("name: x\nversion: one\ncomponents:\n  a: {job: x}\n", 2, 10, "not a semantic version");
+    one(
+        "name: x\nversion: one\ncomponents:\n  a: {job: x}\n",
+        2,
+        10,
+        "not a semantic version",
+    );
 }
 
 #[test]
 fn no_kind() {
-    one("name: x\ncomponents:\n  a: {after: []}\n", 3, 3, "does not say what it is");
+    one(
+        "name: x\ncomponents:\n  a: {after: []}\n",
+        3,
+        3,
+        "does not say what it is",
+    );
 }
 
 #[test]
 fn two_kinds() {
-    one("name: x\ncomponents:\n  a:\n    job: x\n    process: y\n", 5, 5, "both a job and a process");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: x\n    process: y\n",
+        5,
+        5,
+        "both a job and a process",
+    );
 }
 
 #[test]
 fn field_not_for_kind() {
-    one("name: x\ncomponents:\n  a:\n    job: x\n    health: { http: / }\n", 5, 5, "does not apply to a job");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: x\n    health: { http: / }\n",
+        5,
+        5,
+        "does not apply to a job",
+    );
 }
 
 #[test]
 fn wrong_type() {
-    one("name: x\ncomponents:\n  a:\n    job: [x]\n", 4, 10, "must be a string, found a list");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: [x]\n",
+        4,
+        10,
+        "must be a string, found a list",
+    );
 }
 
 #[test]
@@ -188,32 +254,62 @@ fn unknown_input_reference() {
 
 #[test]
 fn unknown_secret_reference() {
-    one("name: x\ncomponents:\n  a:\n    job: echo ${secrets.key}\n", 4, 15, "unknown secret \"key\"");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: echo ${secrets.key}\n",
+        4,
+        15,
+        "unknown secret \"key\"",
+    );
 }
 
 #[test]
 fn unknown_component_reference() {
-    one("name: x\ncomponents:\n  a:\n    job: echo ${components.bd.url}\n  db: {postgres: {}}\n", 4, 15, "unknown component \"bd\", did you mean \"db\"?");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: echo ${components.bd.url}\n  db: {postgres: {}}\n",
+        4,
+        15,
+        "unknown component \"bd\", did you mean \"db\"?",
+    );
 }
 
 #[test]
 fn unknown_attribute() {
-    one("name: x\ncomponents:\n  a:\n    job: echo ${components.db.uri}\n  db: {postgres: {}}\n", 4, 15, "has no attribute \"uri\", did you mean \"url\"?");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: echo ${components.db.uri}\n  db: {postgres: {}}\n",
+        4,
+        15,
+        "has no attribute \"uri\", did you mean \"url\"?",
+    );
 }
 
 #[test]
 fn malformed_expression() {
-    one("name: x\ncomponents:\n  a:\n    job: \"echo ${components.db}\"\n  db: {postgres: {}}\n", 4, 16, "malformed expression");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: \"echo ${components.db}\"\n  db: {postgres: {}}\n",
+        4,
+        16,
+        "malformed expression",
+    );
 }
 
 #[test]
 fn unclosed_expression() {
-    one("name: x\ncomponents:\n  a:\n    job: \"echo ${inputs.x\"\n", 4, 16, "unclosed expression");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: \"echo ${inputs.x\"\n",
+        4,
+        16,
+        "unclosed expression",
+    );
 }
 
 #[test]
 fn unknown_after() {
-    one("name: x\ncomponents:\n  a:\n    job: x\n    after: [mgrate]\n  migrate: {job: y}\n", 5, 13, "unknown component \"mgrate\", did you mean \"migrate\"?");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: x\n    after: [mgrate]\n  migrate: {job: y}\n",
+        5,
+        13,
+        "unknown component \"mgrate\", did you mean \"migrate\"?",
+    );
 }
 
 #[test]
@@ -223,10 +319,19 @@ fn cycle_reports_path() {
     let e = &d.0[0];
     assert!(e.message.starts_with("dependency cycle: "), "{}", e.message);
     // Whichever component the path starts from, it is a closed loop through all three.
-    let path: Vec<&str> = e.message["dependency cycle: ".len()..].split(" -> ").collect();
+    let path: Vec<&str> = e.message["dependency cycle: ".len()..]
+        .split(" -> ")
+        .collect();
     assert_eq!(path.len(), 4);
     assert_eq!(path[0], path[3]);
-    assert_eq!(e.line, match path[0] { "a" => 3, "b" => 4, _ => 5 });
+    assert_eq!(
+        e.line,
+        match path[0] {
+            "a" => 3,
+            "b" => 4,
+            _ => 5,
+        }
+    );
 }
 
 #[test]
@@ -237,64 +342,125 @@ fn cycle_through_reference() {
 
 #[test]
 fn bad_duration() {
-    one("name: x\ncomponents:\n  a:\n    job: x\n    timeout: soon\n", 5, 14, "is not a duration");
+    one(
+        "name: x\ncomponents:\n  a:\n    job: x\n    timeout: soon\n",
+        5,
+        14,
+        "is not a duration",
+    );
 }
 
 #[test]
 fn bad_memory() {
-    one("name: x\ncomponents:\n  a:\n    process: x\n    resources: { memory: lots }\n", 5, 26, "memory \"lots\"");
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    resources: { memory: lots }\n",
+        5,
+        26,
+        "memory \"lots\"",
+    );
 }
 
 #[test]
 fn bad_cpu() {
-    one("name: x\ncomponents:\n  a:\n    process: x\n    resources: { cpu: -1 }\n", 5, 23, "cpu \"-1\"");
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    resources: { cpu: -1 }\n",
+        5,
+        23,
+        "cpu \"-1\"",
+    );
 }
 
 #[test]
 fn default_type_mismatch() {
-    one("name: x\ninputs:\n  n: { type: int, default: many }\ncomponents:\n  a: {job: x}\n", 3, 28, "must be an int, found a string");
+    one(
+        "name: x\ninputs:\n  n: { type: int, default: many }\ncomponents:\n  a: {job: x}\n",
+        3,
+        28,
+        "must be an int, found a string",
+    );
 }
 
 #[test]
 fn unknown_input_type() {
-    one("name: x\ninputs:\n  n: { type: integer }\ncomponents:\n  a: {job: x}\n", 3, 14, "unknown input type \"integer\"");
+    one(
+        "name: x\ninputs:\n  n: { type: integer }\ncomponents:\n  a: {job: x}\n",
+        3,
+        14,
+        "unknown input type \"integer\"",
+    );
 }
 
 #[test]
 fn secret_without_source() {
-    one("name: x\nsecrets:\n  k: {description: key}\ncomponents:\n  a: {job: x}\n", 3, 6, "says nowhere where its value comes from");
+    one(
+        "name: x\nsecrets:\n  k: {description: key}\ncomponents:\n  a: {job: x}\n",
+        3,
+        6,
+        "says nowhere where its value comes from",
+    );
 }
 
 #[test]
 fn secret_with_two_sources() {
-    one("name: x\nsecrets:\n  k: {generate: 32, from_env: K}\ncomponents:\n  a: {job: x}\n", 3, 21, "both `generate` and `from_env`");
+    one(
+        "name: x\nsecrets:\n  k: {generate: 32, from_env: K}\ncomponents:\n  a: {job: x}\n",
+        3,
+        21,
+        "both `generate` and `from_env`",
+    );
 }
 
 #[test]
 fn weak_secret() {
-    one("name: x\nsecrets:\n  k: {generate: 4}\ncomponents:\n  a: {job: x}\n", 3, 17, "too weak");
+    one(
+        "name: x\nsecrets:\n  k: {generate: 4}\ncomponents:\n  a: {job: x}\n",
+        3,
+        17,
+        "too weak",
+    );
 }
 
 #[test]
 fn duplicate_key() {
-    one("name: x\ncomponents:\n  a: {job: x}\n  a: {job: y}\n", 4, 3, "duplicate name \"a\"");
+    one(
+        "name: x\ncomponents:\n  a: {job: x}\n  a: {job: y}\n",
+        4,
+        3,
+        "duplicate name \"a\"",
+    );
 }
 
 #[test]
 fn missing_static_dir() {
-    one("name: x\ncomponents:\n  docs: {static: ./nope}\n", 3, 18, "static directory \"./nope\" does not exist");
+    one(
+        "name: x\ncomponents:\n  docs: {static: ./nope}\n",
+        3,
+        18,
+        "static directory \"./nope\" does not exist",
+    );
 }
 
 #[test]
 fn missing_include() {
-    one("name: x\ncomponents:\n  lib: {blueprint: ../nope}\n", 3, 20, "cannot read blueprint");
+    one(
+        "name: x\ncomponents:\n  lib: {blueprint: ../nope}\n",
+        3,
+        20,
+        "cannot read blueprint",
+    );
 }
 
 #[test]
 fn include_cycle() {
     let src = files(&[
-        ("/a/commons.yaml", "name: a\ncomponents:\n  b: {blueprint: ../b}\n"),
-        ("/b/commons.yaml", "name: b\ncomponents:\n  a: {blueprint: ../a}\n"),
+        (
+            "/a/commons.yaml",
+            "name: a\ncomponents:\n  b: {blueprint: ../b}\n",
+        ),
+        (
+            "/b/commons.yaml",
+            "name: b\ncomponents:\n  a: {blueprint: ../a}\n",
+        ),
     ]);
     let d = load(Path::new("/a"), &src).unwrap_err();
     assert!(d.0[0].message.contains("includes itself"), "{d}");
@@ -305,8 +471,14 @@ fn include_cycle() {
 #[test]
 fn include_missing_input() {
     let src = files(&[
-        ("/a/commons.yaml", "name: a\ncomponents:\n  b: {blueprint: ../b}\n"),
-        ("/b/commons.yaml", "name: b\ninputs:\n  port: {type: int}\ncomponents:\n  w: {job: x}\n"),
+        (
+            "/a/commons.yaml",
+            "name: a\ncomponents:\n  b: {blueprint: ../b}\n",
+        ),
+        (
+            "/b/commons.yaml",
+            "name: b\ninputs:\n  port: {type: int}\ncomponents:\n  w: {job: x}\n",
+        ),
     ]);
     let d = load(Path::new("/a"), &src).unwrap_err();
     assert!(d.0[0].message.contains("needs input \"port\""), "{d}");
@@ -316,7 +488,10 @@ fn include_missing_input() {
 #[test]
 fn errors_in_included_file_point_there() {
     let src = files(&[
-        ("/a/commons.yaml", "name: a\ncomponents:\n  b: {blueprint: ../b}\n"),
+        (
+            "/a/commons.yaml",
+            "name: a\ncomponents:\n  b: {blueprint: ../b}\n",
+        ),
         ("/b/commons.yaml", "name: b\ncomponents:\n  w: {jbo: x}\n"),
     ]);
     let d = load(Path::new("/a"), &src).unwrap_err();
@@ -326,17 +501,32 @@ fn errors_in_included_file_point_there() {
 
 #[test]
 fn reserved_env() {
-    one("name: x\ncomponents:\n  a:\n    process: x\n    env: { PORT: 1 }\n", 5, 12, "set by the platform");
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    env: { PORT: 1 }\n",
+        5,
+        12,
+        "set by the platform",
+    );
 }
 
 #[test]
 fn bad_route_host() {
-    one("name: x\ncomponents:\n  a:\n    process: x\n    route: { host: \"bad host\" }\n", 5, 20, "not a valid host name");
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { host: \"bad host\" }\n",
+        5,
+        20,
+        "not a valid host name",
+    );
 }
 
 #[test]
 fn health_path() {
-    one("name: x\ncomponents:\n  a:\n    process: x\n    health: { http: healthz }\n", 5, 21, "must start with /");
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    health: { http: healthz }\n",
+        5,
+        21,
+        "must start with /",
+    );
 }
 
 #[test]
@@ -353,7 +543,22 @@ fn reports_every_error_at_once() {
 fn schema_covers_every_kind() {
     let s = commons_blueprint::schema::json_schema();
     let props = &s["properties"]["components"]["additionalProperties"]["properties"];
-    for k in ["job", "process", "static", "postgres", "sqlite", "volume", "blueprint", "after", "env", "health", "route", "resources", "timeout", "retries"] {
+    for k in [
+        "job",
+        "process",
+        "static",
+        "postgres",
+        "sqlite",
+        "volume",
+        "blueprint",
+        "after",
+        "env",
+        "health",
+        "route",
+        "resources",
+        "timeout",
+        "retries",
+    ] {
         assert!(props.get(k).is_some(), "schema lacks {k}");
     }
 }

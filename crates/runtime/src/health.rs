@@ -29,11 +29,18 @@ pub async fn http_status(port: u16, path: &str, timeout: Duration) -> std::io::R
         head.strip_prefix("HTTP/1.")
             .and_then(|rest| rest.get(2..5))
             .and_then(|code| code.parse::<u16>().ok())
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response"))
+            .ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP response")
+            })
     };
     tokio::time::timeout(timeout, probe)
         .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer")))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer",
+            ))
+        })
 }
 
 /// Finds a free loopback port by asking the kernel for one.

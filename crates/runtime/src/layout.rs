@@ -27,11 +27,14 @@ impl Layout {
     }
 
     pub fn volume_dir(&self, deployment: &str, component: &str) -> PathBuf {
-        self.deployment_dir(deployment).join("volumes").join(component)
+        self.deployment_dir(deployment)
+            .join("volumes")
+            .join(component)
     }
 
     pub fn sqlite_file(&self, deployment: &str, component: &str) -> PathBuf {
-        self.data_dir(deployment).join(format!("{component}.sqlite3"))
+        self.data_dir(deployment)
+            .join(format!("{component}.sqlite3"))
     }
 
     pub fn log_dir(&self, deployment: &str) -> PathBuf {

@@ -64,6 +64,10 @@ pub struct Handle {
     pub instance: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Token of a start in progress: set before a task starts anything, so
+    /// that whatever an interrupted task left can be found and stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
 }
 
 /// What a driver sees when it looks at a component.

@@ -39,29 +39,46 @@ pub struct Started {
 ///
 /// Commands without shell syntax are executed directly (half the cost of a
 /// shell); others run under `sh -c`.
-pub fn spawn(spec: &Spec, extra_env: &[(&str, String)], files: Files<'_>) -> Result<Started, DriverError> {
+pub fn spawn(
+    spec: &Spec,
+    extra_env: &[(&str, String)],
+    files: Files<'_>,
+) -> Result<Started, DriverError> {
     let command = spec
         .command
         .as_deref()
         .ok_or_else(|| DriverError::Failed("component has no command".into()))?;
-    for dir in [files.log.parent(), files.pidfile.parent()].into_iter().flatten() {
-        crate::layout::private_dir(dir).map_err(DriverError::io(format!("creating {}", dir.display())))?;
+    for dir in [files.log.parent(), files.pidfile.parent()]
+        .into_iter()
+        .flatten()
+    {
+        crate::layout::private_dir(dir)
+            .map_err(DriverError::io(format!("creating {}", dir.display())))?;
     }
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
         .open(files.log)
-        .map_err(DriverError::io(format!("opening log {}", files.log.display())))?;
+        .map_err(DriverError::io(format!(
+            "opening log {}",
+            files.log.display()
+        )))?;
     let log_offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
     let _ = writeln!(
         log,
         "--- {} {} started (instance {}) ---",
         spec.component,
-        if matches!(spec.kind, commons_blueprint::Kind::Job { .. }) { "job" } else { "process" },
+        if matches!(spec.kind, commons_blueprint::Kind::Job { .. }) {
+            "job"
+        } else {
+            "process"
+        },
         spec.instance
     );
     let log_offset = log_offset.max(log.stream_position().unwrap_or(log_offset));
-    let stderr = log.try_clone().map_err(DriverError::io("duplicating log handle"))?;
+    let stderr = log
+        .try_clone()
+        .map_err(DriverError::io("duplicating log handle"))?;
 
     let mut cmd = if command.contains(SHELL_SYNTAX) {
         let mut c = Command::new("/bin/sh");

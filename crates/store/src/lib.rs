@@ -110,6 +110,8 @@ pub struct TaskRow {
 
 /// A change to a deployment's components, applied atomically with others.
 #[derive(Debug, Clone)]
+// Changes live only briefly, in one batch; boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ComponentChange {
     Put(ComponentRow),
     Delete(String),
@@ -127,10 +129,17 @@ pub trait StateStore: Send + Sync {
     fn delete_deployment(&self, name: &str) -> Result<()>;
     fn components(&self, deployment: &str) -> Result<Vec<ComponentRow>>;
     /// Applies component changes and appends finished tasks in one transaction.
-    fn apply(&self, deployment: &str, changes: &[ComponentChange], tasks: &[TaskRow]) -> Result<()>;
+    fn apply(&self, deployment: &str, changes: &[ComponentChange], tasks: &[TaskRow])
+        -> Result<()>;
     /// Starts a new run and returns its number (1, 2, ...).
     fn begin_run(&self, deployment: &str, started_at_ms: i64) -> Result<i64>;
-    fn finish_run(&self, deployment: &str, run: i64, outcome: &str, finished_at_ms: i64) -> Result<()>;
+    fn finish_run(
+        &self,
+        deployment: &str,
+        run: i64,
+        outcome: &str,
+        finished_at_ms: i64,
+    ) -> Result<()>;
     /// Tasks of one run, in the order they finished.
     fn tasks(&self, deployment: &str, run: i64) -> Result<Vec<TaskRow>>;
     /// The latest task of each component, for `status`.

@@ -191,7 +191,10 @@ impl StateStore for SqliteStore {
         self.with(|c| {
             let tx = c.transaction()?;
             for table in ["components", "tasks", "runs"] {
-                tx.execute(&format!("DELETE FROM {table} WHERE deployment = ?1"), [name])?;
+                tx.execute(
+                    &format!("DELETE FROM {table} WHERE deployment = ?1"),
+                    [name],
+                )?;
             }
             tx.execute("DELETE FROM deployments WHERE name = ?1", [name])?;
             tx.commit()?;
@@ -240,7 +243,12 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn apply(&self, deployment: &str, changes: &[ComponentChange], tasks: &[TaskRow]) -> Result<()> {
+    fn apply(
+        &self,
+        deployment: &str,
+        changes: &[ComponentChange],
+        tasks: &[TaskRow],
+    ) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
             {
@@ -314,7 +322,13 @@ impl StateStore for SqliteStore {
         })
     }
 
-    fn finish_run(&self, deployment: &str, run: i64, outcome: &str, finished_at_ms: i64) -> Result<()> {
+    fn finish_run(
+        &self,
+        deployment: &str,
+        run: i64,
+        outcome: &str,
+        finished_at_ms: i64,
+    ) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE runs SET outcome = ?3, finished_at_ms = ?4 WHERE deployment = ?1 AND run = ?2",
@@ -402,12 +416,18 @@ mod tests {
             }],
         )
         .unwrap();
-        let names: Vec<String> = s.components("d").unwrap().into_iter().map(|c| c.name).collect();
+        let names: Vec<String> = s
+            .components("d")
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(s.tasks("d", run).unwrap().len(), 1);
         assert_eq!(s.begin_run("d", 7).unwrap(), 2);
         assert_eq!(s.deployment("d").unwrap().unwrap().inputs["a"], 1);
-        s.apply("d", &[ComponentChange::Delete("a".into())], &[]).unwrap();
+        s.apply("d", &[ComponentChange::Delete("a".into())], &[])
+            .unwrap();
         assert_eq!(s.components("d").unwrap().len(), 1);
         s.delete_deployment("d").unwrap();
         assert!(s.deployment("d").unwrap().is_none());

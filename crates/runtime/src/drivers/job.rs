@@ -5,18 +5,36 @@ use crate::{Applied, BoxFuture, Driver, DriverError, Handle, Layout, Observed, S
 pub struct JobDriver;
 
 impl Driver for JobDriver {
-    fn planned_outputs(&self, _: &Layout, _: &Spec, _: Option<&Handle>) -> Vec<(String, Option<String>)> {
+    fn planned_outputs(
+        &self,
+        _: &Layout,
+        _: &Spec,
+        _: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
         Vec::new()
     }
 
-    fn apply<'a>(&'a self, layout: &'a Layout, spec: &'a Spec, _: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>> {
+    fn apply<'a>(
+        &'a self,
+        layout: &'a Layout,
+        spec: &'a Spec,
+        _: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
             let log = layout.log_file(&spec.deployment, &spec.component);
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
             let data = layout.data_dir(&spec.deployment);
-            crate::layout::private_dir(&data).map_err(DriverError::io("creating the data directory"))?;
+            crate::layout::private_dir(&data)
+                .map_err(DriverError::io("creating the data directory"))?;
             let env = [("COMMONS_DATA_DIR", data.display().to_string())];
-            let mut started = proc::spawn(spec, &env, Files { log: &log, pidfile: &pidfile })?;
+            let mut started = proc::spawn(
+                spec,
+                &env,
+                Files {
+                    log: &log,
+                    pidfile: &pidfile,
+                },
+            )?;
             let pid = started.pid;
             let waited = match spec.timeout {
                 Some(limit) => match tokio::time::timeout(limit, started.child.wait()).await {
@@ -49,7 +67,13 @@ impl Driver for JobDriver {
         })
     }
 
-    fn remove<'a>(&'a self, _: &'a Layout, _: &'a str, _: &'a str, _: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn remove<'a>(
+        &'a self,
+        _: &'a Layout,
+        _: &'a str,
+        _: &'a str,
+        _: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async { Ok(()) })
     }
 

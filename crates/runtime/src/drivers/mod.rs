@@ -18,11 +18,27 @@ pub use resources::{PostgresDriver, SqliteDriver, StaticDriver, VolumeDriver};
 /// find a component again is in its [`Handle`].
 pub trait Driver: Send + Sync {
     /// Outputs known before the component exists (for `plan`).
-    fn planned_outputs(&self, layout: &Layout, spec: &Spec, previous: Option<&Handle>) -> Vec<(String, Option<String>)>;
+    fn planned_outputs(
+        &self,
+        layout: &Layout,
+        spec: &Spec,
+        previous: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)>;
 
-    fn apply<'a>(&'a self, layout: &'a Layout, spec: &'a Spec, previous: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>>;
+    fn apply<'a>(
+        &'a self,
+        layout: &'a Layout,
+        spec: &'a Spec,
+        previous: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>>;
 
-    fn remove<'a>(&'a self, layout: &'a Layout, deployment: &'a str, component: &'a str, handle: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>>;
+    fn remove<'a>(
+        &'a self,
+        layout: &'a Layout,
+        deployment: &'a str,
+        component: &'a str,
+        handle: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>>;
 
     fn observe(&self, handle: &Handle) -> Observed;
 }

@@ -23,10 +23,18 @@ fn outputs(port: u16) -> Vec<(String, String)> {
 }
 
 impl Driver for ProcessDriver {
-    fn planned_outputs(&self, _: &Layout, _: &Spec, previous: Option<&Handle>) -> Vec<(String, Option<String>)> {
+    fn planned_outputs(
+        &self,
+        _: &Layout,
+        _: &Spec,
+        previous: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
         match previous.and_then(|h| h.port) {
             // The port is kept across restarts, so dependents need not change.
-            Some(port) => outputs(port).into_iter().map(|(k, v)| (k, Some(v))).collect(),
+            Some(port) => outputs(port)
+                .into_iter()
+                .map(|(k, v)| (k, Some(v)))
+                .collect(),
             None => vec![
                 ("port".into(), None),
                 ("url".into(), None),
@@ -35,11 +43,21 @@ impl Driver for ProcessDriver {
         }
     }
 
-    fn apply<'a>(&'a self, layout: &'a Layout, spec: &'a Spec, previous: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>> {
+    fn apply<'a>(
+        &'a self,
+        layout: &'a Layout,
+        spec: &'a Spec,
+        previous: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
             // Milestone 1 replaces stop-first; the gateway will switch only
             // once the new version is healthy.
-            if let Some(Handle { pid: Some(pid), instance: Some(instance), .. }) = previous {
+            if let Some(Handle {
+                pid: Some(pid),
+                instance: Some(instance),
+                ..
+            }) = previous
+            {
                 proc::stop(*pid, instance, STOP_GRACE).await;
             }
             let port = match previous.and_then(|h| h.port) {
@@ -49,7 +67,8 @@ impl Driver for ProcessDriver {
             let log = layout.log_file(&spec.deployment, &spec.component);
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
             let data = layout.data_dir(&spec.deployment);
-            crate::layout::private_dir(&data).map_err(DriverError::io("creating the data directory"))?;
+            crate::layout::private_dir(&data)
+                .map_err(DriverError::io("creating the data directory"))?;
             let mut env = vec![
                 ("PORT", port.to_string()),
                 ("COMMONS_DATA_DIR", data.display().to_string()),
@@ -57,7 +76,14 @@ impl Driver for ProcessDriver {
             if !spec.env.iter().any(|(k, _)| k == "HOST") {
                 env.push(("HOST", "127.0.0.1".to_string()));
             }
-            let mut started = proc::spawn(spec, &env, Files { log: &log, pidfile: &pidfile })?;
+            let mut started = proc::spawn(
+                spec,
+                &env,
+                Files {
+                    log: &log,
+                    pidfile: &pidfile,
+                },
+            )?;
             let pid = started.pid;
             let limit = spec
                 .health
@@ -73,13 +99,19 @@ impl Driver for ProcessDriver {
                     let _ = std::fs::remove_file(&pidfile);
                     return Err(DriverError::Failed(format!(
                         "process exited while starting ({status}){}",
-                        if tail.is_empty() { String::new() } else { format!("; its output ends with:\n{tail}") }
+                        if tail.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; its output ends with:\n{tail}")
+                        }
                     )));
                 }
                 match &spec.health {
                     Some(h) => {
                         let remaining = deadline.saturating_duration_since(Instant::now());
-                        match http_status(port, &h.http, remaining.min(Duration::from_secs(5))).await {
+                        match http_status(port, &h.http, remaining.min(Duration::from_secs(5)))
+                            .await
+                        {
                             Ok(code) if (200..400).contains(&code) => break,
                             Ok(code) => last_problem = format!("GET {} answered {code}", h.http),
                             Err(e) => last_problem = format!("GET {}: {e}", h.http),
@@ -104,6 +136,7 @@ impl Driver for ProcessDriver {
                 pid: Some(pid),
                 instance: Some(spec.instance.clone()),
                 port: Some(port),
+                pending: None,
             };
             Ok(Applied {
                 handle,
@@ -112,7 +145,13 @@ impl Driver for ProcessDriver {
         })
     }
 
-    fn remove<'a>(&'a self, layout: &'a Layout, deployment: &'a str, component: &'a str, handle: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn remove<'a>(
+        &'a self,
+        layout: &'a Layout,
+        deployment: &'a str,
+        component: &'a str,
+        handle: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             if let (Some(pid), Some(instance)) = (handle.pid, &handle.instance) {
                 proc::stop(pid, instance, STOP_GRACE).await;
@@ -124,7 +163,9 @@ impl Driver for ProcessDriver {
 
     fn observe(&self, handle: &Handle) -> Observed {
         match (handle.pid, &handle.instance) {
-            (Some(pid), Some(instance)) if proc::is_instance_alive(pid, instance) => Observed::Running,
+            (Some(pid), Some(instance)) if proc::is_instance_alive(pid, instance) => {
+                Observed::Running
+            }
             _ => Observed::Stopped,
         }
     }

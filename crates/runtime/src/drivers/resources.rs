@@ -7,7 +7,10 @@ use crate::{Applied, BoxFuture, Driver, DriverError, Handle, Layout, Observed, S
 fn present(outputs: Vec<(String, Option<String>)>) -> Applied {
     Applied {
         handle: Handle::default(),
-        outputs: outputs.into_iter().filter_map(|(k, v)| v.map(|v| (k, v))).collect(),
+        outputs: outputs
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect(),
     }
 }
 
@@ -19,25 +22,44 @@ fn done<'a>() -> BoxFuture<'a, Result<(), DriverError>> {
 pub struct StaticDriver;
 
 impl Driver for StaticDriver {
-    fn planned_outputs(&self, _: &Layout, spec: &Spec, _: Option<&Handle>) -> Vec<(String, Option<String>)> {
+    fn planned_outputs(
+        &self,
+        _: &Layout,
+        spec: &Spec,
+        _: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
         match &spec.kind {
             Kind::Static { path } => vec![("path".into(), Some(path.display().to_string()))],
             _ => Vec::new(),
         }
     }
 
-    fn apply<'a>(&'a self, layout: &'a Layout, spec: &'a Spec, previous: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>> {
+    fn apply<'a>(
+        &'a self,
+        layout: &'a Layout,
+        spec: &'a Spec,
+        previous: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
             if let Kind::Static { path } = &spec.kind {
                 if !path.is_dir() {
-                    return Err(DriverError::Failed(format!("static directory {} does not exist", path.display())));
+                    return Err(DriverError::Failed(format!(
+                        "static directory {} does not exist",
+                        path.display()
+                    )));
                 }
             }
             Ok(present(self.planned_outputs(layout, spec, previous)))
         })
     }
 
-    fn remove<'a>(&'a self, _: &'a Layout, _: &'a str, _: &'a str, _: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn remove<'a>(
+        &'a self,
+        _: &'a Layout,
+        _: &'a str,
+        _: &'a str,
+        _: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         done()
     }
 
@@ -50,26 +72,45 @@ impl Driver for StaticDriver {
 pub struct VolumeDriver;
 
 impl Driver for VolumeDriver {
-    fn planned_outputs(&self, layout: &Layout, spec: &Spec, _: Option<&Handle>) -> Vec<(String, Option<String>)> {
+    fn planned_outputs(
+        &self,
+        layout: &Layout,
+        spec: &Spec,
+        _: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
         let path = layout.volume_dir(&spec.deployment, &spec.component);
         vec![("path".into(), Some(path.display().to_string()))]
     }
 
-    fn apply<'a>(&'a self, layout: &'a Layout, spec: &'a Spec, previous: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>> {
+    fn apply<'a>(
+        &'a self,
+        layout: &'a Layout,
+        spec: &'a Spec,
+        previous: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
             let path = layout.volume_dir(&spec.deployment, &spec.component);
-            crate::layout::private_dir(&path).map_err(DriverError::io(format!("creating volume {}", path.display())))?;
+            crate::layout::private_dir(&path).map_err(DriverError::io(format!(
+                "creating volume {}",
+                path.display()
+            )))?;
             Ok(present(self.planned_outputs(layout, spec, previous)))
         })
     }
 
-    fn remove<'a>(&'a self, layout: &'a Layout, deployment: &'a str, component: &'a str, _: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn remove<'a>(
+        &'a self,
+        layout: &'a Layout,
+        deployment: &'a str,
+        component: &'a str,
+        _: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let path = layout.volume_dir(deployment, component);
             match std::fs::remove_dir_all(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(DriverError::io(format!("removing volume {}", path.display()))(e))
-                }
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(DriverError::io(
+                    format!("removing volume {}", path.display()),
+                )(e)),
                 _ => Ok(()),
             }
         })
@@ -84,7 +125,12 @@ impl Driver for VolumeDriver {
 pub struct SqliteDriver;
 
 impl Driver for SqliteDriver {
-    fn planned_outputs(&self, layout: &Layout, spec: &Spec, _: Option<&Handle>) -> Vec<(String, Option<String>)> {
+    fn planned_outputs(
+        &self,
+        layout: &Layout,
+        spec: &Spec,
+        _: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
         let path = layout.sqlite_file(&spec.deployment, &spec.component);
         vec![
             ("path".into(), Some(path.display().to_string())),
@@ -92,11 +138,17 @@ impl Driver for SqliteDriver {
         ]
     }
 
-    fn apply<'a>(&'a self, layout: &'a Layout, spec: &'a Spec, previous: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>> {
+    fn apply<'a>(
+        &'a self,
+        layout: &'a Layout,
+        spec: &'a Spec,
+        previous: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
             let path = layout.sqlite_file(&spec.deployment, &spec.component);
             if let Some(dir) = path.parent() {
-                crate::layout::private_dir(dir).map_err(DriverError::io("creating the data directory"))?;
+                crate::layout::private_dir(dir)
+                    .map_err(DriverError::io("creating the data directory"))?;
             }
             std::fs::OpenOptions::new()
                 .create(true)
@@ -107,7 +159,13 @@ impl Driver for SqliteDriver {
         })
     }
 
-    fn remove<'a>(&'a self, layout: &'a Layout, deployment: &'a str, component: &'a str, _: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn remove<'a>(
+        &'a self,
+        layout: &'a Layout,
+        deployment: &'a str,
+        component: &'a str,
+        _: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let path = layout.sqlite_file(deployment, component);
             for suffix in ["", "-wal", "-shm", "-journal"] {
@@ -131,11 +189,21 @@ impl Driver for SqliteDriver {
 pub struct PostgresDriver;
 
 impl Driver for PostgresDriver {
-    fn planned_outputs(&self, _: &Layout, _: &Spec, _: Option<&Handle>) -> Vec<(String, Option<String>)> {
+    fn planned_outputs(
+        &self,
+        _: &Layout,
+        _: &Spec,
+        _: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
         vec![("url".into(), None)]
     }
 
-    fn apply<'a>(&'a self, _: &'a Layout, _: &'a Spec, _: Option<&'a Handle>) -> BoxFuture<'a, Result<Applied, DriverError>> {
+    fn apply<'a>(
+        &'a self,
+        _: &'a Layout,
+        _: &'a Spec,
+        _: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async {
             Err(DriverError::Failed(
                 "postgres components need the platform's PostgreSQL server, which `commons serve` provides; \
@@ -145,7 +213,13 @@ impl Driver for PostgresDriver {
         })
     }
 
-    fn remove<'a>(&'a self, _: &'a Layout, _: &'a str, _: &'a str, _: &'a Handle) -> BoxFuture<'a, Result<(), DriverError>> {
+    fn remove<'a>(
+        &'a self,
+        _: &'a Layout,
+        _: &'a str,
+        _: &'a str,
+        _: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
         done()
     }
 

@@ -1,0 +1,349 @@
+//! `commons`: deploy open-source services from blueprints.
+//!
+//! A thin layer: every command parses its arguments, calls the engine, and
+//! renders the result for people (or as JSON with `--json`). Exit codes:
+//! 0 success, 1 the operation failed, 2 bad input.
+
+mod output;
+mod progress;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+use commons_engine::{Engine, EngineError, DEFAULT_JOBS};
+
+#[derive(Parser)]
+#[command(
+    name = "commons",
+    version,
+    about = "Deploy open-source services from blueprints",
+    long_about = "Deploy open-source services from blueprints.\n\n\
+        A blueprint (commons.yaml) declares a service's components; `commons deploy` makes them \
+        real, in parallel, and records every deploy in a git repository you can share.",
+    after_help = "Start with `commons init`, then `commons deploy`."
+)]
+struct Cli {
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Data directory: state, deployment records and secrets.
+    #[arg(long, global = true, env = "COMMONS_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// A deployment name, or a blueprint file or directory [default: ./commons.yaml]
+    target: Option<String>,
+
+    /// Deploy under this name instead of the blueprint's.
+    #[arg(long)]
+    name: Option<String>,
+
+    /// Set an input: `-i greeting=hello` (repeatable).
+    #[arg(short = 'i', long = "input", value_name = "NAME=VALUE", value_parser = parse_input)]
+    inputs: Vec<(String, String)>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a commons.yaml to start from.
+    Init {
+        /// Directory to create it in.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// The blueprint's name [default: the directory's name]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Check a blueprint and report every problem at once.
+    Validate {
+        /// Blueprint file or directory [default: ./commons.yaml]
+        path: Option<PathBuf>,
+    },
+    /// Show what a deploy would change, attribute by attribute.
+    Plan(TargetArgs),
+    /// Make a deployment match its blueprint.
+    Deploy {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Tasks to run at once.
+        #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
+        jobs: usize,
+    },
+    /// Show the state of a deployment's components (all deployments with no name and no ./commons.yaml).
+    Status {
+        /// Deployment name [default: the name in ./commons.yaml]
+        name: Option<String>,
+    },
+    /// List deployments.
+    List,
+    /// Show what components printed.
+    Logs {
+        /// Deployment name [default: the name in ./commons.yaml]
+        name: Option<String>,
+        /// Only this component.
+        component: Option<String>,
+        /// Keep printing as new lines arrive.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines to show from the end of each log.
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+    },
+    /// List the deployment records of a deployment, or diff two.
+    History {
+        /// Deployment name [default: the name in ./commons.yaml]
+        name: Option<String>,
+        /// Show the differences between two revisions (numbers or commit ids).
+        #[arg(long, num_args = 2, value_names = ["A", "B"])]
+        diff: Option<Vec<String>>,
+    },
+    /// Stop and remove every component of a deployment.
+    Destroy {
+        /// Deployment name [default: the name in ./commons.yaml]
+        name: Option<String>,
+        /// Tasks to run at once.
+        #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
+        jobs: usize,
+    },
+    /// Print the JSON Schema of commons.yaml, for editors.
+    Schema,
+    /// Stand up the service recorded in a deployment record repository.
+    Clone {
+        /// Path or git URL of a deployment record.
+        record: String,
+        /// Deploy under this name instead of the recorded one.
+        #[arg(long)]
+        name: Option<String>,
+        /// Tasks to run at once.
+        #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
+        jobs: usize,
+    },
+}
+
+fn parse_input(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected NAME=VALUE, got \"{s}\"")),
+    }
+}
+
+/// How a command ended.
+enum Failure {
+    /// The user's input was wrong (exit 2).
+    Input(String),
+    /// The operation failed (exit 1); already reported if the text is empty.
+    Failed(String),
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Failure {
+        match e {
+            EngineError::Blueprint(d) => {
+                output::diagnostics(&d);
+                Failure::Input(String::new())
+            }
+            e if e.is_bad_input() => Failure::Input(e.to_string()),
+            e => Failure::Failed(e.to_string()),
+        }
+    }
+}
+
+fn default_home() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("commons");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    if cfg!(target_os = "macos") {
+        home.join("Library/Application Support/commons")
+    } else {
+        home.join(".local/share/commons")
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Input(msg)) => {
+            if !msg.is_empty() {
+                output::error(&msg);
+            }
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(msg)) => {
+            if !msg.is_empty() {
+                output::error(&msg);
+            }
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The deployment a name-taking command acts on: the given name, or the
+/// blueprint name in ./commons.yaml.
+fn name_or_local(name: Option<String>) -> Result<String, Failure> {
+    if let Some(n) = name {
+        return Ok(n);
+    }
+    let path = PathBuf::from(commons_blueprint::FILE_NAME);
+    if !path.exists() {
+        return Err(Failure::Input(
+            "name a deployment, or run this in a directory with a commons.yaml".into(),
+        ));
+    }
+    let bp = commons_blueprint::load(&path, &commons_blueprint::FileSystem)
+        .map_err(EngineError::Blueprint)?;
+    Ok(bp.name)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the async runtime starts")
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    let home = cli.home.clone().unwrap_or_else(default_home);
+    let engine = || Engine::open(&home).map_err(Failure::from);
+    match cli.command {
+        Command::Init { dir, name } => output::init(&dir, name.as_deref(), json),
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&commons_blueprint::schema::json_schema())
+                    .expect("json")
+            );
+            Ok(())
+        }
+        Command::Validate { path } => {
+            let path = path.unwrap_or_else(|| PathBuf::from(commons_blueprint::FILE_NAME));
+            match commons_blueprint::load(&path, &commons_blueprint::FileSystem) {
+                Ok(bp) => {
+                    if json {
+                        output::json(
+                            &serde_json::json!({ "valid": true, "name": bp.name, "components": bp.components.len() }),
+                        );
+                    }
+                    Ok(())
+                }
+                Err(d) if json => {
+                    output::json(&serde_json::json!({ "valid": false, "errors": d.0 }));
+                    Err(Failure::Input(String::new()))
+                }
+                Err(d) => Err(EngineError::Blueprint(d).into()),
+            }
+        }
+        Command::Plan(t) => {
+            let engine = engine()?;
+            let target = engine.target(t.target.as_deref(), t.name.as_deref(), &t.inputs)?;
+            let plan = engine.plan(&target)?;
+            if json {
+                output::json(&plan);
+            } else {
+                output::plan(&plan);
+            }
+            Ok(())
+        }
+        Command::Deploy { target: t, jobs } => {
+            let engine = engine()?;
+            let target = engine.target(t.target.as_deref(), t.name.as_deref(), &t.inputs)?;
+            let started = Instant::now();
+            let progress = progress::Reporter::new(json, "Deploying");
+            let outcome = runtime().block_on(engine.deploy(&target, jobs, &progress))?;
+            progress.done();
+            output::outcome(&outcome, json, started.elapsed(), "Deployed")
+        }
+        Command::Destroy { name, jobs } => {
+            let name = name_or_local(name)?;
+            let engine = engine()?;
+            let started = Instant::now();
+            let progress = progress::Reporter::new(json, "Destroying");
+            let outcome = runtime().block_on(engine.destroy(&name, jobs, &progress))?;
+            progress.done();
+            output::outcome(&outcome, json, started.elapsed(), "Destroyed")
+        }
+        Command::Clone { record, name, jobs } => {
+            let engine = engine()?;
+            let started = Instant::now();
+            let progress = progress::Reporter::new(json, "Deploying");
+            let (_, outcome) = runtime().block_on(engine.clone_record(
+                &record,
+                name.as_deref(),
+                jobs,
+                &progress,
+            ))?;
+            progress.done();
+            output::outcome(&outcome, json, started.elapsed(), "Cloned")
+        }
+        Command::Status { name } => {
+            let engine = engine()?;
+            let name = match name {
+                Some(n) => n,
+                None if PathBuf::from(commons_blueprint::FILE_NAME).exists() => {
+                    name_or_local(None)?
+                }
+                None => return output::list(&engine.list()?, json),
+            };
+            let status = engine.status(&name)?;
+            if json {
+                output::json(&status);
+            } else {
+                output::status(&status);
+            }
+            Ok(())
+        }
+        Command::List => output::list(&engine()?.list()?, json),
+        Command::Logs {
+            name,
+            component,
+            follow,
+            lines,
+        } => {
+            let name = name_or_local(name)?;
+            let files = engine()?.log_files(&name, component.as_deref())?;
+            output::logs(&files, lines, follow, json)
+        }
+        Command::History { name, diff } => {
+            let name = name_or_local(name)?;
+            let engine = engine()?;
+            match diff {
+                Some(revs) => {
+                    let text = engine.history_diff(&name, &revs[0], &revs[1])?;
+                    if json {
+                        output::json(&serde_json::json!({ "diff": text }));
+                    } else {
+                        print!("{text}");
+                    }
+                }
+                None => {
+                    let entries = engine.history(&name)?;
+                    if json {
+                        output::json(&entries);
+                    } else {
+                        output::history(&entries);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// True when stdout is a terminal a person is watching.
+pub fn interactive() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("CI").is_none()
+}

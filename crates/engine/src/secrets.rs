@@ -1,0 +1,228 @@
+//! Secret values, kept apart from records and encrypted at rest.
+//!
+//! Each deployment's secrets are one XChaCha20-Poly1305 sealed JSON map in
+//! `secrets/NAME.enc`, under a key made on first use in `secrets/key`
+//! (mode 0600). Change detection uses a keyed BLAKE3 fingerprint, so the state
+//! store can tell that a secret changed without holding it.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use commons_blueprint::SecretSpec;
+use commons_runtime::layout::private_dir;
+
+use crate::EngineError;
+
+const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
+/// A random string of `len` characters from [A-Za-z0-9], without modulo bias.
+pub fn generate(len: usize) -> String {
+    let mut out = String::with_capacity(len);
+    let mut buf = [0u8; 64];
+    while out.len() < len {
+        getrandom::getrandom(&mut buf).expect("the OS random number generator works");
+        for &b in &buf {
+            // 248 = 62 * 4: bytes past it would favour the first letters.
+            if b < 248 && out.len() < len {
+                out.push(ALPHABET[(b % 62) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// A random token for recognising one start of a process.
+pub fn token() -> String {
+    generate(20)
+}
+
+/// The sealed secrets of the platform's deployments.
+pub struct SecretBox {
+    key: [u8; 32],
+    dir: PathBuf,
+}
+
+impl SecretBox {
+    /// Opens the key at `key_path`, creating it if it does not exist yet.
+    pub fn open(key_path: &Path) -> Result<SecretBox, EngineError> {
+        let dir = key_path
+            .parent()
+            .expect("key lives in a directory")
+            .to_path_buf();
+        private_dir(&dir).map_err(EngineError::io(format!("creating {}", dir.display())))?;
+        let key = match std::fs::read(key_path) {
+            Ok(bytes) if bytes.len() == 32 => bytes.try_into().expect("32 bytes"),
+            Ok(_) => {
+                return Err(EngineError::Internal(format!(
+                    "secret key {} is damaged (not 32 bytes); restore it from a backup",
+                    key_path.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                getrandom::getrandom(&mut key).expect("the OS random number generator works");
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(key_path)
+                    .map_err(EngineError::io(format!("creating {}", key_path.display())))?;
+                f.write_all(&key)
+                    .and_then(|_| f.sync_all())
+                    .map_err(EngineError::io("writing the secret key"))?;
+                key
+            }
+            Err(e) => {
+                return Err(EngineError::io(format!("reading {}", key_path.display()))(
+                    e,
+                ))
+            }
+        };
+        Ok(SecretBox { key, dir })
+    }
+
+    fn file(&self, deployment: &str) -> PathBuf {
+        self.dir.join(format!("{deployment}.enc"))
+    }
+
+    /// The stored secrets of a deployment (empty if none).
+    pub fn load(&self, deployment: &str) -> Result<BTreeMap<String, String>, EngineError> {
+        let path = self.file(deployment);
+        let sealed = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(EngineError::io(format!("reading {}", path.display()))(e)),
+        };
+        if sealed.len() < 24 {
+            return Err(EngineError::Internal(format!(
+                "{} is damaged",
+                path.display()
+            )));
+        }
+        let (nonce, body) = sealed.split_at(24);
+        let cipher = XChaCha20Poly1305::new(&self.key.into());
+        let plain = cipher
+            .decrypt(XNonce::from_slice(nonce), body)
+            .map_err(|_| {
+                EngineError::Internal(format!(
+                    "{} cannot be decrypted with this key",
+                    path.display()
+                ))
+            })?;
+        serde_json::from_slice(&plain)
+            .map_err(|e| EngineError::Internal(format!("{}: {e}", path.display())))
+    }
+
+    /// Seals and stores a deployment's secrets (atomically: write, then rename).
+    pub fn save(
+        &self,
+        deployment: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<(), EngineError> {
+        let path = self.file(deployment);
+        let plain = serde_json::to_vec(values).expect("a map of strings serialises");
+        let mut nonce = [0u8; 24];
+        getrandom::getrandom(&mut nonce).expect("the OS random number generator works");
+        let cipher = XChaCha20Poly1305::new(&self.key.into());
+        let body = cipher
+            .encrypt(XNonce::from_slice(&nonce), plain.as_slice())
+            .map_err(|_| EngineError::Internal("encryption failed".into()))?;
+        let tmp = path.with_extension("enc.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(EngineError::io(format!("writing {}", tmp.display())))?;
+        f.write_all(&nonce)
+            .and_then(|_| f.write_all(&body))
+            .and_then(|_| f.sync_all())
+            .map_err(EngineError::io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(EngineError::io(format!("writing {}", path.display())))
+    }
+
+    pub fn delete(&self, deployment: &str) {
+        let _ = std::fs::remove_file(self.file(deployment));
+    }
+
+    /// A keyed fingerprint of a secret value: equal values, equal prints; the
+    /// print reveals nothing of the value without the key.
+    pub fn fingerprint(&self, value: &str) -> String {
+        let key = blake3::derive_key("onecommons secret fingerprint v1", &self.key);
+        blake3::keyed_hash(&key, value.as_bytes()).to_hex()[..24].to_string()
+    }
+
+    /// The values for a blueprint's secrets: stored ones kept, new generated
+    /// ones made, `from_env` ones read now. Returns the values and whether the
+    /// stored set changed.
+    pub fn resolve(
+        &self,
+        deployment: &str,
+        specs: &indexmap::IndexMap<String, SecretSpec>,
+        fresh: bool,
+    ) -> Result<(BTreeMap<String, String>, bool), EngineError> {
+        let stored = if fresh {
+            BTreeMap::new()
+        } else {
+            self.load(deployment)?
+        };
+        let mut out = BTreeMap::new();
+        let mut missing = Vec::new();
+        for (name, spec) in specs {
+            match spec {
+                SecretSpec::Generate(len) => {
+                    let v = stored
+                        .get(name)
+                        .filter(|v| v.chars().count() == *len)
+                        .cloned()
+                        .unwrap_or_else(|| generate(*len));
+                    out.insert(name.clone(), v);
+                }
+                SecretSpec::FromEnv(var) => match std::env::var(var) {
+                    Ok(v) if !v.is_empty() => {
+                        out.insert(name.clone(), v);
+                    }
+                    _ => missing.push(format!("secret \"{name}\" reads ${var}, which is not set")),
+                },
+            }
+        }
+        if !missing.is_empty() {
+            return Err(EngineError::Input(format!(
+                "{} (set the variable{} and run again)",
+                missing.join("; "),
+                if missing.len() > 1 { "s" } else { "" }
+            )));
+        }
+        let changed = out != stored;
+        Ok((out, changed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_round_trip_and_no_plaintext_on_disk() {
+        let dir = std::env::temp_dir().join(format!("commons-secrets-{}", std::process::id()));
+        let b = SecretBox::open(&dir.join("key")).unwrap();
+        let mut m = BTreeMap::new();
+        m.insert("api_key".to_string(), "s3cr3t-value-xyz".to_string());
+        b.save("d", &m).unwrap();
+        assert_eq!(b.load("d").unwrap(), m);
+        let raw = std::fs::read(dir.join("d.enc")).unwrap();
+        assert!(!raw.windows(16).any(|w| w == b"s3cr3t-value-xyz"));
+        assert_eq!(b.fingerprint("a"), b.fingerprint("a"));
+        assert_ne!(b.fingerprint("a"), b.fingerprint("b"));
+        let g = generate(32);
+        assert_eq!(g.len(), 32);
+        assert!(g.chars().all(|c| c.is_ascii_alphanumeric()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
