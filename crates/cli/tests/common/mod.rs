@@ -1,0 +1,166 @@
+//! Helpers for driving the real `commons` binary in a scratch directory.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A scratch directory with a blueprint and its own `COMMONS_HOME`.
+pub struct Sandbox {
+    pub dir: PathBuf,
+    pub home: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new(test: &str) -> Sandbox {
+        let dir = std::env::temp_dir().join(format!("commons-test-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("app")).unwrap();
+        let home = dir.join("home");
+        Sandbox { dir, home }
+    }
+
+    /// The blueprint directory.
+    pub fn app(&self) -> PathBuf {
+        self.dir.join("app")
+    }
+
+    pub fn write(&self, rel: &str, content: &str) -> PathBuf {
+        let p = self.app().join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    pub fn blueprint(&self, yaml: &str) -> PathBuf {
+        self.write("commons.yaml", yaml)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_commons"));
+        c.args(args)
+            .current_dir(self.app())
+            .env("COMMONS_HOME", &self.home)
+            .env_remove("CI");
+        c
+    }
+
+    /// Runs `commons ARGS` and returns its output.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self.cmd(args).output().expect("commons runs");
+        Run(out)
+    }
+
+    /// Runs `commons ARGS`, asserting exit code 0.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.run(args);
+        assert_eq!(r.code(), 0, "commons {args:?} failed:\n{}", r.all());
+        r
+    }
+
+    pub fn status_json(&self, name: &str) -> serde_json::Value {
+        self.ok(&["status", name, "--json"]).json()
+    }
+
+    /// The status entry of one component.
+    pub fn component(&self, name: &str, component: &str) -> serde_json::Value {
+        let s = self.status_json(name);
+        s["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == component)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        // Stop whatever a test left running, then remove its files.
+        if let Ok(out) = self.cmd(&["list", "--json"]).output() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                for d in v.as_array().into_iter().flatten() {
+                    if let Some(name) = d["name"].as_str() {
+                        let _ = self.cmd(&["destroy", name]).output();
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub struct Run(pub Output);
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    pub fn all(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.0.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.all()))
+    }
+}
+
+/// A GET on 127.0.0.1:port; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until `f` holds, up to `limit`.
+pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    f()
+}
+
+pub fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+                    .unwrap_or(true)
+            })
+            .unwrap_or(false)
+}
+
+/// Lines of a file (empty if missing).
+pub fn lines(p: &Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}

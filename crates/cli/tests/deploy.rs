@@ -1,0 +1,567 @@
+//! The engine end to end, through the real `commons` binary: real processes,
+//! a real SQLite state store, real git records.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::*;
+
+fn data_file(s: &Sandbox, deployment: &str, file: &str) -> PathBuf {
+    s.home
+        .join("deployments")
+        .join(deployment)
+        .join("data")
+        .join(file)
+}
+
+#[test]
+fn validate_reports_position_and_fix_with_exit_2() {
+    let s = Sandbox::new("validate");
+    s.blueprint("name: x\ncomponents:\n  web:\n    procss: \"serve\"\n");
+    let r = s.run(&["validate"]);
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(r.stderr().contains("commons.yaml:4:5"), "{}", r.stderr());
+    assert!(
+        r.stderr().contains("did you mean \"process\"?"),
+        "{}",
+        r.stderr()
+    );
+    let j = s.run(&["validate", "--json"]);
+    assert_eq!(j.code(), 2);
+    let v = j.json();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"][0]["line"], 4);
+    assert_eq!(v["errors"][0]["column"], 5);
+    // Deploying an invalid blueprint is bad input too, and changes nothing.
+    assert_eq!(s.run(&["deploy"]).code(), 2);
+    assert_eq!(
+        s.ok(&["list", "--json"]).json().as_array().unwrap().len(),
+        0
+    );
+}
+
+#[test]
+fn bad_input_exits_2() {
+    let s = Sandbox::new("badinput");
+    s.blueprint(
+        "name: needs\ninputs:\n  port: { type: int }\ncomponents:\n  a: { job: \"true\" }\n",
+    );
+    let r = s.run(&["deploy"]);
+    assert_eq!(r.code(), 2);
+    assert!(
+        r.stderr().contains("input \"port\" (int) is required"),
+        "{}",
+        r.stderr()
+    );
+    let r = s.run(&["deploy", "-i", "port=eighty"]);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr().contains("expected an integer"), "{}", r.stderr());
+    let r = s.run(&["deploy", "-i", "prot=80"]);
+    assert!(
+        r.stderr().contains("did you mean \"port\"?"),
+        "{}",
+        r.stderr()
+    );
+    let r = s.run(&["status", "nope"]);
+    assert_eq!(r.code(), 2);
+}
+
+#[test]
+fn plan_shows_attribute_diffs_and_only_readers_change() {
+    let s = Sandbox::new("plan");
+    s.blueprint(
+        r#"name: plan
+inputs:
+  x: { default: one }
+  y: { default: two }
+components:
+  a: { job: "echo a ${inputs.x} >> $COMMONS_DATA_DIR/runs" }
+  b: { job: "echo b ${inputs.y} >> $COMMONS_DATA_DIR/runs" }
+  c: { job: "echo c >> $COMMONS_DATA_DIR/runs" }
+"#,
+    );
+    let p = s.ok(&["plan", "--json"]).json();
+    let actions: Vec<&str> = p["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["create", "create", "create"]);
+    s.ok(&["deploy"]);
+    let runs = data_file(&s, "plan", "runs");
+    assert_eq!(lines(&runs).len(), 3);
+
+    // Change x: only `a` reads it.
+    let p = s.ok(&["plan", "-i", "x=uno", "--json"]).json();
+    let by: Vec<(String, String)> = p["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["component"].as_str().unwrap().into(),
+                c["action"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by,
+        [
+            ("a".into(), "update".into()),
+            ("b".into(), "unchanged".into()),
+            ("c".into(), "unchanged".into())
+        ]
+    );
+    let attrs = &p["changes"][0]["attrs"];
+    assert_eq!(attrs[0]["attr"], "inputs.x");
+    assert_eq!(attrs[0]["old"], "one");
+    assert_eq!(attrs[0]["new"], "uno");
+    let text = s.ok(&["plan", "-i", "x=uno"]).stdout();
+    assert!(text.contains("inputs.x: \"one\" -> \"uno\""), "{text}");
+    assert!(text.contains("1 to update"), "{text}");
+
+    s.ok(&["deploy", "-i", "x=uno"]);
+    assert_eq!(lines(&runs), ["a one", "b two", "c", "a uno"]);
+    // Inputs are remembered: a plain redeploy changes nothing and runs nothing.
+    let r = s.ok(&["deploy"]);
+    assert!(r.stderr().contains("nothing to do"), "{}", r.stderr());
+    assert_eq!(lines(&runs).len(), 4);
+
+    // Editing a command reconfigures just that component; removing one deletes it.
+    s.blueprint(
+        r#"name: plan
+inputs:
+  x: { default: one }
+  y: { default: two }
+components:
+  a: { job: "echo a ${inputs.x} >> $COMMONS_DATA_DIR/runs" }
+  b: { job: "echo B ${inputs.y} >> $COMMONS_DATA_DIR/runs" }
+"#,
+    );
+    let p = s.ok(&["plan", "--json"]).json();
+    let by: Vec<(&str, &str)> = p["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["component"].as_str().unwrap(),
+                c["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(by, [("a", "unchanged"), ("b", "update"), ("c", "delete")]);
+    s.ok(&["deploy"]);
+    assert_eq!(lines(&runs).last().unwrap(), "B two");
+    assert!(s.component("plan", "c").is_null());
+}
+
+#[test]
+fn independent_tasks_run_in_parallel() {
+    let s = Sandbox::new("parallel");
+    let mut yaml = String::from("name: par\ncomponents:\n");
+    for i in 0..5 {
+        yaml.push_str(&format!(
+            "  s{i}: {{ job: \"date +%s.%N >> $COMMONS_DATA_DIR/start; sleep 1; date +%s.%N >> $COMMONS_DATA_DIR/end\" }}\n"
+        ));
+    }
+    s.blueprint(&yaml);
+    s.ok(&["deploy"]);
+    let parse = |f: &str| -> Vec<f64> {
+        lines(&data_file(&s, "par", f))
+            .iter()
+            .map(|l| l.parse().unwrap())
+            .collect()
+    };
+    let (starts, ends) = (parse("start"), parse("end"));
+    assert_eq!(starts.len(), 5);
+    // Every job started before any finished: they overlapped.
+    let last_start = starts.iter().cloned().fold(f64::MIN, f64::max);
+    let first_end = ends.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        last_start < first_end,
+        "jobs ran one after another: starts {starts:?} ends {ends:?}"
+    );
+}
+
+#[test]
+fn failure_blocks_dependents_and_exits_1() {
+    let s = Sandbox::new("failure");
+    s.blueprint(
+        r#"name: fail
+components:
+  migrate: { job: "echo broken schema >&2; exit 3" }
+  web: { job: "touch $COMMONS_DATA_DIR/web", after: [migrate] }
+  worker: { job: "touch $COMMONS_DATA_DIR/worker", after: [web] }
+  docs: { job: "touch $COMMONS_DATA_DIR/docs" }
+"#,
+    );
+    let r = s.run(&["deploy"]);
+    assert_eq!(r.code(), 1, "{}", r.all());
+    assert!(
+        r.stderr().contains("exited with status 3"),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        r.stderr().contains("broken schema"),
+        "the job's output is shown: {}",
+        r.stderr()
+    );
+    let j = s.run(&["deploy", "--json"]);
+    assert_eq!(j.code(), 1);
+    let outcome = j.json();
+    let task = |name: &str| {
+        outcome["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["component"] == name)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(task("migrate")["outcome"], "failed");
+    assert_eq!(task("web")["outcome"], "blocked");
+    assert_eq!(task("worker")["outcome"], "blocked");
+    assert!(!data_file(&s, "fail", "web").exists());
+    assert!(data_file(&s, "fail", "docs").exists());
+    assert_eq!(s.component("fail", "migrate")["state"], "error");
+    assert_eq!(s.status_json("fail")["status"], "failed");
+    // Fixing the job lets everything through.
+    s.blueprint(
+        r#"name: fail
+components:
+  migrate: { job: "true" }
+  web: { job: "touch $COMMONS_DATA_DIR/web", after: [migrate] }
+  worker: { job: "touch $COMMONS_DATA_DIR/worker", after: [web] }
+  docs: { job: "touch $COMMONS_DATA_DIR/docs" }
+"#,
+    );
+    s.ok(&["deploy"]);
+    assert!(data_file(&s, "fail", "worker").exists());
+}
+
+#[test]
+fn retries_and_timeouts_come_from_the_blueprint() {
+    let s = Sandbox::new("retries");
+    s.blueprint(
+        r#"name: retry
+components:
+  flaky:
+    job: "echo x >> $COMMONS_DATA_DIR/tries; test $(wc -l < $COMMONS_DATA_DIR/tries) -ge 3"
+    retries: 2
+  slow:
+    job: "sleep 30"
+    timeout: 300ms
+"#,
+    );
+    let j = s.run(&["deploy", "--json"]);
+    assert_eq!(j.code(), 1);
+    let v = j.json();
+    let t = |n: &str| {
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["component"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(t("flaky")["outcome"], "ok");
+    assert_eq!(t("flaky")["attempts"], 3);
+    assert_eq!(t("slow")["outcome"], "timeout");
+    assert_eq!(lines(&data_file(&s, "retry", "tries")).len(), 3);
+}
+
+#[test]
+fn deploy_killed_with_sigkill_is_resumed() {
+    let s = Sandbox::new("resume");
+    s.blueprint(
+        r#"name: resume
+components:
+  first: { job: "echo first >> $COMMONS_DATA_DIR/runs" }
+  slow:
+    job: "echo slow-start >> $COMMONS_DATA_DIR/runs; sleep 3; echo slow-end >> $COMMONS_DATA_DIR/runs"
+    after: [first]
+  last: { job: "echo last >> $COMMONS_DATA_DIR/runs", after: [slow] }
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    after: [first]
+    health: { http: "/" }
+"#,
+    );
+    let runs = data_file(&s, "resume", "runs");
+    let mut child = s
+        .cmd(&["deploy"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || lines(&runs)
+        .contains(&"slow-start".to_string())));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    // The interrupted task is recorded as in progress, with its leftovers findable.
+    let slow = s.component("resume", "slow");
+    assert_eq!(slow["state"], "applying", "{slow}");
+
+    let r = s.ok(&["deploy", "--json"]).json();
+    let ran: Vec<&str> = r["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["component"].as_str().unwrap())
+        .collect();
+    assert!(
+        !ran.contains(&"first"),
+        "a finished task ran again: {ran:?}"
+    );
+    assert!(ran.contains(&"slow") && ran.contains(&"last"), "{ran:?}");
+    std::thread::sleep(Duration::from_millis(3500));
+    let l = lines(&runs);
+    assert_eq!(l.iter().filter(|x| *x == "first").count(), 1, "{l:?}");
+    assert_eq!(l.iter().filter(|x| *x == "last").count(), 1, "{l:?}");
+    // The interrupted `slow` was stopped, not left to finish on its own: its
+    // only end is from the resumed run.
+    assert_eq!(l.iter().filter(|x| *x == "slow-end").count(), 1, "{l:?}");
+    assert_eq!(l.iter().filter(|x| *x == "slow-start").count(), 2, "{l:?}");
+
+    // Exactly one web server runs, and it is the tracked one.
+    let web = s.component("resume", "web");
+    assert_eq!(web["state"], "running");
+    let port = web["port"].as_u64().unwrap() as u16;
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    let ours = format!("--bind 127.0.0.1 {port}");
+    let servers = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| {
+            c.contains("http.server") && c.contains(&s.home.display().to_string())
+                || c.contains(&ours)
+        })
+        .count();
+    assert_eq!(servers, 1);
+}
+
+#[test]
+fn destroy_cleans_up_after_a_failed_create() {
+    let s = Sandbox::new("destroyfail");
+    s.blueprint(
+        r#"name: broken
+components:
+  store: { volume: {} }
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/missing", timeout: 1s }
+    after: [store]
+"#,
+    );
+    let r = s.run(&["deploy"]);
+    assert_eq!(r.code(), 1, "{}", r.all());
+    assert!(r.stderr().contains("answered 404"), "{}", r.stderr());
+    assert_eq!(s.component("broken", "web")["state"], "error");
+    let volume = s.home.join("deployments/broken/volumes/store");
+    assert!(volume.is_dir());
+    s.ok(&["destroy", "broken"]);
+    assert!(!volume.exists());
+    assert_eq!(s.run(&["status", "broken"]).code(), 2);
+    // History stays: the destroy is the last record.
+    let h = s.ok(&["history", "broken", "--json"]).json();
+    assert!(h.as_array().unwrap().last().unwrap()["summary"]
+        .as_str()
+        .unwrap()
+        .starts_with("destroy"));
+}
+
+#[test]
+fn records_never_hold_a_secret() {
+    let s = Sandbox::new("secrets");
+    s.blueprint(
+        r#"name: secretive
+secrets:
+  made: { generate: 40 }
+  given: { from_env: GIVEN_TOKEN }
+components:
+  save: { job: "printf %s ${secrets.made} > $COMMONS_DATA_DIR/made" }
+  web:
+    process: "exec python3 -m http.server --bind 127.0.0.1 $PORT # ${secrets.made}"
+    env: { TOKEN: "${secrets.given}" }
+    health: { http: "/" }
+  leak: { job: "echo token=$TOKEN >&2; exit 1", env: { TOKEN: "${secrets.made}" } }
+"#,
+    );
+    let given = "given-Secret-Value-0451";
+    let r = s
+        .cmd(&["deploy"])
+        .env("GIVEN_TOKEN", given)
+        .output()
+        .unwrap();
+    assert_eq!(r.status.code(), Some(1), "the leak job fails on purpose");
+    let made = std::fs::read_to_string(data_file(&s, "secretive", "made")).unwrap();
+    assert_eq!(made.len(), 40);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains("token=[redacted]"), "{stderr}");
+    assert!(!stderr.contains(&made));
+
+    // Not in any argv of the running process tree.
+    let web = s.component("secretive", "web");
+    let pid = web["pid"].as_i64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(&made));
+
+    // Not in any file the platform keeps, outside what the app itself wrote.
+    let mut todo = vec![s.home.clone()];
+    let mut scanned = 0;
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.ends_with("data") || p.ends_with("logs") {
+                continue; // the app's own files and output
+            }
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                let text = String::from_utf8_lossy(&bytes);
+                assert!(
+                    !text.contains(&made),
+                    "generated secret found in {}",
+                    p.display()
+                );
+                assert!(!text.contains(given), "env secret found in {}", p.display());
+                scanned += 1;
+            }
+        }
+    }
+    assert!(scanned > 5, "scanned too few files: {scanned}");
+    // And not in the record's history, uncompressed.
+    let log = std::process::Command::new("git")
+        .args(["--git-dir"])
+        .arg(s.home.join("records/secretive"))
+        .args(["log", "-p", "--all"])
+        .output()
+        .unwrap();
+    assert!(log.status.success());
+    let log = String::from_utf8_lossy(&log.stdout);
+    assert!(
+        log.contains("${secrets.made}"),
+        "the record shows the reference"
+    );
+    assert!(!log.contains(&made) && !log.contains(given));
+}
+
+#[test]
+fn clone_reproduces_a_deployment() {
+    let s = Sandbox::new("clone");
+    s.write("public/index.html", "<h1>cloned page</h1>\n");
+    s.blueprint(
+        r#"name: origin
+inputs:
+  motto: { default: "share alike" }
+secrets:
+  key: { generate: 16 }
+components:
+  docs: { static: ./public }
+  config: { job: "printf %s \"${inputs.motto}\" > $COMMONS_DATA_DIR/motto" }
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 --directory ${components.docs.path} $PORT"
+    env: { KEY: "${secrets.key}" }
+    after: [config]
+    health: { http: "/" }
+"#,
+    );
+    s.ok(&["deploy", "-i", "motto=copy me"]);
+    let record = s.home.join("records/origin");
+
+    // Another machine: a fresh data directory, the record as the only source.
+    let other = Sandbox::new("clone-target");
+    std::fs::remove_dir_all(s.app()).unwrap(); // the original sources are gone
+    other.ok(&["clone", record.to_str().unwrap(), "--name", "copy"]);
+    assert_eq!(
+        std::fs::read_to_string(data_file(&other, "copy", "motto")).unwrap(),
+        "copy me"
+    );
+    let web = other.component("copy", "web");
+    assert_eq!(web["state"], "running");
+    let (code, body) = http_get(web["port"].as_u64().unwrap() as u16, "/index.html").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("cloned page"));
+    // The clone has its own history and a new secret.
+    assert_eq!(
+        other
+            .ok(&["history", "copy", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn serves_a_real_page_and_restarts_a_dead_process() {
+    let s = Sandbox::new("e2e");
+    s.write("site/index.html", "<p>hello from a real server</p>\n");
+    s.blueprint(
+        r#"name: hello
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 --directory site $PORT"
+    health: { http: "/", timeout: 20s }
+    route: { host: hello.localhost }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let web = s.component("hello", "web");
+    assert_eq!(web["state"], "running");
+    let port = web["port"].as_u64().unwrap() as u16;
+    let (code, body) = http_get(port, "/index.html").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("hello from a real server"), "{body}");
+    assert_eq!(web["outputs"]["url"], format!("http://127.0.0.1:{port}"));
+
+    // The process outlives the CLI; `logs` shows what it printed.
+    let logs = s.ok(&["logs", "hello", "web"]).stdout();
+    assert!(logs.contains("GET /index.html"), "{logs}");
+
+    // Killed behind our back: status says so, the next deploy restarts it on the same port.
+    let pid = web["pid"].as_i64().unwrap();
+    unsafe_kill(pid);
+    assert!(wait_for(Duration::from_secs(5), || s
+        .component("hello", "web")["state"]
+        == "stopped"));
+    let p = s.ok(&["plan", "--json"]).json();
+    assert_eq!(p["changes"][0]["action"], "replace");
+    s.ok(&["deploy"]);
+    let web = s.component("hello", "web");
+    assert_eq!(web["state"], "running");
+    assert_eq!(web["port"].as_u64().unwrap() as u16, port);
+    assert_eq!(http_get(port, "/index.html").unwrap().0, 200);
+
+    // A route change needs no restart.
+    s.blueprint(
+        &std::fs::read_to_string(s.app().join("commons.yaml"))
+            .unwrap()
+            .replace("hello.localhost", "hi.localhost"),
+    );
+    let p = s.ok(&["plan", "--json"]).json();
+    assert_eq!(p["changes"][0]["action"], "update");
+    s.ok(&["deploy"]);
+    assert_eq!(s.component("hello", "web")["pid"], web["pid"]);
+
+    s.ok(&["destroy"]);
+    assert!(wait_for(Duration::from_secs(5), || http_get(port, "/").is_err()));
+}
+
+fn unsafe_kill(pid: i64) {
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
