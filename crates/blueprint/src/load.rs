@@ -683,7 +683,25 @@ impl<'a> Loader<'a> {
                         );
                         continue;
                     }
-                    if let Some(c) = self.component(file, &dir, key, pos, v, &mut refs, &mut afters) {
+                    let first_ref = refs.len();
+                    let component = self.component(file, &dir, key, pos, v, &mut refs, &mut afters);
+                    for (r, at) in &refs[first_ref..] {
+                        if let Ref::Component { name, attr } = r {
+                            if name == key {
+                                let help = if attr == "port" {
+                                    "a process reads its own port from $PORT".to_string()
+                                } else {
+                                    "a component cannot depend on itself".to_string()
+                                };
+                                self.sink(file).error_help(
+                                    *at,
+                                    format!("component \"{key}\" reads its own attribute \"{attr}\""),
+                                    help,
+                                );
+                            }
+                        }
+                    }
+                    if let Some(c) = component {
                         components.insert(key.to_string(), c);
                     }
                 }

@@ -562,3 +562,13 @@ fn schema_covers_every_kind() {
         assert!(props.get(k).is_some(), "schema lacks {k}");
     }
 }
+
+#[test]
+fn self_reference() {
+    one(
+        "name: x\ncomponents:\n  web:\n    process: \"serve ${components.web.port}\"\n",
+        4,
+        21,
+        "reads its own attribute \"port\"",
+    );
+}

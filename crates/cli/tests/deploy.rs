@@ -565,3 +565,54 @@ fn unsafe_kill(pid: i64) {
         .status()
         .unwrap();
 }
+
+#[test]
+fn the_readme_example_deploys() {
+    let s = Sandbox::new("example");
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello");
+    s.ok(&["validate", example.to_str().unwrap()]);
+    s.ok(&[
+        "deploy",
+        example.to_str().unwrap(),
+        "-i",
+        "greeting=Welcome aboard",
+    ]);
+    let web = s.component("hello", "web");
+    let (code, body) = http_get(web["port"].as_u64().unwrap() as u16, "/").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("<h1>Welcome aboard</h1>"), "{body}");
+    // By name from anywhere, with the inputs it was deployed with.
+    let r = s.ok(&["deploy", "hello"]);
+    assert!(r.stderr().contains("nothing to do"), "{}", r.stderr());
+}
+
+#[test]
+fn init_writes_a_blueprint_that_deploys() {
+    let s = Sandbox::new("init");
+    s.ok(&["init", "--name", "starter"]);
+    assert_eq!(s.run(&["init"]).code(), 2, "init refuses to overwrite");
+    s.ok(&["validate"]);
+    s.ok(&["deploy"]);
+    let web = s.component("starter", "web");
+    let (code, body) = http_get(web["port"].as_u64().unwrap() as u16, "/").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains("Hello from OneCommons"), "{body}");
+    // Commands without a name act on ./commons.yaml's deployment.
+    assert_eq!(s.ok(&["status", "--json"]).json()["name"], "starter");
+    assert!(s
+        .ok(&["history"])
+        .stdout()
+        .contains("deploy starter run 1: ok"));
+    s.ok(&["destroy"]);
+}
+
+#[test]
+fn schema_is_json_schema() {
+    let s = Sandbox::new("schema");
+    let v = s.ok(&["schema"]).json();
+    assert_eq!(v["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    assert!(
+        v["properties"]["components"]["additionalProperties"]["properties"]["process"].is_object()
+    );
+    assert!(s.ok(&["--version"]).stdout().starts_with("commons "));
+}
