@@ -104,8 +104,8 @@ pub async fn execute(
             let mut intents = Vec::with_capacity(wave.len());
             let mut tokens = Vec::with_capacity(wave.len());
             for &i in &wave {
-                let token = crate::secrets::token();
-                intents.push(ComponentChange::Put(intent(&ctx, &tasks[i], &token)));
+                let (row, token) = intent(&ctx, &tasks[i]);
+                intents.push(ComponentChange::Put(row));
                 tokens.push(token);
             }
             store.apply(&ctx.deployment, &intents, &[])?;
@@ -183,8 +183,13 @@ pub async fn execute(
     Ok(rows)
 }
 
-/// The row recorded before a task starts anything.
-fn intent(ctx: &Context, task: &Task, token: &str) -> ComponentRow {
+/// The row recorded before a task starts anything, and the instance token
+/// the task's processes will carry.
+///
+/// If an interrupted deploy left a pending token, the task reuses it: it first
+/// stops whatever carries that token, then starts its own processes with it,
+/// so a second interruption leaves them just as findable.
+fn intent(ctx: &Context, task: &Task) -> (ComponentRow, String) {
     let mut row = ctx
         .recorded
         .get(&task.component)
@@ -202,19 +207,16 @@ fn intent(ctx: &Context, task: &Task, token: &str) -> ComponentRow {
             updated_at_ms: 0,
         });
     let mut handle = handle_of(&row);
+    let token = handle.pending.clone().unwrap_or_else(crate::secrets::token);
     if task.action == Action::Delete {
         row.state = ComponentState::Deleting;
     } else {
         row.state = ComponentState::Applying;
-        // An older pending token (an interrupted deploy) stays findable too:
-        // the task reaps it before starting anything.
-        if handle.pending.is_none() {
-            handle.pending = Some(token.to_string());
-        }
+        handle.pending = Some(token.clone());
     }
     row.handle = serde_json::to_value(&handle).expect("handle serialises");
     row.updated_at_ms = now_ms();
-    row
+    (row, token)
 }
 
 async fn run(ctx: &Context, index: usize, task: &Task, token: String) -> Done {
