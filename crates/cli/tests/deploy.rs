@@ -616,3 +616,57 @@ fn schema_is_json_schema() {
     );
     assert!(s.ok(&["--version"]).stdout().starts_with("commons "));
 }
+
+#[test]
+fn included_blueprints_deploy_as_one() {
+    let s = Sandbox::new("include");
+    s.write(
+        "lib/commons.yaml",
+        r#"name: lib
+inputs:
+  motd: { type: string }
+components:
+  files: { job: "mkdir -p $COMMONS_DATA_DIR/lib && printf %s \"${inputs.motd}\" > $COMMONS_DATA_DIR/lib/motd" }
+  srv:
+    process: "python3 -m http.server --bind 127.0.0.1 --directory $COMMONS_DATA_DIR/lib $PORT"
+    after: [files]
+    health: { http: "/motd" }
+outputs:
+  url: "${components.srv.url}/motd"
+"#,
+    );
+    s.blueprint(
+        r#"name: app
+inputs:
+  greeting: { default: "hi from the parent" }
+components:
+  lib:
+    blueprint: ./lib
+    with: { motd: "${inputs.greeting}" }
+  check: { job: "python3 -c \"import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('${components.lib.url}').read().decode())\" > $COMMONS_DATA_DIR/seen" }
+"#,
+    );
+    let p = s.ok(&["plan", "--json"]).json();
+    let names: Vec<&str> = p["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["lib.files", "lib.srv", "check"]);
+    s.ok(&["deploy"]);
+    assert_eq!(
+        std::fs::read_to_string(data_file(&s, "app", "seen")).unwrap(),
+        "hi from the parent"
+    );
+    // Changing the parent's input reaches into the included blueprint.
+    let p = s.ok(&["plan", "-i", "greeting=changed", "--json"]).json();
+    let acting: Vec<&str> = p["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["action"] != "unchanged")
+        .map(|c| c["component"].as_str().unwrap())
+        .collect();
+    assert_eq!(acting, ["lib.files"]);
+}
