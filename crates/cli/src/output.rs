@@ -265,22 +265,26 @@ pub fn logs(
     as_json: bool,
 ) -> Result<(), Failure> {
     let prefix = files.len() > 1;
+    // One line of a component's log: as JSON, prefixed by the component, or bare.
+    let emit = |out: &mut std::io::StdoutLock, name: &str, l: &str| {
+        let _ = if as_json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({ "component": name, "line": l })
+            )
+        } else if prefix {
+            writeln!(out, "{name} | {l}")
+        } else {
+            writeln!(out, "{l}")
+        };
+    };
     let mut offsets = Vec::new();
     let mut out = std::io::stdout().lock();
     for (name, path) in files {
         let (lines, len) = tail_lines(path, n);
         for l in lines {
-            let _ = if as_json {
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::json!({ "component": name, "line": l })
-                )
-            } else if prefix {
-                writeln!(out, "{name} | {l}")
-            } else {
-                writeln!(out, "{l}")
-            };
+            emit(&mut out, name, &l);
         }
         offsets.push(len);
     }
@@ -306,18 +310,7 @@ pub fn logs(
                     break;
                 }
                 *offset += line.len() as u64;
-                let l = line.trim_end_matches('\n');
-                let _ = if as_json {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({ "component": name, "line": l })
-                    )
-                } else if prefix {
-                    writeln!(out, "{name} | {l}")
-                } else {
-                    writeln!(out, "{l}")
-                };
+                emit(&mut out, name, line.trim_end_matches('\n'));
                 line.clear();
             }
         }

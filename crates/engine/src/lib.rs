@@ -281,6 +281,15 @@ impl Engine {
                 missing.join("; ")
             )));
         }
+        self.compute_plan(target, &recorded, &prints)
+    }
+
+    fn compute_plan(
+        &self,
+        target: &Target,
+        recorded: &HashMap<String, ComponentRow>,
+        prints: &BTreeMap<String, Option<String>>,
+    ) -> Result<Plan, EngineError> {
         let order = commons_blueprint::topo_order(&target.blueprint.components)
             .map_err(|c| EngineError::Input(format!("dependency cycle: {}", c.join(" -> "))))?;
         plan::compute(
@@ -288,9 +297,9 @@ impl Engine {
             &target.name,
             &target.blueprint.components,
             &order,
-            &recorded,
+            recorded,
             &target.inputs,
-            &prints,
+            prints,
         )
     }
 
@@ -321,17 +330,7 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), Some(self.secrets.fingerprint(v))))
             .collect();
-        let order = commons_blueprint::topo_order(&target.blueprint.components)
-            .map_err(|c| EngineError::Input(format!("dependency cycle: {}", c.join(" -> "))))?;
-        let plan = plan::compute(
-            &self.layout,
-            &target.name,
-            &target.blueprint.components,
-            &order,
-            &recorded,
-            &target.inputs,
-            &prints,
-        )?;
+        let plan = self.compute_plan(target, &recorded, &prints)?;
         let blueprint_path = target.path.display().to_string();
         let inputs_value = serde_json::Value::Object(target.inputs.clone());
         let same_target = existing.as_ref().is_some_and(|d| {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use crate::{DriverError, Spec};
+use crate::{DriverError, Layout, Spec};
 
 /// Environment variable carrying the start's unique token.
 pub const INSTANCE_VAR: &str = "COMMONS_INSTANCE";
@@ -21,12 +21,6 @@ const SHELL_SYNTAX: &[char] = &[
     '=', '%', '{', '}', '\n', '!',
 ];
 
-/// Where a started process writes its output and pid.
-pub struct Files<'a> {
-    pub log: &'a Path,
-    pub pidfile: &'a Path,
-}
-
 /// A started process: the child, and where its log started for this run.
 pub struct Started {
     pub child: Child,
@@ -35,22 +29,31 @@ pub struct Started {
     pub log_offset: u64,
 }
 
-/// Starts `spec.command` in a new session, with output appended to the log.
+/// Starts `spec.command` in a new session of its own, with output appended
+/// to the component's log, its pid written to the component's pidfile, and
+/// `COMMONS_DATA_DIR` plus `extra_env` in its environment.
 ///
 /// Commands without shell syntax are executed directly (half the cost of a
 /// shell); others run under `sh -c`.
 pub fn spawn(
+    layout: &Layout,
     spec: &Spec,
     extra_env: &[(&str, String)],
-    files: Files<'_>,
 ) -> Result<Started, DriverError> {
     let command = spec
         .command
         .as_deref()
         .ok_or_else(|| DriverError::Failed("component has no command".into()))?;
-    for dir in [files.log.parent(), files.pidfile.parent()]
-        .into_iter()
-        .flatten()
+    let log_path = layout.log_file(&spec.deployment, &spec.component);
+    let pidfile_path = layout.pid_file(&spec.deployment, &spec.component);
+    let data = layout.data_dir(&spec.deployment);
+    for dir in [
+        log_path.parent(),
+        pidfile_path.parent(),
+        Some(data.as_path()),
+    ]
+    .into_iter()
+    .flatten()
     {
         crate::layout::private_dir(dir)
             .map_err(DriverError::io(format!("creating {}", dir.display())))?;
@@ -58,10 +61,10 @@ pub fn spawn(
     let mut log = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(files.log)
+        .open(&log_path)
         .map_err(DriverError::io(format!(
             "opening log {}",
-            files.log.display()
+            log_path.display()
         )))?;
     let log_offset = log.seek(SeekFrom::End(0)).unwrap_or(0);
     let _ = writeln!(
@@ -95,6 +98,7 @@ pub fn spawn(
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(stderr))
         .env(INSTANCE_VAR, &spec.instance)
+        .env("COMMONS_DATA_DIR", &data)
         .kill_on_drop(false);
     for (k, v) in &spec.env {
         cmd.env(k, v);
@@ -102,7 +106,7 @@ pub fn spawn(
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let pidfile = CString::new(files.pidfile.as_os_str().as_bytes())
+    let pidfile = CString::new(pidfile_path.as_os_str().as_bytes())
         .map_err(|_| DriverError::Failed("pidfile path contains a NUL byte".into()))?;
     // SAFETY: between fork and exec only async-signal-safe calls are made
     // (setsid, getpid, open, write, close) on memory prepared before fork.
@@ -123,7 +127,7 @@ pub fn spawn(
     Ok(Started {
         child,
         pid,
-        log: files.log.to_path_buf(),
+        log: log_path.clone(),
         log_offset,
     })
 }

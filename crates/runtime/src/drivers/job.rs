@@ -1,4 +1,4 @@
-use crate::proc::{self, Files};
+use crate::proc;
 use crate::{Applied, BoxFuture, Driver, DriverError, Handle, Layout, Observed, Spec};
 
 /// Runs a command to completion; success is exit status 0.
@@ -21,20 +21,8 @@ impl Driver for JobDriver {
         _: Option<&'a Handle>,
     ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
-            let log = layout.log_file(&spec.deployment, &spec.component);
+            let mut started = proc::spawn(layout, spec, &[])?;
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
-            let data = layout.data_dir(&spec.deployment);
-            crate::layout::private_dir(&data)
-                .map_err(DriverError::io("creating the data directory"))?;
-            let env = [("COMMONS_DATA_DIR", data.display().to_string())];
-            let mut started = proc::spawn(
-                spec,
-                &env,
-                Files {
-                    log: &log,
-                    pidfile: &pidfile,
-                },
-            )?;
             let pid = started.pid;
             let waited = match spec.timeout {
                 Some(limit) => match tokio::time::timeout(limit, started.child.wait()).await {

@@ -1,7 +1,7 @@
 use std::time::{Duration, Instant};
 
 use crate::health::{free_port, http_status, port_is_free};
-use crate::proc::{self, Files};
+use crate::proc;
 use crate::{Applied, BoxFuture, Driver, DriverError, Handle, Layout, Observed, Spec};
 
 /// How long a stopping process gets between SIGTERM and SIGKILL.
@@ -64,26 +64,12 @@ impl Driver for ProcessDriver {
                 Some(p) if port_is_free(p) => p,
                 _ => free_port().map_err(DriverError::io("finding a free port"))?,
             };
-            let log = layout.log_file(&spec.deployment, &spec.component);
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
-            let data = layout.data_dir(&spec.deployment);
-            crate::layout::private_dir(&data)
-                .map_err(DriverError::io("creating the data directory"))?;
-            let mut env = vec![
-                ("PORT", port.to_string()),
-                ("COMMONS_DATA_DIR", data.display().to_string()),
-            ];
+            let mut env = vec![("PORT", port.to_string())];
             if !spec.env.iter().any(|(k, _)| k == "HOST") {
                 env.push(("HOST", "127.0.0.1".to_string()));
             }
-            let mut started = proc::spawn(
-                spec,
-                &env,
-                Files {
-                    log: &log,
-                    pidfile: &pidfile,
-                },
-            )?;
+            let mut started = proc::spawn(layout, spec, &env)?;
             let pid = started.pid;
             let limit = spec
                 .health
