@@ -1,0 +1,2 @@
+//! The OneCommons ledger.
+pub mod merkle;
