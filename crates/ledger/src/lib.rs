@@ -1,2 +1,19 @@
-//! The OneCommons ledger.
+//! The OneCommons ledger: every movement of money or tokens.
+//!
+//! - [`book`]: double-entry accounts and transfers (idempotent ids, linked
+//!   batches, pending → post/void/expire, never-negative flags), a pure state
+//!   machine over journal entries.
+//! - [`journal`]: the entries on disk (SQLite, one fsync per batch), their
+//!   RFC 6962 Merkle tree ([`merkle`]) and signed checkpoints.
+//! - [`export`]: an export anyone can verify offline.
+//! - [`allocation`]: splitting a subscriber's payment exactly, by the
+//!   largest-remainder method, down to upstream projects.
+
+pub mod allocation;
+pub mod book;
+pub mod export;
+pub mod journal;
 pub mod merkle;
+
+pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Transfer};
+pub use journal::{Checkpoint, Journal, JournalError};
