@@ -178,7 +178,15 @@ impl Journal {
             let mut rows = stmt.query([])?;
             while let Some(row) = rows.next()? {
                 let seq = row.get::<_, i64>(0)? as u64;
-                let bytes: Vec<u8> = row.get(1)?;
+                // Text or blob: an edited row must still be read and judged.
+                let bytes: Vec<u8> = row
+                    .get_ref(1)?
+                    .as_bytes()
+                    .map_err(|e| JournalError::Malformed {
+                        seq,
+                        message: e.to_string(),
+                    })?
+                    .to_vec();
                 let entry: Entry =
                     serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
                         seq,
@@ -328,7 +336,12 @@ impl Journal {
             .conn
             .prepare("SELECT entry FROM journal ORDER BY seq")?;
         let rows = stmt
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))?
+            .query_map([], |r| {
+                Ok(r.get_ref(0)?
+                    .as_bytes()
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default())
+            })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
