@@ -4,6 +4,7 @@
 //! renders the result for people (or as JSON with `--json`). Exit codes:
 //! 0 success, 1 the operation failed, 2 bad input.
 
+mod ledger;
 mod output;
 mod progress;
 
@@ -117,6 +118,9 @@ enum Command {
     },
     /// Print the JSON Schema of commons.yaml, for editors.
     Schema,
+    /// The ledger: balances, signed checkpoints, exports anyone can verify.
+    #[command(subcommand)]
+    Ledger(ledger::LedgerCommand),
     /// Stand up the service recorded in a deployment record repository.
     Clone {
         /// Path or git URL of a deployment record.
@@ -307,6 +311,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::List => output::list(&engine()?.list()?, json),
+        Command::Ledger(cmd) => ledger::run(cmd, &home, json),
         Command::Logs {
             name,
             component,

@@ -1,0 +1,179 @@
+//! `commons ledger ...`: look at the ledger, sign its state, export it, and
+//! verify an export offline.
+
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use commons_ledger::export;
+use commons_ledger::journal::{load_or_create_key, Journal};
+
+use crate::{output, Failure};
+
+#[derive(Subcommand)]
+pub enum LedgerCommand {
+    /// Balances of every account (or one, by id or name).
+    Balance {
+        /// Account id or name.
+        account: Option<String>,
+    },
+    /// Sign the current state of the journal (a checkpoint).
+    Checkpoint,
+    /// The custodian's public key, which verifiers pin.
+    Key,
+    /// Write the journal and its checkpoints to a file anyone can verify.
+    Export {
+        /// Where to write [default: standard output]
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Verify an export: replay every entry under the ledger's rules, check
+    /// every checkpoint's signature and root.
+    Verify {
+        /// The export file.
+        export: PathBuf,
+        /// The custodian's public key (hex), obtained independently.
+        #[arg(long)]
+        key: String,
+    },
+}
+
+fn open(home: &Path) -> Result<Journal, Failure> {
+    let dir = home.join("ledger");
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
+    Journal::open(&dir.join("ledger.db")).map_err(|e| Failure::Failed(e.to_string()))
+}
+
+fn key_path(home: &Path) -> PathBuf {
+    home.join("ledger").join("custodian.key")
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
+    match cmd {
+        LedgerCommand::Balance { account } => {
+            let j = open(home)?;
+            let mut rows: Vec<_> = j
+                .book()
+                .accounts()
+                .filter(|(a, _)| {
+                    account
+                        .as_deref()
+                        .is_none_or(|x| a.name == x || a.id.to_string() == x)
+                })
+                .map(|(a, b)| (a.clone(), *b))
+                .collect();
+            rows.sort_by_key(|(a, _)| a.id);
+            if let Some(x) = &account {
+                if rows.is_empty() {
+                    return Err(Failure::Input(format!("no account \"{x}\" in the ledger")));
+                }
+            }
+            if json {
+                let v: Vec<_> = rows
+                    .iter()
+                    .map(|(a, b)| serde_json::json!({ "account": a, "balance": b }))
+                    .collect();
+                output::json(&v);
+            } else {
+                println!(
+                    "{:>8}  {:24}  {:>6}  {:>14}  {:>14}  {:>14}",
+                    "ID", "NAME", "LEDGER", "DEBITS", "CREDITS", "PENDING"
+                );
+                for (a, b) in rows {
+                    println!(
+                        "{:>8}  {:24}  {:>6}  {:>14}  {:>14}  {:>14}",
+                        a.id,
+                        a.name,
+                        a.ledger,
+                        b.debits_posted,
+                        b.credits_posted,
+                        b.debits_pending as i128 - b.credits_pending as i128
+                    );
+                }
+            }
+            Ok(())
+        }
+        LedgerCommand::Key => {
+            let key =
+                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let pk = hex(key.verifying_key().as_bytes());
+            if json {
+                output::json(&serde_json::json!({ "public_key": pk }));
+            } else {
+                println!("{pk}");
+            }
+            Ok(())
+        }
+        LedgerCommand::Checkpoint => {
+            let mut j = open(home)?;
+            let key =
+                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let cp = j
+                .checkpoint(&key)
+                .map_err(|e| Failure::Failed(e.to_string()))?;
+            if json {
+                output::json(&cp);
+            } else {
+                eprintln!(
+                    "{:>12} {} entries, root {}",
+                    "Signed", cp.tree_size, cp.root
+                );
+            }
+            Ok(())
+        }
+        LedgerCommand::Export { output: path } => {
+            let mut j = open(home)?;
+            let key =
+                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            // An export always ends with a checkpoint covering all of it.
+            j.checkpoint(&key)
+                .map_err(|e| Failure::Failed(e.to_string()))?;
+            let text = export::export(&j).map_err(|e| Failure::Failed(e.to_string()))?;
+            match path {
+                Some(p) => {
+                    std::fs::write(&p, text)
+                        .map_err(|e| Failure::Failed(format!("writing {}: {e}", p.display())))?;
+                    eprintln!(
+                        "{:>12} {} ({} entries)",
+                        "Exported",
+                        p.display(),
+                        j.tree().len()
+                    );
+                }
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+        LedgerCommand::Verify { export: path, key } => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Failure::Input(format!("cannot read {}: {e}", path.display())))?;
+            match export::verify(&text, key.trim()) {
+                Ok(v) => {
+                    if json {
+                        output::json(&v);
+                    } else {
+                        eprintln!(
+                            "{:>12} {}: {} entries ({} accounts, {} transfers), {} checkpoints, root {}",
+                            "Verified", path.display(), v.entries, v.accounts, v.transfers, v.checkpoints, v.root
+                        );
+                        if v.signed_size < v.entries {
+                            eprintln!(
+                                "warning: entries after {} are not covered by a checkpoint",
+                                v.signed_size
+                            );
+                        }
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(Failure::Failed(format!(
+                    "{} does not verify: {e}",
+                    path.display()
+                ))),
+            }
+        }
+    }
+}
