@@ -11,6 +11,7 @@
 
 pub mod allocation;
 pub mod book;
+pub mod cents;
 pub mod export;
 pub mod journal;
 pub mod merkle;
