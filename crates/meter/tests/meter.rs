@@ -115,7 +115,7 @@ fn late_events_are_refused_unless_backfilled_and_backfills_revert() {
     let oct = period_bounds("2026-10").unwrap();
     let q = |m: &Meter| {
         query(
-            &m,
+            m,
             Window::Day,
             "user",
             "alice",
