@@ -405,4 +405,47 @@ impl Cents<'_> {
         ok(self.journal.create_transfers(&linked(batch))?)?;
         Ok(cents)
     }
+
+    /// Returns `cents` of a payment to the subscriber: burns the tokens it
+    /// bought from their escrow and pays the cash back out of the reserve.
+    /// Refused if those tokens were already allocated at a period close.
+    pub fn refund(
+        &mut self,
+        refund_id: &str,
+        subscriber: &str,
+        cents: u64,
+    ) -> Result<u64, CentsError> {
+        let escrow = format!("tokens:escrow:{subscriber}");
+        let burn_id = transfer_id(&["refund-burn", refund_id]);
+        if let Some(t) = self.journal.book().transfer(burn_id) {
+            return Ok(t.amount);
+        }
+        let tokens = self.tokens_for(cents)?;
+        self.ensure_accounts(&[WORLD, RESERVE, ISSUANCE, &escrow])?;
+        let batch = linked(vec![
+            transfer(
+                burn_id,
+                &escrow,
+                ISSUANCE,
+                tokens.max(1),
+                TOKENS,
+                code::REFUND,
+            ),
+            transfer(
+                transfer_id(&["refund-cash", refund_id]),
+                RESERVE,
+                WORLD,
+                cents,
+                CASH,
+                code::REFUND,
+            ),
+        ]);
+        match self.journal.create_transfers(&batch)?.into_iter().find_map(Result::err) {
+            None => Ok(tokens),
+            Some(Refusal::ExceedsCredits) | Some(Refusal::LinkedEventFailed) => Err(CentsError::Invalid(format!(
+                "the tokens {subscriber} bought were already allocated; refund {cents} from the general fund by hand"
+            ))),
+            Some(e) => Err(CentsError::Refused(e)),
+        }
+    }
 }

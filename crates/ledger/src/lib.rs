@@ -10,11 +10,13 @@
 //!   largest-remainder method, down to upstream projects.
 
 pub mod allocation;
+pub mod billing;
 pub mod book;
 pub mod cents;
 pub mod export;
 pub mod journal;
 pub mod merkle;
+pub mod payments;
 
 pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Transfer};
 pub use journal::{Checkpoint, Journal, JournalError};

@@ -1,0 +1,325 @@
+//! Tiers and subscriptions: who pays what, and which tier the gateway tells
+//! apps a user has.
+//!
+//! Every user has `free`; paid tiers are platform-wide (one subscription
+//! covers every site). Subscriptions run in 30-day terms. The rules:
+//!
+//! - **Subscribe**: the term starts when the first payment arrives.
+//! - **Renew**: at the end of a term the (next) tier's price is charged; the
+//!   payment extends the term by 30 days from its old end.
+//! - **Upgrade**: takes effect at once; the user pays the price difference
+//!   prorated to the seconds left in the term, rounded down to the minor unit.
+//! - **Downgrade**: takes effect at the next renewal; nothing is refunded.
+//! - **Cancel**: the tier stays until the term ends, then it is `free`.
+//! - **Refund**: the payment's tokens are burned and its cash returned; the
+//!   subscription lapses to `free` at once.
+//!
+//! Payment events are applied once: their ids are recorded, and repeats
+//! (a webhook delivered twice) change nothing.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::cents::{Cents, CentsError};
+use crate::payments::PaymentEvent;
+
+/// Length of a subscription term.
+pub const TERM_MS: i64 = 30 * 86_400_000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    /// Price per term in minor units (US cents).
+    pub price: u64,
+}
+
+/// The default tiers of product.md: free, member 5.00 USD, patron 20.00 USD.
+pub fn default_tiers() -> Vec<Tier> {
+    vec![
+        Tier {
+            name: "free".into(),
+            price: 0,
+        },
+        Tier {
+            name: "member".into(),
+            price: 500,
+        },
+        Tier {
+            name: "patron".into(),
+            price: 2_000,
+        },
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub user: String,
+    pub tier: String,
+    /// active, canceled (runs to the term's end), lapsed.
+    pub status: String,
+    pub term_start_ms: i64,
+    pub term_end_ms: i64,
+    /// A downgrade waiting for the next renewal.
+    pub next_tier: Option<String>,
+}
+
+/// What a tier change costs and when it takes effect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TierChange {
+    pub from: String,
+    pub to: String,
+    /// "now" or "renewal".
+    pub effective: &'static str,
+    /// To charge now (an upgrade's prorated difference).
+    pub charge_now: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    #[error("billing store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Cents(#[from] CentsError),
+    #[error("unknown tier \"{0}\"; tiers are {1}")]
+    UnknownTier(String, String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What handling a payment event did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Handled {
+    Applied,
+    /// Seen before: nothing changed.
+    Duplicate,
+    Ignored,
+}
+
+pub struct Billing {
+    conn: Connection,
+    pub tiers: Vec<Tier>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS subscriptions (
+    user TEXT PRIMARY KEY, tier TEXT NOT NULL, status TEXT NOT NULL,
+    term_start_ms INTEGER NOT NULL, term_end_ms INTEGER NOT NULL, next_tier TEXT);
+CREATE TABLE IF NOT EXISTS payment_events (event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, handled_at_ms INTEGER NOT NULL);
+";
+
+impl Billing {
+    pub fn open(path: &Path, tiers: Vec<Tier>) -> Result<Billing, BillingError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Billing { conn, tiers })
+    }
+
+    fn tier(&self, name: &str) -> Result<&Tier, BillingError> {
+        self.tiers.iter().find(|t| t.name == name).ok_or_else(|| {
+            BillingError::UnknownTier(
+                name.into(),
+                self.tiers
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
+    }
+
+    pub fn subscription(&self, user: &str) -> Result<Option<Subscription>, BillingError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT user, tier, status, term_start_ms, term_end_ms, next_tier FROM subscriptions WHERE user = ?1",
+                [user],
+                |r| {
+                    Ok(Subscription {
+                        user: r.get(0)?,
+                        tier: r.get(1)?,
+                        status: r.get(2)?,
+                        term_start_ms: r.get(3)?,
+                        term_end_ms: r.get(4)?,
+                        next_tier: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn put(&self, s: &Subscription) -> Result<(), BillingError> {
+        self.conn.execute(
+            "INSERT INTO subscriptions (user, tier, status, term_start_ms, term_end_ms, next_tier) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (user) DO UPDATE SET tier = ?2, status = ?3, term_start_ms = ?4, term_end_ms = ?5, next_tier = ?6",
+            params![s.user, s.tier, s.status, s.term_start_ms, s.term_end_ms, s.next_tier],
+        )?;
+        Ok(())
+    }
+
+    /// The tier the gateway tells apps `user` has at `now`.
+    pub fn current_tier(&self, user: &str, now_ms: i64) -> Result<String, BillingError> {
+        Ok(match self.subscription(user)? {
+            Some(s) if s.status != "lapsed" && now_ms < s.term_end_ms => s.tier,
+            _ => "free".into(),
+        })
+    }
+
+    /// Changes a subscriber's tier by the rules above; returns what it costs.
+    pub fn change_tier(
+        &self,
+        user: &str,
+        to: &str,
+        now_ms: i64,
+    ) -> Result<TierChange, BillingError> {
+        let new = self.tier(to)?.clone();
+        let Some(mut s) = self
+            .subscription(user)?
+            .filter(|s| s.status != "lapsed" && now_ms < s.term_end_ms)
+        else {
+            return Err(BillingError::Invalid(format!(
+                "{user} has no running subscription; subscribe through checkout first"
+            )));
+        };
+        let old = self.tier(&s.tier)?.clone();
+        let change = if new.price > old.price {
+            let left = (s.term_end_ms - now_ms).max(0) as u128;
+            let charge = ((new.price - old.price) as u128 * left / TERM_MS as u128) as u64;
+            s.tier = new.name.clone();
+            s.next_tier = None;
+            TierChange {
+                from: old.name,
+                to: new.name,
+                effective: "now",
+                charge_now: charge,
+            }
+        } else {
+            s.next_tier = Some(new.name.clone());
+            TierChange {
+                from: old.name,
+                to: new.name,
+                effective: "renewal",
+                charge_now: 0,
+            }
+        };
+        s.status = "active".into();
+        self.put(&s)?;
+        Ok(change)
+    }
+
+    /// Stops renewal; the tier lasts to the end of the term.
+    pub fn cancel(&self, user: &str) -> Result<Subscription, BillingError> {
+        let Some(mut s) = self.subscription(user)? else {
+            return Err(BillingError::Invalid(format!("{user} has no subscription")));
+        };
+        s.status = "canceled".into();
+        self.put(&s)?;
+        Ok(s)
+    }
+
+    /// Subscriptions whose term has ended and that renew: (user, tier, price).
+    pub fn renewals_due(&self, now_ms: i64) -> Result<Vec<(String, String, u64)>, BillingError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT user, COALESCE(next_tier, tier) FROM subscriptions WHERE status = 'active' AND term_end_ms <= ?1 ORDER BY user",
+        )?;
+        let rows = stmt
+            .query_map([now_ms], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(u, t)| {
+                let price = self.tier(&t)?.price;
+                Ok((u, t, price))
+            })
+            .collect()
+    }
+
+    /// Applies a payment event once: records the money in the ledger and
+    /// moves the subscription accordingly.
+    pub fn handle(
+        &self,
+        event: &PaymentEvent,
+        cents: &mut Cents<'_>,
+        now_ms: i64,
+    ) -> Result<Handled, BillingError> {
+        let seen: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT kind FROM payment_events WHERE event_id = ?1",
+                [event.event_id()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if seen.is_some() {
+            return Ok(Handled::Duplicate);
+        }
+        let handled = match event {
+            PaymentEvent::Ignored { .. } => Handled::Ignored,
+            PaymentEvent::Paid {
+                payment_id,
+                user,
+                tier,
+                gross,
+                fee,
+                renews,
+                ..
+            } => {
+                let t = self.tier(tier)?.clone();
+                // The ledger write is idempotent by payment id, so a crash
+                // before the event is marked only repeats a no-op.
+                cents.record_payment(payment_id, user, *gross, *fee)?;
+                let s = match self.subscription(user)? {
+                    // A renewal (or a prorated upgrade) of a running term.
+                    Some(mut s) if s.status != "lapsed" && now_ms < s.term_end_ms + TERM_MS => {
+                        if *renews {
+                            // From the old end, even if paid a little late.
+                            s.term_start_ms = s.term_end_ms;
+                            s.term_end_ms += TERM_MS;
+                            s.tier = s.next_tier.take().unwrap_or(t.name.clone());
+                        }
+                        s.status = "active".into();
+                        s
+                    }
+                    _ => Subscription {
+                        user: user.clone(),
+                        tier: t.name.clone(),
+                        status: "active".into(),
+                        term_start_ms: now_ms,
+                        term_end_ms: now_ms + TERM_MS,
+                        next_tier: None,
+                    },
+                };
+                self.put(&s)?;
+                Handled::Applied
+            }
+            PaymentEvent::Refunded {
+                payment_id,
+                user,
+                amount,
+                ..
+            } => {
+                cents.refund(payment_id, user, *amount)?;
+                if let Some(mut s) = self.subscription(user)? {
+                    s.status = "lapsed".into();
+                    self.put(&s)?;
+                }
+                Handled::Applied
+            }
+        };
+        let kind = match event {
+            PaymentEvent::Paid { .. } => "paid",
+            PaymentEvent::Refunded { .. } => "refunded",
+            PaymentEvent::Ignored { .. } => "ignored",
+        };
+        self.conn.execute(
+            "INSERT INTO payment_events (event_id, kind, handled_at_ms) VALUES (?1, ?2, ?3)",
+            params![event.event_id(), kind, now_ms],
+        )?;
+        Ok(handled)
+    }
+}
