@@ -48,10 +48,6 @@ fn key_path(home: &Path) -> PathBuf {
     home.join("ledger").join("custodian.key")
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
     match cmd {
         LedgerCommand::Balance { account } => {
@@ -100,7 +96,7 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
         LedgerCommand::Key => {
             let key =
                 load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
-            let pk = hex(key.verifying_key().as_bytes());
+            let pk = commons_ledger::hex::encode(key.verifying_key().as_bytes());
             if json {
                 output::json(&serde_json::json!({ "public_key": pk }));
             } else {

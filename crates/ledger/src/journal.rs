@@ -38,19 +38,7 @@ pub struct Checkpoint {
     pub signature: String,
 }
 
-fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
+use crate::hex::{decode as from_hex, encode as to_hex};
 
 impl Checkpoint {
     fn message(tree_size: u64, root: &Hash, timestamp_ms: u64) -> Vec<u8> {

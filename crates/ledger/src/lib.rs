@@ -14,6 +14,7 @@ pub mod billing;
 pub mod book;
 pub mod cents;
 pub mod export;
+pub mod hex;
 pub mod journal;
 pub mod merkle;
 pub mod payments;

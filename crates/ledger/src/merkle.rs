@@ -247,17 +247,10 @@ impl Tree {
 
 /// Lower-case hex of a hash.
 pub fn hex(h: &Hash) -> String {
-    h.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(h)
 }
 
 /// Parses 64 hex digits.
 pub fn from_hex(s: &str) -> Option<Hash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(chunk).ok()?, 16).ok()?;
-    }
-    Some(out)
+    crate::hex::decode(s)?.try_into().ok()
 }

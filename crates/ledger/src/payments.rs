@@ -115,12 +115,7 @@ impl Stripe {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
         mac.update(format!("{t}.").as_bytes());
         mac.update(body);
-        let sig: String = mac
-            .finalize()
-            .into_bytes()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sig = crate::hex::encode(&mac.finalize().into_bytes());
         format!("t={t},v1={sig}")
     }
 
@@ -131,7 +126,7 @@ impl Stripe {
             match part.trim().split_once('=') {
                 Some(("t", v)) => t = v.parse().ok(),
                 Some(("v1", v)) => {
-                    if let Some(bytes) = decode_hex(v) {
+                    if let Some(bytes) = crate::hex::decode(v) {
                         sigs.push(bytes);
                     }
                 }
@@ -162,16 +157,6 @@ impl Stripe {
         }
         Ok(())
     }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 fn str_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {

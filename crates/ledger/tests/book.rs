@@ -370,12 +370,7 @@ fn tampering_with_an_export_is_detected() {
     assert!(export::verify(&lines.join("\n"), &cp.public_key).is_err());
     // Someone else's key.
     let other = load_or_create_key(&dir.join("other.key")).unwrap();
-    let other_pk: String = other
-        .verifying_key()
-        .as_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let other_pk = commons_ledger::hex::encode(other.verifying_key().as_bytes());
     assert!(export::verify(&text, &other_pk)
         .unwrap_err()
         .contains("not signed"));
