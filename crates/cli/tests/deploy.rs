@@ -362,7 +362,7 @@ components:
   store: { volume: {} }
   web:
     process: "python3 -m http.server --bind 127.0.0.1 $PORT"
-    health: { http: "/missing", timeout: 1s }
+    health: { http: "/missing", timeout: 4s }
     after: [store]
 "#,
     );
