@@ -13,7 +13,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::allocation::{allocate, AllocationError, Context, Recipient, Share, SiteUsage};
+use crate::allocation::{AllocationError, Recipient};
 use crate::book::{flags, Accepted, Account, Refusal, Transfer};
 use crate::journal::{Journal, JournalError};
 
@@ -108,7 +108,7 @@ fn ok(results: Vec<Result<Accepted, Refusal>>) -> Result<bool, CentsError> {
     Ok(new)
 }
 
-fn linked(mut batch: Vec<Transfer>) -> Vec<Transfer> {
+pub(crate) fn linked(mut batch: Vec<Transfer>) -> Vec<Transfer> {
     let n = batch.len();
     for t in batch.iter_mut().take(n.saturating_sub(1)) {
         t.flags |= flags::LINKED;
@@ -316,51 +316,6 @@ impl Cents<'_> {
         }
         let new = ok(self.journal.create_transfers(&linked(batch))?)?;
         Ok(Minted { tokens, new })
-    }
-
-    /// Closes a period for one subscriber: everything in their escrow is
-    /// allocated by `ctx`'s policy over `usage`. Returns the shares (the
-    /// statement lines). Closing twice changes nothing.
-    pub fn close_subscriber(
-        &mut self,
-        ctx: &Context,
-        period: &str,
-        subscriber: &str,
-        usage: &[SiteUsage],
-    ) -> Result<Vec<Share>, CentsError> {
-        let escrow = format!("tokens:escrow:{subscriber}");
-        let marker = transfer_id(&["close", period, subscriber]);
-        let held = self.tokens(&escrow);
-        if held == 0 || self.journal.book().transfer(marker).is_some() {
-            return Ok(Vec::new());
-        }
-        // The fee was paid in cash when the payment arrived.
-        let shares = allocate(ctx, held, 0, usage)?;
-        let names: Vec<String> = shares
-            .iter()
-            .map(|s| recipient_account(&s.recipient))
-            .collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        self.ensure_accounts(&refs)?;
-        let mut batch: Vec<Transfer> = shares
-            .iter()
-            .zip(&names)
-            .map(|(s, to)| {
-                let site = s.site.as_deref().unwrap_or("");
-                transfer(
-                    transfer_id(&["allocate", period, subscriber, to, site]),
-                    &escrow,
-                    to,
-                    s.amount,
-                    TOKENS,
-                    code::ALLOCATION,
-                )
-            })
-            .collect();
-        // The first transfer doubles as the period's marker for this subscriber.
-        batch[0].id = marker;
-        ok(self.journal.create_transfers(&linked(batch))?)?;
-        Ok(shares)
     }
 
     /// Burns `tokens` held by `account` and pays their cash value out of the reserve.

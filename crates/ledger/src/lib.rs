@@ -18,6 +18,7 @@ pub mod hex;
 pub mod journal;
 pub mod merkle;
 pub mod payments;
+pub mod period;
 
 pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Transfer};
 pub use journal::{Checkpoint, Journal, JournalError};

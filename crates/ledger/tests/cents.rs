@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 
-use commons_ledger::allocation::{Context, Project, Recipient, SiteUsage};
+use commons_ledger::allocation::{Context, Project, Recipient};
 use commons_ledger::cents::{recipient_account, Cents, CentsError};
 use commons_ledger::journal::Journal;
+use commons_ledger::period::{close_period, MemberSplit, Registry, Site, Statements, Usage};
 
 fn journal(name: &str) -> (Journal, std::path::PathBuf) {
     let d = std::env::temp_dir().join(format!("commons-cents-{name}-{}", std::process::id()));
@@ -14,7 +15,7 @@ fn journal(name: &str) -> (Journal, std::path::PathBuf) {
     (Journal::open(&d.join("ledger.db")).unwrap(), d)
 }
 
-fn worked_example_usage() -> (Context, Vec<SiteUsage>) {
+fn worked_example() -> (Context, Registry, Usage) {
     let mut projects = HashMap::new();
     projects.insert(
         "A".to_string(),
@@ -27,14 +28,17 @@ fn worked_example_usage() -> (Context, Vec<SiteUsage>) {
         projects,
         ..Context::default()
     };
-    let usage = vec![SiteUsage {
-        site: "S".into(),
-        operator: "O".into(),
-        usage: 1,
-        providers: vec![("P".into(), 1)],
-        projects: vec![("A".into(), 1)],
-    }];
-    (ctx, usage)
+    let mut registry = Registry::default();
+    registry.sites.insert(
+        "S".into(),
+        Site {
+            operator: "O".into(),
+            providers: vec![("P".into(), 1)],
+            projects: vec![("A".into(), 1)],
+        },
+    );
+    let usage = HashMap::from([("alice".to_string(), vec![("S".to_string(), 12)])]);
+    (ctx, registry, usage)
 }
 
 #[test]
@@ -70,11 +74,10 @@ fn mint_allocate_redeem() {
     assert_eq!(c.tokens("tokens:escrow:alice"), 470);
 
     // Period close reproduces the worked example in tokens.
-    let (ctx, usage) = worked_example_usage();
-    let shares = c
-        .close_subscriber(&ctx, "2026-11", "alice", &usage)
-        .unwrap();
-    assert_eq!(shares.iter().map(|s| s.amount).sum::<u64>(), 470);
+    let (ctx, registry, usage) = worked_example();
+    let mut statements = Statements::open(&dir.join("ledger.db")).unwrap();
+    let closed = close_period(&mut c, &mut statements, &ctx, &registry, "2026-11", &usage).unwrap();
+    assert_eq!((closed.subscribers, closed.tokens_allocated), (1, 470));
     let held = |c: &Cents, r: Recipient| c.tokens(&recipient_account(&r));
     assert_eq!(held(&c, Recipient::Provider("P".into())), 127);
     assert_eq!(held(&c, Recipient::Operator("O".into())), 207);
@@ -83,11 +86,23 @@ fn mint_allocate_redeem() {
     assert_eq!(held(&c, Recipient::GeneralFund), 100_000 + 47);
     assert_eq!(c.tokens("tokens:escrow:alice"), 0);
     // Closing twice changes nothing.
-    assert!(c
-        .close_subscriber(&ctx, "2026-11", "alice", &usage)
-        .unwrap()
-        .is_empty());
+    let again = close_period(&mut c, &mut statements, &ctx, &registry, "2026-11", &usage).unwrap();
+    assert_eq!(again.subscribers, 0);
     assert_eq!(held(&c, Recipient::Operator("O".into())), 207);
+    // The operator's statement: what, from which site, under which policy.
+    let st = statements
+        .statement(&recipient_account(&Recipient::Operator("O".into())), None)
+        .unwrap();
+    assert_eq!(st.len(), 1);
+    assert_eq!(
+        (
+            st[0].site.as_str(),
+            st[0].amount,
+            st[0].subscribers,
+            st[0].policy_version
+        ),
+        ("S", 207, 1, 1)
+    );
 
     // Redeeming pays cash at the price; a holder cannot redeem more than it holds.
     let op = recipient_account(&Recipient::Operator("O".into()));
@@ -118,4 +133,75 @@ fn price_is_reserve_over_outstanding() {
     c.redeem("x", escrow, 100).unwrap();
     assert_eq!(c.cents_for(500).unwrap(), 1_000);
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn organisations_split_and_recipients_auto_redeem() {
+    let (mut j, dir) = journal("splits");
+    let mut c = Cents { journal: &mut j };
+    c.bootstrap(100_000, 100_000).unwrap();
+    c.record_payment("p", "alice", 500, 30).unwrap();
+    c.record_payment("q", "bob", 500, 30).unwrap();
+    let (ctx, mut registry, mut usage) = worked_example();
+    usage.insert("bob".into(), vec![("unknown-site".into(), 3)]);
+    let op = recipient_account(&Recipient::Operator("O".into()));
+    registry.splits.insert(
+        op.clone(),
+        MemberSplit {
+            fixed: vec![("lead".into(), 100)],
+            shares: vec![("dev1".into(), 1), ("dev2".into(), 1)],
+        },
+    );
+    let provider = recipient_account(&Recipient::Provider("P".into()));
+    registry.auto_redeem.push(provider.clone());
+    let mut statements = Statements::open(&dir.join("ledger.db")).unwrap();
+    let closed = close_period(&mut c, &mut statements, &ctx, &registry, "2026-11", &usage).unwrap();
+    assert_eq!(closed.subscribers, 2);
+    assert_eq!(closed.unknown_sites, ["unknown-site"]);
+    // Bob used only a site nobody knows: all of it funds the commons.
+    assert_eq!(
+        c.tokens(&recipient_account(&Recipient::GeneralFund)),
+        100_000 + 47 + 470
+    );
+    // The operator's 207: 100 fixed to the lead, 107 split 54/53.
+    assert_eq!(c.tokens(&format!("{op}:member:lead")), 100);
+    assert_eq!(c.tokens(&format!("{op}:member:dev1")), 54);
+    assert_eq!(c.tokens(&format!("{op}:member:dev2")), 53);
+    assert_eq!(c.tokens(&op), 0);
+    // The provider asked for cash: its 127 tokens were redeemed.
+    assert_eq!(c.tokens(&provider), 0);
+    assert!(closed.paid_out_cents >= 126);
+    j.book().check().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn member_split_sums_to_the_whole() {
+    use commons_ledger::period::split_members;
+    let s = MemberSplit {
+        fixed: vec![("a".into(), 70), ("b".into(), 70)],
+        shares: vec![],
+    };
+    assert_eq!(
+        split_members(100, &s),
+        [("a".to_string(), 70), ("b".to_string(), 30)],
+        "fixed first, as far as the money goes"
+    );
+    let s = MemberSplit {
+        fixed: vec![("a".into(), 30)],
+        shares: vec![],
+    };
+    assert_eq!(
+        split_members(100, &s),
+        [("a".to_string(), 100)],
+        "with no weighted members the rest goes to the first"
+    );
+    let s = MemberSplit {
+        fixed: vec![],
+        shares: vec![("x".into(), 2), ("y".into(), 1)],
+    };
+    assert_eq!(
+        split_members(10, &s),
+        [("x".to_string(), 7), ("y".to_string(), 3)]
+    );
 }
