@@ -8,8 +8,10 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use commons_ledger::allocation::{allocate, Context, Project, SiteUsage};
+use commons_ledger::allocation::{Context, Project};
+use commons_ledger::cents::{account_id, Cents, TOKENS};
 use commons_ledger::journal::Journal;
+use commons_ledger::period::{close_period, Registry, Site, Usage};
 use commons_ledger::{flags, Account, Transfer};
 
 fn main() {
@@ -87,7 +89,44 @@ fn main() {
         reopen.elapsed().as_secs_f64()
     );
 
-    // Period close arithmetic: 100,000 subscribers x 10 sites.
+    drop(j2);
+    drop(j);
+
+    // Period close: 100,000 subscribers x 10 sites each, through the journal.
+    let mut j = Journal::open(&dir.join("close.db")).unwrap();
+    let mut cents = Cents { journal: &mut j };
+    cents.bootstrap(1_000_000, 1_000_000).unwrap();
+    let subscribers = 100_000u64;
+    let names: Vec<String> = (0..subscribers)
+        .map(|u| format!("tokens:escrow:u{u}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    for chunk in refs.chunks(8_192) {
+        cents.ensure_accounts(chunk).unwrap();
+    }
+    // Fund every escrow with 470 tokens (a 5.00 payment less a 0.30 fee).
+    let mint: Vec<Transfer> = (0..subscribers)
+        .map(|u| Transfer {
+            id: 1_000_000 + u,
+            debit_account_id: account_id("tokens:issuance"),
+            credit_account_id: account_id(&names[u as usize]),
+            amount: 470,
+            pending_id: 0,
+            ledger: TOKENS,
+            code: 3,
+            flags: 0,
+            timeout_ms: 0,
+            user_data: 0,
+        })
+        .collect();
+    for chunk in mint.chunks(8_192) {
+        assert!(cents
+            .journal
+            .create_transfers(chunk)
+            .unwrap()
+            .iter()
+            .all(|r| r.is_ok()));
+    }
     let mut projects = HashMap::new();
     for p in 0..50 {
         projects.insert(
@@ -105,37 +144,38 @@ fn main() {
         projects,
         ..Context::default()
     };
-    let sites: Vec<SiteUsage> = (0..200)
-        .map(|s| SiteUsage {
-            site: format!("s{s}"),
-            operator: format!("o{}", s % 40),
-            usage: 0,
-            providers: vec![(format!("v{}", s % 5), 3), (format!("v{}", (s + 1) % 5), 1)],
-            projects: vec![
-                (format!("p{}", s % 50), 1),
-                (format!("p{}", (s + 3) % 50), 1),
-            ],
+    let mut registry = Registry::default();
+    for s in 0..200 {
+        registry.sites.insert(
+            format!("s{s}"),
+            Site {
+                operator: format!("o{}", s % 40),
+                providers: vec![(format!("v{}", s % 5), 3), (format!("v{}", (s + 1) % 5), 1)],
+                projects: vec![
+                    (format!("p{}", s % 50), 1),
+                    (format!("p{}", (s + 3) % 50), 1),
+                ],
+            },
+        );
+    }
+    let usage: Usage = (0..subscribers)
+        .map(|u| {
+            (
+                format!("u{u}"),
+                (0..10u64)
+                    .map(|k| (format!("s{}", (u * 13 + k * 17) % 200), 1 + (u + k) % 97))
+                    .collect(),
+            )
         })
         .collect();
     let start = Instant::now();
-    let mut total = 0u64;
-    let mut shares = 0usize;
-    for sub in 0..100_000u64 {
-        let usage: Vec<SiteUsage> = (0..10u64)
-            .map(|k| {
-                let mut u = sites[((sub * 13 + k * 17) % 200) as usize].clone();
-                u.usage = 1 + (sub + k) % 97;
-                u
-            })
-            .collect();
-        let s = allocate(&ctx, 500, 30, &usage).unwrap();
-        total += s.iter().map(|x| x.amount).sum::<u64>();
-        shares += s.len();
-    }
-    assert_eq!(total, 500 * 100_000);
+    let closed = close_period(&mut cents, &ctx, &registry, "2026-11", &usage).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(closed.tokens_allocated, 470 * subscribers);
+    cents.journal.book().check().unwrap();
     println!(
-        "allocation for 100,000 subscribers x 10 sites: {:.2}s ({shares} shares, every payment allocated exactly)",
-        start.elapsed().as_secs_f64()
+        "period close, {} subscribers x 10 sites: {secs:.2}s ({} shares allocated exactly; statements written with the transfers)",
+        closed.subscribers, closed.shares
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

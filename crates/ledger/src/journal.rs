@@ -158,6 +158,8 @@ impl Journal {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Durable: the WAL is fsynced at every commit, i.e. once per batch.
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "cache_size", -262_144)?; // 256 MiB
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.execute_batch(SCHEMA)?;
         let mut book = Book::new();
         let mut tree = Tree::new();
@@ -219,7 +221,7 @@ impl Journal {
         let mark = self.book.mark();
         let mut entries = Vec::new();
         let results = self.book.create_accounts(accounts, &mut entries);
-        self.persist(mark, entries)?;
+        self.persist(mark, entries, &|_| Ok(()))?;
         Ok(results)
     }
 
@@ -239,8 +241,28 @@ impl Journal {
         let mark = self.book.mark();
         let mut entries = Vec::new();
         let results = self.book.create_transfers(batch, now, &mut entries);
-        self.persist(mark, entries)?;
+        self.persist(mark, entries, &|_| Ok(()))?;
         Ok(results)
+    }
+
+    /// Like [`Journal::create_transfers`], and `extra` writes records that
+    /// belong with the batch (statements) in the same transaction: both are
+    /// on disk, or neither.
+    pub fn create_transfers_with(
+        &mut self,
+        batch: &[Transfer],
+        extra: &dyn Fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+    ) -> Result<Vec<Result<Accepted, Refusal>>, JournalError> {
+        let mark = self.book.mark();
+        let mut entries = Vec::new();
+        let results = self.book.create_transfers(batch, now_ns(), &mut entries);
+        self.persist(mark, entries, extra)?;
+        Ok(results)
+    }
+
+    /// The journal's database, for tables kept beside it.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.conn
     }
 
     /// Expires pending transfers whose time is up.
@@ -248,17 +270,18 @@ impl Journal {
         let mark = self.book.mark();
         let mut entries = Vec::new();
         let n = self.book.expire(now, &mut entries);
-        self.persist(mark, entries)?;
+        self.persist(mark, entries, &|_| Ok(()))?;
         Ok(n)
     }
 
     /// Writes `entries` in one transaction; on failure the book is rolled back
     /// to `mark`, so memory never shows what the disk does not hold.
-    fn persist(&mut self, mark: usize, entries: Vec<Entry>) -> Result<(), JournalError> {
-        if entries.is_empty() {
-            self.book.commit();
-            return Ok(());
-        }
+    fn persist(
+        &mut self,
+        mark: usize,
+        entries: Vec<Entry>,
+        extra: &dyn Fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+    ) -> Result<(), JournalError> {
         let start = self.tree.len();
         let bytes: Vec<Vec<u8>> = entries.iter().map(Entry::bytes).collect();
         let fail_after = self.fail_after.take();
@@ -275,6 +298,7 @@ impl Journal {
                     insert.execute(params![(start + i as u64) as i64, b])?;
                 }
             }
+            extra(&tx)?;
             tx.commit()?;
             Ok(())
         })();

@@ -10,14 +10,14 @@
 //! nothing.
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use rusqlite::{params, Connection};
+use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
-use crate::allocation::{allocate, largest_remainder, Context, Recipient, Share, SiteUsage};
-use crate::book::{flags, Transfer};
+use crate::allocation::{allocate, largest_remainder, Context, Recipient, SiteUsage};
+use crate::book::Transfer;
 use crate::cents::{account_id, code, recipient_account, transfer_id, Cents, CentsError, TOKENS};
+use crate::journal::{Journal, JournalError};
 
 /// Per user: the sites they used in a period and how much (meter's `usage_by_user`).
 pub type Usage = HashMap<String, Vec<(String, u64)>>;
@@ -100,86 +100,82 @@ pub struct Closed {
 pub struct StatementLine {
     pub period: String,
     pub site: String,
+    /// How many subscribers' use it came from (never who).
     pub subscribers: u64,
     pub amount: u64,
     pub policy_version: u32,
 }
 
-/// Statement lines, kept beside the journal.
-pub struct Statements {
-    conn: Connection,
+/// Statements live beside the journal, written in the same transaction as
+/// the transfers they describe.
+const STATEMENTS: &str = "CREATE TABLE IF NOT EXISTS statements (
+    period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL, policy_version INTEGER NOT NULL,
+    amount INTEGER NOT NULL, subscribers INTEGER NOT NULL,
+    PRIMARY KEY (period, recipient, site, policy_version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS period_payouts (
+    period TEXT NOT NULL, recipient TEXT NOT NULL, paid INTEGER NOT NULL,
+    PRIMARY KEY (period, recipient)) WITHOUT ROWID;";
+
+/// What `recipient` (an account name) received, by period and site.
+pub fn statement(
+    journal: &Journal,
+    recipient: &str,
+    period: Option<&str>,
+) -> Result<Vec<StatementLine>, rusqlite::Error> {
+    let conn = journal.connection();
+    conn.execute_batch(STATEMENTS)?;
+    let mut stmt = conn.prepare(
+        "SELECT period, site, subscribers, amount, policy_version FROM statements
+         WHERE recipient = ?1 AND (?2 IS NULL OR period = ?2) ORDER BY period, site",
+    )?;
+    let rows = stmt
+        .query_map(params![recipient, period], |r| {
+            Ok(StatementLine {
+                period: r.get(0)?,
+                site: r.get(1)?,
+                subscribers: r.get::<_, i64>(2)? as u64,
+                amount: r.get::<_, i64>(3)? as u64,
+                policy_version: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
 }
 
-impl Statements {
-    pub fn open(path: &Path) -> Result<Statements, rusqlite::Error> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS statement_lines (
-                period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL, subscriber TEXT NOT NULL,
-                amount INTEGER NOT NULL, policy_version INTEGER NOT NULL,
-                PRIMARY KEY (period, recipient, site, subscriber)) WITHOUT ROWID;",
-        )?;
-        Ok(Statements { conn })
-    }
+/// Statement lines of one batch: (recipient, site) -> (amount, subscribers).
+type Lines = HashMap<(String, String), (u64, u64)>;
 
-    fn record(&mut self, period: &str, lines: &[(String, &Share)]) -> Result<(), rusqlite::Error> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO statement_lines (period, recipient, site, subscriber, amount, policy_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for (subscriber, s) in lines {
-                insert.execute(params![
-                    period,
-                    recipient_account(&s.recipient),
-                    s.site.as_deref().unwrap_or(""),
-                    subscriber,
-                    s.amount as i64,
-                    s.policy_version
-                ])?;
-            }
-        }
-        tx.commit()
-    }
-
-    /// What `recipient` (an account name) received, by period and site.
-    /// Subscribers are counted, never named.
-    pub fn statement(
-        &self,
-        recipient: &str,
-        period: Option<&str>,
-    ) -> Result<Vec<StatementLine>, rusqlite::Error> {
-        let mut stmt = self.conn.prepare(
-            "SELECT period, site, COUNT(*), SUM(amount), policy_version FROM statement_lines
-             WHERE recipient = ?1 AND (?2 IS NULL OR period = ?2)
-             GROUP BY period, site, policy_version ORDER BY period, site",
-        )?;
-        let rows = stmt
-            .query_map(params![recipient, period], |r| {
-                Ok(StatementLine {
-                    period: r.get(0)?,
-                    site: r.get(1)?,
-                    subscribers: r.get::<_, i64>(2)? as u64,
-                    amount: r.get::<_, i64>(3)? as u64,
-                    policy_version: r.get(4)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-}
-
-/// Transfers per batch (one fsync each).
+/// Subscribers per batch (one fsync each).
 const BATCH: usize = 8_192;
+
+fn token_transfer(id: u64, from: &str, to: &str, amount: u64, flags: u16) -> Transfer {
+    Transfer {
+        id,
+        debit_account_id: account_id(from),
+        credit_account_id: account_id(to),
+        amount,
+        pending_id: 0,
+        ledger: TOKENS,
+        code: code::ALLOCATION,
+        flags,
+        timeout_ms: 0,
+        user_data: 0,
+    }
+}
 
 /// Closes `period`: allocates every escrow with tokens by `usage` (per user:
 /// site and weight), splits organisations' receipts, pays out opted-in
 /// recipients, writes statements.
+///
+/// Each subscriber's escrow moves whole into the period's clearing account
+/// in one transfer, written in the same transaction as the statement lines
+/// of its exact allocation; recipients are then paid from clearing what the
+/// statements say they are owed and have not been paid yet. So the journal
+/// grows by one transfer per subscriber plus one per recipient (not one per
+/// share), a crash at any point loses nothing, and a second close pays only
+/// what is new. Clearing ends every close at zero.
 pub fn close_period(
     cents: &mut Cents<'_>,
-    statements: &mut Statements,
     ctx: &Context,
     registry: &Registry,
     period: &str,
@@ -190,6 +186,13 @@ pub fn close_period(
         policy_version: ctx.policy.version,
         ..Closed::default()
     };
+    cents
+        .journal
+        .connection()
+        .execute_batch(STATEMENTS)
+        .map_err(JournalError::from)?;
+    let clearing = format!("tokens:clearing:{period}");
+    cents.ensure_accounts(&[&clearing])?;
     let mut escrows: Vec<(String, u64)> = cents
         .journal
         .book()
@@ -203,8 +206,8 @@ pub fn close_period(
     escrows.sort();
     let mut unknown: std::collections::BTreeSet<String> = Default::default();
     let mut batch: Vec<Transfer> = Vec::new();
-    let mut lines: Vec<(String, Share)> = Vec::new();
-    let mut received: HashMap<String, u64> = HashMap::new();
+    let mut lines: Lines = HashMap::new();
+    let version = ctx.policy.version;
     for (user, held) in escrows {
         let marker = transfer_id(&["close", period, &user]);
         if cents.journal.book().transfer(marker).is_some() {
@@ -230,113 +233,175 @@ pub fn close_period(
             })
             .collect();
         let shares = allocate(ctx, held, 0, &sites)?;
-        let escrow = format!("tokens:escrow:{user}");
-        let names: Vec<String> = shares
-            .iter()
-            .map(|s| recipient_account(&s.recipient))
-            .collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        cents.ensure_accounts(&refs)?;
-        let start = batch.len();
-        for (s, to) in shares.iter().zip(&names) {
-            let site = s.site.as_deref().unwrap_or("");
-            batch.push(Transfer {
-                id: transfer_id(&["allocate", period, &user, to, site]),
-                debit_account_id: account_id(&escrow),
-                credit_account_id: account_id(to),
-                amount: s.amount,
-                pending_id: 0,
-                ledger: TOKENS,
-                code: code::ALLOCATION,
-                flags: flags::LINKED,
-                timeout_ms: 0,
-                user_data: 0,
-            });
-            *received.entry(to.clone()).or_default() += s.amount;
+        for s in &shares {
+            let line = lines
+                .entry((
+                    recipient_account(&s.recipient),
+                    s.site.clone().unwrap_or_default(),
+                ))
+                .or_default();
+            line.0 += s.amount;
+            line.1 += 1;
         }
-        batch[start].id = marker;
-        batch
-            .last_mut()
-            .expect("a subscriber with tokens has shares")
-            .flags &= !flags::LINKED;
+        batch.push(token_transfer(
+            marker,
+            &format!("tokens:escrow:{user}"),
+            &clearing,
+            held,
+            0,
+        ));
         closed.subscribers += 1;
         closed.tokens_allocated += held;
         closed.shares += shares.len();
-        lines.extend(shares.into_iter().map(|s| (user.clone(), s)));
         if batch.len() >= BATCH {
-            submit(cents, &mut batch)?;
-            flush(statements, period, &mut lines)?;
+            submit(cents, &mut batch, period, version, &mut lines)?;
         }
     }
-    submit(cents, &mut batch)?;
-    flush(statements, period, &mut lines)?;
+    submit(cents, &mut batch, period, version, &mut lines)?;
+
+    // Pay every recipient what its statements say and it has not had yet.
+    let owed = owed(cents.journal, period).map_err(JournalError::from)?;
+    let names: Vec<&str> = owed.iter().map(|(r, _, _)| r.as_str()).collect();
+    cents.ensure_accounts(&names)?;
+    let mut received: Vec<(String, u64)> = Vec::new();
+    for (recipient, total, paid) in &owed {
+        if total > paid {
+            batch.push(token_transfer(
+                transfer_id(&["pay", period, recipient, &paid.to_string()]),
+                &clearing,
+                recipient,
+                total - paid,
+                0,
+            ));
+            received.push((recipient.clone(), total - paid));
+        }
+    }
+    let paid_now = received.clone();
+    let record_paid = move |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<()> {
+        let mut up = tx.prepare_cached(
+            "INSERT INTO period_payouts (period, recipient, paid) VALUES (?1, ?2, ?3)
+             ON CONFLICT (period, recipient) DO UPDATE SET paid = paid + excluded.paid",
+        )?;
+        for (r, amount) in &paid_now {
+            up.execute(params![period, r, *amount as i64])?;
+        }
+        Ok(())
+    };
+    // One transaction: the payouts and the record of what was paid.
+    if !batch.is_empty() {
+        let results = cents.journal.create_transfers_with(&batch, &record_paid)?;
+        if let Some(e) = results.into_iter().find_map(Result::err) {
+            return Err(CentsError::Refused(e));
+        }
+    }
+    batch.clear();
+    debug_assert_eq!(
+        cents.tokens(&clearing),
+        0,
+        "clearing ends every close at zero"
+    );
 
     // Organisations split what they received among their members.
-    let mut names: Vec<&String> = received.keys().collect();
-    names.sort();
-    for org in names {
+    received.sort();
+    for (org, amount) in &received {
         let Some(split) = registry.splits.get(org) else {
             continue;
         };
-        let parts = split_members(received[org], split);
+        let parts = split_members(*amount, split);
         let members: Vec<String> = parts
             .iter()
             .map(|(m, _)| format!("{org}:member:{m}"))
             .collect();
         let refs: Vec<&str> = members.iter().map(String::as_str).collect();
         cents.ensure_accounts(&refs)?;
-        for ((m, amount), to) in parts.iter().zip(&members) {
-            batch.push(Transfer {
-                id: transfer_id(&["split", period, org, m]),
-                debit_account_id: account_id(org),
-                credit_account_id: account_id(to),
-                amount: *amount,
-                pending_id: 0,
-                ledger: TOKENS,
-                code: code::ALLOCATION,
-                flags: 0,
-                timeout_ms: 0,
-                user_data: 0,
-            });
+        for ((m, part), to) in parts.iter().zip(&members) {
+            batch.push(token_transfer(
+                transfer_id(&["split", period, org, m, &amount.to_string()]),
+                org,
+                to,
+                *part,
+                0,
+            ));
         }
     }
-    submit(cents, &mut batch)?;
+    if !batch.is_empty() {
+        if let Some(e) = cents
+            .journal
+            .create_transfers(&batch)?
+            .into_iter()
+            .find_map(Result::err)
+        {
+            return Err(CentsError::Refused(e));
+        }
+    }
 
     // Recipients that asked to be paid out in cash.
     for account in &registry.auto_redeem {
         let held = cents.tokens(account);
         if held > 0 {
             closed.paid_out_cents +=
-                cents.redeem(&format!("auto:{period}:{account}"), account, held)?;
+                cents.redeem(&format!("auto:{period}:{account}:{held}"), account, held)?;
         }
     }
     closed.unknown_sites = unknown.into_iter().collect();
     Ok(closed)
 }
 
-fn submit(cents: &mut Cents<'_>, batch: &mut Vec<Transfer>) -> Result<(), CentsError> {
+/// Per recipient of `period`: (account, owed by the statements, paid so far).
+fn owed(journal: &Journal, period: &str) -> Result<Vec<(String, u64, u64)>, rusqlite::Error> {
+    let conn = journal.connection();
+    let mut stmt = conn.prepare(
+        "SELECT s.recipient, SUM(s.amount), COALESCE((SELECT paid FROM period_payouts p WHERE p.period = ?1 AND p.recipient = s.recipient), 0)
+         FROM statements s WHERE s.period = ?1 GROUP BY s.recipient ORDER BY s.recipient",
+    )?;
+    let rows = stmt
+        .query_map([period], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Writes a batch and its statement lines in one transaction.
+fn submit(
+    cents: &mut Cents<'_>,
+    batch: &mut Vec<Transfer>,
+    period: &str,
+    version: u32,
+    lines: &mut Lines,
+) -> Result<(), CentsError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let results = cents.journal.create_transfers(batch)?;
+    let pending = std::mem::take(lines);
+    let write = |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<()> {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
+               amount = amount + excluded.amount, subscribers = subscribers + excluded.subscribers",
+        )?;
+        for ((recipient, site), (amount, subscribers)) in &pending {
+            upsert.execute(params![
+                period,
+                recipient,
+                site,
+                version,
+                *amount as i64,
+                *subscribers as i64
+            ])?;
+        }
+        Ok(())
+    };
+    let results = cents.journal.create_transfers_with(batch, &write)?;
     batch.clear();
     match results.into_iter().find_map(Result::err) {
         None => Ok(()),
         Some(e) => Err(CentsError::Refused(e)),
     }
-}
-
-fn flush(
-    statements: &mut Statements,
-    period: &str,
-    lines: &mut Vec<(String, Share)>,
-) -> Result<(), CentsError> {
-    let refs: Vec<(String, &Share)> = lines.iter().map(|(u, s)| (u.clone(), s)).collect();
-    statements
-        .record(period, &refs)
-        .map_err(|e| CentsError::Invalid(format!("statements: {e}")))?;
-    lines.clear();
-    Ok(())
 }
 
 /// The recipient account a statement or split refers to, from a short name:

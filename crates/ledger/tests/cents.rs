@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use commons_ledger::allocation::{Context, Project, Recipient};
 use commons_ledger::cents::{recipient_account, Cents, CentsError};
 use commons_ledger::journal::Journal;
-use commons_ledger::period::{close_period, MemberSplit, Registry, Site, Statements, Usage};
+use commons_ledger::period::{close_period, statement, MemberSplit, Registry, Site, Usage};
 
 fn journal(name: &str) -> (Journal, std::path::PathBuf) {
     let d = std::env::temp_dir().join(format!("commons-cents-{name}-{}", std::process::id()));
@@ -75,8 +75,7 @@ fn mint_allocate_redeem() {
 
     // Period close reproduces the worked example in tokens.
     let (ctx, registry, usage) = worked_example();
-    let mut statements = Statements::open(&dir.join("ledger.db")).unwrap();
-    let closed = close_period(&mut c, &mut statements, &ctx, &registry, "2026-11", &usage).unwrap();
+    let closed = close_period(&mut c, &ctx, &registry, "2026-11", &usage).unwrap();
     assert_eq!((closed.subscribers, closed.tokens_allocated), (1, 470));
     let held = |c: &Cents, r: Recipient| c.tokens(&recipient_account(&r));
     assert_eq!(held(&c, Recipient::Provider("P".into())), 127);
@@ -86,13 +85,16 @@ fn mint_allocate_redeem() {
     assert_eq!(held(&c, Recipient::GeneralFund), 100_000 + 47);
     assert_eq!(c.tokens("tokens:escrow:alice"), 0);
     // Closing twice changes nothing.
-    let again = close_period(&mut c, &mut statements, &ctx, &registry, "2026-11", &usage).unwrap();
+    let again = close_period(&mut c, &ctx, &registry, "2026-11", &usage).unwrap();
     assert_eq!(again.subscribers, 0);
     assert_eq!(held(&c, Recipient::Operator("O".into())), 207);
     // The operator's statement: what, from which site, under which policy.
-    let st = statements
-        .statement(&recipient_account(&Recipient::Operator("O".into())), None)
-        .unwrap();
+    let st = statement(
+        c.journal,
+        &recipient_account(&Recipient::Operator("O".into())),
+        None,
+    )
+    .unwrap();
     assert_eq!(st.len(), 1);
     assert_eq!(
         (
@@ -154,8 +156,7 @@ fn organisations_split_and_recipients_auto_redeem() {
     );
     let provider = recipient_account(&Recipient::Provider("P".into()));
     registry.auto_redeem.push(provider.clone());
-    let mut statements = Statements::open(&dir.join("ledger.db")).unwrap();
-    let closed = close_period(&mut c, &mut statements, &ctx, &registry, "2026-11", &usage).unwrap();
+    let closed = close_period(&mut c, &ctx, &registry, "2026-11", &usage).unwrap();
     assert_eq!(closed.subscribers, 2);
     assert_eq!(closed.unknown_sites, ["unknown-site"]);
     // Bob used only a site nobody knows: all of it funds the commons.
