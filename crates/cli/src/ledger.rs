@@ -16,6 +16,22 @@ pub enum LedgerCommand {
         /// Account id or name.
         account: Option<String>,
     },
+    /// Transfers, oldest first (all, or of one account).
+    Transfers {
+        /// Account id or name.
+        #[arg(long)]
+        account: Option<String>,
+        /// Show at most this many, the newest.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Seed the cash reserve at an initial token price: CASH cents buy TOKENS.
+    Bootstrap {
+        #[arg(long)]
+        cash: u64,
+        #[arg(long)]
+        tokens: u64,
+    },
     /// Sign the current state of the journal (a checkpoint).
     Checkpoint,
     /// The custodian's public key, which verifiers pin.
@@ -91,6 +107,66 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
                     );
                 }
             }
+            Ok(())
+        }
+        LedgerCommand::Transfers { account, limit } => {
+            let j = open(home)?;
+            let book = j.book();
+            let id = match &account {
+                None => None,
+                Some(x) => Some(
+                    book.accounts()
+                        .find(|(a, _)| a.name == *x || a.id.to_string() == *x)
+                        .map(|(a, _)| a.id)
+                        .ok_or_else(|| {
+                            Failure::Input(format!("no account \"{x}\" in the ledger"))
+                        })?,
+                ),
+            };
+            let name = |id: u64| {
+                book.account(id)
+                    .map(|(a, _)| a.name.clone())
+                    .unwrap_or_else(|| id.to_string())
+            };
+            let all: Vec<_> = book
+                .transfers()
+                .into_iter()
+                .filter(|(t, _)| {
+                    id.is_none_or(|id| t.debit_account_id == id || t.credit_account_id == id)
+                })
+                .collect();
+            let shown = &all[all.len().saturating_sub(limit)..];
+            if json {
+                let v: Vec<_> = shown
+                    .iter()
+                    .map(|(t, at)| serde_json::json!({ "transfer": t, "from": name(t.debit_account_id), "to": name(t.credit_account_id), "timestamp": at }))
+                    .collect();
+                output::json(&v);
+            } else {
+                for (t, _) in shown {
+                    println!(
+                        "{:>20}  {:>12}  {} -> {}  (ledger {}, code {})",
+                        t.id,
+                        t.amount,
+                        name(t.debit_account_id),
+                        name(t.credit_account_id),
+                        t.ledger,
+                        t.code
+                    );
+                }
+            }
+            Ok(())
+        }
+        LedgerCommand::Bootstrap { cash, tokens } => {
+            let mut j = open(home)?;
+            let mut cents = commons_ledger::cents::Cents { journal: &mut j };
+            cents
+                .bootstrap(cash, tokens)
+                .map_err(|e| Failure::Input(e.to_string()))?;
+            eprintln!(
+                "{:>12} reserve with {cash} cents for {tokens} tokens",
+                "Bootstrapped"
+            );
             Ok(())
         }
         LedgerCommand::Key => {

@@ -5,6 +5,7 @@
 //! 0 success, 1 the operation failed, 2 bad input.
 
 mod ledger;
+mod money;
 mod output;
 mod progress;
 
@@ -118,6 +119,22 @@ enum Command {
     },
     /// Print the JSON Schema of commons.yaml, for editors.
     Schema,
+    /// Usage events: ingest them, see aggregates.
+    #[command(subcommand)]
+    Usage(money::UsageCommand),
+    /// Subscribe a user to a tier, change it, cancel it, or show it.
+    Subscribe(money::SubscribeArgs),
+    /// Close a billing period: allocate every subscriber's payment by what they used.
+    #[command(subcommand)]
+    Period(PeriodCommand),
+    /// What a recipient received, from which sites, under which policy.
+    Statement {
+        /// operator:ID, provider:ID, project:ID or general-fund.
+        recipient: String,
+        /// Only this period (YYYY-MM).
+        #[arg(long)]
+        period: Option<String>,
+    },
     /// The ledger: balances, signed checkpoints, exports anyone can verify.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
@@ -132,6 +149,12 @@ enum Command {
         #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
         jobs: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum PeriodCommand {
+    /// Close a period (YYYY-MM); closing twice changes nothing.
+    Close { period: String },
 }
 
 fn parse_input(s: &str) -> Result<(String, String), String> {
@@ -312,6 +335,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::List => output::list(&engine()?.list()?, json),
         Command::Ledger(cmd) => ledger::run(cmd, &home, json),
+        Command::Usage(cmd) => money::usage(cmd, &home, json),
+        Command::Subscribe(args) => money::subscribe(&home, args, json),
+        Command::Period(PeriodCommand::Close { period }) => money::close(&home, &period, json),
+        Command::Statement { recipient, period } => {
+            money::show_statement(&home, &recipient, period.as_deref(), json)
+        }
         Command::Logs {
             name,
             component,

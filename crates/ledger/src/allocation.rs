@@ -44,6 +44,7 @@ pub fn largest_remainder(total: u64, weights: &[u64]) -> Option<Vec<u64>> {
 
 /// The allocation policy; versioned so statements can say which applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     pub version: u32,
     /// Share of the net payment (after the provider's fee) for the general fund.
@@ -74,6 +75,7 @@ impl Default for Policy {
 
 /// A developer project as the allocation sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Project {
     /// Upstream projects and their weights.
     pub depends_on: Vec<(String, u64)>,

@@ -204,6 +204,14 @@ impl Book {
         self.transfers.get(&id).map(|(t, _)| t)
     }
 
+    /// Every transfer with the book time it was accepted, oldest first.
+    pub fn transfers(&self) -> Vec<(&Transfer, u64)> {
+        let mut all: Vec<(&Transfer, u64)> =
+            self.transfers.values().map(|(t, at)| (t, *at)).collect();
+        all.sort_by_key(|(_, at)| *at);
+        all
+    }
+
     pub fn transfer_count(&self) -> usize {
         self.transfers.len()
     }

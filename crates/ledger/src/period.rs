@@ -24,6 +24,7 @@ pub type Usage = HashMap<String, Vec<(String, u64)>>;
 
 /// What the platform knows about a site.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Site {
     pub operator: String,
     /// Providers whose nodes serve it, weighted by resource use.
@@ -37,6 +38,7 @@ pub struct Site {
 /// How an organisation splits its receipts among its members: fixed amounts
 /// first (in order, as far as the money goes), the rest by weight.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemberSplit {
     #[serde(default)]
     pub fixed: Vec<(String, u64)>,

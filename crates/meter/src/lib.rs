@@ -148,6 +148,12 @@ fn parse_time(s: &str) -> Option<i64> {
         .map(|d| d.as_millis() as i64)
 }
 
+/// A time (ms since the epoch) in RFC 3339, UTC, to the second.
+pub fn format_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 /// The billing period (calendar month, UTC) of a time: "2026-11".
 pub fn period_of(time_ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(time_ms.max(0) as u64);

@@ -1,0 +1,131 @@
+//! The money flow through the CLI: a payment mints tokens, usage is metered,
+//! the period close allocates them by the policy, statements say so, and the
+//! ledger export verifies.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn payment_usage_close_statement() {
+    let s = Sandbox::new("money");
+    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
+    // The worked example's world: site S (operator O, provider P) depends on A, A on B.
+    std::fs::write(
+        s.home.join("ledger/config.json"),
+        r#"{ "sites": { "S": { "operator": "O", "providers": [["P", 1]], "projects": [["A", 1]] } },
+             "projects": { "A": { "depends_on": [["B", 1]] } } }"#,
+    )
+    .unwrap();
+    s.ok(&[
+        "ledger",
+        "bootstrap",
+        "--cash",
+        "100000",
+        "--tokens",
+        "100000",
+    ]);
+    let r = s.run(&["subscribe", "alice", "gold", "--payment", "bank-0"]);
+    assert_eq!(r.code(), 2, "{}", r.all());
+    s.ok(&[
+        "subscribe",
+        "alice",
+        "member",
+        "--payment",
+        "bank-1",
+        "--fee",
+        "30",
+    ]);
+    let sub = s.ok(&["subscribe", "alice", "--json"]).json();
+    assert_eq!(sub["tier"], "member");
+    // The same payment recorded twice is one payment.
+    s.ok(&[
+        "subscribe",
+        "alice",
+        "member",
+        "--payment",
+        "bank-1",
+        "--fee",
+        "30",
+    ]);
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let period = &commons_meter::format_time(now)[..7];
+    let events: String = (0..3)
+        .map(|i| {
+            serde_json::json!({
+                "specversion": "1.0", "id": format!("req-{i}"), "source": "gateway/local", "type": "request",
+                "time": commons_meter::format_time(now - i * 1000),
+                "data": { "user": "alice", "site": "S", "operator": "O", "provider": "P", "bytes_out": 100 }
+            })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let file = s.dir.join("events.jsonl");
+    std::fs::write(&file, &events).unwrap();
+    s.ok(&["usage", "ingest", file.to_str().unwrap()]);
+    // Sending them again is harmless.
+    let again = s
+        .ok(&["usage", "ingest", file.to_str().unwrap(), "--json"])
+        .json();
+    assert!(again.as_array().unwrap().iter().all(|o| o == "duplicate"));
+    let shown = s
+        .ok(&[
+            "usage",
+            "show",
+            "site",
+            "S",
+            "--metric",
+            "bytes_out",
+            "--json",
+        ])
+        .json();
+    assert_eq!(
+        shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["value"].as_f64().unwrap())
+            .sum::<f64>(),
+        300.0
+    );
+
+    let closed = s.ok(&["period", "close", period, "--json"]).json();
+    assert_eq!(closed["subscribers"], 1);
+    assert_eq!(closed["tokens_allocated"], 470);
+    let st = s.ok(&["statement", "operator:O", "--json"]).json();
+    assert_eq!(st["lines"][0]["amount"], 207);
+    assert_eq!(st["lines"][0]["site"], "S");
+    let b = s.ok(&["statement", "project:B", "--json"]).json();
+    assert_eq!(b["lines"][0]["amount"], 44);
+    // Closing again changes nothing; events for the closed period are now late.
+    let again = s.ok(&["period", "close", period, "--json"]).json();
+    assert_eq!(again["subscribers"], 0);
+    let late = s.run(&["usage", "ingest", file.to_str().unwrap()]);
+    assert_eq!(
+        late.code(),
+        0,
+        "resends of recorded events are still duplicates: {}",
+        late.all()
+    );
+
+    let key = s.ok(&["ledger", "key"]).stdout().trim().to_string();
+    let export = s.dir.join("ledger.export");
+    s.ok(&["ledger", "export", "-o", export.to_str().unwrap()]);
+    s.ok(&["ledger", "verify", export.to_str().unwrap(), "--key", &key]);
+    let transfers = s
+        .ok(&[
+            "ledger",
+            "transfers",
+            "--account",
+            "tokens:operator:O",
+            "--json",
+        ])
+        .json();
+    assert_eq!(transfers.as_array().unwrap().len(), 1);
+    assert_eq!(s.run(&["statement", "nobody"]).code(), 2);
+}
