@@ -204,7 +204,7 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
             // An export always ends with a checkpoint covering all of it.
             j.checkpoint(&key)
                 .map_err(|e| Failure::Failed(e.to_string()))?;
-            let text = export::export(&j).map_err(|e| Failure::Failed(e.to_string()))?;
+            let text = export::export(&mut j).map_err(|e| Failure::Failed(e.to_string()))?;
             match path {
                 Some(p) => {
                     std::fs::write(&p, text)

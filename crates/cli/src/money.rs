@@ -425,8 +425,8 @@ pub fn show_statement(
             "\"{org}\" names no recipient: write operator:ID, provider:ID, project:ID or general-fund"
         )));
     };
-    let j = journal(home)?;
-    let lines = statement(&j, &account, period).map_err(|e| Failure::Failed(e.to_string()))?;
+    let mut j = journal(home)?;
+    let lines = statement(&mut j, &account, period).map_err(|e| Failure::Failed(e.to_string()))?;
     if json {
         output::json(&serde_json::json!({ "recipient": org, "account": account, "lines": lines }));
         return Ok(());

@@ -22,7 +22,7 @@ struct CheckpointLine {
 
 /// The export: a header line, one line per entry (its exact journal bytes),
 /// then one line per checkpoint.
-pub fn export(journal: &Journal) -> Result<String, JournalError> {
+pub fn export(journal: &mut Journal) -> Result<String, JournalError> {
     let entries = journal.entries()?;
     let mut out = serde_json::to_string(&Header {
         format: FORMAT.into(),

@@ -1,4 +1,4 @@
-//! The durable journal: the book's entries in SQLite, one fsync per batch,
+//! The durable journal: the book's entries in a store, one fsync per batch,
 //! hashed into a Merkle tree, with checkpoints signed by the custodian.
 //!
 //! The journal is the only thing stored; balances are what replaying it
@@ -8,16 +8,18 @@
 use std::path::Path;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
-use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 
 use crate::book::{Accepted, Account, Book, Entry, Refusal, Transfer};
 use crate::merkle::{self, Hash, Tree};
+use crate::store::{Side, SqliteStore, StatementLine, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("ledger journal: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("ledger journal (PostgreSQL): {0}")]
+    Postgres(String),
     #[error("ledger journal entry {seq} is malformed: {message}")]
     Malformed { seq: u64, message: String },
     #[error("ledger journal entry {seq} breaks the rules ({refusal}); the journal was altered")]
@@ -126,21 +128,14 @@ pub fn load_or_create_key(path: &Path) -> Result<SigningKey, JournalError> {
     }
 }
 
-/// The book, its journal on disk, and the journal's Merkle tree.
+/// The book, its journal in a [`Store`], and the journal's Merkle tree.
 pub struct Journal {
-    conn: Connection,
+    store: Box<dyn Store>,
     book: Book,
     tree: Tree,
     /// Test hook: fail the next batch after writing this many entries.
     fail_after: Option<usize>,
 }
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, entry BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    tree_size INTEGER PRIMARY KEY, root TEXT NOT NULL, timestamp_ms INTEGER NOT NULL,
-    public_key TEXT NOT NULL, signature TEXT NOT NULL);
-";
 
 /// Nanoseconds since the Unix epoch: the book's clock.
 pub fn now_ns() -> u64 {
@@ -151,41 +146,26 @@ pub fn now_ns() -> u64 {
 }
 
 impl Journal {
-    /// Opens the journal at `path` and replays it; any entry the rules refuse
-    /// means the file was altered, and opening fails.
+    /// Opens the embedded journal (SQLite) at `path`.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        // Durable: the WAL is fsynced at every commit, i.e. once per batch.
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "cache_size", -262_144)?; // 256 MiB
-        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-        conn.execute_batch(SCHEMA)?;
+        Journal::with_store(Box::new(SqliteStore::open(path)?))
+    }
+
+    /// Replays the journal in `store`; any entry the rules refuse means the
+    /// store was altered, and opening fails.
+    pub fn with_store(mut store: Box<dyn Store>) -> Result<Journal, JournalError> {
         let mut book = Book::new();
         let mut tree = Tree::new();
-        {
-            let mut stmt = conn.prepare("SELECT seq, entry FROM journal ORDER BY seq")?;
-            let mut rows = stmt.query([])?;
-            while let Some(row) = rows.next()? {
-                let seq = row.get::<_, i64>(0)? as u64;
-                // Text or blob: an edited row must still be read and judged.
-                let bytes: Vec<u8> = row
-                    .get_ref(1)?
-                    .as_bytes()
-                    .map_err(|e| JournalError::Malformed {
-                        seq,
-                        message: e.to_string(),
-                    })?
-                    .to_vec();
-                let entry: Entry =
-                    serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
-                        seq,
-                        message: e.to_string(),
-                    })?;
-                book.replay(&entry)
-                    .map_err(|refusal| JournalError::Invalid { seq, refusal })?;
-                tree.push(merkle::leaf_hash(&bytes));
-            }
+        for (seq, bytes) in store.load()?.into_iter().enumerate() {
+            let seq = seq as u64;
+            let entry: Entry =
+                serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
+                    seq,
+                    message: e.to_string(),
+                })?;
+            book.replay(&entry)
+                .map_err(|refusal| JournalError::Invalid { seq, refusal })?;
+            tree.push(merkle::leaf_hash(&bytes));
         }
         book.commit();
         book.check().map_err(|m| JournalError::Malformed {
@@ -193,7 +173,7 @@ impl Journal {
             message: m,
         })?;
         Ok(Journal {
-            conn,
+            store,
             book,
             tree,
             fail_after: None,
@@ -221,7 +201,7 @@ impl Journal {
         let mark = self.book.mark();
         let mut entries = Vec::new();
         let results = self.book.create_accounts(accounts, &mut entries);
-        self.persist(mark, entries, &|_| Ok(()))?;
+        self.persist(mark, entries, &[])?;
         Ok(results)
     }
 
@@ -238,31 +218,22 @@ impl Journal {
         batch: &[Transfer],
         now: u64,
     ) -> Result<Vec<Result<Accepted, Refusal>>, JournalError> {
-        let mark = self.book.mark();
-        let mut entries = Vec::new();
-        let results = self.book.create_transfers(batch, now, &mut entries);
-        self.persist(mark, entries, &|_| Ok(()))?;
-        Ok(results)
+        self.create_transfers_with(batch, now, &[])
     }
 
-    /// Like [`Journal::create_transfers`], and `extra` writes records that
-    /// belong with the batch (statements) in the same transaction: both are
-    /// on disk, or neither.
+    /// Like [`Journal::create_transfers_at`], and writes `side` records
+    /// (statements, payouts) in the same transaction: both are stored, or neither.
     pub fn create_transfers_with(
         &mut self,
         batch: &[Transfer],
-        extra: &dyn Fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+        now: u64,
+        side: &[Side],
     ) -> Result<Vec<Result<Accepted, Refusal>>, JournalError> {
         let mark = self.book.mark();
         let mut entries = Vec::new();
-        let results = self.book.create_transfers(batch, now_ns(), &mut entries);
-        self.persist(mark, entries, extra)?;
+        let results = self.book.create_transfers(batch, now, &mut entries);
+        self.persist(mark, entries, side)?;
         Ok(results)
-    }
-
-    /// The journal's database, for tables kept beside it.
-    pub(crate) fn connection(&self) -> &Connection {
-        &self.conn
     }
 
     /// Expires pending transfers whose time is up.
@@ -270,39 +241,25 @@ impl Journal {
         let mark = self.book.mark();
         let mut entries = Vec::new();
         let n = self.book.expire(now, &mut entries);
-        self.persist(mark, entries, &|_| Ok(()))?;
+        self.persist(mark, entries, &[])?;
         Ok(n)
     }
 
-    /// Writes `entries` in one transaction; on failure the book is rolled back
-    /// to `mark`, so memory never shows what the disk does not hold.
+    /// Stores `entries` in one transaction; on failure the book is rolled back
+    /// to `mark`, so memory never shows what the store does not hold.
     fn persist(
         &mut self,
         mark: usize,
         entries: Vec<Entry>,
-        extra: &dyn Fn(&rusqlite::Transaction<'_>) -> rusqlite::Result<()>,
+        side: &[Side],
     ) -> Result<(), JournalError> {
-        let start = self.tree.len();
+        if entries.is_empty() && side.is_empty() {
+            self.book.commit();
+            return Ok(());
+        }
         let bytes: Vec<Vec<u8>> = entries.iter().map(Entry::bytes).collect();
         let fail_after = self.fail_after.take();
-        let written = (|| -> Result<(), JournalError> {
-            let tx = self.conn.transaction()?;
-            {
-                let mut insert =
-                    tx.prepare_cached("INSERT INTO journal (seq, entry) VALUES (?1, ?2)")?;
-                for (i, b) in bytes.iter().enumerate() {
-                    if fail_after == Some(i) {
-                        // Dropping the transaction without commit: as if we died here.
-                        return Err(JournalError::Injected);
-                    }
-                    insert.execute(params![(start + i as u64) as i64, b])?;
-                }
-            }
-            extra(&tx)?;
-            tx.commit()?;
-            Ok(())
-        })();
-        if let Err(e) = written {
+        if let Err(e) = self.store.append(self.tree.len(), &bytes, side, fail_after) {
             self.book.rollback(mark);
             return Err(e);
         }
@@ -317,44 +274,30 @@ impl Journal {
     pub fn checkpoint(&mut self, key: &SigningKey) -> Result<Checkpoint, JournalError> {
         let now_ms = now_ns() / 1_000_000;
         let cp = Checkpoint::sign(key, self.tree.len(), &self.tree.root(), now_ms);
-        self.conn.execute(
-            "INSERT OR REPLACE INTO checkpoints (tree_size, root, timestamp_ms, public_key, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![cp.tree_size as i64, cp.root, cp.timestamp_ms as i64, cp.public_key, cp.signature],
-        )?;
+        self.store.put_checkpoint(&cp)?;
         Ok(cp)
     }
 
-    pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, JournalError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT tree_size, root, timestamp_ms, public_key, signature FROM checkpoints ORDER BY tree_size",
-        )?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(Checkpoint {
-                    tree_size: r.get::<_, i64>(0)? as u64,
-                    root: r.get(1)?,
-                    timestamp_ms: r.get::<_, i64>(2)? as u64,
-                    public_key: r.get(3)?,
-                    signature: r.get(4)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+    pub fn checkpoints(&mut self) -> Result<Vec<Checkpoint>, JournalError> {
+        self.store.checkpoints()
     }
 
     /// Every entry's exact bytes, in order (for export).
-    pub fn entries(&self) -> Result<Vec<Vec<u8>>, JournalError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT entry FROM journal ORDER BY seq")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(r.get_ref(0)?
-                    .as_bytes()
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default())
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+    pub fn entries(&mut self) -> Result<Vec<Vec<u8>>, JournalError> {
+        self.store.load()
+    }
+
+    /// The statement lines of a recipient (account name).
+    pub fn statement(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<StatementLine>, JournalError> {
+        self.store.statement(recipient, period)
+    }
+
+    /// Per recipient of a period: (account, owed, paid so far).
+    pub(crate) fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
+        self.store.owed(period)
     }
 }

@@ -19,6 +19,7 @@ pub mod journal;
 pub mod merkle;
 pub mod payments;
 pub mod period;
+pub mod store;
 
 pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Transfer};
 pub use journal::{Checkpoint, Journal, JournalError};

@@ -3,21 +3,19 @@
 //! their members, opted-in recipients are paid out, and every recipient gets
 //! a statement.
 //!
-//! Each subscriber's allocation is one linked chain of transfers (all or
-//! nothing); many chains go in one batch, so a period of 100,000
-//! subscribers costs a few dozen fsyncs, not 100,000. Transfer ids are
-//! derived from (period, subscriber, recipient, site): closing twice changes
-//! nothing.
+//! Transfer ids are derived from (period, subscriber, recipient): closing
+//! twice changes nothing.
 
 use std::collections::HashMap;
 
-use rusqlite::params;
 use serde::{Deserialize, Serialize};
 
 use crate::allocation::{allocate, largest_remainder, Context, Recipient, SiteUsage};
 use crate::book::Transfer;
 use crate::cents::{account_id, code, recipient_account, transfer_id, Cents, CentsError, TOKENS};
-use crate::journal::{Journal, JournalError};
+use crate::journal::{now_ns, Journal, JournalError};
+use crate::store::Side;
+pub use crate::store::StatementLine;
 
 /// Per user: the sites they used in a period and how much (meter's `usage_by_user`).
 pub type Usage = HashMap<String, Vec<(String, u64)>>;
@@ -97,51 +95,13 @@ pub struct Closed {
     pub paid_out_cents: u64,
 }
 
-/// One line of a statement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StatementLine {
-    pub period: String,
-    pub site: String,
-    /// How many subscribers' use it came from (never who).
-    pub subscribers: u64,
-    pub amount: u64,
-    pub policy_version: u32,
-}
-
-/// Statements live beside the journal, written in the same transaction as
-/// the transfers they describe.
-const STATEMENTS: &str = "CREATE TABLE IF NOT EXISTS statements (
-    period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL, policy_version INTEGER NOT NULL,
-    amount INTEGER NOT NULL, subscribers INTEGER NOT NULL,
-    PRIMARY KEY (period, recipient, site, policy_version)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS period_payouts (
-    period TEXT NOT NULL, recipient TEXT NOT NULL, paid INTEGER NOT NULL,
-    PRIMARY KEY (period, recipient)) WITHOUT ROWID;";
-
 /// What `recipient` (an account name) received, by period and site.
 pub fn statement(
-    journal: &Journal,
+    journal: &mut Journal,
     recipient: &str,
     period: Option<&str>,
-) -> Result<Vec<StatementLine>, rusqlite::Error> {
-    let conn = journal.connection();
-    conn.execute_batch(STATEMENTS)?;
-    let mut stmt = conn.prepare(
-        "SELECT period, site, subscribers, amount, policy_version FROM statements
-         WHERE recipient = ?1 AND (?2 IS NULL OR period = ?2) ORDER BY period, site",
-    )?;
-    let rows = stmt
-        .query_map(params![recipient, period], |r| {
-            Ok(StatementLine {
-                period: r.get(0)?,
-                site: r.get(1)?,
-                subscribers: r.get::<_, i64>(2)? as u64,
-                amount: r.get::<_, i64>(3)? as u64,
-                policy_version: r.get(4)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+) -> Result<Vec<StatementLine>, JournalError> {
+    journal.statement(recipient, period)
 }
 
 /// Statement lines of one batch: (recipient, site) -> (amount, subscribers).
@@ -150,7 +110,7 @@ type Lines = HashMap<(String, String), (u64, u64)>;
 /// Subscribers per batch (one fsync each).
 const BATCH: usize = 8_192;
 
-fn token_transfer(id: u64, from: &str, to: &str, amount: u64, flags: u16) -> Transfer {
+fn token_transfer(id: u64, from: &str, to: &str, amount: u64) -> Transfer {
     Transfer {
         id,
         debit_account_id: account_id(from),
@@ -159,7 +119,7 @@ fn token_transfer(id: u64, from: &str, to: &str, amount: u64, flags: u16) -> Tra
         pending_id: 0,
         ledger: TOKENS,
         code: code::ALLOCATION,
-        flags,
+        flags: 0,
         timeout_ms: 0,
         user_data: 0,
     }
@@ -170,7 +130,7 @@ fn token_transfer(id: u64, from: &str, to: &str, amount: u64, flags: u16) -> Tra
 /// recipients, writes statements.
 ///
 /// Each subscriber's escrow moves whole into the period's clearing account
-/// in one transfer, written in the same transaction as the statement lines
+/// in one transfer, stored in the same transaction as the statement lines
 /// of its exact allocation; recipients are then paid from clearing what the
 /// statements say they are owed and have not been paid yet. So the journal
 /// grows by one transfer per subscriber plus one per recipient (not one per
@@ -188,11 +148,6 @@ pub fn close_period(
         policy_version: ctx.policy.version,
         ..Closed::default()
     };
-    cents
-        .journal
-        .connection()
-        .execute_batch(STATEMENTS)
-        .map_err(JournalError::from)?;
     let clearing = format!("tokens:clearing:{period}");
     cents.ensure_accounts(&[&clearing])?;
     let mut escrows: Vec<(String, u64)> = cents
@@ -250,7 +205,6 @@ pub fn close_period(
             &format!("tokens:escrow:{user}"),
             &clearing,
             held,
-            0,
         ));
         closed.subscribers += 1;
         closed.tokens_allocated += held;
@@ -261,8 +215,9 @@ pub fn close_period(
     }
     submit(cents, &mut batch, period, version, &mut lines)?;
 
-    // Pay every recipient what its statements say and it has not had yet.
-    let owed = owed(cents.journal, period).map_err(JournalError::from)?;
+    // Pay every recipient what its statements say and it has not had yet,
+    // with the record of what was paid, in one transaction.
+    let owed = cents.journal.owed(period)?;
     let names: Vec<&str> = owed.iter().map(|(r, _, _)| r.as_str()).collect();
     cents.ensure_accounts(&names)?;
     let mut received: Vec<(String, u64)> = Vec::new();
@@ -273,29 +228,19 @@ pub fn close_period(
                 &clearing,
                 recipient,
                 total - paid,
-                0,
             ));
             received.push((recipient.clone(), total - paid));
         }
     }
-    let paid_now = received.clone();
-    let record_paid = move |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<()> {
-        let mut up = tx.prepare_cached(
-            "INSERT INTO period_payouts (period, recipient, paid) VALUES (?1, ?2, ?3)
-             ON CONFLICT (period, recipient) DO UPDATE SET paid = paid + excluded.paid",
-        )?;
-        for (r, amount) in &paid_now {
-            up.execute(params![period, r, *amount as i64])?;
-        }
-        Ok(())
-    };
-    // One transaction: the payouts and the record of what was paid.
-    if !batch.is_empty() {
-        let results = cents.journal.create_transfers_with(&batch, &record_paid)?;
-        if let Some(e) = results.into_iter().find_map(Result::err) {
-            return Err(CentsError::Refused(e));
-        }
-    }
+    let paid: Vec<Side> = received
+        .iter()
+        .map(|(r, amount)| Side::Payout {
+            period: period.into(),
+            recipient: r.clone(),
+            paid: *amount,
+        })
+        .collect();
+    apply(cents, &batch, &paid)?;
     batch.clear();
     debug_assert_eq!(
         cents.tokens(&clearing),
@@ -304,7 +249,6 @@ pub fn close_period(
     );
 
     // Organisations split what they received among their members.
-    received.sort();
     for (org, amount) in &received {
         let Some(split) = registry.splits.get(org) else {
             continue;
@@ -322,20 +266,10 @@ pub fn close_period(
                 org,
                 to,
                 *part,
-                0,
             ));
         }
     }
-    if !batch.is_empty() {
-        if let Some(e) = cents
-            .journal
-            .create_transfers(&batch)?
-            .into_iter()
-            .find_map(Result::err)
-        {
-            return Err(CentsError::Refused(e));
-        }
-    }
+    apply(cents, &batch, &[])?;
 
     // Recipients that asked to be paid out in cash.
     for account in &registry.auto_redeem {
@@ -349,26 +283,18 @@ pub fn close_period(
     Ok(closed)
 }
 
-/// Per recipient of `period`: (account, owed by the statements, paid so far).
-fn owed(journal: &Journal, period: &str) -> Result<Vec<(String, u64, u64)>, rusqlite::Error> {
-    let conn = journal.connection();
-    let mut stmt = conn.prepare(
-        "SELECT s.recipient, SUM(s.amount), COALESCE((SELECT paid FROM period_payouts p WHERE p.period = ?1 AND p.recipient = s.recipient), 0)
-         FROM statements s WHERE s.period = ?1 GROUP BY s.recipient ORDER BY s.recipient",
-    )?;
-    let rows = stmt
-        .query_map([period], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(rows)
+fn apply(cents: &mut Cents<'_>, batch: &[Transfer], side: &[Side]) -> Result<(), CentsError> {
+    if batch.is_empty() && side.is_empty() {
+        return Ok(());
+    }
+    let results = cents.journal.create_transfers_with(batch, now_ns(), side)?;
+    match results.into_iter().find_map(Result::err) {
+        None => Ok(()),
+        Some(e) => Err(CentsError::Refused(e)),
+    }
 }
 
-/// Writes a batch and its statement lines in one transaction.
+/// Stores a batch of subscribers' transfers with their statement lines.
 fn submit(
     cents: &mut Cents<'_>,
     batch: &mut Vec<Transfer>,
@@ -379,31 +305,22 @@ fn submit(
     if batch.is_empty() {
         return Ok(());
     }
-    let pending = std::mem::take(lines);
-    let write = |tx: &rusqlite::Transaction<'_>| -> rusqlite::Result<()> {
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
-               amount = amount + excluded.amount, subscribers = subscribers + excluded.subscribers",
-        )?;
-        for ((recipient, site), (amount, subscribers)) in &pending {
-            upsert.execute(params![
-                period,
+    let side: Vec<Side> = std::mem::take(lines)
+        .into_iter()
+        .map(
+            |((recipient, site), (amount, subscribers))| Side::Statement {
+                period: period.into(),
                 recipient,
                 site,
-                version,
-                *amount as i64,
-                *subscribers as i64
-            ])?;
-        }
-        Ok(())
-    };
-    let results = cents.journal.create_transfers_with(batch, &write)?;
+                policy_version: version,
+                amount,
+                subscribers,
+            },
+        )
+        .collect();
+    apply(cents, batch, &side)?;
     batch.clear();
-    match results.into_iter().find_map(Result::err) {
-        None => Ok(()),
-        Some(e) => Err(CentsError::Refused(e)),
-    }
+    Ok(())
 }
 
 /// The recipient account a statement or split refers to, from a short name:

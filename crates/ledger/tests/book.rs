@@ -341,7 +341,7 @@ fn crash_between_journal_write_and_checkpoint_is_harmless() {
         &merkle::from_hex(&second.root).unwrap()
     ));
     let pk = &first.public_key;
-    let text = export::export(&j).unwrap();
+    let text = export::export(&mut j).unwrap();
     let v = export::verify(&text, pk).unwrap();
     assert_eq!((v.entries, v.checkpoints, v.signed_size), (4, 2, 4));
     std::fs::remove_dir_all(dir).unwrap();
@@ -357,7 +357,7 @@ fn tampering_with_an_export_is_detected() {
     j.create_transfers(&[t(1, 1, 2, 1_000), t(2, 2, 3, 250)])
         .unwrap();
     let cp = j.checkpoint(&key).unwrap();
-    let text = export::export(&j).unwrap();
+    let text = export::export(&mut j).unwrap();
     assert!(export::verify(&text, &cp.public_key).is_ok());
 
     // Change an amount: consistent on its own, but not what was signed.

@@ -1,0 +1,442 @@
+//! Where the journal lives: SQLite (the embedded default) or PostgreSQL
+//! (scale-out). Both keep the same tables — the journal's entries, signed
+//! checkpoints, and the statements and payouts written beside a batch — and
+//! both write a batch and its side records in one durable transaction.
+
+use std::path::Path;
+
+use rusqlite::params;
+
+use crate::journal::{Checkpoint, JournalError};
+
+/// A record written in the same transaction as a batch of entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Side {
+    /// Adds to a statement line.
+    Statement {
+        period: String,
+        recipient: String,
+        site: String,
+        policy_version: u32,
+        amount: u64,
+        subscribers: u64,
+    },
+    /// Adds to what a recipient has been paid for a period.
+    Payout {
+        period: String,
+        recipient: String,
+        paid: u64,
+    },
+}
+
+/// A line of a recipient's statement, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StatementLine {
+    pub period: String,
+    pub site: String,
+    /// How many subscribers' use it came from (never who).
+    pub subscribers: u64,
+    pub amount: u64,
+    pub policy_version: u32,
+}
+
+/// The journal's persistence.
+pub trait Store: Send {
+    /// Every entry, in order, as stored (text or bytes).
+    fn load(&mut self) -> Result<Vec<Vec<u8>>, JournalError>;
+    /// Appends `entries` at sequence numbers `start..` and applies `side`,
+    /// all in one durable transaction. `fail_after` (tests) aborts it after
+    /// that many entries, as a crash would.
+    fn append(
+        &mut self,
+        start: u64,
+        entries: &[Vec<u8>],
+        side: &[Side],
+        fail_after: Option<usize>,
+    ) -> Result<(), JournalError>;
+    fn put_checkpoint(&mut self, c: &Checkpoint) -> Result<(), JournalError>;
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>, JournalError>;
+    /// Statement lines of a recipient (account name), by period and site.
+    fn statement(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<StatementLine>, JournalError>;
+    /// Per recipient of a period: (account, owed by the statements, paid so far).
+    fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError>;
+}
+
+const SQLITE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tree_size INTEGER PRIMARY KEY, root TEXT NOT NULL, timestamp_ms INTEGER NOT NULL,
+    public_key TEXT NOT NULL, signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS statements (
+    period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL, policy_version INTEGER NOT NULL,
+    amount INTEGER NOT NULL, subscribers INTEGER NOT NULL,
+    PRIMARY KEY (period, recipient, site, policy_version)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS period_payouts (
+    period TEXT NOT NULL, recipient TEXT NOT NULL, paid INTEGER NOT NULL,
+    PRIMARY KEY (period, recipient)) WITHOUT ROWID;
+";
+
+const STATEMENT_SQL: &str =
+    "SELECT period, site, subscribers, amount, policy_version FROM statements
+     WHERE recipient = $1 AND ($2::text IS NULL OR period = $2) ORDER BY period, site";
+const OWED_SQL: &str = "SELECT s.recipient, CAST(SUM(s.amount) AS BIGINT),
+       COALESCE((SELECT paid FROM period_payouts p WHERE p.period = $1 AND p.recipient = s.recipient), 0)
+     FROM statements s WHERE s.period = $1 GROUP BY s.recipient ORDER BY s.recipient";
+
+/// The embedded store: one SQLite file in WAL mode, fsynced at every commit.
+pub struct SqliteStore {
+    conn: rusqlite::Connection,
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, JournalError> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Durable: the WAL is fsynced at every commit, i.e. once per batch.
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "cache_size", -262_144)?; // 256 MiB
+        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
+        conn.execute_batch(SQLITE_SCHEMA)?;
+        Ok(SqliteStore { conn })
+    }
+}
+
+impl Store for SqliteStore {
+    fn load(&mut self) -> Result<Vec<Vec<u8>>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, entry FROM journal ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq = row.get::<_, i64>(0)? as u64;
+            if seq != out.len() as u64 {
+                return Err(JournalError::Malformed {
+                    seq,
+                    message: format!("a gap: entry {} is missing", out.len()),
+                });
+            }
+            // Text or blob: an edited row must still be read and judged.
+            let bytes = row
+                .get_ref(1)?
+                .as_bytes()
+                .map_err(|e| JournalError::Malformed {
+                    seq,
+                    message: e.to_string(),
+                })?;
+            out.push(bytes.to_vec());
+        }
+        Ok(out)
+    }
+
+    fn append(
+        &mut self,
+        start: u64,
+        entries: &[Vec<u8>],
+        side: &[Side],
+        fail_after: Option<usize>,
+    ) -> Result<(), JournalError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert =
+                tx.prepare_cached("INSERT INTO journal (seq, entry) VALUES (?1, ?2)")?;
+            for (i, b) in entries.iter().enumerate() {
+                if fail_after == Some(i) {
+                    // Dropping the transaction without commit: as if we died here.
+                    return Err(JournalError::Injected);
+                }
+                insert.execute(params![(start + i as u64) as i64, b])?;
+            }
+            let mut statement = tx.prepare_cached(
+                "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
+                   amount = amount + excluded.amount, subscribers = subscribers + excluded.subscribers",
+            )?;
+            let mut payout = tx.prepare_cached(
+                "INSERT INTO period_payouts (period, recipient, paid) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (period, recipient) DO UPDATE SET paid = paid + excluded.paid",
+            )?;
+            for s in side {
+                match s {
+                    Side::Statement {
+                        period,
+                        recipient,
+                        site,
+                        policy_version,
+                        amount,
+                        subscribers,
+                    } => {
+                        statement.execute(params![
+                            period,
+                            recipient,
+                            site,
+                            policy_version,
+                            *amount as i64,
+                            *subscribers as i64
+                        ])?;
+                    }
+                    Side::Payout {
+                        period,
+                        recipient,
+                        paid,
+                    } => {
+                        payout.execute(params![period, recipient, *paid as i64])?;
+                    }
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_checkpoint(&mut self, c: &Checkpoint) -> Result<(), JournalError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (tree_size, root, timestamp_ms, public_key, signature) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![c.tree_size as i64, c.root, c.timestamp_ms as i64, c.public_key, c.signature],
+        )?;
+        Ok(())
+    }
+
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT tree_size, root, timestamp_ms, public_key, signature FROM checkpoints ORDER BY tree_size")?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Checkpoint {
+                    tree_size: r.get::<_, i64>(0)? as u64,
+                    root: r.get(1)?,
+                    timestamp_ms: r.get::<_, i64>(2)? as u64,
+                    public_key: r.get(3)?,
+                    signature: r.get(4)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn statement(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<StatementLine>, JournalError> {
+        let sql = STATEMENT_SQL.replace("$2::text", "?2").replace('$', "?");
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt
+            .query_map(params![recipient, period], |r| {
+                Ok(StatementLine {
+                    period: r.get(0)?,
+                    site: r.get(1)?,
+                    subscribers: r.get::<_, i64>(2)? as u64,
+                    amount: r.get::<_, i64>(3)? as u64,
+                    policy_version: r.get(4)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
+        let mut stmt = self.conn.prepare(&OWED_SQL.replace('$', "?"))?;
+        let rows = stmt
+            .query_map([period], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+}
+
+const PG_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS journal (seq BIGINT PRIMARY KEY, entry BYTEA NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    tree_size BIGINT PRIMARY KEY, root TEXT NOT NULL, timestamp_ms BIGINT NOT NULL,
+    public_key TEXT NOT NULL, signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS statements (
+    period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL, policy_version INTEGER NOT NULL,
+    amount BIGINT NOT NULL, subscribers BIGINT NOT NULL,
+    PRIMARY KEY (period, recipient, site, policy_version));
+CREATE TABLE IF NOT EXISTS period_payouts (
+    period TEXT NOT NULL, recipient TEXT NOT NULL, paid BIGINT NOT NULL,
+    PRIMARY KEY (period, recipient));
+";
+
+/// The scale-out store: PostgreSQL, one transaction per batch (committed
+/// with the server's `synchronous_commit`, i.e. flushed to its WAL).
+pub struct PgStore {
+    client: postgres::Client,
+}
+
+fn pg(e: postgres::Error) -> JournalError {
+    JournalError::Postgres(e.to_string())
+}
+
+impl PgStore {
+    /// Connects (`host=127.0.0.1 user=postgres dbname=commons`, or a URL) and
+    /// creates the tables in `schema` if they do not exist.
+    pub fn connect(url: &str, schema: &str) -> Result<PgStore, JournalError> {
+        if !schema
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(JournalError::Postgres(format!(
+                "invalid schema name {schema:?}"
+            )));
+        }
+        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(pg)?;
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {PG_SCHEMA}"
+            ))
+            .map_err(pg)?;
+        Ok(PgStore { client })
+    }
+}
+
+impl Store for PgStore {
+    fn load(&mut self) -> Result<Vec<Vec<u8>>, JournalError> {
+        let rows = self
+            .client
+            .query("SELECT seq, entry FROM journal ORDER BY seq", &[])
+            .map_err(pg)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let seq: i64 = row.get(0);
+            if seq as u64 != out.len() as u64 {
+                return Err(JournalError::Malformed {
+                    seq: seq as u64,
+                    message: format!("a gap: entry {} is missing", out.len()),
+                });
+            }
+            out.push(row.get::<_, Vec<u8>>(1));
+        }
+        Ok(out)
+    }
+
+    fn append(
+        &mut self,
+        start: u64,
+        entries: &[Vec<u8>],
+        side: &[Side],
+        fail_after: Option<usize>,
+    ) -> Result<(), JournalError> {
+        let mut tx = self.client.transaction().map_err(pg)?;
+        let n = fail_after.unwrap_or(entries.len()).min(entries.len());
+        // One round trip for the whole batch.
+        let seqs: Vec<i64> = (0..n as u64).map(|i| (start + i) as i64).collect();
+        let bytes: Vec<&[u8]> = entries[..n].iter().map(Vec::as_slice).collect();
+        tx.execute(
+            "INSERT INTO journal (seq, entry) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
+            &[&seqs, &bytes],
+        )
+        .map_err(pg)?;
+        if fail_after.is_some_and(|f| f < entries.len()) {
+            // Dropping the transaction rolls it back: as if we died here.
+            return Err(JournalError::Injected);
+        }
+        for s in side {
+            match s {
+                Side::Statement {
+                    period,
+                    recipient,
+                    site,
+                    policy_version,
+                    amount,
+                    subscribers,
+                } => {
+                    tx.execute(
+                        "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
+                           amount = statements.amount + excluded.amount, subscribers = statements.subscribers + excluded.subscribers",
+                        &[period, recipient, site, &(*policy_version as i32), &(*amount as i64), &(*subscribers as i64)],
+                    )
+                    .map_err(pg)?;
+                }
+                Side::Payout {
+                    period,
+                    recipient,
+                    paid,
+                } => {
+                    tx.execute(
+                        "INSERT INTO period_payouts (period, recipient, paid) VALUES ($1, $2, $3)
+                         ON CONFLICT (period, recipient) DO UPDATE SET paid = period_payouts.paid + excluded.paid",
+                        &[period, recipient, &(*paid as i64)],
+                    )
+                    .map_err(pg)?;
+                }
+            }
+        }
+        tx.commit().map_err(pg)
+    }
+
+    fn put_checkpoint(&mut self, c: &Checkpoint) -> Result<(), JournalError> {
+        self.client
+            .execute(
+                "INSERT INTO checkpoints (tree_size, root, timestamp_ms, public_key, signature) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (tree_size) DO UPDATE SET root = $2, timestamp_ms = $3, public_key = $4, signature = $5",
+                &[&(c.tree_size as i64), &c.root, &(c.timestamp_ms as i64), &c.public_key, &c.signature],
+            )
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>, JournalError> {
+        let rows = self
+            .client
+            .query("SELECT tree_size, root, timestamp_ms, public_key, signature FROM checkpoints ORDER BY tree_size", &[])
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| Checkpoint {
+                tree_size: r.get::<_, i64>(0) as u64,
+                root: r.get(1),
+                timestamp_ms: r.get::<_, i64>(2) as u64,
+                public_key: r.get(3),
+                signature: r.get(4),
+            })
+            .collect())
+    }
+
+    fn statement(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<StatementLine>, JournalError> {
+        let rows = self
+            .client
+            .query(STATEMENT_SQL, &[&recipient, &period])
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| StatementLine {
+                period: r.get(0),
+                site: r.get(1),
+                subscribers: r.get::<_, i64>(2) as u64,
+                amount: r.get::<_, i64>(3) as u64,
+                policy_version: r.get::<_, i32>(4) as u32,
+            })
+            .collect())
+    }
+
+    fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
+        let rows = self.client.query(OWED_SQL, &[&period]).map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, String>(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u64,
+                )
+            })
+            .collect())
+    }
+}
