@@ -12,12 +12,12 @@ use commons_ledger::allocation::{Context, Project};
 use commons_ledger::cents::{account_id, Cents, TOKENS};
 use commons_ledger::journal::Journal;
 use commons_ledger::period::{close_period, Registry, Site, Usage};
+use commons_ledger::store::{PgStore, SqliteStore, Store};
 use commons_ledger::{flags, Account, Transfer};
 
-fn main() {
-    let dir = std::env::temp_dir().join(format!("commons-ledger-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut j = Journal::open(&dir.join("ledger.db")).unwrap();
+/// Transfers/s through a journal on `store`: 25 batches of 8,190.
+fn transfers_per_second(store: Box<dyn Store>) -> (f64, Journal) {
+    let mut j = Journal::with_store(store).unwrap();
     let accounts: Vec<Account> = (1..=10_000u64)
         .map(|id| Account {
             id,
@@ -32,7 +32,6 @@ fn main() {
         })
         .collect();
     j.create_accounts(&accounts).unwrap();
-
     let batch_size = 8_190;
     let batches = 25;
     let mut id = 0u64;
@@ -74,12 +73,33 @@ fn main() {
         );
     }
     let secs = start.elapsed().as_secs_f64();
-    let n = (batch_size * batches) as f64;
     j.book().check().unwrap();
-    println!(
-        "ledger (SQLite, fsync per batch of {batch_size}): {:.0} transfers/s ({n} in {secs:.2}s)",
-        n / secs
-    );
+    ((batch_size * batches) as f64 / secs, j)
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("commons-ledger-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (rate, j) =
+        transfers_per_second(Box::new(SqliteStore::open(&dir.join("ledger.db")).unwrap()));
+    println!("ledger on SQLite (fsync per batch of 8,190): {rate:.0} transfers/s");
+    drop(j);
+    let url = std::env::var("COMMONS_BENCH_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("ledger_bench_{}", std::process::id());
+    match PgStore::connect(&url, &schema) {
+        Ok(store) => {
+            let (rate, j) = transfers_per_second(Box::new(store));
+            println!(
+                "ledger on PostgreSQL (one transaction per batch of 8,190): {rate:.0} transfers/s"
+            );
+            drop(j);
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .unwrap();
+        }
+        Err(e) => println!("ledger on PostgreSQL: not measured ({e}); set COMMONS_BENCH_POSTGRES"),
+    }
 
     let reopen = Instant::now();
     let j2 = Journal::open(&dir.join("ledger.db")).unwrap();
@@ -90,7 +110,6 @@ fn main() {
     );
 
     drop(j2);
-    drop(j);
 
     // Period close: 100,000 subscribers x 10 sites each, through the journal.
     let mut j = Journal::open(&dir.join("close.db")).unwrap();

@@ -1,0 +1,137 @@
+//! The same journal behaviour on both stores: the embedded SQLite one and
+//! PostgreSQL (a real server; `COMMONS_TEST_POSTGRES` names it, default
+//! `host=127.0.0.1 user=postgres dbname=test`).
+
+use commons_ledger::book::flags::*;
+use commons_ledger::journal::{load_or_create_key, Journal, JournalError};
+use commons_ledger::store::{PgStore, Side, SqliteStore, Store};
+use commons_ledger::{export, Account, Transfer};
+
+fn pg_url() -> String {
+    std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+/// A fresh PostgreSQL schema per test run; the server must be there.
+fn pg(name: &str) -> impl Fn() -> Box<dyn Store> {
+    let schema = format!("ledger_test_{name}_{}", std::process::id());
+    let mut c = postgres::Client::connect(&pg_url(), postgres::NoTls).unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is needed for this test ({}): {e}; `bash scripts/test` starts it",
+            pg_url()
+        )
+    });
+    c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .unwrap();
+    move || Box::new(PgStore::connect(&pg_url(), &schema).unwrap()) as Box<dyn Store>
+}
+
+fn sqlite(name: &str) -> impl Fn() -> Box<dyn Store> {
+    let dir = std::env::temp_dir().join(format!("commons-stores-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    move || Box::new(SqliteStore::open(&dir.join("ledger.db")).unwrap()) as Box<dyn Store>
+}
+
+fn account(id: u64, flags: u16) -> Account {
+    Account {
+        id,
+        ledger: 840,
+        code: 1,
+        flags,
+        name: format!("a{id}"),
+    }
+}
+
+fn t(id: u64, from: u64, to: u64, amount: u64) -> Transfer {
+    Transfer {
+        id,
+        debit_account_id: from,
+        credit_account_id: to,
+        amount,
+        pending_id: 0,
+        ledger: 840,
+        code: 1,
+        flags: 0,
+        timeout_ms: 0,
+        user_data: 0,
+    }
+}
+
+/// The suite both stores pass.
+fn suite(open: impl Fn() -> Box<dyn Store>) {
+    let mut j = Journal::with_store(open()).unwrap();
+    j.create_accounts(&[
+        account(1, 0),
+        account(2, DEBITS_MUST_NOT_EXCEED_CREDITS),
+        account(3, 0),
+    ])
+    .unwrap();
+    let r = j
+        .create_transfers(&[t(1, 1, 2, 100), t(2, 2, 3, 40)])
+        .unwrap();
+    assert!(r.iter().all(|r| r.is_ok()));
+    // A batch that dies half-way leaves nothing behind.
+    j.fail_next_batch_after(1);
+    assert!(matches!(
+        j.create_transfers(&[t(3, 1, 2, 5), t(4, 1, 2, 6)]),
+        Err(JournalError::Injected)
+    ));
+    assert!(j.book().transfer(3).is_none());
+    // Side records go with their batch.
+    let side = [
+        Side::Statement {
+            period: "2026-11".into(),
+            recipient: "r".into(),
+            site: "s".into(),
+            policy_version: 1,
+            amount: 7,
+            subscribers: 1,
+        },
+        Side::Statement {
+            period: "2026-11".into(),
+            recipient: "r".into(),
+            site: "s".into(),
+            policy_version: 1,
+            amount: 5,
+            subscribers: 1,
+        },
+        Side::Payout {
+            period: "2026-11".into(),
+            recipient: "r".into(),
+            paid: 4,
+        },
+    ];
+    j.create_transfers_with(&[t(5, 1, 3, 1)], commons_ledger::journal::now_ns(), &side)
+        .unwrap();
+    let st = j.statement("r", Some("2026-11")).unwrap();
+    assert_eq!((st.len(), st[0].amount, st[0].subscribers), (1, 12, 2));
+    let key = load_or_create_key(
+        &std::env::temp_dir().join(format!("commons-stores-key-{}", std::process::id())),
+    )
+    .unwrap();
+    let cp = j.checkpoint(&key).unwrap();
+    let root = j.tree().root();
+    drop(j);
+
+    // Reopened from the store: the same balances, root and checkpoints.
+    let mut j = Journal::with_store(open()).unwrap();
+    assert_eq!(j.tree().root(), root);
+    assert_eq!(j.tree().len(), 6);
+    assert_eq!(j.book().account(2).unwrap().1.credits_posted, 100);
+    assert_eq!(j.book().account(3).unwrap().1.credits_posted, 41);
+    assert!(j.book().transfer(3).is_none());
+    assert_eq!(j.checkpoints().unwrap(), [cp.clone()]);
+    let text = export::export(&mut j).unwrap();
+    assert_eq!(export::verify(&text, &cp.public_key).unwrap().entries, 6);
+}
+
+#[test]
+fn sqlite_store_passes_the_suite() {
+    suite(sqlite("suite"));
+}
+
+#[test]
+fn postgres_store_passes_the_suite() {
+    suite(pg("suite"));
+}
