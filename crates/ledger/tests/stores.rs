@@ -121,7 +121,7 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
     assert_eq!(j.book().account(2).unwrap().1.credits_posted, 100);
     assert_eq!(j.book().account(3).unwrap().1.credits_posted, 41);
     assert!(j.book().transfer(3).is_none());
-    assert_eq!(j.checkpoints().unwrap(), [cp.clone()]);
+    assert_eq!(j.checkpoints().unwrap(), std::slice::from_ref(&cp));
     let text = export::export(&mut j).unwrap();
     assert_eq!(export::verify(&text, &cp.public_key).unwrap().entries, 6);
 }
