@@ -119,6 +119,15 @@ enum Command {
     },
     /// Print the JSON Schema of commons.yaml, for editors.
     Schema,
+    /// Run the platform's API (usage ingest, payment webhooks, tiers) on this machine.
+    Serve {
+        /// Address to listen on (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:8070", env = "COMMONS_LISTEN")]
+        listen: String,
+    },
+    /// API tokens: scoped, shown once, stored hashed.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Usage events: ingest them, see aggregates.
     #[command(subcommand)]
     Usage(money::UsageCommand),
@@ -149,6 +158,22 @@ enum Command {
         #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
         jobs: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; it is printed once and only its hash is kept.
+    Create {
+        /// What the token is for.
+        name: String,
+        /// usage:write, usage:read or billing:read (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+    },
+    /// List tokens (never their values).
+    List,
+    /// Revoke a token by id.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -336,6 +361,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::List => output::list(&engine()?.list()?, json),
         Command::Ledger(cmd) => ledger::run(cmd, &home, json),
         Command::Usage(cmd) => money::usage(cmd, &home, json),
+        Command::Serve { listen } => serve(&home, &listen),
+        Command::Token(cmd) => token(&home, cmd, json),
         Command::Subscribe(args) => money::subscribe(&home, args, json),
         Command::Period(PeriodCommand::Close { period }) => money::close(&home, &period, json),
         Command::Statement { recipient, period } => {
@@ -374,6 +401,81 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+    }
+}
+
+fn serve(home: &std::path::Path, listen: &str) -> Result<(), Failure> {
+    let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let state = commons_server::AppState::open(home, None, secret)
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the async runtime starts");
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| Failure::Input(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        eprintln!(
+            "{:>12} http://{addr} (data in {})",
+            "Listening",
+            home.display()
+        );
+        commons_server::serve(listener, std::sync::Arc::new(state))
+            .await
+            .map_err(|e| Failure::Failed(e.to_string()))
+    })
+}
+
+fn token(home: &std::path::Path, cmd: TokenCommand, json: bool) -> Result<(), Failure> {
+    let tokens = commons_server::Tokens::new(home);
+    match cmd {
+        TokenCommand::Create { name, scopes } => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            let (token, record) = tokens.create(&name, &scopes, now).map_err(Failure::Input)?;
+            if json {
+                output::json(
+                    &serde_json::json!({ "token": token, "id": record.id, "scopes": record.scopes }),
+                );
+            } else {
+                println!("{token}");
+                eprintln!(
+                    "{:>12} token {} ({}); it is shown only now",
+                    "Created",
+                    record.id,
+                    record.scopes.join(", ")
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::List => {
+            let all = tokens.list().map_err(|e| Failure::Failed(e.to_string()))?;
+            if json {
+                let v: Vec<_> = all
+                    .iter()
+                    .map(|r| serde_json::json!({ "id": r.id, "name": r.name, "scopes": r.scopes }))
+                    .collect();
+                output::json(&v);
+            } else {
+                for r in all {
+                    println!("{}  {}  {}", r.id, r.name, r.scopes.join(","));
+                }
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { id } => match tokens.revoke(&id).map_err(Failure::Failed)? {
+            true => Ok(()),
+            false => Err(Failure::Input(format!("no token with id \"{id}\""))),
+        },
     }
 }
 

@@ -1,0 +1,339 @@
+//! The control plane's HTTP API, run by `commons serve`.
+//!
+//! What it serves today:
+//! - `POST /api/usage/events` — a batch of usage events (CloudEvents JSON
+//!   array), bearer token with scope `usage:write`. 200 when every event was
+//!   accepted or was a duplicate; otherwise the most serious rejection's
+//!   status (409 conflict, 422 late, 400 invalid) with an RFC 9457 problem
+//!   document listing every event's outcome. `?backfill=ID` admits late events
+//!   as an adjustment.
+//! - `POST /api/payments/stripe/webhook` — Stripe's notifications, verified
+//!   with the endpoint's signing secret (`COMMONS_STRIPE_WEBHOOK_SECRET`).
+//! - `GET /api/users/{user}/tier` — the tier the gateway tells apps
+//!   (scope `billing:read`).
+//! - `GET /healthz`.
+//!
+//! Every store is the embedded one under `COMMONS_HOME`. Errors are RFC 9457
+//! problem JSON; a secret never appears in a response or a log line.
+
+pub mod tokens;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+
+use commons_ledger::billing::{default_tiers, Billing, Tier};
+use commons_ledger::cents::Cents;
+use commons_ledger::journal::Journal;
+use commons_ledger::payments::{PaymentProvider, Stripe};
+use commons_meter::{Event, Meter, Outcome};
+
+pub use tokens::Tokens;
+
+/// Late events for a period are taken this long after it ends.
+pub const GRACE_MS: i64 = 3 * 86_400_000;
+
+/// What the handlers share. Each store is behind its own lock: SQLite
+/// connections serve one caller at a time, and a request holds a lock only
+/// for its own short transaction.
+pub struct AppState {
+    pub home: PathBuf,
+    pub meter: Mutex<Meter>,
+    pub journal: Mutex<Journal>,
+    pub billing: Mutex<Billing>,
+    pub stripe: Option<Stripe>,
+    pub tokens: Tokens,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Open(String),
+}
+
+impl AppState {
+    /// Opens every store under `home`.
+    pub fn open(
+        home: &Path,
+        tiers: Option<Vec<Tier>>,
+        stripe_secret: Option<String>,
+    ) -> Result<AppState, ServeError> {
+        let err = |what: &str, e: &dyn std::fmt::Display| ServeError::Open(format!("{what}: {e}"));
+        for dir in ["meter", "ledger"] {
+            std::fs::create_dir_all(home.join(dir)).map_err(|e| err(dir, &e))?;
+        }
+        Ok(AppState {
+            home: home.to_path_buf(),
+            meter: Mutex::new(
+                Meter::open(&home.join("meter/meter.db"), GRACE_MS)
+                    .map_err(|e| err("meter", &e))?,
+            ),
+            journal: Mutex::new(
+                Journal::open(&home.join("ledger/ledger.db")).map_err(|e| err("ledger", &e))?,
+            ),
+            billing: Mutex::new(
+                Billing::open(
+                    &home.join("ledger/billing.db"),
+                    tiers.unwrap_or_else(default_tiers),
+                )
+                .map_err(|e| err("billing", &e))?,
+            ),
+            stripe: stripe_secret.map(Stripe::new),
+            tokens: Tokens::new(home),
+        })
+    }
+}
+
+/// An RFC 9457 problem document.
+fn problem(
+    status: StatusCode,
+    title: &str,
+    detail: impl Into<String>,
+    extra: Option<serde_json::Value>,
+) -> Response {
+    let mut body = serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (extra, body.as_object_mut()) {
+        obj.extend(extra);
+    }
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn authorise(state: &AppState, headers: &HeaderMap, scope: &str) -> Result<(), Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        None => Err(problem(
+            StatusCode::UNAUTHORIZED,
+            "Authentication required",
+            format!("send `Authorization: Bearer TOKEN`; `commons token create --scope {scope}` makes one"),
+            None,
+        )),
+        Some(t) if state.tokens.authorise(t.trim(), scope).is_some() => Ok(()),
+        Some(_) => Err(problem(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            format!("this token is unknown, revoked, or lacks the scope {scope}"),
+            None,
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct IngestParams {
+    backfill: Option<String>,
+}
+
+async fn ingest(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Query<IngestParams>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorise(&state, &headers, "usage:write") {
+        return r;
+    }
+    let events: Vec<Event> = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Malformed events",
+                format!("expected a JSON array of CloudEvents: {e}"),
+                None,
+            )
+        }
+    };
+    if events.len() > 100_000 {
+        return problem(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Batch too large",
+            "send at most 100,000 events per request",
+            None,
+        );
+    }
+    let state2 = state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut meter = state2.meter.lock().expect("meter lock");
+        meter.ingest(&events, params.backfill.as_deref())
+    })
+    .await;
+    let outcomes = match result {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Metering failed",
+                e.to_string(),
+                None,
+            )
+        }
+        Err(_) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Metering failed",
+                "the ingest task stopped",
+                None,
+            )
+        }
+    };
+    let worst = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Rejected(r) => Some(r.status()),
+            _ => None,
+        })
+        .max_by_key(|s| match s {
+            409 => 3,
+            422 => 2,
+            _ => 1,
+        });
+    let accepted = outcomes.iter().filter(|o| **o == Outcome::Accepted).count();
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| **o == Outcome::Duplicate)
+        .count();
+    let body =
+        serde_json::json!({ "accepted": accepted, "duplicates": duplicates, "outcomes": outcomes });
+    match worst {
+        None => (StatusCode::OK, Json(body)).into_response(),
+        Some(code) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+            let title = match code {
+                409 => "Conflicting events",
+                422 => "Late events",
+                _ => "Invalid events",
+            };
+            let rejected = outcomes.len() - accepted - duplicates;
+            problem(
+                status,
+                title,
+                format!(
+                    "{rejected} of {} events were rejected; the others were recorded",
+                    outcomes.len()
+                ),
+                Some(body),
+            )
+        }
+    }
+}
+
+async fn stripe_webhook(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(stripe) = &state.stripe else {
+        return problem(
+            StatusCode::NOT_FOUND,
+            "Stripe is not configured",
+            "set COMMONS_STRIPE_WEBHOOK_SECRET",
+            None,
+        );
+    };
+    let signature = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let event = match stripe.webhook(signature, &body, now_s) {
+        Ok(e) => e,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Webhook refused",
+                e.to_string(),
+                None,
+            )
+        }
+    };
+    let state2 = state.clone();
+    let handled = tokio::task::spawn_blocking(move || {
+        let billing = state2.billing.lock().expect("billing lock");
+        let mut journal = state2.journal.lock().expect("journal lock");
+        let mut cents = Cents {
+            journal: &mut journal,
+        };
+        billing.handle(&event, &mut cents, now_s * 1000)
+    })
+    .await;
+    match handled {
+        Ok(Ok(h)) => (StatusCode::OK, Json(serde_json::json!({ "handled": h }))).into_response(),
+        // A failure we can fix by retrying later: Stripe retries on 5xx.
+        Ok(Err(e)) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Payment not recorded",
+            e.to_string(),
+            None,
+        ),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Payment not recorded",
+            "the task stopped",
+            None,
+        ),
+    }
+}
+
+async fn tier(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(user): UrlPath<String>,
+) -> Response {
+    if let Err(r) = authorise(&state, &headers, "billing:read") {
+        return r;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let billing = state.billing.lock().expect("billing lock");
+    match billing.current_tier(&user, now) {
+        Ok(t) => Json(serde_json::json!({ "user": user, "tier": t })).into_response(),
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Tier lookup failed",
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/api/usage/events", post(ingest))
+        .route("/api/payments/stripe/webhook", post(stripe_webhook))
+        .route("/api/users/{user}/tier", get(tier))
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
+        // Event batches are large; the default 2 MiB limit would cut them.
+        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until the process is stopped.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}

@@ -1,0 +1,137 @@
+//! API tokens: scoped, shown once, stored hashed, revocable.
+//!
+//! A token is `cmns_` followed by 32 random characters. Only its SHA-256 is
+//! stored (in `COMMONS_HOME/tokens.json`, mode 0600), so a leaked file does
+//! not leak a usable token.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// What a token may do.
+pub const SCOPES: &[&str] = &["usage:write", "usage:read", "billing:read"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub scopes: Vec<String>,
+    /// Hex SHA-256 of the token.
+    pub hash: String,
+    pub created_ms: i64,
+}
+
+fn hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn random(n: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::new();
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        getrandom::getrandom(&mut buf).expect("the OS random number generator works");
+        for &b in &buf {
+            // 252 = 36 * 7: no modulo bias.
+            if b < 252 && out.len() < n {
+                out.push(ALPHABET[(b % 36) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+/// The token file of a data directory.
+pub struct Tokens {
+    path: PathBuf,
+}
+
+impl Tokens {
+    pub fn new(home: &Path) -> Tokens {
+        Tokens {
+            path: home.join("tokens.json"),
+        }
+    }
+
+    pub fn list(&self) -> std::io::Result<Vec<TokenRecord>> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn save(&self, records: &[TokenRecord]) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(records).expect("json"))?;
+        f.sync_all()?;
+        std::fs::rename(tmp, &self.path)
+    }
+
+    /// Creates a token; returns it (the only time it is seen) and its record.
+    pub fn create(
+        &self,
+        name: &str,
+        scopes: &[String],
+        now_ms: i64,
+    ) -> Result<(String, TokenRecord), String> {
+        for s in scopes {
+            if !SCOPES.contains(&s.as_str()) {
+                return Err(format!(
+                    "unknown scope \"{s}\"; scopes are {}",
+                    SCOPES.join(", ")
+                ));
+            }
+        }
+        if scopes.is_empty() {
+            return Err(format!(
+                "give the token at least one scope: {}",
+                SCOPES.join(", ")
+            ));
+        }
+        let token = format!("cmns_{}", random(32));
+        let record = TokenRecord {
+            id: random(8),
+            name: name.into(),
+            scopes: scopes.to_vec(),
+            hash: hash(&token),
+            created_ms: now_ms,
+        };
+        let mut all = self.list().map_err(|e| e.to_string())?;
+        all.push(record.clone());
+        self.save(&all).map_err(|e| e.to_string())?;
+        Ok((token, record))
+    }
+
+    pub fn revoke(&self, id: &str) -> Result<bool, String> {
+        let mut all = self.list().map_err(|e| e.to_string())?;
+        let before = all.len();
+        all.retain(|r| r.id != id);
+        self.save(&all).map_err(|e| e.to_string())?;
+        Ok(all.len() < before)
+    }
+
+    /// The record of `token` if it exists and has `scope`.
+    pub fn authorise(&self, token: &str, scope: &str) -> Option<TokenRecord> {
+        let h = hash(token);
+        self.list()
+            .ok()?
+            .into_iter()
+            .find(|r| r.hash == h && r.scopes.iter().any(|s| s == scope))
+    }
+}
