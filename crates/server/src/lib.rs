@@ -115,25 +115,25 @@ fn problem(
         .into_response()
 }
 
-fn authorise(state: &AppState, headers: &HeaderMap, scope: &str) -> Result<(), Response> {
+fn authorise(state: &AppState, headers: &HeaderMap, scope: &str) -> Result<(), Box<Response>> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match token {
-        None => Err(problem(
+        None => Err(Box::new(problem(
             StatusCode::UNAUTHORIZED,
             "Authentication required",
             format!("send `Authorization: Bearer TOKEN`; `commons token create --scope {scope}` makes one"),
             None,
-        )),
+        ))),
         Some(t) if state.tokens.authorise(t.trim(), scope).is_some() => Ok(()),
-        Some(_) => Err(problem(
+        Some(_) => Err(Box::new(problem(
             StatusCode::FORBIDDEN,
             "Not allowed",
             format!("this token is unknown, revoked, or lacks the scope {scope}"),
             None,
-        )),
+        ))),
     }
 }
 
@@ -149,7 +149,7 @@ async fn ingest(
     body: Bytes,
 ) -> Response {
     if let Err(r) = authorise(&state, &headers, "usage:write") {
-        return r;
+        return *r;
     }
     let events: Vec<Event> = match serde_json::from_slice(&body) {
         Ok(e) => e,
@@ -302,7 +302,7 @@ async fn tier(
     UrlPath(user): UrlPath<String>,
 ) -> Response {
     if let Err(r) = authorise(&state, &headers, "billing:read") {
-        return r;
+        return *r;
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
