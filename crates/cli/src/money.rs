@@ -51,7 +51,7 @@ pub enum UsageCommand {
         /// A numeric field of the events, or events:TYPE.
         #[arg(long, default_value = "events:request")]
         metric: String,
-        /// sum, count or max.
+        /// sum, count, max, or unique:FIELD (distinct users, sites, ... e.g. unique:user).
         #[arg(long, default_value = "sum")]
         aggregation: String,
         /// Only this billing period (YYYY-MM).
@@ -195,20 +195,32 @@ pub fn usage(cmd: UsageCommand, home: &Path, json: bool) -> Result<(), Failure> 
                     )))
                 }
             };
+            let (from_ms, to_ms) = match &period {
+                Some(p) => commons_meter::period_bounds(p)
+                    .ok_or_else(|| Failure::Input(format!("\"{p}\" is not a period (YYYY-MM)")))?,
+                None => (0, i64::MAX),
+            };
+            // unique:FIELD counts distinct users (or sites, ...) exactly, over the whole range.
+            if let Some(field) = aggregation.strip_prefix("unique:") {
+                let n = m
+                    .unique_count(&dimension, &value, field, from_ms, to_ms)
+                    .map_err(|e| Failure::Input(e.to_string()))?;
+                if json {
+                    output::json(&serde_json::json!({ "unique": field, "count": n }));
+                } else {
+                    println!("{n}");
+                }
+                return Ok(());
+            }
             let aggregation = match aggregation.as_str() {
                 "sum" => Aggregation::Sum,
                 "count" => Aggregation::Count,
                 "max" => Aggregation::Max,
                 other => {
                     return Err(Failure::Input(format!(
-                        "unknown aggregation \"{other}\": use sum, count or max"
+                        "unknown aggregation \"{other}\": use sum, count, max or unique:FIELD (e.g. unique:user)"
                     )))
                 }
-            };
-            let (from_ms, to_ms) = match &period {
-                Some(p) => commons_meter::period_bounds(p)
-                    .ok_or_else(|| Failure::Input(format!("\"{p}\" is not a period (YYYY-MM)")))?,
-                None => (0, i64::MAX),
             };
             let q = Query {
                 window,

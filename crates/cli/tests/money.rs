@@ -94,6 +94,18 @@ fn payment_usage_close_statement() {
         300.0
     );
 
+    let unique = s
+        .ok(&[
+            "usage",
+            "show",
+            "site",
+            "S",
+            "--aggregation",
+            "unique:user",
+            "--json",
+        ])
+        .json();
+    assert_eq!(unique["count"], 1);
     let closed = s.ok(&["period", "close", period, "--json"]).json();
     assert_eq!(closed["subscribers"], 1);
     assert_eq!(closed["tokens_allocated"], 470);
