@@ -675,3 +675,39 @@ components:
         .collect();
     assert_eq!(acting, ["lib.files"]);
 }
+
+#[test]
+fn the_state_store_can_be_postgresql() {
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("engine_state_{}", std::process::id());
+    let s = Sandbox::new("pgstate");
+    s.blueprint("name: pgstate\ninputs:\n  x: { default: one }\ncomponents:\n  a: { job: \"echo ${inputs.x} >> $COMMONS_DATA_DIR/runs\" }\n");
+    let run = |args: &[&str]| {
+        let out = s
+            .cmd(args)
+            .env("COMMONS_DATABASE_URL", &url)
+            .env("COMMONS_DATABASE_SCHEMA", &schema)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "commons {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    run(&["deploy"]);
+    run(&["deploy", "-i", "x=two"]);
+    let status: serde_json::Value =
+        serde_json::from_slice(&run(&["status", "pgstate", "--json"]).stdout).unwrap();
+    assert_eq!(status["components"][0]["last_task"]["run"], 2);
+    assert_eq!(lines(&data_file(&s, "pgstate", "runs")), ["one", "two"]);
+    // The SQLite file was never made: the state lives in PostgreSQL.
+    assert!(!s.home.join("state.db").exists());
+    run(&["destroy", "pgstate"]);
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
+}

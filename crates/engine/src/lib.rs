@@ -167,7 +167,15 @@ impl Engine {
         commons_runtime::layout::private_dir(home)
             .map_err(EngineError::io(format!("creating {}", home.display())))?;
         let layout = Layout::new(home);
-        let store = Arc::new(SqliteStore::open(&layout.state_db())?);
+        // The embedded store by default; PostgreSQL when the platform names one.
+        let store: Arc<dyn StateStore> = match std::env::var("COMMONS_DATABASE_URL") {
+            Ok(url) if !url.is_empty() => {
+                let schema =
+                    std::env::var("COMMONS_DATABASE_SCHEMA").unwrap_or_else(|_| "commons".into());
+                Arc::new(commons_store::PgStore::connect(&url, &schema)?)
+            }
+            _ => Arc::new(SqliteStore::open(&layout.state_db())?),
+        };
         let secrets = secrets::SecretBox::open(&layout.secrets_key())?;
         Ok(Engine {
             layout,

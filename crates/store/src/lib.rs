@@ -2,13 +2,16 @@
 //!
 //! [`StateStore`] is what the engine needs: deployments, the recorded state
 //! of their components, and the log of runs and tasks. [`SqliteStore`] is the
-//! embedded default (one file, WAL). A PostgreSQL implementation of the same
-//! trait comes with the control plane; nothing outside this crate sees SQL.
+//! embedded default (one file, WAL); [`PgStore`] keeps the same tables on a
+//! PostgreSQL server. Both pass the same test suite; nothing outside this
+//! crate sees SQL.
 
+mod pg;
 mod sqlite;
 
 use serde::{Deserialize, Serialize};
 
+pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A store failure. Storage errors are not the user's fault: they carry the
@@ -19,6 +22,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("state store holds malformed data: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("state store (PostgreSQL): {0}")]
+    Postgres(String),
     #[error("state store at {path}: {message}")]
     Open { path: String, message: String },
 }
@@ -63,7 +68,7 @@ impl ComponentState {
         }
     }
 
-    fn parse(s: &str) -> ComponentState {
+    pub(crate) fn parse(s: &str) -> ComponentState {
         match s {
             "applying" => ComponentState::Applying,
             "ready" => ComponentState::Ready,
