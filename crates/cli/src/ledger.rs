@@ -55,7 +55,7 @@ pub enum LedgerCommand {
 
 fn open(home: &Path) -> Result<Journal, Failure> {
     let dir = home.join("ledger");
-    std::fs::create_dir_all(&dir)
+    commons_server::private_dir(&dir)
         .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
     Journal::open(&dir.join("ledger.db")).map_err(|e| Failure::Failed(e.to_string()))
 }

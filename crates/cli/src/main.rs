@@ -225,6 +225,11 @@ fn default_home() -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    // The sandbox helper: not a user command, and it must start fast.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__sandbox") {
+        commons_runtime::sandbox::helper_main(&args[2..]);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

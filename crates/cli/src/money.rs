@@ -85,7 +85,7 @@ fn config(home: &Path) -> Result<Config, Failure> {
 
 fn ledger_dir(home: &Path) -> Result<PathBuf, Failure> {
     let dir = home.join("ledger");
-    std::fs::create_dir_all(&dir)
+    commons_server::private_dir(&dir)
         .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
     Ok(dir)
 }
@@ -96,7 +96,7 @@ fn journal(home: &Path) -> Result<Journal, Failure> {
 
 fn meter(home: &Path) -> Result<Meter, Failure> {
     let dir = home.join("meter");
-    std::fs::create_dir_all(&dir)
+    commons_server::private_dir(&dir)
         .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
     Meter::open(&dir.join("meter.db"), GRACE_MS).map_err(|e| Failure::Failed(e.to_string()))
 }

@@ -337,6 +337,7 @@ async fn apply_component(
             health: c.health.clone(),
             timeout: c.timeout_ms.map(Duration::from_millis),
             instance: token,
+            resources: c.resources.clone(),
         };
         (attrs, spec)
     };

@@ -267,6 +267,7 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         health: c.health.clone(),
         timeout: None,
         instance: String::new(),
+        resources: c.resources.clone(),
     }
 }
 

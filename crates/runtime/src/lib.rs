@@ -14,6 +14,7 @@ pub mod drivers;
 pub mod health;
 pub mod layout;
 pub mod proc;
+pub mod sandbox;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ pub struct Spec {
     pub timeout: Option<Duration>,
     /// A unique token for this start, so the process can be recognised later.
     pub instance: String,
+    /// Limits enforced when sandboxed.
+    pub resources: commons_blueprint::Resources,
 }
 
 /// What a driver returns once a component is applied.

@@ -83,7 +83,34 @@ pub fn spawn(
         .try_clone()
         .map_err(DriverError::io("duplicating log handle"))?;
 
-    let mut cmd = if command.contains(SHELL_SYNTAX) {
+    let sandboxed = crate::sandbox::enabled();
+    let mut cmd = if sandboxed {
+        let uid = crate::sandbox::uid_for(&layout.home, &spec.deployment)
+            .map_err(DriverError::io("allocating the deployment's user"))?;
+        crate::sandbox::give(&data, uid)
+            .map_err(DriverError::io("handing the data directory to its user"))?;
+        crate::sandbox::traversable(&layout.home, &layout.deployment_dir(&spec.deployment))
+            .map_err(DriverError::io("opening the way to the data directory"))?;
+        let limits = crate::sandbox::Limits {
+            memory_bytes: spec.resources.memory_bytes,
+            cpu_millis: spec.resources.cpu_millis,
+            pids: spec.resources.pids,
+        };
+        let cgroup = format!("{}/{}", spec.deployment, spec.component);
+        let me = std::env::current_exe().map_err(DriverError::io("finding the commons binary"))?;
+        let mut c = Command::new(me);
+        c.arg("__sandbox")
+            .args(crate::sandbox::helper_args(
+                uid,
+                &spec.deployment,
+                &cgroup,
+                &limits,
+                &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
+                command,
+            ))
+            .env("HOME", &data);
+        c
+    } else if command.contains(SHELL_SYNTAX) {
         let mut c = Command::new("/bin/sh");
         c.arg("-c").arg(command);
         c

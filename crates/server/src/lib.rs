@@ -37,6 +37,15 @@ use commons_meter::{Event, Meter, Outcome};
 
 pub use tokens::Tokens;
 
+/// Creates `dir` readable only by the platform (mode 0700).
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Late events for a period are taken this long after it ends.
 pub const GRACE_MS: i64 = 3 * 86_400_000;
 
@@ -67,7 +76,7 @@ impl AppState {
     ) -> Result<AppState, ServeError> {
         let err = |what: &str, e: &dyn std::fmt::Display| ServeError::Open(format!("{what}: {e}"));
         for dir in ["meter", "ledger"] {
-            std::fs::create_dir_all(home.join(dir)).map_err(|e| err(dir, &e))?;
+            private_dir(&home.join(dir)).map_err(|e| err(dir, &e))?;
         }
         Ok(AppState {
             home: home.to_path_buf(),

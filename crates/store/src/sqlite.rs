@@ -74,6 +74,11 @@ impl SqliteStore {
             })?;
         }
         let conn = Connection::open(path)?;
+        // Only the platform reads its state (SQLite gives the WAL the same mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;

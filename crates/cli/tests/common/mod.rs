@@ -80,7 +80,9 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        // Stop whatever a test left running, then remove its files.
+        // Stop whatever a test left running, then remove its files. (The
+        // working directory may be gone if the test removed the sources.)
+        let _ = std::fs::create_dir_all(self.app());
         if let Ok(out) = self.cmd(&["list", "--json"]).output() {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
                 for d in v.as_array().into_iter().flatten() {

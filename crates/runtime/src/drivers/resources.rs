@@ -14,6 +14,23 @@ fn present(outputs: Vec<(String, Option<String>)>) -> Applied {
     }
 }
 
+/// Sandboxed workloads run as their deployment's user: hand it the path.
+fn own(layout: &Layout, deployment: &str, path: &std::path::Path) -> Result<(), DriverError> {
+    if !crate::sandbox::enabled() {
+        return Ok(());
+    }
+    let uid = crate::sandbox::uid_for(&layout.home, deployment)
+        .map_err(DriverError::io("allocating the deployment's user"))?;
+    if let Some(parent) = path.parent() {
+        crate::sandbox::traversable(&layout.home, parent)
+            .map_err(DriverError::io("opening the way to a volume"))?;
+    }
+    crate::sandbox::give(path, uid).map_err(DriverError::io(format!(
+        "handing {} to its user",
+        path.display()
+    )))
+}
+
 fn done<'a>() -> BoxFuture<'a, Result<(), DriverError>> {
     Box::pin(async { Ok(()) })
 }
@@ -94,6 +111,7 @@ impl Driver for VolumeDriver {
                 "creating volume {}",
                 path.display()
             )))?;
+            own(layout, &spec.deployment, &path)?;
             Ok(present(self.planned_outputs(layout, spec, previous)))
         })
     }
@@ -155,6 +173,7 @@ impl Driver for SqliteDriver {
                 .append(true)
                 .open(&path)
                 .map_err(DriverError::io(format!("creating {}", path.display())))?;
+            own(layout, &spec.deployment, &path)?;
             Ok(present(self.planned_outputs(layout, spec, previous)))
         })
     }

@@ -1,0 +1,178 @@
+//! Sandboxed workloads (COMMONS_SANDBOX=1, as root): one site cannot read
+//! another's data, signal or even see its processes, and memory limits hold.
+
+mod common;
+
+use common::*;
+
+fn sandboxed(s: &Sandbox, args: &[&str]) -> Run {
+    Run(s.cmd(args).env("COMMONS_SANDBOX", "1").output().unwrap())
+}
+
+fn root() {
+    assert_eq!(
+        unsafe_geteuid(),
+        0,
+        "sandboxing needs root (a user of its own per site, namespaces, cgroups); run the tests as root"
+    );
+}
+
+fn unsafe_geteuid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+fn uid_of(pid: i64) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn sites_cannot_reach_each_other() {
+    root();
+    let s = Sandbox::new("sandbox");
+    s.write(
+        "b/commons.yaml",
+        r#"name: siteb
+components:
+  secret: { job: "echo b-private > $COMMONS_DATA_DIR/secret" }
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 --directory $COMMONS_DATA_DIR $PORT"
+    after: [secret]
+    health: { http: "/" }
+"#,
+    );
+    let b = sandboxed(&s, &["deploy", "b"]);
+    assert_eq!(b.code(), 0, "{}", b.all());
+    let web = s.component("siteb", "web");
+    let b_pid = web["pid"].as_i64().unwrap();
+    let b_data = s.home.join("deployments/siteb/data");
+    s.write(
+        "a/commons.yaml",
+        r#"name: sitea
+inputs:
+  bdata: { type: string }
+  bpid: { type: string }
+components:
+  probe:
+    job: >-
+      { cat ${inputs.bdata}/secret 2>/dev/null && echo READ || echo denied; } > $COMMONS_DATA_DIR/read;
+      { kill -0 ${inputs.bpid} 2>/dev/null && echo SIGNALLED || echo denied; } > $COMMONS_DATA_DIR/kill;
+      { test -e /proc/${inputs.bpid} && echo SEEN || echo hidden; } > $COMMONS_DATA_DIR/proc;
+      ls /proc | grep -c '^[0-9]' > $COMMONS_DATA_DIR/procs;
+      id -u > $COMMONS_DATA_DIR/uid;
+      touch /tmp/a-was-here; ls /tmp > $COMMONS_DATA_DIR/tmp
+"#,
+    );
+    let bdata = format!("bdata={}", b_data.display());
+    let bpid = format!("bpid={b_pid}");
+    let a = sandboxed(&s, &["deploy", "a", "-i", &bdata, "-i", &bpid]);
+    assert_eq!(a.code(), 0, "{}", a.all());
+    let seen = |f: &str| {
+        std::fs::read_to_string(s.home.join("deployments/sitea/data").join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(seen("read"), "denied", "site A read site B's data");
+    assert_eq!(
+        seen("kill"),
+        "denied",
+        "site A could signal site B's process"
+    );
+    assert_eq!(seen("proc"), "hidden", "site A saw site B's process");
+    assert!(
+        seen("procs").parse::<u32>().unwrap() < 10,
+        "A sees only its own few processes: {}",
+        seen("procs")
+    );
+    let a_uid: u32 = seen("uid").parse().unwrap();
+    // The workload is the member of B's process group that runs as B's user.
+    let b_uid = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i64>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(')')
+                        .and_then(|(_, r)| r.split_whitespace().nth(2).map(str::to_string))
+                })
+                == Some(b_pid.to_string())
+        })
+        .map(uid_of)
+        .max()
+        .unwrap();
+    assert!(
+        a_uid >= 200_000 && b_uid >= 200_000 && a_uid != b_uid,
+        "{a_uid} vs {b_uid}"
+    );
+    // A private /tmp: A's file is not in the host's /tmp.
+    assert!(seen("tmp").contains("a-was-here"));
+    assert!(!std::path::Path::new("/tmp/a-was-here").exists());
+    // B is untouched, and the platform's own files are closed to workloads.
+    assert_eq!(
+        http_get(web["port"].as_u64().unwrap() as u16, "/secret")
+            .unwrap()
+            .0,
+        200
+    );
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(s.home.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("state.db"), 0o600);
+    assert_eq!(mode("secrets"), 0o700);
+    assert_eq!(mode("deployments/siteb/logs"), 0o700);
+}
+
+#[test]
+fn a_memory_limit_kills_only_its_workload() {
+    root();
+    let s = Sandbox::new("sandbox-oom");
+    s.blueprint(
+        r#"name: hungry
+components:
+  eat:
+    job: "python3 -c 'x = bytearray(400 * 1024 * 1024); print(len(x))'"
+    resources: { memory: 64Mi }
+  modest:
+    job: "python3 -c 'x = bytearray(8 * 1024 * 1024); print(len(x))'"
+    resources: { memory: 64Mi }
+"#,
+    );
+    let r = sandboxed(&s, &["deploy", "--json"]);
+    assert_eq!(r.code(), 1, "{}", r.all());
+    let v = r.json();
+    let task = |n: &str| {
+        v["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["component"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(task("modest")["outcome"], "ok");
+    assert_eq!(task("eat")["outcome"], "failed");
+    let err = task("eat")["error"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("status 137") || err.contains("MemoryError"),
+        "{err}"
+    );
+}

@@ -1,0 +1,384 @@
+//! Sandboxing: each deployment's workloads run as an unprivileged user of
+//! their own, in their own PID, mount, IPC and UTS namespaces, with a private
+//! `/proc` and `/tmp`, no new privileges, and cgroup limits.
+//!
+//! The platform runs as root; the sandbox is entered through a small helper
+//! (`commons __sandbox ...`, see [`helper_main`]) that:
+//! 1. puts itself in the component's cgroups (v1 or v2) and writes the limits;
+//! 2. unshares the namespaces and forks an init (PID 1 of the new PID
+//!    namespace) that mounts a fresh `/proc` and a private `/tmp`;
+//! 3. the init forks the workload, which drops to the deployment's user,
+//!    sets no-new-privileges and rlimits, and executes the command; the init
+//!    reaps orphans and exits with the workload's status.
+//!
+//! Enabled with `COMMONS_SANDBOX=1` (it needs root). Not covered yet: network
+//! isolation (workloads share the host's network namespace and can reach
+//! loopback services), a read-only root filesystem, seccomp.
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// First uid handed to deployments; each gets the next free one.
+pub const FIRST_UID: u32 = 200_000;
+
+/// Whether workloads are sandboxed (`COMMONS_SANDBOX=1`).
+pub fn enabled() -> bool {
+    std::env::var("COMMONS_SANDBOX").is_ok_and(|v| v == "1" || v == "true")
+}
+
+/// The uid (and gid) of a deployment, allocated once and kept in
+/// `COMMONS_HOME/uids.json`, under a lock.
+pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {
+    use std::os::unix::io::AsRawFd;
+    std::fs::create_dir_all(home)?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(home.join("uids.lock"))?;
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let path = home.join("uids.json");
+    let mut map: std::collections::BTreeMap<String, u32> = match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other)?,
+        Err(_) => Default::default(),
+    };
+    if let Some(uid) = map.get(deployment) {
+        return Ok(*uid);
+    }
+    let uid = map.values().max().map_or(FIRST_UID, |m| m + 1);
+    map.insert(deployment.to_string(), uid);
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(tmp, path)?;
+    Ok(uid)
+}
+
+/// Hands `dir` (not recursively) to `uid`, mode 0700.
+pub fn give(dir: &Path, uid: u32) -> std::io::Result<()> {
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    if unsafe { libc::chown(c.as_ptr(), uid, uid) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Lets other users pass through (not list) every directory from `home`
+/// down to `dir` (mode 0711), so a workload can reach its own data
+/// directory and nothing else: what the platform keeps beside it is 0700 or
+/// 0600.
+pub fn traversable(home: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut at = dir.to_path_buf();
+    loop {
+        let mode = std::fs::metadata(&at)?.permissions().mode() & 0o777;
+        if mode & 0o011 != 0o011 {
+            std::fs::set_permissions(&at, std::fs::Permissions::from_mode(mode | 0o711))?;
+        }
+        if at == home || !at.pop() || !at.starts_with(home) {
+            return Ok(());
+        }
+    }
+}
+
+/// Limits for one workload's cgroup.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub cpu_millis: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// Arguments for the helper: everything after `__sandbox`. `keep` are the
+/// directories the workload needs (its deployment's files, its working
+/// directory): if they are under `/tmp`, they stay visible through the
+/// private `/tmp`.
+pub fn helper_args(
+    uid: u32,
+    hostname: &str,
+    cgroup: &str,
+    limits: &Limits,
+    keep: &[&Path],
+    command: &str,
+) -> Vec<String> {
+    let mut a = vec![
+        "--uid".into(),
+        uid.to_string(),
+        "--hostname".into(),
+        hostname.into(),
+        "--cgroup".into(),
+        cgroup.into(),
+    ];
+    for k in keep {
+        a.extend(["--keep".into(), k.display().to_string()]);
+    }
+    if let Some(m) = limits.memory_bytes {
+        a.extend(["--memory".into(), m.to_string()]);
+    }
+    if let Some(c) = limits.cpu_millis {
+        a.extend(["--cpu-millis".into(), c.to_string()]);
+    }
+    if let Some(p) = limits.pids {
+        a.extend(["--pids".into(), p.to_string()]);
+    }
+    a.extend(["--".into(), "/bin/sh".into(), "-c".into(), command.into()]);
+    a
+}
+
+fn write(path: &Path, value: &str) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .write_all(value.as_bytes())
+}
+
+/// Puts the calling process in `commons/<cgroup>` under every controller it
+/// limits, on cgroup v2 or a v1 hierarchy.
+fn enter_cgroups(cgroup: &str, limits: &Limits) -> std::io::Result<()> {
+    let root = Path::new("/sys/fs/cgroup");
+    let me = std::process::id().to_string();
+    if root.join("cgroup.controllers").exists() {
+        let dir = root.join("commons").join(cgroup);
+        std::fs::create_dir_all(&dir)?;
+        let _ = write(
+            &root.join("commons/cgroup.subtree_control"),
+            "+memory +cpu +pids",
+        );
+        if let Some(m) = limits.memory_bytes {
+            write(&dir.join("memory.max"), &m.to_string())?;
+            let _ = write(&dir.join("memory.swap.max"), "0");
+        }
+        if let Some(c) = limits.cpu_millis {
+            write(&dir.join("cpu.max"), &format!("{} 100000", c * 100))?;
+        }
+        if let Some(p) = limits.pids {
+            write(&dir.join("pids.max"), &p.to_string())?;
+        }
+        return write(&dir.join("cgroup.procs"), &me);
+    }
+    let v1 = |controller: &str| -> std::io::Result<PathBuf> {
+        let dir = root.join(controller).join("commons").join(cgroup);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
+    if let Some(m) = limits.memory_bytes {
+        let dir = v1("memory")?;
+        write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
+        let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string());
+        write(&dir.join("cgroup.procs"), &me)?;
+    }
+    if let Some(c) = limits.cpu_millis {
+        let dir = v1("cpu")?;
+        write(&dir.join("cpu.cfs_period_us"), "100000")?;
+        write(&dir.join("cpu.cfs_quota_us"), &(c * 100).to_string())?;
+        write(&dir.join("cgroup.procs"), &me)?;
+    }
+    if let Some(p) = limits.pids {
+        let dir = v1("pids")?;
+        write(&dir.join("pids.max"), &p.to_string())?;
+        write(&dir.join("cgroup.procs"), &me)?;
+    }
+    Ok(())
+}
+
+fn fail(what: &str) -> ! {
+    let e = std::io::Error::last_os_error();
+    eprintln!("commons sandbox: {what}: {e}");
+    std::process::exit(126)
+}
+
+fn exit_status(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        1
+    }
+}
+
+/// The helper's `main`: `args` are those [`helper_args`] made. Never returns.
+pub fn helper_main(args: &[String]) -> ! {
+    let mut uid: Option<u32> = None;
+    let (mut hostname, mut cgroup) = (String::from("commons"), String::new());
+    let mut limits = Limits::default();
+    let mut keep: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < args.len() && args[i] != "--" {
+        let value = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--uid" => uid = value.parse().ok(),
+            "--hostname" => hostname = value,
+            "--cgroup" => cgroup = value,
+            "--memory" => limits.memory_bytes = value.parse().ok(),
+            "--cpu-millis" => limits.cpu_millis = value.parse().ok(),
+            "--pids" => limits.pids = value.parse().ok(),
+            "--keep" => keep.push(value),
+            other => {
+                eprintln!("commons sandbox: unknown option {other}");
+                std::process::exit(126)
+            }
+        }
+        i += 2;
+    }
+    let command: Vec<CString> = args
+        .get(i + 1..)
+        .unwrap_or_default()
+        .iter()
+        .map(|a| CString::new(a.as_str()).expect("no NUL in arguments"))
+        .collect();
+    let Some(uid) = uid.filter(|u| *u >= FIRST_UID) else {
+        eprintln!("commons sandbox: --uid must be at least {FIRST_UID}");
+        std::process::exit(126)
+    };
+    if command.is_empty() {
+        eprintln!("commons sandbox: no command after --");
+        std::process::exit(126)
+    }
+    if !cgroup.is_empty() {
+        if let Err(e) = enter_cgroups(&cgroup, &limits) {
+            eprintln!("commons sandbox: cgroup {cgroup}: {e}");
+            std::process::exit(126)
+        }
+    }
+    unsafe {
+        if libc::unshare(
+            libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
+        ) != 0
+        {
+            fail("unshare");
+        }
+        let init = libc::fork();
+        if init < 0 {
+            fail("fork");
+        }
+        if init > 0 {
+            // Outside: wait for the namespace's init and pass its status on.
+            let mut status = 0;
+            while libc::waitpid(init, &mut status, 0) < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    fail("waitpid");
+                }
+            }
+            std::process::exit(exit_status(status));
+        }
+        // PID 1 of the new namespace: private mounts, fresh /proc, private /tmp.
+        let none = CString::new("none").expect("static");
+        let slash = CString::new("/").expect("static");
+        if libc::mount(
+            none.as_ptr(),
+            slash.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail("making mounts private");
+        }
+        let proc_ = CString::new("proc").expect("static");
+        let proc_dir = CString::new("/proc").expect("static");
+        if libc::mount(
+            proc_.as_ptr(),
+            proc_dir.as_ptr(),
+            proc_.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        ) != 0
+        {
+            fail("mounting /proc");
+        }
+        // Directories under /tmp the workload needs, held open across the
+        // mount that hides the rest of /tmp, then bound back in place.
+        let kept: Vec<(CString, libc::c_int)> = keep
+            .iter()
+            .filter(|k| Path::new(k).starts_with("/tmp"))
+            .filter_map(|k| {
+                let c = CString::new(k.as_str()).ok()?;
+                let fd = libc::open(
+                    c.as_ptr(),
+                    libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                );
+                (fd >= 0).then_some((c, fd))
+            })
+            .collect();
+        let tmpfs = CString::new("tmpfs").expect("static");
+        let tmp = CString::new("/tmp").expect("static");
+        let opts = CString::new("mode=1777,size=64m").expect("static");
+        if libc::mount(
+            tmpfs.as_ptr(),
+            tmp.as_ptr(),
+            tmpfs.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr().cast(),
+        ) != 0
+        {
+            fail("mounting a private /tmp");
+        }
+        for (path, fd) in &kept {
+            let _ = std::fs::create_dir_all(std::ffi::OsStr::from_encoded_bytes_unchecked(
+                path.as_bytes(),
+            ));
+            let source = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+            if libc::mount(
+                source.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                fail("keeping a directory under /tmp");
+            }
+            libc::close(*fd);
+        }
+        let _ = libc::sethostname(hostname.as_ptr().cast(), hostname.len());
+        let workload = libc::fork();
+        if workload < 0 {
+            fail("fork");
+        }
+        if workload == 0 {
+            // The workload: the deployment's user, no way back up.
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+            {
+                fail("dropping privileges");
+            }
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                fail("no_new_privs");
+            }
+            let core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &core);
+            let files = libc::rlimit {
+                rlim_cur: 4096,
+                rlim_max: 4096,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &files);
+            let mut argv: Vec<*const libc::c_char> = command.iter().map(|c| c.as_ptr()).collect();
+            argv.push(std::ptr::null());
+            libc::execv(argv[0], argv.as_ptr());
+            fail("exec");
+        }
+        // Init: reap everything; leave when the workload does.
+        loop {
+            let mut status = 0;
+            let pid = libc::waitpid(-1, &mut status, 0);
+            if pid == workload {
+                std::process::exit(exit_status(status));
+            }
+            if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                std::process::exit(1);
+            }
+        }
+    }
+}
