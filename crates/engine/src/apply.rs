@@ -16,6 +16,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 use commons_blueprint::{Component, Kind, Ref};
+use commons_runtime::drivers::postgres::MASK;
 use commons_runtime::drivers::reap_interrupted;
 use commons_runtime::{driver_for, Applied, DriverError, Handle, Layout, Spec};
 use commons_store::{ComponentChange, ComponentRow, ComponentState, StateStore, TaskRow};
@@ -56,8 +57,11 @@ pub struct Context {
     pub secret_prints: BTreeMap<String, Option<String>>,
     pub components: IndexMap<String, Component>,
     pub recorded: HashMap<String, ComponentRow>,
-    /// Outputs of components, filled in as tasks finish.
+    /// Outputs of components as recorded (passwords masked), filled in as
+    /// tasks finish.
     pub outputs: Mutex<HashMap<String, IndexMap<String, Option<String>>>>,
+    /// Passwords the platform derived for components (databases), by component.
+    pub credentials: HashMap<String, String>,
 }
 
 struct Done {
@@ -286,12 +290,19 @@ fn value_of(
     match r {
         Ref::Input { name } => ctx.inputs.get(name).map(input_text).unwrap_or_default(),
         Ref::Secret { name } => ctx.secrets.get(name).cloned().unwrap_or_default(),
-        Ref::Component { name, attr } => outputs
-            .get(name)
-            .and_then(|o| o.get(attr))
-            .cloned()
-            .flatten()
-            .unwrap_or_default(),
+        Ref::Component { name, attr } => {
+            let shown = outputs
+                .get(name)
+                .and_then(|o| o.get(attr))
+                .cloned()
+                .flatten()
+                .unwrap_or_default();
+            // Only the rendered command or environment sees the password.
+            match ctx.credentials.get(name) {
+                Some(password) => shown.replace(MASK, password),
+                None => shown,
+            }
+        }
     }
 }
 
@@ -338,6 +349,7 @@ async fn apply_component(
             timeout: c.timeout_ms.map(Duration::from_millis),
             instance: token,
             resources: c.resources.clone(),
+            credential: ctx.credentials.get(&task.component).cloned(),
         };
         (attrs, spec)
     };
@@ -388,7 +400,13 @@ async fn apply_component(
         updated_at_ms: now_ms(),
     };
     match result {
-        Ok(applied) => {
+        Ok(mut applied) => {
+            // Outputs are recorded and shown with the password masked.
+            if let Some(password) = ctx.credentials.get(&task.component) {
+                for v in applied.outputs.values_mut() {
+                    *v = v.replace(password.as_str(), MASK);
+                }
+            }
             ctx.outputs.lock().expect("outputs lock").insert(
                 task.component.clone(),
                 applied

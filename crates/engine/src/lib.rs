@@ -388,11 +388,31 @@ impl Engine {
                 (r.name.clone(), o)
             })
             .collect();
+        // Databases get passwords derived from the platform's key; they are
+        // redacted like secrets wherever a message could carry them.
+        let mut secret_values = secret_values;
+        let credentials: HashMap<String, String> = target
+            .blueprint
+            .components
+            .iter()
+            .filter(|(_, c)| matches!(c.kind, commons_blueprint::Kind::Postgres))
+            .map(|(name, _)| {
+                (
+                    name.clone(),
+                    self.secrets
+                        .derive(&format!("postgres/{}/{name}", target.name)),
+                )
+            })
+            .collect();
+        for (name, password) in &credentials {
+            secret_values.insert(format!("credential/{name}"), password.clone());
+        }
         let ctx = Arc::new(apply::Context {
             layout: self.layout.clone(),
             deployment: target.name.clone(),
             run,
             inputs: target.inputs.clone(),
+            credentials,
             secrets: secret_values,
             secret_prints: prints,
             components: target.blueprint.components.clone(),
@@ -537,6 +557,7 @@ impl Engine {
             components: IndexMap::new(),
             recorded,
             outputs: Mutex::new(HashMap::new()),
+            credentials: HashMap::new(),
         });
         let rows = apply::execute(ctx, self.store.as_ref(), tasks, jobs, progress).await?;
         let ok = rows.iter().all(|t| t.outcome == "ok");

@@ -268,6 +268,7 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         timeout: None,
         instance: String::new(),
         resources: c.resources.clone(),
+        credential: None,
     }
 }
 

@@ -151,6 +151,13 @@ impl SecretBox {
         let _ = std::fs::remove_file(self.file(deployment));
     }
 
+    /// A password for `purpose` (e.g. `postgres/site/db`), derived from the
+    /// key: the same every time, never stored, 32 hexadecimal characters.
+    pub fn derive(&self, purpose: &str) -> String {
+        let key = blake3::derive_key("onecommons derived credential v1", &self.key);
+        blake3::keyed_hash(&key, purpose.as_bytes()).to_hex()[..32].to_string()
+    }
+
     /// A keyed fingerprint of a secret value: equal values, equal prints; the
     /// print reveals nothing of the value without the key.
     pub fn fingerprint(&self, value: &str) -> String {

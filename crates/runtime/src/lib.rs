@@ -49,6 +49,8 @@ pub struct Spec {
     pub instance: String,
     /// Limits enforced when sandboxed.
     pub resources: commons_blueprint::Resources,
+    /// A password the platform derived for this component (database roles).
+    pub credential: Option<String>,
 }
 
 /// What a driver returns once a component is applied.

@@ -1,14 +1,16 @@
 //! One driver per component kind.
 
 mod job;
+pub mod postgres;
 mod process;
 mod resources;
 
 use crate::{Applied, BoxFuture, DriverError, Handle, Layout, Observed, Spec};
 
 pub use job::JobDriver;
+pub use postgres::PostgresDriver;
 pub use process::ProcessDriver;
-pub use resources::{PostgresDriver, SqliteDriver, StaticDriver, VolumeDriver};
+pub use resources::{SqliteDriver, StaticDriver, VolumeDriver};
 
 /// Makes one kind of component real, and undoes it.
 ///

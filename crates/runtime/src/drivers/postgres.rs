@@ -1,0 +1,180 @@
+//! `postgres: {}`: a database and a role of its own on the platform's
+//! PostgreSQL server (`COMMONS_POSTGRES_URL`, an administrator's connection).
+//!
+//! Names are derived from the deployment and component; the role's password
+//! is derived by the engine from the platform's secret key and handed over
+//! in [`Spec::credential`], so nothing needs storing. Other roles lose the
+//! right to connect to the database. `destroy` drops both.
+
+use tokio_postgres::{Config, NoTls};
+
+use crate::{Applied, BoxFuture, Driver, DriverError, Handle, Layout, Observed, Spec};
+
+/// The platform's administrator connection.
+pub const ADMIN_URL_VAR: &str = "COMMONS_POSTGRES_URL";
+/// What stands for the password wherever a URL is recorded or shown.
+pub const MASK: &str = "[sensitive]";
+
+pub struct PostgresDriver;
+
+/// The database and role name of a component: `c_` + deployment + component,
+/// lowercased, at most 63 characters.
+pub fn name(deployment: &str, component: &str) -> String {
+    let raw: String = format!("c_{deployment}_{component}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if raw.len() <= 63 {
+        return raw;
+    }
+    // Too long: keep a prefix and make it unique with a hash of the whole.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in raw.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    format!("{}_{h:016x}", &raw[..46])
+}
+
+fn admin() -> Result<(Config, String), DriverError> {
+    let url = std::env::var(ADMIN_URL_VAR).ok().filter(|u| !u.is_empty()).ok_or_else(|| {
+        DriverError::Failed(format!(
+            "postgres components need the platform's PostgreSQL server: set {ADMIN_URL_VAR} to an administrator's connection, \
+             e.g. \"host=127.0.0.1 user=postgres\""
+        ))
+    })?;
+    let config: Config = url.parse().map_err(|e| {
+        DriverError::Failed(format!(
+            "{ADMIN_URL_VAR} is not a PostgreSQL connection string: {e}"
+        ))
+    })?;
+    Ok((config, url))
+}
+
+/// The URL an app connects with; `password` may be [`MASK`].
+fn app_url(config: &Config, db: &str, password: &str) -> String {
+    let host = config
+        .get_hosts()
+        .iter()
+        .find_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        })
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    format!("postgres://{db}:{password}@{host}:{port}/{db}")
+}
+
+async fn connect(config: &Config) -> Result<tokio_postgres::Client, DriverError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        DriverError::Failed(format!(
+            "cannot reach the platform's PostgreSQL server: {e}"
+        ))
+    })?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn failed(what: &str) -> impl FnOnce(tokio_postgres::Error) -> DriverError + '_ {
+    move |e| DriverError::Failed(format!("{what}: {e}"))
+}
+
+impl Driver for PostgresDriver {
+    fn planned_outputs(
+        &self,
+        _: &Layout,
+        spec: &Spec,
+        _: Option<&Handle>,
+    ) -> Vec<(String, Option<String>)> {
+        // Names are derived and the password is masked, so the URL is known in advance.
+        let url = admin()
+            .ok()
+            .map(|(config, _)| app_url(&config, &name(&spec.deployment, &spec.component), MASK));
+        vec![("url".into(), url)]
+    }
+
+    fn apply<'a>(
+        &'a self,
+        _: &'a Layout,
+        spec: &'a Spec,
+        _: Option<&'a Handle>,
+    ) -> BoxFuture<'a, Result<Applied, DriverError>> {
+        Box::pin(async move {
+            let (config, _) = admin()?;
+            let password = spec.credential.as_deref().ok_or_else(|| {
+                DriverError::Failed("no credential was derived for this database".into())
+            })?;
+            // Names are [a-z0-9_]; the password is hexadecimal: both safe to quote as is.
+            debug_assert!(password.chars().all(|c| c.is_ascii_hexdigit()));
+            let db = name(&spec.deployment, &spec.component);
+            let client = connect(&config).await?;
+            let role_exists = !client
+                .query("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&db])
+                .await
+                .map_err(failed("looking up the role"))?
+                .is_empty();
+            let verb = if role_exists { "ALTER" } else { "CREATE" };
+            client
+                .batch_execute(&format!("{verb} ROLE \"{db}\" LOGIN PASSWORD '{password}'"))
+                .await
+                .map_err(failed("creating the role"))?;
+            let db_exists = !client
+                .query("SELECT 1 FROM pg_database WHERE datname = $1", &[&db])
+                .await
+                .map_err(failed("looking up the database"))?
+                .is_empty();
+            if !db_exists {
+                client
+                    .batch_execute(&format!("CREATE DATABASE \"{db}\" OWNER \"{db}\""))
+                    .await
+                    .map_err(failed("creating the database"))?;
+            }
+            // Only its own role (and the platform) may connect.
+            client
+                .batch_execute(&format!("REVOKE CONNECT ON DATABASE \"{db}\" FROM PUBLIC; GRANT CONNECT ON DATABASE \"{db}\" TO \"{db}\""))
+                .await
+                .map_err(failed("restricting the database"))?;
+            Ok(Applied {
+                handle: Handle::default(),
+                outputs: [("url".to_string(), app_url(&config, &db, password))]
+                    .into_iter()
+                    .collect(),
+            })
+        })
+    }
+
+    fn remove<'a>(
+        &'a self,
+        _: &'a Layout,
+        deployment: &'a str,
+        component: &'a str,
+        _: &'a Handle,
+    ) -> BoxFuture<'a, Result<(), DriverError>> {
+        Box::pin(async move {
+            let (config, _) = admin()?;
+            let db = name(deployment, component);
+            let client = connect(&config).await?;
+            client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                .await
+                .map_err(failed("dropping the database"))?;
+            client
+                .batch_execute(&format!("DROP ROLE IF EXISTS \"{db}\""))
+                .await
+                .map_err(failed("dropping the role"))?;
+            Ok(())
+        })
+    }
+
+    fn observe(&self, _: &Handle) -> Observed {
+        Observed::Present
+    }
+}
