@@ -409,6 +409,34 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
+/// Restarts stopped workloads every second, for as long as `serve` runs.
+fn supervise(home: std::path::PathBuf) {
+    std::thread::Builder::new()
+        .name("commons-supervisor".into())
+        .spawn(move || {
+            let engine = match Engine::open(&home) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("supervisor: cannot open the engine: {e}");
+                    return;
+                }
+            };
+            let rt = runtime();
+            let mut supervisor = commons_engine::supervise::Supervisor::new();
+            loop {
+                let pass = rt.block_on(supervisor.pass(&engine));
+                for (d, c) in &pass.restarted {
+                    eprintln!("{:>12} {d}/{c} (it had stopped)", "Restarted");
+                }
+                for (d, why) in &pass.failed {
+                    eprintln!("{:>12} {d}: {}", "Failed", why.lines().next().unwrap_or(""));
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        })
+        .expect("the supervisor thread starts");
+}
+
 fn serve(home: &std::path::Path, listen: &str) -> Result<(), Failure> {
     let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
         .ok()
@@ -432,6 +460,7 @@ fn serve(home: &std::path::Path, listen: &str) -> Result<(), Failure> {
             "Listening",
             home.display()
         );
+        supervise(home.to_path_buf());
         commons_server::serve(listener, std::sync::Arc::new(state))
             .await
             .map_err(|e| Failure::Failed(e.to_string()))

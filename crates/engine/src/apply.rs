@@ -45,6 +45,8 @@ pub struct Task {
     pub action: Action,
     /// Indices of tasks that must succeed first.
     pub deps: Vec<usize>,
+    /// A restart of a process that stopped by itself (counted in its handle).
+    pub restart: bool,
 }
 
 /// What tasks share.
@@ -415,6 +417,10 @@ async fn apply_component(
                     .map(|(k, v)| (k.clone(), Some(v.clone())))
                     .collect(),
             );
+            applied.handle.restarts = match &previous {
+                Some(p) if task.restart => p.restarts + 1,
+                _ => 0,
+            };
             let row = ComponentRow {
                 hash,
                 outputs: serde_json::to_value(&applied.outputs).expect("outputs serialise"),

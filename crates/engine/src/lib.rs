@@ -7,6 +7,7 @@ pub mod apply;
 pub mod plan;
 pub mod records;
 pub mod secrets;
+pub mod supervise;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -111,6 +112,13 @@ pub struct ComponentStatus {
     pub pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The user its processes run as, when sandboxed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Its writable directory (`COMMONS_DATA_DIR`).
+    pub data_dir: String,
+    /// Times it was restarted after stopping by itself.
+    pub restarts: u32,
     pub outputs: serde_json::Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -318,7 +326,21 @@ impl Engine {
         jobs: usize,
         progress: &dyn Progress,
     ) -> Result<Outcome, EngineError> {
-        self.deploy_with(target, jobs, progress, false).await
+        self.deploy_with(target, jobs, progress, false, None).await
+    }
+
+    /// Restarts the listed process components of `name` that are recorded
+    /// running but are not, and changes nothing else (a component whose
+    /// blueprint changed since is left for the next deploy). No deployment
+    /// record is written: a restart is not a deploy. Used by the supervisor.
+    pub async fn restart_stopped(
+        &self,
+        name: &str,
+        components: &[String],
+    ) -> Result<Outcome, EngineError> {
+        let target = self.target(Some(name), None, &[])?;
+        self.deploy_with(&target, DEFAULT_JOBS, &Quiet, false, Some(components))
+            .await
     }
 
     async fn deploy_with(
@@ -327,6 +349,7 @@ impl Engine {
         jobs: usize,
         progress: &dyn Progress,
         fresh_secrets: bool,
+        only_restarts: Option<&[String]>,
     ) -> Result<Outcome, EngineError> {
         let _lock = Lock::take(&self.layout.lock_file(&target.name), &target.name)?;
         let existing = self.store.deployment(&target.name)?;
@@ -338,7 +361,28 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), Some(self.secrets.fingerprint(v))))
             .collect();
-        let plan = self.compute_plan(target, &recorded, &prints)?;
+        let mut plan = self.compute_plan(target, &recorded, &prints)?;
+        if let Some(only) = only_restarts {
+            for c in &mut plan.changes {
+                let restart = c.action == Action::Replace
+                    && c.reason.as_deref() == Some(plan::NOT_RUNNING)
+                    && only.contains(&c.component);
+                if !restart {
+                    c.action = Action::Unchanged;
+                    c.attrs.clear();
+                }
+            }
+            if plan.is_noop() {
+                return Ok(Outcome {
+                    deployment: target.name.clone(),
+                    ok: true,
+                    run: 0,
+                    plan,
+                    tasks: Vec::new(),
+                    record: None,
+                });
+            }
+        }
         let blueprint_path = target.path.display().to_string();
         let inputs_value = serde_json::Value::Object(target.inputs.clone());
         let same_target = existing.as_ref().is_some_and(|d| {
@@ -428,14 +472,17 @@ impl Engine {
         row.status = status.into();
         row.updated_at_ms = finished;
         self.store.put_deployment(&row)?;
-        let record = self.write_record(target, run, &plan, &rows, ok, started, finished)?;
+        let record = match only_restarts {
+            Some(_) => None,
+            None => Some(self.write_record(target, run, &plan, &rows, ok, started, finished)?),
+        };
         Ok(Outcome {
             deployment: target.name.clone(),
             ok,
             run,
             plan,
             tasks: rows,
-            record: Some(record),
+            record,
         })
     }
 
@@ -621,6 +668,11 @@ impl Engine {
         if let Ok(bp) = commons_blueprint::load(Path::new(&d.blueprint), &FileSystem) {
             rows.sort_by_key(|r| bp.components.get_index_of(&r.name).unwrap_or(usize::MAX));
         }
+        // Sandboxed deployments have a user of their own.
+        let uid = std::fs::read(self.layout.home.join("uids.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<BTreeMap<String, u32>>(&b).ok())
+            .and_then(|m| m.get(name).copied());
         let components = rows
             .into_iter()
             .map(|r| {
@@ -637,6 +689,9 @@ impl Engine {
                     state: state.to_string(),
                     pid: handle.pid.filter(|_| state == "running"),
                     port: handle.port,
+                    uid: uid.filter(|_| r.kind == "process" || r.kind == "job"),
+                    data_dir: self.layout.data_dir(name).display().to_string(),
+                    restarts: handle.restarts,
                     outputs: r.outputs.clone(),
                     error: r.error.clone(),
                     last_task: last.get(&r.name).cloned(),
@@ -761,7 +816,9 @@ impl Engine {
             blueprint,
             inputs,
         };
-        let outcome = self.deploy_with(&target, jobs, progress, true).await?;
+        let outcome = self
+            .deploy_with(&target, jobs, progress, true, None)
+            .await?;
         Ok((target, outcome))
     }
 }
@@ -863,6 +920,7 @@ fn build_tasks(
                 kind: c.kind.clone(),
                 action: c.action,
                 deps,
+                restart: c.reason.as_deref() == Some(plan::NOT_RUNNING),
             }
         })
         .collect()

@@ -21,6 +21,9 @@ use crate::EngineError;
 /// Attribute values; `None` is a value known only after deploy.
 pub type Attrs = BTreeMap<String, Option<String>>;
 
+/// Why a process is replaced although nothing it reads changed.
+pub const NOT_RUNNING: &str = "the process is not running";
+
 /// Prefix of a secret's fingerprint in attributes; shown as `(sensitive)`.
 pub const SENSITIVE: &str = "sensitive:";
 
@@ -427,11 +430,7 @@ fn decide(
     }
     if diffs.is_empty() {
         if kind == "process" && driver_for(kind).observe(&handle_of(row)) == Observed::Stopped {
-            return (
-                Action::Replace,
-                Some("the process is not running".into()),
-                diffs,
-            );
+            return (Action::Replace, Some(NOT_RUNNING.into()), diffs);
         }
         return (Action::Unchanged, None, diffs);
     }

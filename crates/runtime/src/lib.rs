@@ -73,6 +73,13 @@ pub struct Handle {
     /// that whatever an interrupted task left can be found and stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<String>,
+    /// Times the process was restarted after stopping by itself.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What a driver sees when it looks at a component.

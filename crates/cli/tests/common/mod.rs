@@ -196,10 +196,11 @@ impl Sandbox {
         }
         let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
+        let mut reader = std::io::BufReader::new(stderr);
         let mut line = String::new();
-        std::io::BufReader::new(stderr)
-            .read_line(&mut line)
-            .unwrap();
+        reader.read_line(&mut line).unwrap();
+        // Keep draining what it says, so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
         let port = line
             .split("http://127.0.0.1:")
             .nth(1)

@@ -123,6 +123,7 @@ impl Driver for ProcessDriver {
                 instance: Some(spec.instance.clone()),
                 port: Some(port),
                 pending: None,
+                restarts: 0,
             };
             Ok(Applied {
                 handle,

@@ -1,0 +1,78 @@
+//! `commons serve` supervises: a killed process comes back (with backoff),
+//! and processes come back when the platform itself restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn kill9(pid: i64) {
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn killed_processes_come_back() {
+    let s = Sandbox::new("supervise");
+    s.blueprint(
+        r#"name: kept
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let web = s.component("kept", "web");
+    let (pid, port) = (
+        web["pid"].as_i64().unwrap(),
+        web["port"].as_u64().unwrap() as u16,
+    );
+
+    let server = s.serve(&[]);
+    kill9(pid);
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let w = s.component("kept", "web");
+            w["state"] == "running" && w["pid"].as_i64() != Some(pid)
+        }),
+        "the process was not restarted: {}",
+        s.component("kept", "web")
+    );
+    let web = s.component("kept", "web");
+    assert_eq!(web["restarts"], 1);
+    assert_eq!(
+        web["port"].as_u64().unwrap() as u16,
+        port,
+        "it comes back on its port"
+    );
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+
+    // The platform restarts (and the process died while it was down).
+    drop(server);
+    kill9(web["pid"].as_i64().unwrap());
+    assert!(wait_for(Duration::from_secs(5), || s
+        .component("kept", "web")["state"]
+        == "stopped"));
+    let _server = s.serve(&[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || s.component("kept", "web")
+            ["state"]
+            == "running"),
+        "not restored after the platform restarted"
+    );
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    // Restarts are not deploys: the record has only the deploy.
+    assert_eq!(
+        s.ok(&["history", "kept", "--json"])
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
