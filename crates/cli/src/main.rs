@@ -117,6 +117,22 @@ enum Command {
         #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
         jobs: usize,
     },
+    /// Back a deployment up: data, volumes, databases and its record, in one archive.
+    Backup {
+        /// Deployment name [default: the name in ./commons.yaml]
+        name: Option<String>,
+    },
+    /// Stand a backed-up deployment up again.
+    Restore {
+        /// The backup archive (archive/SHA256.tar in the data directory).
+        archive: PathBuf,
+        /// Restore under this name instead of the backed-up one.
+        #[arg(long = "as", value_name = "NAME")]
+        as_name: Option<String>,
+        /// Tasks to run at once.
+        #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
+        jobs: usize,
+    },
     /// Print the JSON Schema of commons.yaml, for editors.
     Schema,
     /// Run the platform's API (usage ingest, payment webhooks, tiers) on this machine.
@@ -364,6 +380,41 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::List => output::list(&engine()?.list()?, json),
+        Command::Backup { name } => {
+            let name = name_or_local(name)?;
+            let b = engine()?.backup(&name)?;
+            if json {
+                output::json(&b);
+            } else {
+                println!("{}", b.path.display());
+                eprintln!(
+                    "{:>12} {name} ({} bytes, {} databases, {} volumes, record {})",
+                    "Backed up",
+                    b.bytes,
+                    b.manifest.databases.len(),
+                    b.manifest.volumes.len(),
+                    &b.manifest.record_commit[..b.manifest.record_commit.len().min(10)]
+                );
+            }
+            Ok(())
+        }
+        Command::Restore {
+            archive,
+            as_name,
+            jobs,
+        } => {
+            let engine = engine()?;
+            let started = Instant::now();
+            let progress = progress::Reporter::new(json, "Restoring");
+            let (_, outcome) = runtime().block_on(engine.restore(
+                &archive,
+                as_name.as_deref(),
+                jobs,
+                &progress,
+            ))?;
+            progress.done();
+            output::outcome(&outcome, json, started.elapsed(), "Restored")
+        }
         Command::Ledger(cmd) => ledger::run(cmd, &home, json),
         Command::Usage(cmd) => money::usage(cmd, &home, json),
         Command::Serve { listen } => serve(&home, &listen),

@@ -4,6 +4,7 @@
 //! records every task, and commits a deployment record to git.
 
 pub mod apply;
+pub mod backup;
 pub mod plan;
 pub mod records;
 pub mod secrets;
@@ -801,21 +802,7 @@ impl Engine {
         std::fs::create_dir_all(dest.parent().expect("has parent"))
             .map_err(EngineError::io("creating the deployment directory"))?;
         std::fs::rename(&staging, &dest).map_err(EngineError::io("moving the cloned record"))?;
-        let inputs: serde_json::Map<String, serde_json::Value> =
-            std::fs::read(dest.join("inputs.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-        let path = dest.join(&root);
-        let blueprint =
-            commons_blueprint::load(&path, &FileSystem).map_err(EngineError::Blueprint)?;
-        let inputs = settle_inputs(&blueprint, &inputs, &[])?;
-        let target = Target {
-            name,
-            path,
-            blueprint,
-            inputs,
-        };
+        let target = target_from_record(name, &dest, &root)?;
         let outcome = self
             .deploy_with(&target, jobs, progress, true, None)
             .await?;
@@ -999,4 +986,138 @@ fn common_ancestor(paths: &[PathBuf]) -> PathBuf {
         }
     }
     base
+}
+
+impl Engine {
+    /// Writes a backup of `name` (data, volumes, databases, record) to the archive.
+    pub fn backup(&self, name: &str) -> Result<backup::Backup, EngineError> {
+        let _lock = Lock::take(&self.layout.lock_file(name), name)?;
+        if self.store.deployment(name)?.is_none() {
+            return Err(EngineError::Input(format!(
+                "no deployment named \"{name}\""
+            )));
+        }
+        let kinds: Vec<(String, String)> = self
+            .store
+            .components(name)?
+            .into_iter()
+            .map(|c| (c.name, c.kind))
+            .collect();
+        backup::write(self, name, &kinds, now_ms())
+    }
+
+    /// Stands a backed-up deployment up again, under its name or `as_name`,
+    /// with its files and databases in place before anything of it runs.
+    pub async fn restore(
+        &self,
+        archive: &Path,
+        as_name: Option<&str>,
+        jobs: usize,
+        progress: &dyn Progress,
+    ) -> Result<(Target, Outcome), EngineError> {
+        let staging = self.layout.home.join("clones").join(secrets::token());
+        let manifest = backup::unpack(archive, &staging)?;
+        let result = self
+            .restore_from(&staging, &manifest, as_name, jobs, progress)
+            .await;
+        let _ = std::fs::remove_dir_all(&staging);
+        result
+    }
+
+    async fn restore_from(
+        &self,
+        staging: &Path,
+        manifest: &backup::Manifest,
+        as_name: Option<&str>,
+        jobs: usize,
+        progress: &dyn Progress,
+    ) -> Result<(Target, Outcome), EngineError> {
+        let name = as_name
+            .map(str::to_string)
+            .unwrap_or_else(|| manifest.deployment.clone());
+        if !valid_name(&name) {
+            return Err(EngineError::Input(format!(
+                "invalid deployment name \"{name}\""
+            )));
+        }
+        if self.store.deployment(&name)?.is_some() {
+            return Err(EngineError::Input(format!(
+                "a deployment named \"{name}\" exists already; pass --as to restore under another name"
+            )));
+        }
+        let record: serde_json::Value = std::fs::read(staging.join("record/record.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| EngineError::Input("the backup holds no deployment record".into()))?;
+        let root = record["root"]
+            .as_str()
+            .unwrap_or("source/commons.yaml")
+            .to_string();
+        let dest = self.layout.deployment_dir(&name).join("source");
+        backup::copy_tree(&staging.join("record"), &dest)?;
+        backup::copy_tree(&staging.join("data"), &self.layout.data_dir(&name))?;
+        for v in &manifest.volumes {
+            backup::copy_tree(
+                &staging.join("volumes").join(v),
+                &self.layout.volume_dir(&name, v),
+            )?;
+        }
+        if commons_runtime::sandbox::enabled() {
+            let uid = commons_runtime::sandbox::uid_for(&self.layout.home, &name)
+                .map_err(EngineError::io("allocating the deployment's user"))?;
+            commons_runtime::sandbox::give_tree(
+                &self.layout.deployment_dir(&name).join("data"),
+                uid,
+            )
+            .and_then(|_| {
+                commons_runtime::sandbox::give_tree(
+                    &self.layout.deployment_dir(&name).join("volumes"),
+                    uid,
+                )
+            })
+            .map_err(EngineError::io("handing the restored files to their user"))?;
+        }
+        let target = target_from_record(name.clone(), &dest, &root)?;
+        // Databases first, loaded as their own role, before any job runs.
+        for component in &manifest.databases {
+            let Some(c) = target.blueprint.components.get(component) else {
+                continue;
+            };
+            let mut spec = plan::probe_spec(&name, component, c);
+            spec.credential = Some(self.secrets.derive(&format!("postgres/{name}/{component}")));
+            let applied = driver_for("postgres")
+                .apply(&self.layout, &spec, None)
+                .await
+                .map_err(|e| {
+                    EngineError::Internal(format!("restoring database {component}: {e}"))
+                })?;
+            let url = applied.outputs.get("url").cloned().unwrap_or_default();
+            backup::load_database(
+                &url,
+                &staging.join("postgres").join(format!("{component}.sql")),
+            )?;
+        }
+        let outcome = self
+            .deploy_with(&target, jobs, progress, true, None)
+            .await?;
+        Ok((target, outcome))
+    }
+}
+
+/// The target recorded in a deployment record checked out at `dest`.
+fn target_from_record(name: String, dest: &Path, root: &str) -> Result<Target, EngineError> {
+    let inputs: serde_json::Map<String, serde_json::Value> =
+        std::fs::read(dest.join("inputs.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+    let path = dest.join(root);
+    let blueprint = commons_blueprint::load(&path, &FileSystem).map_err(EngineError::Blueprint)?;
+    let inputs = settle_inputs(&blueprint, &inputs, &[])?;
+    Ok(Target {
+        name,
+        path,
+        blueprint,
+        inputs,
+    })
 }

@@ -70,6 +70,26 @@ pub fn give(dir: &Path, uid: u32) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
+/// Hands a whole tree to `uid` (restored files).
+pub fn give_tree(dir: &Path, uid: u32) -> std::io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let c = CString::new(d.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+        if unsafe { libc::lchown(c.as_ptr(), uid, uid) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if d.is_dir() && !d.is_symlink() {
+            for e in std::fs::read_dir(&d)?.flatten() {
+                todo.push(e.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Lets other users pass through (not list) every directory from `home`
 /// down to `dir` (mode 0711), so a workload can reach its own data
 /// directory and nothing else: what the platform keeps beside it is 0700 or

@@ -1,0 +1,124 @@
+//! Backup → destroy → restore round-trips real data: rows an app wrote to
+//! its SQLite file and to its PostgreSQL database, and files in a volume.
+
+mod common;
+
+use common::*;
+
+fn admin_url() -> String {
+    std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+fn run(s: &Sandbox, args: &[&str]) -> Run {
+    let r = Run(s
+        .cmd(args)
+        .env("COMMONS_POSTGRES_URL", admin_url())
+        .output()
+        .unwrap());
+    assert_eq!(r.code(), 0, "commons {args:?}:\n{}", r.all());
+    r
+}
+
+fn pg(db: &str) -> postgres::Client {
+    postgres::Client::connect(&format!("{} dbname={db}", admin_url()), postgres::NoTls)
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL is needed for this test: {e}; `bash scripts/test` starts it")
+        })
+}
+
+#[test]
+fn backup_destroy_restore_round_trips_real_data() {
+    let s = Sandbox::new("backup");
+    s.blueprint(
+        r#"name: notes
+components:
+  db: { postgres: {} }
+  files: { volume: {} }
+  local: { sqlite: {} }
+  migrate:
+    job: >-
+      psql "${components.db.url}" -v ON_ERROR_STOP=1 -qc "CREATE TABLE IF NOT EXISTS notes (body text)" &&
+      python3 -c "import sqlite3,sys; sqlite3.connect(sys.argv[1]).execute('CREATE TABLE IF NOT EXISTS notes (body text)')" ${components.local.path}
+"#,
+    );
+    run(&s, &["deploy"]);
+    // The app writes while it runs (here: the test, as the app would).
+    let sqlite = s.home.join("deployments/notes/data/local.sqlite3");
+    let py = format!("import sqlite3; c=sqlite3.connect('{}'); c.execute(\"INSERT INTO notes VALUES ('kept in sqlite')\"); c.commit()", sqlite.display());
+    assert!(std::process::Command::new("python3")
+        .args(["-c", &py])
+        .status()
+        .unwrap()
+        .success());
+    pg("c_notes_db")
+        .execute("INSERT INTO notes VALUES ('kept in postgres')", &[])
+        .unwrap();
+    std::fs::write(
+        s.home.join("deployments/notes/volumes/files/upload.txt"),
+        "kept in a volume",
+    )
+    .unwrap();
+
+    let b = run(&s, &["backup", "notes", "--json"]).json();
+    let archive = b["path"].as_str().unwrap().to_string();
+    assert!(
+        archive.ends_with(&format!("{}.tar", b["sha256"].as_str().unwrap())),
+        "content-addressed: {archive}"
+    );
+    assert_eq!(b["manifest"]["databases"][0], "db");
+
+    run(&s, &["destroy", "notes"]);
+    assert!(!sqlite.exists());
+
+    // A damaged archive is refused.
+    let bad = s
+        .dir
+        .join(std::path::Path::new(&archive).file_name().unwrap());
+    let mut bytes = std::fs::read(&archive).unwrap();
+    let last = bytes.len() - 600;
+    bytes[last] ^= 1;
+    std::fs::write(&bad, bytes).unwrap();
+    let r = Run(s
+        .cmd(&["restore", bad.to_str().unwrap()])
+        .env("COMMONS_POSTGRES_URL", admin_url())
+        .output()
+        .unwrap());
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(r.stderr().contains("damaged"), "{}", r.stderr());
+
+    run(&s, &["restore", &archive, "--as", "notes-copy"]);
+    let py = format!(
+        "import sqlite3; print(sqlite3.connect('{}').execute('SELECT body FROM notes').fetchall())",
+        s.home
+            .join("deployments/notes-copy/data/local.sqlite3")
+            .display()
+    );
+    let out = std::process::Command::new("python3")
+        .args(["-c", &py])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept in sqlite"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let rows = pg("c_notes_copy_db")
+        .query("SELECT body FROM notes", &[])
+        .unwrap();
+    assert_eq!(
+        rows.len(),
+        1,
+        "the migration ran again but the data was loaded once"
+    );
+    assert_eq!(rows[0].get::<_, String>(0), "kept in postgres");
+    assert_eq!(
+        std::fs::read_to_string(
+            s.home
+                .join("deployments/notes-copy/volumes/files/upload.txt")
+        )
+        .unwrap(),
+        "kept in a volume"
+    );
+    run(&s, &["destroy", "notes-copy"]);
+}

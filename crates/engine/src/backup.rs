@@ -1,0 +1,261 @@
+//! Backups and restores of a deployment.
+//!
+//! A backup is one tar archive in `COMMONS_HOME/archive/`, named by the
+//! SHA-256 of its bytes (content-addressed: the name proves the content):
+//! `manifest.json`, the deployment's record at its latest revision
+//! (`record/`: blueprint sources and inputs, never secrets), its data
+//! directory (`data/`), its volumes (`volumes/NAME/`) and a plain-SQL
+//! `pg_dump` of each of its PostgreSQL databases (`postgres/NAME.sql`).
+//!
+//! A restore checks the hash, stands the service up again from the record
+//! (under the same or a new name, with new secrets), with its files and
+//! databases back in place before any of its jobs or processes start.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use commons_runtime::drivers::postgres::{name as db_name, ADMIN_URL_VAR};
+
+use crate::{records, EngineError};
+
+/// What a backup holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub deployment: String,
+    /// The record revision (commit id) the backup goes with.
+    pub record_commit: String,
+    /// PostgreSQL components dumped.
+    pub databases: Vec<String>,
+    pub volumes: Vec<String>,
+    pub created_at_ms: i64,
+}
+
+pub const FORMAT: &str = "onecommons-backup/v1";
+
+/// A written backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct Backup {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: u64,
+    pub manifest: Manifest,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    EngineError::io(what)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Adds a directory tree to the archive under `prefix` (if it exists).
+fn add_dir(tar: &mut tar::Builder<Vec<u8>>, dir: &Path, prefix: &str) -> Result<(), EngineError> {
+    if dir.is_dir() {
+        tar.append_dir_all(prefix, dir)
+            .map_err(io(format!("archiving {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+fn add_bytes(tar: &mut tar::Builder<Vec<u8>>, path: &str, bytes: &[u8]) -> Result<(), EngineError> {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(bytes.len() as u64);
+    h.set_mode(0o600);
+    h.set_cksum();
+    tar.append_data(&mut h, path, bytes)
+        .map_err(io(format!("archiving {path}")))
+}
+
+/// Runs a PostgreSQL client tool, failing with what it printed.
+fn pg_tool(program: &str, args: &[&str]) -> Result<Vec<u8>, EngineError> {
+    let out = Command::new(program).args(args).output().map_err(|e| {
+        EngineError::Internal(format!(
+            "cannot run {program} (install postgresql-client): {e}"
+        ))
+    })?;
+    if !out.status.success() {
+        return Err(EngineError::Internal(format!(
+            "{program} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(out.stdout)
+}
+
+/// The admin connection string pointed at database `db`.
+fn admin_for(db: &str) -> Result<String, EngineError> {
+    let url = std::env::var(ADMIN_URL_VAR)
+        .ok()
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            EngineError::Input(format!(
+                "backing up a PostgreSQL database needs {ADMIN_URL_VAR}"
+            ))
+        })?;
+    // Key=value connection strings take a later dbname over an earlier one.
+    Ok(if url.contains("://") {
+        let base = url.split('?').next().unwrap_or(&url);
+        let without_db = base.rsplit_once('/').map(|(b, _)| b).unwrap_or(base);
+        format!("{without_db}/{db}")
+    } else {
+        format!("{url} dbname={db}")
+    })
+}
+
+/// Writes the backup of `name`.
+pub(crate) fn write(
+    engine: &crate::Engine,
+    name: &str,
+    kinds: &[(String, String)],
+    now_ms: i64,
+) -> Result<Backup, EngineError> {
+    let layout = &engine.layout;
+    let history = records::history(&layout.records_dir(name))?;
+    let commit = history.last().map(|e| e.commit.clone()).unwrap_or_default();
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.mode(tar::HeaderMode::Deterministic);
+    let staging = layout.home.join("clones").join(crate::secrets::token());
+    records::checkout(&layout.records_dir(name).display().to_string(), &staging)?;
+    add_dir(&mut tar, &staging, "record")?;
+    let _ = std::fs::remove_dir_all(&staging);
+    add_dir(&mut tar, &layout.data_dir(name), "data")?;
+    let mut databases = Vec::new();
+    let mut volumes = Vec::new();
+    for (component, kind) in kinds {
+        match kind.as_str() {
+            "volume" => {
+                add_dir(
+                    &mut tar,
+                    &layout.volume_dir(name, component),
+                    &format!("volumes/{component}"),
+                )?;
+                volumes.push(component.clone());
+            }
+            "postgres" => {
+                let conn = admin_for(&db_name(name, component))?;
+                // Portable SQL: no owners or grants, so it loads under a new role.
+                let dump = pg_tool(
+                    "pg_dump",
+                    &["--no-owner", "--no-privileges", "--dbname", &conn],
+                )?;
+                add_bytes(&mut tar, &format!("postgres/{component}.sql"), &dump)?;
+                databases.push(component.clone());
+            }
+            _ => {}
+        }
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        deployment: name.into(),
+        record_commit: commit,
+        databases,
+        volumes,
+        created_at_ms: now_ms,
+    };
+    add_bytes(
+        &mut tar,
+        "manifest.json",
+        &serde_json::to_vec_pretty(&manifest).expect("json"),
+    )?;
+    let bytes = tar.into_inner().map_err(io("finishing the archive"))?;
+    let sha256 = hex(&Sha256::digest(&bytes));
+    let dir = layout.home.join("archive");
+    commons_runtime::layout::private_dir(&dir).map_err(io("creating the archive directory"))?;
+    let path = dir.join(format!("{sha256}.tar"));
+    std::fs::write(&path, &bytes).map_err(io(format!("writing {}", path.display())))?;
+    Ok(Backup {
+        path,
+        sha256,
+        bytes: bytes.len() as u64,
+        manifest,
+    })
+}
+
+/// Checks an archive's name against its content and unpacks it into `into`.
+pub(crate) fn unpack(archive: &Path, into: &Path) -> Result<Manifest, EngineError> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(archive)
+        .and_then(|mut f| f.read_to_end(&mut bytes))
+        .map_err(|e| {
+            EngineError::Input(format!("cannot read backup {}: {e}", archive.display()))
+        })?;
+    let sha = hex(&Sha256::digest(&bytes));
+    let named = archive.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    if named.len() == 64 && named != sha {
+        return Err(EngineError::Input(format!(
+            "backup {} is damaged: its content hashes to {sha}, not to its name",
+            archive.display()
+        )));
+    }
+    let _ = std::fs::remove_dir_all(into);
+    std::fs::create_dir_all(into).map_err(io("creating the restore directory"))?;
+    tar::Archive::new(bytes.as_slice())
+        .unpack(into)
+        .map_err(|e| {
+            EngineError::Input(format!("cannot unpack backup {}: {e}", archive.display()))
+        })?;
+    let manifest: Manifest = std::fs::read(into.join("manifest.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .ok_or_else(|| {
+            EngineError::Input(format!(
+                "{} is not a OneCommons backup (no manifest)",
+                archive.display()
+            ))
+        })?;
+    if manifest.format != FORMAT {
+        return Err(EngineError::Input(format!(
+            "unknown backup format {:?}",
+            manifest.format
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Loads a dumped database into a restored component's database, as its own role.
+pub(crate) fn load_database(app_url: &str, dump: &Path) -> Result<(), EngineError> {
+    let dump = dump.display().to_string();
+    pg_tool(
+        "psql",
+        &[
+            "--quiet",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--dbname",
+            app_url,
+            "-f",
+            &dump,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Copies a directory tree (restoring data and volumes).
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    let mut todo = vec![(from.to_path_buf(), to.to_path_buf())];
+    while let Some((src, dst)) = todo.pop() {
+        commons_runtime::layout::private_dir(&dst)
+            .map_err(io(format!("creating {}", dst.display())))?;
+        for e in std::fs::read_dir(&src)
+            .map_err(io(format!("reading {}", src.display())))?
+            .flatten()
+        {
+            let (s, d) = (e.path(), dst.join(e.file_name()));
+            if s.is_dir() {
+                todo.push((s, d));
+            } else {
+                std::fs::copy(&s, &d).map_err(io(format!("restoring {}", d.display())))?;
+            }
+        }
+    }
+    Ok(())
+}
