@@ -33,7 +33,7 @@ components:
         web["port"].as_u64().unwrap() as u16,
     );
 
-    let server = s.serve(&[]);
+    let server = s.serve(&[("COMMONS_SAMPLE_SECONDS", "1")]);
     kill9(pid);
     assert!(
         wait_for(Duration::from_secs(20), || {
@@ -51,6 +51,29 @@ components:
         "it comes back on its port"
     );
     assert_eq!(http_get(port, "/").unwrap().0, 200);
+
+    // Its CPU, memory and storage are sampled and metered.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let m = s.run(&[
+                "usage",
+                "show",
+                "site",
+                "kept",
+                "--metric",
+                "memory_bytes",
+                "--aggregation",
+                "max",
+                "--json",
+            ]);
+            m.code() == 0
+                && m.json().as_array().is_some_and(|rows| {
+                    rows.iter()
+                        .any(|r| r["value"].as_f64().unwrap_or(0.0) > 1e6)
+                })
+        }),
+        "no resource usage metered"
+    );
 
     // The platform restarts (and the process died while it was down).
     drop(server);

@@ -15,6 +15,7 @@ pub mod health;
 pub mod layout;
 pub mod proc;
 pub mod sandbox;
+pub mod usage;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -1,0 +1,83 @@
+//! What a workload uses, read from `/proc` and the filesystem: CPU time and
+//! resident memory of every process in its group, bytes in its directories.
+
+use std::path::Path;
+
+/// One reading of a process group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// User + system CPU time of the live processes, in milliseconds.
+    pub cpu_ms: u64,
+    /// Resident memory, summed.
+    pub memory_bytes: u64,
+    pub processes: u32,
+}
+
+fn ticks_per_second() -> u64 {
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Reads every live process whose process group is `pgid`.
+pub fn sample_group(pgid: i32) -> Sample {
+    let mut s = Sample::default();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return s;
+    };
+    let hz = ticks_per_second();
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) ... rss(21, pages)
+        if f.get(2).and_then(|p| p.parse::<i32>().ok()) != Some(pgid) || f.first() == Some(&"Z") {
+            continue;
+        }
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let pages: u64 = f.get(21).and_then(|v| v.parse().ok()).unwrap_or(0);
+        s.cpu_ms += ticks * 1000 / hz;
+        s.memory_bytes += pages * page_size();
+        s.processes += 1;
+    }
+    s
+}
+
+fn page_size() -> u64 {
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Bytes in the files under `dir` (0 if it does not exist).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => todo.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
