@@ -361,14 +361,19 @@ fn destroy_cleans_up_after_a_failed_create() {
 components:
   store: { volume: {} }
   web:
-    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
-    health: { http: "/missing", timeout: 4s }
+    process: "sleep 60"
+    health: { http: "/", timeout: 1s }
     after: [store]
 "#,
     );
     let r = s.run(&["deploy"]);
     assert_eq!(r.code(), 1, "{}", r.all());
-    assert!(r.stderr().contains("answered 404"), "{}", r.stderr());
+    // Nothing ever listens: the health check fails and says so.
+    assert!(
+        r.stderr().contains("health check failed for 1s"),
+        "{}",
+        r.stderr()
+    );
     assert_eq!(s.component("broken", "web")["state"], "error");
     let volume = s.home.join("deployments/broken/volumes/store");
     assert!(volume.is_dir());

@@ -211,6 +211,12 @@ pub fn is_instance_alive(pid: i32, instance: &str) -> bool {
 
 /// Live (not zombie) members of process group `pgid`.
 fn live_members(pgid: i32) -> Vec<i32> {
+    group_stats(pgid).into_iter().map(|(pid, _)| pid).collect()
+}
+
+/// Live (not zombie) members of process group `pgid`, each with the fields
+/// of its `/proc/PID/stat` after the command name (state first).
+pub(crate) fn group_stats(pgid: i32) -> Vec<(i32, Vec<String>)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -225,11 +231,11 @@ fn live_members(pgid: i32) -> Vec<i32> {
         let Some((_, rest)) = stat.rsplit_once(')') else {
             continue;
         };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().unwrap_or("Z");
-        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        let fields: Vec<String> = rest.split_whitespace().map(str::to_string).collect();
+        let state = fields.first().map(String::as_str).unwrap_or("Z");
+        let pgrp = fields.get(2).and_then(|f| f.parse::<i32>().ok());
         if pgrp == Some(pgid) && state != "Z" && state != "X" {
-            out.push(pid);
+            out.push((pid, fields));
         }
     }
     out

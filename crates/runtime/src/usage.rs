@@ -25,30 +25,12 @@ fn ticks_per_second() -> u64 {
 /// Reads every live process whose process group is `pgid`.
 pub fn sample_group(pgid: i32) -> Sample {
     let mut s = Sample::default();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return s;
-    };
     let hz = ticks_per_second();
-    for e in dir.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // After the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) ... rss(21, pages)
-        if f.get(2).and_then(|p| p.parse::<i32>().ok()) != Some(pgid) || f.first() == Some(&"Z") {
-            continue;
-        }
-        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let pages: u64 = f.get(21).and_then(|v| v.parse().ok()).unwrap_or(0);
-        s.cpu_ms += ticks * 1000 / hz;
-        s.memory_bytes += pages * page_size();
+    // Fields after the name: state(0) ppid(1) pgrp(2) ... utime(11) stime(12) ... rss(21, pages)
+    for (_, f) in crate::proc::group_stats(pgid) {
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        s.cpu_ms += (field(11) + field(12)) * 1000 / hz;
+        s.memory_bytes += field(21) * page_size();
         s.processes += 1;
     }
     s
