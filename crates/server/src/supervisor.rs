@@ -1,0 +1,125 @@
+//! What `commons serve` runs beside the API: the supervisor, which restarts
+//! workloads that stopped, and the sampler, which meters what they use.
+
+use std::path::PathBuf;
+
+use commons_engine::Engine;
+
+/// Restarts stopped workloads every second, for as long as `serve` runs.
+pub fn spawn(home: PathBuf) {
+    std::thread::Builder::new()
+        .name("commons-supervisor".into())
+        .spawn(move || {
+            let engine = match Engine::open(&home) {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("supervisor: cannot open the engine: {e}");
+                    return;
+                }
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("the async runtime starts");
+            let mut supervisor = commons_engine::supervise::Supervisor::new();
+            let mut sampler = Sampler::new(&home);
+            loop {
+                let pass = rt.block_on(supervisor.pass(&engine));
+                sampler.maybe_sample(&engine);
+                for (d, c) in &pass.restarted {
+                    eprintln!("{:>12} {d}/{c} (it had stopped)", "Restarted");
+                }
+                for (d, why) in &pass.failed {
+                    eprintln!("{:>12} {d}: {}", "Failed", why.lines().next().unwrap_or(""));
+                }
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        })
+        .expect("the supervisor thread starts");
+}
+
+/// Samples every running workload's CPU, memory and storage, and meters it.
+pub struct Sampler {
+    meter: Option<commons_meter::Meter>,
+    every: std::time::Duration,
+    last: Option<std::time::Instant>,
+    /// CPU milliseconds at the last reading, per (deployment, component, pid).
+    cpu: std::collections::HashMap<(String, String, i32), u64>,
+    node: String,
+}
+
+impl Sampler {
+    pub fn new(home: &std::path::Path) -> Sampler {
+        let every = std::env::var("COMMONS_SAMPLE_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(60);
+        let dir = home.join("meter");
+        let meter = crate::private_dir(&dir)
+            .ok()
+            .and_then(|_| commons_meter::Meter::open(&dir.join("meter.db"), crate::GRACE_MS).ok());
+        let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "local".into());
+        Sampler {
+            meter,
+            every: std::time::Duration::from_secs(every),
+            last: None,
+            cpu: Default::default(),
+            node,
+        }
+    }
+
+    pub fn maybe_sample(&mut self, engine: &Engine) {
+        let now = std::time::Instant::now();
+        let interval = match self.last {
+            Some(t) if now.duration_since(t) < self.every => return,
+            Some(t) => now.duration_since(t),
+            None => self.every,
+        };
+        self.last = Some(now);
+        let Some(meter) = self.meter.as_mut() else {
+            return;
+        };
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut events = Vec::new();
+        for d in engine.list().unwrap_or_default() {
+            let Ok(status) = engine.status(&d.name) else {
+                continue;
+            };
+            let storage = commons_runtime::usage::dir_bytes(&engine.layout.deployment_dir(&d.name));
+            for c in status.components.iter().filter(|c| c.state == "running") {
+                let Some(pid) = c.pid else { continue };
+                let sample = commons_runtime::usage::sample_group(pid);
+                let key = (d.name.clone(), c.name.clone(), pid);
+                let before = self.cpu.insert(key, sample.cpu_ms).unwrap_or(0);
+                let data = serde_json::json!({
+                    "site": d.name, "component": c.name, "node": self.node,
+                    "operator": "local", "provider": "local",
+                    "cpu_ms": sample.cpu_ms.saturating_sub(before),
+                    "memory_bytes": sample.memory_bytes,
+                    "memory_byte_seconds": sample.memory_bytes * interval.as_secs().max(1),
+                    "storage_bytes": storage,
+                    "restarts": c.restarts,
+                });
+                events.push(commons_meter::Event {
+                    specversion: "1.0".into(),
+                    id: format!("{}/{}/{ms}", d.name, c.name),
+                    source: format!("runtime/{}", self.node),
+                    kind: "resources".into(),
+                    subject: Some(d.name.clone()),
+                    time: commons_meter::format_time(ms),
+                    data: data.as_object().cloned().unwrap_or_default(),
+                });
+            }
+        }
+        if !events.is_empty() {
+            if let Err(e) = meter.ingest(&events, None) {
+                eprintln!("sampler: {e}");
+            }
+        }
+    }
+}
