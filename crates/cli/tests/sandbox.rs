@@ -172,7 +172,7 @@ components:
     assert_eq!(task("eat")["outcome"], "failed");
     let err = task("eat")["error"].as_str().unwrap().to_string();
     assert!(
-        err.contains("status 137") || err.contains("MemoryError"),
+        err.contains("out of memory, over its limit of 64 MiB") || err.contains("MemoryError"),
         "{err}"
     );
 }

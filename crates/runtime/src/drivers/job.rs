@@ -43,9 +43,16 @@ impl Driver for JobDriver {
                 return Ok(Applied::default());
             }
             let tail = proc::log_tail(&started.log, started.log_offset, 2048);
-            let how = match status.code() {
-                Some(code) => format!("exited with status {code}"),
-                None => "was killed by a signal".to_string(),
+            let how = match (status.code(), spec.resources.memory_bytes) {
+                // 128 + SIGKILL under a memory limit: the kernel's OOM killer.
+                (Some(137), Some(limit)) if crate::sandbox::enabled() => {
+                    format!(
+                        "was killed (status 137): out of memory, over its limit of {} MiB",
+                        limit >> 20
+                    )
+                }
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, _) => "was killed by a signal".to_string(),
             };
             Err(DriverError::Failed(if tail.is_empty() {
                 format!("job {how}")
