@@ -117,6 +117,11 @@ enum Command {
         #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
         jobs: usize,
     },
+    /// Start a deployment's idle or stopped processes and wait until they are healthy.
+    Wake {
+        /// Deployment name [default: the name in ./commons.yaml]
+        name: Option<String>,
+    },
     /// Back a deployment up: data, volumes, databases and its record, in one archive.
     Backup {
         /// Deployment name [default: the name in ./commons.yaml]
@@ -380,6 +385,12 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::List => output::list(&engine()?.list()?, json),
+        Command::Wake { name } => {
+            let name = name_or_local(name)?;
+            let started = Instant::now();
+            let outcome = runtime().block_on(engine()?.wake(&name))?;
+            output::outcome(&outcome, json, started.elapsed(), "Woke")
+        }
         Command::Backup { name } => {
             let name = name_or_local(name)?;
             let b = engine()?.backup(&name)?;

@@ -99,3 +99,39 @@ components:
         1
     );
 }
+
+#[test]
+fn quiet_sites_go_idle_and_wake_on_demand() {
+    let s = Sandbox::new("idle");
+    s.blueprint(
+        r#"name: sleepy
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let port = s.component("sleepy", "web")["port"].as_u64().unwrap() as u16;
+    let _server = s.serve(&[("COMMONS_IDLE_AFTER", "2")]);
+    assert!(
+        wait_for(Duration::from_secs(15), || s.component("sleepy", "web")
+            ["state"]
+            == "idle"),
+        "no traffic, yet not idle: {}",
+        s.component("sleepy", "web")
+    );
+    assert!(
+        http_get(port, "/").is_err(),
+        "an idle site's process is stopped"
+    );
+    // The supervisor leaves idle processes alone.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.component("sleepy", "web")["state"], "idle");
+    // Woken: healthy when the command returns, on the same port.
+    s.ok(&["wake", "sleepy"]);
+    let web = s.component("sleepy", "web");
+    assert_eq!(web["state"], "running");
+    assert_eq!(web["restarts"], 0, "a wake is not a crash");
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+}

@@ -418,6 +418,8 @@ async fn apply_component(
                     .collect(),
             );
             applied.handle.restarts = match &previous {
+                // Woken from idle: not a crash.
+                Some(p) if p.idle => p.restarts,
                 Some(p) if task.restart => p.restarts + 1,
                 _ => 0,
             };

@@ -680,6 +680,7 @@ impl Engine {
                 let handle = plan::handle_of(&r);
                 let state = match (r.state, driver_for(&r.kind).observe(&handle)) {
                     (ComponentState::Ready, Observed::Running) => "running",
+                    (ComponentState::Ready, Observed::Stopped) if handle.idle => "idle",
                     (ComponentState::Ready, Observed::Stopped) => "stopped",
                     (ComponentState::Ready, Observed::Present) => "ready",
                     (s, _) => s.as_str(),
@@ -989,6 +990,44 @@ fn common_ancestor(paths: &[PathBuf]) -> PathBuf {
 }
 
 impl Engine {
+    /// Stops the running processes of `name` for lack of traffic; they show
+    /// as `idle` and are started again by [`Engine::wake`] (or a deploy).
+    /// Returns the components stopped.
+    pub async fn idle(&self, name: &str) -> Result<Vec<String>, EngineError> {
+        let _lock = Lock::take(&self.layout.lock_file(name), name)?;
+        let mut changes = Vec::new();
+        let mut stopped = Vec::new();
+        for mut row in self.store.components(name)? {
+            let mut handle = plan::handle_of(&row);
+            if row.kind != "process" || row.state != ComponentState::Ready || handle.idle {
+                continue;
+            }
+            if let (Some(pid), Some(instance)) = (handle.pid, &handle.instance) {
+                commons_runtime::proc::stop(pid, instance, commons_runtime::drivers::STOP_GRACE)
+                    .await;
+            }
+            handle.idle = true;
+            row.handle = serde_json::to_value(&handle).expect("handle serialises");
+            stopped.push(row.name.clone());
+            changes.push(commons_store::ComponentChange::Put(row));
+        }
+        self.store.apply(name, &changes, &[])?;
+        Ok(stopped)
+    }
+
+    /// Starts the idle (or stopped) processes of `name` and returns once they
+    /// are healthy: what the gateway calls on the first request to an idle site.
+    pub async fn wake(&self, name: &str) -> Result<Outcome, EngineError> {
+        let waking: Vec<String> = self
+            .status(name)?
+            .components
+            .into_iter()
+            .filter(|c| c.kind == "process" && (c.state == "idle" || c.state == "stopped"))
+            .map(|c| c.name)
+            .collect();
+        self.restart_stopped(name, &waking).await
+    }
+
     /// Writes a backup of `name` (data, volumes, databases, record) to the archive.
     pub fn backup(&self, name: &str) -> Result<backup::Backup, EngineError> {
         let _lock = Lock::take(&self.layout.lock_file(name), name)?;

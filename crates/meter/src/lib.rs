@@ -605,6 +605,15 @@ impl Meter {
         Ok(out)
     }
 
+    /// When `site` last had a request (ms since the epoch), if ever.
+    pub fn last_request(&self, site: &str) -> Result<Option<i64>, MeterError> {
+        Ok(self.conn.query_row(
+            "SELECT MAX(time_ms) FROM events WHERE site = ?1 AND type = 'request'",
+            [site],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Whether events for `period` are still accepted without a backfill.
     pub fn accepts(&self, period: &str) -> Result<bool, MeterError> {
         Ok(!self.is_closed(period, now_ms())?)

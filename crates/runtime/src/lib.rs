@@ -77,6 +77,9 @@ pub struct Handle {
     /// Times the process was restarted after stopping by itself.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub restarts: u32,
+    /// Stopped on purpose for lack of traffic; started again on demand.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub idle: bool,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -26,6 +26,13 @@ pub fn spawn(home: PathBuf) {
             loop {
                 let pass = rt.block_on(supervisor.pass(&engine));
                 sampler.maybe_sample(&engine);
+                for (d, stopped) in rt.block_on(sampler.idle_quiet_sites(&engine)) {
+                    eprintln!(
+                        "{:>12} {d} ({} idle, no traffic)",
+                        "Idled",
+                        stopped.join(", ")
+                    );
+                }
                 for (d, c) in &pass.restarted {
                     eprintln!("{:>12} {d}/{c} (it had stopped)", "Restarted");
                 }
@@ -68,6 +75,45 @@ impl Sampler {
             cpu: Default::default(),
             node,
         }
+    }
+
+    /// Stops the processes of sites with no request for `COMMONS_IDLE_AFTER`
+    /// seconds (unset: never), counting a deploy or wake as activity.
+    pub async fn idle_quiet_sites(&self, engine: &Engine) -> Vec<(String, Vec<String>)> {
+        let Some(after) = std::env::var("COMMONS_IDLE_AFTER")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok())
+        else {
+            return Vec::new();
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let mut out = Vec::new();
+        for d in engine.list().unwrap_or_default() {
+            let Ok(status) = engine.status(&d.name) else {
+                continue;
+            };
+            if !status
+                .components
+                .iter()
+                .any(|c| c.kind == "process" && c.state == "running")
+            {
+                continue;
+            }
+            let last_request = self
+                .meter
+                .as_ref()
+                .and_then(|m| m.last_request(&d.name).ok().flatten())
+                .unwrap_or(0);
+            if now - last_request.max(d.updated_at_ms) > after * 1000 {
+                if let Ok(stopped) = engine.idle(&d.name).await {
+                    out.push((d.name.clone(), stopped));
+                }
+            }
+        }
+        out
     }
 
     pub fn maybe_sample(&mut self, engine: &Engine) {

@@ -124,6 +124,7 @@ impl Driver for ProcessDriver {
                 port: Some(port),
                 pending: None,
                 restarts: 0,
+                idle: false,
             };
             Ok(Applied {
                 handle,
