@@ -113,7 +113,12 @@ components:
     );
     s.ok(&["deploy"]);
     let port = s.component("sleepy", "web")["port"].as_u64().unwrap() as u16;
-    let _server = s.serve(&[("COMMONS_IDLE_AFTER", "2")]);
+    let token = s
+        .ok(&["token", "create", "gateway", "--scope", "runtime:wake"])
+        .stdout()
+        .trim()
+        .to_string();
+    let server = s.serve(&[("COMMONS_IDLE_AFTER", "2")]);
     assert!(
         wait_for(Duration::from_secs(15), || s.component("sleepy", "web")
             ["state"]
@@ -134,4 +139,33 @@ components:
     assert_eq!(web["state"], "running");
     assert_eq!(web["restarts"], 0, "a wake is not a crash");
     assert_eq!(http_get(port, "/").unwrap().0, 200);
+
+    // Quiet again, then woken the way the gateway will: through the API.
+    assert!(wait_for(Duration::from_secs(15), || s
+        .component("sleepy", "web")["state"]
+        == "idle"));
+    let auth = format!("Bearer {token}");
+    let (code, body) = http(
+        server.port,
+        "POST",
+        "/api/deployments/sleepy/wake",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        http_get(port, "/").unwrap().0,
+        200,
+        "healthy when the API answers"
+    );
+    let (code, _) = http(
+        server.port,
+        "POST",
+        "/api/deployments/nosuch/wake",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 404);
 }

@@ -11,6 +11,8 @@
 //!   with the endpoint's signing secret (`COMMONS_STRIPE_WEBHOOK_SECRET`).
 //! - `GET /api/users/{user}/tier` — the tier the gateway tells apps
 //!   (scope `billing:read`).
+//! - `POST /api/deployments/{name}/wake` — starts an idle site and answers
+//!   once it is healthy (scope `runtime:wake`).
 //! - `GET /healthz`.
 //!
 //! Every store is the embedded one under `COMMONS_HOME`. Errors are RFC 9457
@@ -60,6 +62,7 @@ pub struct AppState {
     pub billing: Mutex<Billing>,
     pub stripe: Option<Stripe>,
     pub tokens: Tokens,
+    pub engine: commons_engine::Engine,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +100,7 @@ impl AppState {
             ),
             stripe: stripe_secret.map(Stripe::new),
             tokens: Tokens::new(home),
+            engine: commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?,
         })
     }
 }
@@ -330,6 +334,41 @@ async fn tier(
     }
 }
 
+/// Starts an idle site and answers once it is healthy: what the gateway
+/// calls on a request for a site that is asleep (scope `runtime:wake`).
+async fn wake(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    if let Err(r) = authorise(&state, &headers, "runtime:wake") {
+        return *r;
+    }
+    match state.engine.wake(&name).await {
+        Ok(o) if o.ok => {
+            Json(serde_json::json!({ "deployment": name, "woken": o.tasks.len() })).into_response()
+        }
+        Ok(o) => {
+            let errors: Vec<String> = o.tasks.iter().filter_map(|t| t.error.clone()).collect();
+            problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Site did not wake",
+                errors.join("; "),
+                None,
+            )
+        }
+        Err(e) if e.is_bad_input() => {
+            problem(StatusCode::NOT_FOUND, "No such site", e.to_string(), None)
+        }
+        Err(e) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Site did not wake",
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -337,6 +376,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/usage/events", post(ingest))
         .route("/api/payments/stripe/webhook", post(stripe_webhook))
         .route("/api/users/{user}/tier", get(tier))
+        .route("/api/deployments/{name}/wake", post(wake))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
         // Event batches are large; the default 2 MiB limit would cut them.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))

@@ -5,7 +5,11 @@ use std::path::PathBuf;
 
 use commons_engine::Engine;
 
-/// Restarts stopped workloads every second, for as long as `serve` runs.
+/// How often the supervisor looks: a crashed process is back within about
+/// this long plus its start-up.
+pub const PASS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Restarts stopped workloads, for as long as `serve` runs.
 pub fn spawn(home: PathBuf) {
     std::thread::Builder::new()
         .name("commons-supervisor".into())
@@ -39,7 +43,7 @@ pub fn spawn(home: PathBuf) {
                 for (d, why) in &pass.failed {
                     eprintln!("{:>12} {d}: {}", "Failed", why.lines().next().unwrap_or(""));
                 }
-                std::thread::sleep(std::time::Duration::from_secs(1));
+                std::thread::sleep(PASS_EVERY);
             }
         })
         .expect("the supervisor thread starts");

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// What a token may do.
-pub const SCOPES: &[&str] = &["usage:write", "usage:read", "billing:read"];
+pub const SCOPES: &[&str] = &["usage:write", "usage:read", "billing:read", "runtime:wake"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
