@@ -68,4 +68,4 @@ for i in 1 2 3 4 5; do
   done
   t1=$(now); lat+=($(( (t1 - t0) / 1000000 )))
 done
-echo "restart after kill -9 (median of 5): $(printf '%s\n' "${lat[@]}" | sort -n | sed -n 3p) ms (supervisor passes once a second)"
+echo "restart after kill -9 (median of 5): $(printf '%s\n' "${lat[@]}" | sort -n | sed -n 3p) ms (the supervisor looks four times a second)"
