@@ -37,6 +37,9 @@ pub struct Pass {
 #[derive(Default)]
 pub struct Supervisor {
     backoff: HashMap<(String, String), Backoff>,
+    /// Deployments whose restart could not even be tried (say, their
+    /// blueprint file is gone): left alone until then, and reported once.
+    quiet_until: HashMap<String, Instant>,
 }
 
 impl Supervisor {
@@ -76,7 +79,7 @@ impl Supervisor {
                     _ => due.push(c.name.clone()),
                 }
             }
-            if due.is_empty() {
+            if due.is_empty() || self.quiet_until.get(&d.name).is_some_and(|t| now < *t) {
                 continue;
             }
             match engine.restart_stopped(&d.name, &due).await {
@@ -96,7 +99,12 @@ impl Supervisor {
                         pass.restarted.push(key);
                     }
                 }
-                Err(e) => pass.failed.push((d.name.clone(), e.to_string())),
+                // A deploy is at work on it: look again next pass.
+                Err(crate::EngineError::Busy(_)) => {}
+                Err(e) => {
+                    self.quiet_until.insert(d.name.clone(), now + MAX_BACKOFF);
+                    pass.failed.push((d.name.clone(), e.to_string()));
+                }
             }
         }
         pass

@@ -113,6 +113,8 @@ CREATE TABLE IF NOT EXISTS payment_events (event_id TEXT PRIMARY KEY, kind TEXT 
 impl Billing {
     pub fn open(path: &Path, tiers: Vec<Tier>) -> Result<Billing, BillingError> {
         let conn = Connection::open(path)?;
+        // The API and the supervisor share the file: wait for each other.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;

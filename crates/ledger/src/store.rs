@@ -95,6 +95,8 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, JournalError> {
         let conn = rusqlite::Connection::open(path)?;
+        // The API and the supervisor share the file: wait for each other.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Durable: the WAL is fsynced at every commit, i.e. once per batch.
         conn.pragma_update(None, "synchronous", "FULL")?;

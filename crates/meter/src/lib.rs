@@ -266,6 +266,8 @@ impl Meter {
     /// period that ended are still taken.
     pub fn open(path: &Path, grace_ms: i64) -> Result<Meter, MeterError> {
         let conn = Connection::open(path)?;
+        // The API and the supervisor share the file: wait for each other.
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         // Events and aggregates are B-trees keyed by text; a page cache that
