@@ -46,7 +46,7 @@ components:
       psql "${components.db.url}" -v ON_ERROR_STOP=1 -qc
       "CREATE TABLE IF NOT EXISTS notes (body text); INSERT INTO notes VALUES ('hello from psql')"
   read:
-    job: psql "${components.db.url}" -Atc "SELECT body FROM notes" > $COMMONS_DATA_DIR/notes
+    job: psql "${components.db.url}" -Atc "SELECT body FROM notes" > $COMMONS_DATA_DIR/notes; env > $COMMONS_DATA_DIR/env
     after: [schema]
 "#,
     );
@@ -55,6 +55,9 @@ components:
     let notes = std::fs::read_to_string(s.home.join("deployments/pgsite/data/notes")).unwrap();
     assert_eq!(notes.trim(), "hello from psql");
     assert!(databases().contains(&"c_pgsite_db".to_string()));
+    // The administrator's connection is the platform's, never a workload's.
+    let env = std::fs::read_to_string(s.home.join("deployments/pgsite/data/env")).unwrap();
+    assert!(!env.contains("COMMONS_POSTGRES_URL"), "{env}");
     // A redeploy changes nothing: the URL (and so the password) is stable.
     let again = with_pg(&s, &["deploy", "pgsite"]);
     assert!(again.stderr().contains("nothing to do"), "{}", again.all());

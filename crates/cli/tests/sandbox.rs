@@ -6,7 +6,13 @@ mod common;
 use common::*;
 
 fn sandboxed(s: &Sandbox, args: &[&str]) -> Run {
-    Run(s.cmd(args).env("COMMONS_SANDBOX", "1").output().unwrap())
+    // A platform credential in the platform's environment must not reach workloads.
+    Run(s
+        .cmd(args)
+        .env("COMMONS_SANDBOX", "1")
+        .env("COMMONS_STRIPE_WEBHOOK_SECRET", "whsec_platform_only")
+        .output()
+        .unwrap())
 }
 
 fn root() {
@@ -71,7 +77,8 @@ components:
       { test -e /proc/${inputs.bpid} && echo SEEN || echo hidden; } > $COMMONS_DATA_DIR/proc;
       ls /proc | grep -c '^[0-9]' > $COMMONS_DATA_DIR/procs;
       id -u > $COMMONS_DATA_DIR/uid;
-      touch /tmp/a-was-here; ls /tmp > $COMMONS_DATA_DIR/tmp
+      touch /tmp/a-was-here; ls /tmp > $COMMONS_DATA_DIR/tmp;
+      env > $COMMONS_DATA_DIR/env
 "#,
     );
     let bdata = format!("bdata={}", b_data.display());
@@ -118,6 +125,12 @@ components:
         a_uid >= 200_000 && b_uid >= 200_000 && a_uid != b_uid,
         "{a_uid} vs {b_uid}"
     );
+    let env = seen("env");
+    assert!(
+        !env.contains("whsec_platform_only") && !env.contains("COMMONS_SANDBOX"),
+        "{env}"
+    );
+    assert!(env.contains("COMMONS_DATA_DIR="), "{env}");
     // A private /tmp: A's file is not in the host's /tmp.
     assert!(seen("tmp").contains("a-was-here"));
     assert!(!std::path::Path::new("/tmp/a-was-here").exists());

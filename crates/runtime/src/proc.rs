@@ -99,16 +99,14 @@ pub fn spawn(
         let cgroup = format!("{}/{}", spec.deployment, spec.component);
         let me = std::env::current_exe().map_err(DriverError::io("finding the commons binary"))?;
         let mut c = Command::new(me);
-        c.arg("__sandbox")
-            .args(crate::sandbox::helper_args(
-                uid,
-                &spec.deployment,
-                &cgroup,
-                &limits,
-                &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
-                command,
-            ))
-            .env("HOME", &data);
+        c.arg("__sandbox").args(crate::sandbox::helper_args(
+            uid,
+            &spec.deployment,
+            &cgroup,
+            &limits,
+            &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
+            command,
+        ));
         c
     } else if command.contains(SHELL_SYNTAX) {
         let mut c = Command::new("/bin/sh");
@@ -120,6 +118,24 @@ pub fn spawn(
         c.args(words);
         c
     };
+    // What a workload may see of the platform's environment: when sandboxed,
+    // only the basics; otherwise the caller's (a developer's tools expect
+    // it), less the platform's own settings, which carry credentials.
+    if sandboxed {
+        cmd.env_clear();
+        cmd.env("HOME", &data);
+        for key in ["PATH", "LANG", "LC_ALL", "TZ"] {
+            if let Some(v) = std::env::var_os(key) {
+                cmd.env(key, v);
+            }
+        }
+    } else {
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("COMMONS_") {
+                cmd.env_remove(key);
+            }
+        }
+    }
     cmd.current_dir(&spec.cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
