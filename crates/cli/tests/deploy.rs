@@ -403,6 +403,7 @@ components:
     env: { TOKEN: "${secrets.given}" }
     health: { http: "/" }
   leak: { job: "echo token=$TOKEN >&2; exit 1", env: { TOKEN: "${secrets.made}" } }
+  envdump: { job: "env > $COMMONS_DATA_DIR/env" }
 "#,
     );
     let given = "given-Secret-Value-0451";
@@ -413,6 +414,12 @@ components:
         .unwrap();
     assert_eq!(r.status.code(), Some(1), "the leak job fails on purpose");
     let made = std::fs::read_to_string(data_file(&s, "secretive", "made")).unwrap();
+    // The variable a secret is read from is not handed to every workload.
+    let env = std::fs::read_to_string(data_file(&s, "secretive", "env")).unwrap();
+    assert!(
+        !env.contains("GIVEN_TOKEN") && !env.contains(given),
+        "{env}"
+    );
     assert_eq!(made.len(), 40);
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert!(stderr.contains("token=[redacted]"), "{stderr}");

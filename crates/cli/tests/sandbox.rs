@@ -184,6 +184,14 @@ components:
     assert_eq!(task("modest")["outcome"], "ok");
     assert_eq!(task("eat")["outcome"], "failed");
     let err = task("eat")["error"].as_str().unwrap().to_string();
+    // Destroy leaves no cgroup behind.
+    assert!(
+        std::path::Path::new("/sys/fs/cgroup/memory/commons/hungry").exists()
+            || std::path::Path::new("/sys/fs/cgroup/commons/hungry").exists()
+    );
+    s.ok(&["destroy", "hungry"]);
+    assert!(!std::path::Path::new("/sys/fs/cgroup/memory/commons/hungry").exists());
+    assert!(!std::path::Path::new("/sys/fs/cgroup/commons/hungry").exists());
     assert!(
         err.contains("out of memory, over its limit of 64 MiB") || err.contains("MemoryError"),
         "{err}"

@@ -64,6 +64,8 @@ pub struct Context {
     pub outputs: Mutex<HashMap<String, IndexMap<String, Option<String>>>>,
     /// Passwords the platform derived for components (databases), by component.
     pub credentials: HashMap<String, String>,
+    /// Environment variables secrets were read from: never inherited.
+    pub withhold: Vec<String>,
 }
 
 struct Done {
@@ -352,6 +354,7 @@ async fn apply_component(
             instance: token,
             resources: c.resources.clone(),
             credential: ctx.credentials.get(&task.component).cloned(),
+            withhold: ctx.withhold.clone(),
         };
         (attrs, spec)
     };

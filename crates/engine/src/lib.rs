@@ -458,6 +458,15 @@ impl Engine {
             run,
             inputs: target.inputs.clone(),
             credentials,
+            withhold: target
+                .blueprint
+                .secrets
+                .values()
+                .filter_map(|s| match s {
+                    commons_blueprint::SecretSpec::FromEnv(var) => Some(var.clone()),
+                    _ => None,
+                })
+                .collect(),
             secrets: secret_values,
             secret_prints: prints,
             components: target.blueprint.components.clone(),
@@ -606,6 +615,7 @@ impl Engine {
             recorded,
             outputs: Mutex::new(HashMap::new()),
             credentials: HashMap::new(),
+            withhold: Vec::new(),
         });
         let rows = apply::execute(ctx, self.store.as_ref(), tasks, jobs, progress).await?;
         let ok = rows.iter().all(|t| t.outcome == "ok");
@@ -628,6 +638,7 @@ impl Engine {
             self.store.delete_deployment(name)?;
             self.secrets.delete(name);
             let _ = std::fs::remove_dir_all(self.layout.deployment_dir(name));
+            commons_runtime::sandbox::remove_cgroups(name);
             Some(commit)
         } else {
             self.store.finish_run(name, run, "failed", finished)?;

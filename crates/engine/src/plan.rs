@@ -272,6 +272,7 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         instance: String::new(),
         resources: c.resources.clone(),
         credential: None,
+        withhold: Vec::new(),
     }
 }
 

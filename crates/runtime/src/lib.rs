@@ -52,6 +52,9 @@ pub struct Spec {
     pub resources: commons_blueprint::Resources,
     /// A password the platform derived for this component (database roles).
     pub credential: Option<String>,
+    /// Variables of the platform's environment the workload must not inherit
+    /// (where `from_env` secrets were read from).
+    pub withhold: Vec<String>,
 }
 
 /// What a driver returns once a component is applied.

@@ -131,7 +131,8 @@ pub fn spawn(
         }
     } else {
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("COMMONS_") {
+            let name = key.to_string_lossy();
+            if name.starts_with("COMMONS_") || spec.withhold.iter().any(|w| *w == name) {
                 cmd.env_remove(key);
             }
         }

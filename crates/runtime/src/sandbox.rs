@@ -208,6 +208,29 @@ fn enter_cgroups(cgroup: &str, limits: &Limits) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes a deployment's cgroups (after its processes are gone), under
+/// every hierarchy. Cgroup directories go with `rmdir`, deepest first.
+pub fn remove_cgroups(deployment: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let mut bases = vec![root.join("commons").join(deployment)];
+    for controller in ["memory", "cpu", "pids"] {
+        bases.push(root.join(controller).join("commons").join(deployment));
+    }
+    for base in bases {
+        let mut dirs = Vec::new();
+        let mut todo = vec![base];
+        while let Some(d) = todo.pop() {
+            if let Ok(entries) = std::fs::read_dir(&d) {
+                todo.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+                dirs.push(d);
+            }
+        }
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 fn fail(what: &str) -> ! {
     let e = std::io::Error::last_os_error();
     eprintln!("commons sandbox: {what}: {e}");
