@@ -664,6 +664,19 @@ impl Engine {
 
     /// The state of a deployment's components, as the drivers see them now.
     pub fn status(&self, name: &str) -> Result<DeploymentStatus, EngineError> {
+        let mut status = self.observe(name)?;
+        // Show components in blueprint order when the blueprint still loads.
+        if let Ok(bp) = commons_blueprint::load(Path::new(&status.blueprint), &FileSystem) {
+            status
+                .components
+                .sort_by_key(|c| bp.components.get_index_of(&c.name).unwrap_or(usize::MAX));
+        }
+        Ok(status)
+    }
+
+    /// The same as [`Engine::status`] without reading the blueprint (for the
+    /// supervisor, which looks several times a second): components by name.
+    pub fn observe(&self, name: &str) -> Result<DeploymentStatus, EngineError> {
         let Some(d) = self.store.deployment(name)? else {
             return Err(EngineError::Input(format!(
                 "no deployment named \"{name}\""
@@ -675,11 +688,7 @@ impl Engine {
             .into_iter()
             .map(|t| (t.component.clone(), t))
             .collect();
-        let mut rows = self.store.components(name)?;
-        // Show components in blueprint order when the blueprint still loads.
-        if let Ok(bp) = commons_blueprint::load(Path::new(&d.blueprint), &FileSystem) {
-            rows.sort_by_key(|r| bp.components.get_index_of(&r.name).unwrap_or(usize::MAX));
-        }
+        let rows = self.store.components(name)?;
         // Sandboxed deployments have a user of their own.
         let uid = std::fs::read(self.layout.home.join("uids.json"))
             .ok()
@@ -1030,7 +1039,7 @@ impl Engine {
     /// are healthy: what the gateway calls on the first request to an idle site.
     pub async fn wake(&self, name: &str) -> Result<Outcome, EngineError> {
         let waking: Vec<String> = self
-            .status(name)?
+            .observe(name)?
             .components
             .into_iter()
             .filter(|c| c.kind == "process" && (c.state == "idle" || c.state == "stopped"))

@@ -55,7 +55,7 @@ impl Supervisor {
             return pass;
         };
         for d in deployments {
-            let Ok(status) = engine.status(&d.name) else {
+            let Ok(status) = engine.observe(&d.name) else {
                 continue;
             };
             let mut due = Vec::new();

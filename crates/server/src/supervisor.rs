@@ -96,7 +96,7 @@ impl Sampler {
             .unwrap_or(0);
         let mut out = Vec::new();
         for d in engine.list().unwrap_or_default() {
-            let Ok(status) = engine.status(&d.name) else {
+            let Ok(status) = engine.observe(&d.name) else {
                 continue;
             };
             if !status
@@ -137,7 +137,7 @@ impl Sampler {
             .unwrap_or(0);
         let mut events = Vec::new();
         for d in engine.list().unwrap_or_default() {
-            let Ok(status) = engine.status(&d.name) else {
+            let Ok(status) = engine.observe(&d.name) else {
                 continue;
             };
             let storage = commons_runtime::usage::dir_bytes(&engine.layout.deployment_dir(&d.name));
