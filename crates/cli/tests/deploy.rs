@@ -219,18 +219,9 @@ components:
     let j = s.run(&["deploy", "--json"]);
     assert_eq!(j.code(), 1);
     let outcome = j.json();
-    let task = |name: &str| {
-        outcome["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["component"] == name)
-            .cloned()
-            .unwrap()
-    };
-    assert_eq!(task("migrate")["outcome"], "failed");
-    assert_eq!(task("web")["outcome"], "blocked");
-    assert_eq!(task("worker")["outcome"], "blocked");
+    assert_eq!(task(&outcome, "migrate")["outcome"], "failed");
+    assert_eq!(task(&outcome, "web")["outcome"], "blocked");
+    assert_eq!(task(&outcome, "worker")["outcome"], "blocked");
     assert!(!data_file(&s, "fail", "web").exists());
     assert!(data_file(&s, "fail", "docs").exists());
     assert_eq!(s.component("fail", "migrate")["state"], "error");
@@ -266,18 +257,9 @@ components:
     let j = s.run(&["deploy", "--json"]);
     assert_eq!(j.code(), 1);
     let v = j.json();
-    let t = |n: &str| {
-        v["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["component"] == n)
-            .cloned()
-            .unwrap()
-    };
-    assert_eq!(t("flaky")["outcome"], "ok");
-    assert_eq!(t("flaky")["attempts"], 3);
-    assert_eq!(t("slow")["outcome"], "timeout");
+    assert_eq!(task(&v, "flaky")["outcome"], "ok");
+    assert_eq!(task(&v, "flaky")["attempts"], 3);
+    assert_eq!(task(&v, "slow")["outcome"], "timeout");
     assert_eq!(lines(&data_file(&s, "retry", "tries")).len(), 3);
 }
 

@@ -16,31 +16,10 @@ fn sandboxed(s: &Sandbox, args: &[&str]) -> Run {
 }
 
 fn root() {
-    assert_eq!(
-        unsafe_geteuid(),
-        0,
+    assert!(
+        is_root(),
         "sandboxing needs root (a user of its own per site, namespaces, cgroups); run the tests as root"
     );
-}
-
-fn unsafe_geteuid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .and_then(|u| u.parse().ok())
-        .unwrap()
-}
-
-fn uid_of(pid: i64) -> u32 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|u| u.parse().ok())
-        .unwrap()
 }
 
 #[test]
@@ -172,18 +151,9 @@ components:
     let r = sandboxed(&s, &["deploy", "--json"]);
     assert_eq!(r.code(), 1, "{}", r.all());
     let v = r.json();
-    let task = |n: &str| {
-        v["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["component"] == n)
-            .cloned()
-            .unwrap()
-    };
-    assert_eq!(task("modest")["outcome"], "ok");
-    assert_eq!(task("eat")["outcome"], "failed");
-    let err = task("eat")["error"].as_str().unwrap().to_string();
+    assert_eq!(task(&v, "modest")["outcome"], "ok");
+    assert_eq!(task(&v, "eat")["outcome"], "failed");
+    let err = task(&v, "eat")["error"].as_str().unwrap().to_string();
     // Destroy leaves no cgroup behind.
     assert!(
         std::path::Path::new("/sys/fs/cgroup/memory/commons/hungry").exists()

@@ -236,3 +236,30 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// The task row of `component` in a deploy's `--json` outcome.
+pub fn task(outcome: &serde_json::Value, component: &str) -> serde_json::Value {
+    outcome["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["component"] == component)
+        .cloned()
+        .unwrap_or_else(|| panic!("no task for {component} in {outcome}"))
+}
+
+/// The real uid of a process.
+pub fn uid_of(pid: i64) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .unwrap()
+}
+
+/// Whether the tests run as root (sandboxing needs it).
+pub fn is_root() -> bool {
+    uid_of(std::process::id() as i64) == 0
+}
