@@ -1,0 +1,284 @@
+//! Certificates from an ACME server (RFC 8555), with instant-acme.
+//!
+//! HTTP-01 only: the gateway answers `/.well-known/acme-challenge/` on its
+//! plain-HTTP listener. Certificates are issued on demand, during the first
+//! TLS handshake for a host, and only for a host a deployed site serves (so
+//! nobody can make the platform request certificates for names it does not
+//! host). They are renewed when a third of their validity is left. The
+//! account key and every certificate and key are kept under the gateway's
+//! directory, mode 0600, and loaded again at start.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+
+use crate::identity::write_private_file;
+use crate::tls::Cert;
+use crate::Gateway;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcmeError {
+    #[error("ACME: {0}")]
+    Protocol(#[from] instant_acme::Error),
+    #[error("ACME order for {host} ended {status}")]
+    Order { host: String, status: String },
+    #[error("the ACME server offers no HTTP-01 challenge for {0}")]
+    NoHttp01(String),
+    #[error("cannot keep ACME state in {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0:?} is not a domain name a certificate can be issued for")]
+    NotADomain(String),
+    #[error("the issued certificate is unusable: {0}")]
+    Cert(#[from] crate::tls::TlsError),
+}
+
+/// Where to get certificates.
+#[derive(Debug, Clone)]
+pub struct AcmeConfig {
+    /// The directory URL (Let's Encrypt's, or a test server's).
+    pub directory: String,
+    /// PEM file of the CA that signs the ACME server's own TLS certificate,
+    /// when it is not a public one (a test server).
+    pub root: Option<PathBuf>,
+    pub contact: Option<String>,
+    /// Where the account and certificates are kept.
+    pub dir: PathBuf,
+}
+
+pub struct Acme {
+    config: AcmeConfig,
+    account: tokio::sync::Mutex<Option<Account>>,
+    /// One issuance per host at a time.
+    issuing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Acme {
+    pub fn new(config: AcmeConfig) -> Arc<Acme> {
+        Arc::new(Acme {
+            config,
+            account: tokio::sync::Mutex::new(None),
+            issuing: Default::default(),
+        })
+    }
+
+    fn io(&self, source: std::io::Error) -> AcmeError {
+        AcmeError::Io {
+            path: self.config.dir.display().to_string(),
+            source,
+        }
+    }
+
+    /// Loads the certificates kept from earlier runs into `gateway`.
+    pub fn load(&self, gateway: &Gateway) -> Result<usize, AcmeError> {
+        let dir = self.config.dir.join("certs");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(self.io(e)),
+        };
+        let mut n = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "crt") {
+                let (Ok(chain), Ok(key)) = (
+                    std::fs::read_to_string(&path),
+                    std::fs::read_to_string(path.with_extension("key")),
+                ) else {
+                    continue;
+                };
+                let host = path.file_stem().unwrap_or_default().to_string_lossy();
+                match Cert::from_pem(&chain, &key, true) {
+                    Ok(cert) => {
+                        gateway.certs.insert(&host, cert);
+                        n += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(host = %host, error = %e, "skipping a stored certificate")
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Makes sure `host` has a certificate that is not due for renewal.
+    pub async fn ensure(&self, gateway: &Gateway, host: &str) -> Result<(), AcmeError> {
+        if !is_dns_name(host) {
+            return Err(AcmeError::NotADomain(host.to_string()));
+        }
+        let lock = self
+            .issuing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(host.to_string())
+            .or_default()
+            .clone();
+        let _one = lock.lock().await;
+        let now = (crate::now_ms() / 1000) as i64;
+        if gateway
+            .certs
+            .get(host)
+            .is_some_and(|c| c.acme && !c.due_for_renewal(now))
+        {
+            return Ok(());
+        }
+        self.issue(gateway, host).await
+    }
+
+    /// Renews every ACME certificate due at `now_s`; returns the hosts
+    /// renewed and those that failed.
+    pub async fn renew_due(
+        &self,
+        gateway: &Gateway,
+        now_s: i64,
+    ) -> Vec<(String, Result<(), AcmeError>)> {
+        let mut out = Vec::new();
+        for (host, cert) in gateway.certs.all() {
+            if cert.acme && cert.due_for_renewal(now_s) {
+                let r = self.issue(gateway, &host).await;
+                if let Err(e) = &r {
+                    tracing::warn!(host = %host, error = %e, "certificate renewal failed");
+                }
+                out.push((host, r));
+            }
+        }
+        out
+    }
+
+    /// Checks for due renewals every `every`, for as long as the gateway runs.
+    pub fn spawn_renewal(self: &Arc<Self>, gateway: Arc<Gateway>, every: Duration) {
+        let acme = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                acme.renew_due(&gateway, (crate::now_ms() / 1000) as i64)
+                    .await;
+            }
+        });
+    }
+
+    async fn account(&self) -> Result<Account, AcmeError> {
+        let mut slot = self.account.lock().await;
+        if let Some(a) = slot.as_ref() {
+            return Ok(a.clone());
+        }
+        let builder = || match &self.config.root {
+            Some(root) => Account::builder_with_root(root),
+            None => Account::builder(),
+        };
+        let path = self.config.dir.join("account.json");
+        let account = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let creds: AccountCredentials = serde_json::from_slice(&bytes).map_err(|e| {
+                    self.io(std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+                })?;
+                builder()?.from_credentials(creds).await?
+            }
+            Err(_) => {
+                let contact: Vec<String> = self
+                    .config
+                    .contact
+                    .iter()
+                    .map(|c| format!("mailto:{c}"))
+                    .collect();
+                let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
+                let (account, creds) = builder()?
+                    .create(
+                        &NewAccount {
+                            contact: &contact,
+                            terms_of_service_agreed: true,
+                            only_return_existing: false,
+                        },
+                        self.config.directory.clone(),
+                        None,
+                    )
+                    .await?;
+                let json = serde_json::to_vec(&creds).expect("json");
+                write_private_file(&path, &json).map_err(|e| self.io(e))?;
+                account
+            }
+        };
+        *slot = Some(account.clone());
+        Ok(account)
+    }
+
+    async fn issue(&self, gateway: &Gateway, host: &str) -> Result<(), AcmeError> {
+        let account = self.account().await?;
+        let mut order = account
+            .new_order(&NewOrder::new(&[Identifier::Dns(host.to_string())]))
+            .await?;
+        let mut tokens = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz?;
+            if authz.status != AuthorizationStatus::Pending {
+                continue;
+            }
+            let mut challenge = authz
+                .challenge(ChallengeType::Http01)
+                .ok_or_else(|| AcmeError::NoHttp01(host.to_string()))?;
+            let answer = challenge.key_authorization().as_str().to_string();
+            gateway
+                .challenges
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(challenge.token.clone(), answer);
+            tokens.push(challenge.token.clone());
+            challenge.set_ready().await?;
+        }
+        let retry = RetryPolicy::new().timeout(Duration::from_secs(60));
+        let status = order.poll_ready(&retry).await;
+        {
+            let mut c = gateway
+                .challenges
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            for t in &tokens {
+                c.remove(t);
+            }
+        }
+        let status = status?;
+        if status != OrderStatus::Ready {
+            return Err(AcmeError::Order {
+                host: host.to_string(),
+                status: format!("{status:?}"),
+            });
+        }
+        let key = order.finalize().await?;
+        let chain = order.poll_certificate(&retry).await?;
+        let cert = Cert::from_pem(&chain, &key, true)?;
+        let dir = self.config.dir.join("certs");
+        write_private_file(&dir.join(format!("{host}.key")), key.as_bytes())
+            .map_err(|e| self.io(e))?;
+        write_private_file(&dir.join(format!("{host}.crt")), chain.as_bytes())
+            .map_err(|e| self.io(e))?;
+        gateway.certs.insert(host, cert);
+        tracing::info!(host, "certificate issued");
+        Ok(())
+    }
+}
+
+/// True for a lower-case DNS name with at least two labels (no IP
+/// addresses, no path characters: the name becomes a file name).
+fn is_dns_name(host: &str) -> bool {
+    host.len() <= 253
+        && host.contains('.')
+        && !host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}

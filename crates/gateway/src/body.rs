@@ -1,0 +1,186 @@
+//! Bodies streamed through the gateway, counted on the way.
+//!
+//! [`RequestBody`] wraps what the client sends: it counts bytes and cuts a
+//! body off at the site's limit. [`ResponseBody`] wraps what goes back: it
+//! counts bytes and, when dropped (response finished, failed or abandoned by
+//! the client), hands the request's usage record to the tap — so every
+//! metered request yields exactly one record.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::routes::Site;
+use crate::usage::RequestRecord;
+use crate::Gateway;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client's body on its way upstream.
+pub struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    seen: Option<Arc<AtomicU64>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body exceeds the site's limit of {0} bytes")]
+pub struct TooLarge(pub u64);
+
+impl RequestBody {
+    /// `seen` receives the byte count (None when the request has no body).
+    pub fn new(inner: Incoming, limit: u64, seen: Option<Arc<AtomicU64>>) -> RequestBody {
+        RequestBody { inner, limit, seen }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(seen)) = (frame.data_ref(), &this.seen) {
+                    let total =
+                        seen.fetch_add(data.len() as u64, Ordering::Relaxed) + data.len() as u64;
+                    if total > this.limit {
+                        return Poll::Ready(Some(Err(Box::new(TooLarge(this.limit)))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The usage of one request, recorded when its response body is dropped.
+pub struct Metering {
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) site: Arc<Site>,
+    /// Taken when recorded.
+    pub(crate) record: Option<RequestRecord>,
+    pub(crate) started: Instant,
+    pub(crate) bytes_in: Option<Arc<AtomicU64>>,
+}
+
+impl Drop for Metering {
+    fn drop(&mut self) {
+        let Some(mut record) = self.record.take() else {
+            return;
+        };
+        let r = &mut record;
+        r.duration_us = self.started.elapsed().as_micros() as u64;
+        if let Some(seen) = &self.bytes_in {
+            r.bytes_in = seen.load(Ordering::Relaxed);
+        }
+        let stats = &self.site.stats;
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        if r.status >= 500 {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        stats.bytes_in.fetch_add(r.bytes_in, Ordering::Relaxed);
+        stats.bytes_out.fetch_add(r.bytes_out, Ordering::Relaxed);
+        self.gateway.metrics.observe(r.status, r.duration_us);
+        self.gateway.tap.record(record);
+    }
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+/// What the gateway answers with.
+pub struct ResponseBody {
+    inner: Inner,
+    metering: Option<Box<Metering>>,
+}
+
+impl ResponseBody {
+    pub fn upstream(body: Incoming) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Upstream(body),
+            metering: None,
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Full(Some(bytes.into())),
+            metering: None,
+        }
+    }
+
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Full(None),
+            metering: None,
+        }
+    }
+
+    /// Records `metering` once this body is finished or dropped.
+    pub(crate) fn metered(mut self, mut metering: Box<Metering>, status: u16) -> ResponseBody {
+        if let Some(r) = metering.record.as_mut() {
+            r.status = status;
+        }
+        self.metering = Some(metering);
+        self
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        };
+        if let (Poll::Ready(Some(Ok(frame))), Some(m)) = (&polled, this.metering.as_mut()) {
+            if let (Some(data), Some(r)) = (frame.data_ref(), m.record.as_mut()) {
+                r.bytes_out += data.len() as u64;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

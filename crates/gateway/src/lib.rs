@@ -1,0 +1,515 @@
+//! The gateway: the router in front of every hosted site.
+//!
+//! It terminates TLS (certificates from ACME, self-signed for `*.localhost`),
+//! routes by host and path prefix to the healthy upstreams of a site's
+//! current version, wakes idle sites, tells apps who the user is with a
+//! signed assertion, and meters every request. The platform feeds it routes
+//! ([`Gateway::set_routes`]) and answers its questions through [`Hooks`]; it
+//! knows nothing of blueprints or engines.
+//!
+//! Modules: `routes` (the table), `proxy` (one request), `body` (counted
+//! bodies), `identity` (assertions, JWKS), `usage` (the tap to the meter),
+//! `tls` (certificates, SNI), `acme` (issuance, renewal), `metrics`.
+
+pub mod acme;
+pub mod body;
+pub mod identity;
+pub mod metrics;
+mod proxy;
+pub mod routes;
+pub mod tls;
+pub mod usage;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+
+pub use routes::RouteSpec;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// A signed-in user, as the platform knows them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub tier: String,
+}
+
+/// What the gateway asks the platform.
+pub trait Hooks: Send + Sync + 'static {
+    /// Starts an idle site; resolves once it is healthy and the gateway's
+    /// routes name its upstreams.
+    fn wake(&self, deployment: &str) -> BoxFuture<Result<(), String>>;
+    /// The user a session cookie or bearer token belongs to.
+    fn authenticate(&self, credential: &str) -> Option<User>;
+}
+
+/// Limits and timeouts. Defaults suit a public edge.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Names this gateway in usage events.
+    pub node: String,
+    /// Largest request body, unless the site says otherwise.
+    pub max_body: u64,
+    /// Largest request head (request line and headers).
+    pub max_header_bytes: usize,
+    /// A client must send a whole request head within this, and an idle
+    /// keep-alive connection is closed after it: slow clients cannot hold
+    /// connections.
+    pub header_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// From request sent to response head.
+    pub upstream_timeout: Duration,
+    /// How long a request waits for an idle site to wake.
+    pub wake_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub drain_timeout: Duration,
+    /// The public HTTPS port, for redirects (None: 443).
+    pub https_port: Option<u16>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            node: "local".into(),
+            max_body: 16 << 20,
+            max_header_bytes: 64 << 10,
+            header_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Duration::from_secs(60),
+            wake_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(30),
+            https_port: None,
+        }
+    }
+}
+
+/// Wall-clock milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// (user, site, via) of a cached assertion; the value is (header, expiry in
+/// seconds).
+type AssertionKey = (String, String, Option<String>);
+
+/// What a connection's requests share.
+pub(crate) struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    /// `for=` of the Forwarded header and X-Forwarded-For, made once.
+    pub forwarded_for: http::HeaderValue,
+    pub peer_ip: http::HeaderValue,
+    /// Idle upstream connections this client connection reuses: no shared
+    /// pool, no lock contention, and an HTTP/1 client keeps one upstream
+    /// connection warm per upstream.
+    pub upstreams: Mutex<Vec<(SocketAddr, proxy::Sender)>>,
+}
+
+/// The gateway. Cheap to share: everything inside is behind `Arc`s or
+/// atomics.
+pub struct Gateway {
+    pub config: Config,
+    routes: ArcSwap<routes::RouteTable>,
+    routes_update: Mutex<()>,
+    pub signer: identity::Signer,
+    pub tap: usage::Tap,
+    pub metrics: metrics::Metrics,
+    pub certs: Arc<tls::CertStore>,
+    /// HTTP-01 challenge responses by token.
+    pub(crate) challenges: RwLock<HashMap<String, String>>,
+    acme: OnceLock<Arc<acme::Acme>>,
+    hooks: Arc<dyn Hooks>,
+    /// credential → (user, when looked up).
+    sessions: Mutex<HashMap<String, (Option<User>, Instant)>>,
+    assertions: Mutex<HashMap<AssertionKey, (http::HeaderValue, u64)>>,
+    wakes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    epoch: Instant,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Config,
+        signer: identity::Signer,
+        tap: usage::Tap,
+        hooks: Arc<dyn Hooks>,
+    ) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            config,
+            routes: ArcSwap::from_pointee(routes::RouteTable::default()),
+            routes_update: Mutex::new(()),
+            signer,
+            tap,
+            metrics: Default::default(),
+            certs: Default::default(),
+            challenges: Default::default(),
+            acme: OnceLock::new(),
+            hooks,
+            sessions: Default::default(),
+            assertions: Default::default(),
+            wakes: Default::default(),
+            shutdown: tokio::sync::watch::channel(false).0,
+            epoch: Instant::now(),
+        })
+    }
+
+    /// Replaces the routing table when `specs` differ from the current one;
+    /// in-flight requests keep the table they started with. True when it
+    /// changed.
+    pub fn set_routes(&self, mut specs: Vec<RouteSpec>) -> bool {
+        specs.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        let _one_writer = self.routes_update.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.routes.load();
+        if current.specs() == specs.as_slice() {
+            return false;
+        }
+        let table = routes::RouteTable::build(specs, &current);
+        self.routes.store(Arc::new(table));
+        true
+    }
+
+    pub fn routes(&self) -> Vec<RouteSpec> {
+        self.routes.load().specs().to_vec()
+    }
+
+    /// Turns on ACME for hosts without a certificate.
+    pub fn enable_acme(&self, acme: Arc<acme::Acme>) {
+        let _ = self.acme.set(acme);
+    }
+
+    pub(crate) fn acme(&self) -> Option<&Arc<acme::Acme>> {
+        self.acme.get()
+    }
+
+    /// Milliseconds since the gateway started (passive health's clock).
+    pub(crate) fn mono_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Asks every listener to stop accepting and every connection to finish
+    /// its in-flight request and close.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Serves plain HTTP on `listener` until shutdown, then drains.
+    pub async fn serve_http(self: Arc<Self>, listener: TcpListener) {
+        self.serve(listener, None).await
+    }
+
+    /// Serves HTTPS (HTTP/2 and HTTP/1.1 by ALPN) on `listener`.
+    pub async fn serve_https(self: Arc<Self>, listener: TcpListener) {
+        let config = tls::server_config(self.certs.clone());
+        self.serve(listener, Some(config)).await
+    }
+
+    async fn serve(self: Arc<Self>, listener: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let gw = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let _open = OpenConnection::new(&gw.metrics);
+                let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
+                match tls {
+                    None => gw.serve_connection(stream, info, false).await,
+                    Some(config) => {
+                        if let Some((stream, h2)) = gw.handshake(stream, config).await {
+                            gw.serve_connection(stream, info, h2).await
+                        }
+                    }
+                }
+            });
+        }
+        drop(listener);
+        let deadline = Instant::now() + self.config.drain_timeout;
+        while self.metrics.connections_open.load(Ordering::Relaxed) > 0 && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn handshake(
+        &self,
+        stream: tokio::net::TcpStream,
+        config: Arc<rustls::ServerConfig>,
+    ) -> Option<(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, bool)> {
+        let limit = self.config.handshake_timeout;
+        let failed = || {
+            self.metrics
+                .tls_handshake_errors
+                .fetch_add(1, Ordering::Relaxed);
+        };
+        let acceptor =
+            tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let Ok(Ok(start)) = tokio::time::timeout(limit, acceptor).await else {
+            failed();
+            return None;
+        };
+        if let Some(host) = start.client_hello().server_name() {
+            let host = host.to_ascii_lowercase();
+            if let Some(acme) = self.acme() {
+                if self.certs.get(&host).is_none() && !tls::is_local(&host) {
+                    // On demand, and only for a host a deployed site serves.
+                    if self.routes.load().serves_host(&host) {
+                        let _ =
+                            tokio::time::timeout(Duration::from_secs(60), acme.ensure(self, &host))
+                                .await;
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(limit, start.into_stream(config)).await {
+            Ok(Ok(tls)) => {
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                Some((tls, h2))
+            }
+            _ => {
+                failed();
+                None
+            }
+        }
+    }
+
+    async fn serve_connection<I>(self: &Arc<Self>, io: I, info: Arc<ConnInfo>, h2: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let gw = self.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let gw = gw.clone();
+            let info = info.clone();
+            async move { Ok::<_, std::convert::Infallible>(gw.handle(req, info).await) }
+        });
+        let mut stop = self.shutdown.subscribe();
+        if h2 {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(self.config.max_header_bytes as u32)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .serve_connection(TokioIo::new(io), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        } else {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.config.header_timeout)
+                .max_buf_size(self.config.max_header_bytes.max(8192))
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stop.wait_for(|s| *s) => {}
+            }
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+
+    /// Serves `/metrics`, `/routes` and `/healthz` for operators, on a
+    /// listener of its own (keep it on loopback or a private network).
+    pub async fn serve_admin(self: Arc<Self>, listener: TcpListener) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let gw = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let gw = gw.clone();
+                    async move { Ok::<_, std::convert::Infallible>(gw.admin(req)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    fn admin(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> http::Response<body::ResponseBody> {
+        let (ctype, body) = match req.uri().path() {
+            "/metrics" => ("text/plain; version=0.0.4", self.render_metrics()),
+            "/routes" => (
+                "application/json",
+                serde_json::to_string_pretty(&self.routes()).expect("json"),
+            ),
+            "/healthz" => ("text/plain", "ok\n".to_string()),
+            _ => {
+                return proxy::problem(
+                    http::StatusCode::NOT_FOUND,
+                    "Not Found",
+                    "the admin listener serves /metrics, /routes and /healthz",
+                )
+            }
+        };
+        http::Response::builder()
+            .header(http::header::CONTENT_TYPE, ctype)
+            .body(body::ResponseBody::full(body))
+            .expect("valid response")
+    }
+
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let mut extra = String::new();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let table = self.routes.load();
+        let mut seen = std::collections::BTreeMap::new();
+        for site in table.sites() {
+            seen.entry(site.spec.deployment.clone())
+                .or_insert_with(|| site.stats.clone());
+        }
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&routes::SiteStats) -> &AtomicU64,
+        );
+        let series: [Series; 4] = [
+            (
+                "commons_gateway_site_requests_total",
+                "Requests per site.",
+                "",
+                |s| &s.requests,
+            ),
+            (
+                "commons_gateway_site_errors_total",
+                "5xx responses per site.",
+                "",
+                |s| &s.errors,
+            ),
+            (
+                "commons_gateway_site_bytes_total",
+                "Bytes per site and direction.",
+                ",direction=\"in\"",
+                |s| &s.bytes_in,
+            ),
+            (
+                "commons_gateway_site_bytes_total",
+                "Bytes per site and direction.",
+                ",direction=\"out\"",
+                |s| &s.bytes_out,
+            ),
+        ];
+        for (i, (name, help, labels, field)) in series.iter().enumerate() {
+            if i == 0 || series[i - 1].0 != *name {
+                let _ = writeln!(extra, "# HELP {name} {help}\n# TYPE {name} counter");
+            }
+            for (site, s) in &seen {
+                let _ = writeln!(extra, "{name}{{site=\"{site}\"{labels}}} {}", get(field(s)));
+            }
+        }
+        extra.push_str("# HELP commons_gateway_certificate_expiry_seconds When each certificate expires (Unix time).\n# TYPE commons_gateway_certificate_expiry_seconds gauge\n");
+        for (host, c) in self.certs.all() {
+            let _ = writeln!(
+                extra,
+                "commons_gateway_certificate_expiry_seconds{{host=\"{host}\",issuer=\"{}\"}} {}",
+                if c.acme { "acme" } else { "self-signed" },
+                c.not_after
+            );
+        }
+        let tap = &self.tap.stats;
+        for (name, help, v) in [
+            (
+                "commons_gateway_usage_records_total",
+                "Requests handed to the usage tap.",
+                get(&tap.recorded),
+            ),
+            (
+                "commons_gateway_usage_aggregated_total",
+                "Requests folded into an aggregate because the meter fell behind.",
+                get(&tap.overflowed),
+            ),
+            (
+                "commons_gateway_usage_lost_total",
+                "Requests whose usage could not be recorded.",
+                get(&tap.lost),
+            ),
+            (
+                "commons_gateway_usage_events_total",
+                "Usage events handed to the meter.",
+                get(&tap.events),
+            ),
+        ] {
+            let _ = writeln!(
+                extra,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        self.metrics.render(&extra)
+    }
+}
+
+impl ConnInfo {
+    fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
+        let ip = peer.ip().to_canonical();
+        let forwarded_for = match ip {
+            std::net::IpAddr::V4(v4) => format!("for={v4}"),
+            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        ConnInfo {
+            peer,
+            tls,
+            forwarded_for: http::HeaderValue::from_str(&forwarded_for).expect("ascii"),
+            peer_ip: http::HeaderValue::from_str(&ip.to_string()).expect("ascii"),
+            upstreams: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection<'a>(&'a metrics::Metrics);
+
+impl<'a> OpenConnection<'a> {
+    fn new(m: &'a metrics::Metrics) -> OpenConnection<'a> {
+        m.connections_open.fetch_add(1, Ordering::Relaxed);
+        m.connections_total.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(m)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}

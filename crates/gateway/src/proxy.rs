@@ -1,0 +1,742 @@
+//! One request through the gateway: platform paths, route lookup, identity,
+//! header hygiene, wake-up, forwarding with retries, metering.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
+
+use crate::body::{Metering, RequestBody, ResponseBody};
+use crate::identity::{self, Claims};
+use crate::routes::Site;
+use crate::usage::RequestRecord;
+use crate::{ConnInfo, Gateway, User};
+
+/// An open HTTP/1.1 connection to an upstream.
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
+
+/// The platform's session cookie: read by the gateway, never shown to apps.
+pub const SESSION_COOKIE: &str = "commons_session";
+/// Idle upstream connections a client connection keeps at most.
+const KEEP_UPSTREAMS: usize = 8;
+/// Attempts to find an upstream that accepts the request.
+const ATTEMPTS: usize = 4;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static IDENTITY: HeaderName = HeaderName::from_static(identity::HEADER);
+
+/// An RFC 9457 problem response.
+pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail,
+    });
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/problem+json")
+        .body(ResponseBody::full(body.to_string()))
+        .expect("valid response")
+}
+
+/// True for headers that must not cross the gateway in either direction:
+/// hop-by-hop ones (RFC 9110 §7.6.1) and, on requests, anything claiming an
+/// identity or a forwarding path that only the gateway may state.
+fn is_stripped(name: &str, request: bool) -> bool {
+    match name {
+        "connection"
+        | "keep-alive"
+        | "proxy-connection"
+        | "te"
+        | "trailer"
+        | "transfer-encoding"
+        | "upgrade"
+        | "proxy-authorization"
+        | "proxy-authenticate" => true,
+        "forwarded" | "x-forwarded-for" | "x-forwarded-host" | "x-forwarded-proto"
+        | "x-forwarded-port" | "x-real-ip" => request,
+        n => request && n.starts_with("x-commons-"),
+    }
+}
+
+/// Removes stripped headers in one pass over what is there (usually none).
+fn strip(headers: &mut http::HeaderMap, request: bool) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if is_stripped(name.as_str(), request) {
+            doomed.push(name.clone());
+        }
+    }
+    // Headers the Connection header names are hop-by-hop too.
+    for value in headers.get_all(header::CONNECTION) {
+        for token in value.to_str().unwrap_or("").split(',') {
+            if let Ok(n) = HeaderName::from_bytes(token.trim().to_ascii_lowercase().as_bytes()) {
+                doomed.push(n);
+            }
+        }
+    }
+    for name in doomed {
+        headers.remove(&name);
+    }
+}
+
+/// The host a request is for: lower case, without port.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let raw = match req.uri().host() {
+        Some(h) => h,
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    let host = if let Some(v6) = raw.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        raw.split(':').next()?
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase()
+    } else {
+        host.to_string()
+    })
+}
+
+/// The value of the platform session cookie, if sent.
+fn session_cookie(headers: &http::HeaderMap) -> Option<String> {
+    for value in headers.get_all(header::COOKIE) {
+        for pair in value.to_str().unwrap_or("").split(';') {
+            if let Some(v) = pair.trim().strip_prefix(SESSION_COOKIE) {
+                if let Some(v) = v.strip_prefix('=') {
+                    return Some(v.to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Removes the platform session cookie, keeping the app's own cookies.
+fn remove_session_cookie(headers: &mut http::HeaderMap) {
+    let kept: Vec<String> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(';'))
+        .map(str::trim)
+        .filter(|p| !p.is_empty() && !p.starts_with(&format!("{SESSION_COOKIE}=")))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::COOKIE);
+    if !kept.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
+}
+
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+}
+
+/// Who a request is from.
+struct Caller {
+    user: Option<User>,
+    /// The site that made the request on the user's behalf.
+    via: Option<String>,
+    /// The platform bearer token was used: it does not go on to the app.
+    strip_bearer: bool,
+}
+
+enum Failure {
+    /// No upstream took the request.
+    Unavailable,
+    /// The upstream failed after the request was sent.
+    Upstream,
+    TooLarge,
+}
+
+impl Gateway {
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        if req.uri().path().starts_with("/.well-known/") {
+            if let Some(r) = self.platform_path(&req) {
+                return r;
+            }
+        }
+        let Some(host) = request_host(&req) else {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "the request names no host (send a Host header)",
+            );
+        };
+        let Some(site) = self.routes.load().lookup(&host, req.uri().path()).cloned() else {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Not Found",
+                &format!("no site is served at {host}"),
+            );
+        };
+        if !conn.tls && self.acme().is_some() && self.certs.has_acme(&host) {
+            return self.redirect_to_https(&host, req.uri());
+        }
+        let caller = self.caller(req.headers());
+        let record = RequestRecord {
+            time_ms: crate::now_ms() as i64,
+            user: caller.user.as_ref().map(|u| Arc::from(u.id.as_str())),
+            site: Arc::from(site.spec.deployment.as_str()),
+            component: Arc::from(site.spec.component.as_str()),
+            operator: Arc::from(site.spec.operator.as_str()),
+            via: caller.via.as_deref().map(Arc::from),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_us: 0,
+            method: req.method().clone(),
+            host: Arc::from(host.as_str()),
+            path: req.uri().path().into(),
+            peer: conn.peer.ip(),
+            upstream: None,
+        };
+        let bytes_in = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
+        let mut metering = Box::new(Metering {
+            gateway: self.clone(),
+            site: site.clone(),
+            record: Some(record),
+            started,
+            bytes_in: bytes_in.clone(),
+        });
+        let response = self
+            .proxy(req, &conn, site, &host, caller, bytes_in, &mut metering)
+            .await;
+        let status = response.status().as_u16();
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, body.metered(metering, status))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn proxy(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+        mut site: Arc<Site>,
+        host: &str,
+        caller: Caller,
+        bytes_in: Option<Arc<AtomicU64>>,
+        metering: &mut Metering,
+    ) -> Response<ResponseBody> {
+        if caller.user.is_none() && site.needs_login(req.uri().path()) {
+            let mut r = problem(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "sign in to use this page: send the platform session cookie or a bearer token",
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"commons\""),
+            );
+            return r;
+        }
+        let limit = site.spec.max_body.unwrap_or(self.config.max_body);
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Content Too Large",
+                &format!("this site accepts request bodies of up to {limit} bytes"),
+            );
+        }
+        if site.spec.idle || site.upstreams.is_empty() {
+            match self.wake(&site, host, req.uri().path()).await {
+                Ok(woken) => site = woken,
+                Err(r) => return r,
+            }
+        }
+        let upgrade = req.version() == Version::HTTP_11
+            && req.headers().contains_key(header::UPGRADE)
+            && req
+                .headers()
+                .get(header::CONNECTION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("upgrade"));
+        let upgrade_to = upgrade
+            .then(|| req.headers().get(header::UPGRADE).cloned())
+            .flatten();
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
+        let (parts, body) = req.into_parts();
+        let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
+        let sent = tokio::time::timeout(
+            self.config.upstream_timeout,
+            self.forward(conn, &site, host, req, upgrade),
+        )
+        .await;
+        let (mut response, upstream) = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(Failure::TooLarge)) => {
+                return problem(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "Content Too Large",
+                    &format!("this site accepts request bodies of up to {limit} bytes"),
+                )
+            }
+            Ok(Err(Failure::Upstream)) => {
+                if bytes_in.is_some_and(|b| b.load(Ordering::Relaxed) > limit) {
+                    return problem(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Content Too Large",
+                        &format!("this site accepts request bodies of up to {limit} bytes"),
+                    );
+                }
+                return problem(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad Gateway",
+                    "the site failed while answering; try again",
+                );
+            }
+            Ok(Err(Failure::Unavailable)) => {
+                let mut r = problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable",
+                    "the site is not accepting connections; try again shortly",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                return r;
+            }
+            Err(_) => {
+                self.metrics
+                    .upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                return problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Gateway Timeout",
+                    "the site took too long to answer",
+                );
+            }
+        };
+        if let Some(r) = metering.record.as_mut() {
+            r.upstream = Some(upstream);
+        }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client) = client_upgrade {
+                let server = hyper::upgrade::on(&mut response);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(s)) = (client.await, server.await) {
+                        let mut c = TokioIo::new(c);
+                        let mut s = TokioIo::new(s);
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                    }
+                });
+            }
+            let (parts, body) = response.into_parts();
+            return Response::from_parts(parts, ResponseBody::upstream(body));
+        }
+        strip(response.headers_mut(), false);
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, ResponseBody::upstream(body))
+    }
+
+    /// Answers the platform's own paths on every host.
+    fn platform_path(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+        let path = req.uri().path();
+        if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+            let answer = self
+                .challenges
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(token)
+                .cloned();
+            return Some(match answer {
+                Some(a) => Response::builder()
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(ResponseBody::full(a))
+                    .expect("valid response"),
+                None => problem(StatusCode::NOT_FOUND, "Not Found", "no such ACME challenge"),
+            });
+        }
+        if path == identity::JWKS_PATH {
+            return Some(
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/jwk-set+json")
+                    .header(header::CACHE_CONTROL, "public, max-age=300")
+                    .body(ResponseBody::full(self.signer.jwks().to_string()))
+                    .expect("valid response"),
+            );
+        }
+        None
+    }
+
+    fn redirect_to_https(&self, host: &str, uri: &Uri) -> Response<ResponseBody> {
+        let port = match self.config.https_port {
+            Some(443) | None => String::new(),
+            Some(p) => format!(":{p}"),
+        };
+        let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+        Response::builder()
+            .status(StatusCode::PERMANENT_REDIRECT)
+            .header(header::LOCATION, format!("https://{host}{port}{pq}"))
+            .body(ResponseBody::empty())
+            .expect("valid response")
+    }
+
+    /// Recognises the platform session, a platform bearer token, or an
+    /// assertion the gateway signed for another site (a hosted service
+    /// calling this one on a user's behalf).
+    fn caller(&self, headers: &http::HeaderMap) -> Caller {
+        let mut caller = Caller {
+            user: None,
+            via: None,
+            strip_bearer: false,
+        };
+        if let Some(cookie) = session_cookie(headers) {
+            caller.user = self.authenticate(&cookie);
+        }
+        if caller.user.is_none() {
+            if let Some(token) = bearer(headers) {
+                caller.user = self.authenticate(token);
+                caller.strip_bearer = caller.user.is_some();
+            }
+        }
+        if caller.user.is_none() {
+            if let Some(jwt) = headers.get(&IDENTITY).and_then(|v| v.to_str().ok()) {
+                if let Ok(c) = self.signer.verify(jwt, crate::now_ms() / 1000) {
+                    caller.user = Some(User {
+                        id: c.sub,
+                        tier: c.tier,
+                    });
+                    caller.via = Some(c.aud);
+                }
+            }
+        }
+        caller
+    }
+
+    /// The platform's answer for `credential`, cached for half a minute.
+    fn authenticate(&self, credential: &str) -> Option<User> {
+        const FOR: Duration = Duration::from_secs(30);
+        if credential.is_empty() || credential.len() > 512 {
+            return None;
+        }
+        let mut cache = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((user, at)) = cache.get(credential) {
+            if at.elapsed() < FOR {
+                return user.clone();
+            }
+        }
+        let user = self.hooks.authenticate(credential);
+        if cache.len() > 100_000 {
+            cache.retain(|_, (_, at)| at.elapsed() < FOR);
+        }
+        cache.insert(credential.to_string(), (user.clone(), Instant::now()));
+        user
+    }
+
+    /// The assertion for `user` at `site`, re-signed when half its life is
+    /// gone (signing costs more than the rest of a request).
+    fn assertion(&self, user: &User, site: &str, via: Option<&str>) -> HeaderValue {
+        let now = crate::now_ms() / 1000;
+        let key = (user.id.clone(), site.to_string(), via.map(str::to_string));
+        let mut cache = self.assertions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((v, exp)) = cache.get(&key) {
+            if *exp > now + identity::LIFETIME_S / 2 {
+                return v.clone();
+            }
+        }
+        let claims = Claims {
+            iss: identity::ISSUER.into(),
+            sub: user.id.clone(),
+            tier: user.tier.clone(),
+            aud: site.to_string(),
+            iat: now,
+            exp: now + identity::LIFETIME_S,
+            via: via.map(str::to_string),
+        };
+        let v = HeaderValue::from_str(&self.signer.sign(&claims)).expect("a JWT is ASCII");
+        if cache.len() > 100_000 {
+            cache.retain(|_, (_, exp)| *exp > now);
+        }
+        cache.insert(key, (v.clone(), claims.exp));
+        v
+    }
+
+    fn rewrite_request(
+        &self,
+        req: &mut Request<Incoming>,
+        conn: &ConnInfo,
+        site: &Site,
+        host: &str,
+        caller: &Caller,
+        upgrade: Option<HeaderValue>,
+    ) {
+        // Origin form, HTTP/1.1 upstream, whatever the client spoke.
+        if req.uri().scheme().is_some() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
+        }
+        let authority = req.headers().get(header::HOST).cloned();
+        *req.version_mut() = Version::HTTP_11;
+        let h = req.headers_mut();
+        strip(h, true);
+        if h.contains_key(header::COOKIE) {
+            remove_session_cookie(h);
+        }
+        if caller.strip_bearer {
+            h.remove(header::AUTHORIZATION);
+        }
+        let host_value = match authority {
+            Some(v) => v,
+            None => HeaderValue::from_str(host).expect("a routed host is a valid header"),
+        };
+        let proto = if conn.tls { "https" } else { "http" };
+        let mut forwarded = Vec::with_capacity(64);
+        forwarded.extend_from_slice(conn.forwarded_for.as_bytes());
+        forwarded.extend_from_slice(b";proto=");
+        forwarded.extend_from_slice(proto.as_bytes());
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(host_value.as_bytes());
+        forwarded.push(b'"');
+        if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
+            h.insert(&FORWARDED, v);
+        }
+        h.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        h.insert(&X_FORWARDED_HOST, host_value.clone());
+        h.insert(header::HOST, host_value);
+        if let Some(user) = &caller.user {
+            h.insert(
+                &IDENTITY,
+                self.assertion(user, &site.spec.deployment, caller.via.as_deref()),
+            );
+        }
+        if let Some(proto) = upgrade {
+            h.insert(header::UPGRADE, proto);
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+
+    /// Sends `req` to an upstream of `site`: a warm connection of this client
+    /// connection if there is one, else a new one. A request the upstream
+    /// never received (refused connection, connection closed under it) goes
+    /// to the next upstream, with the routing table read afresh.
+    async fn forward(
+        &self,
+        conn: &ConnInfo,
+        site: &Arc<Site>,
+        host: &str,
+        mut req: Request<RequestBody>,
+        upgrade: bool,
+    ) -> Result<(Response<Incoming>, SocketAddr), Failure> {
+        let mut site = site.clone();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                if let Some(fresh) = self.routes.load().lookup(host, req.uri().path()) {
+                    site = fresh.clone();
+                }
+            }
+            let now = self.mono_ms();
+            let Some(upstream) = site.pick(now) else {
+                break;
+            };
+            let addr = upstream.addr;
+            let reused = if upgrade {
+                None
+            } else {
+                conn.take_upstream(addr)
+            };
+            let mut sender = match reused {
+                Some(s) => s,
+                None => match self.connect(addr).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        self.metrics
+                            .upstream_connect_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        site.mark_down(addr, now);
+                        // A deploy may be swapping instances: give the
+                        // routing table a moment to catch up.
+                        tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+                        continue;
+                    }
+                },
+            };
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    if !upgrade {
+                        conn.keep_upstream(addr, sender);
+                    }
+                    return Ok((response, addr));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => {
+                        let too_large = std::error::Error::source(e.error())
+                            .is_some_and(|s| s.is::<crate::body::TooLarge>());
+                        if too_large {
+                            return Err(Failure::TooLarge);
+                        }
+                        self.metrics
+                            .upstream_protocol_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Err(Failure::Upstream);
+                    }
+                },
+            }
+        }
+        Err(Failure::Unavailable)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> std::io::Result<Sender> {
+        let stream = tokio::time::timeout(
+            self.config.connect_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(self.config.max_header_bytes.max(8192) * 2)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            let _ = connection.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    /// Wakes an idle site and waits (bounded) until the routing table names
+    /// a healthy upstream for it.
+    async fn wake(
+        &self,
+        site: &Arc<Site>,
+        host: &str,
+        path: &str,
+    ) -> Result<Arc<Site>, Response<ResponseBody>> {
+        let unavailable = |retry: &'static str| {
+            let mut r = problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "the site is starting; try again shortly",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(retry));
+            r
+        };
+        let deployment = site.spec.deployment.clone();
+        let lock = self
+            .wakes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(deployment.clone())
+            .or_default()
+            .clone();
+        let deadline = Instant::now() + self.config.wake_timeout;
+        let routed = || {
+            self.routes
+                .load()
+                .lookup(host, path)
+                .filter(|s| !s.spec.idle && !s.upstreams.is_empty())
+                .cloned()
+        };
+        // One wake per site at a time; the others wait for its outcome.
+        let Ok(_waking) = tokio::time::timeout_at(deadline.into(), lock.lock()).await else {
+            self.metrics.wake_timeouts.fetch_add(1, Ordering::Relaxed);
+            return Err(unavailable("5"));
+        };
+        if let Some(s) = routed() {
+            return Ok(s);
+        }
+        self.metrics.wakes.fetch_add(1, Ordering::Relaxed);
+        match tokio::time::timeout_at(deadline.into(), self.hooks.wake(&deployment)).await {
+            Ok(Ok(())) => routed().ok_or_else(|| unavailable("2")),
+            Ok(Err(why)) => {
+                tracing::warn!(site = %deployment, error = %why, "wake failed");
+                Err(unavailable("10"))
+            }
+            Err(_) => {
+                self.metrics.wake_timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(unavailable("5"))
+            }
+        }
+    }
+}
+
+impl ConnInfo {
+    fn take_upstream(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(_, s)| !s.is_closed());
+        let i = idle.iter().position(|(a, _)| *a == addr)?;
+        Some(idle.swap_remove(i).1)
+    }
+
+    fn keep_upstream(&self, addr: SocketAddr, sender: Sender) {
+        let mut idle = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < KEEP_UPSTREAMS {
+            idle.push((addr, sender));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_and_hop_headers_are_stripped_from_requests_only() {
+        for name in [
+            "x-commons-identity",
+            "x-commons-user",
+            "forwarded",
+            "x-forwarded-for",
+        ] {
+            assert!(is_stripped(name, true), "{name}");
+            assert!(!is_stripped(name, false), "{name}");
+        }
+        assert!(is_stripped("connection", false));
+        assert!(!is_stripped("cookie", true));
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-app", HeaderValue::from_static("1"));
+        strip(&mut h, true);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn only_the_session_cookie_is_removed() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; commons_session=s3cret; b=2"),
+        );
+        assert_eq!(session_cookie(&h).as_deref(), Some("s3cret"));
+        remove_session_cookie(&mut h);
+        assert_eq!(h[header::COOKIE], "a=1; b=2");
+    }
+}

@@ -1,0 +1,249 @@
+//! The routing table: host and path prefix → the site that serves them and
+//! its healthy upstreams.
+//!
+//! The table is immutable once built; the gateway swaps in a new one
+//! atomically (`ArcSwap`), so an update never blocks or drops a request.
+//! Passive health (an upstream that refused a connection is skipped for a
+//! while) and per-site counters carry over from one table to the next.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// What the platform says a route is: the input the table is built from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// Lower-case host name, without port.
+    pub host: String,
+    /// Path prefix, `/` for the whole host.
+    pub path: String,
+    /// The deployment (site) the route belongs to.
+    pub deployment: String,
+    /// The component that serves it.
+    pub component: String,
+    /// Who runs the site (for usage events).
+    pub operator: String,
+    /// The running instances, healthy ones only.
+    pub upstreams: Vec<SocketAddr>,
+    /// Stopped for lack of traffic: a request wakes it.
+    pub idle: bool,
+    /// Path prefixes that need a signed-in user.
+    #[serde(default)]
+    pub login: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    #[serde(default)]
+    pub max_body: Option<u64>,
+}
+
+/// Counters kept per site, across table rebuilds.
+#[derive(Default, Debug)]
+pub struct SiteStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+/// One running instance of a site.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    /// Milliseconds (gateway clock) until which the upstream is skipped.
+    down_until: Arc<AtomicU64>,
+}
+
+/// A routed site, as the proxy sees it.
+#[derive(Debug)]
+pub struct Site {
+    pub spec: RouteSpec,
+    pub upstreams: Vec<Upstream>,
+    pub stats: Arc<SiteStats>,
+    next: AtomicUsize,
+}
+
+/// How long an upstream that failed is left out.
+pub const DOWN_FOR_MS: u64 = 2_000;
+
+impl Site {
+    /// The next healthy upstream, round robin; when every one failed lately,
+    /// the next one anyway (it may have recovered).
+    pub fn pick(&self, now_ms: u64) -> Option<&Upstream> {
+        let n = self.upstreams.len();
+        if n == 0 {
+            return None;
+        }
+        let start = if n == 1 {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed)
+        };
+        (0..n)
+            .map(|i| &self.upstreams[(start + i) % n])
+            .find(|u| u.down_until.load(Ordering::Relaxed) <= now_ms)
+            .or(Some(&self.upstreams[start % n]))
+    }
+
+    /// Leaves `addr` out for a while (passive health).
+    pub fn mark_down(&self, addr: SocketAddr, now_ms: u64) {
+        for u in self.upstreams.iter().filter(|u| u.addr == addr) {
+            u.down_until.store(now_ms + DOWN_FOR_MS, Ordering::Relaxed);
+        }
+    }
+
+    pub fn needs_login(&self, path: &str) -> bool {
+        self.spec.login.iter().any(|p| path_has_prefix(path, p))
+    }
+}
+
+/// True when `path` is `prefix` or lies under it (`/app` covers `/app/x`,
+/// not `/apple`).
+pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" || prefix.is_empty() {
+        return true;
+    }
+    let prefix = prefix.trim_end_matches('/');
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
+}
+
+/// The table the proxy reads on every request.
+#[derive(Default, Debug)]
+pub struct RouteTable {
+    /// Per host, routes by path prefix, longest first.
+    hosts: HashMap<Box<str>, Vec<Arc<Site>>>,
+    specs: Vec<RouteSpec>,
+}
+
+impl RouteTable {
+    /// Builds a table from `specs`, carrying passive health and counters over
+    /// from `previous`.
+    pub fn build(specs: Vec<RouteSpec>, previous: &RouteTable) -> RouteTable {
+        let mut health: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
+        let mut stats: HashMap<&str, Arc<SiteStats>> = HashMap::new();
+        for sites in previous.hosts.values() {
+            for site in sites {
+                stats.insert(&site.spec.deployment, site.stats.clone());
+                for u in &site.upstreams {
+                    health.insert(u.addr, u.down_until.clone());
+                }
+            }
+        }
+        let mut hosts: HashMap<Box<str>, Vec<Arc<Site>>> = HashMap::new();
+        for spec in &specs {
+            let site = Site {
+                upstreams: spec
+                    .upstreams
+                    .iter()
+                    .map(|&addr| Upstream {
+                        addr,
+                        down_until: health.get(&addr).cloned().unwrap_or_default(),
+                    })
+                    .collect(),
+                stats: stats
+                    .get(spec.deployment.as_str())
+                    .cloned()
+                    .unwrap_or_default(),
+                next: AtomicUsize::new(0),
+                spec: spec.clone(),
+            };
+            stats.insert(&spec.deployment, site.stats.clone());
+            hosts
+                .entry(spec.host.to_ascii_lowercase().into_boxed_str())
+                .or_default()
+                .push(Arc::new(site));
+        }
+        for sites in hosts.values_mut() {
+            sites.sort_by_key(|s| std::cmp::Reverse(s.spec.path.trim_end_matches('/').len()));
+        }
+        RouteTable { hosts, specs }
+    }
+
+    /// The site serving `host` (lower case, no port) and `path`.
+    pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Site>> {
+        self.hosts
+            .get(host)?
+            .iter()
+            .find(|s| path_has_prefix(path, &s.spec.path))
+    }
+
+    pub fn specs(&self) -> &[RouteSpec] {
+        &self.specs
+    }
+
+    /// True when some route serves `host`: on-demand certificates are issued
+    /// only for these.
+    pub fn serves_host(&self, host: &str) -> bool {
+        self.hosts.contains_key(host)
+    }
+
+    /// Every site once (per deployment), for metrics.
+    pub fn sites(&self) -> impl Iterator<Item = &Arc<Site>> {
+        self.hosts.values().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(host: &str, path: &str, dep: &str, ports: &[u16]) -> RouteSpec {
+        RouteSpec {
+            host: host.into(),
+            path: path.into(),
+            deployment: dep.into(),
+            component: "web".into(),
+            operator: "local".into(),
+            upstreams: ports
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect(),
+            idle: false,
+            login: vec![],
+            max_body: None,
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_prefixes_respect_segments() {
+        let t = RouteTable::build(
+            vec![
+                spec("a.test", "/", "root", &[1]),
+                spec("a.test", "/api", "api", &[2]),
+                spec("a.test", "/api/v2/", "v2", &[3]),
+            ],
+            &RouteTable::default(),
+        );
+        let dep = |p| t.lookup("a.test", p).map(|s| s.spec.deployment.as_str());
+        assert_eq!(dep("/"), Some("root"));
+        assert_eq!(dep("/api"), Some("api"));
+        assert_eq!(dep("/api/x"), Some("api"));
+        assert_eq!(dep("/apix"), Some("root"));
+        assert_eq!(dep("/api/v2/users"), Some("v2"));
+        assert!(t.lookup("b.test", "/").is_none());
+    }
+
+    #[test]
+    fn passive_health_skips_a_failed_upstream_and_survives_rebuilds() {
+        let t = RouteTable::build(
+            vec![spec("a.test", "/", "s", &[1, 2])],
+            &RouteTable::default(),
+        );
+        let site = t.lookup("a.test", "/").unwrap();
+        site.mark_down(SocketAddr::from(([127, 0, 0, 1], 1)), 1000);
+        for _ in 0..4 {
+            assert_eq!(site.pick(1500).unwrap().addr.port(), 2);
+        }
+        let t2 = RouteTable::build(t.specs().to_vec(), &t);
+        let site2 = t2.lookup("a.test", "/").unwrap();
+        assert_eq!(site2.pick(1500).unwrap().addr.port(), 2);
+        assert_eq!(site2.pick(1500).unwrap().addr.port(), 2);
+        // After the penalty both take turns again.
+        let ports: std::collections::BTreeSet<u16> = (0..4)
+            .map(|_| site2.pick(10_000).unwrap().addr.port())
+            .collect();
+        assert_eq!(ports.len(), 2);
+    }
+}

@@ -1,0 +1,292 @@
+//! The usage tap: one usage record per proxied request, handed to the meter
+//! without ever blocking a response.
+//!
+//! The proxy puts a record on a bounded queue. A writer thread drains it
+//! every [`FLUSH_EVERY`], folds records with the same (user, site, operator,
+//! status, via) into one CloudEvent of type `request` whose `count` says how
+//! many requests it stands for, writes the access log, and hands the events
+//! to the [`UsageSink`]. When the queue is full the proxy folds the record
+//! into an overflow table instead (aggregated, not lost); only when that
+//! table is full too is a request dropped, and every drop is counted in
+//! `commons_gateway_usage_lost_total`.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How often the writer hands events to the meter.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Records waiting in the queue at most.
+pub const QUEUE: usize = 65_536;
+/// Distinct aggregation keys kept while the queue is full.
+pub const OVERFLOW_KEYS: usize = 100_000;
+
+/// What one request used.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub time_ms: i64,
+    pub user: Option<Arc<str>>,
+    pub site: Arc<str>,
+    pub component: Arc<str>,
+    pub operator: Arc<str>,
+    /// The site that made this request on the user's behalf.
+    pub via: Option<Arc<str>>,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub duration_us: u64,
+    // For the access log only.
+    pub method: http::Method,
+    pub host: Arc<str>,
+    pub path: Box<str>,
+    pub peer: std::net::IpAddr,
+    pub upstream: Option<std::net::SocketAddr>,
+}
+
+/// Where aggregated usage events go (the meter, in `commons serve`).
+pub trait UsageSink: Send + 'static {
+    fn write(&mut self, events: Vec<commons_meter::Event>);
+}
+
+type Key = (
+    Option<Arc<str>>,
+    Arc<str>,
+    Arc<str>,
+    Arc<str>,
+    u16,
+    Option<Arc<str>>,
+);
+
+#[derive(Default, Debug, Clone, Copy)]
+struct Totals {
+    count: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    duration_us: u64,
+    max_duration_us: u64,
+    first_ms: i64,
+}
+
+impl Totals {
+    fn add(&mut self, r: &RequestRecord, count: u64) {
+        if self.count == 0 || r.time_ms < self.first_ms {
+            self.first_ms = r.time_ms;
+        }
+        self.count += count;
+        self.bytes_in += r.bytes_in;
+        self.bytes_out += r.bytes_out;
+        self.duration_us += r.duration_us;
+        self.max_duration_us = self.max_duration_us.max(r.duration_us);
+    }
+}
+
+fn key(r: &RequestRecord) -> Key {
+    (
+        r.user.clone(),
+        r.site.clone(),
+        r.component.clone(),
+        r.operator.clone(),
+        r.status,
+        r.via.clone(),
+    )
+}
+
+/// Counters the tap exposes as metrics.
+#[derive(Default, Debug)]
+pub struct TapStats {
+    pub recorded: AtomicU64,
+    pub overflowed: AtomicU64,
+    pub lost: AtomicU64,
+    pub events: AtomicU64,
+}
+
+/// The proxy's end of the tap.
+#[derive(Clone)]
+pub struct Tap {
+    queue: SyncSender<RequestRecord>,
+    overflow: Arc<Mutex<HashMap<Key, Totals>>>,
+    pub stats: Arc<TapStats>,
+}
+
+impl Tap {
+    /// Starts the writer thread. `log` receives one JSON line per request
+    /// (the access log); `node` names this gateway in event ids.
+    pub fn start(
+        sink: Box<dyn UsageSink>,
+        log: Option<Box<dyn Write + Send>>,
+        node: String,
+    ) -> Tap {
+        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let tap = Tap {
+            queue,
+            overflow: Default::default(),
+            stats: Default::default(),
+        };
+        let writer = Writer {
+            rx,
+            overflow: tap.overflow.clone(),
+            stats: tap.stats.clone(),
+            sink,
+            log: log.map(|w| std::io::BufWriter::with_capacity(64 * 1024, w)),
+            node,
+            boot_ms: crate::now_ms() as i64,
+            seq: 0,
+        };
+        std::thread::Builder::new()
+            .name("commons-usage".into())
+            .spawn(move || writer.run())
+            .expect("the usage thread starts");
+        tap
+    }
+
+    /// Records one request. Never blocks on the meter.
+    pub fn record(&self, r: RequestRecord) {
+        self.stats.recorded.fetch_add(1, Ordering::Relaxed);
+        match self.queue.try_send(r) {
+            Ok(()) => {}
+            Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
+                let mut over = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
+                let len = over.len();
+                match over.get_mut(&key(&r)) {
+                    Some(t) => t.add(&r, 1),
+                    None if len < OVERFLOW_KEYS => over.entry(key(&r)).or_default().add(&r, 1),
+                    None => {
+                        self.stats.lost.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+                self.stats.overflowed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct Writer {
+    rx: Receiver<RequestRecord>,
+    overflow: Arc<Mutex<HashMap<Key, Totals>>>,
+    stats: Arc<TapStats>,
+    sink: Box<dyn UsageSink>,
+    log: Option<std::io::BufWriter<Box<dyn Write + Send>>>,
+    node: String,
+    /// When this gateway started: with `seq`, a unique event id.
+    boot_ms: i64,
+    seq: u64,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch: HashMap<Key, Totals> = HashMap::new();
+        let mut last = std::time::Instant::now();
+        loop {
+            let wait = FLUSH_EVERY.saturating_sub(last.elapsed());
+            match self.rx.recv_timeout(wait) {
+                Ok(r) => {
+                    self.log_line(&r);
+                    batch.entry(key(&r)).or_default().add(&r, 1);
+                    // Take whatever else is queued without waking again.
+                    while let Ok(r) = self.rx.try_recv() {
+                        self.log_line(&r);
+                        batch.entry(key(&r)).or_default().add(&r, 1);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    self.flush(&mut batch);
+                    return;
+                }
+            }
+            if last.elapsed() >= FLUSH_EVERY {
+                self.flush(&mut batch);
+                last = std::time::Instant::now();
+            }
+        }
+    }
+
+    fn flush(&mut self, batch: &mut HashMap<Key, Totals>) {
+        let over = std::mem::take(&mut *self.overflow.lock().unwrap_or_else(|p| p.into_inner()));
+        for (k, t) in over {
+            let e = batch.entry(k).or_default();
+            let first = if e.count == 0 {
+                t.first_ms
+            } else {
+                e.first_ms.min(t.first_ms)
+            };
+            e.count += t.count;
+            e.bytes_in += t.bytes_in;
+            e.bytes_out += t.bytes_out;
+            e.duration_us += t.duration_us;
+            e.max_duration_us = e.max_duration_us.max(t.max_duration_us);
+            e.first_ms = first;
+        }
+        if let Some(log) = self.log.as_mut() {
+            let _ = log.flush();
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let mut events = Vec::with_capacity(batch.len());
+        for ((user, site, component, operator, status, via), t) in batch.drain() {
+            self.seq += 1;
+            let mut data = serde_json::Map::new();
+            if let Some(u) = user {
+                data.insert("user".into(), u.as_ref().into());
+            }
+            data.insert("site".into(), site.as_ref().into());
+            data.insert("component".into(), component.as_ref().into());
+            data.insert("operator".into(), operator.as_ref().into());
+            data.insert("node".into(), self.node.clone().into());
+            data.insert("status".into(), status.into());
+            data.insert("count".into(), t.count.into());
+            data.insert("bytes_in".into(), t.bytes_in.into());
+            data.insert("bytes_out".into(), t.bytes_out.into());
+            data.insert("duration_ms".into(), (t.duration_us as f64 / 1000.0).into());
+            data.insert(
+                "max_duration_ms".into(),
+                (t.max_duration_us as f64 / 1000.0).into(),
+            );
+            if let Some(v) = via {
+                data.insert("via".into(), v.as_ref().into());
+            }
+            events.push(commons_meter::Event {
+                specversion: "1.0".into(),
+                id: format!("{}-{}", self.boot_ms, self.seq),
+                source: format!("gateway/{}", self.node),
+                kind: "request".into(),
+                subject: Some(site.to_string()),
+                time: commons_meter::format_time(t.first_ms),
+                data,
+            });
+        }
+        self.stats
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.sink.write(events);
+    }
+
+    fn log_line(&mut self, r: &RequestRecord) {
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
+        // The path only: a query string may carry secrets.
+        let line = serde_json::json!({
+            "time": commons_meter::format_time(r.time_ms),
+            "peer": r.peer.to_string(),
+            "method": r.method.as_str(),
+            "host": r.host.as_ref(),
+            "path": r.path.as_ref(),
+            "status": r.status,
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+            "duration_ms": r.duration_us as f64 / 1000.0,
+            "site": r.site.as_ref(),
+            "user": r.user.as_deref(),
+            "via": r.via.as_deref(),
+            "upstream": r.upstream.map(|u| u.to_string()),
+        });
+        let _ = serde_json::to_writer(&mut *log, &line);
+        let _ = log.write_all(b"\n");
+    }
+}

@@ -1,0 +1,587 @@
+//! The gateway in front of real HTTP servers on loopback: routing, header
+//! hygiene, identity, HTTP/2, WebSocket, limits, slow clients, wake-up,
+//! passive health, graceful shutdown and the usage tap.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use commons_gateway::{identity, Config, User};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_and_longest_path_prefix() {
+    let gw = gateway(Config::default()).await;
+    let (blog, api, shop) = (
+        upstream("blog").await,
+        upstream("api").await,
+        upstream("shop").await,
+    );
+    gw.gateway.set_routes(vec![
+        route("blog.localhost", "/", "blog", &[blog]),
+        route("blog.localhost", "/api", "blog-api", &[api]),
+        route("shop.localhost", "/", "shop", &[shop]),
+    ]);
+    let server = |g: &Got| g.json()["server"].as_str().unwrap().to_string();
+    assert_eq!(
+        server(&get(gw.http, "blog.localhost", "/post/1").await),
+        "blog"
+    );
+    assert_eq!(
+        server(&get(gw.http, "blog.localhost", "/api/users").await),
+        "api"
+    );
+    assert_eq!(
+        server(&get(gw.http, "blog.localhost", "/apiary").await),
+        "blog"
+    );
+    assert_eq!(
+        server(&get(gw.http, "Shop.Localhost:8080", "/").await),
+        "shop"
+    );
+    let missing = get(gw.http, "nobody.localhost", "/").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.headers["content-type"], "application/problem+json");
+    assert!(missing.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("nobody.localhost"));
+    // The path and query reach the app as sent.
+    let q = get(gw.http, "blog.localhost", "/search?q=a%20b").await;
+    assert_eq!(q.json()["path"], "/search");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_identity_headers_are_stripped_and_forwarding_is_stated() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    let got = request(
+        gw.http,
+        "GET",
+        "app.localhost",
+        "/",
+        &[
+            (
+                "x-commons-identity",
+                "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhZG1pbiJ9.",
+            ),
+            ("x-commons-user", "admin"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("cookie", "theme=dark; commons_session=not-a-session"),
+            ("authorization", "Bearer app-own-token"),
+        ],
+        Bytes::new(),
+    )
+    .await;
+    let h = &got.json()["headers"];
+    assert!(h.get("x-commons-identity").is_none(), "{h}");
+    assert!(h.get("x-commons-user").is_none(), "{h}");
+    assert!(h.get("x-real-ip").is_none(), "{h}");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "app.localhost");
+    assert_eq!(
+        h["forwarded"],
+        "for=127.0.0.1;proto=http;host=\"app.localhost\""
+    );
+    // The platform cookie never reaches the app; its own cookie and token do.
+    assert_eq!(h["cookie"], "theme=dark");
+    assert_eq!(h["authorization"], "Bearer app-own-token");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_yields_an_assertion_the_app_verifies_with_the_jwks() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    let mut admin_route = route("app.localhost", "/admin", "app", &[app]);
+    admin_route.login = vec!["/admin".into()];
+    gw.gateway.set_routes(vec![
+        route("app.localhost", "/", "app", &[app]),
+        admin_route,
+    ]);
+    gw.hooks.sessions.lock().unwrap().insert(
+        "sess-123".into(),
+        User {
+            id: "user-7".into(),
+            tier: "supporter".into(),
+        },
+    );
+    // The app fetches the key the way any JWT library would.
+    let jwks = get(gw.http, "app.localhost", identity::JWKS_PATH)
+        .await
+        .json();
+    let x = jwks["keys"][0]["x"].as_str().unwrap();
+    use base64::Engine as _;
+    let x: [u8; 32] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(x)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let key = ed25519_dalek::VerifyingKey::from_bytes(&x).unwrap();
+    let now = commons_gateway::now_ms() / 1000;
+
+    let got = request(
+        gw.http,
+        "GET",
+        "app.localhost",
+        "/admin/settings",
+        &[("cookie", "commons_session=sess-123; lang=en")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let h = &got.json()["headers"];
+    assert_eq!(h["cookie"], "lang=en");
+    let claims = identity::verify(&key, h["x-commons-identity"].as_str().unwrap(), now).unwrap();
+    assert_eq!(
+        (claims.sub.as_str(), claims.tier.as_str()),
+        ("user-7", "supporter")
+    );
+    assert_eq!(claims.aud, "app");
+    assert!(claims.exp > now && claims.exp <= now + 61);
+
+    // A platform bearer token works too, and does not reach the app.
+    let by_token = request(
+        gw.http,
+        "GET",
+        "app.localhost",
+        "/",
+        &[("authorization", "Bearer sess-123")],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    assert!(by_token["headers"].get("authorization").is_none());
+    assert!(by_token["headers"].get("x-commons-identity").is_some());
+
+    // Anonymous: no assertion, and login-only paths answer 401.
+    let anon = get(gw.http, "app.localhost", "/").await.json();
+    assert!(anon["headers"].get("x-commons-identity").is_none());
+    let denied = get(gw.http, "app.localhost", "/admin").await;
+    assert_eq!(denied.status, 401);
+    assert!(denied.headers.contains_key("www-authenticate"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_service_calling_another_carries_the_user_as_indirect_usage() {
+    let gw = gateway(Config::default()).await;
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    gw.gateway.set_routes(vec![
+        route("a.localhost", "/", "site-a", &[a]),
+        route("b.localhost", "/", "site-b", &[b]),
+    ]);
+    gw.hooks.sessions.lock().unwrap().insert(
+        "s".into(),
+        User {
+            id: "u1".into(),
+            tier: "free".into(),
+        },
+    );
+    let at_a = request(
+        gw.http,
+        "GET",
+        "a.localhost",
+        "/",
+        &[("cookie", "commons_session=s")],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    let assertion = at_a["headers"]["x-commons-identity"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Site A calls site B with the assertion it was given.
+    let at_b = request(
+        gw.http,
+        "GET",
+        "b.localhost",
+        "/",
+        &[("x-commons-identity", &assertion)],
+        Bytes::new(),
+    )
+    .await
+    .json();
+    let now = commons_gateway::now_ms() / 1000;
+    let claims = gw
+        .gateway
+        .signer
+        .verify(at_b["headers"]["x-commons-identity"].as_str().unwrap(), now)
+        .unwrap();
+    assert_eq!((claims.sub.as_str(), claims.aud.as_str()), ("u1", "site-b"));
+    assert_eq!(claims.via.as_deref(), Some("site-a"));
+    gw.events.wait_for(2).await;
+    let events = gw.events.0.lock().unwrap().clone();
+    let b_event = events.iter().find(|e| e.data["site"] == "site-b").unwrap();
+    assert_eq!(b_event.data["user"], "u1");
+    assert_eq!(b_event.data["via"], "site-a");
+}
+
+/// A TLS client that trusts exactly `cert`, offering `alpn`.
+fn tls_client(
+    cert: &rustls::pki_types::CertificateDer<'static>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_over_tls_reaches_an_http1_app() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    let cert = gw.gateway.certs.resolve_host("app.localhost").unwrap().cert[0].clone();
+    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let tls = tls_client(&cert, &[b"h2", b"http/1.1"])
+        .connect("app.localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Several streams at once on the one connection.
+    let mut pending = Vec::new();
+    for i in 0..5 {
+        let req = http::Request::builder()
+            .method("POST")
+            .uri(format!("https://app.localhost/upload/{i}"))
+            .body(Full::new(Bytes::from(vec![b'x'; 1000 * (i + 1)])))
+            .unwrap();
+        pending.push(sender.send_request(req));
+    }
+    for (i, p) in pending.into_iter().enumerate() {
+        let resp = p.await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["path"], format!("/upload/{i}"));
+        assert_eq!(json["body_len"], 1000 * (i + 1));
+        assert_eq!(json["headers"]["host"], "app.localhost");
+        assert_eq!(json["headers"]["x-forwarded-proto"], "https");
+    }
+    // A name with no certificate gets no handshake (nothing leaks).
+    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let refused = tls_client(&cert, &[b"h2"])
+        .connect("example.com".try_into().unwrap(), tcp)
+        .await;
+    assert!(refused.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_pass_through_both_ways() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app.localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"hello"[..], &b"\x81\x05frame"[..], &[0u8; 4096][..]] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_are_refused_and_large_ones_stream() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    let mut small = route("small.localhost", "/", "small", &[app]);
+    small.max_body = Some(1000);
+    gw.gateway
+        .set_routes(vec![small, route("app.localhost", "/", "app", &[app])]);
+    let big = Bytes::from(vec![b'x'; 2000]);
+    let refused = request(gw.http, "POST", "small.localhost", "/", &[], big.clone()).await;
+    assert_eq!(refused.status, 413);
+    assert!(refused.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("1000 bytes"));
+    // Chunked (no length up front): cut off at the limit too.
+    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let chunks = futures_stream(vec![Bytes::from(vec![b'y'; 600]); 4]);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("/")
+        .header("host", "small.localhost")
+        .body(chunks)
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    // 8 MiB streams through.
+    let large = Bytes::from(vec![b'z'; 8 << 20]);
+    let ok = request(gw.http, "POST", "app.localhost", "/", &[], large).await;
+    assert_eq!(ok.json()["body_len"], 8 << 20);
+}
+
+/// A body sent as separate chunks with no Content-Length.
+fn futures_stream(chunks: Vec<Bytes>) -> http_body_util::StreamBody<tokio_stream_like::Chunks> {
+    http_body_util::StreamBody::new(tokio_stream_like::Chunks(chunks.into()))
+}
+
+mod tokio_stream_like {
+    use bytes::Bytes;
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub struct Chunks(pub VecDeque<Bytes>);
+
+    impl futures_core::Stream for Chunks {
+        type Item = Result<hyper::body::Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            Poll::Ready(self.0.pop_front().map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_cannot_hold_the_gateway() {
+    let gw = gateway(Config {
+        header_timeout: Duration::from_millis(500),
+        ..Config::default()
+    })
+    .await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    // Many slowloris connections: a request head trickling in.
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nX-A: ")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Others are served meanwhile.
+    let t = Instant::now();
+    assert_eq!(get(gw.http, "app.localhost", "/").await.status, 200);
+    assert!(t.elapsed() < Duration::from_millis(400));
+    // And the slow ones are cut off once the head is overdue.
+    for mut s in slow {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(3), async {
+            loop {
+                let _ = s.write_all(b"a").await;
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a slow client kept its connection");
+    }
+    assert_eq!(
+        gw.gateway
+            .metrics
+            .connections_open
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_site_is_woken_and_the_request_held_until_it_is_healthy() {
+    let gw = gateway(Config {
+        wake_timeout: Duration::from_secs(5),
+        ..Config::default()
+    })
+    .await;
+    let mut idle = route("sleepy.localhost", "/", "sleepy", &[]);
+    idle.idle = true;
+    gw.gateway.set_routes(vec![idle]);
+    let gw_ref = gw.gateway.clone();
+    *gw.hooks.wake.lock().unwrap() = Some(Arc::new(move |_site: String| {
+        let gw_ref = gw_ref.clone();
+        Box::pin(async move {
+            // Starting takes a while, as a real process does.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let addr = upstream("sleepy").await;
+            gw_ref.set_routes(vec![route("sleepy.localhost", "/", "sleepy", &[addr])]);
+            Ok(())
+        })
+    }));
+    // Several requests arrive while it sleeps: one wake, all served.
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        all.push(tokio::spawn(get(gw.http, "sleepy.localhost", "/")));
+    }
+    for r in all {
+        let got = r.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.json()["server"], "sleepy");
+    }
+    assert_eq!(gw.hooks.wakes.lock().unwrap().len(), 1);
+
+    // A site that does not come up in time: 503 with Retry-After.
+    let gw2 = gateway(Config {
+        wake_timeout: Duration::from_millis(300),
+        ..Config::default()
+    })
+    .await;
+    let mut stuck = route("stuck.localhost", "/", "stuck", &[]);
+    stuck.idle = true;
+    gw2.gateway.set_routes(vec![stuck]);
+    *gw2.hooks.wake.lock().unwrap() = Some(Arc::new(|_| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(())
+        })
+    }));
+    let t = Instant::now();
+    let got = get(gw2.http, "stuck.localhost", "/").await;
+    assert_eq!(got.status, 503);
+    assert!(got.headers.contains_key("retry-after"));
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_load_and_a_dead_one_is_skipped() {
+    let gw = gateway(Config::default()).await;
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    // A port nobody listens on: a replica that died.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[a, dead, b])]);
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..30 {
+        let got = get(gw.http, "app.localhost", "/").await;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        *seen
+            .entry(got.json()["server"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
+    }
+    assert!(seen["a"] >= 10 && seen["b"] >= 10, "{seen:?}");
+    let errors = gw
+        .gateway
+        .metrics
+        .upstream_connect_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (1..=3).contains(&errors),
+        "the dead replica was tried {errors} times"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_requests() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    let slow = tokio::spawn(get(gw.http, "app.localhost", "/sleep/500"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gw.gateway.shutdown();
+    let got = slow.await.unwrap();
+    assert_eq!(got.status, 200);
+    // New connections are no longer accepted.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = tokio::net::TcpStream::connect(gw.http).await;
+    assert!(refused.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_yields_exactly_one_usage_event() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    let mut r = route("app.localhost", "/", "app", &[app]);
+    r.max_body = Some(10);
+    gw.gateway.set_routes(vec![r]);
+    let mut sent = 0u64;
+    for i in 0..200 {
+        let body = if i % 10 == 0 {
+            Bytes::from_static(b"far too long a body")
+        } else {
+            Bytes::new()
+        };
+        request(gw.http, "POST", "app.localhost", "/", &[], body).await;
+        sent += 1;
+    }
+    // Requests to unknown hosts are not any site's usage.
+    get(gw.http, "nobody.localhost", "/").await;
+    assert_eq!(gw.events.wait_for(sent).await, sent);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let by_status = gw.events.requests_by_status();
+    assert_eq!(by_status.get(&200), Some(&180));
+    assert_eq!(by_status.get(&413), Some(&20));
+    let events = gw.events.0.lock().unwrap().clone();
+    let e = &events[0];
+    assert_eq!(e.kind, "request");
+    for field in [
+        "site",
+        "operator",
+        "node",
+        "status",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+    ] {
+        assert!(
+            e.data.contains_key(field),
+            "{field} missing from {:?}",
+            e.data
+        );
+    }
+    assert_eq!(e.data["operator"], "op-1");
+    let ids: std::collections::HashSet<_> = events.iter().map(|e| &e.id).collect();
+    assert_eq!(ids.len(), events.len(), "event ids are unique");
+    // The metrics agree.
+    let metrics = get(gw.admin, "admin", "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        text.contains("commons_gateway_site_requests_total{site=\"app\"} 200"),
+        "{text}"
+    );
+    assert!(
+        text.contains("commons_gateway_usage_lost_total 0"),
+        "{text}"
+    );
+}
