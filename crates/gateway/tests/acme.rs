@@ -1,0 +1,276 @@
+//! Certificates from a real ACME server: Debian's `pebble`, with
+//! `pebble-challtestsrv` as its DNS (every name resolves to 127.0.0.1, so
+//! pebble validates HTTP-01 against the gateway's plain-HTTP listener).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use commons_gateway::acme::{Acme, AcmeConfig};
+use commons_gateway::Config;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+struct Pebble {
+    children: Vec<Child>,
+    directory: String,
+    management: SocketAddr,
+    /// The CA that signed pebble's own HTTPS certificate.
+    ca: PathBuf,
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn require(binary: &str) {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(binary).exists()));
+    assert!(
+        found,
+        "{binary} is not installed: the ACME tests need Debian's pebble \
+         (apt-get install pebble; scripts/test installs it)"
+    );
+}
+
+/// Starts pebble, validating HTTP-01 on `http_port`.
+fn pebble(dir: &Path, http_port: u16) -> Pebble {
+    require("pebble");
+    require("pebble-challtestsrv");
+    std::fs::create_dir_all(dir).unwrap();
+    // Pebble's own HTTPS certificate, from a CA made for this run.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test CA for pebble");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+
+    let (listen, management, dns, dns_mgmt) = (free_port(), free_port(), free_port(), free_port());
+    let config = serde_json::json!({ "pebble": {
+        "listenAddress": format!("127.0.0.1:{listen}"),
+        "managementListenAddress": format!("127.0.0.1:{management}"),
+        "certificate": dir.join("cert.pem"),
+        "privateKey": dir.join("key.pem"),
+        "httpPort": http_port,
+        "tlsPort": free_port(),
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": false,
+    }});
+    std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+    let log = |name: &str| Stdio::from(std::fs::File::create(dir.join(name)).unwrap());
+    let challtestsrv = Command::new("pebble-challtestsrv")
+        .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+        .args(["-dns01", &format!("127.0.0.1:{dns}")])
+        .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+        .args(["-management", &format!("127.0.0.1:{dns_mgmt}")])
+        .stdout(log("challtestsrv.log"))
+        .stderr(log("challtestsrv.err"))
+        .spawn()
+        .expect("pebble-challtestsrv starts");
+    let server = Command::new("pebble")
+        .arg("-config")
+        .arg(dir.join("pebble.json"))
+        .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .stdout(log("pebble.log"))
+        .stderr(log("pebble.err"))
+        .spawn()
+        .expect("pebble starts");
+    let p = Pebble {
+        children: vec![challtestsrv, server],
+        directory: format!("https://127.0.0.1:{listen}/dir"),
+        management: SocketAddr::from(([127, 0, 0, 1], management)),
+        ca: dir.join("ca.pem"),
+    };
+    for port in [listen, management, dns_mgmt] {
+        let up = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "pebble did not start; see {}", dir.display());
+    }
+    p
+}
+
+fn client(roots: &[CertificateDer<'static>], alpn: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// GET over HTTPS, verifying the server against `roots`; also returns the
+/// certificate chain it presented.
+async fn https_get(
+    addr: SocketAddr,
+    name: &str,
+    roots: &[CertificateDer<'static>],
+    path: &str,
+) -> Result<(u16, Bytes, Vec<CertificateDer<'static>>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = client(roots, b"http/1.1")
+        .connect(name.to_string().try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .to_vec();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri(path)
+        .header("host", name)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, body, chain))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_issued_on_demand_by_a_real_acme_server_and_renewed() {
+    let tmp = std::env::temp_dir().join(format!("commons-acme-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let gw_config = |https: Option<u16>| Config {
+        https_port: https,
+        ..Config::default()
+    };
+    let gw = gateway(gw_config(None)).await;
+    let pebble = pebble(&tmp.join("pebble"), gw.http.port());
+    let acme_config = AcmeConfig {
+        directory: pebble.directory.clone(),
+        root: Some(pebble.ca.clone()),
+        contact: Some("ops@example.test".into()),
+        dir: tmp.join("acme"),
+    };
+    let acme = Acme::new(acme_config.clone());
+    gw.gateway.enable_acme(acme.clone());
+    let shop = upstream("shop").await;
+    gw.gateway
+        .set_routes(vec![route("shop.example.test", "/", "shop", &[shop])]);
+
+    // Pebble's root, to verify what the gateway serves.
+    let ca = CertificateDer::from_pem_file(&pebble.ca).unwrap();
+    let (status, root_pem, _) = https_get(pebble.management, "localhost", &[ca], "/roots/0")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let pebble_root = vec![CertificateDer::from_pem_slice(&root_pem).unwrap()];
+
+    // The first handshake for the host gets it a certificate.
+    let (status, body, chain) = https_get(gw.https, "shop.example.test", &pebble_root, "/")
+        .await
+        .expect("a certificate pebble issued, valid for the name");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"server\":\"shop\""));
+    let key_file = tmp.join("acme/certs/shop.example.test.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let issued = gw.gateway.certs.get("shop.example.test").unwrap();
+    assert!(issued.acme);
+    assert_eq!(chain[0], issued.key.cert[0]);
+    assert!(chain.len() >= 2, "the chain includes pebble's intermediate");
+
+    // Plain HTTP now redirects, except for ACME challenges.
+    let plain = get(gw.http, "shop.example.test", "/cart?x=1").await;
+    assert_eq!(plain.status, 308);
+    assert_eq!(
+        plain.headers["location"],
+        "https://shop.example.test/cart?x=1"
+    );
+    let challenge = get(
+        gw.http,
+        "shop.example.test",
+        "/.well-known/acme-challenge/nope",
+    )
+    .await;
+    assert_eq!(challenge.status, 404);
+
+    // A name no site serves gets no certificate.
+    let refused = https_get(gw.https, "other.example.test", &pebble_root, "/").await;
+    assert!(refused.is_err());
+    assert!(!tmp.join("acme/certs/other.example.test.crt").exists());
+    assert!(gw.gateway.certs.get("other.example.test").is_none());
+
+    // Renewal: not due now, due once two thirds of the validity have passed.
+    let now = (commons_gateway::now_ms() / 1000) as i64;
+    assert!(acme.renew_due(&gw.gateway, now).await.is_empty());
+    let later = issued.not_after - (issued.not_after - issued.not_before) / 4;
+    let renewed = acme.renew_due(&gw.gateway, later).await;
+    assert_eq!(renewed.len(), 1);
+    assert!(renewed[0].1.is_ok(), "{:?}", renewed[0].1);
+    let fresh = gw.gateway.certs.get("shop.example.test").unwrap();
+    assert_ne!(fresh.key.cert[0], issued.key.cert[0]);
+    let (_, _, served) = https_get(gw.https, "shop.example.test", &pebble_root, "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        served[0], fresh.key.cert[0],
+        "the renewed certificate is served"
+    );
+
+    // A restarted gateway serves the kept certificate without a new order.
+    let gw2 = gateway(gw_config(None)).await;
+    let acme2 = Acme::new(acme_config);
+    assert_eq!(acme2.load(&gw2.gateway).unwrap(), 1);
+    gw2.gateway.enable_acme(acme2);
+    gw2.gateway
+        .set_routes(vec![route("shop.example.test", "/", "shop", &[shop])]);
+    let (_, _, served) = https_get(gw2.https, "shop.example.test", &pebble_root, "/")
+        .await
+        .unwrap();
+    assert_eq!(served[0], fresh.key.cert[0]);
+    drop(pebble);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
