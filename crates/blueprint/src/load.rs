@@ -46,6 +46,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "resources",
     "timeout",
     "retries",
+    "replace",
     "with",
     "description",
 ];
@@ -202,6 +203,7 @@ struct RawComponent {
     resources: Resources,
     timeout_ms: Option<u64>,
     retries: u32,
+    replace: Option<Replace>,
 }
 
 enum RawKind {
@@ -1048,7 +1050,7 @@ impl<'a> Loader<'a> {
         // Fields that only make sense for some kinds.
         let applies = |field: &str| match field {
             "env" | "resources" => matches!(keyword, "job" | "process"),
-            "health" => keyword == "process",
+            "health" | "replace" => keyword == "process",
             "route" => matches!(keyword, "process" | "static"),
             "with" => keyword == "blueprint",
             "timeout" | "retries" => keyword != "blueprint",
@@ -1263,6 +1265,26 @@ impl<'a> Loader<'a> {
             Some(r) => self.uint(file, r, "retries", 100).unwrap_or(0) as u32,
             None => 0,
         };
+        let replace = match f.get("replace") {
+            Some(r) => match self.string(file, r, "replace").as_deref() {
+                Some("start-first") => Some(Replace::StartFirst),
+                Some("stop-first") => Some(Replace::StopFirst),
+                Some(other) => {
+                    self.sink(file).error_help(
+                        r.pos,
+                        format!("\"{other}\" is not a way to replace a process"),
+                        "write `replace: start-first` (no downtime) or `replace: stop-first` (one version at a time)",
+                    );
+                    ok = false;
+                    None
+                }
+                None => {
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
         ok.then_some(RawComponent {
             pos,
             kind,
@@ -1273,6 +1295,7 @@ impl<'a> Loader<'a> {
             resources,
             timeout_ms,
             retries,
+            replace,
         })
     }
 
@@ -1576,6 +1599,7 @@ fn flatten(
                     resources: c.resources.clone(),
                     timeout_ms: c.timeout_ms,
                     retries: c.retries,
+                    replace: c.replace,
                     dir: raw.dir.clone(),
                     origin: Origin {
                         file: raw.file.clone(),

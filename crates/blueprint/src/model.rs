@@ -144,6 +144,10 @@ pub struct Component {
     /// Further attempts after a failed one.
     #[serde(default)]
     pub retries: u32,
+    /// How a new version of a process replaces the running one (None: the
+    /// platform decides, see [`Replace`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace: Option<Replace>,
     /// Directory commands run in and relative paths resolve against.
     pub dir: PathBuf,
     /// Where the component is declared.
@@ -207,6 +211,21 @@ pub struct Health {
     pub http: String,
     pub timeout_ms: u64,
     pub interval_ms: u64,
+}
+
+/// How a redeploy replaces a running process.
+///
+/// `start-first`: the new version starts beside the old one, the gateway
+/// switches to it once it is healthy, and the old one is drained and
+/// stopped: no request fails. `stop-first`: the old one stops before the new
+/// one starts, for apps that cannot run twice at once (one writable volume).
+/// Unset, a process with a health check whose address no other component
+/// uses and that has no volume or SQLite file replaces start-first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Replace {
+    StartFirst,
+    StopFirst,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -76,6 +76,10 @@ pub fn json_schema() -> Value {
         json!({ "type": "integer", "minimum": 0, "maximum": 100 }),
     );
     c.insert(
+        "replace".into(),
+        json!({ "enum": ["start-first", "stop-first"] }),
+    );
+    c.insert(
         "with".into(),
         json!({ "type": "object", "additionalProperties": template.clone() }),
     );

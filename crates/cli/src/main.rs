@@ -140,12 +140,9 @@ enum Command {
     },
     /// Print the JSON Schema of commons.yaml, for editors.
     Schema,
-    /// Run the platform's API (usage ingest, payment webhooks, tiers) on this machine.
-    Serve {
-        /// Address to listen on (loopback by default).
-        #[arg(long, default_value = "127.0.0.1:8070", env = "COMMONS_LISTEN")]
-        listen: String,
-    },
+    /// Run the platform on this machine: the gateway in front of every site,
+    /// the API (usage ingest, payment webhooks, tiers) and the supervisor.
+    Serve(ServeArgs),
     /// API tokens: scoped, shown once, stored hashed.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -428,7 +425,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Ledger(cmd) => ledger::run(cmd, &home, json),
         Command::Usage(cmd) => money::usage(cmd, &home, json),
-        Command::Serve { listen } => serve(&home, &listen),
+        Command::Serve(args) => serve(&home, args),
         Command::Token(cmd) => token(&home, cmd, json),
         Command::Subscribe(args) => money::subscribe(&home, args, json),
         Command::Period(PeriodCommand::Close { period }) => money::close(&home, &period, json),
@@ -471,7 +468,39 @@ fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn serve(home: &std::path::Path, listen: &str) -> Result<(), Failure> {
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Address of the API (loopback by default).
+    #[arg(long, default_value = "127.0.0.1:8070", env = "COMMONS_LISTEN")]
+    listen: String,
+    /// The gateway's plain-HTTP address (sites at http://NAME.localhost:PORT).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "COMMONS_GATEWAY_HTTP")]
+    http: String,
+    /// The gateway's HTTPS address ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:8443", env = "COMMONS_GATEWAY_HTTPS")]
+    https: String,
+    /// The gateway's metrics and routes, for operators ("off" to disable).
+    #[arg(long, default_value = "127.0.0.1:8071", env = "COMMONS_GATEWAY_ADMIN")]
+    admin: String,
+    /// Gateway worker threads (1: one event loop).
+    #[arg(long, default_value_t = 2, env = "COMMONS_GATEWAY_THREADS")]
+    gateway_threads: usize,
+    /// ACME directory URL: certificates for the hosts sites route (e.g.
+    /// https://acme-v02.api.letsencrypt.org/directory). Unset: only
+    /// self-signed certificates for *.localhost.
+    #[arg(long, env = "COMMONS_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// PEM file of the CA of the ACME server's own certificate, when it is
+    /// not a public one.
+    #[arg(long, env = "COMMONS_ACME_ROOT")]
+    acme_root: Option<std::path::PathBuf>,
+    /// Contact e-mail for the ACME account.
+    #[arg(long, env = "COMMONS_ACME_EMAIL")]
+    acme_email: Option<String>,
+}
+
+fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
+    let listen = args.listen.as_str();
     let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
@@ -495,7 +524,33 @@ fn serve(home: &std::path::Path, listen: &str) -> Result<(), Failure> {
             home.display()
         );
         commons_server::supervisor::spawn(home.to_path_buf());
-        commons_server::serve(listener, std::sync::Arc::new(state))
+        let state = std::sync::Arc::new(state);
+        let off = |a: String| (a != "off").then_some(a);
+        let settings = commons_server::gateway::GatewaySettings {
+            http: args.http,
+            https: off(args.https),
+            admin: off(args.admin),
+            threads: args.gateway_threads,
+            acme: args
+                .acme_directory
+                .map(|directory| commons_server::gateway::AcmeSettings {
+                    directory,
+                    root: args.acme_root,
+                    contact: args.acme_email,
+                }),
+            config: commons_gateway::Config {
+                node: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "local".into()),
+                ..Default::default()
+            },
+        };
+        let bound = commons_server::gateway::spawn(home, state.clone(), settings)
+            .map_err(Failure::Input)?;
+        for (what, addr) in bound {
+            eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
+        }
+        commons_server::serve(listener, state)
             .await
             .map_err(|e| Failure::Failed(e.to_string()))
     })

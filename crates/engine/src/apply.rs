@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use indexmap::IndexMap;
 
+use commons_blueprint::model::Replace;
 use commons_blueprint::{Component, Kind, Ref};
 use commons_runtime::drivers::postgres::MASK;
 use commons_runtime::drivers::reap_interrupted;
@@ -66,6 +67,8 @@ pub struct Context {
     pub credentials: HashMap<String, String>,
     /// Environment variables secrets were read from: never inherited.
     pub withhold: Vec<String>,
+    /// Instances replaced start-first, to stop once the gateway drained them.
+    pub retired: Mutex<Vec<Handle>>,
 }
 
 struct Done {
@@ -355,6 +358,7 @@ async fn apply_component(
             resources: c.resources.clone(),
             credential: ctx.credentials.get(&task.component).cloned(),
             withhold: ctx.withhold.clone(),
+            replace: crate::plan::replace_of(&ctx.components, &task.component),
         };
         (attrs, spec)
     };
@@ -371,6 +375,7 @@ async fn apply_component(
                 outputs: row
                     .and_then(|r| serde_json::from_value(r.outputs.clone()).ok())
                     .unwrap_or_default(),
+                retired: None,
             })
         } else {
             let mut prev = previous.clone();
@@ -420,6 +425,9 @@ async fn apply_component(
                     .map(|(k, v)| (k.clone(), Some(v.clone())))
                     .collect(),
             );
+            if let Some(old) = applied.retired.take() {
+                ctx.retired.lock().expect("retired lock").push(old);
+            }
             applied.handle.restarts = match &previous {
                 // Woken from idle: not a crash.
                 Some(p) if p.idle => p.restarts,
@@ -433,6 +441,16 @@ async fn apply_component(
                 ..base
             };
             (Ok(()), attempts, ComponentChange::Put(row))
+        }
+        Err(e) if spec.replace == Replace::StartFirst && still_running(previous.as_ref()) => {
+            // The old version never stopped: it keeps serving, as recorded.
+            let row = row.cloned().unwrap_or(base);
+            let row = ComponentRow {
+                error: Some(redact(&e.to_string(), &ctx.secrets)),
+                updated_at_ms: now_ms(),
+                ..row
+            };
+            (Err(e), attempts, ComponentChange::Put(row))
         }
         Err(e) => {
             // Keep the port so that a retry serves where dependents expect.
@@ -449,4 +467,9 @@ async fn apply_component(
             (Err(e), attempts, ComponentChange::Put(row))
         }
     }
+}
+
+/// True when `handle`'s process is alive.
+fn still_running(handle: Option<&Handle>) -> bool {
+    handle.is_some_and(|h| matches!((h.pid, &h.instance), (Some(pid), Some(i)) if commons_runtime::proc::is_instance_alive(pid, i)))
 }

@@ -121,6 +121,9 @@ pub struct ComponentStatus {
     /// Times it was restarted after stopping by itself.
     pub restarts: u32,
     pub outputs: serde_json::Value,
+    /// Where the gateway serves it, as the blueprint says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<commons_blueprint::model::Route>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,6 +137,15 @@ pub struct DeploymentStatus {
     pub status: String,
     pub blueprint: String,
     pub components: Vec<ComponentStatus>,
+}
+
+/// The route recorded in a component's configuration.
+fn route_of(config: &serde_json::Value) -> Option<commons_blueprint::model::Route> {
+    let attr = |k: &str| config.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    Some(commons_blueprint::model::Route {
+        host: attr("route.host")?,
+        path: attr("route.path").unwrap_or_else(|| "/".into()),
+    })
 }
 
 /// An exclusive lock on one deployment, released on drop (or when the
@@ -472,8 +484,10 @@ impl Engine {
             components: target.blueprint.components.clone(),
             recorded,
             outputs: Mutex::new(outputs),
+            retired: Mutex::new(Vec::new()),
         });
-        let rows = apply::execute(ctx, self.store.as_ref(), tasks, jobs, progress).await?;
+        let rows = apply::execute(ctx.clone(), self.store.as_ref(), tasks, jobs, progress).await?;
+        let recorded_at = now_ms();
         let ok = rows.iter().all(|t| t.outcome == "ok");
         let finished = now_ms();
         let status = if ok { "ok" } else { "failed" };
@@ -486,6 +500,11 @@ impl Engine {
             Some(_) => None,
             None => Some(self.write_record(target, run, &plan, &rows, ok, started, finished)?),
         };
+        // Versions replaced start-first stop once nothing reaches them.
+        let retired = std::mem::take(&mut *ctx.retired.lock().expect("retired lock"));
+        for old in &retired {
+            commons_runtime::drivers::retire(&self.layout, old, recorded_at as u64).await;
+        }
         Ok(Outcome {
             deployment: target.name.clone(),
             ok,
@@ -616,6 +635,7 @@ impl Engine {
             outputs: Mutex::new(HashMap::new()),
             credentials: HashMap::new(),
             withhold: Vec::new(),
+            retired: Mutex::new(Vec::new()),
         });
         let rows = apply::execute(ctx, self.store.as_ref(), tasks, jobs, progress).await?;
         let ok = rows.iter().all(|t| t.outcome == "ok");
@@ -698,7 +718,9 @@ impl Engine {
             .into_iter()
             .map(|r| {
                 let handle = plan::handle_of(&r);
-                let state = match (r.state, driver_for(&r.kind).observe(&handle)) {
+                let observed = driver_for(&r.kind).observe(&handle);
+                let alive = observed == Observed::Running;
+                let state = match (r.state, observed) {
                     (ComponentState::Ready, Observed::Running) => "running",
                     (ComponentState::Ready, Observed::Stopped) if handle.idle => "idle",
                     (ComponentState::Ready, Observed::Stopped) => "stopped",
@@ -709,12 +731,15 @@ impl Engine {
                     name: r.name.clone(),
                     kind: r.kind.clone(),
                     state: state.to_string(),
-                    pid: handle.pid.filter(|_| state == "running"),
+                    // Shown while alive, even mid-deploy (the gateway routes
+                    // to it until its successor is recorded).
+                    pid: handle.pid.filter(|_| alive),
                     port: handle.port,
                     uid: uid.filter(|_| r.kind == "process" || r.kind == "job"),
                     data_dir: self.layout.data_dir(name).display().to_string(),
                     restarts: handle.restarts,
                     outputs: r.outputs.clone(),
+                    route: route_of(&r.config),
                     error: r.error.clone(),
                     last_task: last.get(&r.name).cloned(),
                     updated_at: humantime::format_rfc3339_seconds(

@@ -12,6 +12,7 @@ use std::path::Path;
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
+use commons_blueprint::model::Replace;
 use commons_blueprint::{Component, Kind, Ref};
 use commons_runtime::{driver_for, Handle, Layout, Observed, Spec};
 use commons_store::{ComponentRow, ComponentState};
@@ -273,6 +274,34 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         resources: c.resources.clone(),
         credential: None,
         withhold: Vec::new(),
+        replace: c.replace.unwrap_or(Replace::StopFirst),
+    }
+}
+
+/// How a redeploy replaces component `name` (see [`Replace`]): as the
+/// blueprint says, else start-first when that is safe — the process has a
+/// health check (so "ready" means something), no other component reads its
+/// address (which changes), and it keeps no volume or SQLite file (which two
+/// versions must not write at once).
+pub fn replace_of(components: &IndexMap<String, Component>, name: &str) -> Replace {
+    let Some(c) = components.get(name) else {
+        return Replace::StopFirst;
+    };
+    if let Some(r) = c.replace {
+        return r;
+    }
+    let read_by_others = components
+        .iter()
+        .any(|(other, o)| other != name && o.depends_on.iter().any(|d| d == name));
+    let keeps_files = c.depends_on.iter().any(|d| {
+        components
+            .get(d)
+            .is_some_and(|dep| matches!(dep.kind, Kind::Volume | Kind::Sqlite))
+    });
+    if c.health.is_some() && !read_by_others && !keeps_files {
+        Replace::StartFirst
+    } else {
+        Replace::StopFirst
     }
 }
 
@@ -320,8 +349,12 @@ pub fn compute(
                 .unwrap_or_default(),
             _ => {
                 let previous = row.map(handle_of);
+                let spec = Spec {
+                    replace: replace_of(components, name),
+                    ..probe_spec(deployment, name, c)
+                };
                 driver_for(kind)
-                    .planned_outputs(layout, &probe_spec(deployment, name, c), previous.as_ref())
+                    .planned_outputs(layout, &spec, previous.as_ref())
                     .into_iter()
                     .collect()
             }

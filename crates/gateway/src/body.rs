@@ -74,6 +74,9 @@ impl Body for RequestBody {
     }
 }
 
+/// The status recorded for a request its client abandoned before the answer.
+pub const CLIENT_CLOSED: u16 = 499;
+
 /// The usage of one request, recorded when its response body is dropped.
 pub struct Metering {
     pub(crate) gateway: Arc<Gateway>,
@@ -82,6 +85,8 @@ pub struct Metering {
     pub(crate) record: Option<RequestRecord>,
     pub(crate) started: Instant,
     pub(crate) bytes_in: Option<Arc<AtomicU64>>,
+    /// The request counts as in flight at its upstream until recorded.
+    pub(crate) in_flight: Option<crate::routes::InFlight>,
 }
 
 impl Drop for Metering {
@@ -90,6 +95,10 @@ impl Drop for Metering {
             return;
         };
         let r = &mut record;
+        if r.status == 0 {
+            // Dropped before an answer: the client went away (nginx's 499).
+            r.status = CLIENT_CLOSED;
+        }
         r.duration_us = self.started.elapsed().as_micros() as u64;
         if let Some(seen) = &self.bytes_in {
             r.bytes_in = seen.load(Ordering::Relaxed);
@@ -103,6 +112,7 @@ impl Drop for Metering {
         stats.bytes_out.fetch_add(r.bytes_out, Ordering::Relaxed);
         self.gateway.metrics.observe(r.status, r.duration_us);
         self.gateway.tap.record(record);
+        self.in_flight.take();
     }
 }
 

@@ -183,6 +183,12 @@ impl Gateway {
         true
     }
 
+    /// Requests in flight per upstream, draining ones included (see
+    /// [`routes::RouteTable::upstream_load`]).
+    pub fn upstream_load(&self) -> std::collections::BTreeMap<SocketAddr, u64> {
+        self.routes.load().upstream_load()
+    }
+
     pub fn routes(&self) -> Vec<RouteSpec> {
         self.routes.load().specs().to_vec()
     }

@@ -216,6 +216,7 @@ impl Gateway {
             record: Some(record),
             started,
             bytes_in: bytes_in.clone(),
+            in_flight: None,
         });
         let response = self
             .proxy(req, &conn, site, &host, caller, bytes_in, &mut metering)
@@ -277,6 +278,7 @@ impl Gateway {
             .then(|| req.headers().get(header::UPGRADE).cloned())
             .flatten();
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let client_version = req.version();
         self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
@@ -285,7 +287,7 @@ impl Gateway {
             self.forward(conn, &site, host, req, upgrade),
         )
         .await;
-        let (mut response, upstream) = match sent {
+        let (mut response, upstream, in_flight) = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(Failure::TooLarge)) => {
                 return problem(
@@ -332,6 +334,7 @@ impl Gateway {
         if let Some(r) = metering.record.as_mut() {
             r.upstream = Some(upstream);
         }
+        metering.in_flight = Some(in_flight);
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client) = client_upgrade {
                 let server = hyper::upgrade::on(&mut response);
@@ -347,6 +350,9 @@ impl Gateway {
             return Response::from_parts(parts, ResponseBody::upstream(body));
         }
         strip(response.headers_mut(), false);
+        // The client's protocol, whatever the app spoke: an HTTP/1.0 app must
+        // not make the gateway close every client connection.
+        *response.version_mut() = client_version;
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, ResponseBody::upstream(body))
     }
@@ -544,7 +550,7 @@ impl Gateway {
         host: &str,
         mut req: Request<RequestBody>,
         upgrade: bool,
-    ) -> Result<(Response<Incoming>, SocketAddr), Failure> {
+    ) -> Result<(Response<Incoming>, SocketAddr, crate::routes::InFlight), Failure> {
         let mut site = site.clone();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
@@ -558,6 +564,7 @@ impl Gateway {
                 break;
             };
             let addr = upstream.addr;
+            let in_flight = upstream.begin();
             let reused = if upgrade {
                 None
             } else {
@@ -587,7 +594,7 @@ impl Gateway {
                     if !upgrade {
                         conn.keep_upstream(addr, sender);
                     }
-                    return Ok((response, addr));
+                    return Ok((response, addr, in_flight));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,24 @@ pub struct Upstream {
     pub addr: SocketAddr,
     /// Milliseconds (gateway clock) until which the upstream is skipped.
     down_until: Arc<AtomicU64>,
+    /// Requests sent there and not finished yet.
+    pub in_flight: Arc<AtomicU64>,
+}
+
+/// Counts a request as in flight at an upstream while it lives.
+pub struct InFlight(Arc<AtomicU64>);
+
+impl Upstream {
+    pub fn begin(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A routed site, as the proxy sees it.
@@ -115,19 +134,34 @@ pub struct RouteTable {
     /// Per host, routes by path prefix, longest first.
     hosts: HashMap<Box<str>, Vec<Arc<Site>>>,
     specs: Vec<RouteSpec>,
+    /// Upstreams no longer routed, with when they stopped being routed:
+    /// reported as draining while requests are in flight there, and for
+    /// [`RETIRED_GRACE`] anyway (a request that read the previous table may
+    /// be about to start).
+    retired: Vec<(SocketAddr, Arc<AtomicU64>, Instant)>,
 }
+
+/// How long an upstream counts as draining after it stopped being routed.
+pub const RETIRED_GRACE: Duration = Duration::from_millis(250);
 
 impl RouteTable {
     /// Builds a table from `specs`, carrying passive health and counters over
     /// from `previous`.
     pub fn build(specs: Vec<RouteSpec>, previous: &RouteTable) -> RouteTable {
         let mut health: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
+        let mut load: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
+        let mut since: HashMap<SocketAddr, Instant> = HashMap::new();
+        for (addr, n, at) in &previous.retired {
+            load.insert(*addr, n.clone());
+            since.insert(*addr, *at);
+        }
         let mut stats: HashMap<&str, Arc<SiteStats>> = HashMap::new();
         for sites in previous.hosts.values() {
             for site in sites {
                 stats.insert(&site.spec.deployment, site.stats.clone());
                 for u in &site.upstreams {
                     health.insert(u.addr, u.down_until.clone());
+                    load.insert(u.addr, u.in_flight.clone());
                 }
             }
         }
@@ -140,6 +174,7 @@ impl RouteTable {
                     .map(|&addr| Upstream {
                         addr,
                         down_until: health.get(&addr).cloned().unwrap_or_default(),
+                        in_flight: load.get(&addr).cloned().unwrap_or_default(),
                     })
                     .collect(),
                 stats: stats
@@ -158,7 +193,40 @@ impl RouteTable {
         for sites in hosts.values_mut() {
             sites.sort_by_key(|s| std::cmp::Reverse(s.spec.path.trim_end_matches('/').len()));
         }
-        RouteTable { hosts, specs }
+        let routed: std::collections::HashSet<SocketAddr> = specs
+            .iter()
+            .flat_map(|s| s.upstreams.iter().copied())
+            .collect();
+        let now = Instant::now();
+        let retired = load
+            .into_iter()
+            .filter(|(addr, _)| !routed.contains(addr))
+            .map(|(addr, n)| (addr, n, since.get(&addr).copied().unwrap_or(now)))
+            .filter(|(_, n, at)| n.load(Ordering::Relaxed) > 0 || at.elapsed() < RETIRED_GRACE)
+            .collect();
+        RouteTable {
+            hosts,
+            specs,
+            retired,
+        }
+    }
+
+    /// Requests in flight per upstream: every routed one, and those no
+    /// longer routed that are still finishing requests (draining).
+    pub fn upstream_load(&self) -> std::collections::BTreeMap<SocketAddr, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for site in self.sites() {
+            for u in &site.upstreams {
+                out.insert(u.addr, u.in_flight.load(Ordering::Relaxed));
+            }
+        }
+        for (addr, n, at) in &self.retired {
+            let n = n.load(Ordering::Relaxed);
+            if n > 0 || at.elapsed() < RETIRED_GRACE {
+                out.insert(*addr, n);
+            }
+        }
+        out
     }
 
     /// The site serving `host` (lower case, no port) and `path`.

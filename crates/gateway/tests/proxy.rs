@@ -585,3 +585,55 @@ async fn every_request_yields_exactly_one_usage_event() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_app_does_not_close_client_connections() {
+    let gw = gateway(Config::default()).await;
+    // An HTTP/1.0 server: answers, then closes, as python's http.server does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    gw.gateway
+        .set_routes(vec![route("old.localhost", "/", "old", &[old])]);
+    let stream = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    for _ in 0..3 {
+        sender
+            .ready()
+            .await
+            .expect("the client connection stays open");
+        let req = http::Request::builder()
+            .uri("/")
+            .header("host", "old.localhost")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), http::Version::HTTP_11);
+        assert!(resp.headers().get("connection").is_none());
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+    }
+    assert_eq!(
+        gw.gateway
+            .metrics
+            .connections_total
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}

@@ -439,7 +439,16 @@ impl Meter {
                     continue;
                 }
                 in_batch.insert((e.source.as_str(), e.id.as_str()), d);
-                let mut metrics: Vec<(&str, f64)> = vec![(kinds[e.kind.as_str()].as_str(), 1.0)];
+                // An aggregated event (the gateway's, under load) stands for
+                // `count` events of its type.
+                let weight = e
+                    .data
+                    .get("count")
+                    .and_then(|v| v.as_i64())
+                    .filter(|n| *n > 0)
+                    .unwrap_or(1);
+                let mut metrics: Vec<(&str, f64)> =
+                    vec![(kinds[e.kind.as_str()].as_str(), weight as f64)];
                 for (k, v) in &e.data {
                     if let Some(x) = v.as_f64() {
                         metrics.push((k.as_str(), x));
@@ -448,7 +457,7 @@ impl Meter {
                 if let (Some(user), Some(site)) = (dim("user"), dim("site")) {
                     *pairs
                         .entry((period_index(&mut periods, &period), user, site))
-                        .or_default() += 1;
+                        .or_default() += weight;
                 }
                 // Minutes here; hours and days are rolled up from them below.
                 let minute = Window::Minute.start(time_ms);

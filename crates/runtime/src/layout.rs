@@ -63,6 +63,13 @@ impl Layout {
         self.home.join("secrets").join("key")
     }
 
+    /// What the gateway routes now and how many requests each upstream has
+    /// in flight (written by `commons serve`, read before stopping a
+    /// replaced instance).
+    pub fn gateway_state(&self) -> PathBuf {
+        self.home.join("gateway").join("upstreams.json")
+    }
+
     pub fn lock_file(&self, deployment: &str) -> PathBuf {
         self.home.join("locks").join(format!("{deployment}.lock"))
     }

@@ -55,6 +55,8 @@ pub struct Spec {
     /// Variables of the platform's environment the workload must not inherit
     /// (where `from_env` secrets were read from).
     pub withhold: Vec<String>,
+    /// How a running process is replaced (processes only).
+    pub replace: commons_blueprint::model::Replace,
 }
 
 /// What a driver returns once a component is applied.
@@ -62,6 +64,10 @@ pub struct Spec {
 pub struct Applied {
     pub handle: Handle,
     pub outputs: IndexMap<String, String>,
+    /// The previous instance, still running (start-first): the engine stops
+    /// it once the new one is recorded and the gateway has drained it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired: Option<Handle>,
 }
 
 /// What a driver needs to find a component again (stored in the state store).

@@ -12,7 +12,14 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// What a token may do.
-pub const SCOPES: &[&str] = &["usage:write", "usage:read", "billing:read", "runtime:wake"];
+/// `session` signs its owner (the token's name) in at the gateway.
+pub const SCOPES: &[&str] = &[
+    "usage:write",
+    "usage:read",
+    "billing:read",
+    "runtime:wake",
+    "session",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {

@@ -178,7 +178,13 @@ pub fn http(
 ) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str("Host: 127.0.0.1\r\n");
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -200,33 +206,74 @@ pub fn http(
     Ok((status, body))
 }
 
-/// A running `commons serve` on a free loopback port; stopped on drop.
+/// A running `commons serve` on free loopback ports; stopped on drop.
 pub struct Server {
     pub child: std::process::Child,
+    /// The API's port.
     pub port: u16,
+    /// The gateway's plain-HTTP, HTTPS and admin ports.
+    pub http: u16,
+    pub https: u16,
+    pub admin: u16,
 }
 
 impl Sandbox {
     pub fn serve(&self, env: &[(&str, &str)]) -> Server {
         use std::io::BufRead;
-        let mut cmd = self.cmd(&["serve", "--listen", "127.0.0.1:0"]);
+        let mut cmd = self.cmd(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--https",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ]);
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut reader = std::io::BufReader::new(stderr);
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
+        // "Listening http://127.0.0.1:P (data in ...)", then one line per
+        // gateway listener: "Listening http 127.0.0.1:P (gateway)".
+        let mut ports = std::collections::HashMap::new();
+        let mut said = String::new();
+        while ports.len() < 4 {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap() == 0 {
+                panic!("serve stopped before it said where it listens:\n{said}");
+            }
+            said.push_str(&line);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            if words.first() != Some(&"Listening") {
+                continue;
+            }
+            let (what, addr) = match words.get(1) {
+                Some(url) if url.starts_with("http://") => {
+                    ("api", url.trim_start_matches("http://"))
+                }
+                Some(what) => (*what, words.get(2).copied().unwrap_or("")),
+                None => continue,
+            };
+            let port: u16 = addr
+                .rsplit(':')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap();
+            ports.insert(what.to_string(), port);
+        }
         // Keep draining what it says, so it never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-        let port = line
-            .split("http://127.0.0.1:")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("serve did not say where it listens: {line:?}"));
-        Server { child, port }
+        Server {
+            child,
+            port: ports["api"],
+            http: ports["http"],
+            https: ports["https"],
+            admin: ports["admin"],
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use crate::{Applied, BoxFuture, DriverError, Handle, Layout, Observed, Spec};
 
 pub use job::JobDriver;
 pub use postgres::PostgresDriver;
-pub use process::{ProcessDriver, STOP_GRACE};
+pub use process::{retire, ProcessDriver, DRAIN_LIMIT, STOP_GRACE};
 pub use resources::{SqliteDriver, StaticDriver, VolumeDriver};
 
 /// Makes one kind of component real, and undoes it.

@@ -147,6 +147,7 @@ impl Driver for PostgresDriver {
                 outputs: [("url".to_string(), app_url(&config, &db, password))]
                     .into_iter()
                     .collect(),
+                retired: None,
             })
         })
     }

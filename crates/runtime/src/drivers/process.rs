@@ -3,6 +3,7 @@ use std::time::{Duration, Instant};
 use crate::health::{free_port, http_status, port_is_free};
 use crate::proc;
 use crate::{Applied, BoxFuture, Driver, DriverError, Handle, Layout, Observed, Spec};
+use commons_blueprint::model::Replace;
 
 /// How long a stopping process gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -26,10 +27,14 @@ impl Driver for ProcessDriver {
     fn planned_outputs(
         &self,
         _: &Layout,
-        _: &Spec,
+        spec: &Spec,
         previous: Option<&Handle>,
     ) -> Vec<(String, Option<String>)> {
-        match previous.and_then(|h| h.port) {
+        // Started first, the new version listens beside the old one: on a
+        // port not known yet.
+        let beside =
+            spec.replace == Replace::StartFirst && previous.is_some_and(|h| h.pid.is_some());
+        match previous.and_then(|h| h.port).filter(|_| !beside) {
             // The port is kept across restarts, so dependents need not change.
             Some(port) => outputs(port)
                 .into_iter()
@@ -50,18 +55,24 @@ impl Driver for ProcessDriver {
         previous: Option<&'a Handle>,
     ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
-            // Milestone 1 replaces stop-first; the gateway will switch only
-            // once the new version is healthy.
-            if let Some(Handle {
-                pid: Some(pid),
-                instance: Some(instance),
-                ..
-            }) = previous
-            {
-                proc::stop(*pid, instance, STOP_GRACE).await;
+            // Start-first leaves the running version alone until the new
+            // one is healthy (the engine retires it); stop-first stops it now.
+            let running = previous.filter(|h| {
+                matches!((h.pid, &h.instance), (Some(pid), Some(i)) if proc::is_instance_alive(pid, i))
+            });
+            let beside = spec.replace == Replace::StartFirst && running.is_some();
+            if !beside {
+                if let Some(Handle {
+                    pid: Some(pid),
+                    instance: Some(instance),
+                    ..
+                }) = previous
+                {
+                    proc::stop(*pid, instance, STOP_GRACE).await;
+                }
             }
             let port = match previous.and_then(|h| h.port) {
-                Some(p) if port_is_free(p) => p,
+                Some(p) if !beside && port_is_free(p) => p,
                 _ => free_port().map_err(DriverError::io("finding a free port"))?,
             };
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
@@ -129,6 +140,7 @@ impl Driver for ProcessDriver {
             Ok(Applied {
                 handle,
                 outputs: outputs(port).into_iter().collect(),
+                retired: running.filter(|_| beside).cloned(),
             })
         })
     }
@@ -157,4 +169,51 @@ impl Driver for ProcessDriver {
             _ => Observed::Stopped,
         }
     }
+}
+
+/// How long a replaced instance may take to finish its in-flight requests.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+/// The gateway rewrites its state at least this often while it runs.
+const GATEWAY_FRESH_MS: u64 = 3_000;
+
+/// Stops a replaced instance once no request can reach it: the gateway
+/// (if one runs) no longer routes to its port and has no request in flight
+/// there. `since_ms` is when the new instance was recorded.
+pub async fn retire(layout: &Layout, old: &Handle, since_ms: u64) {
+    let (Some(pid), Some(instance)) = (old.pid, &old.instance) else {
+        return;
+    };
+    if let Some(port) = old.port {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while Instant::now() < deadline && gateway_still_uses(layout, port, since_ms) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    proc::stop(pid, instance, STOP_GRACE).await;
+}
+
+/// True while a running gateway routes to `port` or has requests in flight
+/// there, or has not yet seen the state written at `since_ms`.
+fn gateway_still_uses(layout: &Layout, port: u16, since_ms: u64) -> bool {
+    #[derive(serde::Deserialize)]
+    struct State {
+        updated_ms: u64,
+        /// "127.0.0.1:PORT" → requests in flight.
+        upstreams: std::collections::HashMap<String, u64>,
+    }
+    let Some(state) = std::fs::read(layout.gateway_state())
+        .ok()
+        .and_then(|b| serde_json::from_slice::<State>(&b).ok())
+    else {
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if now.saturating_sub(state.updated_ms) > GATEWAY_FRESH_MS {
+        // No gateway runs: nothing routes there.
+        return false;
+    }
+    state.updated_ms <= since_ms || state.upstreams.contains_key(&format!("127.0.0.1:{port}"))
 }

@@ -11,6 +11,7 @@ fn present(outputs: Vec<(String, Option<String>)>) -> Applied {
             .into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect(),
+        retired: None,
     }
 }
 

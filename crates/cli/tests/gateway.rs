@@ -1,0 +1,220 @@
+//! The gateway as `commons serve` runs it, in front of real sites: routing
+//! from the deployments' state, usage into the meter, wake on request, and
+//! redeploys under load that lose no request.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+const SITE: &str = r#"name: shop
+inputs:
+  version: { type: string, default: "1" }
+components:
+  page:
+    # Written aside and renamed: the running version never serves half a file.
+    job: "printf 'shop v%s' \"${inputs.version}\" > $COMMONS_DATA_DIR/new.html && mv $COMMONS_DATA_DIR/new.html $COMMONS_DATA_DIR/index.html"
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 --directory $COMMONS_DATA_DIR $PORT"
+    after: [page]
+    env: { VERSION: "${inputs.version}" }
+    health: { http: "/", interval: 50ms }
+"#;
+
+fn get(port: u16, host: &str, path: &str) -> (u16, String) {
+    http(port, "GET", path, &[("Host", host)], b"").unwrap()
+}
+
+/// Requests the meter counted for `site` (sum of `events:request`).
+fn metered(s: &Sandbox, site: &str) -> f64 {
+    let v = s.ok(&["usage", "show", "site", site, "--json"]).json();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["value"].as_f64().unwrap_or(0.0))
+        .sum()
+}
+
+#[test]
+fn deployed_sites_are_routed_and_every_request_is_metered() {
+    let s = Sandbox::new("gw-route");
+    s.blueprint(SITE);
+    s.ok(&["deploy"]);
+    let server = s.serve(&[]);
+    // The deployment's own name, and the component's.
+    let (code, body) = get(server.http, "shop.localhost", "/");
+    assert_eq!((code, body.as_str()), (200, "shop v1"));
+    let (code, body) = get(server.http, "web.shop.localhost:8080", "/");
+    assert_eq!((code, body.as_str()), (200, "shop v1"));
+    let (code, body) = get(server.http, "nothing.localhost", "/");
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("no site is served at nothing.localhost"),
+        "{body}"
+    );
+    for _ in 0..7 {
+        assert_eq!(get(server.http, "shop.localhost", "/").0, 200);
+    }
+    // Nine requests reached the site; the tap hands them to the meter.
+    assert!(
+        wait_for(Duration::from_secs(10), || metered(&s, "shop") >= 9.0),
+        "metered {} requests, want 9",
+        metered(&s, "shop")
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(metered(&s, "shop"), 9.0);
+    let log = lines(&s.home.join("logs/gateway-access.log"));
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("\"site\":\"shop\""))
+            .count(),
+        9
+    );
+    // Operators see it in the metrics.
+    let (code, metrics) = http_get(server.admin, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("commons_gateway_site_requests_total{site=\"shop\"} 9"),
+        "{metrics}"
+    );
+    // The HTTPS listener serves *.localhost with a self-signed certificate.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", server.https)).is_ok());
+}
+
+#[test]
+fn a_request_wakes_an_idle_site() {
+    let s = Sandbox::new("gw-wake");
+    s.blueprint(SITE);
+    s.ok(&["deploy"]);
+    let server = s.serve(&[("COMMONS_IDLE_AFTER", "1")]);
+    assert!(
+        wait_for(Duration::from_secs(15), || s.component("shop", "web")
+            ["state"]
+            == "idle"),
+        "not idle: {}",
+        s.component("shop", "web")
+    );
+    let t = Instant::now();
+    let (code, body) = get(server.http, "shop.localhost", "/");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "shop v1"),
+        "held until healthy"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(s.component("shop", "web")["state"], "running");
+}
+
+/// `wrk` against the gateway for a fixed time. (Stopped early with a
+/// signal, wrk counts the interrupted reads as errors: it must run out.)
+struct Load {
+    child: std::process::Child,
+}
+
+impl Load {
+    fn start(port: u16, host: &str, seconds: u64) -> Load {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("wrk").exists()));
+        assert!(
+            found,
+            "wrk is not installed: this test puts real load on the gateway \
+             (apt-get install wrk; scripts/test installs it)"
+        );
+        let child = std::process::Command::new("wrk")
+            .args(["-t1", "-c8", &format!("-d{seconds}s"), "--timeout", "10s"])
+            .args(["-H", &format!("Host: {host}")])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Load { child }
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the run to end; returns (requests, failures, summary).
+    fn finish(self) -> (u64, u64, String) {
+        let out = self.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let requests = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        // "Socket errors: connect 0, read 0, write 0, timeout 0"
+        let socket: u64 = text
+            .lines()
+            .find(|l| l.trim().starts_with("Socket errors:"))
+            .map(|l| {
+                l.split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let non_2xx: u64 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        (requests, socket + non_2xx, text)
+    }
+}
+
+#[test]
+fn twenty_redeploys_under_load_fail_no_request() {
+    let s = Sandbox::new("gw-zero");
+    s.blueprint(SITE);
+    s.ok(&["deploy"]);
+    let server = s.serve(&[]);
+    assert_eq!(get(server.http, "shop.localhost", "/").0, 200);
+    // One redeploy unloaded sizes the run: under load, on two cores shared
+    // with the load, each takes several times as long.
+    let t = Instant::now();
+    s.ok(&["deploy", "-i", "version=2"]);
+    let seconds = (t.elapsed().as_secs_f64() * 20.0 * 5.0).ceil() as u64 + 5;
+    let mut load = Load::start(server.http, "shop.localhost", seconds);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ports = std::collections::HashSet::new();
+    for v in 3..=22 {
+        let input = format!("version={v}");
+        s.ok(&["deploy", "-i", &input]);
+        let web = s.component("shop", "web");
+        assert_eq!(web["state"], "running");
+        ports.insert(web["port"].as_u64().unwrap());
+    }
+    assert!(load.running(), "the load ended before the redeploys did");
+    let (requests, failures, summary) = load.finish();
+    assert!(
+        requests > 200,
+        "too little load to prove anything:\n{summary}"
+    );
+    let failed: Vec<String> = lines(&s.home.join("logs/gateway-access.log"))
+        .into_iter()
+        .filter(|l| !l.contains("\"status\":200"))
+        .collect();
+    assert_eq!(
+        failures,
+        0,
+        "requests failed during redeploys:\n{summary}\n{}",
+        failed.join("\n")
+    );
+    // Each version ran beside the last (a new port each time), and the old
+    // ones were stopped once drained.
+    assert_eq!(ports.len(), 20);
+    let (code, body) = get(server.http, "shop.localhost", "/");
+    assert_eq!((code, body.as_str()), (200, "shop v22"));
+    let python_processes = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("cmdline")).is_ok_and(|c| {
+                c.contains("http.server") && c.contains(&s.home.display().to_string())
+            })
+        })
+        .count();
+    assert_eq!(python_processes, 1, "replaced versions are stopped");
+}

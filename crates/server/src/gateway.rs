@@ -1,0 +1,283 @@
+//! The gateway as `commons serve` runs it: routes from the engine's state,
+//! wake-up through the engine, sessions from tokens, usage into the meter.
+//!
+//! Routes: a process component with a `route:` is served at its host and
+//! path; every process with a port is also served at
+//! `COMPONENT.DEPLOYMENT.localhost`, and a deployment without any `route:`
+//! at `DEPLOYMENT.localhost` (its first process). A running process is an
+//! upstream; an idle or stopped one makes the route wake the site.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use commons_engine::Engine;
+use commons_gateway::{acme, identity, usage, BoxFuture, Gateway, Hooks, RouteSpec, User};
+
+use crate::AppState;
+
+/// Token scope that makes a token a sign-in for its owner (the token's name
+/// is the user id until accounts exist).
+pub const SESSION_SCOPE: &str = "session";
+
+/// How often routes are read from the engine: a new instance is routed
+/// within about this long of becoming healthy.
+pub const ROUTES_EVERY: Duration = Duration::from_millis(100);
+
+/// Where the gateway listens and how it gets certificates.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub http: String,
+    pub https: Option<String>,
+    pub admin: Option<String>,
+    /// Worker threads (1: a single-threaded event loop).
+    pub threads: usize,
+    pub acme: Option<AcmeSettings>,
+    pub config: commons_gateway::Config,
+}
+
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    pub directory: String,
+    pub root: Option<PathBuf>,
+    pub contact: Option<String>,
+}
+
+/// The routes the engine's state calls for.
+pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
+    let mut out = Vec::new();
+    for d in engine.list().unwrap_or_default() {
+        let Ok(status) = engine.observe(&d.name) else {
+            continue;
+        };
+        let has_route = status.components.iter().any(|c| c.route.is_some());
+        let mut first = true;
+        for c in status.components.iter().filter(|c| c.kind == "process") {
+            // A live process is an upstream, also while a deploy replaces
+            // it (until its successor is recorded).
+            let upstreams: Vec<SocketAddr> = match (c.pid, c.port) {
+                (Some(_), Some(port)) => vec![SocketAddr::from(([127, 0, 0, 1], port))],
+                _ => Vec::new(),
+            };
+            if c.port.is_none() && c.route.is_none() {
+                continue;
+            }
+            let spec = |host: String, path: String| RouteSpec {
+                host,
+                path,
+                deployment: d.name.clone(),
+                component: c.name.clone(),
+                operator: "local".into(),
+                upstreams: upstreams.clone(),
+                idle: matches!(c.state.as_str(), "idle" | "stopped"),
+                login: Vec::new(),
+                max_body: None,
+            };
+            if let Some(r) = &c.route {
+                out.push(spec(r.host.to_ascii_lowercase(), r.path.clone()));
+            } else if first && !has_route {
+                out.push(spec(format!("{}.localhost", d.name), "/".into()));
+            }
+            out.push(spec(format!("{}.{}.localhost", c.name, d.name), "/".into()));
+            first = false;
+        }
+    }
+    out
+}
+
+/// The platform's answers to the gateway.
+struct Platform {
+    state: Arc<AppState>,
+    gateway: OnceLock<Weak<Gateway>>,
+}
+
+impl Hooks for Platform {
+    fn wake(&self, deployment: &str) -> BoxFuture<Result<(), String>> {
+        let state = self.state.clone();
+        let gateway = self.gateway.get().and_then(Weak::upgrade);
+        let name = deployment.to_string();
+        Box::pin(async move {
+            state.engine.wake(&name).await.map_err(|e| e.to_string())?;
+            if let Some(g) = gateway {
+                g.set_routes(routes_of(&state.engine));
+            }
+            Ok(())
+        })
+    }
+
+    fn authenticate(&self, credential: &str) -> Option<User> {
+        let record = self.state.tokens.authorise(credential, SESSION_SCOPE)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let tier = self
+            .state
+            .billing
+            .lock()
+            .ok()
+            .and_then(|b| b.current_tier(&record.name, now).ok())
+            .unwrap_or_else(|| "free".into());
+        Some(User {
+            id: record.name,
+            tier,
+        })
+    }
+}
+
+/// Usage events go to the embedded meter.
+struct MeterSink(commons_meter::Meter);
+
+impl usage::UsageSink for MeterSink {
+    fn write(&mut self, events: Vec<commons_meter::Event>) {
+        if let Err(e) = self.0.ingest(&events, None) {
+            tracing::warn!(error = %e, "the meter refused gateway usage");
+        }
+    }
+}
+
+/// Opens the gateway's state under `home/gateway` and starts it on a thread
+/// of its own; returns once the listeners are bound (so a bad address is an
+/// error here, not later).
+pub fn spawn(
+    home: &Path,
+    state: Arc<AppState>,
+    settings: GatewaySettings,
+) -> Result<Vec<(String, SocketAddr)>, String> {
+    let dir = home.join("gateway");
+    crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let signer = identity::Signer::open(&dir.join("identity.key")).map_err(|e| e.to_string())?;
+    let meter = commons_meter::Meter::open(&home.join("meter/meter.db"), crate::GRACE_MS)
+        .map_err(|e| format!("meter: {e}"))?;
+    let log_dir = home.join("logs");
+    crate::private_dir(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
+    let access_log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join("gateway-access.log"))
+        .map_err(|e| format!("access log: {e}"))?;
+    let tap = usage::Tap::start(
+        Box::new(MeterSink(meter)),
+        Some(Box::new(access_log)),
+        settings.config.node.clone(),
+    );
+    let hooks = Arc::new(Platform {
+        state: state.clone(),
+        gateway: OnceLock::new(),
+    });
+    let gateway = Gateway::new(settings.config.clone(), signer, tap, hooks.clone());
+    let _ = hooks.gateway.set(Arc::downgrade(&gateway));
+    gateway.set_routes(routes_of(&state.engine));
+
+    let bind = |what: &str, addr: &str| {
+        let l = std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("the gateway cannot listen on {addr} ({what}): {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        Ok::<_, String>(l)
+    };
+    let http = bind("http", &settings.http)?;
+    let https = settings
+        .https
+        .as_deref()
+        .map(|a| bind("https", a))
+        .transpose()?;
+    let admin = settings
+        .admin
+        .as_deref()
+        .map(|a| bind("admin", a))
+        .transpose()?;
+    let mut bound = vec![(
+        "http".to_string(),
+        http.local_addr().map_err(|e| e.to_string())?,
+    )];
+    if let Some(l) = &https {
+        bound.push(("https".into(), l.local_addr().map_err(|e| e.to_string())?));
+    }
+    if let Some(l) = &admin {
+        bound.push(("admin".into(), l.local_addr().map_err(|e| e.to_string())?));
+    }
+
+    let acme = settings.acme.as_ref().map(|a| {
+        acme::Acme::new(acme::AcmeConfig {
+            directory: a.directory.clone(),
+            root: a.root.clone(),
+            contact: a.contact.clone(),
+            dir: dir.join("acme"),
+        })
+    });
+    if let Some(acme) = &acme {
+        acme.load(&gateway).map_err(|e| e.to_string())?;
+        gateway.enable_acme(acme.clone());
+    }
+
+    // Routes follow the engine's state from a thread of their own, so the
+    // proxy's event loop never waits on the state store.
+    let routes_gateway = gateway.clone();
+    let routes_home = home.to_path_buf();
+    std::thread::Builder::new()
+        .name("commons-routes".into())
+        .spawn(move || {
+            let Ok(engine) = Engine::open(&routes_home) else {
+                return;
+            };
+            let state_file = engine.layout.gateway_state();
+            let mut last = (String::new(), std::time::Instant::now());
+            loop {
+                routes_gateway.set_routes(routes_of(&engine));
+                // The engine reads this before it stops a replaced instance.
+                let load: std::collections::BTreeMap<String, u64> = routes_gateway
+                    .upstream_load()
+                    .into_iter()
+                    .map(|(a, n)| (a.to_string(), n))
+                    .collect();
+                let body = serde_json::to_string(&load).expect("json");
+                if body != last.0 || last.1.elapsed() >= Duration::from_secs(1) {
+                    let json = format!(
+                        "{{\"updated_ms\":{},\"upstreams\":{body}}}",
+                        commons_gateway::now_ms()
+                    );
+                    let tmp = state_file.with_extension("tmp");
+                    if std::fs::write(&tmp, json).is_ok() {
+                        let _ = std::fs::rename(&tmp, &state_file);
+                    }
+                    last = (body, std::time::Instant::now());
+                }
+                std::thread::sleep(ROUTES_EVERY);
+            }
+        })
+        .map_err(|e| e.to_string())?;
+
+    let threads = settings.threads.max(1);
+    std::thread::Builder::new()
+        .name("commons-gateway".into())
+        .spawn(move || {
+            let rt = if threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads)
+                    .enable_all()
+                    .build()
+            }
+            .expect("the gateway's runtime starts");
+            rt.block_on(async move {
+                let listener =
+                    |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l).expect("tokio");
+                if let Some(acme) = &acme {
+                    acme.spawn_renewal(gateway.clone(), Duration::from_secs(3600));
+                }
+                if let Some(l) = admin {
+                    tokio::spawn(gateway.clone().serve_admin(listener(l)));
+                }
+                if let Some(l) = https {
+                    tokio::spawn(gateway.clone().serve_https(listener(l)));
+                }
+                gateway.serve_http(listener(http)).await;
+            });
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(bound)
+}
