@@ -240,3 +240,41 @@ fn invalid_events_are_400() {
     ));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn an_aggregated_event_counts_as_its_count() {
+    let (mut m, dir) = meter("count");
+    let mut folded = ev("agg-1", "2026-11-18T10:00:00Z", "alice", "wiki", 700);
+    folded.data.insert("count".into(), 7.into());
+    let single = ev("one-1", "2026-11-18T10:00:30Z", "alice", "wiki", 100);
+    m.ingest_at(&[folded, single], None, NOW).unwrap();
+    let from = 1_795_000_000_000 - 86_400_000;
+    let to = 1_795_000_000_000 + 86_400_000;
+    let requests = query(
+        &m,
+        Window::Day,
+        "site",
+        "wiki",
+        "events:request",
+        Aggregation::Sum,
+        from,
+        to,
+    )
+    .unwrap();
+    assert_eq!(requests.iter().map(|(_, v)| v).sum::<f64>(), 8.0);
+    let bytes = query(
+        &m,
+        Window::Day,
+        "site",
+        "wiki",
+        "bytes_out",
+        Aggregation::Sum,
+        from,
+        to,
+    )
+    .unwrap();
+    assert_eq!(bytes.iter().map(|(_, v)| v).sum::<f64>(), 800.0);
+    let by_user = m.usage_by_user("2026-11").unwrap();
+    assert_eq!(by_user["alice"], vec![("wiki".to_string(), 8)]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
