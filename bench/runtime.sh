@@ -49,7 +49,7 @@ with open(sys.argv[1], "w") as f:
 PY
 t0=$(now); "$B" deploy "$work/idle" >/dev/null 2>&1; t1=$(now)
 echo "deploy 100 idle processes: $(( (t1 - t0) / 1000000 )) ms"
-"$B" serve --listen 127.0.0.1:0 2>"$work/serve.log" &
+"$B" serve --listen 127.0.0.1:0 --http 127.0.0.1:0 --https 127.0.0.1:0 --admin 127.0.0.1:0 2>"$work/serve.log" &
 serve_pid=$!
 sleep 6
 rss=$(awk '/VmRSS/ {print $2}' /proc/$serve_pid/status)

@@ -33,6 +33,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
+pub use proxy::SESSION_COOKIE;
 pub use routes::RouteSpec;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -103,21 +104,17 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// (user, site, via) of a cached assertion; the value is (header, expiry in
-/// seconds).
-type AssertionKey = (String, String, Option<String>);
+/// A credential's identity (None: not recognised) and until when it holds.
+type SessionEntry = (Option<Arc<proxy::Identity>>, Instant);
 
 /// What a connection's requests share.
 pub(crate) struct ConnInfo {
-    pub peer: SocketAddr,
     pub tls: bool,
     /// `for=` of the Forwarded header and X-Forwarded-For, made once.
     pub forwarded_for: http::HeaderValue,
     pub peer_ip: http::HeaderValue,
-    /// Idle upstream connections this client connection reuses: no shared
-    /// pool, no lock contention, and an HTTP/1 client keeps one upstream
-    /// connection warm per upstream.
-    pub upstreams: Mutex<Vec<(SocketAddr, proxy::Sender)>>,
+    /// The client's address as the access log shows it.
+    pub peer_text: Arc<str>,
 }
 
 /// The gateway. Cheap to share: everything inside is behind `Arc`s or
@@ -134,9 +131,8 @@ pub struct Gateway {
     pub(crate) challenges: RwLock<HashMap<String, String>>,
     acme: OnceLock<Arc<acme::Acme>>,
     hooks: Arc<dyn Hooks>,
-    /// credential → (user, when looked up).
-    sessions: Mutex<HashMap<String, (Option<User>, Instant)>>,
-    assertions: Mutex<HashMap<AssertionKey, (http::HeaderValue, u64)>>,
+    /// credential → (who it is, until when to trust that).
+    sessions: Mutex<HashMap<Box<str>, SessionEntry>>,
     wakes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     epoch: Instant,
@@ -161,7 +157,6 @@ impl Gateway {
             acme: OnceLock::new(),
             hooks,
             sessions: Default::default(),
-            assertions: Default::default(),
             wakes: Default::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             epoch: Instant::now(),
@@ -494,11 +489,10 @@ impl ConnInfo {
             std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
         };
         ConnInfo {
-            peer,
             tls,
             forwarded_for: http::HeaderValue::from_str(&forwarded_for).expect("ascii"),
             peer_ip: http::HeaderValue::from_str(&ip.to_string()).expect("ascii"),
-            upstreams: Mutex::new(Vec::new()),
+            peer_text: Arc::from(ip.to_string().as_str()),
         }
     }
 }

@@ -22,8 +22,6 @@ pub(crate) type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
 
 /// The platform's session cookie: read by the gateway, never shown to apps.
 pub const SESSION_COOKIE: &str = "commons_session";
-/// Idle upstream connections a client connection keeps at most.
-const KEEP_UPSTREAMS: usize = 8;
 /// Attempts to find an upstream that accepts the request.
 const ATTEMPTS: usize = 4;
 
@@ -108,32 +106,39 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// The value of the platform session cookie, if sent.
-fn session_cookie(headers: &http::HeaderMap) -> Option<String> {
+fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
     for value in headers.get_all(header::COOKIE) {
         for pair in value.to_str().unwrap_or("").split(';') {
-            if let Some(v) = pair.trim().strip_prefix(SESSION_COOKIE) {
-                if let Some(v) = v.strip_prefix('=') {
-                    return Some(v.to_string());
-                }
+            if let Some(v) = pair.trim().strip_prefix(SESSION_PAIR) {
+                return Some(v);
             }
         }
     }
     None
 }
 
+/// How the session cookie's pair starts.
+const SESSION_PAIR: &str = "commons_session=";
+const _: () = assert!(SESSION_PAIR.len() == SESSION_COOKIE.len() + 1);
+
 /// Removes the platform session cookie, keeping the app's own cookies.
 fn remove_session_cookie(headers: &mut http::HeaderMap) {
-    let kept: Vec<String> = headers
+    let mut kept = String::new();
+    for pair in headers
         .get_all(header::COOKIE)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("").split(';'))
         .map(str::trim)
-        .filter(|p| !p.is_empty() && !p.starts_with(&format!("{SESSION_COOKIE}=")))
-        .map(str::to_string)
-        .collect();
+        .filter(|p| !p.is_empty() && !p.starts_with(SESSION_PAIR))
+    {
+        if !kept.is_empty() {
+            kept.push_str("; ");
+        }
+        kept.push_str(pair);
+    }
     headers.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+        if let Ok(v) = HeaderValue::from_str(&kept) {
             headers.insert(header::COOKIE, v);
         }
     }
@@ -147,12 +152,25 @@ fn bearer(headers: &http::HeaderMap) -> Option<&str> {
 
 /// Who a request is from.
 struct Caller {
-    user: Option<User>,
-    /// The site that made the request on the user's behalf.
-    via: Option<String>,
+    identity: Option<Arc<Identity>>,
     /// The platform bearer token was used: it does not go on to the app.
     strip_bearer: bool,
 }
+
+/// A credential the platform recognised, cached with the assertions made
+/// for it (signing costs more than the rest of a request).
+pub(crate) struct Identity {
+    user: User,
+    id: Arc<str>,
+    /// The site that made the request on the user's behalf (the credential
+    /// was an assertion the gateway gave that site).
+    via: Option<Arc<str>>,
+    /// Site → (assertion, its expiry in seconds).
+    assertions: std::sync::Mutex<std::collections::HashMap<Arc<str>, (HeaderValue, u64)>>,
+}
+
+/// How long a recognised credential is trusted without asking again.
+const SESSION_CACHE: Duration = Duration::from_secs(30);
 
 enum Failure {
     /// No upstream took the request.
@@ -194,19 +212,23 @@ impl Gateway {
         let caller = self.caller(req.headers());
         let record = RequestRecord {
             time_ms: crate::now_ms() as i64,
-            user: caller.user.as_ref().map(|u| Arc::from(u.id.as_str())),
-            site: Arc::from(site.spec.deployment.as_str()),
-            component: Arc::from(site.spec.component.as_str()),
-            operator: Arc::from(site.spec.operator.as_str()),
-            via: caller.via.as_deref().map(Arc::from),
+            user: caller.identity.as_ref().map(|i| i.id.clone()),
+            site: site.deployment.clone(),
+            component: site.component.clone(),
+            operator: site.operator.clone(),
+            via: caller.identity.as_ref().and_then(|i| i.via.clone()),
             status: 0,
             bytes_in: 0,
             bytes_out: 0,
             duration_us: 0,
             method: req.method().clone(),
-            host: Arc::from(host.as_str()),
+            host: if *site.host == *host {
+                site.host.clone()
+            } else {
+                Arc::from(host.as_str())
+            },
             path: req.uri().path().into(),
-            peer: conn.peer.ip(),
+            peer: conn.peer_text.clone(),
             upstream: None,
         };
         let bytes_in = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
@@ -237,7 +259,7 @@ impl Gateway {
         bytes_in: Option<Arc<AtomicU64>>,
         metering: &mut Metering,
     ) -> Response<ResponseBody> {
-        if caller.user.is_none() && site.needs_login(req.uri().path()) {
+        if caller.identity.is_none() && site.needs_login(req.uri().path()) {
             let mut r = problem(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
@@ -284,7 +306,7 @@ impl Gateway {
         let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
         let sent = tokio::time::timeout(
             self.config.upstream_timeout,
-            self.forward(conn, &site, host, req, upgrade),
+            self.forward(&site, host, req, upgrade),
         )
         .await;
         let (mut response, upstream, in_flight) = match sent {
@@ -404,79 +426,109 @@ impl Gateway {
     /// assertion the gateway signed for another site (a hosted service
     /// calling this one on a user's behalf).
     fn caller(&self, headers: &http::HeaderMap) -> Caller {
-        let mut caller = Caller {
-            user: None,
-            via: None,
-            strip_bearer: false,
-        };
         if let Some(cookie) = session_cookie(headers) {
-            caller.user = self.authenticate(&cookie);
-        }
-        if caller.user.is_none() {
-            if let Some(token) = bearer(headers) {
-                caller.user = self.authenticate(token);
-                caller.strip_bearer = caller.user.is_some();
+            if let Some(identity) = self.identity(cookie, |c| {
+                self.hooks.authenticate(c).map(|u| (u, None, None))
+            }) {
+                return Caller {
+                    identity: Some(identity),
+                    strip_bearer: false,
+                };
             }
         }
-        if caller.user.is_none() {
-            if let Some(jwt) = headers.get(&IDENTITY).and_then(|v| v.to_str().ok()) {
-                if let Ok(c) = self.signer.verify(jwt, crate::now_ms() / 1000) {
-                    caller.user = Some(User {
-                        id: c.sub,
-                        tier: c.tier,
-                    });
-                    caller.via = Some(c.aud);
-                }
+        if let Some(token) = bearer(headers) {
+            if let Some(identity) = self.identity(token, |c| {
+                self.hooks.authenticate(c).map(|u| (u, None, None))
+            }) {
+                return Caller {
+                    identity: Some(identity),
+                    strip_bearer: true,
+                };
             }
         }
-        caller
+        if let Some(jwt) = headers.get(&IDENTITY).and_then(|v| v.to_str().ok()) {
+            let identity = self.identity(jwt, |jwt| {
+                let c = self.signer.verify(jwt, crate::now_ms() / 1000).ok()?;
+                let user = User {
+                    id: c.sub,
+                    tier: c.tier,
+                };
+                Some((user, Some(Arc::from(c.aud.as_str())), Some(c.exp)))
+            });
+            return Caller {
+                identity,
+                strip_bearer: false,
+            };
+        }
+        Caller {
+            identity: None,
+            strip_bearer: false,
+        }
     }
 
-    /// The platform's answer for `credential`, cached for half a minute.
-    fn authenticate(&self, credential: &str) -> Option<User> {
-        const FOR: Duration = Duration::from_secs(30);
-        if credential.is_empty() || credential.len() > 512 {
+    /// What `credential` stands for, from the cache or from `look_up`
+    /// (which returns the user, the site it came through, and when the
+    /// credential expires, in seconds).
+    fn identity(
+        &self,
+        credential: &str,
+        look_up: impl FnOnce(&str) -> Option<(User, Option<Arc<str>>, Option<u64>)>,
+    ) -> Option<Arc<Identity>> {
+        if credential.is_empty() || credential.len() > 4096 {
             return None;
         }
+        let now = Instant::now();
         let mut cache = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((user, at)) = cache.get(credential) {
-            if at.elapsed() < FOR {
-                return user.clone();
+        if let Some((identity, until)) = cache.get(credential) {
+            if *until > now {
+                return identity.clone();
             }
         }
-        let user = self.hooks.authenticate(credential);
+        let found = look_up(credential);
+        let mut until = now + SESSION_CACHE;
+        let identity = found.map(|(user, via, expires_s)| {
+            if let Some(exp) = expires_s {
+                let left = exp.saturating_sub(crate::now_ms() / 1000);
+                until = until.min(now + Duration::from_secs(left));
+            }
+            Arc::new(Identity {
+                id: Arc::from(user.id.as_str()),
+                user,
+                via,
+                assertions: Default::default(),
+            })
+        });
         if cache.len() > 100_000 {
-            cache.retain(|_, (_, at)| at.elapsed() < FOR);
+            cache.retain(|_, (_, until)| *until > now);
         }
-        cache.insert(credential.to_string(), (user.clone(), Instant::now()));
-        user
+        cache.insert(credential.into(), (identity.clone(), until));
+        identity
     }
 
-    /// The assertion for `user` at `site`, re-signed when half its life is
-    /// gone (signing costs more than the rest of a request).
-    fn assertion(&self, user: &User, site: &str, via: Option<&str>) -> HeaderValue {
+    /// The assertion for `identity` at `site`, re-signed when half its life
+    /// is gone.
+    fn assertion(&self, identity: &Identity, site: &Arc<str>) -> HeaderValue {
         let now = crate::now_ms() / 1000;
-        let key = (user.id.clone(), site.to_string(), via.map(str::to_string));
-        let mut cache = self.assertions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((v, exp)) = cache.get(&key) {
+        let mut cache = identity
+            .assertions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((v, exp)) = cache.get(site) {
             if *exp > now + identity::LIFETIME_S / 2 {
                 return v.clone();
             }
         }
         let claims = Claims {
             iss: identity::ISSUER.into(),
-            sub: user.id.clone(),
-            tier: user.tier.clone(),
+            sub: identity.user.id.clone(),
+            tier: identity.user.tier.clone(),
             aud: site.to_string(),
             iat: now,
             exp: now + identity::LIFETIME_S,
-            via: via.map(str::to_string),
+            via: identity.via.as_deref().map(str::to_string),
         };
         let v = HeaderValue::from_str(&self.signer.sign(&claims)).expect("a JWT is ASCII");
-        if cache.len() > 100_000 {
-            cache.retain(|_, (_, exp)| *exp > now);
-        }
-        cache.insert(key, (v.clone(), claims.exp));
+        cache.insert(site.clone(), (v.clone(), claims.exp));
         v
     }
 
@@ -527,11 +579,8 @@ impl Gateway {
         h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         h.insert(&X_FORWARDED_HOST, host_value.clone());
         h.insert(header::HOST, host_value);
-        if let Some(user) = &caller.user {
-            h.insert(
-                &IDENTITY,
-                self.assertion(user, &site.spec.deployment, caller.via.as_deref()),
-            );
+        if let Some(identity) = &caller.identity {
+            h.insert(&IDENTITY, self.assertion(identity, &site.deployment));
         }
         if let Some(proto) = upgrade {
             h.insert(header::UPGRADE, proto);
@@ -539,13 +588,12 @@ impl Gateway {
         }
     }
 
-    /// Sends `req` to an upstream of `site`: a warm connection of this client
-    /// connection if there is one, else a new one. A request the upstream
+    /// Sends `req` to an upstream of `site`: on an idle connection to it if
+    /// there is one, else a new one. A request the upstream
     /// never received (refused connection, connection closed under it) goes
     /// to the next upstream, with the routing table read afresh.
     async fn forward(
         &self,
-        conn: &ConnInfo,
         site: &Arc<Site>,
         host: &str,
         mut req: Request<RequestBody>,
@@ -564,12 +612,8 @@ impl Gateway {
                 break;
             };
             let addr = upstream.addr;
-            let in_flight = upstream.begin();
-            let reused = if upgrade {
-                None
-            } else {
-                conn.take_upstream(addr)
-            };
+            let mut in_flight = upstream.begin();
+            let reused = if upgrade { None } else { upstream.take_idle() };
             let mut sender = match reused {
                 Some(s) => s,
                 None => match self.connect(addr).await {
@@ -591,8 +635,9 @@ impl Gateway {
             }
             match sender.try_send_request(req).await {
                 Ok(response) => {
+                    // Back to the idle ones once the response is finished.
                     if !upgrade {
-                        conn.keep_upstream(addr, sender);
+                        in_flight.conn = Some(sender);
                     }
                     return Ok((response, addr, in_flight));
                 }
@@ -691,22 +736,6 @@ impl Gateway {
     }
 }
 
-impl ConnInfo {
-    fn take_upstream(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut idle = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|(_, s)| !s.is_closed());
-        let i = idle.iter().position(|(a, _)| *a == addr)?;
-        Some(idle.swap_remove(i).1)
-    }
-
-    fn keep_upstream(&self, addr: SocketAddr, sender: Sender) {
-        let mut idle = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() < KEEP_UPSTREAMS {
-            idle.push((addr, sender));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -742,7 +771,7 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; commons_session=s3cret; b=2"),
         );
-        assert_eq!(session_cookie(&h).as_deref(), Some("s3cret"));
+        assert_eq!(session_cookie(&h), Some("s3cret"));
         remove_session_cookie(&mut h);
         assert_eq!(h[header::COOKIE], "a=1; b=2");
     }

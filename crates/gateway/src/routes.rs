@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use crate::proxy::Sender;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -56,21 +58,54 @@ pub struct Upstream {
     down_until: Arc<AtomicU64>,
     /// Requests sent there and not finished yet.
     pub in_flight: Arc<AtomicU64>,
+    /// Open connections to it with no request on them, shared by every
+    /// client connection (an idle client holds none).
+    idle: Arc<Mutex<Vec<Sender>>>,
 }
 
-/// Counts a request as in flight at an upstream while it lives.
-pub struct InFlight(Arc<AtomicU64>);
+/// Idle connections kept per upstream at most (nginx's `keepalive 128`).
+pub const KEEP_IDLE: usize = 128;
+
+/// A request in flight at an upstream: counted while it lives, and the
+/// connection it used goes back to the upstream's idle ones when the
+/// response is finished (dropped).
+pub struct InFlight {
+    count: Arc<AtomicU64>,
+    idle: Arc<Mutex<Vec<Sender>>>,
+    pub(crate) conn: Option<Sender>,
+}
 
 impl Upstream {
-    pub fn begin(&self) -> InFlight {
+    pub(crate) fn begin(&self) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.in_flight.clone())
+        InFlight {
+            count: self.in_flight.clone(),
+            idle: self.idle.clone(),
+            conn: None,
+        }
+    }
+
+    /// An open idle connection, if there is one.
+    pub(crate) fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(conn) = self.conn.take().filter(|c| !c.is_closed()) {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < KEEP_IDLE {
+                idle.push(conn);
+            }
+        }
     }
 }
 
@@ -78,6 +113,11 @@ impl Drop for InFlight {
 #[derive(Debug)]
 pub struct Site {
     pub spec: RouteSpec,
+    /// The spec's names, shared by every usage record.
+    pub host: Arc<str>,
+    pub deployment: Arc<str>,
+    pub component: Arc<str>,
+    pub operator: Arc<str>,
     pub upstreams: Vec<Upstream>,
     pub stats: Arc<SiteStats>,
     next: AtomicUsize,
@@ -149,6 +189,7 @@ impl RouteTable {
     /// from `previous`.
     pub fn build(specs: Vec<RouteSpec>, previous: &RouteTable) -> RouteTable {
         let mut health: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
+        let mut pools: HashMap<SocketAddr, Arc<Mutex<Vec<Sender>>>> = HashMap::new();
         let mut load: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
         let mut since: HashMap<SocketAddr, Instant> = HashMap::new();
         for (addr, n, at) in &previous.retired {
@@ -162,6 +203,7 @@ impl RouteTable {
                 for u in &site.upstreams {
                     health.insert(u.addr, u.down_until.clone());
                     load.insert(u.addr, u.in_flight.clone());
+                    pools.insert(u.addr, u.idle.clone());
                 }
             }
         }
@@ -175,6 +217,7 @@ impl RouteTable {
                         addr,
                         down_until: health.get(&addr).cloned().unwrap_or_default(),
                         in_flight: load.get(&addr).cloned().unwrap_or_default(),
+                        idle: pools.get(&addr).cloned().unwrap_or_default(),
                     })
                     .collect(),
                 stats: stats
@@ -182,6 +225,10 @@ impl RouteTable {
                     .cloned()
                     .unwrap_or_default(),
                 next: AtomicUsize::new(0),
+                host: Arc::from(spec.host.to_ascii_lowercase().as_str()),
+                deployment: Arc::from(spec.deployment.as_str()),
+                component: Arc::from(spec.component.as_str()),
+                operator: Arc::from(spec.operator.as_str()),
                 spec: spec.clone(),
             };
             stats.insert(&spec.deployment, site.stats.clone());

@@ -98,7 +98,17 @@ impl Hooks for Platform {
         let gateway = self.gateway.get().and_then(Weak::upgrade);
         let name = deployment.to_string();
         Box::pin(async move {
-            state.engine.wake(&name).await.map_err(|e| e.to_string())?;
+            // The supervisor or the idler may hold the deployment for a
+            // moment: try again until it is free (the gateway bounds the wait).
+            loop {
+                match state.engine.wake(&name).await {
+                    Ok(_) => break,
+                    Err(commons_engine::EngineError::Busy(_)) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
             if let Some(g) = gateway {
                 g.set_routes(routes_of(&state.engine));
             }

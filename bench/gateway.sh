@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# Gateway figures (issue #4), against nginx in the same run:
+#
+#   bash bench/gateway.sh            # needs nginx and wrk: apt-get install nginx-light wrk
+#
+# Set-up (2 vCPU): the proxy under test is pinned to CPU 0; the backend (an
+# nginx worker answering 200 from memory, deployed as a site so the gateway
+# routes to it) and wrk are pinned to CPU 1. nginx is a fair keep-alive
+# reverse proxy: 1 worker, proxy_http_version 1.1, upstream keepalive 128,
+# access log on. The gateway does its real work: route lookup, header
+# hygiene, a signed identity assertion for a signed-in user (wrk sends a
+# session cookie), one usage record per request into the meter, and its
+# access log. CPU time of each proxy is read from /proc. Everything listens
+# on 127.0.0.1.
+#
+# Prints: requests/s and CPU µs per request at 16 and 256 connections, with
+# ratios to nginx; p99 latency at half of the gateway's peak rate (wrk paced
+# by a delay per request) against the backend reached directly; resident
+# memory with 10,000 idle keep-alive client connections.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in nginx wrk taskset python3; do
+  command -v "$tool" >/dev/null 2>&1 || PATH="$PATH:/usr/sbin" command -v "$tool" >/dev/null 2>&1 || {
+    echo "bench/gateway.sh needs $tool (apt-get install nginx-light wrk)" >&2
+    exit 1
+  }
+done
+NGINX=$(PATH="$PATH:/usr/sbin" command -v nginx)
+DURATION=${DURATION:-10}
+cargo build --release --quiet -p commons-cli
+B="$PWD/target/release/commons"
+work=$(mktemp -d)
+export COMMONS_HOME="$work/home"
+# 10,000 client connections: every process here needs the descriptors.
+ulimit -n "$(ulimit -Hn)"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  "$B" destroy bench >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+hz=$(getconf CLK_TCK)
+
+# The backend: a site whose process is an nginx worker on CPU 1.
+mkdir -p "$work/site"
+cat > "$work/site/backend.conf.in" <<'CONF'
+worker_processes 1; daemon off; user root; master_process off;
+pid @DIR@/backend.pid; error_log @DIR@/backend.err;
+events { worker_connections 30000; }
+http {
+  access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
+  client_body_temp_path @DIR@; proxy_temp_path @DIR@; fastcgi_temp_path @DIR@;
+  uwsgi_temp_path @DIR@; scgi_temp_path @DIR@;
+  server { listen 127.0.0.1:@PORT@ backlog=4096;
+    location / { default_type text/plain; return 200 "hello from the backend\n"; } }
+}
+CONF
+cat > "$work/site/commons.yaml" <<YAML
+name: bench
+components:
+  backend:
+    process: "sed -e \"s/@PORT@/\$PORT/\" -e \"s#@DIR@#\$COMMONS_DATA_DIR#\" backend.conf.in > \$COMMONS_DATA_DIR/backend.conf && exec taskset -c 1 $NGINX -c \$COMMONS_DATA_DIR/backend.conf"
+    health: { http: "/", interval: 20ms }
+YAML
+"$B" deploy "$work/site" >/dev/null 2>&1
+backend=$("$B" status bench --json | python3 -c 'import json,sys; print(next(c["port"] for c in json.load(sys.stdin)["components"] if c["name"]=="backend"))')
+
+# nginx as the reverse proxy, on CPU 0.
+mkdir -p "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<CONF
+worker_processes 1; daemon off; user root;
+pid $work/nginx/nginx.pid; error_log $work/nginx/error.log;
+events { worker_connections 30000; }
+http {
+  access_log $work/nginx/access.log;
+  keepalive_requests 1000000; keepalive_timeout 300s;
+  client_body_temp_path $work/nginx; proxy_temp_path $work/nginx; fastcgi_temp_path $work/nginx;
+  uwsgi_temp_path $work/nginx; scgi_temp_path $work/nginx;
+  upstream backend { server 127.0.0.1:$backend; keepalive 128; }
+  server {
+    listen 127.0.0.1:18182 backlog=4096;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+    }
+  }
+}
+CONF
+taskset -c 0 "$NGINX" -c "$work/nginx/nginx.conf" &
+nginx_master=$!
+pids+=("$nginx_master")
+
+# The gateway, one event loop on CPU 0, with a signed-in user.
+token=$("$B" token create bench-user --scope session 2>/dev/null)
+COMMONS_IDLE_AFTER= taskset -c 0 "$B" serve --listen 127.0.0.1:0 --http 127.0.0.1:18183 \
+  --https off --admin 127.0.0.1:18184 --gateway-threads 1 2>"$work/serve.log" &
+serve_pid=$!
+pids+=("$serve_pid")
+for _ in $(seq 100); do
+  curl -sf -o /dev/null -H "Host: bench.localhost" http://127.0.0.1:18183/ && \
+    curl -sf -o /dev/null http://127.0.0.1:18182/ && break
+  sleep 0.1
+done
+
+# CPU ticks of a process and its children (nginx: master and worker).
+ticks() {
+  local total=0 p
+  for p in "$1" $(pgrep -P "$1" || true); do
+    total=$((total + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+# run PORT CONNS [extra wrk args...] -> "requests duration_s p99_ms"
+run() {
+  local port=$1 conns=$2; shift 2
+  taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}s" --latency \
+    -H "Host: bench.localhost" -H "Cookie: commons_session=$token" "$@" \
+    "http://127.0.0.1:$port/" > "$work/wrk.out"
+  python3 - "$work/wrk.out" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+if re.search(r"Non-2xx|Socket errors", t):
+    sys.exit("wrk saw errors:\n" + t)
+n, secs = re.search(r"(\d+) requests in ([\d.]+)(ms|s|m)", t).groups()[:2]
+unit = re.search(r"\d+ requests in [\d.]+(ms|s|m)", t).group(1)
+secs = float(secs) * {"ms": 0.001, "s": 1, "m": 60}[unit]
+p99, u = re.search(r"99%\s+([\d.]+)(us|ms|s)", t).groups()
+p99 = float(p99) * {"us": 0.001, "ms": 1, "s": 1000}[u]
+print(n, secs, p99)
+PY
+}
+# measure NAME PID PORT CONNS -> prints a line, sets RPS and US
+measure() {
+  local name=$1 pid=$2 port=$3 conns=$4
+  run "$port" "$conns" >/dev/null  # warm up connections and caches
+  local c0 c1 out
+  c0=$(ticks "$pid")
+  out=$(run "$port" "$conns")
+  c1=$(ticks "$pid")
+  read -r n secs _ <<<"$out"
+  RPS=$(python3 -c "print(round($n / $secs))")
+  US=$(python3 -c "print(round(($c1 - $c0) * 1e6 / $hz / $n, 1))")
+  printf '  %-8s %5s conns: %7s req/s, %6s µs CPU per request\n' "$name" "$conns" "$RPS" "$US"
+}
+
+echo "throughput (${DURATION}s runs, proxy on CPU 0, backend and wrk on CPU 1):"
+declare -A rps us
+for conns in 16 256; do
+  measure nginx "$nginx_master" 18182 "$conns"; rps[nginx$conns]=$RPS; us[nginx$conns]=$US
+  measure commons "$serve_pid" 18183 "$conns"; rps[commons$conns]=$RPS; us[commons$conns]=$US
+  python3 -c "print('  ratio    %5s conns: %.2fx nginx req/s (>= 1.0 wanted), %.2fx nginx CPU per request (<= 1.0 wanted)' % ($conns, ${rps[commons$conns]} / ${rps[nginx$conns]}, ${us[commons$conns]} / ${us[nginx$conns]}))"
+done
+
+# p99 at half the gateway's peak: each of C connections waits 1 ms between
+# requests, C chosen for about half the peak rate.
+half=$(( rps[commons16] / 2 ))
+conns=$(( half / 1000 > 0 ? half / 1000 : 1 ))
+cat > "$work/pace.lua" <<'LUA'
+function delay() return 1 end
+LUA
+echo "latency at about half the gateway's peak ($conns connections, 1 ms pause each):"
+for target in "backend $backend" "nginx 18182" "commons 18183"; do
+  read -r name port <<<"$target"
+  read -r n secs p99 <<<"$(run "$port" "$conns" -s "$work/pace.lua")"
+  printf '  %-8s %7s req/s, p99 %s ms\n' "$name" "$(python3 -c "print(round($n / $secs))")" "$p99"
+  eval "p99_$name=$p99"
+done
+python3 -c "print('  added p99: nginx %.3f ms, commons %.3f ms (<= 1 ms wanted)' % ($p99_nginx - $p99_backend, $p99_commons - $p99_backend))"
+
+# Memory with 10,000 idle keep-alive connections (one request each, then idle).
+rss() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do t=$((t + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo "$t"; }
+cat > "$work/hold.py" <<'PY'
+import asyncio, sys
+port = int(sys.argv[1])
+async def one():
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(b"GET / HTTP/1.1\r\nHost: bench.localhost\r\n\r\n")
+    await w.drain()
+    await r.readuntil(b"\r\n\r\n")
+    return r, w
+async def main():
+    conns = []
+    for _ in range(20):
+        conns += await asyncio.gather(*(one() for _ in range(500)))
+    print("open", len(conns), flush=True)
+    await asyncio.sleep(3600)
+asyncio.run(main())
+PY
+echo "resident memory, idle and with 10,000 idle keep-alive client connections:"
+for target in "nginx $nginx_master 18182" "commons $serve_pid 18183"; do
+  read -r name pid port <<<"$target"
+  before=$(rss "$pid")
+  python3 "$work/hold.py" "$port" >"$work/hold.out" 2>&1 &
+  holder=$!
+  for _ in $(seq 300); do
+    grep -q open "$work/hold.out" && break
+    kill -0 "$holder" 2>/dev/null || { echo "the connection holder failed:" >&2; cat "$work/hold.out" >&2; exit 1; }
+    sleep 0.2
+  done
+  sleep 1
+  after=$(rss "$pid")
+  kill "$holder" 2>/dev/null || true
+  wait "$holder" 2>/dev/null || true
+  printf '  %-8s %6s KiB idle, %7s KiB with 10k connections (%s KiB per connection)\n' \
+    "$name" "$before" "$after" "$(python3 -c "print(round(($after - $before) / 10000, 1))")"
+done
