@@ -118,7 +118,7 @@ ticks() {
 # run PORT CONNS [extra wrk args...] -> "requests duration_s p99_ms"
 run() {
   local port=$1 conns=$2; shift 2
-  taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}s" --latency \
+  taskset -c 1 wrk -t1 -c"$conns" -d"${DURATION}s" --timeout 5s --latency \
     -H "Host: bench.localhost" -H "Cookie: commons_session=$token" "$@" \
     "http://127.0.0.1:$port/" > "$work/wrk.out"
   python3 - "$work/wrk.out" <<'PY'
@@ -131,28 +131,38 @@ unit = re.search(r"\d+ requests in [\d.]+(ms|s|m)", t).group(1)
 secs = float(secs) * {"ms": 0.001, "s": 1, "m": 60}[unit]
 p99, u = re.search(r"99%\s+([\d.]+)(us|ms|s)", t).groups()
 p99 = float(p99) * {"us": 0.001, "ms": 1, "s": 1000}[u]
-print(n, secs, p99)
+print(n, secs, round(p99, 3))
 PY
 }
-# measure NAME PID PORT CONNS -> prints a line, sets RPS and US
-measure() {
-  local name=$1 pid=$2 port=$3 conns=$4
-  run "$port" "$conns" >/dev/null  # warm up connections and caches
-  local c0 c1 out
+# once PID PORT CONNS -> "req/s µs-per-request" for one run (after a short
+# warm-up that opens the connections).
+once() {
+  local pid=$1 port=$2 conns=$3 c0 c1 n secs
+  DURATION=2 run "$port" "$conns" >/dev/null
   c0=$(ticks "$pid")
-  out=$(run "$port" "$conns")
+  read -r n secs _ <<<"$(run "$port" "$conns")"
   c1=$(ticks "$pid")
-  read -r n secs _ <<<"$out"
-  RPS=$(python3 -c "print(round($n / $secs))")
-  US=$(python3 -c "print(round(($c1 - $c0) * 1e6 / $hz / $n, 1))")
-  printf '  %-8s %5s conns: %7s req/s, %6s µs CPU per request\n' "$name" "$conns" "$RPS" "$US"
+  python3 -c "print(round($n / $secs), round(($c1 - $c0) * 1e6 / $hz / $n, 1))"
 }
+median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-echo "throughput (${DURATION}s runs, proxy on CPU 0, backend and wrk on CPU 1):"
+# The machine's speed drifts (shared vCPUs): nginx and the gateway take
+# turns, REPS times each, and the medians are compared.
+REPS=${REPS:-3}
+echo "throughput (median of $REPS ${DURATION}s runs each, taking turns; proxy on CPU 0, backend and wrk on CPU 1):"
 declare -A rps us
 for conns in 16 256; do
-  measure nginx "$nginx_master" 18182 "$conns"; rps[nginx$conns]=$RPS; us[nginx$conns]=$US
-  measure commons "$serve_pid" 18183 "$conns"; rps[commons$conns]=$RPS; us[commons$conns]=$US
+  : > "$work/nginx.runs"; : > "$work/commons.runs"
+  for _ in $(seq "$REPS"); do
+    once "$nginx_master" 18182 "$conns" >> "$work/nginx.runs"
+    once "$serve_pid" 18183 "$conns" >> "$work/commons.runs"
+  done
+  for name in nginx commons; do
+    rps[$name$conns]=$(awk '{print $1}' "$work/$name.runs" | median)
+    us[$name$conns]=$(awk '{print $2}' "$work/$name.runs" | median)
+    printf '  %-8s %5s conns: %7s req/s, %6s µs CPU per request   (runs: %s)\n' "$name" "$conns" \
+      "${rps[$name$conns]}" "${us[$name$conns]}" "$(awk '{printf "%s/%s ", $1, $2}' "$work/$name.runs")"
+  done
   python3 -c "print('  ratio    %5s conns: %.2fx nginx req/s (>= 1.0 wanted), %.2fx nginx CPU per request (<= 1.0 wanted)' % ($conns, ${rps[commons$conns]} / ${rps[nginx$conns]}, ${us[commons$conns]} / ${us[nginx$conns]}))"
 done
 

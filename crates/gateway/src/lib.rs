@@ -96,6 +96,16 @@ impl Default for Config {
     }
 }
 
+/// Lowers the calling thread's CPU priority (nice 10): background work
+/// (usage writing, route refreshes) must not delay the proxy's event loop
+/// when they share a CPU.
+pub fn background_priority() {
+    // On Linux, PRIO_PROCESS with who = 0 applies to the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
 /// Wall-clock milliseconds since the epoch.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -63,8 +63,9 @@ pub struct Upstream {
     idle: Arc<Mutex<Vec<Sender>>>,
 }
 
-/// Idle connections kept per upstream at most (nginx's `keepalive 128`).
-pub const KEEP_IDLE: usize = 128;
+/// Idle connections kept per upstream at most: enough that a busy site
+/// does not close and reopen connections under load.
+pub const KEEP_IDLE: usize = 1024;
 
 /// A request in flight at an upstream: counted while it lives, and the
 /// connection it used goes back to the upstream's idle ones when the

@@ -141,7 +141,10 @@ impl Tap {
         };
         std::thread::Builder::new()
             .name("commons-usage".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                crate::background_priority();
+                writer.run()
+            })
             .expect("the usage thread starts");
         tap
     }

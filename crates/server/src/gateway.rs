@@ -228,6 +228,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("commons-routes".into())
         .spawn(move || {
+            commons_gateway::background_priority();
             let Ok(engine) = Engine::open(&routes_home) else {
                 return;
             };

@@ -14,6 +14,7 @@ pub fn spawn(home: PathBuf) {
     std::thread::Builder::new()
         .name("commons-supervisor".into())
         .spawn(move || {
+            commons_gateway::background_priority();
             let engine = match Engine::open(&home) {
                 Ok(e) => e,
                 Err(e) => {
