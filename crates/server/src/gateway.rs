@@ -21,9 +21,30 @@ use crate::AppState;
 /// is the user id until accounts exist).
 pub const SESSION_SCOPE: &str = "session";
 
-/// How often routes are read from the engine: a new instance is routed
-/// within about this long of becoming healthy.
+/// How often the gateway looks for state changes: a new instance is routed
+/// within about this long of being recorded.
 pub const ROUTES_EVERY: Duration = Duration::from_millis(100);
+
+/// Routes are read from the engine at least this often, changed or not.
+pub const FULL_REFRESH: Duration = Duration::from_secs(2);
+
+/// What changes when the embedded state store is written: the sizes and
+/// times of its file and its write-ahead log. None when there is no such
+/// file (another store).
+fn state_version(db: &Path) -> Option<Vec<(u64, std::time::SystemTime)>> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let stamp = |p: &Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)))
+    };
+    let main = stamp(db)?;
+    Some(vec![
+        main,
+        stamp(Path::new(&wal)).unwrap_or((0, std::time::UNIX_EPOCH)),
+    ])
+}
 
 /// Where the gateway listens and how it gets certificates.
 #[derive(Debug, Clone)]
@@ -234,8 +255,17 @@ pub fn spawn(
             };
             let state_file = engine.layout.gateway_state();
             let mut last = (String::new(), std::time::Instant::now());
+            let mut seen = (None, std::time::Instant::now());
             loop {
-                routes_gateway.set_routes(routes_of(&engine));
+                // Routes follow recorded state: read it again when the state
+                // store changed (a deploy, a restart, an idle or a wake all
+                // write it), and every FULL_REFRESH anyway (a process that
+                // died unrecorded; a PostgreSQL store).
+                let version = state_version(&engine.layout.state_db());
+                if version.is_none() || version != seen.0 || seen.1.elapsed() >= FULL_REFRESH {
+                    routes_gateway.set_routes(routes_of(&engine));
+                    seen = (version, std::time::Instant::now());
+                }
                 // The engine reads this before it stops a replaced instance.
                 let load: std::collections::BTreeMap<String, u64> = routes_gateway
                     .upstream_load()
