@@ -53,7 +53,7 @@ pub const COMMON_FIELDS: &[&str] = &[
 pub const INPUT_FIELDS: &[&str] = &["type", "default", "description"];
 pub const SECRET_FIELDS: &[&str] = &["generate", "from_env", "description"];
 pub const HEALTH_FIELDS: &[&str] = &["http", "timeout", "interval"];
-pub const ROUTE_FIELDS: &[&str] = &["host", "path"];
+pub const ROUTE_FIELDS: &[&str] = &["host", "path", "login", "max_body"];
 pub const RESOURCE_FIELDS: &[&str] = &["memory", "cpu", "pids"];
 pub const PROJECT_DEP_FIELDS: &[&str] = &["project", "weight"];
 
@@ -1386,7 +1386,52 @@ impl<'a> Loader<'a> {
             }
             None => "/".to_string(),
         };
-        Some(Route { host, path })
+        let mut login = Vec::new();
+        if let Some(n) = f.get("login") {
+            let NodeKind::Seq(items) = &n.kind else {
+                self.sink(file).error_help(
+                    n.pos,
+                    "`login` must be a list of path prefixes",
+                    "write `login: [/admin]`",
+                );
+                return None;
+            };
+            for item in items {
+                let p = self.string(file, item, "a path in route.login")?;
+                if !p.starts_with('/') {
+                    self.sink(file).error_help(
+                        item.pos,
+                        format!("login path \"{p}\" must start with /"),
+                        format!("write \"/{p}\""),
+                    );
+                    return None;
+                }
+                login.push(p);
+            }
+        }
+        let max_body_bytes = match f.get("max_body") {
+            Some(n) => {
+                let s = self.string(file, n, "route.max_body")?;
+                match parse_bytes(&s) {
+                    Some(b) if b > 0 => Some(b),
+                    _ => {
+                        self.sink(file).error_help(
+                            n.pos,
+                            format!("max_body \"{s}\" is not a size"),
+                            "write a size such as 10Mi or 512Ki",
+                        );
+                        return None;
+                    }
+                }
+            }
+            None => None,
+        };
+        Some(Route {
+            host,
+            path,
+            login,
+            max_body_bytes,
+        })
     }
 
     fn resources(&mut self, file: &Path, node: &Node) -> Option<Resources> {

@@ -232,6 +232,13 @@ pub enum Replace {
 pub struct Route {
     pub host: String,
     pub path: String,
+    /// Path prefixes only signed-in users may reach (the gateway answers
+    /// 401 to others).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub login: Vec<String>,
+    /// Largest request body the gateway passes on (413 beyond).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

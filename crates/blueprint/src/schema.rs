@@ -56,7 +56,11 @@ pub fn json_schema() -> Value {
         "route".into(),
         json!({
             "type": "object", "additionalProperties": false, "required": ["host"],
-            "properties": props(ROUTE_FIELDS, |_| json!({"type": "string"})),
+            "properties": props(ROUTE_FIELDS, |f| match f {
+                "login" => json!({"type": "array", "items": {"type": "string", "pattern": "^/"}}),
+                "max_body" => json!({"type": "string", "pattern": "^[0-9]+(K|k|M|G|Ki|Mi|Gi|Ti)?$"}),
+                _ => json!({"type": "string"}),
+            }),
         }),
     );
     c.insert(

@@ -572,3 +572,37 @@ fn self_reference() {
         "reads its own attribute \"port\"",
     );
 }
+
+#[test]
+fn route_login_paths_and_body_limits() {
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { host: a.localhost, login: [admin] }\n",
+        5,
+        41,
+        "login path \"admin\" must start with /",
+    );
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { host: a.localhost, max_body: huge }\n",
+        5,
+        43,
+        "max_body \"huge\"",
+    );
+    let src = files(&[(
+        "/bp/commons.yaml",
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { host: a.localhost, login: [/admin], max_body: 1Mi }\n",
+    )]);
+    let bp = load(Path::new("/bp/commons.yaml"), &src).unwrap();
+    let route = bp.components["a"].route.clone().unwrap();
+    assert_eq!(route.login, vec!["/admin".to_string()]);
+    assert_eq!(route.max_body_bytes, Some(1 << 20));
+}
+
+#[test]
+fn replace_must_be_a_known_strategy() {
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    replace: blue-green\n",
+        5,
+        14,
+        "\"blue-green\" is not a way to replace a process",
+    );
+}

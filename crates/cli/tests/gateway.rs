@@ -218,3 +218,44 @@ fn twenty_redeploys_under_load_fail_no_request() {
         .count();
     assert_eq!(python_processes, 1, "replaced versions are stopped");
 }
+
+#[test]
+fn blueprints_set_login_paths_and_body_limits() {
+    let s = Sandbox::new("gw-login");
+    s.blueprint(
+        r#"name: members
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+    route: { host: members.localhost, login: [/admin], max_body: 1Ki }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let token = s
+        .ok(&["token", "create", "alice", "--scope", "session"])
+        .stdout()
+        .trim()
+        .to_string();
+    let server = s.serve(&[]);
+    assert_eq!(get(server.http, "members.localhost", "/").0, 200);
+    let (code, body) = get(server.http, "members.localhost", "/admin/");
+    assert_eq!(code, 401, "anonymous on a login path: {body}");
+    // Signed in, the request reaches the app (which has no /admin/: 404).
+    let cookie = format!("commons_session={token}");
+    let host = ("Host", "members.localhost");
+    let (code, _) = http(
+        server.http,
+        "GET",
+        "/admin/",
+        &[host, ("Cookie", &cookie)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 404);
+    // A body over the limit never reaches the app (which would say 501).
+    let (code, body) = http(server.http, "POST", "/", &[host], &[b'x'; 2048]).unwrap();
+    assert_eq!(code, 413, "{body}");
+    let (code, _) = http(server.http, "POST", "/", &[host], &[b'x'; 512]).unwrap();
+    assert_eq!(code, 501, "a small body reaches the app");
+}

@@ -145,6 +145,10 @@ fn route_of(config: &serde_json::Value) -> Option<commons_blueprint::model::Rout
     Some(commons_blueprint::model::Route {
         host: attr("route.host")?,
         path: attr("route.path").unwrap_or_else(|| "/".into()),
+        login: attr("route.login")
+            .map(|l| l.split(',').map(str::to_string).collect())
+            .unwrap_or_default(),
+        max_body_bytes: attr("route.max_body").and_then(|b| b.parse().ok()),
     })
 }
 

@@ -202,6 +202,12 @@ pub fn attributes(c: &Component, values: &Values<'_>, static_hash: Option<String
     if let Some(r) = &c.route {
         put("route.host", Some(r.host.clone()));
         put("route.path", Some(r.path.clone()));
+        if !r.login.is_empty() {
+            put("route.login", Some(r.login.join(",")));
+        }
+        if let Some(b) = r.max_body_bytes {
+            put("route.max_body", Some(b.to_string()));
+        }
     }
     if let Some(m) = c.resources.memory_bytes {
         put("resources.memory", Some(m.to_string()));

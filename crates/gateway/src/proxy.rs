@@ -173,8 +173,9 @@ pub(crate) struct Identity {
 const SESSION_CACHE: Duration = Duration::from_secs(30);
 
 enum Failure {
-    /// No upstream took the request.
-    Unavailable,
+    /// No upstream took the request (which comes back, unsent, when it
+    /// can be sent again).
+    Unavailable(Option<Box<Request<RequestBody>>>),
     /// The upstream failed after the request was sent.
     Upstream,
     TooLarge,
@@ -284,7 +285,7 @@ impl Gateway {
             );
         }
         if site.spec.idle || site.upstreams.is_empty() {
-            match self.wake(&site, host, req.uri().path()).await {
+            match self.wake(&site, host, req.uri().path(), false).await {
                 Ok(woken) => site = woken,
                 Err(r) => return r,
             }
@@ -304,11 +305,29 @@ impl Gateway {
         self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
-        let sent = tokio::time::timeout(
-            self.config.upstream_timeout,
-            self.forward(&site, host, req, upgrade),
-        )
-        .await;
+        let path = req.uri().path().to_string();
+        let mut unsent = req;
+        let mut woken = false;
+        let sent = loop {
+            let sent = tokio::time::timeout(
+                self.config.upstream_timeout,
+                self.forward(&site, host, unsent, upgrade),
+            )
+            .await;
+            match sent {
+                // Every upstream refused: the site may have been idled or
+                // have died since the table was read. Wake it, once.
+                Ok(Err(Failure::Unavailable(Some(req)))) if !woken => {
+                    woken = true;
+                    match self.wake(&site, host, &path, true).await {
+                        Ok(s) => site = s,
+                        Err(r) => return r,
+                    }
+                    unsent = *req;
+                }
+                other => break other,
+            }
+        };
         let (mut response, upstream, in_flight) = match sent {
             Ok(Ok(r)) => r,
             Ok(Err(Failure::TooLarge)) => {
@@ -332,7 +351,7 @@ impl Gateway {
                     "the site failed while answering; try again",
                 );
             }
-            Ok(Err(Failure::Unavailable)) => {
+            Ok(Err(Failure::Unavailable(_))) => {
                 let mut r = problem(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "Service Unavailable",
@@ -609,7 +628,7 @@ impl Gateway {
             }
             let now = self.mono_ms();
             let Some(upstream) = site.pick(now) else {
-                break;
+                return Err(Failure::Unavailable(Some(Box::new(req))));
             };
             let addr = upstream.addr;
             let mut in_flight = upstream.begin();
@@ -657,7 +676,7 @@ impl Gateway {
                 },
             }
         }
-        Err(Failure::Unavailable)
+        Err(Failure::Unavailable(Some(Box::new(req))))
     }
 
     async fn connect(&self, addr: SocketAddr) -> std::io::Result<Sender> {
@@ -686,6 +705,7 @@ impl Gateway {
         site: &Arc<Site>,
         host: &str,
         path: &str,
+        even_if_routed: bool,
     ) -> Result<Arc<Site>, Response<ResponseBody>> {
         let unavailable = |retry: &'static str| {
             let mut r = problem(
@@ -718,8 +738,12 @@ impl Gateway {
             self.metrics.wake_timeouts.fetch_add(1, Ordering::Relaxed);
             return Err(unavailable("5"));
         };
-        if let Some(s) = routed() {
-            return Ok(s);
+        // Another request may have woken it meanwhile (unless its routed
+        // upstreams are what just refused).
+        if !even_if_routed {
+            if let Some(s) = routed() {
+                return Ok(s);
+            }
         }
         self.metrics.wakes.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout_at(deadline.into(), self.hooks.wake(&deployment)).await {

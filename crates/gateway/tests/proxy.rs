@@ -637,3 +637,28 @@ async fn an_http10_app_does_not_close_client_connections() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_upstream_vanished_is_woken_and_the_request_served() {
+    let gw = gateway(Config::default()).await;
+    // The table still names an instance that was just stopped.
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    gw.gateway
+        .set_routes(vec![route("lazy.localhost", "/", "lazy", &[gone])]);
+    let gw_ref = gw.gateway.clone();
+    *gw.hooks.wake.lock().unwrap() = Some(Arc::new(move |_site: String| {
+        let gw_ref = gw_ref.clone();
+        Box::pin(async move {
+            let addr = upstream("lazy").await;
+            gw_ref.set_routes(vec![route("lazy.localhost", "/", "lazy", &[addr])]);
+            Ok(())
+        })
+    }));
+    let got = get(gw.http, "lazy.localhost", "/").await;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.json()["server"], "lazy");
+    assert_eq!(gw.hooks.wakes.lock().unwrap().len(), 1);
+}

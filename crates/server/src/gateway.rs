@@ -92,8 +92,12 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
                 operator: "local".into(),
                 upstreams: upstreams.clone(),
                 idle: matches!(c.state.as_str(), "idle" | "stopped"),
-                login: Vec::new(),
-                max_body: None,
+                login: c
+                    .route
+                    .as_ref()
+                    .map(|r| r.login.clone())
+                    .unwrap_or_default(),
+                max_body: c.route.as_ref().and_then(|r| r.max_body_bytes),
             };
             if let Some(r) = &c.route {
                 out.push(spec(r.host.to_ascii_lowercase(), r.path.clone()));
@@ -249,7 +253,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name("commons-routes".into())
         .spawn(move || {
-            commons_gateway::background_priority();
+            // Not at a lower priority: a redeploy and a wake wait for it.
             let Ok(engine) = Engine::open(&routes_home) else {
                 return;
             };
