@@ -76,7 +76,12 @@ pub fn is_local(host: &str) -> bool {
 pub fn self_signed(host: &str) -> Result<Cert, TlsError> {
     let e = |e: rcgen::Error| TlsError::SelfSigned(e.to_string());
     let key = rcgen::KeyPair::generate().map_err(e)?;
-    let params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(e)?;
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(e)?;
+    // From the start of this year to the end of the next (not rcgen's
+    // default of year 4096); made again once a third of that is left.
+    let year = 1970 + (crate::now_ms() / 1000 / 31_556_952) as i32;
+    params.not_before = rcgen::date_time_ymd(year, 1, 1);
+    params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
     let cert = params.self_signed(&key).map_err(e)?;
     Cert::from_pem(&cert.pem(), &key.serialize_pem(), false)
 }
@@ -124,8 +129,11 @@ impl CertStore {
 
     /// The certificate for `host`, self-signing one for a local name.
     pub fn resolve_host(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        if let Some(c) = self.get(host) {
-            return Some(c.key);
+        let now = (crate::now_ms() / 1000) as i64;
+        match self.get(host) {
+            // A self-signed one is simply made again when due.
+            Some(c) if c.acme || !c.due_for_renewal(now) => return Some(c.key),
+            _ => {}
         }
         if is_local(host) {
             let cert = self_signed(host).ok()?;
@@ -167,7 +175,15 @@ mod tests {
     fn local_names_get_a_self_signed_certificate_and_others_none() {
         let store = CertStore::default();
         assert!(store.resolve_host("blog.localhost").is_some());
-        assert!(store.get("blog.localhost").is_some_and(|c| !c.acme));
+        let cert = store.get("blog.localhost").unwrap();
+        assert!(!cert.acme);
+        let now = (crate::now_ms() / 1000) as i64;
+        assert!(cert.not_before < now && now < cert.not_after);
+        assert!(
+            cert.not_after - now < 800 * 86_400,
+            "two years at most, not forever"
+        );
+        assert!(!cert.due_for_renewal(now));
         assert!(store.resolve_host("example.com").is_none());
     }
 
