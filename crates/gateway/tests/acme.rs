@@ -7,7 +7,6 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -125,22 +124,6 @@ fn pebble(dir: &Path, http_port: u16) -> Pebble {
     p
 }
 
-fn client(roots: &[CertificateDer<'static>], alpn: &[u8]) -> tokio_rustls::TlsConnector {
-    let mut store = rustls::RootCertStore::empty();
-    for r in roots {
-        store.add(r.clone()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 /// GET over HTTPS, verifying the server against `roots`; also returns the
 /// certificate chain it presented.
 async fn https_get(
@@ -150,7 +133,7 @@ async fn https_get(
     path: &str,
 ) -> Result<(u16, Bytes, Vec<CertificateDer<'static>>), String> {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = client(roots, b"http/1.1")
+    let tls = tls_client(roots, &[b"http/1.1"])
         .connect(name.to_string().try_into().unwrap(), tcp)
         .await
         .map_err(|e| e.to_string())?;

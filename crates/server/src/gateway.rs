@@ -143,10 +143,7 @@ impl Hooks for Platform {
 
     fn authenticate(&self, credential: &str) -> Option<User> {
         let record = self.state.tokens.authorise(credential, SESSION_SCOPE)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = commons_gateway::now_ms() as i64;
         let tier = self
             .state
             .billing

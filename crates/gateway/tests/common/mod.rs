@@ -247,3 +247,23 @@ pub fn route(host: &str, path: &str, deployment: &str, upstreams: &[SocketAddr])
         max_body: None,
     }
 }
+
+/// A TLS client that trusts exactly `roots`, offering `alpn`.
+pub fn tls_client(
+    roots: &[rustls::pki_types::CertificateDer<'static>],
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store.add(r.clone()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
