@@ -13,6 +13,8 @@ B="$PWD/target/release/commons"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export COMMONS_HOME="$work/home"
+# The bench starts `commons serve` itself, where and when it measures it.
+export COMMONS_DAEMON=off
 
 gen() { # gen KIND N NAME -> a blueprint directory
   local kind=$1 n=$2 name=$3 dir="$work/$3"

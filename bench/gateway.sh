@@ -31,6 +31,8 @@ cargo build --release --quiet -p commons-cli
 B="$PWD/target/release/commons"
 work=$(mktemp -d)
 export COMMONS_HOME="$work/home"
+# The bench starts `commons serve` itself, where and when it measures it.
+export COMMONS_DAEMON=off
 # 10,000 client connections: every process here needs the descriptors.
 ulimit -n "$(ulimit -Hn)"
 pids=()

@@ -12,6 +12,8 @@ cargo build --release --quiet -p commons-cli
 B="$PWD/target/release/commons"
 work=$(mktemp -d)
 export COMMONS_HOME="$work/home"
+# The bench starts `commons serve` itself, where and when it measures it.
+export COMMONS_DAEMON=off
 serve_pid=""
 cleanup() {
   [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null || true

@@ -4,6 +4,7 @@
 //! renders the result for people (or as JSON with `--json`). Exit codes:
 //! 0 success, 1 the operation failed, 2 bad input.
 
+mod daemon;
 mod ledger;
 mod money;
 mod output;
@@ -39,6 +40,21 @@ struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum HostingArg {
+    Free,
+    AlwaysOn,
+}
+
+impl From<HostingArg> for commons_engine::Hosting {
+    fn from(h: HostingArg) -> commons_engine::Hosting {
+        match h {
+            HostingArg::Free => commons_engine::Hosting::Free,
+            HostingArg::AlwaysOn => commons_engine::Hosting::AlwaysOn,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -80,6 +96,11 @@ enum Command {
         /// Tasks to run at once.
         #[arg(short = 'j', long, default_value_t = DEFAULT_JOBS)]
         jobs: usize,
+        /// Hosting plan: `free` sites are idled when nobody uses them and
+        /// woken by the next request; `always-on` ones keep running
+        /// [default: as before, free for a new site].
+        #[arg(long, value_enum)]
+        hosting: Option<HostingArg>,
     },
     /// Show the state of a deployment's components (all deployments with no name and no ./commons.yaml).
     Status {
@@ -143,6 +164,11 @@ enum Command {
     /// Run the platform on this machine: the gateway in front of every site,
     /// the API (usage ingest, payment webhooks, tiers) and the supervisor.
     Serve(ServeArgs),
+    /// The platform daemon (`commons serve`) of this data directory: start,
+    /// status, stop. A deploy that leaves processes starts it when needed
+    /// (`COMMONS_DAEMON=off` says not to).
+    #[command(subcommand)]
+    Daemon(daemon::DaemonCommand),
     /// API tokens: scoped, shown once, stored hashed.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -248,6 +274,10 @@ fn main() -> ExitCode {
     if args.get(1).map(String::as_str) == Some("__sandbox") {
         commons_runtime::sandbox::helper_main(&args[2..]);
     }
+    // Processes are started under this binary acting as their keeper.
+    if let Ok(me) = std::env::current_exe() {
+        commons_runtime::proc::set_helper(me);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -333,14 +363,23 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::Deploy { target: t, jobs } => {
+        Command::Deploy {
+            target: t,
+            jobs,
+            hosting,
+        } => {
             let engine = engine()?;
             let target = engine.target(t.target.as_deref(), t.name.as_deref(), &t.inputs)?;
             let started = Instant::now();
             let progress = progress::Reporter::new(json, "Deploying");
             let outcome = runtime().block_on(engine.deploy(&target, jobs, &progress))?;
             progress.done();
-            output::outcome(&outcome, json, started.elapsed(), "Deployed")
+            if let Some(h) = hosting {
+                engine.set_hosting(&outcome.deployment, h.into())?;
+            }
+            output::outcome(&outcome, json, started.elapsed(), "Deployed")?;
+            daemon::ensure_supervised(&home, &engine, &outcome.deployment);
+            Ok(())
         }
         Command::Destroy { name, jobs } => {
             let name = name_or_local(name)?;
@@ -362,7 +401,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 &progress,
             ))?;
             progress.done();
-            output::outcome(&outcome, json, started.elapsed(), "Cloned")
+            output::outcome(&outcome, json, started.elapsed(), "Cloned")?;
+            daemon::ensure_supervised(&home, &engine, &outcome.deployment);
+            Ok(())
         }
         Command::Status { name } => {
             let engine = engine()?;
@@ -385,8 +426,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Wake { name } => {
             let name = name_or_local(name)?;
             let started = Instant::now();
-            let outcome = runtime().block_on(engine()?.wake(&name))?;
-            output::outcome(&outcome, json, started.elapsed(), "Woke")
+            // The daemon, when it runs, wakes it: it then knows the site is
+            // in use and does not idle it again at once.
+            if commons_server::local::running(&home).is_some() {
+                let answer = daemon::ask(&home, "POST", &format!("/api/deployments/{name}/wake"))?;
+                if json {
+                    println!("{}", String::from_utf8_lossy(&answer.body));
+                } else {
+                    eprintln!(
+                        "{:>12} {name} in {:.2}s (through the platform daemon)",
+                        "Woke",
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(());
+            }
+            let engine = engine()?;
+            let outcome = runtime().block_on(engine.wake(&name))?;
+            output::outcome(&outcome, json, started.elapsed(), "Woke")?;
+            daemon::ensure_supervised(&home, &engine, &name);
+            Ok(())
         }
         Command::Backup { name } => {
             let name = name_or_local(name)?;
@@ -421,11 +480,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 &progress,
             ))?;
             progress.done();
-            output::outcome(&outcome, json, started.elapsed(), "Restored")
+            output::outcome(&outcome, json, started.elapsed(), "Restored")?;
+            daemon::ensure_supervised(&home, &engine, &outcome.deployment);
+            Ok(())
         }
         Command::Ledger(cmd) => ledger::run(cmd, &home, json),
         Command::Usage(cmd) => money::usage(cmd, &home, json),
         Command::Serve(args) => serve(&home, args),
+        Command::Daemon(cmd) => daemon::run(cmd, &home, json),
         Command::Token(cmd) => token(&home, cmd, json),
         Command::Subscribe(args) => money::subscribe(&home, args, json),
         Command::Period(PeriodCommand::Close { period }) => money::close(&home, &period, json),
@@ -499,7 +561,18 @@ struct ServeArgs {
     acme_email: Option<String>,
 }
 
+fn humantime_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
+    if let Some(other) = commons_server::local::running(home) {
+        return Err(Failure::Input(format!(
+            "the platform daemon already runs for {} (pid {}); `commons daemon stop` stops it",
+            home.display(),
+            other.pid
+        )));
+    }
     let listen = args.listen.as_str();
     let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
         .ok()
@@ -547,10 +620,21 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
         };
         let bound = commons_server::gateway::spawn(home, state.clone(), settings)
             .map_err(Failure::Input)?;
-        for (what, addr) in bound {
+        for (what, addr) in &bound {
             eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
         }
-        commons_server::serve(listener, state)
+        let info = commons_server::local::DaemonInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api: format!("http://{addr}"),
+            gateway: bound
+                .iter()
+                .map(|(w, a)| (w.to_string(), a.to_string()))
+                .collect(),
+            started_at: humantime_now(),
+        };
+        let socket = commons_server::local::announce(home, &info).map_err(Failure::Input)?;
+        commons_server::serve(listener, Some(socket), state)
             .await
             .map_err(|e| Failure::Failed(e.to_string()))
     })

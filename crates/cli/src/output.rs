@@ -17,6 +17,11 @@ pub fn json<T: serde::Serialize + ?Sized>(value: &T) {
     let _ = writeln!(out);
 }
 
+/// A problem that did not stop the command.
+pub fn warn(msg: &str) {
+    eprintln!("warning: {msg}");
+}
+
 pub fn error(msg: &str) {
     eprintln!("error: {msg}");
 }
@@ -173,7 +178,14 @@ pub fn outcome(o: &Outcome, as_json: bool, took: Duration, verb: &str) -> Result
 
 pub fn status(s: &DeploymentStatus) {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let _ = writeln!(out, "{} ({}) from {}", s.name, s.status, s.blueprint);
+    let _ = writeln!(
+        out,
+        "{} ({}, {} hosting) from {}",
+        s.name,
+        s.status,
+        s.hosting.as_str(),
+        s.blueprint
+    );
     let width = s
         .components
         .iter()
@@ -183,8 +195,8 @@ pub fn status(s: &DeploymentStatus) {
         .max(9);
     let _ = writeln!(
         out,
-        "{:width$}  {:8}  {:8}  {:>7}  {:>5}  LAST TASK",
-        "COMPONENT", "KIND", "STATE", "PID", "PORT"
+        "{:width$}  {:8}  {:8}  {:>7}  {:>5}  {:>8}  LAST TASK",
+        "COMPONENT", "KIND", "STATE", "PID", "PORT", "RESTARTS"
     );
     for c in &s.components {
         let last = c
@@ -194,13 +206,24 @@ pub fn status(s: &DeploymentStatus) {
             .unwrap_or_default();
         let _ = writeln!(
             out,
-            "{:width$}  {:8}  {:8}  {:>7}  {:>5}  {last}",
+            "{:width$}  {:8}  {:8}  {:>7}  {:>5}  {:>8}  {last}",
             c.name,
             c.kind,
             c.state,
             c.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             c.port.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            c.restarts,
         );
+        if let Some(e) = c.last_exit.as_ref().filter(|_| c.state != "running") {
+            let _ = writeln!(out, "{:width$}  last exit: {} at {}", "", e.reason, e.at);
+        }
+        if let Some(l) = &c.crash_loop {
+            let _ = writeln!(
+                out,
+                "{:width$}  crash loop: restarted {} times in a row, next try at {}",
+                "", l.restarts_in_a_row, l.next_restart
+            );
+        }
         if let Some(e) = &c.error {
             let _ = writeln!(
                 out,

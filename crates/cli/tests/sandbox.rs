@@ -167,3 +167,47 @@ components:
         "{err}"
     );
 }
+
+#[test]
+fn a_process_killed_for_its_memory_shows_as_oom() {
+    root();
+    let s = Sandbox::new("sandbox-oom-process");
+    s.blueprint(
+        r#"name: greedy
+components:
+  hog:
+    process: "python3 -c 'import time; time.sleep(1); x = b\"x\" * (400 << 20); time.sleep(60)'"
+    resources: { memory: 64Mi }
+  calm:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+    resources: { memory: 64Mi }
+"#,
+    );
+    let r = sandboxed(&s, &["deploy"]);
+    assert_eq!(r.code(), 0, "{}", r.all());
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || s
+            .component("greedy", "hog")["state"]
+            == "oom"),
+        "{}",
+        s.component("greedy", "hog")
+    );
+    let hog = s.component("greedy", "hog");
+    assert_eq!(hog["last_exit"]["oom"], true, "{hog}");
+    assert!(
+        hog["last_exit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("out of memory: killed by the kernel over its limit of 64 MiB"),
+        "{hog}"
+    );
+    // Only the hog: its neighbour, under the same limit, still serves.
+    let calm = s.component("greedy", "calm");
+    assert_eq!(calm["state"], "running", "{calm}");
+    let port = calm["port"].as_u64().unwrap() as u16;
+    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    let text = s.ok(&["status", "greedy"]).stdout();
+    assert!(text.contains("oom"), "{text}");
+    sandboxed(&s, &["destroy", "greedy"]);
+}

@@ -113,6 +113,19 @@ components:
     );
     s.ok(&["deploy"]);
     let port = s.component("sleepy", "web")["port"].as_u64().unwrap() as u16;
+    // A site on always-on hosting is never idled.
+    s.write(
+        "steady/commons.yaml",
+        r#"name: steady
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#,
+    );
+    s.ok(&["deploy", "steady", "--hosting", "always-on"]);
+    assert_eq!(s.status_json("steady")["hosting"], "always-on");
+    assert_eq!(s.status_json("sleepy")["hosting"], "free");
     let token = s
         .ok(&["token", "create", "gateway", "--scope", "runtime:wake"])
         .stdout()
@@ -130,6 +143,7 @@ components:
         http_get(port, "/").is_err(),
         "an idle site's process is stopped"
     );
+    assert_eq!(s.component("steady", "web")["state"], "running");
     // The supervisor leaves idle processes alone.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(s.component("sleepy", "web")["state"], "idle");
@@ -168,4 +182,203 @@ components:
     )
     .unwrap();
     assert_eq!(code, 404);
+}
+
+/// The process the keeper (the pid `status` shows) runs.
+fn workload_of(keeper: i64) -> i64 {
+    let children = std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children"))
+        .unwrap_or_default();
+    children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("keeper {keeper} has no child"))
+}
+
+fn signal(pid: i64, sig: &str) {
+    std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+#[test]
+fn status_says_how_a_process_ended() {
+    let s = Sandbox::new("endings");
+    s.blueprint(
+        r#"name: ends
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let web = s.component("ends", "web");
+    assert_eq!(web["state"], "running");
+    assert!(web.get("last_exit").is_none(), "{web}");
+
+    // The program itself crashes.
+    signal(workload_of(web["pid"].as_i64().unwrap()), "-SEGV");
+    assert!(
+        wait_for(Duration::from_secs(5), || s.component("ends", "web")
+            ["state"]
+            == "crashed"),
+        "{}",
+        s.component("ends", "web")
+    );
+    let web = s.component("ends", "web");
+    assert_eq!(web["last_exit"]["signal"], 11, "{web}");
+    assert_eq!(web["last_exit"]["reason"], "killed by SIGSEGV");
+    assert_eq!(web["last_exit"]["oom"], false);
+    let text = s.ok(&["status", "ends"]).stdout();
+    assert!(text.contains("crashed"), "{text}");
+    assert!(text.contains("last exit: killed by SIGSEGV"), "{text}");
+
+    // Started again, then stopped on request: not a crash.
+    s.ok(&["deploy"]);
+    let pid = s.component("ends", "web")["pid"].as_i64().unwrap();
+    signal(pid, "-TERM");
+    assert!(wait_for(Duration::from_secs(10), || !pid_alive(pid)));
+    let web = s.component("ends", "web");
+    assert_eq!(web["state"], "stopped", "{web}");
+    assert_eq!(
+        web["last_exit"]["reason"],
+        "stopped on request (killed by SIGTERM)"
+    );
+}
+
+#[test]
+fn a_crash_loop_shows_in_status() {
+    let s = Sandbox::new("crash-loop");
+    s.blueprint(
+        r#"name: flaky
+components:
+  web:
+    process: "python3 -c 'import time; time.sleep(0.4); raise SystemExit(3)'"
+"#,
+    );
+    s.ok(&["deploy"]);
+    let _server = s.serve(&[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let w = s.component("flaky", "web");
+            w["state"] == "crashed"
+                && w["crash_loop"]["restarts_in_a_row"].as_u64().unwrap_or(0) >= 2
+        }),
+        "{}",
+        s.component("flaky", "web")
+    );
+    let web = s.component("flaky", "web");
+    assert_eq!(web["last_exit"]["code"], 3, "{web}");
+    assert_eq!(web["last_exit"]["reason"], "exited with status 3");
+    assert!(web["restarts"].as_u64().unwrap() >= 2, "{web}");
+    let text = s.ok(&["status", "flaky"]).stdout();
+    assert!(text.contains("crash loop: restarted"), "{text}");
+}
+
+/// Stops the daemon a test started, even when the test fails.
+struct StopDaemon<'a>(&'a Sandbox);
+
+impl Drop for StopDaemon<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["daemon", "stop"]);
+    }
+}
+
+#[test]
+fn the_cli_starts_the_daemon_and_talks_to_it() {
+    let s = Sandbox::new("daemon");
+    s.blueprint(
+        r#"name: looked-after
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#,
+    );
+    let with_daemon = |args: &[&str]| {
+        let mut c = s.cmd(args);
+        c.env_remove("COMMONS_DAEMON");
+        for var in [
+            "COMMONS_LISTEN",
+            "COMMONS_GATEWAY_HTTP",
+            "COMMONS_GATEWAY_HTTPS",
+            "COMMONS_GATEWAY_ADMIN",
+        ] {
+            c.env(var, "127.0.0.1:0");
+        }
+        Run(c.output().unwrap())
+    };
+    assert_eq!(
+        s.ok(&["daemon", "status", "--json"]).json()["running"],
+        false
+    );
+
+    // A deploy that leaves a process starts the daemon, once.
+    let first = with_daemon(&["deploy"]);
+    assert_eq!(first.code(), 0, "{}", first.all());
+    let _stop = StopDaemon(&s);
+    assert!(
+        first.stderr().contains("Started the platform daemon"),
+        "{}",
+        first.all()
+    );
+    let status = s.ok(&["daemon", "status", "--json"]).json();
+    assert_eq!(status["running"], true, "{status}");
+    assert_eq!(status["processes_running"], 1, "{status}");
+    let daemon_pid = status["daemon"]["pid"].as_i64().unwrap();
+    let again = with_daemon(&["deploy"]);
+    assert!(!again.stderr().contains("Started"), "{}", again.all());
+
+    // Only the platform's user can reach its socket; over TCP the daemon's
+    // own endpoint is refused.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(s.home.join("api.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let api = status["daemon"]["api"].as_str().unwrap();
+    let api_port: u16 = api.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(http_get(api_port, "/api/daemon").unwrap().0, 403);
+    assert_eq!(
+        http_get(api_port, "/api/deployments/looked-after")
+            .unwrap()
+            .0,
+        401
+    );
+
+    // It supervises: a killed process comes back without a `serve` by hand.
+    let pid = s.component("looked-after", "web")["pid"].as_i64().unwrap();
+    kill9(pid);
+    assert!(
+        wait_for(Duration::from_secs(20), || {
+            let w = s.component("looked-after", "web");
+            w["state"] == "running" && w["pid"].as_i64() != Some(pid)
+        }),
+        "{}",
+        s.component("looked-after", "web")
+    );
+
+    // `wake` goes through it.
+    let woke = s.run(&["wake", "looked-after"]);
+    assert_eq!(woke.code(), 0, "{}", woke.all());
+    assert!(
+        woke.stderr().contains("through the platform daemon"),
+        "{}",
+        woke.all()
+    );
+    let missing = s.run(&["wake", "nothing-here"]);
+    assert_eq!(missing.code(), 2, "{}", missing.all());
+
+    // Stopped, it is gone; the workload runs on.
+    s.ok(&["daemon", "stop"]);
+    assert!(!pid_alive(daemon_pid));
+    assert_eq!(
+        s.ok(&["daemon", "status", "--json"]).json()["running"],
+        false
+    );
+    let web = s.component("looked-after", "web");
+    assert_eq!(web["state"], "running", "{web}");
 }

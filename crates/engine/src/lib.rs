@@ -18,6 +18,7 @@ use indexmap::IndexMap;
 use serde::Serialize;
 
 use commons_blueprint::{Blueprint, Diagnostics, FileSystem};
+use commons_runtime::exit::Ending;
 use commons_runtime::{driver_for, Layout, Observed};
 use commons_store::{ComponentRow, ComponentState, SqliteStore, StateStore, StoreError, TaskRow};
 
@@ -107,7 +108,8 @@ pub struct Outcome {
 pub struct ComponentStatus {
     pub name: String,
     pub kind: String,
-    /// running, stopped, ready, error, applying or deleting.
+    /// Processes: running, starting, crashed, oom, idle, stopped; other
+    /// components: ready; any: error, blocked, applying or deleting.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
@@ -120,6 +122,12 @@ pub struct ComponentStatus {
     pub data_dir: String,
     /// Times it was restarted after stopping by itself.
     pub restarts: u32,
+    /// The supervisor is restarting it over and over (with backoff).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crash_loop: Option<CrashLoop>,
+    /// How its process last ended, whether or not it was started again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<LastExit>,
     pub outputs: serde_json::Value,
     /// Where the gateway serves it, as the blueprint says.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,12 +139,72 @@ pub struct ComponentStatus {
     pub updated_at: String,
 }
 
+/// A process that keeps stopping, as the running supervisor sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CrashLoop {
+    /// Restarts since it last stayed up for 30 s.
+    pub restarts_in_a_row: u32,
+    /// When the supervisor tries again.
+    pub next_restart: String,
+}
+
+/// How a process last ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct LastExit {
+    /// For people: "exited with status 1", "killed by SIGSEGV", "out of memory: ...".
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it.
+    pub oom: bool,
+    pub at: String,
+}
+
+/// A process state that means it should run and does not (the supervisor
+/// starts it again; a request wakes it).
+pub fn is_down(state: &str) -> bool {
+    matches!(state, "stopped" | "crashed" | "oom")
+}
+
+/// Milliseconds since the epoch, as an RFC 3339 time to the second.
+fn rfc3339_ms(ms: i64) -> String {
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeploymentStatus {
     pub name: String,
     pub status: String,
     pub blueprint: String,
+    /// Its hosting plan: whether it is idled when nobody uses it.
+    pub hosting: Hosting,
     pub components: Vec<ComponentStatus>,
+}
+
+/// How a site is hosted, as its operator chose (`commons deploy --hosting`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Hosting {
+    /// Free hosting: its processes are stopped after a while without
+    /// traffic (`COMMONS_IDLE_AFTER`) and woken by the next request.
+    #[default]
+    Free,
+    /// Kept running whether or not anybody uses it.
+    AlwaysOn,
+}
+
+impl Hosting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hosting::Free => "free",
+            Hosting::AlwaysOn => "always-on",
+        }
+    }
 }
 
 /// The route recorded in a component's configuration.
@@ -207,6 +275,11 @@ impl Engine {
             store,
             secrets,
         })
+    }
+
+    /// Where everything lives under the data directory.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     pub fn store(&self) -> &dyn StateStore {
@@ -724,11 +797,24 @@ impl Engine {
                 let handle = plan::handle_of(&r);
                 let observed = driver_for(&r.kind).observe(&handle);
                 let alive = observed == Observed::Running;
+                let exit = (r.kind == "process")
+                    .then(|| commons_runtime::exit::read(&self.layout.exit_file(name, &r.name)))
+                    .flatten();
+                // How this very instance ended, if it did.
+                let ended = exit
+                    .as_ref()
+                    .filter(|e| !alive && handle.instance.as_deref() == Some(e.instance.as_str()))
+                    .map(|e| e.ending());
                 let state = match (r.state, observed) {
                     (ComponentState::Ready, Observed::Running) => "running",
                     (ComponentState::Ready, Observed::Stopped) if handle.idle => "idle",
-                    (ComponentState::Ready, Observed::Stopped) => "stopped",
+                    (ComponentState::Ready, Observed::Stopped) => match ended {
+                        Some(Ending::Oom) => "oom",
+                        Some(Ending::Crashed) => "crashed",
+                        _ => "stopped",
+                    },
                     (ComponentState::Ready, Observed::Present) => "ready",
+                    (ComponentState::Applying, _) if r.kind == "process" => "starting",
                     (s, _) => s.as_str(),
                 };
                 ComponentStatus {
@@ -742,19 +828,30 @@ impl Engine {
                     uid: uid.filter(|_| r.kind == "process" || r.kind == "job"),
                     data_dir: self.layout.data_dir(name).display().to_string(),
                     restarts: handle.restarts,
+                    crash_loop: is_down(state)
+                        .then(|| supervise::waiting(&self.layout, name, &r.name))
+                        .flatten()
+                        .map(|w| CrashLoop {
+                            restarts_in_a_row: w.restarts_in_a_row,
+                            next_restart: rfc3339_ms(w.next_restart_ms as i64),
+                        }),
+                    last_exit: exit.map(|e| LastExit {
+                        reason: e.reason(),
+                        code: e.code,
+                        signal: e.signal,
+                        oom: e.oom,
+                        at: rfc3339_ms(e.at_ms as i64),
+                    }),
                     outputs: r.outputs.clone(),
                     route: route_of(&r.config),
                     error: r.error.clone(),
                     last_task: last.get(&r.name).cloned(),
-                    updated_at: humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH
-                            + std::time::Duration::from_millis(r.updated_at_ms.max(0) as u64),
-                    )
-                    .to_string(),
+                    updated_at: rfc3339_ms(r.updated_at_ms),
                 }
             })
             .collect();
         Ok(DeploymentStatus {
+            hosting: self.hosting(&d.name),
             name: d.name,
             status: d.status,
             blueprint: d.blueprint,
@@ -1039,6 +1136,26 @@ fn common_ancestor(paths: &[PathBuf]) -> PathBuf {
 }
 
 impl Engine {
+    /// The hosting plan of `name` (free unless its operator chose otherwise).
+    pub fn hosting(&self, name: &str) -> Hosting {
+        std::fs::read(self.layout.hosting_file(name))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Puts `name` on a hosting plan.
+    pub fn set_hosting(&self, name: &str, hosting: Hosting) -> Result<(), EngineError> {
+        if self.store.deployment(name)?.is_none() {
+            return Err(EngineError::Input(format!(
+                "no deployment named \"{name}\""
+            )));
+        }
+        let path = self.layout.hosting_file(name);
+        std::fs::write(&path, serde_json::to_vec(&hosting).expect("serialises"))
+            .map_err(EngineError::io(format!("writing {}", path.display())))
+    }
+
     /// Stops the running processes of `name` for lack of traffic; they show
     /// as `idle` and are started again by [`Engine::wake`] (or a deploy).
     /// Returns the components stopped.
@@ -1071,7 +1188,7 @@ impl Engine {
             .observe(name)?
             .components
             .into_iter()
-            .filter(|c| c.kind == "process" && (c.state == "idle" || c.state == "stopped"))
+            .filter(|c| c.kind == "process" && (c.state == "idle" || is_down(&c.state)))
             .map(|c| c.name)
             .collect();
         self.restart_stopped(name, &waking).await

@@ -6,7 +6,9 @@
 //! deploy waits for the next deploy, so editing a blueprint never deploys
 //! it behind the user's back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 use crate::Engine;
@@ -26,8 +28,8 @@ struct Backoff {
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pass {
-    /// (deployment, component) restarted.
-    pub restarted: Vec<(String, String)>,
+    /// (deployment, component, how it had ended) restarted.
+    pub restarted: Vec<(String, String, String)>,
     /// (deployment, component) waiting for its backoff.
     pub waiting: Vec<(String, String)>,
     /// Deployments whose restart failed, with why.
@@ -40,6 +42,8 @@ pub struct Supervisor {
     /// Deployments whose restart could not even be tried (say, their
     /// blueprint file is gone): left alone until then, and reported once.
     quiet_until: HashMap<String, Instant>,
+    /// The crash loops last written to `supervisor.json`.
+    published: Option<String>,
 }
 
 impl Supervisor {
@@ -59,6 +63,7 @@ impl Supervisor {
                 continue;
             };
             let mut due = Vec::new();
+            let mut why = HashMap::new();
             for c in status.components.iter().filter(|c| c.kind == "process") {
                 let key = (d.name.clone(), c.name.clone());
                 if c.state == "running" {
@@ -71,9 +76,14 @@ impl Supervisor {
                     }
                     continue;
                 }
-                if c.state != "stopped" {
+                if !crate::is_down(&c.state) {
                     continue;
                 }
+                let ended = match (&c.last_exit, c.state.as_str()) {
+                    (Some(e), "crashed" | "oom") => e.reason.clone(),
+                    _ => "it had stopped".to_string(),
+                };
+                why.insert(c.name.clone(), ended);
                 match self.backoff.get(&key) {
                     Some(b) if now < b.not_before => pass.waiting.push(key),
                     _ => due.push(c.name.clone()),
@@ -96,7 +106,8 @@ impl Supervisor {
                         let wait =
                             Duration::from_millis(500u64 << b.failures.min(8)).min(MAX_BACKOFF);
                         b.not_before = now + wait;
-                        pass.restarted.push(key);
+                        let ended = why.remove(&t.component).unwrap_or_default();
+                        pass.restarted.push((key.0, key.1, ended));
                     }
                 }
                 // A deploy is at work on it: look again next pass.
@@ -107,6 +118,93 @@ impl Supervisor {
                 }
             }
         }
+        self.publish(engine.layout(), &pass);
         pass
     }
+
+    /// Writes the crash loops in progress (`supervisor.json`) for `status`,
+    /// when they changed.
+    fn publish(&mut self, layout: &commons_runtime::Layout, pass: &Pass) {
+        let waiting: BTreeMap<String, Waiting> = self
+            .backoff
+            .iter()
+            .filter(|(key, _)| {
+                pass.waiting.contains(key)
+                    || pass.restarted.iter().any(|r| r.0 == key.0 && r.1 == key.1)
+            })
+            .map(|((d, c), b)| {
+                let wait = b.not_before.saturating_duration_since(Instant::now());
+                (
+                    format!("{d}/{c}"),
+                    Waiting {
+                        restarts_in_a_row: b.failures,
+                        next_restart_ms: now_ms() + wait.as_millis() as u64,
+                    },
+                )
+            })
+            .collect();
+        let shape: BTreeMap<&String, u32> = waiting
+            .iter()
+            .map(|(k, w)| (k, w.restarts_in_a_row))
+            .collect();
+        let shape = format!("{shape:?}");
+        if self.published.as_deref() == Some(shape.as_str()) {
+            return;
+        }
+        let state = Published {
+            pid: std::process::id(),
+            waiting,
+        };
+        let path = layout.supervisor_state();
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if written.is_ok() {
+            self.published = Some(shape);
+        }
+    }
+}
+
+/// A process the supervisor keeps restarting (a crash loop).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Waiting {
+    /// Restarts since it last stayed up for [`STABLE_AFTER`].
+    pub restarts_in_a_row: u32,
+    /// When the supervisor will try again, in milliseconds since the epoch.
+    pub next_restart_ms: u64,
+}
+
+/// What a running supervisor publishes.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Published {
+    pid: u32,
+    /// "DEPLOYMENT/COMPONENT" → its crash loop.
+    waiting: BTreeMap<String, Waiting>,
+}
+
+/// The crash loop of `deployment/component` as the running supervisor
+/// published it (nothing when no supervisor runs).
+pub fn waiting(
+    layout: &commons_runtime::Layout,
+    deployment: &str,
+    component: &str,
+) -> Option<Waiting> {
+    let published: Published =
+        serde_json::from_slice(&std::fs::read(layout.supervisor_state()).ok()?).ok()?;
+    if !std::path::Path::new(&format!("/proc/{}", published.pid)).exists() {
+        return None;
+    }
+    published
+        .waiting
+        .get(&format!("{deployment}/{component}"))
+        .copied()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

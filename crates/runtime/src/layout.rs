@@ -51,6 +51,18 @@ impl Layout {
             .join(format!("{component}.pid"))
     }
 
+    /// How the component's process last ended (see [`crate::exit`]).
+    pub fn exit_file(&self, deployment: &str, component: &str) -> PathBuf {
+        self.deployment_dir(deployment)
+            .join("run")
+            .join(format!("{component}.exit"))
+    }
+
+    /// The deployment's hosting plan (free, always-on), as its operator chose.
+    pub fn hosting_file(&self, deployment: &str) -> PathBuf {
+        self.deployment_dir(deployment).join("hosting.json")
+    }
+
     pub fn records_dir(&self, deployment: &str) -> PathBuf {
         self.home.join("records").join(deployment)
     }
@@ -68,6 +80,11 @@ impl Layout {
     /// replaced instance).
     pub fn gateway_state(&self) -> PathBuf {
         self.home.join("gateway").join("upstreams.json")
+    }
+
+    /// The crash loops `commons serve`'s supervisor is waiting out.
+    pub fn supervisor_state(&self) -> PathBuf {
+        self.home.join("supervisor.json")
     }
 
     pub fn lock_file(&self, deployment: &str) -> PathBuf {

@@ -11,6 +11,7 @@
 //! deploy killed at any instant leaves nothing that cannot be found again.
 
 pub mod drivers;
+pub mod exit;
 pub mod health;
 pub mod layout;
 pub mod proc;

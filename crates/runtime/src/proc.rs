@@ -21,6 +21,17 @@ const SHELL_SYNTAX: &[char] = &[
     '=', '%', '{', '}', '\n', '!',
 ];
 
+/// The `commons` binary, which doubles as the sandbox helper and keeper
+/// (`commons __sandbox ...`), when the program using this crate is it.
+static HELPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Registers the `commons` binary as the helper. Without it, processes run
+/// without a keeper (how they end is not recorded) and the sandbox uses the
+/// current executable.
+pub fn set_helper(binary: PathBuf) {
+    let _ = HELPER.set(binary);
+}
+
 /// A started process: the child, and where its log started for this run.
 pub struct Started {
     pub child: Child,
@@ -84,6 +95,9 @@ pub fn spawn(
         .map_err(DriverError::io("duplicating log handle"))?;
 
     let sandboxed = crate::sandbox::enabled();
+    // Jobs are waited for by their driver; processes outlive it.
+    let keeper = !matches!(spec.kind, commons_blueprint::Kind::Job { .. });
+    let exit_file = layout.exit_file(&spec.deployment, &spec.component);
     let mut cmd = if sandboxed {
         let uid = crate::sandbox::uid_for(&layout.home, &spec.deployment)
             .map_err(DriverError::io("allocating the deployment's user"))?;
@@ -97,7 +111,12 @@ pub fn spawn(
             pids: spec.resources.pids,
         };
         let cgroup = format!("{}/{}", spec.deployment, spec.component);
-        let me = std::env::current_exe().map_err(DriverError::io("finding the commons binary"))?;
+        let me = match HELPER.get() {
+            Some(h) => h.clone(),
+            None => {
+                std::env::current_exe().map_err(DriverError::io("finding the commons binary"))?
+            }
+        };
         let mut c = Command::new(me);
         c.arg("__sandbox").args(crate::sandbox::helper_args(
             uid,
@@ -105,8 +124,21 @@ pub fn spawn(
             &cgroup,
             &limits,
             &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
-            command,
+            keeper.then_some(exit_file.as_path()),
+            &shell_command(command),
         ));
+        c
+    } else if let Some(helper) = HELPER.get().filter(|_| keeper) {
+        // A process gets a keeper that waits for it and records how it ended.
+        let shell = shell_command(command);
+        let argv: Vec<&str> = if command.contains(SHELL_SYNTAX) {
+            vec!["/bin/sh", "-c", &shell]
+        } else {
+            command.split_whitespace().collect()
+        };
+        let mut c = Command::new(helper);
+        c.arg("__sandbox")
+            .args(crate::sandbox::keeper_args(&exit_file, &argv));
         c
     } else if command.contains(SHELL_SYNTAX) {
         let mut c = Command::new("/bin/sh");
@@ -174,6 +206,22 @@ pub fn spawn(
         log: log_path.clone(),
         log_offset,
     })
+}
+
+/// What `sh -c` runs for `command`: a simple command (no pipes, lists or
+/// subshells) is `exec`uted, so the shell does not stay in between and how
+/// the program ended (its signal, say) reaches the keeper unchanged.
+fn shell_command(command: &str) -> String {
+    const COMPOUND: &[char] = &['|', '&', ';', '\n', '(', ')', '`'];
+    const KEYWORDS: &[&str] = &[
+        "exec", "if", "while", "until", "for", "case", "!", "{", "time", "cd", "set", "export",
+    ];
+    let first = command.split_whitespace().next().unwrap_or("");
+    if command.contains(COMPOUND) || first.contains('=') || KEYWORDS.contains(&first) {
+        command.to_string()
+    } else {
+        format!("exec {command}")
+    }
 }
 
 /// Writes the calling process's pid to `path`. Async-signal-safe.
@@ -312,4 +360,29 @@ pub fn log_tail(log: &Path, offset: u64, max: u64) -> String {
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
     String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_command;
+
+    #[test]
+    fn simple_commands_are_executed_in_place_of_the_shell() {
+        assert_eq!(
+            shell_command("python3 -m http.server $PORT"),
+            "exec python3 -m http.server $PORT"
+        );
+        assert_eq!(shell_command("app > \"$LOG\""), "exec app > \"$LOG\"");
+        for compound in [
+            "a && b",
+            "a | b",
+            "a; b",
+            "X=1 app",
+            "if true; then app; fi",
+            "(app)",
+            "cd /srv && app",
+        ] {
+            assert_eq!(shell_command(compound), compound);
+        }
+    }
 }

@@ -9,7 +9,10 @@
 //!    namespace) that mounts a fresh `/proc` and a private `/tmp`;
 //! 3. the init forks the workload, which drops to the deployment's user,
 //!    sets no-new-privileges and rlimits, and executes the command; the init
-//!    reaps orphans and exits with the workload's status.
+//!    reaps orphans, records how the workload ended (exit status, signal,
+//!    whether the OOM killer struck, see [`crate::exit`]) and exits with the
+//!    workload's status. It dies with the helper outside (`PR_SET_PDEATHSIG`),
+//!    and the namespace with it.
 //!
 //! Enabled with `COMMONS_SANDBOX=1` (it needs root). Not covered yet: network
 //! isolation (workloads share the host's network namespace and can reach
@@ -19,6 +22,7 @@ use std::ffi::CString;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// First uid handed to deployments; each gets the next free one.
 pub const FIRST_UID: u32 = 200_000;
@@ -126,6 +130,7 @@ pub fn helper_args(
     cgroup: &str,
     limits: &Limits,
     keep: &[&Path],
+    exit_file: Option<&Path>,
     command: &str,
 ) -> Vec<String> {
     let mut a = vec![
@@ -148,7 +153,23 @@ pub fn helper_args(
     if let Some(p) = limits.pids {
         a.extend(["--pids".into(), p.to_string()]);
     }
+    if let Some(f) = exit_file {
+        a.extend(["--exit-file".into(), f.display().to_string()]);
+    }
     a.extend(["--".into(), "/bin/sh".into(), "-c".into(), command.into()]);
+    a
+}
+
+/// Arguments for the helper as a keeper only (no sandbox): it runs `argv`,
+/// waits for it and records how it ended in `exit_file`.
+pub fn keeper_args(exit_file: &Path, argv: &[&str]) -> Vec<String> {
+    let mut a = vec![
+        "--plain".into(),
+        "--exit-file".into(),
+        exit_file.display().to_string(),
+        "--".into(),
+    ];
+    a.extend(argv.iter().map(|s| s.to_string()));
     a
 }
 
@@ -247,14 +268,93 @@ fn exit_status(status: libc::c_int) -> i32 {
     }
 }
 
-/// The helper's `main`: `args` are those [`helper_args`] made. Never returns.
+/// Set once SIGTERM reached the keeper: the workload was asked to stop.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// The keeper's SIGTERM: remember it, and pass it on to the whole group
+/// once (a `kill PID` of the keeper alone stops the workload too).
+extern "C" fn on_sigterm(_: libc::c_int) {
+    if !STOPPING.swap(true, Ordering::SeqCst) {
+        // SAFETY: kill is async-signal-safe.
+        unsafe {
+            libc::kill(0, libc::SIGTERM);
+        }
+    }
+}
+
+/// Waits for `child` (retrying on EINTR) and returns its raw status.
+fn wait_for(child: libc::pid_t) -> libc::c_int {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child, with a valid pointer.
+    while unsafe { libc::waitpid(child, &mut status, 0) } < 0 {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            fail("waitpid");
+        }
+    }
+    status
+}
+
+/// What the keeper knows of one run, for [`record_exit`].
+struct Watch<'a> {
+    exit_file: Option<&'a str>,
+    cgroup: &'a str,
+    memory_limit: Option<u64>,
+    oom_kills_before: Option<u64>,
+}
+
+impl Watch<'_> {
+    /// Writes how the workload ended (`status` as `waitpid` gave it).
+    fn record_exit(&self, status: libc::c_int) {
+        let Some(path) = self.exit_file else {
+            return;
+        };
+        let oom = match (self.oom_kills_before, crate::exit::oom_kills(self.cgroup)) {
+            (Some(before), Some(after)) => after > before,
+            // No counter to read: a SIGKILL under a memory limit is the OOM killer's.
+            _ => {
+                self.memory_limit.is_some()
+                    && libc::WIFSIGNALED(status)
+                    && libc::WTERMSIG(status) == libc::SIGKILL
+            }
+        };
+        let record = crate::exit::ExitRecord {
+            instance: std::env::var(crate::proc::INSTANCE_VAR).unwrap_or_default(),
+            code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+            signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+            oom,
+            stopped: STOPPING.load(Ordering::SeqCst),
+            memory_limit: self.memory_limit,
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        if let Err(e) = crate::exit::write(Path::new(path), &record) {
+            eprintln!("commons: recording how the process ended: {e}");
+        }
+    }
+}
+
+/// The helper's `main`: `args` are those [`helper_args`] or
+/// [`keeper_args`] made. Never returns.
+///
+/// With `--plain` it only keeps the workload: runs it as its child (killed
+/// with the keeper, `PR_SET_PDEATHSIG`), waits for it and records how it
+/// ended (`--exit-file`). Otherwise it sandboxes it as described above, and
+/// the namespace's init is the one that waits and records.
 pub fn helper_main(args: &[String]) -> ! {
     let mut uid: Option<u32> = None;
     let (mut hostname, mut cgroup) = (String::from("commons"), String::new());
     let mut limits = Limits::default();
     let mut keep: Vec<String> = Vec::new();
+    let (mut plain, mut exit_file) = (false, None::<String>);
     let mut i = 0;
     while i < args.len() && args[i] != "--" {
+        if args[i] == "--plain" {
+            plain = true;
+            i += 1;
+            continue;
+        }
         let value = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--uid" => uid = value.parse().ok(),
@@ -264,6 +364,7 @@ pub fn helper_main(args: &[String]) -> ! {
             "--cpu-millis" => limits.cpu_millis = value.parse().ok(),
             "--pids" => limits.pids = value.parse().ok(),
             "--keep" => keep.push(value),
+            "--exit-file" => exit_file = Some(value),
             other => {
                 eprintln!("commons sandbox: unknown option {other}");
                 std::process::exit(126)
@@ -277,20 +378,36 @@ pub fn helper_main(args: &[String]) -> ! {
         .iter()
         .map(|a| CString::new(a.as_str()).expect("no NUL in arguments"))
         .collect();
-    let Some(uid) = uid.filter(|u| *u >= FIRST_UID) else {
-        eprintln!("commons sandbox: --uid must be at least {FIRST_UID}");
-        std::process::exit(126)
-    };
     if command.is_empty() {
         eprintln!("commons sandbox: no command after --");
         std::process::exit(126)
     }
+    // SAFETY: installing a handler that only touches an atomic and calls kill.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+    if plain {
+        keep_plain(&command, exit_file.as_deref())
+    }
+    let Some(uid) = uid.filter(|u| *u >= FIRST_UID) else {
+        eprintln!("commons sandbox: --uid must be at least {FIRST_UID}");
+        std::process::exit(126)
+    };
     if !cgroup.is_empty() {
         if let Err(e) = enter_cgroups(&cgroup, &limits) {
             eprintln!("commons sandbox: cgroup {cgroup}: {e}");
             std::process::exit(126)
         }
     }
+    let watch = Watch {
+        exit_file: exit_file.as_deref(),
+        cgroup: &cgroup,
+        memory_limit: limits.memory_bytes,
+        oom_kills_before: crate::exit::oom_kills(&cgroup),
+    };
     unsafe {
         if libc::unshare(
             libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,
@@ -304,15 +421,13 @@ pub fn helper_main(args: &[String]) -> ! {
         }
         if init > 0 {
             // Outside: wait for the namespace's init and pass its status on.
-            let mut status = 0;
-            while libc::waitpid(init, &mut status, 0) < 0 {
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                    fail("waitpid");
-                }
-            }
-            std::process::exit(exit_status(status));
+            std::process::exit(exit_status(wait_for(init)));
         }
-        // PID 1 of the new namespace: private mounts, fresh /proc, private /tmp.
+        // PID 1 of the new namespace dies with the keeper outside (and
+        // takes the whole namespace with it). (Its parent is outside the
+        // namespace: getppid() says 0, so there is nothing to compare.)
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // Private mounts, fresh /proc, private /tmp.
         let none = CString::new("none").expect("static");
         let slash = CString::new("/").expect("static");
         if libc::mount(
@@ -388,6 +503,7 @@ pub fn helper_main(args: &[String]) -> ! {
         }
         if workload == 0 {
             // The workload: the deployment's user, no way back up.
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
             if libc::setgroups(0, std::ptr::null()) != 0
                 || libc::setgid(uid) != 0
                 || libc::setuid(uid) != 0
@@ -412,16 +528,52 @@ pub fn helper_main(args: &[String]) -> ! {
             libc::execv(argv[0], argv.as_ptr());
             fail("exec");
         }
-        // Init: reap everything; leave when the workload does.
+        // Init: reap everything; record and leave when the workload does.
         loop {
             let mut status = 0;
             let pid = libc::waitpid(-1, &mut status, 0);
             if pid == workload {
+                watch.record_exit(status);
                 std::process::exit(exit_status(status));
             }
             if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 std::process::exit(1);
             }
         }
+    }
+}
+
+/// `--plain`: run `command` as a child that dies with us, wait, record.
+fn keep_plain(command: &[CString], exit_file: Option<&str>) -> ! {
+    let watch = Watch {
+        exit_file,
+        cgroup: "",
+        memory_limit: None,
+        oom_kills_before: None,
+    };
+    // SAFETY: the child only calls async-signal-safe functions before exec
+    // (the keeper is single-threaded here anyway).
+    unsafe {
+        let keeper = libc::getpid();
+        let child = libc::fork();
+        if child < 0 {
+            fail("fork");
+        }
+        if child == 0 {
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != keeper {
+                libc::_exit(1);
+            }
+            let mut argv: Vec<*const libc::c_char> = command.iter().map(|c| c.as_ptr()).collect();
+            argv.push(std::ptr::null());
+            libc::execvp(argv[0], argv.as_ptr());
+            let e = std::io::Error::last_os_error();
+            eprintln!("cannot start `{}`: {e}", command[0].to_string_lossy());
+            libc::_exit(127);
+        }
+        let status = wait_for(child);
+        watch.record_exit(status);
+        std::process::exit(exit_status(status))
     }
 }

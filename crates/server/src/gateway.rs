@@ -91,7 +91,7 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
                 component: c.name.clone(),
                 operator: "local".into(),
                 upstreams: upstreams.clone(),
-                idle: matches!(c.state.as_str(), "idle" | "stopped"),
+                idle: c.state == "idle" || commons_engine::is_down(&c.state),
                 login: c
                     .route
                     .as_ref()

@@ -19,6 +19,7 @@
 //! problem JSON; a secret never appears in a response or a log line.
 
 pub mod gateway;
+pub mod local;
 pub mod supervisor;
 pub mod tokens;
 
@@ -130,20 +131,46 @@ fn problem(
         .into_response()
 }
 
-fn authorise(state: &AppState, headers: &HeaderMap, scope: &str) -> Result<(), Box<Response>> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        None => Err(Box::new(problem(
+/// Who calls: the platform's administrator over the local socket (see
+/// [`local`]), or whoever holds the bearer token sent over TCP.
+pub enum Caller {
+    Local,
+    Bearer(Option<String>),
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Caller, Self::Rejection> {
+        if parts.extensions.get::<local::LocalCaller>().is_some() {
+            return Ok(Caller::Local);
+        }
+        Ok(Caller::Bearer(
+            parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(|t| t.trim().to_string()),
+        ))
+    }
+}
+
+/// Lets the call through if its caller may act with `scope`.
+fn authorise(state: &AppState, caller: &Caller, scope: &str) -> Result<(), Box<Response>> {
+    match caller {
+        Caller::Local => Ok(()),
+        Caller::Bearer(None) => Err(Box::new(problem(
             StatusCode::UNAUTHORIZED,
             "Authentication required",
             format!("send `Authorization: Bearer TOKEN`; `commons token create --scope {scope}` makes one"),
             None,
         ))),
-        Some(t) if state.tokens.authorise(t.trim(), scope).is_some() => Ok(()),
-        Some(_) => Err(Box::new(problem(
+        Caller::Bearer(Some(t)) if state.tokens.authorise(t, scope).is_some() => Ok(()),
+        Caller::Bearer(Some(_)) => Err(Box::new(problem(
             StatusCode::FORBIDDEN,
             "Not allowed",
             format!("this token is unknown, revoked, or lacks the scope {scope}"),
@@ -159,11 +186,11 @@ struct IngestParams {
 
 async fn ingest(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    caller: Caller,
     Query(params): Query<IngestParams>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = authorise(&state, &headers, "usage:write") {
+    if let Err(r) = authorise(&state, &caller, "usage:write") {
         return *r;
     }
     let events: Vec<Event> = match serde_json::from_slice(&body) {
@@ -313,10 +340,10 @@ async fn stripe_webhook(
 
 async fn tier(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(user): UrlPath<String>,
 ) -> Response {
-    if let Err(r) = authorise(&state, &headers, "billing:read") {
+    if let Err(r) = authorise(&state, &caller, "billing:read") {
         return *r;
     }
     let now = std::time::SystemTime::now()
@@ -339,10 +366,10 @@ async fn tier(
 /// calls on a request for a site that is asleep (scope `runtime:wake`).
 async fn wake(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    caller: Caller,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    if let Err(r) = authorise(&state, &headers, "runtime:wake") {
+    if let Err(r) = authorise(&state, &caller, "runtime:wake") {
         return *r;
     }
     match state.engine.wake(&name).await {
@@ -370,6 +397,67 @@ async fn wake(
     }
 }
 
+/// A deployment's components and their states, as `commons status --json`
+/// shows them (scope `deployments:read`).
+async fn deployment_status(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    UrlPath(name): UrlPath<String>,
+) -> Response {
+    if let Err(r) = authorise(&state, &caller, "deployments:read") {
+        return *r;
+    }
+    match state.engine.status(&name) {
+        Ok(s) => Json(s).into_response(),
+        Err(e) if e.is_bad_input() => {
+            problem(StatusCode::NOT_FOUND, "No such site", e.to_string(), None)
+        }
+        Err(e) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Status unavailable",
+            e.to_string(),
+            None,
+        ),
+    }
+}
+
+/// The daemon itself: its addresses and what it supervises. Only over the
+/// local socket.
+async fn daemon(State(state): State<Arc<AppState>>, caller: Caller) -> Response {
+    if !matches!(caller, Caller::Local) {
+        return problem(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "the daemon answers this only over its local socket (`commons daemon status`)",
+            None,
+        );
+    }
+    let info = std::fs::read(local::info_path(&state.home))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .unwrap_or_default();
+    let (mut sites, mut running, mut down) = (0, 0, 0);
+    for d in state.engine.list().unwrap_or_default() {
+        sites += 1;
+        if let Ok(s) = state.engine.observe(&d.name) {
+            for c in s.components.iter().filter(|c| c.kind == "process") {
+                match c.state.as_str() {
+                    "running" => running += 1,
+                    s if commons_engine::is_down(s) => down += 1,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Json(serde_json::json!({
+        "daemon": info,
+        "deployments": sites,
+        "processes_running": running,
+        "processes_down": down,
+    }))
+    .into_response()
+}
+
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -378,13 +466,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/payments/stripe/webhook", post(stripe_webhook))
         .route("/api/users/{user}/tier", get(tier))
         .route("/api/deployments/{name}/wake", post(wake))
+        .route("/api/deployments/{name}", get(deployment_status))
+        .route("/api/daemon", get(daemon))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
         // Event batches are large; the default 2 MiB limit would cut them.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
 }
 
-/// Serves the API on `listener` until the process is stopped.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+/// Serves the API on `listener` (scoped tokens) and on the local socket
+/// `local` (the platform's administrator) until SIGTERM or SIGINT, then
+/// withdraws the socket and `daemon.json`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    local: Option<tokio::net::UnixListener>,
+    state: Arc<AppState>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let home = state.home.clone();
+    let tcp = axum::serve(listener, router(state.clone()));
+    let socket = async {
+        match local {
+            Some(l) => {
+                axum::serve(l, router(state).layer(axum::Extension(local::LocalCaller))).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let result = tokio::select! {
+        r = tcp => r,
+        r = socket => r,
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+    };
+    local::withdraw(&home);
+    result
 }

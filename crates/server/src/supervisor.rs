@@ -38,8 +38,8 @@ pub fn spawn(home: PathBuf) {
                         stopped.join(", ")
                     );
                 }
-                for (d, c) in &pass.restarted {
-                    eprintln!("{:>12} {d}/{c} (it had stopped)", "Restarted");
+                for (d, c, ended) in &pass.restarted {
+                    eprintln!("{:>12} {d}/{c} ({ended})", "Restarted");
                 }
                 for (d, why) in &pass.failed {
                     eprintln!("{:>12} {d}: {}", "Failed", why.lines().next().unwrap_or(""));
@@ -82,8 +82,9 @@ impl Sampler {
         }
     }
 
-    /// Stops the processes of sites with no request for `COMMONS_IDLE_AFTER`
-    /// seconds (unset: never), counting a deploy or wake as activity.
+    /// Stops the processes of free-hosted sites with no request for
+    /// `COMMONS_IDLE_AFTER` seconds (unset: never), counting a deploy or wake
+    /// as activity. Always-on sites are left running.
     pub async fn idle_quiet_sites(&self, engine: &Engine) -> Vec<(String, Vec<String>)> {
         let Some(after) = std::env::var("COMMONS_IDLE_AFTER")
             .ok()
@@ -97,6 +98,9 @@ impl Sampler {
             .unwrap_or(0);
         let mut out = Vec::new();
         for d in engine.list().unwrap_or_default() {
+            if engine.hosting(&d.name) == commons_engine::Hosting::AlwaysOn {
+                continue;
+            }
             let Ok(status) = engine.observe(&d.name) else {
                 continue;
             };

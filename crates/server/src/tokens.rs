@@ -18,6 +18,7 @@ pub const SCOPES: &[&str] = &[
     "usage:read",
     "billing:read",
     "runtime:wake",
+    "deployments:read",
     "session",
 ];
 

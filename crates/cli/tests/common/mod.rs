@@ -44,6 +44,8 @@ impl Sandbox {
         c.args(args)
             .current_dir(self.app())
             .env("COMMONS_HOME", &self.home)
+            // Tests start `commons serve` themselves, on ports of their own.
+            .env("COMMONS_DAEMON", "off")
             .env_remove("CI");
         c
     }
