@@ -52,28 +52,36 @@ components:
     );
     assert_eq!(http_get(port, "/").unwrap().0, 200);
 
-    // Its CPU, memory and storage are sampled and metered.
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            let m = s.run(&[
-                "usage",
-                "show",
-                "site",
-                "kept",
-                "--metric",
-                "memory_bytes",
-                "--aggregation",
-                "max",
-                "--json",
-            ]);
-            m.code() == 0
-                && m.json().as_array().is_some_and(|rows| {
+    // Its CPU, memory (now and peak) and storage are sampled and metered.
+    let metered = |metric: &str| {
+        let m = s.run(&[
+            "usage",
+            "show",
+            "site",
+            "kept",
+            "--metric",
+            metric,
+            "--aggregation",
+            "max",
+            "--json",
+        ]);
+        (m.code() == 0)
+            .then(|| m.json())
+            .and_then(|v| {
+                v.as_array().and_then(|rows| {
                     rows.iter()
-                        .any(|r| r["value"].as_f64().unwrap_or(0.0) > 1e6)
+                        .filter_map(|r| r["value"].as_f64())
+                        .reduce(f64::max)
                 })
-        }),
+            })
+            .unwrap_or(0.0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || metered("memory_bytes") > 1e6),
         "no resource usage metered"
     );
+    assert!(metered("memory_peak_bytes") >= metered("memory_bytes"));
+    assert!(metered("storage_bytes") > 0.0);
 
     // The platform restarts (and the process died while it was down).
     drop(server);

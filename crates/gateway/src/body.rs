@@ -118,6 +118,7 @@ impl Drop for Metering {
 
 enum Inner {
     Upstream(Incoming),
+    Direct(crate::upstream::DirectBody),
     Full(Option<Bytes>),
 }
 
@@ -131,6 +132,14 @@ impl ResponseBody {
     pub fn upstream(body: Incoming) -> ResponseBody {
         ResponseBody {
             inner: Inner::Upstream(body),
+            metering: None,
+        }
+    }
+
+    /// A body read straight off an upstream connection.
+    pub fn direct(body: crate::upstream::DirectBody) -> ResponseBody {
+        ResponseBody {
+            inner: Inner::Direct(body),
             metering: None,
         }
     }
@@ -161,15 +170,18 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Upstream(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+            Inner::Direct(b) => Pin::new(b).poll_frame(cx),
             Inner::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
         };
         if let (Poll::Ready(Some(Ok(frame))), Some(m)) = (&polled, this.metering.as_mut()) {
@@ -183,6 +195,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Direct(b) => b.is_end_stream(),
             Inner::Full(b) => b.is_none(),
         }
     }
@@ -190,6 +203,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream(b) => b.size_hint(),
+            Inner::Direct(b) => b.size_hint(),
             Inner::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

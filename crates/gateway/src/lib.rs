@@ -18,6 +18,7 @@ pub mod metrics;
 mod proxy;
 pub mod routes;
 pub mod tls;
+pub mod upstream;
 pub mod usage;
 
 use std::collections::HashMap;

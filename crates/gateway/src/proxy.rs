@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
@@ -304,6 +304,16 @@ impl Gateway {
         let client_version = req.version();
         self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
         let (parts, body) = req.into_parts();
+        // Most requests have no body: the gateway's own client sends them,
+        // in this task (see `upstream`).
+        if !upgrade
+            && (parts.method == Method::GET || parts.method == Method::HEAD)
+            && body.is_end_stream()
+        {
+            return self
+                .proxy_direct(parts, site, host, client_version, metering)
+                .await;
+        }
         let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
         let path = req.uri().path().to_string();
         let mut unsent = req;
@@ -330,47 +340,8 @@ impl Gateway {
         };
         let (mut response, upstream, in_flight) = match sent {
             Ok(Ok(r)) => r,
-            Ok(Err(Failure::TooLarge)) => {
-                return problem(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "Content Too Large",
-                    &format!("this site accepts request bodies of up to {limit} bytes"),
-                )
-            }
-            Ok(Err(Failure::Upstream)) => {
-                if bytes_in.is_some_and(|b| b.load(Ordering::Relaxed) > limit) {
-                    return problem(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "Content Too Large",
-                        &format!("this site accepts request bodies of up to {limit} bytes"),
-                    );
-                }
-                return problem(
-                    StatusCode::BAD_GATEWAY,
-                    "Bad Gateway",
-                    "the site failed while answering; try again",
-                );
-            }
-            Ok(Err(Failure::Unavailable(_))) => {
-                let mut r = problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Service Unavailable",
-                    "the site is not accepting connections; try again shortly",
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-                return r;
-            }
-            Err(_) => {
-                self.metrics
-                    .upstream_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                return problem(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "Gateway Timeout",
-                    "the site took too long to answer",
-                );
-            }
+            Ok(Err(failure)) => return self.failed(Some(failure), limit, bytes_in.as_deref()),
+            Err(_) => return self.failed(None, limit, bytes_in.as_deref()),
         };
         if let Some(r) = metering.record.as_mut() {
             r.upstream = Some(upstream);
@@ -399,6 +370,178 @@ impl Gateway {
     }
 
     /// Answers the platform's own paths on every host.
+    /// Sends a request without a body with the gateway's own client, on an
+    /// idle connection of the chosen upstream or a new one. Like
+    /// [`Gateway::forward`], a request no upstream answered goes to the next,
+    /// and when all refuse the site is woken once.
+    async fn proxy_direct(
+        self: &Arc<Self>,
+        parts: http::request::Parts,
+        mut site: Arc<Site>,
+        host: &str,
+        client_version: Version,
+        metering: &mut Metering,
+    ) -> Response<ResponseBody> {
+        let mut head = Vec::with_capacity(512);
+        crate::upstream::request_head(&parts, &mut head);
+        let mut woken = false;
+        let sent = loop {
+            let sent = tokio::time::timeout(
+                self.config.upstream_timeout,
+                self.exchange(&site, host, &parts, &head),
+            )
+            .await;
+            match sent {
+                Ok(Err(Failure::Unavailable(_))) if !woken => {
+                    woken = true;
+                    match self.wake(&site, host, parts.uri.path(), true).await {
+                        Ok(s) => site = s,
+                        Err(r) => return r,
+                    }
+                }
+                other => break other,
+            }
+        };
+        let (answer, body, upstream, in_flight) = match sent {
+            Ok(Ok(r)) => r,
+            Ok(Err(failure)) => return self.failed(Some(failure), 0, None),
+            Err(_) => return self.failed(None, 0, None),
+        };
+        if let Some(r) = metering.record.as_mut() {
+            r.upstream = Some(upstream);
+        }
+        metering.in_flight = Some(in_flight);
+        let mut response = Response::new(ResponseBody::direct(body));
+        *response.status_mut() = answer.status;
+        *response.headers_mut() = answer.headers;
+        strip(response.headers_mut(), false);
+        *response.version_mut() = client_version;
+        response
+    }
+
+    /// One attempt after another at sending a bodiless request (`head`) to
+    /// an upstream of `site` and reading the response head.
+    async fn exchange(
+        &self,
+        site: &Arc<Site>,
+        host: &str,
+        parts: &http::request::Parts,
+        head: &[u8],
+    ) -> Result<
+        (
+            crate::upstream::Head,
+            crate::upstream::DirectBody,
+            SocketAddr,
+            crate::routes::InFlight,
+        ),
+        Failure,
+    > {
+        use crate::upstream::{Conn, DirectBody, SendError};
+        let mut site = site.clone();
+        let max_head = self.config.max_header_bytes.max(8192) * 2;
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                if let Some(fresh) = self.routes.load().lookup(host, parts.uri.path()) {
+                    site = fresh.clone();
+                }
+            }
+            let now = self.mono_ms();
+            let Some(upstream) = site.pick(now) else {
+                return Err(Failure::Unavailable(None));
+            };
+            let addr = upstream.addr;
+            let in_flight = upstream.begin();
+            let conn = match upstream.take_direct() {
+                Some(c) => c,
+                None => {
+                    match tokio::time::timeout(self.config.connect_timeout, Conn::connect(addr))
+                        .await
+                    {
+                        Ok(Ok(c)) => c,
+                        _ => {
+                            self.connect_failed(&site, addr, now, attempt).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match conn.send(head, &parts.method, max_head).await {
+                Ok((answer, conn)) => {
+                    let body = DirectBody::new(
+                        &answer,
+                        conn,
+                        upstream.direct.clone(),
+                        crate::routes::KEEP_IDLE,
+                    );
+                    return Ok((answer, body, addr, in_flight));
+                }
+                // Closed before answering (an idle connection the upstream
+                // had given up on, or an instance going away): GET and HEAD
+                // are safe to send again.
+                Err(SendError::Unanswered(_)) => continue,
+                Err(SendError::Broken(_)) => {
+                    self.metrics
+                        .upstream_protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Err(Failure::Upstream);
+                }
+            }
+        }
+        Err(Failure::Unavailable(None))
+    }
+
+    /// The answer for a request that could not be forwarded (`None`: the
+    /// upstream was too slow). `limit` and `bytes_in` tell a body cut at the
+    /// site's limit from an upstream failure.
+    fn failed(
+        &self,
+        failure: Option<Failure>,
+        limit: u64,
+        bytes_in: Option<&AtomicU64>,
+    ) -> Response<ResponseBody> {
+        let too_large = || {
+            problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Content Too Large",
+                &format!("this site accepts request bodies of up to {limit} bytes"),
+            )
+        };
+        match failure {
+            Some(Failure::TooLarge) => too_large(),
+            Some(Failure::Upstream) => {
+                if bytes_in.is_some_and(|b| b.load(Ordering::Relaxed) > limit) {
+                    return too_large();
+                }
+                problem(
+                    StatusCode::BAD_GATEWAY,
+                    "Bad Gateway",
+                    "the site failed while answering; try again",
+                )
+            }
+            Some(Failure::Unavailable(_)) => {
+                let mut r = problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable",
+                    "the site is not accepting connections; try again shortly",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+                r
+            }
+            None => {
+                self.metrics
+                    .upstream_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                problem(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Gateway Timeout",
+                    "the site took too long to answer",
+                )
+            }
+        }
+    }
+
     fn platform_path(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
         let path = req.uri().path();
         if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
@@ -638,13 +781,7 @@ impl Gateway {
                 None => match self.connect(addr).await {
                     Ok(s) => s,
                     Err(_) => {
-                        self.metrics
-                            .upstream_connect_errors
-                            .fetch_add(1, Ordering::Relaxed);
-                        site.mark_down(addr, now);
-                        // A deploy may be swapping instances: give the
-                        // routing table a moment to catch up.
-                        tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
+                        self.connect_failed(&site, addr, now, attempt).await;
                         continue;
                     }
                 },
@@ -677,6 +814,17 @@ impl Gateway {
             }
         }
         Err(Failure::Unavailable(Some(Box::new(req))))
+    }
+
+    /// An upstream refused a connection: counted, left out for a while, and
+    /// (a deploy may be swapping instances) the routing table is given a
+    /// moment to catch up before the next attempt.
+    async fn connect_failed(&self, site: &Site, addr: SocketAddr, now: u64, attempt: usize) {
+        self.metrics
+            .upstream_connect_errors
+            .fetch_add(1, Ordering::Relaxed);
+        site.mark_down(addr, now);
+        tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
     }
 
     async fn connect(&self, addr: SocketAddr) -> std::io::Result<Sender> {

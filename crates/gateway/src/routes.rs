@@ -59,8 +59,11 @@ pub struct Upstream {
     /// Requests sent there and not finished yet.
     pub in_flight: Arc<AtomicU64>,
     /// Open connections to it with no request on them, shared by every
-    /// client connection (an idle client holds none).
+    /// client connection (an idle client holds none): hyper's, for
+    /// requests with bodies and upgrades, and the gateway's own
+    /// ([`crate::upstream`]) for the rest.
     idle: Arc<Mutex<Vec<Sender>>>,
+    pub(crate) direct: Arc<crate::upstream::Pool>,
 }
 
 /// Idle connections kept per upstream at most: enough that a busy site
@@ -84,6 +87,17 @@ impl Upstream {
             idle: self.idle.clone(),
             conn: None,
         }
+    }
+
+    /// An open idle connection of the gateway's own client, if there is one.
+    pub(crate) fn take_direct(&self) -> Option<crate::upstream::Conn> {
+        let mut idle = self.direct.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(mut c) = idle.pop() {
+            if !c.is_stale() {
+                return Some(c);
+            }
+        }
+        None
     }
 
     /// An open idle connection, if there is one.
@@ -191,6 +205,7 @@ impl RouteTable {
     pub fn build(specs: Vec<RouteSpec>, previous: &RouteTable) -> RouteTable {
         let mut health: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
         let mut pools: HashMap<SocketAddr, Arc<Mutex<Vec<Sender>>>> = HashMap::new();
+        let mut direct: HashMap<SocketAddr, Arc<crate::upstream::Pool>> = HashMap::new();
         let mut load: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
         let mut since: HashMap<SocketAddr, Instant> = HashMap::new();
         for (addr, n, at) in &previous.retired {
@@ -205,6 +220,7 @@ impl RouteTable {
                     health.insert(u.addr, u.down_until.clone());
                     load.insert(u.addr, u.in_flight.clone());
                     pools.insert(u.addr, u.idle.clone());
+                    direct.insert(u.addr, u.direct.clone());
                 }
             }
         }
@@ -219,6 +235,7 @@ impl RouteTable {
                         down_until: health.get(&addr).cloned().unwrap_or_default(),
                         in_flight: load.get(&addr).cloned().unwrap_or_default(),
                         idle: pools.get(&addr).cloned().unwrap_or_default(),
+                        direct: direct.get(&addr).cloned().unwrap_or_default(),
                     })
                     .collect(),
                 stats: stats

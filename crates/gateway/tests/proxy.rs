@@ -644,3 +644,147 @@ async fn a_site_whose_upstream_vanished_is_woken_and_the_request_served() {
     assert_eq!(got.json()["server"], "lazy");
     assert_eq!(gw.hooks.wakes.lock().unwrap().len(), 1);
 }
+
+/// An HTTP/1.1 app written by hand, so every framing is exercised exactly:
+/// chunked, by length, none (HEAD, 204), and a connection it closes after
+/// each answer. Counts the connections it accepted.
+async fn framing_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                loop {
+                    let mut buf = [0u8; 4096];
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&pending[..end]).to_string();
+                        pending.drain(..end + 4);
+                        let line = head.lines().next().unwrap_or("");
+                        let path = line.split(' ').nth(1).unwrap_or("/");
+                        let answer: &[u8] = match path {
+                            // Chunks split across writes, with an extension and a trailer.
+                            "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nX-T: 1\r\n\r\n",
+                            "/length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                            "/none" => b"HTTP/1.1 204 No Content\r\n\r\n",
+                            "/early" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                            "/close" => b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye",
+                            // Closes without saying so (a keep-alive timeout).
+                            "/drop" => b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\ngone",
+                            _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+                        };
+                        // A HEAD answer has the head only.
+                        let answer = if line.starts_with("HEAD ") {
+                            let end = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                            &answer[..end + 4]
+                        } else {
+                            answer
+                        };
+                        let (first, rest) = answer.split_at(answer.len() / 2);
+                        if s.write_all(first).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        if s.write_all(rest).await.is_err() || path == "/close" || path == "/drop" {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodiless_requests_keep_every_framing_and_reuse_upstream_connections() {
+    let gw = gateway(Config::default()).await;
+    let (app, accepted) = framing_app().await;
+    gw.gateway
+        .set_routes(vec![route("frames.localhost", "/", "frames", &[app])]);
+    for _ in 0..20 {
+        let got = get(gw.http, "frames.localhost", "/chunked").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (200, "hello, world")
+        );
+        let got = get(gw.http, "frames.localhost", "/length").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (200, "hello")
+        );
+        let got = get(gw.http, "frames.localhost", "/none").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (204, "")
+        );
+        let got = get(gw.http, "frames.localhost", "/early").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (200, "ok")
+        );
+    }
+    // Sequential requests share one upstream connection.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // HEAD: the length is told, no body follows, the connection is reused.
+    let got = request(
+        gw.http,
+        "HEAD",
+        "frames.localhost",
+        "/length",
+        &[],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.headers.get("content-length").unwrap(), "5");
+    assert!(got.body.is_empty());
+    assert_eq!(
+        &get(gw.http, "frames.localhost", "/length").await.body[..],
+        b"hello"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // An app that closes after answering: the pooled connection is found
+    // closed and a new one made, without a failed request.
+    for _ in 0..5 {
+        let got = get(gw.http, "frames.localhost", "/close").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (200, "bye")
+        );
+    }
+    let got = get(gw.http, "frames.localhost", "/length").await;
+    assert_eq!(
+        (got.status, std::str::from_utf8(&got.body).unwrap()),
+        (200, "hello")
+    );
+    // The first `/close` went on the pooled connection, the other four and
+    // the last request each on a new one: none was reused after a close.
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 6);
+
+    // Closed while pooled, unannounced: found stale (or, if the close is
+    // not seen yet, sent again on a new connection), never a failure.
+    for _ in 0..10 {
+        let got = get(gw.http, "frames.localhost", "/drop").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (200, "gone")
+        );
+        let got = get(gw.http, "frames.localhost", "/length").await;
+        assert_eq!(
+            (got.status, std::str::from_utf8(&got.body).unwrap()),
+            (200, "hello")
+        );
+    }
+}

@@ -63,3 +63,29 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     }
     total
 }
+
+/// The most memory a component's cgroup used since the last call (cgroup
+/// v1's `memory.max_usage_in_bytes`, or v2's `memory.peak`), then reset
+/// so the next call covers the next interval. `None` when the component has
+/// no memory cgroup (unsandboxed) or the kernel keeps no peak.
+pub fn take_memory_peak(deployment: &str, component: &str) -> Option<u64> {
+    let root = Path::new("/sys/fs/cgroup");
+    let candidates = [
+        root.join("memory/commons")
+            .join(deployment)
+            .join(component)
+            .join("memory.max_usage_in_bytes"),
+        root.join("commons")
+            .join(deployment)
+            .join(component)
+            .join("memory.peak"),
+    ];
+    candidates.iter().find_map(|path| {
+        let peak = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+        // Writing resets v1's peak, so the next reading is of the next
+        // interval. v2 resets only for the writer's open file, so there the
+        // peak is since the workload started: still an upper bound.
+        let _ = std::fs::write(path, "0");
+        Some(peak)
+    })
+}

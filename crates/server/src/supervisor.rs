@@ -151,11 +151,17 @@ impl Sampler {
                 let sample = commons_runtime::usage::sample_group(pid);
                 let key = (d.name.clone(), c.name.clone(), pid);
                 let before = self.cpu.insert(key, sample.cpu_ms).unwrap_or(0);
+                // The cgroup's peak since the last sample when it keeps one
+                // (sandboxed), else this sample's reading.
+                let peak = commons_runtime::usage::take_memory_peak(&d.name, &c.name)
+                    .unwrap_or(0)
+                    .max(sample.memory_bytes);
                 let data = serde_json::json!({
                     "site": d.name, "component": c.name, "node": self.node,
                     "operator": "local", "provider": "local",
                     "cpu_ms": sample.cpu_ms.saturating_sub(before),
                     "memory_bytes": sample.memory_bytes,
+                    "memory_peak_bytes": peak,
                     "memory_byte_seconds": sample.memory_bytes * interval.as_secs().max(1),
                     "storage_bytes": storage,
                     "restarts": c.restarts,
