@@ -117,7 +117,7 @@ impl Conn {
                     Parsed::Partial => {}
                 }
             }
-            self.buf.reserve(READ_SIZE);
+            make_room(&mut self.buf);
             let n = tokio::io::AsyncReadExt::read_buf(&mut self.io, &mut self.buf)
                 .await
                 .map_err(|e| {
@@ -285,7 +285,7 @@ impl DirectBody {
 
     /// Reads more from the upstream into the buffer; `Ok(0)` at its end.
     fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        conn.buf.reserve(READ_SIZE);
+        make_room(&mut conn.buf);
         let spare = conn.buf.spare_capacity_mut();
         let mut rb = ReadBuf::uninit(spare);
         ready!(Pin::new(&mut conn.io).poll_read(cx, &mut rb))?;
@@ -293,6 +293,27 @@ impl DirectBody {
         // SAFETY: poll_read initialised the first n bytes of the spare capacity.
         unsafe { conn.buf.set_len(conn.buf.len() + n) };
         Poll::Ready(Ok(n))
+    }
+}
+
+/// Spare room for the next read, growing the buffer only when it is nearly
+/// full (a buffer nobody else holds is compacted in place, not reallocated).
+fn make_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(READ_SIZE);
+    }
+}
+
+/// The first `n` bytes of `buf`. Small pieces are copied, so the read
+/// buffer stays the connection's own and is reused; large ones are handed
+/// over without a copy.
+fn take(buf: &mut BytesMut, n: usize) -> Bytes {
+    if n <= 4096 {
+        let data = Bytes::copy_from_slice(&buf[..n]);
+        buf.advance(n);
+        data
+    } else {
+        buf.split_to(n).freeze()
     }
 }
 
@@ -338,7 +359,7 @@ impl Body for DirectBody {
                         }
                     }
                     let n = (conn.buf.len() as u64).min(left) as usize;
-                    let data = conn.buf.split_to(n).freeze();
+                    let data = take(&mut conn.buf, n);
                     this.framing = Framing::Length(left - n as u64);
                     if left == n as u64 {
                         this.finish();
@@ -360,7 +381,8 @@ impl Body for DirectBody {
                             }
                         }
                     }
-                    let data = conn.buf.split().freeze();
+                    let n = conn.buf.len();
+                    let data = take(&mut conn.buf, n);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Framing::Chunked => match decode_chunk(&mut this.chunk, &mut conn.buf) {
@@ -447,7 +469,7 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, &'stat
                     return Ok(Decoded::NeedMore);
                 }
                 let n = (buf.len() as u64).min(left) as usize;
-                let data = buf.split_to(n).freeze();
+                let data = take(buf, n);
                 *state = if left == n as u64 {
                     Chunk::DataEnd
                 } else {
