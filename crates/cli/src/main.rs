@@ -59,7 +59,7 @@ impl From<HostingArg> for commons_engine::Hosting {
 
 #[derive(clap::Args)]
 struct TargetArgs {
-    /// A deployment name, or a blueprint file or directory [default: ./commons.yaml]
+    /// A deployment name, a blueprint file or directory, or catalog:NAME [default: ./commons.yaml]
     target: Option<String>,
 
     /// Deploy under this name instead of the blueprint's.
@@ -164,6 +164,8 @@ enum Command {
     /// Run the platform on this machine: the gateway in front of every site,
     /// the API (usage ingest, payment webhooks, tiers) and the supervisor.
     Serve(ServeArgs),
+    /// Curated open-source applications: `commons deploy catalog:NAME`.
+    Catalog,
     /// The platform daemon (`commons serve`) of this data directory: start,
     /// status, stop. A deploy that leaves processes starts it when needed
     /// (`COMMONS_DAEMON=off` says not to).
@@ -296,6 +298,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// A deploy target as the engine takes it: `catalog:NAME` becomes the
+/// catalog blueprint's file.
+fn catalog_target(
+    home: &std::path::Path,
+    target: Option<String>,
+) -> Result<Option<String>, Failure> {
+    match target
+        .as_deref()
+        .and_then(|t| t.strip_prefix(commons_server::catalog::PREFIX))
+    {
+        Some(name) => commons_server::catalog::materialize(home, name)
+            .map(|p| Some(p.display().to_string()))
+            .map_err(Failure::Input),
+        None => Ok(target),
+    }
+}
+
 /// The deployment a name-taking command acts on: the given name, or the
 /// blueprint name in ./commons.yaml.
 fn name_or_local(name: Option<String>) -> Result<String, Failure> {
@@ -354,7 +373,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Plan(t) => {
             let engine = engine()?;
-            let target = engine.target(t.target.as_deref(), t.name.as_deref(), &t.inputs)?;
+            let target = engine.target(
+                catalog_target(&home, t.target)?.as_deref(),
+                t.name.as_deref(),
+                &t.inputs,
+            )?;
             let plan = engine.plan(&target)?;
             if json {
                 output::json(&plan);
@@ -369,7 +392,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             hosting,
         } => {
             let engine = engine()?;
-            let target = engine.target(t.target.as_deref(), t.name.as_deref(), &t.inputs)?;
+            let target = engine.target(
+                catalog_target(&home, t.target)?.as_deref(),
+                t.name.as_deref(),
+                &t.inputs,
+            )?;
             let started = Instant::now();
             let progress = progress::Reporter::new(json, "Deploying");
             let outcome = runtime().block_on(engine.deploy(&target, jobs, &progress))?;
@@ -488,6 +515,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Usage(cmd) => money::usage(cmd, &home, json),
         Command::Serve(args) => serve(&home, args),
         Command::Daemon(cmd) => daemon::run(cmd, &home, json),
+        Command::Catalog => {
+            let entries = commons_server::catalog::ENTRIES;
+            if json {
+                output::json(&entries);
+            } else {
+                let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4);
+                for e in entries {
+                    println!(
+                        "{:width$}  {} ({}, {})",
+                        e.name, e.summary, e.project, e.source
+                    );
+                }
+                eprintln!("deploy one with `commons deploy catalog:NAME`");
+            }
+            Ok(())
+        }
         Command::Token(cmd) => token(&home, cmd, json),
         Command::Subscribe(args) => money::subscribe(&home, args, json),
         Command::Period(PeriodCommand::Close { period }) => money::close(&home, &period, json),

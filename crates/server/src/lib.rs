@@ -18,6 +18,7 @@
 //! Every store is the embedded one under `COMMONS_HOME`. Errors are RFC 9457
 //! problem JSON; a secret never appears in a response or a log line.
 
+pub mod catalog;
 pub mod gateway;
 pub mod local;
 pub mod supervisor;

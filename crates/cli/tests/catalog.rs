@@ -1,0 +1,178 @@
+//! The catalog: every application deploys with one command
+//! (`commons deploy catalog:NAME`, sandboxed when the tests run as root),
+//! installs from its real package registry (PyPI, npm), and is exercised
+//! through the gateway as a user would: a query answered, an event stored,
+//! a page and its search index served, a record created and read back.
+
+mod common;
+
+use common::*;
+
+/// Deploys `catalog:NAME` and starts the platform in front of it.
+fn deployed(s: &Sandbox, name: &str) -> Server {
+    let sandbox = if is_root() { "1" } else { "0" };
+    let r = Run(s
+        .cmd(&["deploy", &format!("catalog:{name}")])
+        .env("COMMONS_SANDBOX", sandbox)
+        .output()
+        .unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    assert_eq!(s.component(name, "web")["state"], "running");
+    s.serve(&[])
+}
+
+/// One request to the site `NAME.localhost` through the gateway.
+fn through(
+    server: &Server,
+    site: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let host = format!("{site}.localhost");
+    let mut all = vec![("Host", host.as_str())];
+    all.extend_from_slice(headers);
+    http(server.http, method, path, &all, body.as_bytes()).unwrap()
+}
+
+#[test]
+fn the_catalog_lists_every_application_with_its_project() {
+    let s = Sandbox::new("catalog-list");
+    let list = s.ok(&["catalog", "--json"]).json();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["datasette", "json-server", "mkdocs", "radicale"]);
+    for e in list.as_array().unwrap() {
+        assert!(!e["project"].as_str().unwrap().is_empty(), "{e}");
+    }
+    let plan = s.ok(&["plan", "catalog:mkdocs", "--json"]).json();
+    assert_eq!(plan["deployment"], "mkdocs", "{plan}");
+    let r = s.run(&["deploy", "catalog:nothing"]);
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(
+        r.stderr().contains("the catalog has no \"nothing\""),
+        "{}",
+        r.all()
+    );
+}
+
+#[test]
+fn datasette_answers_a_sql_query_as_json() {
+    let s = Sandbox::new("catalog-datasette");
+    let server = deployed(&s, "datasette");
+    let q = "/db.json?sql=select+name+from+birds+where+wingspan_cm+%3E+40+order+by+wingspan_cm+desc&_shape=array";
+    let (code, body) = through(&server, "datasette", "GET", q, &[], "");
+    assert_eq!(code, 200, "{body}");
+    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        rows,
+        serde_json::json!([{ "name": "albatross" }, { "name": "swift" }])
+    );
+}
+
+#[test]
+fn radicale_stores_a_calendar_event() {
+    let s = Sandbox::new("catalog-radicale");
+    let server = deployed(&s, "radicale");
+    let alice = [("Authorization", "Basic YWxpY2U6eA==")]; // alice:x
+    let (code, body) = through(&server, "radicale", "MKCALENDAR", "/alice/cal/", &alice, "");
+    assert_eq!(code, 201, "{body}");
+    let event = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//commons//test//EN\r\n\
+        BEGIN:VEVENT\r\nUID:launch@commons\r\nDTSTAMP:20261125T120000Z\r\n\
+        DTSTART:20261201T100000Z\r\nDTEND:20261201T110000Z\r\nSUMMARY:Launch party\r\n\
+        END:VEVENT\r\nEND:VCALENDAR\r\n";
+    let mut put = alice.to_vec();
+    put.push(("Content-Type", "text/calendar"));
+    let (code, body) = through(
+        &server,
+        "radicale",
+        "PUT",
+        "/alice/cal/launch.ics",
+        &put,
+        event,
+    );
+    assert_eq!(code, 201, "{body}");
+    // Read back, and found by a CalDAV query over the calendar.
+    let (code, body) = through(
+        &server,
+        "radicale",
+        "GET",
+        "/alice/cal/launch.ics",
+        &alice,
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("SUMMARY:Launch party"), "{body}");
+    let report = r#"<?xml version="1.0"?><C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><C:calendar-data/></D:prop><C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"/></C:comp-filter></C:filter></C:calendar-query>"#;
+    let mut rep = alice.to_vec();
+    rep.extend([("Depth", "1"), ("Content-Type", "application/xml")]);
+    let (code, body) = through(&server, "radicale", "REPORT", "/alice/cal/", &rep, report);
+    assert_eq!(code, 207, "{body}");
+    assert!(body.contains("Launch party"), "{body}");
+}
+
+#[test]
+fn mkdocs_serves_the_built_site_and_its_search_index() {
+    let s = Sandbox::new("catalog-mkdocs");
+    let server = deployed(&s, "mkdocs");
+    let (code, body) = through(&server, "mkdocs", "GET", "/", &[], "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("<title>Our documentation"), "{body}");
+    let (code, body) = through(
+        &server,
+        "mkdocs",
+        "GET",
+        "/search/search_index.json",
+        &[],
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    let index: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        index["docs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["text"].as_str().unwrap_or("").contains("mkdocs")),
+        "{index}"
+    );
+}
+
+#[test]
+fn json_server_creates_and_reads_back_a_record() {
+    let s = Sandbox::new("catalog-json-server");
+    let server = deployed(&s, "json-server");
+    let json = [("Content-Type", "application/json")];
+    let (code, body) = through(
+        &server,
+        "json-server",
+        "POST",
+        "/notes",
+        &json,
+        r#"{"text": "hello from the commons"}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    let created: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = created["id"].as_u64().expect("an id");
+    let (code, body) = through(
+        &server,
+        "json-server",
+        "GET",
+        &format!("/notes/{id}"),
+        &[],
+        "",
+    );
+    assert_eq!(code, 200, "{body}");
+    let read: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(read["text"], "hello from the commons");
+    // Kept in the site's data directory, so it survives a restart.
+    let db = s.home.join("deployments/json-server/data/db.json");
+    assert!(std::fs::read_to_string(db)
+        .unwrap()
+        .contains("hello from the commons"));
+}
