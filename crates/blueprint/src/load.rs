@@ -53,7 +53,25 @@ pub const COMMON_FIELDS: &[&str] = &[
 pub const INPUT_FIELDS: &[&str] = &["type", "default", "description"];
 pub const SECRET_FIELDS: &[&str] = &["generate", "from_env", "description"];
 pub const HEALTH_FIELDS: &[&str] = &["http", "timeout", "interval"];
-pub const ROUTE_FIELDS: &[&str] = &["host", "path", "login", "max_body"];
+pub const ROUTE_FIELDS: &[&str] = &["host", "path", "login", "max_body", "user_header"];
+
+/// Headers the gateway itself sets or relies on: a route cannot hand the
+/// signed-in user to an app in one of them.
+const GATEWAY_HEADERS: &[&str] = &[
+    "host",
+    "authorization",
+    "cookie",
+    "forwarded",
+    "connection",
+    "upgrade",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
 pub const RESOURCE_FIELDS: &[&str] = &["memory", "cpu", "pids"];
 pub const PROJECT_DEP_FIELDS: &[&str] = &["project", "weight"];
 
@@ -1360,16 +1378,10 @@ impl<'a> Loader<'a> {
                     );
                     return None;
                 }
-                h
+                Some(h)
             }
-            None => {
-                self.sink(file).error_help(
-                    node.pos,
-                    "route needs `host`",
-                    "write `route: { host: hello.localhost }`",
-                );
-                return None;
-            }
+            // The deployment's own names (DEPLOYMENT.localhost, ...).
+            None => None,
         };
         let path = match f.get("path") {
             Some(n) => {
@@ -1426,11 +1438,34 @@ impl<'a> Loader<'a> {
             }
             None => None,
         };
+        let user_header = match f.get("user_header") {
+            Some(n) => {
+                let h = self
+                    .string(file, n, "route.user_header")?
+                    .to_ascii_lowercase();
+                let valid = !h.is_empty()
+                    && h.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !GATEWAY_HEADERS.contains(&h.as_str())
+                    && !h.starts_with("x-forwarded-")
+                    && !h.starts_with("x-commons-");
+                if !valid {
+                    self.sink(file).error_help(
+                        n.pos,
+                        format!("\"{h}\" cannot carry the signed-in user"),
+                        "name a header of the app's own, such as X-Remote-User (not one the gateway sets)",
+                    );
+                    return None;
+                }
+                Some(h)
+            }
+            None => None,
+        };
         Some(Route {
             host,
             path,
             login,
             max_body_bytes,
+            user_header,
         })
     }
 

@@ -230,7 +230,10 @@ pub enum Replace {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
-    pub host: String,
+    /// Where it is served; none: at the deployment's own names
+    /// (`DEPLOYMENT.localhost`, `COMPONENT.DEPLOYMENT.localhost`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     pub path: String,
     /// Path prefixes only signed-in users may reach (the gateway answers
     /// 401 to others).
@@ -239,6 +242,11 @@ pub struct Route {
     /// Largest request body the gateway passes on (413 beyond).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// A header in which the gateway hands the app the signed-in user's id
+    /// (lower case; removed from what clients send), for apps that take a
+    /// trusted user header instead of verifying the signed assertion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_header: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

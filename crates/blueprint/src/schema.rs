@@ -55,7 +55,7 @@ pub fn json_schema() -> Value {
     c.insert(
         "route".into(),
         json!({
-            "type": "object", "additionalProperties": false, "required": ["host"],
+            "type": "object", "additionalProperties": false,
             "properties": props(ROUTE_FIELDS, |f| match f {
                 "login" => json!({"type": "array", "items": {"type": "string", "pattern": "^/"}}),
                 "max_body" => json!({"type": "string", "pattern": "^[0-9]+(K|k|M|G|Ki|Mi|Gi|Ti)?$"}),

@@ -598,6 +598,31 @@ fn route_login_paths_and_body_limits() {
 }
 
 #[test]
+fn routes_may_keep_the_deployments_names_and_name_a_user_header() {
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { user_header: Authorization }\n",
+        5,
+        28,
+        "\"authorization\" cannot carry the signed-in user",
+    );
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { user_header: X-Commons-User }\n",
+        5,
+        28,
+        "cannot carry the signed-in user",
+    );
+    let src = files(&[(
+        "/bp/commons.yaml",
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { user_header: X-Remote-User }\n",
+    )]);
+    let bp = load(Path::new("/bp/commons.yaml"), &src).unwrap();
+    let route = bp.components["a"].route.clone().unwrap();
+    assert_eq!(route.host, None);
+    assert_eq!(route.path, "/");
+    assert_eq!(route.user_header.as_deref(), Some("x-remote-user"));
+}
+
+#[test]
 fn replace_must_be_a_known_strategy() {
     one(
         "name: x\ncomponents:\n  a:\n    process: x\n    replace: blue-green\n",

@@ -76,17 +76,34 @@ fn datasette_answers_a_sql_query_as_json() {
 }
 
 #[test]
-fn radicale_stores_a_calendar_event() {
+fn radicale_stores_a_calendar_event_for_the_signed_in_user_only() {
     let s = Sandbox::new("catalog-radicale");
     let server = deployed(&s, "radicale");
-    let alice = [("Authorization", "Basic YWxpY2U6eA==")]; // alice:x
-    let (code, body) = through(&server, "radicale", "MKCALENDAR", "/alice/cal/", &alice, "");
+    let token = |user: &str| {
+        s.ok(&["token", "create", user, "--scope", "session"])
+            .stdout()
+            .trim()
+            .to_string()
+    };
+    let (alice, bob) = (
+        format!("Bearer {}", token("alice")),
+        format!("Bearer {}", token("bob")),
+    );
+    let as_alice = [("Authorization", alice.as_str())];
+    let (code, body) = through(
+        &server,
+        "radicale",
+        "MKCALENDAR",
+        "/alice/cal/",
+        &as_alice,
+        "",
+    );
     assert_eq!(code, 201, "{body}");
     let event = "BEGIN:VCALENDAR\r\nVERSION:2.0\r\nPRODID:-//commons//test//EN\r\n\
         BEGIN:VEVENT\r\nUID:launch@commons\r\nDTSTAMP:20261125T120000Z\r\n\
         DTSTART:20261201T100000Z\r\nDTEND:20261201T110000Z\r\nSUMMARY:Launch party\r\n\
         END:VEVENT\r\nEND:VCALENDAR\r\n";
-    let mut put = alice.to_vec();
+    let mut put = as_alice.to_vec();
     put.push(("Content-Type", "text/calendar"));
     let (code, body) = through(
         &server,
@@ -103,17 +120,36 @@ fn radicale_stores_a_calendar_event() {
         "radicale",
         "GET",
         "/alice/cal/launch.ics",
-        &alice,
+        &as_alice,
         "",
     );
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("SUMMARY:Launch party"), "{body}");
     let report = r#"<?xml version="1.0"?><C:calendar-query xmlns:D="DAV:" xmlns:C="urn:ietf:params:xml:ns:caldav"><D:prop><C:calendar-data/></D:prop><C:filter><C:comp-filter name="VCALENDAR"><C:comp-filter name="VEVENT"/></C:comp-filter></C:filter></C:calendar-query>"#;
-    let mut rep = alice.to_vec();
+    let mut rep = as_alice.to_vec();
     rep.extend([("Depth", "1"), ("Content-Type", "application/xml")]);
     let (code, body) = through(&server, "radicale", "REPORT", "/alice/cal/", &rep, report);
     assert_eq!(code, 207, "{body}");
     assert!(body.contains("Launch party"), "{body}");
+
+    // Nobody else reaches it: not another user, not someone without a
+    // session, not someone claiming to be alice in the app's header.
+    for headers in [
+        vec![("Authorization", bob.as_str())],
+        vec![],
+        vec![("X-Remote-User", "alice")],
+    ] {
+        let (code, body) = through(
+            &server,
+            "radicale",
+            "GET",
+            "/alice/cal/launch.ics",
+            &headers,
+            "",
+        );
+        assert!(!(200..300).contains(&code), "{headers:?}: {code} {body}");
+        assert!(!body.contains("Launch party"), "{headers:?}: {body}");
+    }
 }
 
 #[test]

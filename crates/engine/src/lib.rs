@@ -210,9 +210,11 @@ impl Hosting {
 /// The route recorded in a component's configuration.
 fn route_of(config: &serde_json::Value) -> Option<commons_blueprint::model::Route> {
     let attr = |k: &str| config.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    // Every route records its path.
     Some(commons_blueprint::model::Route {
-        host: attr("route.host")?,
-        path: attr("route.path").unwrap_or_else(|| "/".into()),
+        path: attr("route.path")?,
+        host: attr("route.host"),
+        user_header: attr("route.user_header"),
         login: attr("route.login")
             .map(|l| l.split(',').map(str::to_string).collect())
             .unwrap_or_default(),

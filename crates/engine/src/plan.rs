@@ -200,8 +200,13 @@ pub fn attributes(c: &Component, values: &Values<'_>, static_hash: Option<String
         put("health.interval", Some(format!("{}ms", h.interval_ms)));
     }
     if let Some(r) = &c.route {
-        put("route.host", Some(r.host.clone()));
+        if let Some(h) = &r.host {
+            put("route.host", Some(h.clone()));
+        }
         put("route.path", Some(r.path.clone()));
+        if let Some(h) = &r.user_header {
+            put("route.user_header", Some(h.clone()));
+        }
         if !r.login.is_empty() {
             put("route.login", Some(r.login.join(",")));
         }

@@ -744,6 +744,18 @@ impl Gateway {
         if let Some(identity) = &caller.identity {
             h.insert(&IDENTITY, self.assertion(identity, &site.deployment));
         }
+        // An app that takes a trusted user header gets the signed-in user
+        // there, and never what a client put in it.
+        if let Some(name) = &site.user_header {
+            h.remove(name);
+            let user = caller
+                .identity
+                .as_ref()
+                .and_then(|i| HeaderValue::from_str(&i.user.id).ok());
+            if let Some(user) = user {
+                h.insert(name.clone(), user);
+            }
+        }
         if let Some(proto) = upgrade {
             h.insert(header::UPGRADE, proto);
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));

@@ -39,6 +39,10 @@ pub struct RouteSpec {
     /// Largest request body accepted, in bytes.
     #[serde(default)]
     pub max_body: Option<u64>,
+    /// A header the app gets the signed-in user's id in (see
+    /// `commons_blueprint::model::Route::user_header`).
+    #[serde(default)]
+    pub user_header: Option<String>,
 }
 
 /// Counters kept per site, across table rebuilds.
@@ -133,6 +137,8 @@ pub struct Site {
     pub deployment: Arc<str>,
     pub component: Arc<str>,
     pub operator: Arc<str>,
+    /// The header the app gets the signed-in user in, if it asked for one.
+    pub user_header: Option<http::HeaderName>,
     pub upstreams: Vec<Upstream>,
     pub stats: Arc<SiteStats>,
     next: AtomicUsize,
@@ -247,6 +253,10 @@ impl RouteTable {
                 deployment: Arc::from(spec.deployment.as_str()),
                 component: Arc::from(spec.component.as_str()),
                 operator: Arc::from(spec.operator.as_str()),
+                user_header: spec
+                    .user_header
+                    .as_deref()
+                    .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
                 spec: spec.clone(),
             };
             stats.insert(&spec.deployment, site.stats.clone());
@@ -336,6 +346,7 @@ mod tests {
             idle: false,
             login: vec![],
             max_body: None,
+            user_header: None,
         }
     }
 

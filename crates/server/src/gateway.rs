@@ -72,7 +72,11 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
         let Ok(status) = engine.observe(&d.name) else {
             continue;
         };
-        let has_route = status.components.iter().any(|c| c.route.is_some());
+        // A route with a host of its own replaces DEPLOYMENT.localhost.
+        let has_host = status
+            .components
+            .iter()
+            .any(|c| c.route.as_ref().is_some_and(|r| r.host.is_some()));
         let mut first = true;
         for c in status.components.iter().filter(|c| c.kind == "process") {
             // A live process is an upstream, also while a deploy replaces
@@ -98,11 +102,13 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
                     .map(|r| r.login.clone())
                     .unwrap_or_default(),
                 max_body: c.route.as_ref().and_then(|r| r.max_body_bytes),
+                user_header: c.route.as_ref().and_then(|r| r.user_header.clone()),
             };
-            if let Some(r) = &c.route {
-                out.push(spec(r.host.to_ascii_lowercase(), r.path.clone()));
-            } else if first && !has_route {
-                out.push(spec(format!("{}.localhost", d.name), "/".into()));
+            let path = c.route.as_ref().map_or("/".to_string(), |r| r.path.clone());
+            match c.route.as_ref().and_then(|r| r.host.as_ref()) {
+                Some(host) => out.push(spec(host.to_ascii_lowercase(), path)),
+                None if first && !has_host => out.push(spec(format!("{}.localhost", d.name), path)),
+                None => {}
             }
             out.push(spec(format!("{}.{}.localhost", c.name, d.name), "/".into()));
             first = false;

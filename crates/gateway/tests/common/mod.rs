@@ -245,6 +245,7 @@ pub fn route(host: &str, path: &str, deployment: &str, upstreams: &[SocketAddr])
         idle: false,
         login: vec![],
         max_body: None,
+        user_header: None,
     }
 }
 
