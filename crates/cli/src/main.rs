@@ -575,21 +575,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Address of the API (loopback by default).
-    #[arg(long, default_value = "127.0.0.1:8070", env = "COMMONS_LISTEN")]
-    listen: String,
-    /// The gateway's plain-HTTP address (sites at http://NAME.localhost:PORT).
-    #[arg(long, default_value = "127.0.0.1:8080", env = "COMMONS_GATEWAY_HTTP")]
-    http: String,
-    /// The gateway's HTTPS address ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:8443", env = "COMMONS_GATEWAY_HTTPS")]
-    https: String,
-    /// The gateway's metrics and routes, for operators ("off" to disable).
-    #[arg(long, default_value = "127.0.0.1:8071", env = "COMMONS_GATEWAY_ADMIN")]
-    admin: String,
-    /// Gateway worker threads (1: one event loop).
-    #[arg(long, default_value_t = 2, env = "COMMONS_GATEWAY_THREADS")]
-    gateway_threads: usize,
+    /// Configuration file [default: $COMMONS_HOME/commons.toml when it exists].
+    /// Flags and environment variables override what it says.
+    #[arg(long, env = "COMMONS_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// Address of the API [default: 127.0.0.1:8070].
+    #[arg(long, env = "COMMONS_LISTEN")]
+    listen: Option<String>,
+    /// The gateway's plain-HTTP address (sites at http://NAME.localhost:PORT)
+    /// [default: 127.0.0.1:8080].
+    #[arg(long, env = "COMMONS_GATEWAY_HTTP")]
+    http: Option<String>,
+    /// The gateway's HTTPS address, "off" to disable [default: 127.0.0.1:8443].
+    #[arg(long, env = "COMMONS_GATEWAY_HTTPS")]
+    https: Option<String>,
+    /// The gateway's metrics and routes, for operators; "off" to disable
+    /// [default: 127.0.0.1:8071].
+    #[arg(long, env = "COMMONS_GATEWAY_ADMIN")]
+    admin: Option<String>,
+    /// Gateway worker threads (1: one event loop) [default: 2].
+    #[arg(long, env = "COMMONS_GATEWAY_THREADS")]
+    gateway_threads: Option<usize>,
     /// ACME directory URL: certificates for the hosts sites route (e.g.
     /// https://acme-v02.api.letsencrypt.org/directory). Unset: only
     /// self-signed certificates for *.localhost.
@@ -604,6 +610,57 @@ struct ServeArgs {
     acme_email: Option<String>,
 }
 
+/// On the first start, the platform's administrator: a token with every
+/// scope, shown once — on the terminal when there is one, else only in a
+/// file of the platform's (mode 0600), so it never lands in a log.
+fn bootstrap_admin(home: &std::path::Path) -> Result<(), Failure> {
+    let tokens = commons_server::Tokens::new(home);
+    let existing = tokens.list().map_err(|e| Failure::Failed(e.to_string()))?;
+    if existing
+        .iter()
+        .any(|r| r.scopes.iter().any(|s| s == "admin"))
+    {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let (token, record) = tokens
+        .create("admin", &["admin".to_string()], now)
+        .map_err(Failure::Failed)?;
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "{:>12} the administrator's API token (shown only now; `commons token revoke {}` revokes it):\n{:>12} {token}",
+            "Admin",
+            record.id,
+            ""
+        );
+    } else {
+        let path = home.join("secrets").join("admin.token");
+        commons_server::private_dir(&home.join("secrets"))
+            .map_err(|e| Failure::Failed(e.to_string()))?;
+        write_private(&path, &format!("{token}\n")).map_err(|e| Failure::Failed(e.to_string()))?;
+        eprintln!(
+            "{:>12} the administrator's API token is in {} (read it, then delete the file)",
+            "Admin",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
 fn humantime_now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
 }
@@ -616,12 +673,33 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
             other.pid
         )));
     }
-    let listen = args.listen.as_str();
+    let file =
+        commons_server::config::load(home, args.config.as_deref()).map_err(Failure::Input)?;
+    // What the file sets for the parts that read the environment, unless
+    // the environment says otherwise. (No other thread runs yet.)
+    for (key, value) in file.environment() {
+        if std::env::var_os(key).is_none() {
+            std::env::set_var(key, value);
+        }
+    }
+    let args = ServeArgs {
+        listen: args.listen.or(file.api.listen),
+        http: args.http.or(file.gateway.http),
+        https: args.https.or(file.gateway.https),
+        admin: args.admin.or(file.gateway.admin),
+        gateway_threads: args.gateway_threads.or(file.gateway.threads),
+        acme_directory: args.acme_directory.or(file.acme.directory),
+        acme_root: args.acme_root.or(file.acme.root),
+        acme_email: args.acme_email.or(file.acme.email),
+        config: args.config,
+    };
+    let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8070");
     let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
     let state = commons_server::AppState::open(home, None, secret)
         .map_err(|e| Failure::Failed(e.to_string()))?;
+    bootstrap_admin(home)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -643,10 +721,10 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
         let state = std::sync::Arc::new(state);
         let off = |a: String| (a != "off").then_some(a);
         let settings = commons_server::gateway::GatewaySettings {
-            http: args.http,
-            https: off(args.https),
-            admin: off(args.admin),
-            threads: args.gateway_threads,
+            http: args.http.unwrap_or_else(|| "127.0.0.1:8080".into()),
+            https: off(args.https.unwrap_or_else(|| "127.0.0.1:8443".into())),
+            admin: off(args.admin.unwrap_or_else(|| "127.0.0.1:8071".into())),
+            threads: args.gateway_threads.unwrap_or(2),
             acme: args
                 .acme_directory
                 .map(|directory| commons_server::gateway::AcmeSettings {

@@ -208,3 +208,105 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
         .json();
     assert_eq!(b[0]["balance"]["credits_posted"], 455);
 }
+
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts `commons serve` with `env`, returns it and what it said up to its
+/// API address.
+fn start_serve(s: &Sandbox, env: &[(&str, &str)]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut cmd = s.cmd(&["serve"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        said.push_str(&line);
+        if line.contains("(gateway)") && said.matches("(gateway)").count() == 3 {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    (child, said)
+}
+
+#[test]
+fn serve_reads_its_configuration_file_and_makes_an_administrator_once() {
+    let s = Sandbox::new("serve-config");
+    std::fs::create_dir_all(&s.home).unwrap();
+    // A mistake is located: file, line, column.
+    std::fs::write(
+        s.home.join("commons.toml"),
+        "[gateway]\nhttp = \"127.0.0.1:0\"\nhtps = \"off\"\n",
+    )
+    .unwrap();
+    let r = s.run(&["serve"]);
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(r.stderr().contains("commons.toml:3:1:"), "{}", r.all());
+    assert!(r.stderr().contains("unknown field `htps`"), "{}", r.all());
+
+    let port = free_port();
+    std::fs::write(
+        s.home.join("commons.toml"),
+        format!(
+            "[api]\nlisten = \"127.0.0.1:{port}\"\n[gateway]\nhttp = \"127.0.0.1:0\"\nhttps = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, said) = start_serve(&s, &[]);
+    assert!(said.contains(&format!("http://127.0.0.1:{port}")), "{said}");
+    // The first start makes the administrator; not being a terminal, it is
+    // left in a private file rather than printed.
+    let file = s.home.join("secrets/admin.token");
+    assert!(said.contains("admin.token"), "{said}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let admin = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    assert!(!said.contains(&admin), "the token is not in the output");
+    let auth = format!("Bearer {admin}");
+    let (code, body) = http(
+        port,
+        "GET",
+        "/api/deployments/nothing",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 404, "the administrator may ask: {body}");
+    let (code, _) = http(port, "GET", "/api/deployments/nothing", &[], b"").unwrap();
+    assert_eq!(code, 401);
+    let (code, body) = http_get(port, "/readyz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["ready"],
+        true
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Started again, with the environment overriding the file: no second
+    // administrator.
+    let other = free_port();
+    let listen = format!("127.0.0.1:{other}");
+    let (mut child, said) = start_serve(&s, &[("COMMONS_LISTEN", &listen)]);
+    assert!(said.contains(&format!("http://{listen}")), "{said}");
+    assert!(!said.contains("Admin"), "{said}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -19,6 +19,7 @@
 //! problem JSON; a secret never appears in a response or a log line.
 
 pub mod catalog;
+pub mod config;
 pub mod gateway;
 pub mod local;
 pub mod supervisor;
@@ -459,10 +460,52 @@ async fn daemon(State(state): State<Arc<AppState>>, caller: Caller) -> Response 
     .into_response()
 }
 
+/// Ready to serve: every store answers. 503 with what does not.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let mut checks = serde_json::Map::new();
+    let mut ok = true;
+    let mut check = |name: &str, result: Result<(), String>| {
+        ok &= result.is_ok();
+        checks.insert(
+            name.into(),
+            result.err().unwrap_or_else(|| "ok".into()).into(),
+        );
+    };
+    check(
+        "state",
+        state.engine.list().map(|_| ()).map_err(|e| e.to_string()),
+    );
+    check(
+        "meter",
+        state.meter.try_lock().map(|_| ()).or_else(|e| match e {
+            std::sync::TryLockError::WouldBlock => Ok(()),
+            std::sync::TryLockError::Poisoned(_) => Err("a request failed holding it".into()),
+        }),
+    );
+    check(
+        "ledger",
+        state.journal.try_lock().map(|_| ()).or_else(|e| match e {
+            std::sync::TryLockError::WouldBlock => Ok(()),
+            std::sync::TryLockError::Poisoned(_) => Err("a request failed holding it".into()),
+        }),
+    );
+    if ok {
+        Json(serde_json::json!({ "ready": true, "checks": checks })).into_response()
+    } else {
+        problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Not ready",
+            "a store does not answer; see checks",
+            Some(serde_json::json!({ "checks": checks })),
+        )
+    }
+}
+
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
         .route("/api/usage/events", post(ingest))
         .route("/api/payments/stripe/webhook", post(stripe_webhook))
         .route("/api/users/{user}/tier", get(tier))
