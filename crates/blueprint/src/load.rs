@@ -1452,7 +1452,7 @@ impl<'a> Loader<'a> {
                     self.sink(file).error_help(
                         n.pos,
                         format!("\"{h}\" cannot carry the signed-in user"),
-                        "name a header of the app's own, such as X-Remote-User (not one the gateway sets)",
+                        "name a header of the app's own, such as X-Remote-User; the gateway sets the others itself",
                     );
                     return None;
                 }

@@ -602,13 +602,13 @@ fn routes_may_keep_the_deployments_names_and_name_a_user_header() {
     one(
         "name: x\ncomponents:\n  a:\n    process: x\n    route: { user_header: Authorization }\n",
         5,
-        28,
+        27,
         "\"authorization\" cannot carry the signed-in user",
     );
     one(
         "name: x\ncomponents:\n  a:\n    process: x\n    route: { user_header: X-Commons-User }\n",
         5,
-        28,
+        27,
         "cannot carry the signed-in user",
     );
     let src = files(&[(

@@ -49,6 +49,14 @@ fn started_message(info: &local::DaemonInfo, home: &Path) {
         gateway.join(", "),
         home.join("logs/serve.log").display()
     );
+    let admin = home.join("secrets/admin.token");
+    if admin.exists() {
+        eprintln!(
+            "{:>12} the administrator's API token is in {} (read it, then delete the file)",
+            "Admin",
+            admin.display()
+        );
+    }
 }
 
 /// After a command left `deployment` with processes: make sure a daemon

@@ -332,6 +332,13 @@ components:
         "{}",
         first.all()
     );
+    // Its first start made the administrator, whose token is in a private file.
+    assert!(
+        first.stderr().contains("administrator's API token is in"),
+        "{}",
+        first.all()
+    );
+    assert!(s.home.join("secrets/admin.token").exists());
     let status = s.ok(&["daemon", "status", "--json"]).json();
     assert_eq!(status["running"], true, "{status}");
     assert_eq!(status["processes_running"], 1, "{status}");
