@@ -739,8 +739,9 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
                 ..Default::default()
             },
         };
-        let bound = commons_server::gateway::spawn(home, state.clone(), settings)
+        let gateway = commons_server::gateway::spawn(home, state.clone(), settings)
             .map_err(Failure::Input)?;
+        let bound = gateway.bound.clone();
         for (what, addr) in &bound {
             eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
         }
@@ -755,9 +756,10 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
             started_at: humantime_now(),
         };
         let socket = commons_server::local::announce(home, &info).map_err(Failure::Input)?;
-        commons_server::serve(listener, Some(socket), state)
-            .await
-            .map_err(|e| Failure::Failed(e.to_string()))
+        let served = commons_server::serve(listener, Some(socket), state).await;
+        // Asked to stop: requests in flight finish, their usage is written.
+        gateway.stop();
+        served.map_err(|e| Failure::Failed(e.to_string()))
     })
 }
 

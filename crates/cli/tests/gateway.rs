@@ -262,3 +262,55 @@ components:
     let (code, _) = http(server.http, "POST", "/", &[host], &[b'x'; 512]).unwrap();
     assert_eq!(code, 501, "a small body reaches the app");
 }
+
+#[test]
+fn a_stopping_platform_finishes_requests_in_flight_and_meters_them() {
+    let s = Sandbox::new("gw-stop");
+    s.write(
+        "app.py",
+        r#"import os, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(1.5)
+        body = b"done" if self.path == "/slow" else b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#,
+    );
+    s.blueprint(
+        r#"name: slow
+components:
+  web:
+    process: python3 app.py
+    health: { http: "/" }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let mut server = s.serve(&[]);
+    assert_eq!(get(server.http, "slow.localhost", "/"), (200, "ok".into()));
+    let port = server.http;
+    let slow = std::thread::spawn(move || get(port, "slow.localhost", "/slow"));
+    std::thread::sleep(Duration::from_millis(400));
+    // SIGTERM, as `commons daemon stop` and service managers send it.
+    let pid = server.child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(
+        slow.join().unwrap(),
+        (200, "done".into()),
+        "the request in flight finished"
+    );
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "serve exits cleanly: {status}");
+    // Both requests were metered before it stopped.
+    assert_eq!(metered(&s, "slow"), 2.0);
+    // New connections are refused once it has stopped.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}

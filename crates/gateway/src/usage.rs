@@ -100,6 +100,8 @@ fn key(r: &RequestRecord) -> Key {
 #[derive(Default, Debug)]
 pub struct TapStats {
     pub recorded: AtomicU64,
+    /// Records handed to the sink (folded into events) or counted lost.
+    pub handled: AtomicU64,
     pub overflowed: AtomicU64,
     pub lost: AtomicU64,
     pub events: AtomicU64,
@@ -147,6 +149,24 @@ impl Tap {
             })
             .expect("the usage thread starts");
         tap
+    }
+
+    /// Waits (at most `limit`) until every record so far is with the sink:
+    /// what a stopping gateway does last, so no request goes unmetered.
+    pub fn wait_handled(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let recorded = self.stats.recorded.load(Ordering::Acquire);
+            let done = self.stats.handled.load(Ordering::Acquire)
+                + self.stats.lost.load(Ordering::Acquire);
+            if done >= recorded {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Records one request. Never blocks on the meter.
@@ -246,6 +266,7 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
+        let records: u64 = batch.values().map(|t| t.count).sum();
         let mut events = Vec::with_capacity(batch.len());
         for ((user, site, component, operator, status, via), t) in batch.drain() {
             self.seq += 1;
@@ -283,6 +304,7 @@ impl Writer {
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         self.sink.write(events);
+        self.stats.handled.fetch_add(records, Ordering::Release);
     }
 
     fn log_line(&mut self, r: &RequestRecord) {

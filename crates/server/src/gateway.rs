@@ -182,7 +182,7 @@ pub fn spawn(
     home: &Path,
     state: Arc<AppState>,
     settings: GatewaySettings,
-) -> Result<Vec<(String, SocketAddr)>, String> {
+) -> Result<RunningGateway, String> {
     let dir = home.join("gateway");
     crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let signer = identity::Signer::open(&dir.join("identity.key")).map_err(|e| e.to_string())?;
@@ -297,7 +297,8 @@ pub fn spawn(
         .map_err(|e| e.to_string())?;
 
     let threads = settings.threads.max(1);
-    std::thread::Builder::new()
+    let serving = gateway.clone();
+    let thread = std::thread::Builder::new()
         .name("commons-gateway".into())
         .spawn(move || {
             let rt = if threads == 1 {
@@ -327,5 +328,29 @@ pub fn spawn(
             });
         })
         .map_err(|e| e.to_string())?;
-    Ok(bound)
+    Ok(RunningGateway {
+        bound,
+        gateway: serving,
+        thread,
+    })
+}
+
+/// The gateway `commons serve` runs, and where it listens.
+pub struct RunningGateway {
+    /// ("http" | "https" | "admin", address).
+    pub bound: Vec<(String, SocketAddr)>,
+    gateway: Arc<Gateway>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    /// Stops accepting, lets in-flight requests finish (up to the drain
+    /// timeout), and waits until every request's usage is with the meter.
+    pub fn stop(self) {
+        self.gateway.shutdown();
+        let _ = self.thread.join();
+        if !self.gateway.tap.wait_handled(Duration::from_secs(5)) {
+            eprintln!("gateway: some requests' usage was not written before stopping");
+        }
+    }
 }
