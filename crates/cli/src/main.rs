@@ -446,6 +446,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 output::json(&status);
             } else {
                 output::status(&status);
+                let down = status
+                    .components
+                    .iter()
+                    .any(|c| commons_engine::is_down(&c.state));
+                if down && commons_server::local::running(&home).is_none() {
+                    eprintln!(
+                        "note: no platform daemon runs for this data directory, so nothing \
+                         restarts stopped processes; `commons daemon start` starts it"
+                    );
+                }
             }
             Ok(())
         }

@@ -239,9 +239,16 @@ components:
     assert_eq!(web["last_exit"]["signal"], 11, "{web}");
     assert_eq!(web["last_exit"]["reason"], "killed by SIGSEGV");
     assert_eq!(web["last_exit"]["oom"], false);
-    let text = s.ok(&["status", "ends"]).stdout();
+    let status = s.ok(&["status", "ends"]);
+    let text = status.stdout();
     assert!(text.contains("crashed"), "{text}");
     assert!(text.contains("last exit: killed by SIGSEGV"), "{text}");
+    // Nothing supervises it here, and status says so.
+    assert!(
+        status.stderr().contains("no platform daemon runs"),
+        "{}",
+        status.all()
+    );
 
     // Started again, then stopped on request: not a crash.
     s.ok(&["deploy"]);
