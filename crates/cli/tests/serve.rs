@@ -310,3 +310,75 @@ fn serve_reads_its_configuration_file_and_makes_an_administrator_once() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn the_openapi_document_validates_and_every_route_answers_as_documented() {
+    let s = Sandbox::new("serve-openapi");
+    let server = s.serve(&[]);
+    let (code, body) = http_get(server.port, "/api/openapi.json").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "{doc}");
+
+    // A real validator, from PyPI.
+    let path = s.dir.join("openapi.json");
+    std::fs::write(&path, &body).unwrap();
+    let venv = s.dir.join("venv");
+    let ok = |c: &mut std::process::Command| {
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(std::process::Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&venv));
+    ok(std::process::Command::new(venv.join("bin/pip")).args([
+        "install",
+        "-q",
+        "openapi-spec-validator==0.7.*",
+    ]));
+    ok(std::process::Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1])))",
+        ])
+        .arg(&path));
+
+    // Every documented operation answers, unauthenticated, with one of the
+    // statuses it documents (and problems as problem documents).
+    let mut operations = 0;
+    for (route, methods) in doc["paths"].as_object().unwrap() {
+        let url = route
+            .replace("{user}", "nobody")
+            .replace("{name}", "nothing");
+        for (method, op) in methods.as_object().unwrap() {
+            operations += 1;
+            let body: &[u8] = if method == "post" { b"[]" } else { b"" };
+            let (code, answer) = http(
+                server.port,
+                &method.to_uppercase(),
+                &url,
+                &[("Content-Type", "application/json")],
+                body,
+            )
+            .unwrap();
+            let documented = &op["responses"][code.to_string()];
+            assert!(
+                documented.is_object(),
+                "{method} {route} answered {code}, which it does not document: {answer}"
+            );
+            if documented["content"]
+                .get("application/problem+json")
+                .is_some()
+            {
+                let p: serde_json::Value = serde_json::from_str(&answer).unwrap();
+                assert_eq!(p["status"], code, "{method} {route}: {answer}");
+                assert!(p["detail"].is_string(), "{method} {route}: {answer}");
+            }
+        }
+    }
+    assert!(operations >= 9, "{operations} operations documented");
+}

@@ -13,7 +13,12 @@
 //!   (scope `billing:read`).
 //! - `POST /api/deployments/{name}/wake` — starts an idle site and answers
 //!   once it is healthy (scope `runtime:wake`).
-//! - `GET /healthz`.
+//! - `GET /api/deployments/{name}` — a deployment's components and their
+//!   states (scope `deployments:read`).
+//! - `GET /api/daemon` — the daemon itself, over the local socket only.
+//! - `GET /healthz` (alive), `GET /readyz` (every store answers).
+//! - `GET /api/openapi.json` — this list as an OpenAPI 3.1 document,
+//!   generated from the handlers' annotations (`openapi.rs`).
 //!
 //! Every store is the embedded one under `COMMONS_HOME`. Errors are RFC 9457
 //! problem JSON; a secret never appears in a response or a log line.
@@ -22,6 +27,7 @@ pub mod catalog;
 pub mod config;
 pub mod gateway;
 pub mod local;
+pub mod openapi;
 pub mod supervisor;
 pub mod tokens;
 
@@ -34,6 +40,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+
+use crate::openapi::Problem;
 use serde::Deserialize;
 
 use commons_ledger::billing::{default_tiers, Billing, Tier};
@@ -186,6 +194,21 @@ struct IngestParams {
     backfill: Option<String>,
 }
 
+#[utoipa::path(
+    post, path = "/api/usage/events", tag = "usage",
+    params(("backfill" = Option<String>, Query, description = "admit late events as this adjustment")),
+    request_body(content = Vec<Object>, description = "CloudEvents", content_type = "application/json"),
+    responses(
+        (status = 200, description = "every event accepted or a duplicate", body = Object),
+        (status = 400, description = "not a batch of events", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks usage:write", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "an id seen before with another payload", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "too many events in one batch", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "events too late for their period", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["usage:write"]))
+)]
 async fn ingest(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -280,6 +303,16 @@ async fn ingest(
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/payments/stripe/webhook", tag = "payments",
+    request_body(content = Object, description = "a Stripe event, signed (Stripe-Signature)", content_type = "application/json"),
+    responses(
+        (status = 200, description = "handled (or ignored)", body = Object),
+        (status = 400, description = "bad signature or payload", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "the webhook is not configured", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "recording the payment failed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn stripe_webhook(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -340,6 +373,17 @@ async fn stripe_webhook(
     }
 }
 
+#[utoipa::path(
+    get, path = "/api/users/{user}/tier", tag = "billing",
+    params(("user" = String, Path, description = "user id")),
+    responses(
+        (status = 200, description = "the user's tier", body = Object),
+        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks billing:read", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "lookup failed", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["billing:read"]))
+)]
 async fn tier(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -366,6 +410,18 @@ async fn tier(
 
 /// Starts an idle site and answers once it is healthy: what the gateway
 /// calls on a request for a site that is asleep (scope `runtime:wake`).
+#[utoipa::path(
+    post, path = "/api/deployments/{name}/wake", tag = "deployments",
+    params(("name" = String, Path, description = "deployment name")),
+    responses(
+        (status = 200, description = "healthy", body = Object),
+        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks runtime:wake", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such deployment", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "it did not wake", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["runtime:wake"]))
+)]
 async fn wake(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -401,6 +457,18 @@ async fn wake(
 
 /// A deployment's components and their states, as `commons status --json`
 /// shows them (scope `deployments:read`).
+#[utoipa::path(
+    get, path = "/api/deployments/{name}", tag = "deployments",
+    params(("name" = String, Path, description = "deployment name")),
+    responses(
+        (status = 200, description = "its components and their states, as `commons status --json`", body = Object),
+        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks deployments:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such deployment", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the state store failed", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["deployments:read"]))
+)]
 async fn deployment_status(
     State(state): State<Arc<AppState>>,
     caller: Caller,
@@ -425,6 +493,13 @@ async fn deployment_status(
 
 /// The daemon itself: its addresses and what it supervises. Only over the
 /// local socket.
+#[utoipa::path(
+    get, path = "/api/daemon", tag = "platform",
+    responses(
+        (status = 200, description = "the daemon's addresses and what it supervises (local socket only)", body = Object),
+        (status = 403, description = "asked over TCP", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn daemon(State(state): State<Arc<AppState>>, caller: Caller) -> Response {
     if !matches!(caller, Caller::Local) {
         return problem(
@@ -461,6 +536,13 @@ async fn daemon(State(state): State<Arc<AppState>>, caller: Caller) -> Response 
 }
 
 /// Ready to serve: every store answers. 503 with what does not.
+#[utoipa::path(
+    get, path = "/readyz", tag = "platform",
+    responses(
+        (status = 200, description = "every store answers", body = Object),
+        (status = 503, description = "a store does not", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let mut checks = serde_json::Map::new();
     let mut ok = true;
@@ -501,10 +583,25 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// Alive.
+#[utoipa::path(get, path = "/healthz", tag = "platform",
+    responses((status = 200, description = "the process answers", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "platform",
+    responses((status = 200, description = "the OpenAPI 3.1 description of this API", body = Object)))]
+async fn openapi_json() -> Response {
+    Json(openapi::document()).into_response()
+}
+
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/api/openapi.json", get(openapi_json))
         .route("/readyz", get(ready))
         .route("/api/usage/events", post(ingest))
         .route("/api/payments/stripe/webhook", post(stripe_webhook))
