@@ -77,6 +77,8 @@ pub fn ensure_supervised(home: &Path, engine: &commons_engine::Engine, deploymen
     };
     match local::start(home, &me, &[]) {
         Ok(info) => started_message(&info, home),
+        // Another command started one at the same moment: all is well.
+        Err(_) if local::running(home).is_some() => {}
         Err(e) => output::warn(&format!(
             "{e}; the processes run, but nothing restarts them if they stop \
              (`commons daemon start -- --http ADDR` picks other addresses)"
