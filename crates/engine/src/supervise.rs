@@ -138,7 +138,7 @@ impl Supervisor {
                     format!("{d}/{c}"),
                     Waiting {
                         restarts_in_a_row: b.failures,
-                        next_restart_ms: now_ms() + wait.as_millis() as u64,
+                        next_restart_ms: crate::now_ms() as u64 + wait.as_millis() as u64,
                     },
                 )
             })
@@ -155,12 +155,11 @@ impl Supervisor {
             pid: std::process::id(),
             waiting,
         };
-        let path = layout.supervisor_state();
-        let tmp = path.with_extension("json.tmp");
         let written = serde_json::to_vec(&state)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|_| std::fs::rename(&tmp, &path));
+            .and_then(|bytes| {
+                commons_runtime::layout::write_whole(&layout.supervisor_state(), &bytes)
+            });
         if written.is_ok() {
             self.published = Some(shape);
         }
@@ -200,11 +199,4 @@ pub fn waiting(
         .waiting
         .get(&format!("{deployment}/{component}"))
         .copied()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

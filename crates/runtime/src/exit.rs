@@ -104,15 +104,12 @@ pub fn read(path: &Path) -> Option<ExitRecord> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
-/// Writes `record` whole (a temporary file renamed over the old one), so a
-/// reader never sees half of it.
+/// Writes `record` whole, so a reader never sees half of it.
 pub fn write(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
-    let tmp = path.with_extension("exit.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(record).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(tmp, path)
+    crate::layout::write_whole(
+        path,
+        &serde_json::to_vec(record).map_err(std::io::Error::other)?,
+    )
 }
 
 /// How many times the kernel's OOM killer struck in a component's memory

@@ -55,12 +55,10 @@ pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {
     }
     let uid = map.values().max().map_or(FIRST_UID, |m| m + 1);
     map.insert(deployment.to_string(), uid);
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
+    crate::layout::write_whole(
+        &path,
+        &serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
     )?;
-    std::fs::rename(tmp, path)?;
     Ok(uid)
 }
 

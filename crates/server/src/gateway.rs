@@ -285,10 +285,7 @@ pub fn spawn(
                         "{{\"updated_ms\":{},\"upstreams\":{body}}}",
                         commons_gateway::now_ms()
                     );
-                    let tmp = state_file.with_extension("tmp");
-                    if std::fs::write(&tmp, json).is_ok() {
-                        let _ = std::fs::rename(&tmp, &state_file);
-                    }
+                    let _ = commons_runtime::layout::write_whole(&state_file, json.as_bytes());
                     last = (body, std::time::Instant::now());
                 }
                 std::thread::sleep(ROUTES_EVERY);

@@ -535,6 +535,15 @@ async fn daemon(State(state): State<Arc<AppState>>, caller: Caller) -> Response 
     .into_response()
 }
 
+/// A store behind a lock is usable unless a request panicked holding it
+/// (busy is fine: it answers the next one).
+fn usable<T>(store: &Mutex<T>) -> Result<(), String> {
+    match store.try_lock() {
+        Ok(_) | Err(std::sync::TryLockError::WouldBlock) => Ok(()),
+        Err(std::sync::TryLockError::Poisoned(_)) => Err("a request failed holding it".into()),
+    }
+}
+
 /// Ready to serve: every store answers. 503 with what does not.
 #[utoipa::path(
     get, path = "/readyz", tag = "platform",
@@ -557,20 +566,8 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
         "state",
         state.engine.list().map(|_| ()).map_err(|e| e.to_string()),
     );
-    check(
-        "meter",
-        state.meter.try_lock().map(|_| ()).or_else(|e| match e {
-            std::sync::TryLockError::WouldBlock => Ok(()),
-            std::sync::TryLockError::Poisoned(_) => Err("a request failed holding it".into()),
-        }),
-    );
-    check(
-        "ledger",
-        state.journal.try_lock().map(|_| ()).or_else(|e| match e {
-            std::sync::TryLockError::WouldBlock => Ok(()),
-            std::sync::TryLockError::Poisoned(_) => Err("a request failed holding it".into()),
-        }),
-    );
+    check("meter", usable(&state.meter));
+    check("ledger", usable(&state.journal));
     if ok {
         Json(serde_json::json!({ "ready": true, "checks": checks })).into_response()
     } else {

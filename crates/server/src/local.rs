@@ -65,10 +65,7 @@ pub fn announce(home: &Path, info: &DaemonInfo) -> Result<tokio::net::UnixListen
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| format!("cannot protect {}: {e}", path.display()))?;
     let bytes = serde_json::to_vec_pretty(info).map_err(|e| e.to_string())?;
-    let tmp = info_path(home).with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|_| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)))
-        .and_then(|_| std::fs::rename(&tmp, info_path(home)))
+    commons_runtime::layout::write_whole(&info_path(home), &bytes)
         .map_err(|e| format!("cannot write {}: {e}", info_path(home).display()))?;
     Ok(listener)
 }
