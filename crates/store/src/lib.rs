@@ -6,11 +6,13 @@
 //! PostgreSQL server. Both pass the same test suite; nothing outside this
 //! crate sees SQL.
 
+pub mod accounts;
 mod pg;
 mod sqlite;
 
 use serde::{Deserialize, Serialize};
 
+pub use accounts::AccountStore;
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 

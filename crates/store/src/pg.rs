@@ -25,6 +25,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     started_at_ms BIGINT NOT NULL, finished_at_ms BIGINT NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_by_run ON tasks (deployment, run);
 CREATE INDEX IF NOT EXISTS tasks_by_component ON tasks (deployment, component, seq);
+CREATE TABLE IF NOT EXISTS audit (
+    seq BIGSERIAL PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL, org TEXT,
+    action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS audit_by_org ON audit (org, seq);
 ";
 
 type Job = Box<dyn FnOnce(&mut Client) + Send>;
@@ -37,7 +41,7 @@ pub struct PgStore {
     jobs: Mutex<std::sync::mpsc::Sender<Job>>,
 }
 
-fn pg(e: ::postgres::Error) -> StoreError {
+pub(crate) fn pg(e: ::postgres::Error) -> StoreError {
     StoreError::Postgres(e.to_string())
 }
 
@@ -62,7 +66,7 @@ impl PgStore {
             .name("commons-pg-store".into())
             .spawn(move || {
                 let connected = Client::connect(&url, NoTls).and_then(|mut c| {
-                    c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {SCHEMA}"))
+                    c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {SCHEMA} {}", crate::accounts::SCHEMA))
                         .map(|_| c)
                 });
                 let mut client = match connected {
@@ -89,7 +93,7 @@ impl PgStore {
         })
     }
 
-    fn with<T: Send + 'static>(
+    pub(crate) fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Client) -> Result<T> + Send + 'static,
     ) -> Result<T> {

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::*;
 
-const MIGRATIONS: &[&str] = &[r#"
+const V1: &str = r#"
 CREATE TABLE deployments (
     name TEXT PRIMARY KEY,
     blueprint TEXT NOT NULL,
@@ -57,7 +57,17 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_by_run ON tasks (deployment, run);
 CREATE INDEX tasks_by_component ON tasks (deployment, component, seq);
-"#];
+"#;
+
+/// Each migration is run once, in order, its pieces in one transaction.
+const MIGRATIONS: &[&[&str]] = &[&[V1], &[crate::accounts::SCHEMA, AUDIT]];
+
+const AUDIT: &str = "
+CREATE TABLE audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, at_ms INTEGER NOT NULL, actor TEXT NOT NULL, org TEXT,
+    action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX audit_by_org ON audit (org, seq);
+";
 
 /// The SQLite implementation of [`StateStore`].
 pub struct SqliteStore {
@@ -103,15 +113,17 @@ impl SqliteStore {
         let mut conn = self.conn.lock().expect("store lock");
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql)?;
+        for (i, pieces) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            for sql in *pieces {
+                tx.execute_batch(sql)?;
+            }
             tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut Connection) -> Result<T>) -> Result<T> {
         let mut conn = self.conn.lock().expect("store lock");
         f(&mut conn)
     }

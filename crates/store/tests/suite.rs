@@ -101,12 +101,214 @@ fn suite(s: &dyn StateStore) {
     );
 }
 
+fn entry(action: &str, target: &str, org: Option<&str>) -> accounts::AuditEntry {
+    accounts::AuditEntry {
+        at_ms: 100,
+        actor: "u_ann".into(),
+        org: org.map(String::from),
+        action: action.into(),
+        target: target.into(),
+        detail: serde_json::json!({"why": "test"}),
+    }
+}
+
+fn accounts_suite<S: StateStore + AccountStore>(s: &S) {
+    use accounts::*;
+    let ann = UserRow {
+        id: "u_ann".into(),
+        email: "ann@example.org".into(),
+        name: "Ann".into(),
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$salt$hash".into(),
+        platform_admin: true,
+        created_ms: 1,
+    };
+    assert_eq!(s.user_count().unwrap(), 0);
+    assert!(s
+        .create_user(&ann, &entry("user.signup", "u_ann", None))
+        .unwrap());
+    let mut twin = ann.clone();
+    twin.id = "u_twin".into();
+    assert!(
+        !s.create_user(&twin, &entry("user.signup", "u_twin", None))
+            .unwrap(),
+        "an email is taken once"
+    );
+    let bob = UserRow {
+        id: "u_bob".into(),
+        email: "bob@example.org".into(),
+        platform_admin: false,
+        ..ann.clone()
+    };
+    assert!(s
+        .create_user(&bob, &entry("user.signup", "u_bob", None))
+        .unwrap());
+    assert_eq!(s.user_count().unwrap(), 2);
+    assert_eq!(s.user("u_ann").unwrap().unwrap(), ann);
+    assert_eq!(s.user_by_email("bob@example.org").unwrap().unwrap(), bob);
+    assert!(s.user("u_twin").unwrap().is_none());
+
+    // Sessions expire.
+    let session = SessionRow {
+        hash: "h1".into(),
+        user_id: "u_ann".into(),
+        csrf: "c1".into(),
+        created_ms: 10,
+        expires_ms: 20,
+    };
+    s.put_session(&session).unwrap();
+    assert_eq!(s.session("h1", 19).unwrap().unwrap(), session);
+    assert!(s.session("h1", 20).unwrap().is_none());
+    s.delete_session("h1").unwrap();
+    assert!(s.session("h1", 11).unwrap().is_none());
+
+    // Organisations: the creator is their admin; roles are replaced whole.
+    let org = OrgRow {
+        id: "acme".into(),
+        name: "Acme".into(),
+        created_ms: 2,
+    };
+    assert!(s
+        .create_org(&org, "u_ann", &entry("org.create", "acme", Some("acme")))
+        .unwrap());
+    assert!(!s
+        .create_org(&org, "u_bob", &entry("org.create", "acme", Some("acme")))
+        .unwrap());
+    assert_eq!(s.org("acme").unwrap().unwrap(), org);
+    s.set_roles(
+        "acme",
+        "u_bob",
+        &["operator".into(), "developer".into()],
+        &entry("member.set", "u_bob", Some("acme")),
+    )
+    .unwrap();
+    let roles = |user: &str| -> Vec<String> {
+        s.memberships(user)
+            .unwrap()
+            .into_iter()
+            .map(|m| format!("{}:{}", m.org, m.role))
+            .collect()
+    };
+    assert_eq!(roles("u_ann"), ["acme:admin"]);
+    assert_eq!(roles("u_bob"), ["acme:developer", "acme:operator"]);
+    assert_eq!(s.members("acme").unwrap().len(), 3);
+    s.set_roles(
+        "acme",
+        "u_bob",
+        &[],
+        &entry("member.remove", "u_bob", Some("acme")),
+    )
+    .unwrap();
+    assert!(roles("u_bob").is_empty());
+
+    // Tokens: found by hash, revoked once.
+    let token = TokenRow {
+        id: "t1".into(),
+        hash: "th1".into(),
+        user_id: "u_ann".into(),
+        name: "ci".into(),
+        scopes: vec!["sites:read".into(), "sites:write".into()],
+        org: Some("acme".into()),
+        created_ms: 3,
+        revoked_ms: None,
+    };
+    s.put_token(&token, &entry("token.create", "t1", None))
+        .unwrap();
+    assert_eq!(s.token_by_hash("th1").unwrap().unwrap(), token);
+    assert_eq!(s.tokens("u_ann").unwrap(), std::slice::from_ref(&token));
+    assert!(
+        !s.revoke_token("u_bob", "t1", &entry("token.revoke", "t1", None))
+            .unwrap(),
+        "only its owner revokes a token"
+    );
+    assert!(s
+        .revoke_token("u_ann", "t1", &entry("token.revoke", "t1", None))
+        .unwrap());
+    assert!(!s
+        .revoke_token("u_ann", "t1", &entry("token.revoke", "t1", None))
+        .unwrap());
+    assert_eq!(
+        s.token_by_hash("th1").unwrap().unwrap().revoked_ms,
+        Some(100)
+    );
+
+    // Sites page by name.
+    for i in 0..5 {
+        let site = SiteRow {
+            name: format!("site-{i}"),
+            org: "acme".into(),
+            created_by: "u_ann".into(),
+            created_ms: 4,
+        };
+        assert!(s
+            .create_site(&site, &entry("site.create", &site.name, Some("acme")))
+            .unwrap());
+    }
+    let taken = SiteRow {
+        name: "site-0".into(),
+        org: "acme".into(),
+        created_by: "u_bob".into(),
+        created_ms: 5,
+    };
+    assert!(!s
+        .create_site(&taken, &entry("site.create", "site-0", Some("acme")))
+        .unwrap());
+    assert_eq!(s.site("site-0").unwrap().unwrap().created_by, "u_ann");
+    let page: Vec<String> = s
+        .sites("acme", Some("site-1"), 2)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(page, ["site-2", "site-3"]);
+    assert_eq!(s.sites("acme", None, 100).unwrap().len(), 5);
+    assert!(s.sites("other", None, 100).unwrap().is_empty());
+    assert!(s
+        .delete_site("site-4", &entry("site.delete", "site-4", Some("acme")))
+        .unwrap());
+    assert!(!s
+        .delete_site("site-4", &entry("site.delete", "site-4", Some("acme")))
+        .unwrap());
+
+    // The audit log holds exactly the changes that happened, newest first.
+    s.record(&entry("site.deploy", "site-0", Some("acme")))
+        .unwrap();
+    let all = s.audit(None, None, 1000).unwrap();
+    let actions: Vec<&str> = all.iter().map(|a| a.entry.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "site.deploy",
+            "site.delete",
+            "site.create",
+            "site.create",
+            "site.create",
+            "site.create",
+            "site.create",
+            "token.revoke",
+            "token.create",
+            "member.remove",
+            "member.set",
+            "org.create",
+            "user.signup",
+            "user.signup"
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq > w[1].seq));
+    assert_eq!(all[0].entry, entry("site.deploy", "site-0", Some("acme")));
+    let acme = s.audit(Some("acme"), Some(all[1].seq), 3).unwrap();
+    assert_eq!(acme.len(), 3);
+    assert!(acme
+        .iter()
+        .all(|a| a.entry.org.as_deref() == Some("acme") && a.seq < all[1].seq));
+}
+
 #[test]
 fn sqlite_store_passes_the_suite() {
     let dir = std::env::temp_dir().join(format!("commons-store-suite-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     suite(&SqliteStore::open(&dir.join("state.db")).unwrap());
     suite(&SqliteStore::memory().unwrap());
+    accounts_suite(&SqliteStore::open(&dir.join("state.db")).unwrap());
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -122,6 +324,7 @@ fn postgres_store_passes_the_suite() {
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
         .unwrap();
     suite(&PgStore::connect(&url, &schema).unwrap());
+    accounts_suite(&PgStore::connect(&url, &schema).unwrap());
     admin
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
