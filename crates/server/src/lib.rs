@@ -23,6 +23,8 @@
 //! Every store is the embedded one under `COMMONS_HOME`. Errors are RFC 9457
 //! problem JSON; a secret never appears in a response or a log line.
 
+pub mod accounts;
+pub mod api;
 pub mod catalog;
 pub mod config;
 pub mod gateway;
@@ -74,6 +76,7 @@ pub struct AppState {
     pub billing: Mutex<Billing>,
     pub stripe: Option<Stripe>,
     pub tokens: Tokens,
+    pub accounts: accounts::Accounts,
     pub engine: commons_engine::Engine,
 }
 
@@ -112,8 +115,62 @@ impl AppState {
             ),
             stripe: stripe_secret.map(Stripe::new),
             tokens: Tokens::new(home),
+            accounts: accounts::Accounts::new(
+                open_account_store(home).map_err(|e| err("accounts", &e))?,
+            ),
             engine: commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?,
         })
+    }
+}
+
+/// The account store: PostgreSQL when `COMMONS_DATABASE_URL` names one (in
+/// `COMMONS_DATABASE_SCHEMA`, as the engine's state), else `HOME/state.db`.
+fn open_account_store(
+    home: &Path,
+) -> Result<Arc<dyn commons_store::AccountStore>, commons_store::StoreError> {
+    Ok(match std::env::var("COMMONS_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => {
+            let schema =
+                std::env::var("COMMONS_DATABASE_SCHEMA").unwrap_or_else(|_| "commons".into());
+            Arc::new(commons_store::PgStore::connect(&url, &schema)?)
+        }
+        _ => Arc::new(commons_store::SqliteStore::open(&home.join("state.db"))?),
+    })
+}
+
+/// An error answer: an RFC 9457 problem document with a 4xx or 5xx status.
+#[derive(Debug)]
+pub struct ApiProblem {
+    pub status: StatusCode,
+    pub title: &'static str,
+    pub detail: String,
+    retry_after_s: Option<i64>,
+}
+
+impl ApiProblem {
+    pub fn new(status: StatusCode, title: &'static str, detail: impl Into<String>) -> ApiProblem {
+        ApiProblem {
+            status,
+            title,
+            detail: detail.into(),
+            retry_after_s: None,
+        }
+    }
+
+    /// Tells the client when to try again (`Retry-After`).
+    pub fn retry_after(mut self, seconds: i64) -> ApiProblem {
+        self.retry_after_s = Some(seconds);
+        self
+    }
+}
+
+impl IntoResponse for ApiProblem {
+    fn into_response(self) -> Response {
+        let mut r = problem(self.status, self.title, self.detail, None);
+        if let Some(s) = self.retry_after_s {
+            r.headers_mut().insert(header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
@@ -606,6 +663,31 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/deployments/{name}/wake", post(wake))
         .route("/api/deployments/{name}", get(deployment_status))
         .route("/api/daemon", get(daemon))
+        .route("/api/signup", post(api::signup))
+        .route("/api/login", post(api::login))
+        .route("/api/logout", post(api::logout))
+        .route("/api/me", get(api::me))
+        .route("/api/orgs", get(api::orgs).post(api::create_org))
+        .route(
+            "/api/orgs/{org}/members",
+            get(api::members).put(api::set_members),
+        )
+        .route("/api/orgs/{org}/audit", get(api::audit))
+        .route(
+            "/api/orgs/{org}/sites",
+            get(api::sites).post(api::create_site),
+        )
+        .route("/api/orgs/{org}/plan", post(api::plan))
+        .route("/api/tokens", get(api::tokens).post(api::create_token))
+        .route("/api/tokens/{id}", axum::routing::delete(api::revoke_token))
+        .route("/api/catalog", get(api::catalog_list))
+        .route(
+            "/api/sites/{name}",
+            get(api::site).delete(api::destroy_site),
+        )
+        .route("/api/sites/{name}/logs", get(api::logs))
+        .route("/api/sites/{name}/history", get(api::history))
+        .route("/api/sites/{name}/backups", post(api::backup))
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
         // Event batches are large; the default 2 MiB limit would cut them.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
@@ -622,7 +704,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let home = state.home.clone();
-    let tcp = axum::serve(listener, router(state.clone()));
+    let tcp = axum::serve(
+        listener,
+        router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    );
     let socket = async {
         match local {
             Some(l) => {

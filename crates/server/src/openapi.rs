@@ -17,6 +17,26 @@ pub struct Problem {
     detail: String,
 }
 
+/// 401, the same for every route that needs a caller.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 401,
+    description = "not logged in: no live session cookie or bearer token",
+    content_type = "application/problem+json"
+)]
+#[allow(dead_code)] // described, not built
+pub struct Unauthenticated(Problem);
+
+/// 400, the same for every route that reads a JSON object.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 400,
+    description = "the body is not the JSON object documented",
+    content_type = "application/problem+json"
+)]
+#[allow(dead_code)] // described, not built
+pub struct Malformed(Problem);
+
 struct Bearer;
 
 impl Modify for Bearer {
@@ -33,7 +53,9 @@ impl Modify for Bearer {
 #[openapi(
     info(
         title = "OneCommons",
-        description = "The platform's API: usage, payments, tiers, deployments. \
+        description = "The platform's API: accounts, organisations, tokens, sites, usage, payments, tiers. \
+            Users log in (a session cookie, plus X-CSRF-Token on changes) or send their API \
+            tokens (`cmnu_...`, POST /api/tokens) as bearer tokens; platform \
             Bearer tokens carry scopes (`commons token create NAME --scope SCOPE`); \
             errors are RFC 9457 problem documents."
     ),
@@ -47,6 +69,27 @@ impl Modify for Bearer {
         crate::wake,
         crate::deployment_status,
         crate::daemon,
+        crate::api::signup,
+        crate::api::login,
+        crate::api::logout,
+        crate::api::me,
+        crate::api::orgs,
+        crate::api::create_org,
+        crate::api::members,
+        crate::api::set_members,
+        crate::api::audit,
+        crate::api::tokens,
+        crate::api::create_token,
+        crate::api::revoke_token,
+        crate::api::catalog_list,
+        crate::api::sites,
+        crate::api::create_site,
+        crate::api::plan,
+        crate::api::site,
+        crate::api::destroy_site,
+        crate::api::logs,
+        crate::api::history,
+        crate::api::backup,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

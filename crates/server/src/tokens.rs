@@ -34,14 +34,14 @@ pub struct TokenRecord {
     pub created_ms: i64,
 }
 
-fn hash(token: &str) -> String {
+pub(crate) fn hash(token: &str) -> String {
     Sha256::digest(token.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
 }
 
-fn random(n: usize) -> String {
+pub(crate) fn random(n: usize) -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut out = String::new();
     let mut buf = [0u8; 64];

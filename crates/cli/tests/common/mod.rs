@@ -178,6 +178,17 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String)> {
+    http_with_head(port, method, path, headers, body).map(|(code, _, body)| (code, body))
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:port; returns (status, head, body).
+pub fn http_with_head(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut req = format!(
@@ -205,7 +216,7 @@ pub fn http(
     } else {
         body.to_string()
     };
-    Ok((status, body))
+    Ok((status, head.to_string(), body))
 }
 
 /// A running `commons serve` on free loopback ports; stopped on drop.

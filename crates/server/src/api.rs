@@ -1,0 +1,1068 @@
+//! The account-facing API: sign-up and log-in, organisations and their
+//! members, API tokens, the catalog, and sites — deploy, plan, status, logs,
+//! history, backups, destroy — each authorised against the caller's roles
+//! (`accounts::Accounts::allow`) and recorded in the audit log.
+//!
+//! Lists paginate by name: `?limit=N&after=NAME`, answered with `next`, the
+//! cursor of the following page (absent on the last).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, FromRequestParts, Path as UrlPath, Query, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use commons_store::accounts::{AuditEntry, SiteRow};
+
+use crate::accounts::{now_ms, valid_slug, Action, Member, Principal, CSRF_HEADER, SESSION_COOKIE};
+use crate::openapi::Problem;
+use crate::{catalog, ApiProblem, AppState};
+
+type Reply = Result<Response, ApiProblem>;
+
+/// The caller, authenticated: the local socket, a bearer token (a user's
+/// `cmnu_` token or the platform's `admin` token), or a session cookie —
+/// which, for anything but GET and HEAD, must come with the session's CSRF
+/// token in `X-CSRF-Token`.
+pub struct Who(pub Principal);
+
+impl FromRequestParts<Arc<AppState>> for Who {
+    type Rejection = ApiProblem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Who, ApiProblem> {
+        if parts
+            .extensions
+            .get::<crate::local::LocalCaller>()
+            .is_some()
+        {
+            return Ok(Who(Principal::Platform));
+        }
+        let unauthenticated = || {
+            ApiProblem::new(
+                StatusCode::UNAUTHORIZED,
+                "Authentication required",
+                "log in (POST /api/login) or send `Authorization: Bearer TOKEN`",
+            )
+        };
+        if let Some(token) = bearer(parts) {
+            if token.starts_with(crate::accounts::USER_TOKEN_PREFIX) {
+                return match state.accounts.by_token(&token)? {
+                    Some(m) => Ok(Who(Principal::User(Box::new(m)))),
+                    None => Err(ApiProblem::new(
+                        StatusCode::UNAUTHORIZED,
+                        "Unknown token",
+                        "this token is unknown or revoked; make a new one",
+                    )),
+                };
+            }
+            return match state.tokens.authorise(&token, "admin") {
+                Some(_) => Ok(Who(Principal::Platform)),
+                None => Err(ApiProblem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "Unknown token",
+                    "this token is unknown, revoked, or not the platform's admin token",
+                )),
+            };
+        }
+        let Some(cookie) = session_cookie(parts) else {
+            return Err(unauthenticated());
+        };
+        let Some(member) = state.accounts.by_session(&cookie)? else {
+            return Err(unauthenticated());
+        };
+        if !matches!(parts.method, Method::GET | Method::HEAD) {
+            let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+            if !csrf_matches(sent, member.csrf.as_deref()) {
+                return Err(ApiProblem::new(
+                    StatusCode::FORBIDDEN,
+                    "CSRF token missing or wrong",
+                    "send the session's CSRF token (from POST /api/login or GET /api/me) in X-CSRF-Token",
+                ));
+            }
+        }
+        Ok(Who(Principal::User(Box::new(member))))
+    }
+}
+
+/// Compares in constant time.
+pub fn csrf_matches(sent: Option<&str>, expected: Option<&str>) -> bool {
+    match (sent, expected) {
+        (Some(a), Some(b)) if a.len() == b.len() => {
+            a.bytes()
+                .zip(b.bytes())
+                .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+                == 0
+        }
+        _ => false,
+    }
+}
+
+fn bearer(parts: &axum::http::request::Parts) -> Option<String> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(|t| t.trim().to_string())
+}
+
+/// The value of the session cookie, if the request carries one.
+pub fn session_cookie(parts: &axum::http::request::Parts) -> Option<String> {
+    parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// The `Set-Cookie` value of a session; `Secure` unless the platform is
+/// reached on a loopback address over plain HTTP (a local install).
+pub fn session_set_cookie(value: &str, max_age_s: i64, host: Option<&str>) -> HeaderValue {
+    let local = host.is_some_and(|h| {
+        let h = h.rsplit_once(':').map_or(h, |(a, _)| a);
+        matches!(h, "127.0.0.1" | "localhost" | "[::1]")
+    });
+    let secure = if local { "" } else { "; Secure" };
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_s}{secure}"
+    ))
+    .expect("cookie values are ASCII")
+}
+
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiProblem> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "Malformed request body",
+            format!("expected a JSON object as documented: {e}"),
+        )
+    })
+}
+
+fn member(who: &Principal) -> Result<&Member, ApiProblem> {
+    match who {
+        Principal::User(m) => Ok(m),
+        Principal::Platform => Err(ApiProblem::new(
+            StatusCode::FORBIDDEN,
+            "Not a user",
+            "the platform's administrator has no account of its own; sign up or log in as a user",
+        )),
+    }
+}
+
+fn engine_failed(e: commons_engine::EngineError) -> ApiProblem {
+    if e.is_bad_input() {
+        ApiProblem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid request",
+            e.to_string(),
+        )
+    } else {
+        ApiProblem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The engine failed",
+            e.to_string(),
+        )
+    }
+}
+
+fn store_failed(e: commons_store::StoreError) -> ApiProblem {
+    ApiProblem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Store failed",
+        e.to_string(),
+    )
+}
+
+fn created(body: serde_json::Value) -> Response {
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+// --- sign-up, log-in -----------------------------------------------------
+
+#[derive(Deserialize)]
+struct Signup {
+    email: String,
+    name: String,
+    password: String,
+}
+
+/// Creates an account and an organisation of its own (its admin).
+#[utoipa::path(post, path = "/api/signup", tag = "accounts",
+    request_body(content = Object, description = "`{email, name, password}` (a password of at least 10 characters)"),
+    responses(
+        (status = 201, description = "the account and its organisation", body = Object),
+        crate::openapi::Malformed,
+        (status = 409, description = "the email has an account", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an invalid email, name or password", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn signup(State(state): State<Arc<AppState>>, body: Bytes) -> Reply {
+    let s: Signup = json_body(&body)?;
+    let (user, org) = state.accounts.signup(&s.email, &s.name, &s.password)?;
+    Ok(created(serde_json::json!({ "user": user, "org": org })))
+}
+
+#[derive(Deserialize)]
+struct Login {
+    email: String,
+    password: String,
+}
+
+/// Opens a session: sets the session cookie and answers the CSRF token that
+/// changes made with it must send.
+#[utoipa::path(post, path = "/api/login", tag = "accounts",
+    request_body(content = Object, description = "`{email, password}`"),
+    responses(
+        (status = 200, description = "logged in; the session cookie is set", body = Object),
+        crate::openapi::Malformed,
+        (status = 401, description = "wrong email or password", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "too many failed log-ins; see Retry-After", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Reply {
+    let l: Login = json_body(&body)?;
+    let address = peer.map(|p| p.0 .0.ip().to_string()).unwrap_or_default();
+    let (cookie, session, user) = state.accounts.login(&l.email, &l.password, &address)?;
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let mut r = Json(serde_json::json!({ "user": user, "csrf": session.csrf })).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        session_set_cookie(&cookie, crate::accounts::SESSION_MS / 1000, host),
+    );
+    Ok(r)
+}
+
+/// Ends the session the cookie names (if any) and clears the cookie.
+#[utoipa::path(post, path = "/api/logout", tag = "accounts",
+    responses((status = 204, description = "logged out")))]
+pub async fn logout(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Reply {
+    let (parts, _) = request.into_parts();
+    if let Some(cookie) = session_cookie(&parts) {
+        state.accounts.logout(&cookie)?;
+    }
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok());
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    r.headers_mut()
+        .insert(header::SET_COOKIE, session_set_cookie("", 0, host));
+    Ok(r)
+}
+
+/// The caller's account, roles and (for a session) CSRF token.
+#[utoipa::path(get, path = "/api/me", tag = "accounts",
+    responses(
+        (status = 200, description = "the caller's account and roles", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+pub async fn me(Who(who): Who) -> Reply {
+    let m = member(&who)?;
+    Ok(Json(serde_json::json!({
+        "user": m.user,
+        "roles": m.roles,
+        "csrf": m.csrf,
+        "scopes": m.scopes,
+    }))
+    .into_response())
+}
+
+// --- organisations ---------------------------------------------------------
+
+/// The organisations the caller belongs to, with their roles in each.
+#[utoipa::path(get, path = "/api/orgs", tag = "organisations",
+    responses(
+        (status = 200, description = "`{items: [{id, name, roles}]}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["orgs:read"])))]
+pub async fn orgs(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
+    let m = member(&who)?;
+    let mut by_org: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in &m.roles {
+        if m.token_org.as_deref().is_none_or(|o| o == r.org) {
+            by_org.entry(&r.org).or_default().push(&r.role);
+        }
+    }
+    let mut items = Vec::new();
+    for (id, roles) in by_org {
+        let org = state.accounts.store().org(id).map_err(store_failed)?;
+        items.push(serde_json::json!({
+            "id": id,
+            "name": org.map(|o| o.name),
+            "roles": roles,
+        }));
+    }
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewOrg {
+    id: String,
+    name: String,
+}
+
+/// Creates an organisation; the caller becomes its admin.
+#[utoipa::path(post, path = "/api/orgs", tag = "organisations",
+    request_body(content = Object, description = "`{id, name}`"),
+    responses(
+        (status = 201, description = "created", body = Object),
+        crate::openapi::Malformed,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "not a user, or the token lacks orgs:write", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the id is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an invalid id", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["orgs:write"])))]
+pub async fn create_org(State(state): State<Arc<AppState>>, Who(who): Who, body: Bytes) -> Reply {
+    let m = member(&who)?;
+    if !who.has_scope("orgs:write") {
+        return Err(ApiProblem::new(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "this token lacks the scope orgs:write",
+        ));
+    }
+    let n: NewOrg = json_body(&body)?;
+    match state.accounts.create_org(&m.user, &n.id, &n.name)? {
+        Some(org) => Ok(created(serde_json::to_value(org).unwrap_or_default())),
+        None => Err(ApiProblem::new(
+            StatusCode::CONFLICT,
+            "Organisation id taken",
+            format!("\"{}\" is taken; choose another id", n.id),
+        )),
+    }
+}
+
+/// The organisation's members and their roles.
+#[utoipa::path(get, path = "/api/orgs/{org}/members", tag = "organisations",
+    params(("org" = String, Path, description = "organisation id")),
+    responses(
+        (status = 200, description = "`{items: [{user_id, email, name, roles}]}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the token lacks orgs:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["orgs:read"])))]
+pub async fn members(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(org): UrlPath<String>,
+) -> Reply {
+    known_org(&state, &org)?;
+    state.accounts.allow(&who, &org, Action::ReadOrg)?;
+    let rows = state.accounts.store().members(&org).map_err(store_failed)?;
+    members_json(&state, rows)
+}
+
+fn members_json(state: &AppState, rows: Vec<commons_store::accounts::MemberRow>) -> Reply {
+    let mut by_user: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in rows {
+        by_user.entry(r.user_id).or_default().push(r.role);
+    }
+    let mut items = Vec::new();
+    for (id, roles) in by_user {
+        let user = state.accounts.store().user(&id).map_err(store_failed)?;
+        items.push(serde_json::json!({
+            "user_id": id,
+            "email": user.as_ref().map(|u| &u.email),
+            "name": user.as_ref().map(|u| &u.name),
+            "roles": roles,
+        }));
+    }
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+fn known_org(state: &AppState, org: &str) -> Result<(), ApiProblem> {
+    match state.accounts.store().org(org).map_err(store_failed)? {
+        Some(_) => Ok(()),
+        None => Err(ApiProblem::new(
+            StatusCode::NOT_FOUND,
+            "No such organisation",
+            format!("there is no organisation \"{org}\""),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct SetRoles {
+    email: String,
+    roles: Vec<String>,
+}
+
+/// Gives a user exactly the listed roles in the organisation (an empty
+/// list removes them). Admins only; an organisation keeps at least one admin.
+#[utoipa::path(put, path = "/api/orgs/{org}/members", tag = "organisations",
+    params(("org" = String, Path, description = "organisation id")),
+    request_body(content = Object, description = "`{email, roles: [admin|operator|provider|developer|custodian]}`"),
+    responses(
+        (status = 200, description = "the members now", body = Object),
+        crate::openapi::Malformed,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "not an admin of it, or a CSRF token is missing", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation or user", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "it would leave no admin", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown role", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["orgs:write"])))]
+pub async fn set_members(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(org): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    known_org(&state, &org)?;
+    state.accounts.allow(&who, &org, Action::ManageMembers)?;
+    let s: SetRoles = json_body(&body)?;
+    let rows = state.accounts.set_roles(&who, &org, &s.email, &s.roles)?;
+    members_json(&state, rows)
+}
+
+#[derive(Deserialize)]
+pub struct AuditQuery {
+    before: Option<i64>,
+    limit: Option<u32>,
+}
+
+/// The organisation's audit log, newest first (`?before=SEQ&limit=N`).
+#[utoipa::path(get, path = "/api/orgs/{org}/audit", tag = "organisations",
+    params(("org" = String, Path, description = "organisation id"),
+        ("before" = Option<i64>, Query, description = "entries older than this sequence number"),
+        ("limit" = Option<u32>, Query, description = "at most this many (default 50, at most 500)")),
+    responses(
+        (status = 200, description = "`{items, next}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "neither admin nor custodian of it", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["audit:read"])))]
+pub async fn audit(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(org): UrlPath<String>,
+    Query(q): Query<AuditQuery>,
+) -> Reply {
+    known_org(&state, &org)?;
+    state.accounts.allow(&who, &org, Action::ReadAudit)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let items = state
+        .accounts
+        .store()
+        .audit(Some(&org), q.before, limit)
+        .map_err(store_failed)?;
+    let next = (items.len() == limit as usize)
+        .then(|| items.last().map(|a| a.seq))
+        .flatten();
+    Ok(Json(serde_json::json!({ "items": items, "next": next })).into_response())
+}
+
+// --- tokens ------------------------------------------------------------------
+
+/// The caller's API tokens (never their values).
+#[utoipa::path(get, path = "/api/tokens", tag = "tokens",
+    responses(
+        (status = 200, description = "`{items}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+pub async fn tokens(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
+    let m = member(&who)?;
+    let items = state
+        .accounts
+        .store()
+        .tokens(&m.user.id)
+        .map_err(store_failed)?;
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewToken {
+    name: String,
+    scopes: Vec<String>,
+    org: Option<String>,
+}
+
+fn may_manage_tokens(who: &Principal) -> Result<&Member, ApiProblem> {
+    let m = member(who)?;
+    if !who.has_scope("tokens:write") {
+        return Err(ApiProblem::new(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            "this token lacks the scope tokens:write",
+        ));
+    }
+    Ok(m)
+}
+
+/// Makes an API token: answered once, stored hashed.
+#[utoipa::path(post, path = "/api/tokens", tag = "tokens",
+    request_body(content = Object, description = "`{name, scopes: [sites:read|sites:write|orgs:read|orgs:write|audit:read|tokens:write], org?}`"),
+    responses(
+        (status = 201, description = "`{token, record}`: the token is shown only here", body = Object),
+        crate::openapi::Malformed,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the caller may not make tokens", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown scope", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["tokens:write"])))]
+pub async fn create_token(State(state): State<Arc<AppState>>, Who(who): Who, body: Bytes) -> Reply {
+    let m = may_manage_tokens(&who)?;
+    let n: NewToken = json_body(&body)?;
+    if let Some(org) = &n.org {
+        if !m.roles.iter().any(|r| &r.org == org) {
+            return Err(ApiProblem::new(
+                StatusCode::NOT_FOUND,
+                "No such organisation",
+                format!("you are not a member of \"{org}\""),
+            ));
+        }
+    }
+    // A token can only be as narrow as, or narrower than, the one making it.
+    let org = n.org.as_deref().or(m.token_org.as_deref());
+    if let Some(s) = n.scopes.iter().find(|s| !who.has_scope(s)) {
+        return Err(ApiProblem::new(
+            StatusCode::FORBIDDEN,
+            "Not allowed",
+            format!("a token cannot grant {s}, which the token making it lacks"),
+        ));
+    }
+    let (token, record) = state
+        .accounts
+        .create_token(&m.user, &n.name, &n.scopes, org)?;
+    Ok(created(
+        serde_json::json!({ "token": token, "record": record }),
+    ))
+}
+
+/// Revokes one of the caller's tokens.
+#[utoipa::path(delete, path = "/api/tokens/{id}", tag = "tokens",
+    params(("id" = String, Path, description = "token id")),
+    responses(
+        (status = 204, description = "revoked"),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the caller may not manage tokens", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such live token of yours", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["tokens:write"])))]
+pub async fn revoke_token(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(id): UrlPath<String>,
+) -> Reply {
+    let m = may_manage_tokens(&who)?;
+    if state.accounts.revoke_token(&m.user, &id)? {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiProblem::new(
+            StatusCode::NOT_FOUND,
+            "No such token",
+            format!("you have no live token \"{id}\""),
+        ))
+    }
+}
+
+// --- catalog and sites -------------------------------------------------------
+
+/// The catalog's applications.
+#[utoipa::path(get, path = "/api/catalog", tag = "sites",
+    responses((status = 200, description = "`{items: [{name, summary, project, source}]}`", body = Object)))]
+pub async fn catalog_list() -> Response {
+    Json(serde_json::json!({ "items": catalog::ENTRIES })).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct PageQuery {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// One page of the organisation's sites, by name, with each one's last deploy status.
+#[utoipa::path(get, path = "/api/orgs/{org}/sites", tag = "sites",
+    params(("org" = String, Path, description = "organisation id"),
+        ("after" = Option<String>, Query, description = "the `next` cursor of the previous page"),
+        ("limit" = Option<u32>, Query, description = "at most this many (default 50, at most 500)")),
+    responses(
+        (status = 200, description = "`{items: [{name, org, created_by, created_ms, status}], next}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:read"])))]
+pub async fn sites(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(org): UrlPath<String>,
+    Query(q): Query<PageQuery>,
+) -> Reply {
+    known_org(&state, &org)?;
+    state.accounts.allow(&who, &org, Action::ReadSites)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let rows = state
+        .accounts
+        .store()
+        .sites(&org, q.after.as_deref(), limit)
+        .map_err(store_failed)?;
+    let next = (rows.len() == limit as usize)
+        .then(|| rows.last().map(|r| r.name.clone()))
+        .flatten();
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows {
+        let status = state
+            .engine
+            .store()
+            .deployment(&r.name)
+            .map_err(store_failed)?
+            .map(|d| d.status);
+        let mut v = serde_json::to_value(&r).unwrap_or_default();
+        v["status"] = status.into();
+        items.push(v);
+    }
+    Ok(Json(serde_json::json!({ "items": items, "next": next })).into_response())
+}
+
+#[derive(Deserialize)]
+struct NewSite {
+    name: String,
+    /// A catalog entry's name...
+    catalog: Option<String>,
+    /// ...or a blueprint's YAML.
+    blueprint: Option<String>,
+    #[serde(default)]
+    inputs: BTreeMap<String, String>,
+    hosting: Option<commons_engine::Hosting>,
+}
+
+/// Finds the blueprint a request names and settles its inputs.
+fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, ApiProblem> {
+    if !valid_slug(&n.name) {
+        return Err(ApiProblem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid site name",
+            format!("\"{}\" is not a site name: use lower-case letters, digits and '-', starting with a letter", n.name),
+        ));
+    }
+    let path =
+        match (&n.catalog, &n.blueprint) {
+            (Some(c), None) => catalog::materialize(&state.home, c).map_err(|e| {
+                ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown catalog entry", e)
+            })?,
+            (None, Some(yaml)) => {
+                let dir = state.home.join("uploads").join(&n.name);
+                crate::private_dir(&dir).map_err(|e| {
+                    ApiProblem::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Cannot store the blueprint",
+                        e.to_string(),
+                    )
+                })?;
+                let path = dir.join(commons_blueprint::FILE_NAME);
+                commons_runtime::layout::write_whole(&path, yaml.as_bytes()).map_err(|e| {
+                    ApiProblem::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Cannot store the blueprint",
+                        e.to_string(),
+                    )
+                })?;
+                path
+            }
+            _ => return Err(ApiProblem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "What to deploy",
+                "give either `catalog` (an entry of GET /api/catalog) or `blueprint` (its YAML)",
+            )),
+        };
+    let inputs: Vec<(String, String)> = n.inputs.clone().into_iter().collect();
+    state
+        .engine
+        .target(Some(&path.to_string_lossy()), Some(&n.name), &inputs)
+        .map_err(engine_failed)
+}
+
+/// Deploys a new site owned by the organisation, from the catalog or a
+/// blueprint. Answers 202 at once; the site's status follows the deploy.
+#[utoipa::path(post, path = "/api/orgs/{org}/sites", tag = "sites",
+    params(("org" = String, Path, description = "organisation id")),
+    request_body(content = Object, description = "`{name, catalog | blueprint, inputs?, hosting?: free|always-on}`"),
+    responses(
+        (status = 202, description = "deploying; GET /api/sites/{name} follows it", body = Object),
+        crate::openapi::Malformed,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "neither admin nor operator of it; the token lacks sites:write; or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the name is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an invalid name, blueprint or inputs", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:write"])))]
+pub async fn create_site(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(org): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    known_org(&state, &org)?;
+    state.accounts.allow(&who, &org, Action::WriteSites)?;
+    let n: NewSite = json_body(&body)?;
+    deploy_new_site(&state, &who, &org, &n).await
+}
+
+async fn deploy_new_site(state: &Arc<AppState>, who: &Principal, org: &str, n: &NewSite) -> Reply {
+    let taken = || {
+        ApiProblem::new(
+            StatusCode::CONFLICT,
+            "Site name taken",
+            format!("a site named \"{}\" exists; choose another name", n.name),
+        )
+    };
+    if state
+        .engine
+        .store()
+        .deployment(&n.name)
+        .map_err(store_failed)?
+        .is_some()
+    {
+        return Err(taken());
+    }
+    let target = site_target(state, n)?;
+    let now = now_ms();
+    let site = SiteRow {
+        name: n.name.clone(),
+        org: org.into(),
+        created_by: who.actor(),
+        created_ms: now,
+    };
+    let entry = AuditEntry {
+        at_ms: now,
+        actor: who.actor(),
+        org: Some(org.into()),
+        action: "site.create".into(),
+        target: n.name.clone(),
+        detail: serde_json::json!({ "catalog": n.catalog, "inputs": n.inputs }),
+    };
+    if !state
+        .accounts
+        .store()
+        .create_site(&site, &entry)
+        .map_err(store_failed)?
+    {
+        return Err(taken());
+    }
+    if let Some(h) = n.hosting {
+        state
+            .engine
+            .set_hosting(&n.name, h)
+            .map_err(engine_failed)?;
+    }
+    let (state2, actor, org2) = (state.clone(), who.actor(), org.to_string());
+    tokio::spawn(async move {
+        let outcome = state2
+            .engine
+            .deploy(&target, 4, &commons_engine::apply::Quiet)
+            .await;
+        let detail = match &outcome {
+            Ok(o) => serde_json::json!({ "ok": o.ok }),
+            Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
+        };
+        let _ = state2.accounts.store().record(&AuditEntry {
+            at_ms: now_ms(),
+            actor,
+            org: Some(org2),
+            action: "site.deploy".into(),
+            target: target.name.clone(),
+            detail,
+        });
+    });
+    let mut r = (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({ "site": site, "status": "deploying" })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/sites/{}", n.name)) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(r)
+}
+
+/// What deploying would do, changing nothing.
+#[utoipa::path(post, path = "/api/orgs/{org}/plan", tag = "sites",
+    params(("org" = String, Path, description = "organisation id")),
+    request_body(content = Object, description = "as for POST /api/orgs/{org}/sites"),
+    responses(
+        (status = 200, description = "the plan: each component's action and changed attributes", body = Object),
+        crate::openapi::Malformed,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the caller may not deploy in it", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an invalid name, blueprint or inputs", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:write"])))]
+pub async fn plan(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(org): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    known_org(&state, &org)?;
+    state.accounts.allow(&who, &org, Action::WriteSites)?;
+    let n: NewSite = json_body(&body)?;
+    if let Some(site) = state.accounts.store().site(&n.name).map_err(store_failed)? {
+        if site.org != org {
+            return Err(ApiProblem::new(
+                StatusCode::CONFLICT,
+                "Site name taken",
+                format!("a site named \"{}\" exists; choose another name", n.name),
+            ));
+        }
+    }
+    let target = site_target(&state, &n)?;
+    let plan = state.engine.plan(&target).map_err(engine_failed)?;
+    Ok(Json(plan).into_response())
+}
+
+/// The site, if the caller may `action` it: 404 for anyone outside its
+/// organisation, so other organisations' sites stay unseen.
+fn site_for(
+    state: &AppState,
+    who: &Principal,
+    name: &str,
+    action: Action,
+) -> Result<Option<SiteRow>, ApiProblem> {
+    let site = state.accounts.store().site(name).map_err(store_failed)?;
+    match (&site, who) {
+        (Some(s), _) => state.accounts.allow(who, &s.org, action)?,
+        // Sites made with the CLI have no organisation: the platform's own.
+        (None, Principal::Platform) => {}
+        (None, Principal::User(_)) => {
+            return Err(ApiProblem::new(
+                StatusCode::NOT_FOUND,
+                "No such site",
+                format!("there is no site \"{name}\" in your organisations"),
+            ))
+        }
+    }
+    Ok(site)
+}
+
+/// A site's components and their states, as `commons status --json`.
+#[utoipa::path(get, path = "/api/sites/{name}", tag = "sites",
+    params(("name" = String, Path, description = "site name")),
+    responses(
+        (status = 200, description = "`{site, status}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:read"])))]
+pub async fn site(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+) -> Reply {
+    let site = site_for(&state, &who, &name, Action::ReadSites)?;
+    let status = match state.engine.status(&name) {
+        Ok(s) => serde_json::to_value(s).unwrap_or_default(),
+        // Owned, not deployed yet (the deploy has not recorded anything).
+        Err(e) if e.is_bad_input() && site.is_some() => {
+            serde_json::json!({ "status": "deploying" })
+        }
+        Err(e) if e.is_bad_input() => {
+            return Err(ApiProblem::new(
+                StatusCode::NOT_FOUND,
+                "No such site",
+                e.to_string(),
+            ))
+        }
+        Err(e) => return Err(engine_failed(e)),
+    };
+    Ok(Json(serde_json::json!({ "site": site, "status": status })).into_response())
+}
+
+/// Stops and removes the site and everything it holds.
+#[utoipa::path(delete, path = "/api/sites/{name}", tag = "sites",
+    params(("name" = String, Path, description = "site name")),
+    responses(
+        (status = 200, description = "destroyed: what was removed", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "removing failed", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:write"])))]
+pub async fn destroy_site(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+) -> Reply {
+    let site = site_for(&state, &who, &name, Action::WriteSites)?;
+    let outcome = state
+        .engine
+        .destroy(&name, 4, &commons_engine::apply::Quiet)
+        .await;
+    let (ok, body) = match outcome {
+        Ok(o) => (o.ok, serde_json::to_value(&o).unwrap_or_default()),
+        // Never deployed (or already gone): only the ownership row is left.
+        Err(e) if e.is_bad_input() && site.is_some() => (
+            true,
+            serde_json::json!({ "deployment": name, "ok": true, "tasks": [] }),
+        ),
+        Err(e) if e.is_bad_input() => {
+            return Err(ApiProblem::new(
+                StatusCode::NOT_FOUND,
+                "No such site",
+                e.to_string(),
+            ))
+        }
+        Err(e) => return Err(engine_failed(e)),
+    };
+    let entry = AuditEntry {
+        at_ms: now_ms(),
+        actor: who.actor(),
+        org: site.as_ref().map(|s| s.org.clone()),
+        action: "site.delete".into(),
+        target: name.clone(),
+        detail: serde_json::json!({ "ok": ok }),
+    };
+    if ok {
+        state
+            .accounts
+            .store()
+            .delete_site(&name, &entry)
+            .map_err(store_failed)?;
+    } else {
+        state
+            .accounts
+            .store()
+            .record(&entry)
+            .map_err(store_failed)?;
+    }
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct LogQuery {
+    component: Option<String>,
+    lines: Option<usize>,
+}
+
+/// The last lines each component printed (`?component=C&lines=N`, default 200).
+#[utoipa::path(get, path = "/api/sites/{name}/logs", tag = "sites",
+    params(("name" = String, Path, description = "site name"),
+        ("component" = Option<String>, Query, description = "only this component"),
+        ("lines" = Option<usize>, Query, description = "the last N lines of each (default 200, at most 10,000)")),
+    responses(
+        (status = 200, description = "`{components: {NAME: [line]}}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no such component", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:read"])))]
+pub async fn logs(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<LogQuery>,
+) -> Reply {
+    site_for(&state, &who, &name, Action::ReadSites)?;
+    let n = q.lines.unwrap_or(200).clamp(1, 10_000);
+    let files = state
+        .engine
+        .log_files(&name, q.component.as_deref())
+        .map_err(|e| not_found_or(e, &name))?;
+    let mut out = serde_json::Map::new();
+    for (component, path) in files {
+        let text = std::fs::read(&path).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(n)..];
+        out.insert(component, tail.into());
+    }
+    Ok(Json(serde_json::json!({ "components": out })).into_response())
+}
+
+/// A bad-input engine error about a missing deployment is a 404; others as usual.
+fn not_found_or(e: commons_engine::EngineError, name: &str) -> ApiProblem {
+    if e.is_bad_input()
+        && e.to_string()
+            .contains(&format!("no deployment named \"{name}\""))
+    {
+        ApiProblem::new(StatusCode::NOT_FOUND, "No such site", e.to_string())
+    } else {
+        engine_failed(e)
+    }
+}
+
+/// The site's deployment record, one entry per deploy, oldest first.
+#[utoipa::path(get, path = "/api/sites/{name}/history", tag = "sites",
+    params(("name" = String, Path, description = "site name")),
+    responses(
+        (status = 200, description = "`{items: [{revision, commit, time, summary}]}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:read"])))]
+pub async fn history(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+) -> Reply {
+    site_for(&state, &who, &name, Action::ReadSites)?;
+    let items = state
+        .engine
+        .history(&name)
+        .map_err(|e| not_found_or(e, &name))?;
+    Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+/// Backs the site up (data, volumes, databases, record) into the archive.
+#[utoipa::path(post, path = "/api/sites/{name}/backups", tag = "sites",
+    params(("name" = String, Path, description = "site name")),
+    responses(
+        (status = 201, description = "`{sha256, bytes, manifest}`", body = Object),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "the backup failed", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:write"])))]
+pub async fn backup(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+) -> Reply {
+    let site = site_for(&state, &who, &name, Action::WriteSites)?;
+    let state2 = state.clone();
+    let name2 = name.clone();
+    let b = tokio::task::spawn_blocking(move || state2.engine.backup(&name2))
+        .await
+        .map_err(|_| {
+            ApiProblem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Backup failed",
+                "the backup task stopped",
+            )
+        })?
+        .map_err(|e| not_found_or(e, &name))?;
+    state
+        .accounts
+        .store()
+        .record(&AuditEntry {
+            at_ms: now_ms(),
+            actor: who.actor(),
+            org: site.map(|s| s.org),
+            action: "site.backup".into(),
+            target: name,
+            detail: serde_json::json!({ "sha256": b.sha256, "bytes": b.bytes }),
+        })
+        .map_err(store_failed)?;
+    Ok(created(serde_json::json!({
+        "sha256": b.sha256,
+        "bytes": b.bytes,
+        "manifest": b.manifest,
+    })))
+}
