@@ -727,6 +727,13 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
             "Listening",
             home.display()
         );
+        eprintln!("{:>12} http://{addr}/console", "Console");
+        if state.accounts.store().user_count().unwrap_or(1) == 0 {
+            eprintln!(
+                "{:>12} the first account to sign up at http://{addr}/console/signup administers the platform",
+                "Welcome"
+            );
+        }
         commons_server::supervisor::spawn(home.to_path_buf());
         let state = std::sync::Arc::new(state);
         let off = |a: String| (a != "off").then_some(a);

@@ -209,15 +209,6 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
     assert_eq!(b[0]["balance"]["credits_posted"], 455);
 }
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts `commons serve` with `env`, returns it and what it said up to its
 /// API address.
 fn start_serve(s: &Sandbox, env: &[(&str, &str)]) -> (std::process::Child, String) {

@@ -72,7 +72,7 @@ impl FromRequestParts<Arc<AppState>> for Who {
                 )),
             };
         }
-        let Some(cookie) = session_cookie(parts) else {
+        let Some(cookie) = session_cookie(&parts.headers) else {
             return Err(unauthenticated());
         };
         let Some(member) = state.accounts.by_session(&cookie)? else {
@@ -116,9 +116,8 @@ fn bearer(parts: &axum::http::request::Parts) -> Option<String> {
 }
 
 /// The value of the session cookie, if the request carries one.
-pub fn session_cookie(parts: &axum::http::request::Parts) -> Option<String> {
-    parts
-        .headers
+pub fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -163,7 +162,7 @@ fn member(who: &Principal) -> Result<&Member, ApiProblem> {
     }
 }
 
-fn engine_failed(e: commons_engine::EngineError) -> ApiProblem {
+pub fn engine_failed(e: commons_engine::EngineError) -> ApiProblem {
     if e.is_bad_input() {
         ApiProblem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -179,7 +178,7 @@ fn engine_failed(e: commons_engine::EngineError) -> ApiProblem {
     }
 }
 
-fn store_failed(e: commons_store::StoreError) -> ApiProblem {
+pub fn store_failed(e: commons_store::StoreError) -> ApiProblem {
     ApiProblem::new(
         StatusCode::INTERNAL_SERVER_ERROR,
         "Store failed",
@@ -254,7 +253,7 @@ pub async fn login(
     responses((status = 204, description = "logged out")))]
 pub async fn logout(State(state): State<Arc<AppState>>, request: axum::extract::Request) -> Reply {
     let (parts, _) = request.into_parts();
-    if let Some(cookie) = session_cookie(&parts) {
+    if let Some(cookie) = session_cookie(&parts.headers) {
         state.accounts.logout(&cookie)?;
     }
     let host = parts
@@ -389,7 +388,7 @@ fn members_json(state: &AppState, rows: Vec<commons_store::accounts::MemberRow>)
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
-fn known_org(state: &AppState, org: &str) -> Result<(), ApiProblem> {
+pub fn known_org(state: &AppState, org: &str) -> Result<(), ApiProblem> {
     match state.accounts.store().org(org).map_err(store_failed)? {
         Some(_) => Ok(()),
         None => Err(ApiProblem::new(
@@ -632,16 +631,17 @@ pub async fn sites(
     Ok(Json(serde_json::json!({ "items": items, "next": next })).into_response())
 }
 
-#[derive(Deserialize)]
-struct NewSite {
-    name: String,
+/// What to deploy as a new site.
+#[derive(Deserialize, Default)]
+pub struct NewSite {
+    pub name: String,
     /// A catalog entry's name...
-    catalog: Option<String>,
+    pub catalog: Option<String>,
     /// ...or a blueprint's YAML.
-    blueprint: Option<String>,
+    pub blueprint: Option<String>,
     #[serde(default)]
-    inputs: BTreeMap<String, String>,
-    hosting: Option<commons_engine::Hosting>,
+    pub inputs: BTreeMap<String, String>,
+    pub hosting: Option<commons_engine::Hosting>,
 }
 
 /// Finds the blueprint a request names and settles its inputs.
@@ -710,13 +710,19 @@ pub async fn create_site(
     UrlPath(org): UrlPath<String>,
     body: Bytes,
 ) -> Reply {
-    known_org(&state, &org)?;
-    state.accounts.allow(&who, &org, Action::WriteSites)?;
     let n: NewSite = json_body(&body)?;
     deploy_new_site(&state, &who, &org, &n).await
 }
 
-async fn deploy_new_site(state: &Arc<AppState>, who: &Principal, org: &str, n: &NewSite) -> Reply {
+/// Deploys `n` as a new site of `org`, if `who` may.
+pub async fn deploy_new_site(
+    state: &Arc<AppState>,
+    who: &Principal,
+    org: &str,
+    n: &NewSite,
+) -> Reply {
+    known_org(state, org)?;
+    state.accounts.allow(who, org, Action::WriteSites)?;
     let taken = || {
         ApiProblem::new(
             StatusCode::CONFLICT,
@@ -757,18 +763,16 @@ async fn deploy_new_site(state: &Arc<AppState>, who: &Principal, org: &str, n: &
     {
         return Err(taken());
     }
-    if let Some(h) = n.hosting {
-        state
-            .engine
-            .set_hosting(&n.name, h)
-            .map_err(engine_failed)?;
-    }
-    let (state2, actor, org2) = (state.clone(), who.actor(), org.to_string());
+    let (state2, actor, org2, hosting) = (state.clone(), who.actor(), org.to_string(), n.hosting);
     tokio::spawn(async move {
         let outcome = state2
             .engine
             .deploy(&target, 4, &commons_engine::apply::Quiet)
             .await;
+        // Hosting is kept per deployment, so it is set once the deploy recorded one.
+        if let Some(h) = hosting {
+            let _ = state2.engine.set_hosting(&target.name, h);
+        }
         let detail = match &outcome {
             Ok(o) => serde_json::json!({ "ok": o.ok }),
             Err(e) => serde_json::json!({ "ok": false, "error": e.to_string() }),
@@ -811,9 +815,19 @@ pub async fn plan(
     UrlPath(org): UrlPath<String>,
     body: Bytes,
 ) -> Reply {
-    known_org(&state, &org)?;
-    state.accounts.allow(&who, &org, Action::WriteSites)?;
     let n: NewSite = json_body(&body)?;
+    Ok(Json(plan_site(&state, &who, &org, &n)?).into_response())
+}
+
+/// What deploying `n` in `org` would do, if `who` may deploy there.
+pub fn plan_site(
+    state: &AppState,
+    who: &Principal,
+    org: &str,
+    n: &NewSite,
+) -> Result<commons_engine::plan::Plan, ApiProblem> {
+    known_org(state, org)?;
+    state.accounts.allow(who, org, Action::WriteSites)?;
     if let Some(site) = state.accounts.store().site(&n.name).map_err(store_failed)? {
         if site.org != org {
             return Err(ApiProblem::new(
@@ -823,14 +837,13 @@ pub async fn plan(
             ));
         }
     }
-    let target = site_target(&state, &n)?;
-    let plan = state.engine.plan(&target).map_err(engine_failed)?;
-    Ok(Json(plan).into_response())
+    let target = site_target(state, n)?;
+    state.engine.plan(&target).map_err(engine_failed)
 }
 
 /// The site, if the caller may `action` it: 404 for anyone outside its
 /// organisation, so other organisations' sites stay unseen.
-fn site_for(
+pub fn site_for(
     state: &AppState,
     who: &Principal,
     name: &str,

@@ -225,10 +225,9 @@ pub fn spawn(
         .as_deref()
         .map(|a| bind("admin", a))
         .transpose()?;
-    let mut bound = vec![(
-        "http".to_string(),
-        http.local_addr().map_err(|e| e.to_string())?,
-    )];
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    let _ = state.gateway_http.set(http_addr);
+    let mut bound = vec![("http".to_string(), http_addr)];
     if let Some(l) = &https {
         bound.push(("https".into(), l.local_addr().map_err(|e| e.to_string())?));
     }

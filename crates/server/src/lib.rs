@@ -27,6 +27,7 @@ pub mod accounts;
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod console;
 pub mod gateway;
 pub mod local;
 pub mod openapi;
@@ -78,6 +79,9 @@ pub struct AppState {
     pub tokens: Tokens,
     pub accounts: accounts::Accounts,
     pub engine: commons_engine::Engine,
+    /// The gateway's plain-HTTP address, once it listens: sites are at
+    /// `http://SITE.localhost:PORT/` (the console links them).
+    pub gateway_http: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +123,7 @@ impl AppState {
                 open_account_store(home).map_err(|e| err("accounts", &e))?,
             ),
             engine: commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?,
+            gateway_http: std::sync::OnceLock::new(),
         })
     }
 }
@@ -688,6 +693,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/sites/{name}/logs", get(api::logs))
         .route("/api/sites/{name}/history", get(api::history))
         .route("/api/sites/{name}/backups", post(api::backup))
+        .merge(console::routes())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
         // Event batches are large; the default 2 MiB limit would cut them.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))

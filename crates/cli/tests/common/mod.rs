@@ -323,3 +323,12 @@ pub fn uid_of(pid: i64) -> u32 {
 pub fn is_root() -> bool {
     uid_of(std::process::id() as i64) == 0
 }
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

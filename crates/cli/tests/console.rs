@@ -1,0 +1,284 @@
+//! The web console in a real browser: Debian's headless Chromium driven over
+//! WebDriver (chromedriver) by fantoccini. A visitor signs up, previews the
+//! plan of a catalog application, deploys it, sees it running, opens it
+//! through the gateway, and logs out. Screenshots of the main pages are saved
+//! under `target/console-screenshots/` as artefacts; every page is checked
+//! for labelled fields and, on a phone-sized window, for no sideways scroll.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+
+/// chromedriver on a loopback port, its browsers' profile in `profile`;
+/// on drop, both are killed (a failed test leaves no browser behind).
+struct Driver {
+    child: std::process::Child,
+    port: u16,
+    profile: std::path::PathBuf,
+}
+
+impl Driver {
+    fn start(profile: std::path::PathBuf) -> Driver {
+        let port = free_port();
+        let child = std::process::Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .arg("--allowed-ips=127.0.0.1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("chromedriver is needed for this test ({e}); `bash scripts/test` installs chromium-driver")
+            });
+        let up = wait_for(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "chromedriver did not listen on 127.0.0.1:{port}");
+        Driver {
+            child,
+            port,
+            profile,
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Chromium outlives a killed chromedriver: find it by its profile.
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", "--"])
+            .arg(format!("--user-data-dir={}", self.profile.display()))
+            .status();
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1280,1000",
+                     format!("--user-data-dir={}", driver.profile.display())],
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("chromium starts under chromedriver")
+}
+
+fn artefacts() -> std::path::PathBuf {
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn shot(c: &Client, name: &str) {
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG screenshot");
+    std::fs::write(artefacts().join(format!("{name}.png")), png).unwrap();
+}
+
+/// Every visible field has a label, and nothing scrolls sideways.
+async fn accessible(c: &Client, page: &str) {
+    let unlabelled = c
+        .execute(
+            "return [...document.querySelectorAll('input:not([type=hidden]),select,textarea')]
+                .filter(e => e.labels.length === 0).map(e => e.name)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        unlabelled,
+        serde_json::json!([]),
+        "{page}: fields without a label"
+    );
+    let fits = c
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(fits, serde_json::json!(true), "{page} scrolls sideways");
+}
+
+async fn fill(c: &Client, id: &str, text: &str) {
+    c.find(Locator::Id(id))
+        .await
+        .unwrap()
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
+async fn click(c: &Client, what: Locator<'_>) {
+    c.find(what).await.unwrap().click().await.unwrap();
+}
+
+async fn text_of(c: &Client, what: Locator<'_>) -> String {
+    c.find(what).await.unwrap().text().await.unwrap()
+}
+
+async fn title(c: &Client) -> String {
+    text_of(c, Locator::Css("h1")).await
+}
+
+#[test]
+fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
+    let s = Sandbox::new("console");
+    let sandbox = if is_root() { "1" } else { "0" };
+    let server = s.serve(&[("COMMONS_SANDBOX", sandbox)]);
+    let driver = Driver::start(s.dir.join("chromium-profile"));
+    let console = format!("http://127.0.0.1:{}/console", server.port);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = browser(&driver).await;
+
+        // Not signed in: the console sends us to log in; from there, sign up.
+        c.goto(&console).await.unwrap();
+        assert_eq!(title(&c).await, "Log in");
+        click(&c, Locator::LinkText("Sign up")).await;
+        assert_eq!(title(&c).await, "Sign up");
+        accessible(&c, "sign-up").await;
+        shot(&c, "signup").await;
+        fill(&c, "name", "Dana").await;
+        fill(&c, "email", "dana@example.org").await;
+        fill(&c, "password", "a long enough password").await;
+        click(&c, Locator::Css("button[type=submit]")).await;
+        assert_eq!(title(&c).await, "Your sites");
+        shot(&c, "sites-empty").await;
+
+        // Her organisation: choose a catalog app, preview the plan, deploy.
+        click(&c, Locator::LinkText("dana")).await;
+        assert_eq!(title(&c).await, "Organisation dana");
+        accessible(&c, "organisation").await;
+        fill(&c, "site-name", "notes").await;
+        c.find(Locator::Id("catalog"))
+            .await
+            .unwrap()
+            .select_by_value("json-server")
+            .await
+            .unwrap();
+        shot(&c, "deploy-form").await;
+        click(&c, Locator::Css("#deploy button[type=submit]")).await;
+        assert_eq!(title(&c).await, "Plan preview");
+        let plan = text_of(&c, Locator::Css("table")).await;
+        for component in ["install", "seed", "web"] {
+            assert!(plan.contains(component), "{plan}");
+        }
+        assert!(plan.contains("create"), "{plan}");
+        shot(&c, "plan").await;
+        click(&c, Locator::Css("main form button[type=submit]")).await;
+        assert_eq!(title(&c).await, "Site notes");
+
+        // It installs from npm and starts; the page follows it.
+        let site = format!("{console}/sites/notes");
+        let started = Instant::now();
+        loop {
+            c.goto(&site).await.unwrap();
+            let source = c.source().await.unwrap();
+            if source.contains("id=\"deploy-status\"") {
+                let status = text_of(&c, Locator::Id("deploy-status")).await;
+                if status == "ok" {
+                    break;
+                }
+                assert_ne!(status, "failed", "{source}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "the site did not deploy: {source}"
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let table = text_of(&c, Locator::Css("table")).await;
+        assert!(table.contains("running"), "{table}");
+        accessible(&c, "site").await;
+        shot(&c, "site").await;
+
+        // Open it through the gateway: json-server's own page.
+        let open = c.find(Locator::Id("open")).await.unwrap();
+        let href = open.attr("href").await.unwrap().unwrap();
+        assert_eq!(href, format!("http://notes.localhost:{}/", server.http));
+        open.click().await.unwrap();
+        let opened = {
+            let mut ok = false;
+            for _ in 0..30 {
+                if c.source().await.unwrap().contains("JSON Server") {
+                    ok = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            ok
+        };
+        assert!(opened, "{}", c.source().await.unwrap());
+        shot(&c, "site-through-gateway").await;
+
+        // Tokens: made here, shown once.
+        c.goto(&format!("{console}/tokens")).await.unwrap();
+        accessible(&c, "tokens").await;
+        fill(&c, "token-name", "laptop").await;
+        click(&c, Locator::Css("input[value='sites:read']")).await;
+        click(&c, Locator::Css("form.stack button[type=submit]")).await;
+        let token = text_of(&c, Locator::Id("new-token")).await;
+        assert!(token.starts_with("cmnu_"), "{token}");
+        shot(&c, "tokens").await;
+
+        // On a phone-sized screen, the site page still fits.
+        c.set_window_size(390, 844).await.unwrap();
+        c.goto(&site).await.unwrap();
+        accessible(&c, "site on a phone").await;
+        shot(&c, "site-phone").await;
+        c.set_window_size(1280, 1000).await.unwrap();
+
+        // Log out: the console asks to log in again.
+        click(&c, Locator::Css("header form button")).await;
+        assert_eq!(title(&c).await, "Log in");
+        c.goto(&site).await.unwrap();
+        assert_eq!(title(&c).await, "Log in");
+        c.close().await.unwrap();
+    });
+
+    // A form posted without the session's CSRF token is refused.
+    let (code, head, _) = http_with_head(
+        server.port,
+        "POST",
+        "/console/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"email=dana%40example.org&password=a+long+enough+password",
+    )
+    .unwrap();
+    assert_eq!(code, 303);
+    let cookie = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|v| v.split(';').next())
+        .unwrap()
+        .to_string();
+    let (code, body) = http(
+        server.port,
+        "POST",
+        "/console/tokens",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Cookie", &cookie),
+        ],
+        b"csrf=forged&name=x&scope=sites%3Aread",
+    )
+    .unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("CSRF"), "{body}");
+}
