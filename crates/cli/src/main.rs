@@ -728,6 +728,11 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
             home.display()
         );
         eprintln!("{:>12} http://{addr}/console", "Console");
+        let public = std::env::var("COMMONS_PUBLIC_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let _ = state.public_url.set(public);
         if state.accounts.store().user_count().unwrap_or(1) == 0 {
             eprintln!(
                 "{:>12} the first account to sign up at http://{addr}/console/signup administers the platform",

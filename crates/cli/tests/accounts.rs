@@ -441,3 +441,83 @@ fn listing_sites_paginates() {
     assert_eq!(seen, ["s0", "s1", "s2", "s3", "s4", "s5", "s6"]);
     assert_eq!(pages, 3);
 }
+
+/// One login for every hosted site: an application signs a user in with the
+/// platform through a real OpenID Connect client library (Authlib).
+#[test]
+fn a_real_oidc_client_signs_a_user_in() {
+    let s = Sandbox::new("accounts-oidc");
+    let server = s.serve(&[]);
+    let port = server.port;
+    let ann = signup(port, "ann@example.org", "Ann");
+    signup(port, "bob@example.org", "Bob");
+    let ann_web = login(port, "ann@example.org", true);
+    let app = json!({ "name": "Wiki", "redirect_uris": ["http://app.localhost/callback"] });
+    // Only the organisation's admins and operators register applications.
+    let bob_web = login(port, "bob@example.org", true);
+    let (code, v) = bob_web.post("/api/orgs/ann/oidc-clients", app.clone());
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = ann_web.post(
+        "/api/orgs/ann/oidc-clients",
+        json!({ "name": "Bad", "redirect_uris": ["javascript:alert(1)"] }),
+    );
+    assert_eq!(code, 422, "{v}");
+    let (code, client) = ann_web.post("/api/orgs/ann/oidc-clients", app);
+    assert_eq!(code, 201, "{client}");
+    let (id, secret) = (
+        client["client_id"].as_str().unwrap(),
+        client["client_secret"].as_str().unwrap(),
+    );
+
+    // Discovery says where everything is.
+    let (code, conf) = Api::anonymous(port).get("/.well-known/openid-configuration");
+    assert_eq!(code, 200, "{conf}");
+    let issuer = format!("http://127.0.0.1:{port}");
+    assert_eq!(conf["issuer"], issuer.as_str());
+    assert_eq!(conf["code_challenge_methods_supported"], json!(["S256"]));
+
+    // An unknown application or return address is not redirected to.
+    let (code, _, _) = Api::anonymous(port).raw(
+        "GET",
+        "/oidc/authorize?response_type=code&client_id=nobody&redirect_uri=http://evil.example/&scope=openid",
+        None,
+    );
+    assert_eq!(code, 400);
+
+    let python = python_venv(
+        &s.dir.join("venv"),
+        &["authlib==1.*", "requests==2.*", "cryptography"],
+    );
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oidc_client.py");
+    let out = run_ok(std::process::Command::new(python).arg(script).args([
+        &issuer,
+        id,
+        secret,
+        "ann@example.org",
+        "a long enough password",
+    ]));
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // The consent screen said who asks for what.
+    let consent = seen["consent_page"].as_str().unwrap();
+    for said in ["Wiki", "your name", "your email address", "ann@example.org"] {
+        assert!(consent.contains(said), "{said} missing from {consent}");
+    }
+    // The ID token, verified by the library against the JWKS.
+    let claims = &seen["claims"];
+    assert_eq!(seen["header_alg"], "EdDSA");
+    assert_eq!(claims["sub"], ann["user"]["id"]);
+    assert_eq!(claims["iss"], issuer.as_str());
+    assert_eq!(claims["aud"], id);
+    assert_eq!(claims["email"], "ann@example.org");
+    assert_eq!(claims["name"], "Ann");
+    assert_eq!(seen["userinfo"]["sub"], ann["user"]["id"]);
+    assert_eq!(seen["userinfo"]["email"], "ann@example.org");
+    // A code works once, only with its verifier; a refusal goes back as such.
+    assert_eq!(seen["reused"][0], 400, "{seen}");
+    assert_eq!(seen["reused"][1]["error"], "invalid_grant");
+    assert_eq!(seen["wrong_verifier"][0], 400, "{seen}");
+    assert_eq!(seen["wrong_verifier"][1]["error"], "invalid_grant");
+    assert_eq!(seen["denied"]["error"], "access_denied", "{seen}");
+    assert_eq!(seen["denied_state_ok"], true);
+}

@@ -314,24 +314,8 @@ fn the_openapi_document_validates_and_every_route_answers_as_documented() {
     // A real validator, from PyPI.
     let path = s.dir.join("openapi.json");
     std::fs::write(&path, &body).unwrap();
-    let venv = s.dir.join("venv");
-    let ok = |c: &mut std::process::Command| {
-        let out = c.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ok(std::process::Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&venv));
-    ok(std::process::Command::new(venv.join("bin/pip")).args([
-        "install",
-        "-q",
-        "openapi-spec-validator==0.7.*",
-    ]));
-    ok(std::process::Command::new(venv.join("bin/python"))
+    let python = python_venv(&s.dir.join("venv"), &["openapi-spec-validator==0.7.*"]);
+    run_ok(std::process::Command::new(python)
         .args([
             "-c",
             "import json, sys; from openapi_spec_validator import validate; validate(json.load(open(sys.argv[1])))",

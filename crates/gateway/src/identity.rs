@@ -94,7 +94,7 @@ impl Signer {
     }
 
     /// A signed JWT of `claims`.
-    pub fn sign(&self, claims: &Claims) -> String {
+    pub fn sign(&self, claims: &impl Serialize) -> String {
         let header = serde_json::json!({ "alg": "EdDSA", "typ": "JWT", "kid": self.kid });
         let mut jwt = B64.encode(serde_json::to_vec(&header).expect("json"));
         jwt.push('.');

@@ -69,7 +69,7 @@ pre{background:#111;color:#eee;padding:.6rem;overflow:auto;max-height:24rem;font
 ";
 
 /// A whole page.
-fn page(title: &str, who: Option<&Member>, refresh: bool, body: Markup) -> Response {
+pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -108,7 +108,7 @@ fn page(title: &str, who: Option<&Member>, refresh: bool, body: Markup) -> Respo
 }
 
 /// A problem, as a page with its status.
-fn problem_page(p: ApiProblem, who: Option<&Member>) -> Response {
+pub(crate) fn problem_page(p: ApiProblem, who: Option<&Member>) -> Response {
     let status = p.status;
     let mut r = page(
         p.title,
@@ -150,7 +150,7 @@ fn checked(state: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Member, 
 }
 
 /// A signed-in member viewing a page; anyone else is sent to log in.
-struct Viewer(Member);
+pub(crate) struct Viewer(pub Member);
 
 impl FromRequestParts<Arc<AppState>> for Viewer {
     type Rejection = Response;
@@ -165,7 +165,7 @@ impl FromRequestParts<Arc<AppState>> for Viewer {
 
 /// A form posted by a signed-in member, carrying their session's CSRF token
 /// (field `csrf`); its other fields read as `T`.
-struct Posted<T>(Member, T);
+pub(crate) struct Posted<T>(pub Member, pub T);
 
 impl<T: serde::de::DeserializeOwned> FromRequest<Arc<AppState>> for Posted<T> {
     type Rejection = Response;
@@ -198,16 +198,17 @@ fn principal(m: &Member) -> Principal {
     Principal::User(Box::new(m.clone()))
 }
 
-fn csrf_field(m: &Member) -> Markup {
+pub(crate) fn csrf_field(m: &Member) -> Markup {
     html! { input type="hidden" name="csrf" value=(m.csrf.as_deref().unwrap_or("")); }
 }
 
 // --- sign-up, log-in ---------------------------------------------------------
 
-fn credentials_form(action: &str, signup: bool, error: Option<&str>) -> Markup {
+fn credentials_form(action: &str, signup: bool, error: Option<&str>, next: &str) -> Markup {
     html! {
         @if let Some(e) = error { p.error role="alert" { (e) } }
         form.stack method="post" action=(action) {
+            input type="hidden" name="next" value=(next);
             @if signup {
                 label for="name" { "Name" }
                 input #name name="name" autocomplete="name" required;
@@ -232,17 +233,37 @@ async fn signup_page() -> Response {
         "Sign up",
         None,
         false,
-        credentials_form("/console/signup", true, None),
+        credentials_form("/console/signup", true, None, ""),
     )
 }
 
-async fn login_page() -> Response {
+#[derive(Deserialize)]
+struct Next {
+    next: Option<String>,
+}
+
+async fn login_page(Query(q): Query<Next>) -> Response {
     page(
         "Log in",
         None,
         false,
-        credentials_form("/console/login", false, None),
+        credentials_form(
+            "/console/login",
+            false,
+            None,
+            q.next.as_deref().unwrap_or(""),
+        ),
     )
+}
+
+/// Where to go after logging in: a path of this platform (never another
+/// site: `//host` and `/\host` are refused), else the console.
+fn local_path(next: &str) -> &str {
+    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+        next
+    } else {
+        "/console"
+    }
 }
 
 #[derive(Deserialize)]
@@ -251,6 +272,8 @@ struct Credentials {
     name: String,
     email: String,
     password: String,
+    #[serde(default)]
+    next: String,
 }
 
 async fn signup_submit(
@@ -265,7 +288,7 @@ async fn signup_submit(
                 "Sign up",
                 None,
                 false,
-                credentials_form("/console/signup", true, Some(&p.detail)),
+                credentials_form("/console/signup", true, Some(&p.detail), &f.next),
             );
             *r.status_mut() = p.status;
             r
@@ -291,7 +314,7 @@ fn start_session(state: &AppState, headers: &HeaderMap, f: &Credentials, signup:
     match state.accounts.login(&f.email, &f.password, address) {
         Ok((cookie, _, _)) => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-            let mut r = Redirect::to("/console").into_response();
+            let mut r = Redirect::to(local_path(&f.next)).into_response();
             r.headers_mut().insert(
                 header::SET_COOKIE,
                 api::session_set_cookie(&cookie, crate::accounts::SESSION_MS / 1000, host),
@@ -308,7 +331,7 @@ fn start_session(state: &AppState, headers: &HeaderMap, f: &Credentials, signup:
                 title,
                 None,
                 false,
-                credentials_form(action, signup, Some(&p.detail)),
+                credentials_form(action, signup, Some(&p.detail), &f.next),
             );
             *r.status_mut() = p.status;
             r

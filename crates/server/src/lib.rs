@@ -30,6 +30,7 @@ pub mod config;
 pub mod console;
 pub mod gateway;
 pub mod local;
+pub mod oidc;
 pub mod openapi;
 pub mod supervisor;
 pub mod tokens;
@@ -82,6 +83,11 @@ pub struct AppState {
     /// The gateway's plain-HTTP address, once it listens: sites are at
     /// `http://SITE.localhost:PORT/` (the console links them).
     pub gateway_http: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The OpenID Connect provider (one login for every hosted site).
+    pub oidc: oidc::Provider,
+    /// Where users reach the platform (`COMMONS_PUBLIC_URL`, else the API's
+    /// address): the OpenID Connect issuer.
+    pub public_url: std::sync::OnceLock<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +104,7 @@ impl AppState {
         stripe_secret: Option<String>,
     ) -> Result<AppState, ServeError> {
         let err = |what: &str, e: &dyn std::fmt::Display| ServeError::Open(format!("{what}: {e}"));
-        for dir in ["meter", "ledger"] {
+        for dir in ["meter", "ledger", "gateway"] {
             private_dir(&home.join(dir)).map_err(|e| err(dir, &e))?;
         }
         Ok(AppState {
@@ -124,6 +130,11 @@ impl AppState {
             ),
             engine: commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?,
             gateway_http: std::sync::OnceLock::new(),
+            oidc: oidc::Provider::new(
+                commons_gateway::identity::Signer::open(&home.join("gateway/identity.key"))
+                    .map_err(|e| err("identity key", &e))?,
+            ),
+            public_url: std::sync::OnceLock::new(),
         })
     }
 }
@@ -693,7 +704,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/sites/{name}/logs", get(api::logs))
         .route("/api/sites/{name}/history", get(api::history))
         .route("/api/sites/{name}/backups", post(api::backup))
+        .route("/api/orgs/{org}/oidc-clients", post(oidc::register_client))
         .merge(console::routes())
+        .merge(oidc::routes())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
         // Event batches are large; the default 2 MiB limit would cut them.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))

@@ -90,6 +90,7 @@ impl Modify for Bearer {
         crate::api::logs,
         crate::api::history,
         crate::api::backup,
+        crate::oidc::register_client,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

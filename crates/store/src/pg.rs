@@ -66,7 +66,7 @@ impl PgStore {
             .name("commons-pg-store".into())
             .spawn(move || {
                 let connected = Client::connect(&url, NoTls).and_then(|mut c| {
-                    c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {SCHEMA} {}", crate::accounts::SCHEMA))
+                    c.batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {SCHEMA} {} {}", crate::accounts::SCHEMA, crate::accounts::OIDC_SCHEMA))
                         .map(|_| c)
                 });
                 let mut client = match connected {

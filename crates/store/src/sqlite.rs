@@ -60,7 +60,11 @@ CREATE INDEX tasks_by_component ON tasks (deployment, component, seq);
 "#;
 
 /// Each migration is run once, in order, its pieces in one transaction.
-const MIGRATIONS: &[&[&str]] = &[&[V1], &[crate::accounts::SCHEMA, AUDIT]];
+const MIGRATIONS: &[&[&str]] = &[
+    &[V1],
+    &[crate::accounts::SCHEMA, AUDIT],
+    &[crate::accounts::OIDC_SCHEMA],
+];
 
 const AUDIT: &str = "
 CREATE TABLE audit (

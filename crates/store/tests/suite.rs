@@ -269,6 +269,20 @@ fn accounts_suite<S: StateStore + AccountStore>(s: &S) {
         .delete_site("site-4", &entry("site.delete", "site-4", Some("acme")))
         .unwrap());
 
+    // Applications signing users in.
+    let client = OidcClientRow {
+        id: "c1".into(),
+        secret_hash: "sh".into(),
+        org: "acme".into(),
+        name: "Wiki".into(),
+        redirect_uris: vec!["https://wiki.example.org/cb".into()],
+        created_ms: 6,
+    };
+    s.create_oidc_client(&client, &entry("oidc.client", "c1", Some("acme")))
+        .unwrap();
+    assert_eq!(s.oidc_client("c1").unwrap().unwrap(), client);
+    assert!(s.oidc_client("c2").unwrap().is_none());
+
     // The audit log holds exactly the changes that happened, newest first.
     s.record(&entry("site.deploy", "site-0", Some("acme")))
         .unwrap();
@@ -278,6 +292,7 @@ fn accounts_suite<S: StateStore + AccountStore>(s: &S) {
         actions,
         [
             "site.deploy",
+            "oidc.client",
             "site.delete",
             "site.create",
             "site.create",

@@ -332,3 +332,28 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Runs `c`, failing the test with what it printed unless it succeeds.
+pub fn run_ok(c: &mut std::process::Command) -> std::process::Output {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed:\n{}\n{}",
+        c,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A Python virtual environment at `dir` with `packages` from PyPI; returns
+/// its interpreter.
+pub fn python_venv(dir: &Path, packages: &[&str]) -> PathBuf {
+    run_ok(Command::new("python3").args(["-m", "venv"]).arg(dir));
+    run_ok(
+        Command::new(dir.join("bin/pip"))
+            .args(["install", "-q"])
+            .args(packages),
+    );
+    dir.join("bin/python")
+}

@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS sites (
 CREATE INDEX IF NOT EXISTS sites_by_org ON sites (org, name);
 ";
 
+/// Added after [`SCHEMA`]: applications that sign users in.
+pub(crate) const OIDC_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS oidc_clients (
+    id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, org TEXT NOT NULL REFERENCES orgs (id),
+    name TEXT NOT NULL, redirect_uris TEXT NOT NULL, created_ms BIGINT NOT NULL);
+";
+
 /// A person with an account.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserRow {
@@ -108,6 +115,22 @@ pub struct SiteRow {
     pub created_ms: i64,
 }
 
+/// An application that signs its users in with the platform (OpenID Connect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OidcClientRow {
+    pub id: String,
+    /// SHA-256 of the client secret.
+    #[serde(skip_serializing)]
+    pub secret_hash: String,
+    /// The organisation that registered it.
+    pub org: String,
+    /// What the consent screen calls it.
+    pub name: String,
+    /// Where codes may be sent, compared exactly.
+    pub redirect_uris: Vec<String>,
+    pub created_ms: i64,
+}
+
 /// Who changed what: written with the change it describes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -169,6 +192,9 @@ pub trait AccountStore: Send + Sync {
     fn sites(&self, org: &str, after: Option<&str>, limit: u32) -> Result<Vec<SiteRow>>;
     fn delete_site(&self, name: &str, audit: &AuditEntry) -> Result<bool>;
 
+    fn create_oidc_client(&self, client: &OidcClientRow, audit: &AuditEntry) -> Result<()>;
+    fn oidc_client(&self, id: &str) -> Result<Option<OidcClientRow>>;
+
     /// Records something that changed outside the account tables (a deploy).
     fn record(&self, audit: &AuditEntry) -> Result<()>;
     /// Newest first: entries of `org` (every entry when `None`) before `before`.
@@ -198,6 +224,10 @@ const REVOKE_TOKEN: &str = "UPDATE api_tokens SET revoked_ms = $1
      WHERE user_id = $2 AND id = $3 AND revoked_ms IS NULL";
 const INSERT_SITE: &str = "INSERT INTO sites (name, org, created_by, created_ms)
      VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+const OIDC_CLIENT_COLS: &str = "id, secret_hash, org, name, redirect_uris, created_ms";
+const INSERT_OIDC_CLIENT: &str =
+    "INSERT INTO oidc_clients (id, secret_hash, org, name, redirect_uris, created_ms)
+     VALUES ($1, $2, $3, $4, $5, $6)";
 const AUDIT_COLS: &str = "seq, at_ms, actor, org, action, target, detail";
 
 /// The audit query for the given filters, with its parameters in order.

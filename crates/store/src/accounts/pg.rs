@@ -321,6 +321,39 @@ impl AccountStore for PgStore {
         })
     }
 
+    fn create_oidc_client(&self, c: &OidcClientRow, audit: &AuditEntry) -> Result<()> {
+        let uris = serde_json::to_string(&c.redirect_uris)?;
+        let c = c.clone();
+        self.audited(audit, move |tx| {
+            tx.execute(
+                INSERT_OIDC_CLIENT,
+                &[&c.id, &c.secret_hash, &c.org, &c.name, &uris, &c.created_ms],
+            )
+            .map_err(pg)?;
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
+    fn oidc_client(&self, id: &str) -> Result<Option<OidcClientRow>> {
+        let rows = self.rows(
+            format!("SELECT {OIDC_CLIENT_COLS} FROM oidc_clients WHERE id = $1"),
+            vec![p(id.to_string())],
+        )?;
+        rows.first()
+            .map(|r| {
+                Ok(OidcClientRow {
+                    id: r.get(0),
+                    secret_hash: r.get(1),
+                    org: r.get(2),
+                    name: r.get(3),
+                    redirect_uris: serde_json::from_str(r.get::<_, &str>(4))?,
+                    created_ms: r.get(5),
+                })
+            })
+            .transpose()
+    }
+
     fn record(&self, audit: &AuditEntry) -> Result<()> {
         self.audited(audit, |_| Ok(true))?;
         Ok(())

@@ -320,6 +320,47 @@ impl AccountStore for SqliteStore {
         })
     }
 
+    fn create_oidc_client(&self, c: &OidcClientRow, audit: &AuditEntry) -> Result<()> {
+        let uris = serde_json::to_string(&c.redirect_uris)?;
+        self.audited(audit, |tx| {
+            tx.execute(
+                INSERT_OIDC_CLIENT,
+                params![c.id, c.secret_hash, c.org, c.name, uris, c.created_ms],
+            )?;
+            Ok(true)
+        })?;
+        Ok(())
+    }
+
+    fn oidc_client(&self, id: &str) -> Result<Option<OidcClientRow>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    &format!("SELECT {OIDC_CLIENT_COLS} FROM oidc_clients WHERE id = $1"),
+                    [id],
+                    |r| {
+                        Ok((
+                            OidcClientRow {
+                                id: r.get(0)?,
+                                secret_hash: r.get(1)?,
+                                org: r.get(2)?,
+                                name: r.get(3)?,
+                                redirect_uris: Vec::new(),
+                                created_ms: r.get(5)?,
+                            },
+                            r.get::<_, String>(4)?,
+                        ))
+                    },
+                )
+                .optional()?;
+            row.map(|(mut client, uris)| {
+                client.redirect_uris = serde_json::from_str(&uris)?;
+                Ok(client)
+            })
+            .transpose()
+        })
+    }
+
     fn record(&self, audit: &AuditEntry) -> Result<()> {
         self.audited(audit, |_| Ok(true))?;
         Ok(())
