@@ -592,7 +592,7 @@ pub struct PageQuery {
 #[utoipa::path(get, path = "/api/orgs/{org}/sites", tag = "sites",
     params(("org" = String, Path, description = "organisation id"),
         ("after" = Option<String>, Query, description = "the `next` cursor of the previous page"),
-        ("limit" = Option<u32>, Query, description = "at most this many (default 50, at most 500)")),
+        ("limit" = Option<u32>, Query, description = "at most this many (default 50, at most 1,000)")),
     responses(
         (status = 200, description = "`{items: [{name, org, created_by, created_ms, status}], next}`", body = Object),
         crate::openapi::Unauthenticated,
@@ -607,7 +607,7 @@ pub async fn sites(
 ) -> Reply {
     known_org(&state, &org)?;
     state.accounts.allow(&who, &org, Action::ReadSites)?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let rows = state
         .accounts
         .store()
@@ -616,18 +616,21 @@ pub async fn sites(
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|r| r.name.clone()))
         .flatten();
-    let mut items = Vec::with_capacity(rows.len());
-    for r in rows {
-        let status = state
-            .engine
-            .store()
-            .deployment(&r.name)
-            .map_err(store_failed)?
-            .map(|d| d.status);
-        let mut v = serde_json::to_value(&r).unwrap_or_default();
-        v["status"] = status.into();
-        items.push(v);
-    }
+    let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    let statuses = state
+        .engine
+        .store()
+        .statuses(&names)
+        .map_err(store_failed)?;
+    let items: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|r| {
+            let status = statuses.get(&r.name).cloned();
+            let mut v = serde_json::to_value(&r).unwrap_or_default();
+            v["status"] = status.into();
+            v
+        })
+        .collect();
     Ok(Json(serde_json::json!({ "items": items, "next": next })).into_response())
 }
 

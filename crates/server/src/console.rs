@@ -403,15 +403,17 @@ async fn home(State(state): State<Arc<AppState>>, Viewer(m): Viewer) -> Response
 }
 
 fn sites_table(state: &AppState, sites: &[commons_store::accounts::SiteRow]) -> Markup {
+    let names: Vec<String> = sites.iter().map(|s| s.name.clone()).collect();
+    let statuses = state.engine.store().statuses(&names).unwrap_or_default();
     html! {
         table {
             thead { tr { th scope="col" { "Site" } th scope="col" { "Status" } th scope="col" { "Open" } th scope="col" { "Created" } } }
             tbody {
                 @for s in sites {
-                    @let status = state.engine.store().deployment(&s.name).ok().flatten().map(|d| d.status).unwrap_or_else(|| "deploying".into());
+                    @let status = statuses.get(&s.name).map_or("deploying", String::as_str);
                     tr {
                         td { a href=(format!("/console/sites/{}", s.name)) { (s.name) } }
-                        td class=(state_class(&status)) { (status) }
+                        td class=(state_class(status)) { (status) }
                         td { @if let Some(u) = site_url(state, &s.name) { a href=(u) { (u) } } }
                         td { (humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(s.created_ms as u64))) }
                     }
@@ -475,10 +477,19 @@ fn deploy_form(m: &Member, org: &str, f: &DeployForm) -> Markup {
     }
 }
 
+/// Sites shown per page of an organisation.
+const PAGE: u32 = 100;
+
+#[derive(Deserialize)]
+struct After {
+    after: Option<String>,
+}
+
 async fn org_page(
     State(state): State<Arc<AppState>>,
     Viewer(m): Viewer,
     UrlPath(org): UrlPath<String>,
+    Query(q): Query<After>,
 ) -> Response {
     let who = principal(&m);
     let read = api::known_org(&state, &org)
@@ -487,7 +498,7 @@ async fn org_page(
             state
                 .accounts
                 .store()
-                .sites(&org, None, 500)
+                .sites(&org, q.after.as_deref(), PAGE)
                 .map_err(api::store_failed)
         });
     let sites = match read {
@@ -508,6 +519,11 @@ async fn org_page(
     let body = html! {
         h2 { "Sites" }
         @if sites.is_empty() { p { "No sites yet." } } @else { (sites_table(&state, &sites)) }
+        @if sites.len() == PAGE as usize {
+            @if let Some(last) = sites.last() {
+                p { a rel="next" href=(format!("/console/orgs/{org}?after={}", last.name)) { "Next sites" } }
+            }
+        }
         @if can_deploy {
             h2 { "Deploy a site" }
             (deploy_form(&m, &org, &DeployForm::default()))

@@ -151,4 +151,7 @@ pub trait StateStore: Send + Sync {
     fn tasks(&self, deployment: &str, run: i64) -> Result<Vec<TaskRow>>;
     /// The latest task of each component, for `status`.
     fn last_tasks(&self, deployment: &str) -> Result<Vec<TaskRow>>;
+    /// The status of each named deployment that exists, in one query (for
+    /// lists of sites).
+    fn statuses(&self, names: &[String]) -> Result<std::collections::HashMap<String, String>>;
 }

@@ -328,6 +328,20 @@ impl StateStore for PgStore {
         })
     }
 
+    fn statuses(&self, names: &[String]) -> Result<std::collections::HashMap<String, String>> {
+        let names = names.to_vec();
+        self.with(move |c| {
+            Ok(c.query(
+                "SELECT name, status FROM deployments WHERE name = ANY($1)",
+                &[&names],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+        })
+    }
+
     fn last_tasks(&self, deployment: &str) -> Result<Vec<TaskRow>> {
         let deployment = deployment.to_string();
         self.with(move |c| {

@@ -87,13 +87,18 @@ impl SqliteStore {
                 message: e.to_string(),
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         // Only the platform reads its state (SQLite gives the WAL the same mode).
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Several connections write this file (the engine's, the accounts',
+        // another command's): a transaction that starts as a reader and then
+        // writes cannot wait for the lock (SQLite answers "database is
+        // locked" at once), so every transaction takes the write lock first.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -367,6 +372,19 @@ impl StateStore for SqliteStore {
             let rows = stmt
                 .query_map(params![deployment, run], task_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn statuses(&self, names: &[String]) -> Result<std::collections::HashMap<String, String>> {
+        let names = serde_json::to_string(names)?;
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, status FROM deployments WHERE name IN (SELECT value FROM json_each(?1))",
+            )?;
+            let rows = stmt
+                .query_map([names], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
             Ok(rows)
         })
     }

@@ -47,6 +47,9 @@ fn suite(s: &dyn StateStore) {
     s.put_deployment(&row).unwrap();
     assert_eq!(s.deployment("d").unwrap().unwrap(), row);
     assert_eq!(s.deployments().unwrap(), [row.clone()]);
+    let statuses = s.statuses(&["d".into(), "missing".into()]).unwrap();
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(statuses["d"], "ok");
 
     let run = s.begin_run("d", 5).unwrap();
     assert_eq!(run, 1);
