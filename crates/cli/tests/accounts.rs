@@ -343,6 +343,25 @@ fn accounts_roles_tokens_and_sites_through_the_api() {
     let (code, v) = ann_api.get("/api/sites/shop/history");
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    // A redeploy with another blueprint: the history says what changed.
+    let changed = format!("{SITE}  greet:\n    job: \"true\"\n");
+    let (code, v) = ann_api.call(
+        "PUT",
+        "/api/sites/shop",
+        Some(json!({ "blueprint": changed })),
+    );
+    assert_eq!(code, 202, "{v}");
+    let redeployed = wait_for(Duration::from_secs(60), || {
+        ann_api.get("/api/sites/shop/history").1["items"]
+            .as_array()
+            .is_some_and(|i| i.len() == 2)
+    });
+    assert!(redeployed, "{}", ann_api.get("/api/sites/shop").1);
+    let (code, v) = ann_api.get("/api/sites/shop/history/diff?a=1&b=2");
+    assert_eq!(code, 200, "{v}");
+    assert!(v["diff"].as_str().unwrap().contains("greet"), "{v}");
+    let (code, v) = reader.call("PUT", "/api/sites/shop", Some(json!({ "blueprint": SITE })));
+    assert_eq!(code, 403, "{v}");
     let (code, v) = ann_api.call("POST", "/api/sites/shop/backups", None);
     assert_eq!(code, 201, "{v}");
     assert_eq!(v["sha256"].as_str().unwrap().len(), 64, "{v}");

@@ -494,7 +494,7 @@ impl Engine {
             self.secrets.save(&target.name, &secret_values)?;
         }
         let started = now_ms();
-        self.store.put_deployment(&DeploymentRow {
+        let mut row = DeploymentRow {
             name: target.name.clone(),
             blueprint: blueprint_path,
             inputs: inputs_value,
@@ -504,8 +504,17 @@ impl Engine {
                 .map(|d| d.created_at_ms)
                 .unwrap_or(started),
             updated_at_ms: started,
-        })?;
-        let run = self.store.begin_run(&target.name, started)?;
+        };
+        self.store.put_deployment(&row)?;
+        let run = match self.store.begin_run(&target.name, started) {
+            Ok(run) => run,
+            Err(e) => {
+                // Not left `running` by a deploy that never ran.
+                row.status = "failed".into();
+                let _ = self.store.put_deployment(&row);
+                return Err(e.into());
+            }
+        };
 
         let tasks = build_tasks(&plan, &target.blueprint.components, &recorded);
         let outputs = recorded

@@ -637,6 +637,8 @@ pub async fn sites(
 /// What to deploy as a new site.
 #[derive(Deserialize, Default)]
 pub struct NewSite {
+    /// Required for a new site; a redeploy takes it from the path.
+    #[serde(default)]
     pub name: String,
     /// A catalog entry's name...
     pub catalog: Option<String>,
@@ -766,7 +768,21 @@ pub async fn deploy_new_site(
     {
         return Err(taken());
     }
-    let (state2, actor, org2, hosting) = (state.clone(), who.actor(), org.to_string(), n.hosting);
+    Ok(start_deploy(state, who, org, target, n.hosting, site))
+}
+
+/// Runs the deploy of `target` in the background, recording its outcome in
+/// the audit log; answers 202 with where to follow it.
+fn start_deploy(
+    state: &Arc<AppState>,
+    who: &Principal,
+    org: &str,
+    target: commons_engine::Target,
+    hosting: Option<commons_engine::Hosting>,
+    site: SiteRow,
+) -> Response {
+    let (state2, actor, org2) = (state.clone(), who.actor(), org.to_string());
+    let location = format!("/api/sites/{}", target.name);
     tokio::spawn(async move {
         let outcome = state2
             .engine
@@ -794,10 +810,43 @@ pub async fn deploy_new_site(
         Json(serde_json::json!({ "site": site, "status": "deploying" })),
     )
         .into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/sites/{}", n.name)) {
+    if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
     }
-    Ok(r)
+    r
+}
+
+/// Deploys the site again with another blueprint, catalog entry or inputs
+/// (its secrets and data kept). Answers 202 at once.
+#[utoipa::path(put, path = "/api/sites/{name}", tag = "sites",
+    params(("name" = String, Path, description = "site name")),
+    request_body(content = Object, description = "`{catalog | blueprint, inputs?, hosting?}` (the name is the path's)"),
+    responses(
+        (status = 202, description = "deploying; GET /api/sites/{name} follows it", body = Object),
+        crate::openapi::Malformed,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an invalid blueprint or inputs", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:write"])))]
+pub async fn redeploy_site(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    let Some(site) = site_for(&state, &who, &name, Action::WriteSites)? else {
+        return Err(ApiProblem::new(
+            StatusCode::NOT_FOUND,
+            "No such site",
+            format!("\"{name}\" belongs to no organisation; deploy it with `commons deploy`"),
+        ));
+    };
+    let mut n: NewSite = json_body(&body)?;
+    n.name = name;
+    let target = site_target(&state, &n)?;
+    let org = site.org.clone();
+    Ok(start_deploy(&state, &who, &org, target, n.hosting, site))
 }
 
 /// What deploying would do, changing nothing.
@@ -1034,6 +1083,46 @@ pub async fn history(
         .history(&name)
         .map_err(|e| not_found_or(e, &name))?;
     Ok(Json(serde_json::json!({ "items": items })).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct DiffQuery {
+    a: String,
+    b: String,
+}
+
+/// What changed between two deploys of the site: a diff of their records.
+#[utoipa::path(get, path = "/api/sites/{name}/history/diff", tag = "sites",
+    params(("name" = String, Path, description = "site name"),
+        ("a" = String, Query, description = "a revision (1 for the first deploy) or commit"),
+        ("b" = String, Query, description = "another")),
+    responses(
+        (status = 200, description = "`{diff}`: a unified diff of the two records", body = Object),
+        (status = 400, description = "a or b is missing", body = Problem, content_type = "application/problem+json"),
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no such revision", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["sites:read"])))]
+pub async fn history_diff(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(name): UrlPath<String>,
+    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    site_for(&state, &who, &name, Action::ReadSites)?;
+    let Ok(Query(q)) = q else {
+        return Err(ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "Which deploys",
+            "give two revisions: ?a=1&b=2",
+        ));
+    };
+    let diff = state
+        .engine
+        .history_diff(&name, &q.a, &q.b)
+        .map_err(|e| not_found_or(e, &name))?;
+    Ok(Json(serde_json::json!({ "diff": diff })).into_response())
 }
 
 /// Backs the site up (data, volumes, databases, record) into the archive.

@@ -642,10 +642,17 @@ async fn members_submit(
     }
 }
 
+#[derive(Deserialize)]
+struct Follow {
+    #[serde(default)]
+    follow: bool,
+}
+
 async fn site_page(
     State(state): State<Arc<AppState>>,
     Viewer(m): Viewer,
     UrlPath(name): UrlPath<String>,
+    Query(q): Query<Follow>,
 ) -> Response {
     let who = principal(&m);
     let site = match api::site_for(&state, &who, &name, Action::ReadSites) {
@@ -700,6 +707,13 @@ async fn site_page(
             }
         }
         h2 { "Logs" }
+        p {
+            @if q.follow {
+                "Following: this page refreshes every 2 s. " a href=(format!("/console/sites/{name}")) { "Stop" }
+            } @else {
+                a href=(format!("/console/sites/{name}?follow=true")) { "Follow the logs live" }
+            }
+        }
         @for (component, path) in &logs {
             @let text = std::fs::read(path).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
             @let lines: Vec<&str> = text.lines().collect();
@@ -728,7 +742,12 @@ async fn site_page(
             }
         }
     };
-    page(&format!("Site {name}"), Some(&m), !settled, body)
+    page(
+        &format!("Site {name}"),
+        Some(&m),
+        !settled || q.follow,
+        body,
+    )
 }
 
 #[derive(Deserialize)]

@@ -699,15 +699,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/catalog", get(api::catalog_list))
         .route(
             "/api/sites/{name}",
-            get(api::site).delete(api::destroy_site),
+            get(api::site)
+                .put(api::redeploy_site)
+                .delete(api::destroy_site),
         )
         .route("/api/sites/{name}/logs", get(api::logs))
         .route("/api/sites/{name}/history", get(api::history))
+        .route("/api/sites/{name}/history/diff", get(api::history_diff))
         .route("/api/sites/{name}/backups", post(api::backup))
         .route("/api/orgs/{org}/oidc-clients", post(oidc::register_client))
         .merge(console::routes())
         .merge(oidc::routes())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "this route does not take this method; see /api/openapi.json",
+                None,
+            )
+        })
         // Event batches are large; the default 2 MiB limit would cut them.
         .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
         .with_state(state)
