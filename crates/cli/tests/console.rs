@@ -129,8 +129,24 @@ async fn text_of(c: &Client, what: Locator<'_>) -> String {
     c.find(what).await.unwrap().text().await.unwrap()
 }
 
-async fn title(c: &Client) -> String {
-    text_of(c, Locator::Css("h1")).await
+/// Waits for the page titled `want`: a click on a form's button returns
+/// before the browser has followed its answer.
+async fn arrive(c: &Client, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = match c.find(Locator::Css("h1")).await {
+            Ok(h1) => h1.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "expected the page \"{want}\", still on \"{now}\""
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[test]
@@ -149,21 +165,21 @@ fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
 
         // Not signed in: the console sends us to log in; from there, sign up.
         c.goto(&console).await.unwrap();
-        assert_eq!(title(&c).await, "Log in");
+        arrive(&c, "Log in").await;
         click(&c, Locator::LinkText("Sign up")).await;
-        assert_eq!(title(&c).await, "Sign up");
+        arrive(&c, "Sign up").await;
         accessible(&c, "sign-up").await;
         shot(&c, "signup").await;
         fill(&c, "name", "Dana").await;
         fill(&c, "email", "dana@example.org").await;
         fill(&c, "password", "a long enough password").await;
         click(&c, Locator::Css("button[type=submit]")).await;
-        assert_eq!(title(&c).await, "Your sites");
+        arrive(&c, "Your sites").await;
         shot(&c, "sites-empty").await;
 
         // Her organisation: choose a catalog app, preview the plan, deploy.
         click(&c, Locator::LinkText("dana")).await;
-        assert_eq!(title(&c).await, "Organisation dana");
+        arrive(&c, "Organisation dana").await;
         accessible(&c, "organisation").await;
         fill(&c, "site-name", "notes").await;
         c.find(Locator::Id("catalog"))
@@ -174,7 +190,7 @@ fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
             .unwrap();
         shot(&c, "deploy-form").await;
         click(&c, Locator::Css("#deploy button[type=submit]")).await;
-        assert_eq!(title(&c).await, "Plan preview");
+        arrive(&c, "Plan preview").await;
         let plan = text_of(&c, Locator::Css("table")).await;
         for component in ["install", "seed", "web"] {
             assert!(plan.contains(component), "{plan}");
@@ -182,7 +198,7 @@ fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
         assert!(plan.contains("create"), "{plan}");
         shot(&c, "plan").await;
         click(&c, Locator::Css("main form button[type=submit]")).await;
-        assert_eq!(title(&c).await, "Site notes");
+        arrive(&c, "Site notes").await;
 
         // It installs from npm and starts; the page follows it.
         let site = format!("{console}/sites/notes");
@@ -233,7 +249,14 @@ fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
         fill(&c, "token-name", "laptop").await;
         click(&c, Locator::Css("input[value='sites:read']")).await;
         click(&c, Locator::Css("form.stack button[type=submit]")).await;
-        let token = text_of(&c, Locator::Id("new-token")).await;
+        let token = c
+            .wait()
+            .for_element(Locator::Id("new-token"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         assert!(token.starts_with("cmnu_"), "{token}");
         shot(&c, "tokens").await;
 
@@ -246,9 +269,9 @@ fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
 
         // Log out: the console asks to log in again.
         click(&c, Locator::Css("header form button")).await;
-        assert_eq!(title(&c).await, "Log in");
+        arrive(&c, "Log in").await;
         c.goto(&site).await.unwrap();
-        assert_eq!(title(&c).await, "Log in");
+        arrive(&c, "Log in").await;
         c.close().await.unwrap();
     });
 
