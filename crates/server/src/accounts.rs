@@ -126,14 +126,6 @@ fn problem(status: StatusCode, title: &'static str, detail: impl Into<String>) -
     ApiProblem::new(status, title, detail)
 }
 
-fn store_failed(e: commons_store::StoreError) -> ApiProblem {
-    problem(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "Account store failed",
-        e.to_string(),
-    )
-}
-
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -201,7 +193,7 @@ impl Accounts {
             email: email.clone(),
             name: name.to_string(),
             password_hash: hash_password(password),
-            platform_admin: self.store.user_count().map_err(store_failed)? == 0,
+            platform_admin: self.store.user_count()? == 0,
             created_ms: now,
         };
         let audit = AuditEntry {
@@ -212,11 +204,7 @@ impl Accounts {
             target: user.id.clone(),
             detail: serde_json::json!({ "email": email }),
         };
-        if !self
-            .store
-            .create_user(&user, &audit)
-            .map_err(store_failed)?
-        {
+        if !self.store.create_user(&user, &audit)? {
             return Err(problem(
                 StatusCode::CONFLICT,
                 "Email taken",
@@ -286,8 +274,7 @@ impl Accounts {
         };
         Ok(self
             .store
-            .create_org(&org, &owner.id, &audit)
-            .map_err(store_failed)?
+            .create_org(&org, &owner.id, &audit)?
             .then_some(org))
     }
 
@@ -316,7 +303,7 @@ impl Accounts {
                 }
             }
         }
-        let user = self.store.user_by_email(&email).map_err(store_failed)?;
+        let user = self.store.user_by_email(&email)?;
         let ok = match &user {
             Some(u) => verify_password(password, &u.password_hash),
             None => {
@@ -345,23 +332,19 @@ impl Accounts {
             created_ms: now,
             expires_ms: now + SESSION_MS,
         };
-        self.store.put_session(&session).map_err(store_failed)?;
+        self.store.put_session(&session)?;
         Ok((cookie, session, user))
     }
 
     pub fn logout(&self, cookie: &str) -> Result<(), ApiProblem> {
         self.store
             .delete_session(&hash(cookie))
-            .map_err(store_failed)
+            .map_err(ApiProblem::from)
     }
 
     /// The member behind a session cookie, if it is live.
     pub fn by_session(&self, cookie: &str) -> Result<Option<Member>, ApiProblem> {
-        let Some(session) = self
-            .store
-            .session(&hash(cookie), now_ms())
-            .map_err(store_failed)?
-        else {
+        let Some(session) = self.store.session(&hash(cookie), now_ms())? else {
             return Ok(None);
         };
         self.member(&session.user_id, None, None, Some(session.csrf))
@@ -371,8 +354,7 @@ impl Accounts {
     pub fn by_token(&self, token: &str) -> Result<Option<Member>, ApiProblem> {
         let Some(t) = self
             .store
-            .token_by_hash(&hash(token))
-            .map_err(store_failed)?
+            .token_by_hash(&hash(token))?
             .filter(|t| t.revoked_ms.is_none())
         else {
             return Ok(None);
@@ -387,10 +369,10 @@ impl Accounts {
         token_org: Option<String>,
         csrf: Option<String>,
     ) -> Result<Option<Member>, ApiProblem> {
-        let Some(user) = self.store.user(user).map_err(store_failed)? else {
+        let Some(user) = self.store.user(user)? else {
             return Ok(None);
         };
-        let roles = self.store.memberships(&user.id).map_err(store_failed)?;
+        let roles = self.store.memberships(&user.id)?;
         Ok(Some(Member {
             user,
             roles,
@@ -482,7 +464,7 @@ impl Accounts {
             target: row.id.clone(),
             detail: serde_json::json!({ "name": row.name, "scopes": row.scopes }),
         };
-        self.store.put_token(&row, &audit).map_err(store_failed)?;
+        self.store.put_token(&row, &audit)?;
         Ok((token, row))
     }
 
@@ -497,7 +479,7 @@ impl Accounts {
         };
         self.store
             .revoke_token(&user.id, id, &audit)
-            .map_err(store_failed)
+            .map_err(ApiProblem::from)
     }
 
     /// Gives the user with `email` exactly `roles` in `org` (none removes them).
@@ -516,18 +498,14 @@ impl Accounts {
                 format!("unknown role \"{r}\"; roles are {}", ROLES.join(", ")),
             ));
         }
-        let Some(user) = self
-            .store
-            .user_by_email(&email.trim().to_lowercase())
-            .map_err(store_failed)?
-        else {
+        let Some(user) = self.store.user_by_email(&email.trim().to_lowercase())? else {
             return Err(problem(
                 StatusCode::NOT_FOUND,
                 "No such user",
                 format!("no account has the email {email}; they sign up first"),
             ));
         };
-        let members = self.store.members(org).map_err(store_failed)?;
+        let members = self.store.members(org)?;
         let other_admins = members
             .iter()
             .any(|m| m.role == "admin" && m.user_id != user.id);
@@ -551,10 +529,8 @@ impl Accounts {
             target: user.id.clone(),
             detail: serde_json::json!({ "roles": roles }),
         };
-        self.store
-            .set_roles(org, &user.id, roles, &audit)
-            .map_err(store_failed)?;
-        self.store.members(org).map_err(store_failed)
+        self.store.set_roles(org, &user.id, roles, &audit)?;
+        self.store.members(org).map_err(ApiProblem::from)
     }
 }
 

@@ -80,7 +80,7 @@ impl FromRequestParts<Arc<AppState>> for Who {
         };
         if !matches!(parts.method, Method::GET | Method::HEAD) {
             let sent = parts.headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
-            if !csrf_matches(sent, member.csrf.as_deref()) {
+            if !same_secret(sent, member.csrf.as_deref()) {
                 return Err(ApiProblem::new(
                     StatusCode::FORBIDDEN,
                     "CSRF token missing or wrong",
@@ -92,8 +92,9 @@ impl FromRequestParts<Arc<AppState>> for Who {
     }
 }
 
-/// Compares in constant time.
-pub fn csrf_matches(sent: Option<&str>, expected: Option<&str>) -> bool {
+/// Whether two secrets (CSRF tokens, hashes of client secrets) are equal,
+/// compared in constant time.
+pub fn same_secret(sent: Option<&str>, expected: Option<&str>) -> bool {
     match (sent, expected) {
         (Some(a), Some(b)) if a.len() == b.len() => {
             a.bytes()
@@ -176,14 +177,6 @@ pub fn engine_failed(e: commons_engine::EngineError) -> ApiProblem {
             e.to_string(),
         )
     }
-}
-
-pub fn store_failed(e: commons_store::StoreError) -> ApiProblem {
-    ApiProblem::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "Store failed",
-        e.to_string(),
-    )
 }
 
 fn created(body: serde_json::Value) -> Response {
@@ -303,7 +296,7 @@ pub async fn orgs(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
     }
     let mut items = Vec::new();
     for (id, roles) in by_org {
-        let org = state.accounts.store().org(id).map_err(store_failed)?;
+        let org = state.accounts.store().org(id)?;
         items.push(serde_json::json!({
             "id": id,
             "name": org.map(|o| o.name),
@@ -366,7 +359,7 @@ pub async fn members(
 ) -> Reply {
     known_org(&state, &org)?;
     state.accounts.allow(&who, &org, Action::ReadOrg)?;
-    let rows = state.accounts.store().members(&org).map_err(store_failed)?;
+    let rows = state.accounts.store().members(&org)?;
     members_json(&state, rows)
 }
 
@@ -377,7 +370,7 @@ fn members_json(state: &AppState, rows: Vec<commons_store::accounts::MemberRow>)
     }
     let mut items = Vec::new();
     for (id, roles) in by_user {
-        let user = state.accounts.store().user(&id).map_err(store_failed)?;
+        let user = state.accounts.store().user(&id)?;
         items.push(serde_json::json!({
             "user_id": id,
             "email": user.as_ref().map(|u| &u.email),
@@ -389,7 +382,7 @@ fn members_json(state: &AppState, rows: Vec<commons_store::accounts::MemberRow>)
 }
 
 pub fn known_org(state: &AppState, org: &str) -> Result<(), ApiProblem> {
-    match state.accounts.store().org(org).map_err(store_failed)? {
+    match state.accounts.store().org(org)? {
         Some(_) => Ok(()),
         None => Err(ApiProblem::new(
             StatusCode::NOT_FOUND,
@@ -458,11 +451,7 @@ pub async fn audit(
     known_org(&state, &org)?;
     state.accounts.allow(&who, &org, Action::ReadAudit)?;
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let items = state
-        .accounts
-        .store()
-        .audit(Some(&org), q.before, limit)
-        .map_err(store_failed)?;
+    let items = state.accounts.store().audit(Some(&org), q.before, limit)?;
     let next = (items.len() == limit as usize)
         .then(|| items.last().map(|a| a.seq))
         .flatten();
@@ -480,11 +469,7 @@ pub async fn audit(
     ), security(("bearer" = [])))]
 pub async fn tokens(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
     let m = member(&who)?;
-    let items = state
-        .accounts
-        .store()
-        .tokens(&m.user.id)
-        .map_err(store_failed)?;
+    let items = state.accounts.store().tokens(&m.user.id)?;
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
@@ -611,17 +596,12 @@ pub async fn sites(
     let rows = state
         .accounts
         .store()
-        .sites(&org, q.after.as_deref(), limit)
-        .map_err(store_failed)?;
+        .sites(&org, q.after.as_deref(), limit)?;
     let next = (rows.len() == limit as usize)
         .then(|| rows.last().map(|r| r.name.clone()))
         .flatten();
     let names: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
-    let statuses = state
-        .engine
-        .store()
-        .statuses(&names)
-        .map_err(store_failed)?;
+    let statuses = state.engine.store().statuses(&names)?;
     let items: Vec<serde_json::Value> = rows
         .into_iter()
         .map(|r| {
@@ -735,13 +715,7 @@ pub async fn deploy_new_site(
             format!("a site named \"{}\" exists; choose another name", n.name),
         )
     };
-    if state
-        .engine
-        .store()
-        .deployment(&n.name)
-        .map_err(store_failed)?
-        .is_some()
-    {
+    if state.engine.store().deployment(&n.name)?.is_some() {
         return Err(taken());
     }
     let target = site_target(state, n)?;
@@ -760,12 +734,7 @@ pub async fn deploy_new_site(
         target: n.name.clone(),
         detail: serde_json::json!({ "catalog": n.catalog, "inputs": n.inputs }),
     };
-    if !state
-        .accounts
-        .store()
-        .create_site(&site, &entry)
-        .map_err(store_failed)?
-    {
+    if !state.accounts.store().create_site(&site, &entry)? {
         return Err(taken());
     }
     Ok(start_deploy(state, who, org, target, n.hosting, site))
@@ -880,7 +849,7 @@ pub fn plan_site(
 ) -> Result<commons_engine::plan::Plan, ApiProblem> {
     known_org(state, org)?;
     state.accounts.allow(who, org, Action::WriteSites)?;
-    if let Some(site) = state.accounts.store().site(&n.name).map_err(store_failed)? {
+    if let Some(site) = state.accounts.store().site(&n.name)? {
         if site.org != org {
             return Err(ApiProblem::new(
                 StatusCode::CONFLICT,
@@ -901,7 +870,7 @@ pub fn site_for(
     name: &str,
     action: Action,
 ) -> Result<Option<SiteRow>, ApiProblem> {
-    let site = state.accounts.store().site(name).map_err(store_failed)?;
+    let site = state.accounts.store().site(name)?;
     match (&site, who) {
         (Some(s), _) => state.accounts.allow(who, &s.org, action)?,
         // Sites made with the CLI have no organisation: the platform's own.
@@ -995,17 +964,9 @@ pub async fn destroy_site(
         detail: serde_json::json!({ "ok": ok }),
     };
     if ok {
-        state
-            .accounts
-            .store()
-            .delete_site(&name, &entry)
-            .map_err(store_failed)?;
+        state.accounts.store().delete_site(&name, &entry)?;
     } else {
-        state
-            .accounts
-            .store()
-            .record(&entry)
-            .map_err(store_failed)?;
+        state.accounts.store().record(&entry)?;
     }
     Ok(Json(body).into_response())
 }
@@ -1153,18 +1114,14 @@ pub async fn backup(
             )
         })?
         .map_err(|e| not_found_or(e, &name))?;
-    state
-        .accounts
-        .store()
-        .record(&AuditEntry {
-            at_ms: now_ms(),
-            actor: who.actor(),
-            org: site.map(|s| s.org),
-            action: "site.backup".into(),
-            target: name,
-            detail: serde_json::json!({ "sha256": b.sha256, "bytes": b.bytes }),
-        })
-        .map_err(store_failed)?;
+    state.accounts.store().record(&AuditEntry {
+        at_ms: now_ms(),
+        actor: who.actor(),
+        org: site.map(|s| s.org),
+        action: "site.backup".into(),
+        target: name,
+        detail: serde_json::json!({ "sha256": b.sha256, "bytes": b.bytes }),
+    })?;
     Ok(created(serde_json::json!({
         "sha256": b.sha256,
         "bytes": b.bytes,

@@ -136,7 +136,7 @@ fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Member, Box<Respon
 /// The member, if the form's CSRF token is the session's.
 fn checked(state: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Member, Box<Response>> {
     let m = signed_in(state, headers)?;
-    if !api::csrf_matches(Some(csrf), m.csrf.as_deref()) {
+    if !api::same_secret(Some(csrf), m.csrf.as_deref()) {
         return Err(Box::new(problem_page(
             ApiProblem::new(
                 StatusCode::FORBIDDEN,
@@ -383,7 +383,7 @@ async fn home(State(state): State<Arc<AppState>>, Viewer(m): Viewer) -> Response
     for org in orgs {
         let sites = match state.accounts.store().sites(org, None, 100) {
             Ok(s) => s,
-            Err(e) => return problem_page(api::store_failed(e), Some(&m)),
+            Err(e) => return problem_page(ApiProblem::from(e), Some(&m)),
         };
         sections.push((org.to_string(), sites));
     }
@@ -499,7 +499,7 @@ async fn org_page(
                 .accounts
                 .store()
                 .sites(&org, q.after.as_deref(), PAGE)
-                .map_err(api::store_failed)
+                .map_err(ApiProblem::from)
         });
     let sites = match read {
         Ok(s) => s,

@@ -180,6 +180,17 @@ impl ApiProblem {
     }
 }
 
+/// A store that fails is not the caller's fault: 500, with the cause.
+impl From<commons_store::StoreError> for ApiProblem {
+    fn from(e: commons_store::StoreError) -> ApiProblem {
+        ApiProblem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Store failed",
+            e.to_string(),
+        )
+    }
+}
+
 impl IntoResponse for ApiProblem {
     fn into_response(self) -> Response {
         let mut r = problem(self.status, self.title, self.detail, None);

@@ -35,7 +35,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::accounts::{now_ms, Action};
-use crate::api::{known_org, store_failed, Who};
+use crate::api::{known_org, Who};
 use crate::console::{csrf_field, page, problem_page, Posted};
 use crate::openapi::Problem;
 use crate::tokens::{hash, random};
@@ -174,7 +174,7 @@ fn check_request(
         .accounts
         .store()
         .oidc_client(&p.client_id)
-        .map_err(|e| Box::new(problem_page(store_failed(e), None)))?;
+        .map_err(|e| Box::new(problem_page(ApiProblem::from(e), None)))?;
     let Some(client) = client.filter(|c| c.redirect_uris.contains(&p.redirect_uri)) else {
         return Err(Box::new(problem_page(
             ApiProblem::new(
@@ -395,7 +395,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
         }
     };
     let Some(client) =
-        client.filter(|c| crate::api::csrf_matches(Some(&hash(&secret)), Some(&c.secret_hash)))
+        client.filter(|c| crate::api::same_secret(Some(&hash(&secret)), Some(&c.secret_hash)))
     else {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -435,7 +435,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
     }
     let verifier = form.get("code_verifier").map(String::as_str).unwrap_or("");
     let computed = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
-    if !crate::api::csrf_matches(Some(&computed), Some(&grant.challenge)) {
+    if !crate::api::same_secret(Some(&computed), Some(&grant.challenge)) {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
@@ -614,8 +614,7 @@ pub async fn register_client(
                 target: client.id.clone(),
                 detail: serde_json::json!({ "name": client.name, "redirect_uris": client.redirect_uris }),
             },
-        )
-        .map_err(store_failed)?;
+        )?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({
