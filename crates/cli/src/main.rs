@@ -9,6 +9,7 @@ mod ledger;
 mod money;
 mod output;
 mod progress;
+mod remote;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -193,6 +194,29 @@ enum Command {
     /// The ledger: balances, signed checkpoints, exports anyone can verify.
     #[command(subcommand)]
     Ledger(ledger::LedgerCommand),
+    /// Sign in to a remote platform: the site commands (catalog, plan,
+    /// deploy, list, status, logs, history, backup, destroy) then act there.
+    ///
+    /// Asks for the account's email and password (on the terminal, or one
+    /// line each on standard input) and keeps a token of the CLI's own, never
+    /// the password. Plain http:// only for this machine (loopback).
+    Login {
+        /// The platform's address, e.g. https://commons.example.org.
+        url: String,
+        /// The account's email [default: asked].
+        #[arg(long)]
+        email: Option<String>,
+        /// The organisation new sites go to [default: the first you may deploy in].
+        #[arg(long)]
+        org: Option<String>,
+        /// Sign in with an existing API token read from standard input
+        /// instead (`commons logout` then leaves it alone).
+        #[arg(long, conflicts_with = "email")]
+        token_stdin: bool,
+    },
+    /// Forget the remote platform (revoking the CLI's token): commands act
+    /// on this machine again.
+    Logout,
     /// Stand up the service recorded in a deployment record repository.
     Clone {
         /// Path or git URL of a deployment record.
@@ -343,7 +367,28 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     let home = cli.home.clone().unwrap_or_else(default_home);
     let engine = || Engine::open(&home).map_err(Failure::from);
+    if let Some(remote) = remote::load(&home)? {
+        if let Some(done) = remote::run(&remote, &cli.command, json) {
+            return done;
+        }
+    }
     match cli.command {
+        Command::Login {
+            url,
+            email,
+            org,
+            token_stdin,
+        } => remote::login(
+            &home,
+            remote::LoginArgs {
+                url,
+                email,
+                org,
+                token_stdin,
+            },
+            json,
+        ),
+        Command::Logout => remote::logout(&home, json),
         Command::Init { dir, name } => output::init(&dir, name.as_deref(), json),
         Command::Schema => {
             println!(
@@ -530,14 +575,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if json {
                 output::json(&entries);
             } else {
-                let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4);
-                for e in entries {
-                    println!(
-                        "{:width$}  {} ({}, {})",
-                        e.name, e.summary, e.project, e.source
-                    );
-                }
-                eprintln!("deploy one with `commons deploy catalog:NAME`");
+                let entries = serde_json::to_value(entries).expect("serialises");
+                output::catalog(entries.as_array().map(Vec::as_slice).unwrap_or_default());
             }
             Ok(())
         }

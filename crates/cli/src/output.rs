@@ -176,6 +176,26 @@ pub fn outcome(o: &Outcome, as_json: bool, took: Duration, verb: &str) -> Result
     )))
 }
 
+/// The catalog's entries (`{name, summary, project, source}`), one a line.
+pub fn catalog(entries: &[serde_json::Value]) {
+    let field = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or("").to_string();
+    let width = entries
+        .iter()
+        .map(|e| field(e, "name").len())
+        .max()
+        .unwrap_or(4);
+    for e in entries {
+        println!(
+            "{:width$}  {} ({}, {})",
+            field(e, "name"),
+            field(e, "summary"),
+            field(e, "project"),
+            field(e, "source")
+        );
+    }
+    eprintln!("deploy one with `commons deploy catalog:NAME`");
+}
+
 pub fn status(s: &DeploymentStatus) {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let _ = writeln!(

@@ -90,7 +90,7 @@ pub struct Target {
 }
 
 /// What a deploy or destroy did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub deployment: String,
     pub ok: bool,
@@ -104,7 +104,7 @@ pub struct Outcome {
 }
 
 /// One component as `status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ComponentStatus {
     pub name: String,
     pub kind: String,
@@ -140,7 +140,7 @@ pub struct ComponentStatus {
 }
 
 /// A process that keeps stopping, as the running supervisor sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CrashLoop {
     /// Restarts since it last stayed up for 30 s.
     pub restarts_in_a_row: u32,
@@ -149,7 +149,7 @@ pub struct CrashLoop {
 }
 
 /// How a process last ended.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LastExit {
     /// For people: "exited with status 1", "killed by SIGSEGV", "out of memory: ...".
     pub reason: String,
@@ -176,7 +176,7 @@ fn rfc3339_ms(ms: i64) -> String {
     .to_string()
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DeploymentStatus {
     pub name: String,
     pub status: String,
@@ -1128,6 +1128,17 @@ fn record_files(bp: &Blueprint) -> Result<(RecordTree, String, Blueprint), Engin
     copy.files = copy.files.iter().map(|f| PathBuf::from(rel(f))).collect();
     let root = format!("source/{}", rel(&bp.files[0]));
     Ok((files, root, copy))
+}
+
+/// Every file a blueprint needs (the files it was read from, and the
+/// directories its static components serve), by path relative to their
+/// common directory, with the root blueprint file's relative path: what
+/// deploying it on another machine takes.
+pub fn source_files(bp: &Blueprint) -> Result<(BTreeMap<String, Vec<u8>>, String), EngineError> {
+    let (files, root, _) = record_files(bp)?;
+    let strip = |p: &str| p.strip_prefix("source/").unwrap_or(p).to_string();
+    let files = files.into_iter().map(|(k, v)| (strip(&k), v)).collect();
+    Ok((files, strip(&root)))
 }
 
 fn common_ancestor(paths: &[PathBuf]) -> PathBuf {

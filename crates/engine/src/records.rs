@@ -17,7 +17,7 @@ fn git_err(what: &str) -> impl FnOnce(git2::Error) -> EngineError + '_ {
 }
 
 /// One commit of a deployment's record.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct RecordEntry {
     /// 1 for the first deploy, counting up.
     pub revision: usize,

@@ -622,11 +622,74 @@ pub struct NewSite {
     pub name: String,
     /// A catalog entry's name...
     pub catalog: Option<String>,
-    /// ...or a blueprint's YAML.
+    /// ...or a blueprint's YAML...
     pub blueprint: Option<String>,
+    /// ...or a blueprint with the files it needs (its includes, what its
+    /// static components serve).
+    pub source: Option<Source>,
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
     pub hosting: Option<commons_engine::Hosting>,
+}
+
+/// A blueprint's files, as `commons deploy` sends them to a remote platform.
+#[derive(Deserialize, serde::Serialize, Default)]
+pub struct Source {
+    /// The root blueprint file, one of `files`.
+    pub root: String,
+    /// Relative path (`/`-separated, no `..`) → content, base64.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Writes `source` under `dir` (emptied first); returns the root file's path.
+fn unpack_source(dir: &std::path::Path, source: &Source) -> Result<std::path::PathBuf, ApiProblem> {
+    use base64::Engine as _;
+    let bad = |detail: String| {
+        ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid source", detail)
+    };
+    let stored = |e: std::io::Error| {
+        ApiProblem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Cannot store the blueprint",
+            e.to_string(),
+        )
+    };
+    // Every path stays inside `dir`: plain names only, no `..`, no root.
+    let safe = |rel: &str| -> Result<std::path::PathBuf, ApiProblem> {
+        let p = std::path::Path::new(rel);
+        let plain = !rel.is_empty()
+            && p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if plain {
+            Ok(dir.join(p))
+        } else {
+            Err(bad(format!(
+                "\"{rel}\" is not a relative path inside the blueprint's directory"
+            )))
+        }
+    };
+    if !source.files.contains_key(&source.root) {
+        return Err(bad(format!(
+            "the root \"{}\" is not one of the files sent",
+            source.root
+        )));
+    }
+    let mut decoded = Vec::with_capacity(source.files.len());
+    for (rel, b64) in &source.files {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .map_err(|e| bad(format!("\"{rel}\" is not base64: {e}")))?;
+        decoded.push((safe(rel)?, bytes));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    crate::private_dir(dir).map_err(stored)?;
+    for (path, bytes) in decoded {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(stored)?;
+        }
+        std::fs::write(&path, bytes).map_err(stored)?;
+    }
+    safe(&source.root)
 }
 
 /// Finds the blueprint a request names and settles its inputs.
@@ -638,36 +701,35 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
             format!("\"{}\" is not a site name: use lower-case letters, digits and '-', starting with a letter", n.name),
         ));
     }
-    let path =
-        match (&n.catalog, &n.blueprint) {
-            (Some(c), None) => catalog::materialize(&state.home, c).map_err(|e| {
-                ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown catalog entry", e)
-            })?,
-            (None, Some(yaml)) => {
-                let dir = state.home.join("uploads").join(&n.name);
-                crate::private_dir(&dir).map_err(|e| {
-                    ApiProblem::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "Cannot store the blueprint",
-                        e.to_string(),
-                    )
-                })?;
-                let path = dir.join(commons_blueprint::FILE_NAME);
-                commons_runtime::layout::write_whole(&path, yaml.as_bytes()).map_err(|e| {
-                    ApiProblem::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "Cannot store the blueprint",
-                        e.to_string(),
-                    )
-                })?;
-                path
-            }
-            _ => return Err(ApiProblem::new(
+    let stored = |e: std::io::Error| {
+        ApiProblem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Cannot store the blueprint",
+            e.to_string(),
+        )
+    };
+    let uploads = state.home.join("uploads").join(&n.name);
+    let path = match (&n.catalog, &n.blueprint, &n.source) {
+        (Some(c), None, None) => catalog::materialize(&state.home, c).map_err(|e| {
+            ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown catalog entry", e)
+        })?,
+        (None, Some(yaml), None) => {
+            let _ = std::fs::remove_dir_all(&uploads);
+            crate::private_dir(&uploads).map_err(stored)?;
+            let path = uploads.join(commons_blueprint::FILE_NAME);
+            commons_runtime::layout::write_whole(&path, yaml.as_bytes()).map_err(stored)?;
+            path
+        }
+        (None, None, Some(source)) => unpack_source(&uploads, source)?,
+        _ => {
+            return Err(ApiProblem::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "What to deploy",
-                "give either `catalog` (an entry of GET /api/catalog) or `blueprint` (its YAML)",
-            )),
-        };
+                "give one of `catalog` (an entry of GET /api/catalog), `blueprint` (its YAML) \
+                 or `source` (`{root, files}`: a blueprint and the files it needs)",
+            ))
+        }
+    };
     let inputs: Vec<(String, String)> = n.inputs.clone().into_iter().collect();
     state
         .engine
@@ -679,9 +741,9 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
 /// blueprint. Answers 202 at once; the site's status follows the deploy.
 #[utoipa::path(post, path = "/api/orgs/{org}/sites", tag = "sites",
     params(("org" = String, Path, description = "organisation id")),
-    request_body(content = Object, description = "`{name, catalog | blueprint, inputs?, hosting?: free|always-on}`"),
+    request_body(content = Object, description = "`{name, catalog | blueprint | source: {root, files: {PATH: BASE64}}, inputs?, hosting?: free|always-on}`"),
     responses(
-        (status = 202, description = "deploying; GET /api/sites/{name} follows it", body = Object),
+        (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::openapi::Malformed,
         crate::openapi::Unauthenticated,
         (status = 403, description = "neither admin nor operator of it; the token lacks sites:write; or no CSRF token", body = Problem, content_type = "application/problem+json"),
@@ -740,8 +802,47 @@ pub async fn deploy_new_site(
     Ok(start_deploy(state, who, org, target, n.hosting, site))
 }
 
+/// A deploy the API started: running until `finished_ms` is set, then its
+/// outcome (as `commons deploy --json` prints it) or why it could not run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeployRun {
+    /// Counts up with every deploy this server starts.
+    pub id: u64,
+    pub started_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<commons_engine::Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl DeployRun {
+    /// `running`, `ok` or `failed`.
+    pub fn state(&self) -> &'static str {
+        match (&self.finished_ms, &self.outcome) {
+            (None, _) => "running",
+            (Some(_), Some(o)) if o.ok => "ok",
+            _ => "failed",
+        }
+    }
+}
+
+fn deploy_json(state: &AppState, name: &str) -> serde_json::Value {
+    let deploys = state.deploys.lock().unwrap_or_else(|e| e.into_inner());
+    match deploys.get(name) {
+        Some(run) => {
+            let mut v = serde_json::to_value(run).unwrap_or_default();
+            v["state"] = run.state().into();
+            v
+        }
+        None => serde_json::Value::Null,
+    }
+}
+
 /// Runs the deploy of `target` in the background, recording its outcome in
-/// the audit log; answers 202 with where to follow it.
+/// the audit log and in [`AppState::deploys`]; answers 202 with where to
+/// follow it.
 fn start_deploy(
     state: &Arc<AppState>,
     who: &Principal,
@@ -752,11 +853,33 @@ fn start_deploy(
 ) -> Response {
     let (state2, actor, org2) = (state.clone(), who.actor(), org.to_string());
     let location = format!("/api/sites/{}", target.name);
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let started_ms = now_ms();
+    let run = DeployRun {
+        id,
+        started_ms,
+        finished_ms: None,
+        outcome: None,
+        error: None,
+    };
+    state
+        .deploys
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(target.name.clone(), run);
     tokio::spawn(async move {
         let outcome = state2
             .engine
             .deploy(&target, 4, &commons_engine::apply::Quiet)
             .await;
+        let finished = DeployRun {
+            id,
+            started_ms,
+            finished_ms: Some(now_ms()),
+            outcome: outcome.as_ref().ok().cloned(),
+            error: outcome.as_ref().err().map(|e| e.to_string()),
+        };
         // Hosting is kept per deployment, so it is set once the deploy recorded one.
         if let Some(h) = hosting {
             let _ = state2.engine.set_hosting(&target.name, h);
@@ -773,10 +896,16 @@ fn start_deploy(
             target: target.name.clone(),
             detail,
         });
+        // Last, so a client that sees it finished also finds it audited.
+        let mut deploys = state2.deploys.lock().unwrap_or_else(|e| e.into_inner());
+        // A newer deploy of the same site may have started meanwhile.
+        if deploys.get(&target.name).map(|r| r.id) == Some(id) {
+            deploys.insert(target.name.clone(), finished);
+        }
     });
     let mut r = (
         StatusCode::ACCEPTED,
-        Json(serde_json::json!({ "site": site, "status": "deploying" })),
+        Json(serde_json::json!({ "site": site, "status": "deploying", "deploy": id })),
     )
         .into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -789,9 +918,9 @@ fn start_deploy(
 /// (its secrets and data kept). Answers 202 at once.
 #[utoipa::path(put, path = "/api/sites/{name}", tag = "sites",
     params(("name" = String, Path, description = "site name")),
-    request_body(content = Object, description = "`{catalog | blueprint, inputs?, hosting?}` (the name is the path's)"),
+    request_body(content = Object, description = "`{catalog | blueprint | source, inputs?, hosting?}` (the name is the path's)"),
     responses(
-        (status = 202, description = "deploying; GET /api/sites/{name} follows it", body = Object),
+        (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::openapi::Malformed,
         crate::openapi::Unauthenticated,
         (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
@@ -871,17 +1000,25 @@ pub fn site_for(
     action: Action,
 ) -> Result<Option<SiteRow>, ApiProblem> {
     let site = state.accounts.store().site(name)?;
+    let unseen = || {
+        ApiProblem::new(
+            StatusCode::NOT_FOUND,
+            "No such site",
+            format!("there is no site \"{name}\" in your organisations"),
+        )
+    };
     match (&site, who) {
-        (Some(s), _) => state.accounts.allow(who, &s.org, action)?,
+        // An outsider learns no more than of a site that does not exist.
+        (Some(s), _) => state.accounts.allow(who, &s.org, action).map_err(|p| {
+            if p.status == StatusCode::NOT_FOUND {
+                unseen()
+            } else {
+                p
+            }
+        })?,
         // Sites made with the CLI have no organisation: the platform's own.
         (None, Principal::Platform) => {}
-        (None, Principal::User(_)) => {
-            return Err(ApiProblem::new(
-                StatusCode::NOT_FOUND,
-                "No such site",
-                format!("there is no site \"{name}\" in your organisations"),
-            ))
-        }
+        (None, Principal::User(_)) => return Err(unseen()),
     }
     Ok(site)
 }
@@ -890,7 +1027,7 @@ pub fn site_for(
 #[utoipa::path(get, path = "/api/sites/{name}", tag = "sites",
     params(("name" = String, Path, description = "site name")),
     responses(
-        (status = 200, description = "`{site, status}`", body = Object),
+        (status = 200, description = "`{site, status, deploy}`: its owner, its components' states, and the last deploy started through the API (`{state: running|ok|failed, started_ms, finished_ms?, outcome?, error?}`, or null)", body = Object),
         crate::openapi::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
@@ -916,7 +1053,11 @@ pub async fn site(
         }
         Err(e) => return Err(engine_failed(e)),
     };
-    Ok(Json(serde_json::json!({ "site": site, "status": status })).into_response())
+    let deploy = deploy_json(&state, &name);
+    Ok(
+        Json(serde_json::json!({ "site": site, "status": status, "deploy": deploy }))
+            .into_response(),
+    )
 }
 
 /// Stops and removes the site and everything it holds.
@@ -964,6 +1105,11 @@ pub async fn destroy_site(
         detail: serde_json::json!({ "ok": ok }),
     };
     if ok {
+        state
+            .deploys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&name);
         state.accounts.store().delete_site(&name, &entry)?;
     } else {
         state.accounts.store().record(&entry)?;

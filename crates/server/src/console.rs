@@ -441,6 +441,7 @@ impl DeployForm {
             name: self.name.trim().to_string(),
             catalog: given(&self.catalog).filter(|_| self.blueprint.trim().is_empty()),
             blueprint: given(&self.blueprint),
+            source: None,
             inputs: Default::default(),
             hosting: match self.hosting.as_str() {
                 "always-on" => Some(commons_engine::Hosting::AlwaysOn),

@@ -88,6 +88,9 @@ pub struct AppState {
     /// Where users reach the platform (`COMMONS_PUBLIC_URL`, else the API's
     /// address): the OpenID Connect issuer.
     pub public_url: std::sync::OnceLock<String>,
+    /// The last deploy the API started of each site, since this server
+    /// started: what a client polls to learn when and how it ended.
+    pub deploys: Mutex<std::collections::HashMap<String, api::DeployRun>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +138,7 @@ impl AppState {
                     .map_err(|e| err("identity key", &e))?,
             ),
             public_url: std::sync::OnceLock::new(),
+            deploys: Mutex::new(std::collections::HashMap::new()),
         })
     }
 }
