@@ -135,6 +135,13 @@ pub fn now_ms() -> i64 {
 
 /// A valid organisation id or site name: lower-case letters, digits and
 /// dashes, starting with a letter, at most 40 characters.
+/// A name people read (of an account, organisation, token or application):
+/// 1 to 100 characters once trimmed.
+pub fn valid_display_name(name: &str) -> bool {
+    let name = name.trim();
+    !name.is_empty() && name.chars().count() <= 100
+}
+
 pub fn valid_slug(s: &str) -> bool {
     (1..=40).contains(&s.len())
         && s.starts_with(|c: char| c.is_ascii_lowercase())
@@ -181,11 +188,14 @@ impl Accounts {
         if !valid_email(&email) {
             return Err(bad("give an email address like ann@example.org"));
         }
-        if name.is_empty() || name.len() > 100 {
+        if !valid_display_name(name) {
             return Err(bad("give a name of 1 to 100 characters"));
         }
-        if password.chars().count() < 10 || password.len() > 1024 {
+        if password.chars().count() < 10 {
             return Err(bad("choose a password of at least 10 characters"));
+        }
+        if password.chars().count() > 1024 {
+            return Err(bad("choose a password of at most 1,024 characters"));
         }
         let now = now_ms();
         let user = UserRow {
@@ -257,6 +267,13 @@ impl Accounts {
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "Invalid organisation id",
                 format!("\"{id}\" is not an id: use lower-case letters, digits and '-', starting with a letter"),
+            ));
+        }
+        if !valid_display_name(name) {
+            return Err(problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid organisation name",
+                "give the organisation a name of 1 to 100 characters",
             ));
         }
         let org = OrgRow {
@@ -442,7 +459,7 @@ impl Accounts {
                 USER_SCOPES.join(", ")
             )));
         }
-        if name.trim().is_empty() || name.len() > 100 {
+        if !valid_display_name(name) {
             return Err(bad("give the token a name of 1 to 100 characters".into()));
         }
         let token = format!("{USER_TOKEN_PREFIX}{}", random(40));

@@ -142,6 +142,37 @@ pub fn session_set_cookie(value: &str, max_age_s: i64, host: Option<&str>) -> He
     .expect("cookie values are ASCII")
 }
 
+/// Query parameters: ones that do not parse are a 400 problem document
+/// (axum's own rejection is plain text).
+pub struct Params<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiProblem;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Params<T>, ApiProblem> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Params(q))
+            .map_err(|e| ApiProblem::new(StatusCode::BAD_REQUEST, "Invalid query", e.body_text()))
+    }
+}
+
+/// A count given in a query, from 1 to `max`.
+fn in_range(name: &str, value: u32, max: u32) -> Result<u32, ApiProblem> {
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid query",
+            format!("`{name}` is {value}; give 1 to {max}"),
+        ))
+    }
+}
+
 fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiProblem> {
     serde_json::from_slice(body).map_err(|e| {
         ApiProblem::new(
@@ -185,16 +216,20 @@ fn created(body: serde_json::Value) -> Response {
 
 // --- sign-up, log-in -----------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct Signup {
+    #[schema(format = Email)]
     email: String,
+    /// The name shown to others.
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     name: String,
+    #[schema(min_length = 10, max_length = 1024)]
     password: String,
 }
 
 /// Creates an account and an organisation of its own (its admin).
 #[utoipa::path(post, path = "/api/signup", tag = "accounts",
-    request_body(content = Object, description = "`{email, name, password}` (a password of at least 10 characters)"),
+    request_body = Signup,
     responses(
         (status = 201, description = "the account and its organisation", body = Object),
         crate::openapi::Malformed,
@@ -207,8 +242,9 @@ pub async fn signup(State(state): State<Arc<AppState>>, body: Bytes) -> Reply {
     Ok(created(serde_json::json!({ "user": user, "org": org })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct Login {
+    #[schema(format = Email)]
     email: String,
     password: String,
 }
@@ -216,7 +252,7 @@ struct Login {
 /// Opens a session: sets the session cookie and answers the CSRF token that
 /// changes made with it must send.
 #[utoipa::path(post, path = "/api/login", tag = "accounts",
-    request_body(content = Object, description = "`{email, password}`"),
+    request_body = Login,
     responses(
         (status = 200, description = "logged in; the session cookie is set", body = Object),
         crate::openapi::Malformed,
@@ -306,15 +342,18 @@ pub async fn orgs(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewOrg {
+    /// Lower-case letters, digits and '-', starting with a letter.
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")]
     id: String,
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     name: String,
 }
 
 /// Creates an organisation; the caller becomes its admin.
 #[utoipa::path(post, path = "/api/orgs", tag = "organisations",
-    request_body(content = Object, description = "`{id, name}`"),
+    request_body = NewOrg,
     responses(
         (status = 201, description = "created", body = Object),
         crate::openapi::Malformed,
@@ -392,17 +431,32 @@ pub fn known_org(state: &AppState, org: &str) -> Result<(), ApiProblem> {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct SetRoles {
+    #[schema(format = Email)]
     email: String,
+    /// admin, operator, provider, developer or custodian; none removes the member.
+    #[schema(value_type = Vec<Role>)]
     roles: Vec<String>,
 }
+
+/// What a user's token may do.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // described: scopes arrive as strings
+#[schema(value_type = String, pattern = "^(sites:read|sites:write|orgs:read|orgs:write|audit:read|tokens:write)$")]
+struct Scope(String);
+
+/// A role in an organisation.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // described: roles arrive as strings
+#[schema(value_type = String, pattern = "^(admin|operator|provider|developer|custodian)$")]
+struct Role(String);
 
 /// Gives a user exactly the listed roles in the organisation (an empty
 /// list removes them). Admins only; an organisation keeps at least one admin.
 #[utoipa::path(put, path = "/api/orgs/{org}/members", tag = "organisations",
     params(("org" = String, Path, description = "organisation id")),
-    request_body(content = Object, description = "`{email, roles: [admin|operator|provider|developer|custodian]}`"),
+    request_body = SetRoles,
     responses(
         (status = 200, description = "the members now", body = Object),
         crate::openapi::Malformed,
@@ -435,9 +489,10 @@ pub struct AuditQuery {
 #[utoipa::path(get, path = "/api/orgs/{org}/audit", tag = "organisations",
     params(("org" = String, Path, description = "organisation id"),
         ("before" = Option<i64>, Query, description = "entries older than this sequence number"),
-        ("limit" = Option<u32>, Query, description = "at most this many (default 50, at most 500)")),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "at most this many (default 50)")),
     responses(
         (status = 200, description = "`{items, next}`", body = Object),
+        crate::openapi::BadQuery,
         crate::openapi::Unauthenticated,
         (status = 403, description = "neither admin nor custodian of it", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
@@ -446,11 +501,11 @@ pub async fn audit(
     State(state): State<Arc<AppState>>,
     Who(who): Who,
     UrlPath(org): UrlPath<String>,
-    Query(q): Query<AuditQuery>,
+    Params(q): Params<AuditQuery>,
 ) -> Reply {
     known_org(&state, &org)?;
     state.accounts.allow(&who, &org, Action::ReadAudit)?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = in_range("limit", q.limit.unwrap_or(50), 500)?;
     let items = state.accounts.store().audit(Some(&org), q.before, limit)?;
     let next = (items.len() == limit as usize)
         .then(|| items.last().map(|a| a.seq))
@@ -473,10 +528,13 @@ pub async fn tokens(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply 
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewToken {
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     name: String,
+    #[schema(value_type = Vec<Scope>, min_items = 1)]
     scopes: Vec<String>,
+    /// Only this organisation's sites.
     org: Option<String>,
 }
 
@@ -494,7 +552,7 @@ fn may_manage_tokens(who: &Principal) -> Result<&Member, ApiProblem> {
 
 /// Makes an API token: answered once, stored hashed.
 #[utoipa::path(post, path = "/api/tokens", tag = "tokens",
-    request_body(content = Object, description = "`{name, scopes: [sites:read|sites:write|orgs:read|orgs:write|audit:read|tokens:write], org?}`"),
+    request_body = NewToken,
     responses(
         (status = 201, description = "`{token, record}`: the token is shown only here", body = Object),
         crate::openapi::Malformed,
@@ -577,9 +635,10 @@ pub struct PageQuery {
 #[utoipa::path(get, path = "/api/orgs/{org}/sites", tag = "sites",
     params(("org" = String, Path, description = "organisation id"),
         ("after" = Option<String>, Query, description = "the `next` cursor of the previous page"),
-        ("limit" = Option<u32>, Query, description = "at most this many (default 50, at most 1,000)")),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "at most this many (default 50)")),
     responses(
         (status = 200, description = "`{items: [{name, org, created_by, created_ms, status}], next}`", body = Object),
+        crate::openapi::BadQuery,
         crate::openapi::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
@@ -588,11 +647,11 @@ pub async fn sites(
     State(state): State<Arc<AppState>>,
     Who(who): Who,
     UrlPath(org): UrlPath<String>,
-    Query(q): Query<PageQuery>,
+    Params(q): Params<PageQuery>,
 ) -> Reply {
     known_org(&state, &org)?;
     state.accounts.allow(&who, &org, Action::ReadSites)?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let limit = in_range("limit", q.limit.unwrap_or(50), 1000)?;
     let rows = state
         .accounts
         .store()
@@ -615,10 +674,11 @@ pub async fn sites(
 }
 
 /// What to deploy as a new site.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 pub struct NewSite {
     /// Required for a new site; a redeploy takes it from the path.
     #[serde(default)]
+    #[schema(pattern = "^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")]
     pub name: String,
     /// A catalog entry's name...
     pub catalog: Option<String>,
@@ -627,13 +687,15 @@ pub struct NewSite {
     /// ...or a blueprint with the files it needs (its includes, what its
     /// static components serve).
     pub source: Option<Source>,
+    /// The blueprint's inputs, by name.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
+    #[schema(value_type = Option<crate::openapi::Hosting>)]
     pub hosting: Option<commons_engine::Hosting>,
 }
 
 /// A blueprint's files, as `commons deploy` sends them to a remote platform.
-#[derive(Deserialize, serde::Serialize, Default)]
+#[derive(Deserialize, serde::Serialize, Default, utoipa::ToSchema)]
 pub struct Source {
     /// The root blueprint file, one of `files`.
     pub root: String,
@@ -741,7 +803,7 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
 /// blueprint. Answers 202 at once; the site's status follows the deploy.
 #[utoipa::path(post, path = "/api/orgs/{org}/sites", tag = "sites",
     params(("org" = String, Path, description = "organisation id")),
-    request_body(content = Object, description = "`{name, catalog | blueprint | source: {root, files: {PATH: BASE64}}, inputs?, hosting?: free|always-on}`"),
+    request_body(content = NewSite, description = "one of `catalog`, `blueprint` or `source`"),
     responses(
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::openapi::Malformed,
@@ -918,7 +980,7 @@ fn start_deploy(
 /// (its secrets and data kept). Answers 202 at once.
 #[utoipa::path(put, path = "/api/sites/{name}", tag = "sites",
     params(("name" = String, Path, description = "site name")),
-    request_body(content = Object, description = "`{catalog | blueprint | source, inputs?, hosting?}` (the name is the path's)"),
+    request_body(content = NewSite, description = "one of `catalog`, `blueprint` or `source`; the name is the path's"),
     responses(
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::openapi::Malformed,
@@ -950,7 +1012,7 @@ pub async fn redeploy_site(
 /// What deploying would do, changing nothing.
 #[utoipa::path(post, path = "/api/orgs/{org}/plan", tag = "sites",
     params(("org" = String, Path, description = "organisation id")),
-    request_body(content = Object, description = "as for POST /api/orgs/{org}/sites"),
+    request_body(content = NewSite, description = "as for POST /api/orgs/{org}/sites"),
     responses(
         (status = 200, description = "the plan: each component's action and changed attributes", body = Object),
         crate::openapi::Malformed,
@@ -1120,16 +1182,17 @@ pub async fn destroy_site(
 #[derive(Deserialize)]
 pub struct LogQuery {
     component: Option<String>,
-    lines: Option<usize>,
+    lines: Option<u32>,
 }
 
 /// The last lines each component printed (`?component=C&lines=N`, default 200).
 #[utoipa::path(get, path = "/api/sites/{name}/logs", tag = "sites",
     params(("name" = String, Path, description = "site name"),
         ("component" = Option<String>, Query, description = "only this component"),
-        ("lines" = Option<usize>, Query, description = "the last N lines of each (default 200, at most 10,000)")),
+        ("lines" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "the last N lines of each (default 200)")),
     responses(
         (status = 200, description = "`{components: {NAME: [line]}}`", body = Object),
+        crate::openapi::BadQuery,
         crate::openapi::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
@@ -1139,10 +1202,10 @@ pub async fn logs(
     State(state): State<Arc<AppState>>,
     Who(who): Who,
     UrlPath(name): UrlPath<String>,
-    Query(q): Query<LogQuery>,
+    Params(q): Params<LogQuery>,
 ) -> Reply {
     site_for(&state, &who, &name, Action::ReadSites)?;
-    let n = q.lines.unwrap_or(200).clamp(1, 10_000);
+    let n = in_range("lines", q.lines.unwrap_or(200), 10_000)? as usize;
     let files = state
         .engine
         .log_files(&name, q.component.as_deref())

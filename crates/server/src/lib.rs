@@ -285,7 +285,7 @@ struct IngestParams {
 #[utoipa::path(
     post, path = "/api/usage/events", tag = "usage",
     params(("backfill" = Option<String>, Query, description = "admit late events as this adjustment")),
-    request_body(content = Vec<Object>, description = "CloudEvents", content_type = "application/json"),
+    request_body(content = Vec<crate::openapi::UsageEvent>, description = "CloudEvents", content_type = "application/json"),
     responses(
         (status = 200, description = "every event accepted or a duplicate", body = Object),
         (status = 400, description = "not a batch of events", body = Problem, content_type = "application/problem+json"),

@@ -539,17 +539,53 @@ async fn userinfo(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Res
     Json(claims).into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 struct NewClient {
+    #[schema(min_length = 1, max_length = 100, pattern = "\\S")]
     name: String,
+    /// Absolute http(s) URLs the platform may send the user back to.
+    #[schema(value_type = Vec<RedirectUri>, min_items = 1)]
     redirect_uris: Vec<String>,
+}
+
+/// An absolute http(s) URL: a host name or IPv4 address, perhaps a port,
+/// then a path and query of URL characters (non-ASCII percent-encoded), and
+/// no fragment.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // described: they arrive as strings
+#[schema(value_type = String, pattern = "^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?([/?][A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?$")]
+struct RedirectUri(String);
+
+/// Whether `u` is what [`RedirectUri`] describes.
+fn valid_redirect_uri(u: &str) -> bool {
+    let Some(rest) = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let port_ok =
+        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let tail_ok = tail
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._~!$&'()*+,;=:@%/?-".contains(c));
+    host_ok && port_ok && tail_ok
 }
 
 /// Registers an application that signs its users in with the platform;
 /// answers its client id and secret (the secret only here).
 #[utoipa::path(post, path = "/api/orgs/{org}/oidc-clients", tag = "organisations",
     params(("org" = String, Path, description = "organisation id")),
-    request_body(content = Object, description = "`{name, redirect_uris: [absolute http(s) URLs]}`"),
+    request_body = NewClient,
     responses(
         (status = 201, description = "`{client_id, client_secret, ...}`: the secret is shown only here", body = Object),
         crate::openapi::Malformed,
@@ -575,7 +611,7 @@ pub async fn register_client(
     })?;
     let bad =
         |d: String| ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid application", d);
-    if n.name.trim().is_empty() || n.name.len() > 100 {
+    if !crate::accounts::valid_display_name(&n.name) {
         return Err(bad(
             "give the application a name of 1 to 100 characters".into()
         ));
@@ -583,13 +619,9 @@ pub async fn register_client(
     if n.redirect_uris.is_empty() {
         return Err(bad("give at least one redirect URI".into()));
     }
-    if let Some(u) = n
-        .redirect_uris
-        .iter()
-        .find(|u| !(u.starts_with("https://") || u.starts_with("http://")) || u.contains('#'))
-    {
+    if let Some(u) = n.redirect_uris.iter().find(|u| !valid_redirect_uri(u)) {
         return Err(bad(format!(
-            "\"{u}\" is not an absolute http(s) URL without a fragment"
+            "\"{u}\" is not an absolute http(s) URL with a host name or IPv4 address and without a fragment (percent-encode other characters)"
         )));
     }
     let secret = format!("cmnx_{}", random(40));
