@@ -524,7 +524,7 @@ fn a_real_oidc_client_signs_a_user_in() {
     }
     // The ID token, verified by the library against the JWKS.
     let claims = &seen["claims"];
-    assert_eq!(seen["header_alg"], "EdDSA");
+    assert_eq!(seen["header_alg"], "RS256");
     assert_eq!(claims["sub"], ann["user"]["id"]);
     assert_eq!(claims["iss"], issuer.as_str());
     assert_eq!(claims["aud"], id);

@@ -32,6 +32,7 @@ pub mod gateway;
 pub mod local;
 pub mod oidc;
 pub mod openapi;
+pub mod rs256;
 pub mod supervisor;
 pub mod tokens;
 
@@ -133,10 +134,7 @@ impl AppState {
             ),
             engine: commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?,
             gateway_http: std::sync::OnceLock::new(),
-            oidc: oidc::Provider::new(
-                commons_gateway::identity::Signer::open(&home.join("gateway/identity.key"))
-                    .map_err(|e| err("identity key", &e))?,
-            ),
+            oidc: oidc::Provider::new(home.join("gateway/oidc-rsa.pk8")),
             public_url: std::sync::OnceLock::new(),
             deploys: Mutex::new(std::collections::HashMap::new()),
         })

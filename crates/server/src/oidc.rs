@@ -11,8 +11,8 @@
 //! - `GET /oidc/userinfo` — the claims the access token's scopes allow;
 //! - `GET /oidc/jwks.json` — the platform's public key.
 //!
-//! ID tokens are signed with the platform's Ed25519 identity key (`EdDSA`,
-//! RFC 8037), the same key as the gateway's identity assertions. Applications
+//! ID tokens are signed RS256 with the provider's RSA key ([`crate::rs256`],
+//! made on first use: `HOME/gateway/oidc-rsa.pk8`). Applications
 //! are registered by an organisation (`POST /api/orgs/ORG/oidc-clients`).
 //! Codes and access tokens live in memory: a restart signs users out of
 //! applications, which then send them through the (quick) flow again.
@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::rs256::RsaSigner;
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -28,7 +29,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
-use commons_gateway::identity::Signer;
 use commons_store::accounts::{AuditEntry, OidcClientRow};
 use maud::html;
 use serde::Deserialize;
@@ -71,7 +71,10 @@ struct Access {
 
 /// The provider's key and what it has handed out.
 pub struct Provider {
-    signer: Signer,
+    key_path: std::path::PathBuf,
+    /// Made or loaded on first use, so a platform nobody signs in to through
+    /// it never spends the time to make one.
+    signer: std::sync::OnceLock<RsaSigner>,
     /// By the SHA-256 of the code.
     codes: Mutex<HashMap<String, Grant>>,
     /// By the SHA-256 of the access token.
@@ -79,12 +82,30 @@ pub struct Provider {
 }
 
 impl Provider {
-    pub fn new(signer: Signer) -> Provider {
+    pub fn new(key_path: std::path::PathBuf) -> Provider {
         Provider {
-            signer,
+            key_path,
+            signer: std::sync::OnceLock::new(),
             codes: Mutex::new(HashMap::new()),
             access: Mutex::new(HashMap::new()),
         }
+    }
+}
+
+impl Provider {
+    /// The signing key, loading or making it the first time.
+    async fn signer(&self) -> Result<&RsaSigner, String> {
+        if let Some(s) = self.signer.get() {
+            return Ok(s);
+        }
+        let path = self.key_path.clone();
+        let made = tokio::task::spawn_blocking(move || RsaSigner::open(&path))
+            .await
+            .map_err(|e| e.to_string())??;
+        // Two first requests at once: whichever was set first is kept (both
+        // read the same file, or the second made it over the first's).
+        let _ = self.signer.set(made);
+        Ok(self.signer.get().expect("just set"))
     }
 }
 
@@ -123,7 +144,7 @@ async fn discovery(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
         "response_types_supported": ["code"],
         "grant_types_supported": ["authorization_code"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["EdDSA"],
+        "id_token_signing_alg_values_supported": ["RS256"],
         "scopes_supported": SCOPES.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
         "claims_supported": ["sub", "iss", "aud", "exp", "iat", "auth_time", "nonce", "name", "email", "email_verified"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
@@ -133,7 +154,18 @@ async fn discovery(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
 }
 
 async fn jwks(State(state): State<Arc<AppState>>) -> Response {
-    Json(state.oidc.signer.jwks()).into_response()
+    match state.oidc.signer().await {
+        Ok(s) => Json(serde_json::json!({ "keys": [s.jwk()] })).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "the OpenID provider's key");
+            ApiProblem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "No signing key",
+                "the provider's key cannot be read; see the platform's log",
+            )
+            .into_response()
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -478,11 +510,22 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
             },
         );
     }
+    let id_token = match state.oidc.signer().await {
+        Ok(s) => s.sign(&claims),
+        Err(e) => {
+            tracing::error!(error = %e, "the OpenID provider's key");
+            return oauth_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "the provider's key cannot be read; see the platform's log",
+            );
+        }
+    };
     let mut r = Json(serde_json::json!({
         "access_token": access,
         "token_type": "Bearer",
         "expires_in": TOKEN_S,
-        "id_token": state.oidc.signer.sign(&claims),
+        "id_token": id_token,
         "scope": grant.scopes.join(" "),
     }))
     .into_response();
