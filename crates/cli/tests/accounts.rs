@@ -540,3 +540,181 @@ fn a_real_oidc_client_signs_a_user_in() {
     assert_eq!(seen["denied"]["error"], "access_denied", "{seen}");
     assert_eq!(seen["denied_state_ok"], true);
 }
+
+/// An app that shows what reaches it: the identity assertion and cookies.
+const ECHO_APP: &str = r#"import json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({
+            "identity": self.headers.get("X-Commons-Identity"),
+            "cookie": self.headers.get("Cookie"),
+        }).encode()
+        self.send_response(200)
+        if self.path == "/members/grab":
+            self.send_header("Set-Cookie", "commons_session=chosen-by-the-app; Path=/")
+        self.send_header("Set-Cookie", "theme=dark; Path=/")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// The value of the `Location` header, and every `Set-Cookie`.
+fn location_and_cookies(head: &str) -> (String, Vec<String>) {
+    let mut location = String::new();
+    let mut cookies = Vec::new();
+    for line in head.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        match k.to_ascii_lowercase().as_str() {
+            "location" => location = v.trim().to_string(),
+            "set-cookie" => cookies.push(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    (location, cookies)
+}
+
+/// `http://host:port/path?query` → ("/path?query").
+fn path_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.find('/').map_or("/".into(), |i| rest[i..].to_string())
+}
+
+#[test]
+fn a_console_session_signs_its_user_in_at_sites_that_need_login() {
+    let s = Sandbox::new("site-sign-in");
+    s.write("app.py", ECHO_APP);
+    s.blueprint(
+        r#"name: club
+components:
+  web:
+    process: python3 app.py
+    health: { http: "/" }
+    route: { host: club.localhost, login: [/members] }
+"#,
+    );
+    s.ok(&["deploy"]);
+    let server = s.serve(&[]);
+    let ann = signup(server.port, "ann@example.org", "Ann");
+    let ann_id = ann["user"]["id"].as_str().unwrap().to_string();
+    let console = login(server.port, "ann@example.org", false);
+    let site_host = format!("club.localhost:{}", server.http);
+    let page = [("Host", site_host.as_str()), ("Accept", "text/html")];
+
+    // A program gets a 401; a browser is sent to the platform's sign-in,
+    // with a state cookie for the way back.
+    let (code, _) = http(
+        server.http,
+        "GET",
+        "/members/list",
+        &[("Host", site_host.as_str())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 401);
+    let (code, head, _) = http_with_head(server.http, "GET", "/members/list", &page, b"").unwrap();
+    assert_eq!(code, 303, "{head}");
+    let (to_platform, cookies) = location_and_cookies(&head);
+    let api = format!("http://127.0.0.1:{}/console/site-sign-in?", server.port);
+    assert!(to_platform.starts_with(&api), "{to_platform}");
+    let state_cookie = cookies
+        .iter()
+        .find(|c| c.starts_with("commons_sign_in="))
+        .expect("a state cookie")
+        .clone();
+    assert!(state_cookie.contains("HttpOnly"), "{state_cookie}");
+    let state_pair = state_cookie.split(';').next().unwrap().to_string();
+
+    // Not signed in at the platform: to its log-in page, then back here.
+    let (code, head, _) =
+        http_with_head(server.port, "GET", &path_of(&to_platform), &[], b"").unwrap();
+    assert_eq!(code, 303, "{head}");
+    assert!(
+        location_and_cookies(&head)
+            .0
+            .starts_with("/console/login?next=%2Fconsole%2Fsite-sign-in"),
+        "{head}"
+    );
+    // Signed in: back to the site with a one-time code.
+    let (code, head, _) = console.raw("GET", &path_of(&to_platform), None);
+    assert_eq!(code, 303, "{head}");
+    let (to_site, _) = location_and_cookies(&head);
+    assert!(
+        to_site.starts_with(&format!("http://{site_host}/.commons/sign-in?code=")),
+        "{to_site}"
+    );
+    let finish = path_of(&to_site);
+
+    // Without the state cookie (a link someone else sent): refused.
+    let (code, body) = http(
+        server.http,
+        "GET",
+        &finish,
+        &[("Host", site_host.as_str())],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 400, "{body}");
+    // With it: the session cookie of this host, and on to the page.
+    let with_state = [
+        ("Host", site_host.as_str()),
+        ("Cookie", state_pair.as_str()),
+    ];
+    let (code, head, _) = http_with_head(server.http, "GET", &finish, &with_state, b"").unwrap();
+    assert_eq!(code, 303, "{head}");
+    let (back, cookies) = location_and_cookies(&head);
+    assert_eq!(back, "/members/list");
+    let session = cookies
+        .iter()
+        .find(|c| c.starts_with("commons_session=cmnc_"))
+        .expect("the session cookie")
+        .clone();
+    assert!(
+        session.contains("HttpOnly") && session.contains("SameSite=Lax"),
+        "{session}"
+    );
+    // A code works once.
+    let (code, _) = http(server.http, "GET", &finish, &with_state, b"").unwrap();
+    assert_eq!(code, 400);
+
+    // Signed in at the site: the app gets the user's identity, never the
+    // platform's cookie.
+    let session_pair = session.split(';').next().unwrap().to_string();
+    let cookie = format!("theme=dark; {session_pair}");
+    let signed_in = [("Host", site_host.as_str()), ("Cookie", cookie.as_str())];
+    let (code, body) = http(server.http, "GET", "/members/list", &signed_in, b"").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["cookie"], "theme=dark", "{seen}");
+    let jwt = seen["identity"].as_str().expect("an identity assertion");
+    use base64::Engine as _;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwt.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["sub"], ann_id.as_str(), "{claims}");
+    assert_eq!(claims["aud"], "club", "{claims}");
+    // An app cannot set the platform's cookie.
+    let (_, head, _) =
+        http_with_head(server.http, "GET", "/members/grab", &signed_in, b"").unwrap();
+    let (_, cookies) = location_and_cookies(&head);
+    assert!(cookies.iter().any(|c| c.starts_with("theme=")), "{head}");
+    assert!(
+        !cookies.iter().any(|c| c.starts_with("commons_session")),
+        "{head}"
+    );
+
+    // The platform sends sessions only to the sites it serves.
+    let evil = "/console/site-sign-in?to=http%3A%2F%2Fevil.example%2F&state=x";
+    let (code, _, body) = console.raw("GET", evil, None);
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("evil.example"), "{body}");
+}

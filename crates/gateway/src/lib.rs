@@ -34,7 +34,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
-pub use proxy::SESSION_COOKIE;
+pub use proxy::{SESSION_COOKIE, SIGN_IN_PATH};
 pub use routes::RouteSpec;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -53,6 +53,17 @@ pub trait Hooks: Send + Sync + 'static {
     fn wake(&self, deployment: &str) -> BoxFuture<Result<(), String>>;
     /// The user a session cookie or bearer token belongs to.
     fn authenticate(&self, credential: &str) -> Option<User>;
+    /// Where to send a browser to sign in before it comes back to
+    /// `return_to` (an absolute URL on a site), carrying `state` through;
+    /// `None` when the platform has no sign-in page (a 401 is answered).
+    fn sign_in_url(&self, _return_to: &str, _state: &str) -> Option<String> {
+        None
+    }
+    /// The session credential a one-time sign-in code stands for, if it
+    /// was made for `host` and has not been used or expired.
+    fn redeem_sign_in(&self, _code: &str, _host: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Limits and timeouts. Defaults suit a public edge.

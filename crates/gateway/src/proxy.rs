@@ -82,6 +82,9 @@ fn strip(headers: &mut http::HeaderMap, request: bool) {
     for name in doomed {
         headers.remove(&name);
     }
+    if !request {
+        remove_platform_set_cookies(headers);
+    }
 }
 
 /// The host a request is for: lower case, without port.
@@ -107,14 +110,48 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 
 /// The value of the platform session cookie, if sent.
 fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
+    cookie(headers, SESSION_PAIR)
+}
+
+/// The value of the cookie whose pair starts with `pair` (`name=`).
+fn cookie<'h>(headers: &'h http::HeaderMap, pair: &str) -> Option<&'h str> {
     for value in headers.get_all(header::COOKIE) {
-        for pair in value.to_str().unwrap_or("").split(';') {
-            if let Some(v) = pair.trim().strip_prefix(SESSION_PAIR) {
+        for p in value.to_str().unwrap_or("").split(';') {
+            if let Some(v) = p.trim().strip_prefix(pair) {
                 return Some(v);
             }
         }
     }
     None
+}
+
+/// Where the gateway finishes a browser's sign-in, on the site's own host.
+pub const SIGN_IN_PATH: &str = "/.commons/sign-in";
+/// The cookie binding a sign-in to the browser that started it (the
+/// OAuth `state` pattern: nobody can sign a victim in as themselves by
+/// sending them a link).
+const SIGN_IN_STATE_PAIR: &str = "commons_sign_in=";
+
+/// Removes `Set-Cookie`s of the platform's own cookies from an app's
+/// response: an app must not sign its visitors in as someone else.
+fn remove_platform_set_cookies(headers: &mut http::HeaderMap) {
+    let platform = |v: &HeaderValue| {
+        let v = v.as_bytes();
+        v.starts_with(SESSION_PAIR.as_bytes()) || v.starts_with(SIGN_IN_STATE_PAIR.as_bytes())
+    };
+    if !headers.get_all(header::SET_COOKIE).iter().any(platform) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|v| !platform(v))
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for v in kept {
+        headers.append(header::SET_COOKIE, v);
+    }
 }
 
 /// How the session cookie's pair starts.
@@ -210,6 +247,9 @@ impl Gateway {
         if !conn.tls && self.acme().is_some() && self.certs.has_acme(&host) {
             return self.redirect_to_https(&host, req.uri());
         }
+        if req.uri().path() == SIGN_IN_PATH {
+            return self.finish_sign_in(&req, &host, conn.tls);
+        }
         let caller = self.caller(req.headers());
         let record = RequestRecord {
             time_ms: crate::now_ms() as i64,
@@ -261,6 +301,9 @@ impl Gateway {
         metering: &mut Metering,
     ) -> Response<ResponseBody> {
         if caller.identity.is_none() && site.needs_login(req.uri().path()) {
+            if let Some(r) = self.start_sign_in(&req, conn.tls) {
+                return r;
+            }
             let mut r = problem(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
@@ -569,6 +612,108 @@ impl Gateway {
             );
         }
         None
+    }
+
+    /// Sends a browser that asked for a page needing login to the
+    /// platform's sign-in, with a state cookie to come back with. `None` for
+    /// other clients (they get a 401), or when the platform has no sign-in.
+    fn start_sign_in(&self, req: &Request<Incoming>, tls: bool) -> Option<Response<ResponseBody>> {
+        let wants_page = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+            && req
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|a| a.contains("text/html"));
+        if !wants_page {
+            return None;
+        }
+        let authority = match req.uri().authority() {
+            Some(a) => a.as_str(),
+            None => req.headers().get(header::HOST)?.to_str().ok()?,
+        };
+        let scheme = if tls { "https" } else { "http" };
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let return_to = format!("{scheme}://{authority}{pq}");
+        let mut bytes = [0u8; 18];
+        getrandom::getrandom(&mut bytes).expect("the OS random number generator works");
+        let state: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let url = self.hooks.sign_in_url(&return_to, &state)?;
+        let secure = if tls { "; Secure" } else { "" };
+        Response::builder()
+            .status(StatusCode::SEE_OTHER)
+            .header(header::LOCATION, url)
+            .header(
+                header::SET_COOKIE,
+                format!("{SIGN_IN_STATE_PAIR}{state}; Path=/.commons; Max-Age=600; HttpOnly; SameSite=Lax{secure}"),
+            )
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(ResponseBody::empty())
+            .ok()
+    }
+
+    /// The browser is back from the platform's sign-in with a one-time
+    /// code: the session cookie is set for this host, and it goes on to the
+    /// page it asked for.
+    fn finish_sign_in(
+        &self,
+        req: &Request<Incoming>,
+        host: &str,
+        tls: bool,
+    ) -> Response<ResponseBody> {
+        let failed = || {
+            problem(
+                StatusCode::BAD_REQUEST,
+                "Sign-in link expired",
+                "this sign-in link was used already, is more than a minute old, or was \
+                 started in another browser; open the page you wanted again",
+            )
+        };
+        let mut code = None;
+        let mut state = None;
+        let mut to = None;
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            match &*k {
+                "code" => code = Some(v.into_owned()),
+                "state" => state = Some(v.into_owned()),
+                "to" => to = Some(v.into_owned()),
+                _ => {}
+            }
+        }
+        let (Some(code), Some(state), Some(to)) = (code, state, to) else {
+            return failed();
+        };
+        // Only a path on this host: never a redirect elsewhere.
+        if !to.starts_with('/') || to.starts_with("//") || to.contains('\\') {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "`to` must be a path on this site",
+            );
+        }
+        let expected = cookie(req.headers(), SIGN_IN_STATE_PAIR).unwrap_or("");
+        if expected.is_empty() || expected != state {
+            return failed();
+        }
+        let Some(credential) = self.hooks.redeem_sign_in(&code, host) else {
+            return failed();
+        };
+        let secure = if tls { "; Secure" } else { "" };
+        let Ok(session) = HeaderValue::from_str(&format!(
+            "{SESSION_PAIR}{credential}; Path=/; HttpOnly; SameSite=Lax{secure}"
+        )) else {
+            return failed();
+        };
+        Response::builder()
+            .status(StatusCode::SEE_OTHER)
+            .header(header::LOCATION, to)
+            .header(header::SET_COOKIE, session)
+            .header(
+                header::SET_COOKIE,
+                format!("{SIGN_IN_STATE_PAIR}; Path=/.commons; Max-Age=0; HttpOnly; SameSite=Lax{secure}"),
+            )
+            .header(header::CACHE_CONTROL, "no-store")
+            .body(ResponseBody::empty())
+            .unwrap_or_else(|_| failed())
     }
 
     fn redirect_to_https(&self, host: &str, uri: &Uri) -> Response<ResponseBody> {

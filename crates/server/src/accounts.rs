@@ -42,6 +42,8 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 pub const SESSION_MS: i64 = 14 * 86_400_000;
 /// User tokens start with this; the platform's own tokens with `cmns_`.
 pub const USER_TOKEN_PREFIX: &str = "cmnu_";
+/// How session cookies' values start.
+pub const SESSION_PREFIX: &str = "cmnc_";
 
 /// Failed log-ins allowed per account and address in [`LOGIN_WINDOW_MS`].
 const LOGIN_FAILURES: u32 = 5;
@@ -341,7 +343,7 @@ impl Accounts {
             ));
         };
         self.failures.lock().expect("limiter lock").remove(&key);
-        let cookie = format!("cmnc_{}", random(40));
+        let cookie = format!("{SESSION_PREFIX}{}", random(40));
         let session = SessionRow {
             hash: hash(&cookie),
             user_id: user.id.clone(),

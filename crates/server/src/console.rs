@@ -38,6 +38,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/console/sites/{name}/destroy", post(destroy_submit))
         .route("/console/tokens", get(tokens_page).post(token_submit))
         .route("/console/tokens/{id}/revoke", post(revoke_submit))
+        .route("/console/site-sign-in", get(site_sign_in))
 }
 
 const STYLE: &str = "
@@ -919,4 +920,75 @@ async fn revoke_submit(
         Ok(_) => Redirect::to("/console/tokens").into_response(),
         Err(p) => problem_page(p, Some(&m)),
     }
+}
+
+#[derive(Deserialize)]
+struct SiteSignIn {
+    /// The page on a site the browser asked for.
+    to: String,
+    /// The gateway's state, handed back to it.
+    state: String,
+}
+
+/// Signs the browser in at a site whose page needs login: with a console
+/// session, back to the site's host with a one-time code (the gateway
+/// there turns it into the session cookie of that host); without one, to
+/// the log-in page first.
+async fn site_sign_in(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<SiteSignIn>,
+) -> Response {
+    let session = api::session_cookie(&headers);
+    let member = match &session {
+        Some(c) => match state.accounts.by_session(c) {
+            Ok(m) => m,
+            Err(p) => return problem_page(p, None),
+        },
+        None => None,
+    };
+    let (Some(session), Some(member)) = (session, member) else {
+        let here = format!(
+            "/console/site-sign-in?{}",
+            serde_urlencoded::to_string([("to", &q.to), ("state", &q.state)]).unwrap_or_default()
+        );
+        let next = serde_urlencoded::to_string([("next", here)]).unwrap_or_default();
+        return Redirect::to(&format!("/console/login?{next}")).into_response();
+    };
+    let unknown = |detail: String| {
+        problem_page(
+            ApiProblem::new(StatusCode::BAD_REQUEST, "Unknown site", detail),
+            Some(&member),
+        )
+    };
+    let Some((scheme, rest)) =
+        q.to.split_once("://")
+            .filter(|(s, _)| *s == "http" || *s == "https")
+    else {
+        return unknown(format!("\"{}\" is not the address of a page", q.to));
+    };
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(authority, |(h, _)| h)
+        .to_ascii_lowercase();
+    // Only to sites this platform serves: never an open redirect.
+    if !crate::gateway::routes_of(&state.engine)
+        .iter()
+        .any(|r| r.host == host)
+    {
+        return unknown(format!("no site of this platform is served at {host}"));
+    }
+    let code = state.sign_ins.mint(&session, &host);
+    let path = if path.is_empty() { "/" } else { path };
+    let query =
+        serde_urlencoded::to_string([("code", code.as_str()), ("state", &q.state), ("to", path)])
+            .unwrap_or_default();
+    Redirect::to(&format!(
+        "{scheme}://{authority}{}?{query}",
+        commons_gateway::SIGN_IN_PATH
+    ))
+    .into_response()
 }

@@ -117,6 +117,49 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
     out
 }
 
+/// One-time codes that carry a console session to a site's own host (its
+/// cookie cannot reach another host): made by the console's
+/// `/console/site-sign-in`, redeemed by the gateway at the site's
+/// `/.commons/sign-in`, each once, for one host, within a minute.
+#[derive(Default)]
+pub struct SignIns(std::sync::Mutex<std::collections::HashMap<String, PendingSignIn>>);
+
+struct PendingSignIn {
+    session: String,
+    host: String,
+    expires_ms: i64,
+}
+
+const SIGN_IN_CODE_MS: i64 = 60_000;
+
+impl SignIns {
+    /// A code for `session` at `host`.
+    pub fn mint(&self, session: &str, host: &str) -> String {
+        let code = crate::tokens::random(32);
+        let now = crate::accounts::now_ms();
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, p| p.expires_ms > now);
+        all.insert(
+            crate::tokens::hash(&code),
+            PendingSignIn {
+                session: session.to_string(),
+                host: host.to_string(),
+                expires_ms: now + SIGN_IN_CODE_MS,
+            },
+        );
+        code
+    }
+
+    /// The session `code` carries, if it was made for `host`, in time; a
+    /// code is good once.
+    pub fn redeem(&self, code: &str, host: &str) -> Option<String> {
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = all.remove(&crate::tokens::hash(code))?;
+        (pending.host == host && pending.expires_ms > crate::accounts::now_ms())
+            .then_some(pending.session)
+    }
+}
+
 /// The platform's answers to the gateway.
 struct Platform {
     state: Arc<AppState>,
@@ -147,20 +190,34 @@ impl Hooks for Platform {
         })
     }
 
+    /// A console session (an account), or a platform token with the
+    /// `session` scope (its name is the user id).
     fn authenticate(&self, credential: &str) -> Option<User> {
-        let record = self.state.tokens.authorise(credential, SESSION_SCOPE)?;
+        let id = if credential.starts_with(crate::accounts::SESSION_PREFIX) {
+            self.state.accounts.by_session(credential).ok()??.user.id
+        } else {
+            self.state.tokens.authorise(credential, SESSION_SCOPE)?.name
+        };
         let now = commons_gateway::now_ms() as i64;
         let tier = self
             .state
             .billing
             .lock()
             .ok()
-            .and_then(|b| b.current_tier(&record.name, now).ok())
+            .and_then(|b| b.current_tier(&id, now).ok())
             .unwrap_or_else(|| "free".into());
-        Some(User {
-            id: record.name,
-            tier,
-        })
+        Some(User { id, tier })
+    }
+
+    /// The console's sign-in, which comes back through [`SignIns`].
+    fn sign_in_url(&self, return_to: &str, state: &str) -> Option<String> {
+        let base = self.state.public_url.get()?;
+        let query = serde_urlencoded::to_string([("to", return_to), ("state", state)]).ok()?;
+        Some(format!("{base}/console/site-sign-in?{query}"))
+    }
+
+    fn redeem_sign_in(&self, code: &str, host: &str) -> Option<String> {
+        self.state.sign_ins.redeem(code, host)
     }
 }
 

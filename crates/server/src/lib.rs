@@ -92,6 +92,8 @@ pub struct AppState {
     /// The last deploy the API started of each site, since this server
     /// started: what a client polls to learn when and how it ended.
     pub deploys: Mutex<std::collections::HashMap<String, api::DeployRun>>,
+    /// Console sessions on their way to sites' hosts.
+    pub sign_ins: gateway::SignIns,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +139,7 @@ impl AppState {
             oidc: oidc::Provider::new(home.join("gateway/oidc-rsa.pk8")),
             public_url: std::sync::OnceLock::new(),
             deploys: Mutex::new(std::collections::HashMap::new()),
+            sign_ins: gateway::SignIns::default(),
         })
     }
 }
