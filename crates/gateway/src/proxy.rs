@@ -11,7 +11,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
-use crate::body::{Metering, RequestBody, ResponseBody};
+use crate::body::{Counted, Metering, RequestBody, ResponseBody};
 use crate::identity::{self, Claims};
 use crate::routes::Site;
 use crate::usage::RequestRecord;
@@ -393,12 +393,34 @@ impl Gateway {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client) = client_upgrade {
                 let server = hyper::upgrade::on(&mut response);
+                // The tunnel's traffic is this request's usage: recorded
+                // when the tunnel closes, with what crossed it each way.
+                let mut tunnel = Metering {
+                    gateway: metering.gateway.clone(),
+                    site: metering.site.clone(),
+                    record: metering.record.take(),
+                    started: metering.started,
+                    bytes_in: metering.bytes_in.take(),
+                    in_flight: None,
+                };
+                if let Some(r) = tunnel.record.as_mut() {
+                    r.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+                }
                 tokio::spawn(async move {
                     if let (Ok(c), Ok(s)) = (client.await, server.await) {
-                        let mut c = TokioIo::new(c);
-                        let mut s = TokioIo::new(s);
+                        let mut c = Counted::new(TokioIo::new(c));
+                        let mut s = Counted::new(TokioIo::new(s));
                         let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                        let head = tunnel
+                            .bytes_in
+                            .take()
+                            .map_or(0, |b| b.load(Ordering::Relaxed));
+                        if let Some(r) = tunnel.record.as_mut() {
+                            r.bytes_in = head + c.read;
+                            r.bytes_out += s.read;
+                        }
                     }
+                    drop(tunnel);
                 });
             }
             let (parts, body) = response.into_parts();

@@ -295,12 +295,21 @@ async fn websocket_upgrades_pass_through_both_ways() {
     let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    let mut sent = 0;
     for msg in [&b"hello"[..], &b"\x81\x05frame"[..], &[0u8; 4096][..]] {
         s.write_all(msg).await.unwrap();
         let mut back = vec![0u8; msg.len()];
         s.read_exact(&mut back).await.unwrap();
         assert_eq!(back, msg);
+        sent += msg.len() as u64;
     }
+    // Once the tunnel closes, its traffic is the request's usage, each way.
+    drop(s);
+    assert_eq!(gw.events.wait_for(1).await, 1);
+    let events = gw.events.0.lock().unwrap().clone();
+    assert_eq!(events[0].data["status"], 101, "{events:?}");
+    assert_eq!(events[0].data["bytes_in"], sent, "{events:?}");
+    assert_eq!(events[0].data["bytes_out"], sent, "{events:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
