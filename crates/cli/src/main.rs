@@ -20,11 +20,6 @@ use clap::{Parser, Subcommand};
 
 use commons_engine::{Engine, EngineError, DEFAULT_JOBS};
 
-// The gateway allocates a little for every request it proxies; mimalloc's
-// thread-local free lists make that cheaper than the system allocator's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "commons",
