@@ -657,6 +657,11 @@ struct ServeArgs {
     /// Contact e-mail for the ACME account.
     #[arg(long, env = "COMMONS_ACME_EMAIL")]
     acme_email: Option<String>,
+    /// How the ACME server checks the gateway serves a host: http-01 (a
+    /// file on port 80) or tls-alpn-01 (a handshake on port 443, for when
+    /// port 80 is closed) [default: http-01].
+    #[arg(long, env = "COMMONS_ACME_CHALLENGE")]
+    acme_challenge: Option<String>,
 }
 
 /// On the first start, the platform's administrator: a token with every
@@ -740,9 +745,17 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
         acme_directory: args.acme_directory.or(file.acme.directory),
         acme_root: args.acme_root.or(file.acme.root),
         acme_email: args.acme_email.or(file.acme.email),
+        acme_challenge: args.acme_challenge.or(file.acme.challenge),
         config: args.config,
     };
     let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8070");
+    let challenge: commons_gateway::acme::Challenge = args
+        .acme_challenge
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(Failure::Input)?
+        .unwrap_or_default();
     let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
@@ -792,6 +805,7 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
                     directory,
                     root: args.acme_root,
                     contact: args.acme_email,
+                    challenge,
                 }),
             config: commons_gateway::Config {
                 node: std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -1,7 +1,10 @@
 //! Certificates from an ACME server (RFC 8555), with instant-acme.
 //!
-//! HTTP-01 only: the gateway answers `/.well-known/acme-challenge/` on its
-//! plain-HTTP listener. Certificates are issued on demand, during the first
+//! Challenges: HTTP-01 (the default: the gateway answers
+//! `/.well-known/acme-challenge/` on its plain-HTTP listener) or TLS-ALPN-01
+//! (RFC 8737, for when port 80 is not open: the HTTPS listener answers an
+//! `acme-tls/1` handshake with a certificate carrying the key
+//! authorization's digest). Certificates are issued on demand, during the first
 //! TLS handshake for a host, and only for a host a deployed site serves (so
 //! nobody can make the platform request certificates for names it does not
 //! host). They are renewed when a third of their validity is left. The
@@ -28,8 +31,8 @@ pub enum AcmeError {
     Protocol(#[from] instant_acme::Error),
     #[error("ACME order for {host} ended {status}")]
     Order { host: String, status: String },
-    #[error("the ACME server offers no HTTP-01 challenge for {0}")]
-    NoHttp01(String),
+    #[error("the ACME server offers no {kind} challenge for {host}")]
+    NoChallenge { kind: &'static str, host: String },
     #[error("cannot keep ACME state in {path}: {source}")]
     Io {
         path: String,
@@ -52,6 +55,50 @@ pub struct AcmeConfig {
     pub contact: Option<String>,
     /// Where the account and certificates are kept.
     pub dir: PathBuf,
+    pub challenge: Challenge,
+}
+
+/// How the ACME server checks that the gateway serves a host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Challenge {
+    /// A file at `http://HOST/.well-known/acme-challenge/TOKEN` (port 80).
+    #[default]
+    Http01,
+    /// A TLS handshake with ALPN `acme-tls/1` (port 443).
+    TlsAlpn01,
+}
+
+impl std::str::FromStr for Challenge {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Challenge, String> {
+        match s {
+            "http-01" => Ok(Challenge::Http01),
+            "tls-alpn-01" => Ok(Challenge::TlsAlpn01),
+            other => Err(format!(
+                "\"{other}\" is not an ACME challenge the gateway answers: use http-01 or tls-alpn-01"
+            )),
+        }
+    }
+}
+
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A TLS-ALPN-01 challenge certificate for `host`: self-signed, naming only
+/// `host`, with the critical `acmeIdentifier` extension holding the SHA-256
+/// digest of the key authorization.
+fn challenge_certificate(
+    host: &str,
+    digest: &[u8],
+) -> Result<Arc<rustls::sign::CertifiedKey>, crate::tls::TlsError> {
+    let e = |e: rcgen::Error| crate::tls::TlsError::SelfSigned(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(e)?;
+    let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(e)?;
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::new_acme_identifier(digest));
+    let cert = params.self_signed(&key).map_err(e)?;
+    Ok(Cert::from_pem(&cert.pem(), &key.serialize_pem(), false)?.key)
 }
 
 pub struct Acme {
@@ -223,16 +270,36 @@ impl Acme {
             if authz.status != AuthorizationStatus::Pending {
                 continue;
             }
-            let mut challenge = authz
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| AcmeError::NoHttp01(host.to_string()))?;
-            let answer = challenge.key_authorization().as_str().to_string();
-            gateway
-                .challenges
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(challenge.token.clone(), answer);
-            tokens.push(challenge.token.clone());
+            let (kind, name) = match self.config.challenge {
+                Challenge::Http01 => (ChallengeType::Http01, "HTTP-01"),
+                Challenge::TlsAlpn01 => (ChallengeType::TlsAlpn01, "TLS-ALPN-01"),
+            };
+            let mut challenge = authz.challenge(kind).ok_or(AcmeError::NoChallenge {
+                kind: name,
+                host: host.to_string(),
+            })?;
+            let key_authorization = challenge.key_authorization();
+            match self.config.challenge {
+                Challenge::Http01 => {
+                    gateway
+                        .challenges
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(
+                            challenge.token.clone(),
+                            key_authorization.as_str().to_string(),
+                        );
+                    tokens.push(challenge.token.clone());
+                }
+                Challenge::TlsAlpn01 => {
+                    let cert = challenge_certificate(host, key_authorization.digest().as_ref())?;
+                    gateway
+                        .alpn_challenges
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(host.to_string(), cert);
+                }
+            }
             challenge.set_ready().await?;
         }
         let retry = RetryPolicy::new().timeout(Duration::from_secs(60));
@@ -246,6 +313,11 @@ impl Acme {
                 c.remove(t);
             }
         }
+        gateway
+            .alpn_challenges
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(host);
         let status = status?;
         if status != OrderStatus::Ready {
             return Err(AcmeError::Order {

@@ -151,6 +151,8 @@ pub struct Gateway {
     pub certs: Arc<tls::CertStore>,
     /// HTTP-01 challenge responses by token.
     pub(crate) challenges: RwLock<HashMap<String, String>>,
+    /// TLS-ALPN-01 challenge certificates by host.
+    pub(crate) alpn_challenges: RwLock<HashMap<String, Arc<rustls::sign::CertifiedKey>>>,
     acme: OnceLock<Arc<acme::Acme>>,
     hooks: Arc<dyn Hooks>,
     /// credential → (who it is, until when to trust that).
@@ -176,6 +178,7 @@ impl Gateway {
             metrics: Default::default(),
             certs: Default::default(),
             challenges: Default::default(),
+            alpn_challenges: Default::default(),
             acme: OnceLock::new(),
             hooks,
             sessions: Default::default(),
@@ -298,6 +301,24 @@ impl Gateway {
             failed();
             return None;
         };
+        let hello = start.client_hello();
+        if hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == acme::ACME_TLS_ALPN))
+        {
+            // An ACME server validating a TLS-ALPN-01 challenge: it gets the
+            // challenge certificate, and the connection ends there.
+            let host = hello.server_name().map(str::to_ascii_lowercase)?;
+            let key = self
+                .alpn_challenges
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&host)
+                .cloned()?;
+            let config = tls::challenge_config(key);
+            let _ = tokio::time::timeout(limit, start.into_stream(config)).await;
+            return None;
+        }
         if let Some(host) = start.client_hello().server_name() {
             let host = host.to_ascii_lowercase();
             if let Some(acme) = self.acme() {

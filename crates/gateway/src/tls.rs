@@ -156,6 +156,26 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// The server configuration: TLS 1.2 and 1.3, ALPN h2 then http/1.1.
+/// The configuration of a TLS-ALPN-01 validation handshake (RFC 8737):
+/// the challenge certificate, and `acme-tls/1` as the only protocol.
+pub fn challenge_config(key: Arc<CertifiedKey>) -> Arc<rustls::ServerConfig> {
+    #[derive(Debug)]
+    struct One(Arc<CertifiedKey>);
+    impl ResolvesServerCert for One {
+        fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+            Some(self.0.clone())
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(One(key)));
+    config.alpn_protocols = vec![crate::acme::ACME_TLS_ALPN.to_vec()];
+    Arc::new(config)
+}
+
 pub fn server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

@@ -7,11 +7,12 @@ mod common;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use commons_gateway::acme::{Acme, AcmeConfig};
+use commons_gateway::acme::{Acme, AcmeConfig, Challenge};
 use commons_gateway::Config;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -53,8 +54,9 @@ fn require(binary: &str) {
     );
 }
 
-/// Starts pebble, validating HTTP-01 on `http_port`.
-fn pebble(dir: &Path, http_port: u16) -> Pebble {
+/// Starts pebble, validating HTTP-01 on `http_port` and TLS-ALPN-01 on
+/// `tls_port`.
+fn pebble(dir: &Path, http_port: u16, tls_port: u16) -> Pebble {
     require("pebble");
     require("pebble-challtestsrv");
     std::fs::create_dir_all(dir).unwrap();
@@ -83,7 +85,7 @@ fn pebble(dir: &Path, http_port: u16) -> Pebble {
         "certificate": dir.join("cert.pem"),
         "privateKey": dir.join("key.pem"),
         "httpPort": http_port,
-        "tlsPort": free_port(),
+        "tlsPort": tls_port,
         "ocspResponderURL": "",
         "externalAccountBindingRequired": false,
     }});
@@ -167,12 +169,13 @@ async fn certificates_are_issued_on_demand_by_a_real_acme_server_and_renewed() {
         ..Config::default()
     };
     let gw = gateway(gw_config(None)).await;
-    let pebble = pebble(&tmp.join("pebble"), gw.http.port());
+    let pebble = pebble(&tmp.join("pebble"), gw.http.port(), free_port());
     let acme_config = AcmeConfig {
         directory: pebble.directory.clone(),
         root: Some(pebble.ca.clone()),
         contact: Some("ops@example.test".into()),
         dir: tmp.join("acme"),
+        challenge: Challenge::Http01,
     };
     let acme = Acme::new(acme_config.clone());
     gw.gateway.enable_acme(acme.clone());
@@ -256,4 +259,95 @@ async fn certificates_are_issued_on_demand_by_a_real_acme_server_and_renewed() {
     assert_eq!(served[0], fresh.key.cert[0]);
     drop(pebble);
     let _ = std::fs::remove_dir_all(&tmp);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_alpn_01_issues_certificates_when_port_80_is_closed() {
+    let tmp = std::env::temp_dir().join(format!("commons-acme-alpn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let gw = gateway(Config::default()).await;
+    // Pebble's HTTP-01 port answers nothing: only the TLS-ALPN-01 handshake
+    // on the gateway's HTTPS listener can prove the name.
+    let pebble = pebble(&tmp.join("pebble"), free_port(), gw.https.port());
+    let acme = Acme::new(AcmeConfig {
+        directory: pebble.directory.clone(),
+        root: Some(pebble.ca.clone()),
+        contact: None,
+        dir: tmp.join("acme"),
+        challenge: Challenge::TlsAlpn01,
+    });
+    gw.gateway.enable_acme(acme);
+    let blog = upstream("blog").await;
+    gw.gateway
+        .set_routes(vec![route("blog.example.test", "/", "blog", &[blog])]);
+    let ca = CertificateDer::from_pem_file(&pebble.ca).unwrap();
+    let (_, root_pem, _) = https_get(pebble.management, "localhost", &[ca], "/roots/0")
+        .await
+        .unwrap();
+    let pebble_root = vec![CertificateDer::from_pem_slice(&root_pem).unwrap()];
+
+    let (status, body, chain) = https_get(gw.https, "blog.example.test", &pebble_root, "/")
+        .await
+        .expect("a certificate pebble issued after a TLS-ALPN-01 validation");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("\"server\":\"blog\""));
+    let issued = gw.gateway.certs.get("blog.example.test").unwrap();
+    assert!(issued.acme);
+    assert_eq!(chain[0], issued.key.cert[0]);
+    // The validation certificate is gone once the order is done: an
+    // `acme-tls/1` handshake now gets nothing.
+    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(Arc::new(AcceptAnything))
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+    let refused = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("blog.example.test".try_into().unwrap(), tcp)
+        .await;
+    assert!(refused.is_err(), "no challenge certificate is left");
+    drop(pebble);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// Accepts any server certificate: only to see whether a handshake happens.
+#[derive(Debug)]
+struct AcceptAnything;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnything {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }

@@ -13,6 +13,7 @@
 //! [acme]
 //! directory = "https://acme-v02.api.letsencrypt.org/directory"
 //! email = "ops@example.org"
+//! challenge = "http-01"        # or "tls-alpn-01" when port 80 is closed
 //! [runtime]
 //! sandbox = true
 //! idle_after_seconds = 900
@@ -62,6 +63,8 @@ pub struct Acme {
     pub directory: Option<String>,
     pub root: Option<PathBuf>,
     pub email: Option<String>,
+    /// http-01 or tls-alpn-01.
+    pub challenge: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -63,6 +63,7 @@ pub struct AcmeSettings {
     pub directory: String,
     pub root: Option<PathBuf>,
     pub contact: Option<String>,
+    pub challenge: acme::Challenge,
 }
 
 /// The routes the engine's state calls for.
@@ -298,6 +299,7 @@ pub fn spawn(
             root: a.root.clone(),
             contact: a.contact.clone(),
             dir: dir.join("acme"),
+            challenge: a.challenge,
         })
     });
     if let Some(acme) = &acme {
