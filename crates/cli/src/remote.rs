@@ -718,14 +718,8 @@ impl Remotely<'_> {
         lines: usize,
         follow: bool,
     ) -> Result<(), Failure> {
-        if follow {
-            return Err(Failure::Input(format!(
-                "`commons logs -f` follows this machine's deployments only; on {} follow \
-                 them in the console: {}/console/sites/{name}?follow=true",
-                self.remote.url, self.remote.url
-            )));
-        }
-        let mut path = format!("/api/sites/{}/logs?lines={lines}", segment(name));
+        let base = format!("/api/sites/{}/logs", segment(name));
+        let mut path = format!("{base}?lines={lines}");
         if let Some(c) = component {
             path.push_str(&format!("&component={}", segment(c)));
         }
@@ -734,18 +728,51 @@ impl Remotely<'_> {
         let prefix = components.len() > 1;
         let mut out = std::io::stdout().lock();
         for (c, lines) in &components {
-            for l in lines.as_array().into_iter().flatten() {
-                let l = l.as_str().unwrap_or("");
-                let _ = if self.json {
-                    writeln_json(&mut out, &json!({ "component": c, "line": l }))
-                } else if prefix {
-                    std::io::Write::write_fmt(&mut out, format_args!("{c} | {l}\n"))
-                } else {
-                    std::io::Write::write_fmt(&mut out, format_args!("{l}\n"))
-                };
+            self.print_lines(&mut out, c, lines, prefix);
+        }
+        if !follow {
+            return Ok(());
+        }
+        drop(out);
+        // Following: each component's log from where the last answer ended.
+        let mut offsets: Vec<(String, u64)> = v["offsets"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(c, o)| (c.clone(), o.as_u64().unwrap_or(0)))
+            .collect();
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            for (c, offset) in &mut offsets {
+                let v = self
+                    .client
+                    .get(&format!("{base}?component={}&after={offset}", segment(c)))?;
+                let mut out = std::io::stdout().lock();
+                self.print_lines(&mut out, c, &v["components"][c.as_str()], prefix);
+                let _ = std::io::Write::flush(&mut out);
+                *offset = v["offsets"][c.as_str()].as_u64().unwrap_or(*offset);
             }
         }
-        Ok(())
+    }
+
+    /// One component's lines: as JSON, prefixed by the component, or bare.
+    fn print_lines(
+        &self,
+        out: &mut impl std::io::Write,
+        component: &str,
+        lines: &Value,
+        prefix: bool,
+    ) {
+        for l in lines.as_array().into_iter().flatten() {
+            let l = l.as_str().unwrap_or("");
+            let _ = if self.json {
+                writeln!(out, "{}", json!({ "component": component, "line": l }))
+            } else if prefix {
+                writeln!(out, "{component} | {l}")
+            } else {
+                writeln!(out, "{l}")
+            };
+        }
     }
 
     fn history(&self, name: &str, diff: Option<&[String]>) -> Result<(), Failure> {
@@ -821,10 +848,6 @@ impl Remotely<'_> {
             }
         }
     }
-}
-
-fn writeln_json(out: &mut impl std::io::Write, v: &Value) -> std::io::Result<()> {
-    writeln!(out, "{v}")
 }
 
 /// A spinner on a terminal while the platform works; nothing otherwise.

@@ -184,9 +184,45 @@ fn the_cli_drives_a_remote_platform_after_login() {
         "{}",
         ann.ok(&["logs", "rweb"]).all()
     );
-    let r = ann.run(&["logs", "rweb", "-f"]);
-    assert_eq!(r.code(), 2, "{}", r.all());
-    assert!(r.stderr().contains("console"), "{}", r.all());
+    // Following: what the site prints later shows up as it is printed.
+    let mut follow = ann
+        .cmd(&["logs", "rweb", "web", "-f", "-n", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(800));
+    let (code, _) = http(
+        server.http,
+        "GET",
+        "/followed",
+        &[("Host", "rweb.localhost")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 404);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("GET /followed")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("`logs -f` did not show the new request: {seen:?}"),
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
 
     let backup = ann.ok(&["backup", "rweb", "--json"]).json();
     assert_eq!(backup["sha256"].as_str().unwrap().len(), 64, "{backup}");

@@ -1183,15 +1183,61 @@ pub async fn destroy_site(
 pub struct LogQuery {
     component: Option<String>,
     lines: Option<u32>,
+    after: Option<u64>,
 }
 
-/// The last lines each component printed (`?component=C&lines=N`, default 200).
+/// The most of a log one answer reads.
+const LOG_WINDOW: u64 = 1 << 20;
+
+/// Lines of the log at `path`: the last `n` (from its last MiB), or, with
+/// `after`, the complete lines written after that byte offset (a MiB of
+/// them at most; from the start again if the log was cut shorter). Also the
+/// offset just past the last complete line read: where to go on from.
+fn log_lines(path: &std::path::Path, n: usize, after: Option<u64>) -> (Vec<String>, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return (Vec::new(), 0);
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = match after {
+        Some(a) if a <= len => a,
+        Some(_) => 0,
+        None => len.saturating_sub(LOG_WINDOW),
+    };
+    let mut buf = Vec::new();
+    if file.seek(SeekFrom::Start(start)).is_err()
+        || (&mut file).take(LOG_WINDOW).read_to_end(&mut buf).is_err()
+    {
+        return (Vec::new(), start);
+    }
+    let complete = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let next = start + complete as u64;
+    let shown = if after.is_some() {
+        &buf[..complete]
+    } else {
+        &buf[..]
+    };
+    let text = String::from_utf8_lossy(shown);
+    let mut lines: Vec<&str> = text.lines().collect();
+    // A window that starts mid-file starts mid-line.
+    if after.is_none() && start > 0 && !lines.is_empty() {
+        lines.remove(0);
+    }
+    let keep = if after.is_some() { lines.len() } else { n };
+    let tail = &lines[lines.len().saturating_sub(keep)..];
+    (tail.iter().map(|l| l.to_string()).collect(), next)
+}
+
+/// What each component printed: its last lines (`?component=C&lines=N`,
+/// default 200), or, to follow a log, the lines after an offset an earlier
+/// answer gave (`?component=C&after=OFFSET`).
 #[utoipa::path(get, path = "/api/sites/{name}/logs", tag = "sites",
     params(("name" = String, Path, description = "site name"),
         ("component" = Option<String>, Query, description = "only this component"),
-        ("lines" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "the last N lines of each (default 200)")),
+        ("lines" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "the last N lines of each (default 200)"),
+        ("after" = Option<u64>, Query, description = "with `component`: only the lines written after this byte offset (its `offsets` entry in an earlier answer)")),
     responses(
-        (status = 200, description = "`{components: {NAME: [line]}}`", body = Object),
+        (status = 200, description = "`{components: {NAME: [line]}, offsets: {NAME: OFFSET}}`", body = Object),
         crate::openapi::BadQuery,
         crate::openapi::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
@@ -1206,19 +1252,25 @@ pub async fn logs(
 ) -> Reply {
     site_for(&state, &who, &name, Action::ReadSites)?;
     let n = in_range("lines", q.lines.unwrap_or(200), 10_000)? as usize;
+    if q.after.is_some() && q.component.is_none() {
+        return Err(ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid query",
+            "`after` is an offset in one component's log: give `component` too",
+        ));
+    }
     let files = state
         .engine
         .log_files(&name, q.component.as_deref())
         .map_err(|e| not_found_or(e, &name))?;
     let mut out = serde_json::Map::new();
+    let mut offsets = serde_json::Map::new();
     for (component, path) in files {
-        let text = std::fs::read(&path).unwrap_or_default();
-        let text = String::from_utf8_lossy(&text);
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(n)..];
-        out.insert(component, tail.into());
+        let (lines, next) = log_lines(&path, n, q.after);
+        out.insert(component.clone(), lines.into());
+        offsets.insert(component, next.into());
     }
-    Ok(Json(serde_json::json!({ "components": out })).into_response())
+    Ok(Json(serde_json::json!({ "components": out, "offsets": offsets })).into_response())
 }
 
 /// A bad-input engine error about a missing deployment is a 404; others as usual.
@@ -1336,4 +1388,31 @@ pub async fn backup(
         "bytes": b.bytes,
         "manifest": b.manifest,
     })))
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::log_lines;
+
+    #[test]
+    fn tails_then_follows_complete_lines_only() {
+        let dir = std::env::temp_dir().join(format!("commons-log-lines-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("web.log");
+        std::fs::write(&path, "one\ntwo\nthree\npart").unwrap();
+        let (tail, next) = log_lines(&path, 2, None);
+        assert_eq!(tail, ["three", "part"]);
+        assert_eq!(next, 14, "just past the last complete line");
+        // Following: nothing new until the partial line is complete.
+        assert_eq!(log_lines(&path, 2, Some(next)), (vec![], 14));
+        std::fs::write(&path, "one\ntwo\nthree\npartial\nfive\n").unwrap();
+        assert_eq!(
+            log_lines(&path, 2, Some(next)),
+            (vec!["partial".to_string(), "five".to_string()], 27)
+        );
+        // A log cut shorter is followed from its start again.
+        std::fs::write(&path, "new\n").unwrap();
+        assert_eq!(log_lines(&path, 2, Some(27)), (vec!["new".to_string()], 4));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
