@@ -808,9 +808,7 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
                     challenge,
                 }),
             config: commons_gateway::Config {
-                node: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "local".into()),
+                node: commons_server::host_name().unwrap_or_else(|| "local".into()),
                 ..Default::default()
             },
         };

@@ -301,6 +301,22 @@ fn tail_lines(path: &Path, n: usize) -> (Vec<String>, u64) {
     (lines[skip..].to_vec(), len)
 }
 
+/// One line of a component's log: as JSON, prefixed by the component (when
+/// several are shown), or bare.
+pub fn log_line(out: &mut impl Write, component: &str, line: &str, prefix: bool, as_json: bool) {
+    let _ = if as_json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({ "component": component, "line": line })
+        )
+    } else if prefix {
+        writeln!(out, "{component} | {line}")
+    } else {
+        writeln!(out, "{line}")
+    };
+}
+
 pub fn logs(
     files: &[(String, PathBuf)],
     n: usize,
@@ -308,19 +324,8 @@ pub fn logs(
     as_json: bool,
 ) -> Result<(), Failure> {
     let prefix = files.len() > 1;
-    // One line of a component's log: as JSON, prefixed by the component, or bare.
     let emit = |out: &mut std::io::StdoutLock, name: &str, l: &str| {
-        let _ = if as_json {
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({ "component": name, "line": l })
-            )
-        } else if prefix {
-            writeln!(out, "{name} | {l}")
-        } else {
-            writeln!(out, "{l}")
-        };
+        log_line(out, name, l, prefix, as_json);
     };
     let mut offsets = Vec::new();
     let mut out = std::io::stdout().lock();

@@ -380,7 +380,7 @@ fn token_from_password(url: &str, email: Option<&str>) -> Result<(String, String
     let csrf = reply.body["csrf"].as_str().unwrap_or_default().to_string();
     client.headers.push(("cookie", cookie));
     client.headers.push(("x-csrf-token", csrf));
-    let host = hostname();
+    let host = commons_server::host_name().unwrap_or_else(|| "this machine".into());
     let made = client.call(
         Method::POST,
         "/api/tokens",
@@ -398,14 +398,6 @@ fn token_from_password(url: &str, email: Option<&str>) -> Result<(String, String
         return Err(Failure::Failed(format!("{url} made no token: {made}")));
     }
     Ok((token, id))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "this machine".into())
 }
 
 /// Revokes the token `commons login` made (best effort: the platform may be
@@ -507,15 +499,16 @@ struct Remotely<'a> {
     json: bool,
 }
 
-/// A path segment as the URL must carry it (site and component names are
-/// slugs; anything else is escaped rather than trusted).
+/// Everything but letters, digits, `-`, `_` and `.` is escaped.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.');
+
+/// A path segment or query value as the URL must carry it (site and
+/// component names are slugs; anything else is escaped rather than trusted).
 fn segment(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 impl Remotely<'_> {
@@ -755,7 +748,7 @@ impl Remotely<'_> {
         }
     }
 
-    /// One component's lines: as JSON, prefixed by the component, or bare.
+    /// One component's lines, as `commons logs` shows them.
     fn print_lines(
         &self,
         out: &mut impl std::io::Write,
@@ -764,14 +757,7 @@ impl Remotely<'_> {
         prefix: bool,
     ) {
         for l in lines.as_array().into_iter().flatten() {
-            let l = l.as_str().unwrap_or("");
-            let _ = if self.json {
-                writeln!(out, "{}", json!({ "component": component, "line": l }))
-            } else if prefix {
-                writeln!(out, "{component} | {l}")
-            } else {
-                writeln!(out, "{l}")
-            };
+            output::log_line(out, component, l.as_str().unwrap_or(""), prefix, self.json);
         }
     }
 

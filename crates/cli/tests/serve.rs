@@ -386,8 +386,9 @@ fn the_openapi_document_validates_and_every_route_answers_as_documented() {
             .args([
                 "--max-examples",
                 "40",
+                // One worker: with the seed, the same cases in the same order.
                 "--workers",
-                "2",
+                "1",
                 "--seed",
                 "20261126",
             ])

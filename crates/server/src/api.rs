@@ -703,18 +703,20 @@ pub struct Source {
     pub files: BTreeMap<String, String>,
 }
 
+/// A blueprint sent through the API could not be written down.
+fn cannot_store(e: std::io::Error) -> ApiProblem {
+    ApiProblem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Cannot store the blueprint",
+        e.to_string(),
+    )
+}
+
 /// Writes `source` under `dir` (emptied first); returns the root file's path.
 fn unpack_source(dir: &std::path::Path, source: &Source) -> Result<std::path::PathBuf, ApiProblem> {
     use base64::Engine as _;
     let bad = |detail: String| {
         ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid source", detail)
-    };
-    let stored = |e: std::io::Error| {
-        ApiProblem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Cannot store the blueprint",
-            e.to_string(),
-        )
     };
     // Every path stays inside `dir`: plain names only, no `..`, no root.
     let safe = |rel: &str| -> Result<std::path::PathBuf, ApiProblem> {
@@ -744,12 +746,12 @@ fn unpack_source(dir: &std::path::Path, source: &Source) -> Result<std::path::Pa
         decoded.push((safe(rel)?, bytes));
     }
     let _ = std::fs::remove_dir_all(dir);
-    crate::private_dir(dir).map_err(stored)?;
+    crate::private_dir(dir).map_err(cannot_store)?;
     for (path, bytes) in decoded {
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(stored)?;
+            std::fs::create_dir_all(parent).map_err(cannot_store)?;
         }
-        std::fs::write(&path, bytes).map_err(stored)?;
+        std::fs::write(&path, bytes).map_err(cannot_store)?;
     }
     safe(&source.root)
 }
@@ -763,13 +765,6 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
             format!("\"{}\" is not a site name: use lower-case letters, digits and '-', starting with a letter", n.name),
         ));
     }
-    let stored = |e: std::io::Error| {
-        ApiProblem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Cannot store the blueprint",
-            e.to_string(),
-        )
-    };
     let uploads = state.home.join("uploads").join(&n.name);
     let path = match (&n.catalog, &n.blueprint, &n.source) {
         (Some(c), None, None) => catalog::materialize(&state.home, c).map_err(|e| {
@@ -777,9 +772,9 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
         })?,
         (None, Some(yaml), None) => {
             let _ = std::fs::remove_dir_all(&uploads);
-            crate::private_dir(&uploads).map_err(stored)?;
+            crate::private_dir(&uploads).map_err(cannot_store)?;
             let path = uploads.join(commons_blueprint::FILE_NAME);
-            commons_runtime::layout::write_whole(&path, yaml.as_bytes()).map_err(stored)?;
+            commons_runtime::layout::write_whole(&path, yaml.as_bytes()).map_err(cannot_store)?;
             path
         }
         (None, None, Some(source)) => unpack_source(&uploads, source)?,

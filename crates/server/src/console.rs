@@ -961,19 +961,13 @@ async fn site_sign_in(
             Some(&member),
         )
     };
-    let Some((scheme, rest)) =
-        q.to.split_once("://")
-            .filter(|(s, _)| *s == "http" || *s == "https")
-    else {
+    let uri = q.to.parse::<axum::http::Uri>().ok();
+    let Some((scheme, host)) = uri.as_ref().and_then(|u| {
+        let scheme = u.scheme_str().filter(|s| *s == "http" || *s == "https")?;
+        Some((scheme, u.host()?.to_ascii_lowercase()))
+    }) else {
         return unknown(format!("\"{}\" is not the address of a page", q.to));
     };
-    let split = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    let host = authority
-        .rsplit_once(':')
-        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(authority, |(h, _)| h)
-        .to_ascii_lowercase();
     // Only to sites this platform serves: never an open redirect.
     if !crate::gateway::routes_of(&state.engine)
         .iter()
@@ -982,12 +976,20 @@ async fn site_sign_in(
         return unknown(format!("no site of this platform is served at {host}"));
     }
     let code = state.sign_ins.mint(&session, &host);
-    let path = if path.is_empty() { "/" } else { path };
+    let path = uri
+        .as_ref()
+        .and_then(|u| u.path_and_query())
+        .map_or("/", |p| p.as_str());
+    let port = uri
+        .as_ref()
+        .and_then(|u| u.port_u16())
+        .map(|p| format!(":{p}"))
+        .unwrap_or_default();
     let query =
         serde_urlencoded::to_string([("code", code.as_str()), ("state", &q.state), ("to", path)])
             .unwrap_or_default();
     Redirect::to(&format!(
-        "{scheme}://{authority}{}?{query}",
+        "{scheme}://{host}{port}{}?{query}",
         commons_gateway::SIGN_IN_PATH
     ))
     .into_response()

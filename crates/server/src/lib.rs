@@ -69,6 +69,14 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
 /// Late events for a period are taken this long after it ends.
 pub const GRACE_MS: i64 = 3 * 86_400_000;
 
+/// This machine's host name, as the kernel has it.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
 /// What the handlers share. Each store is behind its own lock: SQLite
 /// connections serve one caller at a time, and a request holds a lock only
 /// for its own short transaction.

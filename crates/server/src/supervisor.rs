@@ -70,9 +70,7 @@ impl Sampler {
         let meter = crate::private_dir(&dir)
             .ok()
             .and_then(|_| commons_meter::Meter::open(&dir.join("meter.db"), crate::GRACE_MS).ok());
-        let node = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "local".into());
+        let node = crate::host_name().unwrap_or_else(|| "local".into());
         Sampler {
             meter,
             every: std::time::Duration::from_secs(every),
