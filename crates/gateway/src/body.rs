@@ -158,6 +158,14 @@ impl ResponseBody {
         }
     }
 
+    /// The whole body, for one the gateway made itself.
+    pub(crate) fn into_bytes(self) -> Option<Bytes> {
+        match self.inner {
+            Inner::Full(b) => Some(b.unwrap_or_default()),
+            _ => None,
+        }
+    }
+
     /// Records `metering` once this body is finished or dropped.
     pub(crate) fn metered(mut self, mut metering: Box<Metering>, status: u16) -> ResponseBody {
         if let Some(r) = metering.record.as_mut() {

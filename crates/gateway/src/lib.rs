@@ -7,12 +7,14 @@
 //! ([`Gateway::set_routes`]) and answers its questions through [`Hooks`]; it
 //! knows nothing of blueprints or engines.
 //!
-//! Modules: `routes` (the table), `proxy` (one request), `body` (counted
-//! bodies), `identity` (assertions, JWKS), `usage` (the tap to the meter),
+//! Modules: `routes` (the table), `proxy` (one request), `h1` (the HTTP/1.1
+//! server for the common request), `upstream` (the client for it), `body`
+//! (counted bodies), `identity` (assertions, JWKS), `usage` (the tap to the meter),
 //! `tls` (certificates, SNI), `acme` (issuance, renewal), `metrics`.
 
 pub mod acme;
 pub mod body;
+mod h1;
 pub mod identity;
 pub mod metrics;
 mod proxy;
@@ -263,18 +265,32 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
             let tls = tls.clone();
-            tokio::spawn(async move {
-                let _open = OpenConnection::new(&gw.metrics);
-                let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
-                match tls {
-                    None => gw.serve_connection(stream, info, false).await,
-                    Some(config) => {
-                        if let Some((stream, h2)) = gw.handshake(stream, config).await {
-                            gw.serve_connection(stream, info, h2).await
-                        }
-                    }
+            let info = Arc::new(ConnInfo::new(peer, tls.is_some()));
+            let open = OpenConnection::new(gw.clone());
+            // A connection's task lives as long as it does: plain HTTP/1.1
+            // ones (most) hold only what `h1` needs; TLS handshakes and
+            // HTTP/2 live in boxes of their own.
+            match tls {
+                None => {
+                    tokio::spawn(async move {
+                        let _open = open;
+                        h1::serve(gw, stream, info).await
+                    });
                 }
-            });
+                Some(config) => {
+                    tokio::spawn(async move {
+                        let _open = open;
+                        let handshake = Box::pin(gw.handshake(stream, config)).await;
+                        if let Some((stream, h2)) = handshake {
+                            if h2 {
+                                Box::pin(gw.serve_h2(stream, info)).await
+                            } else {
+                                h1::serve(gw, stream, info).await
+                            }
+                        }
+                    });
+                }
+            }
         }
         drop(listener);
         let deadline = Instant::now() + self.config.drain_timeout;
@@ -344,45 +360,67 @@ impl Gateway {
         }
     }
 
-    async fn serve_connection<I>(self: &Arc<Self>, io: I, info: Arc<ConnInfo>, h2: bool)
+    async fn serve_h2<I>(self: &Arc<Self>, io: I, info: Arc<ConnInfo>)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(self.config.max_header_bytes as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .serve_connection(TokioIo::new(io), self.service(info));
+        self.until_done_or_drained(conn).await
+    }
+
+    /// Serves an HTTP/1.x connection with hyper, from where the gateway's
+    /// own server (`h1`) handed it over.
+    async fn serve_hyper_h1<I>(self: &Arc<Self>, io: I, info: Arc<ConnInfo>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        self.metrics
+            .connections_handed_over
+            .fetch_add(1, Ordering::Relaxed);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_timeout)
+            .max_buf_size(self.config.max_header_bytes.max(8192))
+            .serve_connection(TokioIo::new(io), self.service(info))
+            .with_upgrades();
+        self.until_done_or_drained(conn).await
+    }
+
+    /// Runs a hyper connection until it ends or, once the gateway shuts
+    /// down, until its in-flight requests are answered.
+    async fn until_done_or_drained<C: Drain>(&self, conn: C) {
+        tokio::pin!(conn);
+        let mut stop = self.shutdown.subscribe();
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        conn.as_mut().drain();
+        let _ = conn.await;
+    }
+
+    /// The hyper service answering a connection's requests.
+    fn service(
+        self: &Arc<Self>,
+        info: Arc<ConnInfo>,
+    ) -> impl hyper::service::Service<
+        http::Request<hyper::body::Incoming>,
+        Response = http::Response<body::ResponseBody>,
+        Error = std::convert::Infallible,
+        Future = impl Future<
+            Output = Result<http::Response<body::ResponseBody>, std::convert::Infallible>,
+        > + Send,
+    > + Clone {
         let gw = self.clone();
-        let service = hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |req| {
             let gw = gw.clone();
             let info = info.clone();
             async move { Ok::<_, std::convert::Infallible>(gw.handle(req, info).await) }
-        });
-        let mut stop = self.shutdown.subscribe();
-        if h2 {
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(self.config.max_header_bytes as u32)
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .serve_connection(TokioIo::new(io), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        } else {
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.config.header_timeout)
-                .max_buf_size(self.config.max_header_bytes.max(8192))
-                .serve_connection(TokioIo::new(io), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => {}
-            }
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
+        })
     }
 
     /// Serves `/metrics`, `/routes` and `/healthz` for operators, on a
@@ -540,19 +578,57 @@ impl ConnInfo {
     }
 }
 
-/// Counts a connection as open for as long as it lives.
-struct OpenConnection<'a>(&'a metrics::Metrics);
+/// A hyper server connection that can be asked to finish what is in
+/// flight and close (hyper's two kinds share no trait for it).
+trait Drain: Future {
+    fn drain(self: Pin<&mut Self>);
+}
 
-impl<'a> OpenConnection<'a> {
-    fn new(m: &'a metrics::Metrics) -> OpenConnection<'a> {
-        m.connections_open.fetch_add(1, Ordering::Relaxed);
-        m.connections_total.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(m)
+impl<I, S, B> Drain for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<body::BoxError>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<body::BoxError>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
     }
 }
 
-impl Drop for OpenConnection<'_> {
+impl<I, S, E, B> Drain for hyper::server::conn::http2::Connection<I, S, E>
+where
+    Self: Future,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<body::BoxError>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<body::BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<Gateway>);
+
+impl OpenConnection {
+    fn new(gw: Arc<Gateway>) -> OpenConnection {
+        gw.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
+        gw.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(gw)
+    }
+}
+
+impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.0
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub wake_timeouts: AtomicU64,
     pub connections_open: AtomicU64,
     pub connections_total: AtomicU64,
+    /// HTTP/1.x connections the gateway's own server handed to hyper's.
+    pub connections_handed_over: AtomicU64,
     pub tls_handshake_errors: AtomicU64,
 }
 
@@ -123,6 +125,12 @@ impl Metrics {
                 "Client connections accepted.",
                 "counter",
                 &self.connections_total,
+            ),
+            (
+                "commons_gateway_connections_handed_over_total",
+                "HTTP/1.x connections passed to the general server (a request with a body, an upgrade, HTTP/1.0, a platform path, a site to wake).",
+                "counter",
+                &self.connections_handed_over,
             ),
             (
                 "commons_gateway_tls_handshake_errors_total",

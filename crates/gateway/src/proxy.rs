@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{Counted, Metering, RequestBody, ResponseBody};
 use crate::identity::{self, Claims};
 use crate::routes::Site;
+use crate::upstream::put_header;
 use crate::usage::RequestRecord;
 use crate::{ConnInfo, Gateway, User};
 
@@ -63,6 +64,29 @@ fn is_stripped(name: &str, request: bool) -> bool {
     }
 }
 
+/// [`is_stripped`] for a header name as a client wrote it (any case).
+pub(crate) fn is_stripped_any_case(name: &[u8], request: bool) -> bool {
+    // Every name on the list is shorter than this; a longer one can only
+    // be an `x-commons-` one.
+    const LONGEST: usize = 24;
+    if name.len() > LONGEST {
+        return request && name[..10].eq_ignore_ascii_case(b"x-commons-");
+    }
+    let mut lower = [0u8; LONGEST];
+    let lower = &mut lower[..name.len()];
+    lower.copy_from_slice(name);
+    lower.make_ascii_lowercase();
+    std::str::from_utf8(lower).is_ok_and(|n| is_stripped(n, request))
+}
+
+/// True if one of the `Connection` header values names `name` (hop-by-hop).
+pub(crate) fn named_by_connection(name: &[u8], connection: &[&[u8]]) -> bool {
+    connection.iter().any(|v| {
+        v.split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
+    })
+}
+
 /// Removes stripped headers in one pass over what is there (usually none).
 fn strip(headers: &mut http::HeaderMap, request: bool) {
     let mut doomed: Vec<HeaderName> = Vec::new();
@@ -93,6 +117,12 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
         Some(h) => h,
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
+    host_of(raw)
+}
+
+/// The host an authority (`Host` header value) names: lower case, without
+/// port.
+pub(crate) fn host_of(raw: &str) -> Option<String> {
     let host = if let Some(v6) = raw.strip_prefix('[') {
         v6.split(']').next()?
     } else {
@@ -108,21 +138,18 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     })
 }
 
-/// The value of the platform session cookie, if sent.
-fn session_cookie(headers: &http::HeaderMap) -> Option<&str> {
-    cookie(headers, SESSION_PAIR)
-}
-
 /// The value of the cookie whose pair starts with `pair` (`name=`).
 fn cookie<'h>(headers: &'h http::HeaderMap, pair: &str) -> Option<&'h str> {
-    for value in headers.get_all(header::COOKIE) {
-        for p in value.to_str().unwrap_or("").split(';') {
-            if let Some(v) = p.trim().strip_prefix(pair) {
-                return Some(v);
-            }
-        }
-    }
-    None
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .find_map(|v| cookie_in(v.to_str().unwrap_or(""), pair))
+}
+
+/// The value of the cookie whose pair starts with `pair`, in one `Cookie`
+/// header value.
+pub(crate) fn cookie_in<'v>(value: &'v str, pair: &str) -> Option<&'v str> {
+    value.split(';').find_map(|p| p.trim().strip_prefix(pair))
 }
 
 /// Where the gateway finishes a browser's sign-in, on the site's own host.
@@ -135,10 +162,7 @@ const SIGN_IN_STATE_PAIR: &str = "commons_sign_in=";
 /// Removes `Set-Cookie`s of the platform's own cookies from an app's
 /// response: an app must not sign its visitors in as someone else.
 fn remove_platform_set_cookies(headers: &mut http::HeaderMap) {
-    let platform = |v: &HeaderValue| {
-        let v = v.as_bytes();
-        v.starts_with(SESSION_PAIR.as_bytes()) || v.starts_with(SIGN_IN_STATE_PAIR.as_bytes())
-    };
+    let platform = |v: &HeaderValue| is_platform_set_cookie(v.as_bytes());
     if !headers.get_all(header::SET_COOKIE).iter().any(platform) {
         return;
     }
@@ -154,44 +178,118 @@ fn remove_platform_set_cookies(headers: &mut http::HeaderMap) {
     }
 }
 
+/// True for a `Set-Cookie` value that sets one of the platform's cookies.
+pub(crate) fn is_platform_set_cookie(value: &[u8]) -> bool {
+    let value = value.trim_ascii_start();
+    value.starts_with(SESSION_PAIR.as_bytes()) || value.starts_with(SIGN_IN_STATE_PAIR.as_bytes())
+}
+
 /// How the session cookie's pair starts.
-const SESSION_PAIR: &str = "commons_session=";
+pub(crate) const SESSION_PAIR: &str = "commons_session=";
 const _: () = assert!(SESSION_PAIR.len() == SESSION_COOKIE.len() + 1);
 
 /// Removes the platform session cookie, keeping the app's own cookies.
 fn remove_session_cookie(headers: &mut http::HeaderMap) {
-    let mut kept = String::new();
+    let mut kept = Vec::new();
     for pair in headers
         .get_all(header::COOKIE)
         .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(';'))
-        .map(str::trim)
-        .filter(|p| !p.is_empty() && !p.starts_with(SESSION_PAIR))
+        .flat_map(|v| cookies_but_session(v.as_bytes()))
     {
         if !kept.is_empty() {
-            kept.push_str("; ");
+            kept.extend_from_slice(b"; ");
         }
-        kept.push_str(pair);
+        kept.extend_from_slice(pair);
     }
     headers.remove(header::COOKIE);
     if !kept.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&kept) {
+        if let Ok(v) = HeaderValue::from_bytes(&kept) {
             headers.insert(header::COOKIE, v);
         }
     }
 }
 
-fn bearer(headers: &http::HeaderMap) -> Option<&str> {
-    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    v.strip_prefix("Bearer ")
-        .or_else(|| v.strip_prefix("bearer "))
+/// The cookie pairs of a `Cookie` header value other than the platform
+/// session.
+pub(crate) fn cookies_but_session(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b';')
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty() && !p.starts_with(SESSION_PAIR.as_bytes()))
+}
+
+/// The token of an `Authorization: Bearer` header value.
+pub(crate) fn bearer_in(value: &str) -> Option<&str> {
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+}
+
+/// The credentials a request carries.
+#[derive(Default)]
+pub(crate) struct Credentials<'a> {
+    /// The platform session cookie's value.
+    pub session: Option<&'a str>,
+    pub bearer: Option<&'a str>,
+    /// An identity assertion the gateway signed for another site.
+    pub assertion: Option<&'a str>,
+}
+
+impl<'a> Credentials<'a> {
+    fn of(headers: &'a http::HeaderMap) -> Credentials<'a> {
+        let text = |name| {
+            headers
+                .get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+        };
+        Credentials {
+            session: cookie(headers, SESSION_PAIR),
+            bearer: text(&header::AUTHORIZATION).and_then(bearer_in),
+            assertion: text(&IDENTITY),
+        }
+    }
 }
 
 /// Who a request is from.
-struct Caller {
-    identity: Option<Arc<Identity>>,
+pub(crate) struct Caller {
+    pub identity: Option<Arc<Identity>>,
     /// The platform bearer token was used: it does not go on to the app.
     strip_bearer: bool,
+}
+
+impl RequestRecord {
+    /// The record of a request about to be proxied (the rest is filled in
+    /// as it goes).
+    pub(crate) fn new(
+        site: &Site,
+        host: &str,
+        caller: &Caller,
+        method: &Method,
+        path: &str,
+        conn: &ConnInfo,
+    ) -> RequestRecord {
+        RequestRecord {
+            time_ms: crate::now_ms() as i64,
+            user: caller.identity.as_ref().map(|i| i.id.clone()),
+            site: site.deployment.clone(),
+            component: site.component.clone(),
+            operator: site.operator.clone(),
+            via: caller.identity.as_ref().and_then(|i| i.via.clone()),
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_us: 0,
+            method: method.clone(),
+            host: if *site.host == *host {
+                site.host.clone()
+            } else {
+                Arc::from(host)
+            },
+            path: path.into(),
+            peer: conn.peer_text.clone(),
+            upstream: None,
+        }
+    }
 }
 
 /// A credential the platform recognised, cached with the assertions made
@@ -208,6 +306,27 @@ pub(crate) struct Identity {
 
 /// How long a recognised credential is trusted without asking again.
 const SESSION_CACHE: Duration = Duration::from_secs(30);
+
+/// A bodiless request an upstream answered.
+pub(crate) struct Exchanged {
+    pub head: crate::upstream::Head,
+    pub body: crate::upstream::DirectBody,
+    pub upstream: SocketAddr,
+    pub in_flight: crate::routes::InFlight,
+}
+
+impl Exchanged {
+    /// The body, with the upstream and its in-flight count now part of the
+    /// request's usage record.
+    pub(crate) fn begin(self, metering: &mut Metering) -> crate::upstream::DirectBody {
+        if let Some(r) = metering.record.as_mut() {
+            r.upstream = Some(self.upstream);
+            r.status = self.head.status.as_u16();
+        }
+        metering.in_flight = Some(self.in_flight);
+        self.body
+    }
+}
 
 enum Failure {
     /// No upstream took the request (which comes back, unsent, when it
@@ -250,28 +369,9 @@ impl Gateway {
         if req.uri().path() == SIGN_IN_PATH {
             return self.finish_sign_in(&req, &host, conn.tls);
         }
-        let caller = self.caller(req.headers());
-        let record = RequestRecord {
-            time_ms: crate::now_ms() as i64,
-            user: caller.identity.as_ref().map(|i| i.id.clone()),
-            site: site.deployment.clone(),
-            component: site.component.clone(),
-            operator: site.operator.clone(),
-            via: caller.identity.as_ref().and_then(|i| i.via.clone()),
-            status: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            duration_us: 0,
-            method: req.method().clone(),
-            host: if *site.host == *host {
-                site.host.clone()
-            } else {
-                Arc::from(host.as_str())
-            },
-            path: req.uri().path().into(),
-            peer: conn.peer_text.clone(),
-            upstream: None,
-        };
+        let caller = self.caller(&Credentials::of(req.headers()));
+        let record =
+            RequestRecord::new(&site, &host, &caller, req.method(), req.uri().path(), &conn);
         let bytes_in = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
         let mut metering = Box::new(Metering {
             gateway: self.clone(),
@@ -343,20 +443,48 @@ impl Gateway {
         let upgrade_to = upgrade
             .then(|| req.headers().get(header::UPGRADE).cloned())
             .flatten();
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let client_version = req.version();
-        self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
-        let (parts, body) = req.into_parts();
         // Most requests have no body: the gateway's own client sends them,
         // in this task (see `upstream`).
         if !upgrade
-            && (parts.method == Method::GET || parts.method == Method::HEAD)
-            && body.is_end_stream()
+            && (req.method() == Method::GET || req.method() == Method::HEAD)
+            && req.body().is_end_stream()
         {
-            return self
-                .proxy_direct(parts, site, host, client_version, metering)
-                .await;
+            let mut head = Vec::with_capacity(512);
+            let host_value = req.headers().get(header::HOST).map(HeaderValue::as_bytes);
+            self.write_upstream_head(
+                &mut head,
+                req.method().as_str(),
+                req.uri().path_and_query().map_or("/", |p| p.as_str()),
+                || {
+                    req.headers()
+                        .iter()
+                        .map(|(n, v)| (n.as_str(), v.as_bytes()))
+                },
+                host_value.unwrap_or(host.as_bytes()),
+                conn,
+                &site,
+                &caller,
+            );
+            let exchanged = match self
+                .exchange_waking(site, host, req.method(), req.uri().path(), &head)
+                .await
+            {
+                Ok(e) => e,
+                Err(r) => return r,
+            };
+            let status = exchanged.head.status;
+            let headers = exchanged.head.header_map();
+            let mut response = Response::new(ResponseBody::direct(exchanged.begin(metering)));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            strip(response.headers_mut(), false);
+            *response.version_mut() = client_version;
+            return response;
         }
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
+        let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
         let path = req.uri().path().to_string();
         let mut unsent = req;
@@ -434,54 +562,42 @@ impl Gateway {
         Response::from_parts(parts, ResponseBody::upstream(body))
     }
 
-    /// Answers the platform's own paths on every host.
-    /// Sends a request without a body with the gateway's own client, on an
-    /// idle connection of the chosen upstream or a new one. Like
-    /// [`Gateway::forward`], a request no upstream answered goes to the next,
-    /// and when all refuse the site is woken once.
-    async fn proxy_direct(
+    /// Sends a request without a body (`head`, written by
+    /// [`Gateway::write_upstream_head`]) with the gateway's own client, on
+    /// an idle connection of the chosen upstream or a new one. Like
+    /// [`Gateway::forward`], a request no upstream answered goes to the
+    /// next, and when all refuse the site is woken once. `Err` is the
+    /// answer to give instead.
+    pub(crate) async fn exchange_waking(
         self: &Arc<Self>,
-        parts: http::request::Parts,
         mut site: Arc<Site>,
         host: &str,
-        client_version: Version,
-        metering: &mut Metering,
-    ) -> Response<ResponseBody> {
-        let mut head = Vec::with_capacity(512);
-        crate::upstream::request_head(&parts, &mut head);
+        method: &Method,
+        path: &str,
+        head: &[u8],
+    ) -> Result<Exchanged, Response<ResponseBody>> {
         let mut woken = false;
         let sent = loop {
             let sent = tokio::time::timeout(
                 self.config.upstream_timeout,
-                self.exchange(&site, host, &parts, &head),
+                self.exchange(&site, host, method, path, head),
             )
             .await;
             match sent {
                 Ok(Err(Failure::Unavailable(_))) if !woken => {
                     woken = true;
-                    match self.wake(&site, host, parts.uri.path(), true).await {
-                        Ok(s) => site = s,
-                        Err(r) => return r,
-                    }
+                    // Boxed, like the other rare paths below: a connection
+                    // holds its request's future while idle.
+                    site = Box::pin(self.wake(&site, host, path, true)).await?;
                 }
                 other => break other,
             }
         };
-        let (answer, body, upstream, in_flight) = match sent {
-            Ok(Ok(r)) => r,
-            Ok(Err(failure)) => return self.failed(Some(failure), 0, None),
-            Err(_) => return self.failed(None, 0, None),
-        };
-        if let Some(r) = metering.record.as_mut() {
-            r.upstream = Some(upstream);
+        match sent {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(failure)) => Err(self.failed(Some(failure), 0, None)),
+            Err(_) => Err(self.failed(None, 0, None)),
         }
-        metering.in_flight = Some(in_flight);
-        let mut response = Response::new(ResponseBody::direct(body));
-        *response.status_mut() = answer.status;
-        *response.headers_mut() = answer.headers;
-        strip(response.headers_mut(), false);
-        *response.version_mut() = client_version;
-        response
     }
 
     /// One attempt after another at sending a bodiless request (`head`) to
@@ -490,24 +606,17 @@ impl Gateway {
         &self,
         site: &Arc<Site>,
         host: &str,
-        parts: &http::request::Parts,
+        method: &Method,
+        path: &str,
         head: &[u8],
-    ) -> Result<
-        (
-            crate::upstream::Head,
-            crate::upstream::DirectBody,
-            SocketAddr,
-            crate::routes::InFlight,
-        ),
-        Failure,
-    > {
+    ) -> Result<Exchanged, Failure> {
         use crate::upstream::{Conn, DirectBody, SendError};
         let mut site = site.clone();
         let max_head = self.config.max_header_bytes.max(8192) * 2;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 self.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                if let Some(fresh) = self.routes.load().lookup(host, parts.uri.path()) {
+                if let Some(fresh) = self.routes.load().lookup(host, path) {
                     site = fresh.clone();
                 }
             }
@@ -520,18 +629,18 @@ impl Gateway {
             let conn = match upstream.take_direct() {
                 Some(c) => c,
                 None => {
-                    match tokio::time::timeout(self.config.connect_timeout, Conn::connect(addr))
-                        .await
-                    {
+                    let connect =
+                        tokio::time::timeout(self.config.connect_timeout, Conn::connect(addr));
+                    match Box::pin(connect).await {
                         Ok(Ok(c)) => c,
                         _ => {
-                            self.connect_failed(&site, addr, now, attempt).await;
+                            Box::pin(self.connect_failed(&site, addr, now, attempt)).await;
                             continue;
                         }
                     }
                 }
             };
-            match conn.send(head, &parts.method, max_head).await {
+            match conn.send(head, method, max_head).await {
                 Ok((answer, conn)) => {
                     let body = DirectBody::new(
                         &answer,
@@ -539,7 +648,12 @@ impl Gateway {
                         upstream.direct.clone(),
                         crate::routes::KEEP_IDLE,
                     );
-                    return Ok((answer, body, addr, in_flight));
+                    return Ok(Exchanged {
+                        head: answer,
+                        body,
+                        upstream: addr,
+                        in_flight,
+                    });
                 }
                 // Closed before answering (an idle connection the upstream
                 // had given up on, or an instance going away): GET and HEAD
@@ -607,6 +721,7 @@ impl Gateway {
         }
     }
 
+    /// Answers the platform's own paths on every host.
     fn platform_path(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
         let path = req.uri().path();
         if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
@@ -754,8 +869,8 @@ impl Gateway {
     /// Recognises the platform session, a platform bearer token, or an
     /// assertion the gateway signed for another site (a hosted service
     /// calling this one on a user's behalf).
-    fn caller(&self, headers: &http::HeaderMap) -> Caller {
-        if let Some(cookie) = session_cookie(headers) {
+    pub(crate) fn caller(&self, credentials: &Credentials) -> Caller {
+        if let Some(cookie) = credentials.session {
             if let Some(identity) = self.identity(cookie, |c| {
                 self.hooks.authenticate(c).map(|u| (u, None, None))
             }) {
@@ -765,7 +880,7 @@ impl Gateway {
                 };
             }
         }
-        if let Some(token) = bearer(headers) {
+        if let Some(token) = credentials.bearer {
             if let Some(identity) = self.identity(token, |c| {
                 self.hooks.authenticate(c).map(|u| (u, None, None))
             }) {
@@ -775,7 +890,7 @@ impl Gateway {
                 };
             }
         }
-        if let Some(jwt) = headers.get(&IDENTITY).and_then(|v| v.to_str().ok()) {
+        if let Some(jwt) = credentials.assertion {
             let identity = self.identity(jwt, |jwt| {
                 let c = self.signer.verify(jwt, crate::now_ms() / 1000).ok()?;
                 let user = User {
@@ -861,6 +976,110 @@ impl Gateway {
         v
     }
 
+    /// Calls `put` with each header the gateway states to the app about a
+    /// request, in place of anything the client said: the host, the
+    /// forwarding path, and who the user is.
+    fn for_each_stated(
+        &self,
+        conn: &ConnInfo,
+        site: &Site,
+        host_value: &[u8],
+        caller: &Caller,
+        mut put: impl FnMut(&HeaderName, &[u8]),
+    ) {
+        let proto: &[u8] = if conn.tls { b"https" } else { b"http" };
+        let mut forwarded = Vec::with_capacity(64);
+        forwarded.extend_from_slice(conn.forwarded_for.as_bytes());
+        forwarded.extend_from_slice(b";proto=");
+        forwarded.extend_from_slice(proto);
+        forwarded.extend_from_slice(b";host=\"");
+        forwarded.extend_from_slice(host_value);
+        forwarded.push(b'"');
+        put(&header::HOST, host_value);
+        put(&FORWARDED, &forwarded);
+        put(&X_FORWARDED_FOR, conn.peer_ip.as_bytes());
+        put(&X_FORWARDED_PROTO, proto);
+        put(&X_FORWARDED_HOST, host_value);
+        if let Some(identity) = &caller.identity {
+            put(
+                &IDENTITY,
+                self.assertion(identity, &site.deployment).as_bytes(),
+            );
+            // An app that takes a trusted user header gets the signed-in
+            // user there, and never what a client put in it.
+            if let Some(name) = &site.user_header {
+                put(name, identity.user.id.as_bytes());
+            }
+        }
+    }
+
+    /// True for a client header that does not go on to the app: stripped
+    /// ones, ones the gateway states itself, and the platform bearer token.
+    fn withheld(name: &[u8], site: &Site, caller: &Caller, connection: &[&[u8]]) -> bool {
+        is_stripped_any_case(name, true)
+            || name.eq_ignore_ascii_case(b"host")
+            || (caller.strip_bearer && name.eq_ignore_ascii_case(b"authorization"))
+            || site
+                .user_header
+                .as_ref()
+                .is_some_and(|h| name.eq_ignore_ascii_case(h.as_str().as_bytes()))
+            || named_by_connection(name, connection)
+    }
+
+    /// Writes the head of a bodiless request as the upstream gets it: the
+    /// client's `headers` less those withheld (and the session cookie),
+    /// then what the gateway states. `host_value` is the client's `Host`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn write_upstream_head<'h, I>(
+        &self,
+        out: &mut Vec<u8>,
+        method: &str,
+        target: &str,
+        headers: impl Fn() -> I,
+        host_value: &[u8],
+        conn: &ConnInfo,
+        site: &Site,
+        caller: &Caller,
+    ) where
+        I: Iterator<Item = (&'h str, &'h [u8])>,
+    {
+        out.clear();
+        out.extend_from_slice(method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        let connection: Vec<&[u8]> = headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
+            .map(|(_, v)| v)
+            .collect();
+        for (name, value) in headers() {
+            if Self::withheld(name.as_bytes(), site, caller, &connection) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("cookie") {
+                let mut pairs = cookies_but_session(value).peekable();
+                if pairs.peek().is_some() {
+                    out.extend_from_slice(b"cookie: ");
+                    for (i, pair) in pairs.enumerate() {
+                        if i > 0 {
+                            out.extend_from_slice(b"; ");
+                        }
+                        out.extend_from_slice(pair);
+                    }
+                    out.extend_from_slice(b"\r\n");
+                }
+                continue;
+            }
+            put_header(out, name.as_bytes(), value);
+        }
+        self.for_each_stated(conn, site, host_value, caller, |name, value| {
+            put_header(out, name.as_str().as_bytes(), value)
+        });
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Rewrites a request for hyper's client (requests with bodies,
+    /// upgrades): the same headers [`Gateway::write_upstream_head`] sends.
     fn rewrite_request(
         &self,
         req: &mut Request<Incoming>,
@@ -879,50 +1098,30 @@ impl Gateway {
                 .to_string();
             *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
         }
-        let authority = req.headers().get(header::HOST).cloned();
+        let host_value = match req.headers().get(header::HOST) {
+            Some(v) => v.clone(),
+            None => HeaderValue::from_str(host).expect("a routed host is a valid header"),
+        };
         *req.version_mut() = Version::HTTP_11;
         let h = req.headers_mut();
-        strip(h, true);
+        let connection: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
+        let connection: Vec<&[u8]> = connection.iter().map(HeaderValue::as_bytes).collect();
+        let withheld: Vec<HeaderName> = h
+            .keys()
+            .filter(|n| Self::withheld(n.as_str().as_bytes(), site, caller, &connection))
+            .cloned()
+            .collect();
+        for name in withheld {
+            h.remove(name);
+        }
         if h.contains_key(header::COOKIE) {
             remove_session_cookie(h);
         }
-        if caller.strip_bearer {
-            h.remove(header::AUTHORIZATION);
-        }
-        let host_value = match authority {
-            Some(v) => v,
-            None => HeaderValue::from_str(host).expect("a routed host is a valid header"),
-        };
-        let proto = if conn.tls { "https" } else { "http" };
-        let mut forwarded = Vec::with_capacity(64);
-        forwarded.extend_from_slice(conn.forwarded_for.as_bytes());
-        forwarded.extend_from_slice(b";proto=");
-        forwarded.extend_from_slice(proto.as_bytes());
-        forwarded.extend_from_slice(b";host=\"");
-        forwarded.extend_from_slice(host_value.as_bytes());
-        forwarded.push(b'"');
-        if let Ok(v) = HeaderValue::from_bytes(&forwarded) {
-            h.insert(&FORWARDED, v);
-        }
-        h.insert(&X_FORWARDED_FOR, conn.peer_ip.clone());
-        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-        h.insert(&X_FORWARDED_HOST, host_value.clone());
-        h.insert(header::HOST, host_value);
-        if let Some(identity) = &caller.identity {
-            h.insert(&IDENTITY, self.assertion(identity, &site.deployment));
-        }
-        // An app that takes a trusted user header gets the signed-in user
-        // there, and never what a client put in it.
-        if let Some(name) = &site.user_header {
-            h.remove(name);
-            let user = caller
-                .identity
-                .as_ref()
-                .and_then(|i| HeaderValue::from_str(&i.user.id).ok());
-            if let Some(user) = user {
-                h.insert(name.clone(), user);
+        self.for_each_stated(conn, site, host_value.as_bytes(), caller, |name, value| {
+            if let Ok(v) = HeaderValue::from_bytes(value) {
+                h.insert(name.clone(), v);
             }
-        }
+        });
         if let Some(proto) = upgrade {
             h.insert(header::UPGRADE, proto);
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1122,7 +1321,7 @@ mod tests {
             header::COOKIE,
             HeaderValue::from_static("a=1; commons_session=s3cret; b=2"),
         );
-        assert_eq!(session_cookie(&h), Some("s3cret"));
+        assert_eq!(Credentials::of(&h).session, Some("s3cret"));
         remove_session_cookie(&mut h);
         assert_eq!(h[header::COOKIE], "a=1; b=2");
     }

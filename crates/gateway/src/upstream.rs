@@ -49,10 +49,14 @@ pub enum SendError {
 /// A response head and how its body is framed.
 pub struct Head {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    /// The head as the upstream sent it (status line and headers).
+    raw: Bytes,
     framing: Framing,
     /// The connection may carry another request once the body is read.
     reusable: bool,
+    /// `Connection` names headers (other than `close`, `keep-alive`) that
+    /// are hop-by-hop.
+    names_hops: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -162,14 +166,11 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
         return Ok(Parsed::Informational(used));
     }
     let http10 = res.version == Some(0);
-    let mut map = HeaderMap::with_capacity(res.headers.len());
     let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, http10, false);
+    let mut names_hops = false;
     for h in res.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| SendError::Broken(format!("bad header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| SendError::Broken(format!("bad value of header {name}")))?;
-        if name == http::header::CONTENT_LENGTH {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
@@ -178,21 +179,23 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
                 return Err(SendError::Broken("conflicting content-lengths".into()));
             }
             length = Some(n);
-        } else if name == http::header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Chunked only counts as the last coding.
             chunked = h
                 .value
                 .rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name == http::header::CONNECTION {
+        } else if name.eq_ignore_ascii_case(b"connection") {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                let is_close = token.eq_ignore_ascii_case(b"close");
+                let is_keep_alive = token.eq_ignore_ascii_case(b"keep-alive");
+                close |= is_close;
+                keep_alive |= is_keep_alive;
+                names_hops |= !is_close && !is_keep_alive && !token.is_empty();
             }
         }
-        map.append(name, value);
     }
     if http10 && keep_alive {
         close = false;
@@ -204,7 +207,6 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
         Framing::Empty
     } else if chunked {
         // A length beside chunked is ignored (RFC 9112 6.3), and dropped.
-        map.remove(http::header::CONTENT_LENGTH);
         Framing::Chunked
     } else if let Some(n) = length {
         if n == 0 {
@@ -219,12 +221,100 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
     Ok(Parsed::Head(
         Head {
             status,
-            headers: map,
+            raw: Bytes::copy_from_slice(&buf[..used]),
             framing,
             reusable,
+            names_hops,
         },
         used,
     ))
+}
+
+impl Head {
+    /// Calls `each` with every header as the upstream sent it.
+    fn for_each_header(&self, mut each: impl FnMut(&str, &[u8])) {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut res = httparse::Response::new(&mut headers);
+        // Parsed whole once already: it parses again.
+        if res.parse(&self.raw).is_ok() {
+            for h in res.headers.iter() {
+                each(h.name, h.value);
+            }
+        }
+    }
+
+    /// True for a header that does not go on to the client: a hop-by-hop
+    /// one, a `Set-Cookie` of the platform's cookies, or a length the
+    /// framing overrides.
+    fn withheld(&self, name: &str, value: &[u8], connection: &[&[u8]]) -> bool {
+        let name_bytes = name.as_bytes();
+        crate::proxy::is_stripped_any_case(name_bytes, false)
+            || crate::proxy::named_by_connection(name_bytes, connection)
+            || (name_bytes.eq_ignore_ascii_case(b"set-cookie")
+                && crate::proxy::is_platform_set_cookie(value))
+            || (matches!(self.framing, Framing::Chunked)
+                && name_bytes.eq_ignore_ascii_case(b"content-length"))
+    }
+
+    /// The `Connection` header values naming hop-by-hop headers.
+    fn connection_values(&self) -> Vec<Vec<u8>> {
+        let mut values = Vec::new();
+        if !self.names_hops {
+            return values;
+        }
+        self.for_each_header(|name, value| {
+            if name.eq_ignore_ascii_case("connection") {
+                values.push(value.to_vec());
+            }
+        });
+        values
+    }
+
+    /// The headers as hyper's server takes them, less those withheld.
+    pub fn header_map(&self) -> HeaderMap {
+        let connection = self.connection_values();
+        let connection: Vec<&[u8]> = connection.iter().map(Vec::as_slice).collect();
+        let mut map = HeaderMap::new();
+        self.for_each_header(|name, value| {
+            if self.withheld(name, value, &connection) {
+                return;
+            }
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_bytes(value),
+            ) {
+                map.append(n, v);
+            }
+        });
+        map
+    }
+
+    /// True when the body goes to an HTTP/1.1 client chunked (its length is
+    /// not known up front).
+    pub fn chunked_to_client(&self) -> bool {
+        matches!(self.framing, Framing::Chunked | Framing::UntilClose)
+    }
+
+    /// Writes the response head for an HTTP/1.1 client: the upstream's
+    /// headers less those withheld, the framing, and `Connection: close`
+    /// when the client connection ends with this response.
+    pub fn write_for_client(&self, out: &mut Vec<u8>, close: bool) {
+        put_status_line(out, self.status);
+        let connection = self.connection_values();
+        let connection: Vec<&[u8]> = connection.iter().map(Vec::as_slice).collect();
+        self.for_each_header(|name, value| {
+            if !self.withheld(name, value, &connection) {
+                put_header(out, name.as_bytes(), value);
+            }
+        });
+        if self.chunked_to_client() {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
 }
 
 /// Where a chunked body's decoder is.
@@ -504,28 +594,20 @@ fn decode_chunk(state: &mut Chunk, buf: &mut BytesMut) -> Result<Decoded, &'stat
     }
 }
 
-/// Writes the head of a bodiless request, as the upstream will get it.
-pub fn request_head(parts: &http::request::Parts, out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+/// Appends one header line.
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends an HTTP/1.1 status line.
+pub(crate) fn put_status_line(out: &mut Vec<u8>, status: StatusCode) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    let target = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    out.extend_from_slice(if target.is_empty() {
-        b"/"
-    } else {
-        target.as_bytes()
-    });
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -582,7 +664,7 @@ mod tests {
             Method::GET,
         );
         assert!(matches!(h.framing, Framing::Chunked));
-        assert!(!h.headers.contains_key(http::header::CONTENT_LENGTH));
+        assert!(!h.header_map().contains_key(http::header::CONTENT_LENGTH));
         let h = head(b"HTTP/1.0 200 OK\r\n\r\n", Method::GET);
         assert!(matches!(h.framing, Framing::UntilClose) && !h.reusable);
         let h = head(

@@ -797,3 +797,153 @@ async fn bodiless_requests_keep_every_framing_and_reuse_upstream_connections() {
         );
     }
 }
+
+/// Reads one response off a raw connection (framed by Content-Length; no
+/// body for HEAD): status, head, body. What is read past it stays in `buf`.
+async fn read_response(
+    s: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    head_request: bool,
+) -> (u16, String, Vec<u8>) {
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("a response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole head: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8(buf[..end].to_vec()).unwrap();
+    let status: u16 = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let length = if head_request { 0 } else { length };
+    while buf.len() < end + length {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed inside the body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[end..end + length].to_vec();
+    buf.drain(..end + length);
+    (status, head, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bodies() {
+    let gw = gateway(Config {
+        max_header_bytes: 8192,
+        ..Config::default()
+    })
+    .await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = Vec::new();
+    // Two requests in one write: the gateway's own server takes both.
+    s.write_all(
+        b"GET /a?x=1 HTTP/1.1\r\nHost: app.localhost\r\n\
+          Cookie: a=1; commons_session=not-a-session; b=2\r\nX-Commons-User: mallory\r\n\
+          Connection: keep-alive, x-hop\r\nX-Hop: 1\r\n\r\n\
+          HEAD /b HTTP/1.1\r\nHost: App.Localhost:80\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["path"], "/a");
+    let headers = &seen["headers"];
+    assert_eq!(headers["cookie"], "a=1; b=2", "{headers}");
+    assert!(headers.get("x-commons-user").is_none(), "{headers}");
+    assert!(headers.get("x-hop").is_none(), "{headers}");
+    assert!(headers.get("x-commons-identity").is_none(), "{headers}");
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+    let (status, head, body) = read_response(&mut s, &mut buf, true).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(body.is_empty());
+    assert!(
+        head.to_ascii_lowercase().contains("content-length:"),
+        "{head}"
+    );
+    let metric = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(metric(&gw.gateway.metrics.connections_handed_over), 0);
+    // A request with a body: hyper serves the connection from here on.
+    s.write_all(b"POST /c HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (seen["method"].as_str(), seen["body_len"].as_u64()),
+        (Some("POST"), Some(5))
+    );
+    s.write_all(b"GET /d HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["path"],
+        "/d"
+    );
+    let connections = || {
+        gw.gateway
+            .metrics
+            .connections_total
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(connections(), 1);
+    assert_eq!(metric(&gw.gateway.metrics.connections_handed_over), 1);
+
+    // `Connection: close` is honoured: the answer says so, then the
+    // connection ends.
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let mut rest = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut rest))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+
+    // A head over the limit is refused (431), whoever serves it.
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = Vec::new();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: app.localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(16 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let (status, _, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 431);
+
+    // Every request above was metered once (the 431 never reached a site).
+    assert_eq!(gw.events.wait_for(5).await, 5);
+}

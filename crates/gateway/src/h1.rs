@@ -1,0 +1,426 @@
+//! The gateway's own HTTP/1.1 server for the common request: a GET or HEAD
+//! without a body, for a routed site that is awake. The request head is
+//! parsed in place with `httparse` and rewritten straight into the bytes the
+//! upstream gets; the direct client (`upstream`) sends them; the response
+//! head and as much of the body as has arrived go back in one write. No
+//! header maps, no boxed services, no per-request tasks: most of what a
+//! general server costs a proxy.
+//!
+//! Anything else — a request with a body, an upgrade, HTTP/1.0, a platform
+//! path, a sign-in, a site to wake, a head that is malformed or too large —
+//! hands the connection, with the bytes already read, to hyper's server
+//! ([`Gateway::serve_hyper_h1`]), which serves it from then on. So every
+//! rule and every error answer lives in one place (`proxy`); this module
+//! only decides that none of them applies.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Response};
+use hyper::body::Body as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::body::{Metering, ResponseBody};
+use crate::proxy::{self, Credentials};
+use crate::routes::Site;
+use crate::upstream::{put_header, put_status_line};
+use crate::usage::RequestRecord;
+use crate::{ConnInfo, Gateway};
+
+/// Most headers a request served here may have (more: hyper serves it).
+const MAX_HEADERS: usize = 64;
+/// Read buffer of a connection; a request head larger than this grows it.
+const READ_SIZE: usize = 4096;
+/// Response bytes gathered before they are written.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// A request this module serves.
+struct Fast {
+    /// Length of its head in the read buffer.
+    used: usize,
+    site: Arc<Site>,
+    method: Method,
+    record: RequestRecord,
+    /// When its head was complete.
+    started: Instant,
+    /// The client asked to close the connection after this response.
+    close: bool,
+}
+
+enum Next {
+    /// The head is not complete yet.
+    Partial,
+    /// hyper serves this connection from here on.
+    HandOver,
+    Serve(Box<Fast>),
+}
+
+/// Serves HTTP/1.1 on `io` until the client closes it, it idles past the
+/// header timeout, or the gateway shuts down.
+pub(crate) async fn serve<I>(gw: Arc<Gateway>, mut io: I, info: Arc<ConnInfo>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut stop = gw.shutdown.subscribe();
+    let mut buf = BytesMut::new();
+    let mut head = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        // Wait for a whole request head, within the header timeout.
+        let deadline = tokio::time::Instant::now() + gw.config.header_timeout;
+        let fast = loop {
+            if !buf.is_empty() {
+                match next(&gw, &buf, &info, &mut head) {
+                    Next::Serve(fast) => break fast,
+                    Next::HandOver => {
+                        let rest = Rewind {
+                            read: buf.freeze(),
+                            io,
+                        };
+                        return Box::pin(gw.serve_hyper_h1(rest, info)).await;
+                    }
+                    Next::Partial if buf.len() > gw.config.max_header_bytes => {
+                        // hyper answers 431.
+                        let rest = Rewind {
+                            read: buf.freeze(),
+                            io,
+                        };
+                        return Box::pin(gw.serve_hyper_h1(rest, info)).await;
+                    }
+                    Next::Partial => {}
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_SIZE);
+            }
+            let idle = buf.is_empty();
+            let read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf));
+            let n = tokio::select! {
+                biased;
+                r = read => r,
+                // Idle between requests: nothing in flight to finish.
+                _ = stop.wait_for(|s| *s), if idle => return,
+            };
+            match n {
+                Ok(Ok(n)) if n > 0 => {}
+                // Closed, failed, or too slow to send its head.
+                _ => return,
+            }
+        };
+        buf.advance(fast.used);
+        let close = fast.close || *stop.borrow();
+        // Boxed: an idle connection holds no request's state.
+        if Box::pin(respond(&gw, &mut io, *fast, close, &head, &mut out))
+            .await
+            .is_err()
+            || close
+        {
+            let _ = io.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Reads the request head at the start of `buf` and decides who serves it;
+/// for a request served here, writes the upstream's request head into
+/// `head`.
+fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
+    let started = Instant::now();
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Next::Partial,
+        Err(_) => return Next::HandOver,
+    };
+    let method = match req.method {
+        Some("GET") => Method::GET,
+        Some("HEAD") => Method::HEAD,
+        _ => return Next::HandOver,
+    };
+    let target = req.path.unwrap_or("");
+    if req.version != Some(1) || !target.starts_with('/') || target.starts_with("/.well-known/") {
+        return Next::HandOver;
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    if path == proxy::SIGN_IN_PATH {
+        return Next::HandOver;
+    }
+    let mut host_value: Option<&[u8]> = None;
+    let mut hosts = 0;
+    let mut close = false;
+    let mut credentials = Credentials::default();
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        let text = || std::str::from_utf8(h.value).ok();
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            host_value = Some(h.value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            if h.value.trim_ascii() != b"0" {
+                return Next::HandOver;
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+        {
+            return Next::HandOver;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        } else if name.eq_ignore_ascii_case(b"cookie") {
+            if credentials.session.is_none() {
+                credentials.session = text().and_then(|v| proxy::cookie_in(v, proxy::SESSION_PAIR));
+            }
+        } else if name.eq_ignore_ascii_case(b"authorization") {
+            credentials.bearer = text().and_then(proxy::bearer_in);
+        } else if name.eq_ignore_ascii_case(crate::identity::HEADER.as_bytes()) {
+            credentials.assertion = text();
+        }
+    }
+    let (1, Some(host_value)) = (hosts, host_value) else {
+        return Next::HandOver;
+    };
+    let Some(host) = std::str::from_utf8(host_value)
+        .ok()
+        .and_then(proxy::host_of)
+    else {
+        return Next::HandOver;
+    };
+    let Some(site) = gw.routes.load().lookup(&host, path).cloned() else {
+        return Next::HandOver;
+    };
+    if site.spec.idle
+        || site.upstreams.is_empty()
+        || (!conn.tls && gw.acme().is_some() && gw.certs.has_acme(&host))
+    {
+        return Next::HandOver;
+    }
+    let caller = gw.caller(&credentials);
+    if caller.identity.is_none() && site.needs_login(path) {
+        return Next::HandOver;
+    }
+    gw.write_upstream_head(
+        head,
+        method.as_str(),
+        target,
+        || req.headers.iter().map(|h| (h.name, h.value)),
+        host_value,
+        conn,
+        &site,
+        &caller,
+    );
+    let record = RequestRecord::new(&site, &host, &caller, &method, path, conn);
+    Next::Serve(Box::new(Fast {
+        used,
+        site,
+        method,
+        record,
+        started,
+        close,
+    }))
+}
+
+/// Sends the request upstream and streams the answer back. `Err` when the
+/// client connection cannot go on (its write failed, or the upstream broke
+/// off inside the body).
+async fn respond<I>(
+    gw: &Arc<Gateway>,
+    io: &mut I,
+    fast: Fast,
+    close: bool,
+    head: &[u8],
+    out: &mut Vec<u8>,
+) -> io::Result<()>
+where
+    I: AsyncWrite + Unpin,
+{
+    let Fast {
+        site,
+        method,
+        record,
+        started,
+        ..
+    } = fast;
+    let host = record.host.clone();
+    let path = record.path.clone();
+    let mut metering = Metering {
+        gateway: gw.clone(),
+        site: site.clone(),
+        record: Some(record),
+        started,
+        bytes_in: None,
+        in_flight: None,
+    };
+    out.clear();
+    let exchanged = match gw.exchange_waking(site, &host, &method, &path, head).await {
+        Ok(e) => e,
+        Err(answer) => {
+            if let Some(r) = metering.record.as_mut() {
+                r.status = answer.status().as_u16();
+            }
+            write_full(answer, close, out);
+            io.write_all(out).await?;
+            return io.flush().await;
+        }
+    };
+    exchanged.head.write_for_client(out, close);
+    let chunked = exchanged.head.chunked_to_client();
+    let mut body = exchanged.begin(&mut metering);
+    loop {
+        // What has arrived goes out with the head, in one write.
+        let done = match take_ready(&mut body, out, chunked, &mut metering) {
+            Ok(done) => done,
+            Err(e) => {
+                io.write_all(out).await?;
+                return Err(io::Error::other(e));
+            }
+        };
+        if !out.is_empty() {
+            io.write_all(out).await?;
+            io.flush().await?;
+            out.clear();
+        }
+        if done {
+            return Ok(());
+        }
+        // Wait for more of the body.
+        match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    push_data(out, data, chunked, &mut metering);
+                }
+            }
+            None => {
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                io.write_all(out).await?;
+                return io.flush().await;
+            }
+            Some(Err(e)) => return Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// Moves the body frames that are there already into `out` (up to a
+/// batch); true when the body is done (its end is in `out`).
+fn take_ready(
+    body: &mut crate::upstream::DirectBody,
+    out: &mut Vec<u8>,
+    chunked: bool,
+    metering: &mut Metering,
+) -> Result<bool, crate::body::BoxError> {
+    let mut cx = Context::from_waker(Waker::noop());
+    while out.len() < WRITE_BATCH {
+        match Pin::new(&mut *body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    push_data(out, data, chunked, metering);
+                }
+            }
+            Poll::Ready(None) => {
+                if chunked {
+                    out.extend_from_slice(b"0\r\n\r\n");
+                }
+                return Ok(true);
+            }
+            Poll::Ready(Some(Err(e))) => return Err(e),
+            Poll::Pending => break,
+        }
+    }
+    Ok(false)
+}
+
+/// Appends body bytes, as a chunk when the body goes chunked.
+fn push_data(out: &mut Vec<u8>, data: &[u8], chunked: bool, metering: &mut Metering) {
+    if data.is_empty() {
+        return;
+    }
+    if let Some(r) = metering.record.as_mut() {
+        r.bytes_out += data.len() as u64;
+    }
+    if chunked {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+/// Writes one of the gateway's own answers (a problem document, whole).
+fn write_full(answer: Response<ResponseBody>, close: bool, out: &mut Vec<u8>) {
+    let (parts, body) = answer.into_parts();
+    let body = body.into_bytes().unwrap_or_default();
+    put_status_line(out, parts.status);
+    for (name, value) in &parts.headers {
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    put_header(out, b"content-length", body.len().to_string().as_bytes());
+    if close {
+        put_header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+}
+
+/// A connection with bytes already read from it, read again first: what
+/// hyper gets when it takes a connection over.
+pub(crate) struct Rewind<I> {
+    read: Bytes,
+    io: I,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
