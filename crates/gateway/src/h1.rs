@@ -13,7 +13,8 @@
 //! rule and every error answer lives in one place (`proxy`); this module
 //! only decides that none of them applies.
 
-use std::future::poll_fn;
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -60,68 +61,123 @@ enum Next {
     Serve(Box<Fast>),
 }
 
+/// A client connection, as `serve` needs it.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Resolves once a read would not wait (data, the end, or an error): an
+    /// idle connection then holds no read buffer. By default at once.
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn wait_readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+// rustls holds buffers of its own; a read goes through it.
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
+
+/// A connection's buffers while it has a request: what it read, the
+/// upstream's request head, the response on its way out. Idle connections
+/// give them back to their thread's spares.
+#[derive(Default)]
+struct Buffers {
+    read: BytesMut,
+    head: Vec<u8>,
+    out: Vec<u8>,
+}
+
+/// Spare buffers kept per thread.
+const SPARES: usize = 64;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Buffers>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Buffers {
+    fn take() -> Buffers {
+        SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default()
+    }
+
+    /// Keeps the buffers for another connection, unless a large request or
+    /// response grew them.
+    fn give_back(mut self) {
+        if self.read.capacity() > 4 * READ_SIZE || self.out.capacity() > 2 * WRITE_BATCH {
+            return;
+        }
+        self.read.clear();
+        SPARE.with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARES {
+                spare.push(self);
+            }
+        });
+    }
+}
+
 /// Serves HTTP/1.1 on `io` until the client closes it, it idles past the
 /// header timeout, or the gateway shuts down.
-pub(crate) async fn serve<I>(gw: Arc<Gateway>, mut io: I, info: Arc<ConnInfo>)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<ConnInfo>) {
+    // Made once: registering a waiter per request would cost a lock each.
     let mut stop = gw.shutdown.subscribe();
-    let mut buf = BytesMut::new();
-    let mut head = Vec::new();
-    let mut out = Vec::new();
+    let stopping = stop.wait_for(|s| *s);
+    tokio::pin!(stopping);
+    let mut held: Option<Buffers> = None;
     loop {
         // Wait for a whole request head, within the header timeout.
         let deadline = tokio::time::Instant::now() + gw.config.header_timeout;
         let fast = loop {
-            if !buf.is_empty() {
-                match next(&gw, &buf, &info, &mut head) {
+            match held.as_mut().filter(|b| !b.read.is_empty()) {
+                Some(bufs) => match next(&gw, &bufs.read, &info, &mut bufs.head) {
                     Next::Serve(fast) => break fast,
-                    Next::HandOver => {
-                        let rest = Rewind {
-                            read: buf.freeze(),
-                            io,
-                        };
+                    // hyper answers a head over the limit with 431.
+                    Next::Partial if bufs.read.len() <= gw.config.max_header_bytes => {}
+                    Next::HandOver | Next::Partial => {
+                        let read = std::mem::take(&mut bufs.read).freeze();
+                        let rest = Rewind { read, io };
                         return Box::pin(gw.serve_hyper_h1(rest, info)).await;
                     }
-                    Next::Partial if buf.len() > gw.config.max_header_bytes => {
-                        // hyper answers 431.
-                        let rest = Rewind {
-                            read: buf.freeze(),
-                            io,
-                        };
-                        return Box::pin(gw.serve_hyper_h1(rest, info)).await;
+                },
+                None => {
+                    // Idle: no buffers held, and nothing in flight to
+                    // finish if the gateway stops.
+                    let readable = tokio::time::timeout_at(deadline, io.wait_readable());
+                    tokio::select! {
+                        biased;
+                        r = readable => match r {
+                            Ok(Ok(())) => {}
+                            _ => return,
+                        },
+                        _ = &mut stopping => return,
                     }
-                    Next::Partial => {}
                 }
             }
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_SIZE);
+            let bufs = held.get_or_insert_with(Buffers::take);
+            if bufs.read.capacity() - bufs.read.len() < 1024 {
+                bufs.read.reserve(READ_SIZE);
             }
-            let idle = buf.is_empty();
-            let read = tokio::time::timeout_at(deadline, io.read_buf(&mut buf));
-            let n = tokio::select! {
-                biased;
-                r = read => r,
-                // Idle between requests: nothing in flight to finish.
-                _ = stop.wait_for(|s| *s), if idle => return,
-            };
-            match n {
+            match tokio::time::timeout_at(deadline, io.read_buf(&mut bufs.read)).await {
                 Ok(Ok(n)) if n > 0 => {}
                 // Closed, failed, or too slow to send its head.
                 _ => return,
             }
         };
-        buf.advance(fast.used);
-        let close = fast.close || *stop.borrow();
-        // Boxed: an idle connection holds no request's state.
-        if Box::pin(respond(&gw, &mut io, *fast, close, &head, &mut out))
-            .await
-            .is_err()
-            || close
-        {
+        let bufs = held.as_mut().expect("a request was read");
+        bufs.read.advance(fast.used);
+        let close = fast.close || *gw.shutdown.borrow();
+        // Not boxed: a box of this size costs every request more than the
+        // 3 KB it would save an idle connection.
+        let done = respond(&gw, &mut io, *fast, close, &bufs.head, &mut bufs.out).await;
+        if done.is_err() || close {
             let _ = io.shutdown().await;
             return;
+        }
+        if bufs.read.is_empty() {
+            if let Some(bufs) = held.take() {
+                bufs.give_back();
+            }
         }
     }
 }
@@ -134,9 +190,10 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let used = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        // Over the limit, hyper answers 431.
+        Ok(httparse::Status::Complete(n)) if n <= gw.config.max_header_bytes => n,
         Ok(httparse::Status::Partial) => return Next::Partial,
-        Err(_) => return Next::HandOver,
+        _ => return Next::HandOver,
     };
     let method = match req.method {
         Some("GET") => Method::GET,
@@ -158,31 +215,29 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         let text = || std::str::from_utf8(h.value).ok();
-        if name.eq_ignore_ascii_case(b"host") {
-            hosts += 1;
-            host_value = Some(h.value);
-        } else if name.eq_ignore_ascii_case(b"content-length") {
-            if h.value.trim_ascii() != b"0" {
-                return Next::HandOver;
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        // By length first: most headers are none of these.
+        match name.len() {
+            4 if is("host") => {
+                hosts += 1;
+                host_value = Some(h.value);
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-        {
-            return Next::HandOver;
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= h
-                .value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
-        } else if name.eq_ignore_ascii_case(b"cookie") {
-            if credentials.session.is_none() {
+            14 if is("content-length") && h.value.trim_ascii() != b"0" => return Next::HandOver,
+            17 if is("transfer-encoding") => return Next::HandOver,
+            7 if is("upgrade") => return Next::HandOver,
+            6 if is("expect") => return Next::HandOver,
+            10 if is("connection") => {
+                close |= h
+                    .value
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            }
+            6 if is("cookie") && credentials.session.is_none() => {
                 credentials.session = text().and_then(|v| proxy::cookie_in(v, proxy::SESSION_PAIR));
             }
-        } else if name.eq_ignore_ascii_case(b"authorization") {
-            credentials.bearer = text().and_then(proxy::bearer_in);
-        } else if name.eq_ignore_ascii_case(crate::identity::HEADER.as_bytes()) {
-            credentials.assertion = text();
+            13 if is("authorization") => credentials.bearer = text().and_then(proxy::bearer_in),
+            _ if is(crate::identity::HEADER) => credentials.assertion = text(),
+            _ => {}
         }
     }
     let (1, Some(host_value)) = (hosts, host_value) else {

@@ -51,6 +51,9 @@ pub struct Head {
     pub status: StatusCode,
     /// The head as the upstream sent it (status line and headers).
     raw: Bytes,
+    /// Where each header's name and value are in `raw` (start, end of
+    /// each): the head is parsed once.
+    fields: Vec<[u32; 4]>,
     framing: Framing,
     /// The connection may carry another request once the body is read.
     reusable: bool,
@@ -168,8 +171,12 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
     let http10 = res.version == Some(0);
     let (mut length, mut chunked, mut close, mut keep_alive) = (None, false, http10, false);
     let mut names_hops = false;
+    let mut fields = Vec::with_capacity(res.headers.len());
+    let offset = |part: &[u8]| (part.as_ptr() as usize - buf.as_ptr() as usize) as u32;
     for h in res.headers.iter() {
         let name = h.name.as_bytes();
+        let (n, v) = (offset(name), offset(h.value));
+        fields.push([n, n + name.len() as u32, v, v + h.value.len() as u32]);
         if name.eq_ignore_ascii_case(b"content-length") {
             let n = std::str::from_utf8(h.value)
                 .ok()
@@ -222,6 +229,7 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
         Head {
             status,
             raw: Bytes::copy_from_slice(&buf[..used]),
+            fields,
             framing,
             reusable,
             names_hops,
@@ -231,23 +239,18 @@ fn parse_head(buf: &[u8], method: &Method) -> Result<Parsed, SendError> {
 }
 
 impl Head {
-    /// Calls `each` with every header as the upstream sent it.
-    fn for_each_header(&self, mut each: impl FnMut(&str, &[u8])) {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut res = httparse::Response::new(&mut headers);
-        // Parsed whole once already: it parses again.
-        if res.parse(&self.raw).is_ok() {
-            for h in res.headers.iter() {
-                each(h.name, h.value);
-            }
+    /// Calls `each` with every header (name, value) as the upstream sent it.
+    fn for_each_header(&self, mut each: impl FnMut(&[u8], &[u8])) {
+        for &[ns, ne, vs, ve] in &self.fields {
+            let range = |a: u32, b: u32| &self.raw[a as usize..b as usize];
+            each(range(ns, ne), range(vs, ve));
         }
     }
 
     /// True for a header that does not go on to the client: a hop-by-hop
     /// one, a `Set-Cookie` of the platform's cookies, or a length the
     /// framing overrides.
-    fn withheld(&self, name: &str, value: &[u8], connection: &[&[u8]]) -> bool {
-        let name_bytes = name.as_bytes();
+    fn withheld(&self, name_bytes: &[u8], value: &[u8], connection: &[&[u8]]) -> bool {
         crate::proxy::is_stripped_any_case(name_bytes, false)
             || crate::proxy::named_by_connection(name_bytes, connection)
             || (name_bytes.eq_ignore_ascii_case(b"set-cookie")
@@ -263,7 +266,7 @@ impl Head {
             return values;
         }
         self.for_each_header(|name, value| {
-            if name.eq_ignore_ascii_case("connection") {
+            if name.eq_ignore_ascii_case(b"connection") {
                 values.push(value.to_vec());
             }
         });
@@ -279,10 +282,7 @@ impl Head {
             if self.withheld(name, value, &connection) {
                 return;
             }
-            if let (Ok(n), Ok(v)) = (
-                HeaderName::from_bytes(name.as_bytes()),
-                HeaderValue::from_bytes(value),
-            ) {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
                 map.append(n, v);
             }
         });
@@ -304,7 +304,7 @@ impl Head {
         let connection: Vec<&[u8]> = connection.iter().map(Vec::as_slice).collect();
         self.for_each_header(|name, value| {
             if !self.withheld(name, value, &connection) {
-                put_header(out, name.as_bytes(), value);
+                put_header(out, name, value);
             }
         });
         if self.chunked_to_client() {

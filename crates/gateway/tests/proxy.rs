@@ -943,6 +943,16 @@ async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bo
     let _ = s.write_all(big.as_bytes()).await;
     let (status, _, _) = read_response(&mut s, &mut buf, false).await;
     assert_eq!(status, 431);
+    // Also when it arrives whole, in one read.
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = Vec::new();
+    let whole = format!(
+        "GET / HTTP/1.1\r\nHost: app.localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(8200)
+    );
+    let _ = s.write_all(whole.as_bytes()).await;
+    let (status, _, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 431);
 
     // Every request above was metered once (the 431 never reached a site).
     assert_eq!(gw.events.wait_for(5).await, 5);
