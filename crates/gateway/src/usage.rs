@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,9 +21,7 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// How often the writer takes the queued records.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
 /// Records waiting in the queue at most: 327,680 requests a second before
-/// records are folded on the proxy's side. Small enough (about 2 MB) that
-/// the slots stay in cache: a ring of cold slots costs every request a
-/// cache miss.
+/// records are folded on the proxy's side.
 pub const QUEUE: usize = 16_384;
 /// Distinct aggregation keys kept while the queue is full.
 pub const OVERFLOW_KEYS: usize = 100_000;
@@ -114,7 +111,7 @@ pub struct TapStats {
 /// The proxy's end of the tap.
 #[derive(Clone)]
 pub struct Tap {
-    queue: SyncSender<RequestRecord>,
+    queue: Arc<Queue>,
     overflow: Arc<Mutex<HashMap<Key, Totals>>>,
     pub stats: Arc<TapStats>,
 }
@@ -127,14 +124,14 @@ impl Tap {
         log: Option<Box<dyn Write + Send>>,
         node: String,
     ) -> Tap {
-        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let queue = Arc::new(Queue::default());
         let tap = Tap {
-            queue,
+            queue: queue.clone(),
             overflow: Default::default(),
             stats: Default::default(),
         };
         let writer = Writer {
-            rx,
+            queue,
             overflow: tap.overflow.clone(),
             stats: tap.stats.clone(),
             sink,
@@ -176,9 +173,9 @@ impl Tap {
     /// Records one request. Never blocks on the meter.
     pub fn record(&self, r: RequestRecord) {
         self.stats.recorded.fetch_add(1, Ordering::Relaxed);
-        match self.queue.try_send(r) {
-            Ok(()) => {}
-            Err(TrySendError::Full(r)) | Err(TrySendError::Disconnected(r)) => {
+        match self.queue.push(r) {
+            None => {}
+            Some(r) => {
                 let mut over = self.overflow.lock().unwrap_or_else(|p| p.into_inner());
                 let len = over.len();
                 match over.get_mut(&key(&r)) {
@@ -195,8 +192,39 @@ impl Tap {
     }
 }
 
+/// Records on their way to the writer: a vector the proxy appends to and the
+/// writer swaps out whole. A lock held for a push or a swap is cheaper than
+/// a channel here: std's bounded channel makes a sender spin while the
+/// receiver — on the same CPU, at a lower priority — is preempted in the
+/// middle of a receive, and its ring of slots is cold memory.
+#[derive(Default)]
+struct Queue {
+    records: Mutex<Vec<RequestRecord>>,
+}
+
+impl Queue {
+    /// Appends `r`, or gives it back when the queue is full.
+    fn push(&self, r: RequestRecord) -> Option<RequestRecord> {
+        let mut records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        if records.len() >= QUEUE {
+            return Some(r);
+        }
+        records.push(r);
+        None
+    }
+
+    /// Everything queued, swapped for `empty` (a drained vector, so its
+    /// memory is reused).
+    fn take(&self, empty: Vec<RequestRecord>) -> Vec<RequestRecord> {
+        std::mem::replace(
+            &mut *self.records.lock().unwrap_or_else(|p| p.into_inner()),
+            empty,
+        )
+    }
+}
+
 struct Writer {
-    rx: Receiver<RequestRecord>,
+    queue: Arc<Queue>,
     overflow: Arc<Mutex<HashMap<Key, Totals>>>,
     stats: Arc<TapStats>,
     sink: Box<dyn UsageSink>,
@@ -221,29 +249,27 @@ impl Writer {
         // context switch). It sleeps, then takes whatever came.
         let mut batch: HashMap<Key, Totals> = HashMap::new();
         let mut flushed = std::time::Instant::now();
+        let mut spare = Vec::new();
         loop {
             std::thread::sleep(DRAIN_EVERY);
-            let mut taken = 0u32;
-            loop {
-                match self.rx.try_recv() {
-                    Ok(r) => {
-                        self.log_line(&r);
-                        batch.entry(key(&r)).or_default().add(&r, 1);
-                        // Thousands of records pile up between two looks:
-                        // on a CPU shared with the proxy, give way now and
-                        // then, so a request never waits a scheduler slice
-                        // (milliseconds) behind the bookkeeping.
-                        taken += 1;
-                        if taken.is_multiple_of(YIELD_EVERY) {
-                            std::thread::yield_now();
-                        }
-                    }
-                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                        self.flush(&mut batch);
-                        return;
-                    }
+            // Only the writer holds the queue once every tap is gone.
+            let last = Arc::strong_count(&self.queue) == 1;
+            let mut records = self.queue.take(spare);
+            for (i, r) in records.drain(..).enumerate() {
+                self.log_line(&r);
+                batch.entry(key(&r)).or_default().add(&r, 1);
+                // Thousands of records pile up between two looks: on a CPU
+                // shared with the proxy, give way now and then, so a
+                // request never waits a scheduler slice (milliseconds)
+                // behind the bookkeeping.
+                if (i as u32 + 1).is_multiple_of(YIELD_EVERY) {
+                    std::thread::yield_now();
                 }
+            }
+            spare = records;
+            if last {
+                self.flush(&mut batch);
+                return;
             }
             if flushed.elapsed() >= FLUSH_EVERY {
                 self.flush(&mut batch);
