@@ -14,7 +14,7 @@
 # on 127.0.0.1.
 #
 # Prints: requests/s and CPU µs per request at 16 and 256 connections, with
-# ratios to nginx; p99 latency at half of the gateway's peak rate (wrk paced
+# ratios to nginx (medians of paired runs); p99 latency at half of the gateway's peak rate (wrk paced
 # by a delay per request) against the backend reached directly; resident
 # memory with 10,000 idle keep-alive client connections.
 set -euo pipefail
@@ -149,9 +149,11 @@ once() {
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # The machine's speed drifts (shared vCPUs): nginx and the gateway take
-# turns, REPS times each, and the medians are compared.
-REPS=${REPS:-3}
-echo "throughput (median of $REPS ${DURATION}s runs each, taking turns; proxy on CPU 0, backend and wrk on CPU 1):"
+# turns, REPS times each, and each gateway run is compared with the nginx
+# run just before it. The ratios printed are the medians of those paired
+# ratios (drift between pairs cancels out); every run is listed.
+REPS=${REPS:-5}
+echo "throughput ($REPS pairs of ${DURATION}s runs, taking turns; proxy on CPU 0, backend and wrk on CPU 1):"
 declare -A rps us
 for conns in 16 256; do
   : > "$work/nginx.runs"; : > "$work/commons.runs"
@@ -162,10 +164,16 @@ for conns in 16 256; do
   for name in nginx commons; do
     rps[$name$conns]=$(awk '{print $1}' "$work/$name.runs" | median)
     us[$name$conns]=$(awk '{print $2}' "$work/$name.runs" | median)
-    printf '  %-8s %5s conns: %7s req/s, %6s µs CPU per request   (runs: %s)\n' "$name" "$conns" \
+    printf '  %-8s %5s conns: %7s req/s, %6s µs CPU per request (medians; runs: %s)\n' "$name" "$conns" \
       "${rps[$name$conns]}" "${us[$name$conns]}" "$(awk '{printf "%s/%s ", $1, $2}' "$work/$name.runs")"
   done
-  python3 -c "print('  ratio    %5s conns: %.2fx nginx req/s (>= 1.0 wanted), %.2fx nginx CPU per request (<= 1.0 wanted)' % ($conns, ${rps[commons$conns]} / ${rps[nginx$conns]}, ${us[commons$conns]} / ${us[nginx$conns]}))"
+  paste "$work/nginx.runs" "$work/commons.runs" | python3 -c "
+import statistics, sys
+pairs = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+rps = statistics.median(c / n for n, _, c, _ in pairs)
+cpu = statistics.median(cu / nu for _, nu, _, cu in pairs)
+print('  ratio    %5s conns: %.2fx nginx req/s (>= 1.0 wanted), %.2fx nginx CPU per request (<= 1.0 wanted)' % ($conns, rps, cpu))
+"
 done
 
 # p99 at half the gateway's peak: each of C connections waits 1 ms between

@@ -53,12 +53,15 @@ struct Fast {
     close: bool,
 }
 
+// Made and consumed once per request, by value: a box would cost an
+// allocation each time.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     /// The head is not complete yet.
     Partial,
     /// hyper serves this connection from here on.
     HandOver,
-    Serve(Box<Fast>),
+    Serve(Fast),
 }
 
 /// A client connection, as `serve` needs it.
@@ -169,7 +172,7 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
         let close = fast.close || *gw.shutdown.borrow();
         // Not boxed: a box of this size costs every request more than the
         // 3 KB it would save an idle connection.
-        let done = respond(&gw, &mut io, *fast, close, &bufs.head, &mut bufs.out).await;
+        let done = respond(&gw, &mut io, fast, close, &bufs.head, &mut bufs.out).await;
         if done.is_err() || close {
             let _ = io.shutdown().await;
             return;
@@ -273,14 +276,14 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         &caller,
     );
     let record = RequestRecord::new(&site, &host, &caller, &method, path, conn);
-    Next::Serve(Box::new(Fast {
+    Next::Serve(Fast {
         used,
         site,
         method,
         record,
         started,
         close,
-    }))
+    })
 }
 
 /// Sends the request upstream and streams the answer back. `Err` when the
@@ -315,7 +318,10 @@ where
         in_flight: None,
     };
     out.clear();
-    let exchanged = match gw.exchange_waking(site, &host, &method, &path, head).await {
+    let exchanged = match gw
+        .exchange_waking(site, &host, &method, &path, head, started)
+        .await
+    {
         Ok(e) => e,
         Err(answer) => {
             if let Some(r) = metering.record.as_mut() {
@@ -375,6 +381,14 @@ fn take_ready(
 ) -> Result<bool, crate::body::BoxError> {
     let mut cx = Context::from_waker(Waker::noop());
     while out.len() < WRITE_BATCH {
+        if !chunked {
+            if let Some(n) = body.take_buffered(out) {
+                if let Some(r) = metering.record.as_mut() {
+                    r.bytes_out += n as u64;
+                }
+                continue;
+            }
+        }
         match Pin::new(&mut *body).poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {

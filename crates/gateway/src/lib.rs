@@ -226,7 +226,12 @@ impl Gateway {
 
     /// Milliseconds since the gateway started (passive health's clock).
     pub(crate) fn mono_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.mono_ms_at(Instant::now())
+    }
+
+    /// [`Gateway::mono_ms`] at `t`.
+    pub(crate) fn mono_ms_at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Asks every listener to stop accepting and every connection to finish

@@ -467,7 +467,14 @@ impl Gateway {
                 &caller,
             );
             let exchanged = match self
-                .exchange_waking(site, host, req.method(), req.uri().path(), &head)
+                .exchange_waking(
+                    site,
+                    host,
+                    req.method(),
+                    req.uri().path(),
+                    &head,
+                    metering.started,
+                )
                 .await
             {
                 Ok(e) => e,
@@ -568,6 +575,7 @@ impl Gateway {
     /// [`Gateway::forward`], a request no upstream answered goes to the
     /// next, and when all refuse the site is woken once. `Err` is the
     /// answer to give instead.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn exchange_waking(
         self: &Arc<Self>,
         mut site: Arc<Site>,
@@ -575,17 +583,21 @@ impl Gateway {
         method: &Method,
         path: &str,
         head: &[u8],
+        started: Instant,
     ) -> Result<Exchanged, Response<ResponseBody>> {
         let mut woken = false;
+        // From the request's start: no clock read of its own.
+        let mut deadline = started + self.config.upstream_timeout;
         let sent = loop {
-            let sent = tokio::time::timeout(
-                self.config.upstream_timeout,
-                self.exchange(&site, host, method, path, head),
+            let sent = tokio::time::timeout_at(
+                deadline.into(),
+                self.exchange(&site, host, method, path, head, started),
             )
             .await;
             match sent {
                 Ok(Err(Failure::Unavailable(_))) if !woken => {
                     woken = true;
+                    deadline = Instant::now() + self.config.upstream_timeout;
                     // Boxed, like the other rare paths below: a connection
                     // holds its request's future while idle.
                     site = Box::pin(self.wake(&site, host, path, true)).await?;
@@ -609,6 +621,7 @@ impl Gateway {
         method: &Method,
         path: &str,
         head: &[u8],
+        started: Instant,
     ) -> Result<Exchanged, Failure> {
         use crate::upstream::{Conn, DirectBody, SendError};
         let mut site = site.clone();
@@ -620,7 +633,11 @@ impl Gateway {
                     site = fresh.clone();
                 }
             }
-            let now = self.mono_ms();
+            let now = if attempt == 0 {
+                self.mono_ms_at(started)
+            } else {
+                self.mono_ms()
+            };
             let Some(upstream) = site.pick(now) else {
                 return Err(Failure::Unavailable(None));
             };

@@ -373,6 +373,24 @@ impl DirectBody {
         }
     }
 
+    /// Appends to `out` what has arrived of a body framed by its length,
+    /// without making a frame of it: the number of bytes, or `None` when
+    /// there is nothing to take this way (then `poll_frame` goes on).
+    pub fn take_buffered(&mut self, out: &mut Vec<u8>) -> Option<usize> {
+        let Framing::Length(left) = self.framing else {
+            return None;
+        };
+        let conn = self.conn.as_mut().filter(|c| !c.buf.is_empty())?;
+        let n = (conn.buf.len() as u64).min(left) as usize;
+        out.extend_from_slice(&conn.buf[..n]);
+        conn.buf.advance(n);
+        self.framing = Framing::Length(left - n as u64);
+        if left == n as u64 {
+            self.finish();
+        }
+        Some(n)
+    }
+
     /// Reads more from the upstream into the buffer; `Ok(0)` at its end.
     fn poll_fill(conn: &mut Conn, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         make_room(&mut conn.buf);

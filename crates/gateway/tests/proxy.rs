@@ -657,6 +657,18 @@ async fn a_site_whose_upstream_vanished_is_woken_and_the_request_served() {
 /// An HTTP/1.1 app written by hand, so every framing is exercised exactly:
 /// chunked, by length, none (HEAD, 204), and a connection it closes after
 /// each answer. Counts the connections it accepted.
+/// 300,000 bytes, each a function of its position: a byte lost, doubled or
+/// moved shows.
+fn big_body() -> Vec<u8> {
+    (0..300_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+fn big_answer() -> Vec<u8> {
+    let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n".to_vec();
+    answer.extend_from_slice(&big_body());
+    answer
+}
+
 async fn framing_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -680,7 +692,10 @@ async fn framing_app() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUs
                         pending.drain(..end + 4);
                         let line = head.lines().next().unwrap_or("");
                         let path = line.split(' ').nth(1).unwrap_or("/");
+                        let big = big_answer();
                         let answer: &[u8] = match path {
+                            // Far more than one read of the gateway's.
+                            "/big" => &big,
                             // Chunks split across writes, with an extension and a trailer.
                             "/chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n7\r\n, world\r\n0\r\nX-T: 1\r\n\r\n",
                             "/length" => b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
@@ -742,6 +757,12 @@ async fn bodiless_requests_keep_every_framing_and_reuse_upstream_connections() {
             (200, "ok")
         );
     }
+    let got = get(gw.http, "frames.localhost", "/big").await;
+    assert_eq!(got.status, 200);
+    assert!(
+        got.body[..] == big_body()[..],
+        "the large body arrived altered"
+    );
     // Sequential requests share one upstream connection.
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 
