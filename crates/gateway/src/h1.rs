@@ -27,6 +27,7 @@ use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::{Metering, ResponseBody};
+use crate::deadline::Deadline;
 use crate::proxy::{self, Credentials};
 use crate::routes::Site;
 use crate::upstream::{put_header, put_status_line};
@@ -128,9 +129,12 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
     let stopping = stop.wait_for(|s| *s);
     tokio::pin!(stopping);
     let mut held: Option<Buffers> = None;
+    let head_time = gw.config.header_timeout;
+    let mut head_deadline = Deadline::new(tokio::time::Instant::now() + head_time);
+    let mut upstream_deadline = Deadline::new(tokio::time::Instant::now() + head_time);
     loop {
         // Wait for a whole request head, within the header timeout.
-        let deadline = tokio::time::Instant::now() + gw.config.header_timeout;
+        head_deadline.set(tokio::time::Instant::now() + head_time);
         let fast = loop {
             match held.as_mut().filter(|b| !b.read.is_empty()) {
                 Some(bufs) => match next(&gw, &bufs.read, &info, &mut bufs.head) {
@@ -146,11 +150,11 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
                 None => {
                     // Idle: no buffers held, and nothing in flight to
                     // finish if the gateway stops.
-                    let readable = tokio::time::timeout_at(deadline, io.wait_readable());
+                    let readable = head_deadline.within(io.wait_readable());
                     tokio::select! {
                         biased;
                         r = readable => match r {
-                            Ok(Ok(())) => {}
+                            Some(Ok(())) => {}
                             _ => return,
                         },
                         _ = &mut stopping => return,
@@ -161,8 +165,8 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
             if bufs.read.capacity() - bufs.read.len() < 1024 {
                 bufs.read.reserve(READ_SIZE);
             }
-            match tokio::time::timeout_at(deadline, io.read_buf(&mut bufs.read)).await {
-                Ok(Ok(n)) if n > 0 => {}
+            match head_deadline.within(io.read_buf(&mut bufs.read)).await {
+                Some(Ok(n)) if n > 0 => {}
                 // Closed, failed, or too slow to send its head.
                 _ => return,
             }
@@ -172,7 +176,16 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
         let close = fast.close || *gw.shutdown.borrow();
         // Not boxed: a box of this size costs every request more than the
         // 3 KB it would save an idle connection.
-        let done = respond(&gw, &mut io, fast, close, &bufs.head, &mut bufs.out).await;
+        let done = respond(
+            &gw,
+            &mut io,
+            fast,
+            close,
+            &bufs.head,
+            &mut bufs.out,
+            &mut upstream_deadline,
+        )
+        .await;
         if done.is_err() || close {
             let _ = io.shutdown().await;
             return;
@@ -296,6 +309,7 @@ async fn respond<I>(
     close: bool,
     head: &[u8],
     out: &mut Vec<u8>,
+    upstream_deadline: &mut Deadline,
 ) -> io::Result<()>
 where
     I: AsyncWrite + Unpin,
@@ -319,7 +333,15 @@ where
     };
     out.clear();
     let exchanged = match gw
-        .exchange_waking(site, &host, &method, &path, head, started)
+        .exchange_waking(
+            site,
+            &host,
+            &method,
+            &path,
+            head,
+            started,
+            upstream_deadline,
+        )
         .await
     {
         Ok(e) => e,

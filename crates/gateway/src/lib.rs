@@ -8,12 +8,13 @@
 //! knows nothing of blueprints or engines.
 //!
 //! Modules: `routes` (the table), `proxy` (one request), `h1` (the HTTP/1.1
-//! server for the common request), `upstream` (the client for it), `body`
+//! server for the common request), `deadline` (lazy timeouts), `upstream` (the client for it), `body`
 //! (counted bodies), `identity` (assertions, JWKS), `usage` (the tap to the meter),
 //! `tls` (certificates, SNI), `acme` (issuance, renewal), `metrics`.
 
 pub mod acme;
 pub mod body;
+mod deadline;
 mod h1;
 pub mod identity;
 pub mod metrics;

@@ -12,6 +12,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
 use crate::body::{Counted, Metering, RequestBody, ResponseBody};
+use crate::deadline::Deadline;
 use crate::identity::{self, Claims};
 use crate::routes::Site;
 use crate::upstream::put_header;
@@ -474,6 +475,7 @@ impl Gateway {
                     req.uri().path(),
                     &head,
                     metering.started,
+                    &mut Deadline::new(metering.started.into()),
                 )
                 .await
             {
@@ -584,20 +586,19 @@ impl Gateway {
         path: &str,
         head: &[u8],
         started: Instant,
+        deadline: &mut Deadline,
     ) -> Result<Exchanged, Response<ResponseBody>> {
         let mut woken = false;
         // From the request's start: no clock read of its own.
-        let mut deadline = started + self.config.upstream_timeout;
+        deadline.set((started + self.config.upstream_timeout).into());
         let sent = loop {
-            let sent = tokio::time::timeout_at(
-                deadline.into(),
-                self.exchange(&site, host, method, path, head, started),
-            )
-            .await;
+            let sent = deadline
+                .within(self.exchange(&site, host, method, path, head, started))
+                .await;
             match sent {
-                Ok(Err(Failure::Unavailable(_))) if !woken => {
+                Some(Err(Failure::Unavailable(_))) if !woken => {
                     woken = true;
-                    deadline = Instant::now() + self.config.upstream_timeout;
+                    deadline.set((Instant::now() + self.config.upstream_timeout).into());
                     // Boxed, like the other rare paths below: a connection
                     // holds its request's future while idle.
                     site = Box::pin(self.wake(&site, host, path, true)).await?;
@@ -606,9 +607,9 @@ impl Gateway {
             }
         };
         match sent {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(failure)) => Err(self.failed(Some(failure), 0, None)),
-            Err(_) => Err(self.failed(None, 0, None)),
+            Some(Ok(r)) => Ok(r),
+            Some(Err(failure)) => Err(self.failed(Some(failure), 0, None)),
+            None => Err(self.failed(None, 0, None)),
         }
     }
 

@@ -371,14 +371,11 @@ mod tokio_stream_like {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_client_cannot_hold_the_gateway() {
-    let gw = gateway(Config {
+    let gw = gateway_with_app(Config {
         header_timeout: Duration::from_millis(500),
         ..Config::default()
     })
     .await;
-    let app = upstream("app").await;
-    gw.gateway
-        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
     // Many slowloris connections: a request head trickling in.
     let mut slow = Vec::new();
     for _ in 0..50 {
@@ -866,14 +863,11 @@ async fn read_response(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bodies() {
-    let gw = gateway(Config {
+    let gw = gateway_with_app(Config {
         max_header_bytes: 8192,
         ..Config::default()
     })
     .await;
-    let app = upstream("app").await;
-    gw.gateway
-        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
     let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
     let mut buf = Vec::new();
     // Two requests in one write: the gateway's own server takes both.
@@ -977,4 +971,46 @@ async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bo
 
     // Every request above was metered once (the 431 never reached a site).
     assert_eq!(gw.events.wait_for(5).await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_gets_a_504_and_the_connection_goes_on() {
+    let gw = gateway_with_app(Config {
+        upstream_timeout: Duration::from_millis(300),
+        ..Config::default()
+    })
+    .await;
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = Vec::new();
+    // Quick answers first, so the connection's deadline has moved on a few
+    // times before one is reached.
+    for _ in 0..3 {
+        s.write_all(b"GET /sleep/100 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut s, &mut buf, false).await.0, 200);
+    }
+    let t = Instant::now();
+    s.write_all(b"GET /sleep/2000 HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 504, "{}", String::from_utf8_lossy(&body));
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(1500),
+        "answered after {waited:?}"
+    );
+    // The client's connection is still good.
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.0, 200);
+    assert_eq!(
+        gw.gateway
+            .metrics
+            .upstream_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }

@@ -234,6 +234,15 @@ pub async fn gateway(config: Config) -> Running {
     }
 }
 
+/// A gateway routing `app.localhost` to one upstream named "app".
+pub async fn gateway_with_app(config: Config) -> Running {
+    let gw = gateway(config).await;
+    let app = upstream("app").await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    gw
+}
+
 pub fn route(host: &str, path: &str, deployment: &str, upstreams: &[SocketAddr]) -> RouteSpec {
     RouteSpec {
         host: host.into(),
