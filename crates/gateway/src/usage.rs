@@ -86,6 +86,44 @@ impl Totals {
     }
 }
 
+impl Totals {
+    /// Adds what `other` counted.
+    fn merge(&mut self, other: &Totals) {
+        if other.count == 0 {
+            return;
+        }
+        if self.count == 0 || other.first_ms < self.first_ms {
+            self.first_ms = other.first_ms;
+        }
+        self.count += other.count;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.duration_us += other.duration_us;
+        self.max_duration_us = self.max_duration_us.max(other.max_duration_us);
+    }
+}
+
+/// True when two records fold into the same event (see [`key`]); the
+/// names are compared by address first, as records of one site share them.
+fn same_key(a: &RequestRecord, b: &RequestRecord) -> bool {
+    fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+        Arc::ptr_eq(a, b) || a == b
+    }
+    fn same_opt(a: &Option<Arc<str>>, b: &Option<Arc<str>>) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => same(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+    a.status == b.status
+        && same(&a.site, &b.site)
+        && same(&a.component, &b.component)
+        && same(&a.operator, &b.operator)
+        && same_opt(&a.user, &b.user)
+        && same_opt(&a.via, &b.via)
+}
+
 fn key(r: &RequestRecord) -> Key {
     (
         r.user.clone(),
@@ -141,6 +179,7 @@ impl Tap {
             seq: 0,
             log_time: (i64::MIN, String::new()),
             log_upstream: (None, String::new()),
+            line: Vec::with_capacity(512),
         };
         std::thread::Builder::new()
             .name("commons-usage".into())
@@ -237,6 +276,8 @@ struct Writer {
     /// repeat them).
     log_time: (i64, String),
     log_upstream: (Option<std::net::SocketAddr>, String),
+    /// The access log line being written.
+    line: Vec<u8>,
 }
 
 /// Records the writer handles between two offers of the CPU to others.
@@ -255,9 +296,22 @@ impl Writer {
             // Only the writer holds the queue once every tap is gone.
             let last = Arc::strong_count(&self.queue) == 1;
             let mut records = self.queue.take(spare);
-            for (i, r) in records.drain(..).enumerate() {
-                self.log_line(&r);
-                batch.entry(key(&r)).or_default().add(&r, 1);
+            // Consecutive records mostly share their key: they are summed
+            // first, and the map is touched once per run.
+            let mut run: Option<(&RequestRecord, Totals)> = None;
+            for (i, r) in records.iter().enumerate() {
+                self.log_line(r);
+                match &mut run {
+                    Some((first, totals)) if same_key(first, r) => totals.add(r, 1),
+                    _ => {
+                        if let Some((first, totals)) = run.take() {
+                            batch.entry(key(first)).or_default().merge(&totals);
+                        }
+                        let mut totals = Totals::default();
+                        totals.add(r, 1);
+                        run = Some((r, totals));
+                    }
+                }
                 // Thousands of records pile up between two looks: on a CPU
                 // shared with the proxy, give way now and then, so a
                 // request never waits a scheduler slice (milliseconds)
@@ -266,6 +320,10 @@ impl Writer {
                     std::thread::yield_now();
                 }
             }
+            if let Some((first, totals)) = run.take() {
+                batch.entry(key(first)).or_default().merge(&totals);
+            }
+            records.clear();
             spare = records;
             if last {
                 self.flush(&mut batch);
@@ -281,18 +339,7 @@ impl Writer {
     fn flush(&mut self, batch: &mut HashMap<Key, Totals>) {
         let over = std::mem::take(&mut *self.overflow.lock().unwrap_or_else(|p| p.into_inner()));
         for (k, t) in over {
-            let e = batch.entry(k).or_default();
-            let first = if e.count == 0 {
-                t.first_ms
-            } else {
-                e.first_ms.min(t.first_ms)
-            };
-            e.count += t.count;
-            e.bytes_in += t.bytes_in;
-            e.bytes_out += t.bytes_out;
-            e.duration_us += t.duration_us;
-            e.max_duration_us = e.max_duration_us.max(t.max_duration_us);
-            e.first_ms = first;
+            batch.entry(k).or_default().merge(&t);
         }
         if let Some(log) = self.log.as_mut() {
             let _ = log.flush();
@@ -342,57 +389,71 @@ impl Writer {
     }
 
     fn log_line(&mut self, r: &RequestRecord) {
-        let Writer {
-            log,
-            log_time,
-            log_upstream,
-            ..
-        } = self;
-        let Some(log) = log.as_mut() else {
+        let Some(log) = self.log.as_mut() else {
             return;
         };
-        // One JSON object per line, written field by field (a JSON value per
-        // request would cost more than the rest of the line). The path only:
-        // a query string may carry secrets.
-        let text = |log: &mut std::io::BufWriter<Box<dyn Write + Send>>, s: &str| {
-            let _ = serde_json::to_writer(&mut *log, s);
-        };
+        // One JSON object per line, written byte by byte into a reused
+        // line (a JSON value, or `write!`, per request would cost more
+        // than the rest of the line). The path only: a query string may
+        // carry secrets.
+        let line = &mut self.line;
+        line.clear();
         let second = r.time_ms.div_euclid(1000);
-        if log_time.0 != second {
-            *log_time = (second, commons_meter::format_time(r.time_ms));
+        if self.log_time.0 != second {
+            self.log_time = (second, commons_meter::format_time(r.time_ms));
         }
-        let _ = write!(
-            log,
-            "{{\"time\":\"{}\",\"peer\":\"{}\",\"method\":",
-            log_time.1, r.peer
-        );
-        text(log, r.method.as_str());
-        let _ = log.write_all(b",\"host\":");
-        text(log, &r.host);
-        let _ = log.write_all(b",\"path\":");
-        text(log, &r.path);
-        let _ = write!(
-            log,
-            ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":{:.3},\"site\":",
-            r.status,
-            r.bytes_in,
-            r.bytes_out,
-            r.duration_us as f64 / 1000.0
-        );
-        text(log, &r.site);
-        for (name, value) in [("user", &r.user), ("via", &r.via)] {
+        let mut n = itoa::Buffer::new();
+        line.extend_from_slice(b"{\"time\":\"");
+        line.extend_from_slice(self.log_time.1.as_bytes());
+        line.extend_from_slice(b"\",\"peer\":");
+        json_str(line, &r.peer);
+        line.extend_from_slice(b",\"method\":");
+        json_str(line, r.method.as_str());
+        line.extend_from_slice(b",\"host\":");
+        json_str(line, &r.host);
+        line.extend_from_slice(b",\"path\":");
+        json_str(line, &r.path);
+        line.extend_from_slice(b",\"status\":");
+        line.extend_from_slice(n.format(r.status).as_bytes());
+        line.extend_from_slice(b",\"bytes_in\":");
+        line.extend_from_slice(n.format(r.bytes_in).as_bytes());
+        line.extend_from_slice(b",\"bytes_out\":");
+        line.extend_from_slice(n.format(r.bytes_out).as_bytes());
+        // Milliseconds with three decimals, exactly.
+        line.extend_from_slice(b",\"duration_ms\":");
+        line.extend_from_slice(n.format(r.duration_us / 1000).as_bytes());
+        let fraction = n.format(1000 + r.duration_us % 1000);
+        line.push(b'.');
+        line.extend_from_slice(&fraction.as_bytes()[1..]);
+        line.extend_from_slice(b",\"site\":");
+        json_str(line, &r.site);
+        for (name, value) in [(&b",\"user\":"[..], &r.user), (b",\"via\":", &r.via)] {
             if let Some(v) = value {
-                let _ = write!(log, ",\"{name}\":");
-                text(log, v);
+                line.extend_from_slice(name);
+                json_str(line, v);
             }
         }
         if let Some(u) = r.upstream {
-            if log_upstream.0 != Some(u) {
-                *log_upstream = (Some(u), u.to_string());
+            if self.log_upstream.0 != Some(u) {
+                self.log_upstream = (Some(u), u.to_string());
             }
-            let _ = write!(log, ",\"upstream\":\"{}\"", log_upstream.1);
+            line.extend_from_slice(b",\"upstream\":");
+            json_str(line, &self.log_upstream.1);
         }
-        let _ = log.write_all(b"}\n");
+        line.extend_from_slice(b"}\n");
+        let _ = log.write_all(line);
+    }
+}
+
+/// Appends `s` as a JSON string: as is when nothing in it needs escaping
+/// (the usual case), else escaped by serde_json.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        let _ = serde_json::to_writer(&mut *out, s);
     }
 }
 
@@ -451,6 +512,8 @@ mod tests {
             tap.record(record(Some("alice"), 200, "/a"));
         }
         tap.record(record(None, 404, "/we\"ird\npath"));
+        // A run of alice's, another key, then alice again: one sum.
+        tap.record(record(Some("alice"), 200, "/b"));
         std::thread::sleep(FLUSH_EVERY * 3);
         let events = events.lock().unwrap().clone();
         let count = |user: Option<&str>| {
@@ -460,19 +523,19 @@ mod tests {
                 .map(|e| e.data["count"].as_u64().unwrap())
                 .sum::<u64>()
         };
-        assert_eq!(count(Some("alice")), 5);
+        assert_eq!(count(Some("alice")), 6);
         assert_eq!(count(None), 1);
         let alice = events
             .iter()
             .find(|e| e.data.get("user").is_some())
             .unwrap();
-        assert_eq!(alice.data["bytes_out"], 500);
+        assert_eq!(alice.data["bytes_out"], 600);
         let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
             .collect();
-        assert_eq!(lines.len(), 6);
+        assert_eq!(lines.len(), 7);
         assert_eq!(lines[5]["path"], "/we\"ird\npath");
         assert_eq!(lines[0]["user"], "alice");
         assert_eq!(lines[0]["duration_ms"], 1.5);
