@@ -19,7 +19,7 @@ use std::time::Duration;
 /// How often the writer hands events to the meter.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// How often the writer takes the queued records.
-pub const DRAIN_EVERY: Duration = Duration::from_millis(50);
+pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
 /// Records waiting in the queue at most: 327,680 requests a second before
 /// records are folded on the proxy's side.
 pub const QUEUE: usize = 16_384;
@@ -281,7 +281,7 @@ struct Writer {
 }
 
 /// Records the writer handles between two offers of the CPU to others.
-const YIELD_EVERY: u32 = 64;
+const YIELD_EVERY: u32 = 256;
 
 impl Writer {
     fn run(mut self) {
