@@ -328,6 +328,18 @@ fn accounts_roles_tokens_and_sites_through_the_api() {
     );
     assert_eq!(code, 200, "{plan}");
     assert!(plan.to_string().contains("create"), "{plan}");
+    // A member must have an account: the organisation is there, the
+    // request names nobody (422, not 404).
+    let (code, v) = ann_web.call(
+        "PUT",
+        "/api/orgs/acme/members",
+        Some(json!({ "email": "nobody@example.org", "roles": ["developer"] })),
+    );
+    assert_eq!(code, 422, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("sign up first"),
+        "{v}"
+    );
     // The last admin cannot leave.
     let (code, v) = ann_web.call(
         "PUT",

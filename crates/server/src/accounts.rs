@@ -517,9 +517,11 @@ impl Accounts {
                 format!("unknown role \"{r}\"; roles are {}", ROLES.join(", ")),
             ));
         }
+        // 422, not 404: the organisation addressed exists; what is wrong is
+        // a name in the request.
         let Some(user) = self.store.user_by_email(&email.trim().to_lowercase())? else {
             return Err(problem(
-                StatusCode::NOT_FOUND,
+                StatusCode::UNPROCESSABLE_ENTITY,
                 "No such user",
                 format!("no account has the email {email}; they sign up first"),
             ));

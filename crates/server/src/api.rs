@@ -462,9 +462,9 @@ struct Role(String);
         crate::openapi::Malformed,
         crate::openapi::Unauthenticated,
         (status = 403, description = "not an admin of it, or a CSRF token is missing", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation or user", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such organisation", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "it would leave no admin", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "an unknown role", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown role, or no account has that email", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["orgs:write"])))]
 pub async fn set_members(
     State(state): State<Arc<AppState>>,
