@@ -15,7 +15,7 @@
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
-use std::io;
+use std::io::{self, Write as _};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -439,7 +439,7 @@ fn push_data(out: &mut Vec<u8>, data: &[u8], chunked: bool, metering: &mut Meter
         r.bytes_out += data.len() as u64;
     }
     if chunked {
-        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        let _ = write!(out, "{:x}\r\n", data.len());
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
     } else {

@@ -486,8 +486,8 @@ impl Gateway {
             let headers = exchanged.head.header_map();
             let mut response = Response::new(ResponseBody::direct(exchanged.begin(metering)));
             *response.status_mut() = status;
+            // Hop-by-hop and platform headers are left out already.
             *response.headers_mut() = headers;
-            strip(response.headers_mut(), false);
             *response.version_mut() = client_version;
             return response;
         }
