@@ -13,8 +13,8 @@
 # access log. CPU time of each proxy is read from /proc. Everything listens
 # on 127.0.0.1.
 #
-# Prints: requests/s and CPU µs per request at 16 and 256 connections, with
-# ratios to nginx (medians of paired runs); p99 latency at half of the gateway's peak rate (wrk paced
+# Prints: requests/s and CPU µs per request at 16 and 256 connections (and
+# at 16 with a 1 KiB POST body each), with ratios to nginx (medians of paired runs); p99 latency at half of the gateway's peak rate (wrk paced
 # by a delay per request) against the backend reached directly; resident
 # memory with 10,000 idle keep-alive client connections.
 set -euo pipefail
@@ -136,13 +136,14 @@ p99 = float(p99) * {"us": 0.001, "ms": 1, "s": 1000}[u]
 print(n, secs, round(p99, 3))
 PY
 }
-# once PID PORT CONNS -> "req/s µs-per-request" for one run (after a short
-# warm-up that opens the connections).
+# once PID PORT CONNS [extra wrk args...] -> "req/s µs-per-request" for one
+# run (after a short warm-up that opens the connections).
 once() {
   local pid=$1 port=$2 conns=$3 c0 c1 n secs
-  DURATION=2 run "$port" "$conns" >/dev/null
+  shift 3
+  DURATION=2 run "$port" "$conns" "$@" >/dev/null
   c0=$(ticks "$pid")
-  read -r n secs _ <<<"$(run "$port" "$conns")"
+  read -r n secs _ <<<"$(run "$port" "$conns" "$@")"
   c1=$(ticks "$pid")
   python3 -c "print(round($n / $secs), round(($c1 - $c0) * 1e6 / $hz / $n, 1))"
 }
@@ -153,26 +154,35 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 # run just before it. The ratios printed are the medians of those paired
 # ratios (drift between pairs cancels out); every run is listed.
 REPS=${REPS:-5}
+# A form post: 1 KiB of body with each request.
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = string.rep("x", 1024)
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+LUA
 echo "throughput ($REPS pairs of ${DURATION}s runs, taking turns; proxy on CPU 0, backend and wrk on CPU 1):"
 declare -A rps us
-for conns in 16 256; do
+for case in 16 256 16-post; do
+  conns=${case%-post}
+  extra=()
+  [ "$case" = "$conns" ] || extra=(-s "$work/post.lua")
   : > "$work/nginx.runs"; : > "$work/commons.runs"
   for _ in $(seq "$REPS"); do
-    once "$nginx_master" 18182 "$conns" >> "$work/nginx.runs"
-    once "$serve_pid" 18183 "$conns" >> "$work/commons.runs"
+    once "$nginx_master" 18182 "$conns" "${extra[@]}" >> "$work/nginx.runs"
+    once "$serve_pid" 18183 "$conns" "${extra[@]}" >> "$work/commons.runs"
   done
   for name in nginx commons; do
-    rps[$name$conns]=$(awk '{print $1}' "$work/$name.runs" | median)
-    us[$name$conns]=$(awk '{print $2}' "$work/$name.runs" | median)
-    printf '  %-8s %5s conns: %7s req/s, %6s µs CPU per request (medians; runs: %s)\n' "$name" "$conns" \
-      "${rps[$name$conns]}" "${us[$name$conns]}" "$(awk '{printf "%s/%s ", $1, $2}' "$work/$name.runs")"
+    rps[$name$case]=$(awk '{print $1}' "$work/$name.runs" | median)
+    us[$name$case]=$(awk '{print $2}' "$work/$name.runs" | median)
+    printf '  %-8s %5s conns%s: %7s req/s, %6s µs CPU per request (medians; runs: %s)\n' "$name" "$conns" \
+      "${extra[*]:+, POST 1 KiB}" "${rps[$name$case]}" "${us[$name$case]}" "$(awk '{printf "%s/%s ", $1, $2}' "$work/$name.runs")"
   done
   paste "$work/nginx.runs" "$work/commons.runs" | python3 -c "
 import statistics, sys
 pairs = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
 rps = statistics.median(c / n for n, _, c, _ in pairs)
 cpu = statistics.median(cu / nu for _, nu, _, cu in pairs)
-print('  ratio    %5s conns: %.2fx nginx req/s (>= 1.0 wanted), %.2fx nginx CPU per request (<= 1.0 wanted)' % ($conns, rps, cpu))
+print('  ratio    %5s conns%s: %.2fx nginx req/s (>= 1.0 wanted), %.2fx nginx CPU per request (<= 1.0 wanted)' % ($conns, '${extra[*]:+, POST 1 KiB}', rps, cpu))
 "
 done
 

@@ -1,14 +1,16 @@
-//! The gateway's own HTTP/1.1 server for the common request: a GET or HEAD
-//! without a body, for a routed site that is awake. The request head is
-//! parsed in place with `httparse` and rewritten straight into the bytes the
-//! upstream gets; the direct client (`upstream`) sends them; the response
-//! head and as much of the body as has arrived go back in one write. No
-//! header maps, no boxed services, no per-request tasks: most of what a
-//! general server costs a proxy.
+//! The gateway's own HTTP/1.1 server for the common request: one without a
+//! body or with a small one (a form, an API call), for a routed site that is
+//! awake. The request head is parsed in place with `httparse` and rewritten
+//! straight into the bytes the upstream gets; a body is read whole and goes
+//! after them (nginx's request buffering); the direct client (`upstream`)
+//! sends them; the response head and as much of the body as has arrived go
+//! back in one write. No header maps, no boxed services, no per-request
+//! tasks: most of what a general server costs a proxy.
 //!
-//! Anything else — a request with a body, an upgrade, HTTP/1.0, a platform
-//! path, a sign-in, a site to wake, a head that is malformed or too large —
-//! hands the connection, with the bytes already read, to hyper's server
+//! Anything else — a chunked or large body, an upgrade, `Expect`, HTTP/1.0,
+//! a platform path, a sign-in, a site to wake, a head that is malformed or
+//! too large — hands the connection, with the bytes already read, to
+//! hyper's server
 //! ([`Gateway::serve_hyper_h1`]), which serves it from then on. So every
 //! rule and every error answer lives in one place (`proxy`); this module
 //! only decides that none of them applies.
@@ -40,6 +42,9 @@ const MAX_HEADERS: usize = 64;
 const READ_SIZE: usize = 4096;
 /// Response bytes gathered before they are written.
 const WRITE_BATCH: usize = 64 * 1024;
+/// Largest request body read whole here (nginx's `client_body_buffer_size`);
+/// a larger one is streamed by hyper.
+const WHOLE_BODY: u64 = 16 * 1024;
 
 /// A request this module serves.
 struct Fast {
@@ -47,6 +52,8 @@ struct Fast {
     used: usize,
     site: Arc<Site>,
     method: Method,
+    /// Length of its body, which follows the head.
+    body: usize,
     record: RequestRecord,
     /// When its head was complete.
     started: Instant,
@@ -173,6 +180,25 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
         };
         let bufs = held.as_mut().expect("a request was read");
         bufs.read.advance(fast.used);
+        let mut fast = fast;
+        if fast.body > 0 {
+            // The whole body, within what is left of the head's time,
+            // before anything goes upstream.
+            while bufs.read.len() < fast.body {
+                bufs.read.reserve(fast.body - bufs.read.len());
+                match head_deadline.within(io.read_buf(&mut bufs.read)).await {
+                    Some(Ok(n)) if n > 0 => {}
+                    cut => {
+                        let status = if cut.is_none() { 408 } else { 0 };
+                        record_unfinished(&gw, fast, status, bufs.read.len());
+                        return;
+                    }
+                }
+            }
+            bufs.head.extend_from_slice(&bufs.read[..fast.body]);
+            bufs.read.advance(fast.body);
+            fast.record.bytes_in = fast.body as u64;
+        }
         let close = fast.close || *gw.shutdown.borrow();
         // Not boxed: a box of this size costs every request more than the
         // 3 KB it would save an idle connection.
@@ -214,7 +240,12 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     let method = match req.method {
         Some("GET") => Method::GET,
         Some("HEAD") => Method::HEAD,
-        _ => return Next::HandOver,
+        Some("POST") => Method::POST,
+        Some(m) => match Method::from_bytes(m.as_bytes()) {
+            Ok(m) if m != Method::CONNECT => m,
+            _ => return Next::HandOver,
+        },
+        None => return Next::HandOver,
     };
     let target = req.path.unwrap_or("");
     if req.version != Some(1) || !target.starts_with('/') || target.starts_with("/.well-known/") {
@@ -227,6 +258,7 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     let mut host_value: Option<&[u8]> = None;
     let mut hosts = 0;
     let mut close = false;
+    let mut body: Option<u64> = None;
     let mut credentials = Credentials::default();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -238,7 +270,11 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
                 hosts += 1;
                 host_value = Some(h.value);
             }
-            14 if is("content-length") && h.value.trim_ascii() != b"0" => return Next::HandOver,
+            14 if is("content-length") => match (body, content_length(h.value)) {
+                (None, Some(n)) => body = Some(n),
+                // Repeated or not a number: hyper's answer.
+                _ => return Next::HandOver,
+            },
             17 if is("transfer-encoding") => return Next::HandOver,
             7 if is("upgrade") => return Next::HandOver,
             6 if is("expect") => return Next::HandOver,
@@ -268,7 +304,10 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     let Some(site) = gw.routes.load().lookup(&host, path).cloned() else {
         return Next::HandOver;
     };
-    if site.spec.idle
+    let body = body.unwrap_or(0);
+    // Over the site's limit: hyper's 413.
+    if body > WHOLE_BODY.min(site.spec.max_body.unwrap_or(gw.config.max_body))
+        || site.spec.idle
         || site.upstreams.is_empty()
         || (!conn.tls && gw.acme().is_some() && gw.certs.has_acme(&host))
     {
@@ -293,10 +332,42 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         used,
         site,
         method,
+        body: body as usize,
         record,
         started,
         close,
     })
+}
+
+/// A `Content-Length` value: digits only.
+fn content_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Records a request whose body never came whole: the client closed the
+/// connection (0: recorded as 499) or was too slow (408). The connection
+/// ends without an answer.
+fn record_unfinished(gw: &Arc<Gateway>, fast: Fast, status: u16, bytes_in: usize) {
+    let Fast {
+        site,
+        mut record,
+        started,
+        ..
+    } = fast;
+    record.status = status;
+    record.bytes_in = bytes_in as u64;
+    drop(Metering {
+        gateway: gw.clone(),
+        site,
+        record: Some(record),
+        started,
+        bytes_in: None,
+        in_flight: None,
+    });
 }
 
 /// Sends the request upstream and streams the answer back. `Err` when the

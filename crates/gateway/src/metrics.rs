@@ -128,7 +128,7 @@ impl Metrics {
             ),
             (
                 "commons_gateway_connections_handed_over_total",
-                "HTTP/1.x connections passed to the general server (a request with a body, an upgrade, HTTP/1.0, a platform path, a site to wake).",
+                "HTTP/1.x connections passed to the general server (a large or chunked request body, an upgrade, HTTP/1.0, a platform path, a site to wake).",
                 "counter",
                 &self.connections_handed_over,
             ),

@@ -571,12 +571,12 @@ impl Gateway {
         Response::from_parts(parts, ResponseBody::upstream(body))
     }
 
-    /// Sends a request without a body (`head`, written by
-    /// [`Gateway::write_upstream_head`]) with the gateway's own client, on
-    /// an idle connection of the chosen upstream or a new one. Like
-    /// [`Gateway::forward`], a request no upstream answered goes to the
-    /// next, and when all refuse the site is woken once. `Err` is the
-    /// answer to give instead.
+    /// Sends a request whose body, if any, is at hand (`head`, written by
+    /// [`Gateway::write_upstream_head`], the body after it) with the
+    /// gateway's own client, on an idle connection of the chosen upstream
+    /// or a new one. Like [`Gateway::forward`], a request no upstream
+    /// answered goes to the next, and when all refuse the site is woken
+    /// once. `Err` is the answer to give instead.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn exchange_waking(
         self: &Arc<Self>,
@@ -613,8 +613,9 @@ impl Gateway {
         }
     }
 
-    /// One attempt after another at sending a bodiless request (`head`) to
-    /// an upstream of `site` and reading the response head.
+    /// One attempt after another at sending a request (`head`: its head
+    /// and whole body, if any) to an upstream of `site` and reading the
+    /// response head.
     async fn exchange(
         &self,
         site: &Arc<Site>,
@@ -674,9 +675,11 @@ impl Gateway {
                     });
                 }
                 // Closed before answering (an idle connection the upstream
-                // had given up on, or an instance going away): GET and HEAD
-                // are safe to send again.
-                Err(SendError::Unanswered(_)) => continue,
+                // had given up on, or an instance going away): a request
+                // that may be repeated is sent again. Others may have been
+                // acted on (as nginx, they are not sent twice).
+                Err(SendError::Unanswered(_)) if method.is_idempotent() => continue,
+                Err(SendError::Unanswered(_)) => return Err(Failure::Upstream),
                 Err(SendError::Broken(_)) => {
                     self.metrics
                         .upstream_protocol_errors

@@ -90,8 +90,8 @@ impl Conn {
         }
     }
 
-    /// Writes `request` (a whole request head, no body) and reads the
-    /// response head. `max_head` bounds the head's size.
+    /// Writes `request` (a whole request: its head and any body) and reads
+    /// the response head. `max_head` bounds the head's size.
     pub async fn send(
         mut self,
         request: &[u8],

@@ -376,13 +376,16 @@ async fn a_slow_client_cannot_hold_the_gateway() {
         ..Config::default()
     })
     .await;
-    // Many slowloris connections: a request head trickling in.
+    // Many slowloris connections: a request head, or a body, trickling in.
     let mut slow = Vec::new();
-    for _ in 0..50 {
+    for i in 0..50 {
         let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\nX-A: ")
-            .await
-            .unwrap();
+        let start: &[u8] = if i % 2 == 0 {
+            b"GET / HTTP/1.1\r\nHost: app.localhost\r\nX-A: "
+        } else {
+            b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 100\r\n\r\nabc"
+        };
+        s.write_all(start).await.unwrap();
         slow.push(s);
     }
     // Others are served meanwhile.
@@ -404,6 +407,9 @@ async fn a_slow_client_cannot_hold_the_gateway() {
         .await;
         assert!(closed.is_ok(), "a slow client kept its connection");
     }
+    // A request whose body never came whole is usage too: 408.
+    gw.events.wait_for(26).await;
+    assert_eq!(gw.events.requests_by_status().get(&408), Some(&25));
     assert_eq!(
         gw.gateway
             .metrics
@@ -862,7 +868,8 @@ async fn read_response(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bodies() {
+async fn one_connection_serves_pipelined_requests_and_small_bodies_and_hands_over_to_hyper_for_large_ones(
+) {
     let gw = gateway_with_app(Config {
         max_header_bytes: 8192,
         ..Config::default()
@@ -899,7 +906,8 @@ async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bo
     );
     let metric = |m: &std::sync::atomic::AtomicU64| m.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(metric(&gw.gateway.metrics.connections_handed_over), 0);
-    // A request with a body: hyper serves the connection from here on.
+    // Small bodies are read whole and served here too, whether they come
+    // with their head or after it, in pieces.
     s.write_all(b"POST /c HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 5\r\n\r\nhello")
         .await
         .unwrap();
@@ -907,9 +915,49 @@ async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bo
     assert_eq!(status, 200);
     let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(
-        (seen["method"].as_str(), seen["body_len"].as_u64()),
-        (Some("POST"), Some(5))
+        (seen["method"].as_str(), seen["body_sum"].as_u64()),
+        (Some("POST"), Some(body_sum(b"hello")))
     );
+    let whole: Vec<u8> = (0..16 * 1024).map(|i| (i % 251) as u8).collect();
+    s.write_all(
+        format!(
+            "PUT /e HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: {}\r\n\r\n",
+            whole.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    for piece in whole.chunks(5000) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.write_all(piece).await.unwrap();
+    }
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (seen["method"].as_str(), seen["body_len"].as_u64()),
+        (Some("PUT"), Some(whole.len() as u64))
+    );
+    assert_eq!(seen["body_sum"].as_u64(), Some(body_sum(&whole)));
+    assert_eq!(metric(&gw.gateway.metrics.connections_handed_over), 0);
+    // A larger body: hyper streams it, and serves the connection from here
+    // on.
+    let larger = [whole.as_slice(), b"!"].concat();
+    s.write_all(
+        format!(
+            "POST /f HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: {}\r\n\r\n",
+            larger.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&larger).await.unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["body_sum"].as_u64(), Some(body_sum(&larger)));
     s.write_all(b"GET /d HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
         .await
         .unwrap();
@@ -927,6 +975,17 @@ async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bo
     };
     assert_eq!(connections(), 1);
     assert_eq!(metric(&gw.gateway.metrics.connections_handed_over), 1);
+    // Each request's body is its usage in.
+    assert_eq!(gw.events.wait_for(6).await, 6);
+    let bytes_in: u64 = gw
+        .events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.data["bytes_in"].as_u64().unwrap())
+        .sum();
+    assert_eq!(bytes_in, 5 + whole.len() as u64 + larger.len() as u64);
 
     // `Connection: close` is honoured: the answer says so, then the
     // connection ends.
@@ -970,7 +1029,7 @@ async fn one_connection_serves_pipelined_requests_and_hands_over_to_hyper_for_bo
     assert_eq!(status, 431);
 
     // Every request above was metered once (the 431 never reached a site).
-    assert_eq!(gw.events.wait_for(5).await, 5);
+    assert_eq!(gw.events.wait_for(7).await, 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1013,4 +1072,50 @@ async fn a_slow_upstream_gets_a_504_and_the_connection_goes_on() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_may_have_been_acted_on_is_not_sent_twice() {
+    // An upstream that reads each request and closes without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).await.unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let line = String::from_utf8_lossy(&head);
+                log.lock()
+                    .unwrap()
+                    .push(line.split(' ').next().unwrap_or("").to_string());
+            });
+        }
+    });
+    let gw = gateway(Config::default()).await;
+    gw.gateway
+        .set_routes(vec![route("app.localhost", "/", "app", &[app])]);
+    let mut s = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    let mut buf = Vec::new();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let (status, _, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 502);
+    assert_eq!(*seen.lock().unwrap(), ["POST"], "sent once only");
+    // A GET may be repeated: it is tried again before the gateway gives up.
+    seen.lock().unwrap().clear();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, _) = read_response(&mut s, &mut buf, false).await;
+    assert!(status >= 500, "{status}");
+    let gets = seen.lock().unwrap().len();
+    assert!(gets > 1, "a GET was tried {gets} time(s)");
 }

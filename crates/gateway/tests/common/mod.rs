@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 /// An upstream that answers with what it received, as JSON:
-/// `{"server", "method", "path", "headers", "body_len"}`.
+/// `{"server", "method", "path", "headers", "body_len", "body_sum"}`.
 /// `/sleep/MS` waits first; `/ws` accepts an upgrade and echoes bytes.
 pub async fn upstream(name: &'static str) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -78,9 +78,17 @@ async fn answer(
         .unwrap_or_default();
     let json = serde_json::json!({
         "server": name, "method": method, "path": path, "headers": headers,
-        "body_len": body.len(),
+        "body_len": body.len(), "body_sum": body_sum(&body),
     });
     Ok(Response::new(Full::new(Bytes::from(json.to_string()))))
+}
+
+/// A checksum of a body that notices lost, added and reordered bytes.
+pub fn body_sum(body: &[u8]) -> u64 {
+    body.iter().enumerate().fold(0u64, |sum, (i, &b)| {
+        sum.wrapping_mul(31)
+            .wrapping_add((i as u64 + 1) * u64::from(b))
+    })
 }
 
 /// A response as the client saw it.
