@@ -53,7 +53,19 @@ pub const COMMON_FIELDS: &[&str] = &[
 pub const INPUT_FIELDS: &[&str] = &["type", "default", "description"];
 pub const SECRET_FIELDS: &[&str] = &["generate", "from_env", "description"];
 pub const HEALTH_FIELDS: &[&str] = &["http", "timeout", "interval"];
-pub const ROUTE_FIELDS: &[&str] = &["host", "path", "login", "max_body", "user_header"];
+pub const ROUTE_FIELDS: &[&str] = &[
+    "host",
+    "path",
+    "login",
+    "max_body",
+    "max_header",
+    "response_timeout",
+    "user_header",
+];
+/// The largest request head the gateway reads; a route may only lower it.
+pub const GATEWAY_MAX_HEADER: u64 = 64 << 10;
+/// The longest a route may let its app take to answer.
+pub const MAX_RESPONSE_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Headers the gateway itself sets or relies on: a route cannot hand the
 /// signed-in user to an app in one of them.
@@ -1421,23 +1433,30 @@ impl<'a> Loader<'a> {
                 login.push(p);
             }
         }
-        let max_body_bytes = match f.get("max_body") {
-            Some(n) => {
-                let s = self.string(file, n, "route.max_body")?;
-                match parse_bytes(&s) {
-                    Some(b) if b > 0 => Some(b),
-                    _ => {
-                        self.sink(file).error_help(
-                            n.pos,
-                            format!("max_body \"{s}\" is not a size"),
-                            "write a size such as 10Mi or 512Ki",
-                        );
-                        return None;
-                    }
-                }
-            }
-            None => None,
+        // Absent: None; present: Some, if it is valid (else the error is
+        // reported and the route is not made).
+        let mut limit = |name: &str, size: bool, range, help: &str| match f.get(name) {
+            None => Some(None),
+            Some(n) => self.route_limit(file, n, name, size, range, help).map(Some),
         };
+        let max_body_bytes = limit(
+            "max_body",
+            true,
+            1..=u64::MAX,
+            "write a size such as 10Mi or 512Ki",
+        )?;
+        let max_header_bytes = limit(
+            "max_header",
+            true,
+            1024..=GATEWAY_MAX_HEADER,
+            "write a size from 1Ki to 64Ki (the gateway reads no more)",
+        )?;
+        let response_timeout_ms = limit(
+            "response_timeout",
+            false,
+            1..=MAX_RESPONSE_TIMEOUT_MS,
+            "write how long the app may take to start its answer, from 1ms to 1h, such as 30s or 5m",
+        )?;
         let user_header = match f.get("user_header") {
             Some(n) => {
                 let h = self
@@ -1465,8 +1484,37 @@ impl<'a> Loader<'a> {
             path,
             login,
             max_body_bytes,
+            max_header_bytes,
+            response_timeout_ms,
             user_header,
         })
+    }
+
+    /// A route's limit, `name`: a size (`size`) or a duration in
+    /// milliseconds, within `range`; otherwise an error with `help`.
+    fn route_limit(
+        &mut self,
+        file: &Path,
+        node: &Node,
+        name: &str,
+        size: bool,
+        range: std::ops::RangeInclusive<u64>,
+        help: &str,
+    ) -> Option<u64> {
+        let s = self.string(file, node, &format!("route.{name}"))?;
+        let parsed = if size {
+            parse_bytes(&s)
+        } else {
+            parse_duration_ms(&s)
+        };
+        let message = match parsed {
+            Some(v) if range.contains(&v) => return Some(v),
+            Some(_) => format!("route.{name} \"{s}\" is out of range"),
+            None if size => format!("route.{name} \"{s}\" is not a size"),
+            None => format!("route.{name} \"{s}\" is not a duration"),
+        };
+        self.sink(file).error_help(node.pos, message, help);
+        None
     }
 
     fn resources(&mut self, file: &Path, node: &Node) -> Option<Resources> {

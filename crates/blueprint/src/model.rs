@@ -242,6 +242,14 @@ pub struct Route {
     /// Largest request body the gateway passes on (413 beyond).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_body_bytes: Option<u64>,
+    /// Largest request head (request line and headers) the gateway passes
+    /// on (431 beyond); at most the gateway's own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_header_bytes: Option<u64>,
+    /// How long the app may take to start its answer (504 beyond); the
+    /// gateway's default otherwise (60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_timeout_ms: Option<u64>,
     /// A header in which the gateway hands the app the signed-in user's id
     /// (lower case; removed from what clients send), for apps that take a
     /// trusted user header instead of verifying the signed assertion.

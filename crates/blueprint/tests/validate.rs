@@ -598,6 +598,42 @@ fn route_login_paths_and_body_limits() {
 }
 
 #[test]
+fn routes_limit_header_size_and_response_time() {
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { max_header: 1Mi }\n",
+        5,
+        26,
+        "route.max_header \"1Mi\" is out of range",
+    );
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { max_header: big }\n",
+        5,
+        26,
+        "route.max_header \"big\" is not a size",
+    );
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { response_timeout: soon }\n",
+        5,
+        32,
+        "route.response_timeout \"soon\" is not a duration",
+    );
+    one(
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { response_timeout: 2h }\n",
+        5,
+        32,
+        "route.response_timeout \"2h\" is out of range",
+    );
+    let src = files(&[(
+        "/bp/commons.yaml",
+        "name: x\ncomponents:\n  a:\n    process: x\n    route: { max_header: 8Ki, response_timeout: 5m }\n",
+    )]);
+    let bp = load(Path::new("/bp/commons.yaml"), &src).unwrap();
+    let route = bp.components["a"].route.clone().unwrap();
+    assert_eq!(route.max_header_bytes, Some(8 << 10));
+    assert_eq!(route.response_timeout_ms, Some(300_000));
+}
+
+#[test]
 fn routes_may_keep_the_deployments_names_and_name_a_user_header() {
     one(
         "name: x\ncomponents:\n  a:\n    process: x\n    route: { user_header: Authorization }\n",

@@ -223,7 +223,7 @@ fn twenty_redeploys_under_load_fail_no_request() {
 }
 
 #[test]
-fn blueprints_set_login_paths_and_body_limits() {
+fn blueprints_set_login_paths_and_limits() {
     let s = Sandbox::new("gw-login");
     s.blueprint(
         r#"name: members
@@ -231,7 +231,7 @@ components:
   web:
     process: "python3 -m http.server --bind 127.0.0.1 $PORT"
     health: { http: "/" }
-    route: { host: members.localhost, login: [/admin], max_body: 1Ki }
+    route: { host: members.localhost, login: [/admin], max_body: 1Ki, max_header: 2Ki }
 "#,
     );
     s.ok(&["deploy"]);
@@ -261,6 +261,25 @@ components:
     assert_eq!(code, 413, "{body}");
     let (code, _) = http(server.http, "POST", "/", &[host], &[b'x'; 512]).unwrap();
     assert_eq!(code, 501, "a small body reaches the app");
+    // So does a head under the site's limit; one over it does not.
+    let (code, _) = http(
+        server.http,
+        "GET",
+        "/",
+        &[host, ("X-Pad", &"p".repeat(1500))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 200);
+    let (code, body) = http(
+        server.http,
+        "GET",
+        "/",
+        &[host, ("X-Pad", &"p".repeat(2500))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 431, "{body}");
 }
 
 #[test]

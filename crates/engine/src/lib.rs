@@ -219,6 +219,9 @@ fn route_of(config: &serde_json::Value) -> Option<commons_blueprint::model::Rout
             .map(|l| l.split(',').map(str::to_string).collect())
             .unwrap_or_default(),
         max_body_bytes: attr("route.max_body").and_then(|b| b.parse().ok()),
+        max_header_bytes: attr("route.max_header").and_then(|b| b.parse().ok()),
+        response_timeout_ms: attr("route.response_timeout")
+            .and_then(|t| commons_blueprint::load::parse_duration_ms(&t)),
     })
 }
 

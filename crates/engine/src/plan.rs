@@ -213,6 +213,12 @@ pub fn attributes(c: &Component, values: &Values<'_>, static_hash: Option<String
         if let Some(b) = r.max_body_bytes {
             put("route.max_body", Some(b.to_string()));
         }
+        if let Some(b) = r.max_header_bytes {
+            put("route.max_header", Some(b.to_string()));
+        }
+        if let Some(ms) = r.response_timeout_ms {
+            put("route.response_timeout", Some(format!("{ms}ms")));
+        }
     }
     if let Some(m) = c.resources.memory_bytes {
         put("resources.memory", Some(m.to_string()));

@@ -305,8 +305,9 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         return Next::HandOver;
     };
     let body = body.unwrap_or(0);
-    // Over the site's limit: hyper's 413.
+    // Over the site's limits: hyper's 413 or 431.
     if body > WHOLE_BODY.min(site.spec.max_body.unwrap_or(gw.config.max_body))
+        || site.spec.max_header.is_some_and(|max| used > max)
         || site.spec.idle
         || site.upstreams.is_empty()
         || (!conn.tls && gw.acme().is_some() && gw.certs.has_acme(&host))

@@ -121,6 +121,20 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     host_of(raw)
 }
 
+/// The size of `req`'s head as HTTP/1.1 would carry it (request line and
+/// headers): what a site's `max_header` limits, whatever the protocol.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len()
+        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
+        + " HTTP/1.1\r\n ".len();
+    req.headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + ": \r\n".len())
+        .sum::<usize>()
+        + line
+        + "\r\n".len()
+}
+
 /// The host an authority (`Host` header value) names: lower case, without
 /// port.
 pub(crate) fn host_of(raw: &str) -> Option<String> {
@@ -401,6 +415,13 @@ impl Gateway {
         bytes_in: Option<Arc<AtomicU64>>,
         metering: &mut Metering,
     ) -> Response<ResponseBody> {
+        if let Some(max) = site.spec.max_header.filter(|&max| head_size(&req) > max) {
+            return problem(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
+                &format!("this site accepts request heads of up to {max} bytes"),
+            );
+        }
         if caller.identity.is_none() && site.needs_login(req.uri().path()) {
             if let Some(r) = self.start_sign_in(&req, conn.tls) {
                 return r;
@@ -500,7 +521,7 @@ impl Gateway {
         let mut woken = false;
         let sent = loop {
             let sent = tokio::time::timeout(
-                self.config.upstream_timeout,
+                self.response_timeout(&site),
                 self.forward(&site, host, unsent, upgrade),
             )
             .await;
@@ -571,6 +592,13 @@ impl Gateway {
         Response::from_parts(parts, ResponseBody::upstream(body))
     }
 
+    /// How long `site`'s app may take to start its answer.
+    pub(crate) fn response_timeout(&self, site: &Site) -> Duration {
+        site.spec
+            .response_timeout_ms
+            .map_or(self.config.upstream_timeout, Duration::from_millis)
+    }
+
     /// Sends a request whose body, if any, is at hand (`head`, written by
     /// [`Gateway::write_upstream_head`], the body after it) with the
     /// gateway's own client, on an idle connection of the chosen upstream
@@ -590,7 +618,7 @@ impl Gateway {
     ) -> Result<Exchanged, Response<ResponseBody>> {
         let mut woken = false;
         // From the request's start: no clock read of its own.
-        deadline.set((started + self.config.upstream_timeout).into());
+        deadline.set((started + self.response_timeout(&site)).into());
         let sent = loop {
             let sent = deadline
                 .within(self.exchange(&site, host, method, path, head, started))
@@ -598,7 +626,7 @@ impl Gateway {
             match sent {
                 Some(Err(Failure::Unavailable(_))) if !woken => {
                     woken = true;
-                    deadline.set((Instant::now() + self.config.upstream_timeout).into());
+                    deadline.set((Instant::now() + self.response_timeout(&site)).into());
                     // Boxed, like the other rare paths below: a connection
                     // holds its request's future while idle.
                     site = Box::pin(self.wake(&site, host, path, true)).await?;

@@ -39,6 +39,14 @@ pub struct RouteSpec {
     /// Largest request body accepted, in bytes.
     #[serde(default)]
     pub max_body: Option<u64>,
+    /// Largest request head accepted, in bytes (below the gateway's own
+    /// `max_header_bytes`).
+    #[serde(default)]
+    pub max_header: Option<usize>,
+    /// How long the app may take to start its answer (the gateway's
+    /// `upstream_timeout` otherwise).
+    #[serde(default)]
+    pub response_timeout_ms: Option<u64>,
     /// A header the app gets the signed-in user's id in (see
     /// `commons_blueprint::model::Route::user_header`).
     #[serde(default)]
@@ -346,6 +354,8 @@ mod tests {
             idle: false,
             login: vec![],
             max_body: None,
+            max_header: None,
+            response_timeout_ms: None,
             user_header: None,
         }
     }

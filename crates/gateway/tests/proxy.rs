@@ -1119,3 +1119,57 @@ async fn a_request_that_may_have_been_acted_on_is_not_sent_twice() {
     let gets = seen.lock().unwrap().len();
     assert!(gets > 1, "a GET was tried {gets} time(s)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_sets_its_own_header_limit_and_response_time() {
+    let gw = gateway(Config::default()).await;
+    let app = upstream("app").await;
+    let mut strict = route("strict.localhost", "/", "strict", &[app]);
+    strict.max_header = Some(1024);
+    strict.response_timeout_ms = Some(200);
+    gw.gateway
+        .set_routes(vec![strict, route("app.localhost", "/", "app", &[app])]);
+    let big = "b".repeat(2000);
+    let got = request(
+        gw.http,
+        "GET",
+        "strict.localhost",
+        "/",
+        &[("x-big", &big)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(got.status, 431);
+    assert!(got.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("1024 bytes"));
+    let got = request(
+        gw.http,
+        "GET",
+        "app.localhost",
+        "/",
+        &[("x-big", &big)],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(got.status, 200, "the gateway's own limit is higher");
+    // Bodiless, and with a body streamed by hyper: 504 at the site's limit.
+    let large = Bytes::from(vec![b'x'; 64 << 10]);
+    for (method, body) in [("GET", Bytes::new()), ("POST", large.clone())] {
+        let t = Instant::now();
+        let got = request(
+            gw.http,
+            method,
+            "strict.localhost",
+            "/sleep/1500",
+            &[],
+            body,
+        )
+        .await;
+        assert_eq!(got.status, 504, "{method}");
+        assert!(t.elapsed() < Duration::from_millis(1200), "{method}");
+    }
+    let got = request(gw.http, "POST", "app.localhost", "/sleep/500", &[], large).await;
+    assert_eq!(got.status, 200, "other sites keep the gateway's timeout");
+}

@@ -103,6 +103,12 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
                     .map(|r| r.login.clone())
                     .unwrap_or_default(),
                 max_body: c.route.as_ref().and_then(|r| r.max_body_bytes),
+                max_header: c
+                    .route
+                    .as_ref()
+                    .and_then(|r| r.max_header_bytes)
+                    .map(|b| b as usize),
+                response_timeout_ms: c.route.as_ref().and_then(|r| r.response_timeout_ms),
                 user_header: c.route.as_ref().and_then(|r| r.user_header.clone()),
             };
             let path = c.route.as_ref().map_or("/".to_string(), |r| r.path.clone());

@@ -262,6 +262,8 @@ pub fn route(host: &str, path: &str, deployment: &str, upstreams: &[SocketAddr])
         idle: false,
         login: vec![],
         max_body: None,
+        max_header: None,
+        response_timeout_ms: None,
         user_header: None,
     }
 }
