@@ -7,7 +7,7 @@
 //! back in one write. No header maps, no boxed services, no per-request
 //! tasks: most of what a general server costs a proxy.
 //!
-//! Anything else — a chunked or large body, an upgrade, `Expect`, HTTP/1.0,
+//! Anything else — a chunked or large body, an upgrade, HTTP/1.0,
 //! a platform path, a sign-in, a site to wake, a head that is malformed or
 //! too large — hands the connection, with the bytes already read, to
 //! hyper's server
@@ -54,6 +54,8 @@ struct Fast {
     method: Method,
     /// Length of its body, which follows the head.
     body: usize,
+    /// The client waits for `100 Continue` before it sends the body.
+    expects_continue: bool,
     record: RequestRecord,
     /// When its head was complete.
     started: Instant,
@@ -184,6 +186,18 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
         if fast.body > 0 {
             // The whole body, within what is left of the head's time,
             // before anything goes upstream.
+            if fast.expects_continue && bufs.read.len() < fast.body {
+                let asked = head_deadline
+                    .within(async {
+                        io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+                        io.flush().await
+                    })
+                    .await;
+                if !matches!(asked, Some(Ok(()))) {
+                    record_unfinished(&gw, fast, 0, 0);
+                    return;
+                }
+            }
             while bufs.read.len() < fast.body {
                 bufs.read.reserve(fast.body - bufs.read.len());
                 match head_deadline.within(io.read_buf(&mut bufs.read)).await {
@@ -259,6 +273,7 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     let mut hosts = 0;
     let mut close = false;
     let mut body: Option<u64> = None;
+    let mut expects_continue = false;
     let mut credentials = Credentials::default();
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -277,6 +292,11 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
             },
             17 if is("transfer-encoding") => return Next::HandOver,
             7 if is("upgrade") => return Next::HandOver,
+            // Answered here (the upstream gets the body whole, so it
+            // is not asked); any other expectation gets hyper's 417.
+            6 if is("expect") && h.value.eq_ignore_ascii_case(b"100-continue") => {
+                expects_continue = true
+            }
             6 if is("expect") => return Next::HandOver,
             10 if is("connection") => {
                 close |= h
@@ -322,7 +342,12 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         head,
         method.as_str(),
         target,
-        || req.headers.iter().map(|h| (h.name, h.value)),
+        || {
+            req.headers
+                .iter()
+                .filter(move |h| !(expects_continue && h.name.eq_ignore_ascii_case("expect")))
+                .map(|h| (h.name, h.value))
+        },
         host_value,
         conn,
         &site,
@@ -334,6 +359,7 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         site,
         method,
         body: body as usize,
+        expects_continue,
         record,
         started,
         close,

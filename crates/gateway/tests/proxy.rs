@@ -918,6 +918,22 @@ async fn one_connection_serves_pipelined_requests_and_small_bodies_and_hands_ove
         (seen["method"].as_str(), seen["body_sum"].as_u64()),
         (Some("POST"), Some(body_sum(b"hello")))
     );
+    // A client that waits for `100 Continue` gets it from the gateway; the
+    // app gets the body whole and is not asked.
+    s.write_all(
+        b"POST /g HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: 7\r\n\
+          Expect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (status, _, _) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 100);
+    s.write_all(b"go on!!").await.unwrap();
+    let (status, _, body) = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(status, 200);
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["body_sum"].as_u64(), Some(body_sum(b"go on!!")));
+    assert!(seen["headers"].get("expect").is_none(), "{seen}");
     let whole: Vec<u8> = (0..16 * 1024).map(|i| (i % 251) as u8).collect();
     s.write_all(
         format!(
@@ -976,7 +992,7 @@ async fn one_connection_serves_pipelined_requests_and_small_bodies_and_hands_ove
     assert_eq!(connections(), 1);
     assert_eq!(metric(&gw.gateway.metrics.connections_handed_over), 1);
     // Each request's body is its usage in.
-    assert_eq!(gw.events.wait_for(6).await, 6);
+    assert_eq!(gw.events.wait_for(7).await, 7);
     let bytes_in: u64 = gw
         .events
         .0
@@ -985,7 +1001,7 @@ async fn one_connection_serves_pipelined_requests_and_small_bodies_and_hands_ove
         .iter()
         .map(|e| e.data["bytes_in"].as_u64().unwrap())
         .sum();
-    assert_eq!(bytes_in, 5 + whole.len() as u64 + larger.len() as u64);
+    assert_eq!(bytes_in, 5 + 7 + whole.len() as u64 + larger.len() as u64);
 
     // `Connection: close` is honoured: the answer says so, then the
     // connection ends.
@@ -1029,7 +1045,7 @@ async fn one_connection_serves_pipelined_requests_and_small_bodies_and_hands_ove
     assert_eq!(status, 431);
 
     // Every request above was metered once (the 431 never reached a site).
-    assert_eq!(gw.events.wait_for(7).await, 7);
+    assert_eq!(gw.events.wait_for(8).await, 8);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
