@@ -7,13 +7,12 @@
 //! back in one write. No header maps, no boxed services, no per-request
 //! tasks: most of what a general server costs a proxy.
 //!
-//! Anything else — a chunked or large body, an upgrade, HTTP/1.0,
-//! a platform path, a sign-in, a site to wake, a head that is malformed or
-//! too large — hands the connection, with the bytes already read, to
-//! hyper's server
-//! ([`Gateway::serve_hyper_h1`]), which serves it from then on. So every
-//! rule and every error answer lives in one place (`proxy`); this module
-//! only decides that none of them applies.
+//! Anything else — a chunked or large body, an upgrade, HTTP/1.0, a
+//! platform path, a sign-in, a site to wake, a head that is malformed or too
+//! large — hands the connection, with the bytes already read, to hyper's
+//! server ([`Gateway::serve_hyper_h1`]), which serves it from then on. So
+//! every rule and every error answer lives in one place (`proxy`); this
+//! module only decides that none of them applies.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -144,7 +143,7 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
     loop {
         // Wait for a whole request head, within the header timeout.
         head_deadline.set(tokio::time::Instant::now() + head_time);
-        let fast = loop {
+        let mut fast = loop {
             match held.as_mut().filter(|b| !b.read.is_empty()) {
                 Some(bufs) => match next(&gw, &bufs.read, &info, &mut bufs.head) {
                     Next::Serve(fast) => break fast,
@@ -182,7 +181,6 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
         };
         let bufs = held.as_mut().expect("a request was read");
         bufs.read.advance(fast.used);
-        let mut fast = fast;
         if fast.body > 0 {
             // The whole body, within what is left of the head's time,
             // before anything goes upstream.
