@@ -8,9 +8,10 @@
 //! knows nothing of blueprints or engines.
 //!
 //! Modules: `routes` (the table), `proxy` (one request), `h1` (the HTTP/1.1
-//! server for the common request), `deadline` (lazy timeouts), `upstream` (the client for it), `body`
-//! (counted bodies), `identity` (assertions, JWKS), `usage` (the tap to the meter),
-//! `tls` (certificates, SNI), `acme` (issuance, renewal), `metrics`.
+//! server for the common request), `upstream` (the client for it),
+//! `deadline` (lazy timeouts), `body` (counted bodies), `identity`
+//! (assertions, JWKS), `usage` (the tap to the meter), `tls` (certificates,
+//! SNI), `acme` (issuance, renewal), `metrics`.
 
 pub mod acme;
 pub mod body;

@@ -84,9 +84,7 @@ impl Totals {
         self.duration_us += r.duration_us;
         self.max_duration_us = self.max_duration_us.max(r.duration_us);
     }
-}
 
-impl Totals {
     /// Adds what `other` counted.
     fn merge(&mut self, other: &Totals) {
         if other.count == 0 {
