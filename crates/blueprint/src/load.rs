@@ -91,6 +91,58 @@ pub const PROJECT_DEP_FIELDS: &[&str] = &["project", "weight"];
 pub trait Sources {
     fn read(&self, path: &Path) -> std::io::Result<String>;
     fn is_dir(&self, path: &Path) -> bool;
+    /// Whether a blueprint may refer to `path` (an include or a static
+    /// directory); `Err` says why not and what to do instead.
+    fn allows(&self, _path: &Path) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The filesystem below one directory only: what a blueprint that came
+/// from someone else (through the API) may refer to. Paths are compared
+/// after `..` is resolved and symbolic links are followed.
+pub struct Confined {
+    pub root: PathBuf,
+}
+
+impl Confined {
+    fn inside(&self, path: &Path) -> bool {
+        let lexical = normalize(path);
+        if !lexical.starts_with(&self.root) {
+            return false;
+        }
+        // Where it exists, where it really is (a link may lead out).
+        match (
+            std::fs::canonicalize(&lexical),
+            std::fs::canonicalize(&self.root),
+        ) {
+            (Ok(real), Ok(root)) => real.starts_with(root),
+            (Err(_), _) => true,
+            (Ok(_), Err(_)) => false,
+        }
+    }
+}
+
+impl Sources for Confined {
+    fn read(&self, path: &Path) -> std::io::Result<String> {
+        if !self.inside(path) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "outside the blueprint's own directory",
+            ));
+        }
+        FileSystem.read(path)
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        self.inside(path) && FileSystem.is_dir(path)
+    }
+    fn allows(&self, path: &Path) -> Result<(), String> {
+        if self.inside(path) {
+            Ok(())
+        } else {
+            Err("send it with the blueprint, inside its directory (`source.files`)".into())
+        }
+    }
 }
 
 /// Reads blueprints from the local filesystem.
@@ -1116,6 +1168,14 @@ impl<'a> Loader<'a> {
             "static" => {
                 let p = self.string(file, value, "a static directory")?;
                 let path = normalize(&dir.join(&p));
+                if let Err(help) = self.sources.allows(&path) {
+                    self.sink(file).error_help(
+                        value.pos,
+                        format!("static directory \"{p}\" is outside the blueprint's directory"),
+                        help,
+                    );
+                    return None;
+                }
                 if !self.sources.is_dir(&path) {
                     self.sink(file).error_help(
                         value.pos,
@@ -1143,6 +1203,14 @@ impl<'a> Loader<'a> {
             _ => {
                 let p = self.string(file, value, "an included blueprint")?;
                 let mut path = normalize(&dir.join(&p));
+                if let Err(help) = self.sources.allows(&path) {
+                    self.sink(file).error_help(
+                        value.pos,
+                        format!("included blueprint \"{p}\" is outside the blueprint's directory"),
+                        help,
+                    );
+                    return None;
+                }
                 if self.sources.is_dir(&path) {
                     path = path.join(FILE_NAME);
                 }

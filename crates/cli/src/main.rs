@@ -175,6 +175,10 @@ enum Command {
     /// API tokens: scoped, shown once, stored hashed.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Domains the platform's administrator verified for an organisation:
+    /// only that organisation's sites may route them (and their subdomains).
+    #[command(subcommand)]
+    Domains(DomainsCommand),
     /// Usage events: ingest them, see aggregates.
     #[command(subcommand)]
     Usage(money::UsageCommand),
@@ -244,6 +248,19 @@ enum TokenCommand {
     List,
     /// Revoke a token by id.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum DomainsCommand {
+    /// Give HOST (and its subdomains) to ORG, once you have checked that
+    /// ORG controls it.
+    Add {
+        host: String,
+        #[arg(long)]
+        org: String,
+    },
+    /// List verified domains and their organisations.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -581,6 +598,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Token(cmd) => token(&home, cmd, json),
+        Command::Domains(cmd) => domains(&home, cmd, json),
         Command::Subscribe(args) => money::subscribe(&home, args, json),
         Command::Period(PeriodCommand::Close { period }) => money::close(&home, &period, json),
         Command::Statement { recipient, period } => {
@@ -662,6 +680,12 @@ struct ServeArgs {
     /// port 80 is closed) [default: http-01].
     #[arg(long, env = "COMMONS_ACME_CHALLENGE")]
     acme_challenge: Option<String>,
+    /// One person's platform, on their own machine: sites from the API and
+    /// the console run unsandboxed, as this user (unsafe: let nobody else
+    /// deploy). Without it, and without the sandbox (COMMONS_SANDBOX=1, as
+    /// root), only the platform's administrator deploys.
+    #[arg(long)]
+    single_user: bool,
 }
 
 /// On the first start, the platform's administrator: a token with every
@@ -736,6 +760,9 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
             std::env::set_var(key, value);
         }
     }
+    if args.single_user {
+        std::env::set_var("COMMONS_SINGLE_USER", "1");
+    }
     let args = ServeArgs {
         listen: args.listen.or(file.api.listen),
         http: args.http.or(file.gateway.http),
@@ -747,6 +774,7 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
         acme_email: args.acme_email.or(file.acme.email),
         acme_challenge: args.acme_challenge.or(file.acme.challenge),
         config: args.config,
+        single_user: args.single_user,
     };
     let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8070");
     let challenge: commons_gateway::acme::Challenge = args
@@ -780,6 +808,23 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
             home.display()
         );
         eprintln!("{:>12} http://{addr}/console", "Console");
+        if !commons_runtime::sandbox::enabled() {
+            if commons_runtime::sandbox::single_user() {
+                eprintln!(
+                    "{:>12} single-user mode: sites from the API and the console run \
+                     unsandboxed, as this user, and can read the platform's keys; let nobody \
+                     else deploy here",
+                    "Warning"
+                );
+            } else {
+                eprintln!(
+                    "{:>12} workloads are not sandboxed: the API and the console take sites from \
+                     the platform's administrator only (COMMONS_SANDBOX=1 as root lets users \
+                     deploy; COMMONS_SINGLE_USER=1 makes this one person's platform)",
+                    "Note"
+                );
+            }
+        }
         let public = std::env::var("COMMONS_PUBLIC_URL")
             .ok()
             .filter(|u| !u.is_empty())
@@ -834,6 +879,29 @@ fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
         gateway.stop();
         served.map_err(|e| Failure::Failed(e.to_string()))
     })
+}
+
+fn domains(home: &std::path::Path, cmd: DomainsCommand, json: bool) -> Result<(), Failure> {
+    match cmd {
+        DomainsCommand::Add { host, org } => {
+            commons_server::hosts::verify(home, &host, &org).map_err(Failure::Input)?;
+            if !json {
+                eprintln!("{:>12} {host} for organisation {org}", "Verified");
+            }
+            Ok(())
+        }
+        DomainsCommand::List => {
+            let all = commons_server::hosts::verified(home);
+            if json {
+                output::json(&all);
+            } else {
+                for (host, org) in all {
+                    println!("{host}  {org}");
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn token(home: &std::path::Path, cmd: TokenCommand, json: bool) -> Result<(), Failure> {

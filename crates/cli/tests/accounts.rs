@@ -9,106 +9,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// A client of one server, with or without credentials.
-struct Api {
-    port: u16,
-    headers: Vec<(String, String)>,
-}
-
-impl Api {
-    fn anonymous(port: u16) -> Api {
-        Api {
-            port,
-            headers: vec![("Content-Type".into(), "application/json".into())],
-        }
-    }
-
-    fn token(port: u16, token: &str) -> Api {
-        let mut a = Api::anonymous(port);
-        a.headers
-            .push(("Authorization".into(), format!("Bearer {token}")));
-        a
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let (code, _, body) = self.raw(method, path, body);
-        let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
-        (code, v)
-    }
-
-    fn raw(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String, String) {
-        let headers: Vec<(&str, &str)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        http_with_head(self.port, method, path, &headers, body.as_bytes()).unwrap()
-    }
-
-    fn get(&self, path: &str) -> (u16, Value) {
-        self.call("GET", path, None)
-    }
-
-    fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call("POST", path, Some(body))
-    }
-}
-
-fn signup(port: u16, email: &str, name: &str) -> Value {
-    let (code, v) = Api::anonymous(port).post(
-        "/api/signup",
-        json!({ "email": email, "name": name, "password": "a long enough password" }),
-    );
-    assert_eq!(code, 201, "{v}");
-    v
-}
-
-/// Logs in; returns a client carrying the session cookie (and, when
-/// `with_csrf`, the CSRF header).
-fn login(port: u16, email: &str, with_csrf: bool) -> Api {
-    let (code, head, body) = Api::anonymous(port).raw(
-        "POST",
-        "/api/login",
-        Some(json!({ "email": email, "password": "a long enough password" })),
-    );
-    assert_eq!(code, 200, "{body}");
-    let cookie_line = head
-        .lines()
-        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
-        .expect("a session cookie is set");
-    assert!(cookie_line.contains("HttpOnly"), "{cookie_line}");
-    assert!(cookie_line.contains("SameSite=Lax"), "{cookie_line}");
-    let cookie = cookie_line
-        .split_once(':')
-        .unwrap()
-        .1
-        .trim()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_string();
-    let csrf = serde_json::from_str::<Value>(&body).unwrap()["csrf"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let mut a = Api::anonymous(port);
-    a.headers.push(("Cookie".into(), cookie));
-    if with_csrf {
-        a.headers.push(("X-CSRF-Token".into(), csrf));
-    }
-    a
-}
-
-fn make_token(api: &Api, scopes: &[&str], org: Option<&str>) -> String {
-    let (code, v) = api.post(
-        "/api/tokens",
-        json!({ "name": "test", "scopes": scopes, "org": org }),
-    );
-    assert_eq!(code, 201, "{v}");
-    v["token"].as_str().unwrap().to_string()
-}
-
 const SITE: &str = r#"name: web
 components:
   web:
@@ -575,29 +475,6 @@ class H(BaseHTTPRequestHandler):
 ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
 
-/// The value of the `Location` header, and every `Set-Cookie`.
-fn location_and_cookies(head: &str) -> (String, Vec<String>) {
-    let mut location = String::new();
-    let mut cookies = Vec::new();
-    for line in head.lines() {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        match k.to_ascii_lowercase().as_str() {
-            "location" => location = v.trim().to_string(),
-            "set-cookie" => cookies.push(v.trim().to_string()),
-            _ => {}
-        }
-    }
-    (location, cookies)
-}
-
-/// `http://host:port/path?query` → ("/path?query").
-fn path_of(url: &str) -> String {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    rest.find('/').map_or("/".into(), |i| rest[i..].to_string())
-}
-
 #[test]
 fn a_console_session_signs_its_user_in_at_sites_that_need_login() {
     let s = Sandbox::new("site-sign-in");
@@ -684,7 +561,7 @@ components:
     assert_eq!(back, "/members/list");
     let session = cookies
         .iter()
-        .find(|c| c.starts_with("commons_session=cmnc_"))
+        .find(|c| c.starts_with("commons_session=cmst_"))
         .expect("the session cookie")
         .clone();
     assert!(

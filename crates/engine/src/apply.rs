@@ -65,6 +65,9 @@ pub struct Context {
     pub outputs: Mutex<HashMap<String, IndexMap<String, Option<String>>>>,
     /// Passwords the platform derived for components (databases), by component.
     pub credentials: HashMap<String, String>,
+    /// The deployment's `COMMONS_SERVICE_TOKEN`, given to its processes and
+    /// jobs (None when nothing will run).
+    pub service_token: Option<String>,
     /// Environment variables secrets were read from: never inherited.
     pub withhold: Vec<String>,
     /// Instances replaced start-first, to stop once the gateway drained them.
@@ -344,6 +347,11 @@ async fn apply_component(
         };
         for (k, t) in &c.env {
             env.push((k.clone(), t.render(|r| value_of(ctx, &outputs, r))));
+        }
+        if let (Some(token), Kind::Job { .. } | Kind::Process { .. }) =
+            (&ctx.service_token, &c.kind)
+        {
+            env.push(("COMMONS_SERVICE_TOKEN".into(), token.clone()));
         }
         let spec = Spec {
             deployment: ctx.deployment.clone(),

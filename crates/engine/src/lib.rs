@@ -252,6 +252,9 @@ impl Lock {
     }
 }
 
+/// How service tokens start.
+pub const SERVICE_TOKEN_PREFIX: &str = "cmsv_";
+
 /// The engine over one data directory.
 pub struct Engine {
     pub layout: Layout,
@@ -280,6 +283,37 @@ impl Engine {
             store,
             secrets,
         })
+    }
+
+    /// The credential a deployment's processes prove who they are with
+    /// when they call another site through the gateway on a user's behalf
+    /// (`COMMONS_SERVICE_TOKEN`): derived from the platform's key, never
+    /// stored.
+    pub fn service_token(&self, deployment: &str) -> String {
+        format!(
+            "{SERVICE_TOKEN_PREFIX}{deployment}.{}",
+            self.secrets.derive(&format!("service/{deployment}"))
+        )
+    }
+
+    /// The deployment a service token belongs to, if it is one this
+    /// platform made (compared in constant time).
+    pub fn service_of(&self, token: &str) -> Option<String> {
+        let (deployment, _) = token.strip_prefix(SERVICE_TOKEN_PREFIX)?.split_once('.')?;
+        let expected = self.service_token(deployment);
+        let same = expected.len() == token.len()
+            && expected
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        same.then(|| deployment.to_string())
+    }
+
+    /// A key for `purpose` derived from the platform's key (the same on
+    /// every start, never stored): for credentials the platform signs.
+    pub fn derived_key(&self, purpose: &str) -> String {
+        self.secrets.derive(&format!("key/{purpose}"))
     }
 
     /// Where everything lives under the data directory.
@@ -328,9 +362,34 @@ impl Engine {
                 }
             },
         };
+        self.target_from(path, known_name, name, given, &FileSystem)
+    }
+
+    /// [`Engine::target`] for a blueprint file that came from someone else
+    /// (through the API): it and everything it includes or serves must lie
+    /// under `root`.
+    pub fn target_confined(
+        &self,
+        path: &Path,
+        root: &Path,
+        name: Option<&str>,
+        given: &[(String, String)],
+    ) -> Result<Target, EngineError> {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
+        let sources = commons_blueprint::load::Confined { root };
+        self.target_from(path.to_path_buf(), None, name, given, &sources)
+    }
+
+    fn target_from(
+        &self,
+        path: PathBuf,
+        known_name: Option<String>,
+        name: Option<&str>,
+        given: &[(String, String)],
+        sources: &dyn commons_blueprint::load::Sources,
+    ) -> Result<Target, EngineError> {
         let path = std::fs::canonicalize(&path).unwrap_or(path);
-        let blueprint =
-            commons_blueprint::load(&path, &FileSystem).map_err(EngineError::Blueprint)?;
+        let blueprint = commons_blueprint::load(&path, sources).map_err(EngineError::Blueprint)?;
         let path = blueprint.files.first().cloned().unwrap_or(path);
         let name = name
             .map(str::to_string)
@@ -555,12 +614,15 @@ impl Engine {
         for (name, password) in &credentials {
             secret_values.insert(format!("credential/{name}"), password.clone());
         }
+        let service_token = self.service_token(&target.name);
+        secret_values.insert("credential/service".into(), service_token.clone());
         let ctx = Arc::new(apply::Context {
             layout: self.layout.clone(),
             deployment: target.name.clone(),
             run,
             inputs: target.inputs.clone(),
             credentials,
+            service_token: Some(service_token),
             withhold: target
                 .blueprint
                 .secrets
@@ -725,6 +787,7 @@ impl Engine {
             recorded,
             outputs: Mutex::new(HashMap::new()),
             credentials: HashMap::new(),
+            service_token: None,
             withhold: Vec::new(),
             retired: Mutex::new(Vec::new()),
         });

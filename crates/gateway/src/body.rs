@@ -32,6 +32,13 @@ pub struct RequestBody {
 #[error("the request body exceeds the site's limit of {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// The client sent a body that is not valid HTTP (a malformed chunk size,
+/// a connection cut mid-body): the client's error, answered 400, never
+/// counted against the site.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is malformed: {0}")]
+pub struct BadBody(hyper::Error);
+
 impl RequestBody {
     /// `seen` receives the byte count (None when the request has no body).
     pub fn new(inner: Incoming, limit: u64, seen: Option<Arc<AtomicU64>>) -> RequestBody {
@@ -59,7 +66,7 @@ impl Body for RequestBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(BadBody(e))))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }

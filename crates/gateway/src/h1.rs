@@ -259,11 +259,19 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         },
         None => return Next::HandOver,
     };
-    let target = req.path.unwrap_or("");
-    if req.version != Some(1) || !target.starts_with('/') || target.starts_with("/.well-known/") {
+    let raw_target = req.path.unwrap_or("");
+    if req.version != Some(1)
+        || !raw_target.starts_with('/')
+        || raw_target.starts_with("/.well-known/")
+    {
         return Next::HandOver;
     }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    // Routed, checked and forwarded as the upstream will read it; a path
+    // that cannot be made canonical gets hyper's server and `proxy`'s 400.
+    let Ok(target) = crate::target::normalize_target(raw_target) else {
+        return Next::HandOver;
+    };
+    let path = target.split_once('?').map_or(&*target, |(p, _)| p);
     if path == proxy::SIGN_IN_PATH {
         return Next::HandOver;
     }
@@ -307,19 +315,21 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
             }
             13 if is("authorization") => credentials.bearer = text().and_then(proxy::bearer_in),
             _ if is(crate::identity::HEADER) => credentials.assertion = text(),
+            _ if is(proxy::SERVICE_HEADER) => credentials.service = text(),
             _ => {}
         }
     }
     let (1, Some(host_value)) = (hosts, host_value) else {
         return Next::HandOver;
     };
-    let Some(host) = std::str::from_utf8(host_value)
+    let Some(authority) = std::str::from_utf8(host_value)
         .ok()
-        .and_then(proxy::host_of)
+        .and_then(|h| crate::target::authority(h).ok())
     else {
         return Next::HandOver;
     };
-    let Some(site) = gw.routes.load().lookup(&host, path).cloned() else {
+    let host = &*authority.host;
+    let Some(site) = gw.routes.load().lookup(host, path).cloned() else {
         return Next::HandOver;
     };
     let body = body.unwrap_or(0);
@@ -328,30 +338,30 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         || site.spec.max_header.is_some_and(|max| used > max)
         || site.spec.idle
         || site.upstreams.is_empty()
-        || (!conn.tls && gw.acme().is_some() && gw.certs.has_acme(&host))
+        || (!conn.tls && gw.acme().is_some() && gw.certs.has_acme(host))
     {
         return Next::HandOver;
     }
-    let caller = gw.caller(&credentials);
+    let caller = gw.caller(&credentials, host);
     if caller.identity.is_none() && site.needs_login(path) {
         return Next::HandOver;
     }
     gw.write_upstream_head(
         head,
         method.as_str(),
-        target,
+        &target,
         || {
             req.headers
                 .iter()
                 .filter(move |h| !(expects_continue && h.name.eq_ignore_ascii_case("expect")))
                 .map(|h| (h.name, h.value))
         },
-        host_value,
+        authority.value.as_bytes(),
         conn,
         &site,
         &caller,
     );
-    let record = RequestRecord::new(&site, &host, &caller, &method, path, conn);
+    let record = RequestRecord::new(&site, host, &caller, &method, path, conn);
     Next::Serve(Fast {
         used,
         site,

@@ -35,6 +35,11 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub via: Option<String>,
+    /// Refers to the credential the assertion was made from, so the
+    /// gateway can tell whether it still holds when a service passes the
+    /// assertion back (an opaque hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 /// The platform's signing key.
@@ -193,6 +198,7 @@ mod tests {
             iat: 100,
             exp,
             via: None,
+            sid: None,
         }
     }
 

@@ -9,8 +9,9 @@
 //!
 //! Modules: `routes` (the table), `proxy` (one request), `h1` (the HTTP/1.1
 //! server for the common request), `upstream` (the client for it),
-//! `deadline` (lazy timeouts), `body` (counted bodies), `identity`
-//! (assertions, JWKS), `usage` (the tap to the meter), `tls` (certificates,
+//! `deadline` (lazy timeouts), `body` (counted bodies), `target` (the
+//! canonical path and host), `sessions` (credentials the gateway
+//! recognised, sign-in state), `identity` (assertions, JWKS), `usage` (the tap to the meter), `tls` (certificates,
 //! SNI), `acme` (issuance, renewal), `metrics`.
 
 pub mod acme;
@@ -21,6 +22,8 @@ pub mod identity;
 pub mod metrics;
 mod proxy;
 pub mod routes;
+mod sessions;
+pub mod target;
 pub mod tls;
 pub mod upstream;
 pub mod usage;
@@ -38,16 +41,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
-pub use proxy::{SESSION_COOKIE, SIGN_IN_PATH};
+pub use proxy::{is_local_path, SERVICE_HEADER, SESSION_COOKIE, SIGN_IN_PATH};
 pub use routes::RouteSpec;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// A signed-in user, as the platform knows them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct User {
     pub id: String,
     pub tier: String,
+    /// The one host the credential signs the user in at (a site session);
+    /// `None` for a credential good at every site (a bearer token made for
+    /// programs).
+    pub only_host: Option<String>,
 }
 
 /// What the gateway asks the platform.
@@ -55,17 +62,27 @@ pub trait Hooks: Send + Sync + 'static {
     /// Starts an idle site; resolves once it is healthy and the gateway's
     /// routes name its upstreams.
     fn wake(&self, deployment: &str) -> BoxFuture<Result<(), String>>;
-    /// The user a session cookie or bearer token belongs to.
+    /// The user a session cookie or bearer token belongs to. Called off
+    /// the gateway's hot path at most once per credential and cache period
+    /// (unknown credentials included), so it may read a store.
     fn authenticate(&self, credential: &str) -> Option<User>;
+    /// The site (deployment) a service credential belongs to: what a
+    /// hosted service sends as `X-Commons-Service` (its
+    /// `COMMONS_SERVICE_TOKEN`) when it calls another site on a user's
+    /// behalf. `None`: not a service credential.
+    fn service(&self, _credential: &str) -> Option<String> {
+        None
+    }
     /// Where to send a browser to sign in before it comes back to
     /// `return_to` (an absolute URL on a site), carrying `state` through;
     /// `None` when the platform has no sign-in page (a 401 is answered).
     fn sign_in_url(&self, _return_to: &str, _state: &str) -> Option<String> {
         None
     }
-    /// The session credential a one-time sign-in code stands for, if it
-    /// was made for `host` and has not been used or expired.
-    fn redeem_sign_in(&self, _code: &str, _host: &str) -> Option<String> {
+    /// A session credential of the user a one-time sign-in code was made
+    /// for, good at `host` only, if the code was made for `host` and for
+    /// `state` and has not been used or expired.
+    fn redeem_sign_in(&self, _code: &str, _host: &str, _state: &str) -> Option<String> {
         None
     }
 }
@@ -130,9 +147,6 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// A credential's identity (None: not recognised) and until when it holds.
-type SessionEntry = (Option<Arc<proxy::Identity>>, Instant);
-
 /// What a connection's requests share.
 pub(crate) struct ConnInfo {
     pub tls: bool,
@@ -160,7 +174,10 @@ pub struct Gateway {
     acme: OnceLock<Arc<acme::Acme>>,
     hooks: Arc<dyn Hooks>,
     /// credential → (who it is, until when to trust that).
-    sessions: Mutex<HashMap<Box<str>, SessionEntry>>,
+    sessions: sessions::Generations<Box<str>, sessions::Entry<proxy::Identity>>,
+    /// An assertion's `sid` → the credential it was made from.
+    delegations: sessions::Generations<Arc<str>, Box<str>>,
+    sign_in_states: sessions::SignInStates,
     wakes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     epoch: Instant,
@@ -185,7 +202,9 @@ impl Gateway {
             alpn_challenges: Default::default(),
             acme: OnceLock::new(),
             hooks,
-            sessions: Default::default(),
+            sessions: sessions::Generations::new(sessions::CACHE_GENERATION),
+            delegations: sessions::Generations::new(sessions::CACHE_GENERATION),
+            sign_in_states: sessions::SignInStates::new(),
             wakes: Default::default(),
             shutdown: tokio::sync::watch::channel(false).0,
             epoch: Instant::now(),

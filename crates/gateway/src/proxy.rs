@@ -15,6 +15,8 @@ use crate::body::{Counted, Metering, RequestBody, ResponseBody};
 use crate::deadline::Deadline;
 use crate::identity::{self, Claims};
 use crate::routes::Site;
+use crate::sessions;
+use crate::target::{self, Refused};
 use crate::upstream::put_header;
 use crate::usage::RequestRecord;
 use crate::{ConnInfo, Gateway, User};
@@ -32,6 +34,13 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 static IDENTITY: HeaderName = HeaderName::from_static(identity::HEADER);
+static SERVICE: HeaderName = HeaderName::from_static(SERVICE_HEADER);
+
+/// The header a hosted service proves who it is with when it calls another
+/// site on a user's behalf (with the user's assertion in
+/// `X-Commons-Identity`); its value is the service's
+/// `COMMONS_SERVICE_TOKEN`. Never passed on to apps.
+pub const SERVICE_HEADER: &str = "x-commons-service";
 
 /// An RFC 9457 problem response.
 pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response<ResponseBody> {
@@ -112,13 +121,19 @@ fn strip(headers: &mut http::HeaderMap, request: bool) {
     }
 }
 
-/// The host a request is for: lower case, without port.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
+/// The authority a request is for, canonical: the absolute target's or
+/// HTTP/2's `:authority` (which win over `Host`, RFC 9112 §3.2.2), else
+/// the `Host` header. `Err` for one that is not a host and port; `Ok(None)`
+/// for none at all.
+fn request_authority(req: &Request<Incoming>) -> Result<Option<String>, Refused> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.as_str(),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => h.to_str().map_err(|_| Refused::BadHost)?,
+            None => return Ok(None),
+        },
     };
-    host_of(raw)
+    Ok(Some(target::authority(raw)?.value.into_owned()))
 }
 
 /// The size of `req`'s head as HTTP/1.1 would carry it (request line and
@@ -133,24 +148,6 @@ fn head_size<B>(req: &Request<B>) -> usize {
         .sum::<usize>()
         + line
         + "\r\n".len()
-}
-
-/// The host an authority (`Host` header value) names: lower case, without
-/// port.
-pub(crate) fn host_of(raw: &str) -> Option<String> {
-    let host = if let Some(v6) = raw.strip_prefix('[') {
-        v6.split(']').next()?
-    } else {
-        raw.split(':').next()?
-    };
-    if host.is_empty() {
-        return None;
-    }
-    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
-        host.to_ascii_lowercase()
-    } else {
-        host.to_string()
-    })
 }
 
 /// The value of the cookie whose pair starts with `pair` (`name=`).
@@ -172,7 +169,20 @@ pub const SIGN_IN_PATH: &str = "/.commons/sign-in";
 /// The cookie binding a sign-in to the browser that started it (the
 /// OAuth `state` pattern: nobody can sign a victim in as themselves by
 /// sending them a link).
+const SIGN_IN_STATE_COOKIE: &str = "commons_sign_in";
 const SIGN_IN_STATE_PAIR: &str = "commons_sign_in=";
+
+/// True for a redirect target that stays on the same origin: a path, not
+/// a network path (`//host`), with no backslash (read as a slash by
+/// browsers) and no control characters or spaces (which browsers drop, so
+/// `/\t/evil.example` would become `//evil.example`).
+pub fn is_local_path(to: &str) -> bool {
+    to.starts_with('/')
+        && !to.starts_with("//")
+        && !to
+            .bytes()
+            .any(|b| b == b'\\' || b.is_ascii_control() || b == b' ' || b >= 0x80)
+}
 
 /// Removes `Set-Cookie`s of the platform's own cookies from an app's
 /// response: an app must not sign its visitors in as someone else.
@@ -193,10 +203,25 @@ fn remove_platform_set_cookies(headers: &mut http::HeaderMap) {
     }
 }
 
-/// True for a `Set-Cookie` value that sets one of the platform's cookies.
+/// True for a `Set-Cookie` value that sets one of the platform's cookies,
+/// with the cookie's name read as browsers read it (RFC 6265bis §5.6: up
+/// to the first `=`, whitespace around it trimmed; no `=` at all is a
+/// nameless cookie). Compared without regard to case, and with the
+/// `__Secure-`/`__Host-` prefixes taken off, so no spelling gets past.
 pub(crate) fn is_platform_set_cookie(value: &[u8]) -> bool {
-    let value = value.trim_ascii_start();
-    value.starts_with(SESSION_PAIR.as_bytes()) || value.starts_with(SIGN_IN_STATE_PAIR.as_bytes())
+    let pair = value.split(|&b| b == b';').next().unwrap_or(b"");
+    let Some(eq) = pair.iter().position(|&b| b == b'=') else {
+        return false;
+    };
+    let mut name = pair[..eq].trim_ascii();
+    for prefix in [&b"__secure-"[..], b"__host-"] {
+        if name.len() >= prefix.len() && name[..prefix.len()].eq_ignore_ascii_case(prefix) {
+            name = &name[prefix.len()..];
+        }
+    }
+    [SESSION_COOKIE, SIGN_IN_STATE_COOKIE]
+        .iter()
+        .any(|platform| name.eq_ignore_ascii_case(platform.as_bytes()))
 }
 
 /// How the session cookie's pair starts.
@@ -248,6 +273,8 @@ pub(crate) struct Credentials<'a> {
     pub bearer: Option<&'a str>,
     /// An identity assertion the gateway signed for another site.
     pub assertion: Option<&'a str>,
+    /// A hosted service's own credential (`X-Commons-Service`).
+    pub service: Option<&'a str>,
 }
 
 impl<'a> Credentials<'a> {
@@ -261,6 +288,7 @@ impl<'a> Credentials<'a> {
             session: cookie(headers, SESSION_PAIR),
             bearer: text(&header::AUTHORIZATION).and_then(bearer_in),
             assertion: text(&IDENTITY),
+            service: text(&SERVICE),
         }
     }
 }
@@ -315,12 +343,14 @@ pub(crate) struct Identity {
     /// The site that made the request on the user's behalf (the credential
     /// was an assertion the gateway gave that site).
     via: Option<Arc<str>>,
+    /// The credential assertions made for this identity refer to (`sid`).
+    sid: Arc<str>,
+    /// No assertion made for this identity outlives this (seconds): a
+    /// service's assertion cannot be exchanged for a longer-lived one.
+    expires_s: Option<u64>,
     /// Site → (assertion, its expiry in seconds).
     assertions: std::sync::Mutex<std::collections::HashMap<Arc<str>, (HeaderValue, u64)>>,
 }
-
-/// How long a recognised credential is trusted without asking again.
-const SESSION_CACHE: Duration = Duration::from_secs(30);
 
 /// A bodiless request an upstream answered.
 pub(crate) struct Exchanged {
@@ -350,12 +380,14 @@ enum Failure {
     /// The upstream failed after the request was sent.
     Upstream,
     TooLarge,
+    /// The client's body was malformed.
+    BadBody,
 }
 
 impl Gateway {
     pub(crate) async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         conn: Arc<ConnInfo>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
@@ -364,29 +396,62 @@ impl Gateway {
                 return r;
             }
         }
-        let Some(host) = request_host(&req) else {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "Bad Request",
-                "the request names no host (send a Host header)",
-            );
+        let bad = |why: Refused| problem(StatusCode::BAD_REQUEST, "Bad Request", why.detail());
+        let authority = match request_authority(&req) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request",
+                    "the request names no host (send a Host header)",
+                )
+            }
+            Err(why) => return bad(why),
         };
-        let Some(site) = self.routes.load().lookup(&host, req.uri().path()).cloned() else {
+        let host = match authority.rfind(':') {
+            Some(i) if !authority.ends_with(']') => &authority[..i],
+            _ => authority.as_str(),
+        };
+        // Route, check and forward the path the upstream will read: the
+        // request continues in origin form with its canonical path.
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match target::normalize_target(pq) {
+            Err(why) => return bad(why),
+            Ok(std::borrow::Cow::Owned(canonical)) => {
+                *req.uri_mut() = Uri::try_from(canonical).unwrap_or_else(|_| Uri::from_static("/"));
+            }
+            Ok(std::borrow::Cow::Borrowed(_)) if req.uri().scheme().is_some() => {
+                *req.uri_mut() =
+                    Uri::try_from(pq.to_string()).unwrap_or_else(|_| Uri::from_static("/"));
+            }
+            Ok(_) => {}
+        }
+        if head_size(&req) > self.config.max_header_bytes {
+            return problem(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request Header Fields Too Large",
+                &format!(
+                    "the gateway accepts request heads of up to {} bytes",
+                    self.config.max_header_bytes
+                ),
+            );
+        }
+        let Some(site) = self.routes.load().lookup(host, req.uri().path()).cloned() else {
             return problem(
                 StatusCode::NOT_FOUND,
                 "Not Found",
                 &format!("no site is served at {host}"),
             );
         };
-        if !conn.tls && self.acme().is_some() && self.certs.has_acme(&host) {
-            return self.redirect_to_https(&host, req.uri());
+        if !conn.tls && self.acme().is_some() && self.certs.has_acme(host) {
+            return self.redirect_to_https(host, req.uri());
         }
         if req.uri().path() == SIGN_IN_PATH {
-            return self.finish_sign_in(&req, &host, conn.tls);
+            return self.finish_sign_in(&req, host, conn.tls);
         }
-        let caller = self.caller(&Credentials::of(req.headers()));
+        let caller = self.caller(&Credentials::of(req.headers()), host);
         let record =
-            RequestRecord::new(&site, &host, &caller, req.method(), req.uri().path(), &conn);
+            RequestRecord::new(&site, host, &caller, req.method(), req.uri().path(), &conn);
         let bytes_in = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
         let mut metering = Box::new(Metering {
             gateway: self.clone(),
@@ -397,7 +462,15 @@ impl Gateway {
             in_flight: None,
         });
         let response = self
-            .proxy(req, &conn, site, &host, caller, bytes_in, &mut metering)
+            .proxy(
+                req,
+                &conn,
+                site,
+                (host, &authority),
+                caller,
+                bytes_in,
+                &mut metering,
+            )
             .await;
         let status = response.status().as_u16();
         let (parts, body) = response.into_parts();
@@ -410,7 +483,7 @@ impl Gateway {
         mut req: Request<Incoming>,
         conn: &ConnInfo,
         mut site: Arc<Site>,
-        host: &str,
+        (host, authority): (&str, &str),
         caller: Caller,
         bytes_in: Option<Arc<AtomicU64>>,
         metering: &mut Metering,
@@ -423,7 +496,7 @@ impl Gateway {
             );
         }
         if caller.identity.is_none() && site.needs_login(req.uri().path()) {
-            if let Some(r) = self.start_sign_in(&req, conn.tls) {
+            if let Some(r) = self.start_sign_in(&req, authority, conn.tls) {
                 return r;
             }
             let mut r = problem(
@@ -473,7 +546,6 @@ impl Gateway {
             && req.body().is_end_stream()
         {
             let mut head = Vec::with_capacity(512);
-            let host_value = req.headers().get(header::HOST).map(HeaderValue::as_bytes);
             self.write_upstream_head(
                 &mut head,
                 req.method().as_str(),
@@ -483,7 +555,7 @@ impl Gateway {
                         .iter()
                         .map(|(n, v)| (n.as_str(), v.as_bytes()))
                 },
-                host_value.unwrap_or(host.as_bytes()),
+                authority.as_bytes(),
                 conn,
                 &site,
                 &caller,
@@ -513,7 +585,7 @@ impl Gateway {
             return response;
         }
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        self.rewrite_request(&mut req, conn, &site, host, &caller, upgrade_to);
+        self.rewrite_request(&mut req, conn, &site, authority, &caller, upgrade_to);
         let (parts, body) = req.into_parts();
         let req = Request::from_parts(parts, RequestBody::new(body, limit, bytes_in.clone()));
         let path = req.uri().path().to_string();
@@ -737,6 +809,11 @@ impl Gateway {
         };
         match failure {
             Some(Failure::TooLarge) => too_large(),
+            Some(Failure::BadBody) => problem(
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "the request body is malformed (its chunked framing is invalid or it ended early)",
+            ),
             Some(Failure::Upstream) => {
                 if bytes_in.is_some_and(|b| b.load(Ordering::Relaxed) > limit) {
                     return too_large();
@@ -803,7 +880,12 @@ impl Gateway {
     /// Sends a browser that asked for a page needing login to the
     /// platform's sign-in, with a state cookie to come back with. `None` for
     /// other clients (they get a 401), or when the platform has no sign-in.
-    fn start_sign_in(&self, req: &Request<Incoming>, tls: bool) -> Option<Response<ResponseBody>> {
+    fn start_sign_in(
+        &self,
+        req: &Request<Incoming>,
+        authority: &str,
+        tls: bool,
+    ) -> Option<Response<ResponseBody>> {
         let wants_page = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
             && req
                 .headers()
@@ -813,16 +895,11 @@ impl Gateway {
         if !wants_page {
             return None;
         }
-        let authority = match req.uri().authority() {
-            Some(a) => a.as_str(),
-            None => req.headers().get(header::HOST)?.to_str().ok()?,
-        };
         let scheme = if tls { "https" } else { "http" };
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let return_to = format!("{scheme}://{authority}{pq}");
-        let mut bytes = [0u8; 18];
-        getrandom::getrandom(&mut bytes).expect("the OS random number generator works");
-        let state: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let host = target::authority(authority).ok()?.host.into_owned();
+        let state = self.sign_in_states.mint(&host, crate::now_ms() / 1000);
         let url = self.hooks.sign_in_url(&return_to, &state)?;
         let secure = if tls { "; Secure" } else { "" };
         Response::builder()
@@ -830,7 +907,10 @@ impl Gateway {
             .header(header::LOCATION, url)
             .header(
                 header::SET_COOKIE,
-                format!("{SIGN_IN_STATE_PAIR}{state}; Path=/.commons; Max-Age=600; HttpOnly; SameSite=Lax{secure}"),
+                format!(
+                    "{SIGN_IN_STATE_PAIR}{state}; Path=/.commons; Max-Age={}; HttpOnly; SameSite=Lax{secure}",
+                    sessions::SIGN_IN_FOR_S
+                ),
             )
             .header(header::CACHE_CONTROL, "no-store")
             .body(ResponseBody::empty())
@@ -869,18 +949,25 @@ impl Gateway {
             return failed();
         };
         // Only a path on this host: never a redirect elsewhere.
-        if !to.starts_with('/') || to.starts_with("//") || to.contains('\\') {
+        if !is_local_path(&to) {
             return problem(
                 StatusCode::BAD_REQUEST,
                 "Bad Request",
                 "`to` must be a path on this site",
             );
         }
+        // The state is one this gateway made for this host, and the
+        // browser that started the sign-in holds it.
         let expected = cookie(req.headers(), SIGN_IN_STATE_PAIR).unwrap_or("");
-        if expected.is_empty() || expected != state {
+        if expected.is_empty()
+            || expected != state
+            || !self
+                .sign_in_states
+                .check(&state, host, crate::now_ms() / 1000)
+        {
             return failed();
         }
-        let Some(credential) = self.hooks.redeem_sign_in(&code, host) else {
+        let Some(credential) = self.hooks.redeem_sign_in(&code, host, &state) else {
             return failed();
         };
         let secure = if tls { "; Secure" } else { "" };
@@ -915,14 +1002,15 @@ impl Gateway {
             .expect("valid response")
     }
 
-    /// Recognises the platform session, a platform bearer token, or an
-    /// assertion the gateway signed for another site (a hosted service
-    /// calling this one on a user's behalf).
-    pub(crate) fn caller(&self, credentials: &Credentials) -> Caller {
+    /// Recognises, for a request to `host`: the platform session cookie
+    /// (a site session of this host, or a token good everywhere), a
+    /// platform bearer token, or — only from a hosted service that proves
+    /// who it is with its service credential — an assertion the gateway
+    /// made for that very service, whose underlying credential still holds.
+    pub(crate) fn caller(&self, credentials: &Credentials, host: &str) -> Caller {
+        let at_host = |i: &Arc<Identity>| i.user.only_host.as_deref().is_none_or(|h| h == host);
         if let Some(cookie) = credentials.session {
-            if let Some(identity) = self.identity(cookie, |c| {
-                self.hooks.authenticate(c).map(|u| (u, None, None))
-            }) {
+            if let Some(identity) = self.user_identity(cookie).filter(at_host) {
                 return Caller {
                     identity: Some(identity),
                     strip_bearer: false,
@@ -930,26 +1018,16 @@ impl Gateway {
             }
         }
         if let Some(token) = credentials.bearer {
-            if let Some(identity) = self.identity(token, |c| {
-                self.hooks.authenticate(c).map(|u| (u, None, None))
-            }) {
+            if let Some(identity) = self.user_identity(token).filter(at_host) {
                 return Caller {
                     identity: Some(identity),
                     strip_bearer: true,
                 };
             }
         }
-        if let Some(jwt) = credentials.assertion {
-            let identity = self.identity(jwt, |jwt| {
-                let c = self.signer.verify(jwt, crate::now_ms() / 1000).ok()?;
-                let user = User {
-                    id: c.sub,
-                    tier: c.tier,
-                };
-                Some((user, Some(Arc::from(c.aud.as_str())), Some(c.exp)))
-            });
+        if let (Some(jwt), Some(service)) = (credentials.assertion, credentials.service) {
             return Caller {
-                identity,
+                identity: self.delegated_identity(jwt, service),
                 strip_bearer: false,
             };
         }
@@ -959,27 +1037,65 @@ impl Gateway {
         }
     }
 
+    /// The user a session cookie or bearer token stands for.
+    fn user_identity(&self, credential: &str) -> Option<Arc<Identity>> {
+        self.identity(credential, |c| {
+            let user = self.hooks.authenticate(c)?;
+            Some((user, None, None, sessions::session_ref(c)))
+        })
+    }
+
+    /// The user a service calls on behalf of: `jwt` must be an assertion
+    /// this gateway made for the calling service (its audience), unexpired,
+    /// whose underlying credential is still recognised.
+    fn delegated_identity(&self, jwt: &str, service: &str) -> Option<Arc<Identity>> {
+        let calling = self.hooks.service(service)?;
+        let identity = self.identity(jwt, |jwt| {
+            let c = self.signer.verify(jwt, crate::now_ms() / 1000).ok()?;
+            let sid: Arc<str> = Arc::from(c.sid.as_deref()?);
+            let credential = self.delegations.get(&sid)?;
+            let original = self.user_identity(&credential)?;
+            (original.id.as_ref() == c.sub).then_some(())?;
+            let user = User {
+                id: c.sub,
+                tier: c.tier,
+                only_host: None,
+            };
+            Some((user, Some(Arc::from(c.aud.as_str())), Some(c.exp), sid))
+        })?;
+        // Revoked since: the credential the chain started from no longer
+        // holds (checked as often as that credential itself is).
+        let credential = self.delegations.get(&identity.sid)?;
+        self.user_identity(&credential)?;
+        (identity.via.as_deref() == Some(calling.as_str())).then_some(identity)
+    }
+
     /// What `credential` stands for, from the cache or from `look_up`
-    /// (which returns the user, the site it came through, and when the
-    /// credential expires, in seconds).
+    /// (which returns the user, the site it came through, when the
+    /// credential expires, in seconds, and the session it refers to). The
+    /// cache's lock is not held while `look_up` runs.
     fn identity(
         &self,
         credential: &str,
-        look_up: impl FnOnce(&str) -> Option<(User, Option<Arc<str>>, Option<u64>)>,
+        look_up: impl FnOnce(&str) -> Option<(User, Option<Arc<str>>, Option<u64>, Arc<str>)>,
     ) -> Option<Arc<Identity>> {
         if credential.is_empty() || credential.len() > 4096 {
             return None;
         }
         let now = Instant::now();
-        let mut cache = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((identity, until)) = cache.get(credential) {
-            if *until > now {
-                return identity.clone();
+        if let Some((identity, until)) = self.sessions.get(credential) {
+            if until > now {
+                return identity;
             }
         }
         let found = look_up(credential);
-        let mut until = now + SESSION_CACHE;
-        let identity = found.map(|(user, via, expires_s)| {
+        let mut until = now
+            + if found.is_some() {
+                sessions::KNOWN_FOR
+            } else {
+                sessions::UNKNOWN_FOR
+            };
+        let identity = found.map(|(user, via, expires_s, sid)| {
             if let Some(exp) = expires_s {
                 let left = exp.saturating_sub(crate::now_ms() / 1000);
                 until = until.min(now + Duration::from_secs(left));
@@ -988,18 +1104,21 @@ impl Gateway {
                 id: Arc::from(user.id.as_str()),
                 user,
                 via,
+                sid,
+                expires_s,
                 assertions: Default::default(),
             })
         });
-        if cache.len() > 100_000 {
-            cache.retain(|_, (_, until)| *until > now);
+        self.sessions
+            .insert(credential.into(), (identity.clone(), until));
+        if let Some(i) = identity.as_ref().filter(|i| i.via.is_none()) {
+            self.delegations.insert(i.sid.clone(), credential.into());
         }
-        cache.insert(credential.into(), (identity.clone(), until));
         identity
     }
 
     /// The assertion for `identity` at `site`, re-signed when half its life
-    /// is gone.
+    /// is gone; never valid past the identity's own expiry.
     fn assertion(&self, identity: &Identity, site: &Arc<str>) -> HeaderValue {
         let now = crate::now_ms() / 1000;
         let mut cache = identity
@@ -1007,18 +1126,20 @@ impl Gateway {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some((v, exp)) = cache.get(site) {
-            if *exp > now + identity::LIFETIME_S / 2 {
+            if *exp > now + identity::LIFETIME_S / 2 || identity.expires_s == Some(*exp) {
                 return v.clone();
             }
         }
+        let exp = (now + identity::LIFETIME_S).min(identity.expires_s.unwrap_or(u64::MAX));
         let claims = Claims {
             iss: identity::ISSUER.into(),
             sub: identity.user.id.clone(),
             tier: identity.user.tier.clone(),
             aud: site.to_string(),
             iat: now,
-            exp: now + identity::LIFETIME_S,
+            exp,
             via: identity.via.as_deref().map(str::to_string),
+            sid: Some(identity.sid.to_string()),
         };
         let v = HeaderValue::from_str(&self.signer.sign(&claims)).expect("a JWT is ASCII");
         cache.insert(site.clone(), (v.clone(), claims.exp));
@@ -1064,7 +1185,22 @@ impl Gateway {
 
     /// True for a client header that does not go on to the app: stripped
     /// ones, ones the gateway states itself, and the platform bearer token.
+    /// A name with underscores counts as its dashed form: CGI and WSGI
+    /// servers read `X_Remote_User` as `X-Remote-User` (nginx drops such
+    /// headers too, `underscores_in_headers off`).
     fn withheld(name: &[u8], site: &Site, caller: &Caller, connection: &[&[u8]]) -> bool {
+        if name.contains(&b'_') {
+            let dashed: Vec<u8> = name
+                .iter()
+                .map(|&b| if b == b'_' { b'-' } else { b })
+                .collect();
+            return Self::withheld_as_named(&dashed, site, caller, connection)
+                || Self::withheld_as_named(name, site, caller, connection);
+        }
+        Self::withheld_as_named(name, site, caller, connection)
+    }
+
+    fn withheld_as_named(name: &[u8], site: &Site, caller: &Caller, connection: &[&[u8]]) -> bool {
         is_stripped_any_case(name, true)
             || name.eq_ignore_ascii_case(b"host")
             || (caller.strip_bearer && name.eq_ignore_ascii_case(b"authorization"))
@@ -1077,7 +1213,8 @@ impl Gateway {
 
     /// Writes the head of a bodiless request as the upstream gets it: the
     /// client's `headers` less those withheld (and the session cookie),
-    /// then what the gateway states. `host_value` is the client's `Host`.
+    /// then what the gateway states. `host_value` is the request's
+    /// canonical authority.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn write_upstream_head<'h, I>(
         &self,
@@ -1134,23 +1271,12 @@ impl Gateway {
         req: &mut Request<Incoming>,
         conn: &ConnInfo,
         site: &Site,
-        host: &str,
+        authority: &str,
         caller: &Caller,
         upgrade: Option<HeaderValue>,
     ) {
-        // Origin form, HTTP/1.1 upstream, whatever the client spoke.
-        if req.uri().scheme().is_some() {
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            *req.uri_mut() = Uri::try_from(pq).unwrap_or_else(|_| Uri::from_static("/"));
-        }
-        let host_value = match req.headers().get(header::HOST) {
-            Some(v) => v.clone(),
-            None => HeaderValue::from_str(host).expect("a routed host is a valid header"),
-        };
+        // The request is in origin form already (see `handle`); the
+        // upstream speaks HTTP/1.1, whatever the client spoke.
         *req.version_mut() = Version::HTTP_11;
         let h = req.headers_mut();
         let connection: Vec<HeaderValue> = h.get_all(header::CONNECTION).iter().cloned().collect();
@@ -1166,7 +1292,7 @@ impl Gateway {
         if h.contains_key(header::COOKIE) {
             remove_session_cookie(h);
         }
-        self.for_each_stated(conn, site, host_value.as_bytes(), caller, |name, value| {
+        self.for_each_stated(conn, site, authority.as_bytes(), caller, |name, value| {
             if let Ok(v) = HeaderValue::from_bytes(value) {
                 h.insert(name.clone(), v);
             }
@@ -1227,10 +1353,12 @@ impl Gateway {
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
-                        let too_large = std::error::Error::source(e.error())
-                            .is_some_and(|s| s.is::<crate::body::TooLarge>());
-                        if too_large {
+                        let cause = std::error::Error::source(e.error());
+                        if cause.is_some_and(|s| s.is::<crate::body::TooLarge>()) {
                             return Err(Failure::TooLarge);
+                        }
+                        if cause.is_some_and(|s| s.is::<crate::body::BadBody>()) {
+                            return Err(Failure::BadBody);
                         }
                         self.metrics
                             .upstream_protocol_errors

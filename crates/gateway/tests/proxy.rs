@@ -113,6 +113,7 @@ async fn a_session_yields_an_assertion_the_app_verifies_with_the_jwks() {
         User {
             id: "user-7".into(),
             tier: "supporter".into(),
+            only_host: None,
         },
     );
     // The app fetches the key the way any JWT library would.
@@ -184,6 +185,7 @@ async fn a_hosted_service_calling_another_carries_the_user_as_indirect_usage() {
         User {
             id: "u1".into(),
             tier: "free".into(),
+            only_host: None,
         },
     );
     let at_a = request(
@@ -200,13 +202,21 @@ async fn a_hosted_service_calling_another_carries_the_user_as_indirect_usage() {
         .as_str()
         .unwrap()
         .to_string();
-    // Site A calls site B with the assertion it was given.
+    gw.hooks
+        .services
+        .lock()
+        .unwrap()
+        .insert("svc-a".into(), "site-a".into());
+    // Site A calls site B with the assertion it was given, proving it is A.
     let at_b = request(
         gw.http,
         "GET",
         "b.localhost",
         "/",
-        &[("x-commons-identity", &assertion)],
+        &[
+            ("x-commons-identity", &assertion),
+            ("x-commons-service", "svc-a"),
+        ],
         Bytes::new(),
     )
     .await

@@ -32,6 +32,14 @@ pub fn enabled() -> bool {
     std::env::var("COMMONS_SANDBOX").is_ok_and(|v| v == "1" || v == "true")
 }
 
+/// Whether the platform is one person's (`COMMONS_SINGLE_USER=1`): the
+/// explicit, unsafe switch that lets sites from the API and the console run
+/// unsandboxed, as the platform's own user. Without it and without the
+/// sandbox, the platform takes sites from its administrator only.
+pub fn single_user() -> bool {
+    std::env::var("COMMONS_SINGLE_USER").is_ok_and(|v| v == "1" || v == "true")
+}
+
 /// The uid (and gid) of a deployment, allocated once and kept in
 /// `COMMONS_HOME/uids.json`, under a lock.
 pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {

@@ -361,6 +361,14 @@ impl Accounts {
             .map_err(ApiProblem::from)
     }
 
+    /// The user of the session whose hash is `session_hash`, if it is live.
+    pub fn session_user(&self, session_hash: &str) -> Result<Option<String>, ApiProblem> {
+        Ok(self
+            .store
+            .session(session_hash, now_ms())?
+            .map(|s| s.user_id))
+    }
+
     /// The member behind a session cookie, if it is live.
     pub fn by_session(&self, cookie: &str) -> Result<Option<Member>, ApiProblem> {
         let Some(session) = self.store.session(&hash(cookie), now_ms())? else {

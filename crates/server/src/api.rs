@@ -524,7 +524,11 @@ pub async fn audit(
     ), security(("bearer" = [])))]
 pub async fn tokens(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
     let m = member(&who)?;
-    let items = state.accounts.store().tokens(&m.user.id)?;
+    let mut items = state.accounts.store().tokens(&m.user.id)?;
+    // A token limited to an organisation sees only that organisation's.
+    if let Some(org) = &m.token_org {
+        items.retain(|t| t.org.as_ref() == Some(org));
+    }
     Ok(Json(serde_json::json!({ "items": items })).into_response())
 }
 
@@ -565,11 +569,13 @@ pub async fn create_token(State(state): State<Arc<AppState>>, Who(who): Who, bod
     let m = may_manage_tokens(&who)?;
     let n: NewToken = json_body(&body)?;
     if let Some(org) = &n.org {
-        if !m.roles.iter().any(|r| &r.org == org) {
+        // A token limited to an organisation makes tokens for it alone.
+        let outside_token = m.token_org.as_ref().is_some_and(|t| t != org);
+        if !m.roles.iter().any(|r| &r.org == org) || outside_token {
             return Err(ApiProblem::new(
                 StatusCode::NOT_FOUND,
                 "No such organisation",
-                format!("you are not a member of \"{org}\""),
+                format!("you are not a member of \"{org}\" (or this token is not for it)"),
             ));
         }
     }
@@ -605,7 +611,17 @@ pub async fn revoke_token(
     UrlPath(id): UrlPath<String>,
 ) -> Reply {
     let m = may_manage_tokens(&who)?;
-    if state.accounts.revoke_token(&m.user, &id)? {
+    // A token limited to an organisation revokes only that organisation's.
+    let in_reach = match &m.token_org {
+        None => true,
+        Some(org) => state
+            .accounts
+            .store()
+            .tokens(&m.user.id)?
+            .iter()
+            .any(|t| t.id == id && t.org.as_ref() == Some(org)),
+    };
+    if in_reach && state.accounts.revoke_token(&m.user, &id)? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiProblem::new(
@@ -721,6 +737,14 @@ fn unpack_source(dir: &std::path::Path, source: &Source) -> Result<std::path::Pa
     // Every path stays inside `dir`: plain names only, no `..`, no root.
     let safe = |rel: &str| -> Result<std::path::PathBuf, ApiProblem> {
         let p = std::path::Path::new(rel);
+        // What a filesystem takes: names of up to 255 bytes, no NUL.
+        if rel.len() > 1024 || rel.contains('\0') || rel.split('/').any(|n| n.len() > 255) {
+            return Err(bad(format!(
+                "\"{}\" is not a file name this platform can store: names are at most 255 bytes \
+                 (paths 1024), without NUL",
+                rel.chars().take(80).collect::<String>().escape_default()
+            )));
+        }
         let plain = !rel.is_empty()
             && p.components()
                 .all(|c| matches!(c, std::path::Component::Normal(_)));
@@ -788,6 +812,26 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
         }
     };
     let inputs: Vec<(String, String)> = n.inputs.clone().into_iter().collect();
+    // A blueprint someone sent reads nothing outside what they sent.
+    if n.catalog.is_none() {
+        // Sandboxed, the site's own user reads its files, and no other.
+        if commons_runtime::sandbox::enabled() {
+            use commons_runtime::sandbox;
+            sandbox::uid_for(&state.home, &n.name)
+                .and_then(|uid| sandbox::give_tree(&uploads, uid))
+                .and_then(|_| match uploads.parent() {
+                    // Up to it, passable; the site's directory itself stays
+                    // its user's alone (0700).
+                    Some(parent) => sandbox::traversable(&state.home, parent),
+                    None => Ok(()),
+                })
+                .map_err(cannot_store)?;
+        }
+        return state
+            .engine
+            .target_confined(&path, &uploads, Some(&n.name), &inputs)
+            .map_err(engine_failed);
+    }
     state
         .engine
         .target(Some(&path.to_string_lossy()), Some(&n.name), &inputs)
@@ -803,9 +847,9 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::openapi::Malformed,
         crate::openapi::Unauthenticated,
-        (status = 403, description = "neither admin nor operator of it; the token lacks sites:write; or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "neither admin nor operator of it; the token lacks sites:write; no CSRF token; a route names a host that is not the organisation's; or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "the name is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the name is taken, or a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid name, blueprint or inputs", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn create_site(
@@ -818,6 +862,24 @@ pub async fn create_site(
     deploy_new_site(&state, &who, &org, &n).await
 }
 
+/// Sites that come from users run sandboxed: unsandboxed, a workload runs
+/// as the platform's own user and could read its keys. Only the platform's
+/// administrator deploys then, unless the platform is explicitly one
+/// person's (`COMMONS_SINGLE_USER=1`).
+fn may_run_code_of(who: &Principal) -> Result<(), ApiProblem> {
+    let sandboxed = commons_runtime::sandbox::enabled();
+    if sandboxed || commons_runtime::sandbox::single_user() || matches!(who, Principal::Platform) {
+        return Ok(());
+    }
+    Err(ApiProblem::new(
+        StatusCode::FORBIDDEN,
+        "Sandbox required",
+        "this platform runs workloads unsandboxed, so it takes sites from its administrator \
+         only; run `commons serve` as root with COMMONS_SANDBOX=1 (or, on your own machine, \
+         COMMONS_SINGLE_USER=1)",
+    ))
+}
+
 /// Deploys `n` as a new site of `org`, if `who` may.
 pub async fn deploy_new_site(
     state: &Arc<AppState>,
@@ -827,6 +889,7 @@ pub async fn deploy_new_site(
 ) -> Reply {
     known_org(state, org)?;
     state.accounts.allow(who, org, Action::WriteSites)?;
+    may_run_code_of(who)?;
     let taken = || {
         ApiProblem::new(
             StatusCode::CONFLICT,
@@ -838,6 +901,7 @@ pub async fn deploy_new_site(
         return Err(taken());
     }
     let target = site_target(state, n)?;
+    crate::hosts::check(state, org, &target)?;
     let now = now_ms();
     let site = SiteRow {
         name: n.name.clone(),
@@ -980,8 +1044,9 @@ fn start_deploy(
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::openapi::Malformed,
         crate::openapi::Unauthenticated,
-        (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid blueprint or inputs", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn redeploy_site(
@@ -997,10 +1062,12 @@ pub async fn redeploy_site(
             format!("\"{name}\" belongs to no organisation; deploy it with `commons deploy`"),
         ));
     };
+    may_run_code_of(&who)?;
     let mut n: NewSite = json_body(&body)?;
     n.name = name;
     let target = site_target(&state, &n)?;
     let org = site.org.clone();
+    crate::hosts::check(&state, &org, &target)?;
     Ok(start_deploy(&state, &who, &org, target, n.hosting, site))
 }
 
@@ -1012,8 +1079,9 @@ pub async fn redeploy_site(
         (status = 200, description = "the plan: each component's action and changed attributes", body = Object),
         crate::openapi::Malformed,
         crate::openapi::Unauthenticated,
-        (status = 403, description = "the caller may not deploy in it", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the caller may not deploy in it, or a route names a host that is not the organisation's", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the name is another organisation's site, or a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid name, blueprint or inputs", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn plan(
@@ -1045,6 +1113,7 @@ pub fn plan_site(
         }
     }
     let target = site_target(state, n)?;
+    crate::hosts::check(state, org, &target)?;
     state.engine.plan(&target).map_err(engine_failed)
 }
 
@@ -1123,8 +1192,9 @@ pub async fn site(
     responses(
         (status = 200, description = "destroyed: what was removed", body = Object),
         crate::openapi::Unauthenticated,
-        (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "removing failed", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn destroy_site(
@@ -1348,8 +1418,9 @@ pub async fn history_diff(
     responses(
         (status = 201, description = "`{sha256, bytes, manifest}`", body = Object),
         crate::openapi::Unauthenticated,
-        (status = 403, description = "the caller may not change it, or no CSRF token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "the backup failed", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn backup(

@@ -16,6 +16,7 @@
 //! challenge = "http-01"        # or "tls-alpn-01" when port 80 is closed
 //! [runtime]
 //! sandbox = true
+//! single_user = false     # true: a developer's own platform, unsandboxed (unsafe)
 //! idle_after_seconds = 900
 //! sample_seconds = 60
 //! postgres_url = "host=127.0.0.1 user=commons"
@@ -71,6 +72,8 @@ pub struct Acme {
 #[serde(default, deny_unknown_fields)]
 pub struct Runtime {
     pub sandbox: Option<bool>,
+    /// One person's platform: sites from the API run unsandboxed (unsafe).
+    pub single_user: Option<bool>,
     pub idle_after_seconds: Option<u64>,
     pub sample_seconds: Option<u64>,
     pub postgres_url: Option<String>,
@@ -153,6 +156,12 @@ impl ServeConfig {
             "COMMONS_SANDBOX",
             self.runtime
                 .sandbox
+                .map(|b| if b { "1" } else { "0" }.into()),
+        );
+        put(
+            "COMMONS_SINGLE_USER",
+            self.runtime
+                .single_user
                 .map(|b| if b { "1" } else { "0" }.into()),
         );
         put(

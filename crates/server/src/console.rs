@@ -9,7 +9,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Form, FromRequest, FromRequestParts, Path as UrlPath, Query, State};
+use axum::extract::{
+    DefaultBodyLimit, Form, FromRequest, FromRequestParts, Path as UrlPath, Query, State,
+};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -29,8 +31,14 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/console/login", get(login_page).post(login_submit))
         .route("/console/logout", post(logout_submit))
         .route("/console/orgs/{org}", get(org_page))
-        .route("/console/orgs/{org}/plan", post(plan_submit))
-        .route("/console/orgs/{org}/sites", post(deploy_submit))
+        .route(
+            "/console/orgs/{org}/plan",
+            post(plan_submit).layer(DefaultBodyLimit::max(crate::limits::UPLOAD)),
+        )
+        .route(
+            "/console/orgs/{org}/sites",
+            post(deploy_submit).layer(DefaultBodyLimit::max(crate::limits::UPLOAD)),
+        )
         .route("/console/orgs/{org}/members", post(members_submit))
         .route("/console/sites/{name}", get(site_page))
         .route("/console/sites/{name}/diff", get(diff_page))
@@ -94,6 +102,12 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
                                 button type="submit" { "Log out" }
                             }
                         }
+                    }
+                }
+                @if commons_runtime::sandbox::single_user() && !commons_runtime::sandbox::enabled() {
+                    p.note role="status" {
+                        "Single-user mode: sites run unsandboxed, as the platform's own user. \
+                         Do not let anyone else deploy here."
                     }
                 }
                 main { h1 { (title) } (body) }
@@ -258,9 +272,10 @@ async fn login_page(Query(q): Query<Next>) -> Response {
 }
 
 /// Where to go after logging in: a path of this platform (never another
-/// site: `//host` and `/\host` are refused), else the console.
+/// site: `//host`, `/\\host` and paths with control characters, which
+/// browsers drop, are refused), else the console.
 fn local_path(next: &str) -> &str {
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+    if commons_gateway::is_local_path(next) {
         next
     } else {
         "/console"
@@ -277,13 +292,17 @@ struct Credentials {
     next: String,
 }
 
+/// The peer's address, as the log-in limiter keys on it.
+type Peer = Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>;
+
 async fn signup_submit(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     Form(f): Form<Credentials>,
 ) -> Response {
     match state.accounts.signup(&f.email, &f.name, &f.password) {
-        Ok(_) => start_session(&state, &headers, &f, true),
+        Ok(_) => start_session(&state, &headers, peer, &f, true),
         Err(p) => {
             let mut r = page(
                 "Sign up",
@@ -299,20 +318,24 @@ async fn signup_submit(
 
 async fn login_submit(
     State(state): State<Arc<AppState>>,
+    peer: Peer,
     headers: HeaderMap,
     Form(f): Form<Credentials>,
 ) -> Response {
-    start_session(&state, &headers, &f, false)
+    start_session(&state, &headers, peer, &f, false)
 }
 
-fn start_session(state: &AppState, headers: &HeaderMap, f: &Credentials, signup: bool) -> Response {
-    // Behind the gateway or a proxy, the peer is not the browser; the limiter
-    // keys on the account then (plus the forwarded address when given).
-    let address = headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("console");
-    match state.accounts.login(&f.email, &f.password, address) {
+fn start_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: Peer,
+    f: &Credentials,
+    signup: bool,
+) -> Response {
+    // The limiter keys on the account and the peer's address, as the API's
+    // does: a client's own X-Forwarded-For is not believed.
+    let address = peer.map(|p| p.0 .0.ip().to_string()).unwrap_or_default();
+    match state.accounts.login(&f.email, &f.password, &address) {
         Ok((cookie, _, _)) => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
             let mut r = Redirect::to(local_path(&f.next)).into_response();
@@ -962,20 +985,39 @@ async fn site_sign_in(
         )
     };
     let uri = q.to.parse::<axum::http::Uri>().ok();
-    let Some((scheme, host)) = uri.as_ref().and_then(|u| {
+    let Some((scheme, host, port)) = uri.as_ref().and_then(|u| {
         let scheme = u.scheme_str().filter(|s| *s == "http" || *s == "https")?;
-        Some((scheme, u.host()?.to_ascii_lowercase()))
+        let host = commons_gateway::target::canonical_host(u.host()?)?;
+        let port = u
+            .port_u16()
+            .unwrap_or(if scheme == "https" { 443 } else { 80 });
+        Some((scheme, host, port))
     }) else {
         return unknown(format!("\"{}\" is not the address of a page", q.to));
     };
-    // Only to sites this platform serves: never an open redirect.
+    // Only to sites this platform serves, at the very address the gateway
+    // serves them on: never an open redirect, and never a code handed to
+    // another listener on a site's host name.
     if !crate::gateway::routes_of(&state.engine)
         .iter()
         .any(|r| r.host == host)
     {
         return unknown(format!("no site of this platform is served at {host}"));
     }
-    let code = state.sign_ins.mint(&session, &host);
+    let served_at = if scheme == "https" {
+        state.gateway_https.get()
+    } else {
+        state.gateway_http.get()
+    }
+    .map(|a| a.port());
+    if served_at != Some(port) {
+        return unknown(format!(
+            "this platform serves no sites over {scheme} on port {port}"
+        ));
+    }
+    let code = state
+        .sign_ins
+        .mint(&session, &member.user.id, &host, &q.state);
     let path = uri
         .as_ref()
         .and_then(|u| u.path_and_query())

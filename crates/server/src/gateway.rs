@@ -113,7 +113,12 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
             };
             let path = c.route.as_ref().map_or("/".to_string(), |r| r.path.clone());
             match c.route.as_ref().and_then(|r| r.host.as_ref()) {
-                Some(host) => out.push(spec(host.to_ascii_lowercase(), path)),
+                Some(host) => {
+                    // Compared as the gateway compares request hosts.
+                    if let Some(host) = commons_gateway::target::canonical_host(host) {
+                        out.push(spec(host, path))
+                    }
+                }
                 None if first && !has_host => out.push(spec(format!("{}.localhost", d.name), path)),
                 None => {}
             }
@@ -124,46 +129,112 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
     out
 }
 
-/// One-time codes that carry a console session to a site's own host (its
+/// One-time codes that sign a console user in at a site's own host (its
 /// cookie cannot reach another host): made by the console's
-/// `/console/site-sign-in`, redeemed by the gateway at the site's
-/// `/.commons/sign-in`, each once, for one host, within a minute.
+/// `/console/site-sign-in` for one host and one gateway-made `state`,
+/// redeemed by the gateway at the site's `/.commons/sign-in` for a site
+/// session of that host (never the console session itself), each once,
+/// within a minute.
 #[derive(Default)]
 pub struct SignIns(std::sync::Mutex<std::collections::HashMap<String, PendingSignIn>>);
 
 struct PendingSignIn {
-    session: String,
+    /// The console session's hash: the site session ends with it.
+    session_hash: String,
+    user: String,
     host: String,
+    state: String,
     expires_ms: i64,
 }
 
 const SIGN_IN_CODE_MS: i64 = 60_000;
+/// Codes pending at once at most (a code lives a minute).
+const SIGN_INS_PENDING: usize = 100_000;
 
 impl SignIns {
-    /// A code for `session` at `host`.
-    pub fn mint(&self, session: &str, host: &str) -> String {
+    /// A code for the user of the console session `session` at `host`,
+    /// good only with `state`.
+    pub fn mint(&self, session: &str, user: &str, host: &str, state: &str) -> String {
         let code = crate::tokens::random(32);
         let now = crate::accounts::now_ms();
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|_, p| p.expires_ms > now);
+        if all.len() >= SIGN_INS_PENDING {
+            all.clear();
+        }
         all.insert(
             crate::tokens::hash(&code),
             PendingSignIn {
-                session: session.to_string(),
+                session_hash: crate::tokens::hash(session),
+                user: user.to_string(),
                 host: host.to_string(),
+                state: state.to_string(),
                 expires_ms: now + SIGN_IN_CODE_MS,
             },
         );
         code
     }
 
-    /// The session `code` carries, if it was made for `host`, in time; a
-    /// code is good once.
-    pub fn redeem(&self, code: &str, host: &str) -> Option<String> {
+    /// (console session hash, user) of `code`, if it was made for `host`
+    /// and `state`, in time; a code is good once, whatever the outcome.
+    fn redeem(&self, code: &str, host: &str, state: &str) -> Option<(String, String)> {
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let pending = all.remove(&crate::tokens::hash(code))?;
-        (pending.host == host && pending.expires_ms > crate::accounts::now_ms())
-            .then_some(pending.session)
+        (pending.host == host
+            && pending.state == state
+            && pending.expires_ms > crate::accounts::now_ms())
+        .then_some((pending.session_hash, pending.user))
+    }
+}
+
+/// How site sessions start.
+pub const SITE_SESSION_PREFIX: &str = "cmst_";
+
+/// A site session: the cookie a user is signed in with at one site's host.
+/// It names the user, the host, the console session it came from and its
+/// expiry, signed with a key derived from the platform's; it holds only at
+/// that host and only while that console session does (logging out of the
+/// console ends it everywhere).
+pub struct SiteSessions {
+    key: ring::hmac::Key,
+}
+
+impl SiteSessions {
+    pub fn new(engine: &Engine) -> SiteSessions {
+        SiteSessions {
+            key: ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                engine.derived_key("site-session").as_bytes(),
+            ),
+        }
+    }
+
+    fn mint(&self, user: &str, host: &str, session_hash: &str, expires_ms: i64) -> String {
+        use base64::Engine as _;
+        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("{user}\n{host}\n{session_hash}\n{expires_ms}"));
+        let tag = ring::hmac::sign(&self.key, body.as_bytes());
+        format!(
+            "{SITE_SESSION_PREFIX}{body}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag.as_ref())
+        )
+    }
+
+    /// (user, host, console session hash) of a site session whose
+    /// signature holds and that has not expired.
+    fn open(&self, credential: &str) -> Option<(String, String, String)> {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let (body, tag) = credential
+            .strip_prefix(SITE_SESSION_PREFIX)?
+            .split_once('.')?;
+        ring::hmac::verify(&self.key, body.as_bytes(), &b64.decode(tag).ok()?).ok()?;
+        let text = String::from_utf8(b64.decode(body).ok()?).ok()?;
+        let mut parts = text.split('\n');
+        let (user, host, session, expires) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        (expires.parse::<i64>().ok()? > crate::accounts::now_ms())
+            .then(|| (user.to_string(), host.to_string(), session.to_string()))
     }
 }
 
@@ -197,13 +268,24 @@ impl Hooks for Platform {
         })
     }
 
-    /// A console session (an account), or a platform token with the
-    /// `session` scope (its name is the user id).
+    /// A site session (good at its own host only, while the console
+    /// session it came from lasts), or a platform token with the `session`
+    /// scope (its name is the user id). Console sessions are not accepted
+    /// at sites; nor is anything without a known prefix (no store is read
+    /// for it).
     fn authenticate(&self, credential: &str) -> Option<User> {
-        let id = if credential.starts_with(crate::accounts::SESSION_PREFIX) {
-            self.state.accounts.by_session(credential).ok()??.user.id
+        let (id, only_host) = if credential.starts_with(SITE_SESSION_PREFIX) {
+            let (user, host, session) = self.state.site_sessions.open(credential)?;
+            let live = self.state.accounts.session_user(&session).ok()??;
+            (live == user).then_some(())?;
+            (user, Some(host))
+        } else if credential.starts_with(crate::tokens::TOKEN_PREFIX) {
+            (
+                self.state.tokens.authorise(credential, SESSION_SCOPE)?.name,
+                None,
+            )
         } else {
-            self.state.tokens.authorise(credential, SESSION_SCOPE)?.name
+            return None;
         };
         let now = commons_gateway::now_ms() as i64;
         let tier = self
@@ -213,7 +295,15 @@ impl Hooks for Platform {
             .ok()
             .and_then(|b| b.current_tier(&id, now).ok())
             .unwrap_or_else(|| "free".into());
-        Some(User { id, tier })
+        Some(User {
+            id,
+            tier,
+            only_host,
+        })
+    }
+
+    fn service(&self, credential: &str) -> Option<String> {
+        self.state.engine.service_of(credential)
     }
 
     /// The console's sign-in, which comes back through [`SignIns`].
@@ -223,8 +313,14 @@ impl Hooks for Platform {
         Some(format!("{base}/console/site-sign-in?{query}"))
     }
 
-    fn redeem_sign_in(&self, code: &str, host: &str) -> Option<String> {
-        self.state.sign_ins.redeem(code, host)
+    fn redeem_sign_in(&self, code: &str, host: &str, state: &str) -> Option<String> {
+        let (session_hash, user) = self.state.sign_ins.redeem(code, host, state)?;
+        let expires = crate::accounts::now_ms() + crate::accounts::SESSION_MS;
+        Some(
+            self.state
+                .site_sessions
+                .mint(&user, host, &session_hash, expires),
+        )
     }
 }
 
@@ -293,7 +389,9 @@ pub fn spawn(
     let _ = state.gateway_http.set(http_addr);
     let mut bound = vec![("http".to_string(), http_addr)];
     if let Some(l) = &https {
-        bound.push(("https".into(), l.local_addr().map_err(|e| e.to_string())?));
+        let addr = l.local_addr().map_err(|e| e.to_string())?;
+        let _ = state.gateway_https.set(addr);
+        bound.push(("https".into(), addr));
     }
     if let Some(l) = &admin {
         bound.push(("admin".into(), l.local_addr().map_err(|e| e.to_string())?));

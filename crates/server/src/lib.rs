@@ -29,6 +29,7 @@ pub mod catalog;
 pub mod config;
 pub mod console;
 pub mod gateway;
+pub mod hosts;
 pub mod local;
 pub mod oidc;
 pub mod openapi;
@@ -40,7 +41,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::handler::Handler as _;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -92,6 +94,8 @@ pub struct AppState {
     /// The gateway's plain-HTTP address, once it listens: sites are at
     /// `http://SITE.localhost:PORT/` (the console links them).
     pub gateway_http: std::sync::OnceLock<std::net::SocketAddr>,
+    /// The gateway's HTTPS address, once it listens.
+    pub gateway_https: std::sync::OnceLock<std::net::SocketAddr>,
     /// The OpenID Connect provider (one login for every hosted site).
     pub oidc: oidc::Provider,
     /// Where users reach the platform (`COMMONS_PUBLIC_URL`, else the API's
@@ -100,8 +104,10 @@ pub struct AppState {
     /// The last deploy the API started of each site, since this server
     /// started: what a client polls to learn when and how it ended.
     pub deploys: Mutex<std::collections::HashMap<String, api::DeployRun>>,
-    /// Console sessions on their way to sites' hosts.
+    /// Console users on their way to sites' hosts.
     pub sign_ins: gateway::SignIns,
+    /// Sessions at sites' own hosts.
+    pub site_sessions: gateway::SiteSessions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +127,8 @@ impl AppState {
         for dir in ["meter", "ledger", "gateway"] {
             private_dir(&home.join(dir)).map_err(|e| err(dir, &e))?;
         }
+        let engine = commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?;
+        let site_sessions = gateway::SiteSessions::new(&engine);
         Ok(AppState {
             home: home.to_path_buf(),
             meter: Mutex::new(
@@ -142,12 +150,14 @@ impl AppState {
             accounts: accounts::Accounts::new(
                 open_account_store(home).map_err(|e| err("accounts", &e))?,
             ),
-            engine: commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?,
+            engine,
             gateway_http: std::sync::OnceLock::new(),
+            gateway_https: std::sync::OnceLock::new(),
             oidc: oidc::Provider::new(home.join("gateway/oidc-rsa.pk8")),
             public_url: std::sync::OnceLock::new(),
             deploys: Mutex::new(std::collections::HashMap::new()),
             sign_ins: gateway::SignIns::default(),
+            site_sessions,
         })
     }
 }
@@ -697,8 +707,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/api/openapi.json", get(openapi_json))
         .route("/readyz", get(ready))
-        .route("/api/usage/events", post(ingest))
-        .route("/api/payments/stripe/webhook", post(stripe_webhook))
+        .route(
+            "/api/usage/events",
+            post(ingest).layer(DefaultBodyLimit::max(limits::EVENT_BATCH)),
+        )
+        .route(
+            "/api/payments/stripe/webhook",
+            post(stripe_webhook).layer(DefaultBodyLimit::max(limits::WEBHOOK)),
+        )
         .route("/api/users/{user}/tier", get(tier))
         .route("/api/deployments/{name}/wake", post(wake))
         .route("/api/deployments/{name}", get(deployment_status))
@@ -715,16 +731,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/orgs/{org}/audit", get(api::audit))
         .route(
             "/api/orgs/{org}/sites",
-            get(api::sites).post(api::create_site),
+            get(api::sites).post(api::create_site.layer(DefaultBodyLimit::max(limits::UPLOAD))),
         )
-        .route("/api/orgs/{org}/plan", post(api::plan))
+        .route(
+            "/api/orgs/{org}/plan",
+            post(api::plan).layer(DefaultBodyLimit::max(limits::UPLOAD)),
+        )
         .route("/api/tokens", get(api::tokens).post(api::create_token))
         .route("/api/tokens/{id}", axum::routing::delete(api::revoke_token))
         .route("/api/catalog", get(api::catalog_list))
         .route(
             "/api/sites/{name}",
             get(api::site)
-                .put(api::redeploy_site)
+                .put(api::redeploy_site.layer(DefaultBodyLimit::max(limits::UPLOAD)))
                 .delete(api::destroy_site),
         )
         .route("/api/sites/{name}/logs", get(api::logs))
@@ -743,9 +762,104 @@ pub fn router(state: Arc<AppState>) -> Router {
                 None,
             )
         })
-        // Event batches are large; the default 2 MiB limit would cut them.
-        .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+        // Bodies are small JSON unless a route says otherwise (above).
+        .layer(DefaultBodyLimit::max(limits::JSON))
+        .layer(axum::middleware::map_response(limits::too_large_as_problem))
+        .layer(axum::middleware::map_response(never_framed))
         .with_state(state)
+}
+
+/// Limits of the API's listener: it faces the same clients as the
+/// gateway, so it holds them to the same rules.
+pub mod limits {
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use std::time::Duration;
+
+    /// A JSON request body (sign-up, log-in, tokens, members...).
+    pub const JSON: usize = 64 << 10;
+    /// A blueprint with the files it needs (`source.files`), or a console
+    /// form carrying one.
+    pub const UPLOAD: usize = 64 << 20;
+    /// A batch of usage events.
+    pub const EVENT_BATCH: usize = 16 << 20;
+    /// A payment provider's notification.
+    pub const WEBHOOK: usize = 1 << 20;
+    /// A client must send a whole request head within this, and an idle
+    /// keep-alive connection is closed after it (as at the gateway).
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Largest request head.
+    pub const HEAD: usize = 64 << 10;
+
+    /// A body over its route's limit is answered as a problem document.
+    pub async fn too_large_as_problem(r: Response) -> Response {
+        let is_problem = r
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+        if r.status() != StatusCode::PAYLOAD_TOO_LARGE || is_problem {
+            return r;
+        }
+        crate::ApiProblem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Content too large",
+            "the request body is larger than this route takes",
+        )
+        .into_response()
+    }
+}
+
+/// No page of the platform may be framed by another site (the OIDC
+/// "Allow" and a site's "Destroy" buttons would be clickjacked).
+async fn never_framed(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        axum::http::HeaderValue::from_static("DENY"),
+    );
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(axum::http::HeaderValue::from_static(
+            "frame-ancestors 'none'",
+        ));
+    r
+}
+
+/// Serves `router` on `listener` over HTTP/1.1 with the limits above; each
+/// request carries its peer's address (`ConnectInfo`).
+async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower_service::Service as _;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::Extension(axum::extract::ConnectInfo(peer)));
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    let mut router = router.clone();
+                    async move { router.call(req).await }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits::HEADER_TIMEOUT)
+                .max_buf_size(limits::HEAD)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
 }
 
 /// Serves the API on `listener` (scoped tokens) and on the local socket
@@ -758,10 +872,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let home = state.home.clone();
-    let tcp = axum::serve(
-        listener,
-        router(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    );
+    let tcp = serve_tcp(listener, router(state.clone()));
     let socket = async {
         match local {
             Some(l) => {

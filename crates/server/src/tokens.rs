@@ -57,16 +57,56 @@ pub(crate) fn random(n: usize) -> String {
     out
 }
 
+/// How platform tokens start.
+pub const TOKEN_PREFIX: &str = "cmns_";
+
 /// The token file of a data directory.
 pub struct Tokens {
     path: PathBuf,
+    /// The file as last read, by hash, with the size and time it had: a
+    /// look-up reads the file again only when it changed.
+    index: std::sync::Mutex<Option<(FileStamp, std::sync::Arc<TokenIndex>)>>,
 }
+
+/// Size, inode (each save renames a new file in) and modification time.
+type FileStamp = (u64, u64, std::time::SystemTime);
+type TokenIndex = std::collections::HashMap<String, TokenRecord>;
 
 impl Tokens {
     pub fn new(home: &Path) -> Tokens {
         Tokens {
             path: home.join("tokens.json"),
+            index: Default::default(),
         }
+    }
+
+    /// The tokens by hash, read again only when the file changed.
+    fn index(&self) -> Option<std::sync::Arc<TokenIndex>> {
+        let stamp = match std::fs::metadata(&self.path) {
+            Ok(m) => {
+                use std::os::unix::fs::MetadataExt;
+                (m.len(), m.ino(), m.modified().ok()?)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (0, 0, std::time::SystemTime::UNIX_EPOCH)
+            }
+            Err(_) => return None,
+        };
+        let mut cached = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, index)) = cached.as_ref() {
+            if *at == stamp {
+                return Some(index.clone());
+            }
+        }
+        let index: std::sync::Arc<TokenIndex> = std::sync::Arc::new(
+            self.list()
+                .ok()?
+                .into_iter()
+                .map(|r| (r.hash.clone(), r))
+                .collect(),
+        );
+        *cached = Some((stamp, index.clone()));
+        Some(index)
     }
 
     pub fn list(&self) -> std::io::Result<Vec<TokenRecord>> {
@@ -114,7 +154,7 @@ impl Tokens {
                 SCOPES.join(", ")
             ));
         }
-        let token = format!("cmns_{}", random(32));
+        let token = format!("{TOKEN_PREFIX}{}", random(32));
         let record = TokenRecord {
             id: random(8),
             name: name.into(),
@@ -138,10 +178,12 @@ impl Tokens {
 
     /// The record of `token` if it exists and has `scope`.
     pub fn authorise(&self, token: &str, scope: &str) -> Option<TokenRecord> {
-        let h = hash(token);
-        self.list()
-            .ok()?
-            .into_iter()
-            .find(|r| r.hash == h && r.scopes.iter().any(|s| s == scope || s == "admin"))
+        if !token.starts_with(TOKEN_PREFIX) {
+            return None;
+        }
+        self.index()?
+            .get(&hash(token))
+            .filter(|r| r.scopes.iter().any(|s| s == scope || s == "admin"))
+            .cloned()
     }
 }

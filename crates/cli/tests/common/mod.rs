@@ -244,6 +244,9 @@ impl Sandbox {
             "--admin",
             "127.0.0.1:0",
         ]);
+        // Sites from the API run unsandboxed in tests that do not ask for
+        // the sandbox: the platform is the test's alone.
+        cmd.env("COMMONS_SINGLE_USER", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -356,4 +359,131 @@ pub fn python_venv(dir: &Path, packages: &[&str]) -> PathBuf {
             .args(packages),
     );
     dir.join("bin/python")
+}
+
+// --- accounts and the API -----------------------------------------------
+
+use serde_json::{json, Value};
+
+/// A client of one server, with or without credentials.
+pub struct Api {
+    pub port: u16,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Api {
+    pub fn anonymous(port: u16) -> Api {
+        Api {
+            port,
+            headers: vec![("Content-Type".into(), "application/json".into())],
+        }
+    }
+
+    pub fn token(port: u16, token: &str) -> Api {
+        let mut a = Api::anonymous(port);
+        a.headers
+            .push(("Authorization".into(), format!("Bearer {token}")));
+        a
+    }
+
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let (code, _, body) = self.raw(method, path, body);
+        let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
+        (code, v)
+    }
+
+    pub fn raw(&self, method: &str, path: &str, body: Option<Value>) -> (u16, String, String) {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        http_with_head(self.port, method, path, &headers, body.as_bytes()).unwrap()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call("POST", path, Some(body))
+    }
+}
+
+pub fn signup(port: u16, email: &str, name: &str) -> Value {
+    let (code, v) = Api::anonymous(port).post(
+        "/api/signup",
+        json!({ "email": email, "name": name, "password": "a long enough password" }),
+    );
+    assert_eq!(code, 201, "{v}");
+    v
+}
+
+/// Logs in; returns a client carrying the session cookie (and, when
+/// `with_csrf`, the CSRF header).
+pub fn login(port: u16, email: &str, with_csrf: bool) -> Api {
+    let (code, head, body) = Api::anonymous(port).raw(
+        "POST",
+        "/api/login",
+        Some(json!({ "email": email, "password": "a long enough password" })),
+    );
+    assert_eq!(code, 200, "{body}");
+    let cookie_line = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a session cookie is set");
+    assert!(cookie_line.contains("HttpOnly"), "{cookie_line}");
+    assert!(cookie_line.contains("SameSite=Lax"), "{cookie_line}");
+    let cookie = cookie_line
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
+    let csrf = serde_json::from_str::<Value>(&body).unwrap()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut a = Api::anonymous(port);
+    a.headers.push(("Cookie".into(), cookie));
+    if with_csrf {
+        a.headers.push(("X-CSRF-Token".into(), csrf));
+    }
+    a
+}
+
+pub fn make_token(api: &Api, scopes: &[&str], org: Option<&str>) -> String {
+    let (code, v) = api.post(
+        "/api/tokens",
+        json!({ "name": "test", "scopes": scopes, "org": org }),
+    );
+    assert_eq!(code, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// The value of the `Location` header, and every `Set-Cookie`.
+pub fn location_and_cookies(head: &str) -> (String, Vec<String>) {
+    let mut location = String::new();
+    let mut cookies = Vec::new();
+    for line in head.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        match k.to_ascii_lowercase().as_str() {
+            "location" => location = v.trim().to_string(),
+            "set-cookie" => cookies.push(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    (location, cookies)
+}
+
+/// `http://host:port/path?query` → ("/path?query").
+pub fn path_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.find('/').map_or("/".into(), |i| rest[i..].to_string())
 }

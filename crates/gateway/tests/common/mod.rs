@@ -188,6 +188,14 @@ type WakeFn = dyn Fn(String) -> BoxFuture<Result<(), String>> + Send + Sync;
 #[derive(Default)]
 pub struct TestHooks {
     pub sessions: Mutex<HashMap<String, User>>,
+    /// Service credential → the site it belongs to.
+    pub services: Mutex<HashMap<String, String>>,
+    /// How many times the platform was asked who a credential is.
+    pub lookups: std::sync::atomic::AtomicU64,
+    /// Where browsers are sent to sign in (None: no sign-in page).
+    pub sign_in_at: Mutex<Option<String>>,
+    /// One-time codes: code → (host, state, the credential it stands for).
+    pub codes: Mutex<HashMap<String, (String, String, String)>>,
     pub wake: Mutex<Option<Arc<WakeFn>>>,
     pub wakes: Mutex<Vec<String>>,
 }
@@ -202,7 +210,23 @@ impl Hooks for TestHooks {
     }
 
     fn authenticate(&self, credential: &str) -> Option<User> {
+        self.lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.sessions.lock().unwrap().get(credential).cloned()
+    }
+
+    fn sign_in_url(&self, return_to: &str, state: &str) -> Option<String> {
+        let base = self.sign_in_at.lock().unwrap().clone()?;
+        Some(format!("{base}?to={return_to}&state={state}"))
+    }
+
+    fn redeem_sign_in(&self, code: &str, host: &str, state: &str) -> Option<String> {
+        let (h, s, credential) = self.codes.lock().unwrap().remove(code)?;
+        (h == host && s == state).then_some(credential)
+    }
+
+    fn service(&self, credential: &str) -> Option<String> {
+        self.services.lock().unwrap().get(credential).cloned()
     }
 }
 
