@@ -255,6 +255,34 @@ async fn identity_assertions_cannot_be_replayed_or_renewed() {
         "{bounced}"
     );
 
+    // Bob's session ends: within the time the gateway trusts a credential
+    // it looked up (30 s), the chain made from it ends too.
+    gw.hooks.sessions.lock().unwrap().remove("bob-session");
+    let delegated = || async {
+        request(
+            gw.http,
+            "GET",
+            "b.localhost",
+            "/private",
+            &[
+                ("x-commons-identity", assertion.as_str()),
+                ("x-commons-service", "svc-a"),
+            ],
+            Bytes::new(),
+        )
+        .await
+        .status
+    };
+    let mut ended = false;
+    for _ in 0..40 {
+        if delegated().await == 401 {
+            ended = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(ended, "the chain outlived bob's session");
+
     // A forged assertion (another key) is nothing.
     let forged = identity::Signer::from_seed([1; 32]).sign(&original);
     let denied = request(
