@@ -236,8 +236,21 @@ fn no_tenant_routes_or_reads_another_tenants_site() {
         let (code, v) = ann.post("/api/orgs/ann/sites", site);
         assert_eq!(code, status, "deploy {route}: {v}");
     }
-    // A domain the administrator verified for ann is hers, and only hers.
+    // A domain the administrator verified for ann is hers, and only hers;
+    // two of her sites share it by distinct paths.
     s.ok(&["domains", "add", "Echo.Example", "--org", "ann"]);
+    let (code, v) = ann.post(
+        "/api/orgs/ann/sites",
+        echo_site("adocs", "{ host: www.echo.example, path: /docs }"),
+    );
+    assert_eq!(code, 202, "{v}");
+    assert_eq!(deployed(&ann, "adocs"), "ok");
+    let (code, v) = ann.post(
+        "/api/orgs/ann/plan",
+        echo_site("asite", "{ host: www.echo.example, path: /docs/ }"),
+    );
+    assert_eq!(code, 409, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("adocs"), "{v}");
     let (code, v) = ann.post(
         "/api/orgs/ann/plan",
         echo_site("asite", "{ host: www.echo.example }"),
@@ -388,6 +401,37 @@ fn the_console_login_holds_against_spoofing_and_redirects() {
         assert_eq!(code, 401);
     }
     assert!(limited, "rotating X-Forwarded-For gave unlimited attempts");
+    // The password is right, but this client used up its attempts.
+    let (code, _, _) = form("a%20long%20enough%20password", "/console", "10.9.9.9");
+    assert_eq!(code, 429);
+    drop(server);
+
+    // Behind a trusted proxy, the address it forwards is the client's: one
+    // client's failures do not lock out another.
+    let s = Sandbox::new("sec-console-proxy");
+    let server = s.serve(&[("COMMONS_TRUSTED_PROXIES", "127.0.0.1")]);
+    signup(server.port, "ann@example.org", "Ann");
+    let attempt = |password: &str, forwarded: &str| {
+        let body = format!("email=ann%40example.org&password={password}&next=%2Fconsole");
+        http(
+            server.port,
+            "POST",
+            "/console/login",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("X-Forwarded-For", forwarded),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap()
+        .0
+    };
+    let codes: Vec<u16> = (0..6).map(|_| attempt("wrong", "192.0.2.7")).collect();
+    assert_eq!(codes.last(), Some(&429), "{codes:?}");
+    // A client that wrote its own X-Forwarded-For before the proxy's is the
+    // proxy's rightmost entry: still the locked-out one.
+    assert_eq!(attempt("wrong", "198.51.100.1, 192.0.2.7"), 429);
+    assert_eq!(attempt("a%20long%20enough%20password", "192.0.2.8"), 303);
     // [16] No page may be framed.
     let (code, head, _) = http_with_head(server.port, "GET", "/console/login", &[], b"").unwrap();
     assert_eq!(code, 200);

@@ -544,6 +544,41 @@ async fn hosts_are_routed_and_stated_canonically() {
     assert_eq!(status, 200, "{body}");
     let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(seen["headers"]["host"], "other.localhost");
+    // Over HTTP/2, `:authority` is the host, whatever `Host` says.
+    let cert = gw
+        .gateway
+        .certs
+        .resolve_host("other.localhost")
+        .unwrap()
+        .cert[0]
+        .clone();
+    let tcp = tokio::net::TcpStream::connect(gw.https).await.unwrap();
+    let tls = tls_client(std::slice::from_ref(&cert), &[b"h2"])
+        .connect("other.localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .uri("https://other.localhost/h2")
+        .header("host", "evil.example")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let seen: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(seen["headers"]["host"], "other.localhost", "{seen}");
+    assert_eq!(
+        seen["headers"]["x-forwarded-host"], "other.localhost",
+        "{seen}"
+    );
     for host in [
         "other.localhost:@evil.example",
         "other.localhost:80x",

@@ -266,7 +266,7 @@ pub async fn login(
     body: Bytes,
 ) -> Reply {
     let l: Login = json_body(&body)?;
-    let address = peer.map(|p| p.0 .0.ip().to_string()).unwrap_or_default();
+    let address = client_address(peer.map(|p| p.0 .0), &headers);
     let (cookie, session, user) = state.accounts.login(&l.email, &l.password, &address)?;
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let mut r = Json(serde_json::json!({ "user": user, "csrf": session.csrf })).into_response();
@@ -275,6 +275,46 @@ pub async fn login(
         session_set_cookie(&cookie, crate::accounts::SESSION_MS / 1000, host),
     );
     Ok(r)
+}
+
+/// The proxies whose `X-Forwarded-For` is believed
+/// (`COMMONS_TRUSTED_PROXIES`, comma-separated addresses; `[api]
+/// trusted_proxies`): none by default.
+fn trusted_proxies() -> &'static [std::net::IpAddr] {
+    static TRUSTED: std::sync::OnceLock<Vec<std::net::IpAddr>> = std::sync::OnceLock::new();
+    TRUSTED.get_or_init(|| {
+        std::env::var("COMMONS_TRUSTED_PROXIES")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|a| a.trim().parse().ok())
+            .collect()
+    })
+}
+
+/// The client's address, as the log-in limiters key on it: the peer's,
+/// unless the peer is a trusted proxy, whose `X-Forwarded-For` then names
+/// the client (its rightmost address that is not itself a trusted proxy:
+/// what a client wrote further left is not believed).
+pub fn client_address(peer: Option<SocketAddr>, headers: &axum::http::HeaderMap) -> String {
+    let Some(peer) = peer.map(|p| p.ip().to_canonical()) else {
+        return String::new();
+    };
+    let trusted = trusted_proxies();
+    if !trusted.contains(&peer) {
+        return peer.to_string();
+    }
+    let hops: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    hops.into_iter()
+        .rev()
+        .find(|ip| !trusted.contains(ip))
+        .unwrap_or(peer)
+        .to_string()
 }
 
 /// Ends the session the cookie names (if any) and clears the cookie.

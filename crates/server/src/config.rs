@@ -5,6 +5,7 @@
 //! ```toml
 //! [api]
 //! listen = "127.0.0.1:8070"
+//! trusted_proxies = ["10.0.0.2"]  # whose X-Forwarded-For names the client
 //! [gateway]
 //! http = "127.0.0.1:8080"
 //! https = "127.0.0.1:8443"      # "off" to disable
@@ -47,6 +48,8 @@ pub struct ServeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct Api {
     pub listen: Option<String>,
+    /// Proxies in front of the API whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +160,10 @@ impl ServeConfig {
             self.runtime
                 .sandbox
                 .map(|b| if b { "1" } else { "0" }.into()),
+        );
+        put(
+            "COMMONS_TRUSTED_PROXIES",
+            self.api.trusted_proxies.as_ref().map(|p| p.join(",")),
         );
         put(
             "COMMONS_SINGLE_USER",

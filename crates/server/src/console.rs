@@ -332,9 +332,9 @@ fn start_session(
     f: &Credentials,
     signup: bool,
 ) -> Response {
-    // The limiter keys on the account and the peer's address, as the API's
-    // does: a client's own X-Forwarded-For is not believed.
-    let address = peer.map(|p| p.0 .0.ip().to_string()).unwrap_or_default();
+    // The limiter keys on the account and the client's address, as the
+    // API's does: X-Forwarded-For counts only from a trusted proxy.
+    let address = api::client_address(peer.map(|p| p.0 .0), headers);
     match state.accounts.login(&f.email, &f.password, &address) {
         Ok((cookie, _, _)) => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
