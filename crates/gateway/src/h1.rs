@@ -70,6 +70,9 @@ enum Next {
     Partial,
     /// hyper serves this connection from here on.
     HandOver,
+    /// A credential the gateway has not seen lately: look it up (off the
+    /// event loop), then read the head again.
+    LookUp(Box<(proxy::OwnedCredentials, String)>),
     Serve(Fast),
 }
 
@@ -143,13 +146,24 @@ pub(crate) async fn serve<I: Transport>(gw: Arc<Gateway>, mut io: I, info: Arc<C
     loop {
         // Wait for a whole request head, within the header timeout.
         head_deadline.set(tokio::time::Instant::now() + head_time);
+        let mut looked_up = false;
         let mut fast = loop {
             match held.as_mut().filter(|b| !b.read.is_empty()) {
                 Some(bufs) => match next(&gw, &bufs.read, &info, &mut bufs.head) {
                     Next::Serve(fast) => break fast,
+                    Next::LookUp(pending) if !looked_up => {
+                        looked_up = true;
+                        let (credentials, host) = *pending;
+                        let credentials = credentials.borrow();
+                        let asked = gw.caller(&credentials, &host);
+                        if head_deadline.within(Box::pin(asked)).await.is_none() {
+                            return;
+                        }
+                        continue;
+                    }
                     // hyper answers a head over the limit with 431.
                     Next::Partial if bufs.read.len() <= gw.config.max_header_bytes => {}
-                    Next::HandOver | Next::Partial => {
+                    Next::HandOver | Next::Partial | Next::LookUp(_) => {
                         let read = std::mem::take(&mut bufs.read).freeze();
                         let rest = Rewind { read, io };
                         return Box::pin(gw.serve_hyper_h1(rest, info)).await;
@@ -342,7 +356,10 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
     {
         return Next::HandOver;
     }
-    let caller = gw.caller(&credentials, host);
+    let Some(caller) = gw.caller_known(&credentials, host) else {
+        let pending = (proxy::OwnedCredentials::of(&credentials), host.to_string());
+        return Next::LookUp(Box::new(pending));
+    };
     if caller.identity.is_none() && site.needs_login(path) {
         return Next::HandOver;
     }

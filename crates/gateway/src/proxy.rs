@@ -300,6 +300,54 @@ pub(crate) struct Caller {
     strip_bearer: bool,
 }
 
+impl Caller {
+    fn anonymous() -> Caller {
+        Caller {
+            identity: None,
+            strip_bearer: false,
+        }
+    }
+}
+
+/// Whether recognising a caller may ask the platform.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lookups {
+    /// Only what the gateway remembers.
+    CacheOnly,
+    /// Ask the platform for what it does not (blocking: not on the event
+    /// loop).
+    Ask,
+}
+
+/// [`Credentials`] that outlive their request, for a look-up on another
+/// thread.
+pub(crate) struct OwnedCredentials {
+    session: Option<String>,
+    bearer: Option<String>,
+    assertion: Option<String>,
+    service: Option<String>,
+}
+
+impl OwnedCredentials {
+    pub(crate) fn of(c: &Credentials) -> OwnedCredentials {
+        OwnedCredentials {
+            session: c.session.map(str::to_owned),
+            bearer: c.bearer.map(str::to_owned),
+            assertion: c.assertion.map(str::to_owned),
+            service: c.service.map(str::to_owned),
+        }
+    }
+
+    pub(crate) fn borrow(&self) -> Credentials<'_> {
+        Credentials {
+            session: self.session.as_deref(),
+            bearer: self.bearer.as_deref(),
+            assertion: self.assertion.as_deref(),
+            service: self.service.as_deref(),
+        }
+    }
+}
+
 impl RequestRecord {
     /// The record of a request about to be proxied (the rest is filled in
     /// as it goes).
@@ -449,7 +497,7 @@ impl Gateway {
         if req.uri().path() == SIGN_IN_PATH {
             return self.finish_sign_in(&req, host, conn.tls);
         }
-        let caller = self.caller(&Credentials::of(req.headers()), host);
+        let caller = self.caller(&Credentials::of(req.headers()), host).await;
         let record =
             RequestRecord::new(&site, host, &caller, req.method(), req.uri().path(), &conn);
         let bytes_in = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
@@ -1007,39 +1055,71 @@ impl Gateway {
     /// platform bearer token, or — only from a hosted service that proves
     /// who it is with its service credential — an assertion the gateway
     /// made for that very service, whose underlying credential still holds.
-    pub(crate) fn caller(&self, credentials: &Credentials, host: &str) -> Caller {
+    ///
+    /// A credential the gateway has not seen lately is looked up on a
+    /// blocking thread: however slow the platform answers, the event loop
+    /// goes on serving everyone else.
+    pub(crate) async fn caller(
+        self: &Arc<Self>,
+        credentials: &Credentials<'_>,
+        host: &str,
+    ) -> Caller {
+        if let Some(known) = self.caller_known(credentials, host) {
+            return known;
+        }
+        let owned = OwnedCredentials::of(credentials);
+        let (gw, host) = (self.clone(), host.to_string());
+        tokio::task::spawn_blocking(move || {
+            gw.caller_with(&owned.borrow(), &host, Lookups::Ask)
+                .unwrap_or_else(Caller::anonymous)
+        })
+        .await
+        .unwrap_or_else(|_| Caller::anonymous())
+    }
+
+    /// [`Gateway::caller`] from what the gateway knows already; `None` when
+    /// the platform must be asked (the request is then served where it can
+    /// wait for the answer).
+    pub(crate) fn caller_known(&self, credentials: &Credentials, host: &str) -> Option<Caller> {
+        self.caller_with(credentials, host, Lookups::CacheOnly)
+    }
+
+    fn caller_with(
+        &self,
+        credentials: &Credentials,
+        host: &str,
+        lookups: Lookups,
+    ) -> Option<Caller> {
         let at_host = |i: &Arc<Identity>| i.user.only_host.as_deref().is_none_or(|h| h == host);
         if let Some(cookie) = credentials.session {
-            if let Some(identity) = self.user_identity(cookie).filter(at_host) {
-                return Caller {
+            if let Some(identity) = self.user_identity(cookie, lookups)?.filter(at_host) {
+                return Some(Caller {
                     identity: Some(identity),
                     strip_bearer: false,
-                };
+                });
             }
         }
         if let Some(token) = credentials.bearer {
-            if let Some(identity) = self.user_identity(token).filter(at_host) {
-                return Caller {
+            if let Some(identity) = self.user_identity(token, lookups)?.filter(at_host) {
+                return Some(Caller {
                     identity: Some(identity),
                     strip_bearer: true,
-                };
+                });
             }
         }
         if let (Some(jwt), Some(service)) = (credentials.assertion, credentials.service) {
-            return Caller {
-                identity: self.delegated_identity(jwt, service),
+            return Some(Caller {
+                identity: self.delegated_identity(jwt, service, lookups)?,
                 strip_bearer: false,
-            };
+            });
         }
-        Caller {
-            identity: None,
-            strip_bearer: false,
-        }
+        Some(Caller::anonymous())
     }
 
-    /// The user a session cookie or bearer token stands for.
-    fn user_identity(&self, credential: &str) -> Option<Arc<Identity>> {
-        self.identity(credential, |c| {
+    /// The user a session cookie or bearer token stands for (`None`: not
+    /// known without asking, and `lookups` said not to).
+    fn user_identity(&self, credential: &str, lookups: Lookups) -> Option<Option<Arc<Identity>>> {
+        self.identity(credential, lookups, |c| {
             let user = self.hooks.authenticate(c)?;
             Some((user, None, None, sessions::session_ref(c)))
         })
@@ -1048,13 +1128,20 @@ impl Gateway {
     /// The user a service calls on behalf of: `jwt` must be an assertion
     /// this gateway made for the calling service (its audience), unexpired,
     /// whose underlying credential is still recognised.
-    fn delegated_identity(&self, jwt: &str, service: &str) -> Option<Arc<Identity>> {
-        let calling = self.hooks.service(service)?;
-        let identity = self.identity(jwt, |jwt| {
+    fn delegated_identity(
+        &self,
+        jwt: &str,
+        service: &str,
+        lookups: Lookups,
+    ) -> Option<Option<Arc<Identity>>> {
+        let Some(calling) = self.hooks.service(service) else {
+            return Some(None);
+        };
+        let identity = self.identity(jwt, lookups, |jwt| {
             let c = self.signer.verify(jwt, crate::now_ms() / 1000).ok()?;
             let sid: Arc<str> = Arc::from(c.sid.as_deref()?);
             let credential = self.delegations.get(&sid)?;
-            let original = self.user_identity(&credential)?;
+            let original = self.user_identity(&credential, Lookups::Ask)??;
             (original.id.as_ref() == c.sub).then_some(())?;
             let user = User {
                 id: c.sub,
@@ -1063,30 +1150,42 @@ impl Gateway {
             };
             Some((user, Some(Arc::from(c.aud.as_str())), Some(c.exp), sid))
         })?;
+        let Some(identity) = identity else {
+            return Some(None);
+        };
         // Revoked since: the credential the chain started from no longer
         // holds (checked as often as that credential itself is).
-        let credential = self.delegations.get(&identity.sid)?;
-        self.user_identity(&credential)?;
-        (identity.via.as_deref() == Some(calling.as_str())).then_some(identity)
+        let Some(credential) = self.delegations.get(&identity.sid) else {
+            return Some(None);
+        };
+        if self.user_identity(&credential, lookups)?.is_none() {
+            return Some(None);
+        }
+        Some((identity.via.as_deref() == Some(calling.as_str())).then_some(identity))
     }
 
     /// What `credential` stands for, from the cache or from `look_up`
     /// (which returns the user, the site it came through, when the
     /// credential expires, in seconds, and the session it refers to). The
-    /// cache's lock is not held while `look_up` runs.
+    /// cache's lock is not held while `look_up` runs. `None` when the cache
+    /// does not know and `lookups` is [`Lookups::CacheOnly`].
     fn identity(
         &self,
         credential: &str,
+        lookups: Lookups,
         look_up: impl FnOnce(&str) -> Option<(User, Option<Arc<str>>, Option<u64>, Arc<str>)>,
-    ) -> Option<Arc<Identity>> {
+    ) -> Option<Option<Arc<Identity>>> {
         if credential.is_empty() || credential.len() > 4096 {
-            return None;
+            return Some(None);
         }
         let now = Instant::now();
         if let Some((identity, until)) = self.sessions.get(credential) {
             if until > now {
-                return identity;
+                return Some(identity);
             }
+        }
+        if lookups == Lookups::CacheOnly {
+            return None;
         }
         let found = look_up(credential);
         let mut until = now
@@ -1114,7 +1213,7 @@ impl Gateway {
         if let Some(i) = identity.as_ref().filter(|i| i.via.is_none()) {
             self.delegations.insert(i.sid.clone(), credential.into());
         }
-        identity
+        Some(identity)
     }
 
     /// The assertion for `identity` at `site`, re-signed when half its life

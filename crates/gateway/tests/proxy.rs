@@ -1199,3 +1199,46 @@ async fn a_site_sets_its_own_header_limit_and_response_time() {
     let got = request(gw.http, "POST", "app.localhost", "/sleep/500", &[], large).await;
     assert_eq!(got.status, 200, "other sites keep the gateway's timeout");
 }
+
+/// A platform slow to recognise one credential does not hold up anyone
+/// else: the look-up runs off the event loop (here the only thread).
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_credential_lookup_delays_nobody_else() {
+    let gw = gateway_with_app(Config::default()).await;
+    gw.hooks.sessions.lock().unwrap().insert(
+        "fast".into(),
+        User {
+            id: "ann".into(),
+            tier: "free".into(),
+            only_host: None,
+        },
+    );
+    let signed_in = || {
+        request(
+            gw.http,
+            "GET",
+            "app.localhost",
+            "/",
+            &[("cookie", "commons_session=fast")],
+            Bytes::new(),
+        )
+    };
+    assert_eq!(signed_in().await.status, 200);
+    let slow = tokio::spawn(request(
+        gw.http,
+        "GET",
+        "app.localhost",
+        "/",
+        &[("cookie", "commons_session=slow-1")],
+        Bytes::new(),
+    ));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    for _ in 0..10 {
+        assert_eq!(signed_in().await.status, 200);
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1000), "others waited {took:?}");
+    assert!(!slow.is_finished(), "the slow look-up was not slow");
+    assert_eq!(slow.await.unwrap().status, 200);
+}

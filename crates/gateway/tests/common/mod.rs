@@ -212,6 +212,10 @@ impl Hooks for TestHooks {
     fn authenticate(&self, credential: &str) -> Option<User> {
         self.lookups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A platform that answers slowly (a store under load).
+        if credential.starts_with("slow-") {
+            std::thread::sleep(Duration::from_secs(2));
+        }
         self.sessions.lock().unwrap().get(credential).cloned()
     }
 
