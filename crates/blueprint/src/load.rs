@@ -548,14 +548,17 @@ impl<'a> Loader<'a> {
             );
             return Vec::new();
         };
-        let mut out: Vec<(&str, Pos, &Node)> = Vec::new();
+        let mut out: Vec<(&str, Pos, &Node)> = Vec::with_capacity(entries.len());
+        // A set, not a scan of `out`: a blueprint may name 50,000 components.
+        let mut seen: std::collections::HashSet<&str> =
+            std::collections::HashSet::with_capacity(entries.len());
         for (k, v) in entries {
             let Some(key) = k.as_str() else {
                 self.sink(file)
                     .error(k.pos, format!("names in {what} must be plain words"));
                 continue;
             };
-            if out.iter().any(|(seen, _, _)| *seen == key) {
+            if !seen.insert(key) {
                 self.sink(file).error_help(
                     k.pos,
                     format!("duplicate name \"{key}\" in {what}"),

@@ -72,6 +72,15 @@ pub struct Context {
     pub withhold: Vec<String>,
     /// Instances replaced start-first, to stop once the gateway drained them.
     pub retired: Mutex<Vec<Handle>>,
+    /// The components another reads, made once (see `plan::replace_of`).
+    pub read_by_others: std::sync::OnceLock<std::collections::HashSet<String>>,
+}
+
+impl Context {
+    fn read_by_others(&self) -> &std::collections::HashSet<String> {
+        self.read_by_others
+            .get_or_init(|| crate::plan::read_by_others(&self.components))
+    }
 }
 
 struct Done {
@@ -366,7 +375,11 @@ async fn apply_component(
             resources: c.resources.clone(),
             credential: ctx.credentials.get(&task.component).cloned(),
             withhold: ctx.withhold.clone(),
-            replace: crate::plan::replace_of(&ctx.components, &task.component),
+            replace: crate::plan::replace_of(
+                &ctx.components,
+                ctx.read_by_others(),
+                &task.component,
+            ),
         };
         (attrs, spec)
     };

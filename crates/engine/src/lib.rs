@@ -638,6 +638,7 @@ impl Engine {
             recorded,
             outputs: Mutex::new(outputs),
             retired: Mutex::new(Vec::new()),
+            read_by_others: Default::default(),
         });
         let rows = apply::execute(ctx.clone(), self.store.as_ref(), tasks, jobs, progress).await?;
         let recorded_at = now_ms();
@@ -790,6 +791,7 @@ impl Engine {
             service_token: None,
             withhold: Vec::new(),
             retired: Mutex::new(Vec::new()),
+            read_by_others: Default::default(),
         });
         let rows = apply::execute(ctx, self.store.as_ref(), tasks, jobs, progress).await?;
         let ok = rows.iter().all(|t| t.outcome == "ok");

@@ -6,7 +6,7 @@
 //! references. A component is acted on only when an attribute changed, so
 //! changing one input touches exactly the components that read it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use indexmap::IndexMap;
@@ -300,16 +300,20 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
 /// health check (so "ready" means something), no other component reads its
 /// address (which changes), and it keeps no volume or SQLite file (which two
 /// versions must not write at once).
-pub fn replace_of(components: &IndexMap<String, Component>, name: &str) -> Replace {
+/// `read` is [`read_by_others`] of `components`, made once per plan or
+/// deploy (a scan per component would make planning quadratic).
+pub fn replace_of(
+    components: &IndexMap<String, Component>,
+    read: &HashSet<String>,
+    name: &str,
+) -> Replace {
     let Some(c) = components.get(name) else {
         return Replace::StopFirst;
     };
     if let Some(r) = c.replace {
         return r;
     }
-    let read_by_others = components
-        .iter()
-        .any(|(other, o)| other != name && o.depends_on.iter().any(|d| d == name));
+    let read_by_others = read.contains(name);
     let keeps_files = c.depends_on.iter().any(|d| {
         components
             .get(d)
@@ -320,6 +324,17 @@ pub fn replace_of(components: &IndexMap<String, Component>, name: &str) -> Repla
     } else {
         Replace::StopFirst
     }
+}
+
+/// The components some other component depends on (reads).
+pub fn read_by_others(components: &IndexMap<String, Component>) -> HashSet<String> {
+    let mut read = HashSet::new();
+    for (name, c) in components {
+        for d in c.depends_on.iter().filter(|d| *d != name) {
+            read.insert(d.clone());
+        }
+    }
+    read
 }
 
 pub fn handle_of(row: &ComponentRow) -> Handle {
@@ -338,6 +353,7 @@ pub fn compute(
 ) -> Result<Plan, EngineError> {
     let mut outputs: HashMap<String, IndexMap<String, Option<String>>> = HashMap::new();
     let mut changes: Vec<Option<Change>> = vec![None; components.len()];
+    let read = read_by_others(components);
     for &i in order {
         let (name, c) = components.get_index(i).expect("index from topo order");
         let kind = c.kind.keyword();
@@ -367,7 +383,7 @@ pub fn compute(
             _ => {
                 let previous = row.map(handle_of);
                 let spec = Spec {
-                    replace: replace_of(components, name),
+                    replace: replace_of(components, &read, name),
                     ..probe_spec(deployment, name, c)
                 };
                 driver_for(kind)
@@ -492,4 +508,58 @@ fn decide(
         _ => Action::Update,
     };
     (action, None, diffs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn components(yaml: &str) -> IndexMap<String, Component> {
+        commons_blueprint::load_str(Path::new("/bp/commons.yaml"), yaml)
+            .unwrap_or_else(|e| panic!("{e:?}"))
+            .components
+    }
+
+    #[test]
+    fn replacement_is_start_first_only_when_safe() {
+        let c = components(
+            r#"name: t
+components:
+  db: { sqlite: {} }
+  files: { volume: {} }
+  api:
+    process: "serve $PORT"
+    health: { http: "/" }
+  web:
+    process: "serve $PORT ${components.api.url}"
+    health: { http: "/" }
+  store:
+    process: "serve $PORT ${components.db.path}"
+    health: { http: "/" }
+  blind: { process: "serve $PORT" }
+  told:
+    process: "serve $PORT"
+    replace: stop-first
+    health: { http: "/" }
+"#,
+        );
+        let read = read_by_others(&c);
+        // (component, how it is replaced, why)
+        let table = [
+            (
+                "web",
+                Replace::StartFirst,
+                "healthy, read by nobody, no files",
+            ),
+            ("api", Replace::StopFirst, "web reads its address"),
+            ("store", Replace::StopFirst, "keeps a SQLite file"),
+            ("blind", Replace::StopFirst, "no health check"),
+            ("told", Replace::StopFirst, "the blueprint says so"),
+            ("missing", Replace::StopFirst, "no such component"),
+        ];
+        for (name, want, why) in table {
+            assert_eq!(replace_of(&c, &read, name), want, "{name}: {why}");
+        }
+        assert!(read.contains("api") && read.contains("db") && !read.contains("web"));
+    }
 }
