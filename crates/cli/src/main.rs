@@ -477,7 +477,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let progress = progress::Reporter::new(json, "Destroying");
             let outcome = runtime().block_on(engine.destroy(&name, jobs, &progress))?;
             progress.done();
-            output::outcome(&outcome, json, started.elapsed(), "Destroyed")
+            output::outcome(&outcome, json, started.elapsed(), "Destroyed")?;
+            // The last site is gone, but the daemon a deploy started is not.
+            let none_left = engine.list().map(|l| l.is_empty()).unwrap_or(false);
+            if let (true, false, Some(d)) = (none_left, json, commons_server::local::running(&home))
+            {
+                eprintln!(
+                    "{:>12} the platform daemon (pid {}) still runs for {}; `commons daemon stop` stops it",
+                    "Note",
+                    d.pid,
+                    home.display()
+                );
+            }
+            Ok(())
         }
         Command::Clone { record, name, jobs } => {
             let engine = engine()?;

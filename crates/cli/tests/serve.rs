@@ -482,3 +482,22 @@ fn user_token(port: u16) -> String {
         .unwrap()
         .to_string()
 }
+
+/// A daemon whose data directory is removed stops, and frees its ports
+/// for the next platform on this machine.
+#[test]
+fn the_daemon_stops_when_its_data_directory_is_removed() {
+    let s = Sandbox::new("orphaned");
+    let mut server = s.serve(&[]);
+    std::fs::remove_dir_all(&s.home).unwrap();
+    let stopped = wait_for(std::time::Duration::from_secs(15), || {
+        matches!(server.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(stopped, "the daemon outlived its data directory");
+    for port in [server.port, server.http] {
+        assert!(
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            "port {port} is still held"
+        );
+    }
+}

@@ -862,6 +862,19 @@ async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) -> std::io
     }
 }
 
+/// Resolves once the data directory, or (when it listens there) the local
+/// socket, is gone: a daemon whose data was removed must not hold the
+/// platform's ports for the next one.
+async fn orphaned(home: &Path, has_socket: bool) {
+    let socket = local::socket_path(home);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if !home.is_dir() || (has_socket && !socket.exists()) {
+            return;
+        }
+    }
+}
+
 /// Serves the API on `listener` (scoped tokens) and on the local socket
 /// `local` (the platform's administrator) until SIGTERM or SIGINT, then
 /// withdraws the socket and `daemon.json`.
@@ -873,6 +886,7 @@ pub async fn serve(
     use tokio::signal::unix::{signal, SignalKind};
     let home = state.home.clone();
     let tcp = serve_tcp(listener, router(state.clone()));
+    let has_socket = local.is_some();
     let socket = async {
         match local {
             Some(l) => {
@@ -888,6 +902,14 @@ pub async fn serve(
         r = socket => r,
         _ = term.recv() => Ok(()),
         _ = int.recv() => Ok(()),
+        _ = orphaned(&home, has_socket) => {
+            eprintln!(
+                "{:>12} {} or its socket was removed: the platform stops",
+                "Stopping",
+                home.display()
+            );
+            Ok(())
+        }
     };
     local::withdraw(&home);
     result
