@@ -6,6 +6,8 @@
 //! line, column and a suggested fix. This crate does no I/O of its own:
 //! files come through a [`Sources`].
 
+#![forbid(unsafe_code)]
+
 pub mod diag;
 pub mod graph;
 pub mod load;

@@ -243,6 +243,7 @@ impl Lock {
             .write(true)
             .open(path)
             .map_err(EngineError::io("opening the lock file"))?;
+        // SAFETY: flock on a descriptor `f` owns for the whole call.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(EngineError::Busy(format!(
                 "another command is working on deployment \"{deployment}\"; wait for it to finish"

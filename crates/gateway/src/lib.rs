@@ -134,6 +134,7 @@ impl Default for Config {
 /// when they share a CPU.
 pub fn background_priority() {
     // On Linux, PRIO_PROCESS with who = 0 applies to the calling thread.
+    // SAFETY: setpriority takes plain integers.
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, 10);
     }

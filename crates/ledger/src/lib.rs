@@ -9,6 +9,8 @@
 //! - [`allocation`]: splitting a subscriber's payment exactly, by the
 //!   largest-remainder method, down to upstream projects.
 
+#![forbid(unsafe_code)]
+
 pub mod allocation;
 pub mod billing;
 pub mod book;

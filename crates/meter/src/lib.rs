@@ -19,6 +19,8 @@
 //!
 //! One batch is one SQLite transaction with the WAL fsynced at commit.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -227,6 +227,7 @@ fn shell_command(command: &str) -> String {
 /// Writes the calling process's pid to `path`. Async-signal-safe.
 fn write_pid(path: &CString) {
     let mut buf = [0u8; 16];
+    // SAFETY: getpid takes nothing and cannot fail.
     let mut n = unsafe { libc::getpid() } as u32;
     let mut i = buf.len();
     loop {
@@ -237,6 +238,8 @@ fn write_pid(path: &CString) {
             break;
         }
     }
+    // SAFETY: open, write and close on a NUL-terminated path and a stack
+    // buffer that outlive the calls; all three are async-signal-safe.
     unsafe {
         let fd = libc::open(
             path.as_ptr(),
@@ -320,6 +323,7 @@ pub async fn stop(pid: i32, instance: &str, grace: Duration) {
     if !ours(&members) {
         return;
     }
+    // SAFETY: kill takes plain integers; the group is ours (checked above).
     unsafe {
         libc::kill(-pid, libc::SIGTERM);
     }
@@ -333,6 +337,7 @@ pub async fn stop(pid: i32, instance: &str, grace: Duration) {
             break;
         }
     }
+    // SAFETY: as above.
     unsafe {
         libc::kill(-pid, libc::SIGKILL);
     }

@@ -50,6 +50,7 @@ pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {
         .truncate(false)
         .write(true)
         .open(home.join("uids.lock"))?;
+    // SAFETY: flock on a descriptor `lock` owns for the whole call.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -73,6 +74,7 @@ pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {
 /// Hands `dir` (not recursively) to `uid`, mode 0700.
 pub fn give(dir: &Path, uid: u32) -> std::io::Result<()> {
     let c = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
     if unsafe { libc::chown(c.as_ptr(), uid, uid) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -88,6 +90,7 @@ pub fn give_tree(dir: &Path, uid: u32) -> std::io::Result<()> {
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
         let c = CString::new(d.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+        // SAFETY: as above; lchown does not follow a link out of the tree.
         if unsafe { libc::lchown(c.as_ptr(), uid, uid) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -414,6 +417,8 @@ pub fn helper_main(args: &[String]) -> ! {
         memory_limit: limits.memory_bytes,
         oom_kills_before: crate::exit::oom_kills(&cgroup),
     };
+    // SAFETY: unshare and fork in the single-threaded keeper; the child
+    // calls only async-signal-safe functions until it execs.
     unsafe {
         if libc::unshare(
             libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS,

@@ -14,6 +14,7 @@ pub struct Sample {
 }
 
 fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf takes an integer and reads configuration only.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 {
         t as u64
@@ -37,6 +38,7 @@ pub fn sample_group(pgid: i32) -> Sample {
 }
 
 fn page_size() -> u64 {
+    // SAFETY: as above.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if p > 0 {
         p as u64

@@ -6,6 +6,8 @@
 //! PostgreSQL server. Both pass the same test suite; nothing outside this
 //! crate sees SQL.
 
+#![forbid(unsafe_code)]
+
 pub mod accounts;
 mod pg;
 mod sqlite;
