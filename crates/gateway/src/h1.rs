@@ -28,9 +28,11 @@ use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::{Metering, ResponseBody};
+use crate::caller::{Credentials, OwnedCredentials, SERVICE_HEADER};
 use crate::deadline::Deadline;
-use crate::proxy::{self, Credentials};
+use crate::headers::{bearer_in, cookie_in, SESSION_PAIR};
 use crate::routes::Site;
+use crate::signin::SIGN_IN_PATH;
 use crate::upstream::{put_header, put_status_line};
 use crate::usage::RequestRecord;
 use crate::{ConnInfo, Gateway};
@@ -72,7 +74,7 @@ enum Next {
     HandOver,
     /// A credential the gateway has not seen lately: look it up (off the
     /// event loop), then read the head again.
-    LookUp(Box<(proxy::OwnedCredentials, String)>),
+    LookUp(Box<(OwnedCredentials, String)>),
     Serve(Fast),
 }
 
@@ -286,7 +288,7 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         return Next::HandOver;
     };
     let path = target.split_once('?').map_or(&*target, |(p, _)| p);
-    if path == proxy::SIGN_IN_PATH {
+    if path == SIGN_IN_PATH {
         return Next::HandOver;
     }
     let mut host_value: Option<&[u8]> = None;
@@ -325,11 +327,11 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
                     .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
             }
             6 if is("cookie") && credentials.session.is_none() => {
-                credentials.session = text().and_then(|v| proxy::cookie_in(v, proxy::SESSION_PAIR));
+                credentials.session = text().and_then(|v| cookie_in(v, SESSION_PAIR));
             }
-            13 if is("authorization") => credentials.bearer = text().and_then(proxy::bearer_in),
+            13 if is("authorization") => credentials.bearer = text().and_then(bearer_in),
             _ if is(crate::identity::HEADER) => credentials.assertion = text(),
-            _ if is(proxy::SERVICE_HEADER) => credentials.service = text(),
+            _ if is(SERVICE_HEADER) => credentials.service = text(),
             _ => {}
         }
     }
@@ -357,7 +359,7 @@ fn next(gw: &Gateway, buf: &[u8], conn: &ConnInfo, head: &mut Vec<u8>) -> Next {
         return Next::HandOver;
     }
     let Some(caller) = gw.caller_known(&credentials, host) else {
-        let pending = (proxy::OwnedCredentials::of(&credentials), host.to_string());
+        let pending = (OwnedCredentials::of(&credentials), host.to_string());
         return Next::LookUp(Box::new(pending));
     };
     if caller.identity.is_none() && site.needs_login(path) {

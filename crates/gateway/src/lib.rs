@@ -7,7 +7,9 @@
 //! ([`Gateway::set_routes`]) and answers its questions through [`Hooks`]; it
 //! knows nothing of blueprints or engines.
 //!
-//! Modules: `routes` (the table), `proxy` (one request), `h1` (the HTTP/1.1
+//! Modules: `routes` (the table), `proxy` (one request), `headers` (what
+//! crosses the gateway and what it states), `caller` (who a request is
+//! from), `signin` (a browser's sign-in at a site), `h1` (the HTTP/1.1
 //! server for the common request), `upstream` (the client for it),
 //! `deadline` (lazy timeouts), `body` (counted bodies), `target` (the
 //! canonical path and host), `sessions` (credentials the gateway
@@ -16,13 +18,16 @@
 
 pub mod acme;
 pub mod body;
+mod caller;
 mod deadline;
 mod h1;
+mod headers;
 pub mod identity;
 pub mod metrics;
 mod proxy;
 pub mod routes;
 mod sessions;
+mod signin;
 pub mod target;
 pub mod tls;
 pub mod upstream;
@@ -41,8 +46,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
-pub use proxy::{is_local_path, SERVICE_HEADER, SESSION_COOKIE, SIGN_IN_PATH};
+pub use caller::SERVICE_HEADER;
+pub use headers::SESSION_COOKIE;
 pub use routes::RouteSpec;
+pub use signin::{is_local_path, SIGN_IN_PATH};
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -175,7 +182,7 @@ pub struct Gateway {
     acme: OnceLock<Arc<acme::Acme>>,
     hooks: Arc<dyn Hooks>,
     /// credential → (who it is, until when to trust that).
-    sessions: sessions::Generations<Box<str>, sessions::Entry<proxy::Identity>>,
+    sessions: sessions::Generations<Box<str>, sessions::Entry<caller::Identity>>,
     /// An assertion's `sid` → the credential it was made from.
     delegations: sessions::Generations<Arc<str>, Box<str>>,
     sign_in_states: sessions::SignInStates,

@@ -251,10 +251,10 @@ impl Head {
     /// one, a `Set-Cookie` of the platform's cookies, or a length the
     /// framing overrides.
     fn withheld(&self, name_bytes: &[u8], value: &[u8], connection: &[&[u8]]) -> bool {
-        crate::proxy::is_stripped_any_case(name_bytes, false)
-            || crate::proxy::named_by_connection(name_bytes, connection)
+        crate::headers::is_stripped_any_case(name_bytes, false)
+            || crate::headers::named_by_connection(name_bytes, connection)
             || (name_bytes.eq_ignore_ascii_case(b"set-cookie")
-                && crate::proxy::is_platform_set_cookie(value))
+                && crate::headers::is_platform_set_cookie(value))
             || (matches!(self.framing, Framing::Chunked)
                 && name_bytes.eq_ignore_ascii_case(b"content-length"))
     }
