@@ -47,9 +47,9 @@ fn started_message(info: &local::DaemonInfo, home: &Path) {
         info.pid,
         info.api,
         gateway.join(", "),
-        home.join("logs/serve.log").display()
+        commons_runtime::Layout::new(home).serve_log().display()
     );
-    let admin = home.join("secrets/admin.token");
+    let admin = commons_runtime::Layout::new(home).admin_token();
     if admin.exists() {
         eprintln!(
             "{:>12} the administrator's API token is in {} (read it, then delete the file)",

@@ -54,14 +54,15 @@ pub enum LedgerCommand {
 }
 
 fn open(home: &Path) -> Result<Journal, Failure> {
-    let dir = home.join("ledger");
+    let layout = commons_runtime::Layout::new(home);
+    let dir = layout.ledger_dir();
     commons_server::private_dir(&dir)
         .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
-    Journal::open(&dir.join("ledger.db")).map_err(|e| Failure::Failed(e.to_string()))
+    Journal::open(&layout.ledger_db()).map_err(|e| Failure::Failed(e.to_string()))
 }
 
 fn key_path(home: &Path) -> PathBuf {
-    home.join("ledger").join("custodian.key")
+    commons_runtime::Layout::new(home).custodian_key()
 }
 
 pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {

@@ -727,8 +727,8 @@ fn bootstrap_admin(home: &std::path::Path) -> Result<(), Failure> {
             ""
         );
     } else {
-        let path = home.join("secrets").join("admin.token");
-        commons_server::private_dir(&home.join("secrets"))
+        let path = commons_runtime::Layout::new(home).admin_token();
+        commons_server::private_dir(path.parent().expect("in the secrets directory"))
             .map_err(|e| Failure::Failed(e.to_string()))?;
         write_private(&path, &format!("{token}\n")).map_err(|e| Failure::Failed(e.to_string()))?;
         eprintln!(

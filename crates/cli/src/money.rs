@@ -75,7 +75,7 @@ struct Config {
 }
 
 fn config(home: &Path) -> Result<Config, Failure> {
-    let path = home.join("ledger").join("config.json");
+    let path = commons_runtime::Layout::new(home).ledger_config();
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map_err(|e| Failure::Input(format!("{}: {e}", path.display()))),
@@ -84,21 +84,24 @@ fn config(home: &Path) -> Result<Config, Failure> {
 }
 
 fn ledger_dir(home: &Path) -> Result<PathBuf, Failure> {
-    let dir = home.join("ledger");
+    let dir = commons_runtime::Layout::new(home).ledger_dir();
     commons_server::private_dir(&dir)
         .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
     Ok(dir)
 }
 
 fn journal(home: &Path) -> Result<Journal, Failure> {
-    Journal::open(&ledger_dir(home)?.join("ledger.db")).map_err(|e| Failure::Failed(e.to_string()))
+    ledger_dir(home)?;
+    Journal::open(&commons_runtime::Layout::new(home).ledger_db())
+        .map_err(|e| Failure::Failed(e.to_string()))
 }
 
 fn meter(home: &Path) -> Result<Meter, Failure> {
-    let dir = home.join("meter");
-    commons_server::private_dir(&dir)
+    let db = commons_runtime::Layout::new(home).meter_db();
+    let dir = db.parent().expect("the meter's file is in a directory");
+    commons_server::private_dir(dir)
         .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
-    Meter::open(&dir.join("meter.db"), GRACE_MS).map_err(|e| Failure::Failed(e.to_string()))
+    Meter::open(&db, GRACE_MS).map_err(|e| Failure::Failed(e.to_string()))
 }
 
 fn billing(home: &Path, cfg: &Config) -> Result<Billing, Failure> {

@@ -35,7 +35,7 @@ pub struct Remote {
 }
 
 fn remote_file(home: &Path) -> PathBuf {
-    home.join("remote.json")
+    commons_runtime::Layout::new(home).remote_file()
 }
 
 /// The remote platform of `home`, if `commons login` named one.

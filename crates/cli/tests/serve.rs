@@ -489,7 +489,11 @@ fn user_token(port: u16) -> String {
 fn the_daemon_stops_when_its_data_directory_is_removed() {
     let s = Sandbox::new("orphaned");
     let mut server = s.serve(&[]);
-    std::fs::remove_dir_all(&s.home).unwrap();
+    // The daemon may be writing a file into it at that moment.
+    let removed = wait_for(std::time::Duration::from_secs(5), || {
+        std::fs::remove_dir_all(&s.home).is_ok() || !s.home.exists()
+    });
+    assert!(removed);
     let stopped = wait_for(std::time::Duration::from_secs(15), || {
         matches!(server.child.try_wait(), Ok(Some(_)))
     });

@@ -165,7 +165,7 @@ pub(crate) fn write(
     )?;
     let bytes = tar.into_inner().map_err(io("finishing the archive"))?;
     let sha256 = hex(&Sha256::digest(&bytes));
-    let dir = layout.home.join("archive");
+    let dir = layout.archive_dir();
     commons_runtime::layout::private_dir(&dir).map_err(io("creating the archive directory"))?;
     let path = dir.join(format!("{sha256}.tar"));
     std::fs::write(&path, &bytes).map_err(io(format!("writing {}", path.display())))?;

@@ -1,4 +1,7 @@
-//! Where a deployment's files live under the data directory (`COMMONS_HOME`).
+//! Every place in the data directory (`COMMONS_HOME`): a deployment's
+//! files, and the platform's own (meter, ledger, gateway, tokens, uploads,
+//! the daemon's files). Nothing else joins paths under the data directory;
+//! the table in ARCHITECTURE.md is this file, in prose.
 
 use std::path::{Path, PathBuf};
 
@@ -89,6 +92,110 @@ impl Layout {
 
     pub fn lock_file(&self, deployment: &str) -> PathBuf {
         self.home.join("locks").join(format!("{deployment}.lock"))
+    }
+
+    // --- the platform's own files -------------------------------------
+
+    /// Usage events and their aggregates.
+    pub fn meter_db(&self) -> PathBuf {
+        self.home.join("meter").join("meter.db")
+    }
+
+    /// The ledger's directory: journal, billing, the custodian's key.
+    pub fn ledger_dir(&self) -> PathBuf {
+        self.home.join("ledger")
+    }
+
+    pub fn ledger_db(&self) -> PathBuf {
+        self.ledger_dir().join("ledger.db")
+    }
+
+    /// Subscriptions and the payment events handled.
+    pub fn billing_db(&self) -> PathBuf {
+        self.ledger_dir().join("billing.db")
+    }
+
+    /// The Ed25519 key signing the journal's checkpoints.
+    pub fn custodian_key(&self) -> PathBuf {
+        self.ledger_dir().join("custodian.key")
+    }
+
+    /// Allocation policy, tiers, projects, sites run elsewhere, splits.
+    pub fn ledger_config(&self) -> PathBuf {
+        self.ledger_dir().join("config.json")
+    }
+
+    /// The gateway's keys and state.
+    pub fn gateway_dir(&self) -> PathBuf {
+        self.home.join("gateway")
+    }
+
+    /// The key identity assertions are signed with.
+    pub fn identity_key(&self) -> PathBuf {
+        self.gateway_dir().join("identity.key")
+    }
+
+    /// The OpenID provider's RSA key.
+    pub fn oidc_key(&self) -> PathBuf {
+        self.gateway_dir().join("oidc-rsa.pk8")
+    }
+
+    /// The platform's own logs (`serve`'s, the gateway's access log).
+    pub fn platform_logs(&self) -> PathBuf {
+        self.home.join("logs")
+    }
+
+    pub fn access_log(&self) -> PathBuf {
+        self.platform_logs().join("gateway-access.log")
+    }
+
+    pub fn serve_log(&self) -> PathBuf {
+        self.platform_logs().join("serve.log")
+    }
+
+    /// The first administrator's token, when `serve` had no terminal.
+    pub fn admin_token(&self) -> PathBuf {
+        self.home.join("secrets").join("admin.token")
+    }
+
+    /// The platform's own API tokens (hashes and scopes).
+    pub fn tokens_file(&self) -> PathBuf {
+        self.home.join("tokens.json")
+    }
+
+    /// A blueprint and its files sent through the API for site `name`.
+    pub fn upload_dir(&self, name: &str) -> PathBuf {
+        self.home.join("uploads").join(name)
+    }
+
+    /// Domains the administrator verified: host → organisation.
+    pub fn domains_file(&self) -> PathBuf {
+        self.home.join("domains.json")
+    }
+
+    /// Where a catalog entry's blueprint is written.
+    pub fn catalog_dir(&self, name: &str) -> PathBuf {
+        self.home.join("catalog").join(name)
+    }
+
+    /// Backups, named by the hash of their content.
+    pub fn archive_dir(&self) -> PathBuf {
+        self.home.join("archive")
+    }
+
+    /// The platform `commons login` signed in to.
+    pub fn remote_file(&self) -> PathBuf {
+        self.home.join("remote.json")
+    }
+
+    /// The running daemon: pid and addresses.
+    pub fn daemon_file(&self) -> PathBuf {
+        self.home.join("daemon.json")
+    }
+
+    /// The daemon's local API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.home.join("api.sock")
     }
 }
 

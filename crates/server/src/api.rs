@@ -829,7 +829,7 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
             format!("\"{}\" is not a site name: use lower-case letters, digits and '-', starting with a letter", n.name),
         ));
     }
-    let uploads = state.home.join("uploads").join(&n.name);
+    let uploads = state.engine.layout.upload_dir(&n.name);
     let path = match (&n.catalog, &n.blueprint, &n.source) {
         (Some(c), None, None) => catalog::materialize(&state.home, c).map_err(|e| {
             ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Unknown catalog entry", e)

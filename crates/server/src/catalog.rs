@@ -71,7 +71,7 @@ pub fn materialize(home: &Path, name: &str) -> Result<PathBuf, String> {
             names.join(", ")
         )
     })?;
-    let dir = home.join("catalog").join(name);
+    let dir = commons_runtime::Layout::new(home).catalog_dir(name);
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let path = dir.join(commons_blueprint::FILE_NAME);
     if std::fs::read_to_string(&path).ok().as_deref() != Some(entry.blueprint) {

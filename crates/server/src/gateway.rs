@@ -343,17 +343,18 @@ pub fn spawn(
     state: Arc<AppState>,
     settings: GatewaySettings,
 ) -> Result<RunningGateway, String> {
-    let dir = home.join("gateway");
+    let layout = commons_runtime::Layout::new(home);
+    let dir = layout.gateway_dir();
     crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let signer = identity::Signer::open(&dir.join("identity.key")).map_err(|e| e.to_string())?;
-    let meter = commons_meter::Meter::open(&home.join("meter/meter.db"), crate::GRACE_MS)
+    let signer = identity::Signer::open(&layout.identity_key()).map_err(|e| e.to_string())?;
+    let meter = commons_meter::Meter::open(&layout.meter_db(), crate::GRACE_MS)
         .map_err(|e| format!("meter: {e}"))?;
-    let log_dir = home.join("logs");
+    let log_dir = layout.platform_logs();
     crate::private_dir(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
     let access_log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log_dir.join("gateway-access.log"))
+        .open(layout.access_log())
         .map_err(|e| format!("access log: {e}"))?;
     let tap = usage::Tap::start(
         Box::new(MeterSink(meter)),

@@ -26,7 +26,7 @@ pub const SITES_DOMAIN: &str = "localhost";
 
 /// The verified domains: host → organisation.
 pub fn verified(home: &Path) -> BTreeMap<String, String> {
-    std::fs::read(home.join("domains.json"))
+    std::fs::read(commons_runtime::Layout::new(home).domains_file())
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default()
@@ -44,7 +44,7 @@ pub fn verify(home: &Path, host: &str, org: &str) -> Result<(), String> {
     let mut all = verified(home);
     all.insert(host, org.to_string());
     let json = serde_json::to_vec_pretty(&all).expect("json");
-    commons_runtime::layout::write_whole(&home.join("domains.json"), &json)
+    commons_runtime::layout::write_whole(&commons_runtime::Layout::new(home).domains_file(), &json)
         .map_err(|e| e.to_string())
 }
 

@@ -128,22 +128,17 @@ impl AppState {
             private_dir(&home.join(dir)).map_err(|e| err(dir, &e))?;
         }
         let engine = commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?;
+        let layout = engine.layout.clone();
         let site_sessions = gateway::SiteSessions::new(&engine);
         Ok(AppState {
             home: home.to_path_buf(),
             meter: Mutex::new(
-                Meter::open(&home.join("meter/meter.db"), GRACE_MS)
-                    .map_err(|e| err("meter", &e))?,
+                Meter::open(&layout.meter_db(), GRACE_MS).map_err(|e| err("meter", &e))?,
             ),
-            journal: Mutex::new(
-                Journal::open(&home.join("ledger/ledger.db")).map_err(|e| err("ledger", &e))?,
-            ),
+            journal: Mutex::new(Journal::open(&layout.ledger_db()).map_err(|e| err("ledger", &e))?),
             billing: Mutex::new(
-                Billing::open(
-                    &home.join("ledger/billing.db"),
-                    tiers.unwrap_or_else(default_tiers),
-                )
-                .map_err(|e| err("billing", &e))?,
+                Billing::open(&layout.billing_db(), tiers.unwrap_or_else(default_tiers))
+                    .map_err(|e| err("billing", &e))?,
             ),
             stripe: stripe_secret.map(Stripe::new),
             tokens: Tokens::new(home),
@@ -153,7 +148,7 @@ impl AppState {
             engine,
             gateway_http: std::sync::OnceLock::new(),
             gateway_https: std::sync::OnceLock::new(),
-            oidc: oidc::Provider::new(home.join("gateway/oidc-rsa.pk8")),
+            oidc: oidc::Provider::new(layout.oidc_key()),
             public_url: std::sync::OnceLock::new(),
             deploys: Mutex::new(std::collections::HashMap::new()),
             sign_ins: gateway::SignIns::default(),
@@ -173,7 +168,9 @@ fn open_account_store(
                 std::env::var("COMMONS_DATABASE_SCHEMA").unwrap_or_else(|_| "commons".into());
             Arc::new(commons_store::PgStore::connect(&url, &schema)?)
         }
-        _ => Arc::new(commons_store::SqliteStore::open(&home.join("state.db"))?),
+        _ => Arc::new(commons_store::SqliteStore::open(
+            &commons_runtime::Layout::new(home).state_db(),
+        )?),
     })
 }
 

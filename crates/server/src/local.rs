@@ -33,11 +33,11 @@ pub struct DaemonInfo {
 }
 
 pub fn socket_path(home: &Path) -> PathBuf {
-    home.join("api.sock")
+    commons_runtime::Layout::new(home).api_socket()
 }
 
 pub fn info_path(home: &Path) -> PathBuf {
-    home.join("daemon.json")
+    commons_runtime::Layout::new(home).daemon_file()
 }
 
 /// The daemon serving `home`, if one answers on its socket.
@@ -136,9 +136,10 @@ pub async fn request(
 /// `binary` is the `commons` executable; `args` are extra `serve` options.
 pub fn start(home: &Path, binary: &Path, args: &[String]) -> Result<DaemonInfo, String> {
     use std::os::unix::process::CommandExt;
-    let logs = home.join("logs");
+    let layout = commons_runtime::Layout::new(home);
+    let logs = layout.platform_logs();
     crate::private_dir(&logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
-    let log_path = logs.join("serve.log");
+    let log_path = layout.serve_log();
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)

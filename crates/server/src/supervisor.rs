@@ -66,10 +66,11 @@ impl Sampler {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(60);
-        let dir = home.join("meter");
-        let meter = crate::private_dir(&dir)
-            .ok()
-            .and_then(|_| commons_meter::Meter::open(&dir.join("meter.db"), crate::GRACE_MS).ok());
+        let db = commons_runtime::Layout::new(home).meter_db();
+        let meter = db
+            .parent()
+            .and_then(|dir| crate::private_dir(dir).ok())
+            .and_then(|_| commons_meter::Meter::open(&db, crate::GRACE_MS).ok());
         let node = crate::host_name().unwrap_or_else(|| "local".into());
         Sampler {
             meter,

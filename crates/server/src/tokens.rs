@@ -75,7 +75,7 @@ type TokenIndex = std::collections::HashMap<String, TokenRecord>;
 impl Tokens {
     pub fn new(home: &Path) -> Tokens {
         Tokens {
-            path: home.join("tokens.json"),
+            path: commons_runtime::Layout::new(home).tokens_file(),
             index: Default::default(),
         }
     }
