@@ -25,6 +25,7 @@
 
 pub mod accounts;
 pub mod api;
+pub mod books;
 pub mod catalog;
 pub mod config;
 pub mod console;
@@ -748,6 +749,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/sites/{name}/history/diff", get(api::history_diff))
         .route("/api/sites/{name}/backups", post(api::backup))
         .route("/api/orgs/{org}/oidc-clients", post(oidc::register_client))
+        .route("/books", get(books::page))
+        .route("/api/books", get(books::books_json))
+        .route("/api/books/export", get(books::export))
         .merge(console::routes())
         .merge(oidc::routes())
         .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })

@@ -137,6 +137,8 @@ impl Modify for Bearer {
         crate::api::history_diff,
         crate::api::backup,
         crate::oidc::register_client,
+        crate::books::books_json,
+        crate::books::export,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

@@ -1,0 +1,259 @@
+//! The open books: what anyone, signed in or not, may see of the ledger —
+//! the reserve, the tokens outstanding and their price, what each kind of
+//! recipient holds, the journal's latest signed checkpoint, the custodian's
+//! public key, and the whole journal as an export that `commons ledger
+//! verify` checks offline. Subscribers are counted, never named.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use commons_ledger::journal::{load_or_create_key, Checkpoint, Journal};
+use maud::html;
+use serde::Serialize;
+
+use crate::{ApiProblem, AppState};
+
+/// The ledger as the public sees it.
+#[derive(Debug, Serialize)]
+pub struct Books {
+    /// Cash held in the reserve, in cents.
+    pub reserve_cents: u64,
+    /// CommonCents in circulation.
+    pub tokens_outstanding: u64,
+    /// What one token is worth, in cents: reserve ÷ tokens outstanding
+    /// (`null` before any token exists).
+    pub price_cents: Option<f64>,
+    /// Tokens held, by kind of holder (subscribers' escrow summed).
+    pub holdings: Vec<Holding>,
+    /// Named recipients (operators, providers, projects, the general fund)
+    /// and what each holds.
+    pub recipients: Vec<Holding>,
+    /// Subscribers' escrow accounts, counted.
+    pub subscribers: usize,
+    /// Entries in the journal now.
+    pub journal_entries: u64,
+    /// The latest signed tree head, if any.
+    pub checkpoint: Option<Checkpoint>,
+    /// The custodian's key the checkpoints are signed with (hex), once the
+    /// ledger has one.
+    pub custodian_key: Option<String>,
+}
+
+/// Tokens held by one holder or kind of holder.
+#[derive(Debug, Serialize)]
+pub struct Holding {
+    pub name: String,
+    pub tokens: u64,
+}
+
+/// The kinds of holders, in the order the page shows them: (account
+/// prefix, label).
+const KINDS: &[(&str, &str)] = &[
+    ("tokens:escrow:", "Subscribers' escrow"),
+    ("tokens:general-fund", "General fund"),
+    ("tokens:operator:", "Operators"),
+    ("tokens:provider:", "Providers"),
+    ("tokens:project:", "Projects"),
+    ("tokens:fees", "Payment fees"),
+];
+
+/// Reads the books from the journal.
+pub fn read(state: &AppState) -> Result<Books, ApiProblem> {
+    let mut journal = state.journal.lock().unwrap_or_else(|p| p.into_inner());
+    let key_path = state.engine.layout.custodian_key();
+    let custodian_key = key_path
+        .exists()
+        .then(|| load_or_create_key(&key_path).ok())
+        .flatten()
+        .map(|k| commons_ledger::hex::encode(k.verifying_key().as_bytes()));
+    let checkpoint = journal
+        .checkpoints()
+        .map_err(ledger_failed)?
+        .into_iter()
+        .last();
+    let journal_entries = journal.tree().len();
+    let cents = commons_ledger::cents::Cents {
+        journal: &mut journal,
+    };
+    let (reserve_cents, tokens_outstanding) = (cents.reserve(), cents.outstanding());
+    let mut holdings: Vec<Holding> = KINDS
+        .iter()
+        .map(|(_, label)| Holding {
+            name: label.to_string(),
+            tokens: 0,
+        })
+        .collect();
+    let mut recipients = Vec::new();
+    let mut subscribers = 0;
+    for (account, balance) in journal.book().accounts() {
+        let Some(kind) = KINDS.iter().position(|(p, _)| account.name.starts_with(p)) else {
+            continue;
+        };
+        let tokens = balance.net_credit().max(0) as u64;
+        holdings[kind].tokens += tokens;
+        if kind == 0 {
+            subscribers += 1;
+        } else {
+            recipients.push(Holding {
+                name: account
+                    .name
+                    .strip_prefix("tokens:")
+                    .unwrap_or(&account.name)
+                    .to_string(),
+                tokens,
+            });
+        }
+    }
+    recipients.sort_by(|a, b| b.tokens.cmp(&a.tokens).then(a.name.cmp(&b.name)));
+    Ok(Books {
+        reserve_cents,
+        tokens_outstanding,
+        price_cents: (tokens_outstanding > 0)
+            .then(|| reserve_cents as f64 / tokens_outstanding as f64),
+        holdings,
+        recipients,
+        subscribers,
+        journal_entries,
+        checkpoint,
+        custodian_key,
+    })
+}
+
+fn ledger_failed(e: impl std::fmt::Display) -> ApiProblem {
+    ApiProblem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Ledger unavailable",
+        e.to_string(),
+    )
+}
+
+/// The open books, as data.
+#[utoipa::path(get, path = "/api/books", tag = "platform",
+    responses((status = 200, description = "`{reserve_cents, tokens_outstanding, price_cents, holdings, recipients, subscribers, journal_entries, checkpoint, custodian_key}`: the ledger as anyone may see it", body = Object)))]
+pub async fn books_json(State(state): State<Arc<AppState>>) -> Result<Response, ApiProblem> {
+    Ok(Json(read(&state)?).into_response())
+}
+
+/// The whole journal with a signed checkpoint covering it, as `commons
+/// ledger verify FILE --key KEY` checks it.
+#[utoipa::path(get, path = "/api/books/export", tag = "platform",
+    responses((status = 200, description = "the journal's export: every entry and signed checkpoint, one JSON document per line", body = String, content_type = "application/jsonl")))]
+pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, ApiProblem> {
+    let mut journal = state.journal.lock().unwrap_or_else(|p| p.into_inner());
+    covering_checkpoint(&state, &mut journal)?;
+    let text = commons_ledger::export::export(&mut journal).map_err(ledger_failed)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/jsonl"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"ledger.export\"",
+            ),
+        ],
+        text,
+    )
+        .into_response())
+}
+
+/// Signs a checkpoint over the whole journal unless the latest one covers
+/// it already (so reading the books never grows them).
+fn covering_checkpoint(state: &AppState, journal: &mut Journal) -> Result<(), ApiProblem> {
+    let size = journal.tree().len();
+    let latest = journal.checkpoints().map_err(ledger_failed)?;
+    if latest.last().is_some_and(|c| c.tree_size == size) {
+        return Ok(());
+    }
+    let key = load_or_create_key(&state.engine.layout.custodian_key()).map_err(ledger_failed)?;
+    journal.checkpoint(&key).map_err(ledger_failed)?;
+    Ok(())
+}
+
+/// Formats cents as dollars.
+fn dollars(cents: u64) -> String {
+    format!("{}.{:02} USD", cents / 100, cents % 100)
+}
+
+/// The open books, for people: no log-in needed.
+pub async fn page(State(state): State<Arc<AppState>>) -> Response {
+    let books = match read(&state) {
+        Ok(b) => b,
+        Err(p) => return crate::console::problem_page(p, None),
+    };
+    let widest = books
+        .holdings
+        .iter()
+        .map(|h| h.tokens)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let bar_height = 28;
+    let chart_height = books.holdings.len() * bar_height + 8;
+    let description: Vec<String> = books
+        .holdings
+        .iter()
+        .map(|h| format!("{}: {} tokens", h.name, h.tokens))
+        .collect();
+    crate::console::page(
+        "Open books",
+        None,
+        false,
+        html! {
+            p { "Every payment, allocation and redemption of OneCommons is a transfer in a \
+                 public, append-only journal. Anyone can download it and check it." }
+            h2 { "CommonCents" }
+            table {
+                tr { th scope="row" { "Reserve" } td { (dollars(books.reserve_cents)) } }
+                tr { th scope="row" { "Tokens outstanding" } td { (books.tokens_outstanding) } }
+                tr {
+                    th scope="row" { "Price of a token" }
+                    td { @match books.price_cents {
+                        Some(p) => { (format!("{p:.4} cents")) " (reserve ÷ tokens outstanding)" },
+                        None => { "no tokens yet" },
+                    } }
+                }
+                tr { th scope="row" { "Subscribers" } td { (books.subscribers) } }
+            }
+            h2 { "Who holds the tokens" }
+            p { "Bars on a logarithmic scale; the table below gives every figure." }
+            svg role="img" aria-label=(description.join("; ")) width="100%"
+                viewBox=(format!("0 0 640 {chart_height}")) {
+                @for (i, h) in books.holdings.iter().enumerate() {
+                    @let y = i * bar_height + 4;
+                    // A log scale: the bootstrap's tokens would flatten the rest.
+                    @let width = ((h.tokens as f64).ln_1p() / (widest as f64).ln_1p() * 380.0).round() as u64;
+                    text x="0" y=(y + 18) font-size="14" { (h.name) }
+                    rect x="190" y=(y) width=(width.max(1)) height="20" fill="#14365d" {
+                        title { (h.name) ": " (h.tokens) " tokens" }
+                    }
+                    text x=(196 + width) y=(y + 15) font-size="13" { (h.tokens) }
+                }
+            }
+            table {
+                tr { th { "Holder" } th { "Tokens" } }
+                @for h in &books.recipients {
+                    tr { td { (h.name) } td { (h.tokens) } }
+                }
+            }
+            h2 { "The journal" }
+            p { (books.journal_entries) " entries." }
+            @match &books.checkpoint {
+                Some(c) => {
+                    p { "Latest signed checkpoint: " (c.tree_size) " entries, root "
+                        code { (c.root) } "." }
+                },
+                None => { p { "No checkpoint signed yet." } },
+            }
+            @if let Some(k) = &books.custodian_key {
+                p { "Custodian's key: " code { (k) } }
+            }
+            p {
+                a href="/api/books/export" { "Download the journal" }
+                " and check it yourself: "
+                code { "commons ledger verify ledger.export --key KEY" }
+            }
+        },
+    )
+}
