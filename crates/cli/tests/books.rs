@@ -1,7 +1,9 @@
-//! The open books: after a payment, usage and a period close, anyone (no
-//! log-in) sees the reserve, the price, who holds the tokens — the same
-//! figures as the statements — and downloads a journal that verifies
-//! offline, and fails to once a byte of it changes.
+//! CommonsCents for people. The open books: after a payment, usage and a
+//! period close, anyone (no log-in) sees the reserve, the price, who holds
+//! the tokens — the same figures as the statements — and downloads a
+//! journal that verifies offline, and fails to once a byte of it changes.
+//! A user's own usage: what they used through the gateway, per day and per
+//! site.
 
 mod common;
 
@@ -123,4 +125,59 @@ fn tamper_amount(export: &str) -> String {
         bytes[digit] + 1
     };
     String::from_utf8(bytes).unwrap()
+}
+
+/// A signed-in user sees what they used: requests through the gateway per
+/// day, and the sites their payment will be split among.
+#[test]
+fn a_user_sees_their_usage_of_the_sites() {
+    let s = Sandbox::new("my-usage");
+    s.blueprint(
+        "name: club\ncomponents:\n  web:\n    process: \"python3 -m http.server --bind 127.0.0.1 $PORT\"\n    \
+         health: { http: \"/\" }\n",
+    );
+    s.ok(&["deploy"]);
+    let server = s.serve(&[]);
+    let ann = signup(server.port, "ann@example.org", "Ann");
+    let ann_id = ann["user"]["id"].as_str().unwrap().to_string();
+    // A program signed in as ann (a `session` token is named by its user).
+    let token = s
+        .ok(&["token", "create", &ann_id, "--scope", "session"])
+        .stdout()
+        .trim()
+        .to_string();
+    let host = format!("club.localhost:{}", server.http);
+    let bearer = format!("Bearer {token}");
+    for _ in 0..3 {
+        let (code, _) = http(
+            server.http,
+            "GET",
+            "/",
+            &[("Host", &host), ("Authorization", &bearer)],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(code, 200);
+    }
+    let console = login(server.port, "ann@example.org", false);
+    let mut usage = serde_json::Value::Null;
+    let counted = wait_for(std::time::Duration::from_secs(10), || {
+        usage = console.get("/api/me/usage").1;
+        usage["requests"].as_u64() >= Some(3)
+    });
+    assert!(counted, "{usage}");
+    assert_eq!(usage["sites"][0]["site"], "club", "{usage}");
+    assert!(usage["sites"][0]["events"].as_u64() >= Some(3), "{usage}");
+    assert_eq!(usage["days"].as_array().unwrap().len(), 1, "{usage}");
+    // The page, with its chart and its table.
+    let (code, _, page) = console.raw("GET", "/console/usage", None);
+    assert_eq!(code, 200);
+    for shown in ["Your usage", "club", "role=\"img\"", "Requests per day"] {
+        assert!(page.contains(shown), "{shown} missing: {page}");
+    }
+    // Bad input is a problem document; nobody else's usage is anyone's.
+    let (code, v) = console.get("/api/me/usage?period=2026-13");
+    assert_eq!(code, 400, "{v}");
+    let (code, _) = Api::anonymous(server.port).get("/api/me/usage");
+    assert_eq!(code, 401);
 }

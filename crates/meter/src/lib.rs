@@ -618,6 +618,22 @@ impl Meter {
         Ok(out)
     }
 
+    /// The sites `user` used in `period` and how much (events, direct and
+    /// indirect, backfills included): what period close weighs their
+    /// payment by.
+    pub fn sites_used(&self, period: &str, user: &str) -> Result<Vec<(String, u64)>, MeterError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT site, SUM(events) FROM usage WHERE period = ?1 AND user = ?2
+             GROUP BY site ORDER BY SUM(events) DESC, site",
+        )?;
+        let rows = stmt
+            .query_map(params![period, user], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// When `site` last had a request (ms since the epoch), if ever.
     pub fn last_request(&self, site: &str) -> Result<Option<i64>, MeterError> {
         Ok(self.conn.query_row(

@@ -95,6 +95,7 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
                     @if let Some(m) = who {
                         nav aria-label="main" {
                             a href="/console" { "Sites" }
+                            a href="/console/usage" { "Usage" }
                             a href="/console/tokens" { "Tokens" }
                             span { (m.user.name) }
                             form.inline method="post" action="/console/logout" {

@@ -32,6 +32,7 @@ pub mod console;
 pub mod gateway;
 pub mod hosts;
 pub mod local;
+pub mod my_usage;
 pub mod oidc;
 pub mod openapi;
 pub mod rs256;
@@ -749,6 +750,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/sites/{name}/history/diff", get(api::history_diff))
         .route("/api/sites/{name}/backups", post(api::backup))
         .route("/api/orgs/{org}/oidc-clients", post(oidc::register_client))
+        .route("/api/me/usage", get(my_usage::usage_json))
+        .route("/console/usage", get(my_usage::page))
         .route("/books", get(books::page))
         .route("/api/books", get(books::books_json))
         .route("/api/books/export", get(books::export))

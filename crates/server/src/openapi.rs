@@ -138,6 +138,7 @@ impl Modify for Bearer {
         crate::api::backup,
         crate::oidc::register_client,
         crate::books::books_json,
+        crate::my_usage::usage_json,
         crate::books::export,
     ),
     components(schemas(Problem)),

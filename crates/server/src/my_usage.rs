@@ -1,0 +1,202 @@
+//! "My usage": what a signed-in user used in a billing period — requests
+//! per day through the gateway, and the sites they used with the weight
+//! each gets when the period closes and their payment is split. The same
+//! figures the meter keeps and period close reads, not a second count.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use commons_meter::{Aggregation, Window};
+use maud::html;
+use serde::{Deserialize, Serialize};
+
+use crate::accounts::{Member, Principal};
+use crate::api::{Params, Who};
+use crate::{ApiProblem, AppState};
+
+/// A user's use of the platform in one period.
+#[derive(Debug, Serialize)]
+pub struct Usage {
+    /// `YYYY-MM`.
+    pub period: String,
+    /// Requests through the gateway, per day that had any.
+    pub days: Vec<Day>,
+    /// Sites used, with their events (the weights of the period's split).
+    pub sites: Vec<SiteUse>,
+    /// Requests in the period.
+    pub requests: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Day {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    pub requests: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteUse {
+    pub site: String,
+    pub events: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PeriodQuery {
+    period: Option<String>,
+}
+
+/// `user`'s usage in `period` (this month when `None`).
+pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage, ApiProblem> {
+    let period = match period {
+        Some(p) => p.to_string(),
+        None => commons_meter::period_of(crate::accounts::now_ms()),
+    };
+    let Some((from_ms, to_ms)) =
+        commons_meter::period_bounds(&period).filter(|_| period.len() == 7)
+    else {
+        return Err(ApiProblem::new(
+            StatusCode::BAD_REQUEST,
+            "Invalid period",
+            format!("\"{period}\" is not a period; write it as YYYY-MM, e.g. 2026-11"),
+        ));
+    };
+    let meter = state.meter.lock().unwrap_or_else(|p| p.into_inner());
+    let failed = |e: commons_meter::MeterError| {
+        ApiProblem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Meter unavailable",
+            e.to_string(),
+        )
+    };
+    let days: Vec<Day> = meter
+        .query(&commons_meter::Query {
+            window: Window::Day,
+            dim: "user",
+            value: user,
+            metric: "events:request",
+            aggregation: Aggregation::Sum,
+            from_ms,
+            to_ms,
+        })
+        .map_err(failed)?
+        .into_iter()
+        .map(|(start, n)| Day {
+            day: commons_meter::format_time(start)[..10].to_string(),
+            requests: n.max(0.0) as u64,
+        })
+        .collect();
+    let sites = meter
+        .sites_used(&period, user)
+        .map_err(failed)?
+        .into_iter()
+        .map(|(site, events)| SiteUse { site, events })
+        .collect();
+    Ok(Usage {
+        requests: days.iter().map(|d| d.requests).sum(),
+        period,
+        days,
+        sites,
+    })
+}
+
+fn account(who: &Principal) -> Result<&Member, ApiProblem> {
+    match who {
+        Principal::User(m) => Ok(m),
+        Principal::Platform => Err(ApiProblem::new(
+            StatusCode::FORBIDDEN,
+            "No account",
+            "the platform's administrator has no usage of its own; sign in as a user",
+        )),
+    }
+}
+
+/// The caller's usage in a period.
+#[utoipa::path(get, path = "/api/me/usage", tag = "accounts",
+    params(("period" = Option<String>, Query, pattern = r"^2[0-9]{3}-(0[1-9]|1[0-2])$",
+        description = "`YYYY-MM` [default: this month]")),
+    responses(
+        (status = 200, description = "`{period, days: [{day, requests}], sites: [{site, events}], requests}`", body = Object),
+        crate::openapi::BadQuery,
+        crate::openapi::Unauthenticated,
+        (status = 403, description = "the platform's administrator has no account", body = crate::openapi::Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+pub async fn usage_json(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    Params(q): Params<PeriodQuery>,
+) -> Result<Response, ApiProblem> {
+    let m = account(&who)?;
+    Ok(Json(read(&state, &m.user.id, q.period.as_deref())?).into_response())
+}
+
+/// The console's page of it, with a chart of the days.
+pub async fn page(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    Params(q): Params<PeriodQuery>,
+) -> Response {
+    let m = match account(&who) {
+        Ok(m) => m,
+        Err(p) => return crate::console::problem_page(p, None),
+    };
+    let usage = match read(&state, &m.user.id, q.period.as_deref()) {
+        Ok(u) => u,
+        Err(p) => return crate::console::problem_page(p, Some(m)),
+    };
+    let most = usage
+        .days
+        .iter()
+        .map(|d| d.requests)
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let bar = 18usize;
+    let height = 160usize;
+    let width = (usage.days.len() * (bar + 6)).max(bar + 6);
+    let described: Vec<String> = usage
+        .days
+        .iter()
+        .map(|d| format!("{}: {} requests", d.day, d.requests))
+        .collect();
+    crate::console::page(
+        &format!("Your usage, {}", usage.period),
+        Some(m),
+        false,
+        html! {
+            p { (usage.requests) " requests through the platform's sites this period." }
+            @if usage.days.is_empty() {
+                p { "Nothing yet this period." }
+            } @else {
+                h2 { "Requests per day" }
+                svg role="img" aria-label=(described.join("; ")) width=(width) height=(height + 20)
+                    viewBox=(format!("0 0 {width} {}", height + 20)) {
+                    @for (i, d) in usage.days.iter().enumerate() {
+                        @let h = (d.requests as f64 / most as f64 * height as f64).round().max(1.0) as usize;
+                        rect x=(i * (bar + 6)) y=(height - h) width=(bar) height=(h) fill="#14365d" {
+                            title { (d.day) ": " (d.requests) " requests" }
+                        }
+                        text x=(i * (bar + 6)) y=(height + 14) font-size="10" { (&d.day[8..]) }
+                    }
+                }
+                table {
+                    tr { th { "Day" } th { "Requests" } }
+                    @for d in &usage.days { tr { td { (d.day) } td { (d.requests) } } }
+                }
+            }
+            h2 { "Sites you used" }
+            p { "When the period closes, your subscription is split among these sites in proportion \
+                 to what you used of each." }
+            @if usage.sites.is_empty() {
+                p { "None yet." }
+            } @else {
+                table {
+                    tr { th { "Site" } th { "Events" } }
+                    @for s in &usage.sites { tr { td { (s.site) } td { (s.events) } } }
+                }
+            }
+        },
+    )
+}
