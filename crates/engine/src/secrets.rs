@@ -132,19 +132,10 @@ impl SecretBox {
         let body = cipher
             .encrypt(XNonce::from_slice(&nonce), plain.as_slice())
             .map_err(|_| EngineError::Internal("encryption failed".into()))?;
-        let tmp = path.with_extension("enc.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(EngineError::io(format!("writing {}", tmp.display())))?;
-        f.write_all(&nonce)
-            .and_then(|_| f.write_all(&body))
-            .and_then(|_| f.sync_all())
-            .map_err(EngineError::io(format!("writing {}", tmp.display())))?;
-        std::fs::rename(&tmp, &path).map_err(EngineError::io(format!("writing {}", path.display())))
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&body);
+        commons_runtime::layout::write_durable(&path, &sealed)
+            .map_err(EngineError::io(format!("writing {}", path.display())))
     }
 
     pub fn delete(&self, deployment: &str) {

@@ -200,20 +200,35 @@ impl Layout {
 }
 
 /// Writes `bytes` to `path` whole, readable only by its owner: a temporary
-/// file renamed over the old one, so a reader never sees half of it.
+/// file renamed over the old one, so a reader never sees half of it. For
+/// state rewritten often (what the gateway routes, crash loops); see
+/// [`write_durable`] for what must survive a crash.
 pub fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_private(path, bytes, false)
+}
+
+/// [`write_whole`], with the file on disk before it replaces the old one:
+/// for keys, tokens and sealed secrets, which a crash must not lose.
+pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_private(path, bytes, true)
+}
+
+fn write_private(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
-    std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&tmp)?
-        .write_all(bytes)?;
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    if durable {
+        f.sync_all()?;
+    }
     std::fs::rename(tmp, path)
 }
 

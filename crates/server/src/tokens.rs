@@ -4,8 +4,6 @@
 //! stored (in `COMMONS_HOME/tokens.json`, mode 0600), so a leaked file does
 //! not leak a usable token.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -121,16 +119,8 @@ impl Tokens {
         if let Some(dir) = self.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(records).expect("json"))?;
-        f.sync_all()?;
-        std::fs::rename(tmp, &self.path)
+        let json = serde_json::to_vec_pretty(records).expect("json");
+        commons_runtime::layout::write_durable(&self.path, &json)
     }
 
     /// Creates a token; returns it (the only time it is seen) and its record.
