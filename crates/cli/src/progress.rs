@@ -70,7 +70,7 @@ impl Progress for Reporter {
             "ok" => format!("{:>12} {component}", past(action)),
             "blocked" => format!("{:>12} {component} (a dependency failed)", "Blocked"),
             other => {
-                *self.failures.lock().expect("lock") += 1;
+                *self.failures.lock().unwrap_or_else(|p| p.into_inner()) += 1;
                 let first = error.unwrap_or("").lines().next().unwrap_or("");
                 format!("{:>12} {component}: {other}: {first}", "Failed")
             }

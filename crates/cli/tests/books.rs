@@ -168,7 +168,16 @@ fn a_user_sees_their_usage_of_the_sites() {
     assert!(counted, "{usage}");
     assert_eq!(usage["sites"][0]["site"], "club", "{usage}");
     assert!(usage["sites"][0]["events"].as_u64() >= Some(3), "{usage}");
-    assert_eq!(usage["days"].as_array().unwrap().len(), 1, "{usage}");
+    // Every day of the period so far, the one with the requests among them.
+    let days = usage["days"].as_array().unwrap();
+    let busy: Vec<&serde_json::Value> = days.iter().filter(|d| d["requests"] != 0).collect();
+    assert_eq!(busy.len(), 1, "{usage}");
+    assert!(busy[0]["requests"].as_u64() >= Some(3), "{usage}");
+    assert_eq!(
+        days.last().unwrap()["day"],
+        busy[0]["day"],
+        "today is the last day shown"
+    );
     // The page, with its chart and its table.
     let (code, _, page) = console.raw("GET", "/console/usage", None);
     assert_eq!(code, 200);

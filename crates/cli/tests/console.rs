@@ -305,3 +305,89 @@ fn a_visitor_signs_up_deploys_a_catalog_app_and_opens_it() {
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("CSRF"), "{body}");
 }
+
+/// An app that shows who the gateway says the user is.
+const WHO_APP: &str = r#"import base64, json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        jwt = self.headers.get("X-Commons-Identity") or ""
+        sub = "nobody"
+        if jwt:
+            part = jwt.split(".")[1]
+            sub = json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))["sub"]
+        body = f"<!doctype html><title>club</title><h1>Members</h1><p id=who>{sub}</p><p id=cookie>{self.headers.get('Cookie')}</p>".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// In a real browser: a page that needs login sends the visitor through the
+/// console's log-in and back, signed in at that site with a session of its
+/// own (the app sees the user, never the platform's cookie); the console's
+/// usage page then shows the visit, with its chart.
+#[test]
+fn a_browser_signs_in_at_a_site_through_the_console() {
+    let s = Sandbox::new("console-site-sign-in");
+    s.write("app.py", WHO_APP);
+    s.blueprint(
+        "name: club\ncomponents:\n  web:\n    process: python3 app.py\n    \
+         health: { http: \"/\" }\n    route: { login: [/members] }\n",
+    );
+    s.ok(&["deploy"]);
+    let server = s.serve(&[]);
+    let user = signup(server.port, "erin@example.org", "Erin");
+    let user_id = user["user"]["id"].as_str().unwrap().to_string();
+    let driver = Driver::start(s.dir.join("chromium-profile"));
+    let members = format!("http://club.localhost:{}/members", server.http);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        // To the site's private page: first the console's log-in.
+        c.goto(&members).await.unwrap();
+        arrive(&c, "Log in").await;
+        fill(&c, "email", "erin@example.org").await;
+        fill(&c, "password", "a long enough password").await;
+        click(&c, Locator::Css("button[type=submit]")).await;
+        // Back at the site, signed in there.
+        arrive(&c, "Members").await;
+        assert_eq!(c.current_url().await.unwrap().as_str(), members);
+        assert_eq!(text_of(&c, Locator::Id("who")).await, user_id);
+        let cookie = text_of(&c, Locator::Id("cookie")).await;
+        assert!(!cookie.contains("commons_session"), "{cookie}");
+        shot(&c, "site-signed-in").await;
+        // The site's session cookie is its host's alone and not readable
+        // by the page.
+        let visible = c.execute("return document.cookie", vec![]).await.unwrap();
+        assert!(
+            !visible.to_string().contains("commons_session"),
+            "{visible}"
+        );
+
+        // The console shows the visit among this period's usage.
+        let usage = format!("http://127.0.0.1:{}/console/usage", server.port);
+        let started = Instant::now();
+        loop {
+            c.goto(&usage).await.unwrap();
+            if c.source().await.unwrap().contains("club") {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no usage shown"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        accessible(&c, "usage").await;
+        shot(&c, "usage").await;
+        c.close().await.unwrap();
+    });
+}

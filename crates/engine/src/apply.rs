@@ -338,7 +338,7 @@ async fn apply_component(
         _ => None,
     };
     let (attrs, spec) = {
-        let outputs = ctx.outputs.lock().expect("outputs lock");
+        let outputs = ctx.outputs.lock().unwrap_or_else(|p| p.into_inner());
         let values = Values {
             inputs: &ctx.inputs,
             secret_prints: &ctx.secret_prints,
@@ -438,16 +438,22 @@ async fn apply_component(
                     *v = v.replace(password.as_str(), MASK);
                 }
             }
-            ctx.outputs.lock().expect("outputs lock").insert(
-                task.component.clone(),
-                applied
-                    .outputs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Some(v.clone())))
-                    .collect(),
-            );
+            ctx.outputs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    task.component.clone(),
+                    applied
+                        .outputs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Some(v.clone())))
+                        .collect(),
+                );
             if let Some(old) = applied.retired.take() {
-                ctx.retired.lock().expect("retired lock").push(old);
+                ctx.retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(old);
             }
             applied.handle.restarts = match &previous {
                 // Woken from idle: not a crash.

@@ -408,7 +408,7 @@ impl Engine {
             None => Some(self.write_record(target, run, &plan, &rows, ok, started, finished)?),
         };
         // Versions replaced start-first stop once nothing reaches them.
-        let retired = std::mem::take(&mut *ctx.retired.lock().expect("retired lock"));
+        let retired = std::mem::take(&mut *ctx.retired.lock().unwrap_or_else(|p| p.into_inner()));
         for old in &retired {
             commons_runtime::drivers::retire(&self.layout, old, recorded_at as u64).await;
         }

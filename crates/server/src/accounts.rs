@@ -309,7 +309,7 @@ impl Accounts {
         let key = format!("{email}\n{address}");
         let now = now_ms();
         {
-            let failures = self.failures.lock().expect("limiter lock");
+            let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(&(count, since)) = failures.get(&key) {
                 if count >= LOGIN_FAILURES && now - since < LOGIN_WINDOW_MS {
                     let wait_s = (LOGIN_WINDOW_MS - (now - since)) / 1000 + 1;
@@ -331,7 +331,7 @@ impl Accounts {
             }
         };
         let (Some(user), true) = (user, ok) else {
-            let mut failures = self.failures.lock().expect("limiter lock");
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
             // Forget windows that ended, so the map does not grow without bound.
             failures.retain(|_, (_, since)| now - *since < LOGIN_WINDOW_MS);
             let entry = failures.entry(key).or_insert((0, now));
@@ -342,7 +342,10 @@ impl Accounts {
                 "the email or the password is wrong",
             ));
         };
-        self.failures.lock().expect("limiter lock").remove(&key);
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
         let cookie = format!("{SESSION_PREFIX}{}", random(40));
         let session = SessionRow {
             hash: hash(&cookie),

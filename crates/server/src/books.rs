@@ -62,7 +62,7 @@ const KINDS: &[(&str, &str)] = &[
 
 /// Reads the books from the journal.
 pub fn read(state: &AppState) -> Result<Books, ApiProblem> {
-    let mut journal = state.journal.lock().unwrap_or_else(|p| p.into_inner());
+    let mut journal = state.journal.lock().expect("journal lock");
     let key_path = state.engine.layout.custodian_key();
     let custodian_key = key_path
         .exists()
@@ -142,7 +142,7 @@ pub async fn books_json(State(state): State<Arc<AppState>>) -> Result<Response, 
 #[utoipa::path(get, path = "/api/books/export", tag = "platform",
     responses((status = 200, description = "the journal's export: every entry and signed checkpoint, one JSON document per line", body = String, content_type = "application/jsonl")))]
 pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, ApiProblem> {
-    let mut journal = state.journal.lock().unwrap_or_else(|p| p.into_inner());
+    let mut journal = state.journal.lock().expect("journal lock");
     covering_checkpoint(&state, &mut journal)?;
     let text = commons_ledger::export::export(&mut journal).map_err(ledger_failed)?;
     Ok((

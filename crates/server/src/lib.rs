@@ -345,7 +345,7 @@ async fn ingest(
     }
     let state2 = state.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let mut meter = state2.meter.lock().expect("meter lock");
+        let mut meter = state2.meter.lock().unwrap_or_else(|p| p.into_inner());
         meter.ingest(&events, params.backfill.as_deref())
     })
     .await;

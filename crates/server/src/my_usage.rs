@@ -22,7 +22,7 @@ use crate::{ApiProblem, AppState};
 pub struct Usage {
     /// `YYYY-MM`.
     pub period: String,
-    /// Requests through the gateway, per day that had any.
+    /// Requests through the gateway, per day of the period up to today.
     pub days: Vec<Day>,
     /// Sites used, with their events (the weights of the period's split).
     pub sites: Vec<SiteUse>,
@@ -71,7 +71,7 @@ pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage,
             e.to_string(),
         )
     };
-    let days: Vec<Day> = meter
+    let counted: std::collections::HashMap<i64, u64> = meter
         .query(&commons_meter::Query {
             window: Window::Day,
             dim: "user",
@@ -83,9 +83,16 @@ pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage,
         })
         .map_err(failed)?
         .into_iter()
-        .map(|(start, n)| Day {
+        .map(|(start, n)| (start, n.max(0.0) as u64))
+        .collect();
+    // Every day of the period so far, the quiet ones too: a timeline.
+    const DAY_MS: i64 = 86_400_000;
+    let until = to_ms.min(Window::Day.start(crate::accounts::now_ms()) + DAY_MS);
+    let days: Vec<Day> = (from_ms..until.max(from_ms + DAY_MS))
+        .step_by(DAY_MS as usize)
+        .map(|start| Day {
             day: commons_meter::format_time(start)[..10].to_string(),
-            requests: n.max(0.0) as u64,
+            requests: counted.get(&start).copied().unwrap_or(0),
         })
         .collect();
     let sites = meter
@@ -159,6 +166,7 @@ pub async fn page(
     let described: Vec<String> = usage
         .days
         .iter()
+        .filter(|d| d.requests > 0)
         .map(|d| format!("{}: {} requests", d.day, d.requests))
         .collect();
     crate::console::page(
@@ -166,8 +174,12 @@ pub async fn page(
         Some(m),
         false,
         html! {
-            p { (usage.requests) " requests through the platform's sites this period." }
-            @if usage.days.is_empty() {
+            p {
+                (usage.requests)
+                @if usage.requests == 1 { " request" } @else { " requests" }
+                " through the platform's sites this period."
+            }
+            @if usage.requests == 0 {
                 p { "Nothing yet this period." }
             } @else {
                 h2 { "Requests per day" }
@@ -175,15 +187,19 @@ pub async fn page(
                     viewBox=(format!("0 0 {width} {}", height + 20)) {
                     @for (i, d) in usage.days.iter().enumerate() {
                         @let h = (d.requests as f64 / most as f64 * height as f64).round().max(1.0) as usize;
-                        rect x=(i * (bar + 6)) y=(height - h) width=(bar) height=(h) fill="#14365d" {
-                            title { (d.day) ": " (d.requests) " requests" }
+                        @if d.requests > 0 {
+                            rect x=(i * (bar + 6)) y=(height - h) width=(bar) height=(h) fill="#14365d" {
+                                title { (d.day) ": " (d.requests) " requests" }
+                            }
                         }
                         text x=(i * (bar + 6)) y=(height + 14) font-size="10" { (&d.day[8..]) }
                     }
                 }
                 table {
                     tr { th { "Day" } th { "Requests" } }
-                    @for d in &usage.days { tr { td { (d.day) } td { (d.requests) } } }
+                    @for d in usage.days.iter().filter(|d| d.requests > 0) {
+                        tr { td { (d.day) } td { (d.requests) } }
+                    }
                 }
             }
             h2 { "Sites you used" }

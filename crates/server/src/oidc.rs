@@ -328,7 +328,7 @@ async fn consent(State(state): State<Arc<AppState>>, Posted(m, f): Posted<Consen
     let code = format!("cmnk_{}", random(40));
     let now = now_ms();
     {
-        let mut codes = state.oidc.codes.lock().expect("codes lock");
+        let mut codes = state.oidc.codes.lock().unwrap_or_else(|p| p.into_inner());
         codes.retain(|_, g| g.expires_ms > now);
         codes.insert(
             hash(&code),
@@ -499,7 +499,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
     add_scoped_claims(&mut claims, &grant.scopes, &user);
     let access = format!("cmnt_{}", random(40));
     {
-        let mut all = state.oidc.access.lock().expect("access lock");
+        let mut all = state.oidc.access.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|_, a| a.expires_ms > now);
         all.insert(
             hash(&access),
