@@ -453,28 +453,6 @@ fn a_real_oidc_client_signs_a_user_in() {
     assert_eq!(seen["denied_state_ok"], true);
 }
 
-/// An app that shows what reaches it: the identity assertion and cookies.
-const ECHO_APP: &str = r#"import json, os
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = json.dumps({
-            "identity": self.headers.get("X-Commons-Identity"),
-            "cookie": self.headers.get("Cookie"),
-        }).encode()
-        self.send_response(200)
-        if self.path == "/members/grab":
-            self.send_header("Set-Cookie", "commons_session=chosen-by-the-app; Path=/")
-        self.send_header("Set-Cookie", "theme=dark; Path=/")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"#;
-
 #[test]
 fn a_console_session_signs_its_user_in_at_sites_that_need_login() {
     let s = Sandbox::new("site-sign-in");

@@ -487,3 +487,29 @@ pub fn path_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     rest.find('/').map_or("/".into(), |i| rest[i..].to_string())
 }
+
+/// A site that shows what reaches it, as JSON: the path, every header, and
+/// (for convenience) the identity assertion and cookies; on
+/// `/members/grab` it tries to set the platform's session cookie.
+pub const ECHO_APP: &str = r#"import json, os
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({
+            "path": self.path,
+            "headers": dict(self.headers),
+            "identity": self.headers.get("X-Commons-Identity"),
+            "cookie": self.headers.get("Cookie"),
+        }).encode()
+        self.send_response(200)
+        if self.path == "/members/grab":
+            self.send_header("Set-Cookie", "commons_session=chosen-by-the-app; Path=/")
+        self.send_header("Set-Cookie", "theme=dark; Path=/")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
