@@ -12,21 +12,7 @@ use common::*;
 #[test]
 fn anyone_reads_the_books_and_checks_the_journal() {
     let s = Sandbox::new("books");
-    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
-    std::fs::write(
-        s.home.join("ledger/config.json"),
-        r#"{ "sites": { "S": { "operator": "O", "providers": [["P", 1]], "projects": [["A", 1]] } },
-             "projects": { "A": { "depends_on": [["B", 1]] } } }"#,
-    )
-    .unwrap();
-    s.ok(&[
-        "ledger",
-        "bootstrap",
-        "--cash",
-        "100000",
-        "--tokens",
-        "100000",
-    ]);
+    worked_example_ledger(&s);
     s.ok(&[
         "subscribe",
         "alice",

@@ -9,22 +9,7 @@ use common::*;
 #[test]
 fn payment_usage_close_statement() {
     let s = Sandbox::new("money");
-    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
-    // The worked example's world: site S (operator O, provider P) depends on A, A on B.
-    std::fs::write(
-        s.home.join("ledger/config.json"),
-        r#"{ "sites": { "S": { "operator": "O", "providers": [["P", 1]], "projects": [["A", 1]] } },
-             "projects": { "A": { "depends_on": [["B", 1]] } } }"#,
-    )
-    .unwrap();
-    s.ok(&[
-        "ledger",
-        "bootstrap",
-        "--cash",
-        "100000",
-        "--tokens",
-        "100000",
-    ]);
+    worked_example_ledger(&s);
     let r = s.run(&["subscribe", "alice", "gold", "--payment", "bank-0"]);
     assert_eq!(r.code(), 2, "{}", r.all());
     s.ok(&[

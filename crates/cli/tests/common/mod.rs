@@ -513,3 +513,23 @@ class H(BaseHTTPRequestHandler):
         pass
 ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 "#;
+
+/// The worked example's ledger: site S (operator O, provider P) depends on
+/// project A, A on B; the reserve bootstrapped at 1 cent per token.
+pub fn worked_example_ledger(s: &Sandbox) {
+    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
+    std::fs::write(
+        s.home.join("ledger/config.json"),
+        r#"{ "sites": { "S": { "operator": "O", "providers": [["P", 1]], "projects": [["A", 1]] } },
+             "projects": { "A": { "depends_on": [["B", 1]] } } }"#,
+    )
+    .unwrap();
+    s.ok(&[
+        "ledger",
+        "bootstrap",
+        "--cash",
+        "100000",
+        "--tokens",
+        "100000",
+    ]);
+}
