@@ -383,7 +383,8 @@ fn runtime() -> tokio::runtime::Runtime {
 fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     let home = cli.home.clone().unwrap_or_else(default_home);
-    let engine = || Engine::open(&home).map_err(Failure::from);
+    let store = commons_engine::StoreConfig::from_env();
+    let engine = || Engine::open(&home, &store).map_err(Failure::from);
     if let Some(remote) = remote::load(&home)? {
         if let Some(done) = remote::run(&remote, &cli.command, json) {
             return done;
@@ -700,196 +701,26 @@ struct ServeArgs {
     single_user: bool,
 }
 
-/// On the first start, the platform's administrator: a token with every
-/// scope, shown once — on the terminal when there is one, else only in a
-/// file of the platform's (mode 0600), so it never lands in a log.
-fn bootstrap_admin(home: &std::path::Path) -> Result<(), Failure> {
-    let tokens = commons_server::Tokens::new(home);
-    let existing = tokens.list().map_err(|e| Failure::Failed(e.to_string()))?;
-    if existing
-        .iter()
-        .any(|r| r.scopes.iter().any(|s| s == "admin"))
-    {
-        return Ok(());
-    }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    let (token, record) = tokens
-        .create("admin", &["admin".to_string()], now)
-        .map_err(Failure::Failed)?;
-    if std::io::stderr().is_terminal() {
-        eprintln!(
-            "{:>12} the administrator's API token (shown only now; `commons token revoke {}` revokes it):\n{:>12} {token}",
-            "Admin",
-            record.id,
-            ""
-        );
-    } else {
-        let path = commons_runtime::Layout::new(home).admin_token();
-        commons_server::private_dir(path.parent().expect("in the secrets directory"))
-            .map_err(|e| Failure::Failed(e.to_string()))?;
-        write_private(&path, &format!("{token}\n")).map_err(|e| Failure::Failed(e.to_string()))?;
-        eprintln!(
-            "{:>12} the administrator's API token is in {} (read it, then delete the file)",
-            "Admin",
-            path.display()
-        );
-    }
-    Ok(())
-}
-
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(text.as_bytes())
-}
-
-fn humantime_now() -> String {
-    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
-}
-
 fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
-    if let Some(other) = commons_server::local::running(home) {
-        return Err(Failure::Input(format!(
-            "the platform daemon already runs for {} (pid {}); `commons daemon stop` stops it",
-            home.display(),
-            other.pid
-        )));
-    }
     let file =
         commons_server::config::load(home, args.config.as_deref()).map_err(Failure::Input)?;
-    // What the file sets for the parts that read the environment, unless
-    // the environment says otherwise. (No other thread runs yet.)
-    for (key, value) in file.environment() {
-        if std::env::var_os(key).is_none() {
-            std::env::set_var(key, value);
-        }
-    }
-    if args.single_user {
-        std::env::set_var("COMMONS_SINGLE_USER", "1");
-    }
-    let args = ServeArgs {
-        listen: args.listen.or(file.api.listen),
-        http: args.http.or(file.gateway.http),
-        https: args.https.or(file.gateway.https),
-        admin: args.admin.or(file.gateway.admin),
-        gateway_threads: args.gateway_threads.or(file.gateway.threads),
-        acme_directory: args.acme_directory.or(file.acme.directory),
-        acme_root: args.acme_root.or(file.acme.root),
-        acme_email: args.acme_email.or(file.acme.email),
-        acme_challenge: args.acme_challenge.or(file.acme.challenge),
-        config: args.config,
+    let flags = commons_server::config::ServeFlags {
+        listen: args.listen,
+        http: args.http,
+        https: args.https,
+        admin: args.admin,
+        gateway_threads: args.gateway_threads,
+        acme_directory: args.acme_directory,
+        acme_root: args.acme_root,
+        acme_email: args.acme_email,
+        acme_challenge: args.acme_challenge,
         single_user: args.single_user,
     };
-    let listen = args.listen.as_deref().unwrap_or("127.0.0.1:8070");
-    let challenge: commons_gateway::acme::Challenge = args
-        .acme_challenge
-        .as_deref()
-        .map(str::parse)
-        .transpose()
-        .map_err(Failure::Input)?
-        .unwrap_or_default();
-    let secret = std::env::var("COMMONS_STRIPE_WEBHOOK_SECRET")
-        .ok()
-        .filter(|s| !s.is_empty());
-    let state = commons_server::AppState::open(home, None, secret)
-        .map_err(|e| Failure::Failed(e.to_string()))?;
-    bootstrap_admin(home)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("the async runtime starts");
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| Failure::Input(format!("cannot listen on {listen}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Failure::Failed(e.to_string()))?;
-        eprintln!(
-            "{:>12} http://{addr} (data in {})",
-            "Listening",
-            home.display()
-        );
-        eprintln!("{:>12} http://{addr}/console", "Console");
-        if !commons_runtime::sandbox::enabled() {
-            if commons_runtime::sandbox::single_user() {
-                eprintln!(
-                    "{:>12} single-user mode: sites from the API and the console run \
-                     unsandboxed, as this user, and can read the platform's keys; let nobody \
-                     else deploy here",
-                    "Warning"
-                );
-            } else {
-                eprintln!(
-                    "{:>12} workloads are not sandboxed: the API and the console take sites from \
-                     the platform's administrator only (COMMONS_SANDBOX=1 as root lets users \
-                     deploy; COMMONS_SINGLE_USER=1 makes this one person's platform)",
-                    "Note"
-                );
-            }
-        }
-        let public = std::env::var("COMMONS_PUBLIC_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
-            .unwrap_or_else(|| format!("http://{addr}"));
-        let _ = state.public_url.set(public);
-        if state.accounts.store().user_count().unwrap_or(1) == 0 {
-            eprintln!(
-                "{:>12} the first account to sign up at http://{addr}/console/signup administers the platform",
-                "Welcome"
-            );
-        }
-        commons_server::supervisor::spawn(home.to_path_buf());
-        let state = std::sync::Arc::new(state);
-        let off = |a: String| (a != "off").then_some(a);
-        let settings = commons_server::gateway::GatewaySettings {
-            http: args.http.unwrap_or_else(|| "127.0.0.1:8080".into()),
-            https: off(args.https.unwrap_or_else(|| "127.0.0.1:8443".into())),
-            admin: off(args.admin.unwrap_or_else(|| "127.0.0.1:8071".into())),
-            threads: args.gateway_threads.unwrap_or(2),
-            acme: args
-                .acme_directory
-                .map(|directory| commons_server::gateway::AcmeSettings {
-                    directory,
-                    root: args.acme_root,
-                    contact: args.acme_email,
-                    challenge,
-                }),
-            config: commons_gateway::Config {
-                node: commons_server::host_name().unwrap_or_else(|| "local".into()),
-                ..Default::default()
-            },
-        };
-        let gateway = commons_server::gateway::spawn(home, state.clone(), settings)
-            .map_err(Failure::Input)?;
-        let bound = gateway.bound.clone();
-        for (what, addr) in &bound {
-            eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
-        }
-        let info = commons_server::local::DaemonInfo {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            api: format!("http://{addr}"),
-            gateway: bound
-                .iter()
-                .map(|(w, a)| (w.to_string(), a.to_string()))
-                .collect(),
-            started_at: humantime_now(),
-        };
-        let socket = commons_server::local::announce(home, &info).map_err(Failure::Input)?;
-        let served = commons_server::serve(listener, Some(socket), state).await;
-        // Asked to stop: requests in flight finish, their usage is written.
-        gateway.stop();
-        served.map_err(|e| Failure::Failed(e.to_string()))
+    let settings = commons_server::config::resolve(home, flags, file, &|k| std::env::var(k).ok())
+        .map_err(Failure::Input)?;
+    commons_server::run(settings).map_err(|e| match e {
+        commons_server::RunError::Input(m) => Failure::Input(m),
+        commons_server::RunError::Failed(m) => Failure::Failed(m),
     })
 }
 

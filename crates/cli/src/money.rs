@@ -1,33 +1,21 @@
 //! `commons usage`, `commons subscribe`, `commons period close`,
 //! `commons statement`: metering, subscriptions and CommonCents on the
-//! embedded stores under `COMMONS_HOME`.
-//!
-//! Settings (policy, tiers, projects' dependencies, agreements, sites run
-//! elsewhere, organisations' splits, auto-redemption) come from
-//! `COMMONS_HOME/ledger/config.json` when it exists; sites deployed here are
-//! known from their blueprints (operator and provider `local`).
+//! embedded stores under `COMMONS_HOME`. The work is `commons_server::periods`';
+//! this module parses and renders.
 
-use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use serde::Deserialize;
 
-use commons_ledger::allocation::{Agreement, Context, Policy, Project};
-use commons_ledger::billing::{default_tiers, Billing, Tier};
 use commons_ledger::cents::Cents;
 use commons_ledger::journal::Journal;
 use commons_ledger::payments::Manual;
-use commons_ledger::period::{
-    close_period, recipient_named, statement, MemberSplit, Registry, Site,
-};
+use commons_ledger::period::{recipient_named, statement};
 use commons_meter::{Aggregation, Event, Meter, Outcome, Query, Window};
+use commons_server::periods::{self, MoneyError, MoneySettings};
 
 use crate::{output, Failure};
-
-/// Late events for a period are taken this long after it ends.
-const GRACE_MS: i64 = 3 * 86_400_000;
 
 #[derive(Subcommand)]
 pub enum UsageCommand {
@@ -62,54 +50,19 @@ pub enum UsageCommand {
     Revert { backfill: String },
 }
 
-#[derive(Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-struct Config {
-    policy: Option<Policy>,
-    tiers: Option<Vec<Tier>>,
-    projects: HashMap<String, Project>,
-    agreements: Vec<Agreement>,
-    sites: HashMap<String, Site>,
-    splits: HashMap<String, MemberSplit>,
-    auto_redeem: Vec<String>,
-}
-
-fn config(home: &Path) -> Result<Config, Failure> {
-    let path = commons_runtime::Layout::new(home).ledger_config();
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| Failure::Input(format!("{}: {e}", path.display()))),
-        Err(_) => Ok(Config::default()),
+fn money(e: MoneyError) -> Failure {
+    match e {
+        MoneyError::Input(m) => Failure::Input(m),
+        MoneyError::Failed(m) => Failure::Failed(m),
     }
 }
 
-fn ledger_dir(home: &Path) -> Result<PathBuf, Failure> {
-    let dir = commons_runtime::Layout::new(home).ledger_dir();
-    commons_server::private_dir(&dir)
-        .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
-    Ok(dir)
-}
-
 fn journal(home: &Path) -> Result<Journal, Failure> {
-    ledger_dir(home)?;
-    Journal::open(&commons_runtime::Layout::new(home).ledger_db())
-        .map_err(|e| Failure::Failed(e.to_string()))
+    periods::journal(home).map_err(money)
 }
 
 fn meter(home: &Path) -> Result<Meter, Failure> {
-    let db = commons_runtime::Layout::new(home).meter_db();
-    let dir = db.parent().expect("the meter's file is in a directory");
-    commons_server::private_dir(dir)
-        .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
-    Meter::open(&db, GRACE_MS).map_err(|e| Failure::Failed(e.to_string()))
-}
-
-fn billing(home: &Path, cfg: &Config) -> Result<Billing, Failure> {
-    Billing::open(
-        &ledger_dir(home)?.join("billing.db"),
-        cfg.tiers.clone().unwrap_or_else(default_tiers),
-    )
-    .map_err(|e| Failure::Failed(e.to_string()))
+    periods::meter(home).map_err(money)
 }
 
 fn now_ms() -> i64 {
@@ -293,8 +246,8 @@ pub fn subscribe(home: &Path, args: SubscribeArgs, json: bool) -> Result<(), Fai
         cancel,
     } = args;
     let (user, tier, payment) = (user.as_str(), tier.as_deref(), payment.as_deref());
-    let cfg = config(home)?;
-    let b = billing(home, &cfg)?;
+    let settings = MoneySettings::load(home).map_err(money)?;
+    let b = periods::billing(home, &settings).map_err(money)?;
     let now = now_ms();
     let fail = |e: commons_ledger::billing::BillingError| match e {
         commons_ledger::billing::BillingError::UnknownTier(..)
@@ -343,65 +296,10 @@ pub fn subscribe(home: &Path, args: SubscribeArgs, json: bool) -> Result<(), Fai
     Ok(())
 }
 
-/// Sites deployed on this machine, from their blueprints.
-fn local_sites(home: &Path) -> HashMap<String, Site> {
-    let mut out = HashMap::new();
-    if let Ok(engine) = commons_engine::Engine::open(home) {
-        for d in engine.list().unwrap_or_default() {
-            if let Ok(bp) =
-                commons_blueprint::load(Path::new(&d.blueprint), &commons_blueprint::FileSystem)
-            {
-                out.insert(
-                    d.name.clone(),
-                    Site {
-                        operator: "local".into(),
-                        providers: vec![("local".into(), 1)],
-                        projects: bp
-                            .depends_on_projects
-                            .iter()
-                            .map(|p| (p.project.clone(), p.weight as u64))
-                            .collect(),
-                    },
-                );
-            }
-        }
-    }
-    out
-}
-
 /// `commons period close PERIOD`.
 pub fn close(home: &Path, period: &str, json: bool) -> Result<(), Failure> {
-    if commons_meter::period_bounds(period).is_none() {
-        return Err(Failure::Input(format!(
-            "\"{period}\" is not a period: write YYYY-MM, e.g. 2026-11"
-        )));
-    }
-    let cfg = config(home)?;
-    let m = meter(home)?;
-    m.close_period(period)
-        .map_err(|e| Failure::Failed(e.to_string()))?;
-    let usage = m
-        .usage_by_user(period)
-        .map_err(|e| Failure::Failed(e.to_string()))?;
-    let mut sites = local_sites(home);
-    sites.extend(cfg.sites.clone());
-    let registry = Registry {
-        sites,
-        splits: cfg.splits.clone(),
-        auto_redeem: cfg.auto_redeem.clone(),
-    };
-    let ctx = Context {
-        policy: cfg.policy.clone().unwrap_or_default(),
-        projects: cfg.projects.clone(),
-        agreements: cfg.agreements.clone(),
-    };
-    let mut j = journal(home)?;
-    let mut cents = Cents { journal: &mut j };
-    let closed = close_period(&mut cents, &ctx, &registry, period, &usage)
-        .map_err(|e| Failure::Failed(e.to_string()))?;
-    j.book()
-        .check()
-        .map_err(|e| Failure::Failed(format!("ledger invariant broken: {e}")))?;
+    let closed =
+        periods::close(home, &commons_engine::StoreConfig::from_env(), period).map_err(money)?;
     if json {
         output::json(&closed);
     } else {

@@ -9,10 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::{Method, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
+use commons_server::api::{NewSite, Source};
+use commons_server::client::{ApiClient, ClientError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -62,186 +60,21 @@ fn save(home: &Path, remote: &Remote) -> Result<(), Failure> {
         .map_err(|e| Failure::Failed(format!("writing {}: {e}", remote_file(home).display())))
 }
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
-
-/// A client of one platform's API.
-struct Client {
-    base: String,
-    headers: Vec<(&'static str, String)>,
-    http: hyper_util::client::legacy::Client<Https, Full<Bytes>>,
-    rt: tokio::runtime::Runtime,
-}
-
-/// One answer of the API.
-struct Reply {
-    status: StatusCode,
-    set_cookie: Option<String>,
-    body: Value,
-}
-
-impl Client {
-    fn new(base: &str) -> Result<Client, Failure> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| {
-                Failure::Failed(format!(
-                    "no trusted certificate authorities on this machine ({e}); \
-                     install ca-certificates or set SSL_CERT_FILE"
-                ))
-            })?
-            .https_or_http()
-            .enable_http1()
-            .build();
-        Ok(Client {
-            base: base.to_string(),
-            headers: Vec::new(),
-            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https),
-            rt: crate::runtime(),
-        })
-    }
-
-    fn with_token(base: &str, token: &str) -> Result<Client, Failure> {
-        let mut c = Client::new(base)?;
-        c.headers.push(("authorization", format!("Bearer {token}")));
-        Ok(c)
-    }
-
-    /// Sends one request; any answer (even 4xx) is returned, only failing
-    /// to reach the platform is an error.
-    fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Reply, Failure> {
-        let mut req = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("accept", "application/json")
-            .header("user-agent", concat!("commons/", env!("CARGO_PKG_VERSION")));
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
-        }
-        for (k, v) in &self.headers {
-            req = req.header(*k, v);
-        }
-        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
-        let req = req
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| Failure::Input(format!("{}{path}: {e}", self.base)))?;
-        let unreachable =
-            |e: &dyn std::fmt::Display| Failure::Failed(format!("cannot reach {}: {e}", self.base));
-        self.rt.block_on(async {
-            let res = tokio::time::timeout(Duration::from_secs(120), self.http.request(req))
-                .await
-                .map_err(|_| unreachable(&"no answer within 120 s"))?
-                .map_err(|e| unreachable(&error_chain(&e)))?;
-            let status = res.status();
-            let set_cookie = res
-                .headers()
-                .get(hyper::header::SET_COOKIE)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let body = res
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| unreachable(&e))?
-                .to_bytes();
-            let body = serde_json::from_slice(&body)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-            Ok(Reply {
-                status,
-                set_cookie,
-                body,
-            })
-        })
-    }
-
-    /// Sends one request and returns the body of a 2xx answer; any other
-    /// answer becomes the failure its problem document describes.
-    fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
-        let reply = self.send(method, path, body)?;
-        if reply.status.is_success() {
-            Ok(reply.body)
-        } else {
-            Err(self.problem(&reply))
-        }
-    }
-
-    fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.call(Method::GET, path, None)
-    }
-
-    /// What a failed answer means, for people.
-    fn problem(&self, reply: &Reply) -> Failure {
-        let detail = reply.body["detail"]
-            .as_str()
-            .or(reply.body["title"].as_str())
-            .map(str::to_string)
-            .unwrap_or_else(|| match &reply.body {
-                Value::String(s) if !s.trim().is_empty() => s.trim().to_string(),
-                _ => reply.status.to_string(),
-            });
-        match reply.status {
-            StatusCode::UNAUTHORIZED => Failure::Input(format!(
-                "{} does not accept this login any more ({detail}); run `commons login {}` again",
-                self.base, self.base
-            )),
-            s if s.is_client_error() => Failure::Input(detail),
-            _ => Failure::Failed(format!("{}: {detail}", self.base)),
+/// The failure a call's error is, for people.
+fn failure(e: ClientError) -> Failure {
+    match e {
+        ClientError::Unauthorized { base, detail } => Failure::Input(format!(
+            "{base} does not accept this login any more ({detail}); run `commons login {base}` again"
+        )),
+        ClientError::Refused { detail, .. } => Failure::Input(detail),
+        e @ (ClientError::Unreachable { .. } | ClientError::Failed(_)) => {
+            Failure::Failed(e.to_string())
         }
     }
 }
 
-/// An error and its causes, on one line (hyper's own message is terse).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
-/// The platform's address as given, checked and without a trailing slash.
-fn platform_url(url: &str) -> Result<String, Failure> {
-    let url = url.trim().trim_end_matches('/');
-    let uri: hyper::Uri = url
-        .parse()
-        .map_err(|e| Failure::Input(format!("\"{url}\" is not a URL: {e}")))?;
-    let host = uri.host().unwrap_or("");
-    match uri.scheme_str() {
-        Some("https") => {}
-        // A password must not cross a network in clear; loopback is this machine.
-        Some("http") if is_loopback(host) => {}
-        Some("http") => {
-            return Err(Failure::Input(format!(
-                "refusing to send a password to {url} over plain HTTP; use https:// \
-                 (plain http:// only for this machine: 127.0.0.1, [::1] or localhost)"
-            )))
-        }
-        _ => {
-            return Err(Failure::Input(format!(
-                "\"{url}\" is not a platform's address; give one like https://commons.example.org"
-            )))
-        }
-    }
-    if uri.path().len() > 1 || uri.query().is_some() {
-        return Err(Failure::Input(format!(
-            "give the platform's address alone, without a path: {}://{}",
-            uri.scheme_str().unwrap_or("https"),
-            uri.authority().map(|a| a.as_str()).unwrap_or(host)
-        )));
-    }
-    Ok(url.to_string())
-}
-
-fn is_loopback(host: &str) -> bool {
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .map(|ip| ip.is_loopback())
-            .unwrap_or(false)
+fn client(url: &str, token: &str) -> Result<ApiClient, Failure> {
+    ApiClient::with_token(url, token).map_err(failure)
 }
 
 /// One line from standard input, or an error naming what was expected.
@@ -270,15 +103,14 @@ pub struct LoginArgs {
 /// on the terminal, or one line of standard input), which makes a token of
 /// the CLI's own, or with an existing token read from standard input.
 pub fn login(home: &Path, args: LoginArgs, as_json: bool) -> Result<(), Failure> {
-    let url = platform_url(&args.url)?;
+    let url = commons_server::client::platform_address(&args.url).map_err(Failure::Input)?;
     let (token, token_id) = if args.token_stdin {
         (read_line("token")?, None)
     } else {
         let (token, id) = token_from_password(&url, args.email.as_deref())?;
         (token, Some(id))
     };
-    let client = Client::with_token(&url, &token)?;
-    let me = client.get("/api/me")?;
+    let me = client(&url, &token)?.me().map_err(failure)?;
     let email = me["user"]["email"].as_str().unwrap_or_default().to_string();
     let org = match args.org {
         Some(org) => {
@@ -355,49 +187,28 @@ fn token_from_password(url: &str, email: Option<&str>) -> Result<(String, String
     } else {
         read_line("password")?
     };
-    let mut client = Client::new(url)?;
-    let reply = client.send(
-        Method::POST,
-        "/api/login",
-        Some(&json!({ "email": email, "password": password })),
-    )?;
+    let mut client = ApiClient::new(url).map_err(failure)?;
+    let session = client.login(&email, &password);
     drop(password);
-    if !reply.status.is_success() {
-        return Err(match reply.status {
-            StatusCode::UNAUTHORIZED => Failure::Input(format!(
-                "{url} refused the email or password; sign up in its console ({url}/console/signup) \
+    match session {
+        Ok(_) => {}
+        Err(ClientError::Unauthorized { .. }) => {
+            return Err(Failure::Input(format!(
+            "{url} refused the email or password; sign up in its console ({url}/console/signup) \
                  if you have no account"
-            )),
-            _ => client.problem(&reply),
-        });
+        )))
+        }
+        Err(e) => return Err(failure(e)),
     }
-    let cookie = reply
-        .set_cookie
-        .as_deref()
-        .and_then(|c| c.split(';').next())
-        .map(str::to_string)
-        .ok_or_else(|| Failure::Failed(format!("{url} answered the log-in without a session")))?;
-    let csrf = reply.body["csrf"].as_str().unwrap_or_default().to_string();
-    client.headers.push(("cookie", cookie));
-    client.headers.push(("x-csrf-token", csrf));
     let host = commons_server::host_name().unwrap_or_else(|| "this machine".into());
-    let made = client.call(
-        Method::POST,
-        "/api/tokens",
-        Some(&json!({ "name": format!("commons CLI on {host}"), "scopes": commons_server::accounts::USER_SCOPES })),
+    let made = client.create_token(
+        &format!("commons CLI on {host}"),
+        commons_server::accounts::USER_SCOPES,
     );
     // The session is not needed any more, whatever happened.
-    let _ = client.send(Method::POST, "/api/logout", None);
-    let made = made?;
-    let token = made["token"].as_str().unwrap_or_default().to_string();
-    let id = made["record"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    if token.is_empty() || id.is_empty() {
-        return Err(Failure::Failed(format!("{url} made no token: {made}")));
-    }
-    Ok((token, id))
+    client.logout();
+    let made = made.map_err(failure)?;
+    Ok((made.token, made.id))
 }
 
 /// Revokes the token `commons login` made (best effort: the platform may be
@@ -406,10 +217,7 @@ fn revoke(remote: &Remote) -> bool {
     let Some(id) = &remote.token_id else {
         return false;
     };
-    Client::with_token(&remote.url, &remote.token)
-        .and_then(|c| c.send(Method::DELETE, &format!("/api/tokens/{id}"), None))
-        .map(|r| r.status.is_success())
-        .unwrap_or(false)
+    ApiClient::with_token(&remote.url, &remote.token).is_ok_and(|c| c.revoke_token(id))
 }
 
 /// Forgets the remote platform (revoking the token `commons login` made).
@@ -444,7 +252,7 @@ pub fn logout(home: &Path, as_json: bool) -> Result<(), Failure> {
 /// on this machine whatever the login (blueprints, the platform daemon, the
 /// ledger...).
 pub fn run(remote: &Remote, command: &Command, as_json: bool) -> Option<Result<(), Failure>> {
-    let client = match Client::with_token(&remote.url, &remote.token) {
+    let client = match client(&remote.url, &remote.token) {
         Ok(c) => c,
         Err(e) => return Some(Err(e)),
     };
@@ -495,26 +303,13 @@ pub fn run(remote: &Remote, command: &Command, as_json: bool) -> Option<Result<(
 /// The site commands, through the API.
 struct Remotely<'a> {
     remote: &'a Remote,
-    client: Client,
+    client: ApiClient,
     json: bool,
-}
-
-/// Everything but letters, digits, `-`, `_` and `.` is escaped.
-const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.');
-
-/// A path segment or query value as the URL must carry it (site and
-/// component names are slugs; anything else is escaped rather than trusted).
-fn segment(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 impl Remotely<'_> {
     fn catalog(&self) -> Result<(), Failure> {
-        let v = self.client.get("/api/catalog")?;
-        let items = v["items"].as_array().cloned().unwrap_or_default();
+        let items = self.client.catalog().map_err(failure)?;
         if self.json {
             output::json(&items);
         } else {
@@ -529,20 +324,19 @@ impl Remotely<'_> {
         &self,
         t: &TargetArgs,
         hosting: Option<commons_engine::Hosting>,
-    ) -> Result<(String, Value), Failure> {
-        let inputs: serde_json::Map<String, Value> = t
-            .inputs
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
-        let mut body = json!({ "inputs": inputs, "hosting": hosting });
+    ) -> Result<(String, NewSite), Failure> {
+        let mut body = NewSite {
+            inputs: t.inputs.iter().cloned().collect(),
+            hosting,
+            ..Default::default()
+        };
         let name = match t
             .target
             .as_deref()
             .and_then(|t| t.strip_prefix(commons_server::catalog::PREFIX))
         {
             Some(entry) => {
-                body["catalog"] = entry.into();
+                body.catalog = Some(entry.to_string());
                 t.name.clone().unwrap_or_else(|| entry.to_string())
             }
             None => {
@@ -554,34 +348,24 @@ impl Remotely<'_> {
                 let bp = commons_blueprint::load(&path, &commons_blueprint::FileSystem)
                     .map_err(commons_engine::EngineError::Blueprint)?;
                 let (files, root) = commons_engine::source_files(&bp)?;
-                let files: serde_json::Map<String, Value> = files
+                let files = files
                     .into_iter()
-                    .map(|(p, bytes)| {
-                        (
-                            p,
-                            base64::engine::general_purpose::STANDARD
-                                .encode(bytes)
-                                .into(),
-                        )
-                    })
+                    .map(|(p, bytes)| (p, base64::engine::general_purpose::STANDARD.encode(bytes)))
                     .collect();
-                body["source"] = json!({ "root": root, "files": files });
+                body.source = Some(Source { root, files });
                 t.name.clone().unwrap_or(bp.name)
             }
         };
-        body["name"] = name.clone().into();
+        body.name = name.clone();
         Ok((name, body))
     }
 
     fn plan(&self, t: &TargetArgs) -> Result<(), Failure> {
         let (_, body) = self.new_site(t, None)?;
-        let path = format!("/api/orgs/{}/plan", segment(&self.remote.org));
-        let v = self.client.call(Method::POST, &path, Some(&body))?;
+        let plan = self.client.plan(&self.remote.org, &body).map_err(failure)?;
         if self.json {
-            output::json(&v);
+            output::json(&plan);
         } else {
-            let plan: commons_engine::Plan = serde_json::from_value(v)
-                .map_err(|e| Failure::Failed(format!("an unexpected plan: {e}")))?;
             output::plan(&plan);
         }
         Ok(())
@@ -596,21 +380,18 @@ impl Remotely<'_> {
     ) -> Result<(), Failure> {
         let started = Instant::now();
         let (name, body) = self.new_site(t, hosting)?;
-        let site = format!("/api/sites/{}", segment(&name));
-        let exists = self.client.send(Method::GET, &site, None)?;
-        let accepted = match exists.status {
-            StatusCode::OK => self.client.call(Method::PUT, &site, Some(&body))?,
-            StatusCode::NOT_FOUND => {
-                let path = format!("/api/orgs/{}/sites", segment(&self.remote.org));
-                self.client.call(Method::POST, &path, Some(&body))?
-            }
-            _ => return Err(self.client.problem(&exists)),
-        };
+        let accepted = match self.client.site(&name).map_err(failure)? {
+            Some(_) => self.client.redeploy(&name, &body),
+            None => self.client.create_site(&self.remote.org, &body),
+        }
+        .map_err(failure)?;
         let id = accepted["deploy"].as_u64();
         let spinner = spinner(self.json, &format!("{name} on {}", self.remote.url));
         let deadline = Instant::now() + DEPLOY_WAIT;
         let run = loop {
-            let v = self.client.get(&site)?;
+            let v = self.client.site(&name).map_err(failure)?.ok_or_else(|| {
+                Failure::Failed(format!("{name} was destroyed while it deployed"))
+            })?;
             let run = &v["deploy"];
             let ours = id.is_none() || run["id"].as_u64() == id;
             if !ours {
@@ -644,20 +425,7 @@ impl Remotely<'_> {
     }
 
     fn list(&self) -> Result<(), Failure> {
-        let mut items = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let mut path = format!("/api/orgs/{}/sites?limit=1000", segment(&self.remote.org));
-            if let Some(a) = &after {
-                path.push_str(&format!("&after={}", segment(a)));
-            }
-            let v = self.client.get(&path)?;
-            items.extend(v["items"].as_array().cloned().unwrap_or_default());
-            match v["next"].as_str() {
-                Some(n) => after = Some(n.to_string()),
-                None => break,
-            }
-        }
+        let items = self.client.sites(&self.remote.org).map_err(failure)?;
         if self.json {
             output::json(&items);
             return Ok(());
@@ -689,7 +457,10 @@ impl Remotely<'_> {
     }
 
     fn status(&self, name: &str) -> Result<(), Failure> {
-        let v = self.client.get(&format!("/api/sites/{}", segment(name)))?;
+        let v =
+            self.client.site(name).map_err(failure)?.ok_or_else(|| {
+                Failure::Input(format!("no site \"{name}\" on {}", self.remote.url))
+            })?;
         if self.json {
             output::json(&v["status"]);
             return Ok(());
@@ -711,12 +482,7 @@ impl Remotely<'_> {
         lines: usize,
         follow: bool,
     ) -> Result<(), Failure> {
-        let base = format!("/api/sites/{}/logs", segment(name));
-        let mut path = format!("{base}?lines={lines}");
-        if let Some(c) = component {
-            path.push_str(&format!("&component={}", segment(c)));
-        }
-        let v = self.client.get(&path)?;
+        let v = self.client.logs(name, component, lines).map_err(failure)?;
         let components = v["components"].as_object().cloned().unwrap_or_default();
         let prefix = components.len() > 1;
         let mut out = std::io::stdout().lock();
@@ -737,9 +503,7 @@ impl Remotely<'_> {
         loop {
             std::thread::sleep(Duration::from_millis(500));
             for (c, offset) in &mut offsets {
-                let v = self
-                    .client
-                    .get(&format!("{base}?component={}&after={offset}", segment(c)))?;
+                let v = self.client.logs_after(name, c, *offset).map_err(failure)?;
                 let mut out = std::io::stdout().lock();
                 self.print_lines(&mut out, c, &v["components"][c.as_str()], prefix);
                 let _ = std::io::Write::flush(&mut out);
@@ -762,25 +526,17 @@ impl Remotely<'_> {
     }
 
     fn history(&self, name: &str, diff: Option<&[String]>) -> Result<(), Failure> {
-        let site = format!("/api/sites/{}", segment(name));
         match diff {
             Some([a, b]) => {
-                let v = self.client.get(&format!(
-                    "{site}/history/diff?a={}&b={}",
-                    segment(a),
-                    segment(b)
-                ))?;
+                let diff = self.client.history_diff(name, a, b).map_err(failure)?;
                 if self.json {
-                    output::json(&v);
+                    output::json(&json!({ "diff": diff }));
                 } else {
-                    print!("{}", v["diff"].as_str().unwrap_or(""));
+                    print!("{diff}");
                 }
             }
             _ => {
-                let v = self.client.get(&format!("{site}/history"))?;
-                let entries: Vec<commons_engine::records::RecordEntry> =
-                    serde_json::from_value(v["items"].clone())
-                        .map_err(|e| Failure::Failed(format!("an unexpected history: {e}")))?;
+                let entries = self.client.history(name).map_err(failure)?;
                 if self.json {
                     output::json(&entries);
                 } else {
@@ -792,11 +548,7 @@ impl Remotely<'_> {
     }
 
     fn backup(&self, name: &str) -> Result<(), Failure> {
-        let v = self.client.call(
-            Method::POST,
-            &format!("/api/sites/{}/backups", segment(name)),
-            None,
-        )?;
+        let v = self.client.backup(name).map_err(failure)?;
         if self.json {
             output::json(&v);
         } else {
@@ -814,13 +566,9 @@ impl Remotely<'_> {
     fn destroy(&self, name: &str) -> Result<(), Failure> {
         let started = Instant::now();
         let spinner = spinner(self.json, &format!("{name} on {}", self.remote.url));
-        let v = self.client.call(
-            Method::DELETE,
-            &format!("/api/sites/{}", segment(name)),
-            None,
-        );
+        let v = self.client.destroy(name);
         spinner.finish_and_clear();
-        let v = v?;
+        let v = v.map_err(failure)?;
         match serde_json::from_value::<commons_engine::Outcome>(v.clone()) {
             Ok(outcome) => output::outcome(&outcome, self.json, started.elapsed(), "Destroyed"),
             // A site that never deployed has no outcome to show.

@@ -90,9 +90,9 @@ fn pg_tool(program: &str, args: &[&str]) -> Result<Vec<u8>, EngineError> {
 
 /// The admin connection string pointed at database `db`.
 fn admin_for(db: &str) -> Result<String, EngineError> {
-    let url = std::env::var(ADMIN_URL_VAR)
-        .ok()
-        .filter(|u| !u.is_empty())
+    let url = commons_runtime::settings::current()
+        .postgres_admin_url
+        .clone()
         .ok_or_else(|| {
             EngineError::Input(format!(
                 "backing up a PostgreSQL database needs {ADMIN_URL_VAR}"

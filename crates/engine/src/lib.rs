@@ -30,10 +30,10 @@ use serde::Serialize;
 use commons_blueprint::{Blueprint, Diagnostics, FileSystem};
 use commons_runtime::exit::Ending;
 use commons_runtime::{driver_for, Layout, Observed};
-use commons_store::{ComponentRow, ComponentState, SqliteStore, StateStore, StoreError, TaskRow};
+use commons_store::{ComponentRow, ComponentState, StateStore, StoreError, TaskRow};
 
 pub use apply::{Progress, Quiet};
-pub use commons_store::DeploymentRow;
+pub use commons_store::{DeploymentRow, StoreConfig};
 pub use plan::{Action, Change, Plan};
 
 /// Default number of tasks run at once.
@@ -97,30 +97,35 @@ pub const SERVICE_TOKEN_PREFIX: &str = "cmsv_";
 pub struct Engine {
     pub layout: Layout,
     store: Arc<dyn StateStore>,
+    store_config: StoreConfig,
     secrets: secrets::SecretBox,
 }
 
 impl Engine {
-    /// Opens the data directory `home`, creating it if needed.
-    pub fn open(home: &Path) -> Result<Engine, EngineError> {
+    /// Opens the data directory `home`, creating it if needed, with its
+    /// state in the store `store` names.
+    pub fn open(home: &Path, store: &StoreConfig) -> Result<Engine, EngineError> {
         commons_runtime::layout::private_dir(home)
             .map_err(EngineError::io(format!("creating {}", home.display())))?;
         let layout = Layout::new(home);
-        // The embedded store by default; PostgreSQL when the platform names one.
-        let store: Arc<dyn StateStore> = match std::env::var("COMMONS_DATABASE_URL") {
-            Ok(url) if !url.is_empty() => {
-                let schema =
-                    std::env::var("COMMONS_DATABASE_SCHEMA").unwrap_or_else(|_| "commons".into());
-                Arc::new(commons_store::PgStore::connect(&url, &schema)?)
-            }
-            _ => Arc::new(SqliteStore::open(&layout.state_db())?),
-        };
         let secrets = secrets::SecretBox::open(&layout.secrets_key())?;
         Ok(Engine {
+            store: store.open_state(&layout.state_db())?,
+            store_config: store.clone(),
             layout,
-            store,
             secrets,
         })
+    }
+
+    /// Another engine over the same data directory and store, for a thread
+    /// of its own (each has its own connection).
+    pub fn reopen(&self) -> Result<Engine, EngineError> {
+        Engine::open(&self.layout.home, &self.store_config)
+    }
+
+    /// Where this engine keeps its state.
+    pub fn store_config(&self) -> &StoreConfig {
+        &self.store_config
     }
 
     /// The credential a deployment's processes prove who they are with

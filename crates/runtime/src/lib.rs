@@ -16,6 +16,7 @@ pub mod health;
 pub mod layout;
 pub mod proc;
 pub mod sandbox;
+pub mod settings;
 pub mod usage;
 
 use std::future::Future;
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 pub use drivers::{driver_for, Driver};
 pub use layout::Layout;
+pub use settings::RuntimeSettings;
 
 /// A boxed future, so drivers can be trait objects.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -27,9 +27,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// First uid handed to deployments; each gets the next free one.
 pub const FIRST_UID: u32 = 200_000;
 
-/// Whether workloads are sandboxed (`COMMONS_SANDBOX=1`).
+/// Whether workloads are sandboxed (`COMMONS_SANDBOX=1`, `[runtime] sandbox`).
 pub fn enabled() -> bool {
-    std::env::var("COMMONS_SANDBOX").is_ok_and(|v| v == "1" || v == "true")
+    crate::settings::current().sandboxed
 }
 
 /// Whether the platform is one person's (`COMMONS_SINGLE_USER=1`): the
@@ -37,7 +37,7 @@ pub fn enabled() -> bool {
 /// unsandboxed, as the platform's own user. Without it and without the
 /// sandbox, the platform takes sites from its administrator only.
 pub fn single_user() -> bool {
-    std::env::var("COMMONS_SINGLE_USER").is_ok_and(|v| v == "1" || v == "true")
+    crate::settings::current().single_user
 }
 
 /// The uid (and gid) of a deployment, allocated once and kept in

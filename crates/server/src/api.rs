@@ -266,7 +266,7 @@ pub async fn login(
     body: Bytes,
 ) -> Reply {
     let l: Login = json_body(&body)?;
-    let address = client_address(peer.map(|p| p.0 .0), &headers);
+    let address = client_address(peer.map(|p| p.0 .0), &headers, &state.trusted_proxies);
     let (cookie, session, user) = state.accounts.login(&l.email, &l.password, &address)?;
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let mut r = Json(serde_json::json!({ "user": user, "csrf": session.csrf })).into_response();
@@ -277,29 +277,18 @@ pub async fn login(
     Ok(r)
 }
 
-/// The proxies whose `X-Forwarded-For` is believed
-/// (`COMMONS_TRUSTED_PROXIES`, comma-separated addresses; `[api]
-/// trusted_proxies`): none by default.
-fn trusted_proxies() -> &'static [std::net::IpAddr] {
-    static TRUSTED: std::sync::OnceLock<Vec<std::net::IpAddr>> = std::sync::OnceLock::new();
-    TRUSTED.get_or_init(|| {
-        std::env::var("COMMONS_TRUSTED_PROXIES")
-            .unwrap_or_default()
-            .split(',')
-            .filter_map(|a| a.trim().parse().ok())
-            .collect()
-    })
-}
-
 /// The client's address, as the log-in limiters key on it: the peer's,
 /// unless the peer is a trusted proxy, whose `X-Forwarded-For` then names
 /// the client (its rightmost address that is not itself a trusted proxy:
 /// what a client wrote further left is not believed).
-pub fn client_address(peer: Option<SocketAddr>, headers: &axum::http::HeaderMap) -> String {
+pub fn client_address(
+    peer: Option<SocketAddr>,
+    headers: &axum::http::HeaderMap,
+    trusted: &[std::net::IpAddr],
+) -> String {
     let Some(peer) = peer.map(|p| p.ip().to_canonical()) else {
         return String::new();
     };
-    let trusted = trusted_proxies();
     if !trusted.contains(&peer) {
         return peer.to_string();
     }
@@ -730,23 +719,27 @@ pub async fn sites(
 }
 
 /// What to deploy as a new site.
-#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[derive(Deserialize, serde::Serialize, Default, utoipa::ToSchema)]
 pub struct NewSite {
     /// Required for a new site; a redeploy takes it from the path.
     #[serde(default)]
     #[schema(pattern = "^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")]
     pub name: String,
     /// A catalog entry's name...
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub catalog: Option<String>,
     /// ...or a blueprint's YAML...
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub blueprint: Option<String>,
     /// ...or a blueprint with the files it needs (its includes, what its
     /// static components serve).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,
     /// The blueprint's inputs, by name.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
     #[schema(value_type = Option<crate::openapi::Hosting>)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hosting: Option<commons_engine::Hosting>,
 }
 

@@ -27,9 +27,16 @@
 //! stripe_webhook_secret = "whsec_..."
 //! ```
 
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use commons_gateway::acme::Challenge;
+use commons_runtime::RuntimeSettings;
+use commons_store::StoreConfig;
 use serde::Deserialize;
+
+use crate::gateway::{AcmeSettings, GatewaySettings};
 
 pub const FILE_NAME: &str = "commons.toml";
 
@@ -144,49 +151,168 @@ impl ServeConfig {
             || self.store.database_url.is_some()
             || self.payments.stripe_webhook_secret.is_some()
     }
+}
 
-    /// Settings read from the environment by the parts of the platform,
-    /// as the file gives them: each applies where the environment does not
-    /// already set it.
-    pub fn environment(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        let mut put = |k: &'static str, v: Option<String>| {
-            if let Some(v) = v {
-                out.push((k, v));
-            }
-        };
-        put(
-            "COMMONS_SANDBOX",
-            self.runtime
-                .sandbox
-                .map(|b| if b { "1" } else { "0" }.into()),
-        );
-        put(
-            "COMMONS_TRUSTED_PROXIES",
-            self.api.trusted_proxies.as_ref().map(|p| p.join(",")),
-        );
-        put(
-            "COMMONS_SINGLE_USER",
-            self.runtime
-                .single_user
-                .map(|b| if b { "1" } else { "0" }.into()),
-        );
-        put(
-            "COMMONS_IDLE_AFTER",
-            self.runtime.idle_after_seconds.map(|s| s.to_string()),
-        );
-        put(
-            "COMMONS_SAMPLE_SECONDS",
-            self.runtime.sample_seconds.map(|s| s.to_string()),
-        );
-        put("COMMONS_POSTGRES_URL", self.runtime.postgres_url.clone());
-        put("COMMONS_DATABASE_URL", self.store.database_url.clone());
-        put(
-            "COMMONS_STRIPE_WEBHOOK_SECRET",
-            self.payments.stripe_webhook_secret.clone(),
-        );
-        out
+/// What the command line says: flags, or the environment variables named
+/// beside them in `commons serve --help` (the CLI reads those).
+#[derive(Debug, Default, Clone)]
+pub struct ServeFlags {
+    pub listen: Option<String>,
+    pub http: Option<String>,
+    pub https: Option<String>,
+    pub admin: Option<String>,
+    pub gateway_threads: Option<usize>,
+    pub acme_directory: Option<String>,
+    pub acme_root: Option<PathBuf>,
+    pub acme_email: Option<String>,
+    pub acme_challenge: Option<String>,
+    pub single_user: bool,
+}
+
+/// Everything `commons serve` runs with, resolved once: flags beat the
+/// environment, which beats the file, which beats the defaults. The parts
+/// of the platform get these as values and read no environment.
+pub struct Settings {
+    pub home: PathBuf,
+    /// The API's address.
+    pub listen: String,
+    /// Where users reach the platform (`COMMONS_PUBLIC_URL`); unset: the
+    /// API's own address.
+    pub public_url: Option<String>,
+    /// Proxies in front of the API whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpAddr>,
+    pub gateway: GatewaySettings,
+    pub runtime: RuntimeSettings,
+    pub store: StoreConfig,
+    pub stripe_webhook_secret: Option<String>,
+    pub supervisor: SupervisorSettings,
+}
+
+/// What the supervisor does beside restarting workloads.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    /// How often the sampler meters what workloads use.
+    pub sample_every: Duration,
+    /// Free-hosted sites with no request for this long are stopped.
+    pub idle_after: Option<Duration>,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> SupervisorSettings {
+        SupervisorSettings {
+            sample_every: Duration::from_secs(60),
+            idle_after: None,
+        }
     }
+}
+
+/// Resolves flags, the environment (`env` looks a variable up) and the file
+/// into [`Settings`]. A value that does not parse is an error naming where
+/// it came from.
+pub fn resolve(
+    home: &Path,
+    flags: ServeFlags,
+    file: ServeConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Settings, String> {
+    let env = |k: &str| env(k).filter(|v| !v.is_empty());
+    let switch = |var: &str, file: Option<bool>| -> Result<bool, String> {
+        match env(var).as_deref() {
+            Some("1" | "true") => Ok(true),
+            Some("0" | "false") => Ok(false),
+            Some(other) => Err(format!("{var}={other}: say 1 or 0")),
+            None => Ok(file.unwrap_or(false)),
+        }
+    };
+    let seconds = |var: &str, file: Option<u64>| -> Result<Option<Duration>, String> {
+        match env(var) {
+            Some(v) => v
+                .parse()
+                .map(|s| Some(Duration::from_secs(s)))
+                .map_err(|_| format!("{var}={v}: say a whole number of seconds")),
+            None => Ok(file.map(Duration::from_secs)),
+        }
+    };
+    let trusted_proxies = match env("COMMONS_TRUSTED_PROXIES") {
+        Some(list) => list.split(',').map(str::to_string).collect(),
+        None => file.api.trusted_proxies.unwrap_or_default(),
+    }
+    .iter()
+    .map(|a| a.trim())
+    .filter(|a| !a.is_empty())
+    .map(|a| {
+        a.parse()
+            .map_err(|_| format!("trusted proxy \"{a}\" is not an IP address"))
+    })
+    .collect::<Result<Vec<IpAddr>, String>>()?;
+    let challenge: Challenge = flags
+        .acme_challenge
+        .or(file.acme.challenge)
+        .as_deref()
+        .map(str::parse)
+        .transpose()?
+        .unwrap_or_default();
+    let off = |a: String| (a != "off").then_some(a);
+    let gateway = GatewaySettings {
+        http: flags
+            .http
+            .or(file.gateway.http)
+            .unwrap_or_else(|| "127.0.0.1:8080".into()),
+        https: off(flags
+            .https
+            .or(file.gateway.https)
+            .unwrap_or_else(|| "127.0.0.1:8443".into())),
+        admin: off(flags
+            .admin
+            .or(file.gateway.admin)
+            .unwrap_or_else(|| "127.0.0.1:8071".into())),
+        threads: flags.gateway_threads.or(file.gateway.threads).unwrap_or(2),
+        acme: flags
+            .acme_directory
+            .or(file.acme.directory)
+            .map(|directory| AcmeSettings {
+                directory,
+                root: flags.acme_root.or(file.acme.root),
+                contact: flags.acme_email.or(file.acme.email),
+                challenge,
+            }),
+        config: commons_gateway::Config {
+            node: crate::host_name().unwrap_or_else(|| "local".into()),
+            ..Default::default()
+        },
+    };
+    let sample_every = seconds("COMMONS_SAMPLE_SECONDS", file.runtime.sample_seconds)?
+        .unwrap_or(SupervisorSettings::default().sample_every);
+    Ok(Settings {
+        home: home.to_path_buf(),
+        listen: flags
+            .listen
+            .or(file.api.listen)
+            .unwrap_or_else(|| "127.0.0.1:8070".into()),
+        public_url: env("COMMONS_PUBLIC_URL"),
+        trusted_proxies,
+        gateway,
+        runtime: RuntimeSettings {
+            sandboxed: switch(commons_runtime::settings::SANDBOX_VAR, file.runtime.sandbox)?,
+            single_user: flags.single_user
+                || switch(
+                    commons_runtime::settings::SINGLE_USER_VAR,
+                    file.runtime.single_user,
+                )?,
+            postgres_admin_url: env(commons_runtime::drivers::postgres::ADMIN_URL_VAR)
+                .or(file.runtime.postgres_url),
+        },
+        store: StoreConfig::new(
+            env(commons_store::DATABASE_URL_VAR).or(file.store.database_url),
+            env(commons_store::DATABASE_SCHEMA_VAR),
+        ),
+        stripe_webhook_secret: env("COMMONS_STRIPE_WEBHOOK_SECRET")
+            .or(file.payments.stripe_webhook_secret),
+        supervisor: SupervisorSettings {
+            sample_every,
+            idle_after: seconds("COMMONS_IDLE_AFTER", file.runtime.idle_after_seconds)?,
+        },
+    })
 }
 
 #[cfg(test)]
@@ -203,7 +329,7 @@ mod tests {
     fn a_missing_default_file_is_the_defaults_and_a_named_one_must_exist() {
         let d = dir("missing");
         let c = load(&d, None).unwrap();
-        assert!(c.api.listen.is_none() && c.environment().is_empty());
+        assert!(c.api.listen.is_none() && c.runtime.sandbox.is_none());
         let e = load(&d, Some(&d.join("nope.toml"))).unwrap_err();
         assert!(e.contains("cannot read"), "{e}");
         std::fs::remove_dir_all(d).unwrap();
@@ -220,14 +346,62 @@ mod tests {
         let c = load(&d, None).unwrap();
         assert_eq!(c.gateway.http.as_deref(), Some("127.0.0.1:9080"));
         assert_eq!(c.gateway.threads, Some(1));
-        assert_eq!(
-            c.environment(),
-            vec![("COMMONS_IDLE_AFTER", "600".to_string())]
-        );
+        assert_eq!(c.runtime.idle_after_seconds, Some(600));
         std::fs::write(d.join(FILE_NAME), "[gateway]\nhttp = \"x\"\nhtps = \"y\"\n").unwrap();
         let e = load(&d, None).unwrap_err();
         assert!(e.contains("commons.toml:3:1:"), "{e}");
         assert!(e.contains("unknown field `htps`"), "{e}");
         std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file() {
+        let file: ServeConfig = toml::from_str(
+            "[api]\nlisten = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0.2\"]\n\
+             [runtime]\nsandbox = true\nidle_after_seconds = 600\n\
+             [payments]\nstripe_webhook_secret = \"whsec_file\"\n",
+        )
+        .unwrap();
+        let env = |k: &str| match k {
+            "COMMONS_SANDBOX" => Some("0".to_string()),
+            "COMMONS_STRIPE_WEBHOOK_SECRET" => Some("whsec_env".to_string()),
+            _ => None,
+        };
+        let flags = ServeFlags {
+            listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let s = resolve(Path::new("/h"), flags, file, &env).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:2", "the flag beats the file");
+        assert!(
+            !s.runtime.sandboxed,
+            "COMMONS_SANDBOX=0 beats sandbox = true"
+        );
+        assert_eq!(s.stripe_webhook_secret.as_deref(), Some("whsec_env"));
+        assert_eq!(
+            s.trusted_proxies,
+            vec!["10.0.0.2".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(s.supervisor.idle_after, Some(Duration::from_secs(600)));
+        assert_eq!(s.gateway.http, "127.0.0.1:8080", "the default");
+        assert_eq!(s.store, StoreConfig::Embedded);
+    }
+
+    #[test]
+    fn a_value_that_does_not_parse_says_where_it_came_from() {
+        let bad = |var: &'static str, value: &'static str| {
+            let env = move |k: &str| (k == var).then(|| value.to_string());
+            resolve(
+                Path::new("/h"),
+                ServeFlags::default(),
+                ServeConfig::default(),
+                &env,
+            )
+            .err()
+            .unwrap_or_default()
+        };
+        assert!(bad("COMMONS_SANDBOX", "yes").contains("COMMONS_SANDBOX=yes"));
+        assert!(bad("COMMONS_IDLE_AFTER", "soon").contains("COMMONS_IDLE_AFTER=soon"));
+        assert!(bad("COMMONS_TRUSTED_PROXIES", "10.0.0.1,proxy").contains("\"proxy\""));
     }
 }

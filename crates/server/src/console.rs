@@ -335,7 +335,7 @@ fn start_session(
 ) -> Response {
     // The limiter keys on the account and the client's address, as the
     // API's does: X-Forwarded-For counts only from a trusted proxy.
-    let address = api::client_address(peer.map(|p| p.0 .0), headers);
+    let address = api::client_address(peer.map(|p| p.0 .0), headers, &state.trusted_proxies);
     match state.accounts.login(&f.email, &f.password, &address) {
         Ok((cookie, _, _)) => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());

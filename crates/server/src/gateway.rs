@@ -415,14 +415,12 @@ pub fn spawn(
     // Routes follow the engine's state from a thread of their own, so the
     // proxy's event loop never waits on the state store.
     let routes_gateway = gateway.clone();
-    let routes_home = home.to_path_buf();
+    let routes_engine = state.engine.reopen().map_err(|e| format!("engine: {e}"))?;
     std::thread::Builder::new()
         .name("commons-routes".into())
         .spawn(move || {
             // Not at a lower priority: a redeploy and a wake wait for it.
-            let Ok(engine) = Engine::open(&routes_home) else {
-                return;
-            };
+            let engine = routes_engine;
             let state_file = engine.layout.gateway_state();
             let mut last = (String::new(), std::time::Instant::now());
             let mut seen = (None, std::time::Instant::now());

@@ -27,6 +27,7 @@ pub mod accounts;
 pub mod api;
 pub mod books;
 pub mod catalog;
+pub mod client;
 pub mod config;
 pub mod console;
 pub mod gateway;
@@ -35,7 +36,9 @@ pub mod local;
 pub mod my_usage;
 pub mod oidc;
 pub mod openapi;
+pub mod periods;
 pub mod rs256;
+mod run;
 pub mod supervisor;
 pub mod tokens;
 
@@ -59,6 +62,7 @@ use commons_ledger::journal::Journal;
 use commons_ledger::payments::{PaymentProvider, Stripe};
 use commons_meter::{Event, Meter, Outcome};
 
+pub use run::{run, RunError};
 pub use tokens::Tokens;
 
 /// Creates `dir` readable only by the platform (mode 0700).
@@ -110,6 +114,8 @@ pub struct AppState {
     pub sign_ins: gateway::SignIns,
     /// Sessions at sites' own hosts.
     pub site_sessions: gateway::SiteSessions,
+    /// Proxies in front of the API whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +128,7 @@ impl AppState {
     /// Opens every store under `home`.
     pub fn open(
         home: &Path,
+        store: &commons_store::StoreConfig,
         tiers: Option<Vec<Tier>>,
         stripe_secret: Option<String>,
     ) -> Result<AppState, ServeError> {
@@ -129,7 +136,7 @@ impl AppState {
         for dir in ["meter", "ledger", "gateway"] {
             private_dir(&home.join(dir)).map_err(|e| err(dir, &e))?;
         }
-        let engine = commons_engine::Engine::open(home).map_err(|e| err("engine", &e))?;
+        let engine = commons_engine::Engine::open(home, store).map_err(|e| err("engine", &e))?;
         let layout = engine.layout.clone();
         let site_sessions = gateway::SiteSessions::new(&engine);
         Ok(AppState {
@@ -145,8 +152,11 @@ impl AppState {
             stripe: stripe_secret.map(Stripe::new),
             tokens: Tokens::new(home),
             accounts: accounts::Accounts::new(
-                open_account_store(home).map_err(|e| err("accounts", &e))?,
+                store
+                    .open_accounts(&layout.state_db())
+                    .map_err(|e| err("accounts", &e))?,
             ),
+            trusted_proxies: Vec::new(),
             engine,
             gateway_http: std::sync::OnceLock::new(),
             gateway_https: std::sync::OnceLock::new(),
@@ -157,23 +167,6 @@ impl AppState {
             site_sessions,
         })
     }
-}
-
-/// The account store: PostgreSQL when `COMMONS_DATABASE_URL` names one (in
-/// `COMMONS_DATABASE_SCHEMA`, as the engine's state), else `HOME/state.db`.
-fn open_account_store(
-    home: &Path,
-) -> Result<Arc<dyn commons_store::AccountStore>, commons_store::StoreError> {
-    Ok(match std::env::var("COMMONS_DATABASE_URL") {
-        Ok(url) if !url.is_empty() => {
-            let schema =
-                std::env::var("COMMONS_DATABASE_SCHEMA").unwrap_or_else(|_| "commons".into());
-            Arc::new(commons_store::PgStore::connect(&url, &schema)?)
-        }
-        _ => Arc::new(commons_store::SqliteStore::open(
-            &commons_runtime::Layout::new(home).state_db(),
-        )?),
-    })
 }
 
 /// An error answer: an RFC 9457 problem document with a 4xx or 5xx status.

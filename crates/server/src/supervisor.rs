@@ -1,33 +1,27 @@
 //! What `commons serve` runs beside the API: the supervisor, which restarts
 //! workloads that stopped, and the sampler, which meters what they use.
 
-use std::path::PathBuf;
-
 use commons_engine::Engine;
+
+use crate::config::SupervisorSettings;
 
 /// How often the supervisor looks: a crashed process is back within about
 /// this long plus its start-up.
 pub const PASS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Restarts stopped workloads, for as long as `serve` runs.
-pub fn spawn(home: PathBuf) {
+/// Restarts stopped workloads, for as long as `serve` runs, with an engine
+/// of its own.
+pub fn spawn(engine: Engine, settings: SupervisorSettings) {
     std::thread::Builder::new()
         .name("commons-supervisor".into())
         .spawn(move || {
             commons_gateway::background_priority();
-            let engine = match Engine::open(&home) {
-                Ok(e) => e,
-                Err(e) => {
-                    eprintln!("supervisor: cannot open the engine: {e}");
-                    return;
-                }
-            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("the async runtime starts");
             let mut supervisor = commons_engine::supervise::Supervisor::new();
-            let mut sampler = Sampler::new(&home);
+            let mut sampler = Sampler::new(&engine.layout.home, &settings);
             loop {
                 let pass = rt.block_on(supervisor.pass(&engine));
                 sampler.maybe_sample(&engine);
@@ -54,6 +48,7 @@ pub fn spawn(home: PathBuf) {
 pub struct Sampler {
     meter: Option<commons_meter::Meter>,
     every: std::time::Duration,
+    idle_after: Option<std::time::Duration>,
     last: Option<std::time::Instant>,
     /// CPU milliseconds at the last reading, per (deployment, component, pid).
     cpu: std::collections::HashMap<(String, String, i32), u64>,
@@ -61,11 +56,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn new(home: &std::path::Path) -> Sampler {
-        let every = std::env::var("COMMONS_SAMPLE_SECONDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(60);
+    pub fn new(home: &std::path::Path, settings: &SupervisorSettings) -> Sampler {
         let db = commons_runtime::Layout::new(home).meter_db();
         let meter = db
             .parent()
@@ -74,7 +65,8 @@ impl Sampler {
         let node = crate::host_name().unwrap_or_else(|| "local".into());
         Sampler {
             meter,
-            every: std::time::Duration::from_secs(every),
+            every: settings.sample_every,
+            idle_after: settings.idle_after,
             last: None,
             cpu: Default::default(),
             node,
@@ -82,13 +74,10 @@ impl Sampler {
     }
 
     /// Stops the processes of free-hosted sites with no request for
-    /// `COMMONS_IDLE_AFTER` seconds (unset: never), counting a deploy or wake
+    /// `idle_after` (unset: never), counting a deploy or wake
     /// as activity. Always-on sites are left running.
     pub async fn idle_quiet_sites(&self, engine: &Engine) -> Vec<(String, Vec<String>)> {
-        let Some(after) = std::env::var("COMMONS_IDLE_AFTER")
-            .ok()
-            .and_then(|v| v.parse::<i64>().ok())
-        else {
+        let Some(after) = self.idle_after.map(|d| d.as_secs() as i64) else {
             return Vec::new();
         };
         let now = std::time::SystemTime::now()

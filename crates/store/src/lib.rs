@@ -9,12 +9,14 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+mod config;
 mod pg;
 mod sqlite;
 
 use serde::{Deserialize, Serialize};
 
 pub use accounts::AccountStore;
+pub use config::{StoreConfig, DATABASE_SCHEMA_VAR, DATABASE_URL_VAR};
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 

@@ -42,7 +42,7 @@ pub fn name(deployment: &str, component: &str) -> String {
 }
 
 fn admin() -> Result<(Config, String), DriverError> {
-    let url = std::env::var(ADMIN_URL_VAR).ok().filter(|u| !u.is_empty()).ok_or_else(|| {
+    let url = crate::settings::current().postgres_admin_url.clone().ok_or_else(|| {
         DriverError::Failed(format!(
             "postgres components need the platform's PostgreSQL server: set {ADMIN_URL_VAR} to an administrator's connection, \
              e.g. \"host=127.0.0.1 user=postgres\""

@@ -1,0 +1,190 @@
+//! `commons serve`: the whole platform on this machine — the API, the
+//! gateway, the supervisor — built from resolved [`Settings`]. The CLI
+//! parses arguments and calls [`run`]; the node agent and further `serve`
+//! instances will start the same way.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::AppState;
+
+/// Why the platform did not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Something the operator can fix: a busy address, another daemon.
+    #[error("{0}")]
+    Input(String),
+    /// Something else failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs the platform until it is asked to stop (a signal, or `commons
+/// daemon stop`). The runtime's settings become this process's.
+pub fn run(settings: Settings) -> Result<(), RunError> {
+    let home = settings.home.clone();
+    if let Some(other) = crate::local::running(&home) {
+        return Err(RunError::Input(format!(
+            "the platform daemon already runs for {} (pid {}); `commons daemon stop` stops it",
+            home.display(),
+            other.pid
+        )));
+    }
+    if let Err(in_force) = settings.runtime.clone().install() {
+        if in_force != settings.runtime {
+            return Err(RunError::Failed(
+                "the runtime's settings were read before they were set".into(),
+            ));
+        }
+    }
+    // The tiers the CLI's `commons subscribe` knows, from the same file.
+    let money = crate::periods::MoneySettings::load(&home).map_err(|e| match e {
+        crate::periods::MoneyError::Input(m) => RunError::Input(m),
+        crate::periods::MoneyError::Failed(m) => RunError::Failed(m),
+    })?;
+    let mut state = AppState::open(
+        &home,
+        &settings.store,
+        Some(money.tiers()),
+        settings.stripe_webhook_secret.clone(),
+    )
+    .map_err(|e| RunError::Failed(e.to_string()))?;
+    state.trusted_proxies = settings.trusted_proxies.clone();
+    bootstrap_admin(&home)?;
+    let supervisor_engine = state
+        .engine
+        .reopen()
+        .map_err(|e| RunError::Failed(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the async runtime starts");
+    rt.block_on(async {
+        let listen = &settings.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| RunError::Input(format!("cannot listen on {listen}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        eprintln!(
+            "{:>12} http://{addr} (data in {})",
+            "Listening",
+            home.display()
+        );
+        eprintln!("{:>12} http://{addr}/console", "Console");
+        warn_about_isolation(&settings.runtime);
+        let public = settings
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}"));
+        let _ = state.public_url.set(public);
+        if state.accounts.store().user_count().unwrap_or(1) == 0 {
+            eprintln!(
+                "{:>12} the first account to sign up at http://{addr}/console/signup administers the platform",
+                "Welcome"
+            );
+        }
+        crate::supervisor::spawn(supervisor_engine, settings.supervisor.clone());
+        let state = Arc::new(state);
+        let gateway = crate::gateway::spawn(&home, state.clone(), settings.gateway)
+            .map_err(RunError::Input)?;
+        let bound = gateway.bound.clone();
+        for (what, addr) in &bound {
+            eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
+        }
+        let info = crate::local::DaemonInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            api: format!("http://{addr}"),
+            gateway: bound
+                .iter()
+                .map(|(w, a)| (w.to_string(), a.to_string()))
+                .collect(),
+            started_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+                .to_string(),
+        };
+        let socket = crate::local::announce(&home, &info).map_err(RunError::Input)?;
+        let served = crate::serve(listener, Some(socket), state).await;
+        // Asked to stop: requests in flight finish, their usage is written.
+        gateway.stop();
+        served.map_err(|e| RunError::Failed(e.to_string()))
+    })
+}
+
+/// Says, once at start, who may deploy when workloads are not sandboxed.
+fn warn_about_isolation(runtime: &commons_runtime::RuntimeSettings) {
+    if runtime.sandboxed {
+        return;
+    }
+    if runtime.single_user {
+        eprintln!(
+            "{:>12} single-user mode: sites from the API and the console run \
+             unsandboxed, as this user, and can read the platform's keys; let nobody \
+             else deploy here",
+            "Warning"
+        );
+    } else {
+        eprintln!(
+            "{:>12} workloads are not sandboxed: the API and the console take sites from \
+             the platform's administrator only (COMMONS_SANDBOX=1 as root lets users \
+             deploy; COMMONS_SINGLE_USER=1 makes this one person's platform)",
+            "Note"
+        );
+    }
+}
+
+/// On the first start, the platform's administrator: a token with every
+/// scope, shown once — on the terminal when there is one, else only in a
+/// file of the platform's (mode 0600), so it never lands in a log.
+fn bootstrap_admin(home: &std::path::Path) -> Result<(), RunError> {
+    let tokens = crate::Tokens::new(home);
+    let existing = tokens.list().map_err(|e| RunError::Failed(e.to_string()))?;
+    if existing
+        .iter()
+        .any(|r| r.scopes.iter().any(|s| s == "admin"))
+    {
+        return Ok(());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let (token, record) = tokens
+        .create("admin", &["admin".to_string()], now)
+        .map_err(RunError::Failed)?;
+    if std::io::stderr().is_terminal() {
+        eprintln!(
+            "{:>12} the administrator's API token (shown only now; `commons token revoke {}` revokes it):\n{:>12} {token}",
+            "Admin",
+            record.id,
+            ""
+        );
+    } else {
+        let path = commons_runtime::Layout::new(home).admin_token();
+        crate::private_dir(path.parent().expect("in the secrets directory"))
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        write_new_private(&path, &format!("{token}\n"))
+            .map_err(|e| RunError::Failed(format!("{}: {e}", path.display())))?;
+        eprintln!(
+            "{:>12} the administrator's API token is in {} (read it, then delete the file)",
+            "Admin",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Creates `path` (it must not exist) readable only by the platform.
+fn write_new_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
