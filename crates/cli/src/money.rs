@@ -65,12 +65,7 @@ fn meter(home: &Path) -> Result<Meter, Failure> {
     periods::meter(home).map_err(money)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use commons_server::accounts::now_ms;
 
 pub fn usage(cmd: UsageCommand, home: &Path, json: bool) -> Result<(), Failure> {
     let mut m = meter(home)?;

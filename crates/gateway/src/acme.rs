@@ -81,8 +81,7 @@ impl std::str::FromStr for Challenge {
     }
 }
 
-/// The ALPN protocol of TLS-ALPN-01 validation handshakes.
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub use crate::tls::ACME_TLS_ALPN;
 
 /// A TLS-ALPN-01 challenge certificate for `host`: self-signed, naming only
 /// `host`, with the critical `acmeIdentifier` extension holding the SHA-256

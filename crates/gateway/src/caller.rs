@@ -11,11 +11,7 @@ use crate::headers::{bearer_in, cookie, IDENTITY, SERVICE, SESSION_PAIR};
 use crate::identity::{self, Claims};
 use crate::{sessions, Gateway, User};
 
-/// The header a hosted service proves who it is with when it calls another
-/// site on a user's behalf (with the user's assertion in
-/// `X-Commons-Identity`); its value is the service's
-/// `COMMONS_SERVICE_TOKEN`. Never passed on to apps.
-pub const SERVICE_HEADER: &str = "x-commons-service";
+pub use crate::headers::SERVICE_HEADER;
 
 /// The credentials a request carries.
 #[derive(Default)]

@@ -20,11 +20,14 @@ pub mod acme;
 pub mod body;
 mod caller;
 mod deadline;
+mod forward;
 mod h1;
 mod headers;
 pub mod identity;
 pub mod metrics;
+pub mod problem;
 mod proxy;
+mod request_body;
 pub mod routes;
 mod sessions;
 mod signin;
@@ -32,6 +35,9 @@ pub mod target;
 pub mod tls;
 pub mod upstream;
 pub mod usage;
+
+/// Any error a body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -492,7 +498,7 @@ impl Gateway {
             ),
             "/healthz" => ("text/plain", "ok\n".to_string()),
             _ => {
-                return proxy::problem(
+                return problem::response(
                     http::StatusCode::NOT_FOUND,
                     "Not Found",
                     "the admin listener serves /metrics, /routes and /healthz",

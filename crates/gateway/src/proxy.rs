@@ -17,29 +17,16 @@ use crate::caller::{Caller, Credentials};
 use crate::deadline::Deadline;
 use crate::headers::strip;
 use crate::identity;
+use crate::problem::response as problem;
 use crate::routes::Site;
 use crate::signin::SIGN_IN_PATH;
 use crate::target::{self, Refused};
+use crate::upstream::Sender;
 use crate::usage::RequestRecord;
 use crate::{ConnInfo, Gateway};
 
-/// An open HTTP/1.1 connection to an upstream.
-pub(crate) type Sender = hyper::client::conn::http1::SendRequest<RequestBody>;
-
 /// Attempts to find an upstream that accepts the request.
 const ATTEMPTS: usize = 4;
-
-/// An RFC 9457 problem response.
-pub(crate) fn problem(status: StatusCode, title: &str, detail: &str) -> Response<ResponseBody> {
-    let body = serde_json::json!({
-        "type": "about:blank", "title": title, "status": status.as_u16(), "detail": detail,
-    });
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/problem+json")
-        .body(ResponseBody::full(body.to_string()))
-        .expect("valid response")
-}
 
 /// The authority a request is for, canonical: the absolute target's or
 /// HTTP/2's `:authority` (which win over `Host`, RFC 9112 §3.2.2), else

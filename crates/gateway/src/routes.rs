@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::proxy::Sender;
+use crate::upstream::Sender;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};

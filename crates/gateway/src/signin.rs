@@ -9,15 +9,11 @@ use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
 use crate::headers::{cookie, SESSION_PAIR};
-use crate::proxy::problem;
+use crate::problem::response as problem;
 use crate::{sessions, target, Gateway};
 
 /// Where the gateway finishes a browser's sign-in, on the site's own host.
 pub const SIGN_IN_PATH: &str = "/.commons/sign-in";
-/// The cookie binding a sign-in to the browser that started it (the
-/// OAuth `state` pattern: nobody can sign a victim in as themselves by
-/// sending them a link).
-pub(crate) const SIGN_IN_STATE_COOKIE: &str = "commons_sign_in";
 pub(crate) const SIGN_IN_STATE_PAIR: &str = "commons_sign_in=";
 
 /// True for a redirect target that stays on the same origin: a path, not

@@ -8,6 +8,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -172,7 +175,7 @@ pub fn challenge_config(key: Arc<CertifiedKey>) -> Arc<rustls::ServerConfig> {
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(One(key)));
-    config.alpn_protocols = vec![crate::acme::ACME_TLS_ALPN.to_vec()];
+    config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
     Arc::new(config)
 }
 

@@ -18,7 +18,11 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::body::BoxError;
+use crate::BoxError;
+
+/// An open HTTP/1.1 connection to an upstream, through hyper's client
+/// (requests with bodies, upgrades).
+pub(crate) type Sender = hyper::client::conn::http1::SendRequest<crate::request_body::RequestBody>;
 
 /// Most headers a response may have.
 const MAX_HEADERS: usize = 128;

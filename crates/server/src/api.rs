@@ -20,7 +20,7 @@ use serde::Deserialize;
 use commons_store::accounts::{AuditEntry, SiteRow};
 
 use crate::accounts::{now_ms, valid_slug, Action, Member, Principal, CSRF_HEADER, SESSION_COOKIE};
-use crate::openapi::Problem;
+use crate::schema::Problem;
 use crate::{catalog, ApiProblem, AppState};
 
 type Reply = Result<Response, ApiProblem>;
@@ -232,7 +232,7 @@ struct Signup {
     request_body = Signup,
     responses(
         (status = 201, description = "the account and its organisation", body = Object),
-        crate::openapi::Malformed,
+        crate::schema::Malformed,
         (status = 409, description = "the email has an account", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid email, name or password", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -255,7 +255,7 @@ struct Login {
     request_body = Login,
     responses(
         (status = 200, description = "logged in; the session cookie is set", body = Object),
-        crate::openapi::Malformed,
+        crate::schema::Malformed,
         (status = 401, description = "wrong email or password", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "too many failed log-ins; see Retry-After", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -328,7 +328,7 @@ pub async fn logout(State(state): State<Arc<AppState>>, request: axum::extract::
 #[utoipa::path(get, path = "/api/me", tag = "accounts",
     responses(
         (status = 200, description = "the caller's account and roles", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 pub async fn me(Who(who): Who) -> Reply {
@@ -348,7 +348,7 @@ pub async fn me(Who(who): Who) -> Reply {
 #[utoipa::path(get, path = "/api/orgs", tag = "organisations",
     responses(
         (status = 200, description = "`{items: [{id, name, roles}]}`", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["orgs:read"])))]
 pub async fn orgs(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
@@ -385,8 +385,8 @@ struct NewOrg {
     request_body = NewOrg,
     responses(
         (status = 201, description = "created", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "not a user, or the token lacks orgs:write", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "the id is taken", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid id", body = Problem, content_type = "application/problem+json"),
@@ -416,7 +416,7 @@ pub async fn create_org(State(state): State<Arc<AppState>>, Who(who): Who, body:
     params(("org" = String, Path, description = "organisation id")),
     responses(
         (status = 200, description = "`{items: [{user_id, email, name, roles}]}`", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks orgs:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["orgs:read"])))]
@@ -488,8 +488,8 @@ struct Role(String);
     request_body = SetRoles,
     responses(
         (status = 200, description = "the members now", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "not an admin of it, or a CSRF token is missing", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "it would leave no admin", body = Problem, content_type = "application/problem+json"),
@@ -521,8 +521,8 @@ pub struct AuditQuery {
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "at most this many (default 50)")),
     responses(
         (status = 200, description = "`{items, next}`", body = Object),
-        crate::openapi::BadQuery,
-        crate::openapi::Unauthenticated,
+        crate::schema::BadQuery,
+        crate::schema::Unauthenticated,
         (status = 403, description = "neither admin nor custodian of it", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["audit:read"])))]
@@ -548,7 +548,7 @@ pub async fn audit(
 #[utoipa::path(get, path = "/api/tokens", tag = "tokens",
     responses(
         (status = 200, description = "`{items}`", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 pub async fn tokens(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
@@ -588,8 +588,8 @@ fn may_manage_tokens(who: &Principal) -> Result<&Member, ApiProblem> {
     request_body = NewToken,
     responses(
         (status = 201, description = "`{token, record}`: the token is shown only here", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not make tokens", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an unknown scope", body = Problem, content_type = "application/problem+json"),
@@ -630,7 +630,7 @@ pub async fn create_token(State(state): State<Arc<AppState>>, Who(who): Who, bod
     params(("id" = String, Path, description = "token id")),
     responses(
         (status = 204, description = "revoked"),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not manage tokens", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such live token of yours", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["tokens:write"])))]
@@ -683,8 +683,8 @@ pub struct PageQuery {
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "at most this many (default 50)")),
     responses(
         (status = 200, description = "`{items: [{name, org, created_by, created_ms, status}], next}`", body = Object),
-        crate::openapi::BadQuery,
-        crate::openapi::Unauthenticated,
+        crate::schema::BadQuery,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:read"])))]
@@ -738,7 +738,7 @@ pub struct NewSite {
     /// The blueprint's inputs, by name.
     #[serde(default)]
     pub inputs: BTreeMap<String, String>,
-    #[schema(value_type = Option<crate::openapi::Hosting>)]
+    #[schema(value_type = Option<crate::schema::Hosting>)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hosting: Option<commons_engine::Hosting>,
 }
@@ -878,8 +878,8 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
     request_body(content = NewSite, description = "one of `catalog`, `blueprint` or `source`"),
     responses(
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "neither admin nor operator of it; the token lacks sites:write; no CSRF token; a route names a host that is not the organisation's; or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "the name is taken, or a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
@@ -1075,8 +1075,8 @@ fn start_deploy(
     request_body(content = NewSite, description = "one of `catalog`, `blueprint` or `source`; the name is the path's"),
     responses(
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
@@ -1110,8 +1110,8 @@ pub async fn redeploy_site(
     request_body(content = NewSite, description = "as for POST /api/orgs/{org}/sites"),
     responses(
         (status = 200, description = "the plan: each component's action and changed attributes", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not deploy in it, or a route names a host that is not the organisation's", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "the name is another organisation's site, or a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
@@ -1187,7 +1187,7 @@ pub fn site_for(
     params(("name" = String, Path, description = "site name")),
     responses(
         (status = 200, description = "`{site, status, deploy}`: its owner, its components' states, and the last deploy started through the API (`{state: running|ok|failed, started_ms, finished_ms?, outcome?, error?}`, or null)", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:read"])))]
@@ -1224,7 +1224,7 @@ pub async fn site(
     params(("name" = String, Path, description = "site name")),
     responses(
         (status = 200, description = "destroyed: what was removed", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
@@ -1336,8 +1336,8 @@ fn log_lines(path: &std::path::Path, n: usize, after: Option<u64>) -> (Vec<Strin
         ("after" = Option<u64>, Query, description = "with `component`: only the lines written after this byte offset (its `offsets` entry in an earlier answer)")),
     responses(
         (status = 200, description = "`{components: {NAME: [line]}, offsets: {NAME: OFFSET}}`", body = Object),
-        crate::openapi::BadQuery,
-        crate::openapi::Unauthenticated,
+        crate::schema::BadQuery,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no such component", body = Problem, content_type = "application/problem+json"),
@@ -1388,7 +1388,7 @@ fn not_found_or(e: commons_engine::EngineError, name: &str) -> ApiProblem {
     params(("name" = String, Path, description = "site name")),
     responses(
         (status = 200, description = "`{items: [{revision, commit, time, summary}]}`", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:read"])))]
@@ -1419,7 +1419,7 @@ pub struct DiffQuery {
     responses(
         (status = 200, description = "`{diff}`: a unified diff of the two records", body = Object),
         (status = 400, description = "a or b is missing", body = Problem, content_type = "application/problem+json"),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no such revision", body = Problem, content_type = "application/problem+json"),
@@ -1450,7 +1450,7 @@ pub async fn history_diff(
     params(("name" = String, Path, description = "site name")),
     responses(
         (status = 201, description = "`{sha256, bytes, manifest}`", body = Object),
-        crate::openapi::Unauthenticated,
+        crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),

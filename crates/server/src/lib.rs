@@ -39,6 +39,7 @@ pub mod openapi;
 pub mod periods;
 pub mod rs256;
 mod run;
+pub mod schema;
 pub mod supervisor;
 pub mod tokens;
 
@@ -53,7 +54,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use crate::openapi::Problem;
+use crate::schema::Problem;
 use serde::Deserialize;
 
 use commons_ledger::billing::{default_tiers, Billing, Tier};
@@ -65,14 +66,8 @@ use commons_meter::{Event, Meter, Outcome};
 pub use run::{run, RunError};
 pub use tokens::Tokens;
 
-/// Creates `dir` readable only by the platform (mode 0700).
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
+/// Creates a directory readable only by the platform (mode 0700).
+pub use commons_runtime::layout::private_dir;
 
 /// Late events for a period are taken this long after it ends.
 pub const GRACE_MS: i64 = 3 * 86_400_000;
@@ -216,26 +211,22 @@ impl IntoResponse for ApiProblem {
     }
 }
 
-/// An RFC 9457 problem document.
+/// An RFC 9457 problem document, as the gateway writes them too.
 fn problem(
     status: StatusCode,
     title: &str,
     detail: impl Into<String>,
     extra: Option<serde_json::Value>,
 ) -> Response {
-    let mut body = serde_json::json!({
-        "type": "about:blank",
-        "title": title,
-        "status": status.as_u16(),
-        "detail": detail.into(),
-    });
-    if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (extra, body.as_object_mut()) {
-        obj.extend(extra);
-    }
+    let extra = match extra {
+        Some(serde_json::Value::Object(members)) => Some(members),
+        _ => None,
+    };
+    let body = commons_gateway::problem::document(status.as_u16(), title, &detail.into(), extra);
     (
         status,
-        [(header::CONTENT_TYPE, "application/problem+json")],
-        body.to_string(),
+        [(header::CONTENT_TYPE, commons_gateway::problem::CONTENT_TYPE)],
+        body,
     )
         .into_response()
 }
@@ -296,7 +287,7 @@ struct IngestParams {
 #[utoipa::path(
     post, path = "/api/usage/events", tag = "usage",
     params(("backfill" = Option<String>, Query, description = "admit late events as this adjustment")),
-    request_body(content = Vec<crate::openapi::UsageEvent>, description = "CloudEvents", content_type = "application/json"),
+    request_body(content = Vec<crate::schema::UsageEvent>, description = "CloudEvents", content_type = "application/json"),
     responses(
         (status = 200, description = "every event accepted or a duplicate", body = Object),
         (status = 400, description = "not a batch of events", body = Problem, content_type = "application/problem+json"),

@@ -126,9 +126,9 @@ fn account(who: &Principal) -> Result<&Member, ApiProblem> {
         description = "`YYYY-MM` [default: this month]")),
     responses(
         (status = 200, description = "`{period, days: [{day, requests}], sites: [{site, events}], requests}`", body = Object),
-        crate::openapi::BadQuery,
-        crate::openapi::Unauthenticated,
-        (status = 403, description = "the platform's administrator has no account", body = crate::openapi::Problem, content_type = "application/problem+json"),
+        crate::schema::BadQuery,
+        crate::schema::Unauthenticated,
+        (status = 403, description = "the platform's administrator has no account", body = crate::schema::Problem, content_type = "application/problem+json"),
     ), security(("bearer" = [])))]
 pub async fn usage_json(
     State(state): State<Arc<AppState>>,

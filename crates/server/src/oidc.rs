@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use crate::accounts::{now_ms, Action};
 use crate::api::{known_org, Who};
 use crate::console::{csrf_field, page, problem_page, Posted};
-use crate::openapi::Problem;
+use crate::schema::Problem;
 use crate::tokens::{hash, random};
 use crate::{ApiProblem, AppState};
 
@@ -631,8 +631,8 @@ fn valid_redirect_uri(u: &str) -> bool {
     request_body = NewClient,
     responses(
         (status = 201, description = "`{client_id, client_secret, ...}`: the secret is shown only here", body = Object),
-        crate::openapi::Malformed,
-        crate::openapi::Unauthenticated,
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
         (status = 403, description = "neither admin nor operator of it; or no CSRF token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "no name or an invalid redirect URI", body = Problem, content_type = "application/problem+json"),
