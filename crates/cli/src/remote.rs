@@ -188,10 +188,10 @@ fn token_from_password(url: &str, email: Option<&str>) -> Result<(String, String
         read_line("password")?
     };
     let mut client = ApiClient::new(url).map_err(failure)?;
-    let session = client.login(&email, &password);
+    let signed_in = client.login(&email, &password);
     drop(password);
-    match session {
-        Ok(_) => {}
+    match signed_in {
+        Ok(()) => {}
         Err(ClientError::Unauthorized { .. }) => {
             return Err(Failure::Input(format!(
             "{url} refused the email or password; sign up in its console ({url}/console/signup) \

@@ -123,11 +123,6 @@ impl Engine {
         Engine::open(&self.layout.home, &self.store_config)
     }
 
-    /// Where this engine keeps its state.
-    pub fn store_config(&self) -> &StoreConfig {
-        &self.store_config
-    }
-
     /// The credential a deployment's processes prove who they are with
     /// when they call another site through the gateway on a user's behalf
     /// (`COMMONS_SERVICE_TOKEN`): derived from the platform's key, never

@@ -52,11 +52,10 @@ pub struct Reply {
     pub body: Value,
 }
 
-/// A browser-style session, made by [`ApiClient::login`].
-pub struct Session {
-    /// `name=value` of the session cookie.
-    pub cookie: String,
-    pub csrf: String,
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
 }
 
 /// A token made by [`ApiClient::create_token`]: shown once.
@@ -109,10 +108,6 @@ impl ApiClient {
         let mut c = ApiClient::new(base)?;
         c.headers.push(("authorization", format!("Bearer {token}")));
         Ok(c)
-    }
-
-    pub fn base(&self) -> &str {
-        &self.base
     }
 
     /// Sends one request; any answer (even 4xx) is returned, only failing
@@ -183,7 +178,7 @@ impl ApiClient {
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
         let reply = self.send(method, path, body)?;
-        if (200..300).contains(&reply.status) {
+        if reply.is_success() {
             Ok(reply.body)
         } else {
             Err(self.problem(&reply))
@@ -221,13 +216,13 @@ impl ApiClient {
 
     /// Logs in with a password; later calls carry the session (and its
     /// CSRF token). The password is not kept.
-    pub fn login(&mut self, email: &str, password: &str) -> Result<Session, ClientError> {
+    pub fn login(&mut self, email: &str, password: &str) -> Result<(), ClientError> {
         let reply = self.send(
             Method::POST,
             "/api/login",
             Some(&json!({ "email": email, "password": password })),
         )?;
-        if !(200..300).contains(&reply.status) {
+        if !reply.is_success() {
             return Err(self.problem(&reply));
         }
         let cookie = reply
@@ -242,9 +237,9 @@ impl ApiClient {
                 ))
             })?;
         let csrf = reply.body["csrf"].as_str().unwrap_or_default().to_string();
-        self.headers.push(("cookie", cookie.clone()));
-        self.headers.push(("x-csrf-token", csrf.clone()));
-        Ok(Session { cookie, csrf })
+        self.headers.push(("cookie", cookie));
+        self.headers.push(("x-csrf-token", csrf));
+        Ok(())
     }
 
     /// Ends the session [`ApiClient::login`] began (best effort).
@@ -280,7 +275,7 @@ impl ApiClient {
             &format!("/api/tokens/{}", segment(id)),
             None,
         )
-        .is_ok_and(|r| (200..300).contains(&r.status))
+        .is_ok_and(|r| r.is_success())
     }
 
     /// Who the credential belongs to, and their roles.
