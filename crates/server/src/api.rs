@@ -329,7 +329,7 @@ pub async fn logout(State(state): State<Arc<AppState>>, request: axum::extract::
     responses(
         (status = 200, description = "the caller's account and roles", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
+        crate::schema::AdminHasNoAccount,
     ), security(("bearer" = [])))]
 pub async fn me(Who(who): Who) -> Reply {
     let m = member(&who)?;
@@ -349,7 +349,7 @@ pub async fn me(Who(who): Who) -> Reply {
     responses(
         (status = 200, description = "`{items: [{id, name, roles}]}`", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
+        crate::schema::AdminHasNoAccount,
     ), security(("bearer" = ["orgs:read"])))]
 pub async fn orgs(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
     let m = member(&who)?;
@@ -418,7 +418,7 @@ pub async fn create_org(State(state): State<Arc<AppState>>, Who(who): Who, body:
         (status = 200, description = "`{items: [{user_id, email, name, roles}]}`", body = Object),
         crate::schema::Unauthenticated,
         (status = 403, description = "the token lacks orgs:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoSuchOrg,
     ), security(("bearer" = ["orgs:read"])))]
 pub async fn members(
     State(state): State<Arc<AppState>>,
@@ -524,7 +524,7 @@ pub struct AuditQuery {
         crate::schema::BadQuery,
         crate::schema::Unauthenticated,
         (status = 403, description = "neither admin nor custodian of it", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoSuchOrg,
     ), security(("bearer" = ["audit:read"])))]
 pub async fn audit(
     State(state): State<Arc<AppState>>,
@@ -549,7 +549,7 @@ pub async fn audit(
     responses(
         (status = 200, description = "`{items}`", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the platform's administrator has no account", body = Problem, content_type = "application/problem+json"),
+        crate::schema::AdminHasNoAccount,
     ), security(("bearer" = [])))]
 pub async fn tokens(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply {
     let m = member(&who)?;
@@ -591,7 +591,7 @@ fn may_manage_tokens(who: &Principal) -> Result<&Member, ApiProblem> {
         crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not make tokens", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoSuchOrg,
         (status = 422, description = "an unknown scope", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["tokens:write"])))]
 pub async fn create_token(State(state): State<Arc<AppState>>, Who(who): Who, body: Bytes) -> Reply {
@@ -685,8 +685,8 @@ pub struct PageQuery {
         (status = 200, description = "`{items: [{name, org, created_by, created_ms, status}], next}`", body = Object),
         crate::schema::BadQuery,
         crate::schema::Unauthenticated,
-        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::LacksSitesRead,
+        crate::schema::NoSuchOrg,
     ), security(("bearer" = ["sites:read"])))]
 pub async fn sites(
     State(state): State<Arc<AppState>>,
@@ -881,7 +881,7 @@ fn site_target(state: &AppState, n: &NewSite) -> Result<commons_engine::Target, 
         crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "neither admin nor operator of it; the token lacks sites:write; no CSRF token; a route names a host that is not the organisation's; or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoSuchOrg,
         (status = 409, description = "the name is taken, or a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid name, blueprint or inputs", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
@@ -1077,9 +1077,9 @@ fn start_deploy(
         (status = 202, description = "`{site, status: deploying, deploy: ID}`: GET /api/sites/{name} follows it (its `deploy`)", body = Object),
         crate::schema::Malformed,
         crate::schema::Unauthenticated,
-        (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
+        crate::schema::MayNotChangeSite,
+        crate::schema::NoSuchSite,
+        crate::schema::RouteTaken,
         (status = 422, description = "an invalid blueprint or inputs", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn redeploy_site(
@@ -1113,7 +1113,7 @@ pub async fn redeploy_site(
         crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "the caller may not deploy in it, or a route names a host that is not the organisation's", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoSuchOrg,
         (status = 409, description = "the name is another organisation's site, or a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "an invalid name, blueprint or inputs", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
@@ -1188,8 +1188,8 @@ pub fn site_for(
     responses(
         (status = 200, description = "`{site, status, deploy}`: its owner, its components' states, and the last deploy started through the API (`{state: running|ok|failed, started_ms, finished_ms?, outcome?, error?}`, or null)", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::LacksSitesRead,
+        crate::schema::NoSuchSite,
     ), security(("bearer" = ["sites:read"])))]
 pub async fn site(
     State(state): State<Arc<AppState>>,
@@ -1225,9 +1225,9 @@ pub async fn site(
     responses(
         (status = 200, description = "destroyed: what was removed", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
+        crate::schema::MayNotChangeSite,
+        crate::schema::NoSuchSite,
+        crate::schema::RouteTaken,
         (status = 500, description = "removing failed", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn destroy_site(
@@ -1338,8 +1338,8 @@ fn log_lines(path: &std::path::Path, n: usize, after: Option<u64>) -> (Vec<Strin
         (status = 200, description = "`{components: {NAME: [line]}, offsets: {NAME: OFFSET}}`", body = Object),
         crate::schema::BadQuery,
         crate::schema::Unauthenticated,
-        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::LacksSitesRead,
+        crate::schema::NoSuchSite,
         (status = 422, description = "no such component", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:read"])))]
 pub async fn logs(
@@ -1389,8 +1389,8 @@ fn not_found_or(e: commons_engine::EngineError, name: &str) -> ApiProblem {
     responses(
         (status = 200, description = "`{items: [{revision, commit, time, summary}]}`", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::LacksSitesRead,
+        crate::schema::NoSuchSite,
     ), security(("bearer" = ["sites:read"])))]
 pub async fn history(
     State(state): State<Arc<AppState>>,
@@ -1420,8 +1420,8 @@ pub struct DiffQuery {
         (status = 200, description = "`{diff}`: a unified diff of the two records", body = Object),
         (status = 400, description = "a or b is missing", body = Problem, content_type = "application/problem+json"),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the token lacks sites:read", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::LacksSitesRead,
+        crate::schema::NoSuchSite,
         (status = 422, description = "no such revision", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:read"])))]
 pub async fn history_diff(
@@ -1451,9 +1451,9 @@ pub async fn history_diff(
     responses(
         (status = 201, description = "`{sha256, bytes, manifest}`", body = Object),
         crate::schema::Unauthenticated,
-        (status = 403, description = "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such site (or not yours)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "a route's host and path are another site's", body = Problem, content_type = "application/problem+json"),
+        crate::schema::MayNotChangeSite,
+        crate::schema::NoSuchSite,
+        crate::schema::RouteTaken,
         (status = 500, description = "the backup failed", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn backup(

@@ -291,7 +291,7 @@ struct IngestParams {
     responses(
         (status = 200, description = "every event accepted or a duplicate", body = Object),
         (status = 400, description = "not a batch of events", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoBearer,
         (status = 403, description = "the token lacks usage:write", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "an id seen before with another payload", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "too many events in one batch", body = Problem, content_type = "application/problem+json"),
@@ -468,7 +468,7 @@ async fn stripe_webhook(
     params(("user" = String, Path, description = "user id")),
     responses(
         (status = 200, description = "the user's tier", body = Object),
-        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoBearer,
         (status = 403, description = "the token lacks billing:read", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "lookup failed", body = Problem, content_type = "application/problem+json"),
     ),
@@ -505,7 +505,7 @@ async fn tier(
     params(("name" = String, Path, description = "deployment name")),
     responses(
         (status = 200, description = "healthy", body = Object),
-        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoBearer,
         (status = 403, description = "the token lacks runtime:wake", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such deployment", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "it did not wake", body = Problem, content_type = "application/problem+json"),
@@ -552,7 +552,7 @@ async fn wake(
     params(("name" = String, Path, description = "deployment name")),
     responses(
         (status = 200, description = "its components and their states, as `commons status --json`", body = Object),
-        (status = 401, description = "no bearer token", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoBearer,
         (status = 403, description = "the token lacks deployments:read", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such deployment", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "the state store failed", body = Problem, content_type = "application/problem+json"),

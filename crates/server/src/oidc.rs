@@ -634,7 +634,7 @@ fn valid_redirect_uri(u: &str) -> bool {
         crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "neither admin nor operator of it; or no CSRF token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such organisation (or not yours)", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoSuchOrg,
         (status = 422, description = "no name or an invalid redirect URI", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["sites:write"])))]
 pub async fn register_client(

@@ -18,35 +18,62 @@ pub struct Problem {
     detail: String,
 }
 
-/// 401, the same for every route that needs a caller.
-#[derive(utoipa::IntoResponses)]
-#[response(
-    status = 401,
-    description = "not logged in: no live session cookie or bearer token",
-    content_type = "application/problem+json"
-)]
-#[allow(dead_code)] // described, not built
-pub struct Unauthenticated(Problem);
+/// Declares a problem response many routes share: its status and the
+/// description the document gives it, written once.
+macro_rules! shared_problem {
+    ($(#[doc = $doc:literal])* $name:ident, $status:literal, $description:literal) => {
+        $(#[doc = $doc])*
+        #[derive(utoipa::IntoResponses)]
+        #[response(
+            status = $status,
+            description = $description,
+            content_type = "application/problem+json"
+        )]
+        #[allow(dead_code)] // described, not built
+        pub struct $name(Problem);
+    };
+}
 
-/// 400, the same for every route that reads a JSON object.
-#[derive(utoipa::IntoResponses)]
-#[response(
-    status = 400,
-    description = "the body is not the JSON object documented",
-    content_type = "application/problem+json"
-)]
-#[allow(dead_code)] // described, not built
-pub struct Malformed(Problem);
-
-/// 400, the same for every route that reads query parameters.
-#[derive(utoipa::IntoResponses)]
-#[response(
-    status = 400,
-    description = "a query parameter is not of the type documented",
-    content_type = "application/problem+json"
-)]
-#[allow(dead_code)] // described, not built
-pub struct BadQuery(Problem);
+shared_problem!(
+    /// 401, the same for every route that needs a caller.
+    Unauthenticated, 401, "not logged in: no live session cookie or bearer token"
+);
+shared_problem!(
+    /// 400, the same for every route that reads a JSON object.
+    Malformed, 400, "the body is not the JSON object documented"
+);
+shared_problem!(
+    /// 400, the same for every route that reads query parameters.
+    BadQuery, 400, "a query parameter is not of the type documented"
+);
+shared_problem!(
+    /// 401 on the platform's routes, which take only bearer tokens.
+    NoBearer, 401, "no bearer token"
+);
+shared_problem!(
+    /// 403 where reading sites needs the scope.
+    LacksSitesRead, 403, "the token lacks sites:read"
+);
+shared_problem!(
+    /// 403 where an account is needed and the caller is the platform itself.
+    AdminHasNoAccount, 403, "the platform's administrator has no account"
+);
+shared_problem!(
+    /// 403 on the routes that change a site.
+    MayNotChangeSite, 403, "the caller may not change it, no CSRF token, a route names a host that is not the organisation's, or the platform is not sandboxed"
+);
+shared_problem!(
+    /// 404 on the routes under a site.
+    NoSuchSite, 404, "no such site (or not yours)"
+);
+shared_problem!(
+    /// 404 on the routes under an organisation.
+    NoSuchOrg, 404, "no such organisation (or not yours)"
+);
+shared_problem!(
+    /// 409 where a deploy would take another site's route.
+    RouteTaken, 409, "a route's host and path are another site's"
+);
 
 /// A usage event, CloudEvents 1.0 shaped (the meter checks the rest: that
 /// `data` holds known metrics, and the time's period is still open).
