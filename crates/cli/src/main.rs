@@ -751,10 +751,7 @@ fn token(home: &std::path::Path, cmd: TokenCommand, json: bool) -> Result<(), Fa
     let tokens = commons_server::Tokens::new(home);
     match cmd {
         TokenCommand::Create { name, scopes } => {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
+            let now = commons_clock::now_ms();
             let (token, record) = tokens.create(&name, &scopes, now).map_err(Failure::Input)?;
             if json {
                 output::json(

@@ -65,7 +65,7 @@ fn meter(home: &Path) -> Result<Meter, Failure> {
     periods::meter(home).map_err(money)
 }
 
-use commons_server::accounts::now_ms;
+use commons_clock::now_ms;
 
 pub fn usage(cmd: UsageCommand, home: &Path, json: bool) -> Result<(), Failure> {
     let mut m = meter(home)?;

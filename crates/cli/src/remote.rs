@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use commons_server::api::{NewSite, Source};
+use commons_server::app::sites::{NewSite, Source};
 use commons_server::client::{ApiClient, ClientError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};

@@ -25,7 +25,8 @@ use commons_store::{ComponentChange, ComponentRow, ComponentState, StateStore, T
 use crate::plan::{
     attributes, env_name, handle_of, hash_attrs, hash_dir, input_text, Action, Values,
 };
-use crate::{now_ms, redact, EngineError};
+use crate::{redact, EngineError};
+use commons_clock::now_ms;
 
 /// Hears about tasks as they start and finish (progress bars, logs).
 pub trait Progress: Send + Sync {

@@ -28,6 +28,7 @@ use indexmap::IndexMap;
 use serde::Serialize;
 
 use commons_blueprint::{Blueprint, Diagnostics, FileSystem};
+use commons_clock::now_ms;
 use commons_runtime::exit::Ending;
 use commons_runtime::{driver_for, Layout, Observed};
 use commons_store::{ComponentRow, ComponentState, StateStore, StoreError, TaskRow};
@@ -70,13 +71,6 @@ impl EngineError {
     pub fn is_bad_input(&self) -> bool {
         matches!(self, EngineError::Blueprint(_) | EngineError::Input(_))
     }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Replaces every secret value in `text` by `[redacted]`.

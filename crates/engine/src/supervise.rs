@@ -138,7 +138,7 @@ impl Supervisor {
                     format!("{d}/{c}"),
                     Waiting {
                         restarts_in_a_row: b.failures,
-                        next_restart_ms: crate::now_ms() as u64 + wait.as_millis() as u64,
+                        next_restart_ms: commons_clock::now_ms() as u64 + wait.as_millis() as u64,
                     },
                 )
             })

@@ -169,7 +169,7 @@ impl Acme {
             .or_default()
             .clone();
         let _one = lock.lock().await;
-        let now = (crate::now_ms() / 1000) as i64;
+        let now = commons_clock::now_secs() as i64;
         if gateway
             .certs
             .get(host)
@@ -206,7 +206,7 @@ impl Acme {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                acme.renew_due(&gateway, (crate::now_ms() / 1000) as i64)
+                acme.renew_due(&gateway, commons_clock::now_secs() as i64)
                     .await;
             }
         });

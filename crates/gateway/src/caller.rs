@@ -206,7 +206,7 @@ impl Gateway {
             return Some(None);
         };
         let identity = self.identity(jwt, lookups, |jwt| {
-            let c = self.signer.verify(jwt, crate::now_ms() / 1000).ok()?;
+            let c = self.signer.verify(jwt, commons_clock::now_secs()).ok()?;
             let sid: Arc<str> = Arc::from(c.sid.as_deref()?);
             let credential = self.delegations.get(&sid)?;
             let original = self.user_identity(&credential, Lookups::Ask)??;
@@ -264,7 +264,7 @@ impl Gateway {
             };
         let identity = found.map(|(user, via, expires_s, sid)| {
             if let Some(exp) = expires_s {
-                let left = exp.saturating_sub(crate::now_ms() / 1000);
+                let left = exp.saturating_sub(commons_clock::now_secs());
                 until = until.min(now + Duration::from_secs(left));
             }
             Arc::new(Identity {
@@ -287,7 +287,7 @@ impl Gateway {
     /// The assertion for `identity` at `site`, re-signed when half its life
     /// is gone; never valid past the identity's own expiry.
     pub(crate) fn assertion(&self, identity: &Identity, site: &Arc<str>) -> HeaderValue {
-        let now = crate::now_ms() / 1000;
+        let now = commons_clock::now_secs();
         let mut cache = identity
             .assertions
             .lock()

@@ -153,14 +153,6 @@ pub fn background_priority() {
     }
 }
 
-/// Wall-clock milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// What a connection's requests share.
 pub(crate) struct ConnInfo {
     pub tls: bool,

@@ -69,7 +69,7 @@ impl RequestRecord {
         conn: &ConnInfo,
     ) -> RequestRecord {
         RequestRecord {
-            time_ms: crate::now_ms() as i64,
+            time_ms: commons_clock::now_ms(),
             user: caller.identity.as_ref().map(|i| i.id.clone()),
             site: site.deployment.clone(),
             component: site.component.clone(),

@@ -51,7 +51,7 @@ impl Gateway {
         let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let return_to = format!("{scheme}://{authority}{pq}");
         let host = target::authority(authority).ok()?.host.into_owned();
-        let state = self.sign_in_states.mint(&host, crate::now_ms() / 1000);
+        let state = self.sign_in_states.mint(&host, commons_clock::now_secs());
         let url = self.hooks.sign_in_url(&return_to, &state)?;
         let secure = if tls { "; Secure" } else { "" };
         Response::builder()
@@ -115,7 +115,7 @@ impl Gateway {
             || expected != state
             || !self
                 .sign_in_states
-                .check(&state, host, crate::now_ms() / 1000)
+                .check(&state, host, commons_clock::now_secs())
         {
             return failed();
         }

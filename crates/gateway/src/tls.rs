@@ -82,7 +82,7 @@ pub fn self_signed(host: &str) -> Result<Cert, TlsError> {
     let mut params = rcgen::CertificateParams::new(vec![host.to_string()]).map_err(e)?;
     // From the start of this year to the end of the next (not rcgen's
     // default of year 4096); made again once a third of that is left.
-    let year = 1970 + (crate::now_ms() / 1000 / 31_556_952) as i32;
+    let year = 1970 + (commons_clock::now_secs() / 31_556_952) as i32;
     params.not_before = rcgen::date_time_ymd(year, 1, 1);
     params.not_after = rcgen::date_time_ymd(year + 2, 1, 1);
     let cert = params.self_signed(&key).map_err(e)?;
@@ -132,7 +132,7 @@ impl CertStore {
 
     /// The certificate for `host`, self-signing one for a local name.
     pub fn resolve_host(&self, host: &str) -> Option<Arc<CertifiedKey>> {
-        let now = (crate::now_ms() / 1000) as i64;
+        let now = commons_clock::now_secs() as i64;
         match self.get(host) {
             // A self-signed one is simply made again when due.
             Some(c) if c.acme || !c.due_for_renewal(now) => return Some(c.key),
@@ -200,7 +200,7 @@ mod tests {
         assert!(store.resolve_host("blog.localhost").is_some());
         let cert = store.get("blog.localhost").unwrap();
         assert!(!cert.acme);
-        let now = (crate::now_ms() / 1000) as i64;
+        let now = commons_clock::now_secs() as i64;
         assert!(cert.not_before < now && now < cert.not_after);
         assert!(
             cert.not_after - now < 800 * 86_400,

@@ -173,7 +173,7 @@ impl Tap {
             sink,
             log: log.map(|w| std::io::BufWriter::with_capacity(64 * 1024, w)),
             node,
-            boot_ms: crate::now_ms() as i64,
+            boot_ms: commons_clock::now_ms(),
             seq: 0,
             log_time: (i64::MIN, String::new()),
             log_upstream: (None, String::new()),

@@ -128,7 +128,7 @@ async fn a_session_yields_an_assertion_the_app_verifies_with_the_jwks() {
         .try_into()
         .unwrap();
     let key = ed25519_dalek::VerifyingKey::from_bytes(&x).unwrap();
-    let now = commons_gateway::now_ms() / 1000;
+    let now = commons_clock::now_secs();
 
     let got = request(
         gw.http,
@@ -221,7 +221,7 @@ async fn a_hosted_service_calling_another_carries_the_user_as_indirect_usage() {
     )
     .await
     .json();
-    let now = commons_gateway::now_ms() / 1000;
+    let now = commons_clock::now_secs();
     let claims = gw
         .gateway
         .signer

@@ -155,7 +155,7 @@ async fn identity_assertions_cannot_be_replayed_or_renewed() {
         .as_str()
         .unwrap()
         .to_string();
-    let now = commons_gateway::now_ms() / 1000;
+    let now = commons_clock::now_secs();
     let original = gw.gateway.signer.verify(&assertion, now).unwrap();
 
     // A client replays it at B: nobody is signed in, and B never sees it.

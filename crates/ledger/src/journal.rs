@@ -137,13 +137,8 @@ pub struct Journal {
     fail_after: Option<usize>,
 }
 
-/// Nanoseconds since the Unix epoch: the book's clock.
-pub fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+/// Nanoseconds since the Unix epoch: the book's clock (the platform's one).
+pub use commons_clock::now_ns;
 
 impl Journal {
     /// Opens the embedded journal (SQLite) at `path`.

@@ -333,10 +333,7 @@ impl Watch<'_> {
             oom,
             stopped: STOPPING.load(Ordering::SeqCst),
             memory_limit: self.memory_limit,
-            at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            at_ms: commons_clock::now_ms() as u64,
         };
         if let Err(e) = crate::exit::write(Path::new(path), &record) {
             eprintln!("commons: recording how the process ended: {e}");

@@ -8,17 +8,18 @@
 //! within its organisation if it names one), and one of the caller's roles in
 //! the organisation must permit the action.
 
+use crate::error::ErrorKind;
+use commons_clock::now_ms;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Argon2, PasswordVerifier};
-use axum::http::StatusCode;
 use commons_store::accounts::{AuditEntry, MemberRow, OrgRow, SessionRow, TokenRow, UserRow};
 use commons_store::AccountStore;
 
 use crate::tokens::{hash, random};
-use crate::ApiProblem;
+use crate::AppError;
 
 /// The roles a member can hold in an organisation (product.md: operator,
 /// provider, developer of a project, custodian; and the organisation's admin).
@@ -124,15 +125,8 @@ impl Principal {
 }
 
 /// What an account operation can fail with; each maps to a problem document.
-fn problem(status: StatusCode, title: &'static str, detail: impl Into<String>) -> ApiProblem {
-    ApiProblem::new(status, title, detail)
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+fn problem(kind: ErrorKind, title: &'static str, detail: impl Into<String>) -> AppError {
+    AppError::new(kind, title, detail)
 }
 
 /// A valid organisation id or site name: lower-case letters, digits and
@@ -182,11 +176,10 @@ impl Accounts {
         email: &str,
         name: &str,
         password: &str,
-    ) -> Result<(UserRow, OrgRow), ApiProblem> {
+    ) -> Result<(UserRow, OrgRow), AppError> {
         let email = email.trim().to_lowercase();
         let name = name.trim();
-        let bad =
-            |detail: &str| problem(StatusCode::UNPROCESSABLE_ENTITY, "Invalid sign-up", detail);
+        let bad = |detail: &str| problem(ErrorKind::Invalid, "Invalid sign-up", detail);
         if !valid_email(&email) {
             return Err(bad("give an email address like ann@example.org"));
         }
@@ -218,7 +211,7 @@ impl Accounts {
         };
         if !self.store.create_user(&user, &audit)? {
             return Err(problem(
-                StatusCode::CONFLICT,
+                ErrorKind::Conflict,
                 "Email taken",
                 "an account with this email exists; log in instead",
             ));
@@ -263,17 +256,17 @@ impl Accounts {
         owner: &UserRow,
         id: &str,
         name: &str,
-    ) -> Result<Option<OrgRow>, ApiProblem> {
+    ) -> Result<Option<OrgRow>, AppError> {
         if !valid_slug(id) {
             return Err(problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::Invalid,
                 "Invalid organisation id",
                 format!("\"{id}\" is not an id: use lower-case letters, digits and '-', starting with a letter"),
             ));
         }
         if !valid_display_name(name) {
             return Err(problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::Invalid,
                 "Invalid organisation name",
                 "give the organisation a name of 1 to 100 characters",
             ));
@@ -304,7 +297,7 @@ impl Accounts {
         email: &str,
         password: &str,
         address: &str,
-    ) -> Result<(String, SessionRow, UserRow), ApiProblem> {
+    ) -> Result<(String, SessionRow, UserRow), AppError> {
         let email = email.trim().to_lowercase();
         let key = format!("{email}\n{address}");
         let now = now_ms();
@@ -314,7 +307,7 @@ impl Accounts {
                 if count >= LOGIN_FAILURES && now - since < LOGIN_WINDOW_MS {
                     let wait_s = (LOGIN_WINDOW_MS - (now - since)) / 1000 + 1;
                     return Err(problem(
-                        StatusCode::TOO_MANY_REQUESTS,
+                        ErrorKind::TooMany,
                         "Too many failed log-ins",
                         format!("try again in {wait_s} s, or reset your password"),
                     )
@@ -337,7 +330,7 @@ impl Accounts {
             let entry = failures.entry(key).or_insert((0, now));
             entry.0 += 1;
             return Err(problem(
-                StatusCode::UNAUTHORIZED,
+                ErrorKind::Unauthenticated,
                 "Log-in failed",
                 "the email or the password is wrong",
             ));
@@ -358,14 +351,14 @@ impl Accounts {
         Ok((cookie, session, user))
     }
 
-    pub fn logout(&self, cookie: &str) -> Result<(), ApiProblem> {
+    pub fn logout(&self, cookie: &str) -> Result<(), AppError> {
         self.store
             .delete_session(&hash(cookie))
-            .map_err(ApiProblem::from)
+            .map_err(AppError::from)
     }
 
     /// The user of the session whose hash is `session_hash`, if it is live.
-    pub fn session_user(&self, session_hash: &str) -> Result<Option<String>, ApiProblem> {
+    pub fn session_user(&self, session_hash: &str) -> Result<Option<String>, AppError> {
         Ok(self
             .store
             .session(session_hash, now_ms())?
@@ -373,7 +366,7 @@ impl Accounts {
     }
 
     /// The member behind a session cookie, if it is live.
-    pub fn by_session(&self, cookie: &str) -> Result<Option<Member>, ApiProblem> {
+    pub fn by_session(&self, cookie: &str) -> Result<Option<Member>, AppError> {
         let Some(session) = self.store.session(&hash(cookie), now_ms())? else {
             return Ok(None);
         };
@@ -381,7 +374,7 @@ impl Accounts {
     }
 
     /// The member behind a user token, if it is live.
-    pub fn by_token(&self, token: &str) -> Result<Option<Member>, ApiProblem> {
+    pub fn by_token(&self, token: &str) -> Result<Option<Member>, AppError> {
         let Some(t) = self
             .store
             .token_by_hash(&hash(token))?
@@ -398,7 +391,7 @@ impl Accounts {
         scopes: Option<Vec<String>>,
         token_org: Option<String>,
         csrf: Option<String>,
-    ) -> Result<Option<Member>, ApiProblem> {
+    ) -> Result<Option<Member>, AppError> {
         let Some(user) = self.store.user(user)? else {
             return Ok(None);
         };
@@ -414,7 +407,7 @@ impl Accounts {
 
     /// Lets `who` do `action` in `org`, or says why not (404 when the caller
     /// is not a member at all, so that other organisations stay unseen).
-    pub fn allow(&self, who: &Principal, org: &str, action: Action) -> Result<(), ApiProblem> {
+    pub fn allow(&self, who: &Principal, org: &str, action: Action) -> Result<(), AppError> {
         let Principal::User(m) = who else {
             return Ok(());
         };
@@ -426,21 +419,21 @@ impl Accounts {
             .collect();
         if roles.is_empty() || m.token_org.as_deref().is_some_and(|o| o != org) {
             return Err(problem(
-                StatusCode::NOT_FOUND,
+                ErrorKind::NotFound,
                 "No such organisation",
                 format!("you are not a member of \"{org}\" (or this token is not for it)"),
             ));
         }
         if !who.has_scope(action.scope()) {
             return Err(problem(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "Not allowed",
                 format!("this token lacks the scope {}", action.scope()),
             ));
         }
         if !roles.iter().any(|r| action.permitted_to(r)) {
             return Err(problem(
-                StatusCode::FORBIDDEN,
+                ErrorKind::Forbidden,
                 "Not allowed",
                 format!(
                     "your roles in \"{org}\" ({}) do not permit this; an admin of it can grant one",
@@ -458,8 +451,8 @@ impl Accounts {
         name: &str,
         scopes: &[String],
         org: Option<&str>,
-    ) -> Result<(String, TokenRow), ApiProblem> {
-        let bad = |d: String| problem(StatusCode::UNPROCESSABLE_ENTITY, "Invalid token", d);
+    ) -> Result<(String, TokenRow), AppError> {
+        let bad = |d: String| problem(ErrorKind::Invalid, "Invalid token", d);
         if scopes.is_empty() {
             return Err(bad(format!(
                 "give the token at least one scope: {}",
@@ -498,7 +491,7 @@ impl Accounts {
         Ok((token, row))
     }
 
-    pub fn revoke_token(&self, user: &UserRow, id: &str) -> Result<bool, ApiProblem> {
+    pub fn revoke_token(&self, user: &UserRow, id: &str) -> Result<bool, AppError> {
         let audit = AuditEntry {
             at_ms: now_ms(),
             actor: user.id.clone(),
@@ -509,7 +502,7 @@ impl Accounts {
         };
         self.store
             .revoke_token(&user.id, id, &audit)
-            .map_err(ApiProblem::from)
+            .map_err(AppError::from)
     }
 
     /// Gives the user with `email` exactly `roles` in `org` (none removes them).
@@ -519,11 +512,11 @@ impl Accounts {
         org: &str,
         email: &str,
         roles: &[String],
-    ) -> Result<Vec<MemberRow>, ApiProblem> {
+    ) -> Result<Vec<MemberRow>, AppError> {
         self.allow(who, org, Action::ManageMembers)?;
         if let Some(r) = roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
             return Err(problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::Invalid,
                 "Invalid role",
                 format!("unknown role \"{r}\"; roles are {}", ROLES.join(", ")),
             ));
@@ -532,7 +525,7 @@ impl Accounts {
         // a name in the request.
         let Some(user) = self.store.user_by_email(&email.trim().to_lowercase())? else {
             return Err(problem(
-                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorKind::Invalid,
                 "No such user",
                 format!("no account has the email {email}; they sign up first"),
             ));
@@ -543,7 +536,7 @@ impl Accounts {
             .any(|m| m.role == "admin" && m.user_id != user.id);
         if !other_admins && !roles.iter().any(|r| r == "admin") {
             return Err(problem(
-                StatusCode::CONFLICT,
+                ErrorKind::Conflict,
                 "Last admin",
                 format!("\"{org}\" would have no admin left; make someone else admin first"),
             ));
@@ -562,7 +555,7 @@ impl Accounts {
             detail: serde_json::json!({ "roles": roles }),
         };
         self.store.set_roles(org, &user.id, roles, &audit)?;
-        self.store.members(org).map_err(ApiProblem::from)
+        self.store.members(org).map_err(AppError::from)
     }
 }
 

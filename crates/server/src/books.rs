@@ -4,17 +4,18 @@
 //! public key, and the whole journal as an export that `commons ledger
 //! verify` checks offline. Subscribers are counted, never named.
 
+use crate::error::ErrorKind;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use commons_ledger::journal::{load_or_create_key, Checkpoint, Journal};
 use maud::html;
 use serde::Serialize;
 
-use crate::{ApiProblem, AppState};
+use crate::{AppError, AppState};
 
 /// The ledger as the public sees it.
 #[derive(Debug, Serialize)]
@@ -61,7 +62,7 @@ const KINDS: &[(&str, &str)] = &[
 ];
 
 /// Reads the books from the journal.
-pub fn read(state: &AppState) -> Result<Books, ApiProblem> {
+pub fn read(state: &AppState) -> Result<Books, AppError> {
     let mut journal = state.journal.lock().expect("journal lock");
     let key_path = state.engine.layout.custodian_key();
     let custodian_key = key_path
@@ -122,18 +123,14 @@ pub fn read(state: &AppState) -> Result<Books, ApiProblem> {
     })
 }
 
-fn ledger_failed(e: impl std::fmt::Display) -> ApiProblem {
-    ApiProblem::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "Ledger unavailable",
-        e.to_string(),
-    )
+fn ledger_failed(e: impl std::fmt::Display) -> AppError {
+    AppError::new(ErrorKind::Internal, "Ledger unavailable", e.to_string())
 }
 
 /// The open books, as data.
 #[utoipa::path(get, path = "/api/books", tag = "platform",
     responses((status = 200, description = "`{reserve_cents, tokens_outstanding, price_cents, holdings, recipients, subscribers, journal_entries, checkpoint, custodian_key}`: the ledger as anyone may see it", body = Object)))]
-pub async fn books_json(State(state): State<Arc<AppState>>) -> Result<Response, ApiProblem> {
+pub async fn books_json(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
     Ok(Json(read(&state)?).into_response())
 }
 
@@ -141,7 +138,7 @@ pub async fn books_json(State(state): State<Arc<AppState>>) -> Result<Response, 
 /// ledger verify FILE --key KEY` checks it.
 #[utoipa::path(get, path = "/api/books/export", tag = "platform",
     responses((status = 200, description = "the journal's export: every entry and signed checkpoint, one JSON document per line", body = String, content_type = "application/jsonl")))]
-pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, ApiProblem> {
+pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
     let mut journal = state.journal.lock().expect("journal lock");
     covering_checkpoint(&state, &mut journal)?;
     let text = commons_ledger::export::export(&mut journal).map_err(ledger_failed)?;
@@ -160,7 +157,7 @@ pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, ApiP
 
 /// Signs a checkpoint over the whole journal unless the latest one covers
 /// it already (so reading the books never grows them).
-fn covering_checkpoint(state: &AppState, journal: &mut Journal) -> Result<(), ApiProblem> {
+fn covering_checkpoint(state: &AppState, journal: &mut Journal) -> Result<(), AppError> {
     let size = journal.tree().len();
     let latest = journal.checkpoints().map_err(ledger_failed)?;
     if latest.last().is_some_and(|c| c.tree_size == size) {

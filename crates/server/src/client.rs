@@ -13,7 +13,7 @@ use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 
-use crate::api::NewSite;
+use crate::app::sites::NewSite;
 
 /// No answer within this long is a failure to reach the platform.
 const ANSWER_WITHIN: Duration = Duration::from_secs(120);

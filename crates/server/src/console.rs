@@ -7,6 +7,7 @@
 //! that follow something in progress refresh themselves. Labels on every
 //! field, visible focus, contrast above WCAG AA, one column on a phone.
 
+use crate::error::ErrorKind;
 use std::sync::Arc;
 
 use axum::extract::{
@@ -20,8 +21,9 @@ use maud::{html, Markup, DOCTYPE};
 use serde::Deserialize;
 
 use crate::accounts::{Action, Member, Principal, ROLES, USER_SCOPES};
-use crate::api::{self, NewSite, Who};
-use crate::{catalog, ApiProblem, AppState};
+use crate::app::{self, sites::NewSite};
+use crate::web;
+use crate::{catalog, AppError, AppState};
 
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
@@ -124,8 +126,8 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
 }
 
 /// A problem, as a page with its status.
-pub(crate) fn problem_page(p: ApiProblem, who: Option<&Member>) -> Response {
-    let status = p.status;
+pub(crate) fn problem_page(p: AppError, who: Option<&Member>) -> Response {
+    let status = web::status_of(p.kind);
     let mut r = page(
         p.title,
         who,
@@ -141,7 +143,7 @@ pub(crate) fn problem_page(p: ApiProblem, who: Option<&Member>) -> Response {
 
 /// The signed-in member, or a redirect to the log-in page.
 fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Member, Box<Response>> {
-    let member = api::session_cookie(headers)
+    let member = web::session_cookie(headers)
         .map(|c| state.accounts.by_session(&c))
         .transpose()
         .map_err(|p| Box::new(problem_page(p, None)))?
@@ -152,10 +154,10 @@ fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Member, Box<Respon
 /// The member, if the form's CSRF token is the session's.
 fn checked(state: &AppState, headers: &HeaderMap, csrf: &str) -> Result<Member, Box<Response>> {
     let m = signed_in(state, headers)?;
-    if !api::same_secret(Some(csrf), m.csrf.as_deref()) {
+    if !web::same_secret(Some(csrf), m.csrf.as_deref()) {
         return Err(Box::new(problem_page(
-            ApiProblem::new(
-                StatusCode::FORBIDDEN,
+            AppError::new(
+                ErrorKind::Forbidden,
                 "Form expired",
                 "this form's CSRF token is not your session's; reload the page and send it again",
             ),
@@ -203,7 +205,7 @@ impl<T: serde::de::DeserializeOwned> FromRequest<Arc<AppState>> for Posted<T> {
         match serde_urlencoded::from_bytes(&bytes) {
             Ok(form) => Ok(Posted(m, form)),
             Err(e) => Err(problem_page(
-                ApiProblem::new(StatusCode::BAD_REQUEST, "Malformed form", e.to_string()),
+                AppError::new(ErrorKind::Malformed, "Malformed form", e.to_string()),
                 Some(&m),
             )),
         }
@@ -311,7 +313,7 @@ async fn signup_submit(
                 false,
                 credentials_form("/console/signup", true, Some(&p.detail), &f.next),
             );
-            *r.status_mut() = p.status;
+            *r.status_mut() = web::status_of(p.kind);
             r
         }
     }
@@ -335,14 +337,14 @@ fn start_session(
 ) -> Response {
     // The limiter keys on the account and the client's address, as the
     // API's does: X-Forwarded-For counts only from a trusted proxy.
-    let address = api::client_address(peer.map(|p| p.0 .0), headers, &state.trusted_proxies);
+    let address = web::client_address(peer.map(|p| p.0 .0), headers, &state.trusted_proxies);
     match state.accounts.login(&f.email, &f.password, &address) {
         Ok((cookie, _, _)) => {
             let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
             let mut r = Redirect::to(local_path(&f.next)).into_response();
             r.headers_mut().insert(
                 header::SET_COOKIE,
-                api::session_set_cookie(&cookie, crate::accounts::SESSION_MS / 1000, host),
+                web::session_set_cookie(&cookie, crate::accounts::SESSION_MS / 1000, host),
             );
             r
         }
@@ -358,7 +360,7 @@ fn start_session(
                 false,
                 credentials_form(action, signup, Some(&p.detail), &f.next),
             );
-            *r.status_mut() = p.status;
+            *r.status_mut() = web::status_of(p.kind);
             r
         }
     }
@@ -377,13 +379,13 @@ async fn logout_submit(
     if let Err(r) = checked(&state, &headers, &f.csrf) {
         return *r;
     }
-    if let Some(c) = api::session_cookie(&headers) {
+    if let Some(c) = web::session_cookie(&headers) {
         let _ = state.accounts.logout(&c);
     }
     let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
     let mut r = Redirect::to("/console/login").into_response();
     r.headers_mut()
-        .insert(header::SET_COOKIE, api::session_set_cookie("", 0, host));
+        .insert(header::SET_COOKIE, web::session_set_cookie("", 0, host));
     r
 }
 
@@ -408,7 +410,7 @@ async fn home(State(state): State<Arc<AppState>>, Viewer(m): Viewer) -> Response
     for org in orgs {
         let sites = match state.accounts.store().sites(org, None, 100) {
             Ok(s) => s,
-            Err(e) => return problem_page(ApiProblem::from(e), Some(&m)),
+            Err(e) => return problem_page(AppError::from(e), Some(&m)),
         };
         sections.push((org.to_string(), sites));
     }
@@ -518,14 +520,14 @@ async fn org_page(
     Query(q): Query<After>,
 ) -> Response {
     let who = principal(&m);
-    let read = api::known_org(&state, &org)
+    let read = app::orgs::known(&state, &org)
         .and_then(|_| state.accounts.allow(&who, &org, Action::ReadSites))
         .and_then(|_| {
             state
                 .accounts
                 .store()
                 .sites(&org, q.after.as_deref(), PAGE)
-                .map_err(ApiProblem::from)
+                .map_err(AppError::from)
         });
     let sites = match read {
         Ok(s) => s,
@@ -597,10 +599,10 @@ async fn plan_submit(
     UrlPath(org): UrlPath<String>,
     Posted(m, f): Posted<DeployForm>,
 ) -> Response {
-    let plan = match api::plan_site(&state, &principal(&m), &org, &f.new_site()) {
+    let plan = match app::sites::plan(&state, &principal(&m), &org, &f.new_site()) {
         Ok(p) => p,
         Err(p) => {
-            let status = p.status;
+            let status = web::status_of(p.kind);
             let mut r = page(
                 "Deploy a site",
                 Some(&m),
@@ -641,7 +643,7 @@ async fn deploy_submit(
     UrlPath(org): UrlPath<String>,
     Posted(m, f): Posted<DeployForm>,
 ) -> Response {
-    match api::deploy_new_site(&state, &principal(&m), &org, &f.new_site()).await {
+    match app::sites::create(&state, &principal(&m), &org, &f.new_site()) {
         Ok(_) => Redirect::to(&format!("/console/sites/{}", f.name.trim())).into_response(),
         Err(p) => problem_page(p, Some(&m)),
     }
@@ -681,12 +683,12 @@ async fn site_page(
     Query(q): Query<Follow>,
 ) -> Response {
     let who = principal(&m);
-    let site = match api::site_for(&state, &who, &name, Action::ReadSites) {
+    let site = match app::sites::site_for(&state, &who, &name, Action::ReadSites) {
         Ok(Some(s)) => s,
         Ok(None) => {
             return problem_page(
-                ApiProblem::new(
-                    StatusCode::NOT_FOUND,
+                AppError::new(
+                    ErrorKind::NotFound,
                     "No such site",
                     format!("there is no site \"{name}\" in your organisations"),
                 ),
@@ -788,7 +790,7 @@ async fn diff_page(
     UrlPath(name): UrlPath<String>,
     Query(q): Query<DiffQuery>,
 ) -> Response {
-    if let Err(p) = api::site_for(&state, &principal(&m), &name, Action::ReadSites) {
+    if let Err(p) = app::sites::site_for(&state, &principal(&m), &name, Action::ReadSites) {
         return problem_page(p, Some(&m));
     }
     match state.engine.history_diff(&name, &q.a, &q.b) {
@@ -798,7 +800,7 @@ async fn diff_page(
             false,
             html! { pre { (diff) } p { a href=(format!("/console/sites/{name}")) { "Back to the site" } } },
         ),
-        Err(e) => problem_page(api::engine_failed(e), Some(&m)),
+        Err(e) => problem_page(AppError::from(e), Some(&m)),
     }
 }
 
@@ -807,28 +809,16 @@ async fn backup_submit(
     UrlPath(name): UrlPath<String>,
     Posted(m, _): Posted<serde::de::IgnoredAny>,
 ) -> Response {
-    match api::backup(
-        State(state.clone()),
-        Who(principal(&m)),
-        UrlPath(name.clone()),
-    )
-    .await
-    {
-        Ok(r) => {
-            let body = axum::body::to_bytes(r.into_body(), 1 << 20)
-                .await
-                .unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-            page(
-                "Backed up",
-                Some(&m),
-                false,
-                html! {
-                    p.note role="status" { "Backup " code { (v["sha256"].as_str().unwrap_or("")) } " (" (v["bytes"]) " bytes) is in the archive." }
-                    p { a href=(format!("/console/sites/{name}")) { "Back to the site" } }
-                },
-            )
-        }
+    match app::sites::backup(&state, &principal(&m), &name).await {
+        Ok(b) => page(
+            "Backed up",
+            Some(&m),
+            false,
+            html! {
+                p.note role="status" { "Backup " code { (b.sha256) } " (" (b.bytes) " bytes) is in the archive." }
+                p { a href=(format!("/console/sites/{name}")) { "Back to the site" } }
+            },
+        ),
         Err(p) => problem_page(p, Some(&m)),
     }
 }
@@ -845,7 +835,7 @@ async fn destroy_submit(
         .ok()
         .flatten()
         .map(|s| s.org);
-    match api::destroy_site(State(state.clone()), Who(principal(&m)), UrlPath(name)).await {
+    match app::sites::destroy(&state, &principal(&m), &name).await {
         Ok(_) => Redirect::to(&org.map_or("/console".into(), |o| format!("/console/orgs/{o}")))
             .into_response(),
         Err(p) => problem_page(p, Some(&m)),
@@ -963,7 +953,7 @@ async fn site_sign_in(
     headers: HeaderMap,
     Query(q): Query<SiteSignIn>,
 ) -> Response {
-    let session = api::session_cookie(&headers);
+    let session = web::session_cookie(&headers);
     let member = match &session {
         Some(c) => match state.accounts.by_session(c) {
             Ok(m) => m,
@@ -981,7 +971,7 @@ async fn site_sign_in(
     };
     let unknown = |detail: String| {
         problem_page(
-            ApiProblem::new(StatusCode::BAD_REQUEST, "Unknown site", detail),
+            AppError::new(ErrorKind::Malformed, "Unknown site", detail),
             Some(&member),
         )
     };

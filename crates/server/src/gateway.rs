@@ -156,7 +156,7 @@ impl SignIns {
     /// good only with `state`.
     pub fn mint(&self, session: &str, user: &str, host: &str, state: &str) -> String {
         let code = crate::tokens::random(32);
-        let now = crate::accounts::now_ms();
+        let now = commons_clock::now_ms();
         let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|_, p| p.expires_ms > now);
         if all.len() >= SIGN_INS_PENDING {
@@ -182,7 +182,7 @@ impl SignIns {
         let pending = all.remove(&crate::tokens::hash(code))?;
         (pending.host == host
             && pending.state == state
-            && pending.expires_ms > crate::accounts::now_ms())
+            && pending.expires_ms > commons_clock::now_ms())
         .then_some((pending.session_hash, pending.user))
     }
 }
@@ -233,7 +233,7 @@ impl SiteSessions {
         let mut parts = text.split('\n');
         let (user, host, session, expires) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        (expires.parse::<i64>().ok()? > crate::accounts::now_ms())
+        (expires.parse::<i64>().ok()? > commons_clock::now_ms())
             .then(|| (user.to_string(), host.to_string(), session.to_string()))
     }
 }
@@ -287,7 +287,7 @@ impl Hooks for Platform {
         } else {
             return None;
         };
-        let now = commons_gateway::now_ms() as i64;
+        let now = commons_clock::now_ms();
         let tier = self
             .state
             .billing
@@ -315,7 +315,7 @@ impl Hooks for Platform {
 
     fn redeem_sign_in(&self, code: &str, host: &str, state: &str) -> Option<String> {
         let (session_hash, user) = self.state.sign_ins.redeem(code, host, state)?;
-        let expires = crate::accounts::now_ms() + crate::accounts::SESSION_MS;
+        let expires = commons_clock::now_ms() + crate::accounts::SESSION_MS;
         Some(
             self.state
                 .site_sessions
@@ -444,7 +444,7 @@ pub fn spawn(
                 if body != last.0 || last.1.elapsed() >= Duration::from_secs(1) {
                     let json = format!(
                         "{{\"updated_ms\":{},\"upstreams\":{body}}}",
-                        commons_gateway::now_ms()
+                        commons_clock::now_ms()
                     );
                     let _ = commons_runtime::layout::write_whole(&state_file, json.as_bytes());
                     last = (body, std::time::Instant::now());

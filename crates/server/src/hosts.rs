@@ -13,13 +13,13 @@
 //!   paths; a host another organisation routes is refused as "another
 //!   organisation"'s, naming neither it nor its site.
 
+use crate::error::ErrorKind;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use axum::http::StatusCode;
 use commons_engine::Target;
 
-use crate::{ApiProblem, AppState};
+use crate::{AppError, AppState};
 
 /// The domain under which every site has names of its own.
 pub const SITES_DOMAIN: &str = "localhost";
@@ -61,7 +61,7 @@ fn verified_owner<'a>(domains: &'a BTreeMap<String, String>, host: &str) -> Opti
 
 /// Refuses `target` (a site of `org`) if a route of it names a host or
 /// path that is not `org`'s to route.
-pub fn check(state: &AppState, org: &str, target: &Target) -> Result<(), ApiProblem> {
+pub fn check(state: &AppState, org: &str, target: &Target) -> Result<(), AppError> {
     let site = target.name.as_str();
     let own_suffix = format!(".{site}.{SITES_DOMAIN}");
     let domains = verified(&state.home);
@@ -138,12 +138,12 @@ pub fn check(state: &AppState, org: &str, target: &Target) -> Result<(), ApiProb
     Ok(())
 }
 
-fn taken(detail: String) -> ApiProblem {
-    ApiProblem::new(StatusCode::CONFLICT, "Host taken", detail)
+fn taken(detail: String) -> AppError {
+    AppError::new(ErrorKind::Conflict, "Host taken", detail)
 }
 
-fn refused(detail: String) -> ApiProblem {
-    ApiProblem::new(StatusCode::FORBIDDEN, "Host not yours", detail)
+fn refused(detail: String) -> AppError {
+    AppError::new(ErrorKind::Forbidden, "Host not yours", detail)
 }
 
 #[cfg(test)]

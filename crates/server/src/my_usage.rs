@@ -3,10 +3,10 @@
 //! each gets when the period closes and their payment is split. The same
 //! figures the meter keeps and period close reads, not a second count.
 
+use crate::error::ErrorKind;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use commons_meter::{Aggregation, Window};
@@ -14,8 +14,9 @@ use maud::html;
 use serde::{Deserialize, Serialize};
 
 use crate::accounts::{Member, Principal};
-use crate::api::{Params, Who};
-use crate::{ApiProblem, AppState};
+use crate::api::Who;
+use crate::web::Params;
+use crate::{AppError, AppState};
 
 /// A user's use of the platform in one period.
 #[derive(Debug, Serialize)]
@@ -49,27 +50,23 @@ pub struct PeriodQuery {
 }
 
 /// `user`'s usage in `period` (this month when `None`).
-pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage, ApiProblem> {
+pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage, AppError> {
     let period = match period {
         Some(p) => p.to_string(),
-        None => commons_meter::period_of(crate::accounts::now_ms()),
+        None => commons_meter::period_of(commons_clock::now_ms()),
     };
     let Some((from_ms, to_ms)) =
         commons_meter::period_bounds(&period).filter(|_| period.len() == 7)
     else {
-        return Err(ApiProblem::new(
-            StatusCode::BAD_REQUEST,
+        return Err(AppError::new(
+            ErrorKind::Malformed,
             "Invalid period",
             format!("\"{period}\" is not a period; write it as YYYY-MM, e.g. 2026-11"),
         ));
     };
     let meter = state.meter.lock().unwrap_or_else(|p| p.into_inner());
     let failed = |e: commons_meter::MeterError| {
-        ApiProblem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "Meter unavailable",
-            e.to_string(),
-        )
+        AppError::new(ErrorKind::Internal, "Meter unavailable", e.to_string())
     };
     let counted: std::collections::HashMap<i64, u64> = meter
         .query(&commons_meter::Query {
@@ -87,7 +84,7 @@ pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage,
         .collect();
     // Every day of the period so far, the quiet ones too: a timeline.
     const DAY_MS: i64 = 86_400_000;
-    let until = to_ms.min(Window::Day.start(crate::accounts::now_ms()) + DAY_MS);
+    let until = to_ms.min(Window::Day.start(commons_clock::now_ms()) + DAY_MS);
     let days: Vec<Day> = (from_ms..until.max(from_ms + DAY_MS))
         .step_by(DAY_MS as usize)
         .map(|start| Day {
@@ -109,11 +106,11 @@ pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage,
     })
 }
 
-fn account(who: &Principal) -> Result<&Member, ApiProblem> {
+fn account(who: &Principal) -> Result<&Member, AppError> {
     match who {
         Principal::User(m) => Ok(m),
-        Principal::Platform => Err(ApiProblem::new(
-            StatusCode::FORBIDDEN,
+        Principal::Platform => Err(AppError::new(
+            ErrorKind::Forbidden,
             "No account",
             "the platform's administrator has no usage of its own; sign in as a user",
         )),
@@ -134,7 +131,7 @@ pub async fn usage_json(
     State(state): State<Arc<AppState>>,
     Who(who): Who,
     Params(q): Params<PeriodQuery>,
-) -> Result<Response, ApiProblem> {
+) -> Result<Response, AppError> {
     let m = account(&who)?;
     Ok(Json(read(&state, &m.user.id, q.period.as_deref())?).into_response())
 }

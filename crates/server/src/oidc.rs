@@ -17,6 +17,7 @@
 //! Codes and access tokens live in memory: a restart signs users out of
 //! applications, which then send them through the (quick) flow again.
 
+use crate::error::ErrorKind;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -34,12 +35,14 @@ use maud::html;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::accounts::{now_ms, Action};
-use crate::api::{known_org, Who};
+use crate::accounts::Action;
+use crate::api::Who;
+use crate::app::orgs::known as known_org;
 use crate::console::{csrf_field, page, problem_page, Posted};
 use crate::schema::Problem;
 use crate::tokens::{hash, random};
-use crate::{ApiProblem, AppState};
+use crate::{AppError, AppState};
+use commons_clock::now_ms;
 
 /// How long a code may wait to be traded.
 const CODE_MS: i64 = 60_000;
@@ -158,8 +161,8 @@ async fn jwks(State(state): State<Arc<AppState>>) -> Response {
         Ok(s) => Json(serde_json::json!({ "keys": [s.jwk()] })).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "the OpenID provider's key");
-            ApiProblem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::new(
+                ErrorKind::Internal,
                 "No signing key",
                 "the provider's key cannot be read; see the platform's log",
             )
@@ -206,11 +209,11 @@ fn check_request(
         .accounts
         .store()
         .oidc_client(&p.client_id)
-        .map_err(|e| Box::new(problem_page(ApiProblem::from(e), None)))?;
+        .map_err(|e| Box::new(problem_page(AppError::from(e), None)))?;
     let Some(client) = client.filter(|c| c.redirect_uris.contains(&p.redirect_uri)) else {
         return Err(Box::new(problem_page(
-            ApiProblem::new(
-                StatusCode::BAD_REQUEST,
+            AppError::new(
+                ErrorKind::Malformed,
                 "Unknown application",
                 "this sign-in link names an application or a return address the platform does not know; tell the site's operator",
             ),
@@ -259,7 +262,7 @@ async fn authorize(
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let member = crate::api::session_cookie(&headers)
+    let member = crate::web::session_cookie(&headers)
         .and_then(|c| state.accounts.by_session(&c).ok().flatten());
     let Some(m) = member else {
         let next = uri
@@ -427,7 +430,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
         }
     };
     let Some(client) =
-        client.filter(|c| crate::api::same_secret(Some(&hash(&secret)), Some(&c.secret_hash)))
+        client.filter(|c| crate::web::same_secret(Some(&hash(&secret)), Some(&c.secret_hash)))
     else {
         return oauth_error(
             StatusCode::UNAUTHORIZED,
@@ -467,7 +470,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
     }
     let verifier = form.get("code_verifier").map(String::as_str).unwrap_or("");
     let computed = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
-    if !crate::api::same_secret(Some(&computed), Some(&grant.challenge)) {
+    if !crate::web::same_secret(Some(&computed), Some(&grant.challenge)) {
         return oauth_error(
             StatusCode::BAD_REQUEST,
             "invalid_grant",
@@ -642,18 +645,17 @@ pub async fn register_client(
     Who(who): Who,
     UrlPath(org): UrlPath<String>,
     body: Bytes,
-) -> Result<Response, ApiProblem> {
+) -> Result<Response, AppError> {
     known_org(&state, &org)?;
     state.accounts.allow(&who, &org, Action::WriteSites)?;
     let n: NewClient = serde_json::from_slice(&body).map_err(|e| {
-        ApiProblem::new(
-            StatusCode::BAD_REQUEST,
+        AppError::new(
+            ErrorKind::Malformed,
             "Malformed request body",
             format!("expected {{name, redirect_uris}}: {e}"),
         )
     })?;
-    let bad =
-        |d: String| ApiProblem::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid application", d);
+    let bad = |d: String| AppError::new(ErrorKind::Invalid, "Invalid application", d);
     if !crate::accounts::valid_display_name(&n.name) {
         return Err(bad(
             "give the application a name of 1 to 100 characters".into()

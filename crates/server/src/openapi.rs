@@ -5,6 +5,9 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
 use crate::schema::Problem;
 
 struct Bearer;
@@ -30,38 +33,38 @@ impl Modify for Bearer {
             errors are RFC 9457 problem documents."
     ),
     paths(
-        crate::healthz,
-        crate::ready,
-        crate::openapi_json,
-        crate::ingest,
-        crate::stripe_webhook,
-        crate::tier,
-        crate::wake,
-        crate::deployment_status,
-        crate::daemon,
-        crate::api::signup,
-        crate::api::login,
-        crate::api::logout,
-        crate::api::me,
-        crate::api::orgs,
-        crate::api::create_org,
-        crate::api::members,
-        crate::api::set_members,
-        crate::api::audit,
-        crate::api::tokens,
-        crate::api::create_token,
-        crate::api::revoke_token,
-        crate::api::catalog_list,
-        crate::api::sites,
-        crate::api::create_site,
-        crate::api::plan,
-        crate::api::site,
-        crate::api::redeploy_site,
-        crate::api::destroy_site,
-        crate::api::logs,
-        crate::api::history,
-        crate::api::history_diff,
-        crate::api::backup,
+        crate::platform::healthz,
+        crate::platform::ready,
+        openapi_json,
+        crate::platform::ingest,
+        crate::platform::stripe_webhook,
+        crate::platform::tier,
+        crate::platform::wake,
+        crate::platform::deployment_status,
+        crate::platform::daemon,
+        crate::api::accounts::signup,
+        crate::api::accounts::login,
+        crate::api::accounts::logout,
+        crate::api::accounts::me,
+        crate::api::orgs::orgs,
+        crate::api::orgs::create_org,
+        crate::api::orgs::members,
+        crate::api::orgs::set_members,
+        crate::api::orgs::audit,
+        crate::api::tokens::tokens,
+        crate::api::tokens::create_token,
+        crate::api::tokens::revoke_token,
+        crate::api::sites::catalog_list,
+        crate::api::sites::sites,
+        crate::api::sites::create_site,
+        crate::api::sites::plan,
+        crate::api::sites::site,
+        crate::api::sites::redeploy_site,
+        crate::api::sites::destroy_site,
+        crate::api::sites::logs,
+        crate::api::sites::history,
+        crate::api::sites::history_diff,
+        crate::api::sites::backup,
         crate::oidc::register_client,
         crate::books::books_json,
         crate::my_usage::usage_json,
@@ -77,4 +80,11 @@ pub fn document() -> utoipa::openapi::OpenApi {
     let mut doc = Doc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "platform",
+    responses((status = 200, description = "the OpenAPI 3.1 description of this API", body = Object)))]
+pub(crate) async fn openapi_json() -> Response {
+    Json(document()).into_response()
 }

@@ -148,10 +148,7 @@ fn bootstrap_admin(home: &std::path::Path) -> Result<(), RunError> {
     {
         return Ok(());
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now = commons_clock::now_ms();
     let (token, record) = tokens
         .create("admin", &["admin".to_string()], now)
         .map_err(RunError::Failed)?;

@@ -75,6 +75,18 @@ shared_problem!(
     RouteTaken, 409, "a route's host and path are another site's"
 );
 
+/// What a user's token may do.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // described: scopes arrive as strings
+#[schema(value_type = String, pattern = "^(sites:read|sites:write|orgs:read|orgs:write|audit:read|tokens:write)$")]
+pub struct Scope(String);
+
+/// A role in an organisation.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // described: roles arrive as strings
+#[schema(value_type = String, pattern = "^(admin|operator|provider|developer|custodian)$")]
+pub struct Role(String);
+
 /// A usage event, CloudEvents 1.0 shaped (the meter checks the rest: that
 /// `data` holds known metrics, and the time's period is still open).
 #[derive(ToSchema)]

@@ -80,10 +80,7 @@ impl Sampler {
         let Some(after) = self.idle_after.map(|d| d.as_secs() as i64) else {
             return Vec::new();
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now = commons_clock::now_ms();
         let mut out = Vec::new();
         for d in engine.list().unwrap_or_default() {
             if engine.hosting(&d.name) == commons_engine::Hosting::AlwaysOn {
@@ -124,10 +121,7 @@ impl Sampler {
         let Some(meter) = self.meter.as_mut() else {
             return;
         };
-        let ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let ms = commons_clock::now_ms();
         let mut events = Vec::new();
         for d in engine.list().unwrap_or_default() {
             let Ok(status) = engine.observe(&d.name) else {

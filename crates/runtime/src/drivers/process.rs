@@ -207,10 +207,7 @@ fn gateway_still_uses(layout: &Layout, port: u16, since_ms: u64) -> bool {
     else {
         return false;
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now = commons_clock::now_ms() as u64;
     if now.saturating_sub(state.updated_ms) > GATEWAY_FRESH_MS {
         // No gateway runs: nothing routes there.
         return false;

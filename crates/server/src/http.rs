@@ -1,0 +1,249 @@
+//! The API's HTTP server: every route (the REST API, the platform's own,
+//! the console, OpenID Connect, the books), its limits, and serving them
+//! on TCP and on the local socket until a signal or until the data
+//! directory is gone.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler as _;
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::web::problem;
+use crate::{api, books, console, local, my_usage, oidc, openapi, platform, AppState};
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(platform::healthz))
+        .route("/api/openapi.json", get(openapi::openapi_json))
+        .route("/readyz", get(platform::ready))
+        .route(
+            "/api/usage/events",
+            post(platform::ingest).layer(DefaultBodyLimit::max(limits::EVENT_BATCH)),
+        )
+        .route(
+            "/api/payments/stripe/webhook",
+            post(platform::stripe_webhook).layer(DefaultBodyLimit::max(limits::WEBHOOK)),
+        )
+        .route("/api/users/{user}/tier", get(platform::tier))
+        .route("/api/deployments/{name}/wake", post(platform::wake))
+        .route("/api/deployments/{name}", get(platform::deployment_status))
+        .route("/api/daemon", get(platform::daemon))
+        .route("/api/signup", post(api::accounts::signup))
+        .route("/api/login", post(api::accounts::login))
+        .route("/api/logout", post(api::accounts::logout))
+        .route("/api/me", get(api::accounts::me))
+        .route(
+            "/api/orgs",
+            get(api::orgs::orgs).post(api::orgs::create_org),
+        )
+        .route(
+            "/api/orgs/{org}/members",
+            get(api::orgs::members).put(api::orgs::set_members),
+        )
+        .route("/api/orgs/{org}/audit", get(api::orgs::audit))
+        .route(
+            "/api/orgs/{org}/sites",
+            get(api::sites::sites)
+                .post(api::sites::create_site.layer(DefaultBodyLimit::max(limits::UPLOAD))),
+        )
+        .route(
+            "/api/orgs/{org}/plan",
+            post(api::sites::plan).layer(DefaultBodyLimit::max(limits::UPLOAD)),
+        )
+        .route(
+            "/api/tokens",
+            get(api::tokens::tokens).post(api::tokens::create_token),
+        )
+        .route(
+            "/api/tokens/{id}",
+            axum::routing::delete(api::tokens::revoke_token),
+        )
+        .route("/api/catalog", get(api::sites::catalog_list))
+        .route(
+            "/api/sites/{name}",
+            get(api::sites::site)
+                .put(api::sites::redeploy_site.layer(DefaultBodyLimit::max(limits::UPLOAD)))
+                .delete(api::sites::destroy_site),
+        )
+        .route("/api/sites/{name}/logs", get(api::sites::logs))
+        .route("/api/sites/{name}/history", get(api::sites::history))
+        .route(
+            "/api/sites/{name}/history/diff",
+            get(api::sites::history_diff),
+        )
+        .route("/api/sites/{name}/backups", post(api::sites::backup))
+        .route("/api/orgs/{org}/oidc-clients", post(oidc::register_client))
+        .route("/api/me/usage", get(my_usage::usage_json))
+        .route("/console/usage", get(my_usage::page))
+        .route("/books", get(books::page))
+        .route("/api/books", get(books::books_json))
+        .route("/api/books/export", get(books::export))
+        .merge(console::routes())
+        .merge(oidc::routes())
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "Not found", "no such route", None) })
+        .method_not_allowed_fallback(|| async {
+            problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+                "this route does not take this method; see /api/openapi.json",
+                None,
+            )
+        })
+        // Bodies are small JSON unless a route says otherwise (above).
+        .layer(DefaultBodyLimit::max(limits::JSON))
+        .layer(axum::middleware::map_response(limits::too_large_as_problem))
+        .layer(axum::middleware::map_response(never_framed))
+        .with_state(state)
+}
+
+/// Limits of the API's listener: it faces the same clients as the
+/// gateway, so it holds them to the same rules.
+pub mod limits {
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    use std::time::Duration;
+
+    /// A JSON request body (sign-up, log-in, tokens, members...).
+    pub const JSON: usize = 64 << 10;
+    /// A blueprint with the files it needs (`source.files`), or a console
+    /// form carrying one.
+    pub const UPLOAD: usize = 64 << 20;
+    /// A batch of usage events.
+    pub const EVENT_BATCH: usize = 16 << 20;
+    /// A payment provider's notification.
+    pub const WEBHOOK: usize = 1 << 20;
+    /// A client must send a whole request head within this, and an idle
+    /// keep-alive connection is closed after it (as at the gateway).
+    pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Largest request head.
+    pub const HEAD: usize = 64 << 10;
+
+    /// A body over its route's limit is answered as a problem document.
+    pub async fn too_large_as_problem(r: Response) -> Response {
+        let is_problem = r
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+        if r.status() != StatusCode::PAYLOAD_TOO_LARGE || is_problem {
+            return r;
+        }
+        crate::AppError::new(
+            crate::ErrorKind::TooLarge,
+            "Content too large",
+            "the request body is larger than this route takes",
+        )
+        .into_response()
+    }
+}
+
+/// No page of the platform may be framed by another site (the OIDC
+/// "Allow" and a site's "Destroy" buttons would be clickjacked).
+async fn never_framed(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::X_FRAME_OPTIONS,
+        axum::http::HeaderValue::from_static("DENY"),
+    );
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(axum::http::HeaderValue::from_static(
+            "frame-ancestors 'none'",
+        ));
+    r
+}
+
+/// Serves `router` on `listener` over HTTP/1.1 with the limits above; each
+/// request carries its peer's address (`ConnectInfo`).
+async fn serve_tcp(listener: tokio::net::TcpListener, router: Router) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower_service::Service as _;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let router = router.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::Extension(axum::extract::ConnectInfo(peer)));
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    let mut router = router.clone();
+                    async move { router.call(req).await }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits::HEADER_TIMEOUT)
+                .max_buf_size(limits::HEAD)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+/// Resolves once the data directory, or (when it listens there) the local
+/// socket, is gone: a daemon whose data was removed must not hold the
+/// platform's ports for the next one.
+async fn orphaned(home: &Path, has_socket: bool) {
+    let socket = local::socket_path(home);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if !home.is_dir() || (has_socket && !socket.exists()) {
+            return;
+        }
+    }
+}
+
+/// Serves the API on `listener` (scoped tokens) and on the local socket
+/// `local` (the platform's administrator) until SIGTERM or SIGINT, then
+/// withdraws the socket and `daemon.json`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    local: Option<tokio::net::UnixListener>,
+    state: Arc<AppState>,
+) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let home = state.home.clone();
+    let tcp = serve_tcp(listener, router(state.clone()));
+    let has_socket = local.is_some();
+    let socket = async {
+        match local {
+            Some(l) => {
+                axum::serve(l, router(state).layer(axum::Extension(local::LocalCaller))).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let result = tokio::select! {
+        r = tcp => r,
+        r = socket => r,
+        _ = term.recv() => Ok(()),
+        _ = int.recv() => Ok(()),
+        _ = orphaned(&home, has_socket) => {
+            eprintln!(
+                "{:>12} {} or its socket was removed: the platform stops",
+                "Stopping",
+                home.display()
+            );
+            Ok(())
+        }
+    };
+    local::withdraw(&home);
+    result
+}
