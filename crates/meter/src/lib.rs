@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use commons_clock::now_ms;
 use rusqlite::{params, Connection, OptionalExtension};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -175,10 +176,22 @@ pub fn period_bounds(period: &str) -> Option<(i64, i64)> {
     Some((start, end))
 }
 
-fn digest(e: &Event) -> Vec<u8> {
-    // The payload that must match for a repeat to count as the same event.
-    let canon = serde_json::json!([e.kind, e.subject, e.time, e.data]);
-    Sha256::digest(serde_json::to_vec(&canon).expect("json")).to_vec()
+/// The payload that must match for a repeat to count as the same event:
+/// SHA-256 of the JSON array `[type, subject, time, data]`, written
+/// straight into the hash. `data_json` is the event's data as JSON, which
+/// is stored too: it is serialised once.
+fn digest(e: &Event, data_json: &str) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(b"[");
+    serde_json::to_writer(&mut hash, &e.kind).expect("json");
+    hash.update(b",");
+    serde_json::to_writer(&mut hash, &e.subject).expect("json");
+    hash.update(b",");
+    serde_json::to_writer(&mut hash, &e.time).expect("json");
+    hash.update(b",");
+    hash.update(data_json.as_bytes());
+    hash.update(b"]");
+    hash.finalize().into()
 }
 
 /// The metering store.
@@ -254,13 +267,6 @@ pub enum Aggregation {
     Sum,
     Count,
     Max,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Meter {
@@ -344,7 +350,7 @@ impl Meter {
                  ON CONFLICT (source, id) DO NOTHING",
             )?;
             // Keys seen earlier in this batch, for dedup within the batch.
-            let mut in_batch: HashMap<(&str, &str), Vec<u8>> = HashMap::new();
+            let mut in_batch: FxHashMap<(&str, &str), [u8; 32]> = FxHashMap::default();
             for e in events {
                 let invalid = |message: &str| {
                     Outcome::Rejected(Rejection::Invalid {
@@ -360,7 +366,8 @@ impl Meter {
                     out.push(invalid("time must be RFC 3339, e.g. 2026-11-24T10:00:00Z"));
                     continue;
                 };
-                let d = digest(e);
+                let data_json = serde_json::to_string(&e.data).expect("json");
+                let d = digest(e, &data_json);
                 if let Some(prev) = in_batch.get(&(e.source.as_str(), e.id.as_str())) {
                     out.push(if *prev == d {
                         Outcome::Duplicate
@@ -424,7 +431,7 @@ impl Meter {
                     dim("operator"),
                     dim("provider"),
                     dim("node"),
-                    serde_json::to_string(&e.data).expect("json"),
+                    data_json,
                     backfill
                 ])?;
                 if inserted == 0 {
@@ -490,7 +497,13 @@ impl Meter {
                         .add(a.sum, a.count, a.max);
                 }
             }
-            for ((w, d, value, metric, start), a) in aggs {
+            // In the table's key order: each upsert lands next to the last
+            // one's B-tree page instead of anywhere in the table.
+            let mut rows: Vec<(AggKey<'_>, Agg)> = aggs.into_iter().collect();
+            rows.sort_unstable_by(|((w1, d1, v1, m1, s1), _), ((w2, d2, v2, m2, s2), _)| {
+                (w1.name(), d1, v1, m1, s1).cmp(&(w2.name(), d2, v2, m2, s2))
+            });
+            for ((w, d, value, metric, start), a) in rows {
                 upsert.execute(params![
                     w.name(),
                     start,
@@ -507,6 +520,10 @@ impl Meter {
                 "INSERT INTO usage (period, user, site, adjustment, events) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (period, user, site, adjustment) DO UPDATE SET events = events + excluded.events",
             )?;
+            let mut pairs: Vec<((usize, &str, &str), i64)> = pairs.into_iter().collect();
+            pairs.sort_unstable_by(|((p1, u1, s1), _), ((p2, u2, s2), _)| {
+                (&periods[*p1], u1, s1).cmp(&(&periods[*p2], u2, s2))
+            });
             for ((p, user, site), n) in pairs {
                 usage.execute(params![periods[p], user, site, adjustment, n])?;
             }
@@ -646,5 +663,37 @@ impl Meter {
     /// Whether events for `period` are still accepted without a backfill.
     pub fn accepts(&self, period: &str) -> Result<bool, MeterError> {
         Ok(!self.is_closed(period, now_ms())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Stored digests outlive releases: an event resent after an upgrade
+    /// must still be a duplicate, so the digest is pinned to its bytes.
+    #[test]
+    fn the_digest_is_sha256_of_the_canonical_array() {
+        let data: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"user":"u1","site":"s1","bytes_out":1200,"note":"é \"q\""}"#)
+                .unwrap();
+        let e = Event {
+            specversion: "1.0".into(),
+            id: "ev-1".into(),
+            source: "gateway/node-1".into(),
+            kind: "request".into(),
+            subject: None,
+            time: "2026-11-24T10:00:00Z".into(),
+            data,
+        };
+        let canon = r#"["request",null,"2026-11-24T10:00:00Z",{"user":"u1","site":"s1","bytes_out":1200,"note":"é \"q\""}]"#;
+        let expected: [u8; 32] = Sha256::digest(canon.as_bytes()).into();
+        let data = |e: &Event| serde_json::to_string(&e.data).unwrap();
+        assert_eq!(digest(&e, &data(&e)), expected);
+        let other = Event {
+            subject: Some("x".into()),
+            ..e
+        };
+        assert_ne!(digest(&other, &data(&other)), expected);
     }
 }
