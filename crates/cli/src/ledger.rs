@@ -54,11 +54,8 @@ pub enum LedgerCommand {
 }
 
 fn open(home: &Path) -> Result<Journal, Failure> {
-    let layout = commons_runtime::Layout::new(home);
-    let dir = layout.ledger_dir();
-    commons_server::private_dir(&dir)
-        .map_err(|e| Failure::Failed(format!("creating {}: {e}", dir.display())))?;
-    Journal::open(&layout.ledger_db()).map_err(|e| Failure::Failed(e.to_string()))
+    commons_server::periods::journal(home, &commons_engine::StoreConfig::from_env())
+        .map_err(|e| Failure::Failed(e.to_string()))
 }
 
 fn key_path(home: &Path) -> PathBuf {

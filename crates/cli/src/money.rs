@@ -58,7 +58,7 @@ fn money(e: MoneyError) -> Failure {
 }
 
 fn journal(home: &Path) -> Result<Journal, Failure> {
-    periods::journal(home).map_err(money)
+    periods::journal(home, &commons_engine::StoreConfig::from_env()).map_err(money)
 }
 
 fn meter(home: &Path) -> Result<Meter, Failure> {

@@ -702,7 +702,19 @@ fn the_state_store_can_be_postgresql() {
     // The SQLite file was never made: the state lives in PostgreSQL.
     assert!(!s.home.join("state.db").exists());
     run(&["destroy", "pgstate"]);
+    // The ledger's journal lives there too, and the CLI reads it back.
+    run(&["ledger", "bootstrap", "--cash", "1000", "--tokens", "1000"]);
+    let balance: serde_json::Value =
+        serde_json::from_slice(&run(&["ledger", "balance", "cash:reserve", "--json"]).stdout)
+            .unwrap();
+    assert_eq!(balance[0]["balance"]["credits_posted"], 1000, "{balance}");
+    assert!(!s.home.join("ledger/ledger.db").exists());
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let entries: i64 = admin
+        .query_one(&format!("SELECT COUNT(*) FROM {schema}.journal"), &[])
+        .unwrap()
+        .get(0);
+    assert!(entries > 0, "no journal entries in {schema}");
     admin
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();

@@ -12,16 +12,19 @@ fn since_epoch(t: SystemTime) -> Duration {
 }
 
 /// Milliseconds since the Unix epoch.
+#[inline]
 pub fn now_ms() -> i64 {
     since_epoch(SystemTime::now()).as_millis() as i64
 }
 
 /// Whole seconds since the Unix epoch.
+#[inline]
 pub fn now_secs() -> u64 {
     since_epoch(SystemTime::now()).as_secs()
 }
 
 /// Nanoseconds since the Unix epoch (good until 2554).
+#[inline]
 pub fn now_ns() -> u64 {
     since_epoch(SystemTime::now()).as_nanos() as u64
 }

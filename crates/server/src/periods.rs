@@ -76,10 +76,21 @@ fn ledger_dir(home: &Path) -> Result<std::path::PathBuf, MoneyError> {
     Ok(dir)
 }
 
-/// The ledger's journal.
-pub fn journal(home: &Path) -> Result<Journal, MoneyError> {
-    ledger_dir(home)?;
-    Journal::open(&Layout::new(home).ledger_db()).map_err(failed("ledger"))
+/// The ledger's journal, where the platform keeps its state: the embedded
+/// file under `home`, or PostgreSQL (the same server and schema as the
+/// engine's and the accounts' tables).
+pub fn journal(home: &Path, store: &StoreConfig) -> Result<Journal, MoneyError> {
+    match store {
+        StoreConfig::Embedded => {
+            ledger_dir(home)?;
+            Journal::open(&Layout::new(home).ledger_db()).map_err(failed("ledger"))
+        }
+        StoreConfig::Postgres { url, schema } => {
+            let pg =
+                commons_ledger::store::PgStore::connect(url, schema).map_err(failed("ledger"))?;
+            Journal::with_store(Box::new(pg)).map_err(failed("ledger"))
+        }
+    }
 }
 
 /// The meter.
@@ -148,7 +159,7 @@ pub fn close(home: &Path, store: &StoreConfig, period: &str) -> Result<Closed, M
         projects: settings.projects.clone(),
         agreements: settings.agreements.clone(),
     };
-    let mut j = journal(home)?;
+    let mut j = journal(home, store)?;
     let mut cents = Cents { journal: &mut j };
     let closed =
         close_period(&mut cents, &ctx, &registry, period, &usage).map_err(failed("ledger"))?;
