@@ -133,13 +133,20 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
         .trim()
         .to_string();
     let server = s.serve(&[("COMMONS_STRIPE_WEBHOOK_SECRET", SECRET)]);
-    let body = serde_json::to_vec(&serde_json::json!({
-        "id": "evt_100", "type": "invoice.paid",
-        "data": { "object": { "id": "in_100", "amount_paid": 500, "billing_reason": "subscription_create",
-            "charge": { "balance_transaction": { "fee": 45 } },
-            "subscription_details": { "metadata": { "user": "alice", "tier": "member" } } } }
-    }))
-    .unwrap();
+    let alice = signup(server.port, "alice@example.org", "Alice")["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let paid_by = |user: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "id": "evt_100", "type": "invoice.paid",
+            "data": { "object": { "id": "in_100", "amount_paid": 500, "billing_reason": "subscription_create",
+                "charge": { "balance_transaction": { "fee": 45 } },
+                "subscription_details": { "metadata": { "user": user, "tier": "member" } } } }
+        }))
+        .unwrap()
+    };
+    let body = paid_by(&alice);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -169,6 +176,18 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
     .unwrap();
     assert_eq!(code, 400);
     assert!(out.contains("tolerance"), "{out}");
+    // A payment for someone with no account here is refused, and changes nothing.
+    let stranger = paid_by("no-such-user");
+    let (code, out) = http(
+        server.port,
+        "POST",
+        hook,
+        &[("Stripe-Signature", &Stripe::sign(SECRET, now, &stranger))],
+        &stranger,
+    )
+    .unwrap();
+    assert_eq!(code, 422, "{out}");
+    assert!(out.contains("Unknown customer"), "{out}");
     let good = Stripe::sign(SECRET, now, &body);
     let (code, out) = http(
         server.port,
@@ -179,6 +198,8 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
     )
     .unwrap();
     assert_eq!(code, 200, "{out}");
+    // Applied, not a duplicate: the refused event with the same id left no trace.
+    assert!(out.contains("applied"), "{out}");
     // Stripe redelivers: acknowledged, nothing moves.
     let (code, out) = http(
         server.port,
@@ -194,7 +215,7 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
     let (code, out) = http(
         server.port,
         "GET",
-        "/api/users/alice/tier",
+        &format!("/api/users/{alice}/tier"),
         &[("Authorization", &auth)],
         b"",
     )
@@ -204,7 +225,12 @@ fn stripe_webhooks_subscribe_and_bad_signatures_are_refused() {
     drop(server);
     // The payment minted 455 tokens (500 less Stripe's 45) into alice's escrow, once.
     let b = s
-        .ok(&["ledger", "balance", "tokens:escrow:alice", "--json"])
+        .ok(&[
+            "ledger",
+            "balance",
+            &format!("tokens:escrow:{alice}"),
+            "--json",
+        ])
         .json();
     assert_eq!(b[0]["balance"]["credits_posted"], 455);
 }
@@ -423,6 +449,12 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 [[operations]]
 include-path = "/api/orgs/{org}/members"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+
+# The tiers are the platform's configuration: a name it does not offer is
+# refused, as is the free one.
+[[operations]]
+include-path = "/api/me/subscription/checkout"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "503"]
 
 # The meter refuses events of a closed period, and times before 1970.
 [[operations]]

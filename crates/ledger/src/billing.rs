@@ -108,6 +108,8 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     user TEXT PRIMARY KEY, tier TEXT NOT NULL, status TEXT NOT NULL,
     term_start_ms INTEGER NOT NULL, term_end_ms INTEGER NOT NULL, next_tier TEXT);
 CREATE TABLE IF NOT EXISTS payment_events (event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, handled_at_ms INTEGER NOT NULL);
+-- The payment provider's subscription behind a user's, when there is one.
+CREATE TABLE IF NOT EXISTS provider_subscriptions (user TEXT PRIMARY KEY, subscription TEXT NOT NULL);
 ";
 
 impl Billing {
@@ -150,6 +152,18 @@ impl Billing {
                         next_tier: r.get(5)?,
                     })
                 },
+            )
+            .optional()?)
+    }
+
+    /// The payment provider's subscription behind `user`'s, if any.
+    pub fn provider_subscription(&self, user: &str) -> Result<Option<String>, BillingError> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT subscription FROM provider_subscriptions WHERE user = ?1",
+                [user],
+                |r| r.get(0),
             )
             .optional()?)
     }
@@ -213,11 +227,18 @@ impl Billing {
         Ok(change)
     }
 
-    /// Stops renewal; the tier lasts to the end of the term.
+    /// Stops renewal; the tier lasts to the end of the term. Only a
+    /// running, renewing subscription can be cancelled.
     pub fn cancel(&self, user: &str) -> Result<Subscription, BillingError> {
         let Some(mut s) = self.subscription(user)? else {
             return Err(BillingError::Invalid(format!("{user} has no subscription")));
         };
+        if s.status != "active" {
+            return Err(BillingError::Invalid(format!(
+                "{user}'s subscription is {} already; it ends with its term",
+                s.status
+            )));
+        }
         s.status = "canceled".into();
         self.put(&s)?;
         Ok(s)
@@ -269,9 +290,17 @@ impl Billing {
                 gross,
                 fee,
                 renews,
+                subscription,
                 ..
             } => {
                 let t = self.tier(tier)?.clone();
+                if let Some(id) = subscription {
+                    self.conn.execute(
+                        "INSERT INTO provider_subscriptions (user, subscription) VALUES (?1, ?2)
+                         ON CONFLICT (user) DO UPDATE SET subscription = ?2",
+                        params![user, id],
+                    )?;
+                }
                 // The ledger write is idempotent by payment id, so a crash
                 // before the event is marked only repeats a no-op.
                 cents.record_payment(payment_id, user, *gross, *fee)?;

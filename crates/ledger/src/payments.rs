@@ -29,6 +29,10 @@ pub enum PaymentEvent {
         /// False for a mid-term charge (an upgrade's proration), which does
         /// not extend the term.
         renews: bool,
+        /// The provider's subscription this pays for, when it has one:
+        /// what cancelling or changing the tier there names.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        subscription: Option<String>,
     },
     /// Money went back to the user.
     Refunded {
@@ -231,6 +235,7 @@ impl PaymentProvider for Stripe {
                     tier: meta("tier").ok_or_else(|| missing("metadata.tier"))?,
                     gross,
                     fee: fee.min(gross),
+                    subscription: str_at(obj, &["subscription"]).map(str::to_string),
                     event_id,
                 })
             }
@@ -262,6 +267,7 @@ impl Manual {
             gross,
             fee: fee.min(gross),
             renews: true,
+            subscription: None,
         }
     }
 }

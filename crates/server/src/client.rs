@@ -10,7 +10,6 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 
 use crate::app::sites::NewSite;
@@ -35,7 +34,7 @@ pub enum ClientError {
     Failed(String),
 }
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+use crate::outbound::{https_client, segment, Https};
 
 /// A client of one platform's API.
 pub struct ApiClient {
@@ -64,38 +63,14 @@ pub struct MadeToken {
     pub id: String,
 }
 
-/// Everything but letters, digits, `-`, `_` and `.` is escaped.
-const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.');
-
-/// A path segment or query value as the URL must carry it (site and
-/// component names are slugs; anything else is escaped rather than trusted).
-pub fn segment(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
-}
-
 impl ApiClient {
     /// A client of the platform at `base` (`https://commons.example.org`),
     /// trusting this machine's certificate authorities.
     pub fn new(base: &str) -> Result<ApiClient, ClientError> {
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-            .map_err(|e| {
-                ClientError::Failed(format!(
-                    "no trusted certificate authorities on this machine ({e}); \
-                     install ca-certificates or set SSL_CERT_FILE"
-                ))
-            })?
-            .https_or_http()
-            .enable_http1()
-            .build();
         Ok(ApiClient {
             base: base.trim_end_matches('/').to_string(),
             headers: Vec::new(),
-            http: hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build(https),
+            http: https_client().map_err(ClientError::Failed)?,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -25,6 +25,9 @@
 //! database_url = "host=127.0.0.1 user=commons dbname=commons"
 //! [payments]
 //! stripe_webhook_secret = "whsec_..."
+//! stripe_secret_key = "sk_live_..."   # subscribe through Stripe Checkout
+//! stripe_api_base = "https://api.stripe.com"
+//! stripe_prices = { member = "price_...", patron = "price_..." }
 //! ```
 
 use std::net::IpAddr;
@@ -99,6 +102,10 @@ pub struct Store {
 #[serde(default, deny_unknown_fields)]
 pub struct Payments {
     pub stripe_webhook_secret: Option<String>,
+    pub stripe_secret_key: Option<String>,
+    pub stripe_api_base: Option<String>,
+    /// Each paid tier's Stripe price id.
+    pub stripe_prices: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Reads the configuration: `path` when given (it must exist), else
@@ -150,6 +157,7 @@ impl ServeConfig {
         self.runtime.postgres_url.is_some()
             || self.store.database_url.is_some()
             || self.payments.stripe_webhook_secret.is_some()
+            || self.payments.stripe_secret_key.is_some()
     }
 }
 
@@ -185,6 +193,9 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     pub store: StoreConfig,
     pub stripe_webhook_secret: Option<String>,
+    /// Stripe's API, when the platform takes subscriptions through Stripe
+    /// Checkout (`COMMONS_STRIPE_SECRET_KEY`).
+    pub stripe_api: Option<crate::stripe_api::StripeSettings>,
     pub supervisor: SupervisorSettings,
 }
 
@@ -308,11 +319,63 @@ pub fn resolve(
         ),
         stripe_webhook_secret: env("COMMONS_STRIPE_WEBHOOK_SECRET")
             .or(file.payments.stripe_webhook_secret),
+        stripe_api: stripe_settings(
+            &env,
+            file.payments.stripe_secret_key,
+            file.payments.stripe_api_base,
+            file.payments.stripe_prices,
+        )?,
         supervisor: SupervisorSettings {
             sample_every,
             idle_after: seconds("COMMONS_IDLE_AFTER", file.runtime.idle_after_seconds)?,
         },
     })
+}
+
+/// Stripe's API settings, if a secret key is given: the API base must be
+/// HTTPS (the key travels in every request) unless it is on this machine.
+fn stripe_settings(
+    env: &dyn Fn(&str) -> Option<String>,
+    file_key: Option<String>,
+    file_base: Option<String>,
+    file_prices: Option<std::collections::BTreeMap<String, String>>,
+) -> Result<Option<crate::stripe_api::StripeSettings>, String> {
+    let Some(secret_key) = env("COMMONS_STRIPE_SECRET_KEY").or(file_key) else {
+        return Ok(None);
+    };
+    let api_base = env("COMMONS_STRIPE_API_BASE")
+        .or(file_base)
+        .unwrap_or_else(|| "https://api.stripe.com".into());
+    let loopback = ["http://127.0.0.1:", "http://localhost:", "http://[::1]:"]
+        .iter()
+        .any(|p| api_base.starts_with(p));
+    if !api_base.starts_with("https://") && !loopback {
+        return Err(format!(
+            "COMMONS_STRIPE_API_BASE is \"{api_base}\": the secret key goes with every request, \
+             so give an https:// URL (plain http only on 127.0.0.1)"
+        ));
+    }
+    let prices = match env("COMMONS_STRIPE_PRICES") {
+        Some(list) => list
+            .split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(|pair| match pair.split_once('=') {
+                Some((tier, price)) if !tier.trim().is_empty() && !price.trim().is_empty() => {
+                    Ok((tier.trim().to_string(), price.trim().to_string()))
+                }
+                _ => Err(format!(
+                    "COMMONS_STRIPE_PRICES has \"{pair}\"; write TIER=PRICE_ID pairs separated by commas \
+                     (member=price_123,patron=price_456)"
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        None => file_prices.unwrap_or_default(),
+    };
+    Ok(Some(crate::stripe_api::StripeSettings {
+        secret_key,
+        api_base,
+        prices,
+    }))
 }
 
 #[cfg(test)]
@@ -403,5 +466,51 @@ mod tests {
         assert!(bad("COMMONS_SANDBOX", "yes").contains("COMMONS_SANDBOX=yes"));
         assert!(bad("COMMONS_IDLE_AFTER", "soon").contains("COMMONS_IDLE_AFTER=soon"));
         assert!(bad("COMMONS_TRUSTED_PROXIES", "10.0.0.1,proxy").contains("\"proxy\""));
+    }
+
+    #[test]
+    fn stripe_needs_https_and_prices_as_pairs() {
+        let with = |vars: Vec<(&'static str, &'static str)>| {
+            let env = |k: &str| {
+                vars.iter()
+                    .find(|(var, _)| *var == k)
+                    .map(|(_, v)| v.to_string())
+            };
+            resolve(
+                Path::new("/h"),
+                ServeFlags::default(),
+                ServeConfig::default(),
+                &env,
+            )
+        };
+        let key = ("COMMONS_STRIPE_SECRET_KEY", "sk_test_1");
+        let s = with(vec![
+            key,
+            ("COMMONS_STRIPE_PRICES", "member=price_a, patron=price_b"),
+        ])
+        .unwrap();
+        let stripe = s.stripe_api.unwrap();
+        assert_eq!(stripe.api_base, "https://api.stripe.com");
+        assert_eq!(stripe.prices["patron"], "price_b");
+        // The key never shows in a debug print.
+        assert!(!format!("{stripe:?}").contains("sk_test_1"));
+        // No key, no Stripe.
+        assert!(with(vec![]).unwrap().stripe_api.is_none());
+        // The key would travel in the clear to another machine.
+        let e = with(vec![
+            key,
+            ("COMMONS_STRIPE_API_BASE", "http://stripe.example.org"),
+        ])
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("https://"), "{e}");
+        assert!(with(vec![key, ("COMMONS_STRIPE_API_BASE", "http://127.0.0.1:9")]).is_ok());
+        let e = with(vec![key, ("COMMONS_STRIPE_PRICES", "member:price_a")])
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("COMMONS_STRIPE_PRICES") && e.contains("TIER=PRICE_ID"),
+            "{e}"
+        );
     }
 }

@@ -98,6 +98,7 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
                         nav aria-label="main" {
                             a href="/console" { "Sites" }
                             a href="/console/usage" { "Usage" }
+                            a href="/console/billing" { "Subscription" }
                             a href="/console/tokens" { "Tokens" }
                             span { (m.user.name) }
                             form.inline method="post" action="/console/logout" {

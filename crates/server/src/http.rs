@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::web::problem;
-use crate::{api, books, console, local, my_usage, oidc, openapi, platform, AppState};
+use crate::{api, books, console, local, my_usage, oidc, openapi, platform, subscribe, AppState};
 
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -80,6 +80,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/sites/{name}/backups", post(api::sites::backup))
         .route("/api/orgs/{org}/oidc-clients", post(oidc::register_client))
         .route("/api/me/usage", get(my_usage::usage_json))
+        .route("/console/billing", get(subscribe::page_of_billing))
+        .route(
+            "/console/billing/checkout",
+            post(subscribe::checkout_submit),
+        )
+        .route("/console/billing/cancel", post(subscribe::cancel_submit))
+        .route("/api/billing/tiers", get(api::billing::tiers))
+        .route(
+            "/api/me/subscription",
+            get(api::billing::subscription).delete(api::billing::cancel),
+        )
+        .route(
+            "/api/me/subscription/checkout",
+            post(api::billing::checkout),
+        )
         .route("/console/usage", get(my_usage::page))
         .route("/books", get(books::page))
         .route("/api/books", get(books::books_json))

@@ -24,11 +24,14 @@ pub mod local;
 pub mod my_usage;
 pub mod oidc;
 pub mod openapi;
+pub mod outbound;
 pub mod periods;
 pub mod platform;
 pub mod rs256;
 mod run;
 pub mod schema;
+pub mod stripe_api;
+pub mod subscribe;
 pub mod supervisor;
 pub mod tokens;
 pub mod web;
@@ -69,6 +72,8 @@ pub struct AppState {
     pub journal: Mutex<Journal>,
     pub billing: Mutex<Billing>,
     pub stripe: Option<Stripe>,
+    /// Stripe's API, when subscriptions go through Stripe Checkout.
+    pub stripe_api: Option<stripe_api::StripeApi>,
     pub tokens: Tokens,
     pub accounts: accounts::Accounts,
     pub engine: commons_engine::Engine,
@@ -100,6 +105,15 @@ pub enum ServeError {
 }
 
 impl AppState {
+    /// Where users reach the platform, without a trailing slash (empty
+    /// before the API listens).
+    pub fn public_base(&self) -> String {
+        self.public_url
+            .get()
+            .map(|u| u.trim_end_matches('/').to_string())
+            .unwrap_or_default()
+    }
+
     /// Opens every store under `home`.
     pub fn open(
         home: &Path,
@@ -119,12 +133,13 @@ impl AppState {
             meter: Mutex::new(
                 Meter::open(&layout.meter_db(), GRACE_MS).map_err(|e| err("meter", &e))?,
             ),
-            journal: Mutex::new(Journal::open(&layout.ledger_db()).map_err(|e| err("ledger", &e))?),
+            journal: Mutex::new(periods::journal(home, store).map_err(|e| err("ledger", &e))?),
             billing: Mutex::new(
                 Billing::open(&layout.billing_db(), tiers.unwrap_or_else(default_tiers))
                     .map_err(|e| err("billing", &e))?,
             ),
             stripe: stripe_secret.map(Stripe::new),
+            stripe_api: None,
             tokens: Tokens::new(home),
             accounts: accounts::Accounts::new(
                 store

@@ -69,6 +69,10 @@ impl Modify for Bearer {
         crate::books::books_json,
         crate::my_usage::usage_json,
         crate::books::export,
+        crate::api::billing::tiers,
+        crate::api::billing::subscription,
+        crate::api::billing::checkout,
+        crate::api::billing::cancel,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

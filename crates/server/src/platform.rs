@@ -30,7 +30,7 @@ use axum::Json;
 use serde::Deserialize;
 
 use commons_ledger::cents::Cents;
-use commons_ledger::payments::PaymentProvider;
+use commons_ledger::payments::{PaymentEvent, PaymentProvider};
 use commons_meter::{Event, Outcome};
 
 use crate::schema::Problem;
@@ -238,6 +238,36 @@ pub(crate) async fn stripe_webhook(
             )
         }
     };
+    // A payment is for an account of this platform: one for anyone else
+    // (a checkout it never started) is refused, and nothing is recorded.
+    let customer = match &event {
+        PaymentEvent::Paid { user, .. } | PaymentEvent::Refunded { user, .. } => Some(user),
+        PaymentEvent::Ignored { .. } => None,
+    };
+    if let Some(user) = customer {
+        match state.accounts.store().user(user) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Unknown customer",
+                    format!(
+                        "{} names user \"{user}\", who has no account here; nothing was recorded",
+                        event.event_id()
+                    ),
+                    None,
+                )
+            }
+            Err(e) => {
+                return problem(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Payment not recorded",
+                    e.to_string(),
+                    None,
+                )
+            }
+        }
+    }
     let state2 = state.clone();
     let handled = tokio::task::spawn_blocking(move || {
         let billing = state2.billing.lock().expect("billing lock");

@@ -51,6 +51,12 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
     )
     .map_err(|e| RunError::Failed(e.to_string()))?;
     state.trusted_proxies = settings.trusted_proxies.clone();
+    state.stripe_api = settings
+        .stripe_api
+        .clone()
+        .map(crate::stripe_api::StripeApi::new)
+        .transpose()
+        .map_err(RunError::Failed)?;
     bootstrap_admin(&home)?;
     let supervisor_engine = state
         .engine

@@ -8,6 +8,7 @@
 //! cursor of the following page (absent on the last).
 
 pub mod accounts;
+pub mod billing;
 pub mod orgs;
 pub mod sites;
 pub mod tokens;

@@ -6,6 +6,7 @@
 //! extracts a request, calls an operation and renders what it returns or
 //! its one error type, [`AppError`]. Nothing here knows of HTTP.
 
+pub mod billing;
 pub mod deploys;
 pub mod orgs;
 pub mod sites;

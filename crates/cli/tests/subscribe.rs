@@ -1,0 +1,419 @@
+//! Subscribing through Stripe Checkout, end to end over real HTTP: the
+//! platform calls a server written here that speaks Stripe's API shape
+//! (https://docs.stripe.com/api), which checks every request the way
+//! Stripe would, hands out a checkout session, and — when the test "pays"
+//! on its checkout page — sends the signed webhook back, as Stripe does.
+//! Nothing here reaches the internet.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use commons_ledger::payments::Stripe;
+use serde_json::{json, Value};
+
+const WEBHOOK_SECRET: &str = "whsec_subscribe_test_5c1d";
+const SECRET_KEY: &str = "sk_test_commons_7f3a";
+
+/// One request the platform sent to "Stripe".
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    path: String,
+    /// Lower-cased names.
+    headers: BTreeMap<String, String>,
+    /// The form-encoded body, decoded.
+    form: BTreeMap<String, String>,
+}
+
+/// A server speaking Stripe's API shape on 127.0.0.1.
+struct FakeStripe {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl FakeStripe {
+    /// `platform` is the API port the webhook goes back to.
+    fn start(platform: Arc<Mutex<u16>>) -> FakeStripe {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let sessions: Arc<Mutex<BTreeMap<String, BTreeMap<String, String>>>> = Arc::default();
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let method = parts.next().unwrap_or("").to_string();
+                let path = parts.next().unwrap_or("").to_string();
+                let mut headers = BTreeMap::new();
+                loop {
+                    let mut h = String::new();
+                    reader.read_line(&mut h).unwrap();
+                    let h = h.trim_end();
+                    if h.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':') {
+                        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    }
+                }
+                let len: usize = headers
+                    .get("content-length")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let form: BTreeMap<String, String> =
+                    serde_urlencoded::from_bytes(&body).unwrap_or_default();
+                let request = Seen {
+                    method,
+                    path,
+                    headers,
+                    form,
+                };
+                seen2.lock().unwrap().push(request.clone());
+                let (status, answer) = answer(&request, port, &sessions, &platform);
+                let body = answer.to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\nRequest-Id: req_{}\r\n\r\n{body}",
+                    body.len(),
+                    seen2.lock().unwrap().len()
+                );
+            }
+        });
+        FakeStripe { port, seen }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// What Stripe would answer: its error object for a request it would
+/// refuse, a session for a good one; a payment on the checkout page sends
+/// the signed `invoice.paid` webhook to the platform.
+fn answer(
+    r: &Seen,
+    port: u16,
+    sessions: &Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    platform: &Mutex<u16>,
+) -> (&'static str, Value) {
+    let error = |status, kind: &str, message: &str| {
+        (
+            status,
+            json!({ "error": { "type": kind, "message": message } }),
+        )
+    };
+    if let Some(session) = r.path.strip_prefix("/pay/") {
+        let Some(form) = sessions.lock().unwrap().get(session).cloned() else {
+            return error("404 Not Found", "invalid_request_error", "no such session");
+        };
+        let event = serde_json::to_vec(&json!({
+            "id": format!("evt_{session}"), "type": "invoice.paid",
+            "data": { "object": {
+                "id": format!("in_{session}"), "amount_paid": 500,
+                "subscription": format!("sub_{session}"),
+                "billing_reason": "subscription_create",
+                "charge": { "balance_transaction": { "fee": 45 } },
+                "subscription_details": { "metadata": {
+                    "user": form["subscription_data[metadata][user]"],
+                    "tier": form["subscription_data[metadata][tier]"],
+                } } } }
+        }))
+        .unwrap();
+        let now = commons_clock::now_secs() as i64;
+        let signature = Stripe::sign(WEBHOOK_SECRET, now, &event);
+        let (code, body) = http(
+            *platform.lock().unwrap(),
+            "POST",
+            "/api/payments/stripe/webhook",
+            &[("Stripe-Signature", &signature)],
+            &event,
+        )
+        .unwrap();
+        return ("200 OK", json!({ "webhook": code, "answer": body }));
+    }
+    // Authentication: the secret key as a bearer token.
+    if r.headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {SECRET_KEY}")) {
+        return error(
+            "401 Unauthorized",
+            "invalid_request_error",
+            "Invalid API Key provided",
+        );
+    }
+    if let Some(id) = r.path.strip_prefix("/v1/subscriptions/") {
+        return if r.method == "POST" && id.starts_with("sub_") {
+            (
+                "200 OK",
+                json!({ "id": id, "object": "subscription",
+                        "cancel_at_period_end": r.form.get("cancel_at_period_end") == Some(&"true".to_string()) }),
+            )
+        } else {
+            error(
+                "404 Not Found",
+                "invalid_request_error",
+                "No such subscription",
+            )
+        };
+    }
+    if r.method != "POST" || r.path != "/v1/checkout/sessions" {
+        return error(
+            "404 Not Found",
+            "invalid_request_error",
+            "Unrecognized request URL",
+        );
+    }
+    // Parameters are form-encoded.
+    if r.headers.get("content-type").map(String::as_str)
+        != Some("application/x-www-form-urlencoded")
+    {
+        return error(
+            "400 Bad Request",
+            "invalid_request_error",
+            "Invalid request: the body must be form-encoded",
+        );
+    }
+    let key = r
+        .headers
+        .get("idempotency-key")
+        .cloned()
+        .unwrap_or_default();
+    let id = format!("cs_test_{}", key.len() + sessions.lock().unwrap().len());
+    // The same idempotency key gets the same session back.
+    let existing = sessions
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, f)| f.get("idempotency-key") == Some(&key))
+        .map(|(id, _)| id.clone());
+    let id = existing.unwrap_or(id);
+    let mut form = r.form.clone();
+    form.insert("idempotency-key".into(), key);
+    sessions.lock().unwrap().insert(id.clone(), form);
+    (
+        "200 OK",
+        json!({
+            "id": id, "object": "checkout.session", "mode": "subscription",
+            "url": format!("http://127.0.0.1:{port}/pay/{id}"),
+        }),
+    )
+}
+
+#[test]
+fn a_user_subscribes_through_stripe_checkout_and_the_webhook_starts_it() {
+    let s = Sandbox::new("subscribe-checkout");
+    s.ok(&[
+        "ledger",
+        "bootstrap",
+        "--cash",
+        "100000",
+        "--tokens",
+        "100000",
+    ]);
+    let platform = Arc::new(Mutex::new(0u16));
+    let stripe = FakeStripe::start(platform.clone());
+    let base = format!("http://127.0.0.1:{}", stripe.port);
+    let server = s.serve(&[
+        ("COMMONS_STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+        ("COMMONS_STRIPE_SECRET_KEY", SECRET_KEY),
+        ("COMMONS_STRIPE_API_BASE", &base),
+        (
+            "COMMONS_STRIPE_PRICES",
+            "member=price_member_1,patron=price_patron_1",
+        ),
+    ]);
+    *platform.lock().unwrap() = server.port;
+    let ann = signup(server.port, "ann@example.org", "Ann");
+    let ann_id = ann["user"]["id"].as_str().unwrap().to_string();
+    let web = login(server.port, "ann@example.org", true);
+
+    // The tiers and their prices are public.
+    let (code, tiers) = Api::anonymous(server.port).get("/api/billing/tiers");
+    assert_eq!(code, 200, "{tiers}");
+    let prices: Vec<(String, u64)> = tiers["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["name"].as_str().unwrap().into(),
+                t["price"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        prices,
+        [
+            ("free".into(), 0),
+            ("member".into(), 500),
+            ("patron".into(), 2000)
+        ]
+    );
+
+    // Bad input is refused before anything reaches Stripe.
+    let checkout = "/api/me/subscription/checkout";
+    let (code, p) = web.post(checkout, json!({ "tier": "gold" }));
+    assert_eq!(code, 422, "{p}");
+    assert_eq!(p["title"], "Unknown tier");
+    assert!(p["detail"].as_str().unwrap().contains("member"), "{p}");
+    let (code, p) = web.post(checkout, json!({ "tier": "free" }));
+    assert_eq!(code, 422, "{p}");
+    assert!(stripe.seen().is_empty(), "{:?}", stripe.seen());
+
+    // Subscribe: one Checkout Session, made the way Stripe's API wants it.
+    let (code, session) = web.post(checkout, json!({ "tier": "member" }));
+    assert_eq!(code, 201, "{session}");
+    let url = session["url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&format!("{base}/pay/cs_test_")), "{url}");
+    let seen = stripe.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let r = &seen[0];
+    // Endpoint: POST /v1/checkout/sessions.
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str()),
+        ("POST", "/v1/checkout/sessions")
+    );
+    // Authentication: the secret key as a bearer token.
+    assert_eq!(r.headers["authorization"], format!("Bearer {SECRET_KEY}"));
+    // Versioning: the Stripe-Version header pins the API version.
+    assert_eq!(r.headers["stripe-version"], "2024-06-20");
+    // Idempotent requests: an Idempotency-Key header (Stripe: up to 255 characters).
+    let key = &r.headers["idempotency-key"];
+    assert!(!key.is_empty() && key.len() <= 255, "{key}");
+    // Parameters: application/x-www-form-urlencoded.
+    assert_eq!(
+        r.headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+    // mode, line_items[0][price], line_items[0][quantity].
+    assert_eq!(r.form["mode"], "subscription");
+    assert_eq!(r.form["line_items[0][price]"], "price_member_1");
+    assert_eq!(r.form["line_items[0][quantity]"], "1");
+    // client_reference_id and the subscription's metadata name the account.
+    assert_eq!(r.form["client_reference_id"], ann_id);
+    assert_eq!(r.form["subscription_data[metadata][user]"], ann_id);
+    assert_eq!(r.form["subscription_data[metadata][tier]"], "member");
+    // success_url and cancel_url come back to the console.
+    let console = format!("http://127.0.0.1:{}/console/billing", server.port);
+    assert_eq!(r.form["success_url"], format!("{console}?checkout=done"));
+    assert_eq!(
+        r.form["cancel_url"],
+        format!("{console}?checkout=cancelled")
+    );
+    // The secret key is in no answer the platform gives.
+    assert!(!session.to_string().contains(SECRET_KEY));
+
+    // A second click before paying is the same request to Stripe: same key, same session.
+    let (code, again) = web.post(checkout, json!({ "tier": "member" }));
+    assert_eq!(code, 201, "{again}");
+    assert_eq!(again["id"], session["id"]);
+    assert_eq!(stripe.seen()[1].headers["idempotency-key"], *key);
+
+    // Nothing is subscribed until Stripe says it was paid.
+    let (_, mine) = web.get("/api/me/subscription");
+    assert!(mine["subscription"].is_null(), "{mine}");
+
+    // Paying on the checkout page: Stripe sends the signed webhook back.
+    let pay = url.trim_start_matches(&base).to_string();
+    let (code, paid) = http(stripe.port, "POST", &pay, &[], b"").unwrap();
+    assert_eq!(code, 200, "{paid}");
+    let paid: Value = serde_json::from_str(&paid).unwrap();
+    assert_eq!(paid["webhook"], 200, "{paid}");
+    let (_, mine) = web.get("/api/me/subscription");
+    assert_eq!(mine["subscription"]["tier"], "member", "{mine}");
+    assert_eq!(mine["subscription"]["status"], "active", "{mine}");
+
+    // Subscribing twice is refused, and Stripe is not asked.
+    let before = stripe.seen().len();
+    let (code, p) = web.post(checkout, json!({ "tier": "patron" }));
+    assert_eq!(code, 409, "{p}");
+    assert_eq!(p["title"], "Already subscribed");
+    assert_eq!(stripe.seen().len(), before);
+
+    // Cancelling: Stripe's subscription stops at the period's end, then ours.
+    let (code, cancelled) = web.call("DELETE", "/api/me/subscription", None);
+    assert_eq!(code, 200, "{cancelled}");
+    assert_eq!(cancelled["subscription"]["status"], "canceled");
+    assert_eq!(cancelled["subscription"]["tier"], "member");
+    let r = stripe.seen().pop().unwrap();
+    let session_id = session["id"].as_str().unwrap();
+    // Endpoint: POST /v1/subscriptions/{id} (update a subscription).
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str()),
+        (
+            "POST",
+            format!("/v1/subscriptions/sub_{session_id}").as_str()
+        )
+    );
+    // cancel_at_period_end=true: the term paid for runs out.
+    assert_eq!(r.form["cancel_at_period_end"], "true");
+    assert_eq!(r.headers["authorization"], format!("Bearer {SECRET_KEY}"));
+    assert_eq!(r.headers["stripe-version"], "2024-06-20");
+    assert!(!r.headers["idempotency-key"].is_empty());
+    // The tier lasts to the term's end.
+    let reader_view = web.get("/api/me/subscription").1;
+    assert_eq!(reader_view["subscription"]["tier"], "member");
+    // Cancelling a cancelled subscription is refused, and Stripe is not asked.
+    let before = stripe.seen().len();
+    let (code, p) = web.call("DELETE", "/api/me/subscription", None);
+    assert_eq!(code, 409, "{p}");
+    assert_eq!(p["title"], "Already cancelled");
+    assert_eq!(stripe.seen().len(), before);
+
+    // The console shows the subscription; another user's console form goes to Stripe.
+    let (code, _, html) = web.raw("GET", "/console/billing", None);
+    assert_eq!(code, 200);
+    assert!(
+        html.contains("You subscribe to <strong>member</strong>"),
+        "{html}"
+    );
+    assert!(html.contains("does not renew"), "{html}");
+    signup(server.port, "bob@example.org", "Bob");
+    let bob = login(server.port, "bob@example.org", true);
+    let (_, _, html) = bob.raw("GET", "/console/billing", None);
+    assert!(html.contains("Subscribe to patron"), "{html}");
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let cookie = bob
+        .headers
+        .iter()
+        .find(|(k, _)| k == "Cookie")
+        .unwrap()
+        .1
+        .clone();
+    let (code, head, _) = http_with_head(
+        server.port,
+        "POST",
+        "/console/billing/checkout",
+        &[
+            ("Cookie", &cookie),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        format!("csrf={csrf}&tier=patron").as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(code, 303, "{head}");
+    let (location, _) = location_and_cookies(&head);
+    assert!(
+        location.starts_with(&format!("{base}/pay/cs_test_")),
+        "{location}"
+    );
+    let last = stripe.seen().pop().unwrap();
+    assert_eq!(last.form["subscription_data[metadata][tier]"], "patron");
+    assert_ne!(last.form["client_reference_id"], ann_id);
+}

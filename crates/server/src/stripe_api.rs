@@ -1,0 +1,177 @@
+//! Stripe's API, as the platform calls it: a hosted Checkout Session that
+//! subscribes a user to a tier. Every request follows Stripe's API
+//! reference — parameters form-encoded, the secret key as the bearer
+//! token, a pinned `Stripe-Version`, and an `Idempotency-Key` so a request
+//! sent twice makes one session. What Stripe answers comes back through
+//! the verified webhook (`platform::stripe_webhook`).
+
+use std::collections::BTreeMap;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+
+use commons_ledger::payments::{CheckoutRequest, PaymentProvider, Stripe};
+
+use crate::error::{AppError, ErrorKind};
+
+/// The API version every request pins: what the answers are read as.
+pub const API_VERSION: &str = "2024-06-20";
+
+/// How long Stripe gets to answer.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How the platform reaches Stripe.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StripeSettings {
+    /// The secret key (`sk_live_...`, `sk_test_...`).
+    pub secret_key: String,
+    /// `https://api.stripe.com`, or a server speaking its API.
+    pub api_base: String,
+    /// Each paid tier's Stripe price id.
+    pub prices: BTreeMap<String, String>,
+}
+
+/// The secret key is never printed.
+impl std::fmt::Debug for StripeSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StripeSettings")
+            .field("secret_key", &"<redacted>")
+            .field("api_base", &self.api_base)
+            .field("prices", &self.prices)
+            .finish()
+    }
+}
+
+/// A client of Stripe's API.
+pub struct StripeApi {
+    settings: StripeSettings,
+    http: hyper_util::client::legacy::Client<crate::outbound::Https, Full<Bytes>>,
+}
+
+/// A Checkout Session Stripe made: where to send the user.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckoutSession {
+    pub id: String,
+    pub url: String,
+}
+
+fn unavailable(detail: impl Into<String>) -> AppError {
+    AppError::new(
+        ErrorKind::Unavailable,
+        "The payment provider did not take the request",
+        detail,
+    )
+}
+
+impl StripeApi {
+    pub fn new(settings: StripeSettings) -> Result<StripeApi, String> {
+        Ok(StripeApi {
+            settings,
+            http: crate::outbound::https_client()?,
+        })
+    }
+
+    /// The Stripe price id of `tier`, if it has one.
+    pub fn price_of(&self, tier: &str) -> Option<&str> {
+        self.settings.prices.get(tier).map(String::as_str)
+    }
+
+    /// The request that makes a Checkout Session subscribing `user` to
+    /// `tier` at `price_id`.
+    pub fn checkout_request(
+        &self,
+        user: &str,
+        tier: &str,
+        price_id: &str,
+        success_url: &str,
+        cancel_url: &str,
+    ) -> CheckoutRequest {
+        let stripe = Stripe {
+            api_base: self.settings.api_base.trim_end_matches('/').to_string(),
+            ..Stripe::new(String::new())
+        };
+        stripe.checkout(user, tier, price_id, success_url, cancel_url)
+    }
+
+    /// Sends `request` and reads the session it made. `idempotency_key`
+    /// makes the same request sent again (a second click, a retry) the
+    /// same session.
+    pub async fn create_checkout_session(
+        &self,
+        request: &CheckoutRequest,
+        idempotency_key: &str,
+    ) -> Result<CheckoutSession, AppError> {
+        let v = self
+            .post_form(&request.url, &request.form, idempotency_key)
+            .await?;
+        match (v["id"].as_str(), v["url"].as_str()) {
+            (Some(id), Some(url)) => Ok(CheckoutSession {
+                id: id.to_string(),
+                url: url.to_string(),
+            }),
+            _ => Err(unavailable("Stripe's answer has no session id or url")),
+        }
+    }
+
+    /// Cancels subscription `id` at the end of the period paid for (what
+    /// the platform's own cancel does: the tier lasts to the term's end).
+    pub async fn cancel_at_period_end(&self, id: &str) -> Result<(), AppError> {
+        let url = format!(
+            "{}/v1/subscriptions/{}",
+            self.settings.api_base.trim_end_matches('/'),
+            crate::outbound::segment(id)
+        );
+        let form = [("cancel_at_period_end".to_string(), "true".to_string())];
+        self.post_form(&url, &form, &format!("cancel-{id}")).await?;
+        Ok(())
+    }
+
+    /// One POST of form-encoded parameters, as Stripe's API takes them;
+    /// a 2xx answer's JSON, or Stripe's own error message.
+    async fn post_form(
+        &self,
+        url: &str,
+        form: &[(String, String)],
+        idempotency_key: &str,
+    ) -> Result<serde_json::Value, AppError> {
+        let body = serde_urlencoded::to_string(form)
+            .map_err(|e| AppError::new(ErrorKind::Internal, "Request not made", e.to_string()))?;
+        let req = hyper::Request::post(url)
+            .header(
+                "authorization",
+                format!("Bearer {}", self.settings.secret_key),
+            )
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("stripe-version", API_VERSION)
+            .header("idempotency-key", idempotency_key)
+            .header(
+                "user-agent",
+                concat!("OneCommons/", env!("CARGO_PKG_VERSION")),
+            )
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| unavailable(format!("{url}: {e}")))?;
+        let res = tokio::time::timeout(ANSWER_WITHIN, self.http.request(req))
+            .await
+            .map_err(|_| {
+                unavailable(format!(
+                    "Stripe did not answer within {} s",
+                    ANSWER_WITHIN.as_secs()
+                ))
+            })?
+            .map_err(|e| unavailable(format!("Stripe could not be reached: {e}")))?;
+        let status = res.status();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| unavailable(format!("Stripe's answer was cut off: {e}")))?
+            .to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if !status.is_success() {
+            // Stripe's error object: what it says is meant for people.
+            let message = v["error"]["message"].as_str().unwrap_or("no message");
+            return Err(unavailable(format!("Stripe answered {status}: {message}")));
+        }
+        Ok(v)
+    }
+}
