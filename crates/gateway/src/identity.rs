@@ -168,21 +168,10 @@ pub fn verify(key: &VerifyingKey, jwt: &str, now_s: u64) -> Result<Claims, Ident
 
 /// Writes `bytes` to `path` atomically, readable only by the platform.
 pub(crate) fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    commons_files::write_durable(path, bytes)
 }
 
 #[cfg(test)]

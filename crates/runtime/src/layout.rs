@@ -3,7 +3,7 @@
 //! the daemon's files). Nothing else joins paths under the data directory;
 //! the table in ARCHITECTURE.md is this file, in prose.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The data directory and the places in it.
 #[derive(Debug, Clone)]
@@ -199,44 +199,5 @@ impl Layout {
     }
 }
 
-/// Writes `bytes` to `path` whole, readable only by its owner: a temporary
-/// file renamed over the old one, so a reader never sees half of it. For
-/// state rewritten often (what the gateway routes, crash loops); see
-/// [`write_durable`] for what must survive a crash.
-pub fn write_whole(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_private(path, bytes, false)
-}
-
-/// [`write_whole`], with the file on disk before it replaces the old one:
-/// for keys, tokens and sealed secrets, which a crash must not lose.
-pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_private(path, bytes, true)
-}
-
-fn write_private(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    if durable {
-        f.sync_all()?;
-    }
-    std::fs::rename(tmp, path)
-}
-
-/// Creates `dir` (and parents) readable only by its owner.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
+/// Files written whole and directories made private: see `commons_files`.
+pub use commons_files::{private_dir, write_durable, write_whole};
