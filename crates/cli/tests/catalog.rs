@@ -206,9 +206,11 @@ fn json_server_creates_and_reads_back_a_record() {
     assert_eq!(code, 200, "{body}");
     let read: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(read["text"], "hello from the commons");
-    // Kept in the site's data directory, so it survives a restart.
+    // Kept in the site's data directory, so it survives a restart
+    // (json-server writes its file after it has answered).
     let db = s.home.join("deployments/json-server/data/db.json");
-    assert!(std::fs::read_to_string(db)
-        .unwrap()
-        .contains("hello from the commons"));
+    let kept = wait_for(std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(&db).is_ok_and(|t| t.contains("hello from the commons"))
+    });
+    assert!(kept, "{} does not hold the record", db.display());
 }

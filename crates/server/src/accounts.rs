@@ -124,13 +124,6 @@ impl Principal {
     }
 }
 
-/// What an account operation can fail with; each maps to a problem document.
-fn problem(kind: ErrorKind, title: &'static str, detail: impl Into<String>) -> AppError {
-    AppError::new(kind, title, detail)
-}
-
-/// A valid organisation id or site name: lower-case letters, digits and
-/// dashes, starting with a letter, at most 40 characters.
 /// A name people read (of an account, organisation, token or application):
 /// 1 to 100 characters once trimmed.
 pub fn valid_display_name(name: &str) -> bool {
@@ -138,6 +131,8 @@ pub fn valid_display_name(name: &str) -> bool {
     !name.is_empty() && name.chars().count() <= 100
 }
 
+/// A valid organisation id or site name: lower-case letters, digits and
+/// dashes, starting with a letter, at most 40 characters.
 pub fn valid_slug(s: &str) -> bool {
     (1..=40).contains(&s.len())
         && s.starts_with(|c: char| c.is_ascii_lowercase())
@@ -179,7 +174,7 @@ impl Accounts {
     ) -> Result<(UserRow, OrgRow), AppError> {
         let email = email.trim().to_lowercase();
         let name = name.trim();
-        let bad = |detail: &str| problem(ErrorKind::Invalid, "Invalid sign-up", detail);
+        let bad = |detail: &str| AppError::new(ErrorKind::Invalid, "Invalid sign-up", detail);
         if !valid_email(&email) {
             return Err(bad("give an email address like ann@example.org"));
         }
@@ -210,7 +205,7 @@ impl Accounts {
             detail: serde_json::json!({ "email": email }),
         };
         if !self.store.create_user(&user, &audit)? {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Conflict,
                 "Email taken",
                 "an account with this email exists; log in instead",
@@ -258,14 +253,14 @@ impl Accounts {
         name: &str,
     ) -> Result<Option<OrgRow>, AppError> {
         if !valid_slug(id) {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Invalid,
                 "Invalid organisation id",
                 format!("\"{id}\" is not an id: use lower-case letters, digits and '-', starting with a letter"),
             ));
         }
         if !valid_display_name(name) {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Invalid,
                 "Invalid organisation name",
                 "give the organisation a name of 1 to 100 characters",
@@ -306,7 +301,7 @@ impl Accounts {
             if let Some(&(count, since)) = failures.get(&key) {
                 if count >= LOGIN_FAILURES && now - since < LOGIN_WINDOW_MS {
                     let wait_s = (LOGIN_WINDOW_MS - (now - since)) / 1000 + 1;
-                    return Err(problem(
+                    return Err(AppError::new(
                         ErrorKind::TooMany,
                         "Too many failed log-ins",
                         format!("try again in {wait_s} s, or reset your password"),
@@ -329,7 +324,7 @@ impl Accounts {
             failures.retain(|_, (_, since)| now - *since < LOGIN_WINDOW_MS);
             let entry = failures.entry(key).or_insert((0, now));
             entry.0 += 1;
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Unauthenticated,
                 "Log-in failed",
                 "the email or the password is wrong",
@@ -418,21 +413,21 @@ impl Accounts {
             .map(|r| r.role.as_str())
             .collect();
         if roles.is_empty() || m.token_org.as_deref().is_some_and(|o| o != org) {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::NotFound,
                 "No such organisation",
                 format!("you are not a member of \"{org}\" (or this token is not for it)"),
             ));
         }
         if !who.has_scope(action.scope()) {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Forbidden,
                 "Not allowed",
                 format!("this token lacks the scope {}", action.scope()),
             ));
         }
         if !roles.iter().any(|r| action.permitted_to(r)) {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Forbidden,
                 "Not allowed",
                 format!(
@@ -452,7 +447,7 @@ impl Accounts {
         scopes: &[String],
         org: Option<&str>,
     ) -> Result<(String, TokenRow), AppError> {
-        let bad = |d: String| problem(ErrorKind::Invalid, "Invalid token", d);
+        let bad = |d: String| AppError::new(ErrorKind::Invalid, "Invalid token", d);
         if scopes.is_empty() {
             return Err(bad(format!(
                 "give the token at least one scope: {}",
@@ -515,7 +510,7 @@ impl Accounts {
     ) -> Result<Vec<MemberRow>, AppError> {
         self.allow(who, org, Action::ManageMembers)?;
         if let Some(r) = roles.iter().find(|r| !ROLES.contains(&r.as_str())) {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Invalid,
                 "Invalid role",
                 format!("unknown role \"{r}\"; roles are {}", ROLES.join(", ")),
@@ -524,7 +519,7 @@ impl Accounts {
         // 422, not 404: the organisation addressed exists; what is wrong is
         // a name in the request.
         let Some(user) = self.store.user_by_email(&email.trim().to_lowercase())? else {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Invalid,
                 "No such user",
                 format!("no account has the email {email}; they sign up first"),
@@ -535,7 +530,7 @@ impl Accounts {
             .iter()
             .any(|m| m.role == "admin" && m.user_id != user.id);
         if !other_admins && !roles.iter().any(|r| r == "admin") {
-            return Err(problem(
+            return Err(AppError::new(
                 ErrorKind::Conflict,
                 "Last admin",
                 format!("\"{org}\" would have no admin left; make someone else admin first"),
