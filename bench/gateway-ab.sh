@@ -11,28 +11,14 @@
 # 127.0.0.1.
 set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: bash bench/gateway-ab.sh OLD_BINARY NEW_BINARY" >&2; exit 2; }
-OLD=$1; NEW=$2; REPS=${REPS:-5}; DURATION=${DURATION:-10}
+OLD=$(realpath "$1"); NEW=$(realpath "$2"); REPS=${REPS:-5}; DURATION=${DURATION:-10}
 NGINX=$(PATH="$PATH:/usr/sbin" command -v nginx) || { echo "needs nginx (apt-get install nginx-light wrk)" >&2; exit 1; }
 work=$(mktemp -d); export COMMONS_HOME="$work/home" COMMONS_DAEMON=off
 ulimit -n "$(ulimit -Hn)"
 hz=$(getconf CLK_TCK)
-mkdir -p "$work/site"
-cat > "$work/site/backend.conf.in" <<'CONF'
-worker_processes 1; daemon off; user root; master_process off;
-pid @DIR@/backend.pid; error_log @DIR@/backend.err;
-events { worker_connections 30000; }
-http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-  client_body_temp_path @DIR@; proxy_temp_path @DIR@; fastcgi_temp_path @DIR@; uwsgi_temp_path @DIR@; scgi_temp_path @DIR@;
-  server { listen 127.0.0.1:@PORT@ backlog=4096; location / { default_type text/plain; return 200 "hello from the backend\n"; } } }
-CONF
-cat > "$work/site/commons.yaml" <<YAML
-name: bench
-components:
-  backend:
-    process: "sed -e \"s/@PORT@/\$PORT/\" -e \"s#@DIR@#\$COMMONS_DATA_DIR#\" backend.conf.in > \$COMMONS_DATA_DIR/backend.conf && exec taskset -c 1 $NGINX -c \$COMMONS_DATA_DIR/backend.conf"
-    health: { http: "/", interval: 20ms }
-YAML
-"$NEW" deploy "$work/site" >/dev/null 2>&1
+cd "$(dirname "$0")/.."
+source bench/gateway-backend.sh
+deploy_backend "$NEW" "$work" "$NGINX" >/dev/null
 token=$("$NEW" token create bench-user --scope session 2>/dev/null)
 trap '"$NEW" destroy bench >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 measure() {

@@ -47,28 +47,8 @@ trap cleanup EXIT
 hz=$(getconf CLK_TCK)
 
 # The backend: a site whose process is an nginx worker on CPU 1.
-mkdir -p "$work/site"
-cat > "$work/site/backend.conf.in" <<'CONF'
-worker_processes 1; daemon off; user root; master_process off;
-pid @DIR@/backend.pid; error_log @DIR@/backend.err;
-events { worker_connections 30000; }
-http {
-  access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
-  client_body_temp_path @DIR@; proxy_temp_path @DIR@; fastcgi_temp_path @DIR@;
-  uwsgi_temp_path @DIR@; scgi_temp_path @DIR@;
-  server { listen 127.0.0.1:@PORT@ backlog=4096;
-    location / { default_type text/plain; return 200 "hello from the backend\n"; } }
-}
-CONF
-cat > "$work/site/commons.yaml" <<YAML
-name: bench
-components:
-  backend:
-    process: "sed -e \"s/@PORT@/\$PORT/\" -e \"s#@DIR@#\$COMMONS_DATA_DIR#\" backend.conf.in > \$COMMONS_DATA_DIR/backend.conf && exec taskset -c 1 $NGINX -c \$COMMONS_DATA_DIR/backend.conf"
-    health: { http: "/", interval: 20ms }
-YAML
-"$B" deploy "$work/site" >/dev/null 2>&1
-backend=$("$B" status bench --json | python3 -c 'import json,sys; print(next(c["port"] for c in json.load(sys.stdin)["components"] if c["name"]=="backend"))')
+source bench/gateway-backend.sh
+backend=$(deploy_backend "$B" "$work" "$NGINX")
 
 # nginx as the reverse proxy, on CPU 0.
 mkdir -p "$work/nginx"

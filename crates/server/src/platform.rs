@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -54,14 +54,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
         if parts.extensions.get::<local::LocalCaller>().is_some() {
             return Ok(Caller::Local);
         }
-        Ok(Caller::Bearer(
-            parts
-                .headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .map(|t| t.trim().to_string()),
-        ))
+        Ok(Caller::Bearer(crate::web::bearer(&parts.headers)))
     }
 }
 
