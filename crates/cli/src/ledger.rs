@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use commons_ledger::export;
 use commons_ledger::journal::{load_or_create_key, Journal};
+use commons_ledger::{export, proof};
 
 use crate::{output, Failure};
 
@@ -42,10 +42,23 @@ pub enum LedgerCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
-    /// Verify an export: replay every entry under the ledger's rules, check
-    /// every checkpoint's signature and root.
+    /// Prove a recipient's statement lines are in the signed journal: writes
+    /// each line with its audit path and a fresh checkpoint, which `commons
+    /// ledger verify` checks without the journal.
+    Prove {
+        /// operator:ID, provider:ID, project:ID or general-fund.
+        recipient: String,
+        /// Only this period (YYYY-MM).
+        #[arg(long)]
+        period: Option<String>,
+        /// Where to write [default: standard output]
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Verify an export (replay every entry under the ledger's rules, check
+    /// every checkpoint's signature and root) or the proofs `prove` wrote.
     Verify {
-        /// The export file.
+        /// The export or proof file.
         export: PathBuf,
         /// The custodian's public key (hex), obtained independently.
         #[arg(long)]
@@ -203,24 +216,55 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
             j.checkpoint(&key)
                 .map_err(|e| Failure::Failed(e.to_string()))?;
             let text = export::export(&mut j).map_err(|e| Failure::Failed(e.to_string()))?;
-            match path {
-                Some(p) => {
-                    std::fs::write(&p, text)
-                        .map_err(|e| Failure::Failed(format!("writing {}: {e}", p.display())))?;
-                    eprintln!(
-                        "{:>12} {} ({} entries)",
-                        "Exported",
-                        p.display(),
-                        j.tree().len()
-                    );
-                }
-                None => print!("{text}"),
+            let entries = j.tree().len();
+            write_out(path, &text, |p| {
+                format!("{:>12} {} ({entries} entries)", "Exported", p.display())
+            })?;
+            Ok(())
+        }
+        LedgerCommand::Prove {
+            recipient,
+            period,
+            output: path,
+        } => {
+            let Some(account) = commons_ledger::period::recipient_named(&recipient) else {
+                return Err(Failure::Input(format!(
+                    "\"{recipient}\" names no recipient: write operator:ID, provider:ID, project:ID or general-fund"
+                )));
+            };
+            let mut j = open(home)?;
+            let key =
+                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let cp = j
+                .checkpoint(&key)
+                .map_err(|e| Failure::Failed(e.to_string()))?;
+            let proofs = proof::statement_proofs(&mut j, &account, period.as_deref(), &cp)
+                .map_err(|e| Failure::Failed(e.to_string()))?;
+            if proofs.is_empty() {
+                return Err(Failure::Input(format!(
+                    "{recipient} has no statement lines{}",
+                    period.map(|p| format!(" in {p}")).unwrap_or_default()
+                )));
             }
+            let text = serde_json::to_string_pretty(&proofs).expect("json") + "\n";
+            write_out(path, &text, |p| {
+                format!(
+                    "{:>12} {} statement lines of {recipient} in {} entries, root {} ({})",
+                    "Proved",
+                    proofs.len(),
+                    cp.tree_size,
+                    cp.root,
+                    p.display()
+                )
+            })?;
             Ok(())
         }
         LedgerCommand::Verify { export: path, key } => {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| Failure::Input(format!("cannot read {}: {e}", path.display())))?;
+            if let Ok(proofs) = serde_json::from_str::<Vec<proof::InclusionProof>>(&text) {
+                return verify_proofs(&path, &proofs, key.trim(), json);
+            }
             match export::verify(&text, key.trim()) {
                 Ok(v) => {
                     if json {
@@ -246,4 +290,63 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
             }
         }
     }
+}
+
+/// Checks every proof in a file `commons ledger prove` wrote.
+fn verify_proofs(
+    path: &Path,
+    proofs: &[proof::InclusionProof],
+    key: &str,
+    json: bool,
+) -> Result<(), Failure> {
+    let mut lines = Vec::new();
+    for (n, p) in proofs.iter().enumerate() {
+        let line = p.check(key).map_err(|e| {
+            Failure::Failed(format!(
+                "{} does not verify: proof {n}: {e}",
+                path.display()
+            ))
+        })?;
+        lines.push(line);
+    }
+    if json {
+        output::json(&lines);
+    } else {
+        for l in &lines {
+            let site = if l.site.is_empty() {
+                "(general)"
+            } else {
+                &l.site
+            };
+            println!(
+                "{:8}  {:28}  {:24}  {:>12}  v{}",
+                l.period, l.recipient, site, l.amount, l.policy_version
+            );
+        }
+        eprintln!(
+            "{:>12} {}: {} statement lines included in signed checkpoints",
+            "Verified",
+            path.display(),
+            lines.len()
+        );
+    }
+    Ok(())
+}
+
+/// Writes `text` to `path` and says so on standard error (`done` words
+/// it), or prints it when there is no path.
+fn write_out(
+    path: Option<PathBuf>,
+    text: &str,
+    done: impl FnOnce(&Path) -> String,
+) -> Result<(), Failure> {
+    match path {
+        Some(p) => {
+            std::fs::write(&p, text)
+                .map_err(|e| Failure::Failed(format!("writing {}: {e}", p.display())))?;
+            eprintln!("{}", done(&p));
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
 }

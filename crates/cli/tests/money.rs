@@ -114,6 +114,42 @@ fn payment_usage_close_statement() {
     let export = s.dir.join("ledger.export");
     s.ok(&["ledger", "export", "-o", export.to_str().unwrap()]);
     s.ok(&["ledger", "verify", export.to_str().unwrap(), "--key", &key]);
+    // A statement line proven in a signed checkpoint, checked without the
+    // journal; a one-byte change to the proven line fails.
+    let proofs = s.dir.join("operator-O.proofs.json");
+    s.ok(&[
+        "ledger",
+        "prove",
+        "operator:O",
+        "--period",
+        period,
+        "-o",
+        proofs.to_str().unwrap(),
+    ]);
+    let proven = s
+        .ok(&[
+            "ledger",
+            "verify",
+            proofs.to_str().unwrap(),
+            "--key",
+            &key,
+            "--json",
+        ])
+        .json();
+    assert_eq!(proven[0]["amount"], 207);
+    assert_eq!(proven[0]["recipient"], "tokens:operator:O");
+    let text = std::fs::read_to_string(&proofs).unwrap();
+    let at = text
+        .find(r#"\"amount\":207"#)
+        .expect("the line's amount in the proof")
+        + 11;
+    let mut forged = text.into_bytes();
+    forged[at] = b'8';
+    std::fs::write(&proofs, forged).unwrap();
+    let bad = s.run(&["ledger", "verify", proofs.to_str().unwrap(), "--key", &key]);
+    assert_eq!(bad.code(), 1, "{}", bad.all());
+    assert!(bad.all().contains("not in the tree"), "{}", bad.all());
+    assert_eq!(s.run(&["ledger", "prove", "operator:nobody"]).code(), 2);
     let transfers = s
         .ok(&[
             "ledger",

@@ -111,6 +111,11 @@ impl Engine {
         })
     }
 
+    /// Where its state is kept.
+    pub fn store_config(&self) -> &StoreConfig {
+        &self.store_config
+    }
+
     /// Another engine over the same data directory and store, for a thread
     /// of its own (each has its own connection).
     pub fn reopen(&self) -> Result<Engine, EngineError> {

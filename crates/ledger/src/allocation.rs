@@ -124,6 +124,11 @@ pub struct Share {
     /// The site whose use earned it (none for the fee and the fund).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// The upstream project that passed it on (none when it came straight
+    /// from the site: the fee, the fund, providers, operators, the site's
+    /// own projects).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     pub policy_version: u32,
 }
 
@@ -201,23 +206,24 @@ pub fn allocate(
     }
     let version = p.version;
     let mut out = Vec::new();
-    let mut give = |recipient: Recipient, amount: u64, site: Option<&str>| {
+    let mut give = |recipient: Recipient, amount: u64, site: Option<&str>, via: Option<&str>| {
         if amount > 0 {
             out.push(Share {
                 recipient,
                 amount,
                 site: site.map(str::to_string),
+                via: via.map(str::to_string),
                 policy_version: version,
             });
         }
     };
-    give(Recipient::PaymentFee, fee, None);
+    give(Recipient::PaymentFee, fee, None, None);
     let (fund, rest) = split2(gross - fee, p.general_fund_bps);
-    give(Recipient::GeneralFund, fund, None);
+    give(Recipient::GeneralFund, fund, None, None);
     let weights: Vec<u64> = usage.iter().map(|u| u.usage).collect();
     let Some(site_parts) = largest_remainder(rest, &weights) else {
         // Used nothing: all of it funds the commons.
-        give(Recipient::GeneralFund, rest, None);
+        give(Recipient::GeneralFund, rest, None, None);
         return Ok(merge(out));
     };
     for (u, part) in usage.iter().zip(site_parts) {
@@ -227,7 +233,7 @@ pub fn allocate(
         match largest_remainder(to_providers, &provider_weights) {
             Some(parts) => {
                 for ((id, _), amount) in u.providers.iter().zip(parts) {
-                    give(Recipient::Provider(id.clone()), amount, site);
+                    give(Recipient::Provider(id.clone()), amount, site, None);
                 }
             }
             // No provider recorded (the operator ran it): the operator's.
@@ -235,13 +241,18 @@ pub fn allocate(
         }
         let project_weights: Vec<u64> = u.projects.iter().map(|(_, w)| *w).collect();
         if project_weights.iter().sum::<u64>() == 0 {
-            give(Recipient::Operator(u.operator.clone()), to_operator, site);
+            give(
+                Recipient::Operator(u.operator.clone()),
+                to_operator,
+                site,
+                None,
+            );
             continue;
         }
         let (to_projects, kept) = split2(to_operator, ctx.projects_bps(&u.operator, &u.projects));
-        give(Recipient::Operator(u.operator.clone()), kept, site);
-        for (project, amount) in walk(ctx, to_projects, &u.projects) {
-            give(Recipient::Project(project), amount, site);
+        give(Recipient::Operator(u.operator.clone()), kept, site, None);
+        for (project, amount, via) in walk(ctx, to_projects, &u.projects) {
+            give(Recipient::Project(project), amount, site, via);
         }
     }
     let out = merge(out);
@@ -270,35 +281,38 @@ fn merge(shares: Vec<Share>) -> Vec<Share> {
 /// share and forwards the rest to its dependencies not yet reached in this
 /// walk (so cycles end and diamonds pay a project once), to at most
 /// `max_depth` levels. What cannot be forwarded stays with the project.
-fn walk(ctx: &Context, amount: u64, direct: &[(String, u64)]) -> Vec<(String, u64)> {
+/// Returns (project, amount kept, the project it came through).
+fn walk<'a>(
+    ctx: &'a Context,
+    amount: u64,
+    direct: &'a [(String, u64)],
+) -> Vec<(String, u64, Option<&'a str>)> {
     let weights: Vec<u64> = direct.iter().map(|(_, w)| *w).collect();
     let parts = largest_remainder(amount, &weights).expect("caller checked the weights");
     let mut seen: HashSet<&str> = direct.iter().map(|(p, _)| p.as_str()).collect();
-    let mut queue: std::collections::VecDeque<(&str, u64, u32)> = direct
+    let mut queue: std::collections::VecDeque<(&str, u64, u32, Option<&str>)> = direct
         .iter()
         .zip(parts)
-        .map(|((p, _), a)| (p.as_str(), a, 1))
+        .map(|((p, _), a)| (p.as_str(), a, 1, None))
         .collect();
-    let mut kept: Vec<(String, u64)> = Vec::new();
-    let empty = Project::default();
-    while let Some((project, received, depth)) = queue.pop_front() {
-        let info = ctx.projects.get(project).unwrap_or(&empty);
-        let next: Vec<&(String, u64)> = info
-            .depends_on
+    let mut kept: Vec<(String, u64, Option<&str>)> = Vec::new();
+    while let Some((project, received, depth, via)) = queue.pop_front() {
+        let depends_on: &[(String, u64)] = ctx.projects.get(project).map_or(&[], |p| &p.depends_on);
+        let next: Vec<&(String, u64)> = depends_on
             .iter()
             .filter(|(d, w)| *w > 0 && !seen.contains(d.as_str()))
             .collect();
         if depth >= ctx.policy.max_depth || next.is_empty() || received == 0 {
-            kept.push((project.to_string(), received));
+            kept.push((project.to_string(), received, via));
             continue;
         }
         let (keep, forward) = split2(received, ctx.keep_bps(project));
-        kept.push((project.to_string(), keep));
+        kept.push((project.to_string(), keep, via));
         let w: Vec<u64> = next.iter().map(|(_, w)| *w).collect();
         let parts = largest_remainder(forward, &w).expect("positive weights");
         for ((dep, _), part) in next.into_iter().zip(parts) {
             seen.insert(dep.as_str());
-            queue.push_back((dep.as_str(), part, depth + 1));
+            queue.push_back((dep.as_str(), part, depth + 1, Some(project)));
         }
     }
     kept

@@ -88,6 +88,21 @@ pub enum BillingError {
     Invalid(String),
 }
 
+/// A payment as its payer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Payment {
+    pub payment_id: String,
+    /// Paid, in cents.
+    pub gross: u64,
+    /// Kept by the payment provider, in cents.
+    pub fee: u64,
+    /// CommonCents the rest bought, into the payer's escrow.
+    pub tokens: u64,
+    /// Returned to the payer, in cents.
+    pub refunded: u64,
+    pub paid_at_ms: i64,
+}
+
 /// What handling a payment event did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,6 +123,11 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     user TEXT PRIMARY KEY, tier TEXT NOT NULL, status TEXT NOT NULL,
     term_start_ms INTEGER NOT NULL, term_end_ms INTEGER NOT NULL, next_tier TEXT);
 CREATE TABLE IF NOT EXISTS payment_events (event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, handled_at_ms INTEGER NOT NULL);
+-- Each payment as the subscriber sees it: what they paid, the provider's fee, the tokens it bought.
+CREATE TABLE IF NOT EXISTS payments (
+    payment_id TEXT PRIMARY KEY, user TEXT NOT NULL, gross INTEGER NOT NULL, fee INTEGER NOT NULL,
+    tokens INTEGER NOT NULL, refunded INTEGER NOT NULL DEFAULT 0, paid_at_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS payments_user ON payments (user, paid_at_ms);
 -- The payment provider's subscription behind a user's, when there is one.
 CREATE TABLE IF NOT EXISTS provider_subscriptions (user TEXT PRIMARY KEY, subscription TEXT NOT NULL);
 ";
@@ -134,6 +154,32 @@ impl Billing {
                     .join(", "),
             )
         })
+    }
+
+    /// `user`'s payments made in `[from_ms, to_ms)`, oldest first.
+    pub fn payments(
+        &self,
+        user: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Payment>, BillingError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT payment_id, gross, fee, tokens, refunded, paid_at_ms FROM payments
+             WHERE user = ?1 AND paid_at_ms >= ?2 AND paid_at_ms < ?3 ORDER BY paid_at_ms, payment_id",
+        )?;
+        let rows = stmt
+            .query_map(params![user, from_ms, to_ms], |r| {
+                Ok(Payment {
+                    payment_id: r.get(0)?,
+                    gross: r.get::<_, i64>(1)? as u64,
+                    fee: r.get::<_, i64>(2)? as u64,
+                    tokens: r.get::<_, i64>(3)? as u64,
+                    refunded: r.get::<_, i64>(4)? as u64,
+                    paid_at_ms: r.get(5)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     pub fn subscription(&self, user: &str) -> Result<Option<Subscription>, BillingError> {
@@ -303,7 +349,19 @@ impl Billing {
                 }
                 // The ledger write is idempotent by payment id, so a crash
                 // before the event is marked only repeats a no-op.
-                cents.record_payment(payment_id, user, *gross, *fee)?;
+                let minted = cents.record_payment(payment_id, user, *gross, *fee)?;
+                self.conn.execute(
+                    "INSERT INTO payments (payment_id, user, gross, fee, tokens, paid_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (payment_id) DO NOTHING",
+                    params![
+                        payment_id,
+                        user,
+                        *gross as i64,
+                        *fee as i64,
+                        minted.tokens as i64,
+                        now_ms
+                    ],
+                )?;
                 let s = match self.subscription(user)? {
                     // A renewal (or a prorated upgrade) of a running term.
                     Some(mut s) if s.status != "lapsed" && now_ms < s.term_end_ms + TERM_MS => {
@@ -335,6 +393,10 @@ impl Billing {
                 ..
             } => {
                 cents.refund(payment_id, user, *amount)?;
+                self.conn.execute(
+                    "UPDATE payments SET refunded = refunded + ?2 WHERE payment_id = ?1",
+                    params![payment_id, *amount as i64],
+                )?;
                 if let Some(mut s) = self.subscription(user)? {
                     s.status = "lapsed".into();
                     self.put(&s)?;

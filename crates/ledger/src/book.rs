@@ -148,9 +148,39 @@ pub enum PendingStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Entry {
-    Account { account: Account },
-    Transfer { transfer: Transfer, timestamp: u64 },
-    Expire { pending_id: u64, timestamp: u64 },
+    Account {
+        account: Account,
+    },
+    Transfer {
+        transfer: Transfer,
+        timestamp: u64,
+    },
+    Expire {
+        pending_id: u64,
+        timestamp: u64,
+    },
+    /// A statement line, committed here so that whoever holds it can prove
+    /// it is covered by a signed checkpoint. Moves no money: the transfers
+    /// of the same batch do.
+    Statement {
+        statement: Statement,
+    },
+}
+
+/// Part of what a recipient is owed for a period, from one site's use,
+/// under one policy version (one batch of subscribers' allocations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Statement {
+    pub period: String,
+    /// The recipient's account name (`tokens:operator:acme`).
+    pub recipient: String,
+    /// Empty for the general fund's part.
+    pub site: String,
+    pub policy_version: u32,
+    pub amount: u64,
+    /// How many subscribers' use it came from (never who).
+    pub subscribers: u64,
 }
 
 impl Entry {
@@ -591,6 +621,7 @@ impl Book {
                 self.release(*pending_id);
                 Ok(())
             }
+            Entry::Statement { .. } => Ok(()),
         }
     }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::{Accepted, Account, Book, Entry, Refusal, Transfer};
 use crate::merkle::{self, Hash, Tree};
-use crate::store::{Side, SqliteStore, StatementLine, Store};
+use crate::store::{Side, SqliteStore, StatementLine, Store, SubscriberShare};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -242,19 +242,36 @@ impl Journal {
 
     /// Stores `entries` in one transaction; on failure the book is rolled back
     /// to `mark`, so memory never shows what the store does not hold.
+    ///
+    /// Statement lines among `side` are committed as entries after the
+    /// batch's own, each told the sequence number it got.
     fn persist(
         &mut self,
         mark: usize,
-        entries: Vec<Entry>,
+        mut entries: Vec<Entry>,
         side: &[Side],
     ) -> Result<(), JournalError> {
         if entries.is_empty() && side.is_empty() {
             self.book.commit();
             return Ok(());
         }
+        let mut side = std::borrow::Cow::Borrowed(side);
+        if side.iter().any(|s| matches!(s, Side::Statement { .. })) {
+            for s in side.to_mut() {
+                if let Side::Statement { statement, seq } = s {
+                    *seq = self.tree.len() + entries.len() as u64;
+                    entries.push(Entry::Statement {
+                        statement: statement.clone(),
+                    });
+                }
+            }
+        }
         let bytes: Vec<Vec<u8>> = entries.iter().map(Entry::bytes).collect();
         let fail_after = self.fail_after.take();
-        if let Err(e) = self.store.append(self.tree.len(), &bytes, side, fail_after) {
+        if let Err(e) = self
+            .store
+            .append(self.tree.len(), &bytes, &side, fail_after)
+        {
             self.book.rollback(mark);
             return Err(e);
         }
@@ -289,6 +306,39 @@ impl Journal {
         period: Option<&str>,
     ) -> Result<Vec<StatementLine>, JournalError> {
         self.store.statement(recipient, period)
+    }
+
+    /// The journal entries that commit a recipient's statement lines.
+    pub fn statement_entries(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<u64>, JournalError> {
+        self.store.statement_entries(recipient, period)
+    }
+
+    /// One entry's exact bytes, as hashed into the tree.
+    pub fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        self.store.entry(seq)
+    }
+
+    /// A subscriber's private shares: where their tokens went.
+    pub fn shares(
+        &mut self,
+        subscriber: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<SubscriberShare>, JournalError> {
+        self.store.shares(subscriber, period)
+    }
+
+    /// Every period's statements summed per recipient: (period, account, amount).
+    pub fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError> {
+        self.store.totals()
+    }
+
+    /// Erases a subscriber's private shares; returns how many rows went.
+    pub fn forget(&mut self, subscriber: &str) -> Result<u64, JournalError> {
+        self.store.forget(subscriber)
     }
 
     /// Per recipient of a period: (account, owed, paid so far).

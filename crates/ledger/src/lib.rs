@@ -5,7 +5,8 @@
 //!   machine over journal entries.
 //! - [`journal`]: the entries on disk (SQLite, one fsync per batch), their
 //!   RFC 6962 Merkle tree ([`merkle`]) and signed checkpoints.
-//! - [`export`]: an export anyone can verify offline.
+//! - [`export`]: an export anyone can verify offline; [`proof`]: a
+//!   statement line's inclusion in a signed checkpoint, checked without it.
 //! - [`allocation`]: splitting a subscriber's payment exactly, by the
 //!   largest-remainder method, down to upstream projects.
 
@@ -21,7 +22,8 @@ pub mod journal;
 pub mod merkle;
 pub mod payments;
 pub mod period;
+pub mod proof;
 pub mod store;
 
-pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Transfer};
+pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Statement, Transfer};
 pub use journal::{Checkpoint, Journal, JournalError};

@@ -11,11 +11,11 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::allocation::{allocate, largest_remainder, Context, Recipient, SiteUsage};
-use crate::book::Transfer;
+use crate::book::{Statement, Transfer};
 use crate::cents::{account_id, code, recipient_account, transfer_id, Cents, CentsError, TOKENS};
 use crate::journal::{now_ns, Journal, JournalError};
 use crate::store::Side;
-pub use crate::store::StatementLine;
+pub use crate::store::{StatementLine, SubscriberShare};
 
 /// Per user: the sites they used in a period and how much (meter's `usage_by_user`).
 pub type Usage = HashMap<String, Vec<(String, u64)>>;
@@ -164,6 +164,7 @@ pub fn close_period(
     let mut unknown: std::collections::BTreeSet<String> = Default::default();
     let mut batch: Vec<Transfer> = Vec::new();
     let mut lines: Lines = HashMap::new();
+    let mut private: Vec<Side> = Vec::new();
     let version = ctx.policy.version;
     for (user, held) in escrows {
         let marker = transfer_id(&["close", period, &user]);
@@ -191,12 +192,18 @@ pub fn close_period(
             .collect();
         let shares = allocate(ctx, held, 0, &sites)?;
         for s in &shares {
-            let line = lines
-                .entry((
-                    recipient_account(&s.recipient),
-                    s.site.clone().unwrap_or_default(),
-                ))
-                .or_default();
+            let recipient = recipient_account(&s.recipient);
+            let site = s.site.clone().unwrap_or_default();
+            // The subscriber's own record, summed into the public line.
+            private.push(Side::Share(SubscriberShare {
+                period: period.into(),
+                subscriber: user.clone(),
+                recipient: recipient.clone(),
+                site: site.clone(),
+                via: s.via.clone().unwrap_or_default(),
+                amount: s.amount,
+            }));
+            let line = lines.entry((recipient, site)).or_default();
             line.0 += s.amount;
             line.1 += 1;
         }
@@ -210,10 +217,10 @@ pub fn close_period(
         closed.tokens_allocated += held;
         closed.shares += shares.len();
         if batch.len() >= BATCH {
-            submit(cents, &mut batch, period, version, &mut lines)?;
+            submit(cents, &mut batch, period, version, &mut lines, &mut private)?;
         }
     }
-    submit(cents, &mut batch, period, version, &mut lines)?;
+    submit(cents, &mut batch, period, version, &mut lines, &mut private)?;
 
     // Pay every recipient what its statements say and it has not had yet,
     // with the record of what was paid, in one transaction.
@@ -294,30 +301,38 @@ fn apply(cents: &mut Cents<'_>, batch: &[Transfer], side: &[Side]) -> Result<(),
     }
 }
 
-/// Stores a batch of subscribers' transfers with their statement lines.
+/// Stores a batch of subscribers' transfers with their statement lines
+/// (committed in the journal, in a fixed order) and their private shares.
 fn submit(
     cents: &mut Cents<'_>,
     batch: &mut Vec<Transfer>,
     period: &str,
     version: u32,
     lines: &mut Lines,
+    private: &mut Vec<Side>,
 ) -> Result<(), CentsError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let side: Vec<Side> = std::mem::take(lines)
+    let mut lines: Vec<_> = std::mem::take(lines).into_iter().collect();
+    lines.sort();
+    let mut side: Vec<Side> = lines
         .into_iter()
         .map(
             |((recipient, site), (amount, subscribers))| Side::Statement {
-                period: period.into(),
-                recipient,
-                site,
-                policy_version: version,
-                amount,
-                subscribers,
+                statement: Statement {
+                    period: period.into(),
+                    recipient,
+                    site,
+                    policy_version: version,
+                    amount,
+                    subscribers,
+                },
+                seq: 0,
             },
         )
         .collect();
+    side.append(private);
     apply(cents, batch, &side)?;
     batch.clear();
     Ok(())

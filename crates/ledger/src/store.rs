@@ -7,26 +7,39 @@ use std::path::Path;
 
 use rusqlite::params;
 
+use crate::book::Statement;
 use crate::journal::{Checkpoint, JournalError};
 
 /// A record written in the same transaction as a batch of entries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Side {
-    /// Adds to a statement line.
-    Statement {
-        period: String,
-        recipient: String,
-        site: String,
-        policy_version: u32,
-        amount: u64,
-        subscribers: u64,
-    },
+    /// Adds to a statement line; `seq` is the journal entry that commits
+    /// it (the journal sets it when it appends that entry).
+    Statement { statement: Statement, seq: u64 },
     /// Adds to what a recipient has been paid for a period.
     Payout {
         period: String,
         recipient: String,
         paid: u64,
     },
+    /// One part of one subscriber's allocation: private to them (never
+    /// exported), summed into the statement lines of the same batch.
+    Share(SubscriberShare),
+}
+
+/// What one subscriber's tokens for a period paid to one recipient
+/// through one site: "where my money went".
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SubscriberShare {
+    pub period: String,
+    pub subscriber: String,
+    /// The recipient's account name (`tokens:project:example.org/lib`).
+    pub recipient: String,
+    /// Empty for the general fund's part.
+    pub site: String,
+    /// The project that passed it on (empty when it came from the site).
+    pub via: String,
+    pub amount: u64,
 }
 
 /// A line of a recipient's statement, as stored.
@@ -64,6 +77,25 @@ pub trait Store: Send {
     ) -> Result<Vec<StatementLine>, JournalError>;
     /// Per recipient of a period: (account, owed by the statements, paid so far).
     fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError>;
+    /// The journal entries that commit a recipient's statement lines.
+    fn statement_entries(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<u64>, JournalError>;
+    /// One entry's exact bytes.
+    fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError>;
+    /// A subscriber's shares, by period.
+    fn shares(
+        &mut self,
+        subscriber: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<SubscriberShare>, JournalError>;
+    /// Every period's statements summed per recipient: (period, account, amount).
+    fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError>;
+    /// Deletes a subscriber's private shares (their account is erased; the
+    /// statements keep only counts and sums).
+    fn forget(&mut self, subscriber: &str) -> Result<u64, JournalError>;
 }
 
 const SQLITE_SCHEMA: &str = "
@@ -78,6 +110,13 @@ CREATE TABLE IF NOT EXISTS statements (
 CREATE TABLE IF NOT EXISTS period_payouts (
     period TEXT NOT NULL, recipient TEXT NOT NULL, paid INTEGER NOT NULL,
     PRIMARY KEY (period, recipient)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS statement_entries (
+    seq BIGINT PRIMARY KEY, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS statement_entries_recipient ON statement_entries (recipient, period);
+CREATE TABLE IF NOT EXISTS subscriber_shares (
+    subscriber TEXT NOT NULL, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL,
+    via TEXT NOT NULL, amount BIGINT NOT NULL,
+    PRIMARY KEY (subscriber, period, recipient, site));
 ";
 
 const STATEMENT_SQL: &str =
@@ -86,6 +125,27 @@ const STATEMENT_SQL: &str =
 const OWED_SQL: &str = "SELECT s.recipient, CAST(SUM(s.amount) AS BIGINT),
        COALESCE((SELECT paid FROM period_payouts p WHERE p.period = $1 AND p.recipient = s.recipient), 0)
      FROM statements s WHERE s.period = $1 GROUP BY s.recipient ORDER BY s.recipient";
+const STATEMENT_ENTRIES_SQL: &str = "SELECT seq FROM statement_entries
+     WHERE recipient = $1 AND ($2::text IS NULL OR period = $2) ORDER BY seq";
+const SHARES_SQL: &str = "SELECT period, recipient, site, via, amount FROM subscriber_shares
+     WHERE subscriber = $1 AND ($2::text IS NULL OR period = $2) ORDER BY period, site, recipient";
+const TOTALS_SQL: &str = "SELECT period, recipient, CAST(SUM(amount) AS BIGINT) FROM statements
+     GROUP BY period, recipient ORDER BY period, recipient";
+const INSERT_STATEMENT_SQL: &str = "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
+       amount = statements.amount + excluded.amount, subscribers = statements.subscribers + excluded.subscribers";
+const INSERT_PAYOUT_SQL: &str =
+    "INSERT INTO period_payouts (period, recipient, paid) VALUES ($1, $2, $3)
+     ON CONFLICT (period, recipient) DO UPDATE SET paid = period_payouts.paid + excluded.paid";
+const INSERT_STATEMENT_ENTRY_SQL: &str =
+    "INSERT INTO statement_entries (seq, period, recipient, site) VALUES ($1, $2, $3, $4)";
+const INSERT_SHARE_SQL: &str = "INSERT INTO subscriber_shares (subscriber, period, recipient, site, via, amount) VALUES ($1, $2, $3, $4, $5, $6)
+     ON CONFLICT (subscriber, period, recipient, site) DO UPDATE SET amount = subscriber_shares.amount + excluded.amount";
+
+/// SQLite spells PostgreSQL's `$n` placeholders `?n` and has no `::text` casts.
+fn sqlite_sql(sql: &str) -> String {
+    sql.replace("$2::text", "?2").replace('$', "?")
+}
 
 /// The embedded store: one SQLite file in WAL mode, fsynced at every commit.
 pub struct SqliteStore {
@@ -153,32 +213,26 @@ impl Store for SqliteStore {
                 }
                 insert.execute(params![(start + i as u64) as i64, b])?;
             }
-            let mut statement = tx.prepare_cached(
-                "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
-                   amount = amount + excluded.amount, subscribers = subscribers + excluded.subscribers",
-            )?;
-            let mut payout = tx.prepare_cached(
-                "INSERT INTO period_payouts (period, recipient, paid) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (period, recipient) DO UPDATE SET paid = paid + excluded.paid",
-            )?;
+            let mut statement = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_SQL))?;
+            let mut statement_entry = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_ENTRY_SQL))?;
+            let mut payout = tx.prepare_cached(&sqlite_sql(INSERT_PAYOUT_SQL))?;
+            let mut share = tx.prepare_cached(&sqlite_sql(INSERT_SHARE_SQL))?;
             for s in side {
                 match s {
-                    Side::Statement {
-                        period,
-                        recipient,
-                        site,
-                        policy_version,
-                        amount,
-                        subscribers,
-                    } => {
+                    Side::Statement { statement: l, seq } => {
                         statement.execute(params![
-                            period,
-                            recipient,
-                            site,
-                            policy_version,
-                            *amount as i64,
-                            *subscribers as i64
+                            l.period,
+                            l.recipient,
+                            l.site,
+                            l.policy_version,
+                            l.amount as i64,
+                            l.subscribers as i64
+                        ])?;
+                        statement_entry.execute(params![
+                            *seq as i64,
+                            l.period,
+                            l.recipient,
+                            l.site
                         ])?;
                     }
                     Side::Payout {
@@ -187,6 +241,16 @@ impl Store for SqliteStore {
                         paid,
                     } => {
                         payout.execute(params![period, recipient, *paid as i64])?;
+                    }
+                    Side::Share(x) => {
+                        share.execute(params![
+                            x.subscriber,
+                            x.period,
+                            x.recipient,
+                            x.site,
+                            x.via,
+                            x.amount as i64
+                        ])?;
                     }
                 }
             }
@@ -226,8 +290,7 @@ impl Store for SqliteStore {
         recipient: &str,
         period: Option<&str>,
     ) -> Result<Vec<StatementLine>, JournalError> {
-        let sql = STATEMENT_SQL.replace("$2::text", "?2").replace('$', "?");
-        let mut stmt = self.conn.prepare(&sql)?;
+        let mut stmt = self.conn.prepare(&sqlite_sql(STATEMENT_SQL))?;
         let rows = stmt
             .query_map(params![recipient, period], |r| {
                 Ok(StatementLine {
@@ -243,7 +306,7 @@ impl Store for SqliteStore {
     }
 
     fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
-        let mut stmt = self.conn.prepare(&OWED_SQL.replace('$', "?"))?;
+        let mut stmt = self.conn.prepare(&sqlite_sql(OWED_SQL))?;
         let rows = stmt
             .query_map([period], |r| {
                 Ok((
@@ -254,6 +317,77 @@ impl Store for SqliteStore {
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+
+    fn statement_entries(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<u64>, JournalError> {
+        let mut stmt = self.conn.prepare(&sqlite_sql(STATEMENT_ENTRIES_SQL))?;
+        let rows = stmt
+            .query_map(params![recipient, period], |r| {
+                Ok(r.get::<_, i64>(0)? as u64)
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT entry FROM journal WHERE seq = ?1")?;
+        let mut rows = stmt.query([seq as i64])?;
+        match rows.next()? {
+            None => Ok(None),
+            Some(row) => Ok(Some(
+                row.get_ref(0)?
+                    .as_bytes()
+                    .map_err(|e| JournalError::Malformed {
+                        seq,
+                        message: e.to_string(),
+                    })?
+                    .to_vec(),
+            )),
+        }
+    }
+
+    fn shares(
+        &mut self,
+        subscriber: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<SubscriberShare>, JournalError> {
+        let mut stmt = self.conn.prepare(&sqlite_sql(SHARES_SQL))?;
+        let rows = stmt
+            .query_map(params![subscriber, period], |r| {
+                Ok(SubscriberShare {
+                    period: r.get(0)?,
+                    subscriber: subscriber.to_string(),
+                    recipient: r.get(1)?,
+                    site: r.get(2)?,
+                    via: r.get(3)?,
+                    amount: r.get::<_, i64>(4)? as u64,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError> {
+        let mut stmt = self.conn.prepare(TOTALS_SQL)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn forget(&mut self, subscriber: &str) -> Result<u64, JournalError> {
+        Ok(self.conn.execute(
+            "DELETE FROM subscriber_shares WHERE subscriber = ?1",
+            [subscriber],
+        )? as u64)
     }
 }
 
@@ -269,6 +403,13 @@ CREATE TABLE IF NOT EXISTS statements (
 CREATE TABLE IF NOT EXISTS period_payouts (
     period TEXT NOT NULL, recipient TEXT NOT NULL, paid BIGINT NOT NULL,
     PRIMARY KEY (period, recipient));
+CREATE TABLE IF NOT EXISTS statement_entries (
+    seq BIGINT PRIMARY KEY, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS statement_entries_recipient ON statement_entries (recipient, period);
+CREATE TABLE IF NOT EXISTS subscriber_shares (
+    subscriber TEXT NOT NULL, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL,
+    via TEXT NOT NULL, amount BIGINT NOT NULL,
+    PRIMARY KEY (subscriber, period, recipient, site));
 ";
 
 /// The scale-out store: PostgreSQL, one transaction per batch (committed
@@ -346,19 +487,22 @@ impl Store for PgStore {
         }
         for s in side {
             match s {
-                Side::Statement {
-                    period,
-                    recipient,
-                    site,
-                    policy_version,
-                    amount,
-                    subscribers,
-                } => {
+                Side::Statement { statement: l, seq } => {
                     tx.execute(
-                        "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (period, recipient, site, policy_version) DO UPDATE SET
-                           amount = statements.amount + excluded.amount, subscribers = statements.subscribers + excluded.subscribers",
-                        &[period, recipient, site, &(*policy_version as i32), &(*amount as i64), &(*subscribers as i64)],
+                        INSERT_STATEMENT_SQL,
+                        &[
+                            &l.period,
+                            &l.recipient,
+                            &l.site,
+                            &(l.policy_version as i32),
+                            &(l.amount as i64),
+                            &(l.subscribers as i64),
+                        ],
+                    )
+                    .map_err(pg)?;
+                    tx.execute(
+                        INSERT_STATEMENT_ENTRY_SQL,
+                        &[&(*seq as i64), &l.period, &l.recipient, &l.site],
                     )
                     .map_err(pg)?;
                 }
@@ -367,10 +511,20 @@ impl Store for PgStore {
                     recipient,
                     paid,
                 } => {
+                    tx.execute(INSERT_PAYOUT_SQL, &[period, recipient, &(*paid as i64)])
+                        .map_err(pg)?;
+                }
+                Side::Share(x) => {
                     tx.execute(
-                        "INSERT INTO period_payouts (period, recipient, paid) VALUES ($1, $2, $3)
-                         ON CONFLICT (period, recipient) DO UPDATE SET paid = period_payouts.paid + excluded.paid",
-                        &[period, recipient, &(*paid as i64)],
+                        INSERT_SHARE_SQL,
+                        &[
+                            &x.subscriber,
+                            &x.period,
+                            &x.recipient,
+                            &x.site,
+                            &x.via,
+                            &(x.amount as i64),
+                        ],
                     )
                     .map_err(pg)?;
                 }
@@ -440,5 +594,64 @@ impl Store for PgStore {
                 )
             })
             .collect())
+    }
+
+    fn statement_entries(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<u64>, JournalError> {
+        let rows = self
+            .client
+            .query(STATEMENT_ENTRIES_SQL, &[&recipient, &period])
+            .map_err(pg)?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+    }
+
+    fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        let row = self
+            .client
+            .query_opt("SELECT entry FROM journal WHERE seq = $1", &[&(seq as i64)])
+            .map_err(pg)?;
+        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    fn shares(
+        &mut self,
+        subscriber: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<SubscriberShare>, JournalError> {
+        let rows = self
+            .client
+            .query(SHARES_SQL, &[&subscriber, &period])
+            .map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| SubscriberShare {
+                period: r.get(0),
+                subscriber: subscriber.to_string(),
+                recipient: r.get(1),
+                site: r.get(2),
+                via: r.get(3),
+                amount: r.get::<_, i64>(4) as u64,
+            })
+            .collect())
+    }
+
+    fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError> {
+        let rows = self.client.query(TOTALS_SQL, &[]).map_err(pg)?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2) as u64))
+            .collect())
+    }
+
+    fn forget(&mut self, subscriber: &str) -> Result<u64, JournalError> {
+        self.client
+            .execute(
+                "DELETE FROM subscriber_shares WHERE subscriber = $1",
+                &[&subscriber],
+            )
+            .map_err(pg)
     }
 }

@@ -105,6 +105,56 @@ fn mint_allocate_redeem() {
         ),
         ("S", 207, 1, 1)
     );
+    // Alice's own record of the same close: the same figures, summing to
+    // what she paid in, each upstream project with the one it came through.
+    let mine = c.journal.shares("alice", Some("2026-11")).unwrap();
+    assert_eq!(mine.iter().map(|s| s.amount).sum::<u64>(), 470);
+    let via = |r: &str| {
+        mine.iter()
+            .find(|s| s.recipient == r)
+            .map(|s| (s.amount, s.via.clone()))
+    };
+    assert_eq!(via("tokens:operator:O"), Some((207, String::new())));
+    assert_eq!(via("tokens:project:A"), Some((45, String::new())));
+    assert_eq!(via("tokens:project:B"), Some((44, "A".to_string())));
+
+    // The operator's line is proven in a signed checkpoint; a one-byte
+    // change to the line, or to its proof, fails.
+    let key = commons_ledger::journal::load_or_create_key(&dir.join("custodian.key")).unwrap();
+    let cp = c.journal.checkpoint(&key).unwrap();
+    let proofs = commons_ledger::proof::statement_proofs(
+        c.journal,
+        &recipient_account(&Recipient::Operator("O".into())),
+        Some("2026-11"),
+        &cp,
+    )
+    .unwrap();
+    assert_eq!(proofs.len(), 1);
+    let line = proofs[0].check(&cp.public_key).unwrap();
+    assert_eq!((line.site.as_str(), line.amount), ("S", 207));
+    let mut forged = proofs[0].clone();
+    forged.entry = forged.entry.replace("207", "208");
+    assert!(forged
+        .check(&cp.public_key)
+        .unwrap_err()
+        .contains("not in the tree"));
+    let mut forged = proofs[0].clone();
+    let last = forged.path.last_mut().unwrap();
+    last.replace_range(0..1, if last.starts_with('0') { "1" } else { "0" });
+    assert!(forged.check(&cp.public_key).is_err());
+    let mut forged = proofs[0].clone();
+    forged.index ^= 1;
+    assert!(forged.check(&cp.public_key).is_err());
+    let other = commons_ledger::journal::load_or_create_key(&dir.join("other.key")).unwrap();
+    assert!(
+        proofs[0]
+            .check(&commons_ledger::hex::encode(
+                other.verifying_key().as_bytes()
+            ))
+            .unwrap_err()
+            .contains("not signed"),
+        "a proof checks only against the key the verifier pinned"
+    );
 
     // Redeeming pays cash at the price; a holder cannot redeem more than it holds.
     let op = recipient_account(&Recipient::Operator("O".into()));

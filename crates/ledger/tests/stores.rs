@@ -4,7 +4,7 @@
 
 use commons_ledger::book::flags::*;
 use commons_ledger::journal::{load_or_create_key, Journal, JournalError};
-use commons_ledger::store::{PgStore, Side, SqliteStore, Store};
+use commons_ledger::store::{PgStore, Side, SqliteStore, Store, SubscriberShare};
 use commons_ledger::{export, Account, Transfer};
 
 fn pg_url() -> String {
@@ -79,23 +79,31 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
     ));
     assert!(j.book().transfer(3).is_none());
     // Side records go with their batch.
+    let line = |amount| commons_ledger::Statement {
+        period: "2026-11".into(),
+        recipient: "r".into(),
+        site: "s".into(),
+        policy_version: 1,
+        amount,
+        subscribers: 1,
+    };
     let side = [
         Side::Statement {
-            period: "2026-11".into(),
-            recipient: "r".into(),
-            site: "s".into(),
-            policy_version: 1,
-            amount: 7,
-            subscribers: 1,
+            statement: line(7),
+            seq: 0,
         },
         Side::Statement {
+            statement: line(5),
+            seq: 0,
+        },
+        Side::Share(SubscriberShare {
             period: "2026-11".into(),
+            subscriber: "alice".into(),
             recipient: "r".into(),
             site: "s".into(),
-            policy_version: 1,
-            amount: 5,
-            subscribers: 1,
-        },
+            via: String::new(),
+            amount: 7,
+        }),
         Side::Payout {
             period: "2026-11".into(),
             recipient: "r".into(),
@@ -106,6 +114,15 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
         .unwrap();
     let st = j.statement("r", Some("2026-11")).unwrap();
     assert_eq!((st.len(), st[0].amount, st[0].subscribers), (1, 12, 2));
+    // Each line is committed as a journal entry after the batch's transfer.
+    assert_eq!(j.statement_entries("r", None).unwrap(), vec![6, 7]);
+    let entry = String::from_utf8(j.entry(6).unwrap().unwrap()).unwrap();
+    assert!(entry.contains(r#""op":"statement""#), "{entry}");
+    assert_eq!(j.shares("alice", None).unwrap()[0].amount, 7);
+    assert_eq!(
+        j.totals().unwrap(),
+        vec![("2026-11".to_string(), "r".to_string(), 12)]
+    );
     let key = load_or_create_key(
         &std::env::temp_dir().join(format!("commons-stores-key-{}", std::process::id())),
     )
@@ -117,13 +134,21 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
     // Reopened from the store: the same balances, root and checkpoints.
     let mut j = Journal::with_store(open()).unwrap();
     assert_eq!(j.tree().root(), root);
-    assert_eq!(j.tree().len(), 6);
+    assert_eq!(j.tree().len(), 8);
     assert_eq!(j.book().account(2).unwrap().1.credits_posted, 100);
     assert_eq!(j.book().account(3).unwrap().1.credits_posted, 41);
     assert!(j.book().transfer(3).is_none());
     assert_eq!(j.checkpoints().unwrap(), std::slice::from_ref(&cp));
     let text = export::export(&mut j).unwrap();
-    assert_eq!(export::verify(&text, &cp.public_key).unwrap().entries, 6);
+    assert_eq!(export::verify(&text, &cp.public_key).unwrap().entries, 8);
+    // The lines are proven in the checkpoint; erasing a subscriber leaves
+    // the public lines and forgets the private shares.
+    let proofs = commons_ledger::proof::statement_proofs(&mut j, "r", None, &cp).unwrap();
+    assert_eq!(proofs.len(), 2);
+    assert_eq!(proofs[1].check(&cp.public_key).unwrap().amount, 5);
+    assert_eq!(j.forget("alice").unwrap(), 1);
+    assert!(j.shares("alice", None).unwrap().is_empty());
+    assert_eq!(j.statement("r", None).unwrap()[0].amount, 12);
 }
 
 #[test]

@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use commons_ledger::journal::{load_or_create_key, Checkpoint, Journal};
+use commons_ledger::journal::{load_or_create_key, Checkpoint};
 use maud::html;
 use serde::Serialize;
 
@@ -41,6 +41,10 @@ pub struct Books {
     /// The custodian's key the checkpoints are signed with (hex), once the
     /// ledger has one.
     pub custodian_key: Option<String>,
+    /// The allocation policy the next close applies.
+    pub policy: commons_ledger::allocation::Policy,
+    /// What every closed period allocated, by kind of recipient.
+    pub periods: Vec<crate::app::money::PeriodTotals>,
 }
 
 /// Tokens held by one holder or kind of holder.
@@ -109,7 +113,15 @@ pub fn read(state: &AppState) -> Result<Books, AppError> {
         }
     }
     recipients.sort_by(|a, b| b.tokens.cmp(&a.tokens).then(a.name.cmp(&b.name)));
+    drop(journal);
+    let policy = crate::periods::MoneySettings::load(&state.home)
+        .map_err(ledger_failed)?
+        .policy
+        .unwrap_or_default();
+    let periods = crate::app::money::period_totals(state)?;
     Ok(Books {
+        policy,
+        periods,
         reserve_cents,
         tokens_outstanding,
         price_cents: (tokens_outstanding > 0)
@@ -140,7 +152,7 @@ pub async fn books_json(State(state): State<Arc<AppState>>) -> Result<Response, 
     responses((status = 200, description = "the journal's export: every entry and signed checkpoint, one JSON document per line", body = String, content_type = "application/jsonl")))]
 pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, AppError> {
     let mut journal = state.journal.lock().expect("journal lock");
-    covering_checkpoint(&state, &mut journal)?;
+    crate::app::money::covering_checkpoint(&state, &mut journal)?;
     let text = commons_ledger::export::export(&mut journal).map_err(ledger_failed)?;
     Ok((
         [
@@ -155,17 +167,9 @@ pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, AppE
         .into_response())
 }
 
-/// Signs a checkpoint over the whole journal unless the latest one covers
-/// it already (so reading the books never grows them).
-fn covering_checkpoint(state: &AppState, journal: &mut Journal) -> Result<(), AppError> {
-    let size = journal.tree().len();
-    let latest = journal.checkpoints().map_err(ledger_failed)?;
-    if latest.last().is_some_and(|c| c.tree_size == size) {
-        return Ok(());
-    }
-    let key = load_or_create_key(&state.engine.layout.custodian_key()).map_err(ledger_failed)?;
-    journal.checkpoint(&key).map_err(ledger_failed)?;
-    Ok(())
+/// Basis points as a percentage.
+fn bps(b: u32) -> String {
+    format!("{}.{:02} %", b / 100, b % 100)
 }
 
 /// Formats cents as dollars.
@@ -231,8 +235,35 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
             table {
                 tr { th { "Holder" } th { "Tokens" } }
                 @for h in &books.recipients {
-                    tr { td { (h.name) } td { (h.tokens) } }
+                    tr { td {
+                        @if h.name.contains(":member:") || h.name == "fees" { (h.name) } @else {
+                            a href=(format!("/books/statement?{}", crate::statements::url_query(&h.name))) { (h.name) }
+                        }
+                    } td { (h.tokens) } }
                 }
+            }
+            h2 { "Closed periods" }
+            @if books.periods.is_empty() {
+                p { "No period has closed yet." }
+            } @else {
+                table {
+                    tr { th { "Period" } th { "Allocated" } th { "General fund" } th { "Providers" }
+                         th { "Operators" } th { "Projects" } th { "Recipients" } }
+                    @for t in &books.periods {
+                        tr { td { (t.period) } td { (t.allocated) } td { (t.general_fund) } td { (t.providers) }
+                             td { (t.operators) } td { (t.projects) } td { (t.recipients) } }
+                    }
+                }
+            }
+            h2 { "The allocation policy" }
+            @let p = &books.policy;
+            p { "Version " (p.version) ", applied at the next close. Statements name the version each line was allocated under." }
+            table {
+                tr { th scope="row" { "General fund" } td { (bps(p.general_fund_bps)) " of each payment" } }
+                tr { th scope="row" { "Providers" } td { (bps(p.providers_bps)) " of each site's part" } }
+                tr { th scope="row" { "Projects, at least" } td { (bps(p.projects_min_bps)) " of the operator's part" } }
+                tr { th scope="row" { "A project keeps, at least" } td { (bps(p.project_keep_min_bps)) " of what it receives" } }
+                tr { th scope="row" { "Upstream levels" } td { (p.max_depth) } }
             }
             h2 { "The journal" }
             p { (books.journal_entries) " entries." }

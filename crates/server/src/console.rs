@@ -94,10 +94,12 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
             body {
                 header {
                     strong { a href="/console" { "OneCommons" } }
+                a href="/books" { "Open books" }
                     @if let Some(m) = who {
                         nav aria-label="main" {
                             a href="/console" { "Sites" }
                             a href="/console/usage" { "Usage" }
+                            a href="/console/money" { "Your money" }
                             a href="/console/billing" { "Subscription" }
                             a href="/console/tokens" { "Tokens" }
                             span { (m.user.name) }

@@ -14,7 +14,10 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::web::problem;
-use crate::{api, books, console, local, my_usage, oidc, openapi, platform, subscribe, AppState};
+use crate::{
+    api, books, console, local, my_money, my_usage, oidc, openapi, platform, statements, subscribe,
+    AppState,
+};
 
 /// The API's routes.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -34,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/deployments/{name}/wake", post(platform::wake))
         .route("/api/deployments/{name}", get(platform::deployment_status))
         .route("/api/daemon", get(platform::daemon))
+        .route("/api/periods/{period}/close", post(platform::close_period))
         .route("/api/signup", post(api::accounts::signup))
         .route("/api/login", post(api::accounts::login))
         .route("/api/logout", post(api::accounts::logout))
@@ -96,6 +100,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(api::billing::checkout),
         )
         .route("/console/usage", get(my_usage::page))
+        .route("/api/me/money", get(my_money::money_json))
+        .route("/console/money", get(my_money::page))
+        .route("/books/statement", get(statements::page))
+        .route("/api/books/statement", get(statements::statement_json))
+        .route("/api/books/proof", get(statements::proof_json))
         .route("/books", get(books::page))
         .route("/api/books", get(books::books_json))
         .route("/api/books/export", get(books::export))

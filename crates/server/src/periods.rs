@@ -138,13 +138,30 @@ fn local_sites(home: &Path, store: &StoreConfig) -> HashMap<String, Site> {
 /// every subscriber's payment by what they used, and checks the ledger's
 /// invariants. Closing a closed period again changes nothing.
 pub fn close(home: &Path, store: &StoreConfig, period: &str) -> Result<Closed, MoneyError> {
-    if commons_meter::period_bounds(period).is_none() {
+    close_with(
+        home,
+        store,
+        period,
+        &meter(home)?,
+        &mut journal(home, store)?,
+    )
+}
+
+/// [`close`] with the meter and the journal the caller holds (the server's:
+/// the journal has one writer at a time).
+pub fn close_with(
+    home: &Path,
+    store: &StoreConfig,
+    period: &str,
+    m: &Meter,
+    j: &mut Journal,
+) -> Result<Closed, MoneyError> {
+    if commons_meter::period_bounds(period).is_none() || period.len() != 7 {
         return Err(MoneyError::Input(format!(
             "\"{period}\" is not a period: write YYYY-MM, e.g. 2026-11"
         )));
     }
     let settings = MoneySettings::load(home)?;
-    let m = meter(home)?;
     m.close_period(period).map_err(failed("meter"))?;
     let usage = m.usage_by_user(period).map_err(failed("meter"))?;
     let mut sites = local_sites(home, store);
@@ -159,8 +176,7 @@ pub fn close(home: &Path, store: &StoreConfig, period: &str) -> Result<Closed, M
         projects: settings.projects.clone(),
         agreements: settings.agreements.clone(),
     };
-    let mut j = journal(home, store)?;
-    let mut cents = Cents { journal: &mut j };
+    let mut cents = Cents { journal: j };
     let closed =
         close_period(&mut cents, &ctx, &registry, period, &usage).map_err(failed("ledger"))?;
     j.book()

@@ -14,6 +14,9 @@
 //!   once it is healthy (scope `runtime:wake`).
 //! - `GET /api/deployments/{name}` — a deployment's components and their
 //!   states (scope `deployments:read`).
+//! - `POST /api/periods/{period}/close` — closes a billing period: every
+//!   subscriber's escrow is allocated by what they used (scope
+//!   `periods:close`); closing twice changes nothing.
 //! - `GET /api/daemon` — the daemon itself, over the local socket only.
 //! - `GET /healthz` (alive), `GET /readyz` (every store answers).
 //!
@@ -498,4 +501,58 @@ pub(crate) async fn ready(State(state): State<Arc<AppState>>) -> Response {
     responses((status = 200, description = "the process answers", body = String, content_type = "text/plain")))]
 pub(crate) async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// Closes a billing period in the server, the journal's one writer while
+/// it runs.
+#[utoipa::path(
+    post, path = "/api/periods/{period}/close", tag = "usage",
+    params(("period" = String, Path, pattern = r"^2[0-9]{3}-(0[1-9]|1[0-2])$", description = "`YYYY-MM`")),
+    responses(
+        (status = 200, description = "`{period, policy_version, subscribers, already_closed, tokens_allocated, shares, unknown_sites, paid_out_cents}`", body = Object),
+        (status = 400, description = "not a period", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoBearer,
+        (status = 403, description = "the token lacks periods:close", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["periods:close"]))
+)]
+pub(crate) async fn close_period(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    UrlPath(period): UrlPath<String>,
+) -> Response {
+    if let Err(r) = authorise(&state, &caller, "periods:close") {
+        return *r;
+    }
+    let state2 = state.clone();
+    let closed = tokio::task::spawn_blocking(move || {
+        let meter = state2.meter.lock().unwrap_or_else(|p| p.into_inner());
+        let mut journal = state2.journal.lock().expect("journal lock");
+        crate::periods::close_with(
+            &state2.home,
+            state2.engine.store_config(),
+            &period,
+            &meter,
+            &mut journal,
+        )
+    })
+    .await;
+    match closed {
+        Ok(Ok(c)) => Json(c).into_response(),
+        Ok(Err(crate::periods::MoneyError::Input(e))) => {
+            problem(StatusCode::BAD_REQUEST, "Invalid period", e, None)
+        }
+        Ok(Err(e)) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Period not closed",
+            e.to_string(),
+            None,
+        ),
+        Err(_) => problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Period not closed",
+            "the task stopped",
+            None,
+        ),
+    }
 }

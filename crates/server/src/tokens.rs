@@ -17,6 +17,7 @@ pub const SCOPES: &[&str] = &[
     "billing:read",
     "runtime:wake",
     "deployments:read",
+    "periods:close",
     "session",
     // Everything: the platform's administrator (made once, at first start).
     "admin",

@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod stripe;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -517,13 +520,18 @@ ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
 /// The worked example's ledger: site S (operator O, provider P) depends on
 /// project A, A on B; the reserve bootstrapped at 1 cent per token.
 pub fn worked_example_ledger(s: &Sandbox) {
-    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
-    std::fs::write(
-        s.home.join("ledger/config.json"),
+    ledger_with(
+        s,
         r#"{ "sites": { "S": { "operator": "O", "providers": [["P", 1]], "projects": [["A", 1]] } },
              "projects": { "A": { "depends_on": [["B", 1]] } } }"#,
-    )
-    .unwrap();
+    );
+}
+
+/// A ledger with `config` (its `ledger/config.json`), the reserve
+/// bootstrapped at 1 cent per token.
+pub fn ledger_with(s: &Sandbox, config: &str) {
+    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
+    std::fs::write(s.home.join("ledger/config.json"), config).unwrap();
     s.ok(&[
         "ledger",
         "bootstrap",

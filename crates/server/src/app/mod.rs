@@ -8,6 +8,7 @@
 
 pub mod billing;
 pub mod deploys;
+pub mod money;
 pub mod orgs;
 pub mod sites;
 pub mod tokens;
