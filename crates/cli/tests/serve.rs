@@ -451,9 +451,9 @@ include-path = "/api/orgs/{org}/members"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 
 # The tiers are the platform's configuration: a name it does not offer is
-# refused, as is the free one.
+# refused, as is the free one; changing needs a running subscription.
 [[operations]]
-include-path = "/api/me/subscription/checkout"
+include-path-regex = "^/api/me/subscription(/checkout)?$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "503"]
 
 # The meter refuses events of a closed period, and times before 1970.

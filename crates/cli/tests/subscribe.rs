@@ -144,11 +144,94 @@ fn a_user_subscribes_through_stripe_checkout_and_the_webhook_starts_it() {
     assert_eq!(p["title"], "Already subscribed");
     assert_eq!(stripe.seen().len(), before);
 
+    // Upgrading: at once, Stripe invoicing the prorated difference now.
+    let before = stripe.seen().len();
+    let (code, up) = web.call(
+        "PUT",
+        "/api/me/subscription",
+        Some(json!({ "tier": "patron" })),
+    );
+    assert_eq!(code, 200, "{up}");
+    assert_eq!(up["change"]["effective"], "now", "{up}");
+    let charge = up["change"]["charge_now"].as_u64().unwrap();
+    assert!(
+        charge > 1_400 && charge <= 1_500,
+        "prorated 15.00 USD: {up}"
+    );
+    assert_eq!(up["subscription"]["tier"], "patron", "{up}");
+    let seen = stripe.seen()[before..].to_vec();
+    let sub = format!("/v1/subscriptions/sub_{}", session["id"].as_str().unwrap());
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    // Retrieve the subscription (GET /v1/subscriptions/{id}) for its item:
+    // a GET has no body and needs no idempotency key.
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("GET", sub.as_str())
+    );
+    assert_eq!(
+        seen[0].headers["authorization"],
+        format!("Bearer {SECRET_KEY}")
+    );
+    assert_eq!(seen[0].headers["stripe-version"], "2024-06-20");
+    assert!(!seen[0].headers.contains_key("idempotency-key"));
+    // Update it (POST /v1/subscriptions/{id}): items[0][id] names the item,
+    // items[0][price] the new price, proration_behavior=always_invoice
+    // bills the difference now, cancel_at_period_end=false keeps it renewing.
+    let r = &seen[1];
+    assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", sub.as_str()));
+    assert_eq!(
+        r.headers["content-type"],
+        "application/x-www-form-urlencoded"
+    );
+    assert_eq!(
+        r.form["items[0][id]"],
+        format!("si_{}", session["id"].as_str().unwrap())
+    );
+    assert_eq!(r.form["items[0][price]"], "price_patron_1");
+    assert_eq!(r.form["proration_behavior"], "always_invoice");
+    assert_eq!(r.form["cancel_at_period_end"], "false");
+    assert!(!r.headers["idempotency-key"].is_empty());
+    // The prorated invoice came back by webhook and was recorded.
+    let (_, money) = web.get("/api/me/money");
+    let paid: Vec<u64> = money["payments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["gross"].as_u64().unwrap())
+        .collect();
+    assert_eq!(paid, [500, 1_000], "{money}");
+    // The same tier again is refused; so are tiers that are not paid ones.
+    let (code, p) = web.call(
+        "PUT",
+        "/api/me/subscription",
+        Some(json!({ "tier": "patron" })),
+    );
+    assert_eq!(code, 409, "{p}");
+    assert_eq!(p["title"], "Already on this tier");
+    for (tier, title) in [("gold", "Unknown tier"), ("free", "Not a paid tier")] {
+        let (code, p) = web.call("PUT", "/api/me/subscription", Some(json!({ "tier": tier })));
+        assert_eq!((code, p["title"].as_str()), (422, Some(title)), "{p}");
+    }
+    // Downgrading: from the next renewal, nothing billed now.
+    let (code, down) = web.call(
+        "PUT",
+        "/api/me/subscription",
+        Some(json!({ "tier": "member" })),
+    );
+    assert_eq!(code, 200, "{down}");
+    assert_eq!(down["change"]["effective"], "renewal", "{down}");
+    assert_eq!(down["change"]["charge_now"], 0);
+    assert_eq!(down["subscription"]["tier"], "patron");
+    assert_eq!(down["subscription"]["next_tier"], "member");
+    let r = stripe.seen().pop().unwrap();
+    assert_eq!(r.form["items[0][price]"], "price_member_1");
+    assert_eq!(r.form["proration_behavior"], "none");
+
     // Cancelling: Stripe's subscription stops at the period's end, then ours.
     let (code, cancelled) = web.call("DELETE", "/api/me/subscription", None);
     assert_eq!(code, 200, "{cancelled}");
     assert_eq!(cancelled["subscription"]["status"], "canceled");
-    assert_eq!(cancelled["subscription"]["tier"], "member");
+    assert_eq!(cancelled["subscription"]["tier"], "patron");
     let r = stripe.seen().pop().unwrap();
     let session_id = session["id"].as_str().unwrap();
     // Endpoint: POST /v1/subscriptions/{id} (update a subscription).
@@ -166,7 +249,7 @@ fn a_user_subscribes_through_stripe_checkout_and_the_webhook_starts_it() {
     assert!(!r.headers["idempotency-key"].is_empty());
     // The tier lasts to the term's end.
     let reader_view = web.get("/api/me/subscription").1;
-    assert_eq!(reader_view["subscription"]["tier"], "member");
+    assert_eq!(reader_view["subscription"]["tier"], "patron");
     // Cancelling a cancelled subscription is refused, and Stripe is not asked.
     let before = stripe.seen().len();
     let (code, p) = web.call("DELETE", "/api/me/subscription", None);
@@ -178,7 +261,7 @@ fn a_user_subscribes_through_stripe_checkout_and_the_webhook_starts_it() {
     let (code, _, html) = web.raw("GET", "/console/billing", None);
     assert_eq!(code, 200);
     assert!(
-        html.contains("You subscribe to <strong>member</strong>"),
+        html.contains("You subscribe to <strong>patron</strong>"),
         "{html}"
     );
     assert!(html.contains("does not renew"), "{html}");

@@ -90,10 +90,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(subscribe::checkout_submit),
         )
         .route("/console/billing/cancel", post(subscribe::cancel_submit))
+        .route("/console/billing/change", post(subscribe::change_submit))
         .route("/api/billing/tiers", get(api::billing::tiers))
         .route(
             "/api/me/subscription",
-            get(api::billing::subscription).delete(api::billing::cancel),
+            get(api::billing::subscription)
+                .put(api::billing::change)
+                .delete(api::billing::cancel),
         )
         .route(
             "/api/me/subscription/checkout",

@@ -77,6 +77,7 @@ impl Modify for Bearer {
         crate::api::billing::subscription,
         crate::api::billing::checkout,
         crate::api::billing::cancel,
+        crate::api::billing::change,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

@@ -1,5 +1,5 @@
 //! Stripe's API, as the platform calls it: a hosted Checkout Session that
-//! subscribes a user to a tier. Every request follows Stripe's API
+//! subscribes a user to a tier, changing its price, cancelling it. Every request follows Stripe's API
 //! reference — parameters form-encoded, the secret key as the bearer
 //! token, a pinned `Stripe-Version`, and an `Idempotency-Key` so a request
 //! sent twice makes one session. What Stripe answers comes back through
@@ -113,21 +113,55 @@ impl StripeApi {
         }
     }
 
-    /// Cancels subscription `id` at the end of the period paid for (what
-    /// the platform's own cancel does: the tier lasts to the term's end).
-    pub async fn cancel_at_period_end(&self, id: &str) -> Result<(), AppError> {
-        let url = format!(
+    fn subscription_url(&self, id: &str) -> String {
+        format!(
             "{}/v1/subscriptions/{}",
             self.settings.api_base.trim_end_matches('/'),
             crate::outbound::segment(id)
-        );
+        )
+    }
+
+    /// Cancels subscription `id` at the end of the period paid for (what
+    /// the platform's own cancel does: the tier lasts to the term's end).
+    pub async fn cancel_at_period_end(&self, id: &str) -> Result<(), AppError> {
         let form = [("cancel_at_period_end".to_string(), "true".to_string())];
-        self.post_form(&url, &form, &format!("cancel-{id}")).await?;
+        self.post_form(&self.subscription_url(id), &form, &format!("cancel-{id}"))
+            .await?;
         Ok(())
     }
 
-    /// One POST of form-encoded parameters, as Stripe's API takes them;
-    /// a 2xx answer's JSON, or Stripe's own error message.
+    /// Moves subscription `id` to `price` by the platform's rules: an
+    /// upgrade is invoiced at once for the prorated difference
+    /// (`proration_behavior=always_invoice`), a downgrade is charged from
+    /// the next renewal with nothing refunded (`none`). Either way the
+    /// subscription renews again (`cancel_at_period_end=false`).
+    pub async fn change_price(
+        &self,
+        id: &str,
+        price: &str,
+        upgrade: bool,
+        idempotency_key: &str,
+    ) -> Result<(), AppError> {
+        let url = self.subscription_url(id);
+        // The subscription's item is what changes price.
+        let current = self.send(hyper::Method::GET, &url, None, None).await?;
+        let Some(item) = current["items"]["data"][0]["id"].as_str() else {
+            return Err(unavailable("Stripe's subscription has no item to change"));
+        };
+        let form = [
+            ("items[0][id]".to_string(), item.to_string()),
+            ("items[0][price]".to_string(), price.to_string()),
+            (
+                "proration_behavior".to_string(),
+                if upgrade { "always_invoice" } else { "none" }.to_string(),
+            ),
+            ("cancel_at_period_end".to_string(), "false".to_string()),
+        ];
+        self.post_form(&url, &form, idempotency_key).await?;
+        Ok(())
+    }
+
+    /// One POST of form-encoded parameters, as Stripe's API takes them.
     async fn post_form(
         &self,
         url: &str,
@@ -136,19 +170,39 @@ impl StripeApi {
     ) -> Result<serde_json::Value, AppError> {
         let body = serde_urlencoded::to_string(form)
             .map_err(|e| AppError::new(ErrorKind::Internal, "Request not made", e.to_string()))?;
-        let req = hyper::Request::post(url)
+        self.send(hyper::Method::POST, url, Some(body), Some(idempotency_key))
+            .await
+    }
+
+    /// One request: a 2xx answer's JSON, or Stripe's own error message.
+    /// Only POSTs carry an idempotency key (GETs are idempotent already).
+    async fn send(
+        &self,
+        method: hyper::Method,
+        url: &str,
+        form: Option<String>,
+        idempotency_key: Option<&str>,
+    ) -> Result<serde_json::Value, AppError> {
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(url)
             .header(
                 "authorization",
                 format!("Bearer {}", self.settings.secret_key),
             )
-            .header("content-type", "application/x-www-form-urlencoded")
             .header("stripe-version", API_VERSION)
-            .header("idempotency-key", idempotency_key)
             .header(
                 "user-agent",
                 concat!("OneCommons/", env!("CARGO_PKG_VERSION")),
-            )
-            .body(Full::new(Bytes::from(body)))
+            );
+        if form.is_some() {
+            req = req.header("content-type", "application/x-www-form-urlencoded");
+        }
+        if let Some(key) = idempotency_key {
+            req = req.header("idempotency-key", key);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(form.unwrap_or_default())))
             .map_err(|e| unavailable(format!("{url}: {e}")))?;
         let res = tokio::time::timeout(ANSWER_WITHIN, self.http.request(req))
             .await

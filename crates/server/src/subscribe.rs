@@ -84,6 +84,16 @@ pub(crate) async fn page_of_billing(
                         td {
                             @if running.is_some_and(|s| s.tier == t.name) {
                                 "Yours"
+                            } @else if let (Some(s), true) = (running, t.price > 0) {
+                                @let upgrade = t.price > tiers.iter().find(|x| x.name == s.tier).map_or(0, |x| x.price);
+                                form.inline method="post" action="/console/billing/change" {
+                                    (csrf_field(&m))
+                                    input type="hidden" name="tier" value=(t.name);
+                                    button type="submit" {
+                                        @if upgrade { "Upgrade to " (t.name) " now" } @else { "Change to " (t.name) " at renewal" }
+                                    }
+                                }
+                                @if upgrade { " You pay the difference for the rest of this term." }
                             } @else if t.price > 0 && payments && running.is_none() {
                                 form.inline method="post" action="/console/billing/checkout" {
                                     (csrf_field(&m))
@@ -114,6 +124,19 @@ pub(crate) async fn checkout_submit(
     let return_to = format!("{}/console/billing", state.public_base());
     match app::billing::checkout(&state, &who, &f.tier, &return_to).await {
         Ok(session) => Redirect::to(&session.url).into_response(),
+        Err(p) => problem_page(p, Some(&m)),
+    }
+}
+
+/// Changes the tier; back to the page, which shows the new one (or the
+/// one coming at renewal).
+pub(crate) async fn change_submit(
+    State(state): State<Arc<AppState>>,
+    Posted(m, f): Posted<TierForm>,
+) -> Response {
+    let who = Principal::User(Box::new(m.clone()));
+    match app::billing::change(&state, &who, &f.tier).await {
+        Ok(_) => Redirect::to("/console/billing").into_response(),
         Err(p) => problem_page(p, Some(&m)),
     }
 }

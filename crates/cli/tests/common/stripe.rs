@@ -117,29 +117,7 @@ fn answer(
         let Some(form) = sessions.lock().unwrap().get(session).cloned() else {
             return error("404 Not Found", "invalid_request_error", "no such session");
         };
-        let event = serde_json::to_vec(&json!({
-            "id": format!("evt_{session}"), "type": "invoice.paid",
-            "data": { "object": {
-                "id": format!("in_{session}"), "amount_paid": 500,
-                "subscription": format!("sub_{session}"),
-                "billing_reason": "subscription_create",
-                "charge": { "balance_transaction": { "fee": 45 } },
-                "subscription_details": { "metadata": {
-                    "user": form["subscription_data[metadata][user]"],
-                    "tier": form["subscription_data[metadata][tier]"],
-                } } } }
-        }))
-        .unwrap();
-        let now = commons_clock::now_secs() as i64;
-        let signature = Stripe::sign(WEBHOOK_SECRET, now, &event);
-        let (code, body) = http(
-            *platform.lock().unwrap(),
-            "POST",
-            "/api/payments/stripe/webhook",
-            &[("Stripe-Signature", &signature)],
-            &event,
-        )
-        .unwrap();
+        let (code, body) = invoice_paid(platform, session, &form, 500, 45, "subscription_create");
         return ("200 OK", json!({ "webhook": code, "answer": body }));
     }
     // Authentication: the secret key as a bearer token.
@@ -151,19 +129,37 @@ fn answer(
         );
     }
     if let Some(id) = r.path.strip_prefix("/v1/subscriptions/") {
-        return if r.method == "POST" && id.starts_with("sub_") {
-            (
-                "200 OK",
-                json!({ "id": id, "object": "subscription",
-                        "cancel_at_period_end": r.form.get("cancel_at_period_end") == Some(&"true".to_string()) }),
-            )
-        } else {
-            error(
+        let session = id.strip_prefix("sub_").unwrap_or_default();
+        let Some(form) = sessions.lock().unwrap().get(session).cloned() else {
+            return error(
                 "404 Not Found",
                 "invalid_request_error",
                 "No such subscription",
-            )
+            );
         };
+        let item = format!("si_{session}");
+        let subscription = json!({ "id": id, "object": "subscription",
+            "items": { "object": "list", "data": [{ "id": item, "object": "subscription_item" }] },
+            "cancel_at_period_end": r.form.get("cancel_at_period_end").is_some_and(|v| v == "true") });
+        if r.method == "GET" {
+            return ("200 OK", subscription);
+        }
+        // Changing the price names the item it changes.
+        if let Some(changed) = r.form.get("items[0][id]") {
+            if *changed != item || !r.form.contains_key("items[0][price]") {
+                return error(
+                    "400 Bad Request",
+                    "invalid_request_error",
+                    "No such subscription item",
+                );
+            }
+            // An invoice at once for the prorated difference: paid, and
+            // the webhook says so.
+            if r.form.get("proration_behavior").map(String::as_str) == Some("always_invoice") {
+                invoice_paid(platform, session, &form, 1_000, 59, "subscription_update");
+            }
+        }
+        return ("200 OK", subscription);
     }
     if r.method != "POST" || r.path != "/v1/checkout/sessions" {
         return error(
@@ -206,4 +202,40 @@ fn answer(
             "url": format!("http://127.0.0.1:{port}/pay/{id}"),
         }),
     )
+}
+
+/// Sends the platform Stripe's signed `invoice.paid` for the subscription
+/// checkout session `session` made; the platform's answer.
+fn invoice_paid(
+    platform: &Mutex<u16>,
+    session: &str,
+    form: &BTreeMap<String, String>,
+    amount: u64,
+    fee: u64,
+    reason: &str,
+) -> (u16, String) {
+    let invoice = format!("in_{session}_{reason}");
+    let event = serde_json::to_vec(&json!({
+        "id": format!("evt_{invoice}"), "type": "invoice.paid",
+        "data": { "object": {
+            "id": invoice, "amount_paid": amount,
+            "subscription": format!("sub_{session}"),
+            "billing_reason": reason,
+            "charge": { "balance_transaction": { "fee": fee } },
+            "subscription_details": { "metadata": {
+                "user": form["subscription_data[metadata][user]"],
+                "tier": form["subscription_data[metadata][tier]"],
+            } } } }
+    }))
+    .unwrap();
+    let now = commons_clock::now_secs() as i64;
+    let signature = Stripe::sign(WEBHOOK_SECRET, now, &event);
+    http(
+        *platform.lock().unwrap(),
+        "POST",
+        "/api/payments/stripe/webhook",
+        &[("Stripe-Signature", &signature)],
+        &event,
+    )
+    .unwrap()
 }

@@ -73,3 +73,22 @@ pub async fn cancel(State(state): State<Arc<AppState>>, Who(who): Who) -> Reply 
     let s = app::billing::cancel(&state, &who).await?;
     Ok(Json(serde_json::json!({ "subscription": s })).into_response())
 }
+
+/// Changes the caller's tier: an upgrade at once, its prorated difference
+/// charged now; a downgrade from the next renewal, nothing refunded.
+#[utoipa::path(put, path = "/api/me/subscription", tag = "billing",
+    request_body = NewCheckout,
+    responses(
+        (status = 200, description = "`{change: {from, to, effective, charge_now}, subscription}`", body = Object),
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
+        crate::schema::AdminHasNoAccount,
+        (status = 409, description = "no running subscription, or already on that tier", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no such tier, or a free one", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the payment provider refused or could not be reached", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = [])))]
+pub async fn change(State(state): State<Arc<AppState>>, Who(who): Who, body: Bytes) -> Reply {
+    let n: NewCheckout = json_body(&body)?;
+    let (change, s) = app::billing::change(&state, &who, &n.tier).await?;
+    Ok(Json(serde_json::json!({ "change": change, "subscription": s })).into_response())
+}

@@ -3,7 +3,7 @@
 //! confirmed only by the provider's verified webhook, never by the browser
 //! coming back.
 
-use commons_ledger::billing::{Subscription, Tier};
+use commons_ledger::billing::{Subscription, Tier, TierChange};
 use commons_store::accounts::AuditEntry;
 
 use super::{member, AppError, ErrorKind, Result};
@@ -173,4 +173,102 @@ pub async fn cancel(state: &AppState, who: &Principal) -> Result<Subscription> {
         detail: serde_json::json!({ "tier": s.tier, "provider": provider.is_some() }),
     })?;
     Ok(s)
+}
+
+/// Moves the caller's running subscription to another paid tier: an
+/// upgrade at once, its prorated difference charged now; a downgrade from
+/// the next renewal, nothing refunded. A subscription paid through the
+/// payment provider is changed there first.
+pub async fn change(
+    state: &AppState,
+    who: &Principal,
+    tier: &str,
+) -> Result<(TierChange, Subscription)> {
+    let m = member(who)?;
+    let user = &m.user.id;
+    let offered = tiers(state);
+    let Some(to) = offered.iter().find(|t| t.name == tier) else {
+        let names: Vec<&str> = offered.iter().map(|t| t.name.as_str()).collect();
+        return Err(AppError::new(
+            ErrorKind::Invalid,
+            "Unknown tier",
+            format!(
+                "there is no tier \"{tier}\"; choose one of {}",
+                names.join(", ")
+            ),
+        ));
+    };
+    if to.price == 0 {
+        return Err(AppError::new(
+            ErrorKind::Invalid,
+            "Not a paid tier",
+            format!("\"{tier}\" is free: cancel the subscription to have it when the term ends"),
+        ));
+    }
+    let now = now_ms();
+    let (current, provider) = {
+        let billing = state.billing.lock().expect("billing lock");
+        (
+            billing
+                .subscription(user)
+                .map_err(failed)?
+                .filter(|s| s.status != "lapsed" && now < s.term_end_ms),
+            billing.provider_subscription(user).map_err(failed)?,
+        )
+    };
+    let Some(current) = current else {
+        return Err(AppError::new(
+            ErrorKind::Conflict,
+            "Not subscribed",
+            "you have no running subscription to change; subscribe first",
+        ));
+    };
+    if current.tier == tier && current.next_tier.is_none() && current.status == "active" {
+        return Err(AppError::new(
+            ErrorKind::Conflict,
+            "Already on this tier",
+            format!("you subscribe to \"{tier}\" already"),
+        ));
+    }
+    let from_price = offered
+        .iter()
+        .find(|t| t.name == current.tier)
+        .map_or(0, |t| t.price);
+    // The provider first: if it refuses, nothing changed here either.
+    if let Some(id) = &provider {
+        let Some(stripe) = &state.stripe_api else {
+            return Err(AppError::new(
+                ErrorKind::Unavailable,
+                "Payments are not set up",
+                "the subscription is paid through Stripe, which this platform is not configured to reach (COMMONS_STRIPE_SECRET_KEY)",
+            ));
+        };
+        let Some(price) = stripe.price_of(tier) else {
+            return Err(AppError::new(
+                ErrorKind::Unavailable,
+                "Tier has no price at the payment provider",
+                format!(
+                    "the operator has not given \"{tier}\" a Stripe price (COMMONS_STRIPE_PRICES)"
+                ),
+            ));
+        };
+        let key = format!("change-{id}-{tier}-{}", now / CHECKOUT_WINDOW_MS);
+        stripe
+            .change_price(id, price, to.price > from_price, &key)
+            .await?;
+    }
+    let (change, s) = {
+        let billing = state.billing.lock().expect("billing lock");
+        let change = billing.change_tier(user, tier, now).map_err(failed)?;
+        (change, billing.subscription(user).map_err(failed)?)
+    };
+    state.accounts.store().record(&AuditEntry {
+        at_ms: now,
+        actor: who.actor(),
+        org: None,
+        action: "billing.change".into(),
+        target: user.clone(),
+        detail: serde_json::json!({ "from": change.from, "to": change.to, "effective": change.effective, "charge_now": change.charge_now }),
+    })?;
+    Ok((change, s.expect("a subscription that was just changed")))
 }
