@@ -21,6 +21,11 @@ export COMMONS_DAEMON=off
 # platform that is one person's, which has to be said (see README).
 export COMMONS_SINGLE_USER=1
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# Money for the money pages: a reserve, a platform token to report usage
+# and close the period, a webhook secret to pay with.
+"$B" ledger bootstrap --cash 100000 --tokens 100000 2>/dev/null
+platform_token=$("$B" token create bench-platform --scope usage:write --scope periods:close)
+export COMMONS_STRIPE_WEBHOOK_SECRET=whsec_bench
 "$B" serve --listen "127.0.0.1:$port" --http 127.0.0.1:0 --https off --admin off 2>"$work/serve.log" &
 serve_pid=$!
 cleanup() { kill "$serve_pid" 2>/dev/null || true; wait "$serve_pid" 2>/dev/null || true; rm -rf "$work"; }
@@ -79,6 +84,35 @@ echo "API, listing an organisation's 1,000 sites (wrk, 4 connections, 10 s):"
 measure "GET .../sites?limit=100 (a page)" "/api/orgs/bench/sites?limit=100"
 measure "GET .../sites?limit=1000 (all)" "/api/orgs/bench/sites?limit=1000"
 
+# A heavy subscriber for the money pages: paid by the signed webhook, used
+# 40 of the sites, and the period closed.
+python3 - "$port" "$platform_token" <<'PY'
+import hashlib, hmac, json, sys, time, urllib.request
+base, token = f"http://127.0.0.1:{sys.argv[1]}", sys.argv[2]
+def call(method, path, body, headers):
+    req = urllib.request.Request(base + path, method=method, data=body, headers=headers)
+    with urllib.request.urlopen(req) as r:
+        return json.loads(r.read() or b"null")
+json_headers = {"Content-Type": "application/json"}
+me = call("POST", "/api/login", json.dumps({"email": "bench@example.org", "password": "a long enough password"}).encode(), json_headers)
+user = me["user"]["id"]
+event = json.dumps({"id": "evt_bench", "type": "invoice.paid", "data": {"object": {
+    "id": "in_bench", "amount_paid": 2000, "billing_reason": "subscription_create",
+    "charge": {"balance_transaction": {"fee": 88}},
+    "subscription_details": {"metadata": {"user": user, "tier": "patron"}}}}}).encode()
+t = int(time.time())
+sig = hmac.new(b"whsec_bench", f"{t}.".encode() + event, hashlib.sha256).hexdigest()
+call("POST", "/api/payments/stripe/webhook", event, {**json_headers, "Stripe-Signature": f"t={t},v1={sig}"})
+now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+events = [{"specversion": "1.0", "id": f"bench-{i}", "source": "gateway/local", "type": "request", "time": now,
+           "data": {"user": user, "site": f"site-{i % 40:04d}", "operator": "local", "provider": "local", "bytes_out": 100}}
+          for i in range(400)]
+auth = {**json_headers, "Authorization": "Bearer " + token}
+call("POST", "/api/usage/events", json.dumps(events).encode(), auth)
+closed = call("POST", "/api/periods/" + now[:7] + "/close", b"", auth)
+assert closed["subscribers"] == 1, closed
+PY
+
 # Console page weight: what a browser downloads (HTML with inline CSS; no
 # scripts, fonts or images).
 jar="$work/jar"
@@ -86,8 +120,8 @@ curl -s -c "$jar" -o /dev/null -X POST "http://127.0.0.1:$port/console/login" \
   --data-urlencode email=bench@example.org --data-urlencode "password=a long enough password"
 echo "Page weight (the whole page: HTML, inline CSS and SVG, no other requests; target <= 100 KB gzipped):"
 for page in /console/login /console/orgs/bench /console/sites/site-0000 /console/tokens /console \
-    /console/usage /console/billing /books; do
+    /console/usage /console/billing /console/money /books "/books/statement?recipient=operator:local"; do
   bytes=$(curl -s -b "$jar" "http://127.0.0.1:$port$page" | wc -c)
   gz=$(curl -s -b "$jar" "http://127.0.0.1:$port$page" | gzip -9 | wc -c)
-  printf '  %-28s %7s bytes (%s gzipped)\n' "$page" "$bytes" "$gz"
+  printf '  %-42s %7s bytes (%s gzipped)\n' "$page" "$bytes" "$gz"
 done

@@ -177,6 +177,10 @@ pub struct Statement {
     pub recipient: String,
     /// Empty for the general fund's part.
     pub site: String,
+    /// The upstream project that passed it on (empty when it came from the
+    /// site itself).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub via: String,
     pub policy_version: u32,
     pub amount: u64,
     /// How many subscribers' use it came from (never who).

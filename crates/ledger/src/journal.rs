@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::{Accepted, Account, Book, Entry, Refusal, Transfer};
 use crate::merkle::{self, Hash, Tree};
-use crate::store::{Side, SqliteStore, StatementLine, Store, SubscriberShare};
+use crate::store::{decode_parts, Side, SqliteStore, StatementLine, Store, SubscriberShare};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -257,12 +257,31 @@ impl Journal {
         }
         let mut side = std::borrow::Cow::Borrowed(side);
         if side.iter().any(|s| matches!(s, Side::Statement { .. })) {
+            let mut lines: Vec<u64> = Vec::new();
             for s in side.to_mut() {
-                if let Side::Statement { statement, seq } = s {
-                    *seq = self.tree.len() + entries.len() as u64;
-                    entries.push(Entry::Statement {
-                        statement: statement.clone(),
-                    });
+                match s {
+                    Side::Statement { statement, seq } => {
+                        *seq = self.tree.len() + entries.len() as u64;
+                        lines.push(*seq);
+                        entries.push(Entry::Statement {
+                            statement: statement.clone(),
+                        });
+                    }
+                    // Subscribers' parts name the lines they are part of.
+                    Side::Shares { parts, .. } => {
+                        for (line, _) in parts.iter_mut() {
+                            *line = *lines.get(*line as usize).ok_or_else(|| {
+                                JournalError::Malformed {
+                                    seq: self.tree.len(),
+                                    message: format!(
+                                        "a share names statement line {line} of {}",
+                                        lines.len()
+                                    ),
+                                }
+                            })?;
+                        }
+                    }
+                    Side::Payout { .. } => {}
                 }
             }
         }
@@ -322,13 +341,44 @@ impl Journal {
         self.store.entry(seq)
     }
 
-    /// A subscriber's private shares: where their tokens went.
+    /// A subscriber's private shares: where their tokens went, each their
+    /// part of a statement line in the journal.
     pub fn shares(
         &mut self,
         subscriber: &str,
         period: Option<&str>,
     ) -> Result<Vec<SubscriberShare>, JournalError> {
-        self.store.shares(subscriber, period)
+        let mut out = Vec::new();
+        for (period, bytes) in self.store.shares(subscriber, period)? {
+            let malformed = |seq, message: String| JournalError::Malformed { seq, message };
+            let parts = decode_parts(&bytes).ok_or_else(|| {
+                malformed(
+                    0,
+                    format!("{subscriber}'s shares of {period} are unreadable"),
+                )
+            })?;
+            for (seq, amount) in parts {
+                let entry = self
+                    .store
+                    .entry(seq)?
+                    .ok_or_else(|| malformed(seq, "a share's statement line is missing".into()))?;
+                let Ok(Entry::Statement { statement }) = serde_json::from_slice(&entry) else {
+                    return Err(malformed(
+                        seq,
+                        "a share names an entry that is no statement line".into(),
+                    ));
+                };
+                out.push(SubscriberShare {
+                    period: period.clone(),
+                    subscriber: subscriber.to_string(),
+                    recipient: statement.recipient,
+                    site: statement.site,
+                    via: statement.via,
+                    amount,
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Every period's statements summed per recipient: (period, account, amount).

@@ -104,8 +104,16 @@ pub fn statement(
     journal.statement(recipient, period)
 }
 
-/// Statement lines of one batch: (recipient, site) -> (amount, subscribers).
-type Lines = HashMap<(String, String), (u64, u64)>;
+/// Statement lines of one batch: (recipient, site, via) -> the line.
+type Lines = HashMap<(String, String, String), Line>;
+
+/// A statement line in the making, and its place among the batch's lines.
+#[derive(Default)]
+struct Line {
+    index: u64,
+    amount: u64,
+    subscribers: u64,
+}
 
 /// Subscribers per batch (one fsync each).
 const BATCH: usize = 8_192;
@@ -191,22 +199,28 @@ pub fn close_period(
             })
             .collect();
         let shares = allocate(ctx, held, 0, &sites)?;
+        let mut parts = Vec::with_capacity(shares.len());
         for s in &shares {
-            let recipient = recipient_account(&s.recipient);
-            let site = s.site.clone().unwrap_or_default();
-            // The subscriber's own record, summed into the public line.
-            private.push(Side::Share(SubscriberShare {
-                period: period.into(),
-                subscriber: user.clone(),
-                recipient: recipient.clone(),
-                site: site.clone(),
-                via: s.via.clone().unwrap_or_default(),
-                amount: s.amount,
-            }));
-            let line = lines.entry((recipient, site)).or_default();
-            line.0 += s.amount;
-            line.1 += 1;
+            let key = (
+                recipient_account(&s.recipient),
+                s.site.clone().unwrap_or_default(),
+                s.via.clone().unwrap_or_default(),
+            );
+            let next = lines.len() as u64;
+            let line = lines.entry(key).or_insert_with(|| Line {
+                index: next,
+                ..Line::default()
+            });
+            line.amount += s.amount;
+            line.subscribers += 1;
+            // The subscriber's own record: their part of the public line.
+            parts.push((line.index, s.amount));
         }
+        private.push(Side::Shares {
+            period: period.into(),
+            subscriber: user.clone(),
+            parts,
+        });
         batch.push(token_transfer(
             marker,
             &format!("tokens:escrow:{user}"),
@@ -314,23 +328,23 @@ fn submit(
     if batch.is_empty() {
         return Ok(());
     }
+    // In the order subscribers' parts name them.
     let mut lines: Vec<_> = std::mem::take(lines).into_iter().collect();
-    lines.sort();
+    lines.sort_by_key(|(_, l)| l.index);
     let mut side: Vec<Side> = lines
         .into_iter()
-        .map(
-            |((recipient, site), (amount, subscribers))| Side::Statement {
-                statement: Statement {
-                    period: period.into(),
-                    recipient,
-                    site,
-                    policy_version: version,
-                    amount,
-                    subscribers,
-                },
-                seq: 0,
+        .map(|((recipient, site, via), l)| Side::Statement {
+            statement: Statement {
+                period: period.into(),
+                recipient,
+                site,
+                via,
+                policy_version: version,
+                amount: l.amount,
+                subscribers: l.subscribers,
             },
-        )
+            seq: 0,
+        })
         .collect();
     side.append(private);
     apply(cents, batch, &side)?;

@@ -22,13 +22,67 @@ pub enum Side {
         recipient: String,
         paid: u64,
     },
-    /// One part of one subscriber's allocation: private to them (never
-    /// exported), summed into the statement lines of the same batch.
-    Share(SubscriberShare),
+    /// One subscriber's allocation: private to them (never exported), as
+    /// parts of the statement lines of the same batch. Each part is
+    /// (line, amount): the line's index among the batch's statement
+    /// records, which the journal turns into its entry's sequence number.
+    Shares {
+        period: String,
+        subscriber: String,
+        parts: Vec<(u64, u64)>,
+    },
+}
+
+/// Parts as stored: sorted by line, each as the LEB128 varints of the gap
+/// from the previous line and of the amount (a few bytes a part, one row a
+/// subscriber and period).
+pub(crate) fn encode_parts(parts: &[(u64, u64)]) -> Vec<u8> {
+    fn varint(mut n: u64, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    let mut sorted = parts.to_vec();
+    sorted.sort_unstable();
+    let mut out = Vec::with_capacity(sorted.len() * 4);
+    let mut last = 0;
+    for (line, amount) in sorted {
+        varint(line - last, &mut out);
+        varint(amount, &mut out);
+        last = line;
+    }
+    out
+}
+
+/// The parts [`encode_parts`] wrote; `None` if the bytes are not such.
+pub(crate) fn decode_parts(bytes: &[u8]) -> Option<Vec<(u64, u64)>> {
+    let mut it = bytes.iter();
+    let mut varint = || -> Option<Option<u64>> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let Some(&b) = it.next() else {
+                return if shift == 0 { Some(None) } else { None };
+            };
+            n |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Some(Some(n));
+            }
+        }
+        None
+    };
+    let mut out = Vec::new();
+    let mut line = 0u64;
+    while let Some(gap) = varint()? {
+        line = line.checked_add(gap)?;
+        out.push((line, varint()??));
+    }
+    Some(out)
 }
 
 /// What one subscriber's tokens for a period paid to one recipient
-/// through one site: "where my money went".
+/// through one site: "where my money went" (their part of a statement line).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SubscriberShare {
     pub period: String,
@@ -85,12 +139,13 @@ pub trait Store: Send {
     ) -> Result<Vec<u64>, JournalError>;
     /// One entry's exact bytes.
     fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError>;
-    /// A subscriber's shares, by period.
+    /// A subscriber's parts of statement lines, by period: (period, parts
+    /// as [`encode_parts`] wrote them).
     fn shares(
         &mut self,
         subscriber: &str,
         period: Option<&str>,
-    ) -> Result<Vec<SubscriberShare>, JournalError>;
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError>;
     /// Every period's statements summed per recipient: (period, account, amount).
     fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError>;
     /// Deletes a subscriber's private shares (their account is erased; the
@@ -114,9 +169,8 @@ CREATE TABLE IF NOT EXISTS statement_entries (
     seq BIGINT PRIMARY KEY, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS statement_entries_recipient ON statement_entries (recipient, period);
 CREATE TABLE IF NOT EXISTS subscriber_shares (
-    subscriber TEXT NOT NULL, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL,
-    via TEXT NOT NULL, amount BIGINT NOT NULL,
-    PRIMARY KEY (subscriber, period, recipient, site));
+    subscriber TEXT NOT NULL, period TEXT NOT NULL, parts BLOB NOT NULL,
+    PRIMARY KEY (subscriber, period));
 ";
 
 const STATEMENT_SQL: &str =
@@ -127,8 +181,8 @@ const OWED_SQL: &str = "SELECT s.recipient, CAST(SUM(s.amount) AS BIGINT),
      FROM statements s WHERE s.period = $1 GROUP BY s.recipient ORDER BY s.recipient";
 const STATEMENT_ENTRIES_SQL: &str = "SELECT seq FROM statement_entries
      WHERE recipient = $1 AND ($2::text IS NULL OR period = $2) ORDER BY seq";
-const SHARES_SQL: &str = "SELECT period, recipient, site, via, amount FROM subscriber_shares
-     WHERE subscriber = $1 AND ($2::text IS NULL OR period = $2) ORDER BY period, site, recipient";
+const SHARES_SQL: &str = "SELECT period, parts FROM subscriber_shares
+     WHERE subscriber = $1 AND ($2::text IS NULL OR period = $2) ORDER BY period";
 const TOTALS_SQL: &str = "SELECT period, recipient, CAST(SUM(amount) AS BIGINT) FROM statements
      GROUP BY period, recipient ORDER BY period, recipient";
 const INSERT_STATEMENT_SQL: &str = "INSERT INTO statements (period, recipient, site, policy_version, amount, subscribers) VALUES ($1, $2, $3, $4, $5, $6)
@@ -139,8 +193,8 @@ const INSERT_PAYOUT_SQL: &str =
      ON CONFLICT (period, recipient) DO UPDATE SET paid = period_payouts.paid + excluded.paid";
 const INSERT_STATEMENT_ENTRY_SQL: &str =
     "INSERT INTO statement_entries (seq, period, recipient, site) VALUES ($1, $2, $3, $4)";
-const INSERT_SHARE_SQL: &str = "INSERT INTO subscriber_shares (subscriber, period, recipient, site, via, amount) VALUES ($1, $2, $3, $4, $5, $6)
-     ON CONFLICT (subscriber, period, recipient, site) DO UPDATE SET amount = subscriber_shares.amount + excluded.amount";
+const INSERT_SHARE_SQL: &str =
+    "INSERT INTO subscriber_shares (subscriber, period, parts) VALUES ($1, $2, $3)";
 
 /// SQLite spells PostgreSQL's `$n` placeholders `?n` and has no `::text` casts.
 fn sqlite_sql(sql: &str) -> String {
@@ -242,15 +296,12 @@ impl Store for SqliteStore {
                     } => {
                         payout.execute(params![period, recipient, *paid as i64])?;
                     }
-                    Side::Share(x) => {
-                        share.execute(params![
-                            x.subscriber,
-                            x.period,
-                            x.recipient,
-                            x.site,
-                            x.via,
-                            x.amount as i64
-                        ])?;
+                    Side::Shares {
+                        period,
+                        subscriber,
+                        parts,
+                    } => {
+                        share.execute(params![subscriber, period, encode_parts(parts)])?;
                     }
                 }
             }
@@ -356,19 +407,10 @@ impl Store for SqliteStore {
         &mut self,
         subscriber: &str,
         period: Option<&str>,
-    ) -> Result<Vec<SubscriberShare>, JournalError> {
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
         let mut stmt = self.conn.prepare(&sqlite_sql(SHARES_SQL))?;
         let rows = stmt
-            .query_map(params![subscriber, period], |r| {
-                Ok(SubscriberShare {
-                    period: r.get(0)?,
-                    subscriber: subscriber.to_string(),
-                    recipient: r.get(1)?,
-                    site: r.get(2)?,
-                    via: r.get(3)?,
-                    amount: r.get::<_, i64>(4)? as u64,
-                })
-            })?
+            .query_map(params![subscriber, period], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
@@ -407,9 +449,8 @@ CREATE TABLE IF NOT EXISTS statement_entries (
     seq BIGINT PRIMARY KEY, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS statement_entries_recipient ON statement_entries (recipient, period);
 CREATE TABLE IF NOT EXISTS subscriber_shares (
-    subscriber TEXT NOT NULL, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL,
-    via TEXT NOT NULL, amount BIGINT NOT NULL,
-    PRIMARY KEY (subscriber, period, recipient, site));
+    subscriber TEXT NOT NULL, period TEXT NOT NULL, parts BYTEA NOT NULL,
+    PRIMARY KEY (subscriber, period));
 ";
 
 /// The scale-out store: PostgreSQL, one transaction per batch (committed
@@ -514,17 +555,14 @@ impl Store for PgStore {
                     tx.execute(INSERT_PAYOUT_SQL, &[period, recipient, &(*paid as i64)])
                         .map_err(pg)?;
                 }
-                Side::Share(x) => {
+                Side::Shares {
+                    period,
+                    subscriber,
+                    parts,
+                } => {
                     tx.execute(
                         INSERT_SHARE_SQL,
-                        &[
-                            &x.subscriber,
-                            &x.period,
-                            &x.recipient,
-                            &x.site,
-                            &x.via,
-                            &(x.amount as i64),
-                        ],
+                        &[subscriber, period, &encode_parts(parts)],
                     )
                     .map_err(pg)?;
                 }
@@ -620,22 +658,12 @@ impl Store for PgStore {
         &mut self,
         subscriber: &str,
         period: Option<&str>,
-    ) -> Result<Vec<SubscriberShare>, JournalError> {
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
         let rows = self
             .client
             .query(SHARES_SQL, &[&subscriber, &period])
             .map_err(pg)?;
-        Ok(rows
-            .iter()
-            .map(|r| SubscriberShare {
-                period: r.get(0),
-                subscriber: subscriber.to_string(),
-                recipient: r.get(1),
-                site: r.get(2),
-                via: r.get(3),
-                amount: r.get::<_, i64>(4) as u64,
-            })
-            .collect())
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 
     fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError> {
@@ -653,5 +681,25 @@ impl Store for PgStore {
                 &[&subscriber],
             )
             .map_err(pg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_round_trip_and_bad_bytes_are_refused() {
+        let parts = vec![(1_000_000, 207), (7, 0), (u64::MAX, u64::MAX), (1_000_001, 1)];
+        let bytes = encode_parts(&parts);
+        let mut sorted = parts.clone();
+        sorted.sort_unstable();
+        assert_eq!(decode_parts(&bytes), Some(sorted));
+        assert_eq!(decode_parts(&[]), Some(vec![]));
+        // Cut off after a line, or in the middle of a number.
+        assert_eq!(decode_parts(&bytes[..1]), None);
+        assert_eq!(decode_parts(&[0x80]), None);
+        // More than 64 bits.
+        assert_eq!(decode_parts(&[0xff; 11]), None);
     }
 }

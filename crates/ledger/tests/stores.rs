@@ -4,7 +4,7 @@
 
 use commons_ledger::book::flags::*;
 use commons_ledger::journal::{load_or_create_key, Journal, JournalError};
-use commons_ledger::store::{PgStore, Side, SqliteStore, Store, SubscriberShare};
+use commons_ledger::store::{PgStore, Side, SqliteStore, Store};
 use commons_ledger::{export, Account, Transfer};
 
 fn pg_url() -> String {
@@ -83,6 +83,7 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
         period: "2026-11".into(),
         recipient: "r".into(),
         site: "s".into(),
+        via: String::new(),
         policy_version: 1,
         amount,
         subscribers: 1,
@@ -96,14 +97,12 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
             statement: line(5),
             seq: 0,
         },
-        Side::Share(SubscriberShare {
+        // Alice's part is the first line's 7.
+        Side::Shares {
             period: "2026-11".into(),
             subscriber: "alice".into(),
-            recipient: "r".into(),
-            site: "s".into(),
-            via: String::new(),
-            amount: 7,
-        }),
+            parts: vec![(0, 7)],
+        },
         Side::Payout {
             period: "2026-11".into(),
             recipient: "r".into(),
@@ -118,7 +117,11 @@ fn suite(open: impl Fn() -> Box<dyn Store>) {
     assert_eq!(j.statement_entries("r", None).unwrap(), vec![6, 7]);
     let entry = String::from_utf8(j.entry(6).unwrap().unwrap()).unwrap();
     assert!(entry.contains(r#""op":"statement""#), "{entry}");
-    assert_eq!(j.shares("alice", None).unwrap()[0].amount, 7);
+    let alice = j.shares("alice", None).unwrap();
+    assert_eq!(
+        (alice.len(), alice[0].amount, alice[0].site.as_str()),
+        (1, 7, "s")
+    );
     assert_eq!(
         j.totals().unwrap(),
         vec![("2026-11".to_string(), "r".to_string(), 12)]
