@@ -165,6 +165,27 @@ pub enum Entry {
     Statement {
         statement: Statement,
     },
+    /// A period's close: the policy it applied and where CommonCents stood
+    /// after it. Moves no money; a verifier checks its figures against the
+    /// balances replay gives at that point.
+    Close {
+        close: PeriodClosed,
+    },
+}
+
+/// What the open books chart over time, one per close.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeriodClosed {
+    pub period: String,
+    pub policy: crate::allocation::Policy,
+    /// Subscribers whose escrow this close allocated.
+    pub subscribers: u64,
+    pub tokens_allocated: u64,
+    /// Cash in the reserve after the close, in cents.
+    pub reserve_cents: u64,
+    /// CommonCents in circulation after the close.
+    pub tokens_outstanding: u64,
 }
 
 /// Part of what a recipient is owed for a period, from one site's use,
@@ -625,7 +646,7 @@ impl Book {
                 self.release(*pending_id);
                 Ok(())
             }
-            Entry::Statement { .. } => Ok(()),
+            Entry::Statement { .. } | Entry::Close { .. } => Ok(()),
         }
     }
 

@@ -83,6 +83,15 @@ const FEES: &str = "cash:payment-fees";
 const PAYOUTS: &str = "cash:payouts";
 const ISSUANCE: &str = "tokens:issuance";
 
+/// Cash in the reserve (cents) and CommonCents in circulation, as `book` has them.
+pub fn reserve_and_outstanding(book: &crate::book::Book) -> (u64, u64) {
+    let net = |name: &str| {
+        book.account(account_id(name))
+            .map_or(0, |(_, b)| b.net_credit())
+    };
+    (net(RESERVE).max(0) as u64, (-net(ISSUANCE)).max(0) as u64)
+}
+
 /// CommonCents over a journal.
 pub struct Cents<'a> {
     pub journal: &'a mut Journal,
@@ -183,16 +192,12 @@ impl Cents<'_> {
 
     /// Cash held in the reserve, in cents.
     pub fn reserve(&self) -> u64 {
-        self.net_credit(RESERVE)
+        reserve_and_outstanding(self.journal.book()).0
     }
 
     /// Tokens in circulation.
     pub fn outstanding(&self) -> u64 {
-        self.journal
-            .book()
-            .account(account_id(ISSUANCE))
-            .map(|(_, b)| (-b.net_credit()).max(0) as u64)
-            .unwrap_or(0)
+        reserve_and_outstanding(self.journal.book()).1
     }
 
     /// Tokens held by an account (escrow or recipient).

@@ -80,6 +80,16 @@ pub fn verify(text: &str, public_key: &str) -> Result<Verified, String> {
             book.replay(&entry)
                 .map_err(|r| format!("entry {n} breaks the rules: {r}"))?;
             book.commit();
+            // A close's figures are what the journal gives at that point.
+            if let Entry::Close { close } = &entry {
+                let (reserve, outstanding) = crate::cents::reserve_and_outstanding(&book);
+                if (close.reserve_cents, close.tokens_outstanding) != (reserve, outstanding) {
+                    return Err(format!(
+                        "entry {n}: the close of {} says the reserve held {} cents and {} tokens were out; the journal gives {reserve} and {outstanding}",
+                        close.period, close.reserve_cents, close.tokens_outstanding
+                    ));
+                }
+            }
             tree.push(merkle::leaf_hash(line.as_bytes()));
         } else {
             let c: CheckpointLine = serde_json::from_str(line)

@@ -10,7 +10,7 @@ use std::path::Path;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::book::{Accepted, Account, Book, Entry, Refusal, Transfer};
+use crate::book::{Accepted, Account, Book, Entry, PeriodClosed, Refusal, Transfer};
 use crate::merkle::{self, Hash, Tree};
 use crate::store::{decode_parts, Side, SqliteStore, StatementLine, Store, SubscriberShare};
 
@@ -256,7 +256,10 @@ impl Journal {
             return Ok(());
         }
         let mut side = std::borrow::Cow::Borrowed(side);
-        if side.iter().any(|s| matches!(s, Side::Statement { .. })) {
+        if side
+            .iter()
+            .any(|s| matches!(s, Side::Statement { .. } | Side::Close { .. }))
+        {
             let mut lines: Vec<u64> = Vec::new();
             for s in side.to_mut() {
                 match s {
@@ -280,6 +283,12 @@ impl Journal {
                                 }
                             })?;
                         }
+                    }
+                    Side::Close { close, seq } => {
+                        *seq = self.tree.len() + entries.len() as u64;
+                        entries.push(Entry::Close {
+                            close: close.clone(),
+                        });
                     }
                     Side::Payout { .. } => {}
                 }
@@ -376,6 +385,25 @@ impl Journal {
                     via: statement.via,
                     amount,
                 });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every close, oldest first: the policy each applied and where
+    /// CommonCents stood after it.
+    pub fn closes(&mut self) -> Result<Vec<PeriodClosed>, JournalError> {
+        let mut out = Vec::new();
+        for seq in self.store.close_entries()? {
+            let bytes = self.store.entry(seq)?.unwrap_or_default();
+            match serde_json::from_slice(&bytes) {
+                Ok(Entry::Close { close }) => out.push(close),
+                _ => {
+                    return Err(JournalError::Malformed {
+                        seq,
+                        message: "a period's close names an entry that is no close".into(),
+                    })
+                }
             }
         }
         Ok(out)

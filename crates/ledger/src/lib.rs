@@ -25,5 +25,7 @@ pub mod period;
 pub mod proof;
 pub mod store;
 
-pub use book::{flags, Accepted, Account, Balance, Book, Entry, Refusal, Statement, Transfer};
+pub use book::{
+    flags, Accepted, Account, Balance, Book, Entry, PeriodClosed, Refusal, Statement, Transfer,
+};
 pub use journal::{Checkpoint, Journal, JournalError};

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::allocation::{allocate, largest_remainder, Context, Recipient, SiteUsage};
-use crate::book::{Statement, Transfer};
+use crate::book::{PeriodClosed, Statement, Transfer};
 use crate::cents::{account_id, code, recipient_account, transfer_id, Cents, CentsError, TOKENS};
 use crate::journal::{now_ns, Journal, JournalError};
 use crate::store::Side;
@@ -299,6 +299,26 @@ pub fn close_period(
             closed.paid_out_cents +=
                 cents.redeem(&format!("auto:{period}:{account}:{held}"), account, held)?;
         }
+    }
+    // Where CommonCents stand after it, under which policy: the books'
+    // history, in the journal (a close that did nothing new adds nothing).
+    if closed.subscribers > 0 {
+        let record = PeriodClosed {
+            period: period.into(),
+            policy: ctx.policy.clone(),
+            subscribers: closed.subscribers as u64,
+            tokens_allocated: closed.tokens_allocated,
+            reserve_cents: cents.reserve(),
+            tokens_outstanding: cents.outstanding(),
+        };
+        apply(
+            cents,
+            &[],
+            &[Side::Close {
+                close: record,
+                seq: 0,
+            }],
+        )?;
     }
     closed.unknown_sites = unknown.into_iter().collect();
     Ok(closed)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use rusqlite::params;
 
-use crate::book::Statement;
+use crate::book::{PeriodClosed, Statement};
 use crate::journal::{Checkpoint, JournalError};
 
 /// A record written in the same transaction as a batch of entries.
@@ -16,6 +16,8 @@ pub enum Side {
     /// Adds to a statement line; `seq` is the journal entry that commits
     /// it (the journal sets it when it appends that entry).
     Statement { statement: Statement, seq: u64 },
+    /// A period's close, committed as an entry like a statement line.
+    Close { close: PeriodClosed, seq: u64 },
     /// Adds to what a recipient has been paid for a period.
     Payout {
         period: String,
@@ -139,6 +141,8 @@ pub trait Store: Send {
     ) -> Result<Vec<u64>, JournalError>;
     /// One entry's exact bytes.
     fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError>;
+    /// The entries that record periods' closes, oldest first.
+    fn close_entries(&mut self) -> Result<Vec<u64>, JournalError>;
     /// A subscriber's parts of statement lines, by period: (period, parts
     /// as [`encode_parts`] wrote them).
     fn shares(
@@ -168,6 +172,7 @@ CREATE TABLE IF NOT EXISTS period_payouts (
 CREATE TABLE IF NOT EXISTS statement_entries (
     seq BIGINT PRIMARY KEY, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS statement_entries_recipient ON statement_entries (recipient, period);
+CREATE TABLE IF NOT EXISTS period_closes (seq BIGINT PRIMARY KEY, period TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subscriber_shares (
     subscriber TEXT NOT NULL, period TEXT NOT NULL, parts BLOB NOT NULL,
     PRIMARY KEY (subscriber, period));
@@ -191,6 +196,8 @@ const INSERT_STATEMENT_SQL: &str = "INSERT INTO statements (period, recipient, s
 const INSERT_PAYOUT_SQL: &str =
     "INSERT INTO period_payouts (period, recipient, paid) VALUES ($1, $2, $3)
      ON CONFLICT (period, recipient) DO UPDATE SET paid = period_payouts.paid + excluded.paid";
+const INSERT_CLOSE_SQL: &str = "INSERT INTO period_closes (seq, period) VALUES ($1, $2)";
+const CLOSES_SQL: &str = "SELECT seq FROM period_closes ORDER BY seq";
 const INSERT_STATEMENT_ENTRY_SQL: &str =
     "INSERT INTO statement_entries (seq, period, recipient, site) VALUES ($1, $2, $3, $4)";
 const INSERT_SHARE_SQL: &str =
@@ -271,6 +278,7 @@ impl Store for SqliteStore {
             let mut statement_entry = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_ENTRY_SQL))?;
             let mut payout = tx.prepare_cached(&sqlite_sql(INSERT_PAYOUT_SQL))?;
             let mut share = tx.prepare_cached(&sqlite_sql(INSERT_SHARE_SQL))?;
+            let mut close = tx.prepare_cached(&sqlite_sql(INSERT_CLOSE_SQL))?;
             for s in side {
                 match s {
                     Side::Statement { statement: l, seq } => {
@@ -302,6 +310,9 @@ impl Store for SqliteStore {
                         parts,
                     } => {
                         share.execute(params![subscriber, period, encode_parts(parts)])?;
+                    }
+                    Side::Close { close: c, seq } => {
+                        close.execute(params![*seq as i64, c.period])?;
                     }
                 }
             }
@@ -403,6 +414,14 @@ impl Store for SqliteStore {
         }
     }
 
+    fn close_entries(&mut self) -> Result<Vec<u64>, JournalError> {
+        let mut stmt = self.conn.prepare(CLOSES_SQL)?;
+        let rows = stmt
+            .query_map([], |r| Ok(r.get::<_, i64>(0)? as u64))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     fn shares(
         &mut self,
         subscriber: &str,
@@ -448,6 +467,7 @@ CREATE TABLE IF NOT EXISTS period_payouts (
 CREATE TABLE IF NOT EXISTS statement_entries (
     seq BIGINT PRIMARY KEY, period TEXT NOT NULL, recipient TEXT NOT NULL, site TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS statement_entries_recipient ON statement_entries (recipient, period);
+CREATE TABLE IF NOT EXISTS period_closes (seq BIGINT PRIMARY KEY, period TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subscriber_shares (
     subscriber TEXT NOT NULL, period TEXT NOT NULL, parts BYTEA NOT NULL,
     PRIMARY KEY (subscriber, period));
@@ -566,6 +586,10 @@ impl Store for PgStore {
                     )
                     .map_err(pg)?;
                 }
+                Side::Close { close, seq } => {
+                    tx.execute(INSERT_CLOSE_SQL, &[&(*seq as i64), &close.period])
+                        .map_err(pg)?;
+                }
             }
         }
         tx.commit().map_err(pg)
@@ -654,6 +678,11 @@ impl Store for PgStore {
         Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
     }
 
+    fn close_entries(&mut self) -> Result<Vec<u64>, JournalError> {
+        let rows = self.client.query(CLOSES_SQL, &[]).map_err(pg)?;
+        Ok(rows.iter().map(|r| r.get::<_, i64>(0) as u64).collect())
+    }
+
     fn shares(
         &mut self,
         subscriber: &str,
@@ -690,7 +719,12 @@ mod tests {
 
     #[test]
     fn parts_round_trip_and_bad_bytes_are_refused() {
-        let parts = vec![(1_000_000, 207), (7, 0), (u64::MAX, u64::MAX), (1_000_001, 1)];
+        let parts = vec![
+            (1_000_000, 207),
+            (7, 0),
+            (u64::MAX, u64::MAX),
+            (1_000_001, 1),
+        ];
         let bytes = encode_parts(&parts);
         let mut sorted = parts.clone();
         sorted.sort_unstable();

@@ -87,6 +87,33 @@ fn mint_allocate_redeem() {
     // Closing twice changes nothing.
     let again = close_period(&mut c, &ctx, &registry, "2026-11", &usage).unwrap();
     assert_eq!(again.subscribers, 0);
+    // One record of the close, with the policy and where CommonCents stood.
+    let closes = c.journal.closes().unwrap();
+    assert_eq!(
+        closes.len(),
+        1,
+        "a close that did nothing new records nothing"
+    );
+    assert_eq!(
+        (
+            closes[0].period.as_str(),
+            closes[0].policy.version,
+            closes[0].tokens_allocated,
+            closes[0].reserve_cents,
+            closes[0].tokens_outstanding
+        ),
+        ("2026-11", 1, 470, 100_470, 100_470)
+    );
+    // An export whose close claims another reserve does not verify.
+    let key = commons_ledger::journal::load_or_create_key(&dir.join("close.key")).unwrap();
+    c.journal.checkpoint(&key).unwrap();
+    let text = commons_ledger::export::export(c.journal).unwrap();
+    let public = commons_ledger::hex::encode(key.verifying_key().as_bytes());
+    commons_ledger::export::verify(&text, &public).unwrap();
+    let forged = text.replace(r#""reserve_cents":100470"#, r#""reserve_cents":100471"#);
+    assert_ne!(forged, text);
+    let err = commons_ledger::export::verify(&forged, &public).unwrap_err();
+    assert!(err.contains("the journal gives 100470"), "{err}");
     assert_eq!(held(&c, Recipient::Operator("O".into())), 207);
     // The operator's statement: what, from which site, under which policy.
     let st = statement(

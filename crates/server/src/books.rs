@@ -45,6 +45,9 @@ pub struct Books {
     pub policy: commons_ledger::allocation::Policy,
     /// What every closed period allocated, by kind of recipient.
     pub periods: Vec<crate::app::money::PeriodTotals>,
+    /// Every close, oldest first, as the journal records it: the policy it
+    /// applied, the reserve and the tokens outstanding after it.
+    pub closes: Vec<commons_ledger::PeriodClosed>,
 }
 
 /// Tokens held by one holder or kind of holder.
@@ -113,6 +116,7 @@ pub fn read(state: &AppState) -> Result<Books, AppError> {
         }
     }
     recipients.sort_by(|a, b| b.tokens.cmp(&a.tokens).then(a.name.cmp(&b.name)));
+    let closes = journal.closes().map_err(ledger_failed)?;
     drop(journal);
     let policy = crate::periods::MoneySettings::load(&state.home)
         .map_err(ledger_failed)?
@@ -122,6 +126,7 @@ pub fn read(state: &AppState) -> Result<Books, AppError> {
     Ok(Books {
         policy,
         periods,
+        closes,
         reserve_cents,
         tokens_outstanding,
         price_cents: (tokens_outstanding > 0)
@@ -165,6 +170,73 @@ pub async fn export(State(state): State<Arc<AppState>>) -> Result<Response, AppE
         text,
     )
         .into_response())
+}
+
+/// Cents a token was worth after a close.
+fn price(c: &commons_ledger::PeriodClosed) -> f64 {
+    c.reserve_cents as f64 / c.tokens_outstanding.max(1) as f64
+}
+
+/// Each policy the closes applied, with the periods it applied to, in order.
+fn policy_history(
+    closes: &[commons_ledger::PeriodClosed],
+) -> Vec<(&commons_ledger::allocation::Policy, Vec<&str>)> {
+    let mut out: Vec<(&commons_ledger::allocation::Policy, Vec<&str>)> = Vec::new();
+    for c in closes {
+        match out.last_mut() {
+            Some((p, periods)) if **p == c.policy => periods.push(&c.period),
+            _ => out.push((&c.policy, vec![&c.period])),
+        }
+    }
+    out
+}
+
+/// The price after each close, as a line over the periods.
+fn price_chart(closes: &[commons_ledger::PeriodClosed]) -> maud::Markup {
+    let (width, height, pad) = (640.0, 160.0, 24.0);
+    let prices: Vec<f64> = closes.iter().map(price).collect();
+    let top = prices
+        .iter()
+        .cloned()
+        .fold(0.0, f64::max)
+        .max(f64::MIN_POSITIVE)
+        * 1.1;
+    let step = if closes.len() > 1 {
+        (width - 2.0 * pad) / (closes.len() - 1) as f64
+    } else {
+        0.0
+    };
+    let points: Vec<(f64, f64)> = prices
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                pad + i as f64 * step,
+                height - pad - p / top * (height - 2.0 * pad),
+            )
+        })
+        .collect();
+    let line: Vec<String> = points
+        .iter()
+        .map(|(x, y)| format!("{x:.1},{y:.1}"))
+        .collect();
+    let described: Vec<String> = closes
+        .iter()
+        .zip(&prices)
+        .map(|(c, p)| format!("{}: {p:.4} cents a token", c.period))
+        .collect();
+    html! {
+        svg role="img" aria-label=(format!("Price of a token after each close: {}", described.join("; ")))
+            width="100%" viewBox=(format!("0 0 {width} {height}")) {
+            polyline points=(line.join(" ")) fill="none" stroke="#14365d" stroke-width="2";
+            @for ((x, y), (c, p)) in points.iter().zip(closes.iter().zip(&prices)) {
+                circle cx=(format!("{x:.1}")) cy=(format!("{y:.1}")) r="4" fill="#14365d" {
+                    title { (c.period) ": " (format!("{p:.4}")) " cents a token" }
+                }
+                text x=(format!("{x:.1}")) y=(height - 6.0) font-size="11" text-anchor="middle" { (c.period) }
+            }
+        }
+    }
 }
 
 /// Basis points as a percentage.
@@ -255,6 +327,19 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
                     }
                 }
             }
+            @if !books.closes.is_empty() {
+                h2 { "CommonCents over time" }
+                (price_chart(&books.closes))
+                table {
+                    tr { th { "Closed" } th { "Price (cents a token)" } th { "Reserve" } th { "Tokens out" }
+                         th { "Subscribers" } th { "Allocated" } th { "Policy" } }
+                    @for c in &books.closes {
+                        tr { td { (c.period) } td { (format!("{:.4}", price(c))) } td { (dollars(c.reserve_cents)) }
+                             td { (c.tokens_outstanding) } td { (c.subscribers) } td { (c.tokens_allocated) }
+                             td { "v" (c.policy.version) } }
+                    }
+                }
+            }
             h2 { "The allocation policy" }
             @let p = &books.policy;
             p { "Version " (p.version) ", applied at the next close. Statements name the version each line was allocated under." }
@@ -264,6 +349,19 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
                 tr { th scope="row" { "Projects, at least" } td { (bps(p.projects_min_bps)) " of the operator's part" } }
                 tr { th scope="row" { "A project keeps, at least" } td { (bps(p.project_keep_min_bps)) " of what it receives" } }
                 tr { th scope="row" { "Upstream levels" } td { (p.max_depth) } }
+            }
+            @let history = policy_history(&books.closes);
+            @if history.len() > 1 || history.first().is_some_and(|(v, _)| v.version != p.version) {
+                h3 { "Versions applied so far" }
+                table {
+                    tr { th { "Version" } th { "Closes" } th { "Fund" } th { "Providers" } th { "Projects, at least" }
+                         th { "Project keeps" } th { "Levels" } }
+                    @for (v, periods) in &history {
+                        tr { td { "v" (v.version) } td { (periods.join(", ")) } td { (bps(v.general_fund_bps)) }
+                             td { (bps(v.providers_bps)) } td { (bps(v.projects_min_bps)) }
+                             td { (bps(v.project_keep_min_bps)) } td { (v.max_depth) } }
+                    }
+                }
             }
             h2 { "The journal" }
             p { (books.journal_entries) " entries." }
