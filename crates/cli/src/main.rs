@@ -240,8 +240,8 @@ enum TokenCommand {
     Create {
         /// What the token is for.
         name: String,
-        /// usage:write, usage:read, billing:read, runtime:wake, deployments:read,
-        /// periods:close, session or admin (repeatable).
+        /// usage:write, usage:read, billing:read, billing:write, runtime:wake,
+        /// deployments:read, periods:close, session or admin (repeatable).
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
     },

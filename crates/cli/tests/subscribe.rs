@@ -302,4 +302,91 @@ fn a_user_subscribes_through_stripe_checkout_and_the_webhook_starts_it() {
     let last = stripe.seen().pop().unwrap();
     assert_eq!(last.form["subscription_data[metadata][tier]"], "patron");
     assert_ne!(last.form["client_reference_id"], ann_id);
+
+    // An operator refunds the upgrade's payment: Stripe refunds the card
+    // (POST /v1/refunds with the invoice's charge), its webhook records it,
+    // and the subscription lapses. Once only.
+    let operator = Api::token(
+        server.port,
+        s.ok(&["token", "create", "refunds", "--scope", "billing:write"])
+            .stdout()
+            .trim(),
+    );
+    let upgrade = format!("in_{session_id}_subscription_update");
+    let before = stripe.seen().len();
+    let (code, refund) = operator.post(&format!("/api/payments/{upgrade}/refund"), Value::Null);
+    assert_eq!(code, 200, "{refund}");
+    // What the payment brought in: 10.00 USD less Stripe's 0.59 USD fee.
+    assert_eq!(
+        (refund["status"].as_str(), refund["amount"].as_u64()),
+        (Some("requested"), Some(941))
+    );
+    let seen = stripe.seen()[before..].to_vec();
+    // Retrieve the invoice (GET /v1/invoices/{id}) for its charge.
+    assert_eq!(
+        (seen[0].method.as_str(), seen[0].path.as_str()),
+        ("GET", format!("/v1/invoices/{upgrade}").as_str())
+    );
+    // Create a refund (POST /v1/refunds): charge, amount in the smallest
+    // currency unit, reason, metadata; idempotent.
+    let r = &seen[1];
+    assert_eq!(
+        (r.method.as_str(), r.path.as_str()),
+        ("POST", "/v1/refunds")
+    );
+    assert_eq!(r.form["charge"], format!("ch_{upgrade}"));
+    assert_eq!(r.form["amount"], "941");
+    assert_eq!(r.form["reason"], "requested_by_customer");
+    assert_eq!(r.form["metadata[payment]"], upgrade);
+    assert_eq!(r.headers["idempotency-key"], format!("refund-{upgrade}"));
+    assert_eq!(r.headers["authorization"], format!("Bearer {SECRET_KEY}"));
+    let (_, money) = web.get("/api/me/money");
+    assert_eq!(money["payments"][1]["refunded"], 941, "{money}");
+    assert_eq!(
+        web.get("/api/me/subscription").1["subscription"]["status"],
+        "lapsed"
+    );
+    let (code, p) = operator.post(&format!("/api/payments/{upgrade}/refund"), Value::Null);
+    assert_eq!(
+        (code, p["title"].as_str()),
+        (409, Some("Already refunded")),
+        "{p}"
+    );
+    let (code, p) = operator.post("/api/payments/in_nothing/refund", Value::Null);
+    assert_eq!(code, 404, "{p}");
+    let (code, _) = web.post(&format!("/api/payments/{upgrade}/refund"), Value::Null);
+    assert_eq!(code, 401, "a user's session is no operator's token");
+
+    // The manual path, for payments by hand: recorded, then refunded at once.
+    let cara = signup(server.port, "cara@example.org", "Cara");
+    let cara_id = cara["user"]["id"].as_str().unwrap();
+    let manual = json!({ "reference": "bank-7", "user": cara_id, "tier": "member" });
+    let (code, paid) = operator.post("/api/payments/manual", manual.clone());
+    assert_eq!(
+        (code, paid["payment_id"].as_str()),
+        (201, Some("manual:bank-7")),
+        "{paid}"
+    );
+    let (code, _) = operator.post("/api/payments/manual", manual);
+    assert_eq!(code, 201, "a repeat is harmless");
+    let cara_web = login(server.port, "cara@example.org", true);
+    assert_eq!(
+        cara_web.get("/api/me/subscription").1["subscription"]["tier"],
+        "member"
+    );
+    let (code, p) = operator.post(
+        "/api/payments/manual",
+        json!({ "reference": "bank-8", "user": "nobody", "tier": "member" }),
+    );
+    assert_eq!(code, 422, "{p}");
+    let (code, refund) = operator.post("/api/payments/manual:bank-7/refund", Value::Null);
+    assert_eq!(
+        (code, refund["status"].as_str(), refund["amount"].as_u64()),
+        (200, Some("refunded"), Some(500)),
+        "{refund}"
+    );
+    assert_eq!(
+        cara_web.get("/api/me/subscription").1["subscription"]["status"],
+        "lapsed"
+    );
 }

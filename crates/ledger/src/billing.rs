@@ -103,6 +103,20 @@ pub struct Payment {
     pub paid_at_ms: i64,
 }
 
+const PAYMENT_COLUMNS: &str = "payment_id, gross, fee, tokens, refunded, paid_at_ms";
+
+/// The payment in [`PAYMENT_COLUMNS`] from column `at` of `r` on.
+fn payment_at(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Payment> {
+    Ok(Payment {
+        payment_id: r.get(at)?,
+        gross: r.get::<_, i64>(at + 1)? as u64,
+        fee: r.get::<_, i64>(at + 2)? as u64,
+        tokens: r.get::<_, i64>(at + 3)? as u64,
+        refunded: r.get::<_, i64>(at + 4)? as u64,
+        paid_at_ms: r.get(at + 5)?,
+    })
+}
+
 /// What handling a payment event did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -156,6 +170,18 @@ impl Billing {
         })
     }
 
+    /// One payment and who made it.
+    pub fn payment(&self, payment_id: &str) -> Result<Option<(String, Payment)>, BillingError> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT user, {PAYMENT_COLUMNS} FROM payments WHERE payment_id = ?1"),
+                [payment_id],
+                |r| Ok((r.get(0)?, payment_at(r, 1)?)),
+            )
+            .optional()?)
+    }
+
     /// `user`'s payments made in `[from_ms, to_ms)`, oldest first.
     pub fn payments(
         &self,
@@ -163,21 +189,12 @@ impl Billing {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Payment>, BillingError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT payment_id, gross, fee, tokens, refunded, paid_at_ms FROM payments
-             WHERE user = ?1 AND paid_at_ms >= ?2 AND paid_at_ms < ?3 ORDER BY paid_at_ms, payment_id",
-        )?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments
+             WHERE user = ?1 AND paid_at_ms >= ?2 AND paid_at_ms < ?3 ORDER BY paid_at_ms, payment_id"
+        ))?;
         let rows = stmt
-            .query_map(params![user, from_ms, to_ms], |r| {
-                Ok(Payment {
-                    payment_id: r.get(0)?,
-                    gross: r.get::<_, i64>(1)? as u64,
-                    fee: r.get::<_, i64>(2)? as u64,
-                    tokens: r.get::<_, i64>(3)? as u64,
-                    refunded: r.get::<_, i64>(4)? as u64,
-                    paid_at_ms: r.get(5)?,
-                })
-            })?
+            .query_map(params![user, from_ms, to_ms], |r| payment_at(r, 0))?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }

@@ -270,4 +270,15 @@ impl Manual {
             subscription: None,
         }
     }
+
+    /// Money given back for payment `payment_id`, as an event: once per
+    /// payment (its id is the payment's).
+    pub fn refund(payment_id: &str, user: &str, amount: u64) -> PaymentEvent {
+        PaymentEvent::Refunded {
+            event_id: format!("refund:{payment_id}"),
+            payment_id: payment_id.into(),
+            user: user.into(),
+            amount,
+        }
+    }
 }

@@ -38,6 +38,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/deployments/{name}", get(platform::deployment_status))
         .route("/api/daemon", get(platform::daemon))
         .route("/api/periods/{period}/close", post(platform::close_period))
+        .route("/api/payments/manual", post(platform::manual_payment))
+        .route("/api/payments/{id}/refund", post(platform::refund))
         .route("/api/signup", post(api::accounts::signup))
         .route("/api/login", post(api::accounts::login))
         .route("/api/logout", post(api::accounts::logout))

@@ -70,6 +70,8 @@ impl Modify for Bearer {
         crate::my_usage::usage_json,
         crate::my_money::money_json,
         crate::platform::close_period,
+        crate::platform::manual_payment,
+        crate::platform::refund,
         crate::statements::statement_json,
         crate::statements::proof_json,
         crate::books::export,

@@ -17,6 +17,9 @@
 //! - `POST /api/periods/{period}/close` — closes a billing period: every
 //!   subscriber's escrow is allocated by what they used (scope
 //!   `periods:close`); closing twice changes nothing.
+//! - `POST /api/payments/manual` — a payment made by hand (scope
+//!   `billing:write`); `POST /api/payments/{id}/refund` — gives a payment
+//!   back (scope `billing:write`): through Stripe for card payments.
 //! - `GET /api/daemon` — the daemon itself, over the local socket only.
 //! - `GET /healthz` (alive), `GET /readyz` (every store answers).
 //!
@@ -554,5 +557,88 @@ pub(crate) async fn close_period(
             "the task stopped",
             None,
         ),
+    }
+}
+
+/// A payment recorded by hand.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ManualPayment {
+    /// The operator's own reference (a bank transfer's): a repeat is harmless.
+    reference: String,
+    /// The paying user's id.
+    user: String,
+    /// A paid tier.
+    tier: String,
+    /// Cents received [default: the tier's price].
+    amount: Option<u64>,
+    /// Cents the bank kept [default: 0].
+    #[serde(default)]
+    fee: u64,
+}
+
+/// Records a payment made by hand, for platforms that take no cards.
+#[utoipa::path(
+    post, path = "/api/payments/manual", tag = "billing",
+    request_body = ManualPayment,
+    responses(
+        (status = 201, description = "`{payment_id}`: recorded (again: nothing changed)", body = Object),
+        (status = 400, description = "not such a payment", body = Problem, content_type = "application/problem+json"),
+        crate::schema::NoBearer,
+        (status = 403, description = "the token lacks billing:write", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no such paid tier or user", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["billing:write"]))
+)]
+pub(crate) async fn manual_payment(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = authorise(&state, &caller, "billing:write") {
+        return *r;
+    }
+    let p: ManualPayment = match crate::web::json_body(&body) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match crate::app::billing::record_manual(
+        &state,
+        &p.reference,
+        &p.user,
+        &p.tier,
+        p.amount,
+        p.fee,
+    ) {
+        Ok(id) => crate::web::created(serde_json::json!({ "payment_id": id })),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Gives a payment back before its tokens are allocated.
+#[utoipa::path(
+    post, path = "/api/payments/{id}/refund", tag = "billing",
+    params(("id" = String, Path, description = "the payment's id (a Stripe invoice's, or `manual:REFERENCE`)")),
+    responses(
+        (status = 200, description = "`{payment_id, amount, status: refunded|requested, provider_refund}`: refunded in the ledger, or asked of Stripe, whose webhook records it", body = Object),
+        crate::schema::NoBearer,
+        (status = 403, description = "the token lacks billing:write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such payment", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "refunded already, or its tokens are allocated", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the payment provider refused or could not be reached", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = ["billing:write"]))
+)]
+pub(crate) async fn refund(
+    State(state): State<Arc<AppState>>,
+    caller: Caller,
+    UrlPath(id): UrlPath<String>,
+) -> Response {
+    if let Err(r) = authorise(&state, &caller, "billing:write") {
+        return *r;
+    }
+    match crate::app::billing::refund(&state, &id).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
     }
 }

@@ -1,5 +1,5 @@
 //! Stripe's API, as the platform calls it: a hosted Checkout Session that
-//! subscribes a user to a tier, changing its price, cancelling it. Every request follows Stripe's API
+//! subscribes a user to a tier, changing its price, cancelling it, refunding. Every request follows Stripe's API
 //! reference — parameters form-encoded, the secret key as the bearer
 //! token, a pinned `Stripe-Version`, and an `Idempotency-Key` so a request
 //! sent twice makes one session. What Stripe answers comes back through
@@ -159,6 +159,34 @@ impl StripeApi {
         ];
         self.post_form(&url, &form, idempotency_key).await?;
         Ok(())
+    }
+
+    /// Refunds `amount` of the payment of invoice `invoice` to the card it
+    /// came from (the invoice's charge). Stripe confirms it with the
+    /// `charge.refunded` webhook, which is when the ledger records it.
+    pub async fn refund_invoice(&self, invoice: &str, amount: u64) -> Result<String, AppError> {
+        let base = self.settings.api_base.trim_end_matches('/');
+        let url = format!("{base}/v1/invoices/{}", crate::outbound::segment(invoice));
+        let found = self.send(hyper::Method::GET, &url, None, None).await?;
+        let Some(charge) = found["charge"].as_str() else {
+            return Err(unavailable(format!(
+                "Stripe's invoice {invoice} has no charge to refund"
+            )));
+        };
+        let form = [
+            ("charge".to_string(), charge.to_string()),
+            ("amount".to_string(), amount.to_string()),
+            ("reason".to_string(), "requested_by_customer".to_string()),
+            ("metadata[payment]".to_string(), invoice.to_string()),
+        ];
+        let refund = self
+            .post_form(
+                &format!("{base}/v1/refunds"),
+                &form,
+                &format!("refund-{invoice}"),
+            )
+            .await?;
+        Ok(refund["id"].as_str().unwrap_or_default().to_string())
     }
 
     /// One POST of form-encoded parameters, as Stripe's API takes them.

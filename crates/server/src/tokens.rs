@@ -18,6 +18,7 @@ pub const SCOPES: &[&str] = &[
     "runtime:wake",
     "deployments:read",
     "periods:close",
+    "billing:write",
     "session",
     // Everything: the platform's administrator (made once, at first start).
     "admin",

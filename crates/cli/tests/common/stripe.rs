@@ -128,6 +128,42 @@ fn answer(
             "Invalid API Key provided",
         );
     }
+    // An invoice this server made: its charge.
+    if let Some(invoice) = r.path.strip_prefix("/v1/invoices/") {
+        return if r.method == "GET" && invoice.starts_with("in_cs_test_") {
+            (
+                "200 OK",
+                json!({ "id": invoice, "object": "invoice", "charge": format!("ch_{invoice}") }),
+            )
+        } else {
+            error("404 Not Found", "invalid_request_error", "No such invoice")
+        };
+    }
+    // A refund of a charge: done, and the webhook says so.
+    if r.method == "POST" && r.path == "/v1/refunds" {
+        let Some(invoice) = r.form.get("charge").and_then(|c| c.strip_prefix("ch_")) else {
+            return error("400 Bad Request", "invalid_request_error", "No such charge");
+        };
+        let Ok(amount) = r.form.get("amount").map_or(Ok(0), |a| a.parse::<u64>()) else {
+            return error(
+                "400 Bad Request",
+                "invalid_request_error",
+                "Invalid integer: amount",
+            );
+        };
+        let session = invoice
+            .strip_prefix("in_")
+            .and_then(|i| i.split("_subscription").next())
+            .unwrap_or_default();
+        let Some(form) = sessions.lock().unwrap().get(session).cloned() else {
+            return error("404 Not Found", "invalid_request_error", "No such charge");
+        };
+        charge_refunded(platform, invoice, &form, amount);
+        return (
+            "200 OK",
+            json!({ "id": format!("re_{invoice}"), "object": "refund", "status": "succeeded", "amount": amount }),
+        );
+    }
     if let Some(id) = r.path.strip_prefix("/v1/subscriptions/") {
         let session = id.strip_prefix("sub_").unwrap_or_default();
         let Some(form) = sessions.lock().unwrap().get(session).cloned() else {
@@ -228,14 +264,36 @@ fn invoice_paid(
             } } } }
     }))
     .unwrap();
-    let now = commons_clock::now_secs() as i64;
-    let signature = Stripe::sign(WEBHOOK_SECRET, now, &event);
+    webhook(platform, &event)
+}
+
+/// Sends the platform a webhook event, signed as Stripe signs it; its answer.
+fn webhook(platform: &Mutex<u16>, event: &[u8]) -> (u16, String) {
+    let signature = Stripe::sign(WEBHOOK_SECRET, commons_clock::now_secs() as i64, event);
     http(
         *platform.lock().unwrap(),
         "POST",
         "/api/payments/stripe/webhook",
         &[("Stripe-Signature", &signature)],
-        &event,
+        event,
     )
     .unwrap()
+}
+
+/// Sends the platform Stripe's signed `charge.refunded` for an invoice's charge.
+fn charge_refunded(
+    platform: &Mutex<u16>,
+    invoice: &str,
+    form: &BTreeMap<String, String>,
+    amount: u64,
+) {
+    let event = serde_json::to_vec(&json!({
+        "id": format!("evt_refund_{invoice}"), "type": "charge.refunded",
+        "data": { "object": {
+            "id": format!("ch_{invoice}"), "invoice": invoice, "amount_refunded": amount,
+            "metadata": { "user": form["subscription_data[metadata][user]"] } } }
+    }))
+    .unwrap();
+    let (code, body) = webhook(platform, &event);
+    assert_eq!(code, 200, "the refund's webhook: {body}");
 }

@@ -272,3 +272,127 @@ pub async fn change(
     })?;
     Ok((change, s.expect("a subscription that was just changed")))
 }
+
+/// What a refund did.
+#[derive(Debug, serde::Serialize)]
+pub struct Refund {
+    pub payment_id: String,
+    /// Cents given back: what the payment brought in after the payment
+    /// provider's fee, which the provider does not return.
+    pub amount: u64,
+    /// `refunded` (in the ledger now) or `requested` (the payment
+    /// provider's webhook records it when the money has gone back).
+    pub status: &'static str,
+    /// The payment provider's refund, when it made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provider_refund: Option<String>,
+}
+
+/// Gives a payment back, once, before its tokens are allocated: for the
+/// platform's operators (the caller is authorised by the route). A payment
+/// made through the payment provider is refunded there; one recorded by
+/// hand is refunded in the ledger at once. The subscription lapses.
+pub async fn refund(state: &AppState, payment_id: &str) -> Result<Refund> {
+    let found = {
+        let billing = state.billing.lock().expect("billing lock");
+        billing.payment(payment_id).map_err(failed)?
+    };
+    let Some((user, payment)) = found else {
+        return Err(AppError::new(
+            ErrorKind::NotFound,
+            "No such payment",
+            format!("no payment \"{payment_id}\" was recorded"),
+        ));
+    };
+    if payment.refunded > 0 {
+        return Err(AppError::new(
+            ErrorKind::Conflict,
+            "Already refunded",
+            format!(
+                "{} cents of \"{payment_id}\" were refunded already",
+                payment.refunded
+            ),
+        ));
+    }
+    let amount = payment.gross - payment.fee;
+    if !payment_id.starts_with("manual:") {
+        let Some(stripe) = &state.stripe_api else {
+            return Err(AppError::new(
+                ErrorKind::Unavailable,
+                "Payments are not set up",
+                "the payment came through Stripe, which this platform is not configured to reach (COMMONS_STRIPE_SECRET_KEY)",
+            ));
+        };
+        let id = stripe.refund_invoice(payment_id, amount).await?;
+        return Ok(Refund {
+            payment_id: payment_id.to_string(),
+            amount,
+            status: "requested",
+            provider_refund: Some(id),
+        });
+    }
+    let event = commons_ledger::payments::Manual::refund(payment_id, &user, amount);
+    apply_event(state, &event).map_err(|e| match e {
+        commons_ledger::billing::BillingError::Cents(c) => {
+            AppError::new(ErrorKind::Conflict, "Cannot refund", c.to_string())
+        }
+        e => failed(e),
+    })?;
+    Ok(Refund {
+        payment_id: payment_id.to_string(),
+        amount,
+        status: "refunded",
+        provider_refund: None,
+    })
+}
+
+/// Records a payment made by hand (cash, a bank transfer): the operators'
+/// path, for platforms that take no cards. `reference` is theirs and makes
+/// a repeat harmless.
+pub fn record_manual(
+    state: &AppState,
+    reference: &str,
+    user: &str,
+    tier: &str,
+    amount: Option<u64>,
+    fee: u64,
+) -> Result<String> {
+    let Some(t) = tiers(state)
+        .into_iter()
+        .find(|t| t.name == tier && t.price > 0)
+    else {
+        return Err(AppError::new(
+            ErrorKind::Invalid,
+            "Unknown tier",
+            format!("there is no paid tier \"{tier}\""),
+        ));
+    };
+    if state.accounts.store().user(user).map_err(failed)?.is_none() {
+        return Err(AppError::new(
+            ErrorKind::Invalid,
+            "No such user",
+            format!("no account has the id \"{user}\""),
+        ));
+    }
+    let event = commons_ledger::payments::Manual::payment(
+        reference,
+        user,
+        tier,
+        amount.unwrap_or(t.price),
+        fee,
+    );
+    apply_event(state, &event).map_err(failed)?;
+    Ok(format!("manual:{reference}"))
+}
+
+fn apply_event(
+    state: &AppState,
+    event: &commons_ledger::payments::PaymentEvent,
+) -> std::result::Result<commons_ledger::billing::Handled, commons_ledger::billing::BillingError> {
+    let billing = state.billing.lock().expect("billing lock");
+    let mut journal = state.journal.lock().expect("journal lock");
+    let mut cents = commons_ledger::cents::Cents {
+        journal: &mut journal,
+    };
+    billing.handle(event, &mut cents, now_ms())
+}
