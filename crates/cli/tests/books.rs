@@ -154,6 +154,15 @@ fn a_user_sees_their_usage_of_the_sites() {
     assert!(counted, "{usage}");
     assert_eq!(usage["sites"][0]["site"], "club", "{usage}");
     assert!(usage["sites"][0]["events"].as_u64() >= Some(3), "{usage}");
+    // Per day and site too: today's part of the club.
+    let today = &commons_meter::format_time(commons_clock::now_ms() as i64)[..10];
+    let club_today = usage["site_days"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["day"] == today && d["site"] == "club")
+        .unwrap_or_else(|| panic!("no part of club today: {usage}"));
+    assert!(club_today["events"].as_u64() >= Some(3), "{usage}");
     // Every day of the period so far, the one with the requests among them.
     let days = usage["days"].as_array().unwrap();
     let busy: Vec<&serde_json::Value> = days.iter().filter(|d| d["requests"] != 0).collect();
@@ -167,7 +176,13 @@ fn a_user_sees_their_usage_of_the_sites() {
     // The page, with its chart and its table.
     let (code, _, page) = console.raw("GET", "/console/usage", None);
     assert_eq!(code, 200);
-    for shown in ["Your usage", "club", "role=\"img\"", "Requests per day"] {
+    for shown in [
+        "Your usage",
+        "club",
+        "role=\"img\"",
+        "Requests per day",
+        "Events per day, by site",
+    ] {
         assert!(page.contains(shown), "{shown} missing: {page}");
     }
     // Bad input is a problem document; nobody else's usage is anyone's.

@@ -214,6 +214,11 @@ CREATE TABLE IF NOT EXISTS usage (
     period TEXT NOT NULL, user TEXT NOT NULL, site TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
     events INTEGER NOT NULL,
     PRIMARY KEY (period, user, site, adjustment)) WITHOUT ROWID;
+-- The same per day: what a user's usage page charts per site.
+CREATE TABLE IF NOT EXISTS usage_days (
+    user TEXT NOT NULL, day_ms INTEGER NOT NULL, site TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
+    events INTEGER NOT NULL,
+    PRIMARY KEY (user, day_ms, site, adjustment)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS aggregates (
     window TEXT NOT NULL, start_ms INTEGER NOT NULL, dim TEXT NOT NULL, value TEXT NOT NULL,
     metric TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
@@ -334,6 +339,8 @@ impl Meter {
         // (period, user, site) -> events, for the usage table.
         let mut periods: Vec<String> = Vec::new();
         let mut pairs: FxHashMap<(usize, &str, &str), i64> = FxHashMap::default();
+        // (user, day, site) -> events, for the usage_days table.
+        let mut days: FxHashMap<(&str, i64, &str), i64> = FxHashMap::default();
         // "events:TYPE" metric names, made once per type.
         let kinds: HashMap<&str, String> = events
             .iter()
@@ -467,6 +474,9 @@ impl Meter {
                     *pairs
                         .entry((period_index(&mut periods, &period), user, site))
                         .or_default() += weight;
+                    *days
+                        .entry((user, Window::Day.start(time_ms), site))
+                        .or_default() += weight;
                 }
                 // Minutes here; hours and days are rolled up from them below.
                 let minute = Window::Minute.start(time_ms);
@@ -527,6 +537,15 @@ impl Meter {
             for ((p, user, site), n) in pairs {
                 usage.execute(params![periods[p], user, site, adjustment, n])?;
             }
+            let mut usage_day = tx.prepare_cached(
+                "INSERT INTO usage_days (user, day_ms, site, adjustment, events) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (user, day_ms, site, adjustment) DO UPDATE SET events = events + excluded.events",
+            )?;
+            let mut days: Vec<((&str, i64, &str), i64)> = days.into_iter().collect();
+            days.sort_unstable();
+            for ((user, day, site), n) in days {
+                usage_day.execute(params![user, day, site, adjustment, n])?;
+            }
         }
         tx.commit()?;
         Ok(out)
@@ -538,6 +557,7 @@ impl Meter {
         let n = tx.execute("DELETE FROM events WHERE backfill = ?1", [backfill])?;
         tx.execute("DELETE FROM aggregates WHERE adjustment = ?1", [backfill])?;
         tx.execute("DELETE FROM usage WHERE adjustment = ?1", [backfill])?;
+        tx.execute("DELETE FROM usage_days WHERE adjustment = ?1", [backfill])?;
         tx.commit()?;
         Ok(n)
     }
@@ -646,6 +666,26 @@ impl Meter {
         let rows = stmt
             .query_map(params![period, user], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// What `user` used per day and site in `[from_ms, to_ms)` (events,
+    /// backfills included): (day's start, site, events), by day then site.
+    pub fn site_days(
+        &self,
+        user: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, String, u64)>, MeterError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT day_ms, site, SUM(events) FROM usage_days
+             WHERE user = ?1 AND day_ms >= ?2 AND day_ms < ?3 GROUP BY day_ms, site ORDER BY day_ms, site",
+        )?;
+        let rows = stmt
+            .query_map(params![user, from_ms, to_ms], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.max(0) as u64))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)

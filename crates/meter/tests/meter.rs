@@ -222,6 +222,21 @@ fn aggregates_by_window_and_dimension() {
         usage["alice"],
         [("blog".to_string(), 1), ("wiki".to_string(), 2)]
     );
+    // The same per day and site, for alice's usage page.
+    let days = m.site_days("alice", all.0, all.1).unwrap();
+    let nov18 = days[0].0;
+    assert_eq!(commons_meter::format_time(nov18), "2026-11-18T00:00:00Z");
+    assert_eq!(
+        days,
+        [
+            (nov18, "blog".to_string(), 1),
+            (nov18, "wiki".to_string(), 2)
+        ]
+    );
+    assert!(m
+        .site_days("alice", nov18 + 86_400_000, i64::MAX)
+        .unwrap()
+        .is_empty());
     assert!(query(&m, Window::Day, "colour", "x", "m", Aggregation::Sum, 0, 1).is_err());
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -27,6 +27,8 @@ pub struct Usage {
     pub days: Vec<Day>,
     /// Sites used, with their events (the weights of the period's split).
     pub sites: Vec<SiteUse>,
+    /// The same per day: (day, site, events), by day then site.
+    pub site_days: Vec<SiteDay>,
     /// Requests in the period.
     pub requests: u64,
 }
@@ -36,6 +38,14 @@ pub struct Day {
     /// `YYYY-MM-DD`.
     pub day: String,
     pub requests: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SiteDay {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    pub site: String,
+    pub events: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,7 +108,18 @@ pub fn read(state: &AppState, user: &str, period: Option<&str>) -> Result<Usage,
         .into_iter()
         .map(|(site, events)| SiteUse { site, events })
         .collect();
+    let site_days = meter
+        .site_days(user, from_ms, to_ms)
+        .map_err(failed)?
+        .into_iter()
+        .map(|(start, site, events)| SiteDay {
+            day: commons_meter::format_time(start)[..10].to_string(),
+            site,
+            events,
+        })
+        .collect();
     Ok(Usage {
+        site_days,
         requests: days.iter().map(|d| d.requests).sum(),
         period,
         days,
@@ -122,7 +143,7 @@ fn account(who: &Principal) -> Result<&Member, AppError> {
     params(("period" = Option<String>, Query, pattern = r"^2[0-9]{3}-(0[1-9]|1[0-2])$",
         description = "`YYYY-MM` [default: this month]")),
     responses(
-        (status = 200, description = "`{period, days: [{day, requests}], sites: [{site, events}], requests}`", body = Object),
+        (status = 200, description = "`{period, days: [{day, requests}], sites: [{site, events}], site_days: [{day, site, events}], requests}`", body = Object),
         crate::schema::BadQuery,
         crate::schema::Unauthenticated,
         (status = 403, description = "the platform's administrator has no account", body = crate::schema::Problem, content_type = "application/problem+json"),
@@ -205,6 +226,7 @@ pub async fn page(
             @if usage.sites.is_empty() {
                 p { "None yet." }
             } @else {
+                (site_chart(&usage))
                 table {
                     tr { th { "Site" } th { "Events" } }
                     @for s in &usage.sites { tr { td { (s.site) } td { (s.events) } } }
@@ -212,4 +234,95 @@ pub async fn page(
             }
         },
     )
+}
+
+/// Colours of the busiest sites; the rest share the last.
+const SITE_COLOURS: &[&str] = &[
+    "#14365d", "#2a6f97", "#61a5c2", "#e07a5f", "#81b29a", "#f2cc8f", "#8d99ae",
+];
+
+/// What each day's use was made of: a bar a day, stacked by site (the
+/// busiest sites each a colour, the others together), with a legend.
+fn site_chart(usage: &Usage) -> maud::Markup {
+    let named = SITE_COLOURS.len() - 1;
+    let colour_of = |site: &str| {
+        let at = usage
+            .sites
+            .iter()
+            .position(|s| s.site == site)
+            .unwrap_or(named);
+        SITE_COLOURS[at.min(named)]
+    };
+    let label_of = |site: &str| {
+        if usage
+            .sites
+            .iter()
+            .position(|s| s.site == site)
+            .unwrap_or(named)
+            < named
+        {
+            site.to_string()
+        } else {
+            "other sites".to_string()
+        }
+    };
+    let day_total = |day: &str| -> u64 {
+        usage
+            .site_days
+            .iter()
+            .filter(|d| d.day == day)
+            .map(|d| d.events)
+            .sum()
+    };
+    let most = usage
+        .days
+        .iter()
+        .map(|d| day_total(&d.day))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let (bar, height) = (18usize, 160usize);
+    let width = (usage.days.len() * (bar + 6)).max(bar + 6);
+    let described: Vec<String> = usage
+        .site_days
+        .iter()
+        .map(|d| format!("{} on {}: {} events", d.site, d.day, d.events))
+        .collect();
+    // Each day's bar, its sites stacked from the bottom: (x, y, height, site part).
+    let mut segments: Vec<(usize, f64, f64, &SiteDay)> = Vec::new();
+    for (i, d) in usage.days.iter().enumerate() {
+        let mut top = height as f64;
+        for part in usage.site_days.iter().filter(|p| p.day == d.day) {
+            let h = part.events as f64 / most as f64 * height as f64;
+            top -= h;
+            segments.push((i * (bar + 6), top, h.max(0.5), part));
+        }
+    }
+    let mut legend: Vec<(String, &str)> = Vec::new();
+    for s in &usage.sites {
+        let entry = (label_of(&s.site), colour_of(&s.site));
+        if !legend.contains(&entry) {
+            legend.push(entry);
+        }
+    }
+    html! {
+        h3 { "Events per day, by site" }
+        svg role="img" aria-label=(described.join("; ")) width=(width) height=(height + 20)
+            viewBox=(format!("0 0 {width} {}", height + 20)) {
+            @for (x, y, h, part) in &segments {
+                rect x=(x) y=(format!("{y:.1}")) width=(bar) height=(format!("{h:.1}"))
+                    fill=(colour_of(&part.site)) {
+                    title { (part.site) ", " (part.day) ": " (part.events) " events" }
+                }
+            }
+            @for (i, d) in usage.days.iter().enumerate() {
+                text x=(i * (bar + 6)) y=(height + 14) font-size="10" { (&d.day[8..]) }
+            }
+        }
+        p.legend {
+            @for (label, colour) in &legend {
+                span { svg width="10" height="10" aria-hidden="true" { rect width="10" height="10" fill=(colour); } " " (label) " " }
+            }
+        }
+    }
 }
