@@ -228,6 +228,30 @@ fn a_subscriber_follows_their_money_from_checkout_to_the_open_books() {
         assert!(csv.lines().any(|l| l == row), "{row} not in {csv}");
     }
 
+    // The books' totals of the period: paid, fees, and the close's split of
+    // the rest, which sums to it.
+    let (_, books_json) = anon.get("/api/books");
+    let totals = books_json["periods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["period"] == period.as_str())
+        .unwrap_or_else(|| panic!("no totals for {period}: {books_json}"))
+        .clone();
+    assert_eq!(
+        (totals["paid_cents"].as_u64(), totals["fees_cents"].as_u64()),
+        (Some(500), Some(45))
+    );
+    let parts: u64 = ["general_fund", "providers", "operators", "projects"]
+        .iter()
+        .map(|k| totals[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        (totals["allocated"].as_u64(), parts),
+        (Some(tokens), tokens),
+        "{totals}"
+    );
+
     // A statement line's proof of inclusion verifies offline; changed, it fails.
     let (code, proofs) = anon.get(&format!(
         "/api/books/proof?recipient=operator:local&period={period}"
@@ -293,8 +317,10 @@ fn a_subscriber_follows_their_money_from_checkout_to_the_open_books() {
         arrive(&c, "Open books").await;
         accessible(&c, "books").await;
         let page = c.source().await.unwrap();
+        assert!(page.contains("Periods") && page.contains(&period), "{page}");
+        // What Fay paid and Stripe kept, beside what the close allocated.
         assert!(
-            page.contains("Closed periods") && page.contains(&period),
+            page.contains("5.00 USD") && page.contains("0.45 USD"),
             "{page}"
         );
         assert!(

@@ -182,6 +182,27 @@ impl Billing {
             .optional()?)
     }
 
+    /// Per period (`YYYY-MM`, by when they were paid), oldest first: the
+    /// cents paid, kept by payment providers, and refunded.
+    pub fn paid_per_period(&self) -> Result<Vec<(String, u64, u64, u64)>, BillingError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT strftime('%Y-%m', paid_at_ms / 1000, 'unixepoch') AS period,
+                    SUM(gross), SUM(fee), SUM(refunded)
+             FROM payments GROUP BY period ORDER BY period",
+        )?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, i64>(2)? as u64,
+                    r.get::<_, i64>(3)? as u64,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     /// `user`'s payments made in `[from_ms, to_ms)`, oldest first.
     pub fn payments(
         &self,

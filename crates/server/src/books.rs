@@ -228,7 +228,7 @@ fn price_chart(closes: &[commons_ledger::PeriodClosed]) -> maud::Markup {
     html! {
         svg role="img" aria-label=(format!("Price of a token after each close: {}", described.join("; ")))
             width="100%" viewBox=(format!("0 0 {width} {height}")) {
-            polyline points=(line.join(" ")) fill="none" stroke="#14365d" stroke-width="2";
+            polyline points=(line.join(" ")) fill="none" stroke="#14365d" stroke-width="2" {}
             @for ((x, y), (c, p)) in points.iter().zip(closes.iter().zip(&prices)) {
                 circle cx=(format!("{x:.1}")) cy=(format!("{y:.1}")) r="4" fill="#14365d" {
                     title { (c.period) ": " (format!("{p:.4}")) " cents a token" }
@@ -314,16 +314,20 @@ pub async fn page(State(state): State<Arc<AppState>>) -> Response {
                     } td { (h.tokens) } }
                 }
             }
-            h2 { "Closed periods" }
+            h2 { "Periods" }
             @if books.periods.is_empty() {
-                p { "No period has closed yet." }
+                p { "Nothing paid or closed yet." }
             } @else {
+                p { "What subscribers paid in each period (in dollars), and what its close allocated \
+                     (in CommonCents)." }
                 table {
-                    tr { th { "Period" } th { "Allocated" } th { "General fund" } th { "Providers" }
+                    tr { th { "Period" } th { "Paid" } th { "Payment fees" } th { "Refunded" }
+                         th { "Allocated" } th { "General fund" } th { "Providers" }
                          th { "Operators" } th { "Projects" } th { "Recipients" } }
                     @for t in &books.periods {
-                        tr { td { (t.period) } td { (t.allocated) } td { (t.general_fund) } td { (t.providers) }
-                             td { (t.operators) } td { (t.projects) } td { (t.recipients) } }
+                        tr { td { (t.period) } td { (dollars(t.paid_cents)) } td { (dollars(t.fees_cents)) }
+                             td { (dollars(t.refunded_cents)) } td { (t.allocated) } td { (t.general_fund) }
+                             td { (t.providers) } td { (t.operators) } td { (t.projects) } td { (t.recipients) } }
                     }
                 }
             }

@@ -321,7 +321,7 @@ fn site_chart(usage: &Usage) -> maud::Markup {
         }
         p.legend {
             @for (label, colour) in &legend {
-                span { svg width="10" height="10" aria-hidden="true" { rect width="10" height="10" fill=(colour); } " " (label) " " }
+                span { svg width="10" height="10" aria-hidden="true" { rect width="10" height="10" fill=(colour) {} } " " (label) " " }
             }
         }
     }

@@ -265,10 +265,17 @@ pub fn proofs(
     statement_proofs(&mut journal, &account, period, &checkpoint).map_err(failed)
 }
 
-/// What one period's close paid out, by kind of recipient.
+/// One period's money: what subscribers paid in it, and what its close
+/// allocated, by kind of recipient.
 #[derive(Debug, Default, Serialize)]
 pub struct PeriodTotals {
     pub period: String,
+    /// Cents paid by subscribers in the period.
+    pub paid_cents: u64,
+    /// Cents of it the payment providers kept.
+    pub fees_cents: u64,
+    /// Cents given back.
+    pub refunded_cents: u64,
     /// Every token allocated: the sum of the others.
     pub allocated: u64,
     pub general_fund: u64,
@@ -279,8 +286,14 @@ pub struct PeriodTotals {
     pub recipients: usize,
 }
 
-/// Totals of every closed period, oldest first.
+/// Totals of every period with payments or a close, oldest first.
 pub fn period_totals(state: &AppState) -> Result<Vec<PeriodTotals>> {
+    let paid = state
+        .billing
+        .lock()
+        .expect("billing lock")
+        .paid_per_period()
+        .map_err(failed)?;
     let rows = state
         .journal
         .lock()
@@ -307,6 +320,21 @@ pub fn period_totals(state: &AppState) -> Result<Vec<PeriodTotals>> {
             _ => {}
         }
     }
+    for (period, gross, fees, refunded) in paid {
+        let at = match out.iter().position(|t| t.period == period) {
+            Some(at) => at,
+            None => {
+                out.push(PeriodTotals {
+                    period,
+                    ..PeriodTotals::default()
+                });
+                out.len() - 1
+            }
+        };
+        let t = &mut out[at];
+        (t.paid_cents, t.fees_cents, t.refunded_cents) = (gross, fees, refunded);
+    }
+    out.sort_by(|a, b| a.period.cmp(&b.period));
     Ok(out)
 }
 
