@@ -28,6 +28,12 @@ pub enum JournalError {
     Key { path: String, message: String },
     #[error("injected failure (test)")]
     Injected,
+    /// Another writer appended entry `seq` first: this writer's copy of the
+    /// book is behind. Nothing was written.
+    #[error("another writer appended ledger journal entry {seq} first")]
+    Conflict { seq: u64 },
+    #[error("the ledger journal kept changing under this writer; try again")]
+    Busy,
 }
 
 /// A signed tree head: "the journal's first `tree_size` entries hash to `root`".
@@ -151,7 +157,7 @@ impl Journal {
     pub fn with_store(mut store: Box<dyn Store>) -> Result<Journal, JournalError> {
         let mut book = Book::new();
         let mut tree = Tree::new();
-        for (seq, bytes) in store.load()?.into_iter().enumerate() {
+        for (seq, bytes) in store.load_from(0)?.into_iter().enumerate() {
             let seq = seq as u64;
             let entry: Entry =
                 serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
@@ -193,11 +199,7 @@ impl Journal {
         &mut self,
         accounts: &[Account],
     ) -> Result<Vec<Result<Accepted, Refusal>>, JournalError> {
-        let mark = self.book.mark();
-        let mut entries = Vec::new();
-        let results = self.book.create_accounts(accounts, &mut entries);
-        self.persist(mark, entries, &[])?;
-        Ok(results)
+        self.write(&[], |book, entries| book.create_accounts(accounts, entries))
     }
 
     /// Applies a batch of transfers and makes it durable (one fsync).
@@ -217,27 +219,77 @@ impl Journal {
     }
 
     /// Like [`Journal::create_transfers_at`], and writes `side` records
-    /// (statements, payouts) in the same transaction: both are stored, or neither.
+    /// (statements, payouts) in the same transaction: both are stored, or
+    /// neither. Side records were planned against this writer's copy of
+    /// the book, so when another writer got there first this fails with
+    /// [`JournalError::Conflict`] (having caught up) for the caller to plan
+    /// again, instead of writing them twice.
     pub fn create_transfers_with(
         &mut self,
         batch: &[Transfer],
         now: u64,
         side: &[Side],
     ) -> Result<Vec<Result<Accepted, Refusal>>, JournalError> {
-        let mark = self.book.mark();
-        let mut entries = Vec::new();
-        let results = self.book.create_transfers(batch, now, &mut entries);
-        self.persist(mark, entries, side)?;
-        Ok(results)
+        self.write(side, |book, entries| {
+            book.create_transfers(batch, now, entries)
+        })
     }
 
     /// Expires pending transfers whose time is up.
     pub fn expire(&mut self, now: u64) -> Result<usize, JournalError> {
-        let mark = self.book.mark();
-        let mut entries = Vec::new();
-        let n = self.book.expire(now, &mut entries);
-        self.persist(mark, entries, &[])?;
-        Ok(n)
+        self.write(&[], |book, entries| book.expire(now, entries))
+    }
+
+    /// Applies `change` to the book and stores the entries it made. The
+    /// journal may have other writers (the CLI beside a server, servers
+    /// sharing PostgreSQL): this one first catches up with what they
+    /// appended, and if one appends in between, catches up again and, for
+    /// a change without side records, applies it again to the book as it
+    /// now is — so a transfer is judged against every balance there is.
+    fn write<R>(
+        &mut self,
+        side: &[Side],
+        change: impl Fn(&mut Book, &mut Vec<Entry>) -> R,
+    ) -> Result<R, JournalError> {
+        const ATTEMPTS: usize = 8;
+        self.catch_up()?;
+        for _ in 0..ATTEMPTS {
+            let mark = self.book.mark();
+            let mut entries = Vec::new();
+            let results = change(&mut self.book, &mut entries);
+            match self.persist(mark, entries, side) {
+                Ok(()) => return Ok(results),
+                Err(JournalError::Conflict { seq }) => {
+                    self.catch_up()?;
+                    if !side.is_empty() {
+                        return Err(JournalError::Conflict { seq });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(JournalError::Busy)
+    }
+
+    /// Reads and replays what other writers appended since this copy was
+    /// last in step; returns how many entries that was.
+    pub fn catch_up(&mut self) -> Result<u64, JournalError> {
+        let start = self.tree.len();
+        let new = self.store.load_from(start)?;
+        for (i, bytes) in new.iter().enumerate() {
+            let seq = start + i as u64;
+            let entry: Entry =
+                serde_json::from_slice(bytes).map_err(|e| JournalError::Malformed {
+                    seq,
+                    message: e.to_string(),
+                })?;
+            self.book
+                .replay(&entry)
+                .map_err(|refusal| JournalError::Invalid { seq, refusal })?;
+            self.book.commit();
+            self.tree.push(merkle::leaf_hash(bytes));
+        }
+        Ok(new.len() as u64)
     }
 
     /// Stores `entries` in one transaction; on failure the book is rolled back
@@ -324,7 +376,7 @@ impl Journal {
 
     /// Every entry's exact bytes, in order (for export).
     pub fn entries(&mut self) -> Result<Vec<Vec<u8>>, JournalError> {
-        self.store.load()
+        self.store.load_from(0)
     }
 
     /// The statement lines of a recipient (account name).

@@ -151,6 +151,26 @@ pub fn close_period(
     period: &str,
     usage: &Usage,
 ) -> Result<Closed, CentsError> {
+    // Another writer of the journal (a second server, the CLI) may append
+    // between our batches; each step is idempotent, so we plan again from
+    // the journal as it then is (subscribers an earlier attempt closed then
+    // count as closed before).
+    for _ in 0..8 {
+        match close_once(cents, ctx, registry, period, usage) {
+            Err(CentsError::Journal(JournalError::Conflict { .. })) => continue,
+            done => return done,
+        }
+    }
+    Err(CentsError::Journal(JournalError::Busy))
+}
+
+fn close_once(
+    cents: &mut Cents<'_>,
+    ctx: &Context,
+    registry: &Registry,
+    period: &str,
+    usage: &Usage,
+) -> Result<Closed, CentsError> {
     let mut closed = Closed {
         period: period.into(),
         policy_version: ctx.policy.version,

@@ -111,10 +111,13 @@ pub struct StatementLine {
 
 /// The journal's persistence.
 pub trait Store: Send {
-    /// Every entry, in order, as stored (text or bytes).
-    fn load(&mut self) -> Result<Vec<Vec<u8>>, JournalError>;
+    /// Every entry from sequence number `start` on, in order, as stored
+    /// (text or bytes): what another writer appended, when `start` is
+    /// where this one's copy ends.
+    fn load_from(&mut self, start: u64) -> Result<Vec<Vec<u8>>, JournalError>;
     /// Appends `entries` at sequence numbers `start..` and applies `side`,
-    /// all in one durable transaction. `fail_after` (tests) aborts it after
+    /// all in one durable transaction; [`JournalError::Conflict`] if
+    /// another writer took `start` first (nothing is written then). `fail_after` (tests) aborts it after
     /// that many entries, as a crash would.
     fn append(
         &mut self,
@@ -229,18 +232,18 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn load(&mut self) -> Result<Vec<Vec<u8>>, JournalError> {
+    fn load_from(&mut self, start: u64) -> Result<Vec<Vec<u8>>, JournalError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT seq, entry FROM journal ORDER BY seq")?;
-        let mut rows = stmt.query([])?;
+            .prepare_cached("SELECT seq, entry FROM journal WHERE seq >= ?1 ORDER BY seq")?;
+        let mut rows = stmt.query([start as i64])?;
         let mut out = Vec::new();
         while let Some(row) = rows.next()? {
             let seq = row.get::<_, i64>(0)? as u64;
-            if seq != out.len() as u64 {
+            if seq != start + out.len() as u64 {
                 return Err(JournalError::Malformed {
                     seq,
-                    message: format!("a gap: entry {} is missing", out.len()),
+                    message: format!("a gap: entry {} is missing", start + out.len() as u64),
                 });
             }
             // Text or blob: an edited row must still be read and judged.
@@ -272,7 +275,14 @@ impl Store for SqliteStore {
                     // Dropping the transaction without commit: as if we died here.
                     return Err(JournalError::Injected);
                 }
-                insert.execute(params![(start + i as u64) as i64, b])?;
+                insert
+                    .execute(params![(start + i as u64) as i64, b])
+                    .map_err(|e| match e.sqlite_error_code() {
+                        Some(rusqlite::ErrorCode::ConstraintViolation) => {
+                            JournalError::Conflict { seq: start }
+                        }
+                        _ => e.into(),
+                    })?;
             }
             let mut statement = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_SQL))?;
             let mut statement_entry = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_ENTRY_SQL))?;
@@ -506,18 +516,21 @@ impl PgStore {
 }
 
 impl Store for PgStore {
-    fn load(&mut self) -> Result<Vec<Vec<u8>>, JournalError> {
+    fn load_from(&mut self, start: u64) -> Result<Vec<Vec<u8>>, JournalError> {
         let rows = self
             .client
-            .query("SELECT seq, entry FROM journal ORDER BY seq", &[])
+            .query(
+                "SELECT seq, entry FROM journal WHERE seq >= $1 ORDER BY seq",
+                &[&(start as i64)],
+            )
             .map_err(pg)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let seq: i64 = row.get(0);
-            if seq as u64 != out.len() as u64 {
+            if seq as u64 != start + out.len() as u64 {
                 return Err(JournalError::Malformed {
                     seq: seq as u64,
-                    message: format!("a gap: entry {} is missing", out.len()),
+                    message: format!("a gap: entry {} is missing", start + out.len() as u64),
                 });
             }
             out.push(row.get::<_, Vec<u8>>(1));
@@ -541,7 +554,13 @@ impl Store for PgStore {
             "INSERT INTO journal (seq, entry) SELECT * FROM unnest($1::bigint[], $2::bytea[])",
             &[&seqs, &bytes],
         )
-        .map_err(pg)?;
+        .map_err(|e| {
+            if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
+                JournalError::Conflict { seq: start }
+            } else {
+                pg(e)
+            }
+        })?;
         if fail_after.is_some_and(|f| f < entries.len()) {
             // Dropping the transaction rolls it back: as if we died here.
             return Err(JournalError::Injected);

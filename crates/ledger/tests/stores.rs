@@ -5,7 +5,7 @@
 use commons_ledger::book::flags::*;
 use commons_ledger::journal::{load_or_create_key, Journal, JournalError};
 use commons_ledger::store::{PgStore, Side, SqliteStore, Store};
-use commons_ledger::{export, Account, Transfer};
+use commons_ledger::{export, Account, Refusal, Transfer};
 
 fn pg_url() -> String {
     std::env::var("COMMONS_TEST_POSTGRES")
@@ -162,4 +162,137 @@ fn sqlite_store_passes_the_suite() {
 #[test]
 fn postgres_store_passes_the_suite() {
     suite(pg("suite"));
+}
+
+/// Two writers of one journal (the CLI beside a server, servers sharing
+/// PostgreSQL): the one that is behind catches up and judges its change
+/// against every balance there is; side records planned on a stale book
+/// are refused, not written twice.
+fn two_writers(open: impl Fn() -> Box<dyn Store>) {
+    let mut a = Journal::with_store(open()).unwrap();
+    a.create_accounts(&[
+        account(1, 0),
+        account(2, DEBITS_MUST_NOT_EXCEED_CREDITS),
+        account(3, 0),
+    ])
+    .unwrap();
+    let mut b = Journal::with_store(open()).unwrap();
+    assert!(a.create_transfers(&[t(1, 1, 2, 100)]).unwrap()[0].is_ok());
+    // b has not seen the 100 account 2 received; writing, it learns of it.
+    assert!(b.create_transfers(&[t(2, 2, 3, 60)]).unwrap()[0].is_ok());
+    // a has not seen b's 60: after catching up, only 40 are left.
+    assert_eq!(
+        a.create_transfers(&[t(3, 2, 3, 60)]).unwrap()[0],
+        Err(Refusal::ExceedsCredits)
+    );
+    assert_eq!(b.catch_up().unwrap(), 0, "a's refusal wrote nothing");
+    assert_eq!(a.tree().root(), b.tree().root());
+    // A batch with side records, when another writer slips in between
+    // catching up and storing: refused whole; caught up, planned again, stored.
+    let mut interloper = Some(a);
+    let slipping_in = Interloper {
+        inner: open(),
+        before_append: Some(Box::new(move || {
+            let mut a = interloper.take().unwrap();
+            a.create_transfers(&[t(4, 1, 3, 1)]).unwrap();
+        })),
+    };
+    let mut b = Journal::with_store(Box::new(slipping_in)).unwrap();
+    let payout = [Side::Payout {
+        period: "2026-11".into(),
+        recipient: "r".into(),
+        paid: 1,
+    }];
+    let now = commons_ledger::journal::now_ns();
+    assert!(matches!(
+        b.create_transfers_with(&[t(5, 1, 3, 1)], now, &payout),
+        Err(JournalError::Conflict { .. })
+    ));
+    assert!(b
+        .create_transfers_with(&[t(5, 1, 3, 1)], now, &payout)
+        .unwrap()[0]
+        .is_ok());
+    let mut a = Journal::with_store(open()).unwrap();
+    assert_eq!(a.catch_up().unwrap(), 0);
+    assert_eq!(a.tree().root(), b.tree().root());
+    assert_eq!(a.book().account(3).unwrap().1.credits_posted, 62);
+    let reopened = Journal::with_store(open()).unwrap();
+    assert_eq!(reopened.tree().root(), a.tree().root());
+    reopened.book().check().unwrap();
+}
+
+#[test]
+fn sqlite_store_has_room_for_two_writers() {
+    two_writers(sqlite("two_writers"));
+}
+
+#[test]
+fn postgres_store_has_room_for_two_writers() {
+    two_writers(pg("two_writers"));
+}
+
+/// A store that lets another writer append just before it does.
+struct Interloper {
+    inner: Box<dyn Store>,
+    before_append: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Store for Interloper {
+    fn load_from(&mut self, start: u64) -> Result<Vec<Vec<u8>>, JournalError> {
+        self.inner.load_from(start)
+    }
+    fn append(
+        &mut self,
+        start: u64,
+        entries: &[Vec<u8>],
+        side: &[Side],
+        fail_after: Option<usize>,
+    ) -> Result<(), JournalError> {
+        if let Some(other) = self.before_append.take() {
+            other();
+        }
+        self.inner.append(start, entries, side, fail_after)
+    }
+    fn put_checkpoint(&mut self, c: &commons_ledger::Checkpoint) -> Result<(), JournalError> {
+        self.inner.put_checkpoint(c)
+    }
+    fn checkpoints(&mut self) -> Result<Vec<commons_ledger::Checkpoint>, JournalError> {
+        self.inner.checkpoints()
+    }
+    fn statement(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<commons_ledger::store::StatementLine>, JournalError> {
+        self.inner.statement(recipient, period)
+    }
+    fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
+        self.inner.owed(period)
+    }
+    fn statement_entries(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<u64>, JournalError> {
+        self.inner.statement_entries(recipient, period)
+    }
+    fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        self.inner.entry(seq)
+    }
+    fn close_entries(&mut self) -> Result<Vec<u64>, JournalError> {
+        self.inner.close_entries()
+    }
+    fn shares(
+        &mut self,
+        subscriber: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        self.inner.shares(subscriber, period)
+    }
+    fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError> {
+        self.inner.totals()
+    }
+    fn forget(&mut self, subscriber: &str) -> Result<u64, JournalError> {
+        self.inner.forget(subscriber)
+    }
 }

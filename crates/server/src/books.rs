@@ -71,6 +71,8 @@ const KINDS: &[(&str, &str)] = &[
 /// Reads the books from the journal.
 pub fn read(state: &AppState) -> Result<Books, AppError> {
     let mut journal = state.journal.lock().expect("journal lock");
+    // What other writers (the CLI) appended shows too.
+    journal.catch_up().map_err(ledger_failed)?;
     let key_path = state.engine.layout.custodian_key();
     let custodian_key = key_path
         .exists()

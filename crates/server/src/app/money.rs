@@ -226,6 +226,7 @@ pub fn statement_of(state: &AppState, recipient: &str) -> Result<RecipientStatem
     let account = account_of(recipient)?;
     let settings = MoneySettings::load(&state.home).map_err(failed)?;
     let mut journal = state.journal.lock().expect("journal lock");
+    journal.catch_up().map_err(failed)?;
     let lines = journal.statement(&account, None).map_err(failed)?;
     let mut totals: Vec<(String, u64)> = Vec::new();
     for l in &lines {
@@ -261,6 +262,7 @@ pub fn proofs(
         period_checked(p)?;
     }
     let mut journal = state.journal.lock().expect("journal lock");
+    journal.catch_up().map_err(failed)?;
     let checkpoint = covering_checkpoint(state, &mut journal)?;
     statement_proofs(&mut journal, &account, period, &checkpoint).map_err(failed)
 }
