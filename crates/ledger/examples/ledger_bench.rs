@@ -196,5 +196,27 @@ fn main() {
         "period close, {} subscribers x 10 sites: {secs:.2}s ({} shares allocated exactly; statements written with the transfers)",
         closed.subscribers, closed.shares
     );
+    // Proving an operator's lines in a checkpoint of the whole journal: the
+    // public /api/books/proof, which must not cost O(journal) per line.
+    let key = commons_ledger::journal::load_or_create_key(&dir.join("custodian.key")).unwrap();
+    let checkpoint = cents.journal.checkpoint(&key).unwrap();
+    let start = Instant::now();
+    let proofs = commons_ledger::proof::statement_proofs(
+        cents.journal,
+        "tokens:operator:o7",
+        Some("2026-11"),
+        &checkpoint,
+    )
+    .unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert!(proofs
+        .iter()
+        .all(|p| p.check(&checkpoint.public_key).is_ok()));
+    println!(
+        "inclusion proofs of an operator's {} statement lines in a journal of {} entries: {:.2} ms",
+        proofs.len(),
+        checkpoint.tree_size,
+        secs * 1e3
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -176,13 +176,19 @@ pub fn verify_consistency(
     sn == 0 && &fr == first_root && &sr == second_root
 }
 
-/// An append-only tree that keeps every leaf (for proofs) and the roots of
-/// its perfect subtrees (so the current root costs O(log n), not O(n)).
+/// Perfect subtrees of `2^LOW` leaves and more are kept once complete;
+/// smaller ones are hashed again from the leaves when needed (at most
+/// `2^LOW - 1` hashes), which keeps the cache to an eighth of the leaves.
+const LOW: u32 = 4;
+
+/// An append-only tree that keeps every leaf and the roots of its aligned
+/// perfect subtrees, so that the root of any prefix, an inclusion proof
+/// and a consistency proof each cost O(log² n) hashes, not O(n).
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
     leaves: Vec<Hash>,
-    /// (height, hash) of perfect subtrees, largest first.
-    frontier: Vec<(u32, Hash)>,
+    /// `upper[j][i]`: the root of leaves `[i·2^h, (i+1)·2^h)`, h = LOW + j.
+    upper: Vec<Vec<Hash>>,
 }
 
 impl Tree {
@@ -200,48 +206,124 @@ impl Tree {
 
     pub fn push(&mut self, leaf: Hash) {
         self.leaves.push(leaf);
-        let mut node = (0u32, leaf);
-        while let Some(&(h, left)) = self.frontier.last() {
-            if h != node.0 {
+        let n = self.leaves.len();
+        let low = 1usize << LOW;
+        if !n.is_multiple_of(low) {
+            return;
+        }
+        // A new perfect subtree of 2^LOW leaves, then every one it completes.
+        let mut node = root(&self.leaves[n - low..]);
+        let mut j = 0;
+        loop {
+            if self.upper.len() == j {
+                self.upper.push(Vec::new());
+            }
+            self.upper[j].push(node);
+            let level = &self.upper[j];
+            if !level.len().is_multiple_of(2) {
                 break;
             }
-            self.frontier.pop();
-            node = (h + 1, node_hash(&left, &node.1));
+            node = node_hash(&level[level.len() - 2], &level[level.len() - 1]);
+            j += 1;
         }
-        self.frontier.push(node);
     }
 
     /// Drops leaves after `len` (to undo a batch that was not stored).
     pub fn truncate(&mut self, len: u64) {
-        let keep: Vec<Hash> = self.leaves[..len as usize].to_vec();
-        *self = Tree::new();
-        for l in keep {
-            self.push(l);
+        self.leaves.truncate(len as usize);
+        for (j, level) in self.upper.iter_mut().enumerate() {
+            level.truncate((len >> (LOW as usize + j)) as usize);
         }
+    }
+
+    /// MTH of leaves `[lo, hi)`.
+    fn range_root(&self, lo: u64, hi: u64) -> Hash {
+        let n = hi - lo;
+        if n == 0 {
+            return empty_root();
+        }
+        if n.is_power_of_two() && lo.is_multiple_of(n) {
+            let h = n.trailing_zeros();
+            if h >= LOW {
+                return self.upper[(h - LOW) as usize][(lo >> h) as usize];
+            }
+            return root(&self.leaves[lo as usize..hi as usize]);
+        }
+        let k = split(n as usize) as u64;
+        node_hash(&self.range_root(lo, lo + k), &self.range_root(lo + k, hi))
     }
 
     pub fn root(&self) -> Hash {
-        let mut it = self.frontier.iter().rev();
-        match it.next() {
-            None => empty_root(),
-            Some(&(_, last)) => it.fold(last, |acc, (_, h)| node_hash(h, &acc)),
-        }
+        self.range_root(0, self.len())
     }
 
+    /// The root of the tree of its first `size` leaves.
     pub fn root_at(&self, size: u64) -> Hash {
-        root(&self.leaves[..size as usize])
+        assert!(
+            size <= self.len(),
+            "a tree of {} has no prefix of {size}",
+            self.len()
+        );
+        self.range_root(0, size)
     }
 
     pub fn leaf(&self, index: u64) -> Option<&Hash> {
         self.leaves.get(index as usize)
     }
 
+    /// PATH(index, D[0:size]).
     pub fn inclusion_proof(&self, index: u64, size: u64) -> Vec<Hash> {
-        inclusion_proof(index as usize, &self.leaves[..size as usize])
+        assert!(
+            index < size && size <= self.len(),
+            "leaf {index} outside a tree of {size}"
+        );
+        let mut path = Vec::new();
+        self.path(index, 0, size, &mut path);
+        path
     }
 
+    fn path(&self, m: u64, lo: u64, hi: u64, out: &mut Vec<Hash>) {
+        let n = hi - lo;
+        if n == 1 {
+            return;
+        }
+        let k = split(n as usize) as u64;
+        if m < k {
+            self.path(m, lo, lo + k, out);
+            out.push(self.range_root(lo + k, hi));
+        } else {
+            self.path(m - k, lo + k, hi, out);
+            out.push(self.range_root(lo, lo + k));
+        }
+    }
+
+    /// PROOF(first, D[0:second]).
     pub fn consistency_proof(&self, first: u64, second: u64) -> Vec<Hash> {
-        consistency_proof(first as usize, &self.leaves[..second as usize])
+        assert!(
+            first >= 1 && first <= second && second <= self.len(),
+            "bad consistency range {first}..{second}"
+        );
+        let mut out = Vec::new();
+        self.subproof(first, 0, second, true, &mut out);
+        out
+    }
+
+    fn subproof(&self, m: u64, lo: u64, hi: u64, complete: bool, out: &mut Vec<Hash>) {
+        let n = hi - lo;
+        if m == n {
+            if !complete {
+                out.push(self.range_root(lo, hi));
+            }
+            return;
+        }
+        let k = split(n as usize) as u64;
+        if m <= k {
+            self.subproof(m, lo, lo + k, complete, out);
+            out.push(self.range_root(lo + k, hi));
+        } else {
+            self.subproof(m - k, lo + k, hi, false, out);
+            out.push(self.range_root(lo, lo + k));
+        }
     }
 }
 
@@ -253,4 +335,47 @@ pub fn hex(h: &Hash) -> String {
 /// Parses 64 hex digits.
 pub fn from_hex(s: &str) -> Option<Hash> {
     crate::hex::decode(s)?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cached tree answers exactly as the definitions over the leaves,
+    /// at every size across several cache levels, and after truncation.
+    #[test]
+    fn the_tree_agrees_with_the_definitions() {
+        let leaves: Vec<Hash> = (0..300u32).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        let mut tree = Tree::new();
+        for (i, l) in leaves.iter().enumerate() {
+            tree.push(*l);
+            let n = i + 1;
+            assert_eq!(tree.root(), root(&leaves[..n]), "root of {n}");
+        }
+        for size in [
+            1usize, 2, 3, 15, 16, 17, 31, 32, 33, 64, 100, 255, 256, 257, 300,
+        ] {
+            assert_eq!(tree.root_at(size as u64), root(&leaves[..size]));
+            for m in [0, size / 3, size / 2, size - 1] {
+                assert_eq!(
+                    tree.inclusion_proof(m as u64, size as u64),
+                    inclusion_proof(m, &leaves[..size]),
+                    "path of {m} in {size}"
+                );
+                if m >= 1 {
+                    assert_eq!(
+                        tree.consistency_proof(m as u64, size as u64),
+                        consistency_proof(m, &leaves[..size]),
+                        "consistency {m}..{size}"
+                    );
+                }
+            }
+        }
+        tree.truncate(100);
+        assert_eq!(tree.root(), root(&leaves[..100]));
+        for l in &leaves[100..] {
+            tree.push(*l);
+        }
+        assert_eq!(tree.root(), root(&leaves));
+    }
 }
