@@ -242,7 +242,12 @@ pub fn subscribe(home: &Path, args: SubscribeArgs, json: bool) -> Result<(), Fai
     } = args;
     let (user, tier, payment) = (user.as_str(), tier.as_deref(), payment.as_deref());
     let settings = MoneySettings::load(home).map_err(money)?;
-    let b = periods::billing(home, &settings).map_err(money)?;
+    let b = periods::billing(
+        home,
+        &commons_engine::StoreConfig::from_env(),
+        settings.tiers(),
+    )
+    .map_err(money)?;
     let now = now_ms();
     let fail = |e: commons_ledger::billing::BillingError| match e {
         commons_ledger::billing::BillingError::UnknownTier(..)

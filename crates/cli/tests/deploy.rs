@@ -715,6 +715,20 @@ fn the_state_store_can_be_postgresql() {
         .unwrap()
         .get(0);
     assert!(entries > 0, "no journal entries in {schema}");
+    // Subscriptions and payments too.
+    run(&["subscribe", "alice", "member", "--payment", "bank-1"]);
+    let sub: serde_json::Value =
+        serde_json::from_slice(&run(&["subscribe", "alice", "--json"]).stdout).unwrap();
+    assert_eq!(sub["subscription"]["tier"], "member", "{sub}");
+    assert!(!s.home.join("ledger/billing.db").exists());
+    let paid: i64 = admin
+        .query_one(
+            &format!("SELECT gross FROM {schema}.payments WHERE \"user\" = 'alice'"),
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(paid, 500);
     admin
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();

@@ -19,11 +19,11 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use crate::cents::{Cents, CentsError};
 use crate::payments::PaymentEvent;
+use crate::tables::{TableError, Tables, Val};
 
 /// Length of a subscription term.
 pub const TERM_MS: i64 = 30 * 86_400_000;
@@ -79,7 +79,7 @@ pub struct TierChange {
 #[derive(Debug, thiserror::Error)]
 pub enum BillingError {
     #[error("billing store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Store(#[from] TableError),
     #[error(transparent)]
     Cents(#[from] CentsError),
     #[error("unknown tier \"{0}\"; tiers are {1}")]
@@ -105,16 +105,16 @@ pub struct Payment {
 
 const PAYMENT_COLUMNS: &str = "payment_id, gross, fee, tokens, refunded, paid_at_ms";
 
-/// The payment in [`PAYMENT_COLUMNS`] from column `at` of `r` on.
-fn payment_at(r: &rusqlite::Row, at: usize) -> rusqlite::Result<Payment> {
-    Ok(Payment {
-        payment_id: r.get(at)?,
-        gross: r.get::<_, i64>(at + 1)? as u64,
-        fee: r.get::<_, i64>(at + 2)? as u64,
-        tokens: r.get::<_, i64>(at + 3)? as u64,
-        refunded: r.get::<_, i64>(at + 4)? as u64,
-        paid_at_ms: r.get(at + 5)?,
-    })
+/// The payment in a row of [`PAYMENT_COLUMNS`].
+fn payment_at(r: &[Val]) -> Payment {
+    Payment {
+        payment_id: r[0].text(),
+        gross: r[1].int() as u64,
+        fee: r[2].int() as u64,
+        tokens: r[3].int() as u64,
+        refunded: r[4].int() as u64,
+        paid_at_ms: r[5].int(),
+    }
 }
 
 /// What handling a payment event did.
@@ -128,33 +128,39 @@ pub enum Handled {
 }
 
 pub struct Billing {
-    conn: Connection,
+    tables: Tables,
     pub tiers: Vec<Tier>,
 }
 
-const SCHEMA: &str = "
+const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS subscriptions (
-    user TEXT PRIMARY KEY, tier TEXT NOT NULL, status TEXT NOT NULL,
-    term_start_ms INTEGER NOT NULL, term_end_ms INTEGER NOT NULL, next_tier TEXT);
-CREATE TABLE IF NOT EXISTS payment_events (event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, handled_at_ms INTEGER NOT NULL);
+    "user" TEXT PRIMARY KEY, tier TEXT NOT NULL, status TEXT NOT NULL,
+    term_start_ms BIGINT NOT NULL, term_end_ms BIGINT NOT NULL, next_tier TEXT);
+CREATE TABLE IF NOT EXISTS payment_events (event_id TEXT PRIMARY KEY, kind TEXT NOT NULL, handled_at_ms BIGINT NOT NULL);
 -- Each payment as the subscriber sees it: what they paid, the provider's fee, the tokens it bought.
 CREATE TABLE IF NOT EXISTS payments (
-    payment_id TEXT PRIMARY KEY, user TEXT NOT NULL, gross INTEGER NOT NULL, fee INTEGER NOT NULL,
-    tokens INTEGER NOT NULL, refunded INTEGER NOT NULL DEFAULT 0, paid_at_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS payments_user ON payments (user, paid_at_ms);
+    payment_id TEXT PRIMARY KEY, "user" TEXT NOT NULL, gross BIGINT NOT NULL, fee BIGINT NOT NULL,
+    tokens BIGINT NOT NULL, refunded BIGINT NOT NULL DEFAULT 0, paid_at_ms BIGINT NOT NULL);
+CREATE INDEX IF NOT EXISTS payments_user ON payments ("user", paid_at_ms);
 -- The payment provider's subscription behind a user's, when there is one.
-CREATE TABLE IF NOT EXISTS provider_subscriptions (user TEXT PRIMARY KEY, subscription TEXT NOT NULL);
-";
+CREATE TABLE IF NOT EXISTS provider_subscriptions ("user" TEXT PRIMARY KEY, subscription TEXT NOT NULL);
+"#;
 
 impl Billing {
+    /// The embedded store: a SQLite file.
     pub fn open(path: &Path, tiers: Vec<Tier>) -> Result<Billing, BillingError> {
-        let conn = Connection::open(path)?;
-        // The API and the supervisor share the file: wait for each other.
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(Billing { conn, tiers })
+        Ok(Billing {
+            tables: Tables::sqlite(path, SCHEMA)?,
+            tiers,
+        })
+    }
+
+    /// The scale-out store: PostgreSQL at `url`, in schema `namespace`.
+    pub fn connect(url: &str, namespace: &str, tiers: Vec<Tier>) -> Result<Billing, BillingError> {
+        Ok(Billing {
+            tables: Tables::postgres(url, namespace, SCHEMA)?,
+            tiers,
+        })
     }
 
     fn tier(&self, name: &str) -> Result<&Tier, BillingError> {
@@ -173,34 +179,41 @@ impl Billing {
     /// One payment and who made it.
     pub fn payment(&self, payment_id: &str) -> Result<Option<(String, Payment)>, BillingError> {
         Ok(self
-            .conn
-            .query_row(
-                &format!("SELECT user, {PAYMENT_COLUMNS} FROM payments WHERE payment_id = ?1"),
-                [payment_id],
-                |r| Ok((r.get(0)?, payment_at(r, 1)?)),
-            )
-            .optional()?)
+            .tables
+            .query_one(
+                &format!(r#"SELECT "user", {PAYMENT_COLUMNS} FROM payments WHERE payment_id = $1"#),
+                &[payment_id.into()],
+            )?
+            .map(|r| (r[0].text(), payment_at(&r[1..]))))
     }
 
     /// Per period (`YYYY-MM`, by when they were paid), oldest first: the
     /// cents paid, kept by payment providers, and refunded.
     pub fn paid_per_period(&self) -> Result<Vec<(String, u64, u64, u64)>, BillingError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT strftime('%Y-%m', paid_at_ms / 1000, 'unixepoch') AS period,
-                    SUM(gross), SUM(fee), SUM(refunded)
-             FROM payments GROUP BY period ORDER BY period",
+        let period = if self.tables.is_postgres() {
+            "to_char(to_timestamp(paid_at_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM')"
+        } else {
+            "strftime('%Y-%m', paid_at_ms / 1000, 'unixepoch')"
+        };
+        let rows = self.tables.query(
+            &format!(
+                "SELECT {period} AS period, CAST(SUM(gross) AS BIGINT), CAST(SUM(fee) AS BIGINT),
+                        CAST(SUM(refunded) AS BIGINT)
+                 FROM payments GROUP BY period ORDER BY period"
+            ),
+            &[],
         )?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, i64>(2)? as u64,
-                    r.get::<_, i64>(3)? as u64,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    r[0].text(),
+                    r[1].int() as u64,
+                    r[2].int() as u64,
+                    r[3].int() as u64,
+                )
+            })
+            .collect())
     }
 
     /// `user`'s payments made in `[from_ms, to_ms)`, oldest first.
@@ -210,53 +223,56 @@ impl Billing {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Payment>, BillingError> {
-        let mut stmt = self.conn.prepare(&format!(
-            "SELECT {PAYMENT_COLUMNS} FROM payments
-             WHERE user = ?1 AND paid_at_ms >= ?2 AND paid_at_ms < ?3 ORDER BY paid_at_ms, payment_id"
-        ))?;
-        let rows = stmt
-            .query_map(params![user, from_ms, to_ms], |r| payment_at(r, 0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        let rows = self.tables.query(
+            &format!(
+                r#"SELECT {PAYMENT_COLUMNS} FROM payments
+                   WHERE "user" = $1 AND paid_at_ms >= $2 AND paid_at_ms < $3 ORDER BY paid_at_ms, payment_id"#
+            ),
+            &[user.into(), from_ms.into(), to_ms.into()],
+        )?;
+        Ok(rows.iter().map(|r| payment_at(r)).collect())
     }
 
     pub fn subscription(&self, user: &str) -> Result<Option<Subscription>, BillingError> {
         Ok(self
-            .conn
-            .query_row(
-                "SELECT user, tier, status, term_start_ms, term_end_ms, next_tier FROM subscriptions WHERE user = ?1",
-                [user],
-                |r| {
-                    Ok(Subscription {
-                        user: r.get(0)?,
-                        tier: r.get(1)?,
-                        status: r.get(2)?,
-                        term_start_ms: r.get(3)?,
-                        term_end_ms: r.get(4)?,
-                        next_tier: r.get(5)?,
-                    })
-                },
-            )
-            .optional()?)
+            .tables
+            .query_one(
+                r#"SELECT "user", tier, status, term_start_ms, term_end_ms, next_tier FROM subscriptions WHERE "user" = $1"#,
+                &[user.into()],
+            )?
+            .map(|r| Subscription {
+                user: r[0].text(),
+                tier: r[1].text(),
+                status: r[2].text(),
+                term_start_ms: r[3].int(),
+                term_end_ms: r[4].int(),
+                next_tier: r[5].opt_text(),
+            }))
     }
 
     /// The payment provider's subscription behind `user`'s, if any.
     pub fn provider_subscription(&self, user: &str) -> Result<Option<String>, BillingError> {
         Ok(self
-            .conn
-            .query_row(
-                "SELECT subscription FROM provider_subscriptions WHERE user = ?1",
-                [user],
-                |r| r.get(0),
-            )
-            .optional()?)
+            .tables
+            .query_one(
+                r#"SELECT subscription FROM provider_subscriptions WHERE "user" = $1"#,
+                &[user.into()],
+            )?
+            .map(|r| r[0].text()))
     }
 
     fn put(&self, s: &Subscription) -> Result<(), BillingError> {
-        self.conn.execute(
-            "INSERT INTO subscriptions (user, tier, status, term_start_ms, term_end_ms, next_tier) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (user) DO UPDATE SET tier = ?2, status = ?3, term_start_ms = ?4, term_end_ms = ?5, next_tier = ?6",
-            params![s.user, s.tier, s.status, s.term_start_ms, s.term_end_ms, s.next_tier],
+        self.tables.execute(
+            r#"INSERT INTO subscriptions ("user", tier, status, term_start_ms, term_end_ms, next_tier) VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT ("user") DO UPDATE SET tier = $2, status = $3, term_start_ms = $4, term_end_ms = $5, next_tier = $6"#,
+            &[
+                (&s.user).into(),
+                (&s.tier).into(),
+                (&s.status).into(),
+                s.term_start_ms.into(),
+                s.term_end_ms.into(),
+                (&s.next_tier).into(),
+            ],
         )?;
         Ok(())
     }
@@ -330,14 +346,15 @@ impl Billing {
 
     /// Subscriptions whose term has ended and that renew: (user, tier, price).
     pub fn renewals_due(&self, now_ms: i64) -> Result<Vec<(String, String, u64)>, BillingError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT user, COALESCE(next_tier, tier) FROM subscriptions WHERE status = 'active' AND term_end_ms <= ?1 ORDER BY user",
-        )?;
-        let rows = stmt
-            .query_map([now_ms], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
+        let rows: Vec<(String, String)> = self
+            .tables
+            .query(
+                r#"SELECT "user", COALESCE(next_tier, tier) FROM subscriptions WHERE status = 'active' AND term_end_ms <= $1 ORDER BY "user""#,
+                &[now_ms.into()],
+            )?
+            .iter()
+            .map(|r| (r[0].text(), r[1].text()))
+            .collect();
         rows.into_iter()
             .map(|(u, t)| {
                 let price = self.tier(&t)?.price;
@@ -354,14 +371,10 @@ impl Billing {
         cents: &mut Cents<'_>,
         now_ms: i64,
     ) -> Result<Handled, BillingError> {
-        let seen: Option<String> = self
-            .conn
-            .query_row(
-                "SELECT kind FROM payment_events WHERE event_id = ?1",
-                [event.event_id()],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let seen = self.tables.query_one(
+            "SELECT kind FROM payment_events WHERE event_id = $1",
+            &[event.event_id().into()],
+        )?;
         if seen.is_some() {
             return Ok(Handled::Duplicate);
         }
@@ -379,25 +392,25 @@ impl Billing {
             } => {
                 let t = self.tier(tier)?.clone();
                 if let Some(id) = subscription {
-                    self.conn.execute(
-                        "INSERT INTO provider_subscriptions (user, subscription) VALUES (?1, ?2)
-                         ON CONFLICT (user) DO UPDATE SET subscription = ?2",
-                        params![user, id],
+                    self.tables.execute(
+                        r#"INSERT INTO provider_subscriptions ("user", subscription) VALUES ($1, $2)
+                           ON CONFLICT ("user") DO UPDATE SET subscription = $2"#,
+                        &[user.into(), id.into()],
                     )?;
                 }
                 // The ledger write is idempotent by payment id, so a crash
                 // before the event is marked only repeats a no-op.
                 let minted = cents.record_payment(payment_id, user, *gross, *fee)?;
-                self.conn.execute(
-                    "INSERT INTO payments (payment_id, user, gross, fee, tokens, paid_at_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (payment_id) DO NOTHING",
-                    params![
-                        payment_id,
-                        user,
-                        *gross as i64,
-                        *fee as i64,
-                        minted.tokens as i64,
-                        now_ms
+                self.tables.execute(
+                    r#"INSERT INTO payments (payment_id, "user", gross, fee, tokens, paid_at_ms)
+                       VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (payment_id) DO NOTHING"#,
+                    &[
+                        payment_id.into(),
+                        user.into(),
+                        (*gross).into(),
+                        (*fee).into(),
+                        minted.tokens.into(),
+                        now_ms.into(),
                     ],
                 )?;
                 let s = match self.subscription(user)? {
@@ -431,9 +444,9 @@ impl Billing {
                 ..
             } => {
                 cents.refund(payment_id, user, *amount)?;
-                self.conn.execute(
-                    "UPDATE payments SET refunded = refunded + ?2 WHERE payment_id = ?1",
-                    params![payment_id, *amount as i64],
+                self.tables.execute(
+                    "UPDATE payments SET refunded = refunded + $2 WHERE payment_id = $1",
+                    &[payment_id.into(), (*amount).into()],
                 )?;
                 if let Some(mut s) = self.subscription(user)? {
                     s.status = "lapsed".into();
@@ -447,9 +460,9 @@ impl Billing {
             PaymentEvent::Refunded { .. } => "refunded",
             PaymentEvent::Ignored { .. } => "ignored",
         };
-        self.conn.execute(
-            "INSERT INTO payment_events (event_id, kind, handled_at_ms) VALUES (?1, ?2, ?3)",
-            params![event.event_id(), kind, now_ms],
+        self.tables.execute(
+            "INSERT INTO payment_events (event_id, kind, handled_at_ms) VALUES ($1, $2, $3)",
+            &[event.event_id().into(), kind.into(), now_ms.into()],
         )?;
         Ok(handled)
     }

@@ -24,6 +24,7 @@ pub mod payments;
 pub mod period;
 pub mod proof;
 pub mod store;
+pub mod tables;
 
 pub use book::{
     flags, Accepted, Account, Balance, Book, Entry, PeriodClosed, Refusal, Statement, Transfer,

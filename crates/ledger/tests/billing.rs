@@ -117,11 +117,37 @@ fn stripe_signatures_valid_wrong_secret_stale_and_tampered() {
         .contains(&("subscription_data[metadata][user]".into(), "alice".into())));
 }
 
+/// Billing's tables in SQLite, or in PostgreSQL (a fresh schema) when
+/// `postgres` — the same rules either way.
+fn billing_in(dir: &std::path::Path, name: &str, postgres: bool) -> Billing {
+    if !postgres {
+        return Billing::open(&dir.join("billing.db"), default_tiers()).unwrap();
+    }
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("billing_test_{name}_{}", std::process::id());
+    let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap_or_else(|e| {
+        panic!("PostgreSQL is needed for this test ({url}): {e}; `bash scripts/test` starts it")
+    });
+    c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .unwrap();
+    Billing::connect(&url, &schema, default_tiers()).unwrap()
+}
+
 #[test]
 fn payments_subscribe_renew_and_replays_change_nothing() {
-    let dir = scratch("flow");
+    payments_subscribe_renew(false);
+}
+
+#[test]
+fn payments_subscribe_renew_and_replays_change_nothing_on_postgres() {
+    payments_subscribe_renew(true);
+}
+
+fn payments_subscribe_renew(postgres: bool) {
+    let dir = scratch(if postgres { "flow-pg" } else { "flow" });
     let mut journal = Journal::open(&dir.join("ledger.db")).unwrap();
-    let billing = Billing::open(&dir.join("billing.db"), default_tiers()).unwrap();
+    let billing = billing_in(&dir, "renew", postgres);
     let stripe = Stripe::new(SECRET);
     let mut cents = Cents {
         journal: &mut journal,
@@ -169,14 +195,48 @@ fn payments_subscribe_renew_and_replays_change_nothing() {
         billing.subscription("alice").unwrap().unwrap().term_end_ms,
         end + TERM_MS
     );
+    // What was paid, per month it was paid in: the same in both stores.
+    let month = |ms: i64| {
+        // The civil calendar's month of a day (H. Hinnant's days → date).
+        let z = ms.div_euclid(86_400_000) + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+        format!("{y:04}-{m:02}")
+    };
+    let mut want: Vec<(String, u64, u64, u64)> = vec![(month(now), 500, 45, 0)];
+    if month(end + 1_000) == month(now) {
+        want[0] = (month(now), 1_000, 45, 0);
+    } else {
+        want.push((month(end + 1_000), 500, 0, 0));
+    }
+    assert_eq!(billing.paid_per_period().unwrap(), want);
+    let (who, first) = billing.payment("in_1").unwrap().unwrap();
+    assert_eq!(
+        (who.as_str(), first.gross, first.fee, first.tokens),
+        ("alice", 500, 45, 455)
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
 fn upgrade_prorates_downgrade_waits_cancel_runs_out_refund_lapses() {
-    let dir = scratch("tiers");
+    tier_changes(false);
+}
+
+#[test]
+fn upgrade_prorates_downgrade_waits_cancel_runs_out_refund_lapses_on_postgres() {
+    tier_changes(true);
+}
+
+fn tier_changes(postgres: bool) {
+    let dir = scratch(if postgres { "tiers-pg" } else { "tiers" });
     let mut journal = Journal::open(&dir.join("ledger.db")).unwrap();
-    let billing = Billing::open(&dir.join("billing.db"), default_tiers()).unwrap();
+    let billing = billing_in(&dir, "tiers", postgres);
     let mut cents = Cents {
         journal: &mut journal,
     };

@@ -138,7 +138,7 @@ impl AppState {
             ),
             journal: Mutex::new(periods::journal(home, store).map_err(|e| err("ledger", &e))?),
             billing: Mutex::new(
-                Billing::open(&layout.billing_db(), tiers.unwrap_or_else(default_tiers))
+                periods::billing(home, store, tiers.unwrap_or_else(default_tiers))
                     .map_err(|e| err("billing", &e))?,
             ),
             stripe: stripe_secret.map(Stripe::new),

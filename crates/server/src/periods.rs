@@ -101,10 +101,18 @@ pub fn meter(home: &Path) -> Result<Meter, MoneyError> {
     Meter::open(&db, crate::GRACE_MS).map_err(failed("meter"))
 }
 
-/// Subscriptions and their tiers.
-pub fn billing(home: &Path, settings: &MoneySettings) -> Result<Billing, MoneyError> {
-    ledger_dir(home)?;
-    Billing::open(&Layout::new(home).billing_db(), settings.tiers()).map_err(failed("billing"))
+/// Subscriptions, payments and their tiers: beside the journal, in SQLite or
+/// in PostgreSQL as `store` says.
+pub fn billing(home: &Path, store: &StoreConfig, tiers: Vec<Tier>) -> Result<Billing, MoneyError> {
+    match store {
+        StoreConfig::Embedded => {
+            ledger_dir(home)?;
+            Billing::open(&Layout::new(home).billing_db(), tiers).map_err(failed("billing"))
+        }
+        StoreConfig::Postgres { url, schema } => {
+            Billing::connect(url, schema, tiers).map_err(failed("billing"))
+        }
+    }
 }
 
 /// Sites deployed on this machine, from their blueprints.
