@@ -733,3 +733,68 @@ fn the_state_store_can_be_postgresql() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
 }
+
+/// Two platform instances (two data directories, as on two machines) that
+/// share one PostgreSQL deploy one site one at a time: while one deploys,
+/// the other is told to wait, and the record stays whole.
+#[test]
+fn deploys_of_one_site_are_one_at_a_time_across_instances() {
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("engine_lease_{}", std::process::id());
+    let blueprint = "name: shared\ncomponents:\n  a: { job: \"sleep 2; echo done >> $COMMONS_DATA_DIR/runs\" }\n";
+    let first = Sandbox::new("lease-one");
+    let second = Sandbox::new("lease-two");
+    first.blueprint(blueprint);
+    second.blueprint(blueprint);
+    let deploy = |s: &Sandbox| {
+        s.cmd(&["deploy"])
+            .env("COMMONS_DATABASE_URL", &url)
+            .env("COMMONS_DATABASE_SCHEMA", &schema)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let running = deploy(&first);
+    // The first holds the site's lease while its job sleeps.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let refused = deploy(&second).wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "both deployed at once: {said}");
+    assert!(said.contains("another platform instance"), "{said}");
+    let done = running.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    // Once the first is done, the second may.
+    let after = deploy(&second).wait_with_output().unwrap();
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let runs: Vec<(i64, String)> = admin
+        .query(
+            &format!(
+                "SELECT run, outcome FROM {schema}.runs WHERE deployment = 'shared' ORDER BY run"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // One run each, one after the other, both whole.
+    assert_eq!(
+        runs,
+        [(1, "ok".to_string()), (2, "ok".to_string())],
+        "{runs:?}"
+    );
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
+}

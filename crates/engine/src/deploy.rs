@@ -5,13 +5,19 @@
 use super::*;
 
 /// An exclusive lock on one deployment, released on drop (or when the
-/// process dies, since it is an `flock`).
+/// process dies, since it is an `flock`) — on this machine, and, when the
+/// state is in PostgreSQL, across every instance sharing it (a lease).
 pub struct Lock {
     _file: std::fs::File,
+    _lease: Option<commons_store::Lease>,
 }
 
 impl Lock {
-    pub(crate) fn take(path: &Path, deployment: &str) -> Result<Lock, EngineError> {
+    pub(crate) fn take(
+        path: &Path,
+        deployment: &str,
+        store: &StoreConfig,
+    ) -> Result<Lock, EngineError> {
         use std::os::unix::io::AsRawFd;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(EngineError::io("creating the lock directory"))?;
@@ -28,7 +34,18 @@ impl Lock {
                 "another command is working on deployment \"{deployment}\"; wait for it to finish"
             )));
         }
-        Ok(Lock { _file: f })
+        let lease = match store.try_lease(&format!("deploy:{deployment}"))? {
+            commons_store::Leased::Held(lease) => lease,
+            commons_store::Leased::Taken => {
+                return Err(EngineError::Busy(format!(
+                    "another platform instance is working on deployment \"{deployment}\"; wait for it to finish"
+                )))
+            }
+        };
+        Ok(Lock {
+            _file: f,
+            _lease: Some(lease),
+        })
     }
 }
 
@@ -258,7 +275,7 @@ impl Engine {
         fresh_secrets: bool,
         only_restarts: Option<&[String]>,
     ) -> Result<Outcome, EngineError> {
-        let _lock = Lock::take(&self.layout.lock_file(&target.name), &target.name)?;
+        let _lock = self.lock(&target.name)?;
         let existing = self.store.deployment(&target.name)?;
         let recorded = self.recorded(&target.name)?;
         let (secret_values, secrets_changed) =
@@ -505,7 +522,7 @@ impl Engine {
         jobs: usize,
         progress: &dyn Progress,
     ) -> Result<Outcome, EngineError> {
-        let _lock = Lock::take(&self.layout.lock_file(name), name)?;
+        let _lock = self.lock(name)?;
         let Some(mut deployment) = self.store.deployment(name)? else {
             return Err(EngineError::Input(format!(
                 "no deployment named \"{name}\""

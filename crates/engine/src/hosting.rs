@@ -49,7 +49,7 @@ impl Engine {
     /// as `idle` and are started again by [`Engine::wake`] (or a deploy).
     /// Returns the components stopped.
     pub async fn idle(&self, name: &str) -> Result<Vec<String>, EngineError> {
-        let _lock = Lock::take(&self.layout.lock_file(name), name)?;
+        let _lock = self.lock(name)?;
         let mut changes = Vec::new();
         let mut stopped = Vec::new();
         for mut row in self.store.components(name)? {

@@ -116,6 +116,12 @@ impl Engine {
         &self.store_config
     }
 
+    /// The exclusive lock on deployment `name`, on this machine and across
+    /// the instances sharing its state.
+    pub(crate) fn lock(&self, name: &str) -> Result<Lock, EngineError> {
+        Lock::take(&self.layout.lock_file(name), name, &self.store_config)
+    }
+
     /// Another engine over the same data directory and store, for a thread
     /// of its own (each has its own connection).
     pub fn reopen(&self) -> Result<Engine, EngineError> {
@@ -166,7 +172,7 @@ impl Engine {
 impl Engine {
     /// Writes a backup of `name` (data, volumes, databases, record) to the archive.
     pub fn backup(&self, name: &str) -> Result<backup::Backup, EngineError> {
-        let _lock = Lock::take(&self.layout.lock_file(name), name)?;
+        let _lock = self.lock(name)?;
         if self.store.deployment(name)?.is_none() {
             return Err(EngineError::Input(format!(
                 "no deployment named \"{name}\""

@@ -10,6 +10,7 @@
 
 pub mod accounts;
 mod config;
+mod lease;
 mod pg;
 mod sqlite;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use accounts::AccountStore;
 pub use config::{StoreConfig, DATABASE_SCHEMA_VAR, DATABASE_URL_VAR};
+pub use lease::{Lease, Leased};
 pub use pg::PgStore;
 pub use sqlite::SqliteStore;
 
