@@ -191,3 +191,53 @@ fn a_user_sees_their_usage_of_the_sites() {
     let (code, _) = Api::anonymous(server.port).get("/api/me/usage");
     assert_eq!(code, 401);
 }
+
+/// The CLI and a running server both write the ledger (as the README's
+/// commands do): each catches up with the other's entries, nothing is
+/// refused or lost, and the books read after either show both.
+#[test]
+fn the_cli_and_a_running_server_write_one_ledger() {
+    let s = Sandbox::new("books-two-writers");
+    worked_example_ledger(&s);
+    let ops = s
+        .ok(&["token", "create", "ops", "--scope", "billing:write"])
+        .stdout()
+        .trim()
+        .to_string();
+    let server = s.serve(&[]);
+    let ann = signup(server.port, "ann@example.org", "Ann")["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let operator = Api::token(server.port, &ops);
+    let pay = |reference: &str, user: &str| {
+        operator.post(
+            "/api/payments/manual",
+            serde_json::json!({ "reference": reference, "user": user, "tier": "member" }),
+        )
+    };
+    assert_eq!(pay("bank-1", &ann).0, 201);
+    // The CLI records a payment behind the server's back...
+    s.ok(&["subscribe", "bob", "member", "--payment", "bank-2"]);
+    // ...and the server's next write catches up instead of failing.
+    let (code, paid) = pay("bank-3", &ann);
+    assert_eq!(code, 201, "{paid}");
+    let anon = Api::anonymous(server.port);
+    assert_eq!(anon.get("/api/books").1["subscribers"], 2);
+    // The CLI closes the period; the server's books show the close.
+    let period = &commons_meter::format_time(commons_clock::now_ms() as i64)[..7];
+    s.ok(&["period", "close", period]);
+    let (_, books) = anon.get("/api/books");
+    let closes = books["closes"].as_array().unwrap();
+    assert_eq!(closes.len(), 1, "{books}");
+    assert_eq!(closes[0]["subscribers"], 2, "{books}");
+    // 3 payments of 5.00 USD bought 1,500 tokens, all allocated.
+    assert_eq!(closes[0]["tokens_allocated"], 1_500, "{books}");
+    // The journal both wrote verifies whole.
+    let (code, export) = http(server.port, "GET", "/api/books/export", &[], b"").unwrap();
+    assert_eq!(code, 200);
+    let path = s.dir.join("ledger.export");
+    std::fs::write(&path, export).unwrap();
+    let key = s.ok(&["ledger", "key"]).stdout().trim().to_string();
+    s.ok(&["ledger", "verify", path.to_str().unwrap(), "--key", &key]);
+}
