@@ -28,24 +28,6 @@ pub const ROUTES_EVERY: Duration = Duration::from_millis(100);
 /// Routes are read from the engine at least this often, changed or not.
 pub const FULL_REFRESH: Duration = Duration::from_secs(2);
 
-/// What changes when the embedded state store is written: the sizes and
-/// times of its file and its write-ahead log. None when there is no such
-/// file (another store).
-fn state_version(db: &Path) -> Option<Vec<(u64, std::time::SystemTime)>> {
-    let mut wal = db.as_os_str().to_owned();
-    wal.push("-wal");
-    let stamp = |p: &Path| {
-        std::fs::metadata(p)
-            .ok()
-            .map(|m| (m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)))
-    };
-    let main = stamp(db)?;
-    Some(vec![
-        main,
-        stamp(Path::new(&wal)).unwrap_or((0, std::time::UNIX_EPOCH)),
-    ])
-}
-
 /// Where the gateway listens and how it gets certificates.
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -426,10 +408,11 @@ pub fn spawn(
             let mut seen = (None, std::time::Instant::now());
             loop {
                 // Routes follow recorded state: read it again when the state
-                // store changed (a deploy, a restart, an idle or a wake all
-                // write it), and every FULL_REFRESH anyway (a process that
-                // died unrecorded; a PostgreSQL store).
-                let version = state_version(&engine.layout.state_db());
+                // store's outbox has a new change (a deploy, a restart, an
+                // idle or a wake all write one, on this instance or another
+                // sharing the store), and every FULL_REFRESH anyway (a
+                // process that died unrecorded).
+                let version = engine.store().revision().ok();
                 if version.is_none() || version != seen.0 || seen.1.elapsed() >= FULL_REFRESH {
                     routes_gateway.set_routes(routes_of(&engine));
                     seen = (version, std::time::Instant::now());

@@ -130,10 +130,27 @@ pub enum ComponentChange {
     Delete(String),
 }
 
+/// One change to the recorded state, as the outbox keeps it: written in
+/// the same transaction as the change, numbered in commit order, so a
+/// consumer (the gateway's routes, a relay to an event bus) that remembers
+/// the last `rev` it saw resumes from there and misses nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub rev: i64,
+    /// The deployment it is about.
+    pub key: String,
+    /// `deployment.put`, `deployment.delete`, `components.apply`, `run.finish`.
+    pub kind: String,
+    /// What changed, as JSON.
+    pub payload: String,
+    pub at_ms: i64,
+}
+
 /// Where the engine keeps what it knows about deployments.
 ///
 /// Every method is atomic; `apply` writes all its changes or none, so a crash
-/// never leaves half a batch.
+/// never leaves half a batch. Every write adds a [`Change`] to the outbox
+/// in the same transaction.
 pub trait StateStore: Send + Sync {
     fn deployment(&self, name: &str) -> Result<Option<DeploymentRow>>;
     fn deployments(&self) -> Result<Vec<DeploymentRow>>;
@@ -160,4 +177,21 @@ pub trait StateStore: Send + Sync {
     /// The status of each named deployment that exists, in one query (for
     /// lists of sites).
     fn statuses(&self, names: &[String]) -> Result<std::collections::HashMap<String, String>>;
+    /// The latest change's number (0 before any): a consumer compares it
+    /// with the last it saw to learn, cheaply, that something changed.
+    fn revision(&self) -> Result<i64>;
+    /// Changes after `rev`, oldest first, at most `limit`.
+    fn changes_since(&self, rev: i64, limit: u32) -> Result<Vec<Change>>;
+}
+
+/// A change's payload for components applied.
+pub(crate) fn applied_payload(changes: &[ComponentChange], tasks: usize) -> String {
+    let (mut put, mut deleted) = (Vec::new(), Vec::new());
+    for c in changes {
+        match c {
+            ComponentChange::Put(r) => put.push(r.name.as_str()),
+            ComponentChange::Delete(name) => deleted.push(name.as_str()),
+        }
+    }
+    serde_json::json!({ "put": put, "deleted": deleted, "tasks": tasks }).to_string()
 }

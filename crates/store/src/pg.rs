@@ -29,7 +29,33 @@ CREATE TABLE IF NOT EXISTS audit (
     seq BIGSERIAL PRIMARY KEY, at_ms BIGINT NOT NULL, actor TEXT NOT NULL, org TEXT,
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_org ON audit (org, seq);
+CREATE TABLE IF NOT EXISTS changes (
+    rev BIGSERIAL PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,
+    payload TEXT NOT NULL, at_ms BIGINT NOT NULL);
 ";
+
+/// Adds a change to the outbox, in the caller's transaction. Writers take
+/// one transaction-scoped lock first, so changes commit in `rev` order and
+/// a consumer reading past its last `rev` never skips one that commits
+/// late (instances sharing the database included).
+fn record_change(
+    tx: &mut ::postgres::Transaction<'_>,
+    key: &str,
+    kind: &str,
+    payload: &str,
+) -> Result<()> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext('commons:changes'))",
+        &[],
+    )
+    .map_err(pg)?;
+    tx.execute(
+        "INSERT INTO changes (key, kind, payload, at_ms) VALUES ($1, $2, $3, $4)",
+        &[&key, &kind, &payload, &commons_clock::now_ms()],
+    )
+    .map_err(pg)?;
+    Ok(())
+}
 
 type Job = Box<dyn FnOnce(&mut Client) + Send>;
 
@@ -170,14 +196,17 @@ impl StateStore for PgStore {
         let inputs = serde_json::to_string(&row.inputs)?;
         let row = row.clone();
         self.with(move |c| {
-            c.execute(
+            let mut tx = c.transaction().map_err(pg)?;
+            tx.execute(
                 "INSERT INTO deployments (name, blueprint, inputs, status, created_at_ms, updated_at_ms)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (name) DO UPDATE SET blueprint = $2, inputs = $3, status = $4, updated_at_ms = $6",
                 &[&row.name, &row.blueprint, &inputs, &row.status, &row.created_at_ms, &row.updated_at_ms],
             )
             .map_err(pg)?;
-            Ok(())
+            let payload = serde_json::json!({ "status": row.status }).to_string();
+            record_change(&mut tx, &row.name, "deployment.put", &payload)?;
+            tx.commit().map_err(pg)
         })
     }
 
@@ -194,6 +223,7 @@ impl StateStore for PgStore {
             }
             tx.execute("DELETE FROM deployments WHERE name = $1", &[&name])
                 .map_err(pg)?;
+            record_change(&mut tx, &name, "deployment.delete", "{}")?;
             tx.commit().map_err(pg)
         })
     }
@@ -270,6 +300,8 @@ impl StateStore for PgStore {
                 )
                 .map_err(pg)?;
             }
+            let payload = crate::applied_payload(&changes, tasks.len());
+            record_change(&mut tx, &deployment, "components.apply", &payload)?;
             tx.commit().map_err(pg)
         })
     }
@@ -303,12 +335,44 @@ impl StateStore for PgStore {
     ) -> Result<()> {
         let (deployment, outcome) = (deployment.to_string(), outcome.to_string());
         self.with(move |c| {
-            c.execute(
+            let mut tx = c.transaction().map_err(pg)?;
+            tx.execute(
                 "UPDATE runs SET outcome = $3, finished_at_ms = $4 WHERE deployment = $1 AND run = $2",
                 &[&deployment, &run, &outcome, &finished_at_ms],
             )
             .map_err(pg)?;
-            Ok(())
+            let payload = serde_json::json!({ "run": run, "outcome": outcome }).to_string();
+            record_change(&mut tx, &deployment, "run.finish", &payload)?;
+            tx.commit().map_err(pg)
+        })
+    }
+
+    fn revision(&self) -> Result<i64> {
+        self.with(|c| {
+            Ok(
+                c.query_one("SELECT COALESCE(MAX(rev), 0) FROM changes", &[])
+                    .map_err(pg)?
+                    .get(0),
+            )
+        })
+    }
+
+    fn changes_since(&self, rev: i64, limit: u32) -> Result<Vec<Change>> {
+        self.with(move |c| {
+            Ok(c.query(
+                "SELECT rev, key, kind, payload, at_ms FROM changes WHERE rev > $1 ORDER BY rev LIMIT $2",
+                &[&rev, &(limit as i64)],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| Change {
+                rev: r.get(0),
+                key: r.get(1),
+                kind: r.get(2),
+                payload: r.get(3),
+                at_ms: r.get(4),
+            })
+            .collect())
         })
     }
 

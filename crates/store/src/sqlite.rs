@@ -64,7 +64,21 @@ const MIGRATIONS: &[&[&str]] = &[
     &[V1],
     &[crate::accounts::SCHEMA, AUDIT],
     &[crate::accounts::OIDC_SCHEMA],
+    &[OUTBOX],
 ];
+
+const OUTBOX: &str = "
+CREATE TABLE changes (
+    rev INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, kind TEXT NOT NULL,
+    payload TEXT NOT NULL, at_ms INTEGER NOT NULL);
+";
+
+/// Adds a change to the outbox, in the caller's transaction.
+fn record_change(c: &Connection, key: &str, kind: &str, payload: &str) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO changes (key, kind, payload, at_ms) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![key, kind, payload, commons_clock::now_ms()])?;
+    Ok(())
+}
 
 const AUDIT: &str = "
 CREATE TABLE audit (
@@ -203,12 +217,16 @@ impl StateStore for SqliteStore {
     fn put_deployment(&self, row: &DeploymentRow) -> Result<()> {
         let inputs = serde_json::to_string(&row.inputs)?;
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "INSERT INTO deployments (name, blueprint, inputs, status, created_at_ms, updated_at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (name) DO UPDATE SET blueprint = ?2, inputs = ?3, status = ?4, updated_at_ms = ?6",
                 params![row.name, row.blueprint, inputs, row.status, row.created_at_ms, row.updated_at_ms],
             )?;
+            let payload = serde_json::json!({ "status": row.status }).to_string();
+            record_change(&tx, &row.name, "deployment.put", &payload)?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -223,6 +241,7 @@ impl StateStore for SqliteStore {
                 )?;
             }
             tx.execute("DELETE FROM deployments WHERE name = ?1", [name])?;
+            record_change(&tx, name, "deployment.delete", "{}")?;
             tx.commit()?;
             Ok(())
         })
@@ -326,6 +345,8 @@ impl StateStore for SqliteStore {
                     ])?;
                 }
             }
+            let payload = crate::applied_payload(changes, tasks.len());
+            record_change(&tx, deployment, "components.apply", &payload)?;
             tx.commit()?;
             Ok(())
         })
@@ -356,10 +377,14 @@ impl StateStore for SqliteStore {
         finished_at_ms: i64,
     ) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "UPDATE runs SET outcome = ?3, finished_at_ms = ?4 WHERE deployment = ?1 AND run = ?2",
                 params![deployment, run, outcome, finished_at_ms],
             )?;
+            let payload = serde_json::json!({ "run": run, "outcome": outcome }).to_string();
+            record_change(&tx, deployment, "run.finish", &payload)?;
+            tx.commit()?;
             Ok(())
         })
     }
@@ -385,6 +410,35 @@ impl StateStore for SqliteStore {
             let rows = stmt
                 .query_map([names], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn revision(&self) -> Result<i64> {
+        self.with(|c| {
+            Ok(
+                c.prepare_cached("SELECT COALESCE(MAX(rev), 0) FROM changes")?
+                    .query_row([], |r| r.get(0))?,
+            )
+        })
+    }
+
+    fn changes_since(&self, rev: i64, limit: u32) -> Result<Vec<Change>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT rev, key, kind, payload, at_ms FROM changes WHERE rev > ?1 ORDER BY rev LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![rev, limit], |r| {
+                    Ok(Change {
+                        rev: r.get(0)?,
+                        key: r.get(1)?,
+                        kind: r.get(2)?,
+                        payload: r.get(3)?,
+                        at_ms: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
     }

@@ -93,10 +93,37 @@ fn suite(s: &dyn StateStore) {
     let last = s.last_tasks("d").unwrap();
     assert_eq!(last, [task(run, "a", "ok"), task(run2, "b", "ok")]);
 
+    // Every write is in the outbox, in order; a consumer resumes from the
+    // last revision it saw and misses nothing.
+    let before_delete = s.revision().unwrap();
     s.delete_deployment("d").unwrap();
     assert!(s.deployment("d").unwrap().is_none());
     assert!(s.components("d").unwrap().is_empty());
     assert!(s.last_tasks("d").unwrap().is_empty());
+    let all = s.changes_since(0, 100).unwrap();
+    let kinds: Vec<&str> = all.iter().map(|c| c.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "deployment.put",
+            "deployment.put",
+            "components.apply",
+            "components.apply",
+            "run.finish",
+            "components.apply",
+            "deployment.delete"
+        ]
+    );
+    assert!(all.iter().all(|c| c.key == "d"));
+    assert!(all.windows(2).all(|w| w[0].rev < w[1].rev));
+    assert_eq!(s.revision().unwrap(), all.last().unwrap().rev);
+    let after = s.changes_since(before_delete, 100).unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].kind, "deployment.delete");
+    assert_eq!(s.changes_since(all[1].rev, 2).unwrap(), all[2..4].to_vec());
+    let applied: serde_json::Value = serde_json::from_str(&all[3].payload).unwrap();
+    assert_eq!(applied["put"], serde_json::json!(["b"]));
+    assert_eq!(applied["deleted"], serde_json::json!(["a"]));
     assert_eq!(
         s.begin_run("d", 11).unwrap(),
         1,
