@@ -184,6 +184,10 @@ pub trait StateStore: Send + Sync {
     fn changes_since(&self, rev: i64, limit: u32) -> Result<Vec<Change>>;
 }
 
+/// How many of the latest changes the outbox keeps: a consumer further
+/// behind reads the state whole again.
+pub const CHANGES_KEPT: i64 = 100_000;
+
 /// A change's payload for components applied.
 pub(crate) fn applied_payload(changes: &[ComponentChange], tasks: usize) -> String {
     let (mut put, mut deleted) = (Vec::new(), Vec::new());

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS changes (
     payload TEXT NOT NULL, at_ms BIGINT NOT NULL);
 ";
 
-/// Adds a change to the outbox, in the caller's transaction. Writers take
+/// Adds a change to the outbox, in the caller's transaction (dropping, now
+/// and then, those older than [`crate::CHANGES_KEPT`]). Writers take
 /// one transaction-scoped lock first, so changes commit in `rev` order and
 /// a consumer reading past its last `rev` never skips one that commits
 /// late (instances sharing the database included).
@@ -49,11 +50,20 @@ fn record_change(
         &[],
     )
     .map_err(pg)?;
-    tx.execute(
-        "INSERT INTO changes (key, kind, payload, at_ms) VALUES ($1, $2, $3, $4)",
-        &[&key, &kind, &payload, &commons_clock::now_ms()],
-    )
-    .map_err(pg)?;
+    let rev: i64 = tx
+        .query_one(
+            "INSERT INTO changes (key, kind, payload, at_ms) VALUES ($1, $2, $3, $4) RETURNING rev",
+            &[&key, &kind, &payload, &commons_clock::now_ms()],
+        )
+        .map_err(pg)?
+        .get(0);
+    if rev % 1_000 == 0 {
+        tx.execute(
+            "DELETE FROM changes WHERE rev <= $1",
+            &[&(rev - crate::CHANGES_KEPT)],
+        )
+        .map_err(pg)?;
+    }
     Ok(())
 }
 

@@ -73,10 +73,16 @@ CREATE TABLE changes (
     payload TEXT NOT NULL, at_ms INTEGER NOT NULL);
 ";
 
-/// Adds a change to the outbox, in the caller's transaction.
+/// Adds a change to the outbox, in the caller's transaction, and now and
+/// then drops those older than [`crate::CHANGES_KEPT`].
 fn record_change(c: &Connection, key: &str, kind: &str, payload: &str) -> rusqlite::Result<()> {
     c.prepare_cached("INSERT INTO changes (key, kind, payload, at_ms) VALUES (?1, ?2, ?3, ?4)")?
         .execute(params![key, kind, payload, commons_clock::now_ms()])?;
+    let rev = c.last_insert_rowid();
+    if rev % 1_000 == 0 {
+        c.prepare_cached("DELETE FROM changes WHERE rev <= ?1")?
+            .execute([rev - crate::CHANGES_KEPT])?;
+    }
     Ok(())
 }
 
