@@ -128,6 +128,29 @@ fn a_subscriber_follows_their_money_from_checkout_to_the_open_books() {
             described.contains("project example.org/app to project example.org/lib"),
             "{described}"
         );
+        // On the page itself: paid 5.00, of which 0.45 to Stripe, and the
+        // figures of the split add up to the 455 CommonCents the rest bought.
+        let text = text_of(&c, Locator::Css("main")).await;
+        assert!(
+            text.contains("5.00 USD") && text.contains("0.45 USD"),
+            "{text}"
+        );
+        let figures = c
+            .execute(
+                "const rows = [...document.querySelectorAll('main table:last-of-type tr')];
+                 return rows.slice(1).map(r => [...r.cells].map(c => c.textContent));",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let rows = figures.as_array().unwrap();
+        let (total, parts) = rows.split_last().unwrap();
+        let sum: u64 = parts
+            .iter()
+            .map(|r| r[3].as_str().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(total[1].as_str(), Some("455"), "{figures}");
+        assert_eq!(sum, 455, "{figures}");
         shot(&c, "money-where-it-went").await;
         c.close().await.unwrap();
     });
