@@ -239,5 +239,35 @@ fn the_cli_and_a_running_server_write_one_ledger() {
     let path = s.dir.join("ledger.export");
     std::fs::write(&path, export).unwrap();
     let key = s.ok(&["ledger", "key"]).stdout().trim().to_string();
-    s.ok(&["ledger", "verify", path.to_str().unwrap(), "--key", &key]);
+    let verified = s
+        .ok(&[
+            "ledger",
+            "verify",
+            path.to_str().unwrap(),
+            "--key",
+            &key,
+            "--json",
+        ])
+        .json();
+    // Signed whole: the server covered what the CLI wrote, too.
+    assert_eq!(verified["signed_size"], verified["entries"], "{verified}");
+    // The CLI writes again: the next download is made anew and covers it.
+    s.ok(&["subscribe", "cara", "member", "--payment", "bank-4"]);
+    let (_, again) = http(server.port, "GET", "/api/books/export", &[], b"").unwrap();
+    std::fs::write(&path, again).unwrap();
+    let newer = s
+        .ok(&[
+            "ledger",
+            "verify",
+            path.to_str().unwrap(),
+            "--key",
+            &key,
+            "--json",
+        ])
+        .json();
+    assert!(
+        newer["entries"].as_u64() > verified["entries"].as_u64(),
+        "{newer} after {verified}"
+    );
+    assert_eq!(newer["signed_size"], newer["entries"], "{newer}");
 }

@@ -99,6 +99,9 @@ pub struct AppState {
     pub site_sessions: gateway::SiteSessions,
     /// Proxies in front of the API whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The journal's public export, made once per (entries, checkpoints):
+    /// anyone may download it, so it is not rebuilt for each of them.
+    pub books_export: Mutex<Option<((u64, usize), axum::body::Bytes)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +161,7 @@ impl AppState {
             deploys: Mutex::new(std::collections::HashMap::new()),
             sign_ins: gateway::SignIns::default(),
             site_sessions,
+            books_export: Mutex::new(None),
         })
     }
 }
