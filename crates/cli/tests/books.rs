@@ -233,41 +233,29 @@ fn the_cli_and_a_running_server_write_one_ledger() {
     assert_eq!(closes[0]["subscribers"], 2, "{books}");
     // 3 payments of 5.00 USD bought 1,500 tokens, all allocated.
     assert_eq!(closes[0]["tokens_allocated"], 1_500, "{books}");
-    // The journal both wrote verifies whole.
-    let (code, export) = http(server.port, "GET", "/api/books/export", &[], b"").unwrap();
-    assert_eq!(code, 200);
-    let path = s.dir.join("ledger.export");
-    std::fs::write(&path, export).unwrap();
+    // The journal both wrote, downloaded, verifies whole and signed whole:
+    // the server's checkpoint covers what the CLI wrote, too.
     let key = s.ok(&["ledger", "key"]).stdout().trim().to_string();
-    let verified = s
-        .ok(&[
-            "ledger",
-            "verify",
-            path.to_str().unwrap(),
-            "--key",
-            &key,
-            "--json",
-        ])
-        .json();
-    // Signed whole: the server covered what the CLI wrote, too.
-    assert_eq!(verified["signed_size"], verified["entries"], "{verified}");
+    let path = s.dir.join("ledger.export");
+    let download_and_verify = || {
+        let (code, export) = http(server.port, "GET", "/api/books/export", &[], b"").unwrap();
+        assert_eq!(code, 200);
+        std::fs::write(&path, export).unwrap();
+        let verified = s
+            .ok(&[
+                "ledger",
+                "verify",
+                path.to_str().unwrap(),
+                "--key",
+                &key,
+                "--json",
+            ])
+            .json();
+        assert_eq!(verified["signed_size"], verified["entries"], "{verified}");
+        verified["entries"].as_u64().unwrap()
+    };
+    let entries = download_and_verify();
     // The CLI writes again: the next download is made anew and covers it.
     s.ok(&["subscribe", "cara", "member", "--payment", "bank-4"]);
-    let (_, again) = http(server.port, "GET", "/api/books/export", &[], b"").unwrap();
-    std::fs::write(&path, again).unwrap();
-    let newer = s
-        .ok(&[
-            "ledger",
-            "verify",
-            path.to_str().unwrap(),
-            "--key",
-            &key,
-            "--json",
-        ])
-        .json();
-    assert!(
-        newer["entries"].as_u64() > verified["entries"].as_u64(),
-        "{newer} after {verified}"
-    );
-    assert_eq!(newer["signed_size"], newer["entries"], "{newer}");
+    assert!(download_and_verify() > entries);
 }
