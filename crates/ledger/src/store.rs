@@ -206,11 +206,6 @@ const INSERT_STATEMENT_ENTRY_SQL: &str =
 const INSERT_SHARE_SQL: &str =
     "INSERT INTO subscriber_shares (subscriber, period, parts) VALUES ($1, $2, $3)";
 
-/// SQLite spells PostgreSQL's `$n` placeholders `?n` and has no `::text` casts.
-fn sqlite_sql(sql: &str) -> String {
-    sql.replace("$2::text", "?2").replace('$', "?")
-}
-
 /// The embedded store: one SQLite file in WAL mode, fsynced at every commit.
 pub struct SqliteStore {
     conn: rusqlite::Connection,
@@ -284,11 +279,14 @@ impl Store for SqliteStore {
                         _ => e.into(),
                     })?;
             }
-            let mut statement = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_SQL))?;
-            let mut statement_entry = tx.prepare_cached(&sqlite_sql(INSERT_STATEMENT_ENTRY_SQL))?;
-            let mut payout = tx.prepare_cached(&sqlite_sql(INSERT_PAYOUT_SQL))?;
-            let mut share = tx.prepare_cached(&sqlite_sql(INSERT_SHARE_SQL))?;
-            let mut close = tx.prepare_cached(&sqlite_sql(INSERT_CLOSE_SQL))?;
+            let mut statement =
+                tx.prepare_cached(&crate::tables::sqlite_spelling(INSERT_STATEMENT_SQL))?;
+            let mut statement_entry =
+                tx.prepare_cached(&crate::tables::sqlite_spelling(INSERT_STATEMENT_ENTRY_SQL))?;
+            let mut payout =
+                tx.prepare_cached(&crate::tables::sqlite_spelling(INSERT_PAYOUT_SQL))?;
+            let mut share = tx.prepare_cached(&crate::tables::sqlite_spelling(INSERT_SHARE_SQL))?;
+            let mut close = tx.prepare_cached(&crate::tables::sqlite_spelling(INSERT_CLOSE_SQL))?;
             for s in side {
                 match s {
                     Side::Statement { statement: l, seq } => {
@@ -362,7 +360,9 @@ impl Store for SqliteStore {
         recipient: &str,
         period: Option<&str>,
     ) -> Result<Vec<StatementLine>, JournalError> {
-        let mut stmt = self.conn.prepare(&sqlite_sql(STATEMENT_SQL))?;
+        let mut stmt = self
+            .conn
+            .prepare(&crate::tables::sqlite_spelling(STATEMENT_SQL))?;
         let rows = stmt
             .query_map(params![recipient, period], |r| {
                 Ok(StatementLine {
@@ -378,7 +378,9 @@ impl Store for SqliteStore {
     }
 
     fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
-        let mut stmt = self.conn.prepare(&sqlite_sql(OWED_SQL))?;
+        let mut stmt = self
+            .conn
+            .prepare(&crate::tables::sqlite_spelling(OWED_SQL))?;
         let rows = stmt
             .query_map([period], |r| {
                 Ok((
@@ -396,7 +398,9 @@ impl Store for SqliteStore {
         recipient: &str,
         period: Option<&str>,
     ) -> Result<Vec<u64>, JournalError> {
-        let mut stmt = self.conn.prepare(&sqlite_sql(STATEMENT_ENTRIES_SQL))?;
+        let mut stmt = self
+            .conn
+            .prepare(&crate::tables::sqlite_spelling(STATEMENT_ENTRIES_SQL))?;
         let rows = stmt
             .query_map(params![recipient, period], |r| {
                 Ok(r.get::<_, i64>(0)? as u64)
@@ -437,7 +441,9 @@ impl Store for SqliteStore {
         subscriber: &str,
         period: Option<&str>,
     ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
-        let mut stmt = self.conn.prepare(&sqlite_sql(SHARES_SQL))?;
+        let mut stmt = self
+            .conn
+            .prepare(&crate::tables::sqlite_spelling(SHARES_SQL))?;
         let rows = stmt
             .query_map(params![subscriber, period], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<Vec<_>, _>>()?;

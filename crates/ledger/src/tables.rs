@@ -204,9 +204,9 @@ impl Tables {
     }
 }
 
-/// SQLite takes `?n` where PostgreSQL takes `$n`.
-fn sqlite_spelling(sql: &str) -> String {
-    sql.replace('$', "?")
+/// SQLite takes `?n` where PostgreSQL takes `$n`, and has no `::text` casts.
+pub(crate) fn sqlite_spelling(sql: &str) -> String {
+    sql.replace("::text", "").replace('$', "?")
 }
 
 fn sqlite_value(v: &Val) -> rusqlite::types::Value {

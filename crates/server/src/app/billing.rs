@@ -31,6 +31,26 @@ pub fn subscription(state: &AppState, who: &Principal) -> Result<Option<Subscrip
     billing.subscription(&m.user.id).map_err(failed)
 }
 
+/// The tier named `tier`, or the error that lists those on offer.
+fn offered_tier(state: &AppState, tier: &str) -> Result<Tier> {
+    let offered = tiers(state);
+    offered
+        .iter()
+        .find(|t| t.name == tier)
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<&str> = offered.iter().map(|t| t.name.as_str()).collect();
+            AppError::new(
+                ErrorKind::Invalid,
+                "Unknown tier",
+                format!(
+                    "there is no tier \"{tier}\"; choose one of {}",
+                    names.join(", ")
+                ),
+            )
+        })
+}
+
 fn failed(e: impl std::fmt::Display) -> AppError {
     AppError::new(ErrorKind::Internal, "Billing failed", e.to_string())
 }
@@ -45,18 +65,7 @@ pub async fn checkout(
     return_to: &str,
 ) -> Result<CheckoutSession> {
     let m = member(who)?;
-    let offered = tiers(state);
-    let Some(t) = offered.iter().find(|t| t.name == tier) else {
-        let names: Vec<&str> = offered.iter().map(|t| t.name.as_str()).collect();
-        return Err(AppError::new(
-            ErrorKind::Invalid,
-            "Unknown tier",
-            format!(
-                "there is no tier \"{tier}\"; choose one of {}",
-                names.join(", ")
-            ),
-        ));
-    };
+    let t = offered_tier(state, tier)?;
     if t.price == 0 {
         return Err(AppError::new(
             ErrorKind::Invalid,
@@ -187,17 +196,7 @@ pub async fn change(
     let m = member(who)?;
     let user = &m.user.id;
     let offered = tiers(state);
-    let Some(to) = offered.iter().find(|t| t.name == tier) else {
-        let names: Vec<&str> = offered.iter().map(|t| t.name.as_str()).collect();
-        return Err(AppError::new(
-            ErrorKind::Invalid,
-            "Unknown tier",
-            format!(
-                "there is no tier \"{tier}\"; choose one of {}",
-                names.join(", ")
-            ),
-        ));
-    };
+    let to = offered_tier(state, tier)?;
     if to.price == 0 {
         return Err(AppError::new(
             ErrorKind::Invalid,
