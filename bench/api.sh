@@ -17,6 +17,8 @@ B="$PWD/target/release/commons"
 work=$(mktemp -d)
 export COMMONS_HOME="$work/home"
 export COMMONS_DAEMON=off
+# Unsandboxed, as the README's figures (as root the default is the sandbox).
+export COMMONS_SANDBOX=${COMMONS_SANDBOX:-0}
 # The bench's user deploys its own sites on this machine, unsandboxed: a
 # platform that is one person's, which has to be said (see README).
 export COMMONS_SINGLE_USER=1

@@ -15,6 +15,8 @@ trap 'rm -rf "$work"' EXIT
 export COMMONS_HOME="$work/home"
 # The bench starts `commons serve` itself, where and when it measures it.
 export COMMONS_DAEMON=off
+# Unsandboxed, as the README's figures (as root the default is the sandbox).
+export COMMONS_SANDBOX=${COMMONS_SANDBOX:-0}
 
 gen() { # gen KIND N NAME -> a blueprint directory
   local kind=$1 n=$2 name=$3 dir="$work/$3"

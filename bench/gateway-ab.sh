@@ -13,7 +13,7 @@ set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: bash bench/gateway-ab.sh OLD_BINARY NEW_BINARY" >&2; exit 2; }
 OLD=$(realpath "$1"); NEW=$(realpath "$2"); REPS=${REPS:-5}; DURATION=${DURATION:-10}
 NGINX=$(PATH="$PATH:/usr/sbin" command -v nginx) || { echo "needs nginx (apt-get install nginx-light wrk)" >&2; exit 1; }
-work=$(mktemp -d); export COMMONS_HOME="$work/home" COMMONS_DAEMON=off
+work=$(mktemp -d); export COMMONS_HOME="$work/home" COMMONS_DAEMON=off COMMONS_SANDBOX=0
 ulimit -n "$(ulimit -Hn)"
 hz=$(getconf CLK_TCK)
 cd "$(dirname "$0")/.."

@@ -2,9 +2,12 @@
 # measure against, a site whose process is an nginx worker pinned to CPU 1,
 # answering 200 from memory.
 #
-#   deploy_backend COMMONS_BINARY WORK_DIR NGINX   # deploys site "bench"; prints its port
+#   deploy_backend COMMONS_BINARY WORK_DIR NGINX [NAME]
+#
+# deploys site NAME ("bench" by default); prints its port.
 deploy_backend() {
-  local B=$1 dir=$2/site nginx=$3
+  local B=$1 name=${4:-bench} nginx=$3
+  local dir=$2/site-$name
   mkdir -p "$dir"
   cat > "$dir/backend.conf.in" <<'CONF'
 worker_processes 1; daemon off; user root; master_process off;
@@ -19,12 +22,12 @@ http {
 }
 CONF
   cat > "$dir/commons.yaml" <<YAML
-name: bench
+name: $name
 components:
   backend:
     process: "sed -e \"s/@PORT@/\$PORT/\" -e \"s#@DIR@#\$COMMONS_DATA_DIR#\" backend.conf.in > \$COMMONS_DATA_DIR/backend.conf && exec taskset -c 1 $nginx -c \$COMMONS_DATA_DIR/backend.conf"
     health: { http: "/", interval: 20ms }
 YAML
   "$B" deploy "$dir" >/dev/null 2>&1
-  "$B" status bench --json | python3 -c 'import json,sys; print(next(c["port"] for c in json.load(sys.stdin)["components"] if c["name"]=="backend"))'
+  "$B" status "$name" --json | python3 -c 'import json,sys; print(next(c["port"] for c in json.load(sys.stdin)["components"] if c["name"]=="backend"))'
 }

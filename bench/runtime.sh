@@ -14,6 +14,8 @@ work=$(mktemp -d)
 export COMMONS_HOME="$work/home"
 # The bench starts `commons serve` itself, where and when it measures it.
 export COMMONS_DAEMON=off
+# Unsandboxed, as the README's figures (as root the default is the sandbox).
+export COMMONS_SANDBOX=${COMMONS_SANDBOX:-0}
 serve_pid=""
 cleanup() {
   [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null || true

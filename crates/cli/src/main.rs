@@ -323,6 +323,11 @@ fn main() -> ExitCode {
         commons_runtime::proc::set_helper(me);
     }
     let cli = Cli::parse();
+    // `serve` resolves its own (flags, environment, file); every other
+    // command runs workloads under the platform's defaults.
+    if !matches!(cli.command, Command::Serve(_)) {
+        let _ = commons_runtime::RuntimeSettings::for_platform().install();
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Input(msg)) => {

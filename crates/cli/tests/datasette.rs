@@ -46,11 +46,10 @@ components:
         .unwrap());
     assert_eq!(r.code(), 0, "{}", r.all());
     let web = s.component("data", "web");
-    let port = web["port"].as_u64().unwrap() as u16;
     let q = "/db.json?sql=select+name+from+birds+where+wingspan_cm+%3E+40+order+by+wingspan_cm+desc&_shape=array";
     let mut answer = (0, String::new());
     assert!(wait_for(Duration::from_secs(10), || {
-        answer = http_get(port, q).unwrap_or_default();
+        answer = component_get(&web, q).unwrap_or_default();
         answer.0 == 200
     }));
     let rows: serde_json::Value =

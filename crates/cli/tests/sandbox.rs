@@ -114,12 +114,7 @@ components:
     assert!(seen("tmp").contains("a-was-here"));
     assert!(!std::path::Path::new("/tmp/a-was-here").exists());
     // B is untouched, and the platform's own files are closed to workloads.
-    assert_eq!(
-        http_get(web["port"].as_u64().unwrap() as u16, "/secret")
-            .unwrap()
-            .0,
-        200
-    );
+    assert_eq!(component_get(&web, "/secret").unwrap().0, 200);
     let mode = |p: &str| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(s.home.join(p))
@@ -205,8 +200,7 @@ components:
     // Only the hog: its neighbour, under the same limit, still serves.
     let calm = s.component("greedy", "calm");
     assert_eq!(calm["state"], "running", "{calm}");
-    let port = calm["port"].as_u64().unwrap() as u16;
-    assert_eq!(http_get(port, "/").unwrap().0, 200);
+    assert_eq!(component_get(&calm, "/").unwrap().0, 200);
     let text = s.ok(&["status", "greedy"]).stdout();
     assert!(text.contains("oom"), "{text}");
     sandboxed(&s, &["destroy", "greedy"]);

@@ -585,6 +585,7 @@ impl Engine {
             self.secrets.delete(name);
             let _ = std::fs::remove_dir_all(self.layout.deployment_dir(name));
             commons_runtime::sandbox::remove_cgroups(name);
+            commons_runtime::net::remove_site(&self.layout.home, name);
             Some(commit)
         } else {
             self.store.finish_run(name, run, "failed", finished)?;

@@ -29,6 +29,10 @@ pub struct ComponentStatus {
     pub pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// Where the host reaches it, when not at 127.0.0.1: its site's own
+    /// address (sandboxed sites have a network of their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
     /// The user its processes run as, when sandboxed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
@@ -190,6 +194,7 @@ impl Engine {
                     // to it until its successor is recorded).
                     pid: handle.pid.filter(|_| alive),
                     port: handle.port,
+                    address: handle.addr,
                     uid: uid.filter(|_| r.kind == "process" || r.kind == "job"),
                     data_dir: self.layout.data_dir(name).display().to_string(),
                     restarts: handle.restarts,

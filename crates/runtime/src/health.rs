@@ -5,15 +5,19 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// One HTTP GET of `path` on 127.0.0.1:`port`; `Ok(status)` if it answered.
+/// One HTTP GET of `path` at `addr`; `Ok(status)` if it answered.
 ///
 /// A hand-written HTTP/1.1 request: the probe needs only the status line, and
 /// pulling an HTTP client into the CLI for that would cost start-up time.
-pub async fn http_status(port: u16, path: &str, timeout: Duration) -> std::io::Result<u16> {
+pub async fn http_status(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<u16> {
     let probe = async {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut s = TcpStream::connect(addr).await?;
         let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: commons-health\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: commons-health\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await?;
         let mut buf = [0u8; 64];

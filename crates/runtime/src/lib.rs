@@ -14,6 +14,7 @@ pub mod drivers;
 pub mod exit;
 pub mod health;
 pub mod layout;
+pub mod net;
 pub mod proc;
 pub mod sandbox;
 pub mod settings;
@@ -82,6 +83,10 @@ pub struct Handle {
     pub instance: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
+    /// The address the process is reached at from the host: its site's
+    /// own (see [`net`]) when sandboxed; 127.0.0.1 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<std::net::Ipv4Addr>,
     /// Token of a start in progress: set before a task starts anything, so
     /// that whatever an interrupted task left can be found and stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]

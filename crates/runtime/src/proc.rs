@@ -38,6 +38,8 @@ pub struct Started {
     pub pid: i32,
     pub log: PathBuf,
     pub log_offset: u64,
+    /// Where the host reaches it: its site's address when sandboxed.
+    pub addr: std::net::Ipv4Addr,
 }
 
 /// Starts `spec.command` in a new session of its own, with output appended
@@ -98,6 +100,7 @@ pub fn spawn(
     // Jobs are waited for by their driver; processes outlive it.
     let keeper = !matches!(spec.kind, commons_blueprint::Kind::Job { .. });
     let exit_file = layout.exit_file(&spec.deployment, &spec.component);
+    let mut addr = std::net::Ipv4Addr::LOCALHOST;
     let mut cmd = if sandboxed {
         let uid = crate::sandbox::uid_for(&layout.home, &spec.deployment)
             .map_err(DriverError::io("allocating the deployment's user"))?;
@@ -105,6 +108,9 @@ pub fn spawn(
             .map_err(DriverError::io("handing the data directory to its user"))?;
         crate::sandbox::traversable(&layout.home, &layout.deployment_dir(&spec.deployment))
             .map_err(DriverError::io("opening the way to the data directory"))?;
+        let net = crate::net::site_network(&layout.home, &spec.deployment)
+            .map_err(DriverError::io("making the site's network"))?;
+        addr = net.site_ip;
         let limits = crate::sandbox::Limits {
             memory_bytes: spec.resources.memory_bytes,
             cpu_millis: spec.resources.cpu_millis,
@@ -117,12 +123,17 @@ pub fn spawn(
                 std::env::current_exe().map_err(DriverError::io("finding the commons binary"))?
             }
         };
+        let netns = net.netns_path();
+        let confinement = crate::sandbox::Confinement {
+            uid,
+            hostname: &spec.deployment,
+            netns: &netns,
+            cgroup: &cgroup,
+            limits,
+        };
         let mut c = Command::new(me);
         c.arg("__sandbox").args(crate::sandbox::helper_args(
-            uid,
-            &spec.deployment,
-            &cgroup,
-            &limits,
+            &confinement,
             &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
             keeper.then_some(exit_file.as_path()),
             &shell_command(command),
@@ -205,6 +216,7 @@ pub fn spawn(
         pid,
         log: log_path.clone(),
         log_offset,
+        addr,
     })
 }
 

@@ -5,7 +5,8 @@
 //! The platform runs as root; the sandbox is entered through a small helper
 //! (`commons __sandbox ...`, see [`helper_main`]) that:
 //! 1. puts itself in the component's cgroups (v1 or v2) and writes the limits;
-//! 2. unshares the namespaces and forks an init (PID 1 of the new PID
+//! 2. joins its site's network namespace ([`crate::net`]), unshares the
+//!    other namespaces and forks an init (PID 1 of the new PID
 //!    namespace) that mounts a fresh `/proc` and a private `/tmp`;
 //! 3. the init forks the workload, which drops to the deployment's user,
 //!    sets no-new-privileges and rlimits, and executes the command; the init
@@ -14,9 +15,8 @@
 //!    workload's status. It dies with the helper outside (`PR_SET_PDEATHSIG`),
 //!    and the namespace with it.
 //!
-//! Enabled with `COMMONS_SANDBOX=1` (it needs root). Not covered yet: network
-//! isolation (workloads share the host's network namespace and can reach
-//! loopback services), a read-only root filesystem, seccomp.
+//! On by default as root (`COMMONS_SANDBOX=0` or `[runtime] sandbox = false`
+//! turns it off). Not covered yet: a read-only root filesystem, seccomp.
 
 use std::ffi::CString;
 use std::fs::OpenOptions;
@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// First uid handed to deployments; each gets the next free one.
 pub const FIRST_UID: u32 = 200_000;
 
-/// Whether workloads are sandboxed (`COMMONS_SANDBOX=1`, `[runtime] sandbox`).
+/// Whether workloads are sandboxed (as root unless `COMMONS_SANDBOX=0` or
+/// `[runtime] sandbox = false`).
 pub fn enabled() -> bool {
     crate::settings::current().sandboxed
 }
@@ -129,26 +130,43 @@ pub struct Limits {
     pub pids: Option<u64>,
 }
 
+/// Where one workload is confined: its deployment's user, host name and
+/// network namespace (its site's, see [`crate::net`]), its cgroup and limits.
+#[derive(Debug, Clone)]
+pub struct Confinement<'a> {
+    pub uid: u32,
+    pub hostname: &'a str,
+    pub netns: &'a Path,
+    pub cgroup: &'a str,
+    pub limits: Limits,
+}
+
 /// Arguments for the helper: everything after `__sandbox`. `keep` are the
 /// directories the workload needs (its deployment's files, its working
 /// directory): if they are under `/tmp`, they stay visible through the
 /// private `/tmp`.
 pub fn helper_args(
-    uid: u32,
-    hostname: &str,
-    cgroup: &str,
-    limits: &Limits,
+    confinement: &Confinement,
     keep: &[&Path],
     exit_file: Option<&Path>,
     command: &str,
 ) -> Vec<String> {
+    let Confinement {
+        uid,
+        hostname,
+        netns,
+        cgroup,
+        limits,
+    } = confinement;
     let mut a = vec![
         "--uid".into(),
         uid.to_string(),
         "--hostname".into(),
-        hostname.into(),
+        hostname.to_string(),
+        "--netns".into(),
+        netns.display().to_string(),
         "--cgroup".into(),
-        cgroup.into(),
+        cgroup.to_string(),
     ];
     for k in keep {
         a.extend(["--keep".into(), k.display().to_string()]);
@@ -354,6 +372,7 @@ pub fn helper_main(args: &[String]) -> ! {
     let mut limits = Limits::default();
     let mut keep: Vec<String> = Vec::new();
     let (mut plain, mut exit_file) = (false, None::<String>);
+    let mut netns: Option<String> = None;
     let mut i = 0;
     while i < args.len() && args[i] != "--" {
         if args[i] == "--plain" {
@@ -365,6 +384,7 @@ pub fn helper_main(args: &[String]) -> ! {
         match args[i].as_str() {
             "--uid" => uid = value.parse().ok(),
             "--hostname" => hostname = value,
+            "--netns" => netns = Some(value),
             "--cgroup" => cgroup = value,
             "--memory" => limits.memory_bytes = value.parse().ok(),
             "--cpu-millis" => limits.cpu_millis = value.parse().ok(),
@@ -407,6 +427,15 @@ pub fn helper_main(args: &[String]) -> ! {
             eprintln!("commons sandbox: cgroup {cgroup}: {e}");
             std::process::exit(126)
         }
+    }
+    // The site's own network; without one, no sandbox.
+    let Some(netns) = netns else {
+        eprintln!("commons sandbox: --netns is required");
+        std::process::exit(126)
+    };
+    if let Err(e) = crate::net::enter(Path::new(&netns)) {
+        eprintln!("commons sandbox: joining the network namespace {netns}: {e}");
+        std::process::exit(126)
     }
     let watch = Watch {
         exit_file: exit_file.as_deref(),

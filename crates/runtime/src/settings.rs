@@ -21,6 +21,9 @@ pub struct RuntimeSettings {
     /// An administrator's connection to the PostgreSQL server that
     /// `postgres` components get their databases on (`COMMONS_POSTGRES_URL`).
     pub postgres_admin_url: Option<String>,
+    /// The block sandboxed sites' links are numbered from (`[runtime]
+    /// network`, `COMMONS_SITES_NETWORK`).
+    pub network: crate::net::Network,
 }
 
 // The admin URL may carry a password: it never reaches a log.
@@ -33,6 +36,7 @@ impl std::fmt::Debug for RuntimeSettings {
                 "postgres_admin_url",
                 &self.postgres_admin_url.as_ref().map(|_| "<redacted>"),
             )
+            .field("network", &self.network)
             .finish()
     }
 }
@@ -43,6 +47,16 @@ fn yes(var: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == "1" || v == "true")
 }
 
+/// Whether this process runs as root: then workloads are sandboxed unless
+/// the operator says otherwise.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `COMMONS_SITES_NETWORK`: the block sites' links are numbered from.
+pub const NETWORK_VAR: &str = "COMMONS_SITES_NETWORK";
+
 impl RuntimeSettings {
     /// What the environment says.
     pub fn from_env() -> RuntimeSettings {
@@ -52,7 +66,22 @@ impl RuntimeSettings {
             postgres_admin_url: std::env::var(crate::drivers::postgres::ADMIN_URL_VAR)
                 .ok()
                 .filter(|u| !u.is_empty()),
+            network: std::env::var(NETWORK_VAR)
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_default(),
         }
+    }
+
+    /// What the environment says, with the platform's default: secure as
+    /// root (sandboxed unless `COMMONS_SANDBOX=0`). The `commons` binary
+    /// runs under these; a library user opts in with `COMMONS_SANDBOX=1`.
+    pub fn for_platform() -> RuntimeSettings {
+        let mut s = RuntimeSettings::from_env();
+        if std::env::var_os(SANDBOX_VAR).is_none() {
+            s.sandboxed = is_root();
+        }
+        s
     }
 
     /// Makes these the settings of this process. Only the first call
@@ -60,6 +89,33 @@ impl RuntimeSettings {
     /// (with the settings in force), so no workload runs under two policies.
     pub fn install(self) -> Result<(), RuntimeSettings> {
         CURRENT.set(self).map_err(|_| current().clone())
+    }
+}
+
+/// The host's rules for sites' networks under these settings: the
+/// PostgreSQL path only when the platform has a server at an IPv4 address
+/// (or `localhost`).
+impl RuntimeSettings {
+    pub fn firewall(&self) -> crate::net::Firewall {
+        let postgres = self.postgres_admin_url.as_deref().and_then(|url| {
+            let config: tokio_postgres::Config = url.parse().ok()?;
+            let host = config.get_hosts().iter().find_map(|h| match h {
+                tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            })?;
+            let ip: std::net::Ipv4Addr = match host.as_str() {
+                "localhost" => std::net::Ipv4Addr::LOCALHOST,
+                h => h.parse().ok()?,
+            };
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            Some(std::net::SocketAddrV4::new(ip, port))
+        });
+        crate::net::Firewall {
+            network: self.network,
+            postgres,
+            resolvers: crate::net::Firewall::host_resolvers(),
+        }
     }
 }
 

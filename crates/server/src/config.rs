@@ -16,7 +16,8 @@
 //! email = "ops@example.org"
 //! challenge = "http-01"        # or "tls-alpn-01" when port 80 is closed
 //! [runtime]
-//! sandbox = true
+//! sandbox = true          # the default as root; false runs sites unisolated (warned)
+//! network = "10.200.0.0/14"  # sandboxed sites' links: a /30 each
 //! single_user = false     # true: a developer's own platform, unsandboxed (unsafe)
 //! idle_after_seconds = 900
 //! sample_seconds = 60
@@ -85,6 +86,8 @@ pub struct Acme {
 #[serde(default, deny_unknown_fields)]
 pub struct Runtime {
     pub sandbox: Option<bool>,
+    /// The block sandboxed sites' links are numbered from.
+    pub network: Option<String>,
     /// One person's platform: sites from the API run unsandboxed (unsafe).
     pub single_user: Option<bool>,
     pub idle_after_seconds: Option<u64>,
@@ -304,7 +307,13 @@ pub fn resolve(
         trusted_proxies,
         gateway,
         runtime: RuntimeSettings {
-            sandboxed: switch(commons_runtime::settings::SANDBOX_VAR, file.runtime.sandbox)?,
+            // Secure by default: as root, sandboxed unless turned off.
+            sandboxed: switch(
+                commons_runtime::settings::SANDBOX_VAR,
+                file.runtime
+                    .sandbox
+                    .or(Some(commons_runtime::settings::is_root())),
+            )?,
             single_user: flags.single_user
                 || switch(
                     commons_runtime::settings::SINGLE_USER_VAR,
@@ -312,6 +321,10 @@ pub fn resolve(
                 )?,
             postgres_admin_url: env(commons_runtime::drivers::postgres::ADMIN_URL_VAR)
                 .or(file.runtime.postgres_url),
+            network: match env(commons_runtime::settings::NETWORK_VAR).or(file.runtime.network) {
+                Some(n) => n.parse().map_err(|e| format!("[runtime] network: {e}"))?,
+                None => Default::default(),
+            },
         },
         store: StoreConfig::new(
             env(commons_store::DATABASE_URL_VAR).or(file.store.database_url),

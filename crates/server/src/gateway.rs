@@ -65,7 +65,10 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
             // A live process is an upstream, also while a deploy replaces
             // it (until its successor is recorded).
             let upstreams: Vec<SocketAddr> = match (c.pid, c.port) {
-                (Some(_), Some(port)) => vec![SocketAddr::from(([127, 0, 0, 1], port))],
+                (Some(_), Some(port)) => vec![SocketAddr::from((
+                    c.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+                    port,
+                ))],
                 _ => Vec::new(),
             };
             if c.port.is_none() && c.route.is_none() {

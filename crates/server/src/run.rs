@@ -82,6 +82,12 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
         );
         eprintln!("{:>12} http://{addr}/console", "Console");
         warn_about_isolation(&settings.runtime);
+        if settings.runtime.sandboxed {
+            // Sites' networks need the host's rules: refuse to start without them.
+            settings.runtime.firewall().install().map_err(|e| {
+                RunError::Input(format!("sites' networks: {e}"))
+            })?;
+        }
         let public = settings
             .public_url
             .clone()
@@ -124,6 +130,20 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
 fn warn_about_isolation(runtime: &commons_runtime::RuntimeSettings) {
     if runtime.sandboxed {
         return;
+    }
+    if commons_runtime::settings::is_root() {
+        eprintln!(
+            "{:>12} the sandbox is off (COMMONS_SANDBOX=0 or [runtime] sandbox = false): \
+             sites run as root, on the host's network, and can reach each other, the \
+             platform's API and its database; turn it back on unless every site is yours",
+            "Warning"
+        );
+    } else {
+        eprintln!(
+            "{:>12} not running as root: sites are not isolated from each other (own \
+             users, namespaces and networks need root)",
+            "Warning"
+        );
     }
     if runtime.single_user {
         eprintln!(

@@ -49,6 +49,9 @@ impl Sandbox {
             .env("COMMONS_HOME", &self.home)
             // Tests start `commons serve` themselves, on ports of their own.
             .env("COMMONS_DAEMON", "off")
+            // Unsandboxed unless a test asks (the default as root is the
+            // sandbox; the tests of it say so explicitly).
+            .env("COMMONS_SANDBOX", "0")
             .env_remove("CI");
         c
     }
@@ -192,7 +195,43 @@ pub fn http_with_head(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<(u16, String, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    http_at(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        method,
+        path,
+        headers,
+        body,
+    )
+}
+
+/// Where the host reaches a process component (`status --json`): its
+/// site's own address when sandboxed, else 127.0.0.1.
+pub fn component_addr(component: &serde_json::Value) -> std::net::SocketAddr {
+    let ip: std::net::Ipv4Addr = component["address"]
+        .as_str()
+        .unwrap_or("127.0.0.1")
+        .parse()
+        .unwrap();
+    let port = component["port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no port: {component}")) as u16;
+    std::net::SocketAddr::from((ip, port))
+}
+
+/// A GET straight at a process component, wherever it listens.
+pub fn component_get(component: &serde_json::Value, path: &str) -> std::io::Result<(u16, String)> {
+    http_at(component_addr(component), "GET", path, &[], b"").map(|(c, _, b)| (c, b))
+}
+
+/// One HTTP/1.1 request to `addr`; returns (status, head, body).
+pub fn http_at(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<(u16, String, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",

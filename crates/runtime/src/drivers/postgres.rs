@@ -56,15 +56,22 @@ fn admin() -> Result<(Config, String), DriverError> {
     Ok((config, url))
 }
 
-/// The URL an app connects with; `password` may be [`MASK`].
-fn app_url(config: &Config, db: &str, password: &str) -> String {
-    let host = config
-        .get_hosts()
-        .iter()
-        .find_map(|h| match h {
-            tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
-            #[allow(unreachable_patterns)]
-            _ => None,
+/// The URL an app connects with; `password` may be [`MASK`]. A sandboxed
+/// site reaches the server at its link's host address (see [`crate::net`]).
+fn app_url(
+    config: &Config,
+    site: Option<&crate::net::SiteNet>,
+    db: &str,
+    password: &str,
+) -> String {
+    let host = site
+        .map(|n| n.host_ip.to_string())
+        .or_else(|| {
+            config.get_hosts().iter().find_map(|h| match h {
+                tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
+                #[allow(unreachable_patterns)]
+                _ => None,
+            })
         })
         .unwrap_or_else(|| "127.0.0.1".into());
     let port = config.get_ports().first().copied().unwrap_or(5432);
@@ -83,6 +90,16 @@ async fn connect(config: &Config) -> Result<tokio_postgres::Client, DriverError>
     Ok(client)
 }
 
+/// The site's network, when workloads are sandboxed.
+fn site_net(layout: &Layout, deployment: &str) -> Result<Option<crate::net::SiteNet>, DriverError> {
+    if !crate::sandbox::enabled() {
+        return Ok(None);
+    }
+    crate::net::site_net(&layout.home, deployment)
+        .map(Some)
+        .map_err(DriverError::io("numbering the site's network"))
+}
+
 fn failed(what: &str) -> impl FnOnce(tokio_postgres::Error) -> DriverError + '_ {
     move |e| DriverError::Failed(format!("{what}: {e}"))
 }
@@ -90,25 +107,40 @@ fn failed(what: &str) -> impl FnOnce(tokio_postgres::Error) -> DriverError + '_ 
 impl Driver for PostgresDriver {
     fn planned_outputs(
         &self,
-        _: &Layout,
+        layout: &Layout,
         spec: &Spec,
         _: Option<&Handle>,
     ) -> Vec<(String, Option<String>)> {
         // Names are derived and the password is masked, so the URL is known in advance.
-        let url = admin()
-            .ok()
-            .map(|(config, _)| app_url(&config, &name(&spec.deployment, &spec.component), MASK));
+        let site = site_net(layout, &spec.deployment).ok().flatten();
+        let url = admin().ok().map(|(config, _)| {
+            app_url(
+                &config,
+                site.as_ref(),
+                &name(&spec.deployment, &spec.component),
+                MASK,
+            )
+        });
         vec![("url".into(), url)]
     }
 
     fn apply<'a>(
         &'a self,
-        _: &'a Layout,
+        layout: &'a Layout,
         spec: &'a Spec,
         _: Option<&'a Handle>,
     ) -> BoxFuture<'a, Result<Applied, DriverError>> {
         Box::pin(async move {
             let (config, _) = admin()?;
+            // A sandboxed site reaches the server through its own link, once
+            // it has a database there: the only site traffic the host takes.
+            let site = site_net(layout, &spec.deployment)?;
+            if let Some(net) = &site {
+                crate::net::site_network(&layout.home, &spec.deployment)
+                    .map_err(DriverError::io("making the site's network"))?;
+                crate::net::allow(net, crate::net::Allowance::Postgres, true)
+                    .map_err(DriverError::io("opening the way to PostgreSQL"))?;
+            }
             let password = spec.credential.as_deref().ok_or_else(|| {
                 DriverError::Failed("no credential was derived for this database".into())
             })?;
@@ -144,9 +176,12 @@ impl Driver for PostgresDriver {
                 .map_err(failed("restricting the database"))?;
             Ok(Applied {
                 handle: Handle::default(),
-                outputs: [("url".to_string(), app_url(&config, &db, password))]
-                    .into_iter()
-                    .collect(),
+                outputs: [(
+                    "url".to_string(),
+                    app_url(&config, site.as_ref(), &db, password),
+                )]
+                .into_iter()
+                .collect(),
                 retired: None,
             })
         })
@@ -154,13 +189,16 @@ impl Driver for PostgresDriver {
 
     fn remove<'a>(
         &'a self,
-        _: &'a Layout,
+        layout: &'a Layout,
         deployment: &'a str,
         component: &'a str,
         _: &'a Handle,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
             let (config, _) = admin()?;
+            if let Ok(Some(net)) = site_net(layout, deployment) {
+                let _ = crate::net::allow(&net, crate::net::Allowance::Postgres, false);
+            }
             let db = name(deployment, component);
             let client = connect(&config).await?;
             client

@@ -106,8 +106,12 @@ impl Driver for ProcessDriver {
                 match &spec.health {
                     Some(h) => {
                         let remaining = deadline.saturating_duration_since(Instant::now());
-                        match http_status(port, &h.http, remaining.min(Duration::from_secs(5)))
-                            .await
+                        match http_status(
+                            (started.addr, port).into(),
+                            &h.http,
+                            remaining.min(Duration::from_secs(5)),
+                        )
+                        .await
                         {
                             Ok(code) if (200..400).contains(&code) => break,
                             Ok(code) => last_problem = format!("GET {} answered {code}", h.http),
@@ -133,6 +137,7 @@ impl Driver for ProcessDriver {
                 pid: Some(pid),
                 instance: Some(spec.instance.clone()),
                 port: Some(port),
+                addr: (!started.addr.is_loopback()).then_some(started.addr),
                 pending: None,
                 restarts: 0,
                 idle: false,
@@ -177,7 +182,7 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 const GATEWAY_FRESH_MS: u64 = 3_000;
 
 /// Stops a replaced instance once no request can reach it: the gateway
-/// (if one runs) no longer routes to its port and has no request in flight
+/// (if one runs) no longer routes to its address and has no request in flight
 /// there. `since_ms` is when the new instance was recorded.
 pub async fn retire(layout: &Layout, old: &Handle, since_ms: u64) {
     let (Some(pid), Some(instance)) = (old.pid, &old.instance) else {
@@ -185,7 +190,9 @@ pub async fn retire(layout: &Layout, old: &Handle, since_ms: u64) {
     };
     if let Some(port) = old.port {
         let deadline = Instant::now() + DRAIN_LIMIT;
-        while Instant::now() < deadline && gateway_still_uses(layout, port, since_ms) {
+        let addr =
+            std::net::SocketAddr::from((old.addr.unwrap_or(std::net::Ipv4Addr::LOCALHOST), port));
+        while Instant::now() < deadline && gateway_still_uses(layout, addr, since_ms) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -194,11 +201,11 @@ pub async fn retire(layout: &Layout, old: &Handle, since_ms: u64) {
 
 /// True while a running gateway routes to `port` or has requests in flight
 /// there, or has not yet seen the state written at `since_ms`.
-fn gateway_still_uses(layout: &Layout, port: u16, since_ms: u64) -> bool {
+fn gateway_still_uses(layout: &Layout, addr: std::net::SocketAddr, since_ms: u64) -> bool {
     #[derive(serde::Deserialize)]
     struct State {
         updated_ms: u64,
-        /// "127.0.0.1:PORT" → requests in flight.
+        /// "IP:PORT" → requests in flight.
         upstreams: std::collections::HashMap<String, u64>,
     }
     let Some(state) = std::fs::read(layout.gateway_state())
@@ -212,5 +219,5 @@ fn gateway_still_uses(layout: &Layout, port: u16, since_ms: u64) -> bool {
         // No gateway runs: nothing routes there.
         return false;
     }
-    state.updated_ms <= since_ms || state.upstreams.contains_key(&format!("127.0.0.1:{port}"))
+    state.updated_ms <= since_ms || state.upstreams.contains_key(&addr.to_string())
 }

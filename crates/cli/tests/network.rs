@@ -1,0 +1,259 @@
+//! Per-site networks (sandboxed, as root, on a real PostgreSQL server):
+//! from inside a site, every way around the gateway is tried — another
+//! site's port, the platform's API, the PostgreSQL server without a
+//! database there, another site's database, a forged user header — and
+//! each must be refused or time out, while the same site through the
+//! gateway answers.
+
+mod common;
+
+use common::*;
+
+fn root() {
+    assert!(
+        is_root(),
+        "per-site networks need root (network namespaces, veth links, nftables); run the tests as root"
+    );
+}
+
+fn admin_url() -> String {
+    std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+/// Deploys as the platform would: sandboxed, with the PostgreSQL server.
+fn deploy(s: &Sandbox, args: &[&str]) -> Run {
+    let r = Run(s
+        .cmd(args)
+        .env("COMMONS_SANDBOX", "1")
+        .env("COMMONS_POSTGRES_URL", admin_url())
+        .output()
+        .unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    r
+}
+
+/// A site that tells whom it was told the user is (`X-Remote-User`).
+const WHO_IS_IT: &str = r#"import http.server, os
+class Who(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("user=" + str(self.headers.get("X-Remote-User"))).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Who).serve_forever()
+"#;
+
+/// Tries each target of `argv[1]` (name → [host, port]; HOST is the site's
+/// gateway, the host's end of its link) and its own process at port
+/// `argv[2]`, with a request that forges the user header; writes name →
+/// outcome to probes.json.
+const PROBE: &str = r#"import json, os, socket, struct, sys
+def gateway():
+    for line in open("/proc/net/route").read().splitlines()[1:]:
+        f = line.split()
+        if f[1] == "00000000":
+            return socket.inet_ntoa(struct.pack("<L", int(f[2], 16)))
+def attempt(host, port):
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect((host, port))
+        s.sendall(b"GET / HTTP/1.0\r\nX-Remote-User: victim-user\r\n\r\n")
+        return "CONNECTED " + s.recv(300).decode(errors="replace")
+    except socket.timeout:
+        return "timeout"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError as e:
+        return "unreachable " + str(e)
+    finally:
+        s.close()
+host = gateway()
+targets = json.loads(sys.argv[1])
+targets["own"] = ["127.0.0.1", int(sys.argv[2])]
+out = {"host_address": host}
+for name, (where, port) in targets.items():
+    out[name] = attempt(host if where == "HOST" else where, port)
+json.dump(out, open(os.path.join(os.environ["COMMONS_DATA_DIR"], "probes.json"), "w"))
+"#;
+
+#[test]
+fn a_sandboxed_site_reaches_nothing_around_the_gateway() {
+    root();
+    let s = Sandbox::new("network");
+    let server = s.serve(&[
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_POSTGRES_URL", &admin_url()),
+    ]);
+
+    // The victim: a user_header site with a database of its own.
+    s.write("victim/who.py", WHO_IS_IT);
+    s.write(
+        "victim/commons.yaml",
+        r#"name: victim
+components:
+  db: { postgres: {} }
+  web:
+    process: python3 who.py
+    route: { user_header: X-Remote-User }
+    health: { http: "/" }
+"#,
+    );
+    deploy(&s, &["deploy", "victim"]);
+    let web = s.component("victim", "web");
+    let victim = component_addr(&web);
+    assert!(
+        !victim.ip().is_loopback(),
+        "a sandboxed site listens in a network of its own: {web}"
+    );
+    // Through the gateway, the site answers (and the forged header is dropped).
+    let mut through = (0, String::new());
+    assert!(wait_for(std::time::Duration::from_secs(10), || {
+        through = http(
+            server.http,
+            "GET",
+            "/",
+            &[
+                ("Host", "victim.localhost"),
+                ("X-Remote-User", "victim-user"),
+            ],
+            b"",
+        )
+        .unwrap_or_default();
+        through.0 == 200
+    }));
+    assert_eq!(
+        through.1, "user=None",
+        "the gateway drops a client's user header"
+    );
+    // From the host (the gateway's side), the site's address answers.
+    assert_eq!(component_get(&web, "/").unwrap(), (200, "user=None".into()));
+
+    // The attacker: no database; a process of its own, which it must reach.
+    s.write("attacker/probe.py", PROBE);
+    let targets = serde_json::json!({
+        "victim_site": [victim.ip().to_string(), victim.port()],
+        "victim_on_loopback": ["127.0.0.1", victim.port()],
+        "api_on_loopback": ["127.0.0.1", server.port],
+        "api_on_host": ["HOST", server.port],
+        "gateway_admin_on_host": ["HOST", server.admin],
+        "postgres_on_loopback": ["127.0.0.1", 5432],
+        "postgres_on_host": ["HOST", 5432],
+    })
+    .to_string();
+    s.write(
+        "attacker/commons.yaml",
+        &format!(
+            r#"name: attacker
+components:
+  own:
+    process: python3 -m http.server --bind 127.0.0.1 $PORT
+    health: {{ http: "/" }}
+  probe:
+    job: python3 probe.py '{targets}' ${{components.own.port}}
+    after: [own]
+"#
+        ),
+    );
+    deploy(&s, &["deploy", "attacker"]);
+    let probes: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.home.join("deployments/attacker/data/probes.json")).unwrap(),
+    )
+    .unwrap();
+    let outcome = |name: &str| probes[name].as_str().unwrap_or_default().to_string();
+    // The victim's side of the host: the site's address less one.
+    let victim_host = match victim.ip() {
+        std::net::IpAddr::V4(v4) => std::net::Ipv4Addr::from(u32::from(v4) - 1).to_string(),
+        other => panic!("{other}"),
+    };
+    // The probe works: the site reaches its own process.
+    assert!(
+        outcome("own").starts_with("CONNECTED HTTP/1.0 200"),
+        "{probes}"
+    );
+    for attack in [
+        "victim_site",
+        "victim_on_loopback",
+        "api_on_loopback",
+        "api_on_host",
+        "gateway_admin_on_host",
+        "postgres_on_loopback",
+        "postgres_on_host",
+    ] {
+        let o = outcome(attack);
+        assert!(
+            o == "refused" || o == "timeout",
+            "{attack} must be refused or time out, got {o:?}: {probes}"
+        );
+    }
+
+    // A tenant with a database of its own reaches it — and nothing else there.
+    s.write(
+        "tenant/commons.yaml",
+        r#"name: tenant
+components:
+  db: { postgres: {} }
+  try:
+    job: >-
+      psql "${components.db.url}" -Atc "SELECT 'own database'" > $COMMONS_DATA_DIR/own 2>&1;
+      psql "$(echo ${components.db.url} | sed 's#/c_tenant_db$#/c_victim_db#')" -Atc "SELECT 1" > $COMMONS_DATA_DIR/victim 2>&1 && echo GOT-IN >> $COMMONS_DATA_DIR/victim;
+      psql "$(echo ${components.db.url} | sed 's#//c_tenant_db:[^@]*@#//c_victim_db:guess@#; s#/c_tenant_db$#/c_victim_db#')" -Atc "SELECT 1" > $COMMONS_DATA_DIR/guess 2>&1 && echo GOT-IN >> $COMMONS_DATA_DIR/guess;
+      psql "$(echo ${components.db.url} | sed 's#//c_tenant_db:[^@]*@#//postgres@#; s#/c_tenant_db$#/postgres#')" -Atc "SELECT 1" > $COMMONS_DATA_DIR/superuser 2>&1 && echo GOT-IN >> $COMMONS_DATA_DIR/superuser;
+      true
+"#,
+    );
+    deploy(&s, &["deploy", "tenant"]);
+    let said =
+        |f: &str| std::fs::read_to_string(s.home.join("deployments/tenant/data").join(f)).unwrap();
+    assert_eq!(said("own").trim(), "own database", "{}", said("own"));
+    for attack in ["victim", "guess", "superuser"] {
+        let o = said(attack);
+        assert!(
+            !o.contains("GOT-IN") && (o.contains("FATAL") || o.contains("failed")),
+            "{attack}: {o}"
+        );
+    }
+
+    // Gone with its site: the namespace, the link and its place in the
+    // host's registry of site networks.
+    let registry = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read("/run/commons/networks.json").unwrap()).unwrap()
+    };
+    let key = format!(
+        "{}#victim",
+        std::fs::canonicalize(&s.home).unwrap().display()
+    );
+    let index = registry()[&key].as_u64().unwrap();
+    assert!(std::path::Path::new(&format!("/run/netns/commons-{index}")).exists());
+    for site in ["victim", "attacker", "tenant"] {
+        deploy(&s, &["destroy", site]);
+    }
+    assert!(registry().get(&key).is_none());
+    assert!(!std::path::Path::new(&format!("/run/netns/commons-{index}")).exists());
+    assert!(!std::path::Path::new(&format!("/sys/class/net/cmsite{index}")).exists());
+    assert!(
+        component_get(&web, "/").is_err(),
+        "the destroyed site's address answers no more"
+    );
+    // The next site on the victim's former address inherits none of its
+    // rights (it had a database, so a way to the server).
+    std::fs::remove_file(s.home.join("deployments/attacker/data/probes.json")).ok();
+    deploy(&s, &["deploy", "attacker"]);
+    let probes: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.home.join("deployments/attacker/data/probes.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        probes["host_address"].as_str().unwrap(),
+        victim_host.as_str(),
+        "the attacker took the victim's link"
+    );
+    let o = probes["postgres_on_host"].as_str().unwrap();
+    assert!(o == "refused" || o == "timeout", "{probes}");
+    deploy(&s, &["destroy", "attacker"]);
+    drop(server);
+}

@@ -1,0 +1,588 @@
+//! Per-site networks: every sandboxed deployment runs in a network
+//! namespace of its own, joined to the host by a veth pair.
+//!
+//! ```text
+//!   host                                   site's namespace (commons-UID)
+//!   cmsiteUID  10.200.n.1/30  <── veth ──>  eth0  10.200.n.2/30, lo 127.0.0.1
+//! ```
+//!
+//! - Apps listen on 127.0.0.1 inside their namespace, as they would alone
+//!   on a machine; the components of one deployment share it and reach each
+//!   other there. Traffic that reaches `eth0` for the site's address is
+//!   turned to 127.0.0.1 (DNAT, with `route_localnet` on `eth0`), so the
+//!   gateway and health checks reach an app at `SITE_IP:PORT`.
+//! - The host's firewall (the nftables table `inet commons`, which the
+//!   platform owns and rewrites whole) drops everything a site sends to the
+//!   host and to other sites, and what it sends to loopback, private,
+//!   link-local and multicast ranges; it lets through replies, DNS to the
+//!   host's resolvers, the internet (masqueraded), and — for sites with a
+//!   `postgres:` component only — the platform's PostgreSQL server at
+//!   `HOST_IP:PGPORT` (DNAT to the server). PostgreSQL sees the site's own
+//!   address, so `pg_hba.conf` tells sites from the platform's own
+//!   connections (`host sameuser all 10.200.0.0/14 scram-sha-256`).
+//!
+//! The namespace and its link are made with iproute2 (`ip`) and the rules
+//! with `nft`, the tools an operator reads them back with.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+/// Where `ip netns` keeps named namespaces.
+pub const NETNS_DIR: &str = "/run/netns";
+/// Which deployment (of which platform home) has which link: host-wide,
+/// like the namespaces and addresses themselves, and gone at reboot with them.
+pub const REGISTRY_DIR: &str = "/run/commons";
+/// The nftables table the platform owns on the host.
+pub const TABLE: &str = "commons";
+/// The block sites' addresses come from by default: a /30 per deployment,
+/// 65,536 deployments.
+pub const DEFAULT_NETWORK: Network = Network {
+    base: Ipv4Addr::new(10, 200, 0, 0),
+    prefix: 14,
+};
+
+/// Ranges a site never reaches, whatever its egress: loopback, private,
+/// shared (CGNAT), link-local, multicast and reserved.
+const NEVER: &str = "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, \
+                     172.16.0.0/12, 192.0.0.0/24, 192.168.0.0/16, 198.18.0.0/15, 224.0.0.0/3";
+
+/// The block of addresses sites' links are numbered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Default for Network {
+    fn default() -> Network {
+        DEFAULT_NETWORK
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Network, String> {
+        let fix = "say an IPv4 block like 10.200.0.0/14";
+        let (ip, prefix) = s.split_once('/').ok_or_else(|| format!("{s:?}: {fix}"))?;
+        let base: Ipv4Addr = ip.parse().map_err(|_| format!("{s:?}: {fix}"))?;
+        let prefix: u8 = prefix.parse().map_err(|_| format!("{s:?}: {fix}"))?;
+        if !(8..=28).contains(&prefix) {
+            return Err(format!(
+                "{s:?}: the prefix must be 8 to 28 (a /30 per site)"
+            ));
+        }
+        if u32::from(base) & !(u32::MAX << (32 - prefix)) != 0 {
+            return Err(format!("{s:?}: {ip} is not the start of a /{prefix}"));
+        }
+        if !base.is_private() {
+            return Err(format!(
+                "{s:?}: use a private block (10/8, 172.16/12, 192.168/16)"
+            ));
+        }
+        Ok(Network { base, prefix })
+    }
+}
+
+impl Network {
+    /// How many sites' links fit.
+    pub fn capacity(&self) -> u32 {
+        1 << (32 - self.prefix - 2)
+    }
+}
+
+/// One deployment's network: its namespace, its link and addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteNet {
+    /// The namespace's name (`ip netns`): `commons-N`.
+    pub netns: String,
+    /// The host's end of the link: `cmsiteN`.
+    pub host_if: String,
+    /// The host's address on the link: the site's gateway.
+    pub host_ip: Ipv4Addr,
+    /// The site's address, where the gateway reaches its apps.
+    pub site_ip: Ipv4Addr,
+}
+
+impl SiteNet {
+    /// The `index`th site network in `network`.
+    pub fn of(index: u32, network: Network) -> std::io::Result<SiteNet> {
+        if index >= network.capacity() {
+            return Err(std::io::Error::other(format!(
+                "no room for a {}th site network in {network} ([runtime] network: a larger block)",
+                index + 1
+            )));
+        }
+        let link = u32::from(network.base) + index * 4;
+        Ok(SiteNet {
+            netns: format!("commons-{index}"),
+            host_if: format!("cmsite{index}"),
+            host_ip: Ipv4Addr::from(link + 1),
+            site_ip: Ipv4Addr::from(link + 2),
+        })
+    }
+
+    /// The namespace's file, which the sandbox helper joins.
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(NETNS_DIR).join(&self.netns)
+    }
+
+    /// Whether the namespace and its link exist.
+    pub fn exists(&self) -> bool {
+        self.netns_path().exists()
+            && std::path::Path::new("/sys/class/net")
+                .join(&self.host_if)
+                .exists()
+    }
+}
+
+fn run(program: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<()> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot run `{program}` ({e}): per-site networks need iproute2 and nftables"
+                ),
+            )
+        })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(std::io::Error::other(format!(
+        "`{program} {}` failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    )))
+}
+
+/// Serialises set-ups within this process (two components of one site
+/// start at once); across processes, `ip netns add` fails for the loser,
+/// which then finds the namespace made.
+static SETTING_UP: Mutex<()> = Mutex::new(());
+
+/// Makes `net` (idempotent): the namespace, the link, the addresses, the
+/// route, and the rule that hands the site's address to its loopback. The
+/// host's firewall must be in place first ([`Firewall::install`]).
+pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
+    if net.exists() {
+        return Ok(());
+    }
+    let _one = SETTING_UP.lock().unwrap_or_else(|p| p.into_inner());
+    if net.exists() {
+        return Ok(());
+    }
+    // Whatever a failed attempt left goes first.
+    let _ = run("ip", &["link", "del", &net.host_if], None);
+    let _ = run("ip", &["netns", "del", &net.netns], None);
+    let made = (|| {
+        run("ip", &["netns", "add", &net.netns], None)?;
+        run(
+            "ip",
+            &["-batch", "-"],
+            Some(&format!(
+                "link add {host} type veth peer name eth0 netns {ns}\n\
+                 addr add {hip}/30 dev {host}\n\
+                 link set {host} up\n",
+                host = net.host_if,
+                ns = net.netns,
+                hip = net.host_ip,
+            )),
+        )?;
+        run(
+            "ip",
+            &["-n", &net.netns, "-batch", "-"],
+            Some(&format!(
+                "link set lo up\n\
+                 addr add {sip}/30 dev eth0\n\
+                 link set eth0 up\n\
+                 route add default via {hip}\n",
+                sip = net.site_ip,
+                hip = net.host_ip,
+            )),
+        )?;
+        // The host's end may carry traffic DNATed to its loopback (the
+        // PostgreSQL path); the firewall decides whether any does.
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/route_localnet", net.host_if),
+            "1",
+        )?;
+        // Inside: what arrives for the site's address goes to its loopback,
+        // where its apps listen.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &net.netns,
+                "/bin/sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet && exec nft -f -",
+            ],
+            Some(&format!(
+                "table ip {TABLE} {{\n\
+                   chain prerouting {{\n\
+                     type nat hook prerouting priority dstnat; policy accept;\n\
+                     iifname \"eth0\" ip daddr {sip} dnat to 127.0.0.1\n\
+                   }}\n\
+                 }}\n",
+                sip = net.site_ip
+            )),
+        )
+    })();
+    if made.is_err() {
+        remove(net);
+    }
+    made
+}
+
+/// The registry's key for a deployment: several platforms (homes) may
+/// share a host.
+fn registry_key(home: &Path, deployment: &str) -> String {
+    let home = std::fs::canonicalize(home).unwrap_or_else(|_| home.to_path_buf());
+    format!("{}#{deployment}", home.display())
+}
+
+/// Reads (and, with `change`, rewrites) the host's registry of site
+/// networks, under its lock.
+fn with_registry<T>(change: impl FnOnce(&mut BTreeMap<String, u32>) -> T) -> std::io::Result<T> {
+    use std::os::unix::io::AsRawFd;
+    let dir = Path::new(REGISTRY_DIR);
+    std::fs::create_dir_all(dir)?;
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("networks.lock"))?;
+    // SAFETY: flock on a descriptor `lock` owns for the whole call.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let path = dir.join("networks.json");
+    let mut map: BTreeMap<String, u32> = match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other)?,
+        Err(_) => BTreeMap::new(),
+    };
+    let before = map.clone();
+    let out = change(&mut map);
+    if map != before {
+        crate::layout::write_whole(
+            &path,
+            &serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
+        )?;
+    }
+    Ok(out)
+}
+
+/// The network of `deployment` (of the platform at `home`): the lowest free
+/// index, allocated once. A newly allocated one starts clean: whatever a
+/// former holder of the index left (a namespace, a link, a place in the
+/// firewall's sets) is removed first, so no right passes to the next site.
+pub fn site_net(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
+    let key = registry_key(home, deployment);
+    let (index, new) = with_registry(|map| {
+        if let Some(i) = map.get(&key) {
+            return (*i, false);
+        }
+        let taken: std::collections::BTreeSet<u32> = map.values().copied().collect();
+        let free = (0..).find(|i| !taken.contains(i)).expect("a free index");
+        map.insert(key, free);
+        (free, true)
+    })?;
+    let net = SiteNet::of(index, crate::settings::current().network)?;
+    if new {
+        remove(&net);
+    }
+    Ok(net)
+}
+
+/// The network of `deployment` under the settings in force, made if
+/// needed; with egress to the internet.
+pub fn site_network(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
+    let settings = crate::settings::current();
+    let net = site_net(home, deployment)?;
+    settings.firewall().install()?;
+    if !net.exists() {
+        ensure(&net)?;
+        allow(&net, Allowance::Egress, true)?;
+    }
+    Ok(net)
+}
+
+/// Removes the network of `deployment`, if it has one (it was destroyed),
+/// and frees its index.
+pub fn remove_site(home: &Path, deployment: &str) {
+    let key = registry_key(home, deployment);
+    let Ok(Some(index)) = with_registry(|map| map.remove(&key)) else {
+        return;
+    };
+    if let Ok(net) = SiteNet::of(index, crate::settings::current().network) {
+        remove(&net);
+    }
+}
+
+/// Removes `net`'s namespace and link (the link goes with the namespace's
+/// end; both are asked for in case one was left alone), and its place in
+/// the firewall's sets.
+pub fn remove(net: &SiteNet) {
+    let _ = run("ip", &["netns", "del", &net.netns], None);
+    let _ = run("ip", &["link", "del", &net.host_if], None);
+    for set in ["postgres_sites", "egress_sites"] {
+        let _ = run(
+            "nft",
+            &[
+                "delete",
+                "element",
+                "inet",
+                TABLE,
+                set,
+                &format!("{{ {} }}", net.site_ip),
+            ],
+            None,
+        );
+    }
+}
+
+/// Lets `net` reach the internet (`egress`) or the platform's PostgreSQL
+/// server (`postgres`), or stops it.
+pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
+    let set = match what {
+        Allowance::Egress => "egress_sites",
+        Allowance::Postgres => "postgres_sites",
+    };
+    let verb = if yes { "add" } else { "delete" };
+    let r = run(
+        "nft",
+        &[
+            verb,
+            "element",
+            "inet",
+            TABLE,
+            set,
+            &format!("{{ {} }}", net.site_ip),
+        ],
+        None,
+    );
+    // Deleting what is not there is no failure.
+    if yes {
+        r
+    } else {
+        Ok(())
+    }
+}
+
+/// What a site may reach beyond the gateway's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowance {
+    Egress,
+    Postgres,
+}
+
+/// The host's rules for all sites' links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Firewall {
+    pub network: Network,
+    /// The platform's PostgreSQL server, as sites with a `postgres:`
+    /// component reach it (at their host address, this port).
+    pub postgres: Option<SocketAddrV4>,
+    /// The host's DNS resolvers, which sites may ask.
+    pub resolvers: Vec<Ipv4Addr>,
+}
+
+impl Firewall {
+    /// The host's resolvers, from `/etc/resolv.conf` (loopback ones are the
+    /// host's own and unreachable from a site).
+    pub fn host_resolvers() -> Vec<Ipv4Addr> {
+        std::fs::read_to_string("/etc/resolv.conf")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|ip| ip.trim().parse::<Ipv4Addr>().ok())
+            .filter(|ip| !ip.is_loopback())
+            .collect()
+    }
+
+    /// The ruleset, whole: table `inet commons`, replaced atomically except
+    /// its sets (which sites are in them is kept).
+    pub fn ruleset(&self) -> String {
+        let net = self.network;
+        let mut pg_pre = String::new();
+        let mut pg_in = String::new();
+        if let Some(pg) = self.postgres {
+            pg_pre = format!(
+                "    iifname \"cmsite*\" ip saddr @postgres_sites ip daddr {net} tcp dport {port} dnat ip to {pg}\n",
+                port = pg.port()
+            );
+            pg_in = format!(
+                "    iifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport {port} accept\n",
+                port = pg.port()
+            );
+        }
+        let dns = if self.resolvers.is_empty() {
+            String::new()
+        } else {
+            let list = self
+                .resolvers
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "    iifname \"cmsite*\" ip daddr {{ {list} }} udp dport 53 accept\n\
+                 \x20   iifname \"cmsite*\" ip daddr {{ {list} }} tcp dport 53 accept\n"
+            )
+        };
+        format!(
+            "add table inet {TABLE}\n\
+             add set inet {TABLE} postgres_sites {{ type ipv4_addr; }}\n\
+             add set inet {TABLE} egress_sites {{ type ipv4_addr; }}\n\
+             add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
+             add chain inet {TABLE} input {{ type filter hook input priority filter - 10; policy accept; }}\n\
+             add chain inet {TABLE} forward {{ type filter hook forward priority filter - 10; policy accept; }}\n\
+             add chain inet {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+             flush chain inet {TABLE} prerouting\n\
+             flush chain inet {TABLE} input\n\
+             flush chain inet {TABLE} forward\n\
+             flush chain inet {TABLE} postrouting\n\
+             table inet {TABLE} {{\n\
+               chain prerouting {{\n\
+             {pg_pre}\
+               }}\n\
+               chain input {{\n\
+                 iifname \"cmsite*\" ct state established,related accept\n\
+             {pg_in}\
+                 iifname \"cmsite*\" drop\n\
+               }}\n\
+               chain forward {{\n\
+                 oifname \"cmsite*\" ct state established,related accept\n\
+                 oifname \"cmsite*\" drop\n\
+             {dns}\
+                 iifname \"cmsite*\" ip daddr {{ {NEVER} }} drop\n\
+                 iifname \"cmsite*\" ip saddr @egress_sites accept\n\
+                 iifname \"cmsite*\" drop\n\
+               }}\n\
+               chain postrouting {{\n\
+                 ip saddr {net} oifname != \"cmsite*\" masquerade\n\
+               }}\n\
+             }}\n"
+        )
+    }
+
+    /// Installs the rules (once per process; they are the same for every
+    /// site) and turns on forwarding, which egress needs.
+    pub fn install(&self) -> std::io::Result<()> {
+        static INSTALLED: Mutex<Option<String>> = Mutex::new(None);
+        let ruleset = self.ruleset();
+        let mut done = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
+        if done.as_deref() == Some(ruleset.as_str()) {
+            return Ok(());
+        }
+        run("nft", &["-f", "-"], Some(&ruleset))?;
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        *done = Some(ruleset);
+        Ok(())
+    }
+}
+
+/// Joins the network namespace at `path` (the sandbox helper, before it
+/// drops privileges).
+pub fn enter(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let ns = std::fs::File::open(path)?;
+    // SAFETY: setns on a descriptor we own, for the calling thread (the
+    // helper is single-threaded here).
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sites_get_disjoint_links_in_the_block() {
+        let a = SiteNet::of(0, DEFAULT_NETWORK).unwrap();
+        let b = SiteNet::of(1, DEFAULT_NETWORK).unwrap();
+        assert_eq!(a.host_ip, Ipv4Addr::new(10, 200, 0, 1));
+        assert_eq!(a.site_ip, Ipv4Addr::new(10, 200, 0, 2));
+        assert_eq!(b.host_ip, Ipv4Addr::new(10, 200, 0, 5));
+        assert_eq!(a.netns, "commons-0");
+        let last = SiteNet::of(DEFAULT_NETWORK.capacity() - 1, DEFAULT_NETWORK).unwrap();
+        assert_eq!(last.site_ip, Ipv4Addr::new(10, 203, 255, 254));
+        assert!(last.host_if.len() <= 15, "an interface name fits IFNAMSIZ");
+        let biggest = "10.0.0.0/8".parse::<Network>().unwrap();
+        let widest = SiteNet::of(biggest.capacity() - 1, biggest).unwrap();
+        assert!(widest.host_if.len() <= 15, "{}", widest.host_if);
+        let e = SiteNet::of(DEFAULT_NETWORK.capacity(), DEFAULT_NETWORK).unwrap_err();
+        assert!(e.to_string().contains("[runtime] network"), "{e}");
+    }
+
+    #[test]
+    fn a_network_is_a_private_aligned_block() {
+        assert_eq!("10.200.0.0/14".parse::<Network>(), Ok(DEFAULT_NETWORK));
+        for (bad, says) in [
+            ("10.200.0.1/14", "start of a /14"),
+            ("8.8.0.0/16", "private"),
+            ("10.0.0.0/30", "8 to 28"),
+            ("10.0.0.0", "10.200.0.0/14"),
+        ] {
+            let e = bad.parse::<Network>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_ruleset_drops_everything_a_site_was_not_given() {
+        let f = Firewall {
+            network: DEFAULT_NETWORK,
+            postgres: Some("127.0.0.1:5432".parse().unwrap()),
+            resolvers: vec![Ipv4Addr::new(10, 255, 255, 53)],
+        };
+        let r = f.ruleset();
+        let r = r.lines().map(str::trim).collect::<Vec<_>>().join("\n");
+        // Nothing from a site to the host but replies and PostgreSQL for those allowed.
+        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" drop"), "{r}");
+        // Site to site: dropped before anything is let through.
+        let forward = &r[r.find("chain forward").unwrap()..];
+        let drop_to_sites = forward.find("oifname \"cmsite*\" drop").unwrap();
+        let never = forward.find("ip daddr { 0.0.0.0/8, 10.0.0.0/8").unwrap();
+        let egress = forward.find("@egress_sites accept").unwrap();
+        assert!(drop_to_sites < egress && never < egress, "{forward}");
+        assert!(forward.find("10.255.255.53 } udp dport 53 accept").unwrap() < never);
+        assert!(r.contains("dnat ip to 127.0.0.1:5432"));
+        let without = Firewall {
+            postgres: None,
+            ..f
+        }
+        .ruleset();
+        assert!(
+            !without.contains("5432"),
+            "no PostgreSQL path when there is no server"
+        );
+    }
+}
