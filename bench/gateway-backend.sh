@@ -25,7 +25,7 @@ CONF
 name: $name
 components:
   backend:
-    process: "sed -e \"s/@PORT@/\$PORT/\" -e \"s#@DIR@#\$COMMONS_DATA_DIR#\" backend.conf.in > \$COMMONS_DATA_DIR/backend.conf && exec taskset -c 1 $nginx -c \$COMMONS_DATA_DIR/backend.conf"
+    process: "sed -e \"s/@PORT@/\$PORT/g\" -e \"s#@DIR@#\$COMMONS_DATA_DIR#g\" backend.conf.in > \$COMMONS_DATA_DIR/backend.conf && exec taskset -c 1 $nginx -c \$COMMONS_DATA_DIR/backend.conf"
     health: { http: "/", interval: 20ms }
 YAML
   "$B" deploy "$dir" >/dev/null 2>&1

@@ -29,9 +29,33 @@ pub struct Blueprint {
     #[serde(default)]
     pub outputs: IndexMap<String, Template>,
     pub components: IndexMap<String, Component>,
+    /// What the site's workloads may reach besides their own components.
+    #[serde(default, skip_serializing_if = "Network::is_default")]
+    pub network: Network,
     /// Every file read to build this blueprint, the root file first.
     #[serde(default)]
     pub files: Vec<PathBuf>,
+}
+
+/// `network:` — what a sandboxed site's workloads may reach. The gateway
+/// always reaches them; they never reach other sites or the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// The internet (and DNS): `true` unless the blueprint says
+    /// `network: { egress: false }`.
+    pub egress: bool,
+}
+
+impl Default for Network {
+    fn default() -> Network {
+        Network { egress: true }
+    }
+}
+
+impl Network {
+    pub fn is_default(&self) -> bool {
+        *self == Network::default()
+    }
 }
 
 /// An upstream developer project whose code this blueprint uses.

@@ -105,6 +105,10 @@ pub fn json_schema() -> Value {
             "version": { "type": "string", "description": "Semantic version, e.g. 0.1.0" },
             "project": { "type": "string", "description": "The developer project this code belongs to" },
             "description": { "type": "string" },
+            "network": { "type": "object", "additionalProperties": false,
+                "description": "What a sandboxed site's workloads may reach besides their own components",
+                "properties": { "egress": { "type": "boolean", "default": true,
+                    "description": "The internet and DNS (never the host or other sites)" } } },
             "depends_on_projects": { "type": "array", "items": { "oneOf": [
                 { "type": "string" },
                 { "type": "object", "additionalProperties": false, "required": ["project"],

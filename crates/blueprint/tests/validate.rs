@@ -667,3 +667,30 @@ fn replace_must_be_a_known_strategy() {
         "\"blue-green\" is not a way to replace a process",
     );
 }
+
+#[test]
+fn network_says_whether_the_site_reaches_the_internet() {
+    let load_text = |text: &str| {
+        let src = files(&[("/bp/commons.yaml", text)]);
+        load(Path::new("/bp/commons.yaml"), &src).expect("loads")
+    };
+    let open = load_text("name: x\ncomponents:\n  a: {job: x}\n");
+    assert!(
+        open.network.egress,
+        "egress is allowed unless said otherwise"
+    );
+    let sealed = load_text("name: x\nnetwork: { egress: false }\ncomponents:\n  a: {job: x}\n");
+    assert!(!sealed.network.egress);
+    one(
+        "name: x\nnetwork: { egress: \"no\" }\ncomponents:\n  a: {job: x}\n",
+        2,
+        20,
+        "network.egress must be true or false",
+    );
+    one(
+        "name: x\nnetwork: { egres: false }\ncomponents:\n  a: {job: x}\n",
+        2,
+        12,
+        "did you mean \"egress\"?",
+    );
+}

@@ -81,6 +81,17 @@ for name, (where, port) in targets.items():
 json.dump(out, open(os.path.join(os.environ["COMMONS_DATA_DIR"], "probes.json"), "w"))
 "#;
 
+/// The network namespace of site `name` (from the host's registry).
+fn netns_of(s: &Sandbox, name: &str) -> String {
+    let registry: serde_json::Value =
+        serde_json::from_slice(&std::fs::read("/run/commons/networks.json").unwrap()).unwrap();
+    let key = format!(
+        "{}#{name}",
+        std::fs::canonicalize(&s.home).unwrap().display()
+    );
+    format!("commons-{}", registry[&key].as_u64().unwrap())
+}
+
 #[test]
 fn a_sandboxed_site_reaches_nothing_around_the_gateway() {
     root();
@@ -133,6 +144,13 @@ components:
     // From the host (the gateway's side), the site's address answers.
     assert_eq!(component_get(&web, "/").unwrap(), (200, "user=None".into()));
 
+    // Where the attacker's egress is tried: the package registry (the only
+    // outside address this machine reaches).
+    let registry_ip = std::net::ToSocketAddrs::to_socket_addrs(&("pypi.org", 443))
+        .expect("the tests need DNS and pypi.org (the package registry) from this host")
+        .find(|a| a.is_ipv4())
+        .expect("an IPv4 address for pypi.org")
+        .ip();
     // The attacker: no database; a process of its own, which it must reach.
     s.write("attacker/probe.py", PROBE);
     let targets = serde_json::json!({
@@ -143,6 +161,7 @@ components:
         "gateway_admin_on_host": ["HOST", server.admin],
         "postgres_on_loopback": ["127.0.0.1", 5432],
         "postgres_on_host": ["HOST", 5432],
+        "registry": [registry_ip.to_string(), 443],
     })
     .to_string();
     s.write(
@@ -190,6 +209,78 @@ components:
             "{attack} must be refused or time out, got {o:?}: {probes}"
         );
     }
+
+    // Egress: the attacker (by default) reaches a package registry; a site
+    // that says `network: { egress: false }` reaches neither it nor DNS,
+    // until its blueprint says otherwise (a change of no component).
+    assert!(
+        outcome("registry").starts_with("CONNECTED"),
+        "a site reaches the internet by default: {probes}"
+    );
+    s.write(
+        "sealed/egress.py",
+        &format!(
+            r#"import os, socket
+out = []
+try:
+    socket.getaddrinfo("pypi.org", 443)
+    out.append("resolved")
+except OSError:
+    out.append("no-dns")
+s = socket.socket()
+s.settimeout(3)
+try:
+    s.connect(("{registry_ip}", 443))
+    out.append("CONNECTED")
+except OSError as e:
+    out.append("blocked")
+open(os.path.join(os.environ["COMMONS_DATA_DIR"], "egress"), "w").write(" ".join(out))
+"#
+        ),
+    );
+    // Where the probe, run in the site's namespace as nobody, writes.
+    let out = s.dir.join("egress");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let sealed = |egress: bool| {
+        s.write(
+            "sealed/commons.yaml",
+            &format!(
+                "name: sealed\nnetwork: {{ egress: {egress} }}\ncomponents:\n  \
+                 web:\n    process: python3 -m http.server --bind 127.0.0.1 $PORT\n    \
+                 health: {{ http: \"/\" }}\n"
+            ),
+        );
+        deploy(&s, &["deploy", "sealed"]);
+        let web = s.component("sealed", "web");
+        // The process is untouched by a change of egress alone.
+        let pid = web["pid"].as_i64().unwrap();
+        let r = Run(std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &netns_of(&s, "sealed"),
+                "setpriv",
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+            ])
+            .arg(s.app().join("sealed/egress.py"))
+            .env("COMMONS_DATA_DIR", &out)
+            .output()
+            .unwrap());
+        assert_eq!(r.code(), 0, "{}", r.all());
+        (pid, std::fs::read_to_string(out.join("egress")).unwrap())
+    };
+    let (pid, said) = sealed(false);
+    assert_eq!(said, "no-dns blocked", "egress: false holds");
+    let (again, said) = sealed(true);
+    assert_eq!(said, "resolved CONNECTED", "egress: true opens it");
+    assert_eq!(pid, again, "no component was replaced for it");
+    deploy(&s, &["destroy", "sealed"]);
 
     // A tenant with a database of its own reaches it — and nothing else there.
     s.write(

@@ -71,6 +71,8 @@ pub struct Context {
     pub service_token: Option<String>,
     /// Environment variables secrets were read from: never inherited.
     pub withhold: Vec<String>,
+    /// The site's workloads may reach the internet (`network: { egress }`).
+    pub egress: bool,
     /// Instances replaced start-first, to stop once the gateway drained them.
     pub retired: Mutex<Vec<Handle>>,
     /// The components another reads, made once (see `plan::replace_of`).
@@ -376,6 +378,7 @@ async fn apply_component(
             resources: c.resources.clone(),
             credential: ctx.credentials.get(&task.component).cloned(),
             withhold: ctx.withhold.clone(),
+            egress: ctx.egress,
             replace: crate::plan::replace_of(
                 &ctx.components,
                 ctx.read_by_others(),

@@ -276,6 +276,16 @@ impl Engine {
         only_restarts: Option<&[String]>,
     ) -> Result<Outcome, EngineError> {
         let _lock = self.lock(&target.name)?;
+        // A change of `network:` alone changes no component: it is applied
+        // to the site's network (if it has one) here.
+        if commons_runtime::sandbox::enabled() {
+            commons_runtime::net::set_egress(
+                &self.layout.home,
+                &target.name,
+                target.blueprint.network.egress,
+            )
+            .map_err(EngineError::io("the site's network"))?;
+        }
         let existing = self.store.deployment(&target.name)?;
         let recorded = self.recorded(&target.name)?;
         let (secret_values, secrets_changed) =
@@ -402,6 +412,7 @@ impl Engine {
                     _ => None,
                 })
                 .collect(),
+            egress: target.blueprint.network.egress,
             secrets: secret_values,
             secret_prints: prints,
             components: target.blueprint.components.clone(),
@@ -560,6 +571,7 @@ impl Engine {
             credentials: HashMap::new(),
             service_token: None,
             withhold: Vec::new(),
+            egress: true,
             retired: Mutex::new(Vec::new()),
             read_by_others: Default::default(),
         });

@@ -292,6 +292,7 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         credential: None,
         withhold: Vec::new(),
         replace: c.replace.unwrap_or(Replace::StopFirst),
+        egress: true,
     }
 }
 

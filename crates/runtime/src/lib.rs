@@ -61,6 +61,8 @@ pub struct Spec {
     pub withhold: Vec<String>,
     /// How a running process is replaced (processes only).
     pub replace: commons_blueprint::model::Replace,
+    /// The site's workloads may reach the internet (`network: { egress }`).
+    pub egress: bool,
 }
 
 /// What a driver returns once a component is applied.

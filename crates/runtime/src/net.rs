@@ -230,6 +230,13 @@ pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
             format!("/proc/sys/net/ipv4/conf/{}/route_localnet", net.host_if),
             "1",
         )?;
+        // No IPv6 on the link at all (the firewall drops it too): no
+        // link-local way to the host's services bound to [::]. (Absent when
+        // the kernel has IPv6 off.)
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", net.host_if),
+            "1",
+        );
         // Inside: what arrives for the site's address goes to its loopback,
         // where its apps listen.
         run(
@@ -240,7 +247,9 @@ pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
                 &net.netns,
                 "/bin/sh",
                 "-c",
-                "echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet && exec nft -f -",
+                "echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet && \
+                 { echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; } 2>/dev/null; \
+                 exec nft -f -",
             ],
             Some(&format!(
                 "table ip {TABLE} {{\n\
@@ -320,16 +329,46 @@ pub fn site_net(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
 }
 
 /// The network of `deployment` under the settings in force, made if
-/// needed; with egress to the internet.
-pub fn site_network(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
+/// needed, with egress to the internet if `egress`.
+pub fn site_network(home: &Path, deployment: &str, egress: bool) -> std::io::Result<SiteNet> {
     let settings = crate::settings::current();
     let net = site_net(home, deployment)?;
     settings.firewall().install()?;
     if !net.exists() {
         ensure(&net)?;
-        allow(&net, Allowance::Egress, true)?;
     }
+    sync_egress(&net, egress)?;
     Ok(net)
+}
+
+/// What this process last put in `@egress_sites`, by namespace: forgotten
+/// when a namespace is removed (its index may go to another site).
+static EGRESS_SET: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
+
+/// Lets `deployment`'s network out to the internet or not, if it has one.
+pub fn set_egress(home: &Path, deployment: &str, egress: bool) -> std::io::Result<()> {
+    let key = registry_key(home, deployment);
+    let Some(index) = with_registry(|map| map.get(&key).copied())? else {
+        return Ok(());
+    };
+    let net = SiteNet::of(index, crate::settings::current().network)?;
+    if net.exists() {
+        crate::settings::current().firewall().install()?;
+        sync_egress(&net, egress)?;
+    }
+    Ok(())
+}
+
+/// Puts the site in or out of `@egress_sites`, asking nft only when this
+/// process has not set it so already.
+fn sync_egress(net: &SiteNet, egress: bool) -> std::io::Result<()> {
+    let mut set = EGRESS_SET.lock().unwrap_or_else(|p| p.into_inner());
+    if set.get(&net.netns) == Some(&egress) {
+        return Ok(());
+    }
+    allow(net, Allowance::Egress, egress)?;
+    set.insert(net.netns.clone(), egress);
+    Ok(())
 }
 
 /// Removes the network of `deployment`, if it has one (it was destroyed),
@@ -348,6 +387,10 @@ pub fn remove_site(home: &Path, deployment: &str) {
 /// end; both are asked for in case one was left alone), and its place in
 /// the firewall's sets.
 pub fn remove(net: &SiteNet) {
+    EGRESS_SET
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&net.netns);
     let _ = run("ip", &["netns", "del", &net.netns], None);
     let _ = run("ip", &["link", "del", &net.host_if], None);
     for set in ["postgres_sites", "egress_sites"] {
@@ -479,10 +522,10 @@ impl Firewall {
                chain forward {{\n\
                  oifname \"cmsite*\" ct state established,related accept\n\
                  oifname \"cmsite*\" drop\n\
+                 iifname \"cmsite*\" ip saddr != @egress_sites drop\n\
              {dns}\
                  iifname \"cmsite*\" ip daddr {{ {NEVER} }} drop\n\
-                 iifname \"cmsite*\" ip saddr @egress_sites accept\n\
-                 iifname \"cmsite*\" drop\n\
+                 iifname \"cmsite*\" accept\n\
                }}\n\
                chain postrouting {{\n\
                  ip saddr {net} oifname != \"cmsite*\" masquerade\n\
@@ -570,10 +613,12 @@ mod tests {
         // Site to site: dropped before anything is let through.
         let forward = &r[r.find("chain forward").unwrap()..];
         let drop_to_sites = forward.find("oifname \"cmsite*\" drop").unwrap();
+        let sealed = forward.find("ip saddr != @egress_sites drop").unwrap();
+        let dns = forward.find("10.255.255.53 } udp dport 53 accept").unwrap();
         let never = forward.find("ip daddr { 0.0.0.0/8, 10.0.0.0/8").unwrap();
-        let egress = forward.find("@egress_sites accept").unwrap();
-        assert!(drop_to_sites < egress && never < egress, "{forward}");
-        assert!(forward.find("10.255.255.53 } udp dport 53 accept").unwrap() < never);
+        let out = forward.find("iifname \"cmsite*\" accept").unwrap();
+        assert!(drop_to_sites < sealed, "{forward}");
+        assert!(sealed < dns && dns < never && never < out, "{forward}");
         assert!(r.contains("dnat ip to 127.0.0.1:5432"));
         let without = Firewall {
             postgres: None,

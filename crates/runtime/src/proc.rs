@@ -108,7 +108,7 @@ pub fn spawn(
             .map_err(DriverError::io("handing the data directory to its user"))?;
         crate::sandbox::traversable(&layout.home, &layout.deployment_dir(&spec.deployment))
             .map_err(DriverError::io("opening the way to the data directory"))?;
-        let net = crate::net::site_network(&layout.home, &spec.deployment)
+        let net = crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
             .map_err(DriverError::io("making the site's network"))?;
         addr = net.site_ip;
         let limits = crate::sandbox::Limits {

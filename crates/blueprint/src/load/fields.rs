@@ -208,6 +208,35 @@ impl Loader<'_> {
         out
     }
 
+    /// `true` or `false`, as YAML writes them.
+    pub(super) fn boolean(&mut self, file: &Path, node: &Node, what: &str) -> Option<bool> {
+        match &node.kind {
+            NodeKind::Scalar(s, Style::Plain) if s == "true" => Some(true),
+            NodeKind::Scalar(s, Style::Plain) if s == "false" => Some(false),
+            _ => {
+                self.sink(file).error_help(
+                    node.pos,
+                    format!("{what} must be true or false, found {}", node.describe()),
+                    "write true or false, without quotes",
+                );
+                None
+            }
+        }
+    }
+
+    /// `network: { egress: BOOL }`.
+    pub(super) fn network(&mut self, file: &Path, node: &Node) -> crate::model::Network {
+        let mut network = crate::model::Network::default();
+        if let Some(f) = self.fields(file, node, &["egress"], "network") {
+            if let Some(n) = f.get("egress") {
+                if let Some(egress) = self.boolean(file, n, "network.egress") {
+                    network.egress = egress;
+                }
+            }
+        }
+        network
+    }
+
     pub(super) fn string(&mut self, file: &Path, node: &Node, what: &str) -> Option<String> {
         match &node.kind {
             NodeKind::Scalar(s, _) if !node.is_null() => Some(s.clone()),

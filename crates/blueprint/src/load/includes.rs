@@ -130,6 +130,7 @@ pub(super) fn flatten_root(
         secrets,
         outputs,
         components,
+        network: raw.network,
         files,
     })
 }

@@ -38,6 +38,7 @@ pub const TOP_FIELDS: &[&str] = &[
     "secrets",
     "outputs",
     "components",
+    "network",
 ];
 /// Keywords that say what a component is; each component has exactly one.
 pub const KIND_FIELDS: &[&str] = &[
@@ -178,6 +179,7 @@ struct Raw {
     secrets: IndexMap<String, SecretSpec>,
     outputs: IndexMap<String, Template>,
     components: IndexMap<String, RawComponent>,
+    network: crate::model::Network,
 }
 
 struct RawComponent {
@@ -323,6 +325,10 @@ impl<'a> Loader<'a> {
             Some(n) => self.project_deps(file, n),
             None => Vec::new(),
         };
+        let network = match f.get("network") {
+            Some(n) => self.network(file, n),
+            None => Default::default(),
+        };
 
         let mut inputs = IndexMap::new();
         if let Some(n) = f.get("inputs") {
@@ -445,6 +451,7 @@ impl<'a> Loader<'a> {
             secrets,
             outputs,
             components,
+            network,
         })
     }
 

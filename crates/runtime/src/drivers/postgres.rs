@@ -136,7 +136,7 @@ impl Driver for PostgresDriver {
             // it has a database there: the only site traffic the host takes.
             let site = site_net(layout, &spec.deployment)?;
             if let Some(net) = &site {
-                crate::net::site_network(&layout.home, &spec.deployment)
+                crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
                     .map_err(DriverError::io("making the site's network"))?;
                 crate::net::allow(net, crate::net::Allowance::Postgres, true)
                     .map_err(DriverError::io("opening the way to PostgreSQL"))?;
