@@ -1,0 +1,378 @@
+//! Images built here, pushed to a real registry (Debian's `docker-registry`,
+//! registry 2.8, started on loopback by each test) and pulled back through
+//! the store: by tag and by digest, a tampered blob refused, a layer two
+//! images share stored once, whiteouts hiding lower files in a real
+//! overlay mount (as root).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use commons_images::{
+    sha256_digest, Credentials, ImageError, ImageStore, Progress, RegistrySettings,
+};
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+struct Registry {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("commons-images-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn start_registry(dir: &Path) -> Registry {
+    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("these tests need Debian's docker-registry (apt-get install docker-registry; scripts/test installs it)");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let storage = dir.join("registry");
+    std::fs::create_dir_all(&storage).unwrap();
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog: {{ level: warn }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  \
+             cache: {{ blobdescriptor: \"\" }}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            storage.display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+    let child = Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let registry = Registry {
+        child,
+        port,
+        storage,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !get(port, "/v2/")
+        .is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the registry did not start: {}",
+            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    registry
+}
+
+/// A gzipped tar layer: (path, Some(contents)) files, (path, None) directories.
+fn layer(entries: &[(&str, Option<&[u8]>)]) -> (Vec<u8>, String) {
+    let mut tar = tar::Builder::new(Vec::new());
+    for (path, contents) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match contents {
+            Some(bytes) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(bytes.len() as u64);
+                tar.append_data(&mut h, path, *bytes).unwrap();
+            }
+            None => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                tar.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+        }
+    }
+    let raw = tar.into_inner().unwrap();
+    let diff_id = sha256_digest(&raw);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&raw).unwrap();
+    (gz.finish().unwrap(), diff_id)
+}
+
+fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..Default::default()
+    })
+}
+
+/// Pushes an image of `layers` as REPO:TAG; returns its manifest digest.
+async fn push(port: u16, name: &str, layers: &[(Vec<u8>, String)]) -> String {
+    let reference: Reference = format!("127.0.0.1:{port}/{name}").parse().unwrap();
+    let diff_ids: Vec<&str> = layers.iter().map(|(_, d)| d.as_str()).collect();
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Cmd": ["/bin/app"], "Env": ["GREETING=hello"], "WorkingDir": "/srv" },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let layers: Vec<ImageLayer> = layers
+        .iter()
+        .map(|(bytes, _)| ImageLayer::oci_v1_gzip(bytes.clone(), None))
+        .collect();
+    let c = client();
+    c.push(
+        &reference,
+        &layers,
+        Config::oci_v1(serde_json::to_vec(&config).unwrap(), None),
+        &RegistryAuth::Anonymous,
+        None,
+    )
+    .await
+    .unwrap();
+    c.fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
+        .await
+        .unwrap()
+}
+
+fn store(dir: &Path, port: u16) -> ImageStore {
+    ImageStore::new(
+        &dir.join("images"),
+        &RegistrySettings {
+            insecure: vec![format!("127.0.0.1:{port}")],
+        },
+    )
+}
+
+/// Incompressible bytes, so a layer's size is what it holds.
+fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pulls_by_tag_and_digest_and_keeps_a_shared_layer_once() {
+    let dir = scratch("share");
+    let registry = start_registry(&dir);
+    let big = noise(4 << 20, 7);
+    let base = layer(&[
+        ("usr", None),
+        ("usr/lib", None),
+        ("usr/lib/big.bin", Some(&big)),
+    ]);
+    let app_a = layer(&[("srv", None), ("srv/app", Some(b"site a"))]);
+    let app_b = layer(&[("srv", None), ("srv/app", Some(b"site b"))]);
+    let a = push(registry.port, "apps/a:1.0", &[base.clone(), app_a]).await;
+    let b = push(registry.port, "apps/b:1.0", &[base.clone(), app_b]).await;
+    let images = store(&dir, registry.port);
+
+    let seen = std::sync::Mutex::new(Vec::<Progress>::new());
+    let record = |p: Progress| seen.lock().unwrap().push(p);
+    let pulled_a = images
+        .pull(
+            &format!("127.0.0.1:{}/apps/a:1.0", registry.port),
+            &Credentials::Anonymous,
+            &record,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pulled_a.digest, a,
+        "by tag: the manifest the registry holds"
+    );
+    assert_eq!(pulled_a.config.cmd, Some(vec!["/bin/app".to_string()]));
+    assert_eq!(pulled_a.config.working_dir.as_deref(), Some("/srv"));
+    let last = *seen.lock().unwrap().last().unwrap();
+    assert_eq!((last.layers_done, last.layers), (2, 2));
+    assert_eq!(last.fetched, last.to_fetch);
+    assert!(last.to_fetch as usize > big.len(), "{last:?}");
+    let lowers = images.lower_dirs(&pulled_a);
+    assert_eq!(std::fs::read(lowers[0].join("srv/app")).unwrap(), b"site a");
+    assert_eq!(
+        std::fs::read(lowers[1].join("usr/lib/big.bin")).unwrap(),
+        big
+    );
+    let after_a = images.disk_usage();
+
+    // The second image, by digest: only its own layer is fetched and stored.
+    seen.lock().unwrap().clear();
+    let pulled_b = images
+        .pull(
+            &format!("127.0.0.1:{}/apps/b@{b}", registry.port),
+            &Credentials::Anonymous,
+            &record,
+        )
+        .await
+        .unwrap();
+    assert_eq!(pulled_b.digest, b);
+    assert_eq!(
+        pulled_b.layers[0], pulled_a.layers[0],
+        "the same base layer"
+    );
+    let last = *seen.lock().unwrap().last().unwrap();
+    assert!(
+        last.to_fetch < 4096,
+        "the base layer is not fetched again: {last:?}"
+    );
+    let grown = images.disk_usage() - after_a;
+    assert!(
+        grown < (big.len() / 8) as u64,
+        "the second image stores no layer twice: it added {grown} bytes beside a {} byte base",
+        big.len()
+    );
+    assert_eq!(
+        std::fs::read(images.lower_dirs(&pulled_b)[0].join("srv/app")).unwrap(),
+        b"site b"
+    );
+
+    // Pinned by digest and already here: the registry is not asked at all.
+    drop(registry);
+    let again = images
+        .pull(
+            &format!("127.0.0.1:1/apps/a@{a}"),
+            &Credentials::Anonymous,
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, pulled_a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_tampered_blob_is_refused_and_nothing_of_it_is_kept() {
+    let dir = scratch("tamper");
+    let registry = start_registry(&dir);
+    let app = layer(&[("srv", None), ("srv/app", Some(b"the real program"))]);
+    let app_digest = sha256_digest(&app.0);
+    push(registry.port, "apps/t:1", &[app]).await;
+    // Someone with the registry's disk swaps the layer's bytes.
+    let hex = app_digest.trim_start_matches("sha256:");
+    let data = registry
+        .storage
+        .join("docker/registry/v2/blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .join("data");
+    let (evil, _) = layer(&[("srv", None), ("srv/app", Some(b"a different program"))]);
+    std::fs::write(&data, evil).unwrap();
+
+    let images = store(&dir, registry.port);
+    let e = images
+        .pull(
+            &format!("127.0.0.1:{}/apps/t:1", registry.port),
+            &Credentials::Anonymous,
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::Registry { .. }), "{e}");
+    assert!(e.to_string().to_lowercase().contains("digest"), "{e}");
+    assert!(!images.layer_dir(&app_digest).exists(), "nothing unpacked");
+    let blobs = dir.join("images/blobs/sha256");
+    let left: Vec<_> = std::fs::read_dir(&blobs)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no blob or partial file kept: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn whiteouts_hide_lower_files_in_an_overlay_mount() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "whiteouts (device nodes, trusted xattrs) and overlay mounts need root; run the tests as root"
+    );
+    let dir = scratch("whiteout");
+    let registry = start_registry(&dir);
+    let lower = layer(&[
+        ("etc", None),
+        ("etc/keep", Some(b"kept")),
+        ("etc/gone", Some(b"deleted above")),
+        ("cache", None),
+        ("cache/a", Some(b"a")),
+        ("cache/b", Some(b"b")),
+    ]);
+    let upper = layer(&[
+        ("etc", None),
+        ("etc/.wh.gone", Some(b"")),
+        ("cache", None),
+        ("cache/.wh..wh..opq", Some(b"")),
+        ("cache/c", Some(b"c")),
+    ]);
+    push(registry.port, "apps/w:1", &[lower, upper]).await;
+    let images = store(&dir, registry.port);
+    let pulled = images
+        .pull(
+            &format!("127.0.0.1:{}/apps/w:1", registry.port),
+            &Credentials::Anonymous,
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(&root).unwrap();
+    let lowers: Vec<String> = images
+        .lower_dirs(&pulled)
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let mounted = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("ro,lowerdir={}", lowers.join(":")))
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        mounted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mounted.stderr)
+    );
+    let exists = |p: &str| root.join(p).exists();
+    let checks = (
+        exists("etc/keep"),
+        exists("etc/gone"),
+        exists("cache/a"),
+        exists("cache/b"),
+        std::fs::read(root.join("cache/c")).ok(),
+    );
+    let _ = Command::new("umount").arg(&root).status();
+    assert_eq!(checks, (true, false, false, false, Some(b"c".to_vec())));
+    let _ = std::fs::remove_dir_all(&dir);
+}
