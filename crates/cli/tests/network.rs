@@ -83,13 +83,9 @@ json.dump(out, open(os.path.join(os.environ["COMMONS_DATA_DIR"], "probes.json"),
 
 /// The network namespace of site `name` (from the host's registry).
 fn netns_of(s: &Sandbox, name: &str) -> String {
-    let registry: serde_json::Value =
-        serde_json::from_slice(&std::fs::read("/run/commons/networks.json").unwrap()).unwrap();
-    let key = format!(
-        "{}#{name}",
-        std::fs::canonicalize(&s.home).unwrap().display()
-    );
-    format!("commons-{}", registry[&key].as_u64().unwrap())
+    let index = commons_runtime::net::site_index(&s.home, name)
+        .unwrap_or_else(|| panic!("{name} has no network"));
+    format!("commons-{index}")
 }
 
 #[test]
@@ -311,19 +307,12 @@ components:
 
     // Gone with its site: the namespace, the link and its place in the
     // host's registry of site networks.
-    let registry = || -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read("/run/commons/networks.json").unwrap()).unwrap()
-    };
-    let key = format!(
-        "{}#victim",
-        std::fs::canonicalize(&s.home).unwrap().display()
-    );
-    let index = registry()[&key].as_u64().unwrap();
+    let index = commons_runtime::net::site_index(&s.home, "victim").unwrap();
     assert!(std::path::Path::new(&format!("/run/netns/commons-{index}")).exists());
     for site in ["victim", "attacker", "tenant"] {
         deploy(&s, &["destroy", site]);
     }
-    assert!(registry().get(&key).is_none());
+    assert_eq!(commons_runtime::net::site_index(&s.home, "victim"), None);
     assert!(!std::path::Path::new(&format!("/run/netns/commons-{index}")).exists());
     assert!(!std::path::Path::new(&format!("/sys/class/net/cmsite{index}")).exists());
     assert!(

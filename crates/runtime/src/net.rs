@@ -275,35 +275,121 @@ fn registry_key(home: &Path, deployment: &str) -> String {
     format!("{}#{deployment}", home.display())
 }
 
-/// Reads (and, with `change`, rewrites) the host's registry of site
-/// networks, under its lock.
-fn with_registry<T>(change: impl FnOnce(&mut BTreeMap<String, u32>) -> T) -> std::io::Result<T> {
-    use std::os::unix::io::AsRawFd;
-    let dir = Path::new(REGISTRY_DIR);
-    std::fs::create_dir_all(dir)?;
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("networks.lock"))?;
-    // SAFETY: flock on a descriptor `lock` owns for the whole call.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// The host's registry of site networks: which key holds which index, one
+/// small file per entry each way, so a look-up costs the same with 10 or
+/// 50,000 sites (`by-key/HASH` holds "INDEX KEY", `by-index/INDEX` the key;
+/// `lowest-free` where a search for a free index starts).
+struct Registry {
+    dir: PathBuf,
+}
+
+impl Registry {
+    fn open() -> std::io::Result<Registry> {
+        Registry::at(&Path::new(REGISTRY_DIR).join("networks"))
     }
-    let path = dir.join("networks.json");
-    let mut map: BTreeMap<String, u32> = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other)?,
-        Err(_) => BTreeMap::new(),
-    };
-    let before = map.clone();
-    let out = change(&mut map);
-    if map != before {
-        crate::layout::write_whole(
-            &path,
-            &serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
-        )?;
+
+    fn at(dir: &Path) -> std::io::Result<Registry> {
+        let dir = dir.to_path_buf();
+        std::fs::create_dir_all(dir.join("by-key"))?;
+        std::fs::create_dir_all(dir.join("by-index"))?;
+        Ok(Registry { dir })
     }
-    Ok(out)
+
+    /// Runs `f` under the registry's lock (allocating and freeing).
+    fn locked<T>(&self, f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+        use std::os::unix::io::AsRawFd;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("lock"))?;
+        // SAFETY: flock on a descriptor `lock` owns for the whole call.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        f()
+    }
+
+    /// The by-key file of `key` (probing past the rare hash collision) and
+    /// the index it holds, if any.
+    fn find(&self, key: &str) -> (PathBuf, Option<u32>) {
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in key.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+        for probe in 0.. {
+            let path = self.dir.join("by-key").join(format!("{h:016x}.{probe}"));
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                return (path, None);
+            };
+            if let Some((index, k)) = text.split_once(' ') {
+                if k == key {
+                    return (path, index.parse().ok());
+                }
+            }
+        }
+        unreachable!("probing ends at a free name")
+    }
+
+    fn lowest_free(&self) -> u32 {
+        std::fs::read_to_string(self.dir.join("lowest-free"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The index of `key`, allocated (the lowest free) if it has none;
+    /// true if newly allocated.
+    fn index_for(&self, key: &str) -> std::io::Result<(u32, bool)> {
+        if let (_, Some(i)) = self.find(key) {
+            return Ok((i, false));
+        }
+        self.locked(|| {
+            let (path, found) = self.find(key);
+            if let Some(i) = found {
+                return Ok((i, false));
+            }
+            let by_index = self.dir.join("by-index");
+            let free = (self.lowest_free()..)
+                .find(|i| !by_index.join(i.to_string()).exists())
+                .expect("a free index");
+            crate::layout::write_whole(&by_index.join(free.to_string()), key.as_bytes())?;
+            crate::layout::write_whole(&path, format!("{free} {key}").as_bytes())?;
+            crate::layout::write_whole(
+                &self.dir.join("lowest-free"),
+                (free + 1).to_string().as_bytes(),
+            )?;
+            Ok((free, true))
+        })
+    }
+
+    /// Frees `key`'s index; returns it.
+    fn free(&self, key: &str) -> std::io::Result<Option<u32>> {
+        self.locked(|| {
+            let (path, found) = self.find(key);
+            let Some(index) = found else {
+                return Ok(None);
+            };
+            std::fs::remove_file(&path)?;
+            let _ = std::fs::remove_file(self.dir.join("by-index").join(index.to_string()));
+            if index < self.lowest_free() {
+                crate::layout::write_whole(
+                    &self.dir.join("lowest-free"),
+                    index.to_string().as_bytes(),
+                )?;
+            }
+            Ok(Some(index))
+        })
+    }
+}
+
+/// The index of `deployment`'s network (of the platform at `home`), if it
+/// has one: its namespace is `commons-INDEX`, its host link `cmsiteINDEX`.
+pub fn site_index(home: &Path, deployment: &str) -> Option<u32> {
+    Registry::open()
+        .ok()?
+        .find(&registry_key(home, deployment))
+        .1
 }
 
 /// The network of `deployment` (of the platform at `home`): the lowest free
@@ -311,16 +397,7 @@ fn with_registry<T>(change: impl FnOnce(&mut BTreeMap<String, u32>) -> T) -> std
 /// former holder of the index left (a namespace, a link, a place in the
 /// firewall's sets) is removed first, so no right passes to the next site.
 pub fn site_net(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
-    let key = registry_key(home, deployment);
-    let (index, new) = with_registry(|map| {
-        if let Some(i) = map.get(&key) {
-            return (*i, false);
-        }
-        let taken: std::collections::BTreeSet<u32> = map.values().copied().collect();
-        let free = (0..).find(|i| !taken.contains(i)).expect("a free index");
-        map.insert(key, free);
-        (free, true)
-    })?;
+    let (index, new) = Registry::open()?.index_for(&registry_key(home, deployment))?;
     let net = SiteNet::of(index, crate::settings::current().network)?;
     if new {
         remove(&net);
@@ -347,8 +424,7 @@ static EGRESS_SET: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
 
 /// Lets `deployment`'s network out to the internet or not, if it has one.
 pub fn set_egress(home: &Path, deployment: &str, egress: bool) -> std::io::Result<()> {
-    let key = registry_key(home, deployment);
-    let Some(index) = with_registry(|map| map.get(&key).copied())? else {
+    let Some(index) = site_index(home, deployment) else {
         return Ok(());
     };
     let net = SiteNet::of(index, crate::settings::current().network)?;
@@ -374,8 +450,8 @@ fn sync_egress(net: &SiteNet, egress: bool) -> std::io::Result<()> {
 /// Removes the network of `deployment`, if it has one (it was destroyed),
 /// and frees its index.
 pub fn remove_site(home: &Path, deployment: &str) {
-    let key = registry_key(home, deployment);
-    let Ok(Some(index)) = with_registry(|map| map.remove(&key)) else {
+    let Ok(Some(index)) = Registry::open().and_then(|r| r.free(&registry_key(home, deployment)))
+    else {
         return;
     };
     if let Ok(net) = SiteNet::of(index, crate::settings::current().network) {
@@ -583,6 +659,30 @@ mod tests {
         assert!(widest.host_if.len() <= 15, "{}", widest.host_if);
         let e = SiteNet::of(DEFAULT_NETWORK.capacity(), DEFAULT_NETWORK).unwrap_err();
         assert!(e.to_string().contains("[runtime] network"), "{e}");
+    }
+
+    #[test]
+    fn the_registry_hands_out_the_lowest_free_index_and_finds_it_again() {
+        let dir = std::env::temp_dir().join(format!("commons-registry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = Registry::at(&dir).unwrap();
+        let got: Vec<(u32, bool)> = ["/a#x", "/a#y", "/b#x"]
+            .iter()
+            .map(|k| r.index_for(k).unwrap())
+            .collect();
+        assert_eq!(got, [(0, true), (1, true), (2, true)]);
+        assert_eq!(r.index_for("/a#y").unwrap(), (1, false), "allocated once");
+        assert_eq!(r.free("/a#y").unwrap(), Some(1));
+        assert_eq!(r.find("/a#y").1, None);
+        assert_eq!(r.free("/a#y").unwrap(), None, "freeing twice is nothing");
+        assert_eq!(
+            r.index_for("/c#z").unwrap(),
+            (1, true),
+            "the freed index goes first"
+        );
+        assert_eq!(r.index_for("/c#w").unwrap(), (3, true));
+        assert_eq!(r.find("/b#x").1, Some(2));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
