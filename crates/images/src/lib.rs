@@ -13,7 +13,8 @@
 //! device 0/0 named NAME, `.wh..wh..opq` the `trusted.overlay.opaque`
 //! attribute on its directory. So a root filesystem is one read-only
 //! overlay mount of the image's layer directories, top first ([`Pulled::lower_dirs`]),
-//! and two sites from one image share every byte of it.
+//! and two sites from one image share every byte of it. [`run`] makes the
+//! bundle an OCI runtime (runc) runs an instance from.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -24,8 +25,10 @@ use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub mod run;
 mod unpack;
 
+pub use run::{Bundle, Container};
 pub use unpack::unpack_layer;
 
 #[derive(Debug, thiserror::Error)]

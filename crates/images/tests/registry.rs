@@ -2,7 +2,8 @@
 //! registry 2.8, started on loopback by each test) and pulled back through
 //! the store: by tag and by digest, a tampered blob refused, a layer two
 //! images share stored once, whiteouts hiding lower files in a real
-//! overlay mount (as root).
+//! overlay mount (as root), and an image run by runc as a site's user, in
+//! its network, on a read-only root.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use commons_images::{
-    sha256_digest, Credentials, ImageError, ImageStore, Progress, RegistrySettings,
+    sha256_digest, Bundle, Container, Credentials, ImageError, ImageStore, Progress,
+    RegistrySettings,
 };
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
@@ -107,7 +109,7 @@ fn layer(entries: &[(&str, Option<&[u8]>)]) -> (Vec<u8>, String) {
         match contents {
             Some(bytes) => {
                 h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o644);
+                h.set_mode(0o755);
                 h.set_size(bytes.len() as u64);
                 tar.append_data(&mut h, path, *bytes).unwrap();
             }
@@ -140,7 +142,7 @@ async fn push(port: u16, name: &str, layers: &[(Vec<u8>, String)]) -> String {
     let diff_ids: Vec<&str> = layers.iter().map(|(_, d)| d.as_str()).collect();
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": { "Cmd": ["/bin/app"], "Env": ["GREETING=hello"], "WorkingDir": "/srv" },
+        "config": { "Cmd": ["/bin/app"], "Env": ["GREETING=hello", "PATH=/bin"], "WorkingDir": "/srv" },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let layers: Vec<ImageLayer> = layers
@@ -374,5 +376,131 @@ async fn whiteouts_hide_lower_files_in_an_overlay_mount() {
     );
     let _ = Command::new("umount").arg(&root).status();
     assert_eq!(checks, (true, false, false, false, Some(b"c".to_vec())));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn an_image_runs_under_runc_as_its_sites_user_in_its_network_on_a_read_only_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "runc, namespaces and overlay mounts need root; run the tests as root"
+    );
+    let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .expect("this test needs runc (apt-get install runc; scripts/test installs it)");
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("this test builds its image from a static busybox (apt-get install busybox-static; scripts/test installs it)");
+    let dir = scratch("runc");
+    let registry = start_registry(&dir);
+    let app = layer(&[
+        ("bin", None),
+        ("bin/busybox", Some(&busybox)),
+        ("etc", None),
+        ("srv", None),
+    ]);
+    push(registry.port, "apps/bb:1", &[app]).await;
+    let images = store(&dir, registry.port);
+    let image = images
+        .pull(
+            &format!("127.0.0.1:{}/apps/bb:1", registry.port),
+            &Credentials::Anonymous,
+            &|_| {},
+        )
+        .await
+        .unwrap();
+
+    let pid = std::process::id();
+    let netns = format!("commons-image-test-{pid}");
+    let made = Command::new("ip")
+        .args(["netns", "add", &netns])
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let uid = 299_999;
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let c = std::ffi::CString::new(data.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path alive for the call.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, uid) }, 0);
+    let script = "id -u > /data/uid; hostname > /data/host; \
+        (touch /etc/planted 2>/dev/null && echo WROTE || echo read-only) > /data/root; \
+        ls /sys/class/net > /data/net; echo $GREETING > /data/env; pwd > /data/cwd; \
+        grep CapEff /proc/self/status > /data/caps; exit 3";
+    let container = Container {
+        id: format!("commons-image-test-{pid}"),
+        args: Container::args_of(
+            &image,
+            Some(&[
+                "/bin/busybox".into(),
+                "sh".into(),
+                "-c".into(),
+                script.into(),
+            ]),
+        ),
+        env: vec![("PORT".into(), "8080".into())],
+        cwd: image
+            .config
+            .working_dir
+            .clone()
+            .unwrap_or_else(|| "/".into()),
+        uid,
+        hostname: "bbsite".into(),
+        netns: PathBuf::from("/run/netns").join(&netns),
+        cgroup: format!("commons/image-test-{pid}/web"),
+        memory_bytes: Some(64 << 20),
+        cpu_millis: None,
+        pids: Some(32),
+        binds: vec![(data.clone(), "/data".into())],
+    };
+    let bundle = Bundle::prepare(
+        &dir.join("bundle"),
+        images.lower_dirs(&image),
+        &image,
+        &container,
+    )
+    .unwrap();
+    let argv = bundle.command(&runc, &container.id);
+    let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
+    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    let said = |f: &str| {
+        std::fs::read_to_string(data.join(f)).unwrap_or_else(|e| {
+            panic!(
+                "{f}: {e}; runc said: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the container's own exit status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said("uid").trim(), uid.to_string());
+    assert_eq!(said("host").trim(), "bbsite");
+    assert_eq!(said("root").trim(), "read-only");
+    assert_eq!(
+        said("net").trim(),
+        "lo",
+        "only its own network's loopback (no link in this test's namespace)"
+    );
+    assert_eq!(said("env").trim(), "hello", "the image's environment");
+    assert_eq!(said("cwd").trim(), "/srv", "the image's working directory");
+    assert_eq!(said("caps").trim(), "CapEff:\t0000000000000000");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&dir.join("bundle").display().to_string()),
+        "nothing left mounted on the host"
+    );
+    assert!(!dir
+        .join("images/layers")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .any(|l| l.path().join("etc/planted").exists()));
     let _ = std::fs::remove_dir_all(&dir);
 }
