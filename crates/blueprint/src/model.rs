@@ -201,6 +201,23 @@ pub enum Kind {
     Sqlite,
     /// A named persistent directory that survives redeploys.
     Volume,
+    /// A long-running container from an OCI image, given `PORT`.
+    Image(ImageSpec),
+}
+
+/// `image:` — what to run and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    /// `REGISTRY/REPOSITORY:TAG` or `…@sha256:DIGEST`.
+    pub reference: String,
+    /// Replaces the image's `Cmd` (its entrypoint stays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// The port the app listens on inside its own network.
+    pub port: u16,
+    /// Path inside → a directory of the site's (`${components.X.path}`).
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub volumes: IndexMap<String, Template>,
 }
 
 impl Kind {
@@ -213,13 +230,20 @@ impl Kind {
             Kind::Postgres => "postgres",
             Kind::Sqlite => "sqlite",
             Kind::Volume => "volume",
+            Kind::Image(_) => "image",
         }
+    }
+
+    /// Whether a component of kind `keyword` runs until stopped (a
+    /// `process` or an `image`): supervised, routed, idled and woken.
+    pub fn runs(keyword: &str) -> bool {
+        matches!(keyword, "process" | "image")
     }
 
     /// Attributes other components may read with `${components.NAME.ATTR}`.
     pub fn attributes(keyword: &str) -> &'static [&'static str] {
         match keyword {
-            "process" => &["port", "url", "host"],
+            "process" | "image" => &["port", "url", "host"],
             "static" => &["path"],
             "postgres" => &["url"],
             "sqlite" => &["path", "url"],
@@ -293,13 +317,15 @@ pub struct Resources {
 }
 
 impl Component {
-    /// Every template the component reads (command first, then env in order).
+    /// Every template the component reads (command or volumes first, then
+    /// env in order).
     pub fn templates(&self) -> impl Iterator<Item = &Template> {
-        let command = match &self.kind {
-            Kind::Job { command } | Kind::Process { command } => Some(command),
-            _ => None,
+        let own: Vec<&Template> = match &self.kind {
+            Kind::Job { command } | Kind::Process { command } => vec![command],
+            Kind::Image(image) => image.volumes.values().collect(),
+            _ => Vec::new(),
         };
-        command.into_iter().chain(self.env.values())
+        own.into_iter().chain(self.env.values())
     }
 
     /// Every reference the component reads.

@@ -32,6 +32,9 @@ pub fn json_schema() -> Value {
             "static" => {
                 json!({ "type": "string", "description": "A directory of files served by the gateway." })
             }
+            "image" => {
+                json!({ "type": "string", "description": "An OCI image (REGISTRY/REPOSITORY:TAG or @sha256:DIGEST) run as a long-running container; needs port." })
+            }
             "blueprint" => {
                 json!({ "type": "string", "description": "Another blueprint (a directory or file) included as a component." })
             }
@@ -73,6 +76,22 @@ pub fn json_schema() -> Value {
                 _ => json!({"type": "integer", "minimum": 1}),
             }),
         }),
+    );
+    c.insert(
+        "command".into(),
+        json!({ "type": "array", "minItems": 1, "items": { "type": "string" },
+                "description": "image: replaces the image's Cmd" }),
+    );
+    c.insert(
+        "port".into(),
+        json!({ "type": "integer", "minimum": 1, "maximum": 65535,
+                "description": "image: the port its app listens on inside" }),
+    );
+    c.insert(
+        "volumes".into(),
+        json!({ "type": "object", "propertyNames": { "pattern": "^/" },
+                "additionalProperties": template.clone(),
+                "description": "image: path inside → a directory of the site's" }),
     );
     c.insert("timeout".into(), duration.clone());
     c.insert(

@@ -66,9 +66,11 @@ pub fn ensure_supervised(home: &Path, engine: &commons_engine::Engine, deploymen
     if !autostart_enabled() || local::running(home).is_some() {
         return;
     }
-    let has_processes = engine
-        .observe(deployment)
-        .is_ok_and(|s| s.components.iter().any(|c| c.kind == "process"));
+    let has_processes = engine.observe(deployment).is_ok_and(|s| {
+        s.components
+            .iter()
+            .any(|c| commons_blueprint::Kind::runs(&c.kind))
+    });
     if !has_processes {
         return;
     }

@@ -360,7 +360,15 @@ async fn apply_component(
         for (k, t) in &c.env {
             env.push((k.clone(), t.render(|r| value_of(ctx, &outputs, r))));
         }
-        if let (Some(token), Kind::Job { .. } | Kind::Process { .. }) =
+        let volumes: Vec<(String, String)> = match &c.kind {
+            Kind::Image(image) => image
+                .volumes
+                .iter()
+                .map(|(path, t)| (path.clone(), t.render(|r| value_of(ctx, &outputs, r))))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if let (Some(token), Kind::Job { .. } | Kind::Process { .. } | Kind::Image(_)) =
             (&ctx.service_token, &c.kind)
         {
             env.push(("COMMONS_SERVICE_TOKEN".into(), token.clone()));
@@ -379,6 +387,7 @@ async fn apply_component(
             credential: ctx.credentials.get(&task.component).cloned(),
             withhold: ctx.withhold.clone(),
             egress: ctx.egress,
+            volumes,
             replace: crate::plan::replace_of(
                 &ctx.components,
                 ctx.read_by_others(),
@@ -392,7 +401,7 @@ async fn apply_component(
 
     let mut attempts = 0u32;
     let result: Result<Applied, DriverError> =
-        if task.action == Action::Update && task.kind == "process" {
+        if task.action == Action::Update && commons_blueprint::Kind::runs(&task.kind) {
             // Only the route changed: the running process stays as it is.
             attempts = 1;
             Ok(Applied {

@@ -54,13 +54,19 @@ impl Engine {
         let mut stopped = Vec::new();
         for mut row in self.store.components(name)? {
             let mut handle = plan::handle_of(&row);
-            if row.kind != "process" || row.state != ComponentState::Ready || handle.idle {
+            if !commons_blueprint::Kind::runs(&row.kind)
+                || row.state != ComponentState::Ready
+                || handle.idle
+            {
                 continue;
             }
-            if let (Some(pid), Some(instance)) = (handle.pid, &handle.instance) {
-                commons_runtime::proc::stop(pid, instance, commons_runtime::drivers::STOP_GRACE)
-                    .await;
-            }
+            commons_runtime::drivers::stop_instance(
+                name,
+                &row.name,
+                &handle,
+                commons_runtime::drivers::STOP_GRACE,
+            )
+            .await;
             handle.idle = true;
             row.handle = serde_json::to_value(&handle).expect("handle serialises");
             stopped.push(row.name.clone());
@@ -77,7 +83,9 @@ impl Engine {
             .observe(name)?
             .components
             .into_iter()
-            .filter(|c| c.kind == "process" && (c.state == "idle" || is_down(&c.state)))
+            .filter(|c| {
+                commons_blueprint::Kind::runs(&c.kind) && (c.state == "idle" || is_down(&c.state))
+            })
             .map(|c| c.name)
             .collect();
         self.restart_stopped(name, &waking).await

@@ -190,6 +190,19 @@ pub fn attributes(c: &Component, values: &Values<'_>, static_hash: Option<String
             put("static.content", static_hash);
         }
         Kind::Postgres | Kind::Sqlite | Kind::Volume => {}
+        Kind::Image(image) => {
+            put("image", Some(image.reference.clone()));
+            put("image.port", Some(image.port.to_string()));
+            if let Some(command) = &image.command {
+                put(
+                    "image.command",
+                    Some(serde_json::to_string(command).expect("serialises")),
+                );
+            }
+            for (path, t) in &image.volumes {
+                put(&format!("volume.{path}"), Some(t.source()));
+            }
+        }
     }
     for (k, t) in &c.env {
         put(&format!("env.{k}"), Some(t.source()));
@@ -235,7 +248,10 @@ pub fn attributes(c: &Component, values: &Values<'_>, static_hash: Option<String
     if c.retries > 0 {
         put("retries", Some(c.retries.to_string()));
     }
-    if matches!(c.kind, Kind::Job { .. } | Kind::Process { .. }) {
+    if matches!(
+        c.kind,
+        Kind::Job { .. } | Kind::Process { .. } | Kind::Image(_)
+    ) {
         put("dir", Some(c.dir.display().to_string()));
     }
     for r in c.refs() {
@@ -293,6 +309,7 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         withhold: Vec::new(),
         replace: c.replace.unwrap_or(Replace::StopFirst),
         egress: true,
+        volumes: Vec::new(),
     }
 }
 
@@ -475,7 +492,7 @@ fn decide(
         ComponentState::Ready => {}
         ComponentState::Applying | ComponentState::Deleting => {
             return (
-                if kind == "process" {
+                if Kind::runs(kind) {
                     Action::Replace
                 } else {
                     Action::Create
@@ -486,7 +503,7 @@ fn decide(
         }
         ComponentState::Error => {
             return (
-                if kind == "process" {
+                if Kind::runs(kind) {
                     Action::Replace
                 } else {
                     Action::Create
@@ -497,15 +514,15 @@ fn decide(
         }
     }
     if diffs.is_empty() {
-        if kind == "process" && driver_for(kind).observe(&handle_of(row)) == Observed::Stopped {
+        if Kind::runs(kind) && driver_for(kind).observe(&handle_of(row)) == Observed::Stopped {
             return (Action::Replace, Some(NOT_RUNNING.into()), diffs);
         }
         return (Action::Unchanged, None, diffs);
     }
     let action = match kind {
         // Only the route changed: the gateway's business, no restart.
-        "process" if diffs.iter().all(|d| d.attr.starts_with("route.")) => Action::Update,
-        "process" => Action::Replace,
+        "process" | "image" if diffs.iter().all(|d| d.attr.starts_with("route.")) => Action::Update,
+        "process" | "image" => Action::Replace,
         _ => Action::Update,
     };
     (action, None, diffs)

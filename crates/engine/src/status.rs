@@ -166,7 +166,7 @@ impl Engine {
                 let handle = plan::handle_of(&r);
                 let observed = driver_for(&r.kind).observe(&handle);
                 let alive = observed == Observed::Running;
-                let exit = (r.kind == "process")
+                let exit = commons_blueprint::Kind::runs(&r.kind)
                     .then(|| commons_runtime::exit::read(&self.layout.exit_file(name, &r.name)))
                     .flatten();
                 // How this very instance ended, if it did.
@@ -183,7 +183,9 @@ impl Engine {
                         _ => "stopped",
                     },
                     (ComponentState::Ready, Observed::Present) => "ready",
-                    (ComponentState::Applying, _) if r.kind == "process" => "starting",
+                    (ComponentState::Applying, _) if commons_blueprint::Kind::runs(&r.kind) => {
+                        "starting"
+                    }
                     (s, _) => s.as_str(),
                 };
                 ComponentStatus {
@@ -195,7 +197,7 @@ impl Engine {
                     pid: handle.pid.filter(|_| alive),
                     port: handle.port,
                     address: handle.addr,
-                    uid: uid.filter(|_| r.kind == "process" || r.kind == "job"),
+                    uid: uid.filter(|_| commons_blueprint::Kind::runs(&r.kind) || r.kind == "job"),
                     data_dir: self.layout.data_dir(name).display().to_string(),
                     restarts: handle.restarts,
                     crash_loop: is_down(state)

@@ -64,7 +64,11 @@ impl Supervisor {
             };
             let mut due = Vec::new();
             let mut why = HashMap::new();
-            for c in status.components.iter().filter(|c| c.kind == "process") {
+            for c in status
+                .components
+                .iter()
+                .filter(|c| commons_blueprint::Kind::runs(&c.kind))
+            {
                 let key = (d.name.clone(), c.name.clone());
                 if c.state == "running" {
                     if self

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub mod run;
+pub mod testing;
 mod unpack;
 
 pub use run::{Bundle, Container};

@@ -5,164 +5,14 @@
 //! overlay mount (as root), and an image run by runc as a site's user, in
 //! its network, on a read-only root.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
+use commons_images::testing::{busybox_layer, layer, push, scratch, start_registry};
 use commons_images::{
     sha256_digest, Bundle, Container, Credentials, ImageError, ImageStore, Progress,
     RegistrySettings,
 };
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
-
-struct Registry {
-    child: Child,
-    port: u16,
-    storage: PathBuf,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("commons-images-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-fn start_registry(dir: &Path) -> Registry {
-    let bin = ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("these tests need Debian's docker-registry (apt-get install docker-registry; scripts/test installs it)");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let storage = dir.join("registry");
-    std::fs::create_dir_all(&storage).unwrap();
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog: {{ level: warn }}\nstorage:\n  filesystem: {{ rootdirectory: {} }}\n  \
-             cache: {{ blobdescriptor: \"\" }}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-    let child = Command::new(bin)
-        .arg("serve")
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let registry = Registry {
-        child,
-        port,
-        storage,
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !get(port, "/v2/")
-        .is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the registry did not start: {}",
-            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    registry
-}
-
-/// A gzipped tar layer: (path, Some(contents)) files, (path, None) directories.
-fn layer(entries: &[(&str, Option<&[u8]>)]) -> (Vec<u8>, String) {
-    let mut tar = tar::Builder::new(Vec::new());
-    for (path, contents) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        match contents {
-            Some(bytes) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(0o755);
-                h.set_size(bytes.len() as u64);
-                tar.append_data(&mut h, path, *bytes).unwrap();
-            }
-            None => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                h.set_size(0);
-                tar.append_data(&mut h, path, std::io::empty()).unwrap();
-            }
-        }
-    }
-    let raw = tar.into_inner().unwrap();
-    let diff_id = sha256_digest(&raw);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&raw).unwrap();
-    (gz.finish().unwrap(), diff_id)
-}
-
-fn client() -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    Client::new(ClientConfig {
-        protocol: ClientProtocol::Http,
-        ..Default::default()
-    })
-}
-
-/// Pushes an image of `layers` as REPO:TAG; returns its manifest digest.
-async fn push(port: u16, name: &str, layers: &[(Vec<u8>, String)]) -> String {
-    let reference: Reference = format!("127.0.0.1:{port}/{name}").parse().unwrap();
-    let diff_ids: Vec<&str> = layers.iter().map(|(_, d)| d.as_str()).collect();
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": { "Cmd": ["/bin/app"], "Env": ["GREETING=hello", "PATH=/bin"], "WorkingDir": "/srv" },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    });
-    let layers: Vec<ImageLayer> = layers
-        .iter()
-        .map(|(bytes, _)| ImageLayer::oci_v1_gzip(bytes.clone(), None))
-        .collect();
-    let c = client();
-    c.push(
-        &reference,
-        &layers,
-        Config::oci_v1(serde_json::to_vec(&config).unwrap(), None),
-        &RegistryAuth::Anonymous,
-        None,
-    )
-    .await
-    .unwrap();
-    c.fetch_manifest_digest(&reference, &RegistryAuth::Anonymous)
-        .await
-        .unwrap()
-}
 
 fn store(dir: &Path, port: u16) -> ImageStore {
     ImageStore::new(
@@ -392,16 +242,9 @@ async fn an_image_runs_under_runc_as_its_sites_user_in_its_network_on_a_read_onl
         .map(PathBuf::from)
         .find(|p| p.exists())
         .expect("this test needs runc (apt-get install runc; scripts/test installs it)");
-    let busybox = std::fs::read("/bin/busybox")
-        .expect("this test builds its image from a static busybox (apt-get install busybox-static; scripts/test installs it)");
     let dir = scratch("runc");
     let registry = start_registry(&dir);
-    let app = layer(&[
-        ("bin", None),
-        ("bin/busybox", Some(&busybox)),
-        ("etc", None),
-        ("srv", None),
-    ]);
+    let app = busybox_layer(&[]);
     push(registry.port, "apps/bb:1", &[app]).await;
     let images = store(&dir, registry.port);
     let image = images

@@ -13,6 +13,7 @@
 pub mod drivers;
 pub mod exit;
 pub mod health;
+pub mod image;
 pub mod layout;
 pub mod net;
 pub mod proc;
@@ -63,6 +64,8 @@ pub struct Spec {
     pub replace: commons_blueprint::model::Replace,
     /// The site's workloads may reach the internet (`network: { egress }`).
     pub egress: bool,
+    /// An image's volumes, rendered: path inside → directory of the site's.
+    pub volumes: Vec<(String, String)>,
 }
 
 /// What a driver returns once a component is applied.
@@ -89,6 +92,10 @@ pub struct Handle {
     /// own (see [`net`]) when sandboxed; 127.0.0.1 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub addr: Option<std::net::Ipv4Addr>,
+    /// The container runtime's id, for an `image:` component: stopping
+    /// it stops what runs in the container too ([`image::reap`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// Token of a start in progress: set before a task starts anything, so
     /// that whatever an interrupted task left can be found and stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]

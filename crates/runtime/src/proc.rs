@@ -53,10 +53,36 @@ pub fn spawn(
     spec: &Spec,
     extra_env: &[(&str, String)],
 ) -> Result<Started, DriverError> {
-    let command = spec
-        .command
-        .as_deref()
-        .ok_or_else(|| DriverError::Failed("component has no command".into()))?;
+    launch(layout, spec, extra_env, None)
+}
+
+/// Starts a container's runtime (`argv`: the command that runs it in the
+/// foreground) under a keeper, as [`spawn`] starts a process; the host
+/// reaches it at `addr`. Its isolation is the runtime's: the keeper runs
+/// as the platform, with only the basics of the platform's environment.
+pub fn spawn_container(
+    layout: &Layout,
+    spec: &Spec,
+    argv: &[String],
+    addr: std::net::Ipv4Addr,
+) -> Result<Started, DriverError> {
+    launch(layout, spec, &[], Some((argv, addr)))
+}
+
+fn launch(
+    layout: &Layout,
+    spec: &Spec,
+    extra_env: &[(&str, String)],
+    container: Option<(&[String], std::net::Ipv4Addr)>,
+) -> Result<Started, DriverError> {
+    let command = match container {
+        Some((argv, _)) => argv.join(" "),
+        None => spec
+            .command
+            .clone()
+            .ok_or_else(|| DriverError::Failed("component has no command".into()))?,
+    };
+    let command = command.as_str();
     let log_path = layout.log_file(&spec.deployment, &spec.component);
     let pidfile_path = layout.pid_file(&spec.deployment, &spec.component);
     let data = layout.data_dir(&spec.deployment);
@@ -101,70 +127,82 @@ pub fn spawn(
     let keeper = !matches!(spec.kind, commons_blueprint::Kind::Job { .. });
     let exit_file = layout.exit_file(&spec.deployment, &spec.component);
     let mut addr = std::net::Ipv4Addr::LOCALHOST;
-    let mut cmd = if sandboxed {
-        let uid = crate::sandbox::uid_for(&layout.home, &spec.deployment)
-            .map_err(DriverError::io("allocating the deployment's user"))?;
-        crate::sandbox::give(&data, uid)
-            .map_err(DriverError::io("handing the data directory to its user"))?;
-        crate::sandbox::traversable(&layout.home, &layout.deployment_dir(&spec.deployment))
-            .map_err(DriverError::io("opening the way to the data directory"))?;
-        let net = crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
-            .map_err(DriverError::io("making the site's network"))?;
-        addr = net.site_ip;
-        let limits = crate::sandbox::Limits {
-            memory_bytes: spec.resources.memory_bytes,
-            cpu_millis: spec.resources.cpu_millis,
-            pids: spec.resources.pids,
-        };
-        let cgroup = format!("{}/{}", spec.deployment, spec.component);
-        let me = match HELPER.get() {
-            Some(h) => h.clone(),
-            None => {
-                std::env::current_exe().map_err(DriverError::io("finding the commons binary"))?
-            }
-        };
-        let netns = net.netns_path();
-        let confinement = crate::sandbox::Confinement {
-            uid,
-            hostname: &spec.deployment,
-            netns: &netns,
-            cgroup: &cgroup,
-            limits,
-        };
-        let mut c = Command::new(me);
-        c.arg("__sandbox").args(crate::sandbox::helper_args(
-            &confinement,
-            &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
-            keeper.then_some(exit_file.as_path()),
-            &shell_command(command),
-        ));
-        c
-    } else if let Some(helper) = HELPER.get().filter(|_| keeper) {
-        // A process gets a keeper that waits for it and records how it ended.
-        let shell = shell_command(command);
-        let argv: Vec<&str> = if command.contains(SHELL_SYNTAX) {
-            vec!["/bin/sh", "-c", &shell]
+    let mut cmd =
+        if let Some((argv, at)) = container {
+            addr = at;
+            let me = match HELPER.get() {
+                Some(h) => h.clone(),
+                None => std::env::current_exe()
+                    .map_err(DriverError::io("finding the commons binary"))?,
+            };
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let mut c = Command::new(me);
+            c.arg("__sandbox")
+                .args(crate::sandbox::keeper_args(&exit_file, &argv));
+            c
+        } else if sandboxed {
+            let uid = crate::sandbox::uid_for(&layout.home, &spec.deployment)
+                .map_err(DriverError::io("allocating the deployment's user"))?;
+            crate::sandbox::give(&data, uid)
+                .map_err(DriverError::io("handing the data directory to its user"))?;
+            crate::sandbox::traversable(&layout.home, &layout.deployment_dir(&spec.deployment))
+                .map_err(DriverError::io("opening the way to the data directory"))?;
+            let net = crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
+                .map_err(DriverError::io("making the site's network"))?;
+            addr = net.site_ip;
+            let limits = crate::sandbox::Limits {
+                memory_bytes: spec.resources.memory_bytes,
+                cpu_millis: spec.resources.cpu_millis,
+                pids: spec.resources.pids,
+            };
+            let cgroup = format!("{}/{}", spec.deployment, spec.component);
+            let me = match HELPER.get() {
+                Some(h) => h.clone(),
+                None => std::env::current_exe()
+                    .map_err(DriverError::io("finding the commons binary"))?,
+            };
+            let netns = net.netns_path();
+            let confinement = crate::sandbox::Confinement {
+                uid,
+                hostname: &spec.deployment,
+                netns: &netns,
+                cgroup: &cgroup,
+                limits,
+            };
+            let mut c = Command::new(me);
+            c.arg("__sandbox").args(crate::sandbox::helper_args(
+                &confinement,
+                &[&layout.deployment_dir(&spec.deployment), &spec.cwd],
+                keeper.then_some(exit_file.as_path()),
+                &shell_command(command),
+            ));
+            c
+        } else if let Some(helper) = HELPER.get().filter(|_| keeper) {
+            // A process gets a keeper that waits for it and records how it ended.
+            let shell = shell_command(command);
+            let argv: Vec<&str> = if command.contains(SHELL_SYNTAX) {
+                vec!["/bin/sh", "-c", &shell]
+            } else {
+                command.split_whitespace().collect()
+            };
+            let mut c = Command::new(helper);
+            c.arg("__sandbox")
+                .args(crate::sandbox::keeper_args(&exit_file, &argv));
+            c
+        } else if command.contains(SHELL_SYNTAX) {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(command);
+            c
         } else {
-            command.split_whitespace().collect()
+            let mut words = command.split_whitespace();
+            let mut c = Command::new(words.next().expect("non-empty command"));
+            c.args(words);
+            c
         };
-        let mut c = Command::new(helper);
-        c.arg("__sandbox")
-            .args(crate::sandbox::keeper_args(&exit_file, &argv));
-        c
-    } else if command.contains(SHELL_SYNTAX) {
-        let mut c = Command::new("/bin/sh");
-        c.arg("-c").arg(command);
-        c
-    } else {
-        let mut words = command.split_whitespace();
-        let mut c = Command::new(words.next().expect("non-empty command"));
-        c.args(words);
-        c
-    };
     // What a workload may see of the platform's environment: when sandboxed,
     // only the basics; otherwise the caller's (a developer's tools expect
     // it), less the platform's own settings, which carry credentials.
-    if sandboxed {
+    if sandboxed || container.is_some() {
         cmd.env_clear();
         cmd.env("HOME", &data);
         for key in ["PATH", "LANG", "LC_ALL", "TZ"] {

@@ -24,6 +24,10 @@ pub struct RuntimeSettings {
     /// The block sandboxed sites' links are numbered from (`[runtime]
     /// network`, `COMMONS_SITES_NETWORK`).
     pub network: crate::net::Network,
+    /// Registries (`HOST:PORT`) images are pulled from over plain HTTP
+    /// (`[runtime] insecure_registries`, `COMMONS_INSECURE_REGISTRIES`,
+    /// comma-separated): one on the platform's own loopback or network.
+    pub insecure_registries: Vec<String>,
 }
 
 // The admin URL may carry a password: it never reaches a log.
@@ -37,6 +41,7 @@ impl std::fmt::Debug for RuntimeSettings {
                 &self.postgres_admin_url.as_ref().map(|_| "<redacted>"),
             )
             .field("network", &self.network)
+            .field("insecure_registries", &self.insecure_registries)
             .finish()
     }
 }
@@ -54,6 +59,18 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// `COMMONS_INSECURE_REGISTRIES`: registries spoken to over plain HTTP.
+pub const INSECURE_REGISTRIES_VAR: &str = "COMMONS_INSECURE_REGISTRIES";
+
+/// A comma-separated list, without blanks.
+pub fn list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// `COMMONS_SITES_NETWORK`: the block sites' links are numbered from.
 pub const NETWORK_VAR: &str = "COMMONS_SITES_NETWORK";
 
@@ -69,6 +86,9 @@ impl RuntimeSettings {
             network: std::env::var(NETWORK_VAR)
                 .ok()
                 .and_then(|n| n.parse().ok())
+                .unwrap_or_default(),
+            insecure_registries: std::env::var(INSECURE_REGISTRIES_VAR)
+                .map(|v| list(&v))
                 .unwrap_or_default(),
         }
     }

@@ -98,7 +98,7 @@ mod tests {
             assert!(bp
                 .components
                 .values()
-                .any(|c| matches!(c.kind, commons_blueprint::Kind::Process { .. })));
+                .any(|c| commons_blueprint::Kind::runs(c.kind.keyword())));
         }
         assert!(materialize(&dir, "nope").unwrap_err().contains("datasette"));
         std::fs::remove_dir_all(dir).unwrap();

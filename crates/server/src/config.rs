@@ -18,6 +18,7 @@
 //! [runtime]
 //! sandbox = true          # the default as root; false runs sites unisolated (warned)
 //! network = "10.200.0.0/14"  # sandboxed sites' links: a /30 each
+//! insecure_registries = ["127.0.0.1:5000"]  # image registries over plain HTTP
 //! single_user = false     # true: a developer's own platform, unsandboxed (unsafe)
 //! idle_after_seconds = 900
 //! sample_seconds = 60
@@ -88,6 +89,8 @@ pub struct Runtime {
     pub sandbox: Option<bool>,
     /// The block sandboxed sites' links are numbered from.
     pub network: Option<String>,
+    /// Registries images are pulled from over plain HTTP.
+    pub insecure_registries: Option<Vec<String>>,
     /// One person's platform: sites from the API run unsandboxed (unsafe).
     pub single_user: Option<bool>,
     pub idle_after_seconds: Option<u64>,
@@ -324,6 +327,10 @@ pub fn resolve(
             network: match env(commons_runtime::settings::NETWORK_VAR).or(file.runtime.network) {
                 Some(n) => n.parse().map_err(|e| format!("[runtime] network: {e}"))?,
                 None => Default::default(),
+            },
+            insecure_registries: match env(commons_runtime::settings::INSECURE_REGISTRIES_VAR) {
+                Some(v) => commons_runtime::settings::list(&v),
+                None => file.runtime.insecure_registries.unwrap_or_default(),
             },
         },
         store: StoreConfig::new(

@@ -61,7 +61,11 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
             .iter()
             .any(|c| c.route.as_ref().is_some_and(|r| r.host.is_some()));
         let mut first = true;
-        for c in status.components.iter().filter(|c| c.kind == "process") {
+        for c in status
+            .components
+            .iter()
+            .filter(|c| commons_blueprint::Kind::runs(&c.kind))
+        {
             // A live process is an upstream, also while a deploy replaces
             // it (until its successor is recorded).
             let upstreams: Vec<SocketAddr> = match (c.pid, c.port) {

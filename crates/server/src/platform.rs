@@ -436,7 +436,11 @@ pub(crate) async fn daemon(State(state): State<Arc<AppState>>, caller: Caller) -
     for d in state.engine.list().unwrap_or_default() {
         sites += 1;
         if let Ok(s) = state.engine.observe(&d.name) {
-            for c in s.components.iter().filter(|c| c.kind == "process") {
+            for c in s
+                .components
+                .iter()
+                .filter(|c| commons_blueprint::Kind::runs(&c.kind))
+            {
                 match c.state.as_str() {
                     "running" => running += 1,
                     s if commons_engine::is_down(s) => down += 1,

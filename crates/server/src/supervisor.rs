@@ -92,7 +92,7 @@ impl Sampler {
             if !status
                 .components
                 .iter()
-                .any(|c| c.kind == "process" && c.state == "running")
+                .any(|c| commons_blueprint::Kind::runs(&c.kind) && c.state == "running")
             {
                 continue;
             }

@@ -33,6 +33,7 @@ impl Loader<'_> {
         let kind = match keyword {
             "job" | "process" => self.command(file, keyword, value, refs)?,
             "static" => self.static_dir(file, dir, value)?,
+            "image" => self.image(file, name, pos, value, &f, refs)?,
             "postgres" | "sqlite" | "volume" => self.store(file, keyword, value)?,
             _ => self.include(file, dir, name, pos, value, f.get("with"), refs, &mut ok)?,
         };
@@ -117,9 +118,10 @@ impl Loader<'_> {
     /// (each one that does not is reported).
     fn only_fields_of(&mut self, file: &Path, keyword: &str, f: &Fields<'_>) -> bool {
         let applies = |field: &str| match field {
-            "env" | "resources" => matches!(keyword, "job" | "process"),
-            "health" | "replace" => keyword == "process",
-            "route" => matches!(keyword, "process" | "static"),
+            "env" | "resources" => matches!(keyword, "job" | "process" | "image"),
+            "health" | "replace" => matches!(keyword, "process" | "image"),
+            "route" => matches!(keyword, "process" | "image" | "static"),
+            "command" | "port" | "volumes" => keyword == "image",
             "with" => keyword == "blueprint",
             "timeout" | "retries" => keyword != "blueprint",
             _ => true,
@@ -158,6 +160,87 @@ impl Loader<'_> {
         } else {
             Kind::Process { command }
         }))
+    }
+
+    /// An `image`: its reference, and its `port:` (required), `command:`
+    /// (a list of words) and `volumes:` (absolute path → template).
+    fn image(
+        &mut self,
+        file: &Path,
+        name: &str,
+        pos: Pos,
+        value: &Node,
+        f: &Fields<'_>,
+        refs: &mut Vec<(Ref, Pos)>,
+    ) -> Option<RawKind> {
+        let reference = self.string(file, value, "the image reference")?;
+        if reference.trim().is_empty() || reference.contains(char::is_whitespace) {
+            self.sink(file).error_help(
+                value.pos,
+                format!("\"{reference}\" is not an image reference"),
+                "write REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:DIGEST",
+            );
+            return None;
+        }
+        let Some(port_node) = f.get("port") else {
+            self.sink(file).error_help(
+                pos,
+                format!("image component \"{name}\" does not say which port its app listens on"),
+                "add `port: 8080` (the port inside the container)",
+            );
+            return None;
+        };
+        let port = self.uint(file, port_node, "port", 65535)?;
+        if port == 0 {
+            self.sink(file)
+                .error(port_node.pos, "port must be 1 to 65535");
+            return None;
+        }
+        let command = match f.get("command") {
+            Some(n) => match &n.kind {
+                NodeKind::Seq(items) if !items.is_empty() => {
+                    let words: Vec<String> = items
+                        .iter()
+                        .filter_map(|i| self.string(file, i, "a command word"))
+                        .collect();
+                    (words.len() == items.len()).then_some(words)
+                }
+                _ => {
+                    self.sink(file).error_help(
+                        n.pos,
+                        format!("command must be a list of words, found {}", n.describe()),
+                        "write command: [program, arg, ...]",
+                    );
+                    return None;
+                }
+            },
+            None => None,
+        };
+        let mut volumes = IndexMap::new();
+        if let Some(v) = f.get("volumes") {
+            for (path, at, node) in self.named(file, v, "volumes") {
+                if !path.starts_with('/') || path.split('/').any(|p| p == "..") {
+                    self.sink(file).error_help(
+                        at,
+                        format!(
+                            "volume path \"{path}\" is not an absolute path inside the container"
+                        ),
+                        "write it like /data",
+                    );
+                    continue;
+                }
+                if let Some((t, r)) = self.template(file, node, &format!("volume {path}")) {
+                    refs.extend(r);
+                    volumes.insert(path.to_string(), t);
+                }
+            }
+        }
+        Some(RawKind::Plain(Kind::Image(ImageSpec {
+            reference,
+            command,
+            port: port as u16,
+            volumes,
+        })))
     }
 
     /// A `static` directory: inside what the blueprint may read, and there.

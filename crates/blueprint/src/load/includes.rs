@@ -237,6 +237,14 @@ pub(super) fn flatten(
                     Kind::Process { command } => Kind::Process {
                         command: rewrite(raw, prefix, inputs, command),
                     },
+                    Kind::Image(image) => Kind::Image(crate::model::ImageSpec {
+                        volumes: image
+                            .volumes
+                            .iter()
+                            .map(|(k, v)| (k.clone(), rewrite(raw, prefix, inputs, v)))
+                            .collect(),
+                        ..image.clone()
+                    }),
                     other => other.clone(),
                 };
                 let env: IndexMap<String, Template> = c

@@ -48,6 +48,7 @@ pub const KIND_FIELDS: &[&str] = &[
     "postgres",
     "sqlite",
     "volume",
+    "image",
     "blueprint",
 ];
 /// Fields any component may have besides its kind.
@@ -62,6 +63,9 @@ pub const COMMON_FIELDS: &[&str] = &[
     "replace",
     "with",
     "description",
+    "command",
+    "port",
+    "volumes",
 ];
 pub const INPUT_FIELDS: &[&str] = &["type", "default", "description"];
 pub const SECRET_FIELDS: &[&str] = &["generate", "from_env", "description"];

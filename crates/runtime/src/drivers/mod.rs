@@ -9,7 +9,7 @@ use crate::{Applied, BoxFuture, DriverError, Handle, Layout, Observed, Spec};
 
 pub use job::JobDriver;
 pub use postgres::PostgresDriver;
-pub use process::{retire, ProcessDriver, DRAIN_LIMIT, STOP_GRACE};
+pub use process::{retire, stop_instance, ProcessDriver, DRAIN_LIMIT, STOP_GRACE};
 pub use resources::{SqliteDriver, StaticDriver, VolumeDriver};
 
 /// Makes one kind of component real, and undoes it.
@@ -49,7 +49,7 @@ pub trait Driver: Send + Sync {
 pub fn driver_for(kind: &str) -> &'static dyn Driver {
     match kind {
         "job" => &JobDriver,
-        "process" => &ProcessDriver,
+        "process" | "image" => &ProcessDriver,
         "static" => &StaticDriver,
         "volume" => &VolumeDriver,
         "sqlite" => &SqliteDriver,

@@ -12,8 +12,17 @@ const SETTLE: Duration = Duration::from_millis(150);
 /// Default limit for becoming healthy.
 const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A long-running process given `PORT`, kept running after the CLI exits.
+/// A long-running process given `PORT`, kept running after the CLI exits;
+/// also an `image:` component, whose process is its container's runtime
+/// (see [`crate::image`]) and whose port is the one its blueprint gives.
 pub struct ProcessDriver;
+
+fn image_of(spec: &Spec) -> Option<&commons_blueprint::model::ImageSpec> {
+    match &spec.kind {
+        commons_blueprint::Kind::Image(image) => Some(image),
+        _ => None,
+    }
+}
 
 fn outputs(port: u16) -> Vec<(String, String)> {
     vec![
@@ -30,6 +39,12 @@ impl Driver for ProcessDriver {
         spec: &Spec,
         previous: Option<&Handle>,
     ) -> Vec<(String, Option<String>)> {
+        if let Some(image) = image_of(spec) {
+            return outputs(image.port)
+                .into_iter()
+                .map(|(k, v)| (k, Some(v)))
+                .collect();
+        }
         // Started first, the new version listens beside the old one: on a
         // port not known yet.
         let beside =
@@ -60,19 +75,19 @@ impl Driver for ProcessDriver {
             let running = previous.filter(|h| {
                 matches!((h.pid, &h.instance), (Some(pid), Some(i)) if proc::is_instance_alive(pid, i))
             });
-            let beside = spec.replace == Replace::StartFirst && running.is_some();
+            // A container listens on its image's port in the site's one
+            // network: it cannot start beside its predecessor.
+            let image = image_of(spec);
+            let beside =
+                spec.replace == Replace::StartFirst && running.is_some() && image.is_none();
             if !beside {
-                if let Some(Handle {
-                    pid: Some(pid),
-                    instance: Some(instance),
-                    ..
-                }) = previous
-                {
-                    proc::stop(*pid, instance, STOP_GRACE).await;
+                if let Some(previous) = previous {
+                    stop_instance(&spec.deployment, &spec.component, previous, STOP_GRACE).await;
                 }
             }
-            let port = match previous.and_then(|h| h.port) {
-                Some(p) if !beside && port_is_free(p) => p,
+            let port = match (image, previous.and_then(|h| h.port)) {
+                (Some(image), _) => image.port,
+                (None, Some(p)) if !beside && port_is_free(p) => p,
                 _ => free_port().map_err(DriverError::io("finding a free port"))?,
             };
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
@@ -80,7 +95,10 @@ impl Driver for ProcessDriver {
             if !spec.env.iter().any(|(k, _)| k == "HOST") {
                 env.push(("HOST", "127.0.0.1".to_string()));
             }
-            let mut started = proc::spawn(layout, spec, &env)?;
+            let mut started = match image {
+                Some(image) => crate::image::spawn(layout, spec, image, port).await?,
+                None => proc::spawn(layout, spec, &env)?,
+            };
             let pid = started.pid;
             let limit = spec
                 .health
@@ -119,6 +137,14 @@ impl Driver for ProcessDriver {
                         }
                         if Instant::now() >= deadline {
                             proc::stop(pid, &spec.instance, Duration::from_secs(2)).await;
+                            if image.is_some() {
+                                crate::image::reap(
+                                    &spec.deployment,
+                                    &spec.component,
+                                    &crate::image::container_id(spec),
+                                )
+                                .await;
+                            }
                             return Err(DriverError::Failed(format!(
                                 "health check failed for {limit:?} on port {port}: {last_problem}"
                             )));
@@ -138,6 +164,7 @@ impl Driver for ProcessDriver {
                 instance: Some(spec.instance.clone()),
                 port: Some(port),
                 addr: (!started.addr.is_loopback()).then_some(started.addr),
+                container: image.map(|_| crate::image::container_id(spec)),
                 pending: None,
                 restarts: 0,
                 idle: false,
@@ -158,9 +185,7 @@ impl Driver for ProcessDriver {
         handle: &'a Handle,
     ) -> BoxFuture<'a, Result<(), DriverError>> {
         Box::pin(async move {
-            if let (Some(pid), Some(instance)) = (handle.pid, &handle.instance) {
-                proc::stop(pid, instance, STOP_GRACE).await;
-            }
+            stop_instance(deployment, component, handle, STOP_GRACE).await;
             let _ = std::fs::remove_file(layout.pid_file(deployment, component));
             Ok(())
         })
@@ -173,6 +198,17 @@ impl Driver for ProcessDriver {
             }
             _ => Observed::Stopped,
         }
+    }
+}
+
+/// Stops the instance `handle` names — its whole process group, and for an
+/// image its container — giving it `grace` after SIGTERM.
+pub async fn stop_instance(deployment: &str, component: &str, handle: &Handle, grace: Duration) {
+    if let (Some(pid), Some(instance)) = (handle.pid, &handle.instance) {
+        proc::stop(pid, instance, grace).await;
+    }
+    if let Some(container) = &handle.container {
+        crate::image::reap(deployment, component, container).await;
     }
 }
 
