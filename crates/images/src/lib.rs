@@ -210,6 +210,20 @@ impl ImageStore {
         credentials: &Credentials,
         progress: &(dyn Fn(Progress) + Sync),
     ) -> Result<Pulled, ImageError> {
+        // The store is root's alone: layers keep their images' owners and
+        // modes, which must not be reachable by a host path (a sandboxed
+        // workload passes through the platform's 0711 directories).
+        {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.root)
+                .and_then(|()| {
+                    std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                })
+                .map_err(io("making the image store"))?;
+        }
         let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
             ImageError::Reference(reference.into(), e.to_string())
         })?;

@@ -111,7 +111,7 @@ impl Bundle {
             .collect();
         let d = self.dir.display();
         let script = format!(
-            "mount -t overlay overlay -o 'lowerdir={lowers},upperdir={d}/upper,workdir={d}/work' '{d}/rootfs' \
+            "mount -t overlay overlay -o 'nodev,nosuid,lowerdir={lowers},upperdir={d}/upper,workdir={d}/work' '{d}/rootfs' \
              && exec '{runc}' run --bundle '{d}' '{id}'",
             lowers = lowers.join(":"),
             runc = runc.display(),

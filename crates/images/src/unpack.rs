@@ -3,7 +3,8 @@
 //! of the layers below), `.wh..wh..opq` → `trusted.overlay.opaque=y` on its
 //! directory (hides everything below it). Paths that would leave the
 //! directory are refused, as `tar`'s `unpack_in` refuses them, also when
-//! they would leave it through a symbolic link the layer made.
+//! they would leave it through a symbolic link the layer made. Device nodes
+//! in a layer are not made.
 
 use std::ffi::CString;
 use std::io::Read;
@@ -46,6 +47,15 @@ pub fn unpack_layer(reader: impl Read, dest: &Path) -> std::io::Result<()> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // No device nodes from an image: a container's /dev is its
+        // runtime's, and a node in a layer would be a way to the host's
+        // devices for whoever reached it.
+        if matches!(
+            entry.header().entry_type(),
+            tar::EntryType::Block | tar::EntryType::Char
+        ) {
+            continue;
+        }
         if !name.starts_with(WHITEOUT) {
             entry.unpack_in(dest)?;
             continue;
@@ -136,6 +146,12 @@ mod tests {
         assert!(
             !outside.join("planted").exists(),
             "nothing written through the link"
+        );
+        let device = tar_of(&[("disk", tar::EntryType::Block, "")]);
+        unpack_layer(&device[..], &base.join("layer4")).unwrap();
+        assert!(
+            !base.join("layer4/disk").exists(),
+            "no device node from an image"
         );
         let dots = tar_of(&[("../.wh.precious", tar::EntryType::Regular, "")]);
         assert!(unpack_layer(&dots[..], &base.join("layer2")).is_err());

@@ -79,6 +79,10 @@ async fn pulls_by_tag_and_digest_and_keeps_a_shared_layer_once() {
         big
     );
     let after_a = images.disk_usage();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join("images")).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "the store is root's alone");
 
     // The second image, by digest: only its own layer is fetched and stored.
     seen.lock().unwrap().clear();
