@@ -170,8 +170,9 @@ async fn a_tampered_blob_is_refused_and_nothing_of_it_is_kept() {
 #[tokio::test]
 async fn whiteouts_hide_lower_files_in_an_overlay_mount() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
+        euid,
         0,
         "whiteouts (device nodes, trusted xattrs) and overlay mounts need root; run the tests as root"
     );
@@ -236,9 +237,9 @@ async fn whiteouts_hide_lower_files_in_an_overlay_mount() {
 #[tokio::test]
 async fn an_image_runs_under_runc_as_its_sites_user_in_its_network_on_a_read_only_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "runc, namespaces and overlay mounts need root; run the tests as root"
     );
     let runc = ["/usr/sbin/runc", "/usr/bin/runc"]
