@@ -61,10 +61,12 @@ fn own_dir(layout: &Layout, deployment: &str, source: &str) -> Result<PathBuf, D
 
 /// The container runtime's id of `spec`'s instance.
 pub fn container_id(spec: &Spec) -> String {
-    format!(
-        "commons-{}-{}-{}",
-        spec.deployment, spec.component, spec.instance
-    )
+    id_of(&spec.deployment, &spec.component, &spec.instance)
+}
+
+/// The container runtime's id of one instance of a component.
+pub fn id_of(deployment: &str, component: &str, instance: &str) -> String {
+    format!("commons-{deployment}-{component}-{instance}")
 }
 
 /// Kills whatever still runs in a component's container and lets runc

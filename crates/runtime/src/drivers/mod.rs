@@ -66,4 +66,10 @@ pub async fn reap_interrupted(layout: &Layout, deployment: &str, component: &str
     if let Some(pid) = crate::proc::read_pidfile(&pidfile) {
         crate::proc::kill_group(pid, instance).await;
     }
+    // An image's container outlives its killed runtime: its id is known
+    // from the instance, and runc keeps its state while it exists.
+    let container = crate::image::id_of(deployment, component, instance);
+    if std::path::Path::new("/run/runc").join(&container).exists() {
+        crate::image::reap(deployment, component, &container).await;
+    }
 }
