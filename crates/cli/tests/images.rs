@@ -134,3 +134,63 @@ components:
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_image_killed_for_its_memory_shows_as_oom() {
+    root();
+    let dir = scratch("image-oom");
+    let registry = start_registry(&dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(push_with(
+        registry.port,
+        "apps/hog:1",
+        &[busybox_layer(&[])],
+        serde_json::json!({
+            "Cmd": ["/bin/busybox", "sh", "-c",
+                    "sleep 1; exec /bin/busybox dd if=/dev/zero of=/dev/null bs=256M count=1"],
+            "Env": ["PATH=/bin"],
+        }),
+    ));
+    let insecure = format!("127.0.0.1:{}", registry.port);
+    let env = [
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_INSECURE_REGISTRIES", insecure.as_str()),
+    ];
+    let s = Sandbox::new("image-oom");
+    s.write(
+        "hog/commons.yaml",
+        &format!(
+            "name: hog\ncomponents:\n  web:\n    image: 127.0.0.1:{}/apps/hog:1\n    port: 8080\n    \
+             resources: {{ memory: 64Mi }}\n",
+            registry.port
+        ),
+    );
+    let run = |args: &[&str]| {
+        let mut c = s.cmd(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Run(c.output().unwrap())
+    };
+    let r = run(&["deploy", "hog"]);
+    assert_eq!(r.code(), 0, "{}", r.all());
+    assert!(
+        wait_for(Duration::from_secs(20), || s.component("hog", "web")
+            ["state"]
+            == "oom"),
+        "{}",
+        s.component("hog", "web")
+    );
+    let web = s.component("hog", "web");
+    assert_eq!(web["last_exit"]["oom"], true, "{web}");
+    assert!(
+        web["last_exit"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("out of memory: killed by the kernel over its limit of 64 MiB"),
+        "{web}"
+    );
+    let r = run(&["destroy", "hog"]);
+    assert_eq!(r.code(), 0, "{}", r.all());
+    let _ = std::fs::remove_dir_all(&dir);
+}

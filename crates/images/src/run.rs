@@ -101,7 +101,9 @@ impl Bundle {
     }
 
     /// The command that mounts the root and runs the container in the
-    /// foreground (runc passes signals on and exits with its status):
+    /// foreground (runc passes signals on and exits with its status; it
+    /// keeps the stopped container, and its cgroup with the OOM killer's
+    /// count, until `runc delete`):
     /// `unshare` and `mount` from util-linux, then `runc run`.
     pub fn command(&self, runc: &Path, id: &str) -> Vec<String> {
         let lowers: Vec<String> = self
@@ -112,7 +114,7 @@ impl Bundle {
         let d = self.dir.display();
         let script = format!(
             "mount -t overlay overlay -o 'nodev,nosuid,lowerdir={lowers},upperdir={d}/upper,workdir={d}/work' '{d}/rootfs' \
-             && exec '{runc}' run --bundle '{d}' '{id}'",
+             && exec '{runc}' run --keep --bundle '{d}' '{id}'",
             lowers = lowers.join(":"),
             runc = runc.display(),
         );

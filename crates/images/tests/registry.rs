@@ -314,6 +314,10 @@ async fn an_image_runs_under_runc_as_its_sites_user_in_its_network_on_a_read_onl
     let argv = bundle.command(&runc, &container.id);
     let out = Command::new(&argv[0]).args(&argv[1..]).output().unwrap();
     let _ = Command::new("ip").args(["netns", "del", &netns]).status();
+    // Kept after it ended (for its cgroup's counters) until deleted.
+    let _ = Command::new(&runc)
+        .args(["delete", "--force", &container.id])
+        .status();
     let said = |f: &str| {
         std::fs::read_to_string(data.join(f)).unwrap_or_else(|e| {
             panic!(

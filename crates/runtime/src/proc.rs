@@ -136,9 +136,16 @@ fn launch(
                     .map_err(DriverError::io("finding the commons binary"))?,
             };
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            // The runtime confines the container in `commons/DEPLOYMENT/
+            // COMPONENT` (see `image::spawn`) and keeps it after it ends, so
+            // the keeper reads whether the OOM killer struck there.
+            let cgroup = format!("{}/{}", spec.deployment, spec.component);
             let mut c = Command::new(me);
-            c.arg("__sandbox")
-                .args(crate::sandbox::keeper_args(&exit_file, &argv));
+            c.arg("__sandbox").args(crate::sandbox::keeper_args(
+                &exit_file,
+                &argv,
+                Some((&cgroup, spec.resources.memory_bytes)),
+            ));
             c
         } else if sandboxed {
             let uid = crate::sandbox::uid_for(&layout.home, &spec.deployment)
@@ -187,7 +194,7 @@ fn launch(
             };
             let mut c = Command::new(helper);
             c.arg("__sandbox")
-                .args(crate::sandbox::keeper_args(&exit_file, &argv));
+                .args(crate::sandbox::keeper_args(&exit_file, &argv, None));
             c
         } else if command.contains(SHELL_SYNTAX) {
             let mut c = Command::new("/bin/sh");

@@ -188,14 +188,26 @@ pub fn helper_args(
 }
 
 /// Arguments for the helper as a keeper only (no sandbox): it runs `argv`,
-/// waits for it and records how it ended in `exit_file`.
-pub fn keeper_args(exit_file: &Path, argv: &[&str]) -> Vec<String> {
+/// waits for it and records how it ended in `exit_file`. `watch` is a
+/// cgroup someone else confines it in (a container's, made by its runtime)
+/// and that cgroup's memory limit, for telling an OOM kill.
+pub fn keeper_args(
+    exit_file: &Path,
+    argv: &[&str],
+    watch: Option<(&str, Option<u64>)>,
+) -> Vec<String> {
     let mut a = vec![
         "--plain".into(),
         "--exit-file".into(),
         exit_file.display().to_string(),
-        "--".into(),
     ];
+    if let Some((cgroup, memory)) = watch {
+        a.extend(["--cgroup".into(), cgroup.to_string()]);
+        if let Some(m) = memory {
+            a.extend(["--memory".into(), m.to_string()]);
+        }
+    }
+    a.push("--".into());
     a.extend(argv.iter().map(|s| s.to_string()));
     a
 }
@@ -416,7 +428,7 @@ pub fn helper_main(args: &[String]) -> ! {
         );
     }
     if plain {
-        keep_plain(&command, exit_file.as_deref())
+        keep_plain(&command, exit_file.as_deref(), &cgroup, limits.memory_bytes)
     }
     let Some(uid) = uid.filter(|u| *u >= FIRST_UID) else {
         eprintln!("commons sandbox: --uid must be at least {FIRST_UID}");
@@ -581,12 +593,23 @@ pub fn helper_main(args: &[String]) -> ! {
 }
 
 /// `--plain`: run `command` as a child that dies with us, wait, record.
-fn keep_plain(command: &[CString], exit_file: Option<&str>) -> ! {
+fn keep_plain(
+    command: &[CString],
+    exit_file: Option<&str>,
+    cgroup: &str,
+    memory_limit: Option<u64>,
+) -> ! {
     let watch = Watch {
         exit_file,
-        cgroup: "",
-        memory_limit: None,
-        oom_kills_before: None,
+        cgroup,
+        memory_limit,
+        // A container's cgroup is its runtime's, made fresh for it after
+        // this: none yet means none of its kills counted yet.
+        oom_kills_before: if cgroup.is_empty() {
+            None
+        } else {
+            Some(crate::exit::oom_kills(cgroup).unwrap_or(0))
+        },
     };
     // SAFETY: the child only calls async-signal-safe functions before exec
     // (the keeper is single-threaded here anyway).
