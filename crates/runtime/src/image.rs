@@ -133,11 +133,11 @@ pub async fn spawn(
         ));
     }
     let runc = runc()?;
-    let pulled = store(layout)
+    let store = store(layout);
+    let pulled = store
         .pull(&image.reference, &Credentials::Anonymous, &|_| {})
         .await
         .map_err(|e| DriverError::Failed(e.to_string()))?;
-    let store = store(layout);
     let args = Container::args_of(&pulled, image.command.as_deref());
     if args.is_empty() {
         return Err(DriverError::Failed(format!(

@@ -469,19 +469,8 @@ pub fn remove(net: &SiteNet) {
         .remove(&net.netns);
     let _ = run("ip", &["netns", "del", &net.netns], None);
     let _ = run("ip", &["link", "del", &net.host_if], None);
-    for set in ["postgres_sites", "egress_sites"] {
-        let _ = run(
-            "nft",
-            &[
-                "delete",
-                "element",
-                "inet",
-                TABLE,
-                set,
-                &format!("{{ {} }}", net.site_ip),
-            ],
-            None,
-        );
+    for what in [Allowance::Postgres, Allowance::Egress] {
+        let _ = allow(net, what, false);
     }
 }
 
