@@ -194,3 +194,203 @@ fn an_image_killed_for_its_memory_shows_as_oom() {
     assert_eq!(r.code(), 0, "{}", r.all());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CGI script busybox httpd runs: the version the instance was given.
+const VERSION_CGI: &[u8] =
+    b"#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\necho \"www v$VERSION\"\n";
+
+/// Pushes `apps/www:1.0`: busybox httpd serving `/srv/www` with a version
+/// page at `/cgi-bin/v`; returns the registry's `host:port`.
+fn push_www(runtime: &tokio::runtime::Runtime, port: u16) -> String {
+    let app = busybox_layer(&[
+        ("srv/www", None),
+        ("srv/www/index.html", Some(b"served from an image")),
+        ("srv/www/cgi-bin", None),
+        ("srv/www/cgi-bin/v", Some(VERSION_CGI)),
+    ]);
+    runtime.block_on(push_with(
+        port,
+        "apps/www:1.0",
+        &[app],
+        serde_json::json!({
+            "Cmd": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"],
+            "Env": ["PATH=/bin"],
+        }),
+    ));
+    format!("127.0.0.1:{port}")
+}
+
+#[test]
+fn twenty_redeploys_of_an_image_site_under_load_fail_no_request() {
+    root();
+    let dir = scratch("image-zero");
+    let registry = start_registry(&dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let insecure = push_www(&runtime, registry.port);
+    let env = [
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_INSECURE_REGISTRIES", insecure.as_str()),
+    ];
+    let s = Sandbox::new("image-zero");
+    let server = s.serve(&env);
+    s.write(
+        "www/commons.yaml",
+        &format!(
+            r#"name: www
+inputs:
+  version: {{ type: string, default: "1" }}
+components:
+  web:
+    image: {insecure}/apps/www:1.0
+    port: 8080
+    env: {{ VERSION: "${{inputs.version}}" }}
+    health: {{ http: "/", interval: 20ms }}
+"#
+        ),
+    );
+    let deploy = |version: &str| {
+        let input = format!("version={version}");
+        let mut c = s.cmd(&["deploy", "www", "-i", &input]);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let r = Run(c.output().unwrap());
+        assert_eq!(r.code(), 0, "{}", r.all());
+    };
+    let version = || {
+        http(
+            server.http,
+            "GET",
+            "/cgi-bin/v",
+            &[("Host", "www.localhost")],
+            b"",
+        )
+        .unwrap_or_default()
+    };
+    deploy("1");
+    assert!(wait_for(Duration::from_secs(10), || version().0 == 200));
+    assert_eq!(version().1.trim(), "www v1");
+    // One redeploy unloaded sizes the run.
+    let t = std::time::Instant::now();
+    deploy("2");
+    let seconds = (t.elapsed().as_secs_f64() * 20.0 * 5.0).ceil() as u64 + 5;
+    let mut load = Load::start(server.http, "www.localhost", seconds);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut addresses = std::collections::HashSet::new();
+    for v in 3..=22 {
+        deploy(&v.to_string());
+        let web = s.component("www", "web");
+        assert_eq!(web["state"], "running", "{web}");
+        addresses.insert(web["outputs"]["host"].as_str().unwrap().to_string());
+    }
+    assert!(load.running(), "the load ended before the redeploys did");
+    let (requests, failures, summary) = load.finish();
+    assert!(
+        requests > 200,
+        "too little load to prove anything:\n{summary}"
+    );
+    assert_eq!(failures, 0, "requests failed during redeploys:\n{summary}");
+    // Each version ran beside the last, in a network of its own (two
+    // addresses, taken in turn), and the replaced ones were stopped.
+    assert_eq!(addresses.len(), 2, "{addresses:?}");
+    assert_eq!(version().1.trim(), "www v22");
+    assert_eq!(
+        pids_of("httpd -f -p 8080").len(),
+        1,
+        "replaced versions stop"
+    );
+    let index = commons_runtime::net::site_index(&s.home, "www").unwrap();
+    let instances: Vec<String> = std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("commons-{index}-")))
+        .collect();
+    assert_eq!(
+        instances.len(),
+        1,
+        "replaced instances' networks go: {instances:?}"
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_image_site_with_a_volume_is_backed_up_destroyed_and_restored() {
+    root();
+    let dir = scratch("image-backup");
+    let registry = start_registry(&dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let notes = busybox_layer(&[]);
+    // The app writes a note of its own into its volume on its first start
+    // (a new one each time it finds none) and serves it.
+    runtime.block_on(push_with(
+        registry.port,
+        "apps/notes:1",
+        &[notes],
+        serde_json::json!({
+            "Cmd": ["/bin/busybox", "sh", "-c",
+                    "[ -f /var/notes/index.html ] || echo \"note $(cat /proc/sys/kernel/random/uuid)\" > /var/notes/index.html; \
+                     exec httpd -f -p 8080 -h /var/notes"],
+            "Env": ["PATH=/bin"],
+        }),
+    ));
+    let insecure = format!("127.0.0.1:{}", registry.port);
+    let env = [
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_INSECURE_REGISTRIES", insecure.as_str()),
+    ];
+    let s = Sandbox::new("image-backup");
+    s.write(
+        "notes/commons.yaml",
+        &format!(
+            r#"name: notes
+components:
+  files: {{ volume: {{}} }}
+  web:
+    image: {insecure}/apps/notes:1
+    port: 8080
+    volumes: {{ /var/notes: "${{components.files.path}}" }}
+    health: {{ http: "/" }}
+"#
+        ),
+    );
+    let run = |args: &[&str]| {
+        let mut c = s.cmd(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let r = Run(c.output().unwrap());
+        assert_eq!(r.code(), 0, "{args:?}: {}", r.all());
+        r
+    };
+    run(&["deploy", "notes"]);
+    let files = s.component("notes", "files");
+    let volume = std::path::PathBuf::from(files["outputs"]["path"].as_str().unwrap());
+    let web = s.component("notes", "web");
+    let (code, note) = component_get(&web, "/").unwrap();
+    assert_eq!(code, 200, "{note}");
+    assert!(note.starts_with("note "), "{note}");
+    assert_eq!(
+        std::fs::read_to_string(volume.join("index.html")).unwrap(),
+        note,
+        "written by the app into its volume"
+    );
+    let backup = run(&["backup", "notes", "--json"]).json();
+    let archive = backup["path"].as_str().unwrap().to_string();
+    run(&["destroy", "notes"]);
+    assert!(!volume.exists(), "destroyed with its site");
+    assert!(pids_of("-h /var/notes").is_empty());
+
+    run(&["restore", &archive]);
+    let web = s.component("notes", "web");
+    assert_eq!(web["kind"], "image", "{web}");
+    assert_eq!(web["state"], "running", "{web}");
+    assert_eq!(
+        component_get(&web, "/").unwrap(),
+        (200, note),
+        "the app found its note again: restored from the archive into its volume"
+    );
+    run(&["destroy", "notes"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

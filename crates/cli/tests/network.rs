@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use commons_images::testing::{busybox_layer, push_with, scratch, start_registry};
 
 fn root() {
     assert!(
@@ -96,7 +97,32 @@ fn a_sandboxed_site_reaches_nothing_around_the_gateway() {
         ("COMMONS_SANDBOX", "1"),
         ("COMMONS_POSTGRES_URL", &admin_url()),
     ]);
-
+    // Images (a victim and an attacker) come from a registry on loopback.
+    let images = scratch("network");
+    let registry = start_registry(&images);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(push_with(
+        registry.port,
+        "apps/www:1",
+        &[busybox_layer(&[
+            ("srv/www", None),
+            ("srv/www/index.html", Some(b"the image victim")),
+        ])],
+        serde_json::json!({
+            "Cmd": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"],
+            "Env": ["PATH=/bin"],
+        }),
+    ));
+    let pulled_from = format!("127.0.0.1:{}", registry.port);
+    let with_images = |args: &[&str]| {
+        let r = Run(s
+            .cmd(args)
+            .env("COMMONS_SANDBOX", "1")
+            .env("COMMONS_INSECURE_REGISTRIES", &pulled_from)
+            .output()
+            .unwrap());
+        assert_eq!(r.code(), 0, "{}", r.all());
+    };
     // The victim: a user_header site with a database of its own.
     s.write("victim/who.py", WHO_IS_IT);
     s.write(
@@ -140,6 +166,24 @@ components:
     // From the host (the gateway's side), the site's address answers.
     assert_eq!(component_get(&web, "/").unwrap(), (200, "user=None".into()));
 
+    // A victim that is an image.
+    s.write(
+        "pictures/commons.yaml",
+        &format!(
+            "name: pictures\ncomponents:\n  web:\n    image: {pulled_from}/apps/www:1\n    \
+             port: 8080\n    health: {{ http: \"/\" }}\n"
+        ),
+    );
+    with_images(&["deploy", "pictures"]);
+    let pictures = s.component("pictures", "web");
+    let image_victim = component_addr(&pictures);
+    let image_instance = pictures["outputs"]["host"].as_str().unwrap().to_string();
+    assert_eq!(
+        component_get(&pictures, "/").unwrap(),
+        (200, "the image victim".into()),
+        "the host reaches an image site at its address"
+    );
+
     // Where the attacker's egress is tried: the package registry (the only
     // outside address this machine reaches).
     let registry_ip = std::net::ToSocketAddrs::to_socket_addrs(&("pypi.org", 443))
@@ -152,6 +196,8 @@ components:
     let targets = serde_json::json!({
         "victim_site": [victim.ip().to_string(), victim.port()],
         "victim_on_loopback": ["127.0.0.1", victim.port()],
+        "image_site": [image_victim.ip().to_string(), image_victim.port()],
+        "image_instance": [image_instance, 8080],
         "api_on_loopback": ["127.0.0.1", server.port],
         "api_on_host": ["HOST", server.port],
         "gateway_admin_on_host": ["HOST", server.admin],
@@ -193,6 +239,8 @@ components:
     for attack in [
         "victim_site",
         "victim_on_loopback",
+        "image_site",
+        "image_instance",
         "api_on_loopback",
         "api_on_host",
         "gateway_admin_on_host",
@@ -205,6 +253,66 @@ components:
             "{attack} must be refused or time out, got {o:?}: {probes}"
         );
     }
+
+    // An attacker that is an image: its container, behind its site, tries
+    // the same ways around the gateway (busybox nc, 3 s each).
+    let victims = [
+        ("victim_site", format!("{} {}", victim.ip(), victim.port())),
+        (
+            "image_site",
+            format!("{} {}", image_victim.ip(), image_victim.port()),
+        ),
+        // (Not the victim's instance address: instances are numbered
+        // alike in every site, so that one is the raider's own.)
+        ("api_on_loopback", format!("127.0.0.1 {}", server.port)),
+    ];
+    let tries: String = std::iter::once(&("own", "127.0.0.1 8080".to_string()))
+        .chain(&victims)
+        .map(|(name, at)| {
+            format!(
+                "if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | /bin/busybox nc -w 3 {at} 2>>/var/out/errors \
+                 | /bin/busybox grep -q HTTP/; then echo {name} CONNECTED; else echo {name} blocked; fi; "
+            )
+        })
+        .collect();
+    s.write(
+        "raider/commons.yaml",
+        &format!(
+            r#"name: raider
+components:
+  out: {{ volume: {{}} }}
+  web:
+    image: {pulled_from}/apps/www:1
+    port: 8080
+    command: ["/bin/busybox", "sh", "-c", "/bin/busybox httpd -p 8080 -h /srv/www; /bin/busybox sleep 1; {{ {tries}}} > /var/out/probes.tmp; /bin/busybox mv /var/out/probes.tmp /var/out/probes; exec /bin/busybox sleep 86400"]
+    volumes: {{ /var/out: "${{components.out.path}}" }}
+"#
+        ),
+    );
+    with_images(&["deploy", "raider"]);
+    let out = std::path::PathBuf::from(
+        s.component("raider", "out")["outputs"]["path"]
+            .as_str()
+            .unwrap(),
+    )
+    .join("probes");
+    assert!(
+        wait_for(std::time::Duration::from_secs(30), || out.exists()),
+        "the image's probes never finished"
+    );
+    let said = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        said.lines().any(|l| l == "own CONNECTED"),
+        "the probe works: the image reaches its own server: {said}\n{}",
+        std::fs::read_to_string(out.with_file_name("errors")).unwrap_or_default()
+    );
+    for (name, _) in victims {
+        assert!(
+            said.lines().any(|l| l == format!("{name} blocked")),
+            "from an image, {name} must be out of reach: {said}"
+        );
+    }
+    with_images(&["destroy", "raider"]);
 
     // Egress: the attacker (by default) reaches a package registry; a site
     // that says `network: { egress: false }` reaches neither it nor DNS,
@@ -309,7 +417,7 @@ components:
     // host's registry of site networks.
     let index = commons_runtime::net::site_index(&s.home, "victim").unwrap();
     assert!(std::path::Path::new(&format!("/run/netns/commons-{index}")).exists());
-    for site in ["victim", "attacker", "tenant"] {
+    for site in ["victim", "attacker", "tenant", "pictures"] {
         deploy(&s, &["destroy", site]);
     }
     assert_eq!(commons_runtime::net::site_index(&s.home, "victim"), None);
@@ -336,4 +444,5 @@ components:
     assert!(o == "refused" || o == "timeout", "{probes}");
     deploy(&s, &["destroy", "attacker"]);
     drop(server);
+    let _ = std::fs::remove_dir_all(&images);
 }

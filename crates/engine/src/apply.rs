@@ -74,7 +74,8 @@ pub struct Context {
     /// The site's workloads may reach the internet (`network: { egress }`).
     pub egress: bool,
     /// Instances replaced start-first, to stop once the gateway drained them.
-    pub retired: Mutex<Vec<Handle>>,
+    /// (component, its replaced instance)
+    pub retired: Mutex<Vec<(String, Handle)>>,
     /// The components another reads, made once (see `plan::replace_of`).
     pub read_by_others: std::sync::OnceLock<std::collections::HashSet<String>>,
 }
@@ -466,7 +467,7 @@ async fn apply_component(
                 ctx.retired
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(old);
+                    .push((task.component.clone(), old));
             }
             applied.handle.restarts = match &previous {
                 // Woken from idle: not a crash.

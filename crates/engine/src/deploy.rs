@@ -437,8 +437,15 @@ impl Engine {
         };
         // Versions replaced start-first stop once nothing reaches them.
         let retired = std::mem::take(&mut *ctx.retired.lock().unwrap_or_else(|p| p.into_inner()));
-        for old in &retired {
-            commons_runtime::drivers::retire(&self.layout, old, recorded_at as u64).await;
+        for (component, old) in &retired {
+            commons_runtime::drivers::retire(
+                &self.layout,
+                &target.name,
+                component,
+                old,
+                recorded_at as u64,
+            )
+            .await;
         }
         Ok(Outcome {
             deployment: target.name.clone(),

@@ -69,13 +69,46 @@ pub fn id_of(deployment: &str, component: &str, instance: &str) -> String {
     format!("commons-{deployment}-{component}-{instance}")
 }
 
-/// Kills whatever still runs in a component's container and lets runc
-/// forget it. A container's first process may ignore SIGTERM (it is its PID
-/// namespace's init) and outlives its runtime when that is killed, so the
-/// container's cgroup is what is emptied. (Only one instance of an image
-/// component runs at a time: the cgroup holds nothing else.)
-pub async fn reap(deployment: &str, component: &str, container: &str) {
-    let cgroup = format!("commons/{deployment}/{component}");
+/// The cgroup (under `commons/`) one instance's container is confined in:
+/// its component's, so the component's use is read in one place, and of its
+/// own, since two instances of it run at once while one replaces the other.
+pub fn cgroup_of(deployment: &str, component: &str, instance: &str) -> String {
+    format!("{deployment}/{component}/{instance}")
+}
+
+/// Whether the first process of a running container would ignore SIGTERM:
+/// it is its PID namespace's init, which the kernel sends only the signals
+/// it has a handler for. Such an app would have ended on SIGTERM outside a
+/// container, so waiting for it to stop by itself is waiting for nothing.
+pub fn init_ignores_sigterm(deployment: &str, component: &str, instance: &str) -> bool {
+    let state = Path::new("/run/runc")
+        .join(id_of(deployment, component, instance))
+        .join("state.json");
+    let Some(pid) = std::fs::read(state)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["init_process_pid"].as_i64())
+    else {
+        return false;
+    };
+    let caught = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        });
+    matches!(caught, Some(mask) if mask & (1 << (libc::SIGTERM - 1)) == 0)
+}
+
+/// Kills whatever still runs in one instance's container, lets runc forget
+/// it, and removes its network. A container's first process may ignore
+/// SIGTERM (it is its PID namespace's init) and outlives its runtime when
+/// that is killed, so the container's cgroup is what is emptied.
+pub async fn reap(deployment: &str, component: &str, instance: &str, netns: Option<&str>) {
+    let container = id_of(deployment, component, instance);
+    let cgroup = format!("commons/{}", cgroup_of(deployment, component, instance));
     let mut hierarchies = vec![PathBuf::from("/sys/fs/cgroup")];
     if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
         hierarchies.extend(entries.flatten().map(|e| e.path()));
@@ -111,21 +144,35 @@ pub async fn reap(deployment: &str, component: &str, container: &str) {
     }
     if let Ok(runc) = runc() {
         let _ = tokio::process::Command::new(runc)
-            .args(["delete", "--force", container])
+            .args(["delete", "--force", &container])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
             .await;
     }
+    for h in &hierarchies {
+        let _ = std::fs::remove_dir(h.join(&cgroup));
+    }
+    if let Some(netns) = netns {
+        crate::net::remove_instance(netns);
+    }
 }
 
-/// Pulls `image` and starts it for `spec`, listening on `port` inside.
+/// An image instance started: its runtime under a keeper, and its network.
+pub struct StartedImage {
+    pub started: Started,
+    pub net: crate::net::InstanceNet,
+}
+
+/// Pulls `image` and starts an instance of it for `spec`, listening on
+/// `image.port` inside a network of its own behind its site's — the one
+/// named `reuse` if it is free (a restart keeps its address).
 pub async fn spawn(
     layout: &Layout,
     spec: &Spec,
     image: &ImageSpec,
-    port: u16,
-) -> Result<Started, DriverError> {
+    reuse: Option<&str>,
+) -> Result<StartedImage, DriverError> {
     if !crate::sandbox::enabled() {
         return Err(DriverError::Failed(
             "image components run only sandboxed: start the platform as root (the sandbox is the default there)"
@@ -151,14 +198,14 @@ pub async fn spawn(
     crate::layout::private_dir(&data).map_err(DriverError::io("making the data directory"))?;
     crate::sandbox::give(&data, uid)
         .map_err(DriverError::io("handing the data directory to its user"))?;
-    let net = crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
+    let site = crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
         .map_err(DriverError::io("making the site's network"))?;
     let mut binds = vec![(data.clone(), data.display().to_string())];
     for (inside, source) in &spec.volumes {
         binds.push((own_dir(layout, &spec.deployment, source)?, inside.clone()));
     }
     let mut env: Vec<(String, String)> = spec.env.clone();
-    env.push(("PORT".into(), port.to_string()));
+    env.push(("PORT".into(), image.port.to_string()));
     env.push(("COMMONS_DATA_DIR".into(), data.display().to_string()));
     let container = Container {
         id: container_id(spec),
@@ -172,23 +219,70 @@ pub async fn spawn(
             .unwrap_or_else(|| "/".into()),
         uid,
         hostname: spec.deployment.clone(),
-        netns: net.netns_path(),
-        cgroup: format!("commons/{}/{}", spec.deployment, spec.component),
+        netns: PathBuf::new(),
+        cgroup: format!(
+            "commons/{}",
+            cgroup_of(&spec.deployment, &spec.component, &spec.instance)
+        ),
         memory_bytes: spec.resources.memory_bytes,
         cpu_millis: spec.resources.cpu_millis,
         pids: spec.resources.pids,
         binds,
     };
-    let bundle_dir = layout
-        .deployment_dir(&spec.deployment)
-        .join("run")
-        .join(format!("{}.bundle", spec.component));
-    let bundle = Bundle::prepare(&bundle_dir, store.lower_dirs(&pulled), &pulled, &container)
-        .map_err(DriverError::io("preparing the container"))?;
-    crate::proc::spawn_container(
-        layout,
-        spec,
-        &bundle.command(&runc, &container.id),
-        net.site_ip,
-    )
+    let runs = layout.deployment_dir(&spec.deployment).join("run");
+    forget_bundles(&runs, &spec.component);
+    let bundle_dir = runs.join(format!("{}.{}.bundle", spec.component, spec.instance));
+    let net = crate::net::instance_network(&site, image.port, reuse)
+        .map_err(DriverError::io("making the instance's network"))?;
+    let container = Container {
+        netns: net.netns_path(),
+        ..container
+    };
+    let started = Bundle::prepare(&bundle_dir, store.lower_dirs(&pulled), &pulled, &container)
+        .map_err(DriverError::io("preparing the container"))
+        .and_then(|bundle| {
+            crate::proc::spawn_container(
+                layout,
+                spec,
+                &bundle.command(&runc, &container.id),
+                site.site_ip,
+            )
+        });
+    match started {
+        Ok(started) => Ok(StartedImage { started, net }),
+        Err(e) => {
+            crate::net::remove_instance(&net.netns);
+            Err(e)
+        }
+    }
+}
+
+/// Removes the bundles of `component`'s instances that no longer run (a
+/// bundle is a directory of mount points and a spec; runc keeps the state
+/// of a container that exists under `/run/runc`).
+fn forget_bundles(runs: &Path, component: &str) {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return;
+    };
+    let prefix = format!("{component}.");
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(instance) = name
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".bundle"))
+        else {
+            continue;
+        };
+        let deployment = runs
+            .parent()
+            .and_then(|d| d.file_name())
+            .map(|d| d.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let alive = Path::new("/run/runc")
+            .join(id_of(&deployment, component, instance))
+            .exists();
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }

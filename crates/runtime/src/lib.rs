@@ -96,6 +96,10 @@ pub struct Handle {
     /// it stops what runs in the container too ([`image::reap`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// An image instance's network namespace (`commons-N-S`, see
+    /// [`net::InstanceNet`]), removed with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
     /// Token of a start in progress: set before a task starts anything, so
     /// that whatever an interrupted task left can be found and stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]

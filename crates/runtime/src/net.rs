@@ -179,6 +179,41 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> std::io::Result<()>
     )))
 }
 
+/// Links the namespace `inner` to `outer` (the host's when `None`): a veth
+/// pair, `outer_if` at `outer_ip` on the outer side, `eth0` at `inner_ip`
+/// inside (a /30), whose default route is the outer side.
+fn link(
+    outer: Option<&str>,
+    outer_if: &str,
+    outer_ip: Ipv4Addr,
+    inner: &str,
+    inner_ip: Ipv4Addr,
+) -> std::io::Result<()> {
+    let mut args = vec!["-batch", "-"];
+    if let Some(ns) = outer {
+        args.splice(0..0, ["-n", ns]);
+    }
+    run(
+        "ip",
+        &args,
+        Some(&format!(
+            "link add {outer_if} type veth peer name eth0 netns {inner}\n\
+             addr add {outer_ip}/30 dev {outer_if}\n\
+             link set {outer_if} up\n"
+        )),
+    )?;
+    run(
+        "ip",
+        &["-n", inner, "-batch", "-"],
+        Some(&format!(
+            "link set lo up\n\
+             addr add {inner_ip}/30 dev eth0\n\
+             link set eth0 up\n\
+             route add default via {outer_ip}\n"
+        )),
+    )
+}
+
 /// Serialises set-ups within this process (two components of one site
 /// start at once); across processes, `ip netns add` fails for the loser,
 /// which then finds the namespace made.
@@ -200,30 +235,7 @@ pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
     let _ = run("ip", &["netns", "del", &net.netns], None);
     let made = (|| {
         run("ip", &["netns", "add", &net.netns], None)?;
-        run(
-            "ip",
-            &["-batch", "-"],
-            Some(&format!(
-                "link add {host} type veth peer name eth0 netns {ns}\n\
-                 addr add {hip}/30 dev {host}\n\
-                 link set {host} up\n",
-                host = net.host_if,
-                ns = net.netns,
-                hip = net.host_ip,
-            )),
-        )?;
-        run(
-            "ip",
-            &["-n", &net.netns, "-batch", "-"],
-            Some(&format!(
-                "link set lo up\n\
-                 addr add {sip}/30 dev eth0\n\
-                 link set eth0 up\n\
-                 route add default via {hip}\n",
-                sip = net.site_ip,
-                hip = net.host_ip,
-            )),
-        )?;
+        link(None, &net.host_if, net.host_ip, &net.netns, net.site_ip)?;
         // The host's end may carry traffic DNATed to its loopback (the
         // PostgreSQL path); the firewall decides whether any does.
         std::fs::write(
@@ -238,34 +250,235 @@ pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
             "1",
         );
         // Inside: what arrives for the site's address goes to its loopback,
-        // where its apps listen.
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &net.netns,
-                "/bin/sh",
-                "-c",
-                "echo 1 > /proc/sys/net/ipv4/conf/eth0/route_localnet && \
-                 { echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6; } 2>/dev/null; \
-                 exec nft -f -",
-            ],
-            Some(&format!(
-                "table ip {TABLE} {{\n\
-                   chain prerouting {{\n\
-                     type nat hook prerouting priority dstnat; policy accept;\n\
-                     iifname \"eth0\" ip daddr {sip} dnat to 127.0.0.1\n\
-                   }}\n\
-                 }}\n",
-                sip = net.site_ip
-            )),
-        )
+        // where its apps listen, or to an image instance's namespace.
+        in_site(net, "", &site_table(net))
     })();
     if made.is_err() {
         remove(net);
     }
     made
+}
+
+/// The site namespace's own rules, whole (rewritten, not appended to; the
+/// map of image instances keeps its elements): what arrives on `eth0` for
+/// the site's address goes to the image instance its port names, or else to
+/// the namespace's loopback; instances' traffic leaves as the site's own.
+fn site_table(net: &SiteNet) -> String {
+    let sip = net.site_ip;
+    format!(
+        "add table ip {TABLE}\n\
+         add map ip {TABLE} instances {{ type inet_service : ipv4_addr . inet_service; }}\n\
+         add chain ip {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
+         add chain ip {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+         flush chain ip {TABLE} prerouting\n\
+         flush chain ip {TABLE} postrouting\n\
+         add rule ip {TABLE} prerouting iifname \"eth0\" ip daddr {sip} dnat ip to tcp dport map @instances\n\
+         add rule ip {TABLE} prerouting iifname \"eth0\" ip daddr {sip} dnat ip to 127.0.0.1\n\
+         add rule ip {TABLE} postrouting oifname \"eth0\" ip saddr {INSTANCE_BLOCK}/16 masquerade\n"
+    )
+}
+
+/// Runs `nft -f -` with `rules` in the namespace `netns`, after turning on
+/// `route_localnet` (and off IPv6) on its interface `link` (`eth0` when
+/// empty) and, in a site's namespace, forwarding for its image instances.
+fn in_site(net: &SiteNet, link: &str, rules: &str) -> std::io::Result<()> {
+    in_namespace(
+        &net.netns,
+        if link.is_empty() { "eth0" } else { link },
+        true,
+        rules,
+    )
+}
+
+fn in_namespace(netns: &str, link: &str, forward: bool, rules: &str) -> std::io::Result<()> {
+    let forward = if forward {
+        "echo 1 > /proc/sys/net/ipv4/ip_forward && "
+    } else {
+        ""
+    };
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "/bin/sh",
+            "-c",
+            &format!(
+                "{forward}echo 1 > /proc/sys/net/ipv4/conf/{link}/route_localnet && \
+                 {{ echo 1 > /proc/sys/net/ipv6/conf/{link}/disable_ipv6; }} 2>/dev/null; \
+                 exec nft -f -"
+            ),
+        ],
+        Some(rules),
+    )
+}
+
+/// Image instances' links inside a site's namespace are numbered from this
+/// /16 (a /30 each); it is never seen outside, where they are the site.
+const INSTANCE_BLOCK: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 0);
+/// An instance in slot S is reached at the site's address, port FIRST + S.
+const INSTANCE_FIRST_PORT: u16 = 10_000;
+/// How many image instances a site runs at once (several components, each
+/// replaced start-first).
+const INSTANCE_SLOTS: u16 = 1_000;
+
+/// One image instance's network: a namespace of its own behind its site's
+/// (the container's port is fixed by its image, so two versions of it can
+/// only run at once in two namespaces), reached from the host at the site's
+/// address on a port of its own.
+///
+/// ```text
+///   host ── cmsiteN ── site's namespace (commons-N) ── ciS ── eth0  commons-N-S
+///            SITE_IP:10000+S  ──dnat──>  172.31.x.2:PORT  ──dnat──>  127.0.0.1:PORT
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceNet {
+    /// `commons-N-S`.
+    pub netns: String,
+    /// The site's end of the link, in the site's namespace: `ciS`.
+    pub site_if: String,
+    pub site_side_ip: Ipv4Addr,
+    /// The instance's address inside its site: where its site's other
+    /// components reach it.
+    pub ip: Ipv4Addr,
+    /// The port on the site's address that reaches it.
+    pub site_port: u16,
+}
+
+impl InstanceNet {
+    fn of(site: &SiteNet, slot: u16) -> InstanceNet {
+        let link = u32::from(INSTANCE_BLOCK) + slot as u32 * 4;
+        InstanceNet {
+            netns: format!("{}-{slot}", site.netns),
+            site_if: format!("ci{slot}"),
+            site_side_ip: Ipv4Addr::from(link + 1),
+            ip: Ipv4Addr::from(link + 2),
+            site_port: INSTANCE_FIRST_PORT + slot,
+        }
+    }
+
+    /// The site and slot a name `commons-N-S` stands for.
+    fn parse(name: &str) -> Option<(u32, u16)> {
+        let (index, slot) = name.strip_prefix("commons-")?.split_once('-')?;
+        Some((index.parse().ok()?, slot.parse().ok()?))
+    }
+
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from(NETNS_DIR).join(&self.netns)
+    }
+}
+
+/// A new network behind `site` for an image instance listening on `port`
+/// inside: the lowest free slot, linked, numbered and reachable at the
+/// site's address; the one named `prefer` first if it is free. Undone by
+/// [`remove_instance`].
+pub fn instance_network(
+    site: &SiteNet,
+    port: u16,
+    prefer: Option<&str>,
+) -> std::io::Result<InstanceNet> {
+    let _one = SETTING_UP.lock().unwrap_or_else(|p| p.into_inner());
+    let preferred = prefer
+        .and_then(InstanceNet::parse)
+        .filter(|(index, _)| format!("commons-{index}") == site.netns)
+        .map(|(_, slot)| slot);
+    for slot in preferred.into_iter().chain(0..INSTANCE_SLOTS) {
+        let inst = InstanceNet::of(site, slot);
+        // Taken here or, across processes, by whoever made it first.
+        if inst.netns_path().exists() || run("ip", &["netns", "add", &inst.netns], None).is_err() {
+            continue;
+        }
+        let made = (|| {
+            link(
+                Some(&site.netns),
+                &inst.site_if,
+                inst.site_side_ip,
+                &inst.netns,
+                inst.ip,
+            )?;
+            // Apps bound to the instance's loopback are reached too.
+            in_namespace(
+                &inst.netns,
+                "eth0",
+                false,
+                &format!(
+                    "table ip {TABLE} {{\n\
+                       chain prerouting {{\n\
+                         type nat hook prerouting priority dstnat; policy accept;\n\
+                         iifname \"eth0\" ip daddr {ip} dnat to 127.0.0.1\n\
+                       }}\n\
+                     }}\n",
+                    ip = inst.ip
+                ),
+            )?;
+            in_site(
+                site,
+                &inst.site_if,
+                &format!(
+                    "{}add element ip {TABLE} instances {{ {} : {} . {port} }}\n",
+                    site_table(site),
+                    inst.site_port,
+                    inst.ip
+                ),
+            )
+        })();
+        return match made {
+            Ok(()) => Ok(inst),
+            Err(e) => {
+                remove_instance(&inst.netns);
+                Err(e)
+            }
+        };
+    }
+    Err(std::io::Error::other(format!(
+        "{} already runs {INSTANCE_SLOTS} image instances",
+        site.netns
+    )))
+}
+
+/// The address of the image instance whose network is named `netns`.
+pub fn instance_ip(netns: &str) -> Option<Ipv4Addr> {
+    InstanceNet::parse(netns)
+        .map(|(_, slot)| Ipv4Addr::from(u32::from(INSTANCE_BLOCK) + slot as u32 * 4 + 2))
+}
+
+/// Removes the image instance's network named `netns` (`commons-N-S`): its
+/// namespace, with its link, and its port on the site's address.
+pub fn remove_instance(netns: &str) {
+    let Some((index, slot)) = InstanceNet::parse(netns) else {
+        return;
+    };
+    let site = format!("commons-{index}");
+    let _ = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &site,
+            "nft",
+            "delete",
+            "element",
+            "ip",
+            TABLE,
+            "instances",
+            &format!("{{ {} }}", INSTANCE_FIRST_PORT + slot),
+        ],
+        None,
+    );
+    let _ = run("ip", &["netns", "del", netns], None);
+}
+
+/// The image instances' networks behind the site network `net`.
+fn instances_of(net: &SiteNet) -> Vec<String> {
+    let prefix = format!("{}-", net.netns);
+    std::fs::read_dir(NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&prefix) && InstanceNet::parse(n).is_some())
+        .collect()
 }
 
 /// The registry's key for a deployment: several platforms (homes) may
@@ -467,6 +680,9 @@ pub fn remove(net: &SiteNet) {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&net.netns);
+    for instance in instances_of(net) {
+        let _ = run("ip", &["netns", "del", &instance], None);
+    }
     let _ = run("ip", &["netns", "del", &net.netns], None);
     let _ = run("ip", &["link", "del", &net.host_if], None);
     for what in [Allowance::Postgres, Allowance::Egress] {

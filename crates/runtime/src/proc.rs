@@ -136,10 +136,10 @@ fn launch(
                     .map_err(DriverError::io("finding the commons binary"))?,
             };
             let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-            // The runtime confines the container in `commons/DEPLOYMENT/
-            // COMPONENT` (see `image::spawn`) and keeps it after it ends, so
-            // the keeper reads whether the OOM killer struck there.
-            let cgroup = format!("{}/{}", spec.deployment, spec.component);
+            // The runtime confines the container in the instance's cgroup
+            // (see `image::spawn`) and keeps it after it ends, so the keeper
+            // reads whether the OOM killer struck there.
+            let cgroup = crate::image::cgroup_of(&spec.deployment, &spec.component, &spec.instance);
             let mut c = Command::new(me);
             c.arg("__sandbox").args(crate::sandbox::keeper_args(
                 &exit_file,

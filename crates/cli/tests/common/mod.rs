@@ -580,3 +580,62 @@ pub fn ledger_with(s: &Sandbox, config: &str) {
         "100000",
     ]);
 }
+
+/// `wrk` against the gateway for a fixed time. (Stopped early with a
+/// signal, wrk counts the interrupted reads as errors: it must run out.)
+pub struct Load {
+    child: std::process::Child,
+}
+
+impl Load {
+    pub fn start(port: u16, host: &str, seconds: u64) -> Load {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("wrk").exists()));
+        assert!(
+            found,
+            "wrk is not installed: this test puts real load on the gateway \
+             (apt-get install wrk; scripts/test installs it)"
+        );
+        let child = std::process::Command::new("wrk")
+            .args(["-t1", "-c8", &format!("-d{seconds}s"), "--timeout", "10s"])
+            .args(["-H", &format!("Host: {host}")])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Load { child }
+    }
+
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the run to end; returns (requests, failures, summary).
+    pub fn finish(self) -> (u64, u64, String) {
+        let out = self.child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let requests = text
+            .lines()
+            .find(|l| l.contains("requests in"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        // "Socket errors: connect 0, read 0, write 0, timeout 0"
+        let socket: u64 = text
+            .lines()
+            .find(|l| l.trim().starts_with("Socket errors:"))
+            .map(|l| {
+                l.split(',')
+                    .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0);
+        let non_2xx: u64 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        (requests, socket + non_2xx, text)
+    }
+}

@@ -70,6 +70,6 @@ pub async fn reap_interrupted(layout: &Layout, deployment: &str, component: &str
     // from the instance, and runc keeps its state while it exists.
     let container = crate::image::id_of(deployment, component, instance);
     if std::path::Path::new("/run/runc").join(&container).exists() {
-        crate::image::reap(deployment, component, &container).await;
+        crate::image::reap(deployment, component, instance, None).await;
     }
 }

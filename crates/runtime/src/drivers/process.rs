@@ -25,10 +25,16 @@ fn image_of(spec: &Spec) -> Option<&commons_blueprint::model::ImageSpec> {
 }
 
 fn outputs(port: u16) -> Vec<(String, String)> {
+    outputs_at(std::net::Ipv4Addr::LOCALHOST, port)
+}
+
+/// What the site's other components reach it at: a process on its site's
+/// loopback, an image instance at its own address inside the site.
+fn outputs_at(host: std::net::Ipv4Addr, port: u16) -> Vec<(String, String)> {
     vec![
         ("port".into(), port.to_string()),
-        ("url".into(), format!("http://127.0.0.1:{port}")),
-        ("host".into(), "127.0.0.1".into()),
+        ("url".into(), format!("http://{host}:{port}")),
+        ("host".into(), host.to_string()),
     ]
 }
 
@@ -39,16 +45,28 @@ impl Driver for ProcessDriver {
         spec: &Spec,
         previous: Option<&Handle>,
     ) -> Vec<(String, Option<String>)> {
-        if let Some(image) = image_of(spec) {
-            return outputs(image.port)
-                .into_iter()
-                .map(|(k, v)| (k, Some(v)))
-                .collect();
-        }
         // Started first, the new version listens beside the old one: on a
-        // port not known yet.
+        // port (a process) or at an address (an image instance) not known yet.
         let beside =
             spec.replace == Replace::StartFirst && previous.is_some_and(|h| h.pid.is_some());
+        if let Some(image) = image_of(spec) {
+            // Stopped first, an instance takes its predecessor's place.
+            let at = previous
+                .filter(|_| !beside)
+                .and_then(|h| h.netns.as_deref())
+                .and_then(crate::net::instance_ip);
+            return match at {
+                Some(ip) => outputs_at(ip, image.port)
+                    .into_iter()
+                    .map(|(k, v)| (k, Some(v)))
+                    .collect(),
+                None => vec![
+                    ("port".into(), Some(image.port.to_string())),
+                    ("url".into(), None),
+                    ("host".into(), None),
+                ],
+            };
+        }
         match previous.and_then(|h| h.port).filter(|_| !beside) {
             // The port is kept across restarts, so dependents need not change.
             Some(port) => outputs(port)
@@ -75,29 +93,46 @@ impl Driver for ProcessDriver {
             let running = previous.filter(|h| {
                 matches!((h.pid, &h.instance), (Some(pid), Some(i)) if proc::is_instance_alive(pid, i))
             });
-            // A container listens on its image's port in the site's one
-            // network: it cannot start beside its predecessor.
             let image = image_of(spec);
-            let beside =
-                spec.replace == Replace::StartFirst && running.is_some() && image.is_none();
+            let beside = spec.replace == Replace::StartFirst && running.is_some();
             if !beside {
                 if let Some(previous) = previous {
                     stop_instance(&spec.deployment, &spec.component, previous, STOP_GRACE).await;
                 }
             }
-            let port = match (image, previous.and_then(|h| h.port)) {
-                (Some(image), _) => image.port,
-                (None, Some(p)) if !beside && port_is_free(p) => p,
-                _ => free_port().map_err(DriverError::io("finding a free port"))?,
-            };
             let pidfile = layout.pid_file(&spec.deployment, &spec.component);
-            let mut env = vec![("PORT", port.to_string())];
-            if !spec.env.iter().any(|(k, _)| k == "HOST") {
-                env.push(("HOST", "127.0.0.1".to_string()));
-            }
-            let mut started = match image {
-                Some(image) => crate::image::spawn(layout, spec, image, port).await?,
-                None => proc::spawn(layout, spec, &env)?,
+            // The port the host reaches it at, and what others inside reach.
+            let (mut started, port, net) = match image {
+                Some(image) => {
+                    let reuse = previous
+                        .filter(|_| !beside)
+                        .and_then(|h| h.netns.as_deref());
+                    let s = crate::image::spawn(layout, spec, image, reuse).await?;
+                    let port = s.net.site_port;
+                    (s.started, port, Some(s.net))
+                }
+                None => {
+                    let port = match previous.and_then(|h| h.port) {
+                        Some(p) if !beside && port_is_free(p) => p,
+                        _ => free_port().map_err(DriverError::io("finding a free port"))?,
+                    };
+                    let mut env = vec![("PORT", port.to_string())];
+                    if !spec.env.iter().any(|(k, _)| k == "HOST") {
+                        env.push(("HOST", "127.0.0.1".to_string()));
+                    }
+                    (proc::spawn(layout, spec, &env)?, port, None)
+                }
+            };
+            let reap = || async {
+                if let Some(net) = &net {
+                    crate::image::reap(
+                        &spec.deployment,
+                        &spec.component,
+                        &spec.instance,
+                        Some(&net.netns),
+                    )
+                    .await;
+                }
             };
             let pid = started.pid;
             let limit = spec
@@ -112,6 +147,7 @@ impl Driver for ProcessDriver {
                 if let Ok(Some(status)) = started.child.try_wait() {
                     let tail = proc::log_tail(&started.log, started.log_offset, 2048);
                     let _ = std::fs::remove_file(&pidfile);
+                    reap().await;
                     return Err(DriverError::Failed(format!(
                         "process exited while starting ({status}){}",
                         if tail.is_empty() {
@@ -137,14 +173,7 @@ impl Driver for ProcessDriver {
                         }
                         if Instant::now() >= deadline {
                             proc::stop(pid, &spec.instance, Duration::from_secs(2)).await;
-                            if image.is_some() {
-                                crate::image::reap(
-                                    &spec.deployment,
-                                    &spec.component,
-                                    &crate::image::container_id(spec),
-                                )
-                                .await;
-                            }
+                            reap().await;
                             return Err(DriverError::Failed(format!(
                                 "health check failed for {limit:?} on port {port}: {last_problem}"
                             )));
@@ -165,13 +194,18 @@ impl Driver for ProcessDriver {
                 port: Some(port),
                 addr: (!started.addr.is_loopback()).then_some(started.addr),
                 container: image.map(|_| crate::image::container_id(spec)),
+                netns: net.as_ref().map(|n| n.netns.clone()),
                 pending: None,
                 restarts: 0,
                 idle: false,
             };
+            let outputs = match (image, &net) {
+                (Some(image), Some(net)) => outputs_at(net.ip, image.port),
+                _ => outputs(port),
+            };
             Ok(Applied {
                 handle,
-                outputs: outputs(port).into_iter().collect(),
+                outputs: outputs.into_iter().collect(),
                 retired: running.filter(|_| beside).cloned(),
             })
         })
@@ -204,11 +238,16 @@ impl Driver for ProcessDriver {
 /// Stops the instance `handle` names — its whole process group, and for an
 /// image its container — giving it `grace` after SIGTERM.
 pub async fn stop_instance(deployment: &str, component: &str, handle: &Handle, grace: Duration) {
+    if let (Some(_), Some(instance)) = (&handle.container, &handle.instance) {
+        if crate::image::init_ignores_sigterm(deployment, component, instance) {
+            crate::image::reap(deployment, component, instance, None).await;
+        }
+    }
     if let (Some(pid), Some(instance)) = (handle.pid, &handle.instance) {
         proc::stop(pid, instance, grace).await;
     }
-    if let Some(container) = &handle.container {
-        crate::image::reap(deployment, component, container).await;
+    if let (Some(_), Some(instance)) = (&handle.container, &handle.instance) {
+        crate::image::reap(deployment, component, instance, handle.netns.as_deref()).await;
     }
 }
 
@@ -220,10 +259,16 @@ const GATEWAY_FRESH_MS: u64 = 3_000;
 /// Stops a replaced instance once no request can reach it: the gateway
 /// (if one runs) no longer routes to its address and has no request in flight
 /// there. `since_ms` is when the new instance was recorded.
-pub async fn retire(layout: &Layout, old: &Handle, since_ms: u64) {
-    let (Some(pid), Some(instance)) = (old.pid, &old.instance) else {
+pub async fn retire(
+    layout: &Layout,
+    deployment: &str,
+    component: &str,
+    old: &Handle,
+    since_ms: u64,
+) {
+    if old.pid.is_none() || old.instance.is_none() {
         return;
-    };
+    }
     if let Some(port) = old.port {
         let deadline = Instant::now() + DRAIN_LIMIT;
         let addr =
@@ -232,7 +277,7 @@ pub async fn retire(layout: &Layout, old: &Handle, since_ms: u64) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    proc::stop(pid, instance, STOP_GRACE).await;
+    stop_instance(deployment, component, old, STOP_GRACE).await;
 }
 
 /// True while a running gateway routes to `port` or has requests in flight
