@@ -11,6 +11,8 @@ pub struct Reporter {
     bar: Option<ProgressBar>,
     lines: bool,
     failures: Mutex<usize>,
+    /// (component, done) pull lines already printed.
+    pulls_said: Mutex<std::collections::HashSet<(String, bool)>>,
 }
 
 impl Reporter {
@@ -32,6 +34,7 @@ impl Reporter {
             lines: !json && bar.is_none(),
             bar,
             failures: Mutex::new(0),
+            pulls_said: Mutex::new(Default::default()),
         }
     }
 
@@ -62,6 +65,38 @@ impl Progress for Reporter {
     fn started(&self, component: &str, _action: Action) {
         if let Some(bar) = &self.bar {
             bar.set_message(component.to_string());
+        }
+    }
+
+    fn pulling(&self, component: &str, fetched: u64, to_fetch: u64) {
+        if to_fetch == 0 {
+            return;
+        }
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        match &self.bar {
+            Some(bar) => bar.set_message(format!(
+                "{component}: pulling {:.1}/{:.1} MiB",
+                mib(fetched),
+                mib(to_fetch)
+            )),
+            // One line when a pull starts, one when it is done.
+            None if self.lines => {
+                let done = fetched >= to_fetch;
+                let first = self
+                    .pulls_said
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert((component.to_string(), done));
+                if first {
+                    eprintln!(
+                        "{:>12} {component} ({:.1} MiB{})",
+                        if done { "Pulled" } else { "Pulling" },
+                        mib(to_fetch),
+                        if done { "" } else { "…" }
+                    );
+                }
+            }
+            None => {}
         }
     }
 

@@ -85,6 +85,13 @@ components:
     }
     let r = Run(deploy.output().unwrap());
     assert_eq!(r.code(), 0, "{}", r.all());
+    // The pull is shown (a line when it starts and one when it is done,
+    // since this is no terminal), with the image's size.
+    let said = r.all();
+    assert!(
+        said.contains("Pulling web (") && said.contains("Pulled web ("),
+        "{said}"
+    );
     let web = s.component("www", "web");
     assert_eq!(web["kind"], "image", "{web}");
     assert_eq!(web["state"], "running", "{web}");
@@ -118,6 +125,53 @@ components:
         s.component("www", "web")
     );
     assert!(s.component("www", "web")["restarts"].as_u64().unwrap() >= 1);
+
+    // The record pins the digest that ran: after the tag moved on, a clone
+    // of the record runs the same bytes.
+    let record = s.home.join("records/www");
+    let pinned: serde_json::Value = serde_json::from_slice(
+        &std::process::Command::new("git")
+            .arg("-C")
+            .arg(&record)
+            .args(["show", "HEAD:images.json"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .expect("the record has images.json");
+    let by_digest = pinned["web"]["pinned"].as_str().unwrap().to_string();
+    assert!(
+        by_digest.starts_with(&format!("127.0.0.1:{}/apps/www@sha256:", registry.port)),
+        "{pinned}"
+    );
+    runtime.block_on(push_with(
+        registry.port,
+        "apps/www:1.0",
+        &[busybox_layer(&[
+            ("srv/www", None),
+            ("srv/www/index.html", Some(b"a newer image, same tag")),
+        ])],
+        serde_json::json!({
+            "Cmd": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"],
+            "Env": ["PATH=/bin"],
+        }),
+    ));
+    let mut clone = s.cmd(&["clone", record.to_str().unwrap(), "--name", "www-copy"]);
+    for (k, v) in env {
+        clone.env(k, v);
+    }
+    let r = Run(clone.output().unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    assert_eq!(
+        component_get(&s.component("www-copy", "web"), "/").unwrap(),
+        (200, "served from an image".to_string()),
+        "the clone runs the recorded digest, not what the tag says now"
+    );
+    let mut destroy = s.cmd(&["destroy", "www-copy"]);
+    for (k, v) in env {
+        destroy.env(k, v);
+    }
+    assert_eq!(Run(destroy.output().unwrap()).code(), 0);
 
     // Destroyed: no container, no network.
     let mut destroy = s.cmd(&["destroy", "www"]);

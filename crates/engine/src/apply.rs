@@ -33,6 +33,9 @@ pub trait Progress: Send + Sync {
     fn begin(&self, _total: usize) {}
     fn started(&self, _component: &str, _action: Action) {}
     fn finished(&self, _component: &str, _action: Action, _outcome: &str, _error: Option<&str>) {}
+    /// An image is being fetched for `component`: `fetched` of `to_fetch`
+    /// compressed bytes (layers already here are not counted).
+    fn pulling(&self, _component: &str, _fetched: u64, _to_fetch: u64) {}
 }
 
 /// A progress listener that ignores everything.
@@ -94,6 +97,16 @@ struct Done {
     task: TaskRow,
 }
 
+/// What a running task tells the loop that runs it.
+enum Report {
+    Pulling {
+        index: usize,
+        fetched: u64,
+        to_fetch: u64,
+    },
+    Done(Box<Done>),
+}
+
 /// Runs `tasks` with at most `jobs` at once; returns every task's row.
 pub async fn execute(
     ctx: Arc<Context>,
@@ -114,7 +127,7 @@ pub async fn execute(
     let mut ready: VecDeque<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
     let mut blocked = vec![false; n];
     let tasks = Arc::new(tasks);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Report>();
     let mut running = 0usize;
     let mut rows = Vec::with_capacity(n);
     progress.begin(n);
@@ -141,18 +154,34 @@ pub async fn execute(
                 running += 1;
                 let (ctx, tasks, tx) = (ctx.clone(), tasks.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let done = run(&ctx, i, &tasks[i], token).await;
-                    let _ = tx.send(done);
+                    let done = run(&ctx, i, &tasks[i], token, &tx).await;
+                    let _ = tx.send(Report::Done(Box::new(done)));
                 });
             }
         }
         if running == 0 {
             break;
         }
-        let first = rx.recv().await.expect("a running task always reports");
+        let heard = |report: Report| match report {
+            Report::Pulling {
+                index,
+                fetched,
+                to_fetch,
+            } => {
+                progress.pulling(&tasks[index].component, fetched, to_fetch);
+                None
+            }
+            Report::Done(d) => Some(*d),
+        };
+        let first = loop {
+            let report = rx.recv().await.expect("a running task always reports");
+            if let Some(d) = heard(report) {
+                break d;
+            }
+        };
         let mut batch = vec![first];
-        while let Ok(d) = rx.try_recv() {
-            batch.push(d);
+        while let Ok(report) = rx.try_recv() {
+            batch.extend(heard(report));
         }
         running -= batch.len();
         let mut changes = Vec::with_capacity(batch.len());
@@ -246,7 +275,13 @@ fn intent(ctx: &Context, task: &Task) -> (ComponentRow, String) {
     (row, token)
 }
 
-async fn run(ctx: &Context, index: usize, task: &Task, token: String) -> Done {
+async fn run(
+    ctx: &Context,
+    index: usize,
+    task: &Task,
+    token: String,
+    reports: &tokio::sync::mpsc::UnboundedSender<Report>,
+) -> Done {
     let started = now_ms();
     let row = ctx.recorded.get(&task.component);
     let previous = row.map(handle_of);
@@ -272,7 +307,14 @@ async fn run(ctx: &Context, index: usize, task: &Task, token: String) -> Done {
         };
         (r.map(|_| ()), 1, change)
     } else {
-        apply_component(ctx, task, row, previous, token).await
+        let pulling = |p: commons_runtime::image::Pulling| {
+            let _ = reports.send(Report::Pulling {
+                index,
+                fetched: p.fetched,
+                to_fetch: p.to_fetch,
+            });
+        };
+        apply_component(ctx, task, row, previous, token, &pulling).await
     };
     let finished = now_ms();
     let (ok, outcome, error) = match &result {
@@ -335,13 +377,14 @@ async fn apply_component(
     row: Option<&ComponentRow>,
     previous: Option<Handle>,
     token: String,
+    pulling: &(dyn Fn(commons_runtime::image::Pulling) + Sync),
 ) -> (Result<(), DriverError>, u32, ComponentChange) {
     let c = &ctx.components[&task.component];
     let static_hash = match &c.kind {
         Kind::Static { path } => hash_dir(path).ok(),
         _ => None,
     };
-    let (attrs, spec) = {
+    let (attrs, mut spec) = {
         let outputs = ctx.outputs.lock().unwrap_or_else(|p| p.into_inner());
         let values = Values {
             inputs: &ctx.inputs,
@@ -400,38 +443,61 @@ async fn apply_component(
     let hash = hash_attrs(&task.kind, &attrs);
     let driver = driver_for(&task.kind);
 
-    let mut attempts = 0u32;
-    let result: Result<Applied, DriverError> =
-        if task.action == Action::Update && commons_blueprint::Kind::runs(&task.kind) {
-            // Only the route changed: the running process stays as it is.
-            attempts = 1;
-            Ok(Applied {
-                handle: previous.clone().unwrap_or_default(),
-                outputs: row
-                    .and_then(|r| serde_json::from_value(r.outputs.clone()).ok())
-                    .unwrap_or_default(),
-                retired: None,
-            })
-        } else {
-            let mut prev = previous.clone();
-            loop {
-                attempts += 1;
-                match driver.apply(&ctx.layout, &spec, prev.as_ref()).await {
-                    Ok(a) => break Ok(a),
-                    Err(e) if attempts <= c.retries => {
-                        let _ = e;
-                        // The old version was stopped by the first attempt; keep its port.
-                        prev = prev.map(|h| Handle {
-                            pid: None,
-                            instance: None,
-                            ..h
-                        });
-                        tokio::time::sleep(Duration::from_millis(100 << attempts.min(6))).await;
-                    }
-                    Err(e) => break Err(e),
+    // An image runs by digest: resolved (and fetched) now, or on a restart
+    // or a wake the very bytes that ran before, whatever its tag says since.
+    let mut pinned = Ok(());
+    if let Kind::Image(image) = &mut spec.kind {
+        let again = task.restart || previous.as_ref().is_some_and(|h| h.idle);
+        match previous
+            .as_ref()
+            .and_then(|h| h.image.clone())
+            .filter(|_| again)
+        {
+            Some(digest) => image.reference = digest,
+            None => {
+                match commons_runtime::image::resolve(&ctx.layout, &image.reference, pulling).await
+                {
+                    Ok(by_digest) => image.reference = by_digest,
+                    Err(e) => pinned = Err(e),
                 }
             }
-        };
+        }
+    }
+
+    let mut attempts = 0u32;
+    let result: Result<Applied, DriverError> = if let Err(e) = pinned {
+        attempts = 1;
+        Err(e)
+    } else if task.action == Action::Update && commons_blueprint::Kind::runs(&task.kind) {
+        // Only the route changed: the running process stays as it is.
+        attempts = 1;
+        Ok(Applied {
+            handle: previous.clone().unwrap_or_default(),
+            outputs: row
+                .and_then(|r| serde_json::from_value(r.outputs.clone()).ok())
+                .unwrap_or_default(),
+            retired: None,
+        })
+    } else {
+        let mut prev = previous.clone();
+        loop {
+            attempts += 1;
+            match driver.apply(&ctx.layout, &spec, prev.as_ref()).await {
+                Ok(a) => break Ok(a),
+                Err(e) if attempts <= c.retries => {
+                    let _ = e;
+                    // The old version was stopped by the first attempt; keep its port.
+                    prev = prev.map(|h| Handle {
+                        pid: None,
+                        instance: None,
+                        ..h
+                    });
+                    tokio::time::sleep(Duration::from_millis(100 << attempts.min(6))).await;
+                }
+                Err(e) => break Err(e),
+            }
+        }
+    };
     let base = ComponentRow {
         name: task.component.clone(),
         kind: task.kind.clone(),

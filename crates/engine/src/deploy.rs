@@ -501,6 +501,28 @@ impl Engine {
             "inputs.json".into(),
             pretty(&serde_json::Value::Object(target.inputs.clone())),
         );
+        // Which bytes each image component ran: a clone or a restore of this
+        // record runs these, whatever the tags say by then.
+        let mut images = serde_json::Map::new();
+        for row in self.store.components(&target.name)? {
+            let Some(commons_blueprint::Kind::Image(image)) =
+                target.blueprint.components.get(&row.name).map(|c| &c.kind)
+            else {
+                continue;
+            };
+            if let Some(pinned) = crate::plan::handle_of(&row).image {
+                images.insert(
+                    row.name.clone(),
+                    serde_json::json!({ "reference": image.reference, "pinned": pinned }),
+                );
+            }
+        }
+        if !images.is_empty() {
+            out.insert(
+                "images.json".into(),
+                pretty(&serde_json::Value::Object(images)),
+            );
+        }
         out.insert(
             "plan.json".into(),
             pretty(&serde_json::to_value(plan).expect("json")),

@@ -72,6 +72,28 @@ pub(crate) fn settle_inputs(
 }
 
 /// The target recorded in a deployment record checked out at `dest`.
+/// Runs the images a record ran (`images.json`: component → the reference
+/// its blueprint gave and the digest that ran), where the blueprint still
+/// gives that reference.
+fn pin_images(blueprint: &mut commons_blueprint::Blueprint, record: &Path) {
+    let pins: serde_json::Map<String, serde_json::Value> =
+        std::fs::read(record.join("images.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+    for (name, pin) in pins {
+        if let Some(commons_blueprint::Kind::Image(image)) =
+            blueprint.components.get_mut(&name).map(|c| &mut c.kind)
+        {
+            if pin["reference"].as_str() == Some(image.reference.as_str()) {
+                if let Some(pinned) = pin["pinned"].as_str() {
+                    image.reference = pinned.to_string();
+                }
+            }
+        }
+    }
+}
+
 pub(crate) fn target_from_record(
     name: String,
     dest: &Path,
@@ -83,7 +105,9 @@ pub(crate) fn target_from_record(
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
     let path = dest.join(root);
-    let blueprint = commons_blueprint::load(&path, &FileSystem).map_err(EngineError::Blueprint)?;
+    let mut blueprint =
+        commons_blueprint::load(&path, &FileSystem).map_err(EngineError::Blueprint)?;
+    pin_images(&mut blueprint, dest);
     let inputs = settle_inputs(&blueprint, &inputs, &[])?;
     Ok(Target {
         name,

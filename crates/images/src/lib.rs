@@ -123,6 +123,19 @@ pub struct Progress {
     pub layers: usize,
 }
 
+/// `reference` pinned to `digest`: `REGISTRY/REPOSITORY@sha256:…` (a tag,
+/// if any, dropped: the digest says which bytes).
+pub fn by_digest(reference: &str, digest: &str) -> Result<String, ImageError> {
+    let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
+        ImageError::Reference(reference.into(), e.to_string())
+    })?;
+    Ok(format!(
+        "{}/{}@{digest}",
+        parsed.registry(),
+        parsed.repository()
+    ))
+}
+
 /// The machine's image store.
 pub struct ImageStore {
     root: PathBuf,

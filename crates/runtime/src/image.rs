@@ -59,6 +59,34 @@ fn own_dir(layout: &Layout, deployment: &str, source: &str) -> Result<PathBuf, D
     }
 }
 
+/// How far a pull is: compressed bytes fetched of those to fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pulling {
+    pub fetched: u64,
+    pub to_fetch: u64,
+}
+
+/// Pulls `reference` into the machine's store (fetching only the layers not
+/// there yet, telling `progress` how far it is) and returns it by digest:
+/// `REGISTRY/REPOSITORY@sha256:…`, what the deployment runs and records.
+pub async fn resolve(
+    layout: &Layout,
+    reference: &str,
+    progress: &(dyn Fn(Pulling) + Sync),
+) -> Result<String, DriverError> {
+    let pulled = store(layout)
+        .pull(reference, &Credentials::Anonymous, &|p| {
+            progress(Pulling {
+                fetched: p.fetched,
+                to_fetch: p.to_fetch,
+            })
+        })
+        .await
+        .map_err(|e| DriverError::Failed(e.to_string()))?;
+    commons_images::by_digest(reference, &pulled.digest)
+        .map_err(|e| DriverError::Failed(e.to_string()))
+}
+
 /// The container runtime's id of `spec`'s instance.
 pub fn container_id(spec: &Spec) -> String {
     id_of(&spec.deployment, &spec.component, &spec.instance)

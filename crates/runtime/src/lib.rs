@@ -96,6 +96,10 @@ pub struct Handle {
     /// it stops what runs in the container too ([`image::reap`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// The image an instance runs, by digest (`REPOSITORY@sha256:…`): a
+    /// restart runs the same bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// An image instance's network namespace (`commons-N-S`, see
     /// [`net::InstanceNet`]), removed with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -194,6 +194,7 @@ impl Driver for ProcessDriver {
                 port: Some(port),
                 addr: (!started.addr.is_loopback()).then_some(started.addr),
                 container: image.map(|_| crate::image::container_id(spec)),
+                image: image.map(|i| i.reference.clone()),
                 netns: net.as_ref().map(|n| n.netns.clone()),
                 pending: None,
                 restarts: 0,
