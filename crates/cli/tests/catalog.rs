@@ -46,7 +46,17 @@ fn the_catalog_lists_every_application_with_its_project() {
         .iter()
         .map(|e| e["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["datasette", "json-server", "mkdocs", "radicale"]);
+    assert_eq!(
+        names,
+        [
+            "datasette",
+            "json-server",
+            "mkdocs",
+            "prometheus",
+            "radicale",
+            "rclone"
+        ]
+    );
     for e in list.as_array().unwrap() {
         assert!(!e["project"].as_str().unwrap().is_empty(), "{e}");
     }

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use commons_images::testing::{busybox_layer, push_with, scratch, start_registry};
+use commons_images::testing::{busybox_layer, host_layer, push_with, scratch, start_registry};
 
 fn root() {
     assert!(
@@ -446,5 +446,151 @@ components:
         "the app found its note again: restored from the archive into its volume"
     );
     run(&["destroy", "notes"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Deploys `catalog:NAME`, whose image is pulled through a mirror on
+/// loopback (`docker.io` → the test's registry, where `build` pushed an
+/// image of the same name); returns the platform in front of it and a
+/// signed-in user's cookie.
+fn catalog_site(s: &Sandbox, name: &str, registry: u16) -> (Server, String) {
+    let at = format!("127.0.0.1:{registry}");
+    let mirror = format!("docker.io={at}");
+    let env = [
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_INSECURE_REGISTRIES", at.as_str()),
+        ("COMMONS_REGISTRY_MIRRORS", mirror.as_str()),
+    ];
+    let mut deploy = s.cmd(&["deploy", &format!("catalog:{name}")]);
+    for (k, v) in env {
+        deploy.env(k, v);
+    }
+    let r = Run(deploy.output().unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    let web = s.component(name, "web");
+    assert_eq!(
+        (&web["kind"], &web["state"]),
+        (&"image".into(), &"running".into()),
+        "{web}"
+    );
+    let token = s
+        .ok(&["token", "create", "alice", "--scope", "session"])
+        .stdout()
+        .trim()
+        .to_string();
+    (s.serve(&env), format!("commons_session={token}"))
+}
+
+#[test]
+fn catalog_apps_run_from_their_images() {
+    root();
+    let dir = scratch("image-catalog");
+    let registry = start_registry(&dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The images their projects publish, built here from Debian's packages
+    // of the same programs (this machine reaches no image registry): the
+    // same names, entrypoints and paths.
+    runtime.block_on(push_with(
+        registry.port,
+        "rclone/rclone:1.60",
+        &[host_layer(
+            &[("/usr/bin/rclone", "/usr/local/bin/rclone")],
+            &[("data", None)],
+        )],
+        serde_json::json!({
+            "Entrypoint": ["rclone"],
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "WorkingDir": "/data",
+        }),
+    ));
+    let config = b"global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: prometheus\n    static_configs:\n      - targets: [\"localhost:9090\"]\n";
+    runtime.block_on(push_with(
+        registry.port,
+        "prom/prometheus:v2.42.0",
+        &[host_layer(
+            &[("/usr/bin/prometheus", "/bin/prometheus")],
+            &[("etc/prometheus", None), ("etc/prometheus/prometheus.yml", Some(config)), ("prometheus", None)],
+        )],
+        serde_json::json!({
+            "Entrypoint": ["/bin/prometheus"],
+            "Cmd": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"],
+        }),
+    ));
+
+    // rclone: a file PUT over WebDAV by a signed-in user is read back, and
+    // kept in the site's volume; nobody else gets in.
+    let s = Sandbox::new("image-catalog");
+    let (server, cookie) = catalog_site(&s, "rclone", registry.port);
+    let host = ("Host", "rclone.localhost");
+    let signed_in = [host, ("Cookie", cookie.as_str())];
+    let (code, _) = http(server.http, "GET", "/", &[host], b"").unwrap();
+    assert_eq!(code, 401, "anonymous users are turned away");
+    let (code, body) = http(
+        server.http,
+        "PUT",
+        "/notes.txt",
+        &signed_in,
+        b"kept by rclone",
+    )
+    .unwrap();
+    assert!((200..300).contains(&code), "{code} {body}");
+    let (code, body) = http(server.http, "GET", "/notes.txt", &signed_in, b"").unwrap();
+    assert_eq!((code, body.as_str()), (200, "kept by rclone"));
+    let volume = s.component("rclone", "files")["outputs"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        std::fs::read_to_string(std::path::Path::new(&volume).join("notes.txt")).unwrap(),
+        "kept by rclone"
+    );
+    let (code, listing) = http(
+        server.http,
+        "PROPFIND",
+        "/",
+        &[host, ("Cookie", cookie.as_str()), ("Depth", "1")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 207, "{listing}");
+    assert!(listing.contains("notes.txt"), "{listing}");
+    drop(server);
+
+    // Prometheus: it scrapes itself, and its API answers a query.
+    let (server, cookie) = catalog_site(&s, "prometheus", registry.port);
+    let signed_in = [
+        ("Host", "prometheus.localhost"),
+        ("Cookie", cookie.as_str()),
+    ];
+    let mut answer = (0, String::new());
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            answer = http(
+                server.http,
+                "GET",
+                "/api/v1/query?query=up",
+                &signed_in,
+                b"",
+            )
+            .unwrap_or_default();
+            answer.0 == 200 && answer.1.contains(r#""value":["#) && answer.1.contains(r#","1"]"#)
+        }),
+        "{answer:?}"
+    );
+    assert!(answer.1.contains(r#""job":"prometheus""#), "{answer:?}");
+    let tsdb = s.component("prometheus", "tsdb")["outputs"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        std::fs::read_dir(&tsdb).unwrap().count() > 0,
+        "its database is in the site's volume"
+    );
+    for site in ["rclone", "prometheus"] {
+        let mut destroy = s.cmd(&["destroy", site]);
+        destroy.env("COMMONS_SANDBOX", "1");
+        assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+    }
+    drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -62,6 +62,11 @@ pub struct RegistrySettings {
     /// Registries (`HOST:PORT`) spoken to over plain HTTP: a registry on
     /// the platform's own loopback or private network. All others: HTTPS.
     pub insecure: Vec<String>,
+    /// Registries pulled through a mirror: (registry, the mirror's
+    /// `HOST:PORT`), e.g. ("docker.io", "mirror.internal:5000"). What is
+    /// pulled is checked against its digest as from any registry, and a
+    /// deployment still names the image by its own registry.
+    pub mirrors: Vec<(String, String)>,
 }
 
 /// Credentials for one pull.
@@ -140,6 +145,7 @@ pub fn by_digest(reference: &str, digest: &str) -> Result<String, ImageError> {
 pub struct ImageStore {
     root: PathBuf,
     client: Client,
+    mirrors: Vec<(String, String)>,
 }
 
 fn hex_of(digest: &str) -> Option<&str> {
@@ -169,6 +175,7 @@ impl ImageStore {
             ClientProtocol::HttpsExcept(settings.insecure.clone())
         };
         ImageStore {
+            mirrors: settings.mirrors.clone(),
             root: root.to_path_buf(),
             client: Client::new(ClientConfig {
                 protocol,
@@ -237,14 +244,15 @@ impl ImageStore {
                 })
                 .map_err(io("making the image store"))?;
         }
-        let parsed: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
+        let named: Reference = reference.parse().map_err(|e: oci_client::ParseError| {
             ImageError::Reference(reference.into(), e.to_string())
         })?;
-        if let Some(pinned) = parsed.digest() {
+        if let Some(pinned) = named.digest() {
             if let Some(here) = self.get(pinned) {
                 return Ok(here);
             }
         }
+        let parsed = self.through_mirror(named);
         let registry_error = |e: oci_client::errors::OciDistributionError| ImageError::Registry {
             reference: reference.to_string(),
             message: e.to_string(),
@@ -339,6 +347,25 @@ impl ImageStore {
 
     /// Fetches one blob to `blob` (oci-client checks it against its
     /// digest as it streams; a mismatch leaves nothing behind).
+    /// `image` as fetched: from its registry's mirror, if it has one.
+    fn through_mirror(&self, image: Reference) -> Reference {
+        let Some((_, mirror)) = self.mirrors.iter().find(|(r, _)| r == image.registry()) else {
+            return image;
+        };
+        match (image.digest(), image.tag()) {
+            (Some(digest), _) => Reference::with_digest(
+                mirror.clone(),
+                image.repository().to_string(),
+                digest.to_string(),
+            ),
+            (None, tag) => Reference::with_tag(
+                mirror.clone(),
+                image.repository().to_string(),
+                tag.unwrap_or("latest").to_string(),
+            ),
+        }
+    }
+
     async fn fetch(
         &self,
         image: &Reference,

@@ -89,7 +89,16 @@ impl Bundle {
         for sub in ["rootfs", "upper", "work"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
-        let spec = runtime_spec(image, container);
+        // Names the app may look up without DNS: itself and localhost (as
+        // Docker and Kubernetes give every container).
+        std::fs::write(
+            dir.join("hosts"),
+            format!(
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n",
+                container.hostname
+            ),
+        )?;
+        let spec = runtime_spec(image, container, dir);
         std::fs::write(
             dir.join("config.json"),
             serde_json::to_vec_pretty(&spec).expect("serialises"),
@@ -131,7 +140,7 @@ impl Bundle {
 }
 
 /// The OCI runtime spec for `container`.
-pub fn runtime_spec(image: &Pulled, container: &Container) -> Value {
+pub fn runtime_spec(image: &Pulled, container: &Container, bundle: &Path) -> Value {
     let mut env: Vec<String> = image.config.env.clone().unwrap_or_default();
     if !env.iter().any(|e| e.starts_with("PATH=")) {
         env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
@@ -149,6 +158,7 @@ pub fn runtime_spec(image: &Pulled, container: &Container) -> Value {
         json!({"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}),
         json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=65536k"]}),
         json!({"destination": "/etc/resolv.conf", "type": "bind", "source": "/etc/resolv.conf", "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
+        json!({"destination": "/etc/hosts", "type": "bind", "source": bundle.join("hosts"), "options": ["rbind", "ro", "nosuid", "nodev", "noexec"]}),
     ];
     for (source, destination) in &container.binds {
         mounts.push(json!({

@@ -127,6 +127,48 @@ pub fn layer(entries: &[(&str, Option<&[u8]>)]) -> (Vec<u8>, String) {
     (gz.finish().unwrap(), diff_id)
 }
 
+/// A layer of programs from this machine — `(host path, path in the image)`
+/// — with the shared libraries each loads (as `ldd` says), at the same
+/// paths, and `extra` entries: an image of a program from a Debian package.
+pub fn host_layer(programs: &[(&str, &str)], extra: &[(&str, Option<&[u8]>)]) -> (Vec<u8>, String) {
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    for (host, inside) in programs {
+        let bytes = std::fs::read(host).unwrap_or_else(|e| {
+            panic!("{host}: {e} (scripts/test installs the Debian packages test images are built from)")
+        });
+        files.push((inside.trim_start_matches('/').to_string(), bytes));
+        let ldd = std::process::Command::new("ldd")
+            .arg(host)
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next(),
+                None => line.split_whitespace().next(),
+            };
+            if let Some(lib) = path.filter(|p| p.starts_with('/')) {
+                let name = lib.trim_start_matches('/').to_string();
+                if !files.iter().any(|(n, _)| *n == name) {
+                    files.push((name, std::fs::read(lib).unwrap()));
+                }
+            }
+        }
+    }
+    let mut dirs: Vec<String> = files
+        .iter()
+        .flat_map(|(name, _)| std::path::Path::new(name).ancestors().skip(1))
+        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| d.display().to_string())
+        .collect();
+    dirs.dedup();
+    dirs.sort();
+    dirs.dedup();
+    let mut entries: Vec<(&str, Option<&[u8]>)> = dirs.iter().map(|d| (d.as_str(), None)).collect();
+    entries.extend(files.iter().map(|(n, b)| (n.as_str(), Some(b.as_slice()))));
+    entries.extend_from_slice(extra);
+    layer(&entries)
+}
+
 /// A layer with a static busybox at `/bin/busybox`, empty `/etc` and
 /// `/srv`, and `extra` entries: enough of a root for a test container.
 pub fn busybox_layer(extra: &[(&str, Option<&[u8]>)]) -> (Vec<u8>, String) {

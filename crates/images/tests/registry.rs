@@ -19,6 +19,7 @@ fn store(dir: &Path, port: u16) -> ImageStore {
         &dir.join("images"),
         &RegistrySettings {
             insecure: vec![format!("127.0.0.1:{port}")],
+            ..Default::default()
         },
     )
 }

@@ -19,6 +19,7 @@ pub fn store(layout: &Layout) -> ImageStore {
         &layout.home.join("images"),
         &RegistrySettings {
             insecure: crate::settings::current().insecure_registries.clone(),
+            mirrors: crate::settings::current().registry_mirrors.clone(),
         },
     )
 }

@@ -28,6 +28,10 @@ pub struct RuntimeSettings {
     /// (`[runtime] insecure_registries`, `COMMONS_INSECURE_REGISTRIES`,
     /// comma-separated): one on the platform's own loopback or network.
     pub insecure_registries: Vec<String>,
+    /// Registries pulled through a mirror: (registry, mirror `HOST:PORT`)
+    /// (`[runtime] registry_mirrors`, `COMMONS_REGISTRY_MIRRORS`:
+    /// `docker.io=HOST:PORT,…`).
+    pub registry_mirrors: Vec<(String, String)>,
 }
 
 // The admin URL may carry a password: it never reaches a log.
@@ -42,6 +46,7 @@ impl std::fmt::Debug for RuntimeSettings {
             )
             .field("network", &self.network)
             .field("insecure_registries", &self.insecure_registries)
+            .field("registry_mirrors", &self.registry_mirrors)
             .finish()
     }
 }
@@ -61,6 +66,26 @@ pub fn is_root() -> bool {
 
 /// `COMMONS_INSECURE_REGISTRIES`: registries spoken to over plain HTTP.
 pub const INSECURE_REGISTRIES_VAR: &str = "COMMONS_INSECURE_REGISTRIES";
+
+/// `COMMONS_REGISTRY_MIRRORS`: `REGISTRY=MIRROR,…`.
+pub const REGISTRY_MIRRORS_VAR: &str = "COMMONS_REGISTRY_MIRRORS";
+
+/// `REGISTRY=MIRROR,…` as pairs; an entry without `=` is an error.
+pub fn mirrors(text: &str) -> Result<Vec<(String, String)>, String> {
+    list(text)
+        .into_iter()
+        .map(|entry| match entry.split_once('=') {
+            Some((registry, mirror))
+                if !registry.trim().is_empty() && !mirror.trim().is_empty() =>
+            {
+                Ok((registry.trim().to_string(), mirror.trim().to_string()))
+            }
+            _ => Err(format!(
+                "{entry:?}: say REGISTRY=MIRROR, e.g. docker.io=127.0.0.1:5000"
+            )),
+        })
+        .collect()
+}
 
 /// A comma-separated list, without blanks.
 pub fn list(text: &str) -> Vec<String> {
@@ -89,6 +114,11 @@ impl RuntimeSettings {
                 .unwrap_or_default(),
             insecure_registries: std::env::var(INSECURE_REGISTRIES_VAR)
                 .map(|v| list(&v))
+                .unwrap_or_default(),
+            // (`commons serve` refuses a malformed value at start.)
+            registry_mirrors: std::env::var(REGISTRY_MIRRORS_VAR)
+                .ok()
+                .and_then(|v| mirrors(&v).ok())
                 .unwrap_or_default(),
         }
     }
@@ -142,4 +172,21 @@ impl RuntimeSettings {
 /// The settings in force.
 pub fn current() -> &'static RuntimeSettings {
     CURRENT.get_or_init(RuntimeSettings::from_env)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mirrors_are_registry_equals_mirror() {
+        assert_eq!(
+            super::mirrors("docker.io=127.0.0.1:5000, ghcr.io = m.internal:443").unwrap(),
+            [
+                ("docker.io".to_string(), "127.0.0.1:5000".to_string()),
+                ("ghcr.io".to_string(), "m.internal:443".to_string())
+            ]
+        );
+        let e = super::mirrors("docker.io").unwrap_err();
+        assert!(e.contains("REGISTRY=MIRROR"), "{e}");
+        assert!(super::mirrors("=x").is_err());
+    }
 }

@@ -45,11 +45,25 @@ pub const ENTRIES: &[Entry] = &[
         blueprint: include_str!("../../../catalog/mkdocs.yaml"),
     },
     Entry {
+        name: "prometheus",
+        summary: "metrics collection and querying, with an expression browser and an HTTP API",
+        project: "prometheus.io",
+        source: "image: docker.io/prom/prometheus",
+        blueprint: include_str!("../../../catalog/prometheus.yaml"),
+    },
+    Entry {
         name: "radicale",
         summary: "a CalDAV and CardDAV server for calendars and contacts",
         project: "radicale.org",
         source: "PyPI: Radicale",
         blueprint: include_str!("../../../catalog/radicale.yaml"),
+    },
+    Entry {
+        name: "rclone",
+        summary: "a WebDAV server for your files, from any WebDAV client",
+        project: "rclone.org",
+        source: "image: docker.io/rclone/rclone",
+        blueprint: include_str!("../../../catalog/rclone.yaml"),
     },
 ];
 

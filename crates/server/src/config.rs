@@ -19,6 +19,7 @@
 //! sandbox = true          # the default as root; false runs sites unisolated (warned)
 //! network = "10.200.0.0/14"  # sandboxed sites' links: a /30 each
 //! insecure_registries = ["127.0.0.1:5000"]  # image registries over plain HTTP
+//! registry_mirrors = { "docker.io" = "127.0.0.1:5000" }  # pull through a mirror
 //! single_user = false     # true: a developer's own platform, unsandboxed (unsafe)
 //! idle_after_seconds = 900
 //! sample_seconds = 60
@@ -91,6 +92,8 @@ pub struct Runtime {
     pub network: Option<String>,
     /// Registries images are pulled from over plain HTTP.
     pub insecure_registries: Option<Vec<String>>,
+    /// Registries pulled through a mirror: registry → mirror `HOST:PORT`.
+    pub registry_mirrors: Option<std::collections::BTreeMap<String, String>>,
     /// One person's platform: sites from the API run unsandboxed (unsafe).
     pub single_user: Option<bool>,
     pub idle_after_seconds: Option<u64>,
@@ -331,6 +334,17 @@ pub fn resolve(
             insecure_registries: match env(commons_runtime::settings::INSECURE_REGISTRIES_VAR) {
                 Some(v) => commons_runtime::settings::list(&v),
                 None => file.runtime.insecure_registries.unwrap_or_default(),
+            },
+            registry_mirrors: match env(commons_runtime::settings::REGISTRY_MIRRORS_VAR) {
+                Some(v) => commons_runtime::settings::mirrors(&v).map_err(|e| {
+                    format!("{}: {e}", commons_runtime::settings::REGISTRY_MIRRORS_VAR)
+                })?,
+                None => file
+                    .runtime
+                    .registry_mirrors
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
             },
         },
         store: StoreConfig::new(
