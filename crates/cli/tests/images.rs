@@ -594,3 +594,70 @@ fn catalog_apps_run_from_their_images() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_idle_image_site_wakes_on_a_request_with_the_bytes_it_ran() {
+    root();
+    let dir = scratch("image-wake");
+    let registry = start_registry(&dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let insecure = push_www(&runtime, registry.port);
+    let env = [
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_INSECURE_REGISTRIES", insecure.as_str()),
+    ];
+    let s = Sandbox::new("image-wake");
+    s.write(
+        "www/commons.yaml",
+        &format!(
+            "name: www\ncomponents:\n  web:\n    image: {insecure}/apps/www:1.0\n    port: 8080\n    \
+             health: {{ http: \"/\" }}\n"
+        ),
+    );
+    let mut deploy = s.cmd(&["deploy", "www"]);
+    for (k, v) in env {
+        deploy.env(k, v);
+    }
+    assert_eq!(Run(deploy.output().unwrap()).code(), 0);
+    let idle_env = [env[0], env[1], ("COMMONS_IDLE_AFTER", "1")];
+    let server = s.serve(&idle_env);
+    assert!(
+        wait_for(Duration::from_secs(15), || s.component("www", "web")
+            ["state"]
+            == "idle"),
+        "not idle: {}",
+        s.component("www", "web")
+    );
+    // Idle: nothing runs, and the instance's network is gone.
+    assert!(pids_of("httpd -f -p 8080").is_empty());
+    let index = commons_runtime::net::site_index(&s.home, "www").unwrap();
+    assert!(!std::path::Path::new(&format!("/run/netns/commons-{index}-0")).exists());
+    // The tag moves on meanwhile; the wake runs what ran.
+    runtime.block_on(push_with(
+        registry.port,
+        "apps/www:1.0",
+        &[busybox_layer(&[
+            ("srv/www", None),
+            ("srv/www/index.html", Some(b"a newer image, same tag")),
+        ])],
+        serde_json::json!({
+            "Cmd": ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/srv/www"],
+            "Env": ["PATH=/bin"],
+        }),
+    ));
+    let t = std::time::Instant::now();
+    let (code, _, body) =
+        http_with_head(server.http, "GET", "/", &[("Host", "www.localhost")], b"").unwrap();
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "served from an image"),
+        "held until the same image is up again"
+    );
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(s.component("www", "web")["state"], "running");
+    drop(server);
+    let mut destroy = s.cmd(&["destroy", "www"]);
+    destroy.env("COMMONS_SANDBOX", "1");
+    assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
