@@ -56,6 +56,7 @@ components:
       { test -e /proc/${inputs.bpid} && echo SEEN || echo hidden; } > $COMMONS_DATA_DIR/proc;
       ls /proc | grep -c '^[0-9]' > $COMMONS_DATA_DIR/procs;
       id -u > $COMMONS_DATA_DIR/uid;
+      { echo ${inputs.bpid} > $COMMONS_DATA_DIR/../uid 2>/dev/null && echo CHANGED || echo denied; } > $COMMONS_DATA_DIR/own-uid;
       touch /tmp/a-was-here; ls /tmp > $COMMONS_DATA_DIR/tmp;
       env > $COMMONS_DATA_DIR/env
 "#,
@@ -77,6 +78,11 @@ components:
         "site A could signal site B's process"
     );
     assert_eq!(seen("proc"), "hidden", "site A saw site B's process");
+    assert_eq!(
+        seen("own-uid"),
+        "denied",
+        "site A rewrote the record of which user it runs as"
+    );
     assert!(
         seen("procs").parse::<u32>().unwrap() < 10,
         "A sees only its own few processes: {}",
@@ -103,6 +109,11 @@ components:
     assert!(
         a_uid >= 200_000 && b_uid >= 200_000 && a_uid != b_uid,
         "{a_uid} vs {b_uid}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s.home.join("deployments/sitea/uid")).unwrap(),
+        a_uid.to_string(),
+        "kept in the deployment's own (root's) directory"
     );
     let env = seen("env");
     assert!(

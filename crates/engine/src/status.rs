@@ -156,10 +156,7 @@ impl Engine {
             .collect();
         let rows = self.store.components(name)?;
         // Sandboxed deployments have a user of their own.
-        let uid = std::fs::read(self.layout.home.join("uids.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<BTreeMap<String, u32>>(&b).ok())
-            .and_then(|m| m.get(name).copied());
+        let uid = commons_runtime::sandbox::recorded_uid(&self.layout.home, name);
         let components = rows
             .into_iter()
             .map(|r| {

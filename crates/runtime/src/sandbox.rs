@@ -41,10 +41,45 @@ pub fn single_user() -> bool {
     crate::settings::current().single_user
 }
 
-/// The uid (and gid) of a deployment, allocated once and kept in
-/// `COMMONS_HOME/uids.json`, under a lock.
+/// Where a deployment's uid is kept: in its own directory (root's, which
+/// its workloads cannot write), so finding it costs the same with 10 or
+/// 50,000 deployments, and it goes when the deployment is destroyed (a new
+/// deployment of the same name gets a new user, owning nothing of the old).
+fn uid_file(home: &Path, deployment: &str) -> std::path::PathBuf {
+    home.join("deployments").join(deployment).join("uid")
+}
+
+/// A number kept alone in a file.
+fn read_number(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+}
+
+/// The uid a deployment was given, if it was.
+pub fn recorded_uid(home: &Path, deployment: &str) -> Option<u32> {
+    if let Some(uid) = read_number(&uid_file(home, deployment)) {
+        return Some(uid);
+    }
+    // Kept whole in one file by earlier versions, until the next
+    // allocation moves each deployment's into its directory.
+    legacy_uids(home).and_then(|m| m.get(deployment).copied())
+}
+
+fn legacy_uids(home: &Path) -> Option<std::collections::BTreeMap<String, u32>> {
+    std::fs::read(home.join("uids.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// The uid (and gid) of a deployment, allocated once (the next of
+/// `COMMONS_HOME/uids.next`, under a lock) and kept in its directory.
 pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {
     use std::os::unix::io::AsRawFd;
+    let file = uid_file(home, deployment);
+    if let Some(uid) = read_number(&file) {
+        return Ok(uid);
+    }
     std::fs::create_dir_all(home)?;
     let lock = OpenOptions::new()
         .create(true)
@@ -55,21 +90,36 @@ pub fn uid_for(home: &Path, deployment: &str) -> std::io::Result<u32> {
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    let path = home.join("uids.json");
-    let mut map: std::collections::BTreeMap<String, u32> = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other)?,
-        Err(_) => Default::default(),
-    };
-    if let Some(uid) = map.get(deployment) {
-        return Ok(*uid);
+    migrate_legacy_uids(home)?;
+    if let Some(uid) = read_number(&file) {
+        return Ok(uid);
     }
-    let uid = map.values().max().map_or(FIRST_UID, |m| m + 1);
-    map.insert(deployment.to_string(), uid);
-    crate::layout::write_whole(
-        &path,
-        &serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?,
-    )?;
+    let next_file = home.join("uids.next");
+    let uid = read_number(&next_file).unwrap_or(FIRST_UID);
+    crate::layout::write_whole(&next_file, (uid + 1).to_string().as_bytes())?;
+    std::fs::create_dir_all(file.parent().expect("a deployment directory"))?;
+    crate::layout::write_whole(&file, uid.to_string().as_bytes())?;
     Ok(uid)
+}
+
+/// Moves `uids.json` (every uid in one file, read whole per look-up) into
+/// the deployments' directories, once; the next uid continues after the
+/// highest ever given. Called under the uids lock.
+fn migrate_legacy_uids(home: &Path) -> std::io::Result<()> {
+    let Some(map) = legacy_uids(home) else {
+        return Ok(());
+    };
+    for (deployment, uid) in &map {
+        let dir = home.join("deployments").join(deployment);
+        if dir.is_dir() {
+            crate::layout::write_whole(&dir.join("uid"), uid.to_string().as_bytes())?;
+        }
+    }
+    let next = map.values().max().map_or(FIRST_UID, |m| m + 1);
+    let next_file = home.join("uids.next");
+    let known = read_number(&next_file).unwrap_or(FIRST_UID);
+    crate::layout::write_whole(&next_file, next.max(known).to_string().as_bytes())?;
+    std::fs::rename(home.join("uids.json"), home.join("uids.json.migrated"))
 }
 
 /// Hands `dir` (not recursively) to `uid`, mode 0700.
@@ -635,5 +685,33 @@ fn keep_plain(
         let status = wait_for(child);
         watch.record_exit(status);
         std::process::exit(exit_status(status))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_given_once_kept_per_deployment_and_never_reused() {
+        let home = std::env::temp_dir().join(format!("commons-uids-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        // An earlier version kept every uid in one file.
+        std::fs::create_dir_all(home.join("deployments/old")).unwrap();
+        std::fs::write(home.join("uids.json"), r#"{"old": 200007, "gone": 200009}"#).unwrap();
+        assert_eq!(recorded_uid(&home, "old"), Some(200007));
+        let a = uid_for(&home, "a").unwrap();
+        assert_eq!(a, 200010, "after the highest ever given");
+        assert!(!home.join("uids.json").exists(), "moved, once");
+        assert_eq!(recorded_uid(&home, "old"), Some(200007));
+        assert_eq!(uid_for(&home, "old").unwrap(), 200007);
+        assert_eq!(recorded_uid(&home, "gone"), None, "its deployment is gone");
+        assert_eq!(uid_for(&home, "b").unwrap(), a + 1);
+        assert_eq!(uid_for(&home, "a").unwrap(), a, "given once");
+        // Destroyed and made again: a new user, owning nothing of the old.
+        std::fs::remove_dir_all(home.join("deployments/a")).unwrap();
+        assert_eq!(recorded_uid(&home, "a"), None);
+        assert_eq!(uid_for(&home, "a").unwrap(), a + 2);
+        let _ = std::fs::remove_dir_all(&home);
     }
 }
