@@ -27,6 +27,7 @@ pub mod oidc;
 pub mod openapi;
 pub mod outbound;
 pub mod periods;
+pub mod placement;
 pub mod platform;
 pub mod rs256;
 mod run;
