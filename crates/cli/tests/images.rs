@@ -71,6 +71,7 @@ components:
   files: {{ volume: {{}} }}
   web:
     image: 127.0.0.1:{port}/apps/www:1.0
+    command: [/bin/busybox, httpd, -f, -p, "8080", -h, /srv/www, -r, served]
     port: 8080
     volumes: {{ /var/files: "${{components.files.path}}" }}
     health: {{ http: "/" }}
@@ -109,7 +110,7 @@ components:
     assert_eq!(answer.1, "served from an image");
 
     // The app runs as the site's user, not root.
-    let httpd = pids_of("httpd -f -p 8080");
+    let httpd = pids_of("httpd -f -p 8080 -h /srv/www -r served");
     assert_eq!(httpd.len(), 1, "one container process: {httpd:?}");
     assert_eq!(uid_of(httpd[0] as i64), web["uid"].as_u64().unwrap() as u32);
 
@@ -118,7 +119,7 @@ components:
     assert_eq!(unsafe { libc::kill(httpd[0], libc::SIGKILL) }, 0);
     assert!(
         wait_for(Duration::from_secs(20), || {
-            let again = pids_of("httpd -f -p 8080");
+            let again = pids_of("httpd -f -p 8080 -h /srv/www -r served");
             !again.is_empty() && !again.contains(&httpd[0]) && through_gateway().0 == 200
         }),
         "restarted: {}",
@@ -181,7 +182,7 @@ components:
     let r = Run(destroy.output().unwrap());
     assert_eq!(r.code(), 0, "{}", r.all());
     assert!(wait_for(Duration::from_secs(10), || pids_of(
-        "httpd -f -p 8080"
+        "httpd -f -p 8080 -h /srv/www -r served"
     )
     .is_empty()));
     assert_eq!(commons_runtime::net::site_index(&s.home, "www"), None);
@@ -249,6 +250,17 @@ fn an_image_killed_for_its_memory_shows_as_oom() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The namespaces of `site`'s image instances (`commons-N-S`).
+fn instance_networks(s: &Sandbox, site: &str) -> Vec<String> {
+    let index = commons_runtime::net::site_index(&s.home, site).unwrap();
+    std::fs::read_dir("/run/netns")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("commons-{index}-")))
+        .collect()
+}
+
 /// A CGI script busybox httpd runs: the version the instance was given.
 const VERSION_CGI: &[u8] =
     b"#!/bin/busybox sh\necho 'Content-Type: text/plain'\necho\necho \"www v$VERSION\"\n";
@@ -296,6 +308,7 @@ inputs:
 components:
   web:
     image: {insecure}/apps/www:1.0
+    command: [/bin/busybox, httpd, -f, -p, "8080", -h, /srv/www, -r, zero]
     port: 8080
     env: {{ VERSION: "${{inputs.version}}" }}
     health: {{ http: "/", interval: 20ms }}
@@ -349,17 +362,11 @@ components:
     assert_eq!(addresses.len(), 2, "{addresses:?}");
     assert_eq!(version().1.trim(), "www v22");
     assert_eq!(
-        pids_of("httpd -f -p 8080").len(),
+        pids_of("httpd -f -p 8080 -h /srv/www -r zero").len(),
         1,
         "replaced versions stop"
     );
-    let index = commons_runtime::net::site_index(&s.home, "www").unwrap();
-    let instances: Vec<String> = std::fs::read_dir("/run/netns")
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&format!("commons-{index}-")))
-        .collect();
+    let instances = instance_networks(&s, "www");
     assert_eq!(
         instances.len(),
         1,
@@ -610,7 +617,7 @@ fn an_idle_image_site_wakes_on_a_request_with_the_bytes_it_ran() {
     s.write(
         "www/commons.yaml",
         &format!(
-            "name: www\ncomponents:\n  web:\n    image: {insecure}/apps/www:1.0\n    port: 8080\n    \
+            "name: www\ncomponents:\n  web:\n    image: {insecure}/apps/www:1.0\n    command: [/bin/busybox, httpd, -f, -p, \"8080\", -h, /srv/www, -r, wake]\n    port: 8080\n    \
              health: {{ http: \"/\" }}\n"
         ),
     );
@@ -629,7 +636,7 @@ fn an_idle_image_site_wakes_on_a_request_with_the_bytes_it_ran() {
         s.component("www", "web")
     );
     // Idle: nothing runs, and the instance's network is gone.
-    assert!(pids_of("httpd -f -p 8080").is_empty());
+    assert!(pids_of("httpd -f -p 8080 -h /srv/www -r wake").is_empty());
     let index = commons_runtime::net::site_index(&s.home, "www").unwrap();
     assert!(!std::path::Path::new(&format!("/run/netns/commons-{index}-0")).exists());
     // The tag moves on meanwhile; the wake runs what ran.
@@ -656,6 +663,69 @@ fn an_idle_image_site_wakes_on_a_request_with_the_bytes_it_ran() {
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(s.component("www", "web")["state"], "running");
     drop(server);
+    let mut destroy = s.cmd(&["destroy", "www"]);
+    destroy.env("COMMONS_SANDBOX", "1");
+    assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_interrupted_image_deploy_leaves_no_container_or_network() {
+    root();
+    let dir = scratch("image-interrupted");
+    let registry = start_registry(&dir);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let insecure = push_www(&runtime, registry.port);
+    let s = Sandbox::new("image-interrupted");
+    // A health check that never passes keeps the deploy waiting with its
+    // container up, until the deploy is killed.
+    let blueprint = |health: &str| {
+        s.write(
+            "www/commons.yaml",
+            &format!(
+                "name: www\ncomponents:\n  web:\n    image: {insecure}/apps/www:1.0\n    command: [/bin/busybox, httpd, -f, -p, \"8080\", -h, /srv/www, -r, interrupted]\n    port: 8080\n    \
+                 health: {{ http: \"{health}\", timeout: 60s }}\n"
+            ),
+        );
+    };
+    let deploy = || {
+        let mut c = s.cmd(&["deploy", "www"]);
+        c.env("COMMONS_SANDBOX", "1")
+            .env("COMMONS_INSECURE_REGISTRIES", &insecure);
+        c
+    };
+    blueprint("/never-there");
+    let mut child = deploy()
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(20), || pids_of(
+            "httpd -f -p 8080 -h /srv/www -r interrupted"
+        )
+        .len()
+            == 1),
+        "the container never started"
+    );
+    child.kill().unwrap(); // SIGKILL: nothing of the deploy cleans up
+    child.wait().unwrap();
+    let instances = || instance_networks(&s, "www");
+    assert_eq!(instances().len(), 1, "{:?}", instances());
+    let orphan = pids_of("httpd -f -p 8080 -h /srv/www -r interrupted");
+
+    // The next deploy finds the leftovers from the instance it recorded.
+    blueprint("/");
+    let r = Run(deploy().output().unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    let now = pids_of("httpd -f -p 8080 -h /srv/www -r interrupted");
+    assert_eq!(now.len(), 1, "one container: {now:?}");
+    assert_ne!(now, orphan, "the interrupted one was stopped");
+    assert_eq!(
+        instances().len(),
+        1,
+        "its network went with it: {:?}",
+        instances()
+    );
     let mut destroy = s.cmd(&["destroy", "www"]);
     destroy.env("COMMONS_SANDBOX", "1");
     assert_eq!(Run(destroy.output().unwrap()).code(), 0);

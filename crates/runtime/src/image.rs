@@ -105,6 +105,23 @@ pub fn cgroup_of(deployment: &str, component: &str, instance: &str) -> String {
     format!("{deployment}/{component}/{instance}")
 }
 
+/// The instance network a container was started in, as runc recorded it
+/// (its state names the namespace it joined): what an interrupted deploy
+/// left is found from the instance alone.
+pub fn netns_of(deployment: &str, component: &str, instance: &str) -> Option<String> {
+    let state = Path::new("/run/runc")
+        .join(id_of(deployment, component, instance))
+        .join("state.json");
+    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(state).ok()?).ok()?;
+    state["config"]["namespaces"]
+        .as_array()?
+        .iter()
+        .filter_map(|ns| ns["path"].as_str())
+        .filter_map(|p| p.strip_prefix(crate::net::NETNS_DIR)?.strip_prefix('/'))
+        .find(|name| crate::net::instance_ip(name).is_some())
+        .map(str::to_string)
+}
+
 /// Whether the first process of a running container would ignore SIGTERM:
 /// it is its PID namespace's init, which the kernel sends only the signals
 /// it has a handler for. Such an app would have ended on SIGTERM outside a

@@ -70,6 +70,7 @@ pub async fn reap_interrupted(layout: &Layout, deployment: &str, component: &str
     // from the instance, and runc keeps its state while it exists.
     let container = crate::image::id_of(deployment, component, instance);
     if std::path::Path::new("/run/runc").join(&container).exists() {
-        crate::image::reap(deployment, component, instance, None).await;
+        let netns = crate::image::netns_of(deployment, component, instance);
+        crate::image::reap(deployment, component, instance, netns.as_deref()).await;
     }
 }
