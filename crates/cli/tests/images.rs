@@ -36,6 +36,17 @@ fn pids_of(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// `commons ARGS` in `s` with `env` set; it must succeed.
+fn ok_with(s: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> Run {
+    let mut c = s.cmd(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let r = Run(c.output().unwrap());
+    assert_eq!(r.code(), 0, "{args:?}: {}", r.all());
+    r
+}
+
 #[test]
 fn an_image_site_is_served_restarted_and_removed() {
     root();
@@ -80,12 +91,7 @@ components:
             port = registry.port
         ),
     );
-    let mut deploy = s.cmd(&["deploy", "www"]);
-    for (k, v) in env {
-        deploy.env(k, v);
-    }
-    let r = Run(deploy.output().unwrap());
-    assert_eq!(r.code(), 0, "{}", r.all());
+    let r = ok_with(&s, &env, &["deploy", "www"]);
     // The pull is shown (a line when it starts and one when it is done,
     // since this is no terminal), with the image's size.
     let said = r.all();
@@ -157,30 +163,20 @@ components:
             "Env": ["PATH=/bin"],
         }),
     ));
-    let mut clone = s.cmd(&["clone", record.to_str().unwrap(), "--name", "www-copy"]);
-    for (k, v) in env {
-        clone.env(k, v);
-    }
-    let r = Run(clone.output().unwrap());
-    assert_eq!(r.code(), 0, "{}", r.all());
+    ok_with(
+        &s,
+        &env,
+        &["clone", record.to_str().unwrap(), "--name", "www-copy"],
+    );
     assert_eq!(
         component_get(&s.component("www-copy", "web"), "/").unwrap(),
         (200, "served from an image".to_string()),
         "the clone runs the recorded digest, not what the tag says now"
     );
-    let mut destroy = s.cmd(&["destroy", "www-copy"]);
-    for (k, v) in env {
-        destroy.env(k, v);
-    }
-    assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+    ok_with(&s, &env, &["destroy", "www-copy"]);
 
     // Destroyed: no container, no network.
-    let mut destroy = s.cmd(&["destroy", "www"]);
-    for (k, v) in env {
-        destroy.env(k, v);
-    }
-    let r = Run(destroy.output().unwrap());
-    assert_eq!(r.code(), 0, "{}", r.all());
+    ok_with(&s, &env, &["destroy", "www"]);
     assert!(wait_for(Duration::from_secs(10), || pids_of(
         "httpd -f -p 8080 -h /srv/www -r served"
     )
@@ -220,15 +216,7 @@ fn an_image_killed_for_its_memory_shows_as_oom() {
             registry.port
         ),
     );
-    let run = |args: &[&str]| {
-        let mut c = s.cmd(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        Run(c.output().unwrap())
-    };
-    let r = run(&["deploy", "hog"]);
-    assert_eq!(r.code(), 0, "{}", r.all());
+    ok_with(&s, &env, &["deploy", "hog"]);
     assert!(
         wait_for(Duration::from_secs(20), || s.component("hog", "web")
             ["state"]
@@ -245,8 +233,7 @@ fn an_image_killed_for_its_memory_shows_as_oom() {
             .contains("out of memory: killed by the kernel over its limit of 64 MiB"),
         "{web}"
     );
-    let r = run(&["destroy", "hog"]);
-    assert_eq!(r.code(), 0, "{}", r.all());
+    ok_with(&s, &env, &["destroy", "hog"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -317,12 +304,7 @@ components:
     );
     let deploy = |version: &str| {
         let input = format!("version={version}");
-        let mut c = s.cmd(&["deploy", "www", "-i", &input]);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let r = Run(c.output().unwrap());
-        assert_eq!(r.code(), 0, "{}", r.all());
+        ok_with(&s, &env, &["deploy", "www", "-i", &input]);
     };
     let version = || {
         http(
@@ -416,15 +398,7 @@ components:
 "#
         ),
     );
-    let run = |args: &[&str]| {
-        let mut c = s.cmd(args);
-        for (k, v) in env {
-            c.env(k, v);
-        }
-        let r = Run(c.output().unwrap());
-        assert_eq!(r.code(), 0, "{args:?}: {}", r.all());
-        r
-    };
+    let run = |args: &[&str]| ok_with(&s, &env, args);
     run(&["deploy", "notes"]);
     let files = s.component("notes", "files");
     let volume = std::path::PathBuf::from(files["outputs"]["path"].as_str().unwrap());
@@ -468,12 +442,7 @@ fn catalog_site(s: &Sandbox, name: &str, registry: u16) -> (Server, String) {
         ("COMMONS_INSECURE_REGISTRIES", at.as_str()),
         ("COMMONS_REGISTRY_MIRRORS", mirror.as_str()),
     ];
-    let mut deploy = s.cmd(&["deploy", &format!("catalog:{name}")]);
-    for (k, v) in env {
-        deploy.env(k, v);
-    }
-    let r = Run(deploy.output().unwrap());
-    assert_eq!(r.code(), 0, "{}", r.all());
+    ok_with(s, &env, &["deploy", &format!("catalog:{name}")]);
     let web = s.component(name, "web");
     assert_eq!(
         (&web["kind"], &web["state"]),
@@ -594,9 +563,7 @@ fn catalog_apps_run_from_their_images() {
         "its database is in the site's volume"
     );
     for site in ["rclone", "prometheus"] {
-        let mut destroy = s.cmd(&["destroy", site]);
-        destroy.env("COMMONS_SANDBOX", "1");
-        assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+        ok_with(&s, &[("COMMONS_SANDBOX", "1")], &["destroy", site]);
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -621,11 +588,7 @@ fn an_idle_image_site_wakes_on_a_request_with_the_bytes_it_ran() {
              health: {{ http: \"/\" }}\n"
         ),
     );
-    let mut deploy = s.cmd(&["deploy", "www"]);
-    for (k, v) in env {
-        deploy.env(k, v);
-    }
-    assert_eq!(Run(deploy.output().unwrap()).code(), 0);
+    ok_with(&s, &env, &["deploy", "www"]);
     let idle_env = [env[0], env[1], ("COMMONS_IDLE_AFTER", "1")];
     let server = s.serve(&idle_env);
     assert!(
@@ -663,9 +626,7 @@ fn an_idle_image_site_wakes_on_a_request_with_the_bytes_it_ran() {
     assert!(t.elapsed() < Duration::from_secs(10));
     assert_eq!(s.component("www", "web")["state"], "running");
     drop(server);
-    let mut destroy = s.cmd(&["destroy", "www"]);
-    destroy.env("COMMONS_SANDBOX", "1");
-    assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+    ok_with(&s, &[("COMMONS_SANDBOX", "1")], &["destroy", "www"]);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -715,8 +676,11 @@ fn an_interrupted_image_deploy_leaves_no_container_or_network() {
 
     // The next deploy finds the leftovers from the instance it recorded.
     blueprint("/");
-    let r = Run(deploy().output().unwrap());
-    assert_eq!(r.code(), 0, "{}", r.all());
+    let env = [
+        ("COMMONS_SANDBOX", "1"),
+        ("COMMONS_INSECURE_REGISTRIES", insecure.as_str()),
+    ];
+    ok_with(&s, &env, &["deploy", "www"]);
     let now = pids_of("httpd -f -p 8080 -h /srv/www -r interrupted");
     assert_eq!(now.len(), 1, "one container: {now:?}");
     assert_ne!(now, orphan, "the interrupted one was stopped");
@@ -726,8 +690,6 @@ fn an_interrupted_image_deploy_leaves_no_container_or_network() {
         "its network went with it: {:?}",
         instances()
     );
-    let mut destroy = s.cmd(&["destroy", "www"]);
-    destroy.env("COMMONS_SANDBOX", "1");
-    assert_eq!(Run(destroy.output().unwrap()).code(), 0);
+    ok_with(&s, &[("COMMONS_SANDBOX", "1")], &["destroy", "www"]);
     let _ = std::fs::remove_dir_all(&dir);
 }

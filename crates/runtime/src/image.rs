@@ -105,14 +105,29 @@ pub fn cgroup_of(deployment: &str, component: &str, instance: &str) -> String {
     format!("{deployment}/{component}/{instance}")
 }
 
+/// Where runc keeps the state of the containers it has (until `delete`).
+const RUNC_STATE: &str = "/run/runc";
+
+/// Whether runc still has the container of this instance.
+pub fn exists(deployment: &str, component: &str, instance: &str) -> bool {
+    Path::new(RUNC_STATE)
+        .join(id_of(deployment, component, instance))
+        .exists()
+}
+
+/// runc's state of an instance's container, if it has one.
+fn runc_state(deployment: &str, component: &str, instance: &str) -> Option<serde_json::Value> {
+    let path = Path::new(RUNC_STATE)
+        .join(id_of(deployment, component, instance))
+        .join("state.json");
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 /// The instance network a container was started in, as runc recorded it
 /// (its state names the namespace it joined): what an interrupted deploy
 /// left is found from the instance alone.
 pub fn netns_of(deployment: &str, component: &str, instance: &str) -> Option<String> {
-    let state = Path::new("/run/runc")
-        .join(id_of(deployment, component, instance))
-        .join("state.json");
-    let state: serde_json::Value = serde_json::from_slice(&std::fs::read(state).ok()?).ok()?;
+    let state = runc_state(deployment, component, instance)?;
     state["config"]["namespaces"]
         .as_array()?
         .iter()
@@ -127,13 +142,8 @@ pub fn netns_of(deployment: &str, component: &str, instance: &str) -> Option<Str
 /// it has a handler for. Such an app would have ended on SIGTERM outside a
 /// container, so waiting for it to stop by itself is waiting for nothing.
 pub fn init_ignores_sigterm(deployment: &str, component: &str, instance: &str) -> bool {
-    let state = Path::new("/run/runc")
-        .join(id_of(deployment, component, instance))
-        .join("state.json");
-    let Some(pid) = std::fs::read(state)
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| v["init_process_pid"].as_i64())
+    let Some(pid) =
+        runc_state(deployment, component, instance).and_then(|v| v["init_process_pid"].as_i64())
     else {
         return false;
     };
@@ -324,9 +334,7 @@ fn forget_bundles(runs: &Path, component: &str) {
             .and_then(|d| d.file_name())
             .map(|d| d.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let alive = Path::new("/run/runc")
-            .join(id_of(&deployment, component, instance))
-            .exists();
+        let alive = exists(&deployment, component, instance);
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());
         }

@@ -348,14 +348,18 @@ pub struct InstanceNet {
 
 impl InstanceNet {
     fn of(site: &SiteNet, slot: u16) -> InstanceNet {
-        let link = u32::from(INSTANCE_BLOCK) + slot as u32 * 4;
         InstanceNet {
             netns: format!("{}-{slot}", site.netns),
             site_if: format!("ci{slot}"),
-            site_side_ip: Ipv4Addr::from(link + 1),
-            ip: Ipv4Addr::from(link + 2),
+            site_side_ip: InstanceNet::link_ip(slot, 1),
+            ip: InstanceNet::link_ip(slot, 2),
             site_port: INSTANCE_FIRST_PORT + slot,
         }
+    }
+
+    /// Address `n` of slot `slot`'s /30 (1: the site's end, 2: the instance).
+    fn link_ip(slot: u16, n: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(INSTANCE_BLOCK) + slot as u32 * 4 + n)
     }
 
     /// The site and slot a name `commons-N-S` stands for.
@@ -439,8 +443,7 @@ pub fn instance_network(
 
 /// The address of the image instance whose network is named `netns`.
 pub fn instance_ip(netns: &str) -> Option<Ipv4Addr> {
-    InstanceNet::parse(netns)
-        .map(|(_, slot)| Ipv4Addr::from(u32::from(INSTANCE_BLOCK) + slot as u32 * 4 + 2))
+    InstanceNet::parse(netns).map(|(_, slot)| InstanceNet::link_ip(slot, 2))
 }
 
 /// Removes the image instance's network named `netns` (`commons-N-S`): its

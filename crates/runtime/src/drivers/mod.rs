@@ -68,8 +68,7 @@ pub async fn reap_interrupted(layout: &Layout, deployment: &str, component: &str
     }
     // An image's container outlives its killed runtime: its id is known
     // from the instance, and runc keeps its state while it exists.
-    let container = crate::image::id_of(deployment, component, instance);
-    if std::path::Path::new("/run/runc").join(&container).exists() {
+    if crate::image::exists(deployment, component, instance) {
         let netns = crate::image::netns_of(deployment, component, instance);
         crate::image::reap(deployment, component, instance, netns.as_deref()).await;
     }
