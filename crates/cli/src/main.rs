@@ -4,6 +4,7 @@
 //! renders the result for people (or as JSON with `--json`). Exit codes:
 //! 0 success, 1 the operation failed, 2 bad input.
 
+mod agent;
 mod daemon;
 mod ledger;
 mod money;
@@ -175,6 +176,10 @@ enum Command {
     /// API tokens: scoped, shown once, stored hashed.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// This machine as a provider's node: join a control plane, run its
+    /// assignments.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
     /// Domains the platform's administrator verified for an organisation:
     /// only that organisation's sites may route them (and their subdomains).
     #[command(subcommand)]
@@ -606,6 +611,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Usage(cmd) => money::usage(cmd, &home, json),
         Command::Serve(args) => serve(&home, args),
         Command::Daemon(cmd) => daemon::run(cmd, &home, json),
+        Command::Agent(cmd) => agent::run(cmd, &home, json),
         Command::Catalog => {
             let entries = commons_server::catalog::ENTRIES;
             if json {

@@ -17,8 +17,8 @@ mod target;
 pub use deploy::{source_files, Lock};
 pub use hosting::Hosting;
 pub use status::{is_down, ComponentStatus, CrashLoop, DeploymentStatus, LastExit, Outcome};
-pub use target::Target;
-use target::{target_from_record, valid_name};
+use target::target_from_record;
+pub use target::{valid_name, Target};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

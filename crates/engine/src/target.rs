@@ -13,7 +13,9 @@ pub struct Target {
     pub inputs: serde_json::Map<String, serde_json::Value>,
 }
 
-pub(crate) fn valid_name(s: &str) -> bool {
+/// Whether `s` is a deployment's name: lowercase letters, digits and `-`,
+/// starting with a letter, at most 63 (a DNS label).
+pub fn valid_name(s: &str) -> bool {
     let mut c = s.chars();
     matches!(c.next(), Some('a'..='z'))
         && c.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')

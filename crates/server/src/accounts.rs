@@ -33,6 +33,8 @@ pub const USER_SCOPES: &[&str] = &[
     "orgs:write",
     "audit:read",
     "tokens:write",
+    "nodes:read",
+    "nodes:write",
 ];
 
 /// The cookie a signed-in browser carries.
@@ -58,6 +60,10 @@ pub enum Action {
     ReadOrg,
     ManageMembers,
     ReadAudit,
+    /// See a provider's nodes.
+    ReadNodes,
+    /// Make join tokens, revoke nodes.
+    ManageNodes,
 }
 
 impl Action {
@@ -69,6 +75,8 @@ impl Action {
             Action::ReadOrg => "orgs:read",
             Action::ManageMembers => "orgs:write",
             Action::ReadAudit => "audit:read",
+            Action::ReadNodes => "nodes:read",
+            Action::ManageNodes => "nodes:write",
         }
     }
 
@@ -79,6 +87,8 @@ impl Action {
             Action::WriteSites => matches!(role, "admin" | "operator"),
             Action::ManageMembers => role == "admin",
             Action::ReadAudit => matches!(role, "admin" | "custodian"),
+            Action::ReadNodes => matches!(role, "admin" | "provider" | "operator"),
+            Action::ManageNodes => matches!(role, "admin" | "provider"),
         }
     }
 }

@@ -55,6 +55,18 @@ pub struct ServeConfig {
     pub runtime: Runtime,
     pub store: Store,
     pub payments: Payments,
+    pub agents: Agents,
+}
+
+/// Where providers' node agents reach the control plane.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Agents {
+    /// The agent listener's address (TLS, the node CA's); unset: off.
+    pub listen: Option<String>,
+    pub certificate_lifetime_seconds: Option<u64>,
+    pub heartbeat_seconds: Option<u64>,
+    pub lost_after_seconds: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -206,6 +218,10 @@ pub struct Settings {
     /// Checkout (`COMMONS_STRIPE_SECRET_KEY`).
     pub stripe_api: Option<crate::stripe_api::StripeSettings>,
     pub supervisor: SupervisorSettings,
+    /// The agent listener's address (`[agents] listen`,
+    /// `COMMONS_AGENT_LISTEN`); none: nodes cannot join.
+    pub agent_listen: Option<String>,
+    pub nodes: crate::nodes::NodeSettings,
 }
 
 /// What the supervisor does beside restarting workloads.
@@ -362,6 +378,30 @@ pub fn resolve(
         supervisor: SupervisorSettings {
             sample_every,
             idle_after: seconds("COMMONS_IDLE_AFTER", file.runtime.idle_after_seconds)?,
+        },
+        agent_listen: env("COMMONS_AGENT_LISTEN").or(file.agents.listen),
+        nodes: {
+            let d = crate::nodes::NodeSettings::default();
+            crate::nodes::NodeSettings {
+                certificate_lifetime: seconds(
+                    "COMMONS_NODE_CERTIFICATE_SECONDS",
+                    file.agents.certificate_lifetime_seconds,
+                )?
+                .unwrap_or(d.certificate_lifetime)
+                .max(Duration::from_secs(3)),
+                heartbeat: seconds(
+                    "COMMONS_NODE_HEARTBEAT_SECONDS",
+                    file.agents.heartbeat_seconds,
+                )?
+                .unwrap_or(d.heartbeat)
+                .max(Duration::from_secs(1)),
+                lost_after: seconds(
+                    "COMMONS_NODE_LOST_AFTER_SECONDS",
+                    file.agents.lost_after_seconds,
+                )?
+                .unwrap_or(d.lost_after)
+                .max(Duration::from_secs(2)),
+            }
         },
     })
 }

@@ -70,6 +70,21 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/tokens/{id}",
             axum::routing::delete(api::tokens::revoke_token),
         )
+        .route(
+            "/api/orgs/{org}/join-tokens",
+            post(api::nodes::create_join_token),
+        )
+        .route("/api/orgs/{org}/nodes", get(api::nodes::nodes))
+        .route(
+            "/api/orgs/{org}/nodes/{id}",
+            axum::routing::delete(api::nodes::revoke_node),
+        )
+        .route("/api/nodes", get(api::nodes::all_nodes))
+        .route("/api/nodes/{id}/operations", post(api::nodes::assign))
+        .route(
+            "/api/placements",
+            post(api::nodes::place).layer(DefaultBodyLimit::max(limits::UPLOAD)),
+        )
         .route("/api/catalog", get(api::sites::catalog_list))
         .route(
             "/api/sites/{name}",

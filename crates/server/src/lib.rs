@@ -9,6 +9,7 @@
 //! appears in a response or a log line.
 
 pub mod accounts;
+pub mod agents;
 pub mod api;
 pub mod app;
 pub mod books;
@@ -23,6 +24,7 @@ pub mod http;
 pub mod local;
 pub mod my_money;
 pub mod my_usage;
+pub mod nodes;
 pub mod oidc;
 pub mod openapi;
 pub mod outbound;
@@ -103,6 +105,8 @@ pub struct AppState {
     /// The journal's public export, made once per (entries, checkpoints):
     /// anyone may download it, so it is not rebuilt for each of them.
     pub books_export: Mutex<Option<((u64, usize), axum::body::Bytes)>>,
+    /// Providers' nodes: join tokens, certificates, assignments, placements.
+    pub nodes: std::sync::Arc<nodes::Nodes>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +133,7 @@ impl AppState {
         stripe_secret: Option<String>,
     ) -> Result<AppState, ServeError> {
         let err = |what: &str, e: &dyn std::fmt::Display| ServeError::Open(format!("{what}: {e}"));
-        for dir in ["meter", "ledger", "gateway"] {
+        for dir in ["meter", "ledger", "gateway", "nodes"] {
             private_dir(&home.join(dir)).map_err(|e| err(dir, &e))?;
         }
         let engine = commons_engine::Engine::open(home, store).map_err(|e| err("engine", &e))?;
@@ -163,6 +167,10 @@ impl AppState {
             sign_ins: gateway::SignIns::default(),
             site_sessions,
             books_export: Mutex::new(None),
+            nodes: std::sync::Arc::new(
+                nodes::Nodes::open(home, nodes::NodeSettings::default())
+                    .map_err(|e| err("nodes", &e))?,
+            ),
         })
     }
 }

@@ -17,41 +17,35 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 
-/// CPU, memory and disk: what a node offers and what a site takes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Resources {
-    pub cpu_millis: u64,
-    pub memory_bytes: u64,
-    pub disk_bytes: u64,
+/// CPU, memory and disk: what a node offers and what a site takes (the
+/// agents' protocol states them so).
+pub use commons_agent::protocol::Resources;
+
+fn fits_in(needs: &Resources, free: &Resources) -> Option<&'static str> {
+    if needs.cpu_millis > free.cpu_millis {
+        Some("cpu")
+    } else if needs.memory_bytes > free.memory_bytes {
+        Some("memory")
+    } else if needs.disk_bytes > free.disk_bytes {
+        Some("disk")
+    } else {
+        None
+    }
 }
 
-impl Resources {
-    fn fits_in(&self, free: &Resources) -> Option<&'static str> {
-        if self.cpu_millis > free.cpu_millis {
-            Some("cpu")
-        } else if self.memory_bytes > free.memory_bytes {
-            Some("memory")
-        } else if self.disk_bytes > free.disk_bytes {
-            Some("disk")
-        } else {
-            None
-        }
+fn minus(a: &Resources, b: &Resources) -> Resources {
+    Resources {
+        cpu_millis: a.cpu_millis.saturating_sub(b.cpu_millis),
+        memory_bytes: a.memory_bytes.saturating_sub(b.memory_bytes),
+        disk_bytes: a.disk_bytes.saturating_sub(b.disk_bytes),
     }
+}
 
-    fn minus(&self, other: &Resources) -> Resources {
-        Resources {
-            cpu_millis: self.cpu_millis.saturating_sub(other.cpu_millis),
-            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
-            disk_bytes: self.disk_bytes.saturating_sub(other.disk_bytes),
-        }
-    }
-
-    fn plus(&self, other: &Resources) -> Resources {
-        Resources {
-            cpu_millis: self.cpu_millis + other.cpu_millis,
-            memory_bytes: self.memory_bytes + other.memory_bytes,
-            disk_bytes: self.disk_bytes + other.disk_bytes,
-        }
+fn plus(a: &Resources, b: &Resources) -> Resources {
+    Resources {
+        cpu_millis: a.cpu_millis + b.cpu_millis,
+        memory_bytes: a.memory_bytes + b.memory_bytes,
+        disk_bytes: a.disk_bytes + b.disk_bytes,
     }
 }
 
@@ -75,7 +69,7 @@ pub struct Node {
 
 impl Node {
     pub fn free(&self) -> Resources {
-        self.capacity.minus(&self.allocated)
+        minus(&self.capacity, &self.allocated)
     }
 }
 
@@ -184,12 +178,9 @@ fn refusal(node: &Node, request: &Request) -> Option<Refusal> {
     if request.avoid.contains(&node.id) {
         return Some(Refusal::HostsAReplica);
     }
-    request
-        .needs
-        .fits_in(&node.free())
-        .map(|resource| Refusal::NoRoom {
-            resource: resource.into(),
-        })
+    fits_in(&request.needs, &node.free()).map(|resource| Refusal::NoRoom {
+        resource: resource.into(),
+    })
 }
 
 /// Decides where `request` goes among `nodes`: a pure function of both.
@@ -207,7 +198,7 @@ pub fn decide(nodes: &[Node], request: &Request) -> Decision {
             });
             continue;
         }
-        let after = node.allocated.plus(&request.needs);
+        let after = plus(&node.allocated, &request.needs);
         let share = |used: u64, of: u64| {
             if of == 0 {
                 1.0
@@ -280,7 +271,7 @@ impl Cluster {
                 .iter_mut()
                 .find(|n| n.id == *chosen)
                 .expect("decided among these nodes");
-            node.allocated = node.allocated.plus(&request.needs);
+            node.allocated = plus(&node.allocated, &request.needs);
         }
         decision
     }
@@ -289,7 +280,7 @@ impl Cluster {
     pub fn release(&self, node: &str, needs: &Resources) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = nodes.iter_mut().find(|n| n.id == node) {
-            n.allocated = n.allocated.minus(needs);
+            n.allocated = minus(&n.allocated, needs);
         }
     }
 

@@ -51,6 +51,9 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
     )
     .map_err(|e| RunError::Failed(e.to_string()))?;
     state.trusted_proxies = settings.trusted_proxies.clone();
+    state.nodes = Arc::new(
+        crate::nodes::Nodes::open(&home, settings.nodes.clone()).map_err(RunError::Failed)?,
+    );
     state.stripe_api = settings
         .stripe_api
         .clone()
@@ -101,6 +104,30 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
         }
         crate::supervisor::spawn(supervisor_engine, settings.supervisor.clone());
         let state = Arc::new(state);
+        if let Some(listen) = &settings.agent_listen {
+            let agents = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| RunError::Input(format!("cannot listen for agents on {listen}: {e}")))?;
+            let addr = agents
+                .local_addr()
+                .map_err(|e| RunError::Failed(e.to_string()))?;
+            eprintln!("{:>12} https://{addr} (node agents)", "Listening");
+            let agent_state = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::agents::serve(agents, agent_state).await {
+                    eprintln!("{:>12} the agent listener stopped: {e}", "Error");
+                }
+            });
+            let nodes = state.nodes.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                loop {
+                    every.tick().await;
+                    let nodes = nodes.clone();
+                    let _ = tokio::task::spawn_blocking(move || nodes.sweep()).await;
+                }
+            });
+        }
         let gateway = crate::gateway::spawn(&home, state.clone(), settings.gateway)
             .map_err(RunError::Input)?;
         let bound = gateway.bound.clone();

@@ -78,7 +78,7 @@ shared_problem!(
 /// What a user's token may do.
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // described: scopes arrive as strings
-#[schema(value_type = String, pattern = "^(sites:read|sites:write|orgs:read|orgs:write|audit:read|tokens:write)$")]
+#[schema(value_type = String, pattern = "^(sites:read|sites:write|orgs:read|orgs:write|audit:read|tokens:write|nodes:read|nodes:write)$")]
 pub struct Scope(String);
 
 /// A role in an organisation.

@@ -270,6 +270,8 @@ pub struct Server {
     pub http: u16,
     pub https: u16,
     pub admin: u16,
+    /// The node agents' listener, when `COMMONS_AGENT_LISTEN` was given.
+    pub agents: Option<u16>,
 }
 
 impl Sandbox {
@@ -299,7 +301,12 @@ impl Sandbox {
         // gateway listener: "Listening http 127.0.0.1:P (gateway)".
         let mut ports = std::collections::HashMap::new();
         let mut said = String::new();
-        while ports.len() < 4 {
+        let expected = if env.iter().any(|(k, _)| *k == "COMMONS_AGENT_LISTEN") {
+            5
+        } else {
+            4
+        };
+        while ports.len() < expected {
             let mut line = String::new();
             if reader.read_line(&mut line).unwrap() == 0 {
                 panic!("serve stopped before it said where it listens:\n{said}");
@@ -312,6 +319,10 @@ impl Sandbox {
             let (what, addr) = match words.get(1) {
                 Some(url) if url.starts_with("http://") => {
                     ("api", url.trim_start_matches("http://"))
+                }
+                // "Listening https://127.0.0.1:P (node agents)"
+                Some(url) if url.starts_with("https://") => {
+                    ("agents", url.trim_start_matches("https://"))
                 }
                 Some(what) => (*what, words.get(2).copied().unwrap_or("")),
                 None => continue,
@@ -331,6 +342,7 @@ impl Sandbox {
             http: ports["http"],
             https: ports["https"],
             admin: ports["admin"],
+            agents: ports.get("agents").copied(),
         }
     }
 }

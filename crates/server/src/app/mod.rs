@@ -9,6 +9,7 @@
 pub mod billing;
 pub mod deploys;
 pub mod money;
+pub mod nodes;
 pub mod orgs;
 pub mod sites;
 pub mod tokens;

@@ -1,0 +1,237 @@
+//! Running the operations a node is assigned, with the engine on the node's
+//! own data directory. The set is closed ([`Operation`]): what does not
+//! decode is refused and reported so. Each operation id runs once: its
+//! report is kept under `agent/ops/`, and a repeat — the control plane
+//! resending after a lost answer, or the agent restarting mid-batch — gets
+//! the kept report without running anything again.
+
+use std::path::{Path, PathBuf};
+
+use commons_engine::apply::Quiet;
+use commons_engine::Engine;
+
+use crate::protocol::{Assigned, Operation, Report, SiteState, OPERATIONS};
+
+/// Runs operations on this node.
+pub struct Executor {
+    engine: Engine,
+    dir: PathBuf,
+}
+
+fn report(outcome: &str, detail: impl Into<String>) -> Report {
+    Report {
+        outcome: outcome.into(),
+        detail: detail.into(),
+    }
+}
+
+/// An operation id is a file name: letters, digits, `-` and `_` only.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl Executor {
+    pub fn new(home: &Path, engine: Engine) -> std::io::Result<Executor> {
+        let dir = home.join("agent");
+        commons_files::private_dir(&dir.join("ops"))?;
+        commons_files::private_dir(&dir.join("sites"))?;
+        Ok(Executor { engine, dir })
+    }
+
+    /// Runs `assigned` once; a repeat of its id answers the first report.
+    pub async fn run(&self, assigned: &Assigned) -> Report {
+        if !valid_id(&assigned.id) {
+            return report(
+                "refused",
+                "an operation id is 1 to 64 letters, digits, - or _",
+            );
+        }
+        let kept = self.dir.join("ops").join(format!("{}.json", assigned.id));
+        if let Some(r) = std::fs::read(&kept)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Report>(&b).ok())
+        {
+            return r;
+        }
+        let r = match serde_json::from_value::<Operation>(assigned.operation.clone()) {
+            Err(e) => report(
+                "refused",
+                format!(
+                    "not an operation this node accepts ({e}); it accepts {}",
+                    OPERATIONS.join(", ")
+                ),
+            ),
+            Ok(op) => match self.apply(&op).await {
+                Ok(detail) => report("done", detail),
+                Err(detail) => report("failed", detail),
+            },
+        };
+        let bytes = serde_json::to_vec(&r).expect("serialisable");
+        if let Err(e) = commons_files::write_durable(&kept, &bytes) {
+            eprintln!(
+                "{:>12} cannot keep the report of {}: {e}",
+                "Warning", assigned.id
+            );
+        }
+        r
+    }
+
+    fn site_dir(&self, site: &str) -> Result<PathBuf, String> {
+        let ok = commons_engine::valid_name(site);
+        if !ok {
+            return Err(format!("\"{site}\" is not a site name"));
+        }
+        Ok(self.dir.join("sites").join(site))
+    }
+
+    async fn apply(&self, op: &Operation) -> Result<String, String> {
+        let e = |e: commons_engine::EngineError| e.to_string();
+        match op {
+            Operation::ApplySite {
+                site,
+                generation,
+                blueprint,
+            } => {
+                let dir = self.site_dir(site)?;
+                commons_files::private_dir(&dir).map_err(|e| e.to_string())?;
+                let path = dir.join("commons.yaml");
+                commons_files::write_durable(&path, blueprint.as_bytes())
+                    .map_err(|e| e.to_string())?;
+                let target = self
+                    .engine
+                    .target_confined(&path, &dir, Some(site), &[])
+                    .map_err(e)?;
+                self.engine.deploy(&target, 4, &Quiet).await.map_err(e)?;
+                commons_files::write_durable(
+                    &dir.join("generation"),
+                    generation.to_string().as_bytes(),
+                )
+                .map_err(|e| e.to_string())?;
+                Ok(format!("{site} deployed at generation {generation}"))
+            }
+            Operation::Stop { site } => {
+                self.site_dir(site)?;
+                let stopped = self.engine.idle(site).await.map_err(e)?;
+                Ok(format!("{site}: stopped {}", stopped.join(", ")))
+            }
+            Operation::Remove { site } => {
+                let dir = self.site_dir(site)?;
+                if self
+                    .engine
+                    .store()
+                    .deployment(site)
+                    .map_err(|e| e.to_string())?
+                    .is_some()
+                {
+                    self.engine.destroy(site, 4, &Quiet).await.map_err(e)?;
+                }
+                let _ = std::fs::remove_dir_all(dir);
+                Ok(format!("{site} removed"))
+            }
+            Operation::Snapshot { site } => {
+                self.site_dir(site)?;
+                let b = self.engine.backup(site).map_err(e)?;
+                Ok(format!(
+                    "{} sha256:{} ({} bytes)",
+                    b.path.display(),
+                    b.sha256,
+                    b.bytes
+                ))
+            }
+            Operation::Drain => {
+                let mut stopped = Vec::new();
+                for site in self.sites() {
+                    self.engine.idle(&site.site).await.map_err(e)?;
+                    stopped.push(site.site);
+                }
+                Ok(format!("drained: {}", stopped.join(", ")))
+            }
+            Operation::Restore { .. }
+            | Operation::ShipIncrement { .. }
+            | Operation::Freeze { .. }
+            | Operation::CutOver { .. } => Err(format!(
+                "this node does not move sites yet: {} is accepted but not carried out",
+                serde_json::to_value(op).expect("serialisable")["op"]
+            )),
+        }
+    }
+
+    /// The sites this node runs, as its heartbeat states them.
+    pub fn sites(&self) -> Vec<SiteState> {
+        let Ok(rows) = self.engine.store().deployments() else {
+            return Vec::new();
+        };
+        rows.into_iter()
+            .filter(|d| d.status != "destroyed")
+            .map(|d| {
+                let generation = std::fs::read_to_string(
+                    self.dir.join("sites").join(&d.name).join("generation"),
+                )
+                .ok()
+                .and_then(|g| g.trim().parse().ok())
+                .unwrap_or(0);
+                SiteState {
+                    state: match d.status.as_str() {
+                        "ok" => "running".into(),
+                        other => other.to_string(),
+                    },
+                    site: d.name,
+                    generation,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assigned(id: &str, operation: serde_json::Value) -> Assigned {
+        Assigned {
+            id: id.into(),
+            revision: 1,
+            operation,
+        }
+    }
+
+    #[tokio::test]
+    async fn operations_outside_the_set_are_refused_and_each_id_runs_once() {
+        let home = std::env::temp_dir().join(format!("commons-agent-ops-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        let engine = Engine::open(&home, &Default::default()).unwrap();
+        let ex = Executor::new(&home, engine).unwrap();
+        let marker = home.join("ran");
+        let shell =
+            serde_json::json!({"op": "shell", "command": format!("touch {}", marker.display())});
+        let r = ex.run(&assigned("op-1", shell.clone())).await;
+        assert_eq!(r.outcome, "refused", "{r:?}");
+        assert!(r.detail.contains("apply_site"), "{r:?}");
+        assert!(!marker.exists(), "nothing ran");
+        // A bad id is refused before anything is read or kept.
+        let r = ex.run(&assigned("../../etc/x", shell)).await;
+        assert_eq!(r.outcome, "refused");
+        // An operation runs once: the second time, its kept report answers,
+        // even if the control plane sent something else under the same id.
+        let remove = serde_json::json!({"op": "remove", "site": "wiki"});
+        let first = ex.run(&assigned("op-2", remove)).await;
+        assert_eq!(first.outcome, "done", "{first:?}");
+        let again = ex
+            .run(&assigned("op-2", serde_json::json!({"op": "drain"})))
+            .await;
+        assert_eq!(again, first);
+        // A site name that is not one is refused by the operation.
+        let r = ex
+            .run(&assigned(
+                "op-3",
+                serde_json::json!({"op": "stop", "site": "../x"}),
+            ))
+            .await;
+        assert_eq!(r.outcome, "failed");
+        let _ = std::fs::remove_dir_all(&home);
+    }
+}

@@ -1,0 +1,151 @@
+//! The agent's life once joined: heartbeats, certificate renewals, and the
+//! long poll for assignments, each operation run and reported in order.
+//! Every connection is the agent's own, dialled out; when the control plane
+//! is away, the agent retries with backoff and the sites it runs go on.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::RwLock;
+
+use crate::client::ControlPlane;
+use crate::join::Identity;
+use crate::ops::Executor;
+use crate::protocol::Heartbeat;
+use crate::AgentError;
+
+/// What `commons agent run` was given.
+pub struct AgentSettings {
+    /// The agent's data directory (its sites' too).
+    pub home: PathBuf,
+    /// How long a long poll waits for an assignment.
+    pub poll: Duration,
+}
+
+/// Runs the agent until the process is stopped.
+pub async fn run(
+    settings: AgentSettings,
+    engine: commons_engine::Engine,
+) -> Result<(), AgentError> {
+    let home = settings.home.clone();
+    let identity = Identity::load(&home)?;
+    let client = Arc::new(RwLock::new(Arc::new(identity.client(&home)?)));
+    let identity = Arc::new(RwLock::new(identity));
+    let executor =
+        Arc::new(Executor::new(&home, engine).map_err(|e| AgentError::Failed(e.to_string()))?);
+    eprintln!(
+        "{:>12} node {} of {}",
+        "Agent",
+        identity.read().await.node,
+        identity.read().await.control_plane
+    );
+    let beats = tokio::spawn(heartbeats(
+        identity.clone(),
+        client.clone(),
+        executor.clone(),
+        home.clone(),
+    ));
+    let result = assignments(identity, client, executor, settings).await;
+    beats.abort();
+    result
+}
+
+/// Sends a heartbeat every `heartbeat_secs`, and renews the certificate
+/// when two thirds of its life have passed.
+async fn heartbeats(
+    identity: Arc<RwLock<Identity>>,
+    client: Arc<RwLock<Arc<ControlPlane>>>,
+    executor: Arc<Executor>,
+    home: PathBuf,
+) {
+    loop {
+        let (node, every, due) = {
+            let id = identity.read().await;
+            (
+                id.node.clone(),
+                id.heartbeat_secs.max(1),
+                id.due_for_renewal(commons_clock::now_secs() as i64),
+            )
+        };
+        let current = client.read().await.clone();
+        if due {
+            let mut id = identity.write().await;
+            match id
+                .renew(&home, &current)
+                .await
+                .and_then(|_| id.client(&home))
+            {
+                Ok(renewed) => {
+                    eprintln!(
+                        "{:>12} the node's certificate, until {}",
+                        "Renewed", id.not_after
+                    );
+                    *client.write().await = Arc::new(renewed);
+                }
+                Err(e) => eprintln!("{:>12} cannot renew the node's certificate: {e}", "Warning"),
+            }
+        }
+        let hb = Heartbeat {
+            sites: executor.sites(),
+        };
+        if let Err(e) = client.read().await.heartbeat(&node, &hb).await {
+            eprintln!("{:>12} heartbeat: {e}", "Warning");
+        }
+        tokio::time::sleep(Duration::from_secs(every)).await;
+    }
+}
+
+/// Polls for assignments and runs them in revision order, resuming after
+/// the last revision it finished.
+async fn assignments(
+    identity: Arc<RwLock<Identity>>,
+    client: Arc<RwLock<Arc<ControlPlane>>>,
+    executor: Arc<Executor>,
+    settings: AgentSettings,
+) -> Result<(), AgentError> {
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let (node, after) = {
+            let id = identity.read().await;
+            (id.node.clone(), id.revision)
+        };
+        let current = client.read().await.clone();
+        let batch = match current.assignments(&node, after, settings.poll).await {
+            Ok(b) => {
+                backoff = Duration::from_millis(250);
+                b
+            }
+            Err(AgentError::Refused(detail)) if detail.starts_with("403") => {
+                // Revoked, or another node's: no retry makes it right.
+                return Err(AgentError::Refused(detail));
+            }
+            Err(e) => {
+                eprintln!("{:>12} assignments: {e}", "Warning");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        for assigned in &batch.operations {
+            let report = executor.run(assigned).await;
+            eprintln!(
+                "{:>12} {} ({}): {}",
+                report.outcome, assigned.id, assigned.operation["op"], report.detail
+            );
+            // The report is kept by id: if it is not delivered now, the
+            // operation comes again and the kept report is sent then.
+            if let Err(e) = current.report(&node, &assigned.id, &report).await {
+                eprintln!("{:>12} report of {}: {e}", "Warning", assigned.id);
+            }
+            let mut id = identity.write().await;
+            id.revision = id.revision.max(assigned.revision);
+            id.save(&settings.home)?;
+        }
+        let mut id = identity.write().await;
+        if batch.revision > id.revision {
+            id.revision = batch.revision;
+            id.save(&settings.home)?;
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! `commons agent`: a provider's machine as a node of a control plane.
+
+use std::path::Path;
+use std::time::Duration;
+
+use commons_agent::protocol::{NodeOffer, Resources};
+use commons_agent::AgentError;
+
+use crate::{output, Failure};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Join a control plane with a provider's join token (single-use; it
+    /// pins the control plane's CA, so a man in the middle is refused).
+    Join {
+        /// The control plane's agent address, https://HOST:PORT.
+        url: String,
+        /// The join token (`cmnj_…`); read from COMMONS_JOIN_TOKEN when not given.
+        #[arg(long, env = "COMMONS_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Region or jurisdiction, e.g. eu-west.
+        #[arg(long)]
+        region: String,
+        /// CPU offered, in thousandths of a core.
+        #[arg(long, default_value_t = 1000)]
+        cpu_millis: u64,
+        /// Memory offered, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+        /// Disk offered, in GiB.
+        #[arg(long, default_value_t = 10)]
+        disk_gib: u64,
+        /// CommonCents per month for a small site's resources.
+        #[arg(long, default_value_t = 100)]
+        price: u64,
+        /// A feature offered (sandbox, postgres, volumes, images); repeat it.
+        #[arg(long = "feature")]
+        features: Vec<String>,
+    },
+    /// Run the agent: heartbeats, assignments, reports, until stopped.
+    Run {
+        /// How long one poll for assignments waits, in seconds.
+        #[arg(long, default_value_t = 25)]
+        poll_seconds: u64,
+    },
+}
+
+fn failure(e: AgentError) -> Failure {
+    match e {
+        AgentError::Input(m) | AgentError::Refused(m) => Failure::Input(m),
+        AgentError::Failed(m) => Failure::Failed(m),
+    }
+}
+
+pub fn run(cmd: AgentCommand, home: &Path, json: bool) -> Result<(), Failure> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the async runtime starts");
+    match cmd {
+        AgentCommand::Join {
+            url,
+            token,
+            region,
+            cpu_millis,
+            memory_mib,
+            disk_gib,
+            price,
+            features,
+        } => {
+            let offer = NodeOffer {
+                region,
+                capacity: Resources {
+                    cpu_millis,
+                    memory_bytes: memory_mib << 20,
+                    disk_bytes: disk_gib << 30,
+                },
+                price,
+                features: features.into_iter().collect(),
+            };
+            let id = rt
+                .block_on(commons_agent::join(home, &url, &token, offer))
+                .map_err(failure)?;
+            if json {
+                output::json(
+                    &serde_json::json!({ "node": id.node, "control_plane": id.control_plane }),
+                );
+            } else {
+                eprintln!(
+                    "{:>12} {} as node {}; `commons agent run` starts it",
+                    "Joined", id.control_plane, id.node
+                );
+            }
+            Ok(())
+        }
+        AgentCommand::Run { poll_seconds } => {
+            let store = commons_engine::StoreConfig::from_env();
+            let engine = commons_engine::Engine::open(home, &store).map_err(Failure::from)?;
+            let settings = commons_agent::AgentSettings {
+                home: home.to_path_buf(),
+                poll: Duration::from_secs(poll_seconds.clamp(1, 55)),
+            };
+            rt.block_on(commons_agent::run(settings, engine))
+                .map_err(failure)
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! Providers' nodes (milestone 5): node agents join a control plane with a
+//! single-use token that pins its CA, then speak to it only over mutual
+//! TLS. Real agents (`commons agent`), each with a data directory of its
+//! own, against a real `commons serve` on loopback; the attacks are made
+//! with curl presenting real certificates.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const SITE: &str = r#"name: hello
+components:
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#;
+
+const DATA_SITE: &str = r#"name: notes
+components:
+  db:
+    sqlite: {}
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 $PORT"
+    health: { http: "/" }
+"#;
+
+/// Fast heartbeats, quick loss, certificates that must be renewed within
+/// the test.
+const AGENT_ENV: &[(&str, &str)] = &[
+    ("COMMONS_AGENT_LISTEN", "127.0.0.1:0"),
+    ("COMMONS_NODE_HEARTBEAT_SECONDS", "1"),
+    ("COMMONS_NODE_LOST_AFTER_SECONDS", "3"),
+    ("COMMONS_NODE_CERTIFICATE_SECONDS", "6"),
+];
+
+fn admin(s: &Sandbox, server: &Server) -> Api {
+    let path = s.home.join("secrets").join("admin.token");
+    assert!(
+        wait_for(Duration::from_secs(10), || path.exists()),
+        "serve writes the administrator's token"
+    );
+    let token = std::fs::read_to_string(path).unwrap();
+    Api::token(server.port, token.trim())
+}
+
+/// A provider's machine: a data directory of its own.
+struct Agent {
+    home: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn new(s: &Sandbox, name: &str) -> Agent {
+        let home = s.dir.join(format!("agent-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        Agent { home, child: None }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_commons"));
+        c.args(args)
+            .env("COMMONS_HOME", &self.home)
+            .env("COMMONS_DAEMON", "off")
+            .env("COMMONS_SANDBOX", "0")
+            .env_remove("COMMONS_JOIN_TOKEN")
+            .env_remove("CI");
+        c
+    }
+
+    fn join(&self, url: &str, token: &str, region: &str) -> Run {
+        Run(self
+            .cmd(&[
+                "agent",
+                "join",
+                url,
+                "--token",
+                token,
+                "--region",
+                region,
+                "--cpu-millis",
+                "2000",
+                "--memory-mib",
+                "2048",
+                "--feature",
+                "sandbox",
+            ])
+            .output()
+            .unwrap())
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::File::create(self.home.join("agent.log")).unwrap();
+        self.child = Some(
+            self.cmd(&["agent", "run", "--poll-seconds", "5"])
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.home.join("agent.log")).unwrap_or_default()
+    }
+
+    fn node(&self) -> String {
+        let id: Value =
+            serde_json::from_slice(&std::fs::read(self.home.join("agent/identity.json")).unwrap())
+                .unwrap();
+        id["node"].as_str().unwrap().to_string()
+    }
+
+    fn pem(&self) -> PathBuf {
+        self.home.join("agent/node.pem")
+    }
+
+    /// A site's web component as this node runs it: (status, body) of `/`.
+    fn get(&self, site: &str) -> Option<(u16, String)> {
+        let out = self.cmd(&["status", site, "--json"]).output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let web = v["components"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "web")?
+            .clone();
+        web["port"].as_u64()?;
+        component_get(&web, "/").ok()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Whatever the node deployed goes with it.
+        if let Ok(out) = self.cmd(&["list", "--json"]).output() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+                for d in v.as_array().into_iter().flatten() {
+                    if let Some(name) = d["name"].as_str() {
+                        let _ = self.cmd(&["destroy", name]).output();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A call to the agent listener made by curl with `cert` (a node's), the
+/// control plane's CA trusted for its fixed name.
+fn agent_call(
+    s: &Sandbox,
+    port: u16,
+    cert: Option<&Path>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, String) {
+    let name = "control-plane.commons.internal";
+    let mut c = Command::new("curl");
+    c.args(["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method])
+        .arg("--cacert")
+        .arg(s.home.join("nodes/ca.pem"))
+        .arg("--resolve")
+        .arg(format!("{name}:{port}:127.0.0.1"));
+    if let Some(cert) = cert {
+        c.arg("--cert").arg(cert).arg("--key").arg(cert);
+    }
+    if let Some(b) = body {
+        c.args(["-H", "content-type: application/json", "--data-binary"])
+            .arg(b.to_string());
+    }
+    let out = c
+        .arg(format!("https://{name}:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn node_state(admin: &Api, node: &str) -> Value {
+    let (code, v) = admin.get("/api/nodes");
+    assert_eq!(code, 200, "{v}");
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == node)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn join_token(api: &Api, org: &str, ttl: u64) -> String {
+    let (code, v) = api.post(
+        &format!("/api/orgs/{org}/join-tokens"),
+        json!({ "ttl_seconds": ttl }),
+    );
+    assert_eq!(code, 201, "{v}");
+    v["token"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
+    let s = Sandbox::new("agents-join");
+    let server = s.serve(AGENT_ENV);
+    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
+    let admin = admin(&s, &server);
+    signup(server.port, "acme@example.org", "Acme");
+    signup(server.port, "mallory@example.org", "Mallory");
+    let acme = login(server.port, "acme@example.org", true);
+    let mallory = login(server.port, "mallory@example.org", true);
+
+    // Another organisation neither makes acme's join tokens nor sees its nodes.
+    let (code, _) = mallory.post("/api/orgs/acme/join-tokens", json!({}));
+    assert_eq!(code, 404);
+
+    // A token pinning another CA: refused before the token is sent, so the
+    // same token with the right pin still works afterwards.
+    let token = join_token(&acme, "acme", 600);
+    let (pin, secret) = token
+        .strip_prefix("cmnj_")
+        .unwrap()
+        .split_once('_')
+        .unwrap();
+    let wrong_pin = format!("cmnj_{}_{secret}", "0".repeat(pin.len()));
+    let a = Agent::new(&s, "a");
+    let r = a.join(&url, &wrong_pin, "eu-west");
+    assert_eq!(r.code(), 1, "{}", r.all());
+    assert!(
+        r.stderr().contains("not the one the join token pins"),
+        "{}",
+        r.all()
+    );
+    assert!(!a.home.join("agent/identity.json").exists());
+
+    // A forged token (this CA's pin, a made-up secret).
+    let forged = format!("cmnj_{pin}_{}", "ab".repeat(32));
+    let r = a.join(&url, &forged, "eu-west");
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(
+        r.stderr().contains("not a join token of this platform"),
+        "{}",
+        r.all()
+    );
+
+    // An expired token.
+    let short = join_token(&acme, "acme", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = a.join(&url, &short, "eu-west");
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(r.stderr().contains("expired"), "{}", r.all());
+
+    // The good token joins, and the node is ready at once.
+    let started = Instant::now();
+    let r = a.join(&url, &token, "eu-west");
+    assert_eq!(r.code(), 0, "{}", r.all());
+    let node_a = a.node();
+    let view = node_state(&admin, &node_a);
+    assert_eq!(view["state"], "ready", "{view}");
+    assert_eq!(view["provider"], "acme", "{view}");
+    eprintln!("join to ready: {:?}", started.elapsed());
+    // The key never left the machine, and only the platform reads it.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(a.pem()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "node.pem is the node's alone: {mode:o}");
+
+    // The same token again: refused.
+    let b = Agent::new(&s, "b");
+    let r = b.join(&url, &token, "eu-west");
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(r.stderr().contains("used already"), "{}", r.all());
+    let r = b.join(&url, &join_token(&acme, "acme", 600), "us-east");
+    assert_eq!(r.code(), 0, "{}", r.all());
+    let node_b = b.node();
+
+    // Acme sees its two nodes; Mallory sees none of them.
+    let (code, v) = acme.get("/api/orgs/acme/nodes");
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
+    let (code, _) = mallory.get("/api/orgs/acme/nodes");
+    assert_eq!(code, 404);
+
+    let port = server.agents.unwrap();
+    let call = |cert: Option<&Path>, method: &str, path: &str, body: Option<Value>| {
+        agent_call(&s, port, cert, method, path, body)
+    };
+    let assignments = |cert: Option<&Path>, node: &str| {
+        call(
+            cert,
+            "GET",
+            &format!("/agent/v1/nodes/{node}/assignments"),
+            None,
+        )
+    };
+    // No certificate: only joining works.
+    let (code, body) = assignments(None, &node_a);
+    assert_eq!(code, 401, "{body}");
+    // A's certificate reads A's assignments, never B's, and sends no usage
+    // as B.
+    let (code, body) = assignments(Some(&a.pem()), &node_a);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = assignments(Some(&a.pem()), &node_b);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("acts only for itself"), "{body}");
+    let event = |node: &str, id: &str| {
+        json!({ "events": [{
+            "specversion": "1.0", "id": id, "source": "anything", "type": "request",
+            "time": now_rfc3339(),
+            "data": { "user": "someone", "site": "hello", "node": node, "requests": 1 }
+        }]})
+    };
+    let usage = |node: &str, events: Value| {
+        call(
+            Some(&a.pem()),
+            "POST",
+            &format!("/agent/v1/nodes/{node}/usage"),
+            Some(events),
+        )
+    };
+    let (code, body) = usage(&node_a, event(&node_b, "e1"));
+    assert_eq!(code, 403, "usage as another node: {body}");
+    let (code, body) = usage(&node_b, event(&node_b, "e2"));
+    assert_eq!(code, 403, "usage at another node's path: {body}");
+    let (code, body) = usage(&node_a, event(&node_a, "e3"));
+    assert_eq!(code, 204, "its own usage: {body}");
+
+    // Operations are a closed set: anything else is refused, and only the
+    // platform assigns them.
+    let (code, v) = admin.post(
+        &format!("/api/nodes/{node_a}/operations"),
+        json!({ "op": "shell", "command": "cat /etc/shadow" }),
+    );
+    assert_eq!(code, 422, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("apply_site"), "{v}");
+    let (code, v) = admin.post(
+        &format!("/api/nodes/{node_a}/operations"),
+        json!({ "op": "stop", "site": "hello", "command": "id" }),
+    );
+    assert_eq!(code, 422, "a smuggled field: {v}");
+    let (code, _) = acme.post(
+        &format!("/api/nodes/{node_a}/operations"),
+        json!({ "op": "drain" }),
+    );
+    assert_eq!(code, 403, "a provider does not command nodes");
+
+    // The agent runs: it heartbeats, runs what it is assigned (once per
+    // operation id), and renews its certificate before it expires.
+    let mut a = a;
+    a.start();
+    let first_pem = std::fs::read(a.pem()).unwrap();
+    let (code, v) = admin.post(
+        "/api/placements",
+        json!({ "site": "hello", "blueprint": SITE, "providers": ["acme"], "regions": ["eu-west"],
+                "needs": { "cpu_millis": 500, "memory_bytes": 1 << 28, "disk_bytes": 0 } }),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["node"], node_a.as_str(), "only A is in eu-west: {v}");
+    assert!(
+        wait_for(Duration::from_secs(60), || a
+            .get("hello")
+            .is_some_and(|(c, _)| c == 200)),
+        "node A serves the site it was assigned:\n{}",
+        a.log()
+    );
+    // Past the certificate's lifetime, the node still works: it renewed.
+    std::thread::sleep(Duration::from_secs(7));
+    assert_ne!(
+        std::fs::read(a.pem()).unwrap(),
+        first_pem,
+        "renewed:\n{}",
+        a.log()
+    );
+    let view = node_state(&admin, &node_a);
+    assert_eq!(view["state"], "ready", "{view}\n{}", a.log());
+    assert!(
+        view["last_heartbeat_ms_ago"].as_u64().unwrap() < 3000,
+        "{view}"
+    );
+    assert_eq!(view["sites"][0]["site"], "hello", "{view}");
+    // The old certificate expired; the old one is refused.
+    std::fs::write(s.dir.join("old.pem"), &first_pem).unwrap();
+    let (code, _) = assignments(Some(&s.dir.join("old.pem")), &node_a);
+    assert_eq!(code, 0, "an expired certificate fails the handshake");
+
+    // One operation was assigned; it ran once (its report is kept by id).
+    let ops = std::fs::read_dir(a.home.join("agent/ops")).unwrap().count();
+    assert_eq!(ops, 1, "one operation, run once");
+
+    // Revoked by its provider, the node's certificate is refused at once,
+    // and the agent stops.
+    let (code, _) = acme.call("DELETE", &format!("/api/orgs/acme/nodes/{node_a}"), None);
+    assert_eq!(code, 204);
+    let (code, body) = assignments(Some(&a.pem()), &node_a);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("revoked"), "{body}");
+    let child = a.child.as_mut().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(15), || child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "a revoked agent stops"
+    );
+    assert!(a.log().contains("revoked"), "{}", a.log());
+}
+
+#[test]
+fn a_lost_nodes_stateless_site_is_served_elsewhere() {
+    let s = Sandbox::new("agents-lost");
+    let server = s.serve(AGENT_ENV);
+    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
+    let admin = admin(&s, &server);
+    signup(server.port, "acme@example.org", "Acme");
+    signup(server.port, "globex@example.org", "Globex");
+    let acme = login(server.port, "acme@example.org", true);
+    let globex = login(server.port, "globex@example.org", true);
+    let mut a = Agent::new(&s, "a");
+    let mut b = Agent::new(&s, "b");
+    assert_eq!(
+        a.join(&url, &join_token(&acme, "acme", 600), "eu").code(),
+        0
+    );
+    assert_eq!(
+        b.join(&url, &join_token(&globex, "globex", 600), "eu")
+            .code(),
+        0
+    );
+    let (node_a, node_b) = (a.node(), b.node());
+    a.start();
+    b.start();
+
+    // Both sites go to acme's node: the operator prefers acme for one and
+    // allows only acme for the other.
+    for (site, blueprint, prefs) in [
+        ("hello", SITE, json!({ "preferred": ["acme"] })),
+        ("notes", DATA_SITE, json!({ "providers": ["acme"] })),
+    ] {
+        let mut req = json!({ "site": site, "blueprint": blueprint });
+        req.as_object_mut()
+            .unwrap()
+            .extend(prefs.as_object().unwrap().clone());
+        let (code, v) = admin.post("/api/placements", req);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["node"], node_a.as_str(), "{v}");
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || a
+            .get("hello")
+            .is_some_and(|(c, _)| c == 200)
+            && a.get("notes").is_some_and(|(c, _)| c == 200)),
+        "node A serves both:\n{}",
+        a.log()
+    );
+
+    // A dry run says where a site would go, and why not elsewhere.
+    let (code, v) = admin.post(
+        "/api/placements",
+        json!({ "site": "big", "blueprint": SITE, "dry_run": true,
+                "needs": { "cpu_millis": 3000, "memory_bytes": 0, "disk_bytes": 0 } }),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["node"], Value::Null, "{v}");
+    assert!(v.to_string().contains("no_room"), "{v}");
+
+    // kill -9 the agent of node A: it is lost within 30 s (3 s here), and
+    // its stateless site is placed on B and served there; the site with
+    // data waits for A.
+    let killed = Instant::now();
+    let child = a.child.as_mut().unwrap();
+    unsafe_kill(child.id());
+    let _ = child.wait();
+    assert!(
+        wait_for(Duration::from_secs(30), || node_state(&admin, &node_a)
+            ["state"]
+            == "lost"),
+        "node A is marked lost"
+    );
+    eprintln!("lost node detected after {:?}", killed.elapsed());
+    assert!(
+        wait_for(Duration::from_secs(60), || b
+            .get("hello")
+            .is_some_and(|(c, _)| c == 200)),
+        "node B serves the lost node's stateless site:\n{}",
+        b.log()
+    );
+    let view_b = node_state(&admin, &node_b);
+    assert_eq!(view_b["placed"], json!(["hello"]), "{view_b}");
+    let view_a = node_state(&admin, &node_a);
+    assert_eq!(
+        view_a["placed"],
+        json!(["notes"]),
+        "the site with data waits: {view_a}"
+    );
+    assert!(b.get("notes").is_none(), "B never ran the site with data");
+
+    // A comes back: ready again, and it removes the site that moved away.
+    a.start();
+    assert!(
+        wait_for(Duration::from_secs(30), || node_state(&admin, &node_a)
+            ["state"]
+            == "ready"
+            && a.get("hello").is_none()),
+        "A is back and no longer runs hello:\n{}",
+        a.log()
+    );
+    assert!(a.get("notes").is_some_and(|(c, _)| c == 200));
+}
+
+/// Now, as usage events state their time.
+fn now_rfc3339() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `kill -9`.
+fn unsafe_kill(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn concurrent_placements_never_overcommit_a_node() {
+    let s = Sandbox::new("agents-place");
+    let server = s.serve(&[("COMMONS_AGENT_LISTEN", "127.0.0.1:0")]);
+    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
+    let admin = admin(&s, &server);
+    signup(server.port, "acme@example.org", "Acme");
+    let acme = login(server.port, "acme@example.org", true);
+    // Two nodes of 2000 m CPU each (see `Agent::join`): room for 8 sites
+    // of 500 m. Their agents never run: placement is the control plane's.
+    for n in ["a", "b"] {
+        let agent = Agent::new(&s, n);
+        assert_eq!(
+            agent
+                .join(&url, &join_token(&acme, "acme", 600), "eu")
+                .code(),
+            0
+        );
+        std::mem::forget(agent);
+    }
+    let placed: usize = std::thread::scope(|scope| {
+        (0..4)
+            .map(|t| {
+                let admin = &admin;
+                scope.spawn(move || {
+                    (0..5)
+                        .filter(|i| {
+                            let (code, v) = admin.post(
+                                "/api/placements",
+                                json!({ "site": format!("s{t}-{i}"), "blueprint": SITE,
+                                        "needs": { "cpu_millis": 500, "memory_bytes": 0, "disk_bytes": 0 } }),
+                            );
+                            assert_eq!(code, 200, "{v}");
+                            !v["node"].is_null()
+                        })
+                        .count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum()
+    });
+    assert_eq!(placed, 8, "exactly the room there was");
+    let (_, v) = admin.get("/api/nodes");
+    for n in v["items"].as_array().unwrap() {
+        assert_eq!(n["placed"].as_array().unwrap().len(), 4, "{n}");
+    }
+}

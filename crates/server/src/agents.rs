@@ -1,0 +1,216 @@
+//! The agent listener: the control plane's side of the node protocol
+//! (`commons_agent::protocol`), on an address of its own, TLS only. The
+//! server's certificate is the node CA's; a client certificate, when one is
+//! presented, must be the CA's too, and every call but joining needs one.
+//! Each call then acts only for the node its certificate names
+//! (`Nodes::authenticate`): a node reads its own assignments, reports its
+//! own operations and sends usage only as itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::FromRequestParts;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use commons_agent::protocol::{Heartbeat, JoinRequest, RenewRequest, Report, UsageBatch};
+use commons_meter::Event;
+
+use crate::web::json_body;
+use crate::{AppError, AppState, ErrorKind};
+
+type Reply = Result<Response, AppError>;
+
+/// The certificate a connection presented: the hex SHA-256 of its DER.
+#[derive(Clone)]
+pub struct Peer(Option<String>);
+
+/// The node a call acts for: the one its path names, proven by the
+/// certificate the connection presented. Every call but joining takes it,
+/// so none can act without it.
+struct AsNode(String);
+
+impl FromRequestParts<Arc<AppState>> for AsNode {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<AsNode, AppError> {
+        let UrlPath(params) =
+            UrlPath::<std::collections::HashMap<String, String>>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| {
+                    AppError::new(ErrorKind::Malformed, "Malformed path", e.body_text())
+                })?;
+        let node = params.get("node").cloned().unwrap_or_default();
+        let peer = parts.extensions.get::<Peer>().and_then(|p| p.0.as_deref());
+        state.nodes.authenticate(peer, &node)?;
+        Ok(AsNode(node))
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/agent/v1/join", post(join))
+        .route("/agent/v1/nodes/{node}/renew", post(renew))
+        .route("/agent/v1/nodes/{node}/heartbeat", post(heartbeat))
+        .route("/agent/v1/nodes/{node}/assignments", get(assignments))
+        .route("/agent/v1/nodes/{node}/operations/{op}", post(report))
+        .route(
+            "/agent/v1/nodes/{node}/usage",
+            post(usage).layer(DefaultBodyLimit::max(8 << 20)),
+        )
+        .layer(DefaultBodyLimit::max(1 << 20))
+        .with_state(state)
+}
+
+/// Serves agents on `listener` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> Result<(), String> {
+    let tls = state.nodes.ca.server_config()?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let app = router(state);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let peer = Peer(
+                tls.get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| commons_agent::protocol::pin_of(c)),
+            );
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer.clone());
+                    let mut app = app.clone();
+                    async move { tower_service::Service::call(&mut app, req).await }
+                },
+            );
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+async fn join(State(state): State<Arc<AppState>>, body: Bytes) -> Reply {
+    let req: JoinRequest = json_body(&body)?;
+    let nodes = state.clone();
+    let certified = tokio::task::spawn_blocking(move || nodes.nodes.join(&req))
+        .await
+        .map_err(|e| AppError::new(ErrorKind::Internal, "Join", e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(certified)).into_response())
+}
+
+async fn renew(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {
+    let req: RenewRequest = json_body(&body)?;
+    Ok(Json(state.nodes.renew(&node, &req.csr)?).into_response())
+}
+
+async fn heartbeat(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {
+    let hb: Heartbeat = json_body(&body)?;
+    state.nodes.heartbeat(&node, hb)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct Poll {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    wait: u64,
+}
+
+/// A node's operations after a revision, waiting (up to 60 s) for one.
+async fn assignments(
+    State(state): State<Arc<AppState>>,
+    AsNode(node): AsNode,
+    Query(poll): Query<Poll>,
+) -> Reply {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(poll.wait.min(60));
+    let mut changed = state.nodes.watch();
+    loop {
+        changed.borrow_and_update();
+        let a = state.nodes.assignments(&node, poll.after);
+        if !a.operations.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(a).into_response());
+        }
+        if tokio::time::timeout_at(deadline, changed.changed())
+            .await
+            .is_err()
+        {
+            return Ok(Json(state.nodes.assignments(&node, poll.after)).into_response());
+        }
+    }
+}
+
+async fn report(
+    State(state): State<Arc<AppState>>,
+    AsNode(node): AsNode,
+    UrlPath((_, op)): UrlPath<(String, String)>,
+    body: Bytes,
+) -> Reply {
+    let r: Report = json_body(&body)?;
+    state.nodes.report(&node, &op, r)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Usage a node measured. Each event is stated as this node's and its
+/// provider's, whatever it says; an event that names another node refuses
+/// the whole batch.
+async fn usage(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {
+    let batch: UsageBatch = json_body(&body)?;
+    let provider = state.nodes.provider_of(&node).unwrap_or_default();
+    let mut events = Vec::with_capacity(batch.events.len());
+    for value in batch.events {
+        let mut e: Event = serde_json::from_value(value).map_err(|e| {
+            AppError::new(
+                ErrorKind::Malformed,
+                "Malformed usage event",
+                format!("expected CloudEvents as the meter takes them: {e}"),
+            )
+        })?;
+        for (field, own) in [("node", &node), ("provider", &provider)] {
+            match e.data.get(field).and_then(|v| v.as_str()) {
+                Some(other) if other != own.as_str() => {
+                    return Err(AppError::new(
+                        ErrorKind::Forbidden,
+                        "Not allowed",
+                        format!("an event names {field} \"{other}\": node {node} reports only its own usage"),
+                    ))
+                }
+                _ => {
+                    e.data.insert(field.into(), own.as_str().into());
+                }
+            }
+        }
+        e.source = format!("node:{node}");
+        events.push(e);
+    }
+    let meter_state = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut meter = meter_state.meter.lock().unwrap_or_else(|p| p.into_inner());
+        meter.ingest(&events, None)
+    })
+    .await
+    .map_err(|e| AppError::new(ErrorKind::Internal, "Metering failed", e.to_string()))?
+    .map_err(|e| AppError::new(ErrorKind::Invalid, "Usage refused", e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

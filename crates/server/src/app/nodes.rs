@@ -1,0 +1,139 @@
+//! Providers' nodes: join tokens made by a provider, the nodes that joined
+//! with them, revoking one; and, for the platform, operations assigned to a
+//! node and sites placed among the nodes.
+
+use std::time::Duration;
+
+use commons_store::accounts::AuditEntry;
+
+use super::{AppError, ErrorKind, Result};
+use crate::accounts::{Action, Principal};
+use crate::nodes::{NodeView, PlaceRequest};
+use crate::placement::Decision;
+use crate::AppState;
+
+/// A join token to make.
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewJoinToken {
+    /// How long it is good for, in seconds (default 3600, at most 7 days).
+    #[schema(minimum = 1, maximum = 604800)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// A join token, shown once.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct JoinToken {
+    /// `commons agent join URL --token TOKEN` on the node.
+    pub token: String,
+    pub id: String,
+    pub expires_at_ms: i64,
+    /// The control plane's CA pin the token carries.
+    pub ca_pin: String,
+}
+
+fn audit(state: &AppState, who: &Principal, org: &str, action: &str, target: &str) {
+    let _ = state.accounts.store().record(&AuditEntry {
+        at_ms: commons_clock::now_ms(),
+        actor: who.actor(),
+        org: Some(org.to_string()),
+        action: action.into(),
+        target: target.into(),
+        detail: serde_json::json!({}),
+    });
+}
+
+/// Makes a single-use join token for `org`'s nodes.
+pub fn create_join_token(
+    state: &AppState,
+    who: &Principal,
+    org: &str,
+    n: &NewJoinToken,
+) -> Result<JoinToken> {
+    state.accounts.allow(who, org, Action::ManageNodes)?;
+    let ttl = n.ttl_seconds.unwrap_or(3600);
+    if ttl == 0 || ttl > 7 * 86_400 {
+        return Err(AppError::new(
+            ErrorKind::Invalid,
+            "Invalid join token",
+            "ttl_seconds is 1 to 604800 (7 days)",
+        ));
+    }
+    let (token, id, expires_at_ms) =
+        state
+            .nodes
+            .make_join_token(org, &who.actor(), Duration::from_secs(ttl))?;
+    audit(state, who, org, "node.join_token", &id);
+    Ok(JoinToken {
+        token,
+        id,
+        expires_at_ms,
+        ca_pin: state.nodes.ca.pin(),
+    })
+}
+
+/// `org`'s nodes.
+pub fn list(state: &AppState, who: &Principal, org: &str) -> Result<Vec<NodeView>> {
+    state.accounts.allow(who, org, Action::ReadNodes)?;
+    Ok(state.nodes.list(Some(org)))
+}
+
+/// Revokes `org`'s node `id`: its certificates stop working at once.
+pub fn revoke(state: &AppState, who: &Principal, org: &str, id: &str) -> Result<()> {
+    state.accounts.allow(who, org, Action::ManageNodes)?;
+    state.nodes.revoke(Some(org), id)?;
+    audit(state, who, org, "node.revoke", id);
+    Ok(())
+}
+
+fn platform_only(who: &Principal) -> Result<()> {
+    match who {
+        Principal::Platform => Ok(()),
+        Principal::User(_) => Err(AppError::new(
+            ErrorKind::Forbidden,
+            "Not allowed",
+            "only the platform's administrator assigns operations and places sites on nodes",
+        )),
+    }
+}
+
+/// Every node (the platform's administrator).
+pub fn list_all(state: &AppState, who: &Principal) -> Result<Vec<NodeView>> {
+    platform_only(who)?;
+    Ok(state.nodes.list(None))
+}
+
+/// An operation assigned to a node.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Assigned {
+    pub id: String,
+    pub revision: u64,
+}
+
+/// Assigns an operation (one of the closed set) to a node.
+pub fn assign(
+    state: &AppState,
+    who: &Principal,
+    node: &str,
+    operation: serde_json::Value,
+) -> Result<Assigned> {
+    platform_only(who)?;
+    let op = crate::nodes::Nodes::operation(operation)?;
+    let (id, revision) = state.nodes.assign(node, op)?;
+    Ok(Assigned { id, revision })
+}
+
+/// Places a site among the nodes (or, as a dry run, says where it would go
+/// and why).
+pub fn place(state: &AppState, who: &Principal, req: PlaceRequest) -> Result<Decision> {
+    platform_only(who)?;
+    let ok = commons_engine::valid_name(&req.site);
+    if !ok {
+        return Err(AppError::new(
+            ErrorKind::Invalid,
+            "Invalid site name",
+            "use lowercase letters, digits and '-', starting with a letter",
+        ));
+    }
+    state.nodes.place(req)
+}

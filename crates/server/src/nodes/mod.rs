@@ -1,0 +1,819 @@
+//! Providers' nodes as the control plane knows them (milestone 5): join
+//! tokens, the nodes that joined with them and the certificates they hold,
+//! the operations assigned to each, heartbeats and lost nodes, and where
+//! each site is placed.
+//!
+//! What is kept is one file, `nodes/registry.json` (0600, replaced whole on
+//! each change; join tokens by their SHA-256 only). Heartbeats are kept in
+//! memory: a control plane that restarts gives every node `lost_after` to
+//! beat again before it is called lost.
+//!
+//! A node is trusted with its own assignments and reports only: every call
+//! is checked against the certificate it came with ([`Nodes::authenticate`]).
+
+pub mod ca;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use commons_agent::protocol::{
+    split_join_token, Assigned, Assignments, Certified, Heartbeat, JoinRequest, NodeOffer,
+    Operation, Report, Resources, SiteState, JOIN_TOKEN_PREFIX, OPERATIONS,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::placement::{self, Decision};
+use crate::{AppError, ErrorKind};
+
+/// How nodes are looked after.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    /// How long a node's certificate lasts (renewed at two thirds).
+    pub certificate_lifetime: Duration,
+    /// How often agents send heartbeats.
+    pub heartbeat: Duration,
+    /// A node unheard of for this long is lost.
+    pub lost_after: Duration,
+}
+
+impl Default for NodeSettings {
+    fn default() -> NodeSettings {
+        NodeSettings {
+            certificate_lifetime: Duration::from_secs(3600),
+            heartbeat: Duration::from_secs(5),
+            lost_after: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Ready,
+    Lost,
+    Revoked,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeRecord {
+    id: String,
+    /// The provider: the organisation whose join token it used.
+    provider: String,
+    offer: NodeOffer,
+    state: NodeState,
+    joined_at_ms: i64,
+    /// The latest revision of its assignments.
+    revision: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JoinTokenRecord {
+    id: String,
+    org: String,
+    created_by: String,
+    expires_at_ms: i64,
+    used_by: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CertRecord {
+    node: String,
+    not_after: i64,
+}
+
+/// Where a site runs, and what it takes there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Placed {
+    node: String,
+    generation: u64,
+    blueprint: String,
+    needs: Resources,
+    /// No volume, SQLite or PostgreSQL component: it can run anywhere at once.
+    stateless: bool,
+    request: PlaceRequest,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OpRecord {
+    id: String,
+    revision: u64,
+    operation: Operation,
+    report: Option<Report>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Registry {
+    nodes: BTreeMap<String, NodeRecord>,
+    join_tokens: BTreeMap<String, JoinTokenRecord>,
+    certificates: BTreeMap<String, CertRecord>,
+    placements: BTreeMap<String, Placed>,
+    operations: BTreeMap<String, Vec<OpRecord>>,
+}
+
+struct Inner {
+    reg: Registry,
+    last_seen: HashMap<String, Instant>,
+    sites: HashMap<String, Vec<SiteState>>,
+}
+
+/// A node as a provider or the platform sees it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct NodeView {
+    pub id: String,
+    pub provider: String,
+    #[schema(value_type = Object)]
+    pub offer: NodeOffer,
+    /// `ready`, `lost` or `revoked`.
+    #[schema(value_type = String)]
+    pub state: NodeState,
+    pub joined_at_ms: i64,
+    /// Milliseconds since its last heartbeat (none since this control plane started).
+    pub last_heartbeat_ms_ago: Option<u64>,
+    #[schema(value_type = Vec<Object>)]
+    pub sites: Vec<SiteState>,
+    /// The sites placed there.
+    pub placed: Vec<String>,
+}
+
+/// A site to place among the nodes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceRequest {
+    pub site: String,
+    /// The blueprint, YAML, one file.
+    pub blueprint: String,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub needs: Resources,
+    #[serde(default)]
+    pub features: BTreeSet<String>,
+    /// Only these providers.
+    pub providers: Option<BTreeSet<String>>,
+    /// Only these regions.
+    pub regions: Option<BTreeSet<String>>,
+    /// Providers preferred, best first.
+    #[serde(default)]
+    pub preferred: Vec<String>,
+    /// Decide only: place nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The control plane's nodes.
+pub struct Nodes {
+    path: PathBuf,
+    pub ca: ca::NodeCa,
+    pub settings: NodeSettings,
+    inner: Mutex<Inner>,
+    /// Bumped on every new assignment: long polls wait on it.
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    commons_agent::protocol::pin_of(bytes)
+}
+
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    getrandom::getrandom(&mut bytes).expect("the system's random source");
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unauthenticated(detail: impl Into<String>) -> AppError {
+    AppError::new(
+        ErrorKind::Unauthenticated,
+        "Not a node of this platform",
+        detail,
+    )
+}
+
+fn forbidden(detail: impl Into<String>) -> AppError {
+    AppError::new(ErrorKind::Forbidden, "Not allowed", detail)
+}
+
+fn internal(e: impl std::fmt::Display) -> AppError {
+    AppError::new(ErrorKind::Internal, "Nodes", e.to_string())
+}
+
+/// Whether a blueprint keeps data (a volume, SQLite or PostgreSQL): such a
+/// site waits for its node, or for an explicit move. Read from the text
+/// alone: includes are not followed.
+fn keeps_data(blueprint: &str) -> Result<bool, AppError> {
+    use commons_blueprint::model::Kind;
+    let file = Path::new("/blueprint/commons.yaml");
+    let sources =
+        commons_blueprint::load::InMemory([(file.to_path_buf(), blueprint.to_string())].into());
+    let bp = commons_blueprint::load(file, &sources).map_err(|d| {
+        AppError::new(
+            ErrorKind::Invalid,
+            "Invalid blueprint",
+            format!("the blueprint does not load: {d}"),
+        )
+    })?;
+    Ok(bp
+        .components
+        .values()
+        .any(|c| matches!(c.kind, Kind::Volume | Kind::Sqlite | Kind::Postgres)))
+}
+
+impl Nodes {
+    /// The nodes kept under `home/nodes`, and the CA, made on first use.
+    pub fn open(home: &Path, settings: NodeSettings) -> Result<Nodes, String> {
+        let dir = home.join("nodes");
+        crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let ca = ca::NodeCa::open(&dir)?;
+        let path = dir.join("registry.json");
+        let reg: Registry = match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let now = Instant::now();
+        let last_seen = reg.nodes.keys().map(|id| (id.clone(), now)).collect();
+        Ok(Nodes {
+            path,
+            ca,
+            settings,
+            inner: Mutex::new(Inner {
+                reg,
+                last_seen,
+                sites: HashMap::new(),
+            }),
+            changed: tokio::sync::watch::channel(0).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, reg: &Registry) -> Result<(), AppError> {
+        let bytes = serde_json::to_vec(reg).map_err(internal)?;
+        commons_files::write_durable(&self.path, &bytes).map_err(internal)
+    }
+
+    /// Makes a single-use join token for `org`'s nodes, good for `ttl`:
+    /// `cmnj_PIN_SECRET`, where PIN is the CA's (the agent refuses any
+    /// other CA) and SECRET is kept only as its hash.
+    pub fn make_join_token(
+        &self,
+        org: &str,
+        actor: &str,
+        ttl: Duration,
+    ) -> Result<(String, String, i64), AppError> {
+        let secret = random_hex(32);
+        let id = format!("jt-{}", random_hex(6));
+        let expires_at_ms = commons_clock::now_ms() + ttl.as_millis() as i64;
+        let mut inner = self.lock();
+        inner.reg.join_tokens.insert(
+            hex_sha256(secret.as_bytes()),
+            JoinTokenRecord {
+                id: id.clone(),
+                org: org.to_string(),
+                created_by: actor.to_string(),
+                expires_at_ms,
+                used_by: None,
+            },
+        );
+        self.save(&inner.reg)?;
+        let token = format!("{JOIN_TOKEN_PREFIX}{}_{secret}", self.ca.pin());
+        Ok((token, id, expires_at_ms))
+    }
+
+    /// A node joins: its token is taken (once, unexpired, this CA's) and its
+    /// key certified.
+    pub fn join(&self, req: &JoinRequest) -> Result<Certified, AppError> {
+        let Some((pin, secret)) = split_join_token(&req.token) else {
+            return Err(unauthenticated("that is not a join token of this platform"));
+        };
+        if pin != self.ca.pin() {
+            return Err(unauthenticated(
+                "that join token is for another platform's CA",
+            ));
+        }
+        if req.offer.region.trim().is_empty() {
+            return Err(AppError::new(
+                ErrorKind::Invalid,
+                "Invalid offer",
+                "say the node's region (`--region`)",
+            ));
+        }
+        let mut inner = self.lock();
+        let key = hex_sha256(secret.as_bytes());
+        let now = commons_clock::now_ms();
+        let Some(token) = inner.reg.join_tokens.get(&key).cloned() else {
+            return Err(unauthenticated("that is not a join token of this platform"));
+        };
+        if let Some(node) = &token.used_by {
+            return Err(unauthenticated(format!(
+                "join token {} was used already (by node {node}); ask the provider for a new one",
+                token.id
+            )));
+        }
+        if token.expires_at_ms <= now {
+            return Err(unauthenticated(format!(
+                "join token {} expired; ask the provider for a new one",
+                token.id
+            )));
+        }
+        let node = format!("node-{}", random_hex(6));
+        let lifetime = self.settings.certificate_lifetime.as_secs() as i64;
+        let signed = self
+            .ca
+            .sign_node(&req.csr, &node, lifetime)
+            .map_err(|e| AppError::new(ErrorKind::Invalid, "Invalid certificate request", e))?;
+        inner
+            .reg
+            .join_tokens
+            .get_mut(&key)
+            .expect("found above")
+            .used_by = Some(node.clone());
+        inner.reg.certificates.insert(
+            signed.fingerprint.clone(),
+            CertRecord {
+                node: node.clone(),
+                not_after: signed.not_after,
+            },
+        );
+        inner.reg.nodes.insert(
+            node.clone(),
+            NodeRecord {
+                id: node.clone(),
+                provider: token.org.clone(),
+                offer: req.offer.clone(),
+                state: NodeState::Ready,
+                joined_at_ms: now,
+                revision: 0,
+            },
+        );
+        inner.last_seen.insert(node.clone(), Instant::now());
+        self.save(&inner.reg)?;
+        eprintln!("{:>12} node {node} of {}", "Joined", token.org);
+        Ok(self.certified(node, signed))
+    }
+
+    fn certified(&self, node: String, signed: ca::Signed) -> Certified {
+        Certified {
+            node,
+            certificate: signed.pem,
+            not_after: signed.not_after,
+            lifetime_secs: self.settings.certificate_lifetime.as_secs() as i64,
+            heartbeat_secs: self.settings.heartbeat.as_secs().max(1),
+        }
+    }
+
+    /// Who the certificate `fingerprint` is, if it may act as `node`: a
+    /// certificate this CA issued, to that node, not revoked.
+    pub fn authenticate(&self, fingerprint: Option<&str>, node: &str) -> Result<(), AppError> {
+        let Some(fingerprint) = fingerprint else {
+            return Err(unauthenticated(
+                "present the node's certificate (only joining goes without one)",
+            ));
+        };
+        let inner = self.lock();
+        let Some(cert) = inner.reg.certificates.get(fingerprint) else {
+            return Err(forbidden(
+                "this certificate was revoked or never issued here",
+            ));
+        };
+        if cert.node != node {
+            return Err(forbidden(format!(
+                "this certificate is node {}'s: a node acts only for itself",
+                cert.node
+            )));
+        }
+        match inner.reg.nodes.get(node).map(|n| n.state) {
+            Some(NodeState::Revoked) | None => Err(forbidden(format!("node {node} was revoked"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// A new certificate for a new key of `node` (already authenticated).
+    pub fn renew(&self, node: &str, csr: &str) -> Result<Certified, AppError> {
+        let lifetime = self.settings.certificate_lifetime.as_secs() as i64;
+        let signed = self
+            .ca
+            .sign_node(csr, node, lifetime)
+            .map_err(|e| AppError::new(ErrorKind::Invalid, "Invalid certificate request", e))?;
+        let mut inner = self.lock();
+        let now = commons_clock::now_secs() as i64;
+        inner.reg.certificates.retain(|_, c| c.not_after > now);
+        inner.reg.certificates.insert(
+            signed.fingerprint.clone(),
+            CertRecord {
+                node: node.to_string(),
+                not_after: signed.not_after,
+            },
+        );
+        self.save(&inner.reg)?;
+        Ok(self.certified(node.to_string(), signed))
+    }
+
+    /// A heartbeat from `node`: it is alive, and runs these sites. A lost
+    /// node that beats again is ready again.
+    pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<(), AppError> {
+        let mut inner = self.lock();
+        inner.last_seen.insert(node.to_string(), Instant::now());
+        inner.sites.insert(node.to_string(), hb.sites);
+        let back = match inner.reg.nodes.get_mut(node) {
+            Some(n) if n.state == NodeState::Lost => {
+                n.state = NodeState::Ready;
+                true
+            }
+            _ => false,
+        };
+        if back {
+            eprintln!("{:>12} node {node} is back", "Node");
+            self.save(&inner.reg)?;
+        }
+        Ok(())
+    }
+
+    /// The operations assigned to `node` after revision `after`.
+    pub fn assignments(&self, node: &str, after: u64) -> Assignments {
+        let inner = self.lock();
+        let revision = inner.reg.nodes.get(node).map(|n| n.revision).unwrap_or(0);
+        let operations = inner
+            .reg
+            .operations
+            .get(node)
+            .map(|ops| {
+                ops.iter()
+                    .filter(|o| o.revision > after)
+                    .map(|o| Assigned {
+                        id: o.id.clone(),
+                        revision: o.revision,
+                        operation: serde_json::to_value(&o.operation).expect("serialisable"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Assignments {
+            revision,
+            operations,
+        }
+    }
+
+    /// Wakes when anything is assigned to any node.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// `node`'s report of one of its operations.
+    pub fn report(&self, node: &str, op: &str, report: Report) -> Result<(), AppError> {
+        let mut inner = self.lock();
+        let Some(record) = inner
+            .reg
+            .operations
+            .get_mut(node)
+            .and_then(|ops| ops.iter_mut().find(|o| o.id == op))
+        else {
+            return Err(AppError::new(
+                ErrorKind::NotFound,
+                "No such operation",
+                format!("node {node} has no operation {op}"),
+            ));
+        };
+        if record.report.is_none() {
+            eprintln!(
+                "{:>12} {op} on {node}: {} {}",
+                "Operation", report.outcome, report.detail
+            );
+        }
+        record.report = Some(report);
+        self.save(&inner.reg)
+    }
+
+    /// The report of one operation, if it came.
+    pub fn report_of(&self, node: &str, op: &str) -> Option<Report> {
+        self.lock()
+            .reg
+            .operations
+            .get(node)?
+            .iter()
+            .find(|o| o.id == op)?
+            .report
+            .clone()
+    }
+
+    /// Assigns `operation` to `node`: its id and revision.
+    pub fn assign(&self, node: &str, operation: Operation) -> Result<(String, u64), AppError> {
+        let mut inner = self.lock();
+        let r = Self::assign_locked(&mut inner.reg, node, operation)?;
+        self.save(&inner.reg)?;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(r)
+    }
+
+    fn assign_locked(
+        reg: &mut Registry,
+        node: &str,
+        operation: Operation,
+    ) -> Result<(String, u64), AppError> {
+        let Some(n) = reg.nodes.get_mut(node) else {
+            return Err(AppError::new(
+                ErrorKind::NotFound,
+                "No such node",
+                format!("no node \"{node}\""),
+            ));
+        };
+        if n.state == NodeState::Revoked {
+            return Err(AppError::new(
+                ErrorKind::Conflict,
+                "Node revoked",
+                format!("node {node} was revoked: it takes no operations"),
+            ));
+        }
+        n.revision += 1;
+        let revision = n.revision;
+        let id = format!("op-{}", random_hex(8));
+        let ops = reg.operations.entry(node.to_string()).or_default();
+        ops.push(OpRecord {
+            id: id.clone(),
+            revision,
+            operation,
+            report: None,
+        });
+        // Reported operations beyond the last 256 are history.
+        let reported = ops.iter().filter(|o| o.report.is_some()).count();
+        if reported > 256 {
+            let mut drop = reported - 256;
+            ops.retain(|o| {
+                if drop > 0 && o.report.is_some() {
+                    drop -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        Ok((id, revision))
+    }
+
+    /// Decodes an operation someone asked for: only the closed set decodes.
+    pub fn operation(value: serde_json::Value) -> Result<Operation, AppError> {
+        serde_json::from_value(value).map_err(|e| {
+            AppError::new(
+                ErrorKind::Invalid,
+                "Not an operation a node accepts",
+                format!("{e}; a node accepts {}", OPERATIONS.join(", ")),
+            )
+        })
+    }
+
+    /// Revokes `org`'s node `id`: its certificates stop working at once.
+    pub fn revoke(&self, org: Option<&str>, id: &str) -> Result<(), AppError> {
+        let mut inner = self.lock();
+        match inner.reg.nodes.get_mut(id) {
+            Some(n) if org.is_none_or(|o| o == n.provider) => n.state = NodeState::Revoked,
+            _ => {
+                return Err(AppError::new(
+                    ErrorKind::NotFound,
+                    "No such node",
+                    format!("no node \"{id}\" of yours"),
+                ))
+            }
+        }
+        inner.reg.certificates.retain(|_, c| c.node != id);
+        self.save(&inner.reg)?;
+        eprintln!("{:>12} node {id}", "Revoked");
+        Ok(())
+    }
+
+    /// The nodes of `org` (every node: `None`).
+    pub fn list(&self, org: Option<&str>) -> Vec<NodeView> {
+        let inner = self.lock();
+        inner
+            .reg
+            .nodes
+            .values()
+            .filter(|n| org.is_none_or(|o| o == n.provider))
+            .map(|n| NodeView {
+                id: n.id.clone(),
+                provider: n.provider.clone(),
+                offer: n.offer.clone(),
+                state: n.state,
+                joined_at_ms: n.joined_at_ms,
+                last_heartbeat_ms_ago: inner
+                    .last_seen
+                    .get(&n.id)
+                    .map(|t| t.elapsed().as_millis() as u64),
+                sites: inner.sites.get(&n.id).cloned().unwrap_or_default(),
+                placed: inner
+                    .reg
+                    .placements
+                    .iter()
+                    .filter(|(_, p)| p.node == n.id)
+                    .map(|(s, _)| s.clone())
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The node a site is placed on.
+    pub fn placed_on(&self, site: &str) -> Option<String> {
+        self.lock().reg.placements.get(site).map(|p| p.node.clone())
+    }
+
+    /// The nodes as placement sees them: ready ones alive, with what the
+    /// sites placed there take.
+    fn candidates(reg: &Registry) -> Vec<placement::Node> {
+        let mut taken: HashMap<&str, Resources> = HashMap::new();
+        for p in reg.placements.values() {
+            let t = taken.entry(p.node.as_str()).or_default();
+            t.cpu_millis += p.needs.cpu_millis;
+            t.memory_bytes += p.needs.memory_bytes;
+            t.disk_bytes += p.needs.disk_bytes;
+        }
+        reg.nodes
+            .values()
+            .filter(|n| n.state != NodeState::Revoked)
+            .map(|n| placement::Node {
+                id: n.id.clone(),
+                provider: n.provider.clone(),
+                region: n.offer.region.clone(),
+                alive: n.state == NodeState::Ready,
+                capacity: n.offer.capacity,
+                allocated: taken.get(n.id.as_str()).copied().unwrap_or_default(),
+                price: n.offer.price,
+                features: n.offer.features.clone(),
+            })
+            .collect()
+    }
+
+    fn placement_request(
+        req: &PlaceRequest,
+        reg: &Registry,
+        data_on: Option<String>,
+    ) -> placement::Request {
+        let mut operator_sites: BTreeMap<String, u32> = BTreeMap::new();
+        for p in reg.placements.values() {
+            if let Some(n) = reg.nodes.get(&p.node) {
+                *operator_sites.entry(n.provider.clone()).or_default() += 1;
+            }
+        }
+        placement::Request {
+            site: req.site.clone(),
+            needs: req.needs,
+            features: req.features.clone(),
+            providers: req.providers.clone(),
+            regions: req.regions.clone(),
+            preferred: req.preferred.clone(),
+            avoid: BTreeSet::new(),
+            data_on,
+            operator_sites,
+        }
+    }
+
+    /// Places a site: decides among the nodes and, unless it is a dry run,
+    /// assigns it to the chosen node — in one step under one lock, so two
+    /// placements never overcommit a node. A site placed before is applied
+    /// again where it is when it still fits there, at the next generation.
+    pub fn place(&self, req: PlaceRequest) -> Result<Decision, AppError> {
+        let stateless = !keeps_data(&req.blueprint)?;
+        let mut inner = self.lock();
+        let previous = inner.reg.placements.remove(&req.site);
+        let request =
+            Self::placement_request(&req, &inner.reg, previous.as_ref().map(|p| p.node.clone()));
+        let decision = placement::decide(&Self::candidates(&inner.reg), &request);
+        if req.dry_run || decision.node.is_none() {
+            if let Some(p) = previous {
+                inner.reg.placements.insert(req.site.clone(), p);
+            }
+            return Ok(decision);
+        }
+        let node = decision.node.clone().expect("checked above");
+        let generation = previous.as_ref().map(|p| p.generation + 1).unwrap_or(1);
+        if let Some(old) = previous.as_ref().filter(|p| p.node != node) {
+            Self::assign_locked(
+                &mut inner.reg,
+                &old.node,
+                Operation::Remove {
+                    site: req.site.clone(),
+                },
+            )?;
+        }
+        Self::assign_locked(
+            &mut inner.reg,
+            &node,
+            Operation::ApplySite {
+                site: req.site.clone(),
+                generation,
+                blueprint: req.blueprint.clone(),
+            },
+        )?;
+        inner.reg.placements.insert(
+            req.site.clone(),
+            Placed {
+                node,
+                generation,
+                blueprint: req.blueprint.clone(),
+                needs: req.needs,
+                stateless,
+                request: PlaceRequest {
+                    dry_run: false,
+                    ..req
+                },
+            },
+        );
+        self.save(&inner.reg)?;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(decision)
+    }
+
+    /// Marks nodes unheard of for `lost_after` lost, and places their
+    /// stateless sites elsewhere (the lost node is told to remove them when
+    /// it comes back). Sites with data stay: they wait for their node, or
+    /// for an operator's move. Returns the nodes newly lost.
+    pub fn sweep(&self) -> Vec<String> {
+        let mut inner = self.lock();
+        let lost_after = self.settings.lost_after;
+        let lost: Vec<String> = inner
+            .reg
+            .nodes
+            .values()
+            .filter(|n| n.state == NodeState::Ready)
+            .filter(|n| {
+                inner
+                    .last_seen
+                    .get(&n.id)
+                    .is_none_or(|t| t.elapsed() >= lost_after)
+            })
+            .map(|n| n.id.clone())
+            .collect();
+        if lost.is_empty() {
+            return lost;
+        }
+        for id in &lost {
+            if let Some(n) = inner.reg.nodes.get_mut(id) {
+                n.state = NodeState::Lost;
+            }
+            eprintln!("{:>12} node {id}: no heartbeat for {lost_after:?}", "Lost");
+        }
+        let moving: Vec<(String, Placed)> = inner
+            .reg
+            .placements
+            .iter()
+            .filter(|(_, p)| p.stateless && lost.contains(&p.node))
+            .map(|(s, p)| (s.clone(), p.clone()))
+            .collect();
+        for (site, placed) in moving {
+            inner.reg.placements.remove(&site);
+            let request = Self::placement_request(&placed.request, &inner.reg, None);
+            let decision = placement::decide(&Self::candidates(&inner.reg), &request);
+            let Some(node) = decision.node else {
+                eprintln!(
+                    "{:>12} no node can take {site}, whose node was lost",
+                    "Warning"
+                );
+                inner.reg.placements.insert(site, placed);
+                continue;
+            };
+            let generation = placed.generation + 1;
+            let _ = Self::assign_locked(
+                &mut inner.reg,
+                &placed.node,
+                Operation::Remove { site: site.clone() },
+            );
+            if let Err(e) = Self::assign_locked(
+                &mut inner.reg,
+                &node,
+                Operation::ApplySite {
+                    site: site.clone(),
+                    generation,
+                    blueprint: placed.blueprint.clone(),
+                },
+            ) {
+                eprintln!("{:>12} cannot assign {site}: {}", "Warning", e.detail);
+                inner.reg.placements.insert(site, placed);
+                continue;
+            }
+            eprintln!("{:>12} {site} from {} to {node}", "Placed", placed.node);
+            inner.reg.placements.insert(
+                site,
+                Placed {
+                    node,
+                    generation,
+                    ..placed
+                },
+            );
+        }
+        if let Err(e) = self.save(&inner.reg) {
+            eprintln!("{:>12} nodes: {}", "Warning", e.detail);
+        }
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        lost
+    }
+
+    /// The provider a node belongs to.
+    pub fn provider_of(&self, node: &str) -> Option<String> {
+        self.lock().reg.nodes.get(node).map(|n| n.provider.clone())
+    }
+}
