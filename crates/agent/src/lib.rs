@@ -11,6 +11,10 @@
 //! ([`ops`]: a closed set of operations, idempotent by operation id — there is
 //! no remote shell), and reports heartbeats, results and usage ([`run`]).
 //!
+//! Requests for its sites come the same way ([`tunnel`]): the agent dials a
+//! tunnel, and the control plane's gateway sends each connection to a site
+//! through it, so a node serves its sites without opening a port.
+//!
 //! The wire types both sides speak are in [`protocol`].
 
 #![forbid(unsafe_code)]
@@ -21,6 +25,7 @@ pub mod ops;
 pub mod protocol;
 pub mod run;
 pub mod tls;
+pub mod tunnel;
 
 pub use join::{join, Identity};
 pub use run::{run, AgentSettings};

@@ -160,6 +160,17 @@ impl Executor {
         }
     }
 
+    /// Where a site's component listens on this node, while it runs.
+    pub fn upstream(&self, site: &str, component: &str) -> Option<std::net::SocketAddr> {
+        let status = self.engine.observe(site).ok()?;
+        let c = status.components.iter().find(|c| c.name == component)?;
+        c.pid?;
+        Some(std::net::SocketAddr::from((
+            c.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+            c.port?,
+        )))
+    }
+
     /// The sites this node runs, as its heartbeat states them.
     pub fn sites(&self) -> Vec<SiteState> {
         let Ok(rows) = self.engine.store().deployments() else {

@@ -40,6 +40,20 @@ pub async fn run(
         identity.read().await.node,
         identity.read().await.control_plane
     );
+    let tunnel = {
+        let id = identity.read().await;
+        let pem_path = home.join("agent").join("node.pem");
+        tokio::spawn(crate::tunnel::keep_open(
+            id.control_plane.clone(),
+            id.pin.clone(),
+            id.node.clone(),
+            move || {
+                std::fs::read_to_string(&pem_path)
+                    .map_err(|e| AgentError::Failed(format!("{}: {e}", pem_path.display())))
+            },
+            executor.clone(),
+        ))
+    };
     let beats = tokio::spawn(heartbeats(
         identity.clone(),
         client.clone(),
@@ -48,6 +62,7 @@ pub async fn run(
     ));
     let result = assignments(identity, client, executor, settings).await;
     beats.abort();
+    tunnel.abort();
     result
 }
 

@@ -458,6 +458,20 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
         "node A serves both:\n{}",
         a.log()
     );
+    // Through the control plane's gateway, over A's tunnel: A dials out
+    // and opens no port.
+    let through_gateway = |site: &str| {
+        let host = format!("{site}.localhost");
+        http(server.http, "GET", "/", &[("Host", host.as_str())], b"")
+            .map(|(code, _)| code)
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || through_gateway("hello") == 200),
+        "the gateway reaches hello on node A:\n{}",
+        a.log()
+    );
+    assert_eq!(through_gateway("notes"), 200);
 
     // A dry run says where a site would go, and why not elsewhere.
     let (code, v) = admin.post(
@@ -489,6 +503,31 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
             .is_some_and(|(c, _)| c == 200)),
         "node B serves the lost node's stateless site:\n{}",
         b.log()
+    );
+    // The same host, now served by B.
+    assert!(
+        wait_for(Duration::from_secs(10), || through_gateway("hello") == 200),
+        "the gateway reaches hello on node B"
+    );
+    eprintln!("lost node's site served again after {:?}", killed.elapsed());
+    // The requests were metered as the providers' whose nodes served them:
+    // acme's before the loss, globex's after.
+    let served_by = |provider: &str| -> f64 {
+        let v = s
+            .ok(&["usage", "show", "provider", provider, "--json"])
+            .json();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["value"].as_f64().unwrap_or(0.0))
+            .sum()
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || served_by("acme") >= 2.0
+            && served_by("globex") >= 1.0),
+        "acme {} globex {}",
+        served_by("acme"),
+        served_by("globex")
     );
     let view_b = node_state(&admin, &node_b);
     assert_eq!(view_b["placed"], json!(["hello"]), "{view_b}");

@@ -61,6 +61,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/agent/v1/nodes/{node}/heartbeat", post(heartbeat))
         .route("/agent/v1/nodes/{node}/assignments", get(assignments))
         .route("/agent/v1/nodes/{node}/operations/{op}", post(report))
+        .route("/agent/v1/nodes/{node}/tunnel", post(tunnel))
         .route(
             "/agent/v1/nodes/{node}/usage",
             post(usage).layer(DefaultBodyLimit::max(8 << 20)),
@@ -72,6 +73,7 @@ fn router(state: Arc<AppState>) -> Router {
 /// Serves agents on `listener` until the task is dropped.
 pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> Result<(), String> {
     let tls = state.nodes.ca.server_config()?;
+    state.tunnels.run_here();
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let app = router(state);
     loop {
@@ -105,6 +107,7 @@ pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> R
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -117,6 +120,40 @@ async fn join(State(state): State<Arc<AppState>>, body: Bytes) -> Reply {
         .await
         .map_err(|e| AppError::new(ErrorKind::Internal, "Join", e.to_string()))??;
     Ok((StatusCode::CREATED, Json(certified)).into_response())
+}
+
+/// The node's tunnel: the connection is upgraded, and the control plane
+/// speaks HTTP/2 on it as the client (`crate::tunnels`).
+async fn tunnel(
+    State(state): State<Arc<AppState>>,
+    AsNode(node): AsNode,
+    mut req: axum::extract::Request,
+) -> Reply {
+    use commons_agent::tunnel::UPGRADE;
+    let asked = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .is_some_and(|u| u.as_bytes() == UPGRADE.as_bytes());
+    if !asked {
+        return Err(AppError::new(
+            ErrorKind::Malformed,
+            "Not an upgrade",
+            format!("ask for `Upgrade: {UPGRADE}`"),
+        ));
+    }
+    let upgrade = hyper::upgrade::on(&mut req);
+    let tunnels = state.tunnels.clone();
+    tokio::spawn(async move {
+        if let Ok(io) = upgrade.await {
+            tunnels.serve(node, io).await;
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, UPGRADE)
+        .body(axum::body::Body::empty())
+        .expect("a valid response"))
 }
 
 async fn renew(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {

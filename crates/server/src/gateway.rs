@@ -118,6 +118,44 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
     out
 }
 
+/// Routes to the sites placed on providers' nodes: `SITE.localhost` to the
+/// loopback forwarder that carries each connection through the tunnel of
+/// the node serving the site now (`crate::tunnels`).
+pub fn node_routes(state: &AppState) -> Vec<RouteSpec> {
+    let Some(runtime) = state.tunnels.runtime() else {
+        return Vec::new();
+    };
+    state
+        .nodes
+        .routed_sites()
+        .into_iter()
+        .filter_map(|(site, component)| {
+            let upstream = state.tunnels.forwarder(&runtime, &site, &component)?;
+            Some(RouteSpec {
+                host: format!("{site}.localhost"),
+                path: "/".into(),
+                deployment: site,
+                component,
+                operator: "local".into(),
+                upstreams: vec![upstream],
+                idle: false,
+                login: Vec::new(),
+                max_body: None,
+                max_header: None,
+                response_timeout_ms: None,
+                user_header: None,
+            })
+        })
+        .collect()
+}
+
+/// Every route: this machine's sites and those on providers' nodes.
+pub fn all_routes(engine: &Engine, state: &AppState) -> Vec<RouteSpec> {
+    let mut routes = routes_of(engine);
+    routes.extend(node_routes(state));
+    routes
+}
+
 /// One-time codes that sign a console user in at a site's own host (its
 /// cookie cannot reach another host): made by the console's
 /// `/console/site-sign-in` for one host and one gateway-made `state`,
@@ -251,7 +289,7 @@ impl Hooks for Platform {
                 }
             }
             if let Some(g) = gateway {
-                g.set_routes(routes_of(&state.engine));
+                g.set_routes(all_routes(&state.engine, &state));
             }
             Ok(())
         })
@@ -313,11 +351,19 @@ impl Hooks for Platform {
     }
 }
 
-/// Usage events go to the embedded meter.
-struct MeterSink(commons_meter::Meter);
+/// Usage events go to the embedded meter; a request to a site on a
+/// provider's node is that node's and its provider's.
+struct MeterSink(commons_meter::Meter, Arc<crate::nodes::Nodes>);
 
 impl usage::UsageSink for MeterSink {
-    fn write(&mut self, events: Vec<commons_meter::Event>) {
+    fn write(&mut self, mut events: Vec<commons_meter::Event>) {
+        for e in &mut events {
+            let site = e.data.get("site").and_then(|s| s.as_str()).unwrap_or("");
+            if let Some((node, provider)) = self.1.attribution(site) {
+                e.data.insert("node".into(), node.into());
+                e.data.insert("provider".into(), provider.into());
+            }
+        }
         if let Err(e) = self.0.ingest(&events, None) {
             tracing::warn!(error = %e, "the meter refused gateway usage");
         }
@@ -346,7 +392,7 @@ pub fn spawn(
         .open(layout.access_log())
         .map_err(|e| format!("access log: {e}"))?;
     let tap = usage::Tap::start(
-        Box::new(MeterSink(meter)),
+        Box::new(MeterSink(meter, state.nodes.clone())),
         Some(Box::new(access_log)),
         settings.config.node.clone(),
     );
@@ -356,7 +402,7 @@ pub fn spawn(
     });
     let gateway = Gateway::new(settings.config.clone(), signer, tap, hooks.clone());
     let _ = hooks.gateway.set(Arc::downgrade(&gateway));
-    gateway.set_routes(routes_of(&state.engine));
+    gateway.set_routes(all_routes(&state.engine, &state));
 
     let bind = |what: &str, addr: &str| {
         let l = std::net::TcpListener::bind(addr)
@@ -405,6 +451,7 @@ pub fn spawn(
     // proxy's event loop never waits on the state store.
     let routes_gateway = gateway.clone();
     let routes_engine = state.engine.reopen().map_err(|e| format!("engine: {e}"))?;
+    let routes_state = state.clone();
     std::thread::Builder::new()
         .name("commons-routes".into())
         .spawn(move || {
@@ -419,9 +466,14 @@ pub fn spawn(
                 // idle or a wake all write one, on this instance or another
                 // sharing the store), and every FULL_REFRESH anyway (a
                 // process that died unrecorded).
-                let version = engine.store().revision().ok();
+                // Placements on nodes change routes too.
+                let version = engine
+                    .store()
+                    .revision()
+                    .ok()
+                    .map(|v| (v, routes_state.nodes.version()));
                 if version.is_none() || version != seen.0 || seen.1.elapsed() >= FULL_REFRESH {
-                    routes_gateway.set_routes(routes_of(&engine));
+                    routes_gateway.set_routes(all_routes(&engine, &routes_state));
                     seen = (version, std::time::Instant::now());
                 }
                 // The engine reads this before it stops a replaced instance.

@@ -40,6 +40,7 @@ pub mod stripe_api;
 pub mod subscribe;
 pub mod supervisor;
 pub mod tokens;
+pub mod tunnels;
 pub mod web;
 
 use std::path::{Path, PathBuf};
@@ -107,6 +108,8 @@ pub struct AppState {
     pub books_export: Mutex<Option<((u64, usize), axum::body::Bytes)>>,
     /// Providers' nodes: join tokens, certificates, assignments, placements.
     pub nodes: std::sync::Arc<nodes::Nodes>,
+    /// Tunnels to the nodes, through which the gateway reaches their sites.
+    pub tunnels: std::sync::Arc<tunnels::Tunnels>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +142,10 @@ impl AppState {
         let engine = commons_engine::Engine::open(home, store).map_err(|e| err("engine", &e))?;
         let layout = engine.layout.clone();
         let site_sessions = gateway::SiteSessions::new(&engine);
+        let nodes = std::sync::Arc::new(
+            nodes::Nodes::open(home, nodes::NodeSettings::default())
+                .map_err(|e| err("nodes", &e))?,
+        );
         Ok(AppState {
             home: home.to_path_buf(),
             meter: Mutex::new(
@@ -167,10 +174,8 @@ impl AppState {
             sign_ins: gateway::SignIns::default(),
             site_sessions,
             books_export: Mutex::new(None),
-            nodes: std::sync::Arc::new(
-                nodes::Nodes::open(home, nodes::NodeSettings::default())
-                    .map_err(|e| err("nodes", &e))?,
-            ),
+            nodes: nodes.clone(),
+            tunnels: tunnels::Tunnels::new(nodes),
         })
     }
 }

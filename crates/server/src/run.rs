@@ -54,6 +54,7 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
     state.nodes = Arc::new(
         crate::nodes::Nodes::open(&home, settings.nodes.clone()).map_err(RunError::Failed)?,
     );
+    state.tunnels = crate::tunnels::Tunnels::new(state.nodes.clone());
     state.stripe_api = settings
         .stripe_api
         .clone()

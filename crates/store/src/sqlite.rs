@@ -140,8 +140,10 @@ impl SqliteStore {
 
     fn migrate(&self) -> Result<()> {
         let mut conn = self.conn.lock().expect("store lock");
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        // The version is read under the write lock: two processes opening a
+        // new store at once must not both migrate it.
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
         for (i, pieces) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             for sql in *pieces {
                 tx.execute_batch(sql)?;
@@ -481,6 +483,23 @@ mod tests {
             error: None,
             updated_at_ms: 1,
         }
+    }
+
+    #[test]
+    fn a_new_store_opened_by_many_at_once_is_migrated_once() {
+        let dir = std::env::temp_dir().join(format!("commons-store-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("state.db");
+        let opened: Vec<bool> = std::thread::scope(|s| {
+            (0..8)
+                .map(|_| s.spawn(|| SqliteStore::open(&path).is_ok()))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert!(opened.iter().all(|ok| *ok), "{opened:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -135,5 +135,21 @@ pub fn place(state: &AppState, who: &Principal, req: PlaceRequest) -> Result<Dec
             "use lowercase letters, digits and '-', starting with a letter",
         ));
     }
+    if state
+        .engine
+        .store()
+        .deployment(&req.site)
+        .map_err(|e| AppError::new(ErrorKind::Internal, "State", e.to_string()))?
+        .is_some_and(|d| d.status != "destroyed")
+    {
+        return Err(AppError::new(
+            ErrorKind::Conflict,
+            "Site name taken",
+            format!(
+                "\"{}\" is a site on this machine; destroy it first or place another name",
+                req.site
+            ),
+        ));
+    }
     state.nodes.place(req)
 }

@@ -92,6 +92,9 @@ struct Placed {
     needs: Resources,
     /// No volume, SQLite or PostgreSQL component: it can run anywhere at once.
     stateless: bool,
+    /// The component `SITE.localhost` is routed to.
+    #[serde(default)]
+    web: Option<String>,
     request: PlaceRequest,
 }
 
@@ -197,10 +200,11 @@ fn internal(e: impl std::fmt::Display) -> AppError {
     AppError::new(ErrorKind::Internal, "Nodes", e.to_string())
 }
 
-/// Whether a blueprint keeps data (a volume, SQLite or PostgreSQL): such a
-/// site waits for its node, or for an explicit move. Read from the text
-/// alone: includes are not followed.
-fn keeps_data(blueprint: &str) -> Result<bool, AppError> {
+/// What placement needs of a blueprint: whether it keeps data (a volume,
+/// SQLite or PostgreSQL: such a site waits for its node, or for an explicit
+/// move) and the component its host is routed to. Read from the text alone:
+/// includes are not followed.
+fn shape(blueprint: &str) -> Result<(bool, Option<String>), AppError> {
     use commons_blueprint::model::Kind;
     let file = Path::new("/blueprint/commons.yaml");
     let sources =
@@ -212,10 +216,16 @@ fn keeps_data(blueprint: &str) -> Result<bool, AppError> {
             format!("the blueprint does not load: {d}"),
         )
     })?;
-    Ok(bp
+    let keeps_data = bp
         .components
         .values()
-        .any(|c| matches!(c.kind, Kind::Volume | Kind::Sqlite | Kind::Postgres)))
+        .any(|c| matches!(c.kind, Kind::Volume | Kind::Sqlite | Kind::Postgres));
+    let web = bp
+        .components
+        .iter()
+        .find(|(_, c)| matches!(c.kind, Kind::Process { .. } | Kind::Image(_)))
+        .map(|(name, _)| name.clone());
+    Ok((keeps_data, web))
 }
 
 impl Nodes {
@@ -675,7 +685,8 @@ impl Nodes {
     /// placements never overcommit a node. A site placed before is applied
     /// again where it is when it still fits there, at the next generation.
     pub fn place(&self, req: PlaceRequest) -> Result<Decision, AppError> {
-        let stateless = !keeps_data(&req.blueprint)?;
+        let (keeps_data, web) = shape(&req.blueprint)?;
+        let stateless = !keeps_data;
         let mut inner = self.lock();
         let previous = inner.reg.placements.remove(&req.site);
         let request =
@@ -715,6 +726,7 @@ impl Nodes {
                 blueprint: req.blueprint.clone(),
                 needs: req.needs,
                 stateless,
+                web,
                 request: PlaceRequest {
                     dry_run: false,
                     ..req
@@ -810,6 +822,36 @@ impl Nodes {
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         lost
+    }
+
+    /// The node that serves `site` now: where it is placed, while that node
+    /// is ready.
+    pub fn serving_node(&self, site: &str) -> Option<String> {
+        let inner = self.lock();
+        let node = &inner.reg.placements.get(site)?.node;
+        (inner.reg.nodes.get(node)?.state == NodeState::Ready).then(|| node.clone())
+    }
+
+    /// The sites placed on nodes and the component each host is routed to.
+    pub fn routed_sites(&self) -> Vec<(String, String)> {
+        self.lock()
+            .reg
+            .placements
+            .iter()
+            .filter_map(|(site, p)| Some((site.clone(), p.web.clone()?)))
+            .collect()
+    }
+
+    /// Who served `site` (its node and that node's provider), for usage.
+    pub fn attribution(&self, site: &str) -> Option<(String, String)> {
+        let inner = self.lock();
+        let node = &inner.reg.placements.get(site)?.node;
+        Some((node.clone(), inner.reg.nodes.get(node)?.provider.clone()))
+    }
+
+    /// A number that changes whenever placements do.
+    pub fn version(&self) -> u64 {
+        *self.changed.borrow()
     }
 
     /// The provider a node belongs to.
