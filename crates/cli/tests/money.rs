@@ -162,3 +162,80 @@ fn payment_usage_close_statement() {
     assert_eq!(transfers.as_array().unwrap().len(), 1);
     assert_eq!(s.run(&["statement", "nobody"]).code(), 2);
 }
+
+#[test]
+fn a_site_that_moved_mid_period_pays_both_providers_for_their_parts() {
+    let s = Sandbox::new("money-moved");
+    // The site is not in the settings: what the meter saw serve it is what
+    // the providers are paid by.
+    ledger_with(&s, r#"{ "sites": {} }"#);
+    s.ok(&["subscribe", "alice", "member", "--payment", "bank-1"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let period = &commons_meter::format_time(now)[..7];
+    // Served by acme's node, then (after the move) by globex's: 30 requests
+    // and 10, and CPU time on each.
+    let event = |id: &str, kind: &str, provider: &str, data: serde_json::Value| {
+        let mut d =
+            serde_json::json!({ "site": "wiki", "operator": "local", "provider": provider });
+        d.as_object_mut()
+            .unwrap()
+            .extend(data.as_object().unwrap().clone());
+        serde_json::json!({
+            "specversion": "1.0", "id": id, "source": "gateway/test", "type": kind,
+            "time": commons_meter::format_time(now - 1000), "data": d
+        })
+        .to_string()
+            + "\n"
+    };
+    let events = [
+        event(
+            "r1",
+            "request",
+            "acme",
+            serde_json::json!({ "user": "alice", "count": 30 }),
+        ),
+        event(
+            "r2",
+            "request",
+            "globex",
+            serde_json::json!({ "user": "alice", "count": 10 }),
+        ),
+        event(
+            "c1",
+            "resources",
+            "acme",
+            serde_json::json!({ "cpu_ms": 3000 }),
+        ),
+        event(
+            "c2",
+            "resources",
+            "globex",
+            serde_json::json!({ "cpu_ms": 1000 }),
+        ),
+    ]
+    .concat();
+    let file = s.dir.join("events.jsonl");
+    std::fs::write(&file, events).unwrap();
+    s.ok(&["usage", "ingest", file.to_str().unwrap()]);
+    let closed = s.ok(&["period", "close", period, "--json"]).json();
+    assert_eq!(closed["subscribers"], 1, "{closed}");
+    let paid = |provider: &str| -> i64 {
+        let st = s
+            .ok(&["statement", &format!("provider:{provider}"), "--json"])
+            .json();
+        st["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["site"] == "wiki")
+            .map(|l| l["amount"].as_i64().unwrap())
+            .sum()
+    };
+    let (acme, globex) = (paid("acme"), paid("globex"));
+    assert!(globex > 0, "globex is paid for its part: {acme} / {globex}");
+    // 33 units of work against 11: three to one, to the token.
+    assert!((acme - 3 * globex).abs() <= 3, "{acme} / {globex}");
+}

@@ -655,6 +655,41 @@ impl Meter {
         Ok(out)
     }
 
+    /// Per site, the providers whose nodes served it in `period` and how
+    /// much, in thousandths of a resource unit: one request served, one
+    /// CPU-second, one GiB-second of memory each count one unit. A site
+    /// that moved mid-period has a share for each provider.
+    pub fn providers_by_site(
+        &self,
+        period: &str,
+    ) -> Result<HashMap<String, Vec<(String, u64)>>, MeterError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT site, provider, SUM(CASE type
+                 WHEN 'request' THEN COALESCE(json_extract(data, '$.count'), 1)
+                 WHEN 'resources' THEN COALESCE(json_extract(data, '$.cpu_ms'), 0) / 1000.0
+                     + COALESCE(json_extract(data, '$.memory_byte_seconds'), 0) / 1073741824.0
+                 ELSE 0 END)
+             FROM events WHERE period = ?1 AND site IS NOT NULL AND provider IS NOT NULL
+             GROUP BY site, provider ORDER BY site, provider",
+        )?;
+        let rows = stmt.query_map([period], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, f64>(2)?,
+            ))
+        })?;
+        let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
+        for row in rows {
+            let (site, provider, units) = row?;
+            let milli = (units * 1000.0).round() as u64;
+            if milli > 0 {
+                out.entry(site).or_default().push((provider, milli));
+            }
+        }
+        Ok(out)
+    }
+
     /// The sites `user` used in `period` and how much (events, direct and
     /// indirect, backfills included): what period close weighs their
     /// payment by.

@@ -5,7 +5,8 @@
 //! Settings (policy, tiers, projects' dependencies, agreements, sites run
 //! elsewhere, organisations' splits, auto-redemption) come from
 //! `COMMONS_HOME/ledger/config.json` when it exists; sites deployed here are
-//! known from their blueprints (operator and provider `local`).
+//! known from their blueprints (operator and provider `local`). Providers'
+//! shares of a site are what the meter saw their nodes do for it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -174,6 +175,19 @@ pub fn close_with(
     let usage = m.usage_by_user(period).map_err(failed("meter"))?;
     let mut sites = local_sites(home, store);
     sites.extend(settings.sites.clone());
+    // Providers are paid by what their nodes measurably did for each site
+    // (a site that moved mid-period pays each for its part); a site the
+    // meter saw no provider serve keeps what its settings say.
+    for (site, providers) in m.providers_by_site(period).map_err(failed("meter"))? {
+        sites
+            .entry(site)
+            .or_insert_with(|| Site {
+                operator: "local".into(),
+                providers: Vec::new(),
+                projects: Vec::new(),
+            })
+            .providers = providers;
+    }
     let registry = Registry {
         sites,
         splits: settings.splits.clone(),
