@@ -60,13 +60,34 @@ impl ControlPlane {
         body: Option<Vec<u8>>,
         extra_wait: Duration,
     ) -> Result<Option<R>, AgentError> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
+        let bytes = self.raw(method, path, body, extra_wait).await?;
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| AgentError::Failed(format!("the control plane's answer: {e}")))
+    }
+
+    /// A call's body, when it succeeded (a problem's detail when not).
+    async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        extra_wait: Duration,
+    ) -> Result<Bytes, AgentError> {
+        let mut req = Request::builder().uri(format!("{}{path}", self.base));
         if body.is_some() {
-            req = req.header("content-type", "application/json");
+            let kind = if method == Method::PUT {
+                "application/x-tar"
+            } else {
+                "application/json"
+            };
+            req = req.header("content-type", kind);
         }
         let req = req
+            .method(method)
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| AgentError::Failed(e.to_string()))?;
         let call = async {
@@ -93,7 +114,7 @@ impl ControlPlane {
             .await
             .map_err(|_| AgentError::Failed("the control plane did not answer in time".into()))??;
         if status == StatusCode::NO_CONTENT {
-            return Ok(None);
+            return Ok(Bytes::new());
         }
         if !status.is_success() {
             let detail = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -102,9 +123,7 @@ impl ControlPlane {
                 .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
             return Err(AgentError::Refused(format!("{status}: {detail}")));
         }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| AgentError::Failed(format!("the control plane's answer: {e}")))
+        Ok(bytes)
     }
 
     async fn post<T: Serialize, R: DeserializeOwned>(
@@ -159,6 +178,27 @@ impl ControlPlane {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Sends `bytes` as `site`'s snapshot, on its way to another node.
+    pub async fn upload_snapshot(
+        &self,
+        node: &str,
+        site: &str,
+        bytes: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let path = format!("/agent/v1/nodes/{node}/snapshots/{site}");
+        self.call::<serde_json::Value>(Method::PUT, &path, Some(bytes), Duration::from_secs(600))
+            .await
+            .map(|_| ())
+    }
+
+    /// The snapshot of `site` shipped to this node.
+    pub async fn download_snapshot(&self, node: &str, site: &str) -> Result<Vec<u8>, AgentError> {
+        let path = format!("/agent/v1/nodes/{node}/snapshots/{site}");
+        self.raw(Method::GET, &path, None, Duration::from_secs(600))
+            .await
+            .map(|b| b.to_vec())
     }
 
     pub async fn usage(&self, node: &str, batch: &UsageBatch) -> Result<(), AgentError> {

@@ -10,7 +10,15 @@ use std::path::{Path, PathBuf};
 use commons_engine::apply::Quiet;
 use commons_engine::Engine;
 
+use crate::client::ControlPlane;
 use crate::protocol::{Assigned, Operation, Report, SiteState, OPERATIONS};
+
+/// Whom an operation may need to speak to: the control plane, as this node
+/// (shipping a site's data away, or fetching it).
+pub struct Link<'a> {
+    pub client: &'a ControlPlane,
+    pub node: &'a str,
+}
 
 /// Runs operations on this node.
 pub struct Executor {
@@ -43,7 +51,7 @@ impl Executor {
     }
 
     /// Runs `assigned` once; a repeat of its id answers the first report.
-    pub async fn run(&self, assigned: &Assigned) -> Report {
+    pub async fn run(&self, assigned: &Assigned, link: Option<&Link<'_>>) -> Report {
         if !valid_id(&assigned.id) {
             return report(
                 "refused",
@@ -65,7 +73,7 @@ impl Executor {
                     OPERATIONS.join(", ")
                 ),
             ),
-            Ok(op) => match self.apply(&op).await {
+            Ok(op) => match self.apply(&op, link).await {
                 Ok(detail) => report("done", detail),
                 Err(detail) => report("failed", detail),
             },
@@ -88,7 +96,8 @@ impl Executor {
         Ok(self.dir.join("sites").join(site))
     }
 
-    async fn apply(&self, op: &Operation) -> Result<String, String> {
+    async fn apply(&self, op: &Operation, link: Option<&Link<'_>>) -> Result<String, String> {
+        let linked = || link.ok_or_else(|| "this operation needs the control plane".to_string());
         let e = |e: commons_engine::EngineError| e.to_string();
         match op {
             Operation::ApplySite {
@@ -150,14 +159,99 @@ impl Executor {
                 }
                 Ok(format!("drained: {}", stopped.join(", ")))
             }
-            Operation::Restore { .. }
-            | Operation::ShipIncrement { .. }
-            | Operation::Freeze { .. }
-            | Operation::CutOver { .. } => Err(format!(
-                "this node does not move sites yet: {} is accepted but not carried out",
-                serde_json::to_value(op).expect("serialisable")["op"]
-            )),
+            Operation::Restore { site, snapshot } => {
+                self.site_dir(site)?;
+                let archive = self.local_archive(snapshot)?;
+                self.restore(site, &archive).await
+            }
+            Operation::Freeze { site } => {
+                self.site_dir(site)?;
+                let stopped = self.engine.idle(site).await.map_err(e)?;
+                Ok(format!("{site} frozen: stopped {}", stopped.join(", ")))
+            }
+            Operation::ShipIncrement { site, to } => {
+                self.site_dir(site)?;
+                let link = linked()?;
+                let b = self.engine.backup(site).map_err(e)?;
+                let bytes = std::fs::read(&b.path).map_err(|e| e.to_string())?;
+                link.client
+                    .upload_snapshot(link.node, site, bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(format!(
+                    "{site} shipped for {to}: sha256:{} ({} bytes)",
+                    b.sha256, b.bytes
+                ))
+            }
+            Operation::CutOver {
+                site,
+                snapshot: None,
+            } => {
+                self.site_dir(site)?;
+                self.engine.wake(site).await.map_err(e)?;
+                Ok(format!("{site} serves here again"))
+            }
+            Operation::CutOver {
+                site,
+                snapshot: Some(sha256),
+            } => {
+                let dir = self.site_dir(site)?;
+                let link = linked()?;
+                let bytes = link
+                    .client
+                    .download_snapshot(link.node, site)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let got = crate::protocol::pin_of(&bytes);
+                if got != *sha256 {
+                    return Err(format!(
+                        "the snapshot of {site} is not the one shipped (sha256 {got}, expected {sha256})"
+                    ));
+                }
+                commons_files::private_dir(&dir).map_err(|e| e.to_string())?;
+                let archive = dir.join("incoming.tar");
+                commons_files::write_durable(&archive, &bytes).map_err(|e| e.to_string())?;
+                let done = self.restore(site, &archive).await;
+                let _ = std::fs::remove_file(&archive);
+                done
+            }
         }
+    }
+
+    /// A snapshot this node took, by its sha256.
+    fn local_archive(&self, sha256: &str) -> Result<PathBuf, String> {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("\"{sha256}\" is not a snapshot's sha256"));
+        }
+        let path = self
+            .engine
+            .layout()
+            .home
+            .join("archive")
+            .join(format!("{sha256}.tar"));
+        if !path.exists() {
+            return Err(format!("no snapshot sha256:{sha256} on this node"));
+        }
+        Ok(path)
+    }
+
+    /// Stands `site` up from `archive` (any copy of it here is replaced).
+    async fn restore(&self, site: &str, archive: &Path) -> Result<String, String> {
+        let e = |e: commons_engine::EngineError| e.to_string();
+        if self
+            .engine
+            .store()
+            .deployment(site)
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            self.engine.destroy(site, 4, &Quiet).await.map_err(e)?;
+        }
+        self.engine
+            .restore(archive, Some(site), 4, &Quiet)
+            .await
+            .map_err(e)?;
+        Ok(format!("{site} restored and serving"))
     }
 
     /// Where a site's component listens on this node, while it runs.
@@ -219,28 +313,28 @@ mod tests {
         let marker = home.join("ran");
         let shell =
             serde_json::json!({"op": "shell", "command": format!("touch {}", marker.display())});
-        let r = ex.run(&assigned("op-1", shell.clone())).await;
+        let r = ex.run(&assigned("op-1", shell.clone()), None).await;
         assert_eq!(r.outcome, "refused", "{r:?}");
         assert!(r.detail.contains("apply_site"), "{r:?}");
         assert!(!marker.exists(), "nothing ran");
         // A bad id is refused before anything is read or kept.
-        let r = ex.run(&assigned("../../etc/x", shell)).await;
+        let r = ex.run(&assigned("../../etc/x", shell), None).await;
         assert_eq!(r.outcome, "refused");
         // An operation runs once: the second time, its kept report answers,
         // even if the control plane sent something else under the same id.
         let remove = serde_json::json!({"op": "remove", "site": "wiki"});
-        let first = ex.run(&assigned("op-2", remove)).await;
+        let first = ex.run(&assigned("op-2", remove), None).await;
         assert_eq!(first.outcome, "done", "{first:?}");
         let again = ex
-            .run(&assigned("op-2", serde_json::json!({"op": "drain"})))
+            .run(&assigned("op-2", serde_json::json!({"op": "drain"})), None)
             .await;
         assert_eq!(again, first);
         // A site name that is not one is refused by the operation.
         let r = ex
-            .run(&assigned(
-                "op-3",
-                serde_json::json!({"op": "stop", "site": "../x"}),
-            ))
+            .run(
+                &assigned("op-3", serde_json::json!({"op": "stop", "site": "../x"})),
+                None,
+            )
             .await;
         assert_eq!(r.outcome, "failed");
         let _ = std::fs::remove_dir_all(&home);

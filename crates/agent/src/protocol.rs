@@ -9,6 +9,9 @@
 //! | `GET /agent/v1/nodes/ID/assignments?after=REV&wait=SECS` | the node ID | [`Assignments`] after revision REV, waiting up to SECS for one |
 //! | `POST /agent/v1/nodes/ID/operations/OP` | the node ID | [`Report`] of operation OP → 204 |
 //! | `POST /agent/v1/nodes/ID/usage` | the node ID | [`UsageBatch`] → 204 |
+//! | `PUT /agent/v1/nodes/ID/snapshots/SITE` | the node ID, while it ships SITE away | the snapshot's bytes → 204 |
+//! | `GET /agent/v1/nodes/ID/snapshots/SITE` | the node ID, while SITE moves to it | the snapshot's bytes |
+//! | `POST /agent/v1/nodes/ID/tunnel` (`Upgrade: commons-tunnel/1`) | the node ID | 101, then HTTP/2 with the control plane as the client (`tunnel`) |
 //!
 //! Every call but `join` is made with the node's certificate; the node in
 //! the path must be the certificate's, so a node reads and reports only its
@@ -112,12 +115,19 @@ pub enum Operation {
     Snapshot { site: String },
     /// Restore a site from one of its snapshots on the node.
     Restore { site: String, snapshot: String },
-    /// Send what changed since the last increment to another node.
+    /// Send the site's data to the control plane for node `to` (today the
+    /// whole snapshot: the first increment is everything).
     ShipIncrement { site: String, to: String },
-    /// Stop taking writes for a site (before a cut-over).
+    /// Stop taking writes for a site (before a cut-over): its components
+    /// stop, its data stays.
     Freeze { site: String },
-    /// Take over a site that another node froze.
-    CutOver { site: String },
+    /// Start serving a site: from the snapshot with this sha256 shipped to
+    /// this node, or — without one — from its own data again (a frozen
+    /// site resumes).
+    CutOver {
+        site: String,
+        snapshot: Option<String>,
+    },
     /// Stop every site: the node is leaving.
     Drain,
 }
@@ -146,7 +156,7 @@ impl Operation {
             | Operation::Restore { site, .. }
             | Operation::ShipIncrement { site, .. }
             | Operation::Freeze { site }
-            | Operation::CutOver { site } => Some(site),
+            | Operation::CutOver { site, .. } => Some(site),
             Operation::Drain => None,
         }
     }

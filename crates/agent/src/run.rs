@@ -143,7 +143,11 @@ async fn assignments(
             }
         };
         for assigned in &batch.operations {
-            let report = executor.run(assigned).await;
+            let link = crate::ops::Link {
+                client: &current,
+                node: &node,
+            };
+            let report = executor.run(assigned, Some(&link)).await;
             eprintln!(
                 "{:>12} {} ({}): {}",
                 report.outcome, assigned.id, assigned.operation["op"], report.detail

@@ -331,6 +331,18 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     let (code, body) = usage(&node_a, event(&node_a, "e3"));
     assert_eq!(code, 204, "its own usage: {body}");
 
+    // A site's data travels only between the two nodes of its move: no
+    // node fetches or overwrites a snapshot otherwise.
+    for method in ["GET", "PUT"] {
+        let (code, body) = call(
+            Some(&a.pem()),
+            method,
+            &format!("/agent/v1/nodes/{node_a}/snapshots/hello"),
+            None,
+        );
+        assert_eq!(code, 403, "{method} a snapshot: {body}");
+    }
+
     // Operations are a closed set: anything else is refused, and only the
     // platform assigns them.
     let (code, v) = admin.post(
@@ -618,4 +630,156 @@ fn concurrent_placements_never_overcommit_a_node() {
     for n in v["items"].as_array().unwrap() {
         assert_eq!(n["placed"].as_array().unwrap().len(), 4, "{n}");
     }
+}
+
+/// A site that keeps every write in SQLite: `POST /N` records N (answered
+/// once committed), `GET /has/N` says whether N is there, `GET /` counts.
+const WRITES_SITE: &str = r#"name: ledger
+components:
+  db:
+    sqlite: {}
+  web:
+    process: |
+      exec python3 - "${components.db.path}" <<'PY'
+      import os, sqlite3, sys
+      from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+      path = sys.argv[1]
+      c = sqlite3.connect(path)
+      c.execute("CREATE TABLE IF NOT EXISTS w (n INTEGER PRIMARY KEY)")
+      c.commit()
+      class H(BaseHTTPRequestHandler):
+          protocol_version = "HTTP/1.1"
+          def reply(self, code, body):
+              b = body.encode()
+              self.send_response(code)
+              self.send_header("Content-Length", str(len(b)))
+              self.end_headers()
+              self.wfile.write(b)
+          def do_GET(self):
+              db = sqlite3.connect(path)
+              if self.path.startswith("/has/"):
+                  found = db.execute("SELECT 1 FROM w WHERE n = ?", (int(self.path[5:]),)).fetchone()
+                  self.reply(200 if found else 404, "")
+              else:
+                  self.reply(200, str(db.execute("SELECT COUNT(*) FROM w").fetchone()[0]))
+          def do_POST(self):
+              db = sqlite3.connect(path)
+              db.execute("INSERT OR IGNORE INTO w VALUES (?)", (int(self.path[1:]),))
+              db.commit()
+              self.reply(200, "ok")
+          def log_message(self, *a):
+              pass
+      ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+      PY
+    health: { http: "/" }
+"#;
+
+#[test]
+fn a_site_with_data_moves_under_load_without_losing_a_write() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let s = Sandbox::new("agents-move");
+    let server = s.serve(AGENT_ENV);
+    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
+    let admin = admin(&s, &server);
+    signup(server.port, "acme@example.org", "Acme");
+    signup(server.port, "globex@example.org", "Globex");
+    let acme = login(server.port, "acme@example.org", true);
+    let globex = login(server.port, "globex@example.org", true);
+    let mut a = Agent::new(&s, "a");
+    let mut b = Agent::new(&s, "b");
+    assert_eq!(
+        a.join(&url, &join_token(&acme, "acme", 600), "eu").code(),
+        0
+    );
+    assert_eq!(
+        b.join(&url, &join_token(&globex, "globex", 600), "eu")
+            .code(),
+        0
+    );
+    let (node_a, node_b) = (a.node(), b.node());
+    a.start();
+    b.start();
+    let (code, v) = admin.post(
+        "/api/placements",
+        json!({ "site": "ledger", "blueprint": WRITES_SITE, "preferred": ["acme"] }),
+    );
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["node"], node_a.as_str(), "{v}");
+    let gw = server.http;
+    let request = move |method: &str, path: &str| -> u16 {
+        http(gw, method, path, &[("Host", "ledger.localhost")], b"")
+            .map(|(c, _)| c)
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || request("GET", "/") == 200),
+        "the site serves on A:\n{}",
+        a.log()
+    );
+
+    // A writer that records every acknowledged write, a reader that counts
+    // failed reads; the move happens under both.
+    let stop = AtomicBool::new(false);
+    let (acked, failed_writes, slowest, failed_reads, reads) = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let (mut acked, mut failed, mut slowest) = (Vec::new(), 0, Duration::ZERO);
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                match request("POST", &format!("/{n}")) {
+                    200 => acked.push(n),
+                    _ => failed += 1,
+                }
+                slowest = slowest.max(t.elapsed());
+                n += 1;
+            }
+            (acked, failed, slowest)
+        });
+        let reader = scope.spawn(|| {
+            let (mut failed, mut reads) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                if request("GET", "/") != 200 {
+                    failed += 1;
+                }
+                reads += 1;
+            }
+            (failed, reads)
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let (code, v) = admin.post("/api/placements/ledger/move", json!({ "to": node_b }));
+        assert_eq!(code, 202, "{v}");
+        assert!(
+            wait_for(Duration::from_secs(120), || node_state(&admin, &node_b)
+                ["placed"]
+                == json!(["ledger"])),
+            "the site moved to B:\n{}\n{}",
+            a.log(),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, Ordering::Relaxed);
+        let (acked, failed_writes, slowest) = writer.join().unwrap();
+        let (failed_reads, reads) = reader.join().unwrap();
+        (acked, failed_writes, slowest, failed_reads, reads)
+    });
+    eprintln!(
+        "move under load: {} writes acknowledged, {failed_writes} refused, longest write {slowest:?}; {reads} reads, {failed_reads} failed",
+        acked.len()
+    );
+    assert!(acked.len() > 10, "the writer wrote");
+    assert_eq!(failed_reads, 0, "no read failed");
+    assert_eq!(failed_writes, 0, "no write was refused: they waited");
+    // Every acknowledged write is on B, which serves the site now.
+    assert!(
+        b.get("ledger").is_some_and(|(c, _)| c == 200),
+        "B serves it"
+    );
+    let missing: Vec<u64> = acked
+        .iter()
+        .copied()
+        .filter(|n| request("GET", &format!("/has/{n}")) != 200)
+        .collect();
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    // A keeps its copy, stopped: the operator removes it when satisfied.
+    assert!(a.get("ledger").is_none(), "A no longer serves it");
 }

@@ -63,6 +63,12 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/agent/v1/nodes/{node}/operations/{op}", post(report))
         .route("/agent/v1/nodes/{node}/tunnel", post(tunnel))
         .route(
+            "/agent/v1/nodes/{node}/snapshots/{site}",
+            get(fetch_snapshot)
+                .put(ship_snapshot)
+                .layer(DefaultBodyLimit::disable()),
+        )
+        .route(
             "/agent/v1/nodes/{node}/usage",
             post(usage).layer(DefaultBodyLimit::max(8 << 20)),
         )
@@ -154,6 +160,65 @@ async fn tunnel(
         .header(axum::http::header::UPGRADE, UPGRADE)
         .body(axum::body::Body::empty())
         .expect("a valid response"))
+}
+
+/// A node ships a site's snapshot while the site moves away from it; it
+/// is streamed to a file under `nodes/snapshots/`, never into a database.
+async fn ship_snapshot(
+    State(state): State<Arc<AppState>>,
+    AsNode(node): AsNode,
+    UrlPath((_, site)): UrlPath<(String, String)>,
+    body: axum::body::Body,
+) -> Reply {
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+    if !state.nodes.may_carry_snapshot(&node, &site, true) {
+        return Err(AppError::new(
+            ErrorKind::Forbidden,
+            "Not allowed",
+            format!("{site} is not moving away from node {node}"),
+        ));
+    }
+    let path = state.nodes.snapshot_path(&site);
+    let io = |e: std::io::Error| AppError::new(ErrorKind::Internal, "Snapshot", e.to_string());
+    crate::private_dir(path.parent().expect("in a directory")).map_err(io)?;
+    let partial = path.with_extension("part");
+    let mut file = tokio::fs::File::create(&partial).await.map_err(io)?;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            AppError::new(ErrorKind::Malformed, "Snapshot cut short", e.to_string())
+        })?;
+        if let Ok(data) = frame.into_data() {
+            file.write_all(&data).await.map_err(io)?;
+        }
+    }
+    file.sync_all().await.map_err(io)?;
+    tokio::fs::rename(&partial, &path).await.map_err(io)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The node a site moves to fetches its snapshot.
+async fn fetch_snapshot(
+    State(state): State<Arc<AppState>>,
+    AsNode(node): AsNode,
+    UrlPath((_, site)): UrlPath<(String, String)>,
+) -> Reply {
+    if !state.nodes.may_carry_snapshot(&node, &site, false) {
+        return Err(AppError::new(
+            ErrorKind::Forbidden,
+            "Not allowed",
+            format!("{site} is not moving to node {node}"),
+        ));
+    }
+    let bytes = tokio::fs::read(state.nodes.snapshot_path(&site))
+        .await
+        .map_err(|e| AppError::new(ErrorKind::NotFound, "No snapshot", e.to_string()))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
+        bytes,
+    )
+        .into_response())
 }
 
 async fn renew(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {

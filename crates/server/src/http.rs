@@ -85,6 +85,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/placements",
             post(api::nodes::place).layer(DefaultBodyLimit::max(limits::UPLOAD)),
         )
+        .route("/api/placements/{site}/move", post(api::nodes::move_site))
         .route("/api/catalog", get(api::sites::catalog_list))
         .route(
             "/api/sites/{name}",

@@ -60,6 +60,7 @@ impl Modify for Bearer {
         crate::api::nodes::all_nodes,
         crate::api::nodes::assign,
         crate::api::nodes::place,
+        crate::api::nodes::move_site,
         crate::api::sites::catalog_list,
         crate::api::sites::sites,
         crate::api::sites::create_site,

@@ -22,6 +22,9 @@ use crate::nodes::Nodes;
 
 type Sender = SendRequest<Empty<Bytes>>;
 
+/// How long a connection waits for a moving site.
+const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(120);
+
 pub struct Tunnels {
     nodes: Arc<Nodes>,
     /// Each node's open tunnel, with a number telling one dial from the next.
@@ -127,6 +130,17 @@ impl Tunnels {
         component: String,
     ) {
         let _ = tcp.set_nodelay(true);
+        // While the site moves, the connection waits (not refused), and
+        // goes to wherever the site serves once the move ends.
+        let held = std::time::Instant::now();
+        let mut changed = self.nodes.watch();
+        while self.nodes.is_moving(&site) {
+            if held.elapsed() > HOLD_AT_MOST {
+                return;
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(100), changed.changed())
+                .await;
+        }
         let Some(node) = self.nodes.serving_node(&site) else {
             return;
         };

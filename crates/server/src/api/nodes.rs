@@ -130,3 +130,34 @@ pub async fn place(State(state): State<Arc<AppState>>, Who(who): Who, body: Byte
         })??;
     Ok(Json(decision).into_response())
 }
+
+/// The node a site moves to.
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MoveTo {
+    /// A node id.
+    pub to: String,
+}
+
+/// Moves a placed site with its data to another node; requests wait
+/// rather than fail meanwhile. Answers at once; the move runs on.
+#[utoipa::path(post, path = "/api/placements/{site}/move", tag = "nodes",
+    params(("site" = String, Path)),
+    request_body = MoveTo,
+    responses(
+        (status = 202, description = "the move started", body = app::nodes::MoveStarted),
+        crate::schema::Unauthenticated,
+        (status = 403, description = "not the platform's administrator", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "the site is not placed on a node", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "moving already, there already, or it does not fit there", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["admin"])))]
+pub async fn move_site(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(site): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    let m: MoveTo = json_body(&body)?;
+    let started = app::nodes::move_site(&state, &who, &site, &m.to)?;
+    Ok((StatusCode::ACCEPTED, Json(started)).into_response())
+}

@@ -153,3 +153,106 @@ pub fn place(state: &AppState, who: &Principal, req: PlaceRequest) -> Result<Dec
     }
     state.nodes.place(req)
 }
+
+/// A move that started.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct MoveStarted {
+    pub site: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// Moves a placed site, with its data, to node `to`: the source freezes,
+/// ships its snapshot, the target restores it and starts; meanwhile new
+/// connections to the site wait rather than fail, and are released to the
+/// target once it serves. When any step fails the source serves again.
+/// Runs in the background on the caller's runtime.
+pub fn move_site(
+    state: &std::sync::Arc<AppState>,
+    who: &Principal,
+    site: &str,
+    to: &str,
+) -> Result<MoveStarted> {
+    platform_only(who)?;
+    let from = state.nodes.begin_move(site, to)?;
+    let (nodes, s, f, t) = (
+        state.nodes.clone(),
+        site.to_string(),
+        from.clone(),
+        to.to_string(),
+    );
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let outcome = carry_out_move(&nodes, &s, &f, &t).await;
+        if let Err(e) = &outcome {
+            eprintln!(
+                "{:>12} {s} from {f} to {t}: {e}; {f} serves it again",
+                "Failed"
+            );
+            let resume = commons_agent::protocol::Operation::CutOver {
+                site: s.clone(),
+                snapshot: None,
+            };
+            if let Ok((op, _)) = nodes.assign(&f, resume) {
+                let _ = nodes.wait_report(&f, &op, Duration::from_secs(120)).await;
+            }
+        } else {
+            eprintln!(
+                "{:>12} {s} from {f} to {t} in {:?}",
+                "Moved",
+                started.elapsed()
+            );
+        }
+        let _ = nodes.finish_move(&s, outcome.is_ok());
+        let _ = std::fs::remove_file(nodes.snapshot_path(&s));
+    });
+    Ok(MoveStarted {
+        site: site.to_string(),
+        from,
+        to: to.to_string(),
+    })
+}
+
+async fn carry_out_move(
+    nodes: &crate::nodes::Nodes,
+    site: &str,
+    from: &str,
+    to: &str,
+) -> std::result::Result<(), String> {
+    use commons_agent::protocol::Operation;
+    let step = |node: &str, op: Operation| {
+        let node = node.to_string();
+        async move {
+            let (id, _) = nodes.assign(&node, op).map_err(|e| e.detail)?;
+            match nodes
+                .wait_report(&node, &id, Duration::from_secs(600))
+                .await
+            {
+                Some(r) if r.outcome == "done" => Ok(r.detail),
+                Some(r) => Err(format!("{node}: {} ({})", r.detail, r.outcome)),
+                None => Err(format!("{node} did not report {id} in time")),
+            }
+        }
+    };
+    step(from, Operation::Freeze { site: site.into() }).await?;
+    step(
+        from,
+        Operation::ShipIncrement {
+            site: site.into(),
+            to: to.into(),
+        },
+    )
+    .await?;
+    let bytes = std::fs::read(nodes.snapshot_path(site))
+        .map_err(|e| format!("the shipped snapshot: {e}"))?;
+    let sha256 = commons_agent::protocol::pin_of(&bytes);
+    step(
+        to,
+        Operation::CutOver {
+            site: site.into(),
+            snapshot: Some(sha256),
+        },
+    )
+    .await?;
+    Ok(())
+}

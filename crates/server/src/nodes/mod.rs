@@ -95,6 +95,9 @@ struct Placed {
     /// The component `SITE.localhost` is routed to.
     #[serde(default)]
     web: Option<String>,
+    /// The node it is moving to: new connections to it wait meanwhile.
+    #[serde(default)]
+    moving: Option<String>,
     request: PlaceRequest,
 }
 
@@ -727,6 +730,7 @@ impl Nodes {
                 needs: req.needs,
                 stateless,
                 web,
+                moving: None,
                 request: PlaceRequest {
                     dry_run: false,
                     ..req
@@ -852,6 +856,132 @@ impl Nodes {
     /// A number that changes whenever placements do.
     pub fn version(&self) -> u64 {
         *self.changed.borrow()
+    }
+
+    /// Starts moving `site` to node `to`: it must fit there. Answers the
+    /// node it moves from.
+    pub fn begin_move(&self, site: &str, to: &str) -> Result<String, AppError> {
+        let mut inner = self.lock();
+        let Some(placed) = inner.reg.placements.get(site).cloned() else {
+            return Err(AppError::new(
+                ErrorKind::NotFound,
+                "No such placement",
+                format!("\"{site}\" is not placed on a node"),
+            ));
+        };
+        if let Some(other) = &placed.moving {
+            return Err(AppError::new(
+                ErrorKind::Conflict,
+                "Already moving",
+                format!("{site} is moving to {other} already"),
+            ));
+        }
+        if placed.node == to {
+            return Err(AppError::new(
+                ErrorKind::Conflict,
+                "Already there",
+                format!("{site} runs on {to} already"),
+            ));
+        }
+        // The target must take it as placement would: filters and room,
+        // the site's own share not counted twice.
+        inner.reg.placements.remove(site);
+        let mut request = Self::placement_request(&placed.request, &inner.reg, None);
+        request.needs = placed.needs;
+        let candidates: Vec<placement::Node> = Self::candidates(&inner.reg)
+            .into_iter()
+            .filter(|n| n.id == to)
+            .collect();
+        inner
+            .reg
+            .placements
+            .insert(site.to_string(), placed.clone());
+        let decision = placement::decide(&candidates, &request);
+        if decision.node.is_none() {
+            let why = match decision.verdicts.first() {
+                Some(v) => serde_json::to_string(v).unwrap_or_default(),
+                None => format!("no node \"{to}\""),
+            };
+            return Err(AppError::new(
+                ErrorKind::Conflict,
+                "Cannot move there",
+                format!("{site} cannot go to {to}: {why}"),
+            ));
+        }
+        inner
+            .reg
+            .placements
+            .get_mut(site)
+            .expect("kept above")
+            .moving = Some(to.to_string());
+        self.save(&inner.reg)?;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(placed.node)
+    }
+
+    /// Ends `site`'s move: on `to` when it succeeded, where it was when not.
+    pub fn finish_move(&self, site: &str, succeeded: bool) -> Result<(), AppError> {
+        let mut inner = self.lock();
+        if let Some(p) = inner.reg.placements.get_mut(site) {
+            if let Some(to) = p.moving.take() {
+                if succeeded {
+                    p.node = to;
+                    p.generation += 1;
+                }
+            }
+        }
+        self.save(&inner.reg)?;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// Whether `site` is moving: new connections to it wait.
+    pub fn is_moving(&self, site: &str) -> bool {
+        self.lock()
+            .reg
+            .placements
+            .get(site)
+            .is_some_and(|p| p.moving.is_some())
+    }
+
+    /// Whether `node` may send (`sending`) or fetch `site`'s snapshot: the
+    /// node it moves from sends it, the node it moves to fetches it.
+    pub fn may_carry_snapshot(&self, node: &str, site: &str, sending: bool) -> bool {
+        let inner = self.lock();
+        inner
+            .reg
+            .placements
+            .get(site)
+            .is_some_and(|p| match &p.moving {
+                Some(_) if sending => p.node == node,
+                Some(to) => to == node,
+                None => false,
+            })
+    }
+
+    /// Where `site`'s snapshot waits while it moves.
+    pub fn snapshot_path(&self, site: &str) -> PathBuf {
+        self.path
+            .parent()
+            .expect("in the nodes directory")
+            .join("snapshots")
+            .join(format!("{site}.tar"))
+    }
+
+    /// Waits for `node`'s report of operation `op`, up to `limit`.
+    pub async fn wait_report(&self, node: &str, op: &str, limit: Duration) -> Option<Report> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(r) = self.report_of(node, op) {
+                return Some(r);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// The provider a node belongs to.
