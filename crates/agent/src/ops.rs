@@ -129,15 +129,7 @@ impl Executor {
             }
             Operation::Remove { site } => {
                 let dir = self.site_dir(site)?;
-                if self
-                    .engine
-                    .store()
-                    .deployment(site)
-                    .map_err(|e| e.to_string())?
-                    .is_some()
-                {
-                    self.engine.destroy(site, 4, &Quiet).await.map_err(e)?;
-                }
+                self.destroy_if_here(site).await?;
                 let _ = std::fs::remove_dir_all(dir);
                 Ok(format!("{site} removed"))
             }
@@ -235,18 +227,26 @@ impl Executor {
         Ok(path)
     }
 
-    /// Stands `site` up from `archive` (any copy of it here is replaced).
-    async fn restore(&self, site: &str, archive: &Path) -> Result<String, String> {
-        let e = |e: commons_engine::EngineError| e.to_string();
-        if self
+    /// Destroys `site` if this node has it.
+    async fn destroy_if_here(&self, site: &str) -> Result<(), String> {
+        let here = self
             .engine
             .store()
             .deployment(site)
-            .map_err(|e| e.to_string())?
-            .is_some()
-        {
-            self.engine.destroy(site, 4, &Quiet).await.map_err(e)?;
+            .map_err(|e| e.to_string())?;
+        if here.is_some() {
+            self.engine
+                .destroy(site, 4, &Quiet)
+                .await
+                .map_err(|e| e.to_string())?;
         }
+        Ok(())
+    }
+
+    /// Stands `site` up from `archive` (any copy of it here is replaced).
+    async fn restore(&self, site: &str, archive: &Path) -> Result<String, String> {
+        let e = |e: commons_engine::EngineError| e.to_string();
+        self.destroy_if_here(site).await?;
         self.engine
             .restore(archive, Some(site), 4, &Quiet)
             .await

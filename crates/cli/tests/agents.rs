@@ -423,30 +423,32 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     assert!(a.log().contains("revoked"), "{}", a.log());
 }
 
+/// A control plane with two providers, acme and globex, each with a node
+/// in `eu` whose agent runs.
+fn two_providers(s: &Sandbox) -> (Server, Api, Agent, Agent) {
+    let server = s.serve(AGENT_ENV);
+    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
+    let admin = admin(s, &server);
+    let mut agents = Vec::new();
+    for provider in ["acme", "globex"] {
+        signup(server.port, &format!("{provider}@example.org"), provider);
+        let api = login(server.port, &format!("{provider}@example.org"), true);
+        let mut agent = Agent::new(s, provider);
+        let joined = agent.join(&url, &join_token(&api, provider, 600), "eu");
+        assert_eq!(joined.code(), 0, "{}", joined.all());
+        agent.start();
+        agents.push(agent);
+    }
+    let b = agents.pop().unwrap();
+    let a = agents.pop().unwrap();
+    (server, admin, a, b)
+}
+
 #[test]
 fn a_lost_nodes_stateless_site_is_served_elsewhere() {
     let s = Sandbox::new("agents-lost");
-    let server = s.serve(AGENT_ENV);
-    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
-    let admin = admin(&s, &server);
-    signup(server.port, "acme@example.org", "Acme");
-    signup(server.port, "globex@example.org", "Globex");
-    let acme = login(server.port, "acme@example.org", true);
-    let globex = login(server.port, "globex@example.org", true);
-    let mut a = Agent::new(&s, "a");
-    let mut b = Agent::new(&s, "b");
-    assert_eq!(
-        a.join(&url, &join_token(&acme, "acme", 600), "eu").code(),
-        0
-    );
-    assert_eq!(
-        b.join(&url, &join_token(&globex, "globex", 600), "eu")
-            .code(),
-        0
-    );
+    let (server, admin, mut a, b) = two_providers(&s);
     let (node_a, node_b) = (a.node(), b.node());
-    a.start();
-    b.start();
 
     // Both sites go to acme's node: the operator prefers acme for one and
     // allows only acme for the other.
@@ -678,27 +680,8 @@ components:
 fn a_site_with_data_moves_under_load_without_losing_a_write() {
     use std::sync::atomic::{AtomicBool, Ordering};
     let s = Sandbox::new("agents-move");
-    let server = s.serve(AGENT_ENV);
-    let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
-    let admin = admin(&s, &server);
-    signup(server.port, "acme@example.org", "Acme");
-    signup(server.port, "globex@example.org", "Globex");
-    let acme = login(server.port, "acme@example.org", true);
-    let globex = login(server.port, "globex@example.org", true);
-    let mut a = Agent::new(&s, "a");
-    let mut b = Agent::new(&s, "b");
-    assert_eq!(
-        a.join(&url, &join_token(&acme, "acme", 600), "eu").code(),
-        0
-    );
-    assert_eq!(
-        b.join(&url, &join_token(&globex, "globex", 600), "eu")
-            .code(),
-        0
-    );
+    let (server, admin, a, b) = two_providers(&s);
     let (node_a, node_b) = (a.node(), b.node());
-    a.start();
-    b.start();
     let (code, v) = admin.post(
         "/api/placements",
         json!({ "site": "ledger", "blueprint": WRITES_SITE, "preferred": ["acme"] }),

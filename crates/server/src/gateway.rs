@@ -129,8 +129,10 @@ pub fn node_routes(state: &AppState) -> Vec<RouteSpec> {
         .nodes
         .routed_sites()
         .into_iter()
-        .filter_map(|(site, component)| {
-            let upstream = state.tunnels.forwarder(&runtime, &site, &component)?;
+        .filter_map(|(site, component, epoch)| {
+            let upstream = state
+                .tunnels
+                .forwarder(&runtime, &site, &component, epoch)?;
             Some(RouteSpec {
                 host: format!("{site}.localhost"),
                 path: "/".into(),

@@ -30,7 +30,8 @@ pub struct Tunnels {
     /// Each node's open tunnel, with a number telling one dial from the next.
     open: Mutex<HashMap<String, (u64, Sender)>>,
     dials: std::sync::atomic::AtomicU64,
-    forwarders: Mutex<HashMap<(String, String), SocketAddr>>,
+    /// By (site, component, placement epoch).
+    forwarders: Mutex<HashMap<(String, String, u64), SocketAddr>>,
     /// The runtime forwarders run on: the agent listener's, once it runs.
     runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
@@ -88,15 +89,28 @@ impl Tunnels {
             .contains_key(node)
     }
 
-    /// The loopback address the gateway sends `site`'s `component` to,
-    /// made on first use (on `runtime`).
+    /// The forwarder made for `site`'s `component` at `epoch`, if any.
+    pub fn existing(&self, site: &str, component: &str, epoch: u64) -> Option<SocketAddr> {
+        let key = (site.to_string(), component.to_string(), epoch);
+        self.forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied()
+    }
+
+    /// The loopback address the gateway sends `site`'s `component` to at
+    /// placement `epoch`, made on first use (on `runtime`). Each epoch has
+    /// its own, so a move gives the gateway a new upstream: requests in
+    /// flight on the old one finish, new ones wait on the new one.
     pub fn forwarder(
         self: &Arc<Self>,
         runtime: &tokio::runtime::Handle,
         site: &str,
         component: &str,
+        epoch: u64,
     ) -> Option<SocketAddr> {
-        let key = (site.to_string(), component.to_string());
+        let key = (site.to_string(), component.to_string(), epoch);
         let mut forwarders = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(a) = forwarders.get(&key) {
             return Some(*a);
@@ -105,7 +119,7 @@ impl Tunnels {
         listener.set_nonblocking(true).ok()?;
         let addr = listener.local_addr().ok()?;
         let me = self.clone();
-        let (site, component) = key.clone();
+        let (site, component, _) = key.clone();
         runtime.spawn(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;

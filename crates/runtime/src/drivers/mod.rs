@@ -3,6 +3,7 @@
 mod job;
 pub mod postgres;
 mod process;
+pub use process::gateway_still_uses;
 mod resources;
 
 use crate::{Applied, BoxFuture, DriverError, Handle, Layout, Observed, Spec};

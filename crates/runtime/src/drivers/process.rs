@@ -281,9 +281,9 @@ pub async fn retire(
     stop_instance(deployment, component, old, STOP_GRACE).await;
 }
 
-/// True while a running gateway routes to `port` or has requests in flight
+/// True while a running gateway routes to `addr` or has requests in flight
 /// there, or has not yet seen the state written at `since_ms`.
-fn gateway_still_uses(layout: &Layout, addr: std::net::SocketAddr, since_ms: u64) -> bool {
+pub fn gateway_still_uses(layout: &Layout, addr: std::net::SocketAddr, since_ms: u64) -> bool {
     #[derive(serde::Deserialize)]
     struct State {
         updated_ms: u64,

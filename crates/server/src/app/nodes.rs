@@ -174,6 +174,12 @@ pub fn move_site(
     to: &str,
 ) -> Result<MoveStarted> {
     platform_only(who)?;
+    // The upstream the gateway sends the site's requests to now.
+    let before = state
+        .nodes
+        .route_of(site)
+        .and_then(|(component, epoch)| state.tunnels.existing(site, &component, epoch));
+    let since_ms = commons_clock::now_ms() as u64;
     let from = state.nodes.begin_move(site, to)?;
     let (nodes, s, f, t) = (
         state.nodes.clone(),
@@ -181,8 +187,19 @@ pub fn move_site(
         from.clone(),
         to.to_string(),
     );
+    let layout = state.engine.layout.clone();
     tokio::spawn(async move {
         let started = std::time::Instant::now();
+        // New requests wait on the moving site's own upstream; those in
+        // flight on the old one finish before the source freezes.
+        if let Some(old) = before {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while std::time::Instant::now() < deadline
+                && commons_runtime::drivers::gateway_still_uses(&layout, old, since_ms)
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let outcome = carry_out_move(&nodes, &s, &f, &t).await;
         if let Err(e) = &outcome {
             eprintln!(

@@ -203,6 +203,10 @@ fn internal(e: impl std::fmt::Display) -> AppError {
     AppError::new(ErrorKind::Internal, "Nodes", e.to_string())
 }
 
+fn epoch(p: &Placed) -> u64 {
+    p.generation * 2 + u64::from(p.moving.is_some())
+}
+
 /// What placement needs of a blueprint: whether it keeps data (a volume,
 /// SQLite or PostgreSQL: such a site waits for its node, or for an explicit
 /// move) and the component its host is routed to. Read from the text alone:
@@ -836,14 +840,24 @@ impl Nodes {
         (inner.reg.nodes.get(node)?.state == NodeState::Ready).then(|| node.clone())
     }
 
-    /// The sites placed on nodes and the component each host is routed to.
-    pub fn routed_sites(&self) -> Vec<(String, String)> {
+    /// The sites placed on nodes, the component each host is routed to, and
+    /// the placement's epoch: it changes when a move starts and when it
+    /// ends, and with it the upstream the gateway is given, so requests
+    /// in flight finish where they started while new ones wait.
+    pub fn routed_sites(&self) -> Vec<(String, String, u64)> {
         self.lock()
             .reg
             .placements
             .iter()
-            .filter_map(|(site, p)| Some((site.clone(), p.web.clone()?)))
+            .filter_map(|(site, p)| Some((site.clone(), p.web.clone()?, epoch(p))))
             .collect()
+    }
+
+    /// `site`'s routed component and epoch (see [`Nodes::routed_sites`]).
+    pub fn route_of(&self, site: &str) -> Option<(String, u64)> {
+        let inner = self.lock();
+        let p = inner.reg.placements.get(site)?;
+        Some((p.web.clone()?, epoch(p)))
     }
 
     /// Who served `site` (its node and that node's provider), for usage.
