@@ -32,8 +32,8 @@ pub struct Identity {
     pub revision: u64,
 }
 
-fn dir(home: &Path) -> PathBuf {
-    home.join("agent")
+pub(crate) fn dir(home: &Path) -> PathBuf {
+    commons_runtime::Layout::new(home).agent_dir()
 }
 
 fn failed(what: &Path) -> impl Fn(std::io::Error) -> AgentError + '_ {

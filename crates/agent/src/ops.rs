@@ -44,7 +44,7 @@ fn valid_id(id: &str) -> bool {
 
 impl Executor {
     pub fn new(home: &Path, engine: Engine) -> std::io::Result<Executor> {
-        let dir = home.join("agent");
+        let dir = crate::join::dir(home);
         commons_files::private_dir(&dir.join("ops"))?;
         commons_files::private_dir(&dir.join("sites"))?;
         Ok(Executor { engine, dir })

@@ -42,7 +42,7 @@ pub async fn run(
     );
     let tunnel = {
         let id = identity.read().await;
-        let pem_path = home.join("agent").join("node.pem");
+        let pem_path = crate::join::dir(&home).join("node.pem");
         tokio::spawn(crate::tunnel::keep_open(
             id.control_plane.clone(),
             id.pin.clone(),

@@ -158,6 +158,18 @@ impl Layout {
         self.home.join("secrets").join("admin.token")
     }
 
+    /// The control plane's node CA, its providers' nodes and the snapshots
+    /// of sites moving between them.
+    pub fn nodes_dir(&self) -> PathBuf {
+        self.home.join("nodes")
+    }
+
+    /// This machine as a provider's node: its identity, its key and
+    /// certificate, the reports of the operations it ran.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.home.join("agent")
+    }
+
     /// The platform's own API tokens (hashes and scopes).
     pub fn tokens_file(&self) -> PathBuf {
         self.home.join("tokens.json")

@@ -89,6 +89,17 @@ impl Tunnels {
             .contains_key(node)
     }
 
+    /// The forwarders made for `site` at epochs other than `epoch`.
+    pub fn others(&self, site: &str, epoch: u64) -> Vec<SocketAddr> {
+        self.forwarders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((s, _, e), _)| s == site && *e != epoch)
+            .map(|(_, a)| *a)
+            .collect()
+    }
+
     /// The forwarder made for `site`'s `component` at `epoch`, if any.
     pub fn existing(&self, site: &str, component: &str, epoch: u64) -> Option<SocketAddr> {
         let key = (site.to_string(), component.to_string(), epoch);
@@ -119,7 +130,7 @@ impl Tunnels {
         listener.set_nonblocking(true).ok()?;
         let addr = listener.local_addr().ok()?;
         let me = self.clone();
-        let (site, component, _) = key.clone();
+        let (site, component, epoch) = key.clone();
         runtime.spawn(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
@@ -128,7 +139,10 @@ impl Tunnels {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                tokio::spawn(me.clone().carry(tcp, site.clone(), component.clone()));
+                tokio::spawn(
+                    me.clone()
+                        .carry(tcp, site.clone(), component.clone(), epoch),
+                );
             }
         });
         forwarders.insert(key, addr);
@@ -142,13 +156,14 @@ impl Tunnels {
         mut tcp: tokio::net::TcpStream,
         site: String,
         component: String,
+        epoch: u64,
     ) {
         let _ = tcp.set_nodelay(true);
         // While the site moves, the connection waits (not refused), and
         // goes to wherever the site serves once the move ends.
         let held = std::time::Instant::now();
         let mut changed = self.nodes.watch();
-        while self.nodes.is_moving(&site) {
+        while self.nodes.holds(&site, epoch) {
             if held.elapsed() > HOLD_AT_MOST {
                 return;
             }

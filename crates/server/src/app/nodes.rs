@@ -174,15 +174,11 @@ pub fn move_site(
     to: &str,
 ) -> Result<MoveStarted> {
     platform_only(who)?;
-    // The upstream the gateway sends the site's requests to now.
-    let before = state
-        .nodes
-        .route_of(site)
-        .and_then(|(component, epoch)| state.tunnels.existing(site, &component, epoch));
-    let since_ms = commons_clock::now_ms() as u64;
     let from = state.nodes.begin_move(site, to)?;
-    let (nodes, s, f, t) = (
+    let since_ms = commons_clock::now_ms() as u64;
+    let (nodes, tunnels, s, f, t) = (
         state.nodes.clone(),
+        state.tunnels.clone(),
         site.to_string(),
         from.clone(),
         to.to_string(),
@@ -190,13 +186,21 @@ pub fn move_site(
     let layout = state.engine.layout.clone();
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        // New requests wait on the moving site's own upstream; those in
-        // flight on the old one finish before the source freezes.
-        if let Some(old) = before {
+        // New requests wait on the moving epoch's upstream; those in flight
+        // on any other upstream of the site finish before the source
+        // freezes: the gateway must route to the moving one alone.
+        if let Some((component, epoch)) = nodes.route_of(&s) {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while std::time::Instant::now() < deadline
-                && commons_runtime::drivers::gateway_still_uses(&layout, old, since_ms)
-            {
+            let drained = || {
+                let routed = tunnels.existing(&s, &component, epoch).is_some_and(|new| {
+                    commons_runtime::drivers::gateway_still_uses(&layout, new, since_ms)
+                });
+                routed
+                    && tunnels.others(&s, epoch).into_iter().all(|old| {
+                        !commons_runtime::drivers::gateway_still_uses(&layout, old, since_ms)
+                    })
+            };
+            while std::time::Instant::now() < deadline && !drained() {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

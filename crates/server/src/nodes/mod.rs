@@ -238,7 +238,7 @@ fn shape(blueprint: &str) -> Result<(bool, Option<String>), AppError> {
 impl Nodes {
     /// The nodes kept under `home/nodes`, and the CA, made on first use.
     pub fn open(home: &Path, settings: NodeSettings) -> Result<Nodes, String> {
-        let dir = home.join("nodes");
+        let dir = commons_runtime::Layout::new(home).nodes_dir();
         crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ca = ca::NodeCa::open(&dir)?;
         let path = dir.join("registry.json");
@@ -951,13 +951,16 @@ impl Nodes {
         Ok(())
     }
 
-    /// Whether `site` is moving: new connections to it wait.
-    pub fn is_moving(&self, site: &str) -> bool {
+    /// Whether a connection that came in on `site`'s forwarder of `epoch`
+    /// waits: the site is moving and that is the moving epoch's forwarder.
+    /// (The forwarder of the epoch before the move carries its connections
+    /// on to the source: the move waits for those to finish first.)
+    pub fn holds(&self, site: &str, epoch: u64) -> bool {
         self.lock()
             .reg
             .placements
             .get(site)
-            .is_some_and(|p| p.moving.is_some())
+            .is_some_and(|p| p.moving.is_some() && self::epoch(p) == epoch)
     }
 
     /// Whether `node` may send (`sending`) or fetch `site`'s snapshot: the
