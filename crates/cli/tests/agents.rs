@@ -287,6 +287,65 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     let (code, _) = mallory.get("/api/orgs/acme/nodes");
     assert_eq!(code, 404);
 
+    // The console shows a provider its nodes and makes join tokens, with
+    // the command that uses them; another organisation sees nothing.
+    let header = |api: &Api, name: &str| {
+        api.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let cookie = header(&acme, "Cookie");
+    let (code, _, page) = http_with_head(
+        server.port,
+        "GET",
+        "/console/orgs/acme/nodes",
+        &[("Cookie", &cookie)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains(&node_a) && page.contains(&node_b), "{page}");
+    let form = format!("csrf={}&ttl_minutes=5", header(&acme, "X-CSRF-Token"));
+    let form_headers = [
+        ("Cookie", cookie.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    let (code, _, page) = http_with_head(
+        server.port,
+        "POST",
+        "/console/orgs/acme/join-tokens",
+        &form_headers,
+        form.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{page}");
+    let command = format!("commons agent join {url} --token cmnj_");
+    assert!(page.contains(&command), "{page}");
+    let (code, _, _) = http_with_head(
+        server.port,
+        "POST",
+        "/console/orgs/acme/join-tokens",
+        &form_headers,
+        b"ttl_minutes=5",
+    )
+    .unwrap();
+    assert_ne!(
+        code, 200,
+        "a form without the session's CSRF token is refused"
+    );
+    let mallory_cookie = header(&mallory, "Cookie");
+    let (code, _, _) = http_with_head(
+        server.port,
+        "GET",
+        "/console/orgs/acme/nodes",
+        &[("Cookie", &mallory_cookie)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 404);
+
     let port = server.agents.unwrap();
     let call = |cert: Option<&Path>, method: &str, path: &str, body: Option<Value>| {
         agent_call(&s, port, cert, method, path, body)

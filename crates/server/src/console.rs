@@ -559,6 +559,9 @@ async fn org_page(
             h2 { "Deploy a site" }
             (deploy_form(&m, &org, &DeployForm::default()))
         }
+        @if state.accounts.allow(&who, &org, Action::ReadNodes).is_ok() {
+            p { a href=(format!("/console/orgs/{org}/nodes")) { "Nodes this organisation provides" } }
+        }
         h2 { "Members" }
         table {
             thead { tr { th scope="col" { "User" } th scope="col" { "Role" } } }

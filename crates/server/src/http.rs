@@ -15,8 +15,8 @@ use axum::Router;
 
 use crate::web::problem;
 use crate::{
-    api, books, console, local, my_money, my_usage, oidc, openapi, platform, statements, subscribe,
-    AppState,
+    api, books, console, console_nodes, local, my_money, my_usage, oidc, openapi, platform,
+    statements, subscribe, AppState,
 };
 
 /// The API's routes.
@@ -119,6 +119,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/me/subscription/checkout",
             post(api::billing::checkout),
+        )
+        .route("/console/orgs/{org}/nodes", get(console_nodes::nodes_page))
+        .route(
+            "/console/orgs/{org}/join-tokens",
+            post(console_nodes::join_token_submit),
+        )
+        .route(
+            "/console/orgs/{org}/nodes/{id}/revoke",
+            post(console_nodes::revoke_submit),
         )
         .route("/console/usage", get(my_usage::page))
         .route("/api/me/money", get(my_money::money_json))

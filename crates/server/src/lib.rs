@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod console;
+mod console_nodes;
 pub mod error;
 pub mod gateway;
 pub mod hosts;
@@ -108,6 +109,8 @@ pub struct AppState {
     pub books_export: Mutex<Option<((u64, usize), axum::body::Bytes)>>,
     /// Providers' nodes: join tokens, certificates, assignments, placements.
     pub nodes: std::sync::Arc<nodes::Nodes>,
+    /// Where agents join (`https://ADDR` of the agent listener), once it listens.
+    pub agent_url: std::sync::OnceLock<String>,
     /// Tunnels to the nodes, through which the gateway reaches their sites.
     pub tunnels: std::sync::Arc<tunnels::Tunnels>,
 }
@@ -176,6 +179,7 @@ impl AppState {
             books_export: Mutex::new(None),
             nodes: nodes.clone(),
             tunnels: tunnels::Tunnels::new(nodes),
+            agent_url: std::sync::OnceLock::new(),
         })
     }
 }

@@ -113,6 +113,7 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
                 .local_addr()
                 .map_err(|e| RunError::Failed(e.to_string()))?;
             eprintln!("{:>12} https://{addr} (node agents)", "Listening");
+            let _ = state.agent_url.set(format!("https://{addr}"));
             let agent_state = state.clone();
             tokio::spawn(async move {
                 if let Err(e) = crate::agents::serve(agents, agent_state).await {
