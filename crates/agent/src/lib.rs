@@ -26,6 +26,7 @@ pub mod protocol;
 pub mod run;
 pub mod tls;
 pub mod tunnel;
+pub mod usage;
 
 pub use join::{join, Identity};
 pub use run::{run, AgentSettings};

@@ -265,6 +265,25 @@ impl Executor {
         )))
     }
 
+    /// Every running component here: (site, component, its process group).
+    pub fn running(&self) -> Vec<(String, String, i32)> {
+        let Ok(rows) = self.engine.store().deployments() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for d in rows.into_iter().filter(|d| d.status != "destroyed") {
+            let Ok(status) = self.engine.observe(&d.name) else {
+                continue;
+            };
+            for c in status.components {
+                if let (Some(pid), "running") = (c.pid, c.state.as_str()) {
+                    out.push((d.name.clone(), c.name, pid));
+                }
+            }
+        }
+        out
+    }
+
     /// The sites this node runs, as its heartbeat states them.
     pub fn sites(&self) -> Vec<SiteState> {
         let Ok(rows) = self.engine.store().deployments() else {

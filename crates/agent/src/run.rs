@@ -21,6 +21,8 @@ pub struct AgentSettings {
     pub home: PathBuf,
     /// How long a long poll waits for an assignment.
     pub poll: Duration,
+    /// How often the sites' CPU and memory are sampled and sent as usage.
+    pub sample: Duration,
 }
 
 /// Runs the agent until the process is stopped.
@@ -54,6 +56,12 @@ pub async fn run(
             executor.clone(),
         ))
     };
+    let sampling = tokio::spawn(send_usage(
+        identity.clone(),
+        client.clone(),
+        executor.clone(),
+        settings.sample,
+    ));
     let beats = tokio::spawn(heartbeats(
         identity.clone(),
         client.clone(),
@@ -63,6 +71,7 @@ pub async fn run(
     let result = assignments(identity, client, executor, settings).await;
     beats.abort();
     tunnel.abort();
+    sampling.abort();
     result
 }
 
@@ -108,6 +117,39 @@ async fn heartbeats(
             eprintln!("{:>12} heartbeat: {e}", "Warning");
         }
         tokio::time::sleep(Duration::from_secs(every)).await;
+    }
+}
+
+/// Samples the sites' CPU and memory every `every` and sends them as
+/// usage in the node's name.
+async fn send_usage(
+    identity: Arc<RwLock<Identity>>,
+    client: Arc<RwLock<Arc<ControlPlane>>>,
+    executor: Arc<Executor>,
+    every: Duration,
+) {
+    let sampler = Arc::new(std::sync::Mutex::new(crate::usage::Sampler::default()));
+    loop {
+        tokio::time::sleep(every).await;
+        let node = identity.read().await.node.clone();
+        let (ex, sampler) = (executor.clone(), sampler.clone());
+        // /proc and the state store are read off the event loop.
+        let Ok(events) = tokio::task::spawn_blocking(move || {
+            let mut s = sampler.lock().unwrap_or_else(|p| p.into_inner());
+            s.sample(&ex, &node, every)
+        })
+        .await
+        else {
+            continue;
+        };
+        if events.is_empty() {
+            continue;
+        }
+        let node = identity.read().await.node.clone();
+        let batch = crate::protocol::UsageBatch { events };
+        if let Err(e) = client.read().await.usage(&node, &batch).await {
+            eprintln!("{:>12} usage: {e}", "Warning");
+        }
     }
 }
 

@@ -42,6 +42,9 @@ pub enum AgentCommand {
         /// How long one poll for assignments waits, in seconds.
         #[arg(long, default_value_t = 25)]
         poll_seconds: u64,
+        /// How often the sites' CPU and memory are sent as usage, in seconds.
+        #[arg(long, default_value_t = 60)]
+        sample_seconds: u64,
     },
 }
 
@@ -94,12 +97,16 @@ pub fn run(cmd: AgentCommand, home: &Path, json: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
-        AgentCommand::Run { poll_seconds } => {
+        AgentCommand::Run {
+            poll_seconds,
+            sample_seconds,
+        } => {
             let store = commons_engine::StoreConfig::from_env();
             let engine = commons_engine::Engine::open(home, &store).map_err(Failure::from)?;
             let settings = commons_agent::AgentSettings {
                 home: home.to_path_buf(),
                 poll: Duration::from_secs(poll_seconds.clamp(1, 55)),
+                sample: Duration::from_secs(sample_seconds.max(1)),
             };
             rt.block_on(commons_agent::run(settings, engine))
                 .map_err(failure)

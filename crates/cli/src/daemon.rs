@@ -182,8 +182,23 @@ fn proc_state(pid: u32) -> Option<char> {
 /// One request to the running daemon; a problem answer becomes a failure
 /// (4xx: bad input, otherwise: the operation failed).
 pub fn ask(home: &Path, method: &str, path: &str) -> Result<local::Answer, Failure> {
+    ask_with(home, method, path, None)
+}
+
+/// [`ask`] with a JSON body.
+pub fn ask_with(
+    home: &Path,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<local::Answer, Failure> {
+    if local::running(home).is_none() {
+        return Err(Failure::Input(
+            "the platform daemon is not running here; `commons serve` (or `commons daemon start`) starts it".into(),
+        ));
+    }
     let answer = crate::runtime()
-        .block_on(local::request(home, method, path, None))
+        .block_on(local::request(home, method, path, body))
         .map_err(Failure::Failed)?;
     match answer.status {
         200..=299 => Ok(answer),

@@ -8,6 +8,7 @@ mod agent;
 mod daemon;
 mod ledger;
 mod money;
+mod nodes;
 mod output;
 mod progress;
 mod remote;
@@ -180,6 +181,20 @@ enum Command {
     /// assignments.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Providers' nodes that joined this platform: state, last heartbeat,
+    /// sites (the running daemon's).
+    Nodes,
+    /// Place a site among providers' nodes — or, with --dry-run, say where
+    /// it would go and every node's verdict.
+    Place(nodes::PlaceArgs),
+    /// Move a site placed on a node, with its data, to another node (or
+    /// the best node of a provider); requests wait meanwhile, none fail.
+    Move {
+        site: String,
+        /// A node id, or a provider.
+        #[arg(long)]
+        to: String,
+    },
     /// Domains the platform's administrator verified for an organisation:
     /// only that organisation's sites may route them (and their subdomains).
     #[command(subcommand)]
@@ -612,6 +627,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => serve(&home, args),
         Command::Daemon(cmd) => daemon::run(cmd, &home, json),
         Command::Agent(cmd) => agent::run(cmd, &home, json),
+        Command::Nodes => nodes::list(&home, json),
+        Command::Place(args) => nodes::place(&home, args, json),
+        Command::Move { site, to } => nodes::move_site(&home, &site, &to, json),
         Command::Catalog => {
             let entries = commons_server::catalog::ENTRIES;
             if json {

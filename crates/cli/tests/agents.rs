@@ -96,11 +96,18 @@ impl Agent {
     fn start(&mut self) {
         let log = std::fs::File::create(self.home.join("agent.log")).unwrap();
         self.child = Some(
-            self.cmd(&["agent", "run", "--poll-seconds", "5"])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
+            self.cmd(&[
+                "agent",
+                "run",
+                "--poll-seconds",
+                "5",
+                "--sample-seconds",
+                "1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
         );
     }
 
@@ -547,14 +554,22 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
     assert_eq!(through_gateway("notes"), 200);
 
     // A dry run says where a site would go, and why not elsewhere.
-    let (code, v) = admin.post(
-        "/api/placements",
-        json!({ "site": "big", "blueprint": SITE, "dry_run": true,
-                "needs": { "cpu_millis": 3000, "memory_bytes": 0, "disk_bytes": 0 } }),
-    );
-    assert_eq!(code, 200, "{v}");
-    assert_eq!(v["node"], Value::Null, "{v}");
-    assert!(v.to_string().contains("no_room"), "{v}");
+    let file = s.blueprint(SITE);
+    let r = s.run(&[
+        "place",
+        "big",
+        file.to_str().unwrap(),
+        "--dry-run",
+        "--cpu-millis",
+        "3000",
+    ]);
+    assert_eq!(r.code(), 2, "nothing has room: {}", r.all());
+    assert!(r.stdout().contains("refused: no room (cpu)"), "{}", r.all());
+    let r = s.ok(&["place", "small", file.to_str().unwrap(), "--dry-run"]);
+    assert!(r.stderr().contains("small would go to"), "{}", r.all());
+    let listed = s.ok(&["nodes", "--json"]).json();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert!(node_state(&admin, &node_a)["placed"] == json!(["hello", "notes"]));
 
     // kill -9 the agent of node A: it is lost within 30 s (3 s here), and
     // its stateless site is placed on B and served there; the site with
@@ -601,6 +616,33 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
         "acme {} globex {}",
         served_by("acme"),
         served_by("globex")
+    );
+    // The agents send their sites' memory and CPU as their own usage: B's
+    // provider is metered for the site B runs now.
+    let memory_of = |provider: &str| -> f64 {
+        let v = s
+            .ok(&[
+                "usage",
+                "show",
+                "provider",
+                provider,
+                "--metric",
+                "memory_bytes",
+                "--aggregation",
+                "max",
+                "--json",
+            ])
+            .json();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| p["value"].as_f64().unwrap_or(0.0))
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        wait_for(Duration::from_secs(15), || memory_of("globex") > 1e6),
+        "no memory usage from B's agent:\n{}",
+        b.log()
     );
     let view_b = node_state(&admin, &node_b);
     assert_eq!(view_b["placed"], json!(["hello"]), "{view_b}");

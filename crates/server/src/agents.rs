@@ -307,12 +307,19 @@ async fn usage(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: B
         events.push(e);
     }
     let meter_state = state.clone();
-    tokio::task::spawn_blocking(move || {
+    let outcomes = tokio::task::spawn_blocking(move || {
         let mut meter = meter_state.meter.lock().unwrap_or_else(|p| p.into_inner());
         meter.ingest(&events, None)
     })
     .await
     .map_err(|e| AppError::new(ErrorKind::Internal, "Metering failed", e.to_string()))?
     .map_err(|e| AppError::new(ErrorKind::Invalid, "Usage refused", e.to_string()))?;
+    // The rest were recorded; the node hears why these were not.
+    if let Some(why) = outcomes.iter().find_map(|o| match o {
+        commons_meter::Outcome::Rejected(r) => Some(r.to_string()),
+        _ => None,
+    }) {
+        return Err(AppError::new(ErrorKind::Invalid, "Usage refused", why));
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -135,7 +135,7 @@ pub async fn place(State(state): State<Arc<AppState>>, Who(who): Who, body: Byte
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoveTo {
-    /// A node id.
+    /// A node id, or a provider (its best node for the site).
     pub to: String,
 }
 

@@ -174,14 +174,14 @@ pub fn move_site(
     to: &str,
 ) -> Result<MoveStarted> {
     platform_only(who)?;
-    let from = state.nodes.begin_move(site, to)?;
+    let (from, to) = state.nodes.begin_move(site, to)?;
     let since_ms = commons_clock::now_ms() as u64;
     let (nodes, tunnels, s, f, t) = (
         state.nodes.clone(),
         state.tunnels.clone(),
         site.to_string(),
         from.clone(),
-        to.to_string(),
+        to.clone(),
     );
     let layout = state.engine.layout.clone();
     tokio::spawn(async move {
@@ -230,7 +230,7 @@ pub fn move_site(
     Ok(MoveStarted {
         site: site.to_string(),
         from,
-        to: to.to_string(),
+        to,
     })
 }
 

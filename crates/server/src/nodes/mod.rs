@@ -141,6 +141,8 @@ pub struct NodeView {
     pub sites: Vec<SiteState>,
     /// The sites placed there.
     pub placed: Vec<String>,
+    /// Those of them moving away.
+    pub moving: Vec<String>,
 }
 
 /// A site to place among the nodes.
@@ -628,6 +630,13 @@ impl Nodes {
                     .filter(|(_, p)| p.node == n.id)
                     .map(|(s, _)| s.clone())
                     .collect(),
+                moving: inner
+                    .reg
+                    .placements
+                    .iter()
+                    .filter(|(_, p)| p.node == n.id && p.moving.is_some())
+                    .map(|(s, _)| s.clone())
+                    .collect(),
             })
             .collect()
     }
@@ -872,9 +881,9 @@ impl Nodes {
         *self.changed.borrow()
     }
 
-    /// Starts moving `site` to node `to`: it must fit there. Answers the
-    /// node it moves from.
-    pub fn begin_move(&self, site: &str, to: &str) -> Result<String, AppError> {
+    /// Starts moving `site` to node `to` (or to the best node of provider
+    /// `to`): it must fit there. Answers the nodes it moves from and to.
+    pub fn begin_move(&self, site: &str, to: &str) -> Result<(String, String), AppError> {
         let mut inner = self.lock();
         let Some(placed) = inner.reg.placements.get(site).cloned() else {
             return Err(AppError::new(
@@ -902,9 +911,10 @@ impl Nodes {
         inner.reg.placements.remove(site);
         let mut request = Self::placement_request(&placed.request, &inner.reg, None);
         request.needs = placed.needs;
+        // `to` names a node, or a provider: then its best node for the site.
         let candidates: Vec<placement::Node> = Self::candidates(&inner.reg)
             .into_iter()
-            .filter(|n| n.id == to)
+            .filter(|n| (n.id == to || n.provider == to) && n.id != placed.node)
             .collect();
         inner
             .reg
@@ -914,7 +924,9 @@ impl Nodes {
         if decision.node.is_none() {
             let why = match decision.verdicts.first() {
                 Some(v) => serde_json::to_string(v).unwrap_or_default(),
-                None => format!("no node \"{to}\""),
+                None => {
+                    format!("no node, or provider with a node besides its own, is named \"{to}\"")
+                }
             };
             return Err(AppError::new(
                 ErrorKind::Conflict,
@@ -922,16 +934,17 @@ impl Nodes {
                 format!("{site} cannot go to {to}: {why}"),
             ));
         }
+        let target = decision.node.expect("checked above");
         inner
             .reg
             .placements
             .get_mut(site)
             .expect("kept above")
-            .moving = Some(to.to_string());
+            .moving = Some(target.clone());
         self.save(&inner.reg)?;
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
-        Ok(placed.node)
+        Ok((placed.node, target))
     }
 
     /// Ends `site`'s move: on `to` when it succeeded, where it was when not.
