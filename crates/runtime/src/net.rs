@@ -666,13 +666,16 @@ fn sync_egress(net: &SiteNet, egress: bool) -> std::io::Result<()> {
 /// Removes the network of `deployment`, if it has one (it was destroyed),
 /// and frees its index.
 pub fn remove_site(home: &Path, deployment: &str) {
-    let Ok(Some(index)) = Registry::open().and_then(|r| r.free(&registry_key(home, deployment)))
-    else {
+    let Some(index) = site_index(home, deployment) else {
         return;
     };
+    // Removed before the index is freed: freed first, another site could
+    // take the index and make its namespace, which this removal would then
+    // take away from under it.
     if let Ok(net) = SiteNet::of(index, crate::settings::current().network) {
         remove(&net);
     }
+    let _ = Registry::open().and_then(|r| r.free(&registry_key(home, deployment)));
 }
 
 /// Removes `net`'s namespace and link (the link goes with the namespace's
