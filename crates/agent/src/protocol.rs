@@ -30,8 +30,10 @@ pub const CONTROL_PLANE_NAME: &str = "control-plane.commons.internal";
 /// The prefix of a join token: `cmnj_PIN_SECRET`.
 pub const JOIN_TOKEN_PREFIX: &str = "cmnj_";
 
-/// CPU, memory and disk: what a node offers and what a site takes.
+/// CPU, memory and disk: what a node offers and what a site takes (each 0
+/// when not said).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Resources {
     pub cpu_millis: u64,
     pub memory_bytes: u64,

@@ -445,6 +445,12 @@ const SCHEMATHESIS_CONFIG: &str = r#"
 include-path-regex = "^/api/(orgs/\\{org\\}/(sites|plan)|sites/\\{name\\})$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
 
+# A placement's blueprint must load; a site there on the control plane's
+# machine keeps its name.
+[[operations]]
+include-path = "/api/placements"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+
 # A member is named by the email of an account that exists.
 [[operations]]
 include-path = "/api/orgs/{org}/members"
@@ -512,7 +518,7 @@ fn user_token(port: u16) -> String {
             ("Cookie", &cookie),
             ("X-CSRF-Token", &csrf),
         ],
-        br#"{"name":"schemathesis","scopes":["sites:read","sites:write","orgs:read","orgs:write","audit:read","tokens:write"]}"#,
+        br#"{"name":"schemathesis","scopes":["sites:read","sites:write","orgs:read","orgs:write","audit:read","tokens:write","nodes:read","nodes:write"]}"#,
     )
     .unwrap();
     assert_eq!(code, 201, "{body}");

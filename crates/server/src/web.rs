@@ -164,6 +164,15 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Par
 
 /// A JSON request body, as the route documents it.
 pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AppError> {
+    // serde would read a struct from an array of its fields too: an object
+    // is what every route documents.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(AppError::new(
+            ErrorKind::Malformed,
+            "Malformed request body",
+            "expected a JSON object as documented",
+        ));
+    }
     serde_json::from_slice(body).map_err(|e| {
         AppError::new(
             ErrorKind::Malformed,

@@ -25,6 +25,7 @@ use crate::AppState;
         crate::schema::Unauthenticated,
         (status = 403, description = "not an admin or provider of the organisation", body = Problem, content_type = "application/problem+json"),
         crate::schema::NoSuchOrg,
+        (status = 422, description = "a lifetime out of range", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["nodes:write"])))]
 pub async fn create_join_token(
     State(state): State<Arc<AppState>>,
@@ -32,11 +33,7 @@ pub async fn create_join_token(
     UrlPath(org): UrlPath<String>,
     body: Bytes,
 ) -> Reply {
-    let n: NewJoinToken = if body.is_empty() {
-        NewJoinToken::default()
-    } else {
-        json_body(&body)?
-    };
+    let n: NewJoinToken = json_body(&body)?;
     let t = app::nodes::create_join_token(&state, &who, &org, &n)?;
     Ok(created(serde_json::to_value(t).expect("serialisable")))
 }
@@ -47,6 +44,7 @@ pub async fn create_join_token(
     responses(
         (status = 200, description = "`{items}`", body = Object),
         crate::schema::Unauthenticated,
+        (status = 403, description = "the token lacks nodes:read, or the caller's roles do not permit it", body = Problem, content_type = "application/problem+json"),
         crate::schema::NoSuchOrg,
     ), security(("bearer" = ["nodes:read"])))]
 pub async fn nodes(
@@ -64,6 +62,7 @@ pub async fn nodes(
     responses(
         (status = 204, description = "revoked"),
         crate::schema::Unauthenticated,
+        (status = 403, description = "the token lacks nodes:write, or the caller is not an admin or provider of the organisation", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such node of the organisation", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["nodes:write"])))]
 pub async fn revoke_node(
@@ -93,6 +92,7 @@ pub async fn all_nodes(State(state): State<Arc<AppState>>, Who(who): Who) -> Rep
     request_body(content = Object, description = "`{op: apply_site|stop|remove|snapshot|restore|ship_increment|freeze|cut_over|drain, ...}`"),
     responses(
         (status = 202, description = "assigned", body = app::nodes::Assigned),
+        crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "not the platform's administrator", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such node", body = Problem, content_type = "application/problem+json"),
@@ -118,6 +118,7 @@ pub async fn assign(
         crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "not the platform's administrator", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the name is a site on the control plane's own machine", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "the blueprint does not load", body = Problem, content_type = "application/problem+json"),
     ), security(("bearer" = ["admin"])))]
 pub async fn place(State(state): State<Arc<AppState>>, Who(who): Who, body: Bytes) -> Reply {
@@ -146,6 +147,7 @@ pub struct MoveTo {
     request_body = MoveTo,
     responses(
         (status = 202, description = "the move started", body = app::nodes::MoveStarted),
+        crate::schema::Malformed,
         crate::schema::Unauthenticated,
         (status = 403, description = "not the platform's administrator", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "the site is not placed on a node", body = Problem, content_type = "application/problem+json"),

@@ -17,8 +17,23 @@ use crate::AppState;
 #[serde(deny_unknown_fields)]
 pub struct NewJoinToken {
     /// How long it is good for, in seconds (default 3600, at most 7 days).
-    #[schema(minimum = 1, maximum = 604800)]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 604800)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub ttl_seconds: Option<u64>,
+}
+
+/// A whole number, written as JSON Schema counts integers (`60` or `60.0`).
+fn whole_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<u64>, D::Error> {
+    let n: Option<f64> = serde::Deserialize::deserialize(d)?;
+    match n {
+        None => Ok(None),
+        Some(n) if n.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&n) => Ok(Some(n as u64)),
+        Some(n) => Err(serde::de::Error::custom(format!(
+            "{n} is not a whole number of seconds"
+        ))),
+    }
 }
 
 /// A join token, shown once.

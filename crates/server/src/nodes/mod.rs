@@ -149,6 +149,8 @@ pub struct NodeView {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlaceRequest {
+    /// The site's name, as a deployment's: a DNS label.
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$")]
     pub site: String,
     /// The blueprint, YAML, one file.
     pub blueprint: String,
