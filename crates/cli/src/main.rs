@@ -192,8 +192,12 @@ enum Command {
     Move {
         site: String,
         /// A node id, or a provider.
+        #[arg(long, required_unless_present = "confirm", conflicts_with = "confirm")]
+        to: Option<String>,
+        /// The move went well: the nodes the site left remove their stopped
+        /// copies.
         #[arg(long)]
-        to: String,
+        confirm: bool,
     },
     /// Domains the platform's administrator verified for an organisation:
     /// only that organisation's sites may route them (and their subdomains).
@@ -629,7 +633,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Agent(cmd) => agent::run(cmd, &home, json),
         Command::Nodes => nodes::list(&home, json),
         Command::Place(args) => nodes::place(&home, args, json),
-        Command::Move { site, to } => nodes::move_site(&home, &site, &to, json),
+        Command::Move { site, to, confirm } => match to {
+            Some(to) if !confirm => nodes::move_site(&home, &site, &to, json),
+            _ => nodes::confirm_move(&home, &site, json),
+        },
         Command::Catalog => {
             let entries = commons_server::catalog::ENTRIES;
             if json {

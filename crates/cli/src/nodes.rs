@@ -198,6 +198,40 @@ pub fn move_site(home: &Path, site: &str, to: &str, json: bool) -> Result<(), Fa
             "Moved",
             started.elapsed().as_secs_f64()
         );
+        eprintln!(
+            "{:>12} {from} keeps a stopped copy; `commons move {site} --confirm` removes it",
+            "Note"
+        );
+    }
+    Ok(())
+}
+
+/// `commons move SITE --confirm`.
+pub fn confirm_move(home: &Path, site: &str, json: bool) -> Result<(), Failure> {
+    let c = ask(
+        home,
+        "POST",
+        &format!("/api/placements/{site}/confirm"),
+        None,
+    )?;
+    if json {
+        output::json(&c);
+        return Ok(());
+    }
+    let from: Vec<&str> = c["removed_from"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    if from.is_empty() {
+        eprintln!("{:>12} {site} left no copies behind", "Confirmed");
+    } else {
+        eprintln!(
+            "{:>12} {site}: removing its copies from {}",
+            "Confirmed",
+            from.join(", ")
+        );
     }
     Ok(())
 }

@@ -864,6 +864,20 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
         .filter(|n| request("GET", &format!("/has/{n}")) != 200)
         .collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
-    // A keeps its copy, stopped: the operator removes it when satisfied.
+    // A keeps its copy, stopped, until the operator confirms the move.
     assert!(a.get("ledger").is_none(), "A no longer serves it");
+    assert_eq!(node_state(&admin, &node_a)["kept"], json!(["ledger"]));
+    let listed = || a.cmd(&["list", "--json"]).output().unwrap().stdout;
+    assert!(String::from_utf8_lossy(&listed()).contains("ledger"));
+    let r = s.ok(&["move", "ledger", "--confirm"]);
+    assert!(r.stderr().contains(&node_a), "{}", r.all());
+    assert!(
+        wait_for(Duration::from_secs(30), || !String::from_utf8_lossy(
+            &listed()
+        )
+        .contains("\"ledger\"")),
+        "A removed its copy:\n{}",
+        a.log()
+    );
+    assert_eq!(node_state(&admin, &node_a)["kept"], json!([]));
 }

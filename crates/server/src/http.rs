@@ -86,6 +86,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(api::nodes::place).layer(DefaultBodyLimit::max(limits::UPLOAD)),
         )
         .route("/api/placements/{site}/move", post(api::nodes::move_site))
+        .route(
+            "/api/placements/{site}/confirm",
+            post(api::nodes::confirm_move),
+        )
         .route("/api/catalog", get(api::sites::catalog_list))
         .route(
             "/api/sites/{name}",

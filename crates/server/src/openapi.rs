@@ -61,6 +61,7 @@ impl Modify for Bearer {
         crate::api::nodes::assign,
         crate::api::nodes::place,
         crate::api::nodes::move_site,
+        crate::api::nodes::confirm_move,
         crate::api::sites::catalog_list,
         crate::api::sites::sites,
         crate::api::sites::create_site,

@@ -119,7 +119,21 @@ impl SqliteStore {
         // writes cannot wait for the lock (SQLite answers "database is
         // locked" at once), so every transaction takes the write lock first.
         conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // Switching a new file to WAL takes it whole, and SQLite answers
+        // "busy" at once rather than waiting when another process opens
+        // it at the same time: try again, within the busy timeout.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                other => break other?,
+            }
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let store = SqliteStore {
@@ -490,15 +504,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("commons-store-race-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let path = dir.join("state.db");
-        let opened: Vec<bool> = std::thread::scope(|s| {
+        let opened: Vec<std::result::Result<SqliteStore, String>> = std::thread::scope(|s| {
             (0..8)
-                .map(|_| s.spawn(|| SqliteStore::open(&path).is_ok()))
+                .map(|_| s.spawn(|| SqliteStore::open(&path).map_err(|e| e.to_string())))
                 .collect::<Vec<_>>()
                 .into_iter()
                 .map(|h| h.join().unwrap())
                 .collect()
         });
-        assert!(opened.iter().all(|ok| *ok), "{opened:?}");
+        let failed: Vec<&String> = opened.iter().filter_map(|o| o.as_ref().err()).collect();
+        assert!(failed.is_empty(), "{failed:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

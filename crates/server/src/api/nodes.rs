@@ -163,3 +163,21 @@ pub async fn move_site(
     let started = app::nodes::move_site(&state, &who, &site, &m.to)?;
     Ok((StatusCode::ACCEPTED, Json(started)).into_response())
 }
+
+/// Confirms a site's move: the nodes it left remove their stopped copies.
+#[utoipa::path(post, path = "/api/placements/{site}/confirm", tag = "nodes",
+    params(("site" = String, Path)),
+    responses(
+        (status = 200, description = "the nodes told to remove their copies", body = app::nodes::Confirmed),
+        crate::schema::Unauthenticated,
+        (status = 403, description = "not the platform's administrator", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "the site is not placed on a node", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the site is still moving", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["admin"])))]
+pub async fn confirm_move(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(site): UrlPath<String>,
+) -> Reply {
+    Ok(Json(app::nodes::confirm_move(&state, &who, &site)?).into_response())
+}

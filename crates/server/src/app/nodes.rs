@@ -292,3 +292,21 @@ async fn carry_out_move(
     .await?;
     Ok(())
 }
+
+/// The nodes a confirmed move's stopped copies are removed from.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Confirmed {
+    pub site: String,
+    pub removed_from: Vec<String>,
+}
+
+/// The operator is content with a site's move: the nodes it left remove
+/// their stopped copies.
+pub fn confirm_move(state: &AppState, who: &Principal, site: &str) -> Result<Confirmed> {
+    platform_only(who)?;
+    let removed_from = state.nodes.confirm_move(site)?;
+    Ok(Confirmed {
+        site: site.to_string(),
+        removed_from,
+    })
+}

@@ -98,6 +98,10 @@ struct Placed {
     /// The node it is moving to: new connections to it wait meanwhile.
     #[serde(default)]
     moving: Option<String>,
+    /// Nodes it moved away from that keep its stopped copy until the
+    /// operator confirms the move.
+    #[serde(default)]
+    left_on: Vec<String>,
     request: PlaceRequest,
 }
 
@@ -143,6 +147,8 @@ pub struct NodeView {
     pub placed: Vec<String>,
     /// Those of them moving away.
     pub moving: Vec<String>,
+    /// Sites that moved away and left a stopped copy here, until confirmed.
+    pub kept: Vec<String>,
 }
 
 /// A site to place among the nodes.
@@ -639,6 +645,13 @@ impl Nodes {
                     .filter(|(_, p)| p.node == n.id && p.moving.is_some())
                     .map(|(s, _)| s.clone())
                     .collect(),
+                kept: inner
+                    .reg
+                    .placements
+                    .iter()
+                    .filter(|(_, p)| p.left_on.contains(&n.id))
+                    .map(|(s, _)| s.clone())
+                    .collect(),
             })
             .collect()
     }
@@ -746,6 +759,7 @@ impl Nodes {
                 stateless,
                 web,
                 moving: None,
+                left_on: Vec::new(),
                 request: PlaceRequest {
                     dry_run: false,
                     ..req
@@ -955,7 +969,11 @@ impl Nodes {
         if let Some(p) = inner.reg.placements.get_mut(site) {
             if let Some(to) = p.moving.take() {
                 if succeeded {
-                    p.node = to;
+                    let from = std::mem::replace(&mut p.node, to);
+                    p.left_on.retain(|n| *n != p.node);
+                    if !p.left_on.contains(&from) {
+                        p.left_on.push(from);
+                    }
                     p.generation += 1;
                 }
             }
@@ -964,6 +982,41 @@ impl Nodes {
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// The operator is content with `site`'s move: the nodes it left remove
+    /// their stopped copies. Answers those nodes.
+    pub fn confirm_move(&self, site: &str) -> Result<Vec<String>, AppError> {
+        let mut inner = self.lock();
+        let Some(p) = inner.reg.placements.get_mut(site) else {
+            return Err(AppError::new(
+                ErrorKind::NotFound,
+                "No such placement",
+                format!("\"{site}\" is not placed on a node"),
+            ));
+        };
+        if p.moving.is_some() {
+            return Err(AppError::new(
+                ErrorKind::Conflict,
+                "Still moving",
+                format!("{site} is moving: confirm once it serves from its new node"),
+            ));
+        }
+        let left = std::mem::take(&mut p.left_on);
+        for node in &left {
+            // A node that was revoked since has nothing to be told.
+            let _ = Self::assign_locked(
+                &mut inner.reg,
+                node,
+                Operation::Remove {
+                    site: site.to_string(),
+                },
+            );
+        }
+        self.save(&inner.reg)?;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(left)
     }
 
     /// Whether a connection that came in on `site`'s forwarder of `epoch`
