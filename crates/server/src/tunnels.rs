@@ -22,6 +22,13 @@ use crate::nodes::Nodes;
 
 type Sender = SendRequest<Empty<Bytes>>;
 
+/// A loopback listener the gateway sends a site's connections to, and the
+/// task accepting them.
+struct Forwarder {
+    addr: SocketAddr,
+    accepting: tokio::task::AbortHandle,
+}
+
 /// How long a connection waits for a moving site.
 const HOLD_AT_MOST: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -31,7 +38,7 @@ pub struct Tunnels {
     open: Mutex<HashMap<String, (u64, Sender)>>,
     dials: std::sync::atomic::AtomicU64,
     /// By (site, component, placement epoch).
-    forwarders: Mutex<HashMap<(String, String, u64), SocketAddr>>,
+    forwarders: Mutex<HashMap<(String, String, u64), Forwarder>>,
     /// The runtime forwarders run on: the agent listener's, once it runs.
     runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
@@ -96,7 +103,7 @@ impl Tunnels {
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|((s, _, e), _)| s == site && *e != epoch)
-            .map(|(_, a)| *a)
+            .map(|(_, f)| f.addr)
             .collect()
     }
 
@@ -107,7 +114,7 @@ impl Tunnels {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .copied()
+            .map(|f| f.addr)
     }
 
     /// The loopback address the gateway sends `site`'s `component` to at
@@ -123,15 +130,25 @@ impl Tunnels {
     ) -> Option<SocketAddr> {
         let key = (site.to_string(), component.to_string(), epoch);
         let mut forwarders = self.forwarders.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = forwarders.get(&key) {
-            return Some(*a);
+        if let Some(f) = forwarders.get(&key) {
+            return Some(f.addr);
         }
+        // Two epochs back, the gateway stopped routing there a whole move
+        // ago: no new connection comes, so the listener goes (connections
+        // it carries go on to their end).
+        forwarders.retain(|(s, c, e), f| {
+            let stale = *s == key.0 && *c == key.1 && e + 2 < epoch;
+            if stale {
+                f.accepting.abort();
+            }
+            !stale
+        });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").ok()?;
         listener.set_nonblocking(true).ok()?;
         let addr = listener.local_addr().ok()?;
         let me = self.clone();
         let (site, component, epoch) = key.clone();
-        runtime.spawn(async move {
+        let accepting = runtime.spawn(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                 return;
             };
@@ -145,7 +162,13 @@ impl Tunnels {
                 );
             }
         });
-        forwarders.insert(key, addr);
+        forwarders.insert(
+            key,
+            Forwarder {
+                addr,
+                accepting: accepting.abort_handle(),
+            },
+        );
         Some(addr)
     }
 
