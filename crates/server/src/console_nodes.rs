@@ -44,7 +44,7 @@ fn body(
         .map_or("https://CONTROL-PLANE:PORT", String::as_str);
     Ok(html! {
         @if let Some(t) = made {
-            p.note role="status" { "A join token for one node, good until " (date(t.expires_at_ms)) " — copy it now, it is not shown again. On the provider's machine:" }
+            p.note role="status" { "A join token for one node, good until " (commons_meter::format_time(t.expires_at_ms)) " — copy it now, it is not shown again. On the provider's machine:" }
             pre #join-command { "commons agent join " (listener) " --token " (t.token) " --region REGION" }
         }
         @if nodes.is_empty() {
@@ -87,12 +87,6 @@ fn body(
             }
         }
     })
-}
-
-/// A time in ms since the epoch, to the second.
-fn date(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 pub(crate) async fn nodes_page(
