@@ -187,16 +187,6 @@ pub struct Nodes {
     changed: tokio::sync::watch::Sender<u64>,
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
-    commons_agent::protocol::pin_of(bytes)
-}
-
-fn random_hex(n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    getrandom::getrandom(&mut bytes).expect("the system's random source");
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unauthenticated(detail: impl Into<String>) -> AppError {
     AppError::new(
         ErrorKind::Unauthenticated,
@@ -292,12 +282,12 @@ impl Nodes {
         actor: &str,
         ttl: Duration,
     ) -> Result<(String, String, i64), AppError> {
-        let secret = random_hex(32);
-        let id = format!("jt-{}", random_hex(6));
+        let secret = crate::tokens::random(40);
+        let id = format!("jt-{}", crate::tokens::random(12));
         let expires_at_ms = commons_clock::now_ms() + ttl.as_millis() as i64;
         let mut inner = self.lock();
         inner.reg.join_tokens.insert(
-            hex_sha256(secret.as_bytes()),
+            crate::tokens::hash(&secret),
             JoinTokenRecord {
                 id: id.clone(),
                 org: org.to_string(),
@@ -330,7 +320,7 @@ impl Nodes {
             ));
         }
         let mut inner = self.lock();
-        let key = hex_sha256(secret.as_bytes());
+        let key = crate::tokens::hash(secret);
         let now = commons_clock::now_ms();
         let Some(token) = inner.reg.join_tokens.get(&key).cloned() else {
             return Err(unauthenticated("that is not a join token of this platform"));
@@ -347,7 +337,7 @@ impl Nodes {
                 token.id
             )));
         }
-        let node = format!("node-{}", random_hex(6));
+        let node = format!("node-{}", crate::tokens::random(12));
         let lifetime = self.settings.certificate_lifetime.as_secs() as i64;
         let signed = self
             .ca
@@ -558,7 +548,7 @@ impl Nodes {
         }
         n.revision += 1;
         let revision = n.revision;
-        let id = format!("op-{}", random_hex(8));
+        let id = format!("op-{}", crate::tokens::random(16));
         let ops = reg.operations.entry(node.to_string()).or_default();
         ops.push(OpRecord {
             id: id.clone(),
