@@ -1,0 +1,16 @@
+//! DataCommons: user-owned data in the AT Protocol's repository format.
+//!
+//! - [`syntax`]: the protocol's string formats (DIDs, NSIDs, TIDs, ...).
+//! - [`model`]: values, their JSON and DAG-CBOR forms, CIDs.
+//! - [`keys`]: P-256 / K-256 signing keys and `did:key`.
+//! - [`mst`]: the Merkle search tree of `collection/rkey` -> record CID.
+//! - [`car`]: CAR v1 files.
+//! - [`repo`]: signed commits over a tree; export, verify, diff.
+//! - [`lexicon`]: Lexicon schemas and record validation.
+
+#![forbid(unsafe_code)]
+
+pub mod keys;
+pub mod model;
+pub mod mst;
+pub mod syntax;
