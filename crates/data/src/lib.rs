@@ -10,7 +10,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod car;
 pub mod keys;
+pub mod lexicon;
 pub mod model;
 pub mod mst;
+pub mod repo;
 pub mod syntax;

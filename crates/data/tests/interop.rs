@@ -289,3 +289,59 @@ fn mst_shape_is_independent_of_write_order() {
         .all(|(_, old, new)| old.is_none() && *new == Some(leaf)));
     let _ = Ipld::Null;
 }
+
+fn catalog() -> commons_data::lexicon::Catalog {
+    let mut catalog = commons_data::lexicon::Catalog::new();
+    let dir = vector_path("lexicon/catalog");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5);
+    for path in names {
+        let doc: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        catalog
+            .add(doc)
+            .unwrap_or_else(|e| panic!("{} refused: {e}", path.display()));
+    }
+    catalog
+}
+
+#[test]
+fn lexicon_documents() {
+    use commons_data::lexicon::check_document;
+    for case in json("lexicon/lexicon-valid.json").as_array().unwrap() {
+        check_document(&case["lexicon"])
+            .unwrap_or_else(|e| panic!("{}: refused: {e}", case["name"]));
+    }
+    for case in json("lexicon/lexicon-invalid.json").as_array().unwrap() {
+        assert!(
+            check_document(&case["lexicon"]).is_err(),
+            "{}: accepted",
+            case["name"]
+        );
+    }
+}
+
+#[test]
+fn lexicon_record_data() {
+    let catalog = catalog();
+    let validate = |case: &Value| -> Result<(), String> {
+        let data = model::from_json(&case["data"]).map_err(|e| e.to_string())?;
+        let nsid = case["data"]["$type"]
+            .as_str()
+            .unwrap_or("example.lexicon.record");
+        catalog
+            .validate_record(nsid, case["rkey"].as_str().unwrap(), &data)
+            .map_err(|e| e.to_string())
+    };
+    for case in json("lexicon/record-data-valid.json").as_array().unwrap() {
+        validate(case).unwrap_or_else(|e| panic!("{}: refused: {e}", case["name"]));
+    }
+    let invalid = json("lexicon/record-data-invalid.json");
+    assert!(invalid.as_array().unwrap().len() >= 40);
+    for case in invalid.as_array().unwrap() {
+        assert!(validate(case).is_err(), "{}: accepted", case["name"]);
+    }
+}
