@@ -6,6 +6,7 @@
 
 mod agent;
 mod daemon;
+mod data;
 mod ledger;
 mod money;
 mod nodes;
@@ -181,6 +182,9 @@ enum Command {
     /// assignments.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// DataCommons: users' repositories in the AT Protocol format.
+    #[command(subcommand)]
+    Data(data::DataCommand),
     /// Providers' nodes that joined this platform: state, last heartbeat,
     /// sites (the running daemon's).
     Nodes,
@@ -631,6 +635,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => serve(&home, args),
         Command::Daemon(cmd) => daemon::run(cmd, &home, json),
         Command::Agent(cmd) => agent::run(cmd, &home, json),
+        Command::Data(cmd) => data::run(cmd, json),
         Command::Nodes => nodes::list(&home, json),
         Command::Place(args) => nodes::place(&home, args, json),
         Command::Move { site, to, confirm } => match to {
