@@ -23,9 +23,6 @@ fn note(text: &str) -> Vec<u8> {
 }
 
 fn write_repo(dir: &Path) -> (Keypair, std::path::PathBuf, std::path::PathBuf) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
     let key = Keypair::generate(Algorithm::K256);
     // Not a did:key: the signature needs --key to be checked.
     let mut repo = Repo::new("did:web:commons.localhost");
@@ -38,7 +35,7 @@ fn write_repo(dir: &Path) -> (Keypair, std::path::PathBuf, std::path::PathBuf) {
         .collect();
     repo.commit(&writes, &key, clock.next()).unwrap();
     let a = dir.join("a.car");
-    std::fs::write(&a, rt.block_on(repo.export_car()).unwrap()).unwrap();
+    std::fs::write(&a, repo.export_car().unwrap()).unwrap();
     repo.commit(
         &[
             Write::Delete {
@@ -58,7 +55,7 @@ fn write_repo(dir: &Path) -> (Keypair, std::path::PathBuf, std::path::PathBuf) {
     )
     .unwrap();
     let b = dir.join("b.car");
-    std::fs::write(&b, rt.block_on(repo.export_car()).unwrap()).unwrap();
+    std::fs::write(&b, repo.export_car().unwrap()).unwrap();
     (key, a, b)
 }
 

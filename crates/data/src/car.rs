@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use iroh_car::{CarHeader, CarReader, CarWriter};
+use iroh_car::{CarHeader, CarReader};
 
 use crate::model::{cid_of, Cid, DAG_CBOR, RAW};
 
@@ -81,17 +81,31 @@ pub fn check_block(cid: &Cid, data: &[u8]) -> Result<(), CarError> {
     Ok(())
 }
 
-/// Writes a CAR file with one root and `blocks` in the order given.
-pub async fn write<'a>(root: Cid, blocks: impl IntoIterator<Item = (Cid, &'a [u8])>) -> Vec<u8> {
-    let mut writer = CarWriter::new(CarHeader::new_v1(vec![root]), Vec::new());
+/// Writes a CAR v1 file with one root and `blocks` in the order given.
+///
+/// Written by hand (a varint-prefixed DAG-CBOR header, then varint-prefixed
+/// CID + bytes per block) so that commits and exports need no async
+/// runtime; the reader above checks what it writes in the tests.
+pub fn write<'a>(root: Cid, blocks: impl IntoIterator<Item = (Cid, &'a [u8])>) -> Vec<u8> {
+    let header = CarHeader::new_v1(vec![root])
+        .encode()
+        .expect("a CAR header always encodes");
+    let mut out = Vec::with_capacity(header.len() + 64);
+    varint(&mut out, header.len() as u64);
+    out.extend_from_slice(&header);
     for (cid, data) in blocks {
-        writer
-            .write(cid, data)
-            .await
-            .expect("writing to memory does not fail");
+        let cid = cid.to_bytes();
+        varint(&mut out, (cid.len() + data.len()) as u64);
+        out.extend_from_slice(&cid);
+        out.extend_from_slice(data);
     }
-    writer
-        .finish()
-        .await
-        .expect("writing to memory does not fail")
+    out
+}
+
+fn varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
 }

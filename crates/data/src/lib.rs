@@ -16,4 +16,5 @@ pub mod lexicon;
 pub mod model;
 pub mod mst;
 pub mod repo;
+pub mod seal;
 pub mod syntax;

@@ -196,6 +196,11 @@ impl NodeStore {
         self.nodes.get(cid).map(|(_, b)| b.clone())
     }
 
+    /// Forgets a node no tree uses any more.
+    pub fn remove(&mut self, cid: &Cid) {
+        self.nodes.remove(cid);
+    }
+
     pub fn contains(&self, cid: &Cid) -> bool {
         self.nodes.contains_key(cid)
     }

@@ -177,6 +177,10 @@ pub struct Committed {
     pub blocks: Vec<Block>,
     /// The root of the tree before this commit.
     pub prev_data: Cid,
+    /// Every tree node this commit created (to persist).
+    pub new_nodes: Vec<Block>,
+    /// Tree nodes the new tree no longer uses (to drop).
+    pub dropped_nodes: Vec<Cid>,
 }
 
 /// A repository held in memory: tree nodes, record blocks and the head.
@@ -187,9 +191,25 @@ pub struct Repo {
     records: HashMap<Cid, Arc<[u8]>>,
     tree: Tree,
     head: Option<(Cid, Commit)>,
+    /// Whether record blocks are kept here (a store-backed repository
+    /// keeps them in its database instead).
+    keep_records: bool,
 }
 
 impl Repo {
+    /// A repository whose tree nodes are given and whose records live
+    /// elsewhere (the caller stores the blocks each commit returns).
+    pub fn detached(did: &str, nodes: NodeStore, tree: Tree, head: Option<(Cid, Commit)>) -> Self {
+        Self {
+            did: did.to_owned(),
+            nodes,
+            records: HashMap::new(),
+            tree,
+            head,
+            keep_records: false,
+        }
+    }
+
     /// An empty repository of `did`.
     pub fn new(did: &str) -> Self {
         let mut nodes = NodeStore::new();
@@ -200,6 +220,7 @@ impl Repo {
             records: HashMap::new(),
             tree,
             head: None,
+            keep_records: true,
         }
     }
 
@@ -318,8 +339,19 @@ impl Repo {
                 blocks.push((node, bytes));
             }
         }
-        for (cid, bytes) in &new_records {
-            self.records.insert(*cid, bytes.clone());
+        let change = mst::diff(&self.nodes, Some(self.tree), Some(tree))?;
+        let new_nodes = change
+            .created_nodes
+            .iter()
+            .filter_map(|c| self.nodes.bytes(c).map(|b| (*c, b)))
+            .collect();
+        for dropped in &change.deleted_nodes {
+            self.nodes.remove(dropped);
+        }
+        if self.keep_records {
+            for (cid, bytes) in &new_records {
+                self.records.insert(*cid, bytes.clone());
+            }
         }
         blocks.extend(new_records);
         self.tree = tree;
@@ -330,6 +362,8 @@ impl Repo {
             ops,
             blocks,
             prev_data,
+            new_nodes,
+            dropped_nodes: change.deleted_nodes,
         })
     }
 
@@ -344,7 +378,7 @@ impl Repo {
 
     /// The whole repository as a CAR file: the commit first, then the tree
     /// and records in depth-first order.
-    pub async fn export_car(&self) -> Result<Vec<u8>, RepoError> {
+    pub fn export_car(&self) -> Result<Vec<u8>, RepoError> {
         let Some((head_cid, commit)) = &self.head else {
             return Err(RepoError::BadCommit(
                 "the repository has no commit yet".into(),
@@ -369,7 +403,10 @@ impl Repo {
         }
         let mut seen = std::collections::HashSet::new();
         blocks.retain(|(cid, _)| seen.insert(*cid));
-        Ok(car::write(*head_cid, blocks.iter().map(|(c, b)| (*c, &b[..]))).await)
+        Ok(car::write(
+            *head_cid,
+            blocks.iter().map(|(c, b)| (*c, &b[..])),
+        ))
     }
 
     /// Loads a repository from a CAR file, checking every block's hash, the
@@ -399,6 +436,7 @@ impl Repo {
             records,
             tree: loaded.tree,
             head: Some((head_cid, commit)),
+            keep_records: true,
         })
     }
 }

@@ -33,7 +33,7 @@ async fn export_verify_import_gives_the_same_root() {
         let key = Keypair::generate(algorithm);
         let clock = TidClock::new(0);
         let repo = sample(&key, &clock, 500);
-        let car = repo.export_car().await.unwrap();
+        let car = repo.export_car().unwrap();
         let verified = repo::verify(&car, None).await.unwrap();
         assert!(
             verified.signature_checked,
@@ -44,7 +44,7 @@ async fn export_verify_import_gives_the_same_root() {
         assert_eq!(imported.tree().root, repo.tree().root);
         assert_eq!(imported.head().unwrap().0, repo.head().unwrap().0);
         assert_eq!(
-            imported.export_car().await.unwrap(),
+            imported.export_car().unwrap(),
             car,
             "export is deterministic"
         );
@@ -62,7 +62,7 @@ async fn commits_report_ops_and_diffs_name_them() {
     let key = Keypair::generate(Algorithm::K256);
     let clock = TidClock::new(0);
     let mut repo = sample(&key, &clock, 50);
-    let before = repo.export_car().await.unwrap();
+    let before = repo.export_car().unwrap();
     let paths: Vec<String> = repo
         .entries()
         .unwrap()
@@ -91,7 +91,7 @@ async fn commits_report_ops_and_diffs_name_them() {
     let actions: Vec<&str> = committed.ops.iter().map(|o| o.action).collect();
     assert_eq!(actions, ["update", "delete", "create"]);
     assert!(committed.ops[1].prev.is_some() && committed.ops[1].cid.is_none());
-    let after = repo.export_car().await.unwrap();
+    let after = repo.export_car().unwrap();
     let diff = repo::diff_cars(&before, &after).await.unwrap();
     let changed: Vec<&str> = diff.record_ops.iter().map(|(p, _, _)| p.as_str()).collect();
     let mut expected = vec![paths[0].as_str(), paths[1].as_str(), "app.commons.note/new"];
@@ -132,7 +132,7 @@ async fn commits_report_ops_and_diffs_name_them() {
 async fn bad_files_get_clear_errors() {
     let key = Keypair::generate(Algorithm::P256);
     let repo = sample(&key, &TidClock::new(0), 20);
-    let car = repo.export_car().await.unwrap();
+    let car = repo.export_car().unwrap();
     // Not a CAR at all.
     let err = repo::verify(b"hello world", None).await.unwrap_err();
     assert!(err.to_string().contains("not a CAR v1 file"), "{err}");
@@ -156,7 +156,7 @@ async fn bad_files_get_clear_errors() {
         .iter()
         .filter(|c| **c != missing)
         .map(|c| (*c, &parsed.blocks[c][..]));
-    let partial = commons_data::car::write(parsed.roots[0], kept).await;
+    let partial = commons_data::car::write(parsed.roots[0], kept);
     let err = repo::verify(&partial, None).await.unwrap_err();
     assert_eq!(err, RepoError::MissingRecord { path, cid: missing });
     // A CAR whose root is a bare tree node verifies (no signature to check).
@@ -169,8 +169,7 @@ async fn bad_files_get_clear_errors() {
             .iter()
             .filter(|c| nodes.contains(c) || repo.entries().unwrap().iter().any(|(_, r)| r == *c))
             .map(|c| (*c, &parsed.blocks[c][..])),
-    )
-    .await;
+    );
     let verified = repo::verify(&bare, None).await.unwrap();
     assert!(verified.commit.is_none() && !verified.signature_checked);
     assert_eq!(verified.data, root);
