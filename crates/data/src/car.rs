@@ -69,6 +69,11 @@ pub async fn read(bytes: &[u8]) -> Result<Car, CarError> {
     Ok(car)
 }
 
+/// [`read`] without an async runtime (reading from memory never waits).
+pub fn read_sync(bytes: &[u8]) -> Result<Car, CarError> {
+    futures::executor::block_on(read(bytes))
+}
+
 /// Checks that `data` is what `cid` names.
 pub fn check_block(cid: &Cid, data: &[u8]) -> Result<(), CarError> {
     let codec = cid.codec();

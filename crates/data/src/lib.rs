@@ -7,14 +7,20 @@
 //! - [`car`]: CAR v1 files.
 //! - [`repo`]: signed commits over a tree; export, verify, diff.
 //! - [`lexicon`]: Lexicon schemas and record validation.
+//! - [`seal`]: envelope encryption of the encrypted classes.
+//! - [`service`]: the rules: apps, grants, classes, writes, reads, export, erase.
+//! - [`feed`]: the change feed's events and cursor rules.
 
 #![forbid(unsafe_code)]
 
 pub mod car;
+mod db;
+pub mod feed;
 pub mod keys;
 pub mod lexicon;
 pub mod model;
 pub mod mst;
 pub mod repo;
 pub mod seal;
+pub mod service;
 pub mod syntax;

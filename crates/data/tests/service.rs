@@ -1,0 +1,707 @@
+//! DataCommons' rules, end to end on a real SQLite data directory: classes,
+//! grants, validation, provenance, the feed's cursors, usage, export and
+//! import, and erase (with a canary searched for in every file).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use commons_data::feed::{Event, Message};
+use commons_data::service::{
+    Action, AppCall, AppDecl, Class, CollectionDecl, DataCommons, DataError, Grantee, UsageEvent,
+    UsageSink, Viewer,
+};
+use serde_json::{json, Value};
+
+#[derive(Default)]
+struct Usage(Mutex<Vec<UsageEvent>>);
+
+impl UsageSink for Usage {
+    fn record(&self, event: UsageEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "commons-data-{name}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn schema(nsid: &str, properties: Value, required: &[&str]) -> Value {
+    json!({"lexicon": 1, "id": nsid, "defs": {"main": {
+        "type": "record", "key": "any",
+        "record": {"type": "object", "required": required, "properties": properties}
+    }}})
+}
+
+fn collection(nsid: &str, class: Class, properties: Value) -> CollectionDecl {
+    CollectionDecl {
+        nsid: nsid.into(),
+        class,
+        licence: (class == Class::Public).then(|| "CC-BY-4.0".into()),
+        schema: schema(nsid, properties, &[]),
+        purpose: format!("to keep your {nsid}"),
+        read: true,
+        write: true,
+        fields: None,
+        indexed: Vec::new(),
+    }
+}
+
+const NOTE: &str = "app.notes.note";
+const DIARY: &str = "app.notes.diary";
+const HEALTH: &str = "app.notes.health";
+
+/// A notes app with one collection of each class, and a second app.
+fn platform(dir: &Path) -> (DataCommons, Arc<Usage>) {
+    let usage = Arc::new(Usage::default());
+    let commons = DataCommons::open(dir, usage.clone(), 1000).unwrap();
+    let mut note = collection(
+        NOTE,
+        Class::Public,
+        json!({"text": {"type": "string", "maxLength": 3000}, "tag": {"type": "string"}}),
+    );
+    note.indexed = vec!["tag".into()];
+    let diary = collection(DIARY, Class::Personal, json!({"text": {"type": "string"}}));
+    let mut health = collection(
+        HEALTH,
+        Class::Private,
+        json!({"weight": {"type": "integer"}, "mood": {"type": "string"}}),
+    );
+    health.indexed = vec!["mood".into()];
+    commons
+        .register_app(&AppDecl {
+            app: "notes".into(),
+            revision: "rev-1".into(),
+            collections: vec![note, diary, health.clone()],
+        })
+        .unwrap();
+    // A second app that reads only the weight of the private collection.
+    let mut health_reader = health;
+    health_reader.write = false;
+    health_reader.fields = Some(vec!["weight".into()]);
+    commons
+        .register_app(&AppDecl {
+            app: "coach".into(),
+            revision: "c-7".into(),
+            collections: vec![health_reader],
+        })
+        .unwrap();
+    (commons, usage)
+}
+
+fn call(app: &str, user: &str) -> AppCall {
+    AppCall {
+        app: app.into(),
+        user: user.into(),
+    }
+}
+
+#[tokio::test]
+async fn classes_grants_and_the_feed_follow_consent() {
+    let dir = tempdir("classes");
+    let (commons, usage) = platform(&dir);
+    let notes = call("notes", "alice");
+    // No consent yet: 403 on write.
+    let err = commons
+        .create(&notes, DIARY, None, &json!({"$type": DIARY, "text": "x"}))
+        .unwrap_err();
+    assert!(matches!(err, DataError::Forbidden(_)), "{err}");
+    assert_eq!(err.status(), 403);
+    assert_eq!(commons.consent("alice", "notes").unwrap(), 6);
+
+    let mut coach_feed = commons
+        .subscribe(Viewer::App("coach".into()), None)
+        .unwrap();
+    let mut public_feed = commons.subscribe(Viewer::Public, None).unwrap();
+
+    let note = commons
+        .create(
+            &notes,
+            NOTE,
+            None,
+            &json!({"$type": NOTE, "text": "hello world", "tag": "greeting"}),
+        )
+        .unwrap();
+    commons
+        .create(
+            &notes,
+            DIARY,
+            Some("d1"),
+            &json!({"$type": DIARY, "text": "dear diary"}),
+        )
+        .unwrap();
+    let health = commons
+        .create(
+            &notes,
+            HEALTH,
+            Some("h1"),
+            &json!({"$type": HEALTH, "weight": 70, "mood": "calm", "secretNote": "undeclared"}),
+        )
+        .unwrap();
+
+    // The coach, without a grant, sees the public note and nothing else.
+    let first = next_event(&mut coach_feed).await;
+    assert_eq!(ops(&first)[0].0, "create");
+    assert!(ops(&first)[0].1.starts_with(NOTE));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), coach_feed.next())
+            .await
+            .is_err(),
+        "no events of collections the coach holds no grant for"
+    );
+
+    // Public: anyone reads it, with its licence and provenance.
+    let stranger = call("coach", "bob");
+    let rkey = note.uri.rsplit('/').next().unwrap();
+    let seen = commons.get(&stranger, "alice", NOTE, rkey).unwrap();
+    assert_eq!(seen.value["text"], "hello world");
+    assert_eq!(seen.licence.as_deref(), Some("CC-BY-4.0"));
+    assert_eq!(
+        (
+            seen.provenance.app.as_str(),
+            seen.provenance.revision.as_str(),
+            seen.provenance.user.as_str()
+        ),
+        ("notes", "rev-1", "alice")
+    );
+
+    // Personal: bob (through an app alice allowed) cannot, until alice shares it with him.
+    let bob_via_notes = call("notes", "bob");
+    assert!(matches!(
+        commons.get(&bob_via_notes, "alice", DIARY, "d1"),
+        Err(DataError::Forbidden(_))
+    ));
+    commons
+        .grant("alice", &Grantee::Person("bob".into()), DIARY, Action::Read)
+        .unwrap();
+    assert_eq!(
+        commons
+            .get(&bob_via_notes, "alice", DIARY, "d1")
+            .unwrap()
+            .value["text"],
+        "dear diary"
+    );
+
+    // Private: the coach has no grant yet -> 403; then only the declared, consented field.
+    let coach = call("coach", "alice");
+    assert!(matches!(
+        commons.get(&coach, "alice", HEALTH, "h1"),
+        Err(DataError::Forbidden(_))
+    ));
+    commons.consent("alice", "coach").unwrap();
+    let seen = commons.get(&coach, "alice", HEALTH, "h1").unwrap();
+    assert_eq!(seen.value, json!({"$type": HEALTH, "weight": 70}));
+    // Even the writing app never gets a field its schema did not declare.
+    let own = commons.get(&notes, "alice", HEALTH, "h1").unwrap();
+    assert_eq!(
+        own.value,
+        json!({"$type": HEALTH, "weight": 70, "mood": "calm"})
+    );
+    // The owner's own view shows everything, with provenance.
+    let mine = commons.my_records("alice").unwrap();
+    assert_eq!(mine.len(), 3);
+    assert!(mine
+        .iter()
+        .all(|r| r.provenance.app == "notes" && r.provenance.revision == "rev-1"));
+    assert_eq!(
+        mine.iter().find(|r| r.collection == HEALTH).unwrap().value["secretNote"],
+        "undeclared"
+    );
+    // Private values are not in the repository's blocks in the clear.
+    let car = commons.repo_car("alice").unwrap();
+    assert!(!contains(&car, b"calm") && !contains(&car, b"dear diary"));
+    assert!(
+        contains(&car, b"hello world"),
+        "public records are plaintext"
+    );
+
+    // The coach's feed saw nothing of alice's writes before its grant; the
+    // public feed saw only the public note.
+    commons
+        .update(
+            &notes,
+            HEALTH,
+            "h1",
+            &json!({"$type": HEALTH, "weight": 71, "mood": "happy"}),
+        )
+        .unwrap();
+    let next = next_event(&mut coach_feed).await;
+    assert_eq!(ops(&next), [("update".to_string(), format!("{HEALTH}/h1"))]);
+    assert_eq!(
+        health.uri,
+        format!("at://{}/{HEALTH}/h1", commons.did("alice").unwrap())
+    );
+    let first_public = next_event(&mut public_feed).await;
+    assert_eq!(ops(&first_public)[0].1, format!("{NOTE}/{rkey}"));
+    // A revoked grant stops reads and events.
+    commons
+        .revoke("alice", &Grantee::App("coach".into()), HEALTH, Action::Read)
+        .unwrap();
+    assert!(matches!(
+        commons.get(&coach, "alice", HEALTH, "h1"),
+        Err(DataError::Forbidden(_))
+    ));
+    commons
+        .update(
+            &notes,
+            HEALTH,
+            "h1",
+            &json!({"$type": HEALTH, "weight": 72}),
+        )
+        .unwrap();
+    commons
+        .create(
+            &notes,
+            NOTE,
+            Some("after"),
+            &json!({"$type": NOTE, "text": "public again"}),
+        )
+        .unwrap();
+    let next = next_event(&mut coach_feed).await;
+    assert_eq!(
+        ops(&next),
+        [("create".to_string(), format!("{NOTE}/after"))],
+        "the revoked collection's event was not delivered"
+    );
+
+    // Usage: one event per read and write, with bytes.
+    let usage = usage.0.lock().unwrap();
+    let writes = usage.iter().filter(|u| u.action == "write").count();
+    let reads = usage.iter().filter(|u| u.action == "read").count();
+    assert_eq!(writes, 6);
+    assert_eq!(reads, 4, "refused reads are not metered");
+    assert!(usage.iter().all(|u| u.bytes > 0));
+    commons.flush().unwrap();
+    let log = commons.access_log("alice").unwrap();
+    assert!(
+        log.iter()
+            .any(|l| l["app"] == "coach" && l["collection"] == HEALTH && l["count"] == 1),
+        "{log:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_field_path_and_changes_nothing() {
+    let dir = tempdir("bad");
+    let (commons, _) = platform(&dir);
+    commons.consent("alice", "notes").unwrap();
+    let notes = call("notes", "alice");
+    let err = commons
+        .create(&notes, NOTE, None, &json!({"$type": NOTE, "text": 5}))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DataError::Invalid {
+            path: "$.text".into(),
+            message: "must be a string (found an integer)".into()
+        }
+    );
+    assert_eq!(err.status(), 422);
+    let err = commons
+        .create(
+            &notes,
+            NOTE,
+            None,
+            &json!({"$type": NOTE, "text": "x".repeat(3001)}),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, DataError::Invalid { path, .. } if path == "$.text"),
+        "{err}"
+    );
+    let err = commons
+        .create(
+            &notes,
+            "app.other.thing",
+            None,
+            &json!({"$type": "app.other.thing"}),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 404);
+    let huge = "x".repeat(300 * 1024);
+    let big = collection(
+        "app.notes.big",
+        Class::Public,
+        json!({"text": {"type": "string"}}),
+    );
+    commons
+        .register_app(&AppDecl {
+            app: "notes".into(),
+            revision: "rev-2".into(),
+            collections: vec![big],
+        })
+        .unwrap();
+    commons.consent("alice", "notes").unwrap();
+    let err = commons
+        .create(
+            &notes,
+            "app.notes.big",
+            None,
+            &json!({"$type": "app.notes.big", "text": huge}),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 413);
+    let err = commons
+        .create(
+            &notes,
+            NOTE,
+            Some("bad/key"),
+            &json!({"$type": NOTE, "text": "x"}),
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 422);
+    // Nothing was written by any of these.
+    assert!(commons.my_records("alice").unwrap().is_empty());
+    // A breaking schema change is refused.
+    let mut retyped = collection(
+        NOTE,
+        Class::Public,
+        json!({"text": {"type": "integer"}, "tag": {"type": "string"}}),
+    );
+    retyped.indexed = vec!["tag".into()];
+    let err = commons
+        .register_app(&AppDecl {
+            app: "notes".into(),
+            revision: "rev-3".into(),
+            collections: vec![retyped],
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("new NSID"), "{err}");
+    // A class never changes.
+    let reclassed = collection(DIARY, Class::Public, json!({"text": {"type": "string"}}));
+    let err = commons
+        .register_app(&AppDecl {
+            app: "notes".into(),
+            revision: "rev-3".into(),
+            collections: vec![reclassed],
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("class never changes"), "{err}");
+}
+
+#[tokio::test]
+async fn feed_cursors_follow_the_firehose_rules() {
+    let dir = tempdir("feed");
+    let usage = Arc::new(Usage::default());
+    // A window of 1,100 events: after 2,200 writes the oldest are gone.
+    let commons = DataCommons::open(&dir, usage, 1100).unwrap();
+    commons
+        .register_app(&AppDecl {
+            app: "notes".into(),
+            revision: "r".into(),
+            collections: vec![collection(
+                NOTE,
+                Class::Public,
+                json!({"text": {"type": "string"}}),
+            )],
+        })
+        .unwrap();
+    commons.consent("alice", "notes").unwrap();
+    let notes = call("notes", "alice");
+    for i in 0..2200 {
+        commons
+            .create(
+                &notes,
+                NOTE,
+                Some(&format!("n{i:05}")),
+                &json!({"$type": NOTE, "text": format!("note {i}")}),
+            )
+            .unwrap();
+    }
+    // Future cursor: an error.
+    let err = commons
+        .subscribe(Viewer::Public, Some(1_000_000))
+        .err()
+        .unwrap();
+    assert_eq!(err.status(), 400);
+    // Inside the window: replay after it, in order.
+    let mut sub = commons.subscribe(Viewer::Public, Some(2190)).unwrap();
+    for expected in 2191..=2200 {
+        assert_eq!(next_event(&mut sub).await.seq(), expected);
+    }
+    // Then live.
+    commons
+        .create(
+            &notes,
+            NOTE,
+            Some("live"),
+            &json!({"$type": NOTE, "text": "live"}),
+        )
+        .unwrap();
+    let live = next_event(&mut sub).await;
+    assert_eq!(ops(&live)[0].1, format!("{NOTE}/live"));
+    // Older than the window: an OutdatedCursor info, then the window from its start.
+    let mut old = commons.subscribe(Viewer::Public, Some(3)).unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), old.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Message::Info(info) => assert_eq!(info.name, "OutdatedCursor"),
+        other => panic!("expected OutdatedCursor, got {other:?}"),
+    }
+    let first = next_event(&mut old).await.seq();
+    assert!(
+        first > 3 && first <= 2201 - 1000,
+        "replay starts at the window's oldest event ({first})"
+    );
+    // No cursor: live only.
+    let mut live_only = commons.subscribe(Viewer::Public, None).unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), live_only.next())
+            .await
+            .is_err()
+    );
+    // Events carry blocks that check out: the commit and the record.
+    let Event::Commit(commit) = &*live else {
+        panic!()
+    };
+    let car = commons_data::feed::decode_blocks(&commit.blocks).unwrap();
+    let parsed = commons_data::car::read_sync(&car).unwrap();
+    assert_eq!(parsed.roots[0].to_string(), commit.commit);
+    assert!(parsed
+        .blocks
+        .keys()
+        .any(|c| Some(c.to_string()) == commit.ops[0].cid));
+}
+
+#[tokio::test]
+async fn export_then_import_gives_the_same_repository() {
+    let dir = tempdir("export");
+    let (commons, _) = platform(&dir);
+    commons.consent("alice", "notes").unwrap();
+    let notes = call("notes", "alice");
+    for i in 0..50 {
+        commons
+            .create(
+                &notes,
+                NOTE,
+                None,
+                &json!({"$type": NOTE, "text": format!("public {i}"), "tag": "t"}),
+            )
+            .unwrap();
+        commons
+            .create(
+                &notes,
+                HEALTH,
+                Some(&format!("h{i}")),
+                &json!({"$type": HEALTH, "weight": i, "mood": "ok"}),
+            )
+            .unwrap();
+    }
+    let archive = commons.export("alice").unwrap();
+    let root_before = commons_data::repo::verify(&commons.repo_car("alice").unwrap(), None)
+        .await
+        .unwrap()
+        .data;
+    // A fresh platform with the same apps.
+    let other = tempdir("import");
+    let (fresh, _) = platform(&other);
+    let root = fresh.import("alice", &archive).unwrap();
+    assert_eq!(root, root_before.to_string());
+    assert_eq!(fresh.did("alice").unwrap(), commons.did("alice").unwrap());
+    let mine = fresh.my_records("alice").unwrap();
+    assert_eq!(mine.len(), 100);
+    let health = mine.iter().find(|r| r.rkey == "h7").unwrap();
+    assert_eq!(
+        health.value["weight"], 7,
+        "sealed records open with the imported data key"
+    );
+    assert_eq!(health.provenance.app, "notes");
+    // Queries by an indexed field work on both classes after import.
+    fresh.consent("alice", "notes").unwrap();
+    let page = fresh
+        .query(&notes, "alice", HEALTH, "mood", "ok", 1000)
+        .unwrap();
+    assert_eq!(page.records.len(), 50);
+    assert_eq!(
+        fresh
+            .query(&notes, "alice", NOTE, "tag", "t", 10)
+            .unwrap()
+            .records
+            .len(),
+        10
+    );
+    // Importing over an existing account is refused.
+    assert_eq!(fresh.import("alice", &archive).unwrap_err().status(), 409);
+    assert!(fresh.import("carol", b"not a tar").is_err());
+}
+
+#[tokio::test]
+async fn erase_leaves_the_canary_nowhere() {
+    let dir = tempdir("erase");
+    let (commons, _) = platform(&dir);
+    commons.consent("alice", "notes").unwrap();
+    commons.consent("bob", "notes").unwrap();
+    let notes = call("notes", "alice");
+    const CANARY: &str = "CANARY-7f3a9c2e-erase-me";
+    commons
+        .create(
+            &notes,
+            NOTE,
+            Some("c1"),
+            &json!({"$type": NOTE, "text": CANARY, "tag": CANARY}),
+        )
+        .unwrap();
+    commons
+        .create(
+            &notes,
+            DIARY,
+            Some("c2"),
+            &json!({"$type": DIARY, "text": CANARY}),
+        )
+        .unwrap();
+    commons
+        .create(
+            &notes,
+            HEALTH,
+            Some("c3"),
+            &json!({"$type": HEALTH, "mood": CANARY}),
+        )
+        .unwrap();
+    commons
+        .update(
+            &notes,
+            NOTE,
+            "c1",
+            &json!({"$type": NOTE, "text": format!("{CANARY} v2"), "tag": CANARY}),
+        )
+        .unwrap();
+    for i in 0..200 {
+        commons
+            .create(
+                &notes,
+                NOTE,
+                None,
+                &json!({"$type": NOTE, "text": format!("{CANARY} {i}")}),
+            )
+            .unwrap();
+    }
+    // Bob's data stays.
+    commons
+        .create(
+            &call("notes", "bob"),
+            NOTE,
+            Some("b1"),
+            &json!({"$type": NOTE, "text": "bob's note"}),
+        )
+        .unwrap();
+    let before = commons
+        .get(&call("coach", "x"), "alice", NOTE, "c1")
+        .unwrap();
+    assert!(before.value["text"].as_str().unwrap().contains(CANARY));
+    assert!(
+        grep_dir(&dir, CANARY.as_bytes()),
+        "the canary is on disk before the erase (public records are plaintext)"
+    );
+
+    let mut watcher = commons.subscribe(Viewer::Public, None).unwrap();
+    let erased = commons.erase("alice").unwrap();
+    assert_eq!(erased.records, 203);
+    assert_eq!(erased.public_deleted, 201);
+
+    // Subscribers are told: a deletion commit without content, then the account event.
+    let deletion = next_event(&mut watcher).await;
+    let Event::Commit(c) = &*deletion else {
+        panic!("expected the deletion commit")
+    };
+    assert!(c
+        .ops
+        .iter()
+        .all(|o| o.action == "delete" && o.cid.is_none()));
+    match next_event(&mut watcher).await.as_ref() {
+        Event::Account(a) => assert!(!a.active && a.status == "deleted"),
+        other => panic!("expected the account event, got {other:?}"),
+    }
+    // Nowhere on disk: the database, its WAL, anything in the directory.
+    assert!(
+        !grep_dir(&dir, CANARY.as_bytes()),
+        "the canary survived the erase on disk"
+    );
+    // Not in the feed replayed from the start.
+    let mut replay = commons
+        .subscribe(Viewer::Owner("alice".into()), Some(0))
+        .unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), replay.next()).await {
+            Ok(Ok(Message::Event(e))) => {
+                assert!(!serde_json::to_string(&*e).unwrap().contains(CANARY))
+            }
+            Ok(Ok(Message::Info(_))) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => break,
+        }
+    }
+    // Not in an export made afterwards (there is none to make).
+    assert_eq!(commons.export("alice").unwrap_err().status(), 404);
+    assert_eq!(
+        commons
+            .get(&call("coach", "x"), "alice", NOTE, "c1")
+            .unwrap_err()
+            .status(),
+        410
+    );
+    // Bob is untouched.
+    assert_eq!(
+        commons
+            .get(&call("coach", "x"), "bob", NOTE, "b1")
+            .unwrap()
+            .value["text"],
+        "bob's note"
+    );
+    // And after a restart, still nothing.
+    drop(commons);
+    drop(watcher);
+    drop(replay);
+    let (reopened, _) = platform(&dir);
+    assert!(reopened.my_records("alice").unwrap().is_empty());
+    assert!(!grep_dir(&dir, CANARY.as_bytes()));
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn grep_dir(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().any(|entry| {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            grep_dir(&path, needle)
+        } else {
+            contains(&std::fs::read(&path).unwrap_or_default(), needle)
+        }
+    })
+}
+
+async fn next_event(sub: &mut commons_data::service::Subscription) -> Arc<Event> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+        {
+            Message::Event(e) => return e,
+            Message::Info(_) => continue,
+        }
+    }
+}
+
+fn ops(event: &Event) -> Vec<(String, String)> {
+    match event {
+        Event::Commit(c) => c
+            .ops
+            .iter()
+            .map(|o| (o.action.clone(), o.path.clone()))
+            .collect(),
+        Event::Account(_) => Vec::new(),
+    }
+}
