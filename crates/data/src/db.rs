@@ -1,7 +1,10 @@
 //! DataCommons' tables on SQLite (the embedded default).
 //!
 //! Everything about a user is keyed by the user, so erasing them is a set
-//! of deletes. The database runs with `secure_delete` (freed pages are
+//! of deletes. Tree nodes are not stored: a repository's tree is rebuilt
+//! from its records on load and checked against the signed head commit,
+//! so a write touches a few append-friendly rows rather than a node per
+//! tree level. The database runs with `secure_delete` (freed pages are
 //! zeroed) and erase truncates the WAL, so erased bytes do not linger in
 //! the files.
 
@@ -19,22 +22,17 @@ CREATE TABLE IF NOT EXISTS accounts (
     signing_key BLOB,          -- sealed by the platform key; NULL once erased
     data_key BLOB,             -- sealed by the platform key; NULL once erased
     head BLOB,                 -- the head commit's CID
+    head_block BLOB,           -- ... and its bytes
     rev TEXT,
     created_ms INTEGER NOT NULL,
     erased_ms INTEGER
 );
-CREATE TABLE IF NOT EXISTS blocks (
-    user TEXT NOT NULL,
-    cid BLOB NOT NULL,
-    node INTEGER NOT NULL,     -- 1 for tree nodes, 0 for records and commits
-    bytes BLOB NOT NULL,
-    PRIMARY KEY (user, cid)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS records (
     user TEXT NOT NULL,
     collection TEXT NOT NULL,
     rkey TEXT NOT NULL,
     cid BLOB NOT NULL,
+    block BLOB NOT NULL,       -- the record's block (sealed for encrypted classes)
     app TEXT NOT NULL,         -- provenance: the deployment that wrote it
     revision TEXT NOT NULL,    -- ... its blueprint revision
     created_ms INTEGER NOT NULL,
@@ -101,6 +99,11 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "secure_delete", "ON")?;
+    // A 64 MiB page cache and fewer, larger checkpoints: a write touches a
+    // handful of B-tree pages, and rereading or re-checkpointing them per
+    // commit dominated the cost of a write.
+    conn.pragma_update(None, "cache_size", -65536)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 8192)?;
     conn.execute_batch(SCHEMA)?;
     Ok(conn)
 }
@@ -150,51 +153,57 @@ pub fn insert_account(
     Ok(())
 }
 
-pub fn set_head(tx: &Transaction, user: &str, head: &Cid, rev: &str) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE accounts SET head = ?2, rev = ?3 WHERE user = ?1")?
-        .execute(params![user, head.to_bytes(), rev])?;
-    Ok(())
-}
-
-pub fn put_block(
+pub fn set_head(
     tx: &Transaction,
     user: &str,
-    cid: &Cid,
-    node: bool,
-    bytes: &[u8],
+    head: &Cid,
+    block: &[u8],
+    rev: &str,
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO blocks (user, cid, node, bytes) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![user, cid.to_bytes(), node, bytes])?;
+    tx.prepare_cached("UPDATE accounts SET head = ?2, head_block = ?3, rev = ?4 WHERE user = ?1")?
+        .execute(params![user, head.to_bytes(), block, rev])?;
     Ok(())
 }
 
-pub fn drop_block(tx: &Transaction, user: &str, cid: &Cid) -> rusqlite::Result<()> {
-    tx.prepare_cached("DELETE FROM blocks WHERE user = ?1 AND cid = ?2")?
-        .execute(params![user, cid.to_bytes()])?;
-    Ok(())
-}
-
-pub fn block(conn: &Connection, user: &str, cid: &Cid) -> rusqlite::Result<Option<Vec<u8>>> {
-    conn.prepare_cached("SELECT bytes FROM blocks WHERE user = ?1 AND cid = ?2")?
-        .query_row(params![user, cid.to_bytes()], |r| r.get(0))
+pub fn head_block(conn: &Connection, user: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.prepare_cached("SELECT head_block FROM accounts WHERE user = ?1")?
+        .query_row(params![user], |r| r.get(0))
         .optional()
+        .map(Option::flatten)
 }
 
-/// Every tree node of a user's repository.
-pub fn nodes(conn: &Connection, user: &str) -> rusqlite::Result<Vec<(Cid, Vec<u8>)>> {
+/// Every (path, record CID) of a user's repository, in key order.
+pub fn record_entries(conn: &Connection, user: &str) -> rusqlite::Result<Vec<(String, Cid)>> {
     let mut stmt =
-        conn.prepare_cached("SELECT cid, bytes FROM blocks WHERE user = ?1 AND node = 1")?;
+        conn.prepare_cached("SELECT collection, rkey, cid FROM records WHERE user = ?1")?;
     let rows = stmt.query_map(params![user], |r| {
-        let cid: Vec<u8> = r.get(0)?;
-        Ok((cid, r.get::<_, Vec<u8>>(1)?))
+        Ok((
+            format!("{}/{}", r.get::<_, String>(0)?, r.get::<_, String>(1)?),
+            r.get::<_, Vec<u8>>(2)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (cid, bytes) = row?;
+        let (path, cid) = row?;
         if let Ok(cid) = Cid::try_from(cid.as_slice()) {
-            out.push((cid, bytes));
+            out.push((path, cid));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every record block of a user's repository.
+pub fn record_blocks(conn: &Connection, user: &str) -> rusqlite::Result<Vec<(Cid, Vec<u8>)>> {
+    let mut stmt = conn.prepare_cached("SELECT cid, block FROM records WHERE user = ?1")?;
+    let rows = stmt.query_map(params![user], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (cid, block) = row?;
+        if let Ok(cid) = Cid::try_from(cid.as_slice()) {
+            out.push((cid, block));
         }
     }
     Ok(out)
@@ -217,27 +226,19 @@ pub fn upsert_record(
     user: &str,
     collection: &str,
     rkey: &str,
-    cid: &Cid,
+    (cid, block): (&Cid, &[u8]),
     app: &str,
     revision: &str,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO records (user, collection, rkey, cid, app, revision, created_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+        "INSERT INTO records (user, collection, rkey, cid, block, app, revision, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
          ON CONFLICT (user, collection, rkey) DO UPDATE SET
-            cid = excluded.cid, app = excluded.app, revision = excluded.revision,
-            updated_ms = excluded.updated_ms",
+            cid = excluded.cid, block = excluded.block, app = excluded.app,
+            revision = excluded.revision, updated_ms = excluded.updated_ms",
     )?
-    .execute(params![
-        user,
-        collection,
-        rkey,
-        cid.to_bytes(),
-        app,
-        revision,
-        now_ms
-    ])?;
+    .execute(params![user, collection, rkey, cid.to_bytes(), block, app, revision, now_ms])?;
     Ok(())
 }
 
@@ -256,17 +257,21 @@ pub fn delete_record(
     Ok(())
 }
 
+/// One record's provenance, CID and block.
+#[allow(clippy::type_complexity)]
 pub fn record(
     conn: &Connection,
     user: &str,
     collection: &str,
     rkey: &str,
-) -> rusqlite::Result<Option<RecordRow>> {
+) -> rusqlite::Result<Option<(RecordRow, Vec<u8>, Vec<u8>)>> {
     conn.prepare_cached(
-        "SELECT collection, rkey, app, revision, created_ms, updated_ms FROM records
+        "SELECT collection, rkey, app, revision, created_ms, updated_ms, cid, block FROM records
          WHERE user = ?1 AND collection = ?2 AND rkey = ?3",
     )?
-    .query_row(params![user, collection, rkey], record_row)
+    .query_row(params![user, collection, rkey], |r| {
+        Ok((record_row(r)?, r.get(6)?, r.get(7)?))
+    })
     .optional()
 }
 
@@ -410,20 +415,21 @@ pub fn access_log(conn: &Connection, user: &str) -> rusqlite::Result<Vec<AccessR
     rows.collect()
 }
 
+/// The sequence number the next event gets (the key is the events' order).
+pub fn next_seq(tx: &Transaction) -> rusqlite::Result<i64> {
+    tx.prepare_cached("SELECT COALESCE(MAX(seq), 0) + 1 FROM events")?
+        .query_row([], |r| r.get(0))
+}
+
 pub fn insert_event(
     tx: &Transaction,
+    seq: i64,
     user: &str,
     time_ms: i64,
     body: &[u8],
-) -> rusqlite::Result<i64> {
-    tx.prepare_cached("INSERT INTO events (user, time_ms, body) VALUES (?1, ?2, ?3)")?
-        .execute(params![user, time_ms, body])?;
-    Ok(tx.last_insert_rowid())
-}
-
-pub fn set_event_body(tx: &Transaction, seq: i64, body: &[u8]) -> rusqlite::Result<()> {
-    tx.prepare_cached("UPDATE events SET body = ?2 WHERE seq = ?1")?
-        .execute(params![seq, body])?;
+) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT INTO events (seq, user, time_ms, body) VALUES (?1, ?2, ?3, ?4)")?
+        .execute(params![seq, user, time_ms, body])?;
     Ok(())
 }
 
@@ -457,7 +463,7 @@ pub fn prune_events(conn: &Connection, keep_after: i64) -> rusqlite::Result<usiz
 /// Removes everything held about `user` except the erased account's
 /// tombstone (its DID and when it was erased).
 pub fn erase_user(tx: &Transaction, user: &str, now_ms: i64) -> rusqlite::Result<()> {
-    for table in ["blocks", "records", "record_index", "grants", "access_log"] {
+    for table in ["records", "record_index", "grants", "access_log"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE user = ?1"),
             params![user],
@@ -468,7 +474,7 @@ pub fn erase_user(tx: &Transaction, user: &str, now_ms: i64) -> rusqlite::Result
         params![format!("user:{user}")],
     )?;
     tx.execute(
-        "UPDATE accounts SET signing_key = NULL, data_key = NULL, head = NULL, rev = NULL, erased_ms = ?2 WHERE user = ?1",
+        "UPDATE accounts SET signing_key = NULL, data_key = NULL, head = NULL, head_block = NULL, rev = NULL, erased_ms = ?2 WHERE user = ?1",
         params![user, now_ms],
     )?;
     Ok(())

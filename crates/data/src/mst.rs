@@ -251,6 +251,26 @@ impl Tree {
         }
     }
 
+    /// Builds the tree of `entries` (sorted by key, keys unique) in one
+    /// pass, bottom-up: the same tree as inserting them one by one.
+    pub fn build(store: &mut NodeStore, entries: &[(String, Cid)]) -> Result<Self, TreeError> {
+        let mut keyed = Vec::with_capacity(entries.len());
+        for (i, (key, value)) in entries.iter().enumerate() {
+            check_key(key).map_err(TreeError::BadKey)?;
+            if i > 0 && entries[i - 1].0 >= *key {
+                return Err(TreeError::BadKey(format!(
+                    "{key:?} is out of order or repeated"
+                )));
+            }
+            keyed.push((key.as_str(), *value, key_height(key.as_bytes())));
+        }
+        let Some(layer) = keyed.iter().map(|e| e.2).max() else {
+            return Ok(Self::empty(store));
+        };
+        let root = build_layer(store, &keyed, layer).expect("non-empty entries make a node");
+        Ok(Self { root, layer })
+    }
+
     /// Opens a stored tree, working out its root's layer.
     pub fn open(store: &NodeStore, root: Cid) -> Result<Self, TreeError> {
         let mut depth = 0;
@@ -427,6 +447,36 @@ impl Tree {
         }
         Ok(out)
     }
+}
+
+/// The node at `layer` holding `entries` (all at or below that layer).
+fn build_layer(store: &mut NodeStore, entries: &[(&str, Cid, u32)], layer: u32) -> Option<Cid> {
+    if entries.is_empty() {
+        return None;
+    }
+    let mut node = Node::default();
+    let mut gap_start = 0;
+    for (i, (key, value, height)) in entries.iter().enumerate() {
+        if *height == layer {
+            let gap = (layer > 0)
+                .then(|| build_layer(store, &entries[gap_start..i], layer - 1))
+                .flatten();
+            let at = node.entries.len();
+            set_gap(&mut node, at, gap);
+            node.entries.push(Entry {
+                key: (*key).to_owned(),
+                value: *value,
+                right: None,
+            });
+            gap_start = i + 1;
+        }
+    }
+    let gap = (layer > 0)
+        .then(|| build_layer(store, &entries[gap_start..], layer - 1))
+        .flatten();
+    let at = node.entries.len();
+    set_gap(&mut node, at, gap);
+    Some(store.put(node))
 }
 
 /// The nodes along the left (or right) edge of a subtree.

@@ -825,29 +825,24 @@ impl DataCommons {
         let did = account.did.clone();
         let now = now_ms();
         let tx = state.conn.transaction()?;
-        for (cid, bytes) in &committed.new_nodes {
-            db::put_block(&tx, &call.user, cid, true, bytes)?;
-        }
-        for cid in &committed.dropped_nodes {
-            db::drop_block(&tx, &call.user, cid)?;
-        }
         let op = &committed.ops[0];
-        for (cid, bytes) in &committed.blocks {
-            let is_node = committed.new_nodes.iter().any(|(c, _)| c == cid);
-            let is_proof_node = !is_node && *cid != committed.cid && Some(*cid) != op.cid;
-            if !is_proof_node {
-                db::put_block(&tx, &call.user, cid, is_node, bytes)?;
-            }
+        if !info.indexed.is_empty() && !create {
+            db::unindex(&tx, &call.user, collection, rkey)?;
         }
-        db::unindex(&tx, &call.user, collection, rkey)?;
         match op.cid {
             Some(cid) => {
+                let block = committed
+                    .blocks
+                    .iter()
+                    .find(|(c, _)| *c == cid)
+                    .map(|(_, b)| b.clone())
+                    .ok_or_else(|| DataError::Internal("the commit lost its record".into()))?;
                 db::upsert_record(
                     &tx,
                     &call.user,
                     collection,
                     rkey,
-                    &cid,
+                    (&cid, &block),
                     &call.app,
                     &app_use.revision,
                     now,
@@ -858,25 +853,13 @@ impl DataCommons {
             }
             None => db::delete_record(&tx, &call.user, collection, rkey)?,
         }
-        if let Some(prev) = op.prev {
-            // The old version's block goes unless another record shares it.
-            let shared: bool = tx
-                .prepare_cached(
-                    "SELECT EXISTS (SELECT 1 FROM records WHERE user = ?1 AND cid = ?2)",
-                )?
-                .query_row(rusqlite::params![call.user, prev.to_bytes()], |r| r.get(0))?;
-            if !shared && Some(prev) != op.cid {
-                db::drop_block(&tx, &call.user, &prev)?;
-            }
-        }
-        db::put_block(
+        db::set_head(
             &tx,
             &call.user,
             &committed.cid,
-            false,
             &committed.blocks[0].1,
+            &rev,
         )?;
-        db::set_head(&tx, &call.user, &committed.cid, &rev)?;
         let ops = vec![FeedOp {
             action: op.action.into(),
             path: path.clone(),
@@ -901,11 +884,10 @@ impl DataCommons {
             proof: true,
             user: call.user.clone(),
         };
-        let seq = db::insert_event(&tx, &call.user, now, b"{}")?;
-        event.seq = seq;
+        event.seq = db::next_seq(&tx)?;
         let body = serde_json::to_vec(&Event::Commit(event.clone()))
             .map_err(|e| DataError::Internal(e.to_string()))?;
-        db::set_event_body(&tx, seq, &body)?;
+        db::insert_event(&tx, event.seq, &call.user, now, &body)?;
         tx.commit()?;
         self.after_event(state, Event::Commit(event))?;
         drop(guard);
@@ -1137,8 +1119,12 @@ impl DataCommons {
                 blocks.push((cid, b.to_vec()));
             }
         }
+        let stored: HashMap<Cid, Vec<u8>> =
+            db::record_blocks(&state.conn, user)?.into_iter().collect();
         for (path, cid) in entries {
-            let bytes = db::block(&state.conn, user, &cid)?
+            let bytes = stored
+                .get(&cid)
+                .cloned()
                 .ok_or(RepoError::MissingRecord { path, cid })?;
             blocks.push((cid, bytes));
         }
@@ -1394,15 +1380,11 @@ impl DataCommons {
         db::insert_account(&state.conn, user, &row, now)?;
         let entries = loaded.tree.entries(&loaded.nodes)?;
         let tx = state.conn.transaction()?;
-        for cid in loaded.tree.node_cids(&loaded.nodes)? {
-            db::put_block(&tx, user, &cid, true, &car.blocks[&cid])?;
-        }
         for (path, cid) in &entries {
             let bytes = car
                 .blocks
                 .get(cid)
                 .ok_or_else(|| bad(format!("repo.car lacks the record {path}")))?;
-            db::put_block(&tx, user, cid, false, bytes)?;
             let (collection, rkey) = path.split_once('/').unwrap_or_default();
             let p = provenance.get(path).cloned().unwrap_or(Value::Null);
             let created = p["created_ms"].as_i64().unwrap_or(now);
@@ -1411,14 +1393,13 @@ impl DataCommons {
                 user,
                 collection,
                 rkey,
-                cid,
+                (cid, bytes),
                 p["app"].as_str().unwrap_or("import"),
                 p["revision"].as_str().unwrap_or(""),
                 created,
             )?;
         }
-        db::put_block(&tx, user, &head, false, &car.blocks[&head])?;
-        db::set_head(&tx, user, &head, &commit.rev)?;
+        db::set_head(&tx, user, &head, &car.blocks[&head], &commit.rev)?;
         tx.commit()?;
         self.shared.clock.observe(&commit.rev);
         state.accounts.remove(user);
@@ -1540,12 +1521,18 @@ impl DataCommons {
         let tx = state.conn.transaction()?;
         let mut sent = Vec::new();
         for mut event in tx_events {
-            let seq = db::insert_event(&tx, user, now, b"{}")?;
+            let seq = db::next_seq(&tx)?;
             match &mut event {
                 Event::Commit(c) => c.seq = seq,
                 Event::Account(a) => a.seq = seq,
             }
-            db::set_event_body(&tx, seq, &serde_json::to_vec(&event).unwrap_or_default())?;
+            db::insert_event(
+                &tx,
+                seq,
+                user,
+                now,
+                &serde_json::to_vec(&event).unwrap_or_default(),
+            )?;
             keep.push(seq);
             sent.push(event);
         }
@@ -1805,16 +1792,12 @@ fn read_record(
         return Ok(None);
     };
     let path = format!("{collection}/{rkey}");
-    let Some(cid) = account.repo.tree().get(account.repo.nodes(), &path)? else {
-        return Ok(None);
-    };
     let did = account.did.clone();
     let data_key = account.data_key.clone();
-    let Some(bytes) = db::block(&state.conn, owner, &cid)? else {
-        return Err(DataError::Internal(format!(
-            "the block of {path} is missing"
-        )));
+    let Some((row, cid, bytes)) = db::record(&state.conn, owner, collection, rkey)? else {
+        return Ok(None);
     };
+    let cid = Cid::try_from(cid.as_slice()).map_err(|e| DataError::Internal(e.to_string()))?;
     let block = model::decode(&bytes).map_err(DataError::Internal)?;
     let class = info.as_ref().map_or(Class::Private, |i| i.class);
     let record = if class.encrypted() {
@@ -1832,23 +1815,13 @@ fn read_record(
         ),
         (_, record) => record,
     };
-    let row = db::record(&state.conn, owner, collection, rkey)?;
-    let provenance = row.map_or_else(
-        || Provenance {
-            app: String::new(),
-            revision: String::new(),
-            user: owner.into(),
-            created_ms: 0,
-            updated_ms: 0,
-        },
-        |r| Provenance {
-            app: r.app,
-            revision: r.revision,
-            user: owner.into(),
-            created_ms: r.created_ms,
-            updated_ms: r.updated_ms,
-        },
-    );
+    let provenance = Provenance {
+        app: row.app,
+        revision: row.revision,
+        user: owner.into(),
+        created_ms: row.created_ms,
+        updated_ms: row.updated_ms,
+    };
     Ok(Some(RecordView {
         uri: format!("at://{did}/{path}"),
         cid: cid.to_string(),
@@ -1935,11 +1908,6 @@ fn ensure_account<'a>(state: &'a mut State, user: &str) -> Result<&'a mut Accoun
                 db::insert_account(&state.conn, user, &row, now_ms())?;
                 let mut nodes = NodeStore::new();
                 let tree = Tree::empty(&mut nodes);
-                let tx = state.conn.transaction()?;
-                if let Some(bytes) = nodes.bytes(&tree.root) {
-                    db::put_block(&tx, user, &tree.root, true, &bytes)?;
-                }
-                tx.commit()?;
                 Account {
                     repo: Repo::detached(&did, nodes, tree, None),
                     did,
@@ -1968,21 +1936,26 @@ fn load_account(state: &State, user: &str, row: db::AccountRow) -> Result<Accoun
         .map_err(|e| DataError::Internal(e.to_string()))?;
     let data_key = Key::from_bytes(&open(row.data_key, "data key")?)
         .ok_or_else(|| DataError::Internal("bad data key".into()))?;
+    // The tree is rebuilt from the records and must be the one the head
+    // commit signed: a database changed behind the platform's back is
+    // refused, not served.
     let mut nodes = NodeStore::new();
-    for (cid, bytes) in db::nodes(&state.conn, user)? {
-        nodes
-            .insert_bytes(cid, &bytes)
-            .map_err(DataError::Internal)?;
-    }
-    let (tree, head) = match row.head {
+    let tree = Tree::build(&mut nodes, &db::record_entries(&state.conn, user)?)?;
+    let head = match row.head {
         Some(head) => {
-            let bytes = db::block(&state.conn, user, &head)?.ok_or_else(|| {
+            let bytes = db::head_block(&state.conn, user)?.ok_or_else(|| {
                 DataError::Internal(format!("the head commit of {user} is missing"))
             })?;
             let commit = crate::repo::Commit::decode(&bytes)?;
-            (Tree::open(&nodes, commit.data)?, Some((head, commit)))
+            if commit.data != tree.root {
+                return Err(DataError::Internal(format!(
+                    "the records of {user} do not match their signed head commit {head}: \
+                     the database was changed outside the platform"
+                )));
+            }
+            Some((head, commit))
         }
-        None => (Tree::empty(&mut nodes), None),
+        None => None,
     };
     Ok(Account {
         repo: Repo::detached(&row.did, nodes, tree, head),

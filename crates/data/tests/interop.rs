@@ -268,6 +268,13 @@ fn mst_shape_is_independent_of_write_order() {
         backward = backward.put(&mut store, key, leaf).unwrap().0;
     }
     assert_eq!(forward.root, backward.root);
+    let mut sorted: Vec<(String, _)> = keys.iter().map(|k| (k.to_string(), leaf)).collect();
+    sorted.sort();
+    assert_eq!(
+        Tree::build(&mut store, &sorted).unwrap().root,
+        forward.root,
+        "bulk build = inserts"
+    );
     assert_eq!(forward.entries(&store).unwrap().len(), keys.len());
     // Deleting everything gives back the empty tree.
     let mut tree = forward;
