@@ -32,9 +32,53 @@ pub struct Blueprint {
     /// What the site's workloads may reach besides their own components.
     #[serde(default, skip_serializing_if = "Network::is_default")]
     pub network: Network,
+    /// DataCommons collections the app reads and writes, by NSID.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub data: IndexMap<String, DataCollection>,
     /// Every file read to build this blueprint, the root file first.
     #[serde(default)]
     pub files: Vec<PathBuf>,
+}
+
+/// `data.NSID`: one DataCommons collection an app declares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataCollection {
+    pub class: DataClass,
+    /// SPDX id; public collections only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub licence: Option<String>,
+    /// The Lexicon document, as read from `schema_file`.
+    pub schema: serde_json::Value,
+    pub schema_file: PathBuf,
+    /// Why the app needs it: shown on the consent screen.
+    pub purpose: String,
+    pub access: DataAccess,
+    /// Private collections: the fields this app reads (default: all the
+    /// schema declares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<String>>,
+    /// Fields to index for equality queries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub index: Vec<String>,
+}
+
+/// A collection's sharing class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataClass {
+    /// Plaintext, signed, readable by anyone, under a licence.
+    Public,
+    /// Encrypted; the owner chooses which people and apps may read.
+    Personal,
+    /// Encrypted; an app sees only the fields it declares.
+    Private,
+}
+
+/// What an app does with a collection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataAccess {
+    pub read: bool,
+    pub write: bool,
 }
 
 /// `network:` — what a sandboxed site's workloads may reach. The gateway

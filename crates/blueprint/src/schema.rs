@@ -128,6 +128,18 @@ pub fn json_schema() -> Value {
                 "description": "What a sandboxed site's workloads may reach besides their own components",
                 "properties": { "egress": { "type": "boolean", "default": true,
                     "description": "The internet and DNS (never the host or other sites)" } } },
+            "data": { "type": "object",
+                "description": "DataCommons collections the app reads and writes, by NSID",
+                "additionalProperties": { "type": "object", "additionalProperties": false,
+                    "required": ["class", "schema", "purpose"],
+                    "properties": {
+                        "class": { "enum": ["public", "personal", "private"] },
+                        "licence": { "type": "string", "description": "SPDX id; public collections only" },
+                        "schema": { "type": "string", "description": "A Lexicon JSON file beside the blueprint" },
+                        "purpose": { "type": "string", "description": "Why the app needs it (shown on the consent screen)" },
+                        "access": { "type": "array", "items": { "enum": ["read", "write"] } },
+                        "fields": { "type": "array", "items": { "type": "string" } },
+                        "index": { "type": "array", "items": { "type": "string" } } } } },
             "depends_on_projects": { "type": "array", "items": { "oneOf": [
                 { "type": "string" },
                 { "type": "object", "additionalProperties": false, "required": ["project"],

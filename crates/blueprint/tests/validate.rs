@@ -694,3 +694,73 @@ fn network_says_whether_the_site_reaches_the_internet() {
         "did you mean \"egress\"?",
     );
 }
+
+const NOTE_SCHEMA: &str = r#"{"lexicon": 1, "id": "org.example.notes.note", "defs": {"main": {"type": "record", "key": "tid", "record": {"type": "object", "properties": {"text": {"type": "string"}}}}}}"#;
+
+#[test]
+fn data_section_loads_with_its_schema() {
+    let src = files(&[
+        (
+            "/bp/commons.yaml",
+            "name: notes\ncomponents:\n  web: { process: \"run\" }\ndata:\n  org.example.notes.note:\n    class: private\n    schema: schemas/note.json\n    purpose: Your notes\n    access: [read, write]\n    fields: [text]\n    index: [text]\n",
+        ),
+        ("/bp/schemas/note.json", NOTE_SCHEMA),
+    ]);
+    let bp = load(Path::new("/bp/commons.yaml"), &src).unwrap();
+    let c = &bp.data["org.example.notes.note"];
+    assert_eq!(c.class, commons_blueprint::DataClass::Private);
+    assert!(c.access.read && c.access.write);
+    assert_eq!(c.fields.as_deref(), Some(&["text".to_string()][..]));
+    assert_eq!(c.schema["id"], "org.example.notes.note");
+    assert!(bp.files.contains(&PathBuf::from("/bp/schemas/note.json")));
+}
+
+#[test]
+fn data_section_errors_point_at_the_fix() {
+    let base = "name: notes\ncomponents:\n  web: { process: \"run\" }\ndata:\n";
+    one(
+        &format!("{base}  notes:\n    class: public\n"),
+        5,
+        3,
+        "not a collection name",
+    );
+    let d = errors(&format!(
+        "{base}  org.example.notes.note:\n    class: secret\n    schema: s.json\n    purpose: p\n"
+    ));
+    assert!(
+        d.0.iter()
+            .any(|e| (e.line, e.column) == (6, 12) && e.message.contains("unknown class")),
+        "{d}"
+    );
+    let d = errors(&format!("{base}  org.example.notes.note:\n    class: public\n    schema: missing.json\n    purpose: p\n"));
+    let messages: Vec<&str> = d.0.iter().map(|e| e.message.as_str()).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("needs a `licence`")),
+        "{d}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("cannot read schema")),
+        "{d}"
+    );
+    // A schema whose id is another collection's.
+    let src = files(&[
+        ("/bp/commons.yaml", &format!("{base}  org.example.notes.other:\n    class: private\n    schema: note.json\n    purpose: p\n")),
+        ("/bp/note.json", NOTE_SCHEMA),
+    ]);
+    let d = load(Path::new("/bp/commons.yaml"), &src).unwrap_err();
+    assert_eq!((d.0[0].line, d.0[0].column), (7, 13));
+    assert!(
+        d.0[0]
+            .message
+            .contains("must be \"org.example.notes.other\""),
+        "{d}"
+    );
+    // A schema that is not JSON points into the schema file.
+    let src = files(&[
+        ("/bp/commons.yaml", &format!("{base}  org.example.notes.note:\n    class: private\n    schema: note.json\n    purpose: p\n")),
+        ("/bp/note.json", "{\n  \"lexicon\": 1,\n  oops\n}"),
+    ]);
+    let d = load(Path::new("/bp/commons.yaml"), &src).unwrap_err();
+    assert_eq!(d.0[0].file, PathBuf::from("/bp/note.json"));
+    assert_eq!(d.0[0].line, 3);
+}

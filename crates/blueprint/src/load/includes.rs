@@ -48,6 +48,14 @@ impl Loader<'_> {
             return None;
         }
         let nested = self.load_file(&path, Some((file, value.pos)))?;
+        if !nested.data.is_empty() {
+            self.sink(file).error_help(
+                value.pos,
+                format!("the included blueprint {} declares `data:`", path.display()),
+                "declare DataCommons collections in the root blueprint: the site, not a part of it, is the app users consent to",
+            );
+            *ok = false;
+        }
         let mut with = IndexMap::new();
         if let Some(w) = with_node {
             for (key, kpos, v) in self.named(file, w, "with") {
@@ -131,6 +139,7 @@ pub(super) fn flatten_root(
         outputs,
         components,
         network: raw.network,
+        data: raw.data.clone(),
         files,
     })
 }

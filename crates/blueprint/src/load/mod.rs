@@ -13,6 +13,7 @@ use crate::template::{Ref, Template};
 use crate::yaml::{self, Node, NodeKind, Pos, Style};
 
 mod component;
+mod data;
 mod declarations;
 mod fields;
 mod includes;
@@ -39,6 +40,7 @@ pub const TOP_FIELDS: &[&str] = &[
     "outputs",
     "components",
     "network",
+    "data",
 ];
 /// Keywords that say what a component is; each component has exactly one.
 pub const KIND_FIELDS: &[&str] = &[
@@ -184,6 +186,7 @@ struct Raw {
     outputs: IndexMap<String, Template>,
     components: IndexMap<String, RawComponent>,
     network: crate::model::Network,
+    data: IndexMap<String, crate::model::DataCollection>,
 }
 
 struct RawComponent {
@@ -333,6 +336,10 @@ impl<'a> Loader<'a> {
             Some(n) => self.network(file, n),
             None => Default::default(),
         };
+        let data = match f.get("data") {
+            Some(n) => self.data(file, &dir, n),
+            None => IndexMap::new(),
+        };
 
         let mut inputs = IndexMap::new();
         if let Some(n) = f.get("inputs") {
@@ -456,6 +463,7 @@ impl<'a> Loader<'a> {
             outputs,
             components,
             network,
+            data,
         })
     }
 
