@@ -15,6 +15,31 @@ pub enum DataCommand {
     /// Repository files: CAR v1 exports of a user's (or app's) repository.
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Every record every app holds about a user, with provenance (the
+    /// running daemon's; the platform's administrator).
+    Ls { user: String },
+    /// One record of a user, decrypted, with its provenance.
+    Show {
+        user: String,
+        /// `collection/rkey`
+        path: String,
+    },
+    /// Everything held about a user as one archive (tar): the repository,
+    /// records, grants, the access log, keys.
+    Export {
+        user: String,
+        /// Where to write it [default: commons-data-USER.tar]
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Erase everything every app holds about a user: keys destroyed,
+    /// public records deleted with signed commits, the feed told.
+    Erase {
+        user: String,
+        /// Yes, erase it (it cannot be undone).
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -35,8 +60,12 @@ pub enum RepoCommand {
     Diff { a: PathBuf, b: PathBuf },
 }
 
-pub fn run(command: DataCommand, json: bool) -> Result<(), Failure> {
+pub fn run(command: DataCommand, home: &Path, json: bool) -> Result<(), Failure> {
     match command {
+        DataCommand::Ls { user } => ls(home, &user, json),
+        DataCommand::Show { user, path } => show(home, &user, &path, json),
+        DataCommand::Export { user, output } => export(home, &user, output, json),
+        DataCommand::Erase { user, yes } => erase(home, &user, yes, json),
         DataCommand::Repo(RepoCommand::Inspect { file }) => inspect(&file, json),
         DataCommand::Repo(RepoCommand::Verify { file, key }) => verify(&file, key.as_deref(), json),
         DataCommand::Repo(RepoCommand::Diff { a, b }) => diff(&a, &b, json),
@@ -168,5 +197,101 @@ fn diff(a: &Path, b: &Path, json: bool) -> Result<(), Failure> {
         diff.created_nodes.len(),
         diff.deleted_nodes.len()
     );
+    Ok(())
+}
+
+fn user_data(home: &Path, user: &str) -> Result<Value, Failure> {
+    let answer = crate::daemon::ask_with(home, "GET", &format!("/api/data/users/{user}"), None)?;
+    serde_json::from_slice(&answer.body).map_err(|e| Failure::Failed(e.to_string()))
+}
+
+fn ls(home: &Path, user: &str, json: bool) -> Result<(), Failure> {
+    let data = user_data(home, user)?;
+    if json {
+        output::json(&data);
+        return Ok(());
+    }
+    let records = data["records"].as_array().cloned().unwrap_or_default();
+    println!(
+        "{}  {} records",
+        data["did"].as_str().unwrap_or(""),
+        records.len()
+    );
+    for r in &records {
+        println!(
+            "{}/{}  {}  by {} (rev {})",
+            r["collection"].as_str().unwrap_or(""),
+            r["rkey"].as_str().unwrap_or(""),
+            r["class"].as_str().unwrap_or(""),
+            r["provenance"]["app"].as_str().unwrap_or(""),
+            r["provenance"]["revision"]
+                .as_str()
+                .unwrap_or("")
+                .get(..8)
+                .unwrap_or(""),
+        );
+    }
+    Ok(())
+}
+
+fn show(home: &Path, user: &str, path: &str, json: bool) -> Result<(), Failure> {
+    let data = user_data(home, user)?;
+    let (collection, rkey) = path
+        .split_once('/')
+        .ok_or_else(|| Failure::Input(format!("{path:?} is not collection/rkey")))?;
+    let record = data["records"]
+        .as_array()
+        .and_then(|rs| {
+            rs.iter()
+                .find(|r| r["collection"] == collection && r["rkey"] == rkey)
+        })
+        .cloned()
+        .ok_or_else(|| Failure::Input(format!("{user} has no record {path}")))?;
+    if json {
+        output::json(&record);
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&record).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn export(home: &Path, user: &str, output: Option<PathBuf>, json: bool) -> Result<(), Failure> {
+    let answer =
+        crate::daemon::ask_with(home, "GET", &format!("/api/data/users/{user}/export"), None)?;
+    let path = output.unwrap_or_else(|| PathBuf::from(format!("commons-data-{user}.tar")));
+    commons_runtime::layout::write_whole(&path, &answer.body)
+        .map_err(|e| Failure::Failed(format!("{}: {e}", path.display())))?;
+    if json {
+        output::json(&json!({"file": path, "bytes": answer.body.len()}));
+    } else {
+        eprintln!(
+            "{:>12} {} ({} bytes)",
+            "Exported",
+            path.display(),
+            answer.body.len()
+        );
+    }
+    Ok(())
+}
+
+fn erase(home: &Path, user: &str, yes: bool, json: bool) -> Result<(), Failure> {
+    if !yes {
+        return Err(Failure::Input(format!(
+            "erasing {user}'s data cannot be undone; run `commons data erase {user} --yes`"
+        )));
+    }
+    let answer = crate::daemon::ask_with(home, "DELETE", &format!("/api/data/users/{user}"), None)?;
+    let erased: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    if json {
+        output::json(&erased);
+    } else {
+        eprintln!(
+            "{:>12} {} records of {user} ({} public, with signed deletions); their keys are destroyed",
+            "Erased", erased["records"], erased["public_deleted"]
+        );
+    }
     Ok(())
 }

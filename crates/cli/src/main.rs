@@ -635,7 +635,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Serve(args) => serve(&home, args),
         Command::Daemon(cmd) => daemon::run(cmd, &home, json),
         Command::Agent(cmd) => agent::run(cmd, &home, json),
-        Command::Data(cmd) => data::run(cmd, json),
+        Command::Data(cmd) => data::run(cmd, &home, json),
         Command::Nodes => nodes::list(&home, json),
         Command::Place(args) => nodes::place(&home, args, json),
         Command::Move { site, to, confirm } => match to {

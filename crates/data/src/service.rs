@@ -690,6 +690,12 @@ impl DataCommons {
         has_grant(&state, user, &grantee.key(), collection, action)
     }
 
+    /// Whether `user` has a repository here (erased ones included).
+    pub fn has_account(&self, user: &str) -> Result<bool, DataError> {
+        let state = self.state();
+        Ok(db::account(&state.conn, user)?.is_some())
+    }
+
     /// The DID of a user's repository (created on first use).
     pub fn did(&self, user: &str) -> Result<String, DataError> {
         let mut state = self.state();

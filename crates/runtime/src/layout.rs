@@ -164,6 +164,12 @@ impl Layout {
         self.home.join("nodes")
     }
 
+    /// DataCommons: users' repositories, grants, the change feed
+    /// (`data.db`) and the platform key that seals users' keys.
+    pub fn datacommons_dir(&self) -> PathBuf {
+        self.home.join("datacommons")
+    }
+
     /// This machine as a provider's node: its identity, its key and
     /// certificate, the reports of the operations it ran.
     pub fn agent_dir(&self) -> PathBuf {

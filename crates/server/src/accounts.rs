@@ -35,6 +35,8 @@ pub const USER_SCOPES: &[&str] = &[
     "tokens:write",
     "nodes:read",
     "nodes:write",
+    "data:read",
+    "data:write",
 ];
 
 /// The cookie a signed-in browser carries.

@@ -76,6 +76,9 @@ pre{background:#111;color:#eee;padding:.6rem;overflow:auto;max-height:24rem;font
 .state-crashed,.state-oom,.state-error,.state-failed{color:#a4161a;font-weight:600}
 .inline{display:inline}
 .visually-hidden{position:absolute;left:-9999px}
+.bar-row{display:grid;grid-template-columns:10rem 1fr 12rem;gap:.6rem;align-items:center;margin:.2rem 0}
+.bar{display:block;height:1rem;background:#0b4f9c;border-radius:2px;min-width:2px}
+code.value{word-break:break-all;font-size:.85rem}
 @media (max-width:40rem){th:nth-child(n+4),td:nth-child(n+4){display:none}}
 ";
 
@@ -99,6 +102,7 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
                         nav aria-label="main" {
                             a href="/console" { "Sites" }
                             a href="/console/usage" { "Usage" }
+                            a href="/console/data" { "My data" }
                             a href="/console/money" { "Your money" }
                             a href="/console/billing" { "Subscription" }
                             a href="/console/tokens" { "Tokens" }

@@ -15,8 +15,8 @@ use axum::Router;
 
 use crate::web::problem;
 use crate::{
-    api, books, console, console_nodes, local, my_money, my_usage, oidc, openapi, platform,
-    statements, subscribe, AppState,
+    api, books, console, console_data, console_nodes, local, my_money, my_usage, oidc, openapi,
+    platform, statements, subscribe, AppState,
 };
 
 /// The API's routes.
@@ -90,6 +90,35 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/placements/{site}/confirm",
             post(api::nodes::confirm_move),
         )
+        .route(
+            "/data/v1/records/{collection}",
+            get(api::data::list).post(api::data::create),
+        )
+        .route(
+            "/data/v1/records/{collection}/{rkey}",
+            get(api::data::get)
+                .put(api::data::update)
+                .delete(api::data::delete),
+        )
+        .route("/data/v1/subscribe", get(api::data::subscribe))
+        .route(
+            "/api/data/me",
+            get(api::data::me).delete(api::data::erase_me),
+        )
+        .route("/api/data/me/export", get(api::data::export_me))
+        .route(
+            "/api/data/users/{user}",
+            get(api::data::user_data).delete(api::data::erase_user),
+        )
+        .route("/api/data/users/{user}/export", get(api::data::export_user))
+        .route(
+            "/api/data/consent/{site}",
+            get(api::data::requests).post(api::data::consent),
+        )
+        .route(
+            "/api/data/grants",
+            post(api::data::grant).delete(api::data::revoke),
+        )
         .route("/api/catalog", get(api::sites::catalog_list))
         .route(
             "/api/sites/{name}",
@@ -123,6 +152,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/api/me/subscription/checkout",
             post(api::billing::checkout),
+        )
+        .route("/console/data", get(console_data::my_data_page))
+        .route("/console/data/export", get(console_data::export))
+        .route("/console/data/erase", post(console_data::erase_submit))
+        .route("/console/data/revoke", post(console_data::revoke_submit))
+        .route(
+            "/console/data/consent/{site}",
+            get(console_data::consent_page).post(console_data::consent_submit),
         )
         .route("/console/orgs/{org}/nodes", get(console_nodes::nodes_page))
         .route(

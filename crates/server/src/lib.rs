@@ -17,7 +17,9 @@ pub mod catalog;
 pub mod client;
 pub mod config;
 pub mod console;
+mod console_data;
 mod console_nodes;
+pub mod data;
 pub mod error;
 pub mod gateway;
 pub mod hosts;
@@ -113,6 +115,8 @@ pub struct AppState {
     pub agent_url: std::sync::OnceLock<String>,
     /// Tunnels to the nodes, through which the gateway reaches their sites.
     pub tunnels: std::sync::Arc<tunnels::Tunnels>,
+    /// DataCommons: users' data, apps' declarations, grants, the feed.
+    pub data: data::Data,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +184,7 @@ impl AppState {
             nodes: nodes.clone(),
             tunnels: tunnels::Tunnels::new(nodes),
             agent_url: std::sync::OnceLock::new(),
+            data: data::Data::open(&layout).map_err(|e| err("datacommons", &e))?,
         })
     }
 }

@@ -130,6 +130,26 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
                 }
             });
         }
+        // Data reads and writes reach the meter a quarter-second later, folded.
+        let data_state = state.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(250));
+            loop {
+                every.tick().await;
+                let state = data_state.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let events = state.data.take_usage();
+                    if events.is_empty() {
+                        return;
+                    }
+                    let mut meter = state.meter.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Err(e) = meter.ingest(&events, None) {
+                        tracing::warn!(error = %e, "the meter refused data usage");
+                    }
+                })
+                .await;
+            }
+        });
         let gateway = crate::gateway::spawn(&home, state.clone(), settings.gateway)
             .map_err(RunError::Input)?;
         let bound = gateway.bound.clone();

@@ -9,6 +9,7 @@
 
 pub mod accounts;
 pub mod billing;
+pub mod data;
 pub mod nodes;
 pub mod orgs;
 pub mod sites;

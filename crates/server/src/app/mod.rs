@@ -7,6 +7,7 @@
 //! its one error type, [`AppError`]. Nothing here knows of HTTP.
 
 pub mod billing;
+pub mod data;
 pub mod deploys;
 pub mod money;
 pub mod nodes;

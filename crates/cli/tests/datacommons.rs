@@ -1,0 +1,219 @@
+//! DataCommons through the platform: a notes app declares a collection in
+//! its blueprint's `data:` section and stores its users' notes through the
+//! data API, reached through the gateway with the user's identity; the user
+//! consents, sees their data with provenance, exports it, and erases it —
+//! after which the note's text is nowhere in the data directory.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+const NOTES_APP: &str = r#"import json, os, urllib.request, urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+API = os.environ["DATA_URL"]
+TOKEN = os.environ["COMMONS_SERVICE_TOKEN"]
+NSID = "org.example.notes.note"
+
+def call(method, path, identity, body=None):
+    headers = {"X-Commons-Service": TOKEN, "Content-Type": "application/json"}
+    if identity:
+        headers["X-Commons-Identity"] = identity
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(API + path, method=method, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+class H(BaseHTTPRequestHandler):
+    def reply(self, code, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/health":
+            return self.reply(200, {"ok": True})
+        code, body = call("GET", "/data/v1/records/" + NSID, self.headers.get("X-Commons-Identity"))
+        self.reply(code, body)
+    def do_POST(self):
+        text = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode()
+        code, body = call("POST", "/data/v1/records/" + NSID, self.headers.get("X-Commons-Identity"),
+                          {"value": {"$type": NSID, "text": text}})
+        self.reply(code, body)
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+const NOTE_SCHEMA: &str = r#"{"lexicon": 1, "id": "org.example.notes.note", "defs": {"main": {
+  "type": "record", "key": "tid",
+  "record": {"type": "object", "required": ["text"], "properties": {
+    "text": {"type": "string", "maxLength": 1000}}}}}}"#;
+
+const NOTES_BLUEPRINT: &str = r#"name: notes
+inputs:
+  data_url: { type: string }
+components:
+  web:
+    process: python3 app.py
+    env: { DATA_URL: "${inputs.data_url}" }
+    health: { http: /health }
+data:
+  org.example.notes.note:
+    class: private
+    schema: schemas/note.json
+    purpose: Keep your notes so you can read them here and in any app you allow
+"#;
+
+fn gateway(port: u16, method: &str, path: &str, cookie: &str, body: &[u8]) -> (u16, Value) {
+    let (code, text) = http(
+        port,
+        method,
+        path,
+        &[("Host", "notes.localhost"), ("Cookie", cookie)],
+        body,
+    )
+    .unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut hits = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            hits.extend(grep_dir(&path, needle));
+        } else if std::fs::read(&path)
+            .unwrap_or_default()
+            .windows(needle.len())
+            .any(|w| w == needle)
+        {
+            hits.push(path);
+        }
+    }
+    hits
+}
+
+#[test]
+fn an_app_stores_notes_in_its_users_repositories_with_consent() {
+    let s = Sandbox::new("datacommons");
+    s.write("app.py", NOTES_APP);
+    s.write("schemas/note.json", NOTE_SCHEMA);
+    s.blueprint(NOTES_BLUEPRINT);
+    let server = s.serve(&[]);
+    s.ok(&[
+        "deploy",
+        "-i",
+        &format!("data_url=http://127.0.0.1:{}", server.port),
+    ]);
+    let user = signup(server.port, "nora@example.org", "Nora")["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = s
+        .ok(&["token", "create", &user, "--scope", "session"])
+        .stdout()
+        .trim()
+        .to_string();
+    let cookie = format!("commons_session={token}");
+    // The gateway picks the new site up from the platform's state.
+    assert!(
+        wait_for(std::time::Duration::from_secs(10), || {
+            gateway(server.http, "GET", "/health", "", b"").0 == 200
+        }),
+        "notes.localhost is served"
+    );
+
+    // Without the user's consent the app is refused, and told where to ask.
+    let (code, body) = gateway(server.http, "POST", "/", &cookie, b"first");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("/console/data/consent/notes"),
+        "{body}"
+    );
+    // No user at all (nobody signed in): 401 from the data API.
+    let (code, body) = gateway(server.http, "POST", "/", "", b"anonymous");
+    assert_eq!(code, 401, "{body}");
+
+    // The consent screen lists what the app declared; the user allows it.
+    let nora = login(server.port, "nora@example.org", true);
+    let (code, asks) = nora.get("/api/data/consent/notes");
+    assert_eq!(code, 200, "{asks}");
+    assert_eq!(asks["items"][0]["collection"], "org.example.notes.note");
+    assert_eq!(asks["items"][0]["class"], "private");
+    assert!(asks["items"][0]["purpose"]
+        .as_str()
+        .unwrap()
+        .contains("Keep your notes"));
+    let (code, granted) = nora.post("/api/data/consent/notes", json!({}));
+    assert_eq!(code, 200, "{granted}");
+
+    const CANARY: &str = "canary-2f9d-nora-note";
+    let (code, made) = gateway(server.http, "POST", "/", &cookie, CANARY.as_bytes());
+    assert_eq!(code, 201, "{made}");
+    assert!(
+        made["uri"].as_str().unwrap().starts_with("at://did:key:"),
+        "{made}"
+    );
+    let (code, listed) = gateway(server.http, "GET", "/", &cookie, b"");
+    assert_eq!(code, 200, "{listed}");
+    assert_eq!(listed["records"][0]["value"]["text"], CANARY);
+    // A record that breaks the schema: 422 with the field's path.
+    let long = "x".repeat(1001);
+    let (code, body) = gateway(server.http, "POST", "/", &cookie, long.as_bytes());
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().starts_with("$.text"),
+        "{body}"
+    );
+
+    // The user sees it, with provenance; so does the administrator's CLI.
+    let (code, mine) = nora.get("/api/data/me");
+    assert_eq!(code, 200, "{mine}");
+    assert_eq!(mine["records"][0]["provenance"]["app"], "notes");
+    assert!(!mine["records"][0]["provenance"]["revision"]
+        .as_str()
+        .unwrap()
+        .is_empty());
+    let ls = s.ok(&["--json", "data", "ls", &user]).json();
+    assert_eq!(ls["records"].as_array().unwrap().len(), 1);
+    assert_eq!(ls["records"][0]["value"]["text"], CANARY);
+
+    // The private note is not in the database in the clear.
+    let data_dir = s.home.join("datacommons");
+    assert!(grep_dir(&data_dir, CANARY.as_bytes()).is_empty());
+
+    // Revoking stops the app at once.
+    let (code, _) = nora.call(
+        "DELETE",
+        "/api/data/grants",
+        Some(json!({"grantee": "app:notes", "collection": "org.example.notes.note", "action": "read"})),
+    );
+    assert_eq!(code, 204);
+    let (code, body) = gateway(server.http, "GET", "/", &cookie, b"");
+    assert_eq!(code, 403, "{body}");
+
+    // Export, then erase: the archive holds the note; afterwards nothing does.
+    let archive = s.dir.join("nora.tar");
+    s.ok(&["data", "export", &user, "-o", archive.to_str().unwrap()]);
+    let tar = std::fs::read(&archive).unwrap();
+    assert!(tar.windows(CANARY.len()).any(|w| w == CANARY.as_bytes()));
+    let refused = s.run(&["data", "erase", &user]);
+    assert_eq!(refused.code(), 2, "erase needs --yes");
+    s.ok(&["data", "erase", &user, "--yes"]);
+    assert!(grep_dir(&data_dir, CANARY.as_bytes()).is_empty());
+    let (code, _) = nora.get("/api/data/me/export");
+    assert_eq!(code, 404, "nothing left to export");
+}
