@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::browser::*;
 use common::*;
 use serde_json::{json, Value};
 
@@ -103,9 +104,9 @@ fn grep_dir(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
     hits
 }
 
-#[test]
-fn an_app_stores_notes_in_its_users_repositories_with_consent() {
-    let s = Sandbox::new("datacommons");
+/// A platform serving the notes app, and a user with a session at it.
+fn notes_platform(test: &str, email: &str) -> (Sandbox, Server, String, String) {
+    let s = Sandbox::new(test);
     s.write("app.py", NOTES_APP);
     s.write("schemas/note.json", NOTE_SCHEMA);
     s.blueprint(NOTES_BLUEPRINT);
@@ -115,7 +116,7 @@ fn an_app_stores_notes_in_its_users_repositories_with_consent() {
         "-i",
         &format!("data_url=http://127.0.0.1:{}", server.port),
     ]);
-    let user = signup(server.port, "nora@example.org", "Nora")["user"]["id"]
+    let user = signup(server.port, email, "Nora")["user"]["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -124,7 +125,6 @@ fn an_app_stores_notes_in_its_users_repositories_with_consent() {
         .stdout()
         .trim()
         .to_string();
-    let cookie = format!("commons_session={token}");
     // The gateway picks the new site up from the platform's state.
     assert!(
         wait_for(std::time::Duration::from_secs(10), || {
@@ -132,6 +132,12 @@ fn an_app_stores_notes_in_its_users_repositories_with_consent() {
         }),
         "notes.localhost is served"
     );
+    (s, server, user, format!("commons_session={token}"))
+}
+
+#[test]
+fn an_app_stores_notes_in_its_users_repositories_with_consent() {
+    let (s, server, user, cookie) = notes_platform("datacommons", "nora@example.org");
 
     // Without the user's consent the app is refused, and told where to ask.
     let (code, body) = gateway(server.http, "POST", "/", &cookie, b"first");
@@ -216,4 +222,91 @@ fn an_app_stores_notes_in_its_users_repositories_with_consent() {
     assert!(grep_dir(&data_dir, CANARY.as_bytes()).is_empty());
     let (code, _) = nora.get("/api/data/me/export");
     assert_eq!(code, 404, "nothing left to export");
+}
+
+/// In a real browser: the consent screen an app sends its user to, "my
+/// data" with the record's provenance and the chart of what each app did,
+/// revoking, and erasing with a typed confirmation.
+#[test]
+fn a_user_consents_sees_and_erases_their_data_in_the_console() {
+    let (s, server, _user, cookie) = notes_platform("datacommons-console", "ona@example.org");
+    let driver = Driver::start(s.dir.join("chromium-profile"));
+    let base = format!("http://127.0.0.1:{}", server.port);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = browser(&driver).await;
+        c.goto(&format!("{base}/console/data/consent/notes"))
+            .await
+            .unwrap();
+        arrive(&c, "Log in").await;
+        fill(&c, "email", "ona@example.org").await;
+        fill(&c, "password", "a long enough password").await;
+        click(&c, Locator::Css("button[type=submit]")).await;
+        arrive(&c, "Your sites").await;
+        c.goto(&format!("{base}/console/data/consent/notes"))
+            .await
+            .unwrap();
+        arrive(&c, "notes asks for your data").await;
+        let asks = text_of(&c, Locator::Id("requests")).await;
+        assert!(
+            asks.contains("org.example.notes.note") && asks.contains("private"),
+            "{asks}"
+        );
+        assert!(asks.contains("Keep your notes"), "{asks}");
+        accessible(&c, "consent").await;
+        shot(&c, "data-consent").await;
+        click(&c, Locator::Css("main form button[type=submit]")).await;
+        arrive(&c, "My data").await;
+
+        // The app writes a note for her, then reads it back.
+        let (code, made) = gateway(
+            server.http,
+            "POST",
+            "/",
+            &cookie,
+            b"a note from the browser test",
+        );
+        assert_eq!(code, 201, "{made}");
+        assert_eq!(gateway(server.http, "GET", "/", &cookie, b"").0, 200);
+        c.goto(&format!("{base}/console/data")).await.unwrap();
+        arrive(&c, "My data").await;
+        let records = text_of(&c, Locator::Id("records")).await;
+        assert!(
+            records.contains("a note from the browser test"),
+            "{records}"
+        );
+        assert!(records.contains("notes"), "provenance: {records}");
+        let chart = text_of(&c, Locator::Id("access-chart")).await;
+        assert!(
+            chart.contains("notes") && chart.contains("1 reads, 1 writes"),
+            "{chart}"
+        );
+        accessible(&c, "my data").await;
+        shot(&c, "data-mine").await;
+
+        // Revoke the first grant (reading, in grantee/collection/action
+        // order): the app is refused.
+        let grants = text_of(&c, Locator::Id("grants")).await;
+        assert!(grants.contains("app:notes"), "{grants}");
+        click(&c, Locator::Css("#grants tbody tr:first-child button")).await;
+        arrive(&c, "My data").await;
+        assert_eq!(gateway(server.http, "GET", "/", &cookie, b"").0, 403);
+
+        // Erase needs the typed confirmation.
+        fill(&c, "confirm", "yes").await;
+        click(&c, Locator::Css("#erase button")).await;
+        arrive(&c, "Not confirmed").await;
+        c.goto(&format!("{base}/console/data")).await.unwrap();
+        arrive(&c, "My data").await;
+        fill(&c, "confirm", "erase my data").await;
+        click(&c, Locator::Css("#erase button")).await;
+        arrive(&c, "Your data was erased").await;
+        let said = text_of(&c, Locator::Id("erased")).await;
+        assert!(said.starts_with("1 records erased"), "{said}");
+        shot(&c, "data-erased").await;
+        c.close().await.unwrap();
+    });
 }

@@ -33,6 +33,7 @@ CREATE TABLE IF NOT EXISTS records (
     rkey TEXT NOT NULL,
     cid BLOB NOT NULL,
     block BLOB NOT NULL,       -- the record's block (sealed for encrypted classes)
+    sealed_by TEXT,            -- whose data key seals it, when not the owner's (a fork's copy)
     app TEXT NOT NULL,         -- provenance: the deployment that wrote it
     revision TEXT NOT NULL,    -- ... its blueprint revision
     created_ms INTEGER NOT NULL,
@@ -82,6 +83,13 @@ CREATE TABLE IF NOT EXISTS access_log (
     bytes INTEGER NOT NULL,
     last_ms INTEGER NOT NULL,
     PRIMARY KEY (user, app, collection, action, day)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS forks (
+    fork_user TEXT NOT NULL,
+    source TEXT NOT NULL,
+    base TEXT NOT NULL,        -- JSON: path -> record CID at the fork point (or the last merge)
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (fork_user, source)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY,
@@ -218,6 +226,8 @@ pub struct RecordRow {
     pub revision: String,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// Whose data key seals it, when not the owner's.
+    pub sealed_by: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -226,19 +236,19 @@ pub fn upsert_record(
     user: &str,
     collection: &str,
     rkey: &str,
-    (cid, block): (&Cid, &[u8]),
+    (cid, block, sealed_by): (&Cid, &[u8], Option<&str>),
     app: &str,
     revision: &str,
     now_ms: i64,
 ) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO records (user, collection, rkey, cid, block, app, revision, created_ms, updated_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+        "INSERT INTO records (user, collection, rkey, cid, block, sealed_by, app, revision, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)
          ON CONFLICT (user, collection, rkey) DO UPDATE SET
-            cid = excluded.cid, block = excluded.block, app = excluded.app,
-            revision = excluded.revision, updated_ms = excluded.updated_ms",
+            cid = excluded.cid, block = excluded.block, sealed_by = excluded.sealed_by,
+            app = excluded.app, revision = excluded.revision, updated_ms = excluded.updated_ms",
     )?
-    .execute(params![user, collection, rkey, cid.to_bytes(), block, app, revision, now_ms])?;
+    .execute(params![user, collection, rkey, cid.to_bytes(), block, sealed_by, app, revision, now_ms])?;
     Ok(())
 }
 
@@ -266,11 +276,11 @@ pub fn record(
     rkey: &str,
 ) -> rusqlite::Result<Option<(RecordRow, Vec<u8>, Vec<u8>)>> {
     conn.prepare_cached(
-        "SELECT collection, rkey, app, revision, created_ms, updated_ms, cid, block FROM records
+        "SELECT collection, rkey, app, revision, created_ms, updated_ms, sealed_by, cid, block FROM records
          WHERE user = ?1 AND collection = ?2 AND rkey = ?3",
     )?
     .query_row(params![user, collection, rkey], |r| {
-        Ok((record_row(r)?, r.get(6)?, r.get(7)?))
+        Ok((record_row(r)?, r.get(7)?, r.get(8)?))
     })
     .optional()
 }
@@ -283,12 +293,13 @@ fn record_row(r: &rusqlite::Row) -> rusqlite::Result<RecordRow> {
         revision: r.get(3)?,
         created_ms: r.get(4)?,
         updated_ms: r.get(5)?,
+        sealed_by: r.get(6)?,
     })
 }
 
 pub fn records_of(conn: &Connection, user: &str) -> rusqlite::Result<Vec<RecordRow>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT collection, rkey, app, revision, created_ms, updated_ms FROM records
+        "SELECT collection, rkey, app, revision, created_ms, updated_ms, sealed_by FROM records
          WHERE user = ?1 ORDER BY collection, rkey",
     )?;
     let rows = stmt.query_map(params![user], record_row)?;
@@ -470,6 +481,10 @@ pub fn erase_user(tx: &Transaction, user: &str, now_ms: i64) -> rusqlite::Result
         )?;
     }
     tx.execute(
+        "DELETE FROM forks WHERE fork_user = ?1 OR source = ?1",
+        params![user],
+    )?;
+    tx.execute(
         "DELETE FROM grants WHERE grantee = ?1",
         params![format!("user:{user}")],
     )?;
@@ -563,4 +578,30 @@ pub fn app_collections(conn: &Connection) -> rusqlite::Result<Vec<AppCollectionR
 /// deleted bytes (zeroed by `secure_delete`) leave no copy behind.
 pub fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+}
+
+/// A fork's base: path -> record CID at the fork point (or last merge).
+pub fn fork_base(
+    conn: &Connection,
+    fork_user: &str,
+    source: &str,
+) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT base FROM forks WHERE fork_user = ?1 AND source = ?2")?
+        .query_row(params![fork_user, source], |r| r.get(0))
+        .optional()
+}
+
+pub fn save_fork(
+    conn: &Connection,
+    fork_user: &str,
+    source: &str,
+    base: &str,
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO forks (fork_user, source, base, created_ms) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (fork_user, source) DO UPDATE SET base = excluded.base",
+        params![fork_user, source, base, now_ms],
+    )?;
+    Ok(())
 }

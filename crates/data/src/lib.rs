@@ -10,12 +10,14 @@
 //! - [`seal`]: envelope encryption of the encrypted classes.
 //! - [`service`]: the rules: apps, grants, classes, writes, reads, export, erase.
 //! - [`feed`]: the change feed's events and cursor rules.
+//! - [`fork`]: three-way merges of a fork and its origin, with conflicts.
 
 #![forbid(unsafe_code)]
 
 pub mod car;
 mod db;
 pub mod feed;
+pub mod fork;
 pub mod keys;
 pub mod lexicon;
 pub mod model;

@@ -369,6 +369,31 @@ pub struct Erased {
     pub public_deleted: usize,
 }
 
+/// One change to a repository as the service records it.
+struct Change {
+    path: String,
+    /// The record's block (sealed for encrypted classes); `None` deletes.
+    block: Option<Vec<u8>>,
+    create: bool,
+    class: Class,
+    /// Provenance: the app and blueprint revision that wrote it.
+    app: String,
+    revision: String,
+    /// Whose data key seals the block, when not the repository owner's
+    /// (a fork's copy stays sealed under its origin's key).
+    sealed_by: Option<String>,
+    /// Indexed fields, already blinded for encrypted classes.
+    indexed: Vec<(String, String)>,
+}
+
+/// What one commit of changes made.
+struct Landed {
+    did: String,
+    rev: String,
+    commit: Cid,
+    cids: Vec<Option<Cid>>,
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -813,68 +838,109 @@ impl DataCommons {
                 (f, v)
             })
             .collect();
-        let write = match (block, create) {
-            (Some(record), true) => Write::Create {
-                path: path.clone(),
-                record,
-            },
-            (Some(record), false) => Write::Update {
-                path: path.clone(),
-                record,
-            },
-            (None, _) => Write::Delete { path: path.clone() },
+        let change = Change {
+            path: path.clone(),
+            block,
+            create,
+            class: info.class,
+            app: call.app.clone(),
+            revision: app_use.revision.clone(),
+            sealed_by: None,
+            indexed,
         };
+        let landed = self.commit_changes(state, &call.user, vec![change])?;
+        note_access(
+            state,
+            &call.user,
+            &call.app,
+            collection,
+            "write",
+            plain_len as u64,
+        );
+        drop(guard);
+        self.shared.usage.record(UsageEvent {
+            user: call.user.clone(),
+            app: call.app.clone(),
+            collection: collection.into(),
+            action: "write",
+            bytes: plain_len as u64,
+        });
+        Ok(WriteResult {
+            uri: format!("at://{}/{path}", landed.did),
+            cid: op_cid_string(landed.cids[0]),
+            rev: landed.rev,
+            commit: landed.commit.to_string(),
+        })
+    }
+
+    /// Commits `changes` to `user`'s repository in one signed commit and
+    /// one transaction: the records with their provenance and index, the
+    /// new head, and the feed event, which is then broadcast.
+    fn commit_changes(
+        &self,
+        state: &mut State,
+        user: &str,
+        changes: Vec<Change>,
+    ) -> Result<Landed, DataError> {
+        let account = ensure_account(state, user)?;
+        let writes: Vec<Write> = changes
+            .iter()
+            .map(|c| match (&c.block, c.create) {
+                (Some(record), true) => Write::Create {
+                    path: c.path.clone(),
+                    record: record.clone(),
+                },
+                (Some(record), false) => Write::Update {
+                    path: c.path.clone(),
+                    record: record.clone(),
+                },
+                (None, _) => Write::Delete {
+                    path: c.path.clone(),
+                },
+            })
+            .collect();
         let rev = self.shared.clock.next();
         let committed = account
             .repo
-            .commit(&[write], &account.signing, rev.clone())?;
+            .commit(&writes, &account.signing, rev.clone())?;
         let did = account.did.clone();
         let now = now_ms();
         let tx = state.conn.transaction()?;
-        let op = &committed.ops[0];
-        if !info.indexed.is_empty() && !create {
-            db::unindex(&tx, &call.user, collection, rkey)?;
-        }
-        match op.cid {
-            Some(cid) => {
-                let block = committed
-                    .blocks
-                    .iter()
-                    .find(|(c, _)| *c == cid)
-                    .map(|(_, b)| b.clone())
-                    .ok_or_else(|| DataError::Internal("the commit lost its record".into()))?;
-                db::upsert_record(
-                    &tx,
-                    &call.user,
-                    collection,
-                    rkey,
-                    (&cid, &block),
-                    &call.app,
-                    &app_use.revision,
-                    now,
-                )?;
-                for (field, value) in &indexed {
-                    db::index_value(&tx, &call.user, collection, field, value, rkey)?;
-                }
+        let mut ops = Vec::with_capacity(changes.len());
+        for (change, op) in changes.iter().zip(&committed.ops) {
+            let (collection, rkey) = change.path.split_once('/').unwrap_or_default();
+            if !change.create {
+                db::unindex(&tx, user, collection, rkey)?;
             }
-            None => db::delete_record(&tx, &call.user, collection, rkey)?,
+            match (op.cid, &change.block) {
+                (Some(cid), Some(block)) => {
+                    db::upsert_record(
+                        &tx,
+                        user,
+                        collection,
+                        rkey,
+                        (&cid, block, change.sealed_by.as_deref()),
+                        &change.app,
+                        &change.revision,
+                        now,
+                    )?;
+                    for (field, value) in &change.indexed {
+                        db::index_value(&tx, user, collection, field, value, rkey)?;
+                    }
+                }
+                _ => db::delete_record(&tx, user, collection, rkey)?,
+            }
+            ops.push(FeedOp {
+                action: op.action.into(),
+                path: change.path.clone(),
+                cid: op.cid.map(|c| c.to_string()),
+                prev: op.prev.map(|c| c.to_string()),
+                class: change.class.name().into(),
+                app: change.app.clone(),
+                revision: change.revision.clone(),
+            });
         }
-        db::set_head(
-            &tx,
-            &call.user,
-            &committed.cid,
-            &committed.blocks[0].1,
-            &rev,
-        )?;
-        let ops = vec![FeedOp {
-            action: op.action.into(),
-            path: path.clone(),
-            cid: op.cid.map(|c| c.to_string()),
-            prev: op.prev.map(|c| c.to_string()),
-            class: info.class.name().into(),
-            app: call.app.clone(),
-            revision: app_use.revision.clone(),
-        }];
+        db::set_head(&tx, user, &committed.cid, &committed.blocks[0].1, &rev)?;
         let car = crate::car::write(
             committed.cid,
             committed.blocks.iter().map(|(c, b)| (*c, &b[..])),
@@ -888,27 +954,19 @@ impl DataCommons {
             ops,
             blocks: feed::encode_blocks(&car),
             proof: true,
-            user: call.user.clone(),
+            user: user.to_owned(),
         };
         event.seq = db::next_seq(&tx)?;
         let body = serde_json::to_vec(&Event::Commit(event.clone()))
             .map_err(|e| DataError::Internal(e.to_string()))?;
-        db::insert_event(&tx, event.seq, &call.user, now, &body)?;
+        db::insert_event(&tx, event.seq, user, now, &body)?;
         tx.commit()?;
         self.after_event(state, Event::Commit(event))?;
-        drop(guard);
-        self.shared.usage.record(UsageEvent {
-            user: call.user.clone(),
-            app: call.app.clone(),
-            collection: collection.into(),
-            action: "write",
-            bytes: plain_len as u64,
-        });
-        Ok(WriteResult {
-            uri: format!("at://{did}/{path}"),
-            cid: op_cid_string(op.cid),
+        Ok(Landed {
+            did,
             rev,
-            commit: committed.cid.to_string(),
+            commit: committed.cid,
+            cids: committed.ops.iter().map(|o| o.cid).collect(),
         })
     }
 
@@ -1399,7 +1457,7 @@ impl DataCommons {
                 user,
                 collection,
                 rkey,
-                (cid, bytes),
+                (cid, bytes, None),
                 p["app"].as_str().unwrap_or("import"),
                 p["revision"].as_str().unwrap_or(""),
                 created,
@@ -1560,6 +1618,202 @@ impl DataCommons {
         })
     }
 
+    /// Forks `source`'s repository into `target`'s: every public record,
+    /// and the personal and private ones `source` shares with `target`.
+    /// Sealed copies stay sealed under `source`'s key, so they are readable
+    /// only while shared and never after `source` erases them.
+    pub fn fork(&self, source: &str, target: &str) -> Result<Merged, DataError> {
+        if source == target {
+            return Err(DataError::invalid(
+                "source",
+                "a repository cannot be forked into itself",
+            ));
+        }
+        let mut guard = self.state();
+        let state = &mut *guard;
+        if db::fork_base(&state.conn, target, source)?.is_some() {
+            return Err(DataError::Conflict(format!("{target}'s fork of {source}")));
+        }
+        if ensure_existing_account(state, source)?.is_none() {
+            return Err(DataError::NotFound(format!("the repository of {source}")));
+        }
+        let theirs = visible_entries(state, source, target)?;
+        let ours: BTreeMap<String, Cid> = BTreeMap::new();
+        let existing: HashSet<String> = ensure_account(state, target)?
+            .repo
+            .entries()?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        if let Some(clash) = theirs.keys().find(|p| existing.contains(*p)) {
+            return Err(DataError::Conflict(clash.clone()));
+        }
+        let plan = crate::fork::plan(&ours, &ours, &theirs, &BTreeMap::new());
+        self.land(state, Landing::Fork, target, source, &plan, &theirs)
+    }
+
+    /// Brings `source`'s changes since the fork point (or the last sync)
+    /// into `fork_user`'s fork. Keys both changed are conflicts: nothing is
+    /// applied until each is resolved (`Ours` keeps the fork's, `Theirs`
+    /// takes the origin's).
+    pub fn sync(
+        &self,
+        fork_user: &str,
+        source: &str,
+        resolved: &BTreeMap<String, crate::fork::Side>,
+    ) -> Result<Merged, DataError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let base = fork_base(state, fork_user, source)?;
+        let theirs = in_scope(visible_entries(state, source, fork_user)?, &base);
+        let ours = in_scope(entries_of(state, fork_user)?, &base);
+        let plan = crate::fork::plan(&base, &ours, &theirs, resolved);
+        if !plan.conflicts.is_empty() {
+            return Ok(Merged {
+                applied: 0,
+                conflicts: plan.conflicts,
+            });
+        }
+        self.land(state, Landing::Sync, fork_user, source, &plan, &theirs)
+    }
+
+    /// Merges `fork_user`'s changes since the fork point (or the last
+    /// merge) back into `source`'s repository, as `source` decides: keys
+    /// both changed are listed as conflicts and nothing is applied until
+    /// each is resolved (`Ours` keeps the origin's, `Theirs` takes the
+    /// fork's). Sealed records are sealed again under `source`'s key.
+    pub fn merge(
+        &self,
+        source: &str,
+        fork_user: &str,
+        resolved: &BTreeMap<String, crate::fork::Side>,
+    ) -> Result<Merged, DataError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let base = fork_base(state, fork_user, source)?;
+        let theirs = in_scope(entries_of(state, fork_user)?, &base);
+        let ours = in_scope(entries_of(state, source)?, &base);
+        let plan = crate::fork::plan(&base, &ours, &theirs, resolved);
+        if !plan.conflicts.is_empty() {
+            return Ok(Merged {
+                applied: 0,
+                conflicts: plan.conflicts,
+            });
+        }
+        self.land(state, Landing::Merge, source, fork_user, &plan, &theirs)
+    }
+
+    /// Applies a merge plan to `into` with records taken from `from`, and
+    /// records the fork's new base.
+    fn land(
+        &self,
+        state: &mut State,
+        landing: Landing,
+        into: &str,
+        from: &str,
+        plan: &crate::fork::MergePlan,
+        theirs: &BTreeMap<String, Cid>,
+    ) -> Result<Merged, DataError> {
+        let into_entries: HashSet<String> = ensure_account(state, into)?
+            .repo
+            .entries()?
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        let mut changes = Vec::with_capacity(plan.apply.len());
+        for (path, target) in &plan.apply {
+            let (collection, rkey) = path.split_once('/').unwrap_or_default();
+            let class = state
+                .collections
+                .get(collection)
+                .map_or(Class::Private, |c| c.class);
+            let Some(_) = target else {
+                changes.push(Change {
+                    path: path.clone(),
+                    block: None,
+                    create: false,
+                    class,
+                    app: "commons".into(),
+                    revision: String::new(),
+                    sealed_by: None,
+                    indexed: Vec::new(),
+                });
+                continue;
+            };
+            let Some((row, _, block)) = db::record(&state.conn, from, collection, rkey)? else {
+                return Err(DataError::NotFound(path.clone()));
+            };
+            let (block, sealed_by) = if class.encrypted() {
+                let origin = row.sealed_by.clone().unwrap_or_else(|| from.to_owned());
+                if origin == into {
+                    (block, None)
+                } else if landing != Landing::Merge {
+                    // Into a fork: the copy stays sealed by its origin.
+                    (block, Some(origin))
+                } else {
+                    // Back into the origin: sealed again under its key.
+                    let open_key = ensure_existing_account(state, &origin)?
+                        .ok_or_else(|| DataError::Erased(origin.clone()))?
+                        .data_key
+                        .clone();
+                    let plain = seal::open_record(
+                        &open_key,
+                        path,
+                        &model::decode(&block).map_err(DataError::Internal)?,
+                    )
+                    .map_err(|e| DataError::Internal(e.to_string()))?;
+                    let into_key = ensure_account(state, into)?.data_key.clone();
+                    (
+                        model::encode(&seal::seal_record(&into_key, path, &plain)),
+                        None,
+                    )
+                }
+            } else {
+                (block, None)
+            };
+            let indexed = if class.encrypted() {
+                Vec::new()
+            } else {
+                let fields = state
+                    .collections
+                    .get(collection)
+                    .map(|c| c.indexed.clone())
+                    .unwrap_or_default();
+                match model::decode(&block) {
+                    Ok(Ipld::Map(map)) => fields
+                        .iter()
+                        .filter_map(|f| Some((f.clone(), map.get(f).and_then(index_text)?)))
+                        .collect(),
+                    _ => Vec::new(),
+                }
+            };
+            changes.push(Change {
+                path: path.clone(),
+                create: !into_entries.contains(path),
+                block: Some(block),
+                class,
+                app: row.app,
+                revision: row.revision,
+                sealed_by,
+                indexed,
+            });
+        }
+        let applied = changes.len();
+        if !changes.is_empty() {
+            self.commit_changes(state, into, changes)?;
+        }
+        // What the fork holds is now the agreed base of both sides.
+        let (fork_user, source) = match landing {
+            Landing::Fork | Landing::Sync => (into, from),
+            Landing::Merge => (from, into),
+        };
+        save_fork_base(state, fork_user, source, theirs)?;
+        Ok(Merged {
+            applied,
+            conflicts: Vec::new(),
+        })
+    }
+
     /// Writes buffered access-log counts to the database.
     pub fn flush(&self) -> Result<(), DataError> {
         flush_access(&mut self.state())
@@ -1662,6 +1916,107 @@ fn db_user_of(commons: &DataCommons, seq: i64) -> Result<String, DataError> {
 
 fn futures_free_read(car: &[u8]) -> Result<crate::car::Car, crate::car::CarError> {
     crate::car::read_sync(car)
+}
+
+/// Which way records flow in [`DataCommons::land`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Landing {
+    /// Origin -> a new fork.
+    Fork,
+    /// Origin -> its fork.
+    Sync,
+    /// Fork -> its origin.
+    Merge,
+}
+
+/// What a fork, sync or merge did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Merged {
+    pub applied: usize,
+    /// Keys both sides changed: nothing was applied; resolve each.
+    pub conflicts: Vec<crate::fork::Conflict>,
+}
+
+/// Every (path, CID) of `user`'s repository.
+fn entries_of(state: &mut State, user: &str) -> Result<BTreeMap<String, Cid>, DataError> {
+    Ok(match ensure_existing_account(state, user)? {
+        Some(a) => a.repo.entries()?.into_iter().collect(),
+        None => BTreeMap::new(),
+    })
+}
+
+/// What of `owner`'s repository `reader` may copy: public records, and
+/// encrypted ones `owner` shares with them.
+fn visible_entries(
+    state: &mut State,
+    owner: &str,
+    reader: &str,
+) -> Result<BTreeMap<String, Cid>, DataError> {
+    let entries = entries_of(state, owner)?;
+    Ok(entries
+        .into_iter()
+        .filter(|(path, _)| {
+            let collection = path.split_once('/').map_or("", |(c, _)| c);
+            let class = state
+                .collections
+                .get(collection)
+                .map_or(Class::Private, |c| c.class);
+            class == Class::Public
+                || has_grant(
+                    state,
+                    owner,
+                    &Grantee::Person(reader.into()).key(),
+                    collection,
+                    Action::Read,
+                )
+        })
+        .collect())
+}
+
+/// The entries of the collections a fork covers.
+fn in_scope(entries: BTreeMap<String, Cid>, base: &BTreeMap<String, Cid>) -> BTreeMap<String, Cid> {
+    let collections: HashSet<&str> = base
+        .keys()
+        .filter_map(|p| p.split_once('/').map(|(c, _)| c))
+        .collect();
+    entries
+        .into_iter()
+        .filter(|(p, _)| {
+            p.split_once('/')
+                .is_some_and(|(c, _)| collections.contains(c))
+        })
+        .collect()
+}
+
+fn fork_base(
+    state: &State,
+    fork_user: &str,
+    source: &str,
+) -> Result<BTreeMap<String, Cid>, DataError> {
+    let text = db::fork_base(&state.conn, fork_user, source)?
+        .ok_or_else(|| DataError::NotFound(format!("a fork of {source} by {fork_user}")))?;
+    let raw: BTreeMap<String, String> =
+        serde_json::from_str(&text).map_err(|e| DataError::Internal(e.to_string()))?;
+    raw.into_iter()
+        .map(|(p, c)| Ok((p, model::parse_cid(&c).map_err(DataError::Internal)?)))
+        .collect()
+}
+
+fn save_fork_base(
+    state: &State,
+    fork_user: &str,
+    source: &str,
+    base: &BTreeMap<String, Cid>,
+) -> Result<(), DataError> {
+    let raw: BTreeMap<&String, String> = base.iter().map(|(p, c)| (p, c.to_string())).collect();
+    db::save_fork(
+        &state.conn,
+        fork_user,
+        source,
+        &serde_json::to_string(&raw).unwrap_or_default(),
+        now_ms(),
+    )?;
+    Ok(())
 }
 
 fn op_cid_string(cid: Option<Cid>) -> String {
@@ -1807,7 +2162,28 @@ fn read_record(
     let block = model::decode(&bytes).map_err(DataError::Internal)?;
     let class = info.as_ref().map_or(Class::Private, |i| i.class);
     let record = if class.encrypted() {
-        let plain = seal::open_record(&data_key, &path, &block)
+        let key = match row.sealed_by.as_deref() {
+            None => data_key,
+            // A fork's copy opens with its origin's key, only while the
+            // origin still shares it with this owner — and never once the
+            // origin erased it.
+            Some(origin) => {
+                if !has_grant(
+                    state,
+                    origin,
+                    &Grantee::Person(owner.into()).key(),
+                    collection,
+                    Action::Read,
+                ) {
+                    return Ok(None);
+                }
+                match ensure_existing_account(state, origin)? {
+                    Some(a) => a.data_key.clone(),
+                    None => return Ok(None),
+                }
+            }
+        };
+        let plain = seal::open_record(&key, &path, &block)
             .map_err(|e| DataError::Internal(e.to_string()))?;
         model::decode(&plain).map_err(DataError::Internal)?
     } else {

@@ -705,3 +705,136 @@ fn ops(event: &Event) -> Vec<(String, String)> {
         Event::Account(_) => Vec::new(),
     }
 }
+
+#[tokio::test]
+async fn fork_diverge_and_merge_with_a_conflict_list() {
+    use commons_data::fork::Side;
+    use std::collections::BTreeMap;
+    let dir = tempdir("fork");
+    let (commons, _) = platform(&dir);
+    commons.consent("alice", "notes").unwrap();
+    commons.consent("bob", "notes").unwrap();
+    let (alice, bob) = (call("notes", "alice"), call("notes", "bob"));
+    let note = |text: &str| json!({"$type": NOTE, "text": text});
+    let diary = |text: &str| json!({"$type": DIARY, "text": text});
+    for (k, t) in [("n1", "one"), ("n2", "two"), ("n3", "three")] {
+        commons.create(&alice, NOTE, Some(k), &note(t)).unwrap();
+    }
+    for (k, t) in [
+        ("d1", "shared diary"),
+        ("d2", "secret diary"),
+        ("d3", "another shared"),
+    ] {
+        commons.create(&alice, DIARY, Some(k), &diary(t)).unwrap();
+    }
+    // Bob forks: the public notes, and the diaries because alice shares
+    // that collection with him (grants are per collection).
+    assert_eq!(
+        commons.fork("alice", "carol").unwrap().applied,
+        3,
+        "carol gets the public notes only"
+    );
+    commons
+        .grant("alice", &Grantee::Person("bob".into()), DIARY, Action::Read)
+        .unwrap();
+    let forked = commons.fork("alice", "bob").unwrap();
+    assert_eq!(forked.applied, 6);
+    assert_eq!(
+        commons.get(&bob, "bob", DIARY, "d3").unwrap().value["text"],
+        "another shared"
+    );
+    assert_eq!(
+        commons.fork("alice", "bob").unwrap_err().status(),
+        409,
+        "one fork per pair"
+    );
+
+    // Diverge: both edit n2; alice edits n1; bob edits n3, adds n4, edits d1.
+    commons
+        .update(&alice, NOTE, "n1", &note("one, alice"))
+        .unwrap();
+    commons
+        .update(&alice, NOTE, "n2", &note("two, alice"))
+        .unwrap();
+    commons.update(&bob, NOTE, "n2", &note("two, bob")).unwrap();
+    commons
+        .update(&bob, NOTE, "n3", &note("three, bob"))
+        .unwrap();
+    commons
+        .create(&bob, NOTE, Some("n4"), &note("four, bob"))
+        .unwrap();
+    commons
+        .update(&bob, DIARY, "d1", &diary("bob's take"))
+        .unwrap();
+
+    // Merging back lists the conflict and changes nothing.
+    let before = commons.repo_car("alice").unwrap();
+    let merged = commons.merge("alice", "bob", &BTreeMap::new()).unwrap();
+    assert_eq!(merged.applied, 0);
+    let paths: Vec<&str> = merged.conflicts.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(paths, [format!("{NOTE}/n2")]);
+    assert!(
+        merged.conflicts[0].base.is_some()
+            && merged.conflicts[0].ours != merged.conflicts[0].theirs
+    );
+    assert_eq!(commons.repo_car("alice").unwrap(), before);
+
+    // Resolved (bob's n2 wins): everything bob changed lands; alice's n1 stays.
+    let resolved = BTreeMap::from([(format!("{NOTE}/n2"), Side::Theirs)]);
+    let merged = commons.merge("alice", "bob", &resolved).unwrap();
+    assert!(merged.conflicts.is_empty());
+    assert_eq!(merged.applied, 4);
+    let text = |owner: &str, coll: &str, k: &str| {
+        commons
+            .get(&call("notes", owner), owner, coll, k)
+            .unwrap()
+            .value["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(text("alice", NOTE, "n1"), "one, alice");
+    assert_eq!(text("alice", NOTE, "n2"), "two, bob");
+    assert_eq!(text("alice", NOTE, "n4"), "four, bob");
+    assert_eq!(
+        text("alice", DIARY, "d1"),
+        "bob's take",
+        "re-sealed under alice's key"
+    );
+    // Merged records keep the provenance of the app that wrote them.
+    let mine = commons.my_records("alice").unwrap();
+    assert!(mine.iter().all(|r| r.provenance.app == "notes"));
+
+    // Bob syncs alice's n1 into his fork.
+    let synced = commons.sync("bob", "alice", &BTreeMap::new()).unwrap();
+    assert!(
+        synced.conflicts.is_empty() && synced.applied >= 1,
+        "{synced:?}"
+    );
+    assert_eq!(text("bob", NOTE, "n1"), "one, alice");
+
+    // The fork's copies sealed by alice need her sharing: revoked, bob's
+    // copy of d3 no longer opens; what he wrote himself still does.
+    commons
+        .update(&bob, DIARY, "d1", &diary("bob again"))
+        .unwrap();
+    commons
+        .revoke("alice", &Grantee::Person("bob".into()), DIARY, Action::Read)
+        .unwrap();
+    assert_eq!(
+        commons.get(&bob, "bob", DIARY, "d3").unwrap_err().status(),
+        404
+    );
+    assert_eq!(text("bob", DIARY, "d1"), "bob again");
+    // And once alice erases, her sealed copies are gone for good (crypto-shredded).
+    commons
+        .grant("alice", &Grantee::Person("bob".into()), DIARY, Action::Read)
+        .unwrap();
+    assert_eq!(text("bob", DIARY, "d3"), "another shared");
+    commons.erase("alice").unwrap();
+    assert_eq!(
+        commons.get(&bob, "bob", DIARY, "d3").unwrap_err().status(),
+        404
+    );
+    assert_eq!(text("bob", DIARY, "d1"), "bob again");
+}
