@@ -310,3 +310,102 @@ fn a_user_consents_sees_and_erases_their_data_in_the_console() {
         c.close().await.unwrap();
     });
 }
+
+/// Opens a WebSocket at `path` of the API; returns the stream and the
+/// answer's head (a client written out: the handshake and text frames are
+/// all the feed needs).
+fn ws_open(port: u16, path: &str, headers: &[(&str, &str)]) -> (std::net::TcpStream, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// The next text message from the server (pings and the like skipped).
+fn ws_text(s: &mut std::net::TcpStream) -> Value {
+    use std::io::Read;
+    loop {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).expect("a frame within 10 s");
+        let mut len = u64::from(h[1] & 0x7f);
+        if len == 126 {
+            let mut e = [0u8; 2];
+            s.read_exact(&mut e).unwrap();
+            len = u64::from(u16::from_be_bytes(e));
+        } else if len == 127 {
+            let mut e = [0u8; 8];
+            s.read_exact(&mut e).unwrap();
+            len = u64::from_be_bytes(e);
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).unwrap();
+        if h[0] & 0x0f == 1 {
+            return serde_json::from_slice(&payload).unwrap();
+        }
+    }
+}
+
+/// The change feed over WebSocket, as the app's service token sees it:
+/// live, replayed from a cursor, refused from a cursor in the future, and
+/// only of collections users granted the app.
+#[test]
+fn the_change_feed_reaches_the_app_over_a_websocket() {
+    let (s, server, _user, cookie) = notes_platform("datacommons-feed", "fay@example.org");
+    let pid = s.component("notes", "web")["pid"].as_i64().unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let token = environ
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"COMMONS_SERVICE_TOKEN="))
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .expect("the app has its service token");
+    let service = ("X-Commons-Service", token.as_str());
+
+    // Without the service token: refused before any upgrade.
+    let (_, head) = ws_open(server.port, "/data/v1/subscribe", &[]);
+    assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+    // Live: the user consents, the app writes, the event arrives.
+    let (mut live, head) = ws_open(server.port, "/data/v1/subscribe", &[service]);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let fay = login(server.port, "fay@example.org", true);
+    assert_eq!(fay.post("/api/data/consent/notes", json!({})).0, 200);
+    let (code, made) = gateway(server.http, "POST", "/", &cookie, b"fed");
+    assert_eq!(code, 201, "{made}");
+    let event = ws_text(&mut live);
+    assert_eq!(event["$type"], "#commit");
+    assert_eq!(event["ops"][0]["action"], "create");
+    assert_eq!(event["ops"][0]["app"], "notes");
+    assert_eq!(event["ops"][0]["cid"], made["cid"]);
+    let seq = event["seq"].as_i64().unwrap();
+    // From a cursor: the same event replayed.
+    let (mut replay, _) = ws_open(
+        server.port,
+        &format!("/data/v1/subscribe?cursor={}", seq - 1),
+        &[service],
+    );
+    assert_eq!(ws_text(&mut replay)["seq"], seq);
+    // A cursor in the future: a 400 problem, no upgrade.
+    let (_, head) = ws_open(
+        server.port,
+        &format!("/data/v1/subscribe?cursor={}", seq + 100),
+        &[service],
+    );
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}

@@ -230,10 +230,26 @@ pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
     if net.exists() {
         return Ok(());
     }
+    // A link made can vanish before it is brought up (seen once under a
+    // loaded suite: "RTNETLINK answers: No such device"); a second attempt
+    // from a clean slate settles it.
+    let mut made = Ok(());
+    for _ in 0..2 {
+        made = make(net);
+        if made.is_ok() {
+            return made;
+        }
+        remove(net);
+    }
+    made
+}
+
+/// One attempt at [`ensure`], under its lock.
+fn make(net: &SiteNet) -> std::io::Result<()> {
     // Whatever a failed attempt left goes first.
     let _ = run("ip", &["link", "del", &net.host_if], None);
     let _ = run("ip", &["netns", "del", &net.netns], None);
-    let made = (|| {
+    (|| {
         run("ip", &["netns", "add", &net.netns], None)?;
         link(None, &net.host_if, net.host_ip, &net.netns, net.site_ip)?;
         // The host's end may carry traffic DNATed to its loopback (the
@@ -252,11 +268,7 @@ pub fn ensure(net: &SiteNet) -> std::io::Result<()> {
         // Inside: what arrives for the site's address goes to its loopback,
         // where its apps listen, or to an image instance's namespace.
         in_site(net, "", &site_table(net))
-    })();
-    if made.is_err() {
-        remove(net);
-    }
-    made
+    })()
 }
 
 /// The site namespace's own rules, whole (rewritten, not appended to; the
