@@ -409,3 +409,43 @@ fn the_change_feed_reaches_the_app_over_a_websocket() {
     );
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
+
+/// Forks through the API: a user forks another's repository; a private
+/// note comes along only because its owner shared the collection with
+/// them, and stops opening when she stops sharing it.
+#[test]
+fn a_user_forks_another_users_repository_through_the_api() {
+    let (_s, server, nora_id, cookie) = notes_platform("datacommons-fork", "nia@example.org");
+    let nia = login(server.port, "nia@example.org", true);
+    assert_eq!(nia.post("/api/data/consent/notes", json!({})).0, 200);
+    let (code, _) = gateway(server.http, "POST", "/", &cookie, b"a note to share");
+    assert_eq!(code, 201);
+    let bo_id = signup(server.port, "bo@example.org", "Bo")["user"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bo = login(server.port, "bo@example.org", true);
+    // Not shared: the private note does not come along.
+    let (code, forked) = bo.post(&format!("/api/data/forks/{nora_id}"), json!({}));
+    assert_eq!(code, 200, "{forked}");
+    assert_eq!(forked["applied"], 0);
+    let (code, again) = bo.post(&format!("/api/data/forks/{nora_id}"), json!({}));
+    assert_eq!(code, 409, "{again}");
+    // Shared, then synced: it arrives, and opens for Bo.
+    let share = json!({"grantee": format!("user:{bo_id}"), "collection": "org.example.notes.note", "action": "read"});
+    let (code, body) = nia.post("/api/data/grants", share.clone());
+    assert_eq!(code, 204, "{body}");
+    let (code, synced) = bo.post(&format!("/api/data/forks/{nora_id}/sync"), json!({}));
+    assert_eq!(code, 200, "{synced}");
+    assert_eq!(synced["applied"], 1, "{synced}");
+    let (_, mine) = bo.get("/api/data/me");
+    assert_eq!(
+        mine["records"][0]["value"]["text"], "a note to share",
+        "{mine}"
+    );
+    // No longer shared: Bo's copy, sealed under Nia's key, no longer opens.
+    let (code, _) = nia.call("DELETE", "/api/data/grants", Some(share));
+    assert_eq!(code, 204);
+    let (_, mine) = bo.get("/api/data/me");
+    assert_eq!(mine["records"].as_array().unwrap().len(), 0, "{mine}");
+}

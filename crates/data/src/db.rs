@@ -84,6 +84,16 @@ CREATE TABLE IF NOT EXISTS access_log (
     last_ms INTEGER NOT NULL,
     PRIMARY KEY (user, app, collection, action, day)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    user TEXT NOT NULL,
+    cid BLOB NOT NULL,         -- raw codec: of the bytes as stored (sealed for encrypted classes)
+    collection TEXT NOT NULL,  -- whose class and grants govern it
+    mime TEXT NOT NULL,
+    size INTEGER NOT NULL,     -- of the plaintext
+    bytes BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    PRIMARY KEY (user, cid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS forks (
     fork_user TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -474,7 +484,7 @@ pub fn prune_events(conn: &Connection, keep_after: i64) -> rusqlite::Result<usiz
 /// Removes everything held about `user` except the erased account's
 /// tombstone (its DID and when it was erased).
 pub fn erase_user(tx: &Transaction, user: &str, now_ms: i64) -> rusqlite::Result<()> {
-    for table in ["records", "record_index", "grants", "access_log"] {
+    for table in ["records", "record_index", "grants", "access_log", "blobs"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE user = ?1"),
             params![user],
@@ -604,4 +614,59 @@ pub fn save_fork(
         params![fork_user, source, base, now_ms],
     )?;
     Ok(())
+}
+
+/// A stored blob: (collection, mime, size, bytes as stored).
+pub type BlobRow = (String, String, i64, Vec<u8>);
+
+#[allow(clippy::too_many_arguments)]
+pub fn put_blob(
+    conn: &Connection,
+    user: &str,
+    cid: &Cid,
+    collection: &str,
+    mime: &str,
+    size: usize,
+    bytes: &[u8],
+    now_ms: i64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO blobs (user, cid, collection, mime, size, bytes, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            user,
+            cid.to_bytes(),
+            collection,
+            mime,
+            size as i64,
+            bytes,
+            now_ms
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn blob(conn: &Connection, user: &str, cid: &Cid) -> rusqlite::Result<Option<BlobRow>> {
+    conn.prepare_cached(
+        "SELECT collection, mime, size, bytes FROM blobs WHERE user = ?1 AND cid = ?2",
+    )?
+    .query_row(params![user, cid.to_bytes()], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })
+    .optional()
+}
+
+/// Every blob of a user: (cid, collection, mime, size, bytes as stored).
+#[allow(clippy::type_complexity)]
+pub fn blobs_of(
+    conn: &Connection,
+    user: &str,
+) -> rusqlite::Result<Vec<(Vec<u8>, String, String, i64, Vec<u8>)>> {
+    let mut stmt = conn.prepare(
+        "SELECT cid, collection, mime, size, bytes FROM blobs WHERE user = ?1 ORDER BY cid",
+    )?;
+    let rows = stmt.query_map(params![user], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })?;
+    rows.collect()
 }

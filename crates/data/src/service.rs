@@ -40,6 +40,15 @@ pub const MAX_RECORD_BYTES: usize = 256 * 1024;
 /// Most records one list or query returns.
 pub const MAX_PAGE: usize = 1000;
 
+/// Largest blob of a collection of `class`: media in public and personal
+/// collections, smaller attachments in private ones.
+pub fn max_blob_bytes(class: Class) -> usize {
+    match class {
+        Class::Public | Class::Personal => 10 << 20,
+        Class::Private => 2 << 20,
+    }
+}
+
 /// The sharing class of a collection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -193,8 +202,8 @@ pub enum DataError {
     Conflict(String),
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
-    #[error("the record is {size} bytes; at most {MAX_RECORD_BYTES} are allowed")]
-    TooLarge { size: usize },
+    #[error("it is {size} bytes; at most {limit} are allowed")]
+    TooLarge { size: usize, limit: usize },
     #[error("the account {0} was erased")]
     Erased(String),
     #[error(transparent)]
@@ -773,24 +782,7 @@ impl DataCommons {
     ) -> Result<WriteResult, DataError> {
         let mut guard = self.state();
         let state = &mut *guard;
-        let info = state
-            .collections
-            .get(collection)
-            .cloned()
-            .ok_or_else(|| DataError::UnknownCollection(collection.into()))?;
-        let app_use = app_may(state, &call.app, collection, Action::Write)?;
-        if !has_grant(
-            state,
-            &call.user,
-            &Grantee::App(call.app.clone()).key(),
-            collection,
-            Action::Write,
-        ) {
-            return Err(DataError::Forbidden(format!(
-                "{} has not allowed {} to write {collection}; ask them on the consent screen",
-                call.user, call.app
-            )));
-        }
+        let (info, app_use) = may_write(state, call, collection)?;
         syntax::record_key(rkey).map_err(|e| DataError::invalid("rkey", e.to_string()))?;
         let path = format!("{collection}/{rkey}");
         let mut indexed: Vec<(String, String)> = Vec::new();
@@ -806,6 +798,7 @@ impl DataCommons {
                 if encoded.len() > MAX_RECORD_BYTES {
                     return Err(DataError::TooLarge {
                         size: encoded.len(),
+                        limit: MAX_RECORD_BYTES,
                     });
                 }
                 if let Ipld::Map(map) = &record {
@@ -1304,7 +1297,15 @@ impl DataCommons {
     /// (`records.jsonl`), grants, the access log and the user's keys
     /// (`keys.json`, so the archive can be imported elsewhere).
     pub fn export(&self, user: &str) -> Result<Vec<u8>, DataError> {
-        let car = self.repo_car(user)?;
+        if ensure_existing_account(&mut self.state(), user)?.is_none() {
+            return Err(DataError::NotFound(format!("data of {user}")));
+        }
+        // A user with blobs or grants but no record yet has no commit.
+        let car = match self.repo_car(user) {
+            Ok(car) => car,
+            Err(DataError::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(e),
+        };
         let records = self.my_records(user)?;
         let grants = self.grants(user)?;
         let access = self.access_log(user)?;
@@ -1343,6 +1344,39 @@ impl DataCommons {
                 serde_json::to_vec_pretty(&keys).unwrap_or_default(),
             ),
         ];
+        let mut files: Vec<(String, Vec<u8>)> = files
+            .into_iter()
+            .filter(|(n, b)| *n != "repo.car" || !b.is_empty())
+            .map(|(n, b)| (n.to_owned(), b))
+            .collect();
+        let mut manifest = Vec::new();
+        {
+            let mut guard = self.state();
+            let state = &mut *guard;
+            let key = ensure_existing_account(state, user)?
+                .ok_or_else(|| DataError::NotFound(user.into()))?
+                .data_key
+                .clone();
+            for (cid, collection, mime, size, stored) in db::blobs_of(&state.conn, user)? {
+                let cid = Cid::try_from(cid.as_slice())
+                    .map_err(|e| DataError::Internal(e.to_string()))?;
+                let class = state
+                    .collections
+                    .get(&collection)
+                    .map_or(Class::Private, |c| c.class);
+                let bytes = if class.encrypted() {
+                    key.open(&stored, b"blob")
+                        .map_err(|e| DataError::Internal(e.to_string()))?
+                } else {
+                    stored
+                };
+                serde_json::to_writer(&mut manifest, &json!({"cid": cid.to_string(), "collection": collection, "mimeType": mime, "size": size}))
+                    .map_err(|e| DataError::Internal(e.to_string()))?;
+                manifest.push(b'\n');
+                files.push((format!("blobs/{cid}"), bytes));
+            }
+        }
+        files.push(("blobs.jsonl".into(), manifest));
         let mut builder = tar::Builder::new(Vec::new());
         for (name, bytes) in files {
             let mut header = tar::Header::new_gnu();
@@ -1351,7 +1385,7 @@ impl DataCommons {
             header.set_mtime((now_ms() / 1000) as u64);
             header.set_cksum();
             builder
-                .append_data(&mut header, name, bytes.as_slice())
+                .append_data(&mut header, &name, bytes.as_slice())
                 .map_err(|e| DataError::Internal(e.to_string()))?;
         }
         builder
@@ -1665,8 +1699,11 @@ impl DataCommons {
         let mut guard = self.state();
         let state = &mut *guard;
         let base = fork_base(state, fork_user, source)?;
-        let theirs = in_scope(visible_entries(state, source, fork_user)?, &base);
-        let ours = in_scope(entries_of(state, fork_user)?, &base);
+        // The fork covers the collections it started with and any the
+        // origin shares since.
+        let theirs = visible_entries(state, source, fork_user)?;
+        let scope = collections_of([&base, &theirs]);
+        let ours = in_scope(entries_of(state, fork_user)?, &scope);
         let plan = crate::fork::plan(&base, &ours, &theirs, resolved);
         if !plan.conflicts.is_empty() {
             return Ok(Merged {
@@ -1691,8 +1728,11 @@ impl DataCommons {
         let mut guard = self.state();
         let state = &mut *guard;
         let base = fork_base(state, fork_user, source)?;
-        let theirs = in_scope(entries_of(state, fork_user)?, &base);
-        let ours = in_scope(entries_of(state, source)?, &base);
+        // Only the origin's collections flow back, never the fork owner's
+        // other data.
+        let ours = entries_of(state, source)?;
+        let scope = collections_of([&base, &ours]);
+        let theirs = in_scope(entries_of(state, fork_user)?, &scope);
         let plan = crate::fork::plan(&base, &ours, &theirs, resolved);
         if !plan.conflicts.is_empty() {
             return Ok(Merged {
@@ -1812,6 +1852,122 @@ impl DataCommons {
             applied,
             conflicts: Vec::new(),
         })
+    }
+
+    /// Stores a blob for a record of `collection` in the calling user's
+    /// archive: immutable, content-addressed (a raw CID), sealed under the
+    /// user's data key for an encrypted class — and then addressed by the
+    /// ciphertext, like records. Returns the blob reference a record
+    /// carries (`{$type: blob, ref, mimeType, size}`).
+    pub fn put_blob(
+        &self,
+        call: &AppCall,
+        collection: &str,
+        mime: &str,
+        bytes: &[u8],
+    ) -> Result<Value, DataError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let (info, _) = may_write(state, call, collection)?;
+        let limit = max_blob_bytes(info.class);
+        if bytes.len() > limit {
+            return Err(DataError::TooLarge {
+                size: bytes.len(),
+                limit,
+            });
+        }
+        let valid_mime = mime.split_once('/').is_some_and(|(a, b)| {
+            !a.is_empty()
+                && !b.is_empty()
+                && mime.len() <= 255
+                && mime.bytes().all(|c| c.is_ascii_graphic())
+        });
+        if !valid_mime {
+            return Err(DataError::invalid(
+                "mimeType",
+                format!("{mime:?} is not a media type like image/png"),
+            ));
+        }
+        let account = ensure_account(state, &call.user)?;
+        let stored = if info.class.encrypted() {
+            account.data_key.seal(bytes, b"blob")
+        } else {
+            bytes.to_vec()
+        };
+        let cid = model::cid_of(model::RAW, &stored);
+        db::put_blob(
+            &state.conn,
+            &call.user,
+            &cid,
+            collection,
+            mime,
+            bytes.len(),
+            &stored,
+            now_ms(),
+        )?;
+        note_access(
+            state,
+            &call.user,
+            &call.app,
+            collection,
+            "write",
+            bytes.len() as u64,
+        );
+        drop(guard);
+        self.shared.usage.record(UsageEvent {
+            user: call.user.clone(),
+            app: call.app.clone(),
+            collection: collection.into(),
+            action: "write",
+            bytes: bytes.len() as u64,
+        });
+        Ok(serde_json::json!({
+            "$type": "blob",
+            "ref": {"$link": cid.to_string()},
+            "mimeType": mime,
+            "size": bytes.len(),
+        }))
+    }
+
+    /// A blob of `owner`'s, under the same rules as the records of its
+    /// collection: (media type, bytes).
+    pub fn get_blob(
+        &self,
+        call: &AppCall,
+        owner: &str,
+        collection: &str,
+        cid: &str,
+    ) -> Result<(String, Vec<u8>), DataError> {
+        let cid = model::parse_cid(cid).map_err(|e| DataError::invalid("cid", e))?;
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let Some((stored_in, mime, _, stored)) = db::blob(&state.conn, owner, &cid)? else {
+            return Err(DataError::NotFound(format!("blob {cid}")));
+        };
+        // Named by its collection too, so a grant for one collection never
+        // reaches another's blobs.
+        if stored_in != collection {
+            return Err(DataError::NotFound(format!("blob {cid} in {collection}")));
+        }
+        let collection = stored_in;
+        may_read(state, call, owner, &collection)?;
+        let class = state
+            .collections
+            .get(&collection)
+            .map_or(Class::Private, |c| c.class);
+        let bytes = if class.encrypted() {
+            let key = ensure_existing_account(state, owner)?
+                .ok_or_else(|| DataError::Erased(owner.into()))?
+                .data_key
+                .clone();
+            key.open(&stored, b"blob")
+                .map_err(|e| DataError::Internal(e.to_string()))?
+        } else {
+            stored
+        };
+        let n = bytes.len() as u64;
+        self.served(guard, call, owner, &collection, n);
+        Ok((mime, bytes))
     }
 
     /// Writes buffered access-log counts to the database.
@@ -1973,12 +2129,19 @@ fn visible_entries(
         .collect())
 }
 
+/// The collections named by the keys of `maps`.
+fn collections_of<const N: usize>(maps: [&BTreeMap<String, Cid>; N]) -> HashSet<String> {
+    maps.iter()
+        .flat_map(|m| m.keys())
+        .filter_map(|p| p.split_once('/').map(|(c, _)| c.to_owned()))
+        .collect()
+}
+
 /// The entries of the collections a fork covers.
-fn in_scope(entries: BTreeMap<String, Cid>, base: &BTreeMap<String, Cid>) -> BTreeMap<String, Cid> {
-    let collections: HashSet<&str> = base
-        .keys()
-        .filter_map(|p| p.split_once('/').map(|(c, _)| c))
-        .collect();
+fn in_scope(
+    entries: BTreeMap<String, Cid>,
+    collections: &HashSet<String>,
+) -> BTreeMap<String, Cid> {
     entries
         .into_iter()
         .filter(|(p, _)| {
@@ -2075,6 +2238,34 @@ fn app_may(
             action.name()
         ))
     })
+}
+
+/// Checks a write: the collection is declared, the app declared writing
+/// it, and the user granted that.
+fn may_write(
+    state: &State,
+    call: &AppCall,
+    collection: &str,
+) -> Result<(CollectionInfo, AppUse), DataError> {
+    let info = state
+        .collections
+        .get(collection)
+        .cloned()
+        .ok_or_else(|| DataError::UnknownCollection(collection.into()))?;
+    let app_use = app_may(state, &call.app, collection, Action::Write)?;
+    if !has_grant(
+        state,
+        &call.user,
+        &Grantee::App(call.app.clone()).key(),
+        collection,
+        Action::Write,
+    ) {
+        return Err(DataError::Forbidden(format!(
+            "{} has not allowed {} to write {collection}; ask them on the consent screen",
+            call.user, call.app
+        )));
+    }
+    Ok((info, app_use))
 }
 
 /// Checks a read and returns the fields the app may see (`None`: all).

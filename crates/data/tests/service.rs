@@ -838,3 +838,91 @@ async fn fork_diverge_and_merge_with_a_conflict_list() {
     );
     assert_eq!(text("bob", DIARY, "d1"), "bob again");
 }
+
+#[tokio::test]
+async fn blobs_follow_their_collections_rules() {
+    let dir = tempdir("blobs");
+    let (commons, usage) = platform(&dir);
+    commons.consent("alice", "notes").unwrap();
+    let notes = call("notes", "alice");
+    const SECRET: &[u8] = b"BLOB-CANARY-9c1e a private attachment";
+    const PUBLIC: &[u8] = b"BLOB-CANARY-77aa a public picture";
+    let private = commons
+        .put_blob(&notes, HEALTH, "text/plain", SECRET)
+        .unwrap();
+    assert_eq!(private["$type"], "blob");
+    assert_eq!(private["size"], SECRET.len());
+    assert_eq!(private["mimeType"], "text/plain");
+    // The reference is a blob as the data model has it.
+    commons_data::model::from_json(&json!({"$type": NOTE, "file": private})).unwrap();
+    let cid = private["ref"]["$link"].as_str().unwrap();
+    assert!(cid.starts_with("bafkrei"), "a raw CID: {cid}");
+    // Sealed at rest; addressed by the ciphertext, so not guessable.
+    assert!(!grep_dir(&dir, SECRET));
+    let plain_cid = commons_data::model::cid_of(commons_data::model::RAW, SECRET).to_string();
+    assert_ne!(cid, plain_cid);
+    // The app that holds the grant reads it; one without is refused.
+    let (mime, bytes) = commons.get_blob(&notes, "alice", HEALTH, cid).unwrap();
+    assert_eq!((mime.as_str(), bytes.as_slice()), ("text/plain", SECRET));
+    assert_eq!(
+        commons
+            .get_blob(&call("coach", "alice"), "alice", HEALTH, cid)
+            .unwrap_err()
+            .status(),
+        403
+    );
+    // Asked for under another collection (one the caller may read), it is not there.
+    assert_eq!(
+        commons
+            .get_blob(&notes, "alice", NOTE, cid)
+            .unwrap_err()
+            .status(),
+        404
+    );
+    // Size limits per class; a media type is required.
+    let big = vec![7u8; 3 << 20];
+    assert_eq!(
+        commons
+            .put_blob(&notes, HEALTH, "application/octet-stream", &big)
+            .unwrap_err()
+            .status(),
+        413
+    );
+    commons
+        .put_blob(&notes, NOTE, "application/octet-stream", &big)
+        .unwrap();
+    assert_eq!(
+        commons
+            .put_blob(&notes, NOTE, "nonsense", b"x")
+            .unwrap_err()
+            .status(),
+        422
+    );
+    // A public blob is plaintext and anyone's to read.
+    let public = commons.put_blob(&notes, NOTE, "image/png", PUBLIC).unwrap();
+    let public_cid = public["ref"]["$link"].as_str().unwrap();
+    assert_eq!(
+        public_cid,
+        commons_data::model::cid_of(commons_data::model::RAW, PUBLIC).to_string()
+    );
+    assert_eq!(
+        commons
+            .get_blob(&call("coach", "bob"), "alice", NOTE, public_cid)
+            .unwrap()
+            .1,
+        PUBLIC
+    );
+    assert!(grep_dir(&dir, PUBLIC));
+    // Uploads and reads are metered.
+    assert!(usage
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|u| u.action == "write" && u.bytes == SECRET.len() as u64));
+    // The export holds them, decrypted; erase leaves neither anywhere.
+    let archive = commons.export("alice").unwrap();
+    assert!(contains(&archive, SECRET) && contains(&archive, PUBLIC));
+    commons.erase("alice").unwrap();
+    assert!(!grep_dir(&dir, SECRET) && !grep_dir(&dir, PUBLIC));
+}

@@ -102,6 +102,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/data/v1/subscribe", get(api::data::subscribe))
         .route(
+            "/data/v1/blobs/{collection}",
+            post(api::data::put_blob).layer(DefaultBodyLimit::max(11 << 20)),
+        )
+        .route(
+            "/data/v1/blobs/{collection}/{cid}",
+            get(api::data::get_blob),
+        )
+        .route(
             "/api/data/me",
             get(api::data::me).delete(api::data::erase_me),
         )
@@ -115,6 +123,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/data/consent/{site}",
             get(api::data::requests).post(api::data::consent),
         )
+        .route("/api/data/forks/{source}", post(api::data::fork))
+        .route("/api/data/forks/{source}/sync", post(api::data::sync))
+        .route("/api/data/merges/{fork_user}", post(api::data::merge))
         .route(
             "/api/data/grants",
             post(api::data::grant).delete(api::data::revoke),

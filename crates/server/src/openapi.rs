@@ -94,6 +94,8 @@ impl Modify for Bearer {
         crate::api::data::update,
         crate::api::data::delete,
         crate::api::data::subscribe,
+        crate::api::data::put_blob,
+        crate::api::data::get_blob,
         crate::api::data::me,
         crate::api::data::export_me,
         crate::api::data::erase_me,
@@ -104,6 +106,9 @@ impl Modify for Bearer {
         crate::api::data::consent,
         crate::api::data::grant,
         crate::api::data::revoke,
+        crate::api::data::fork,
+        crate::api::data::sync,
+        crate::api::data::merge,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

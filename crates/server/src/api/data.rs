@@ -194,6 +194,72 @@ pub async fn list(
     Ok(Json(page).into_response())
 }
 
+/// Stores a blob for records of the collection: the body is its bytes,
+/// `Content-Type` its media type. Sealed at rest for encrypted classes.
+#[utoipa::path(post, path = "/data/v1/blobs/{collection}", tag = "data", operation_id = "data_put_blob",
+    params(("collection" = String, Path, description = "the collection whose records will carry it")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "the blob reference a record carries: `{$type: blob, ref: {$link}, mimeType, size}`", body = Object),
+        (status = 401, description = "no service token or no identity assertion", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "not declared or not granted", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no app declared the collection", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "larger than the class allows (10 MiB public and personal, 2 MiB private)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no media type", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn put_blob(
+    State(state): State<Arc<AppState>>,
+    App(caller): App,
+    UrlPath(collection): UrlPath<String>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Reply {
+    let mime = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let reference =
+        blocking(move || ops::put_blob(&state, &caller, &collection, &mime, &body)).await?;
+    Ok(created(reference))
+}
+
+/// Who owns a blob (the user the app acts for by default).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+pub struct BlobOwner {
+    pub owner: Option<String>,
+}
+
+/// A blob's bytes, under the rules of its collection.
+#[utoipa::path(get, path = "/data/v1/blobs/{collection}/{cid}", tag = "data", operation_id = "data_get_blob",
+    params(("collection" = String, Path), ("cid" = String, Path, description = "the blob's CID"), BlobOwner),
+    responses(
+        (status = 200, description = "the bytes, with their media type", content_type = "application/octet-stream"),
+        crate::schema::BadQuery,
+        (status = 401, description = "no service token or no identity assertion", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "not declared or not granted", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such blob", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a CID", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_blob(
+    State(state): State<Arc<AppState>>,
+    App(caller): App,
+    UrlPath((collection, cid)): UrlPath<(String, String)>,
+    Params(q): Params<BlobOwner>,
+) -> Reply {
+    let (mime, bytes) =
+        blocking(move || ops::get_blob(&state, &caller, q.owner.as_deref(), &collection, &cid))
+            .await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
 /// Where a subscription starts.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 pub struct Cursor {
@@ -455,4 +521,74 @@ pub async fn revoke(State(state): State<Arc<AppState>>, Who(who): Who, body: Byt
         ));
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Forks another user's repository into the signed-in user's: its public
+/// records, and the encrypted ones it shares with them.
+#[utoipa::path(post, path = "/api/data/forks/{source}", tag = "data", operation_id = "data_fork",
+    params(("source" = String, Path, description = "the user whose repository to fork")),
+    responses(
+        (status = 200, description = "`{applied, conflicts}`", body = Object),
+        crate::schema::Unauthenticated,
+        (status = 400, description = "the platform's administrator has no repository", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the token lacks data:write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such repository", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "already forked, or a record of the same key exists", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a repository cannot be forked into itself", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["data:write"])))]
+pub async fn fork(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(source): UrlPath<String>,
+) -> Reply {
+    let done = blocking(move || ops::fork(&state, &who, &source)).await?;
+    Ok(Json(done).into_response())
+}
+
+/// Brings the origin's changes since the fork point into the signed-in
+/// user's fork; keys both changed come back as `conflicts` and nothing is
+/// applied until `resolve` settles each (`ours` or `theirs`).
+#[utoipa::path(post, path = "/api/data/forks/{source}/sync", tag = "data", operation_id = "data_sync",
+    params(("source" = String, Path)),
+    request_body = ops::Resolutions,
+    responses(
+        (status = 200, description = "`{applied, conflicts}`", body = Object),
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
+        (status = 403, description = "the token lacks data:write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no fork of that repository", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["data:write"])))]
+pub async fn sync(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(source): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    let r: ops::Resolutions = json_body(&body)?;
+    let done = blocking(move || ops::sync(&state, &who, &source, &r)).await?;
+    Ok(Json(done).into_response())
+}
+
+/// Merges another user's fork of the signed-in user's repository back into
+/// it; keys both changed come back as `conflicts` and nothing is applied
+/// until `resolve` settles each.
+#[utoipa::path(post, path = "/api/data/merges/{fork_user}", tag = "data", operation_id = "data_merge",
+    params(("fork_user" = String, Path, description = "the user whose fork to merge")),
+    request_body = ops::Resolutions,
+    responses(
+        (status = 200, description = "`{applied, conflicts}`", body = Object),
+        crate::schema::Malformed,
+        crate::schema::Unauthenticated,
+        (status = 403, description = "the token lacks data:write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such fork", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["data:write"])))]
+pub async fn merge(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(fork_user): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    let r: ops::Resolutions = json_body(&body)?;
+    let done = blocking(move || ops::merge(&state, &who, &fork_user, &r)).await?;
+    Ok(Json(done).into_response())
 }

@@ -4,7 +4,7 @@
 //! the platform's administrator may do for a user (the same, by id).
 
 use commons_data::service::{
-    Action, AppCall, Erased, GrantView, Grantee, Page, RecordView, Request, WriteResult,
+    Action, AppCall, Erased, GrantView, Grantee, Merged, Page, RecordView, Request, WriteResult,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -39,6 +39,39 @@ pub struct NewRecord {
     /// The record: a JSON object whose `$type` is the collection.
     #[schema(value_type = Object)]
     pub value: Value,
+}
+
+/// Stores a blob (media, attachments) for records of `collection`.
+pub fn put_blob(
+    state: &AppState,
+    caller: &AppCaller,
+    collection: &str,
+    mime: &str,
+    bytes: &[u8],
+) -> Result<Value> {
+    registered(state, caller)?;
+    state
+        .data
+        .commons
+        .put_blob(&caller.call(), collection, mime, bytes)
+        .map_err(|e| refused(state, &caller.site, e))
+}
+
+/// A blob of `owner`'s (the caller's own by default): (media type, bytes).
+pub fn get_blob(
+    state: &AppState,
+    caller: &AppCaller,
+    owner: Option<&str>,
+    collection: &str,
+    cid: &str,
+) -> Result<(String, Vec<u8>)> {
+    registered(state, caller)?;
+    let owner = owner.unwrap_or(&caller.user);
+    state
+        .data
+        .commons
+        .get_blob(&caller.call(), owner, collection, cid)
+        .map_err(|e| refused(state, &caller.site, e))
 }
 
 /// Whose repository a read is of (the caller's own by default).
@@ -294,4 +327,67 @@ pub fn export(state: &AppState, who: &Principal, user: Option<&str>) -> Result<(
 pub fn erase(state: &AppState, who: &Principal, user: Option<&str>) -> Result<Erased> {
     let user = subject(who, user, "data:write")?;
     state.data.commons.erase(&user).map_err(to_app_error)
+}
+
+/// Which version of a key both sides changed is kept.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Choice {
+    /// The repository merged into keeps its own.
+    Ours,
+    /// The incoming version wins.
+    Theirs,
+}
+
+/// How to settle the keys both sides changed: `path -> ours | theirs`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub struct Resolutions {
+    #[serde(default)]
+    pub resolve: std::collections::BTreeMap<String, Choice>,
+}
+
+impl Resolutions {
+    fn sides(&self) -> std::collections::BTreeMap<String, commons_data::fork::Side> {
+        self.resolve
+            .iter()
+            .map(|(path, c)| {
+                let side = match c {
+                    Choice::Ours => commons_data::fork::Side::Ours,
+                    Choice::Theirs => commons_data::fork::Side::Theirs,
+                };
+                (path.clone(), side)
+            })
+            .collect()
+    }
+}
+
+/// The signed-in user forks `source`'s repository into their own.
+pub fn fork(state: &AppState, who: &Principal, source: &str) -> Result<Merged> {
+    let user = subject(who, None, "data:write")?;
+    state.data.commons.fork(source, &user).map_err(to_app_error)
+}
+
+/// The signed-in user brings `source`'s changes into their fork of it.
+pub fn sync(state: &AppState, who: &Principal, source: &str, r: &Resolutions) -> Result<Merged> {
+    let user = subject(who, None, "data:write")?;
+    state
+        .data
+        .commons
+        .sync(&user, source, &r.sides())
+        .map_err(to_app_error)
+}
+
+/// The signed-in user merges `fork_user`'s fork of their repository back.
+pub fn merge(
+    state: &AppState,
+    who: &Principal,
+    fork_user: &str,
+    r: &Resolutions,
+) -> Result<Merged> {
+    let user = subject(who, None, "data:write")?;
+    state
+        .data
+        .commons
+        .merge(&user, fork_user, &r.sides())
+        .map_err(to_app_error)
 }
