@@ -192,13 +192,25 @@ pub fn ask_with(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<local::Answer, Failure> {
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    ask_bytes(home, method, path, "application/json", bytes.into_bytes())
+}
+
+/// [`ask_with`] with a body of any media type.
+pub fn ask_bytes(
+    home: &Path,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<local::Answer, Failure> {
     if local::running(home).is_none() {
         return Err(Failure::Input(
             "the platform daemon is not running here; `commons serve` (or `commons daemon start`) starts it".into(),
         ));
     }
     let answer = crate::runtime()
-        .block_on(local::request(home, method, path, body))
+        .block_on(local::request_bytes(home, method, path, content_type, body))
         .map_err(Failure::Failed)?;
     match answer.status {
         200..=299 => Ok(answer),

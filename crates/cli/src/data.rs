@@ -32,6 +32,13 @@ pub enum DataCommand {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Import an export archive (`commons data export`) as a user's data on
+    /// this platform: the same keys, DID and repository root.
+    Import {
+        user: String,
+        /// The archive (tar).
+        file: PathBuf,
+    },
     /// Erase everything every app holds about a user: keys destroyed,
     /// public records deleted with signed commits, the feed told.
     Erase {
@@ -66,6 +73,7 @@ pub fn run(command: DataCommand, home: &Path, json: bool) -> Result<(), Failure>
         DataCommand::Show { user, path } => show(home, &user, &path, json),
         DataCommand::Export { user, output } => export(home, &user, output, json),
         DataCommand::Erase { user, yes } => erase(home, &user, yes, json),
+        DataCommand::Import { user, file } => import(home, &user, &file, json),
         DataCommand::Repo(RepoCommand::Inspect { file }) => inspect(&file, json),
         DataCommand::Repo(RepoCommand::Verify { file, key }) => verify(&file, key.as_deref(), json),
         DataCommand::Repo(RepoCommand::Diff { a, b }) => diff(&a, &b, json),
@@ -291,6 +299,29 @@ fn erase(home: &Path, user: &str, yes: bool, json: bool) -> Result<(), Failure> 
         eprintln!(
             "{:>12} {} records of {user} ({} public, with signed deletions); their keys are destroyed",
             "Erased", erased["records"], erased["public_deleted"]
+        );
+    }
+    Ok(())
+}
+
+fn import(home: &Path, user: &str, file: &Path, json: bool) -> Result<(), Failure> {
+    let archive = read(file)?;
+    let answer = crate::daemon::ask_bytes(
+        home,
+        "POST",
+        &format!("/api/data/users/{user}/import"),
+        "application/x-tar",
+        archive,
+    )?;
+    let done: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    if json {
+        output::json(&done);
+    } else {
+        eprintln!(
+            "{:>12} {} as {user}: repository root {}",
+            "Imported",
+            file.display(),
+            done["root"].as_str().unwrap_or("?")
         );
     }
     Ok(())

@@ -222,6 +222,29 @@ fn an_app_stores_notes_in_its_users_repositories_with_consent() {
     assert!(grep_dir(&data_dir, CANARY.as_bytes()).is_empty());
     let (code, _) = nora.get("/api/data/me/export");
     assert_eq!(code, 404, "nothing left to export");
+
+    // The archive taken before the erase imports into another platform:
+    // the same DID, the note decrypted with the keys it carries.
+    let elsewhere = Sandbox::new("datacommons-import");
+    let _other = elsewhere.serve(&[]);
+    let said = elsewhere
+        .ok(&[
+            "--json",
+            "data",
+            "import",
+            "nora",
+            archive.to_str().unwrap(),
+        ])
+        .json();
+    assert!(
+        said["root"].as_str().unwrap().starts_with("bafyrei"),
+        "{said}"
+    );
+    let there = elsewhere.ok(&["--json", "data", "ls", "nora"]).json();
+    assert_eq!(there["did"], ls["did"]);
+    assert_eq!(there["records"][0]["value"]["text"], CANARY);
+    let again = elsewhere.run(&["data", "import", "nora", archive.to_str().unwrap()]);
+    assert_eq!(again.code(), 2, "the user already has data there");
 }
 
 /// In a real browser: the consent screen an app sends its user to, "my

@@ -120,6 +120,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/data/users/{user}/export", get(api::data::export_user))
         .route(
+            "/api/data/users/{user}/import",
+            post(api::data::import).layer(DefaultBodyLimit::max(512 << 20)),
+        )
+        .route(
             "/api/data/consent/{site}",
             get(api::data::requests).post(api::data::consent),
         )

@@ -100,6 +100,18 @@ pub async fn request(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<Answer, String> {
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    request_bytes(home, method, path, "application/json", bytes.into_bytes()).await
+}
+
+/// A request with a body of any media type (an archive, say).
+pub async fn request_bytes(
+    home: &Path,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    bytes: Vec<u8>,
+) -> Result<Answer, String> {
     let stream = tokio::net::UnixStream::connect(socket_path(home))
         .await
         .map_err(|e| format!("the platform daemon does not answer: {e}"))?;
@@ -108,12 +120,11 @@ pub async fn request(
             .await
             .map_err(|e| format!("talking to the platform daemon: {e}"))?;
     tokio::spawn(connection);
-    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
     let req = hyper::Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, "localhost")
-        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::CONTENT_TYPE, content_type)
         .body(Full::new(Bytes::from(bytes)))
         .map_err(|e| e.to_string())?;
     let res = sender

@@ -109,6 +109,7 @@ impl Modify for Bearer {
         crate::api::data::fork,
         crate::api::data::sync,
         crate::api::data::merge,
+        crate::api::data::import,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

@@ -592,3 +592,25 @@ pub async fn merge(
     let done = blocking(move || ops::merge(&state, &who, &fork_user, &r)).await?;
     Ok(Json(done).into_response())
 }
+
+/// Imports an export archive (tar) as a user's data (the platform's
+/// administrator): the same DID and repository root.
+#[utoipa::path(post, path = "/api/data/users/{user}/import", tag = "data", operation_id = "data_import",
+    params(("user" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the tar archive `commons data export` made"),
+    responses(
+        (status = 200, description = "`{root}`: the repository's root", body = Object),
+        crate::schema::Unauthenticated,
+        (status = 403, description = "not the platform's administrator", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "the user already has data here", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not an export archive, or one whose repository does not check out", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["admin"])))]
+pub async fn import(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(user): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    let root = blocking(move || ops::import(&state, &who, &user, &body)).await?;
+    Ok(Json(serde_json::json!({ "root": root })).into_response())
+}

@@ -391,3 +391,20 @@ pub fn merge(
         .merge(&user, fork_user, &r.sides())
         .map_err(to_app_error)
 }
+
+/// Imports an archive made by an export as `user`'s data (the platform's
+/// administrator): the same keys, DID, repository root and provenance.
+pub fn import(state: &AppState, who: &Principal, user: &str, archive: &[u8]) -> Result<String> {
+    if !matches!(who, Principal::Platform) {
+        return Err(AppError::new(
+            ErrorKind::Forbidden,
+            "Not allowed",
+            "only the platform's administrator imports a user's data",
+        ));
+    }
+    state
+        .data
+        .commons
+        .import(user, archive)
+        .map_err(to_app_error)
+}
