@@ -63,20 +63,7 @@ impl SecretBox {
                     key_path.display()
                 )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = [0u8; 32];
-                getrandom::getrandom(&mut key).expect("the OS random number generator works");
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(key_path)
-                    .map_err(EngineError::io(format!("creating {}", key_path.display())))?;
-                f.write_all(&key)
-                    .and_then(|_| f.sync_all())
-                    .map_err(EngineError::io("writing the secret key"))?;
-                key
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => create_key(key_path)?,
             Err(e) => {
                 return Err(EngineError::io(format!("reading {}", key_path.display()))(
                     e,
@@ -85,7 +72,6 @@ impl SecretBox {
         };
         Ok(SecretBox { key, dir })
     }
-
     fn file(&self, deployment: &str) -> PathBuf {
         self.dir.join(format!("{deployment}.enc"))
     }
@@ -202,6 +188,49 @@ impl SecretBox {
     }
 }
 
+/// Makes the key at `key_path`, or reads the one another opener made at
+/// the same moment: written whole to a file of its own, then linked into
+/// place, which fails if a key is already there — so two engines opening a
+/// new data directory at once agree on one key and never read half of one.
+fn create_key(key_path: &Path) -> Result<[u8; 32], EngineError> {
+    static ATTEMPT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut key = [0u8; 32];
+    getrandom::getrandom(&mut key).expect("the OS random number generator works");
+    let attempt = ATTEMPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let staged = key_path.with_extension(format!("new.{}.{attempt}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&staged)?;
+        f.write_all(&key)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&staged);
+        return Err(EngineError::io(format!("creating {}", staged.display()))(e));
+    }
+    let linked = std::fs::hard_link(&staged, key_path);
+    let _ = std::fs::remove_file(&staged);
+    match linked {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let bytes = std::fs::read(key_path)
+                .map_err(EngineError::io(format!("reading {}", key_path.display())))?;
+            bytes.try_into().map_err(|_| {
+                EngineError::Internal(format!(
+                    "secret key {} is damaged (not 32 bytes); restore it from a backup",
+                    key_path.display()
+                ))
+            })
+        }
+        Err(e) => Err(EngineError::io(format!("creating {}", key_path.display()))(
+            e,
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +250,29 @@ mod tests {
         let g = generate(32);
         assert_eq!(g.len(), 32);
         assert!(g.chars().all(|c| c.is_ascii_alphanumeric()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn engines_opening_a_new_directory_at_once_agree_on_one_key() {
+        let dir = std::env::temp_dir().join(format!("commons-secrets-race-{}", std::process::id()));
+        let key = dir.join("key");
+        let keys: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let opens: Vec<_> = (0..16)
+                .map(|_| s.spawn(|| SecretBox::open(&key).unwrap().key))
+                .collect();
+            opens.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(keys.windows(2).all(|w| w[0] == w[1]), "one key for all");
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            left,
+            [std::ffi::OsString::from("key")],
+            "no staged file left behind"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
