@@ -15,7 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod car;
-mod db;
+pub mod db;
 pub mod feed;
 pub mod fork;
 pub mod keys;

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rusqlite::Connection;
+use crate::db::Db;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -235,8 +235,8 @@ impl DataError {
     }
 }
 
-impl From<rusqlite::Error> for DataError {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<db::DbError> for DataError {
+    fn from(e: db::DbError) -> Self {
         Self::Internal(e.to_string())
     }
 }
@@ -283,7 +283,7 @@ struct Account {
 }
 
 struct State {
-    conn: Connection,
+    conn: Db,
     platform: Key,
     accounts: HashMap<String, Account>,
     collections: HashMap<String, CollectionInfo>,
@@ -421,14 +421,25 @@ impl DataCommons {
     /// Opens the data directory (`data.db` and `platform.key` in `dir`).
     /// `window` is how many feed events are kept for replay.
     pub fn open(dir: &Path, usage: Arc<dyn UsageSink>, window: i64) -> Result<Self, DataError> {
+        Self::open_on(&db::Backend::Embedded, dir, usage, window)
+    }
+
+    /// Opens DataCommons with its tables on `backend`; the platform key
+    /// stays in `dir` either way, so a database dump alone opens nothing.
+    pub fn open_on(
+        backend: &db::Backend,
+        dir: &Path,
+        usage: Arc<dyn UsageSink>,
+        window: i64,
+    ) -> Result<Self, DataError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| DataError::Internal(format!("{}: {e}", dir.display())))?;
         let platform = Key::platform(&dir.join("platform.key"))
             .map_err(|e| DataError::Internal(e.to_string()))?;
-        let conn = db::open(&dir.join("data.db"))?;
+        let mut conn = db::open(backend, dir)?;
         let mut catalog = Catalog::new();
         let mut collections = HashMap::new();
-        for (nsid, class, licence, schema, indexed) in db::collections(&conn)? {
+        for (nsid, class, licence, schema, indexed) in db::collections(&mut conn)? {
             let schema: Value =
                 serde_json::from_str(&schema).map_err(|e| DataError::Internal(e.to_string()))?;
             let declared = declared_fields(&schema);
@@ -446,7 +457,7 @@ impl DataCommons {
             );
         }
         let mut apps = HashMap::new();
-        for (app, revision, nsid, read, write, fields, purpose) in db::app_collections(&conn)? {
+        for (app, revision, nsid, read, write, fields, purpose) in db::app_collections(&mut conn)? {
             apps.insert(
                 (app, nsid),
                 AppUse {
@@ -458,7 +469,7 @@ impl DataCommons {
                 },
             );
         }
-        let grants = db::all_grants(&conn)?
+        let grants = db::all_grants(&mut conn)?
             .into_iter()
             .filter_map(|(u, g, c, a, _)| Some((u, g, c, Action::parse(&a)?)))
             .collect();
@@ -539,7 +550,7 @@ impl DataCommons {
                 }
             }
             db::save_collection(
-                &state.conn,
+                &mut state.conn,
                 &c.nsid,
                 c.class.name(),
                 c.licence.as_deref(),
@@ -547,7 +558,7 @@ impl DataCommons {
                 &serde_json::to_string(&c.indexed).unwrap_or_default(),
             )?;
             db::save_app_collection(
-                &state.conn,
+                &mut state.conn,
                 &decl.app,
                 &decl.revision,
                 &c.nsid,
@@ -651,7 +662,7 @@ impl DataCommons {
         }
         ensure_account(&mut state, user)?;
         db::grant(
-            &state.conn,
+            &mut state.conn,
             user,
             &grantee.key(),
             collection,
@@ -689,7 +700,13 @@ impl DataCommons {
         action: Action,
     ) -> Result<bool, DataError> {
         let mut state = self.state();
-        let removed = db::revoke(&state.conn, user, &grantee.key(), collection, action.name())?;
+        let removed = db::revoke(
+            &mut state.conn,
+            user,
+            &grantee.key(),
+            collection,
+            action.name(),
+        )?;
         state.grants.remove(&(
             user.to_owned(),
             grantee.key(),
@@ -701,8 +718,8 @@ impl DataCommons {
 
     /// A user's grants.
     pub fn grants(&self, user: &str) -> Result<Vec<GrantView>, DataError> {
-        let state = self.state();
-        let mut out: Vec<GrantView> = db::all_grants(&state.conn)?
+        let mut state = self.state();
+        let mut out: Vec<GrantView> = db::all_grants(&mut state.conn)?
             .into_iter()
             .filter(|g| g.0 == user)
             .filter_map(|(_, grantee, collection, action, granted_ms)| {
@@ -726,8 +743,8 @@ impl DataCommons {
 
     /// Whether `user` has a repository here (erased ones included).
     pub fn has_account(&self, user: &str) -> Result<bool, DataError> {
-        let state = self.state();
-        Ok(db::account(&state.conn, user)?.is_some())
+        let mut state = self.state();
+        Ok(db::account(&mut state.conn, user)?.is_some())
     }
 
     /// The DID of a user's repository (created on first use).
@@ -898,17 +915,17 @@ impl DataCommons {
             .commit(&writes, &account.signing, rev.clone())?;
         let did = account.did.clone();
         let now = now_ms();
-        let tx = state.conn.transaction()?;
+        let mut tx = state.conn.transaction()?;
         let mut ops = Vec::with_capacity(changes.len());
         for (change, op) in changes.iter().zip(&committed.ops) {
             let (collection, rkey) = change.path.split_once('/').unwrap_or_default();
             if !change.create {
-                db::unindex(&tx, user, collection, rkey)?;
+                db::unindex(&mut tx, user, collection, rkey)?;
             }
             match (op.cid, &change.block) {
                 (Some(cid), Some(block)) => {
                     db::upsert_record(
-                        &tx,
+                        &mut tx,
                         user,
                         collection,
                         rkey,
@@ -918,10 +935,10 @@ impl DataCommons {
                         now,
                     )?;
                     for (field, value) in &change.indexed {
-                        db::index_value(&tx, user, collection, field, value, rkey)?;
+                        db::index_value(&mut tx, user, collection, field, value, rkey)?;
                     }
                 }
-                _ => db::delete_record(&tx, user, collection, rkey)?,
+                _ => db::delete_record(&mut tx, user, collection, rkey)?,
             }
             ops.push(FeedOp {
                 action: op.action.into(),
@@ -933,7 +950,7 @@ impl DataCommons {
                 revision: change.revision.clone(),
             });
         }
-        db::set_head(&tx, user, &committed.cid, &committed.blocks[0].1, &rev)?;
+        db::set_head(&mut tx, user, &committed.cid, &committed.blocks[0].1, &rev)?;
         let car = crate::car::write(
             committed.cid,
             committed.blocks.iter().map(|(c, b)| (*c, &b[..])),
@@ -949,10 +966,10 @@ impl DataCommons {
             proof: true,
             user: user.to_owned(),
         };
-        event.seq = db::next_seq(&tx)?;
+        event.seq = db::next_seq(&mut tx)?;
         let body = serde_json::to_vec(&Event::Commit(event.clone()))
             .map_err(|e| DataError::Internal(e.to_string()))?;
-        db::insert_event(&tx, event.seq, user, now, &body)?;
+        db::insert_event(&mut tx, event.seq, user, now, &body)?;
         tx.commit()?;
         self.after_event(state, Event::Commit(event))?;
         Ok(Landed {
@@ -967,8 +984,8 @@ impl DataCommons {
         state.events_since_prune += 1;
         if state.events_since_prune >= 1024 {
             state.events_since_prune = 0;
-            let (_, newest) = db::event_bounds(&state.conn)?;
-            db::prune_events(&state.conn, newest - self.shared.window)?;
+            let (_, newest) = db::event_bounds(&mut state.conn)?;
+            db::prune_events(&mut state.conn, newest - self.shared.window)?;
         }
         // No receivers is fine: nobody is subscribed.
         let _ = self.shared.feed.send(Arc::new(event));
@@ -1032,7 +1049,7 @@ impl DataCommons {
         let limit = limit.clamp(1, MAX_PAGE);
         let entries = match state.accounts.get(owner) {
             Some(a) => a.repo.list(collection, cursor, limit)?,
-            None if db::account(&state.conn, owner)?.is_some() => ensure_account(state, owner)?
+            None if db::account(&mut state.conn, owner)?.is_some() => ensure_account(state, owner)?
                 .repo
                 .list(collection, cursor, limit)?,
             None => Vec::new(),
@@ -1098,7 +1115,7 @@ impl DataCommons {
             value.to_owned()
         };
         let rkeys = db::lookup(
-            &state.conn,
+            &mut state.conn,
             owner,
             collection,
             field,
@@ -1130,7 +1147,7 @@ impl DataCommons {
         if ensure_existing_account(state, user)?.is_none() {
             return Ok(Vec::new());
         }
-        let rows = db::records_of(&state.conn, user)?;
+        let rows = db::records_of(&mut state.conn, user)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             if let Some(view) = read_record(state, user, &row.collection, &row.rkey, None)? {
@@ -1144,7 +1161,7 @@ impl DataCommons {
     pub fn access_log(&self, user: &str) -> Result<Vec<Value>, DataError> {
         let mut state = self.state();
         flush_access(&mut state)?;
-        Ok(db::access_log(&state.conn, user)?
+        Ok(db::access_log(&mut state.conn, user)?
             .into_iter()
             .map(|(app, collection, action, day, count, bytes, last_ms)| {
                 json!({"app": app, "collection": collection, "action": action,
@@ -1176,8 +1193,9 @@ impl DataCommons {
                 blocks.push((cid, b.to_vec()));
             }
         }
-        let stored: HashMap<Cid, Vec<u8>> =
-            db::record_blocks(&state.conn, user)?.into_iter().collect();
+        let stored: HashMap<Cid, Vec<u8>> = db::record_blocks(&mut state.conn, user)?
+            .into_iter()
+            .collect();
         for (path, cid) in entries {
             let bytes = stored
                 .get(&cid)
@@ -1199,8 +1217,8 @@ impl DataCommons {
     ) -> Result<Subscription, DataError> {
         // Listen first, so nothing committed after the replay is missed.
         let live = self.shared.feed.subscribe();
-        let state = self.state();
-        let (oldest, newest) = db::event_bounds(&state.conn)?;
+        let mut state = self.state();
+        let (oldest, newest) = db::event_bounds(&mut state.conn)?;
         drop(state);
         let start = feed::start(cursor, oldest, newest)?;
         let (info, last, replaying) = match start {
@@ -1357,7 +1375,7 @@ impl DataCommons {
                 .ok_or_else(|| DataError::NotFound(user.into()))?
                 .data_key
                 .clone();
-            for (cid, collection, mime, size, stored) in db::blobs_of(&state.conn, user)? {
+            for (cid, collection, mime, size, stored) in db::blobs_of(&mut state.conn, user)? {
                 let cid = Cid::try_from(cid.as_slice())
                     .map_err(|e| DataError::Internal(e.to_string()))?;
                 let class = state
@@ -1456,7 +1474,7 @@ impl DataCommons {
         .collect();
         let mut guard = self.state();
         let state = &mut *guard;
-        if db::account(&state.conn, user)?.is_some() {
+        if db::account(&mut state.conn, user)?.is_some() {
             return Err(DataError::Conflict(format!("the account {user}")));
         }
         let did = signing.public().did_key();
@@ -1475,9 +1493,9 @@ impl DataCommons {
             erased_ms: None,
         };
         let now = now_ms();
-        db::insert_account(&state.conn, user, &row, now)?;
+        db::insert_account(&mut state.conn, user, &row, now)?;
         let entries = loaded.tree.entries(&loaded.nodes)?;
-        let tx = state.conn.transaction()?;
+        let mut tx = state.conn.transaction()?;
         for (path, cid) in &entries {
             let bytes = car
                 .blocks
@@ -1487,7 +1505,7 @@ impl DataCommons {
             let p = provenance.get(path).cloned().unwrap_or(Value::Null);
             let created = p["created_ms"].as_i64().unwrap_or(now);
             db::upsert_record(
-                &tx,
+                &mut tx,
                 user,
                 collection,
                 rkey,
@@ -1497,7 +1515,7 @@ impl DataCommons {
                 created,
             )?;
         }
-        db::set_head(&tx, user, &head, &car.blocks[&head], &commit.rev)?;
+        db::set_head(&mut tx, user, &head, &car.blocks[&head], &commit.rev)?;
         tx.commit()?;
         self.shared.clock.observe(&commit.rev);
         state.accounts.remove(user);
@@ -1514,7 +1532,7 @@ impl DataCommons {
         let mut guard = self.state();
         let state = &mut *guard;
         let key = ensure_account(state, user)?.data_key.clone();
-        let tx = state.conn.transaction()?;
+        let mut tx = state.conn.transaction()?;
         for r in &records {
             let Some(info) = state.collections.get(&r.collection) else {
                 continue;
@@ -1532,7 +1550,7 @@ impl DataCommons {
                 } else {
                     text
                 };
-                db::index_value(&tx, user, &r.collection, field, &value, &r.rkey)?;
+                db::index_value(&mut tx, user, &r.collection, field, &value, &r.rkey)?;
             }
         }
         tx.commit()?;
@@ -1616,16 +1634,16 @@ impl DataCommons {
             events
         };
         state.pending_access.retain(|k, _| k.0 != user);
-        let tx = state.conn.transaction()?;
+        let mut tx = state.conn.transaction()?;
         let mut sent = Vec::new();
         for mut event in tx_events {
-            let seq = db::next_seq(&tx)?;
+            let seq = db::next_seq(&mut tx)?;
             match &mut event {
                 Event::Commit(c) => c.seq = seq,
                 Event::Account(a) => a.seq = seq,
             }
             db::insert_event(
-                &tx,
+                &mut tx,
                 seq,
                 user,
                 now,
@@ -1634,14 +1652,14 @@ impl DataCommons {
             keep.push(seq);
             sent.push(event);
         }
-        db::purge_events(&tx, user, &keep)?;
-        db::erase_user(&tx, user, now)?;
+        db::purge_events(&mut tx, user, &keep)?;
+        db::erase_user(&mut tx, user, now)?;
         tx.commit()?;
         state.accounts.remove(user);
         state
             .grants
             .retain(|g| g.0 != user && g.1 != format!("user:{user}"));
-        db::checkpoint(&state.conn)?;
+        db::reclaim(&mut state.conn)?;
         for event in sent {
             self.after_event(state, event)?;
         }
@@ -1665,7 +1683,7 @@ impl DataCommons {
         }
         let mut guard = self.state();
         let state = &mut *guard;
-        if db::fork_base(&state.conn, target, source)?.is_some() {
+        if db::fork_base(&mut state.conn, target, source)?.is_some() {
             return Err(DataError::Conflict(format!("{target}'s fork of {source}")));
         }
         if ensure_existing_account(state, source)?.is_none() {
@@ -1780,7 +1798,7 @@ impl DataCommons {
                 });
                 continue;
             };
-            let Some((row, _, block)) = db::record(&state.conn, from, collection, rkey)? else {
+            let Some((row, _, block)) = db::record(&mut state.conn, from, collection, rkey)? else {
                 return Err(DataError::NotFound(path.clone()));
             };
             let (block, sealed_by) = if class.encrypted() {
@@ -1896,7 +1914,7 @@ impl DataCommons {
         };
         let cid = model::cid_of(model::RAW, &stored);
         db::put_blob(
-            &state.conn,
+            &mut state.conn,
             &call.user,
             &cid,
             collection,
@@ -1941,7 +1959,7 @@ impl DataCommons {
         let cid = model::parse_cid(cid).map_err(|e| DataError::invalid("cid", e))?;
         let mut guard = self.state();
         let state = &mut *guard;
-        let Some((stored_in, mime, _, stored)) = db::blob(&state.conn, owner, &cid)? else {
+        let Some((stored_in, mime, _, stored)) = db::blob(&mut state.conn, owner, &cid)? else {
             return Err(DataError::NotFound(format!("blob {cid}")));
         };
         // Named by its collection too, so a grant for one collection never
@@ -2009,8 +2027,8 @@ impl Subscription {
             if self.replaying {
                 if self.page.is_empty() {
                     let rows = {
-                        let state = self.commons.state();
-                        db::events_after(&state.conn, self.last, 512)?
+                        let mut state = self.commons.state();
+                        db::events_after(&mut state.conn, self.last, 512)?
                     };
                     if rows.is_empty() {
                         self.replaying = false;
@@ -2062,12 +2080,9 @@ impl Subscription {
 }
 
 fn db_user_of(commons: &DataCommons, seq: i64) -> Result<String, DataError> {
-    let state = commons.state();
-    let user = state
-        .conn
-        .prepare_cached("SELECT user FROM events WHERE seq = ?1")?
-        .query_row([seq], |r| r.get(0))?;
-    Ok(user)
+    let mut state = commons.state();
+    db::event_owner(&mut state.conn, seq)?
+        .ok_or_else(|| DataError::Internal(format!("event {seq} is gone")))
 }
 
 fn futures_free_read(car: &[u8]) -> Result<crate::car::Car, crate::car::CarError> {
@@ -2152,11 +2167,11 @@ fn in_scope(
 }
 
 fn fork_base(
-    state: &State,
+    state: &mut State,
     fork_user: &str,
     source: &str,
 ) -> Result<BTreeMap<String, Cid>, DataError> {
-    let text = db::fork_base(&state.conn, fork_user, source)?
+    let text = db::fork_base(&mut state.conn, fork_user, source)?
         .ok_or_else(|| DataError::NotFound(format!("a fork of {source} by {fork_user}")))?;
     let raw: BTreeMap<String, String> =
         serde_json::from_str(&text).map_err(|e| DataError::Internal(e.to_string()))?;
@@ -2166,14 +2181,14 @@ fn fork_base(
 }
 
 fn save_fork_base(
-    state: &State,
+    state: &mut State,
     fork_user: &str,
     source: &str,
     base: &BTreeMap<String, Cid>,
 ) -> Result<(), DataError> {
     let raw: BTreeMap<&String, String> = base.iter().map(|(p, c)| (p, c.to_string())).collect();
     db::save_fork(
-        &state.conn,
+        &mut state.conn,
         fork_user,
         source,
         &serde_json::to_string(&raw).unwrap_or_default(),
@@ -2280,7 +2295,7 @@ fn may_read(
         .get(collection)
         .cloned()
         .ok_or_else(|| DataError::UnknownCollection(collection.into()))?;
-    if let Some(row) = db::account(&state.conn, owner)? {
+    if let Some(row) = db::account(&mut state.conn, owner)? {
         if row.erased_ms.is_some() {
             return Err(DataError::Erased(owner.into()));
         }
@@ -2346,7 +2361,7 @@ fn read_record(
     let path = format!("{collection}/{rkey}");
     let did = account.did.clone();
     let data_key = account.data_key.clone();
-    let Some((row, cid, bytes)) = db::record(&state.conn, owner, collection, rkey)? else {
+    let Some((row, cid, bytes)) = db::record(&mut state.conn, owner, collection, rkey)? else {
         return Ok(None);
     };
     let cid = Cid::try_from(cid.as_slice()).map_err(|e| DataError::Internal(e.to_string()))?;
@@ -2436,7 +2451,7 @@ fn flush_access(state: &mut State) -> Result<(), DataError> {
     let pending = std::mem::take(&mut state.pending_access);
     for ((user, app, collection, action), (count, bytes)) in pending {
         db::log_access(
-            &state.conn,
+            &mut state.conn,
             (&user, &app, &collection, action),
             count,
             bytes,
@@ -2452,7 +2467,7 @@ fn ensure_existing_account<'a>(
     user: &str,
 ) -> Result<Option<&'a mut Account>, DataError> {
     if !state.accounts.contains_key(user) {
-        match db::account(&state.conn, user)? {
+        match db::account(&mut state.conn, user)? {
             Some(row) if row.erased_ms.is_none() => {}
             _ => return Ok(None),
         }
@@ -2463,7 +2478,7 @@ fn ensure_existing_account<'a>(
 /// The account of `user`, created (keys, empty repository) on first use.
 fn ensure_account<'a>(state: &'a mut State, user: &str) -> Result<&'a mut Account, DataError> {
     if !state.accounts.contains_key(user) {
-        let account = match db::account(&state.conn, user)? {
+        let account = match db::account(&mut state.conn, user)? {
             Some(row) if row.erased_ms.is_some() => return Err(DataError::Erased(user.into())),
             Some(row) => load_account(state, user, row)?,
             None => {
@@ -2478,7 +2493,7 @@ fn ensure_account<'a>(state: &'a mut State, user: &str) -> Result<&'a mut Accoun
                     head: None,
                     erased_ms: None,
                 };
-                db::insert_account(&state.conn, user, &row, now_ms())?;
+                db::insert_account(&mut state.conn, user, &row, now_ms())?;
                 let mut nodes = NodeStore::new();
                 let tree = Tree::empty(&mut nodes);
                 Account {
@@ -2494,7 +2509,7 @@ fn ensure_account<'a>(state: &'a mut State, user: &str) -> Result<&'a mut Accoun
     Ok(state.accounts.get_mut(user).expect("inserted above"))
 }
 
-fn load_account(state: &State, user: &str, row: db::AccountRow) -> Result<Account, DataError> {
+fn load_account(state: &mut State, user: &str, row: db::AccountRow) -> Result<Account, DataError> {
     let open = |sealed: Option<Vec<u8>>, what: &str| -> Result<Vec<u8>, DataError> {
         let sealed = sealed.ok_or_else(|| DataError::Erased(user.into()))?;
         state.platform.open(&sealed, user.as_bytes()).map_err(|_| {
@@ -2513,10 +2528,10 @@ fn load_account(state: &State, user: &str, row: db::AccountRow) -> Result<Accoun
     // commit signed: a database changed behind the platform's back is
     // refused, not served.
     let mut nodes = NodeStore::new();
-    let tree = Tree::build(&mut nodes, &db::record_entries(&state.conn, user)?)?;
+    let tree = Tree::build(&mut nodes, &db::record_entries(&mut state.conn, user)?)?;
     let head = match row.head {
         Some(head) => {
-            let bytes = db::head_block(&state.conn, user)?.ok_or_else(|| {
+            let bytes = db::head_block(&mut state.conn, user)?.ok_or_else(|| {
                 DataError::Internal(format!("the head commit of {user} is missing"))
             })?;
             let commit = crate::repo::Commit::decode(&bytes)?;

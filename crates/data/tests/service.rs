@@ -1,11 +1,15 @@
-//! DataCommons' rules, end to end on a real SQLite data directory: classes,
-//! grants, validation, provenance, the feed's cursors, usage, export and
-//! import, and erase (with a canary searched for in every file).
+//! DataCommons' rules, end to end, on both back ends — a real SQLite data
+//! directory and a real PostgreSQL server (`COMMONS_TEST_POSTGRES`, default
+//! `host=127.0.0.1 user=postgres dbname=test`): classes, grants,
+//! validation, provenance, the feed's cursors, usage, export and import,
+//! and erase (with a canary searched for in every file and in a dump of the
+//! database).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use commons_data::db::Backend;
 use commons_data::feed::{Event, Message};
 use commons_data::service::{
     Action, AppCall, AppDecl, Class, CollectionDecl, DataCommons, DataError, Grantee, UsageEvent,
@@ -35,6 +39,129 @@ fn tempdir(name: &str) -> PathBuf {
     dir
 }
 
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// Where one platform keeps its data: a data directory and, on
+/// PostgreSQL, a schema of its own (dropped afterwards).
+struct Place {
+    dir: PathBuf,
+    backend: Backend,
+    postgres: Option<(String, String)>,
+}
+
+/// Runs administrative SQL on a thread of its own: the synchronous client
+/// may not block inside the test's runtime.
+fn admin(url: &str, sql: String) -> Result<(), String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).map_err(|e| {
+            format!(
+                "PostgreSQL is needed for this test ({url}): {e}; `bash scripts/test` starts it"
+            )
+        })?;
+        client.batch_execute(&sql).map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap()
+}
+
+fn place(kind: Kind, name: &str) -> Place {
+    let dir = tempdir(name);
+    match kind {
+        Kind::Sqlite => Place {
+            dir,
+            backend: Backend::Embedded,
+            postgres: None,
+        },
+        Kind::Postgres => {
+            let url = std::env::var("COMMONS_TEST_POSTGRES")
+                .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+            let schema = format!("data_{name}_{}", std::process::id());
+            admin(&url, format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).unwrap();
+            Place {
+                dir,
+                backend: Backend::Postgres {
+                    url: url.clone(),
+                    schema: schema.clone(),
+                },
+                postgres: Some((url, schema)),
+            }
+        }
+    }
+}
+
+impl Place {
+    /// Whether `needle` is anywhere this platform keeps data: any file in
+    /// its data directory (the database, its WAL, keys) and, on
+    /// PostgreSQL, a dump of its schema (where bytes columns are hex).
+    fn holds(&self, needle: &[u8]) -> bool {
+        grep_dir(&self.dir, needle)
+            || self.dump().is_some_and(|d| {
+                contains(&d, needle) || contains(&d, hex::encode(needle).as_bytes())
+            })
+    }
+
+    fn dump(&self) -> Option<Vec<u8>> {
+        let (url, schema) = self.postgres.as_ref()?;
+        let out = std::process::Command::new("pg_dump")
+            .args(["--schema", schema, "--dbname", url])
+            .output()
+            .unwrap_or_else(|e| panic!("pg_dump is needed for this test: {e}"));
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            contains(&out.stdout, b"CREATE TABLE"),
+            "the dump holds the tables"
+        );
+        Some(out.stdout)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some((url, schema)) = &self.postgres {
+            let _ = admin(url, format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Each test once per back end.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Sqlite).await
+            })*
+        }
+        mod postgres {
+            $(#[tokio::test]
+            async fn $name() {
+                super::$name(super::Kind::Postgres).await
+            })*
+        }
+    };
+}
+
+on_both!(
+    classes_grants_and_the_feed_follow_consent,
+    bad_input_gets_a_field_path_and_changes_nothing,
+    feed_cursors_follow_the_firehose_rules,
+    export_then_import_gives_the_same_repository,
+    erase_leaves_the_canary_nowhere,
+    fork_diverge_and_merge_with_a_conflict_list,
+    blobs_follow_their_collections_rules,
+);
+
 fn schema(nsid: &str, properties: Value, required: &[&str]) -> Value {
     json!({"lexicon": 1, "id": nsid, "defs": {"main": {
         "type": "record", "key": "any",
@@ -61,9 +188,9 @@ const DIARY: &str = "app.notes.diary";
 const HEALTH: &str = "app.notes.health";
 
 /// A notes app with one collection of each class, and a second app.
-fn platform(dir: &Path) -> (DataCommons, Arc<Usage>) {
+fn platform(place: &Place) -> (DataCommons, Arc<Usage>) {
     let usage = Arc::new(Usage::default());
-    let commons = DataCommons::open(dir, usage.clone(), 1000).unwrap();
+    let commons = DataCommons::open_on(&place.backend, &place.dir, usage.clone(), 1000).unwrap();
     let mut note = collection(
         NOTE,
         Class::Public,
@@ -105,10 +232,9 @@ fn call(app: &str, user: &str) -> AppCall {
     }
 }
 
-#[tokio::test]
-async fn classes_grants_and_the_feed_follow_consent() {
-    let dir = tempdir("classes");
-    let (commons, usage) = platform(&dir);
+async fn classes_grants_and_the_feed_follow_consent(kind: Kind) {
+    let place = place(kind, "classes");
+    let (commons, usage) = platform(&place);
     let notes = call("notes", "alice");
     // No consent yet: 403 on write.
     let err = commons
@@ -289,10 +415,9 @@ async fn classes_grants_and_the_feed_follow_consent() {
     );
 }
 
-#[tokio::test]
-async fn bad_input_gets_a_field_path_and_changes_nothing() {
-    let dir = tempdir("bad");
-    let (commons, _) = platform(&dir);
+async fn bad_input_gets_a_field_path_and_changes_nothing(kind: Kind) {
+    let place = place(kind, "bad");
+    let (commons, _) = platform(&place);
     commons.consent("alice", "notes").unwrap();
     let notes = call("notes", "alice");
     let err = commons
@@ -388,12 +513,11 @@ async fn bad_input_gets_a_field_path_and_changes_nothing() {
     assert!(err.to_string().contains("class never changes"), "{err}");
 }
 
-#[tokio::test]
-async fn feed_cursors_follow_the_firehose_rules() {
-    let dir = tempdir("feed");
+async fn feed_cursors_follow_the_firehose_rules(kind: Kind) {
+    let place = place(kind, "feed");
     let usage = Arc::new(Usage::default());
     // A window of 1,100 events: after 2,200 writes the oldest are gone.
-    let commons = DataCommons::open(&dir, usage, 1100).unwrap();
+    let commons = DataCommons::open_on(&place.backend, &place.dir, usage, 1100).unwrap();
     commons
         .register_app(&AppDecl {
             app: "notes".into(),
@@ -474,10 +598,9 @@ async fn feed_cursors_follow_the_firehose_rules() {
         .any(|c| Some(c.to_string()) == commit.ops[0].cid));
 }
 
-#[tokio::test]
-async fn export_then_import_gives_the_same_repository() {
-    let dir = tempdir("export");
-    let (commons, _) = platform(&dir);
+async fn export_then_import_gives_the_same_repository(kind: Kind) {
+    let place = place(kind, "export");
+    let (commons, _) = platform(&place);
     commons.consent("alice", "notes").unwrap();
     let notes = call("notes", "alice");
     for i in 0..50 {
@@ -504,7 +627,7 @@ async fn export_then_import_gives_the_same_repository() {
         .unwrap()
         .data;
     // A fresh platform with the same apps.
-    let other = tempdir("import");
+    let other = self::place(kind, "import");
     let (fresh, _) = platform(&other);
     let root = fresh.import("alice", &archive).unwrap();
     assert_eq!(root, root_before.to_string());
@@ -536,10 +659,9 @@ async fn export_then_import_gives_the_same_repository() {
     assert!(fresh.import("carol", b"not a tar").is_err());
 }
 
-#[tokio::test]
-async fn erase_leaves_the_canary_nowhere() {
-    let dir = tempdir("erase");
-    let (commons, _) = platform(&dir);
+async fn erase_leaves_the_canary_nowhere(kind: Kind) {
+    let place = place(kind, "erase");
+    let (commons, _) = platform(&place);
     commons.consent("alice", "notes").unwrap();
     commons.consent("bob", "notes").unwrap();
     let notes = call("notes", "alice");
@@ -600,7 +722,7 @@ async fn erase_leaves_the_canary_nowhere() {
         .unwrap();
     assert!(before.value["text"].as_str().unwrap().contains(CANARY));
     assert!(
-        grep_dir(&dir, CANARY.as_bytes()),
+        place.holds(CANARY.as_bytes()),
         "the canary is on disk before the erase (public records are plaintext)"
     );
 
@@ -624,7 +746,7 @@ async fn erase_leaves_the_canary_nowhere() {
     }
     // Nowhere on disk: the database, its WAL, anything in the directory.
     assert!(
-        !grep_dir(&dir, CANARY.as_bytes()),
+        !place.holds(CANARY.as_bytes()),
         "the canary survived the erase on disk"
     );
     // Not in the feed replayed from the start.
@@ -662,9 +784,9 @@ async fn erase_leaves_the_canary_nowhere() {
     drop(commons);
     drop(watcher);
     drop(replay);
-    let (reopened, _) = platform(&dir);
+    let (reopened, _) = platform(&place);
     assert!(reopened.my_records("alice").unwrap().is_empty());
-    assert!(!grep_dir(&dir, CANARY.as_bytes()));
+    assert!(!place.holds(CANARY.as_bytes()));
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -706,12 +828,11 @@ fn ops(event: &Event) -> Vec<(String, String)> {
     }
 }
 
-#[tokio::test]
-async fn fork_diverge_and_merge_with_a_conflict_list() {
+async fn fork_diverge_and_merge_with_a_conflict_list(kind: Kind) {
     use commons_data::fork::Side;
     use std::collections::BTreeMap;
-    let dir = tempdir("fork");
-    let (commons, _) = platform(&dir);
+    let place = place(kind, "fork");
+    let (commons, _) = platform(&place);
     commons.consent("alice", "notes").unwrap();
     commons.consent("bob", "notes").unwrap();
     let (alice, bob) = (call("notes", "alice"), call("notes", "bob"));
@@ -839,10 +960,9 @@ async fn fork_diverge_and_merge_with_a_conflict_list() {
     assert_eq!(text("bob", DIARY, "d1"), "bob again");
 }
 
-#[tokio::test]
-async fn blobs_follow_their_collections_rules() {
-    let dir = tempdir("blobs");
-    let (commons, usage) = platform(&dir);
+async fn blobs_follow_their_collections_rules(kind: Kind) {
+    let place = place(kind, "blobs");
+    let (commons, usage) = platform(&place);
     commons.consent("alice", "notes").unwrap();
     let notes = call("notes", "alice");
     const SECRET: &[u8] = b"BLOB-CANARY-9c1e a private attachment";
@@ -858,7 +978,7 @@ async fn blobs_follow_their_collections_rules() {
     let cid = private["ref"]["$link"].as_str().unwrap();
     assert!(cid.starts_with("bafkrei"), "a raw CID: {cid}");
     // Sealed at rest; addressed by the ciphertext, so not guessable.
-    assert!(!grep_dir(&dir, SECRET));
+    assert!(!place.holds(SECRET));
     let plain_cid = commons_data::model::cid_of(commons_data::model::RAW, SECRET).to_string();
     assert_ne!(cid, plain_cid);
     // The app that holds the grant reads it; one without is refused.
@@ -912,7 +1032,7 @@ async fn blobs_follow_their_collections_rules() {
             .1,
         PUBLIC
     );
-    assert!(grep_dir(&dir, PUBLIC));
+    assert!(place.holds(PUBLIC));
     // Uploads and reads are metered.
     assert!(usage
         .0
@@ -924,5 +1044,5 @@ async fn blobs_follow_their_collections_rules() {
     let archive = commons.export("alice").unwrap();
     assert!(contains(&archive, SECRET) && contains(&archive, PUBLIC));
     commons.erase("alice").unwrap();
-    assert!(!grep_dir(&dir, SECRET) && !grep_dir(&dir, PUBLIC));
+    assert!(!place.holds(SECRET) && !place.holds(PUBLIC));
 }

@@ -39,12 +39,27 @@ pub struct Data {
 }
 
 impl Data {
-    pub fn open(layout: &commons_runtime::Layout) -> Result<Data, String> {
+    /// Opens DataCommons: its key in the data directory, its tables beside
+    /// the platform's state (SQLite in the directory, or a schema of their
+    /// own, `<schema>_data`, on the PostgreSQL server).
+    pub fn open(
+        layout: &commons_runtime::Layout,
+        store: &commons_store::StoreConfig,
+    ) -> Result<Data, String> {
         let dir = layout.datacommons_dir();
         crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let usage = Arc::new(DataUsage::default());
-        let commons =
-            DataCommons::open(&dir, usage.clone(), FEED_WINDOW).map_err(|e| e.to_string())?;
+        let backend = match store {
+            commons_store::StoreConfig::Embedded => commons_data::db::Backend::Embedded,
+            commons_store::StoreConfig::Postgres { url, schema } => {
+                commons_data::db::Backend::Postgres {
+                    url: url.clone(),
+                    schema: format!("{schema}_data"),
+                }
+            }
+        };
+        let commons = DataCommons::open_on(&backend, &dir, usage.clone(), FEED_WINDOW)
+            .map_err(|e| e.to_string())?;
         let identity = identity::Signer::open(&layout.identity_key()).map_err(|e| e.to_string())?;
         Ok(Data {
             commons,

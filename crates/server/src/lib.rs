@@ -184,7 +184,7 @@ impl AppState {
             nodes: nodes.clone(),
             tunnels: tunnels::Tunnels::new(nodes),
             agent_url: std::sync::OnceLock::new(),
-            data: data::Data::open(&layout).map_err(|e| err("datacommons", &e))?,
+            data: data::Data::open(&layout, store).map_err(|e| err("datacommons", &e))?,
         })
     }
 }
