@@ -52,6 +52,7 @@ fn the_catalog_lists_every_application_with_its_project() {
             "datasette",
             "json-server",
             "mkdocs",
+            "notes",
             "prometheus",
             "radicale",
             "rclone"
@@ -223,4 +224,136 @@ fn json_server_creates_and_reads_back_a_record() {
         std::fs::read_to_string(&db).is_ok_and(|t| t.contains("hello from the commons"))
     });
     assert!(kept, "{} does not hold the record", db.display());
+}
+
+/// Notes keeps each user's notes in their own DataCommons repository: from
+/// its sandbox (as root) it reaches the data API by the one path the
+/// platform opens for sites with a `data:` section. Before the user allows
+/// it, it sends them to the consent screen; afterwards their notes are
+/// theirs — listed with provenance under their data, invisible to others.
+#[test]
+fn notes_keeps_each_users_notes_in_their_own_repository() {
+    let s = Sandbox::new("catalog-notes");
+    let server = deployed(&s, "notes");
+    if is_root() {
+        let web = s.component("notes", "web");
+        assert!(
+            !component_addr(&web).ip().is_loopback(),
+            "as root the app runs in a network of its own: {web}"
+        );
+    }
+    let people: Vec<(String, String, Api)> = ["nia@example.org", "obi@example.org"]
+        .iter()
+        .map(|email| {
+            let id = signup(server.port, email, "Someone")["user"]["id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let bearer = format!(
+                "Bearer {}",
+                s.ok(&["token", "create", &id, "--scope", "session"])
+                    .stdout()
+                    .trim()
+            );
+            (id, bearer, login(server.port, email, true))
+        })
+        .collect();
+    let (nia, obi) = (&people[0], &people[1]);
+    let call = |who: &(String, String, Api), method: &str, path: &str, body: &str| {
+        let mut headers = vec![("Authorization", who.1.as_str())];
+        if body.starts_with('{') {
+            headers.push(("Content-Type", "application/json"));
+        } else if !body.is_empty() {
+            headers.push(("Content-Type", "application/x-www-form-urlencoded"));
+        }
+        through(&server, "notes", method, path, &headers, body)
+    };
+
+    // Nobody signed in: the gateway asks for a sign-in.
+    let (code, _) = through(&server, "notes", "GET", "/", &[], "");
+    assert!(matches!(code, 302 | 303 | 401), "{code}");
+    // Signed in, before consenting: the app sends the user to the consent screen.
+    let (code, body) = call(nia, "GET", "/", "");
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("/console/data/consent/notes"),
+        "a link to the consent screen: {body}"
+    );
+    let (code, asks) = nia.2.get("/api/data/consent/notes");
+    assert_eq!(code, 200, "{asks}");
+    assert_eq!(asks["items"][0]["collection"], "org.onecommons.notes.note");
+    assert_eq!(asks["items"][0]["class"], "private");
+    let (code, granted) = nia.2.post("/api/data/consent/notes", serde_json::json!({}));
+    assert_eq!(code, 200, "{granted}");
+
+    // Two notes, one from the form, one as JSON.
+    let (code, body) = call(
+        nia,
+        "POST",
+        "/notes",
+        "title=Groceries&text=oat+milk%2C+lentils",
+    );
+    assert_eq!(code, 303, "{body}");
+    let (code, body) = call(
+        nia,
+        "POST",
+        "/api/notes",
+        r#"{"title": "Ideas", "text": "a garden on the roof"}"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, page) = call(nia, "GET", "/", "");
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("Groceries") && page.contains("a garden on the roof"),
+        "{page}"
+    );
+    let (code, listed) = call(nia, "GET", "/api/notes", "");
+    assert_eq!(code, 200, "{listed}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert!(listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|n| n["provenance"]["app"] == "notes" && n["provenance"]["user"] == nia.0.as_str()));
+
+    // They are in her repository, with provenance, and nowhere in the app.
+    let (code, mine) = nia.2.get("/api/data/me");
+    assert_eq!(code, 200, "{mine}");
+    assert_eq!(mine["records"].as_array().unwrap().len(), 2, "{mine}");
+    let app_dir = s.home.join("deployments/notes/data");
+    for entry in walk(&app_dir) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        assert!(
+            !bytes.windows(6).any(|w| w == b"lentil"),
+            "the app keeps nothing of its own: {}",
+            entry.display()
+        );
+    }
+
+    // Another user, having consented, sees only their own (none).
+    obi.2.post("/api/data/consent/notes", serde_json::json!({}));
+    let (code, theirs) = call(obi, "GET", "/api/notes", "");
+    assert_eq!((code, theirs.as_str()), (200, "[]"));
+
+    // Deleting one leaves the other.
+    let rkey = listed[0]["rkey"].as_str().unwrap();
+    let (code, body) = call(nia, "POST", &format!("/api/notes/{rkey}/delete"), "");
+    assert_eq!(code, 200, "{body}");
+    let (_, left) = call(nia, "GET", "/api/notes", "");
+    let left: serde_json::Value = serde_json::from_str(&left).unwrap();
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 const NOTES_APP: &str = r#"import json, os, urllib.request, urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-API = os.environ["DATA_URL"]
+API = os.environ["COMMONS_DATA_URL"]
 TOKEN = os.environ["COMMONS_SERVICE_TOKEN"]
 NSID = "org.example.notes.note"
 
@@ -58,12 +58,9 @@ const NOTE_SCHEMA: &str = r#"{"lexicon": 1, "id": "org.example.notes.note", "def
     "text": {"type": "string", "maxLength": 1000}}}}}}"#;
 
 const NOTES_BLUEPRINT: &str = r#"name: notes
-inputs:
-  data_url: { type: string }
 components:
   web:
     process: python3 app.py
-    env: { DATA_URL: "${inputs.data_url}" }
     health: { http: /health }
 data:
   org.example.notes.note:
@@ -111,11 +108,8 @@ fn notes_platform(test: &str, email: &str) -> (Sandbox, Server, String, String) 
     s.write("schemas/note.json", NOTE_SCHEMA);
     s.blueprint(NOTES_BLUEPRINT);
     let server = s.serve(&[]);
-    s.ok(&[
-        "deploy",
-        "-i",
-        &format!("data_url=http://127.0.0.1:{}", server.port),
-    ]);
+    // The platform tells the app where its data API is (COMMONS_DATA_URL).
+    s.ok(&["deploy"]);
     let user = signup(server.port, email, "Nora")["user"]["id"]
         .as_str()
         .unwrap()

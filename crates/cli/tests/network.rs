@@ -203,6 +203,8 @@ components:
         "gateway_admin_on_host": ["HOST", server.admin],
         "postgres_on_loopback": ["127.0.0.1", 5432],
         "postgres_on_host": ["HOST", 5432],
+        "data_api_on_loopback": ["127.0.0.1", server.data],
+        "data_api_on_host": ["HOST", server.data],
         "registry": [registry_ip.to_string(), 443],
     })
     .to_string();
@@ -246,6 +248,8 @@ components:
         "gateway_admin_on_host",
         "postgres_on_loopback",
         "postgres_on_host",
+        "data_api_on_loopback",
+        "data_api_on_host",
     ] {
         let o = outcome(attack);
         assert!(
@@ -385,6 +389,66 @@ open(os.path.join(os.environ["COMMONS_DATA_DIR"], "egress"), "w").write(" ".join
     assert_eq!(said, "resolved CONNECTED", "egress: true opens it");
     assert_eq!(pid, again, "no component was replaced for it");
     deploy(&s, &["destroy", "sealed"]);
+
+    // A site that declares a `data:` section reaches the data API at its
+    // host address — its listener, which serves the data API alone — and
+    // still nothing else of the platform's.
+    s.write(
+        "keeper/schemas/n.json",
+        r#"{"lexicon": 1, "id": "org.example.keeper.n", "defs": {"main": {"type": "record", "key": "tid", "record": {"type": "object", "properties": {"t": {"type": "string"}}}}}}"#,
+    );
+    s.write("keeper/probe.py", PROBE);
+    let keeper_targets = serde_json::json!({
+        "data_api_on_host": ["HOST", server.data],
+        "api_on_host": ["HOST", server.port],
+        "gateway_admin_on_host": ["HOST", server.admin],
+        "postgres_on_host": ["HOST", 5432],
+    })
+    .to_string();
+    s.write(
+        "keeper/commons.yaml",
+        &format!(
+            r#"name: keeper
+components:
+  own:
+    process: python3 -m http.server --bind 127.0.0.1 $PORT
+    health: {{ http: "/" }}
+  probe:
+    job: python3 probe.py '{keeper_targets}' ${{components.own.port}}; echo "$COMMONS_DATA_URL" > $COMMONS_DATA_DIR/data_url
+    after: [own]
+data:
+  org.example.keeper.n:
+    class: private
+    schema: schemas/n.json
+    purpose: to test the way to the data API
+"#
+        ),
+    );
+    deploy(&s, &["deploy", "keeper"]);
+    let keeper_dir = s.home.join("deployments/keeper/data");
+    let keeper: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(keeper_dir.join("probes.json")).unwrap()).unwrap();
+    let host = keeper["host_address"].as_str().unwrap().to_string();
+    assert_eq!(
+        std::fs::read_to_string(keeper_dir.join("data_url"))
+            .unwrap()
+            .trim(),
+        format!("http://{host}:{}", server.data),
+        "the site is told where the data API is, as it reaches it"
+    );
+    let reached = keeper["data_api_on_host"].as_str().unwrap_or_default();
+    assert!(
+        reached.starts_with("CONNECTED HTTP/1.0 404") && reached.contains("serves the data API"),
+        "the data API's own listener answers, and serves nothing but the data API: {keeper}"
+    );
+    for attack in ["api_on_host", "gateway_admin_on_host", "postgres_on_host"] {
+        let o = keeper[attack].as_str().unwrap_or_default();
+        assert!(
+            o == "refused" || o == "timeout",
+            "{attack} stays out of reach of a data site, got {o:?}: {keeper}"
+        );
+    }
+    deploy(&s, &["destroy", "keeper"]);
 
     // A tenant with a database of its own reaches it — and nothing else there.
     s.write(

@@ -76,6 +76,8 @@ pub struct Context {
     pub withhold: Vec<String>,
     /// The site's workloads may reach the internet (`network: { egress }`).
     pub egress: bool,
+    /// The site declares a `data:` section (it calls the data API).
+    pub data_api: bool,
     /// Instances replaced start-first, to stop once the gateway drained them.
     /// (component, its replaced instance)
     pub retired: Mutex<Vec<(String, Handle)>>,
@@ -431,6 +433,7 @@ async fn apply_component(
             credential: ctx.credentials.get(&task.component).cloned(),
             withhold: ctx.withhold.clone(),
             egress: ctx.egress,
+            data_api: ctx.data_api,
             volumes,
             replace: crate::plan::replace_of(
                 &ctx.components,

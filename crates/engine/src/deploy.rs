@@ -413,6 +413,7 @@ impl Engine {
                 })
                 .collect(),
             egress: target.blueprint.network.egress,
+            data_api: !target.blueprint.data.is_empty(),
             secrets: secret_values,
             secret_prints: prints,
             components: target.blueprint.components.clone(),
@@ -601,6 +602,7 @@ impl Engine {
             service_token: None,
             withhold: Vec::new(),
             egress: true,
+            data_api: false,
             retired: Mutex::new(Vec::new()),
             read_by_others: Default::default(),
         });

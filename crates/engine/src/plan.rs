@@ -309,6 +309,7 @@ pub fn probe_spec(deployment: &str, name: &str, c: &Component) -> Spec {
         withhold: Vec::new(),
         replace: c.replace.unwrap_or(Replace::StopFirst),
         egress: true,
+        data_api: false,
         volumes: Vec::new(),
     }
 }

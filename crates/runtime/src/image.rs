@@ -263,6 +263,15 @@ pub async fn spawn(
     let mut env: Vec<(String, String)> = spec.env.clone();
     env.push(("PORT".into(), image.port.to_string()));
     env.push(("COMMONS_DATA_DIR".into(), data.display().to_string()));
+    let data_api = crate::net::data_api_url(
+        crate::settings::current().data_api,
+        Some(&site),
+        spec.data_api,
+    )
+    .map_err(DriverError::io("opening the way to the data API"))?;
+    if let Some(url) = data_api {
+        env.push((crate::DATA_URL_VAR.into(), url));
+    }
     let container = Container {
         id: container_id(spec),
         args,

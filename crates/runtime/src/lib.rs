@@ -37,6 +37,9 @@ pub use settings::RuntimeSettings;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Everything a driver needs to make one component real.
+/// Where a site with a `data:` section reaches the platform's data API.
+pub const DATA_URL_VAR: &str = "COMMONS_DATA_URL";
+
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub deployment: String,
@@ -64,6 +67,9 @@ pub struct Spec {
     pub replace: commons_blueprint::model::Replace,
     /// The site's workloads may reach the internet (`network: { egress }`).
     pub egress: bool,
+    /// The site declares a `data:` section: its workloads get
+    /// `COMMONS_DATA_URL`, the platform's data API as they reach it.
+    pub data_api: bool,
     /// An image's volumes, rendered: path inside → directory of the site's.
     pub volumes: Vec<(String, String)>,
 }

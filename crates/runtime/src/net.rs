@@ -20,6 +20,10 @@
 //!   `HOST_IP:PGPORT` (DNAT to the server). PostgreSQL sees the site's own
 //!   address, so `pg_hba.conf` tells sites from the platform's own
 //!   connections (`host sameuser all 10.200.0.0/14 scram-sha-256`).
+//!   Likewise, for sites with a `data:` section only, the platform's data
+//!   API at `HOST_IP:PORT` (DNAT to its loopback listener, which serves the
+//!   data API and nothing else); such a site's workloads are told where in
+//!   `COMMONS_DATA_URL`.
 //!
 //! The namespace and its link are made with iproute2 (`ip`) and the rules
 //! with `nft`, the tools an operator reads them back with.
@@ -703,17 +707,18 @@ pub fn remove(net: &SiteNet) {
     }
     let _ = run("ip", &["netns", "del", &net.netns], None);
     let _ = run("ip", &["link", "del", &net.host_if], None);
-    for what in [Allowance::Postgres, Allowance::Egress] {
+    for what in [Allowance::Postgres, Allowance::Egress, Allowance::Data] {
         let _ = allow(net, what, false);
     }
 }
 
-/// Lets `net` reach the internet (`egress`) or the platform's PostgreSQL
-/// server (`postgres`), or stops it.
+/// Lets `net` reach the internet (`egress`), the platform's PostgreSQL
+/// server (`postgres`) or its data API (`data`), or stops it.
 pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
     let set = match what {
         Allowance::Egress => "egress_sites",
         Allowance::Postgres => "postgres_sites",
+        Allowance::Data => "data_sites",
     };
     let verb = if yes { "add" } else { "delete" };
     let r = run(
@@ -741,6 +746,27 @@ pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
 pub enum Allowance {
     Egress,
     Postgres,
+    Data,
+}
+
+/// `COMMONS_DATA_URL` for a site's workloads: the platform's data API
+/// (`api`, on loopback) as they reach it — at their host address when
+/// the site has a network of its own (`net`, which is then let through
+/// to it), else directly. None when the site declared no `data:` (a
+/// sandboxed one is then kept from it) or the platform serves none.
+pub fn data_api_url(
+    api: Option<SocketAddrV4>,
+    net: Option<&SiteNet>,
+    wanted: bool,
+) -> std::io::Result<Option<String>> {
+    let api = api.filter(|_| wanted);
+    if let Some(net) = net {
+        allow(net, Allowance::Data, api.is_some())?;
+    }
+    Ok(api.map(|api| match net {
+        Some(net) => format!("http://{}:{}", net.host_ip, api.port()),
+        None => format!("http://{api}"),
+    }))
 }
 
 /// The host's rules for all sites' links.
@@ -750,6 +776,9 @@ pub struct Firewall {
     /// The platform's PostgreSQL server, as sites with a `postgres:`
     /// component reach it (at their host address, this port).
     pub postgres: Option<SocketAddrV4>,
+    /// The platform's data API, as sites with a `data:` section reach it
+    /// (at their host address, this port).
+    pub data_api: Option<SocketAddrV4>,
     /// The host's DNS resolvers, which sites may ask.
     pub resolvers: Vec<Ipv4Addr>,
 }
@@ -783,6 +812,16 @@ impl Firewall {
                 port = pg.port()
             );
         }
+        if let Some(api) = self.data_api {
+            pg_pre.push_str(&format!(
+                "    iifname \"cmsite*\" ip saddr @data_sites ip daddr {net} tcp dport {port} dnat ip to {api}\n",
+                port = api.port()
+            ));
+            pg_in.push_str(&format!(
+                "    iifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport {port} accept\n",
+                port = api.port()
+            ));
+        }
         let dns = if self.resolvers.is_empty() {
             String::new()
         } else {
@@ -801,6 +840,7 @@ impl Firewall {
             "add table inet {TABLE}\n\
              add set inet {TABLE} postgres_sites {{ type ipv4_addr; }}\n\
              add set inet {TABLE} egress_sites {{ type ipv4_addr; }}\n\
+             add set inet {TABLE} data_sites {{ type ipv4_addr; }}\n\
              add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
              add chain inet {TABLE} input {{ type filter hook input priority filter - 10; policy accept; }}\n\
              add chain inet {TABLE} forward {{ type filter hook forward priority filter - 10; policy accept; }}\n\
@@ -927,12 +967,15 @@ mod tests {
         let f = Firewall {
             network: DEFAULT_NETWORK,
             postgres: Some("127.0.0.1:5432".parse().unwrap()),
+            data_api: Some("127.0.0.1:8072".parse().unwrap()),
             resolvers: vec![Ipv4Addr::new(10, 255, 255, 53)],
         };
         let r = f.ruleset();
         let r = r.lines().map(str::trim).collect::<Vec<_>>().join("\n");
-        // Nothing from a site to the host but replies and PostgreSQL for those allowed.
-        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" drop"), "{r}");
+        // Nothing from a site to the host but replies, and PostgreSQL and
+        // the data API for those allowed each.
+        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport 8072 accept\niifname \"cmsite*\" drop"), "{r}");
+        assert!(r.contains("ip saddr @data_sites ip daddr 10.200.0.0/14 tcp dport 8072 dnat ip to 127.0.0.1:8072"), "{r}");
         // Site to site: dropped before anything is let through.
         let forward = &r[r.find("chain forward").unwrap()..];
         let drop_to_sites = forward.find("oifname \"cmsite*\" drop").unwrap();
@@ -945,12 +988,13 @@ mod tests {
         assert!(r.contains("dnat ip to 127.0.0.1:5432"));
         let without = Firewall {
             postgres: None,
+            data_api: None,
             ..f
         }
         .ruleset();
         assert!(
-            !without.contains("5432"),
-            "no PostgreSQL path when there is no server"
+            !without.contains("5432") && !without.contains("8072"),
+            "no PostgreSQL or data path when there is no server"
         );
     }
 }

@@ -127,6 +127,14 @@ fn launch(
     let keeper = !matches!(spec.kind, commons_blueprint::Kind::Job { .. });
     let exit_file = layout.exit_file(&spec.deployment, &spec.component);
     let mut addr = std::net::Ipv4Addr::LOCALHOST;
+    // A container is told in its own configuration (`image::spawn`).
+    let mut data_url = match (container, sandboxed) {
+        (None, false) => {
+            crate::net::data_api_url(crate::settings::current().data_api, None, spec.data_api)
+                .map_err(DriverError::io("opening the way to the data API"))?
+        }
+        _ => None,
+    };
     let mut cmd =
         if let Some((argv, at)) = container {
             addr = at;
@@ -157,6 +165,12 @@ fn launch(
             let net = crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
                 .map_err(DriverError::io("making the site's network"))?;
             addr = net.site_ip;
+            data_url = crate::net::data_api_url(
+                crate::settings::current().data_api,
+                Some(&net),
+                spec.data_api,
+            )
+            .map_err(DriverError::io("opening the way to the data API"))?;
             let limits = crate::sandbox::Limits {
                 memory_bytes: spec.resources.memory_bytes,
                 cpu_millis: spec.resources.cpu_millis,
@@ -237,6 +251,9 @@ fn launch(
     }
     for (k, v) in extra_env {
         cmd.env(k, v);
+    }
+    if let Some(url) = &data_url {
+        cmd.env(crate::DATA_URL_VAR, url);
     }
     let pidfile = CString::new(pidfile_path.as_os_str().as_bytes())
         .map_err(|_| DriverError::Failed("pidfile path contains a NUL byte".into()))?;

@@ -9,6 +9,10 @@ use std::sync::OnceLock;
 pub const SANDBOX_VAR: &str = "COMMONS_SANDBOX";
 /// `COMMONS_SINGLE_USER=1`: one person's platform (unsafe, explicit).
 pub const SINGLE_USER_VAR: &str = "COMMONS_SINGLE_USER";
+/// `COMMONS_DATA_LISTEN`: where the platform serves apps' data API.
+pub const DATA_LISTEN_VAR: &str = "COMMONS_DATA_LISTEN";
+/// ... by default.
+pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:8072";
 
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct RuntimeSettings {
@@ -32,6 +36,10 @@ pub struct RuntimeSettings {
     /// (`[runtime] registry_mirrors`, `COMMONS_REGISTRY_MIRRORS`:
     /// `docker.io=HOST:PORT,…`).
     pub registry_mirrors: Vec<(String, String)>,
+    /// Where the platform serves apps' data API (`commons serve` sets it
+    /// once it listens): sites with a `data:` section are told of it and,
+    /// sandboxed, reach it at their host address.
+    pub data_api: Option<std::net::SocketAddrV4>,
 }
 
 // The admin URL may carry a password: it never reaches a log.
@@ -47,6 +55,7 @@ impl std::fmt::Debug for RuntimeSettings {
             .field("network", &self.network)
             .field("insecure_registries", &self.insecure_registries)
             .field("registry_mirrors", &self.registry_mirrors)
+            .field("data_api", &self.data_api)
             .finish()
     }
 }
@@ -120,6 +129,13 @@ impl RuntimeSettings {
                 .ok()
                 .and_then(|v| mirrors(&v).ok())
                 .unwrap_or_default(),
+            // Where the platform serves it, for sites deployed without the
+            // daemon (which knows it, having bound it).
+            data_api: std::env::var(DATA_LISTEN_VAR)
+                .unwrap_or_else(|_| DEFAULT_DATA_LISTEN.into())
+                .parse::<std::net::SocketAddrV4>()
+                .ok()
+                .filter(|a| a.port() != 0),
         }
     }
 
@@ -164,6 +180,7 @@ impl RuntimeSettings {
         crate::net::Firewall {
             network: self.network,
             postgres,
+            data_api: self.data_api,
             resolvers: crate::net::Firewall::host_resolvers(),
         }
     }

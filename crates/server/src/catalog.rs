@@ -20,6 +20,10 @@ pub struct Entry {
     pub source: &'static str,
     #[serde(skip)]
     pub blueprint: &'static str,
+    /// Files beside the blueprint (path relative to it, content): an app
+    /// of the platform's own, shipped with its blueprint.
+    #[serde(skip)]
+    pub files: &'static [(&'static str, &'static str)],
 }
 
 pub const ENTRIES: &[Entry] = &[
@@ -29,6 +33,7 @@ pub const ENTRIES: &[Entry] = &[
         project: "datasette.io",
         source: "PyPI: datasette",
         blueprint: include_str!("../../../catalog/datasette.yaml"),
+        files: &[],
     },
     Entry {
         name: "json-server",
@@ -36,6 +41,7 @@ pub const ENTRIES: &[Entry] = &[
         project: "github.com/typicode/json-server",
         source: "npm: json-server",
         blueprint: include_str!("../../../catalog/json-server.yaml"),
+        files: &[],
     },
     Entry {
         name: "mkdocs",
@@ -43,6 +49,21 @@ pub const ENTRIES: &[Entry] = &[
         project: "mkdocs.org",
         source: "PyPI: mkdocs",
         blueprint: include_str!("../../../catalog/mkdocs.yaml"),
+        files: &[],
+    },
+    Entry {
+        name: "notes",
+        summary: "notes kept in each user's own DataCommons repository, with their consent",
+        project: "onecommons.org/notes",
+        source: "this repository (Python's standard library)",
+        blueprint: include_str!("../../../catalog/notes.yaml"),
+        files: &[
+            ("app.py", include_str!("../../../catalog/notes/app.py")),
+            (
+                "schemas/note.json",
+                include_str!("../../../catalog/notes/schemas/note.json"),
+            ),
+        ],
     },
     Entry {
         name: "prometheus",
@@ -50,6 +71,7 @@ pub const ENTRIES: &[Entry] = &[
         project: "prometheus.io",
         source: "image: docker.io/prom/prometheus",
         blueprint: include_str!("../../../catalog/prometheus.yaml"),
+        files: &[],
     },
     Entry {
         name: "radicale",
@@ -57,6 +79,7 @@ pub const ENTRIES: &[Entry] = &[
         project: "radicale.org",
         source: "PyPI: Radicale",
         blueprint: include_str!("../../../catalog/radicale.yaml"),
+        files: &[],
     },
     Entry {
         name: "rclone",
@@ -64,6 +87,7 @@ pub const ENTRIES: &[Entry] = &[
         project: "rclone.org",
         source: "image: docker.io/rclone/rclone",
         blueprint: include_str!("../../../catalog/rclone.yaml"),
+        files: &[],
     },
 ];
 
@@ -75,8 +99,8 @@ pub fn find(name: &str) -> Option<&'static Entry> {
 }
 
 /// Writes the entry's blueprint to `HOME/catalog/NAME/commons.yaml` (as this
-/// build of the catalog has it) and returns that path, for the engine to
-/// deploy like any blueprint file.
+/// build of the catalog has it), and its files beside it, and returns that
+/// path, for the engine to deploy like any blueprint file.
 pub fn materialize(home: &Path, name: &str) -> Result<PathBuf, String> {
     let entry = find(name).ok_or_else(|| {
         let names: Vec<&str> = ENTRIES.iter().map(|e| e.name).collect();
@@ -91,6 +115,17 @@ pub fn materialize(home: &Path, name: &str) -> Result<PathBuf, String> {
     if std::fs::read_to_string(&path).ok().as_deref() != Some(entry.blueprint) {
         std::fs::write(&path, entry.blueprint)
             .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    for (rel, content) in entry.files {
+        let file = dir.join(rel);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        if std::fs::read_to_string(&file).ok().as_deref() != Some(*content) {
+            std::fs::write(&file, content)
+                .map_err(|e| format!("writing {}: {e}", file.display()))?;
+        }
     }
     Ok(path)
 }

@@ -6,6 +6,7 @@
 //! [api]
 //! listen = "127.0.0.1:8070"
 //! trusted_proxies = ["10.0.0.2"]  # whose X-Forwarded-For names the client
+//! data_listen = "127.0.0.1:8072"   # the data API apps call (loopback; sites reach it through the firewall)
 //! [gateway]
 //! http = "127.0.0.1:8080"
 //! https = "127.0.0.1:8443"      # "off" to disable
@@ -73,6 +74,8 @@ pub struct Agents {
 #[serde(default, deny_unknown_fields)]
 pub struct Api {
     pub listen: Option<String>,
+    /// Where apps' data API listens (`COMMONS_DATA_LISTEN`).
+    pub data_listen: Option<String>,
     /// Proxies in front of the API whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Option<Vec<String>>,
 }
@@ -205,6 +208,10 @@ pub struct Settings {
     pub home: PathBuf,
     /// The API's address.
     pub listen: String,
+    /// The data API's own listener, for apps: on loopback, serving the
+    /// data API and nothing else, so the path sandboxed sites are given to
+    /// it leads nowhere else.
+    pub data_listen: String,
     /// Where users reach the platform (`COMMONS_PUBLIC_URL`); unset: the
     /// API's own address.
     pub public_url: Option<String>,
@@ -325,6 +332,9 @@ pub fn resolve(
             .listen
             .or(file.api.listen)
             .unwrap_or_else(|| "127.0.0.1:8070".into()),
+        data_listen: env(commons_runtime::settings::DATA_LISTEN_VAR)
+            .or(file.api.data_listen)
+            .unwrap_or_else(|| commons_runtime::settings::DEFAULT_DATA_LISTEN.into()),
         public_url: env("COMMONS_PUBLIC_URL"),
         trusted_proxies,
         gateway,
@@ -362,6 +372,8 @@ pub fn resolve(
                     .into_iter()
                     .collect(),
             },
+            // Set by `run` once the data API listens.
+            data_api: None,
         },
         store: StoreConfig::new(
             env(commons_store::DATABASE_URL_VAR).or(file.store.database_url),

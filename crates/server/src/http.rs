@@ -90,25 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/placements/{site}/confirm",
             post(api::nodes::confirm_move),
         )
-        .route(
-            "/data/v1/records/{collection}",
-            get(api::data::list).post(api::data::create),
-        )
-        .route(
-            "/data/v1/records/{collection}/{rkey}",
-            get(api::data::get)
-                .put(api::data::update)
-                .delete(api::data::delete),
-        )
-        .route("/data/v1/subscribe", get(api::data::subscribe))
-        .route(
-            "/data/v1/blobs/{collection}",
-            post(api::data::put_blob).layer(DefaultBodyLimit::max(11 << 20)),
-        )
-        .route(
-            "/data/v1/blobs/{collection}/{cid}",
-            get(api::data::get_blob),
-        )
+        .merge(data_routes())
         .route(
             "/api/data/me",
             get(api::data::me).delete(api::data::erase_me),
@@ -210,6 +192,56 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::map_response(limits::too_large_as_problem))
         .layer(axum::middleware::map_response(never_framed))
         .with_state(state)
+}
+
+/// The data API apps call (with their service token and the user's
+/// assertion): on the API and, alone, on the data API's own listener.
+fn data_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(
+            "/data/v1/records/{collection}",
+            get(api::data::list).post(api::data::create),
+        )
+        .route(
+            "/data/v1/records/{collection}/{rkey}",
+            get(api::data::get)
+                .put(api::data::update)
+                .delete(api::data::delete),
+        )
+        .route("/data/v1/subscribe", get(api::data::subscribe))
+        .route(
+            "/data/v1/blobs/{collection}",
+            post(api::data::put_blob).layer(DefaultBodyLimit::max(11 << 20)),
+        )
+        .route(
+            "/data/v1/blobs/{collection}/{cid}",
+            get(api::data::get_blob),
+        )
+}
+
+/// The data API's own listener: its routes and nothing else.
+fn data_router(state: Arc<AppState>) -> Router {
+    data_routes()
+        .fallback(|| async {
+            problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "this listener serves the data API (/data/v1/...) only",
+                None,
+            )
+        })
+        .layer(DefaultBodyLimit::max(limits::JSON))
+        .layer(axum::middleware::map_response(limits::too_large_as_problem))
+        .layer(axum::middleware::map_response(never_framed))
+        .with_state(state)
+}
+
+/// Serves the data API alone on `listener` until the process ends.
+pub async fn serve_data_api(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+) -> std::io::Result<()> {
+    serve_tcp(listener, data_router(state)).await
 }
 
 /// Limits of the API's listener: it faces the same clients as the

@@ -22,7 +22,7 @@ pub enum RunError {
 
 /// Runs the platform until it is asked to stop (a signal, or `commons
 /// daemon stop`). The runtime's settings become this process's.
-pub fn run(settings: Settings) -> Result<(), RunError> {
+pub fn run(mut settings: Settings) -> Result<(), RunError> {
     let home = settings.home.clone();
     if let Some(other) = crate::local::running(&home) {
         return Err(RunError::Input(format!(
@@ -31,6 +31,12 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
             other.pid
         )));
     }
+    // Bound before the runtime's settings are fixed: sites are told where it is.
+    let data_listener = bind_data_api(&settings.data_listen)?;
+    settings.runtime.data_api = data_listener.local_addr().ok().and_then(|a| match a {
+        std::net::SocketAddr::V4(v4) => Some(v4),
+        std::net::SocketAddr::V6(_) => None,
+    });
     if let Err(in_force) = settings.runtime.clone().install() {
         if in_force != settings.runtime {
             return Err(RunError::Failed(
@@ -105,6 +111,17 @@ pub fn run(settings: Settings) -> Result<(), RunError> {
         }
         crate::supervisor::spawn(supervisor_engine, settings.supervisor.clone());
         let state = Arc::new(state);
+        let data_listener = tokio::net::TcpListener::from_std(data_listener)
+            .map_err(|e| RunError::Failed(e.to_string()))?;
+        if let Ok(addr) = data_listener.local_addr() {
+            eprintln!("{:>12} data {addr} (apps' data API)", "Listening");
+        }
+        let data_state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve_data_api(data_listener, data_state).await {
+                eprintln!("{:>12} the data API's listener stopped: {e}", "Error");
+            }
+        });
         if let Some(listen) = &settings.agent_listen {
             let agents = tokio::net::TcpListener::bind(listen)
                 .await
@@ -259,4 +276,25 @@ fn write_new_private(path: &std::path::Path, text: &str) -> std::io::Result<()> 
         .mode(0o600)
         .open(path)?
         .write_all(text.as_bytes())
+}
+
+/// The data API's listener: IPv4 loopback only, since sites are let
+/// through to it by address translation to exactly this address.
+fn bind_data_api(listen: &str) -> Result<std::net::TcpListener, RunError> {
+    let addr: std::net::SocketAddrV4 = listen.parse().map_err(|_| {
+        RunError::Input(format!(
+            "the data API's address {listen:?} is not IPv4 ADDRESS:PORT ([api] data_listen, COMMONS_DATA_LISTEN)"
+        ))
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(RunError::Input(format!(
+            "the data API listens on loopback only, not {addr}: sites reach it through the platform's firewall ([api] data_listen)"
+        )));
+    }
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|e| RunError::Input(format!("cannot listen for the data API on {addr}: {e}")))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| RunError::Failed(e.to_string()))?;
+    Ok(listener)
 }

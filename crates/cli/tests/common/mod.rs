@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 pub struct Sandbox {
     pub dir: PathBuf,
     pub home: PathBuf,
+    /// Where its platform serves the data API: every command is told, so
+    /// sites deployed without the daemon learn it too.
+    pub data_port: u16,
 }
 
 impl Sandbox {
@@ -23,7 +26,11 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("app")).unwrap();
         let home = dir.join("home");
-        Sandbox { dir, home }
+        Sandbox {
+            dir,
+            home,
+            data_port: free_port(),
+        }
     }
 
     /// The blueprint directory.
@@ -52,6 +59,11 @@ impl Sandbox {
             // Unsandboxed unless a test asks (the default as root is the
             // sandbox; the tests of it say so explicitly).
             .env("COMMONS_SANDBOX", "0")
+            // The data API on a port of its own, too.
+            .env(
+                "COMMONS_DATA_LISTEN",
+                format!("127.0.0.1:{}", self.data_port),
+            )
             .env_remove("CI");
         c
     }
@@ -272,6 +284,8 @@ pub struct Server {
     pub admin: u16,
     /// The node agents' listener, when `COMMONS_AGENT_LISTEN` was given.
     pub agents: Option<u16>,
+    /// The data API's own listener (apps').
+    pub data: u16,
 }
 
 impl Sandbox {
@@ -297,14 +311,15 @@ impl Sandbox {
         let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut reader = std::io::BufReader::new(stderr);
-        // "Listening http://127.0.0.1:P (data in ...)", then one line per
-        // gateway listener: "Listening http 127.0.0.1:P (gateway)".
+        // "Listening http://127.0.0.1:P (data in ...)", "Listening data
+        // 127.0.0.1:P (apps' data API)", then one line per gateway listener:
+        // "Listening http 127.0.0.1:P (gateway)".
         let mut ports = std::collections::HashMap::new();
         let mut said = String::new();
         let expected = if env.iter().any(|(k, _)| *k == "COMMONS_AGENT_LISTEN") {
-            5
+            6
         } else {
-            4
+            5
         };
         while ports.len() < expected {
             let mut line = String::new();
@@ -343,6 +358,7 @@ impl Sandbox {
             https: ports["https"],
             admin: ports["admin"],
             agents: ports.get("agents").copied(),
+            data: ports["data"],
         }
     }
 }
