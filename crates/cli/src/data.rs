@@ -65,6 +65,15 @@ pub enum RepoCommand {
     /// What changed from repository A to repository B: records created,
     /// updated and deleted, tree nodes created and deleted.
     Diff { a: PathBuf, b: PathBuf },
+    /// Import a repository file (an atproto CAR: a signed commit or a bare
+    /// tree at its root) into a user's repository on the running platform:
+    /// each record under its collection's class, provenance `import`.
+    Import {
+        file: PathBuf,
+        /// Whose repository it joins.
+        #[arg(long)]
+        user: String,
+    },
 }
 
 pub fn run(command: DataCommand, home: &Path, json: bool) -> Result<(), Failure> {
@@ -77,6 +86,9 @@ pub fn run(command: DataCommand, home: &Path, json: bool) -> Result<(), Failure>
         DataCommand::Repo(RepoCommand::Inspect { file }) => inspect(&file, json),
         DataCommand::Repo(RepoCommand::Verify { file, key }) => verify(&file, key.as_deref(), json),
         DataCommand::Repo(RepoCommand::Diff { a, b }) => diff(&a, &b, json),
+        DataCommand::Repo(RepoCommand::Import { file, user }) => {
+            import_repo(home, &user, &file, json)
+        }
     }
 }
 
@@ -323,6 +335,34 @@ fn import(home: &Path, user: &str, file: &Path, json: bool) -> Result<(), Failur
             file.display(),
             done["root"].as_str().unwrap_or("?")
         );
+    }
+    Ok(())
+}
+
+fn import_repo(home: &Path, user: &str, file: &Path, json: bool) -> Result<(), Failure> {
+    let car = read(file)?;
+    let answer = crate::daemon::ask_bytes(
+        home,
+        "POST",
+        &format!("/api/data/users/{user}/repo"),
+        "application/vnd.ipld.car",
+        car,
+    )?;
+    let done: Value = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+    if json {
+        output::json(&done);
+        return Ok(());
+    }
+    let collections = done["collections"].as_object().cloned().unwrap_or_default();
+    let records: u64 = collections.values().filter_map(Value::as_u64).sum();
+    eprintln!(
+        "{:>12} {records} records of {} into {user}'s repository (commit {})",
+        "Imported",
+        file.display(),
+        done["commit"].as_str().unwrap_or("?")
+    );
+    for (collection, n) in collections {
+        eprintln!("{:>12} {n} {collection}", "");
     }
     Ok(())
 }

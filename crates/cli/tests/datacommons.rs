@@ -191,6 +191,57 @@ fn an_app_stores_notes_in_its_users_repositories_with_consent() {
     assert_eq!(ls["records"].as_array().unwrap().len(), 1);
     assert_eq!(ls["records"][0]["value"]["text"], CANARY);
 
+    // A repository written elsewhere (an atproto CAR, its own did:key)
+    // joins another user's repository through `commons data repo import`.
+    let elsewhere_key = commons_data::keys::Keypair::generate(commons_data::keys::Algorithm::P256);
+    let mut foreign = commons_data::repo::Repo::new(&elsewhere_key.public().did_key());
+    foreign
+        .commit(
+            &[commons_data::repo::Write::Create {
+                path: "org.example.notes.note/3kimport22222".into(),
+                record: commons_data::model::encode(
+                    &commons_data::model::from_json(
+                        &json!({"$type": "org.example.notes.note", "text": "brought along"}),
+                    )
+                    .unwrap(),
+                ),
+            }],
+            &elsewhere_key,
+            commons_data::syntax::TidClock::new(0).next(),
+        )
+        .unwrap();
+    let car_file = s.dir.join("elsewhere.car");
+    std::fs::write(&car_file, foreign.export_car().unwrap()).unwrap();
+    let imported = s
+        .ok(&[
+            "--json",
+            "data",
+            "repo",
+            "import",
+            car_file.to_str().unwrap(),
+            "--user",
+            "ivy",
+        ])
+        .json();
+    assert_eq!(
+        imported["collections"]["org.example.notes.note"], 1,
+        "{imported}"
+    );
+    let ivy = s.ok(&["--json", "data", "ls", "ivy"]).json();
+    assert_eq!(ivy["records"][0]["value"]["text"], "brought along");
+    assert_eq!(ivy["records"][0]["provenance"]["app"], "import");
+    std::fs::write(&car_file, b"not a repository").unwrap();
+    let refused = s.run(&[
+        "data",
+        "repo",
+        "import",
+        car_file.to_str().unwrap(),
+        "--user",
+        "ivy",
+    ]);
+    assert_ne!(refused.code(), 0);
+    assert!(refused.stderr().contains("not a CAR"), "{}", refused.all());
+
     // The private note is not in the database in the clear.
     let data_dir = s.home.join("datacommons");
     assert!(grep_dir(&data_dir, CANARY.as_bytes()).is_empty());

@@ -516,8 +516,12 @@ pub struct Verified {
 /// tree is canonical (rebuilding it from its keys gives the same root) and
 /// that every record it names is in the file.
 pub async fn verify(bytes: &[u8], key: Option<&PublicKey>) -> Result<Verified, RepoError> {
-    let car = car::read(bytes).await?;
-    let loaded = load(&car)?;
+    verify_car(&car::read(bytes).await?, key)
+}
+
+/// [`verify`] of a CAR already read (and its blocks' hashes checked).
+pub fn verify_car(car: &Car, key: Option<&PublicKey>) -> Result<Verified, RepoError> {
+    let loaded = load(car)?;
     let mut signature_checked = false;
     if let Some((_, commit)) = &loaded.commit {
         let key = match key {

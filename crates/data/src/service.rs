@@ -370,6 +370,19 @@ pub struct Request {
     pub revision: String,
 }
 
+/// What importing a repository file did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepoImported {
+    /// The file's commit (or bare tree root), as the imported records'
+    /// provenance names it.
+    pub source: String,
+    /// Records created or updated, by collection.
+    pub collections: std::collections::BTreeMap<String, usize>,
+    /// The user's repository after the import: its commit and revision.
+    pub commit: String,
+    pub rev: String,
+}
+
 /// What erase did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Erased {
@@ -802,52 +815,24 @@ impl DataCommons {
         let (info, app_use) = may_write(state, call, collection)?;
         syntax::record_key(rkey).map_err(|e| DataError::invalid("rkey", e.to_string()))?;
         let path = format!("{collection}/{rkey}");
-        let mut indexed: Vec<(String, String)> = Vec::new();
-        let (record_block, plain_len) = match value {
-            Some(value) => {
-                let record =
-                    model::from_json(value).map_err(|e| DataError::invalid(e.path, e.problem))?;
-                state
-                    .catalog
-                    .validate_record(collection, rkey, &record)
-                    .map_err(|e| DataError::invalid(e.path, e.message))?;
-                let encoded = model::encode(&record);
-                if encoded.len() > MAX_RECORD_BYTES {
-                    return Err(DataError::TooLarge {
-                        size: encoded.len(),
-                        limit: MAX_RECORD_BYTES,
-                    });
-                }
-                if let Ipld::Map(map) = &record {
-                    for field in &info.indexed {
-                        if let Some(text) = map.get(field).and_then(index_text) {
-                            indexed.push((field.clone(), text));
-                        }
-                    }
-                }
-                (Some(encoded), value.to_string().len())
-            }
+        let (record, plain_len) = match value {
+            Some(value) => (
+                Some(model::from_json(value).map_err(|e| DataError::invalid(e.path, e.problem))?),
+                value.to_string().len(),
+            ),
             None => (None, 0),
         };
-        let account = ensure_account(state, &call.user)?;
-        let block = record_block.map(|encoded| {
-            if info.class.encrypted() {
-                model::encode(&seal::seal_record(&account.data_key, &path, &encoded))
-            } else {
-                encoded
+        let (block, indexed) = match &record {
+            Some(record) => {
+                let (block, indexed) =
+                    prepare_record(state, &call.user, &info, (collection, rkey), record)?;
+                (Some(block), indexed)
             }
-        });
-        let indexed: Vec<(String, String)> = indexed
-            .into_iter()
-            .map(|(f, v)| {
-                let v = if info.class.encrypted() {
-                    account.data_key.blind(&f, &v)
-                } else {
-                    v
-                };
-                (f, v)
-            })
-            .collect();
+            None => {
+                ensure_account(state, &call.user)?;
+                (None, Vec::new())
+            }
+        };
         let change = Change {
             path: path.clone(),
             block,
@@ -1409,6 +1394,86 @@ impl DataCommons {
         builder
             .into_inner()
             .map_err(|e| DataError::Internal(e.to_string()))
+    }
+
+    /// Imports the records of an AT Protocol repository file — a CAR whose
+    /// root is a signed commit (its signature checked when its DID is a
+    /// did:key) or a bare tree node — into `user`'s repository, as one
+    /// commit signed with the user's key. Each record lands in its
+    /// collection under that collection's class (sealed for encrypted
+    /// ones), validated against its schema; provenance says `import` and
+    /// the file's commit. A collection no app declared, or a record that
+    /// breaks its schema, refuses the whole file and changes nothing.
+    pub fn import_repo(&self, user: &str, bytes: &[u8]) -> Result<RepoImported, DataError> {
+        let bad = |e: &dyn std::fmt::Display| DataError::invalid("car", e.to_string());
+        let car = crate::car::read_sync(bytes).map_err(|e| bad(&e))?;
+        let verified = crate::repo::verify_car(&car, None).map_err(|e| bad(&e))?;
+        let loaded = crate::repo::load(&car).map_err(|e| bad(&e))?;
+        let entries = loaded.tree.entries(&loaded.nodes).map_err(|e| bad(&e))?;
+        let source = match &verified.commit {
+            Some((cid, _)) => cid.to_string(),
+            None => verified.data.to_string(),
+        };
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let unknown: std::collections::BTreeSet<&str> = entries
+            .iter()
+            .filter_map(|(path, _)| path.split_once('/').map(|(c, _)| c))
+            .filter(|c| !state.collections.contains_key(*c))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(DataError::UnknownCollection(
+                unknown.into_iter().collect::<Vec<_>>().join(", "),
+            ));
+        }
+        let mut changes = Vec::with_capacity(entries.len());
+        let mut collections = std::collections::BTreeMap::new();
+        for (path, cid) in &entries {
+            let (collection, rkey) = path.split_once('/').unwrap_or_default();
+            let info = state.collections[collection].clone();
+            let bytes = car.blocks.get(cid).ok_or_else(|| {
+                DataError::invalid(
+                    path.clone(),
+                    format!("the file lacks the record's block {cid}"),
+                )
+            })?;
+            let record = model::decode(bytes)
+                .map_err(|e| DataError::invalid(path.clone(), format!("not DAG-CBOR: {e}")))?;
+            let (block, indexed) = prepare_record(state, user, &info, (collection, rkey), &record)
+                .map_err(|e| match e {
+                    DataError::Invalid {
+                        path: field,
+                        message,
+                    } => DataError::Invalid {
+                        path: format!("{path}: {field}"),
+                        message,
+                    },
+                    other => other,
+                })?;
+            let repo = &ensure_account(state, user)?.repo;
+            let exists = repo.tree().get(repo.nodes(), path)?.is_some();
+            *collections.entry(collection.to_owned()).or_insert(0) += 1;
+            changes.push(Change {
+                path: path.clone(),
+                block: Some(block),
+                create: !exists,
+                class: info.class,
+                app: "import".into(),
+                revision: source.clone(),
+                sealed_by: None,
+                indexed,
+            });
+        }
+        if changes.is_empty() {
+            return Err(DataError::invalid("car", "the repository holds no records"));
+        }
+        let landed = self.commit_changes(state, user, changes)?;
+        Ok(RepoImported {
+            source,
+            collections,
+            commit: landed.commit.to_string(),
+            rev: landed.rev,
+        })
     }
 
     /// Imports an archive made by [`DataCommons::export`] as `user` (who
@@ -2476,6 +2541,55 @@ fn ensure_existing_account<'a>(
 }
 
 /// The account of `user`, created (keys, empty repository) on first use.
+/// (field, value) pairs a record is found by.
+type IndexValues = Vec<(String, String)>;
+
+/// A record made ready to land in `user`'s repository: validated against
+/// its collection's schema, encoded, within the size limit, sealed with the
+/// user's data key for encrypted classes, with the values of its indexed
+/// fields (blinded for encrypted classes). Nothing is written.
+fn prepare_record(
+    state: &mut State,
+    user: &str,
+    info: &CollectionInfo,
+    (collection, rkey): (&str, &str),
+    record: &Ipld,
+) -> Result<(Vec<u8>, IndexValues), DataError> {
+    state
+        .catalog
+        .validate_record(collection, rkey, record)
+        .map_err(|e| DataError::invalid(e.path, e.message))?;
+    let encoded = model::encode(record);
+    if encoded.len() > MAX_RECORD_BYTES {
+        return Err(DataError::TooLarge {
+            size: encoded.len(),
+            limit: MAX_RECORD_BYTES,
+        });
+    }
+    let mut indexed = Vec::new();
+    if let Ipld::Map(map) = record {
+        for field in &info.indexed {
+            if let Some(text) = map.get(field).and_then(index_text) {
+                indexed.push((field.clone(), text));
+            }
+        }
+    }
+    let account = ensure_account(state, user)?;
+    if !info.class.encrypted() {
+        return Ok((encoded, indexed));
+    }
+    let path = format!("{collection}/{rkey}");
+    let sealed = model::encode(&seal::seal_record(&account.data_key, &path, &encoded));
+    let blinded = indexed
+        .into_iter()
+        .map(|(f, v)| {
+            let v = account.data_key.blind(&f, &v);
+            (f, v)
+        })
+        .collect();
+    Ok((sealed, blinded))
+}
+
 fn ensure_account<'a>(state: &'a mut State, user: &str) -> Result<&'a mut Account, DataError> {
     if !state.accounts.contains_key(user) {
         let account = match db::account(&mut state.conn, user)? {

@@ -160,6 +160,7 @@ on_both!(
     erase_leaves_the_canary_nowhere,
     fork_diverge_and_merge_with_a_conflict_list,
     blobs_follow_their_collections_rules,
+    a_repository_file_imports_into_a_users_repository,
 );
 
 fn schema(nsid: &str, properties: Value, required: &[&str]) -> Value {
@@ -1045,4 +1046,120 @@ async fn blobs_follow_their_collections_rules(kind: Kind) {
     assert!(contains(&archive, SECRET) && contains(&archive, PUBLIC));
     commons.erase("alice").unwrap();
     assert!(!place.holds(SECRET) && !place.holds(PUBLIC));
+}
+
+/// A repository written elsewhere (an atproto repository: records in the
+/// clear, signed by its own did:key) imports into a user's repository
+/// here: each record under its collection's class, with provenance naming
+/// the file; a file with a bare tree root imports too; a file with a
+/// collection nobody declared, a record breaking its schema, or a broken
+/// file changes nothing.
+async fn a_repository_file_imports_into_a_users_repository(kind: Kind) {
+    use commons_data::keys::{Algorithm, Keypair};
+    use commons_data::model;
+    use commons_data::repo::{Repo, Write};
+    let place = place(kind, "repoimport");
+    let (commons, _) = platform(&place);
+    let key = Keypair::generate(Algorithm::K256);
+    let clock = commons_data::syntax::TidClock::new(0);
+    let file = |records: &[(&str, Value)]| {
+        let mut repo = Repo::new(&key.public().did_key());
+        let writes: Vec<Write> = records
+            .iter()
+            .map(|(path, value)| Write::Create {
+                path: path.to_string(),
+                record: model::encode(&model::from_json(value).unwrap()),
+            })
+            .collect();
+        repo.commit(&writes, &key, clock.next()).unwrap();
+        repo.export_car().unwrap()
+    };
+    let good = file(&[
+        (
+            "app.notes.note/3kabc2222222a",
+            json!({"$type": NOTE, "text": "from elsewhere", "tag": "moved"}),
+        ),
+        (
+            "app.notes.health/3kabc2222222b",
+            json!({"$type": HEALTH, "weight": 70, "mood": "fine"}),
+        ),
+    ]);
+    let done = commons.import_repo("ada", &good).unwrap();
+    assert_eq!(done.collections.values().sum::<usize>(), 2);
+    let mine = commons.my_records("ada").unwrap();
+    assert_eq!(mine.len(), 2);
+    let note = mine.iter().find(|r| r.collection == NOTE).unwrap();
+    assert_eq!(note.value["text"], "from elsewhere");
+    assert_eq!(note.provenance.app, "import");
+    assert_eq!(note.provenance.revision, done.source);
+    // The private record is sealed like any other: not in the clear anywhere.
+    let health = mine.iter().find(|r| r.collection == HEALTH).unwrap();
+    assert_eq!(health.value["mood"], "fine");
+    assert!(!place.holds(b"fine"), "a private record imported is sealed");
+    // The user's repository is theirs, signed with their key: it verifies.
+    let car = commons.repo_car("ada").unwrap();
+    let verified = commons_data::repo::verify(&car, None).await.unwrap();
+    assert_eq!(verified.records, 2);
+    assert_eq!(
+        verified.commit.unwrap().1.did,
+        commons.did("ada").unwrap(),
+        "re-signed by the user, not the file's key"
+    );
+
+    // A bare tree root: the same records again (updates), no commit.
+    let parsed = commons_data::car::read_sync(&good).unwrap();
+    let loaded = commons_data::repo::load(&parsed).unwrap();
+    let root = loaded.tree.root;
+    let bare = commons_data::car::write(
+        root,
+        parsed
+            .blocks
+            .iter()
+            .filter(|(cid, _)| **cid != parsed.roots[0])
+            .map(|(c, b)| (*c, &b[..])),
+    );
+    let again = commons.import_repo("ada", &bare).unwrap();
+    assert_eq!(again.source, root.to_string());
+    assert_eq!(commons.my_records("ada").unwrap().len(), 2);
+
+    // Refused whole, changing nothing.
+    let head = commons.repo_car("ada").unwrap();
+    let unknown = file(&[
+        (
+            "app.notes.note/3kabc2222222c",
+            json!({"$type": NOTE, "text": "fine"}),
+        ),
+        (
+            "com.example.other/3kabc2222222d",
+            json!({"$type": "com.example.other", "x": 1}),
+        ),
+    ]);
+    let err = commons.import_repo("ada", &unknown).unwrap_err();
+    assert_eq!(err.status(), 404, "{err}");
+    assert!(err.to_string().contains("com.example.other"), "{err}");
+    let breaking = file(&[(
+        "app.notes.health/3kabc2222222e",
+        json!({"$type": HEALTH, "weight": "seventy"}),
+    )]);
+    let err = commons.import_repo("ada", &breaking).unwrap_err();
+    assert_eq!(err.status(), 422, "{err}");
+    assert!(
+        err.to_string().contains("app.notes.health/3kabc2222222e"),
+        "{err}"
+    );
+    let mut broken = good.clone();
+    let at = broken.len() - 5;
+    broken[at] ^= 0xff;
+    assert_eq!(
+        commons.import_repo("ada", &broken).unwrap_err().status(),
+        422
+    );
+    assert_eq!(
+        commons
+            .import_repo("ada", b"not a car")
+            .unwrap_err()
+            .status(),
+        422
+    );
+    assert_eq!(commons.repo_car("ada").unwrap(), head, "nothing changed");
 }

@@ -97,6 +97,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/api/data/me/export", get(api::data::export_me))
         .route(
+            "/api/data/me/repo",
+            post(api::data::import_repo_me).layer(DefaultBodyLimit::max(512 << 20)),
+        )
+        .route(
+            "/api/data/users/{user}/repo",
+            post(api::data::import_repo).layer(DefaultBodyLimit::max(512 << 20)),
+        )
+        .route(
             "/api/data/users/{user}",
             get(api::data::user_data).delete(api::data::erase_user),
         )

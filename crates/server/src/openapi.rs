@@ -110,6 +110,8 @@ impl Modify for Bearer {
         crate::api::data::sync,
         crate::api::data::merge,
         crate::api::data::import,
+        crate::api::data::import_repo,
+        crate::api::data::import_repo_me,
     ),
     components(schemas(Problem)),
     modifiers(&Bearer)

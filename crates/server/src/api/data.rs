@@ -442,6 +442,49 @@ pub async fn erase_user(
     Ok(Json(erased).into_response())
 }
 
+/// Imports an AT Protocol repository file into the signed-in user's
+/// repository: records in collections apps declared, each under its
+/// collection's class, provenance `import`.
+#[utoipa::path(post, path = "/api/data/me/repo", tag = "data", operation_id = "data_import_repo_me",
+    request_body(content = Vec<u8>, content_type = "application/vnd.ipld.car", description = "a CAR v1 file whose root is a signed commit or a bare tree node"),
+    responses(
+        (status = 200, description = "`{source, collections, commit, rev}`", body = Object),
+        crate::schema::Unauthenticated,
+        (status = 403, description = "the token lacks data:write", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "a collection no app declared (all of them named); nothing imported", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a good repository file, or a record breaks its schema (its path named); nothing imported", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["data:write"])))]
+pub async fn import_repo_me(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    body: Bytes,
+) -> Reply {
+    let done = blocking(move || ops::import_repo(&state, &who, None, &body)).await?;
+    Ok(Json(done).into_response())
+}
+
+/// Imports an AT Protocol repository file into a user's repository (the
+/// platform's administrator, or the user).
+#[utoipa::path(post, path = "/api/data/users/{user}/repo", tag = "data", operation_id = "data_import_repo",
+    params(("user" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/vnd.ipld.car", description = "a CAR v1 file whose root is a signed commit or a bare tree node"),
+    responses(
+        (status = 200, description = "`{source, collections, commit, rev}`", body = Object),
+        crate::schema::Unauthenticated,
+        (status = 403, description = "not the platform's administrator, nor the user", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "a collection no app declared (all of them named); nothing imported", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "not a good repository file, or a record breaks its schema (its path named); nothing imported", body = Problem, content_type = "application/problem+json"),
+    ), security(("bearer" = ["data:write"])))]
+pub async fn import_repo(
+    State(state): State<Arc<AppState>>,
+    Who(who): Who,
+    UrlPath(user): UrlPath<String>,
+    body: Bytes,
+) -> Reply {
+    let done = blocking(move || ops::import_repo(&state, &who, Some(&user), &body)).await?;
+    Ok(Json(done).into_response())
+}
+
 /// What a site asks of the signed-in user: its consent screen.
 #[utoipa::path(get, path = "/api/data/consent/{site}", tag = "data", operation_id = "data_requests",
     params(("site" = String, Path)),

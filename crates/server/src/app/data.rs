@@ -329,6 +329,23 @@ pub fn erase(state: &AppState, who: &Principal, user: Option<&str>) -> Result<Er
     state.data.commons.erase(&user).map_err(to_app_error)
 }
 
+/// Imports an AT Protocol repository file (CAR) into a user's repository:
+/// the signed-in user's own, or any user's for the platform's
+/// administrator.
+pub fn import_repo(
+    state: &AppState,
+    who: &Principal,
+    user: Option<&str>,
+    car: &[u8],
+) -> Result<commons_data::service::RepoImported> {
+    let user = subject(who, user, "data:write")?;
+    state
+        .data
+        .commons
+        .import_repo(&user, car)
+        .map_err(to_app_error)
+}
+
 /// Which version of a key both sides changed is kept.
 #[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
