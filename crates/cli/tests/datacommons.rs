@@ -517,3 +517,201 @@ fn a_user_forks_another_users_repository_through_the_api() {
     let (_, mine) = bo.get("/api/data/me");
     assert_eq!(mine["records"].as_array().unwrap().len(), 0, "{mine}");
 }
+
+/// An application outside the platform signs a user in with OpenID
+/// Connect and asks, in the scope, to read their notes: the consent screen
+/// lists the collection and its class; allowing it grants the application
+/// exactly that, and its access token then reads the notes through the
+/// data API — and nothing more: not writing, not after the user revokes
+/// the grant, not a collection nobody declared.
+#[test]
+fn an_oidc_application_reads_notes_within_its_scope_and_grant() {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let (_s, server, user, cookie) = notes_platform("datacommons-oidc", "nia@example.org");
+    let nia = login(server.port, "nia@example.org", true);
+    nia.post("/api/data/consent/notes", json!({}));
+    let (code, made) = gateway(server.http, "POST", "/", &cookie, b"read me elsewhere");
+    assert_eq!(code, 201, "{made}");
+
+    let (code, client) = nia.post(
+        "/api/orgs/nia/oidc-clients",
+        json!({"name": "Notebook", "redirect_uris": ["http://notebook.example/cb"]}),
+    );
+    assert_eq!(code, 201, "{client}");
+    let (id, secret) = (
+        client["client_id"].as_str().unwrap().to_string(),
+        client["client_secret"].as_str().unwrap().to_string(),
+    );
+    let verifier = "a-verifier-of-more-than-forty-three-characters-0123456789";
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let session = nia
+        .headers
+        .iter()
+        .find(|(k, _)| k == "Cookie")
+        .unwrap()
+        .1
+        .clone();
+    let csrf = nia
+        .headers
+        .iter()
+        .find(|(k, _)| k == "X-CSRF-Token")
+        .unwrap()
+        .1
+        .clone();
+    let params = |scope: &str| {
+        serde_urlencoded::to_string([
+            ("response_type", "code"),
+            ("client_id", id.as_str()),
+            ("redirect_uri", "http://notebook.example/cb"),
+            ("scope", scope),
+            ("state", "s1"),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ])
+        .unwrap()
+    };
+
+    // A collection nobody declared goes back as an invalid scope.
+    let (code, head, _) = http_with_head(
+        server.port,
+        "GET",
+        &format!(
+            "/oidc/authorize?{}",
+            params("openid data:com.example.nothing:read")
+        ),
+        &[("Cookie", &session)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 303, "{head}");
+    assert!(
+        location_and_cookies(&head)
+            .0
+            .contains("error=invalid_scope"),
+        "{head}"
+    );
+
+    let scope = "openid data:org.example.notes.note:read";
+    let (code, page) = http(
+        server.port,
+        "GET",
+        &format!("/oidc/authorize?{}", params(scope)),
+        &[("Cookie", &session)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("to read your org.example.notes.note records (private"),
+        "the consent screen names the collection and its class: {page}"
+    );
+    let form = format!("decision=allow&csrf={csrf}&{}&nonce=", params(scope));
+    let (code, head, _) = http_with_head(
+        server.port,
+        "POST",
+        "/oidc/authorize",
+        &[
+            ("Cookie", &session),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        form.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(code, 303, "{head}");
+    let back = location_and_cookies(&head).0;
+    let code_param = back
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("code="))
+        .unwrap_or_else(|| panic!("no code in {back}"))
+        .to_string();
+    let token_form = serde_urlencoded::to_string([
+        ("grant_type", "authorization_code"),
+        ("code", code_param.as_str()),
+        ("redirect_uri", "http://notebook.example/cb"),
+        ("code_verifier", verifier),
+        ("client_id", id.as_str()),
+        ("client_secret", secret.as_str()),
+    ])
+    .unwrap();
+    let (code, tokens) = http(
+        server.port,
+        "POST",
+        "/oidc/token",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        token_form.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{tokens}");
+    let tokens: Value = serde_json::from_str(&tokens).unwrap();
+    let bearer = format!("Bearer {}", tokens["access_token"].as_str().unwrap());
+
+    // The grant it made is the user's to see.
+    let (code, grants) = nia.get("/api/data/me");
+    assert_eq!(code, 200, "{grants}");
+    let app = format!("app:oidc:{id}");
+    assert!(
+        grants["grants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["grantee"] == app.as_str() && g["action"] == "read"),
+        "{grants}"
+    );
+
+    // Reading works; writing is outside the scope.
+    let records = "/data/v1/records/org.example.notes.note";
+    let (code, listed) = http(
+        server.port,
+        "GET",
+        records,
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{listed}");
+    let listed: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["records"][0]["value"]["text"], "read me elsewhere");
+    assert_eq!(listed["records"][0]["provenance"]["user"], user.as_str());
+    let (code, body) = http(
+        server.port,
+        "POST",
+        records,
+        &[
+            ("Authorization", &bearer),
+            ("Content-Type", "application/json"),
+        ],
+        br#"{"value": {"$type": "org.example.notes.note", "text": "sneaky"}}"#,
+    )
+    .unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("data:org.example.notes.note:write"), "{body}");
+    // A made-up token is nobody.
+    let (code, _) = http(
+        server.port,
+        "GET",
+        records,
+        &[("Authorization", "Bearer nope")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 401);
+
+    // Revoked under "My data": refused at once, the token notwithstanding.
+    let (code, _) = nia.call(
+        "DELETE",
+        "/api/data/grants",
+        Some(json!({"grantee": app, "collection": "org.example.notes.note", "action": "read"})),
+    );
+    assert_eq!(code, 204);
+    let (code, body) = http(
+        server.port,
+        "GET",
+        records,
+        &[("Authorization", &bearer)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(code, 403, "{body}");
+}

@@ -612,6 +612,54 @@ impl DataCommons {
         Ok(())
     }
 
+    /// Records that `app` — a client outside the platform's sites, such as
+    /// an OpenID Connect application — uses `nsid` (which a site declared),
+    /// to read and/or write it, and why: what a user may then grant it.
+    /// What it declared before is kept (uses only grow).
+    pub fn declare_use(
+        &self,
+        app: &str,
+        nsid: &str,
+        (read, write): (bool, bool),
+        purpose: &str,
+    ) -> Result<(), DataError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        if !state.collections.contains_key(nsid) {
+            return Err(DataError::UnknownCollection(nsid.into()));
+        }
+        let (read, write) = match state.apps.get(&(app.to_owned(), nsid.to_owned())) {
+            Some(u) => (u.read || read, u.write || write),
+            None => (read, write),
+        };
+        db::save_app_collection(
+            &mut state.conn,
+            app,
+            "client",
+            nsid,
+            read,
+            write,
+            None,
+            purpose,
+        )?;
+        state.apps.insert(
+            (app.to_owned(), nsid.to_owned()),
+            AppUse {
+                revision: "client".into(),
+                read,
+                write,
+                fields: None,
+                purpose: purpose.into(),
+            },
+        );
+        Ok(())
+    }
+
+    /// A declared collection's class, if any app declared it.
+    pub fn class_of(&self, nsid: &str) -> Option<Class> {
+        self.state().collections.get(nsid).map(|c| c.class)
+    }
+
     /// What `app` asks of a user: its consent screen.
     pub fn requests(&self, app: &str) -> Vec<Request> {
         let state = self.state();

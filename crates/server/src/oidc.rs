@@ -9,6 +9,13 @@
 //!   token and an access token; clients authenticate with their secret
 //!   (`client_secret_basic` or `client_secret_post`);
 //! - `GET /oidc/userinfo` — the claims the access token's scopes allow;
+//! - DataCommons scopes mirror its grants: `data:NSID:read` and
+//!   `data:NSID:write` (a collection some site declared) are listed on the
+//!   consent screen with the collection's class; allowing them grants the
+//!   application (`app:oidc:CLIENT_ID`) those actions, revocable under "My
+//!   data", and its access token then calls the data API (`/data/v1/…`,
+//!   `Authorization: Bearer`) within both the token's scopes and the
+//!   grants still standing;
 //! - `GET /oidc/jwks.json` — the platform's public key.
 //!
 //! ID tokens are signed RS256 with the provider's RSA key ([`crate::rs256`],
@@ -68,6 +75,7 @@ struct Grant {
 
 struct Access {
     user_id: String,
+    client_id: String,
     scopes: Vec<String>,
     expires_ms: i64,
 }
@@ -96,6 +104,22 @@ impl Provider {
 }
 
 impl Provider {
+    /// Who a current access token acts for, which application holds it,
+    /// and its data scopes.
+    pub fn data_access(&self, token: &str) -> Option<(String, String, Vec<String>)> {
+        let access = self.access.lock().unwrap_or_else(|p| p.into_inner());
+        let a = access
+            .get(&hash(token))
+            .filter(|a| a.expires_ms > now_ms())?;
+        let scopes = a
+            .scopes
+            .iter()
+            .filter(|s| crate::app::data::parse_data_scope(s).is_some())
+            .cloned()
+            .collect();
+        Some((a.user_id.clone(), a.client_id.clone(), scopes))
+    }
+
     /// The signing key, loading or making it the first time.
     async fn signer(&self) -> Result<&RsaSigner, String> {
         if let Some(s) = self.signer.get() {
@@ -237,8 +261,20 @@ fn check_request(
     if !scopes.iter().any(|s| s == "openid") {
         return Err(fail("invalid_scope", "the scope must include openid"));
     }
-    if let Some(s) = scopes.iter().find(|s| !SCOPES.iter().any(|(k, _)| k == s)) {
-        return Err(fail("invalid_scope", &format!("unknown scope {s}")));
+    for s in &scopes {
+        if SCOPES.iter().any(|(k, _)| k == s) {
+            continue;
+        }
+        match crate::app::data::parse_data_scope(s) {
+            Some((nsid, _)) if state.data.commons.class_of(nsid).is_some() => {}
+            Some((nsid, _)) => {
+                return Err(fail(
+                    "invalid_scope",
+                    &format!("{s}: no site declared the collection {nsid}"),
+                ))
+            }
+            None => return Err(fail("invalid_scope", &format!("unknown scope {s}"))),
+        }
     }
     if p.code_challenge.as_deref().unwrap_or("").len() < 43
         || p.code_challenge_method.as_deref() != Some("S256")
@@ -285,7 +321,7 @@ async fn authorize(
         p { strong { (client.name) } " (registered by " (client.org) ") asks to know:" }
         ul #asked {
             @for s in &scopes {
-                li { (SCOPES.iter().find(|(k, _)| k == s).map_or("", |(_, d)| *d)) }
+                li { (scope_said(&state, s)) }
             }
         }
         p { "You are signed in as " (m.user.email) ". After you answer, you go back to " code { (p.redirect_uri) } "." }
@@ -303,6 +339,24 @@ async fn authorize(
         false,
         body,
     )
+}
+
+/// What the consent screen says of a scope.
+fn scope_said(state: &AppState, scope: &str) -> String {
+    if let Some((_, said)) = SCOPES.iter().find(|(k, _)| *k == scope) {
+        return (*said).to_string();
+    }
+    match crate::app::data::parse_data_scope(scope) {
+        Some((nsid, action)) => {
+            let class = state.data.commons.class_of(nsid).map_or("", |c| c.name());
+            let verb = match action {
+                commons_data::service::Action::Read => "read",
+                commons_data::service::Action::Write => "write",
+            };
+            format!("to {verb} your {nsid} records ({class}; you can revoke it under My data)")
+        }
+        None => scope.to_string(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -327,6 +381,35 @@ async fn consent(State(state): State<Arc<AppState>>, Posted(m, f): Posted<Consen
                 ("error_description", "the user said no"),
             ],
         );
+    }
+    // Data scopes become DataCommons grants, which the user can revoke
+    // under "My data" (and which the data API checks on every call).
+    let app = crate::app::data::client_app(&client.id);
+    for s in &scopes {
+        let Some((nsid, action)) = crate::app::data::parse_data_scope(s) else {
+            continue;
+        };
+        let commons = &state.data.commons;
+        let wants = (
+            action == commons_data::service::Action::Read,
+            action == commons_data::service::Action::Write,
+        );
+        let purpose = format!("asked at sign-in by {}", client.name);
+        let granted = tokio::task::block_in_place(|| {
+            commons
+                .declare_use(&app, nsid, wants, &purpose)
+                .and_then(|()| {
+                    commons.grant(
+                        &m.user.id,
+                        &commons_data::service::Grantee::App(app.clone()),
+                        nsid,
+                        action,
+                    )
+                })
+        });
+        if let Err(e) = granted {
+            return problem_page(crate::data::to_app_error(e), Some(&m));
+        }
     }
     let code = format!("cmnk_{}", random(40));
     let now = now_ms();
@@ -508,6 +591,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
             hash(&access),
             Access {
                 user_id: user.id.clone(),
+                client_id: grant.client_id.clone(),
                 scopes: grant.scopes.clone(),
                 expires_ms: now + TOKEN_S * 1000,
             },

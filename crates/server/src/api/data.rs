@@ -59,6 +59,26 @@ impl FromRequestParts<Arc<AppState>> for App {
         parts: &mut axum::http::request::Parts,
         state: &Arc<AppState>,
     ) -> Result<App, AppError> {
+        // An application outside the platform, with a user's access token.
+        let bearer = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let (None, Some(token)) = (parts.headers.get(commons_gateway::SERVICE_HEADER), bearer) {
+            let (user, client, scopes) = state.oidc.data_access(token.trim()).ok_or_else(|| {
+                AppError::new(
+                    ErrorKind::Unauthenticated,
+                    "Unknown access token",
+                    "the bearer token is not a current access token of the platform's OpenID Connect provider; sign the user in again",
+                )
+            })?;
+            return Ok(App(AppCaller {
+                site: crate::app::data::client_app(&client),
+                user,
+                scopes: Some(scopes),
+            }));
+        }
         let site = site_of(parts, state)?;
         let assertion = parts
             .headers
@@ -72,7 +92,11 @@ impl FromRequestParts<Arc<AppState>> for App {
                 )
             })?;
         let user = state.data.user_of(assertion, &site)?;
-        Ok(App(AppCaller { site, user }))
+        Ok(App(AppCaller {
+            site,
+            user,
+            scopes: None,
+        }))
     }
 }
 

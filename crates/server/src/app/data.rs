@@ -16,11 +16,31 @@ use crate::error::{AppError, ErrorKind};
 use crate::AppState;
 
 /// A hosted app acting for a user: its site (from its service token) and
-/// the user (from the identity assertion it passed on).
+/// the user (from the identity assertion it passed on) — or an application
+/// outside the platform holding a user's OpenID Connect access token.
 #[derive(Debug, Clone)]
 pub struct AppCaller {
     pub site: String,
     pub user: String,
+    /// For an OpenID Connect application: the data scopes its access token
+    /// carries (each also a grant the user made); none for a site.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// The OpenID Connect scope that mirrors a grant of `action` on `collection`.
+pub fn data_scope(collection: &str, action: Action) -> String {
+    format!("data:{collection}:{}", action.name())
+}
+
+/// A data scope's collection and action (`data:NSID:read|write`).
+pub fn parse_data_scope(scope: &str) -> Option<(&str, Action)> {
+    let (collection, action) = scope.strip_prefix("data:")?.rsplit_once(':')?;
+    Some((collection, Action::parse(action)?))
+}
+
+/// The app an OpenID Connect client is to DataCommons (its grants' grantee).
+pub fn client_app(client_id: &str) -> String {
+    format!("oidc:{client_id}")
 }
 
 impl AppCaller {
@@ -49,7 +69,7 @@ pub fn put_blob(
     mime: &str,
     bytes: &[u8],
 ) -> Result<Value> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Write)?;
     state
         .data
         .commons
@@ -65,7 +85,7 @@ pub fn get_blob(
     collection: &str,
     cid: &str,
 ) -> Result<(String, Vec<u8>)> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Read)?;
     let owner = owner.unwrap_or(&caller.user);
     state
         .data
@@ -102,8 +122,26 @@ fn refused(state: &AppState, site: &str, e: commons_data::service::DataError) ->
     err
 }
 
-fn registered(state: &AppState, caller: &AppCaller) -> Result<()> {
-    state.data.ensure_app(&state.engine, &caller.site)
+/// A site's `data:` section registered (as last deployed); an OpenID
+/// Connect application's token checked for the scope this call needs.
+fn registered(
+    state: &AppState,
+    caller: &AppCaller,
+    collection: &str,
+    action: Action,
+) -> Result<()> {
+    let Some(scopes) = &caller.scopes else {
+        return state.data.ensure_app(&state.engine, &caller.site);
+    };
+    let wanted = data_scope(collection, action);
+    if scopes.contains(&wanted) {
+        return Ok(());
+    }
+    Err(AppError::new(
+        ErrorKind::Forbidden,
+        "Outside the token's scope",
+        format!("the access token was not given {wanted}; sign the user in again asking for it"),
+    ))
 }
 
 pub fn create(
@@ -112,7 +150,7 @@ pub fn create(
     collection: &str,
     new: &NewRecord,
 ) -> Result<WriteResult> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Write)?;
     state
         .data
         .commons
@@ -127,7 +165,7 @@ pub fn update(
     rkey: &str,
     value: &Value,
 ) -> Result<WriteResult> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Write)?;
     state
         .data
         .commons
@@ -136,7 +174,7 @@ pub fn update(
 }
 
 pub fn delete(state: &AppState, caller: &AppCaller, collection: &str, rkey: &str) -> Result<()> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Write)?;
     state
         .data
         .commons
@@ -152,7 +190,7 @@ pub fn get(
     rkey: &str,
     q: &ReadQuery,
 ) -> Result<RecordView> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Read)?;
     let owner = q.owner.as_deref().unwrap_or(&caller.user);
     state
         .data
@@ -162,7 +200,7 @@ pub fn get(
 }
 
 pub fn list(state: &AppState, caller: &AppCaller, collection: &str, q: &ReadQuery) -> Result<Page> {
-    registered(state, caller)?;
+    registered(state, caller, collection, Action::Read)?;
     let owner = q.owner.as_deref().unwrap_or(&caller.user);
     let commons = &state.data.commons;
     let limit = q.limit.unwrap_or(100);
