@@ -512,10 +512,94 @@ fn a_user_forks_another_users_repository_through_the_api() {
         "{mine}"
     );
     // No longer shared: Bo's copy, sealed under Nia's key, no longer opens.
-    let (code, _) = nia.call("DELETE", "/api/data/grants", Some(share));
+    let (code, _) = nia.call("DELETE", "/api/data/grants", Some(share.clone()));
     assert_eq!(code, 204);
     let (_, mine) = bo.get("/api/data/me");
     assert_eq!(mine["records"].as_array().unwrap().len(), 0, "{mine}");
+
+    // The same in the console (plain forms): shared again, a new note of
+    // Nia's comes into Bo's fork when he brings her changes in.
+    let (code, body) = nia.post("/api/data/grants", share);
+    assert_eq!(code, 204, "{body}");
+    let (code, _) = gateway(server.http, "POST", "/", &cookie, b"a second note");
+    assert_eq!(code, 201);
+    let (code, page) = console_post(
+        &server,
+        &bo,
+        &format!("/console/data/forks/{nora_id}/sync"),
+        "",
+    );
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("1 changes brought in"), "{page}");
+    let (code, mine) = console_get(&server, &bo, "/console/data");
+    assert_eq!(code, 200);
+    assert!(
+        mine.contains("Your fork of") && mine.contains("a second note"),
+        "{mine}"
+    );
+    let (_, hers) = console_get(&server, &nia, "/console/data");
+    assert!(
+        hers.contains(&format!("{bo_id}</code>'s fork of yours")),
+        "{hers}"
+    );
+    // Someone else forks her repository by its DID (nothing shared with them).
+    signup(server.port, "cy@example.org", "Cy");
+    let cy = login(server.port, "cy@example.org", true);
+    let (_, me) = nia.get("/api/data/me");
+    let did = me["did"].as_str().unwrap();
+    let (code, page) = console_post(
+        &server,
+        &cy,
+        "/console/data/forks",
+        &format!("source={did}"),
+    );
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("0 records copied from"), "{page}");
+    let (code, page) = console_post(
+        &server,
+        &cy,
+        "/console/data/forks",
+        "source=did:key:zNobody",
+    );
+    assert_eq!(code, 404, "{page}");
+}
+
+fn console_session(api: &Api) -> (String, String) {
+    let header = |name: &str| {
+        api.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap()
+            .1
+            .clone()
+    };
+    (header("Cookie"), header("X-CSRF-Token"))
+}
+
+/// A console form posted as `api`'s user (session cookie and CSRF field).
+fn console_post(server: &Server, api: &Api, path: &str, form: &str) -> (u16, String) {
+    let (cookie, csrf) = console_session(api);
+    let body = if form.is_empty() {
+        format!("csrf={csrf}")
+    } else {
+        format!("csrf={csrf}&{form}")
+    };
+    http(
+        server.port,
+        "POST",
+        path,
+        &[
+            ("Cookie", &cookie),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        body.as_bytes(),
+    )
+    .unwrap()
+}
+
+fn console_get(server: &Server, api: &Api, path: &str) -> (u16, String) {
+    let (cookie, _) = console_session(api);
+    http(server.port, "GET", path, &[("Cookie", &cookie)], b"").unwrap()
 }
 
 /// An application outside the platform signs a user in with OpenID

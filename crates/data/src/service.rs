@@ -370,6 +370,16 @@ pub struct Request {
     pub revision: String,
 }
 
+/// A fork between two users' repositories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ForkView {
+    /// Who forked.
+    pub fork_user: String,
+    /// Whose repository was forked.
+    pub source: String,
+    pub created_ms: i64,
+}
+
 /// What importing a repository file did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RepoImported {
@@ -653,6 +663,25 @@ impl DataCommons {
             },
         );
         Ok(())
+    }
+
+    /// The forks `user` made, and those others made of `user`'s repository.
+    pub fn forks(&self, user: &str) -> Result<Vec<ForkView>, DataError> {
+        let mut state = self.state();
+        Ok(db::forks_of(&mut state.conn, user)?
+            .into_iter()
+            .map(|(fork_user, source, created_ms)| ForkView {
+                fork_user,
+                source,
+                created_ms,
+            })
+            .collect())
+    }
+
+    /// Whose repository `did` is.
+    pub fn owner_of_did(&self, did: &str) -> Result<Option<String>, DataError> {
+        let mut state = self.state();
+        Ok(db::owner_of_did(&mut state.conn, did)?)
     }
 
     /// A declared collection's class, if any app declared it.
@@ -1416,12 +1445,17 @@ impl DataCommons {
                     .get(&collection)
                     .map_or(Class::Private, |c| c.class);
                 let bytes = if class.encrypted() {
-                    key.open(&stored, b"blob")
-                        .map_err(|e| DataError::Internal(e.to_string()))?
+                    let plain = key
+                        .open(&stored, b"blob")
+                        .map_err(|e| DataError::Internal(e.to_string()))?;
+                    // The sealed form too: records name a sealed blob by
+                    // the ciphertext's CID, which an import must keep.
+                    files.push((format!("sealed/{cid}"), stored));
+                    plain
                 } else {
                     stored
                 };
-                serde_json::to_writer(&mut manifest, &json!({"cid": cid.to_string(), "collection": collection, "mimeType": mime, "size": size}))
+                serde_json::to_writer(&mut manifest, &json!({"cid": cid.to_string(), "collection": collection, "mimeType": mime, "size": size, "sealed": class.encrypted()}))
                     .map_err(|e| DataError::Internal(e.to_string()))?;
                 manifest.push(b'\n');
                 files.push((format!("blobs/{cid}"), bytes));
@@ -1626,6 +1660,54 @@ impl DataCommons {
                 p["app"].as_str().unwrap_or("import"),
                 p["revision"].as_str().unwrap_or(""),
                 created,
+            )?;
+        }
+        for line in String::from_utf8_lossy(
+            files
+                .get("blobs.jsonl")
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        )
+        .lines()
+        {
+            let blob: Value =
+                serde_json::from_str(line).map_err(|e| bad(format!("blobs.jsonl: {e}")))?;
+            let (Some(cid), Some(collection), Some(mime)) = (
+                blob["cid"].as_str(),
+                blob["collection"].as_str(),
+                blob["mimeType"].as_str(),
+            ) else {
+                return Err(bad(format!(
+                    "blobs.jsonl: {line} lacks cid, collection or mimeType"
+                )));
+            };
+            let plain = need(&format!("blobs/{cid}"))?;
+            let stored = match files.get(&format!("sealed/{cid}")) {
+                Some(sealed) => {
+                    if data_key.open(sealed, b"blob").ok().as_deref() != Some(plain.as_slice()) {
+                        return Err(bad(format!("sealed/{cid} does not open to blobs/{cid}")));
+                    }
+                    sealed
+                }
+                None => plain,
+            };
+            let parsed =
+                model::parse_cid(cid).map_err(|e| bad(format!("blobs.jsonl: {cid}: {e}")))?;
+            if model::cid_of(model::RAW, stored) != parsed {
+                return Err(bad(format!("blob {cid} does not hash to its CID")));
+            }
+            if blob["sealed"].as_bool() == Some(true) && stored == plain {
+                return Err(bad(format!("the archive lacks sealed/{cid}")));
+            }
+            db::put_blob(
+                &mut tx,
+                user,
+                &parsed,
+                collection,
+                mime,
+                plain.len(),
+                stored,
+                now,
             )?;
         }
         db::set_head(&mut tx, user, &head, &car.blocks[&head], &commit.rev)?;

@@ -622,6 +622,14 @@ async fn export_then_import_gives_the_same_repository(kind: Kind) {
             )
             .unwrap();
     }
+    // Blobs of both kinds, referenced from records.
+    let sealed_blob = commons
+        .put_blob(&notes, HEALTH, "text/plain", b"a sealed attachment")
+        .unwrap();
+    let public_blob = commons
+        .put_blob(&notes, NOTE, "image/png", b"a public picture")
+        .unwrap();
+    let blob_cid = |b: &Value| b["ref"]["$link"].as_str().unwrap().to_string();
     let archive = commons.export("alice").unwrap();
     let root_before = commons_data::repo::verify(&commons.repo_car("alice").unwrap(), None)
         .await
@@ -654,6 +662,22 @@ async fn export_then_import_gives_the_same_repository(kind: Kind) {
             .records
             .len(),
         10
+    );
+    // The blobs came along, under the CIDs records name them by.
+    let (mime, bytes) = fresh
+        .get_blob(&notes, "alice", HEALTH, &blob_cid(&sealed_blob))
+        .unwrap();
+    assert_eq!(
+        (mime.as_str(), bytes.as_slice()),
+        ("text/plain", &b"a sealed attachment"[..])
+    );
+    let (_, bytes) = fresh
+        .get_blob(&notes, "alice", NOTE, &blob_cid(&public_blob))
+        .unwrap();
+    assert_eq!(bytes, b"a public picture");
+    assert!(
+        !other.holds(b"a sealed attachment"),
+        "still sealed after import"
     );
     // Importing over an existing account is refused.
     assert_eq!(fresh.import("alice", &archive).unwrap_err().status(), 409);

@@ -777,7 +777,10 @@ pub struct Firewall {
     /// component reach it (at their host address, this port).
     pub postgres: Option<SocketAddrV4>,
     /// The platform's data API, as sites with a `data:` section reach it
-    /// (at their host address, this port).
+    /// (at their host address, this port). The rules name no port: the
+    /// port joins the set `data_ports`, so every process of the host (the
+    /// daemon, a CLI deploying) writes the same ruleset and none undoes
+    /// another's.
     pub data_api: Option<SocketAddrV4>,
     /// The host's DNS resolvers, which sites may ask.
     pub resolvers: Vec<Ipv4Addr>,
@@ -812,16 +815,14 @@ impl Firewall {
                 port = pg.port()
             );
         }
-        if let Some(api) = self.data_api {
-            pg_pre.push_str(&format!(
-                "    iifname \"cmsite*\" ip saddr @data_sites ip daddr {net} tcp dport {port} dnat ip to {api}\n",
-                port = api.port()
-            ));
-            pg_in.push_str(&format!(
-                "    iifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport {port} accept\n",
-                port = api.port()
-            ));
-        }
+        // The data API listens on IPv4 loopback only (`commons serve`
+        // refuses anything else), on a port in `data_ports`.
+        pg_pre.push_str(&format!(
+            "    iifname \"cmsite*\" ip saddr @data_sites ip daddr {net} tcp dport @data_ports dnat ip to 127.0.0.1\n"
+        ));
+        pg_in.push_str(
+            "    iifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport @data_ports accept\n",
+        );
         let dns = if self.resolvers.is_empty() {
             String::new()
         } else {
@@ -841,6 +842,7 @@ impl Firewall {
              add set inet {TABLE} postgres_sites {{ type ipv4_addr; }}\n\
              add set inet {TABLE} egress_sites {{ type ipv4_addr; }}\n\
              add set inet {TABLE} data_sites {{ type ipv4_addr; }}\n\
+             add set inet {TABLE} data_ports {{ type inet_service; }}\n\
              add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
              add chain inet {TABLE} input {{ type filter hook input priority filter - 10; policy accept; }}\n\
              add chain inet {TABLE} forward {{ type filter hook forward priority filter - 10; policy accept; }}\n\
@@ -878,13 +880,22 @@ impl Firewall {
     pub fn install(&self) -> std::io::Result<()> {
         static INSTALLED: Mutex<Option<String>> = Mutex::new(None);
         let ruleset = self.ruleset();
+        let key = format!("{ruleset}{:?}", self.data_api.map(|a| a.port()));
         let mut done = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
-        if done.as_deref() == Some(ruleset.as_str()) {
+        if done.as_deref() == Some(key.as_str()) {
             return Ok(());
         }
         run("nft", &["-f", "-"], Some(&ruleset))?;
+        if let Some(api) = self.data_api {
+            let port = format!("{{ {} }}", api.port());
+            run(
+                "nft",
+                &["add", "element", "inet", TABLE, "data_ports", &port],
+                None,
+            )?;
+        }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-        *done = Some(ruleset);
+        *done = Some(key);
         Ok(())
     }
 }
@@ -974,8 +985,22 @@ mod tests {
         let r = r.lines().map(str::trim).collect::<Vec<_>>().join("\n");
         // Nothing from a site to the host but replies, and PostgreSQL and
         // the data API for those allowed each.
-        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport 8072 accept\niifname \"cmsite*\" drop"), "{r}");
-        assert!(r.contains("ip saddr @data_sites ip daddr 10.200.0.0/14 tcp dport 8072 dnat ip to 127.0.0.1:8072"), "{r}");
+        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport @data_ports accept\niifname \"cmsite*\" drop"), "{r}");
+        assert!(r.contains("ip saddr @data_sites ip daddr 10.200.0.0/14 tcp dport @data_ports dnat ip to 127.0.0.1"), "{r}");
+        // The same rules whatever the data API's port (it joins a set), so
+        // processes of one host never undo each other's.
+        assert_eq!(
+            r,
+            Firewall {
+                data_api: Some("127.0.0.1:9999".parse().unwrap()),
+                ..f.clone()
+            }
+            .ruleset()
+            .lines()
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+        );
         // Site to site: dropped before anything is let through.
         let forward = &r[r.find("chain forward").unwrap()..];
         let drop_to_sites = forward.find("oifname \"cmsite*\" drop").unwrap();
@@ -993,8 +1018,8 @@ mod tests {
         }
         .ruleset();
         assert!(
-            !without.contains("5432") && !without.contains("8072"),
-            "no PostgreSQL or data path when there is no server"
+            !without.contains("5432"),
+            "no PostgreSQL path when there is no server"
         );
     }
 }

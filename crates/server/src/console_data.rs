@@ -1,7 +1,9 @@
 //! The console's DataCommons pages: "my data" (every record every app
 //! holds about the user, with provenance, the grants and the access log,
 //! with a bar per app of what it read and wrote), the consent screen an
-//! app sends its users to, revoking, exporting and erasing.
+//! app sends its users to, revoking, exporting and erasing; forking another
+//! user's repository, bringing its changes in and merging a fork's back,
+//! with a page to settle the keys both sides changed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -107,6 +109,48 @@ fn my_data_body(state: &AppState, m: &Member) -> Result<Markup, app::AppError> {
                     }
                 }
             }
+        }
+        h2 { "Forks" }
+        @let mine: Vec<_> = data.forks.iter().filter(|f| f.fork_user == data.user).collect();
+        @let theirs: Vec<_> = data.forks.iter().filter(|f| f.source == data.user).collect();
+        @if mine.is_empty() && theirs.is_empty() {
+            p { "You have not forked a repository, and nobody has forked yours." }
+        } @else {
+            table #forks {
+                thead { tr { th scope="col" { "Fork" } th scope="col" { "Since" } th scope="col" { "" } } }
+                tbody {
+                    @for f in &mine {
+                        tr {
+                            td { "Your fork of " code { (f.source) } }
+                            td { (when(f.created_ms)) }
+                            td {
+                                form.inline method="post" action=(format!("/console/data/forks/{}/sync", f.source)) {
+                                    (csrf_field(m))
+                                    button type="submit" { "Bring their changes in" }
+                                }
+                            }
+                        }
+                    }
+                    @for f in &theirs {
+                        tr {
+                            td { code { (f.fork_user) } "'s fork of yours" }
+                            td { (when(f.created_ms)) }
+                            td {
+                                form.inline method="post" action=(format!("/console/data/merges/{}", f.fork_user)) {
+                                    (csrf_field(m))
+                                    button type="submit" { "Merge their changes" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        form.stack #fork method="post" action="/console/data/forks" {
+            (csrf_field(m))
+            label for="source" { "Fork a repository: its DID (or its owner's id). You get its public records, and those its owner shares with you." }
+            input #source name="source" type="text" autocomplete="off" placeholder="did:key:…";
+            button type="submit" { "Fork" }
         }
         h2 { "Take it with you, or erase it" }
         p { a href="/console/data/export" download { "Download everything" } " — your repository (CAR), every record as JSON Lines, grants, the access log and your keys." }
@@ -252,4 +296,119 @@ pub(crate) async fn erase_submit(
         ),
         Err(p) => problem_page(p, Some(&m)),
     }
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ForkForm {
+    source: String,
+}
+
+pub(crate) async fn fork_submit(
+    State(state): State<Arc<AppState>>,
+    Posted(m, form): Posted<ForkForm>,
+) -> Response {
+    let source = form.source.trim().to_owned();
+    match tokio::task::block_in_place(|| app::data::fork(&state, &who(&m), &source)) {
+        Ok(done) => page(
+            "Forked",
+            Some(&m),
+            false,
+            html! {
+                p role="status" #forked { (done.applied) " records copied from " code { (source) } " into your repository." }
+                p { a href="/console/data" { "Back to my data" } }
+            },
+        ),
+        Err(p) => problem_page(p, Some(&m)),
+    }
+}
+
+/// The resolutions a conflicts form posted: fields `resolve:PATH` =
+/// `ours` | `theirs`.
+fn resolutions(form: &BTreeMap<String, String>) -> app::data::Resolutions {
+    let resolve = form
+        .iter()
+        .filter_map(|(k, v)| {
+            let path = k.strip_prefix("resolve:")?;
+            let choice = match v.as_str() {
+                "ours" => app::data::Choice::Ours,
+                "theirs" => app::data::Choice::Theirs,
+                _ => return None,
+            };
+            Some((path.to_owned(), choice))
+        })
+        .collect();
+    app::data::Resolutions { resolve }
+}
+
+/// What a sync or merge did: done, or the keys to settle (each with the
+/// versions at the fork point, here and there), posted back to `action`.
+fn landed(
+    m: &Member,
+    action: &str,
+    done: Result<commons_data::service::Merged, app::AppError>,
+    (ours, theirs): (&str, &str),
+) -> Response {
+    let done = match done {
+        Ok(d) => d,
+        Err(p) => return problem_page(p, Some(m)),
+    };
+    if done.conflicts.is_empty() {
+        return page(
+            "Changes brought in",
+            Some(m),
+            false,
+            html! {
+                p role="status" #landed { (done.applied) " changes brought in." }
+                p { a href="/console/data" { "Back to my data" } }
+            },
+        );
+    }
+    let cid = |c: &Option<String>| c.clone().unwrap_or_else(|| "(deleted)".into());
+    page(
+        "Both sides changed these",
+        Some(m),
+        false,
+        html! {
+            p { "Nothing was changed yet. Each record below was changed on both sides since the fork; choose which version to keep, then apply." }
+            form.stack #conflicts method="post" action=(action) {
+                (csrf_field(m))
+                table {
+                    thead { tr { th scope="col" { "Record" } th scope="col" { "At the fork" } th scope="col" { (ours) } th scope="col" { (theirs) } } }
+                    tbody {
+                        @for c in &done.conflicts {
+                            tr {
+                                td { code { (c.path) } }
+                                td { small { (cid(&c.base)) } }
+                                td { label { input type="radio" name=(format!("resolve:{}", c.path)) value="ours" checked; " keep " small { (cid(&c.ours)) } } }
+                                td { label { input type="radio" name=(format!("resolve:{}", c.path)) value="theirs"; " take " small { (cid(&c.theirs)) } } }
+                            }
+                        }
+                    }
+                }
+                button type="submit" { "Apply" }
+            }
+        },
+    )
+}
+
+pub(crate) async fn sync_submit(
+    State(state): State<Arc<AppState>>,
+    UrlPath(source): UrlPath<String>,
+    Posted(m, form): Posted<BTreeMap<String, String>>,
+) -> Response {
+    let r = resolutions(&form);
+    let done = tokio::task::block_in_place(|| app::data::sync(&state, &who(&m), &source, &r));
+    let action = format!("/console/data/forks/{source}/sync");
+    landed(&m, &action, done, ("Your fork", "Theirs"))
+}
+
+pub(crate) async fn merge_submit(
+    State(state): State<Arc<AppState>>,
+    UrlPath(fork_user): UrlPath<String>,
+    Posted(m, form): Posted<BTreeMap<String, String>>,
+) -> Response {
+    let r = resolutions(&form);
+    let done = tokio::task::block_in_place(|| app::data::merge(&state, &who(&m), &fork_user, &r));
+    let action = format!("/console/data/merges/{fork_user}");
+    landed(&m, &action, done, ("Yours", "Their fork"))
 }

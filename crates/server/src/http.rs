@@ -162,6 +162,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/console/data/export", get(console_data::export))
         .route("/console/data/erase", post(console_data::erase_submit))
         .route("/console/data/revoke", post(console_data::revoke_submit))
+        .route("/console/data/forks", post(console_data::fork_submit))
+        .route(
+            "/console/data/forks/{source}/sync",
+            post(console_data::sync_submit),
+        )
+        .route(
+            "/console/data/merges/{fork_user}",
+            post(console_data::merge_submit),
+        )
         .route(
             "/console/data/consent/{site}",
             get(console_data::consent_page).post(console_data::consent_submit),

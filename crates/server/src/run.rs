@@ -278,17 +278,17 @@ fn write_new_private(path: &std::path::Path, text: &str) -> std::io::Result<()> 
         .write_all(text.as_bytes())
 }
 
-/// The data API's listener: IPv4 loopback only, since sites are let
-/// through to it by address translation to exactly this address.
+/// The data API's listener: 127.0.0.1 only, since sites are let through
+/// to it by address translation to exactly that address.
 fn bind_data_api(listen: &str) -> Result<std::net::TcpListener, RunError> {
     let addr: std::net::SocketAddrV4 = listen.parse().map_err(|_| {
         RunError::Input(format!(
             "the data API's address {listen:?} is not IPv4 ADDRESS:PORT ([api] data_listen, COMMONS_DATA_LISTEN)"
         ))
     })?;
-    if !addr.ip().is_loopback() {
+    if *addr.ip() != std::net::Ipv4Addr::LOCALHOST {
         return Err(RunError::Input(format!(
-            "the data API listens on loopback only, not {addr}: sites reach it through the platform's firewall ([api] data_listen)"
+            "the data API listens on 127.0.0.1 only, not {addr}: sites reach it through the platform's firewall ([api] data_listen)"
         )));
     }
     let listener = std::net::TcpListener::bind(addr)

@@ -733,6 +733,30 @@ pub fn reclaim(db: &mut Db) -> Result<()> {
     }
 }
 
+/// The forks `user` made or that were made of `user`'s repository:
+/// (fork_user, source, created_ms), oldest first.
+pub fn forks_of(db: &mut impl Sql, user: &str) -> Result<Vec<(String, String, i64)>> {
+    db.query(
+        "SELECT fork_user, source, created_ms FROM forks WHERE fork_user = ?1 OR source = ?1
+         ORDER BY created_ms, fork_user, source",
+        params![user],
+    )?
+    .iter_mut()
+    .map(|r| Ok((r.text(0)?, r.text(1)?, r.int(2)?)))
+    .collect()
+}
+
+/// Whose repository `did` is (not an erased one's).
+pub fn owner_of_did(db: &mut impl Sql, did: &str) -> Result<Option<String>> {
+    match db.query_opt(
+        "SELECT owner FROM accounts WHERE did = ?1 AND erased_ms IS NULL",
+        params![did],
+    )? {
+        Some(mut r) => Ok(Some(r.text(0)?)),
+        None => Ok(None),
+    }
+}
+
 /// A fork's base: path -> record CID at the fork point (or last merge).
 pub fn fork_base(db: &mut impl Sql, fork_user: &str, source: &str) -> Result<Option<String>> {
     match db.query_opt(

@@ -470,7 +470,7 @@ pub async fn erase_user(
 /// repository: records in collections apps declared, each under its
 /// collection's class, provenance `import`.
 #[utoipa::path(post, path = "/api/data/me/repo", tag = "data", operation_id = "data_import_repo_me",
-    request_body(content = Vec<u8>, content_type = "application/vnd.ipld.car", description = "a CAR v1 file whose root is a signed commit or a bare tree node"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "a CAR v1 file (application/vnd.ipld.car) whose root is a signed commit or a bare tree node"),
     responses(
         (status = 200, description = "`{source, collections, commit, rev}`", body = Object),
         crate::schema::Unauthenticated,
@@ -491,7 +491,7 @@ pub async fn import_repo_me(
 /// platform's administrator, or the user).
 #[utoipa::path(post, path = "/api/data/users/{user}/repo", tag = "data", operation_id = "data_import_repo",
     params(("user" = String, Path)),
-    request_body(content = Vec<u8>, content_type = "application/vnd.ipld.car", description = "a CAR v1 file whose root is a signed commit or a bare tree node"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "a CAR v1 file (application/vnd.ipld.car) whose root is a signed commit or a bare tree node"),
     responses(
         (status = 200, description = "`{source, collections, commit, rev}`", body = Object),
         crate::schema::Unauthenticated,

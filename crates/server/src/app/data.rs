@@ -267,6 +267,9 @@ pub struct MyData {
     /// Which apps read or wrote what, per day.
     #[schema(value_type = Vec<Object>)]
     pub access_log: Vec<Value>,
+    /// Forks they made, and forks others made of their repository.
+    #[schema(value_type = Vec<Object>)]
+    pub forks: Vec<commons_data::service::ForkView>,
 }
 
 pub fn my_data(state: &AppState, who: &Principal, user: Option<&str>) -> Result<MyData> {
@@ -284,8 +287,28 @@ pub fn my_data(state: &AppState, who: &Principal, user: Option<&str>) -> Result<
         records: commons.my_records(&user).map_err(to_app_error)?,
         grants: commons.grants(&user).map_err(to_app_error)?,
         access_log: commons.access_log(&user).map_err(to_app_error)?,
+        forks: commons.forks(&user).map_err(to_app_error)?,
         user,
     })
+}
+
+/// A repository named by its user's id or its DID: the user.
+fn repository_owner(state: &AppState, name: &str) -> Result<String> {
+    if !name.starts_with("did:") {
+        return Ok(name.to_owned());
+    }
+    state
+        .data
+        .commons
+        .owner_of_did(name)
+        .map_err(to_app_error)?
+        .ok_or_else(|| {
+            AppError::new(
+                ErrorKind::NotFound,
+                "No such repository",
+                format!("no repository here is {name}"),
+            )
+        })
 }
 
 /// What `site` asks of the signed-in user (its consent screen).
@@ -416,10 +439,16 @@ impl Resolutions {
     }
 }
 
-/// The signed-in user forks `source`'s repository into their own.
+/// The signed-in user forks `source`'s repository (its user's id or its
+/// DID) into their own.
 pub fn fork(state: &AppState, who: &Principal, source: &str) -> Result<Merged> {
     let user = subject(who, None, "data:write")?;
-    state.data.commons.fork(source, &user).map_err(to_app_error)
+    let source = repository_owner(state, source)?;
+    state
+        .data
+        .commons
+        .fork(&source, &user)
+        .map_err(to_app_error)
 }
 
 /// The signed-in user brings `source`'s changes into their fork of it.
