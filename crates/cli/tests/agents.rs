@@ -18,6 +18,7 @@ components:
   web:
     process: "python3 -m http.server --bind 127.0.0.1 $PORT"
     health: { http: "/" }
+    route: { path: /, login: [/private] }
 "#;
 
 const DATA_SITE: &str = r#"name: notes
@@ -27,6 +28,7 @@ components:
   web:
     process: "python3 -m http.server --bind 127.0.0.1 $PORT"
     health: { http: "/" }
+    route: { host: notes.example.org }
 "#;
 
 /// Fast heartbeats, quick loss, certificates that must be renewed within
@@ -540,11 +542,18 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
     );
     // Through the control plane's gateway, over A's tunnel: A dials out
     // and opens no port.
-    let through_gateway = |site: &str| {
-        let host = format!("{site}.localhost");
-        http(server.http, "GET", "/", &[("Host", host.as_str())], b"")
+    let at = |host: &str, path: &str| {
+        http(server.http, "GET", path, &[("Host", host)], b"")
             .map(|(code, _)| code)
             .unwrap_or(0)
+    };
+    let through_gateway = |site: &str| {
+        let host = match site {
+            // A site whose route names a host is served there.
+            "notes" => "notes.example.org".to_string(),
+            _ => format!("{site}.localhost"),
+        };
+        at(&host, "/")
     };
     assert!(
         wait_for(Duration::from_secs(10), || through_gateway("hello") == 200),
@@ -552,6 +561,17 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
         a.log()
     );
     assert_eq!(through_gateway("notes"), 200);
+    // A node's site is routed as its blueprint says, as one of this
+    // machine's would be: its host instead of SITE.localhost, its
+    // component's name, and its login-only paths held by the gateway.
+    assert_eq!(
+        at("notes.localhost", "/"),
+        404,
+        "notes is served at its host"
+    );
+    assert_eq!(at("web.notes.localhost", "/"), 200);
+    assert_eq!(at("hello.localhost", "/private/"), 401, "a login-only path");
+    assert_eq!(at("web.hello.localhost", "/private/"), 401);
 
     // A dry run says where a site would go, and why not elsewhere.
     let file = s.blueprint(SITE);

@@ -118,37 +118,55 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
     out
 }
 
-/// Routes to the sites placed on providers' nodes: `SITE.localhost` to the
-/// loopback forwarder that carries each connection through the tunnel of
-/// the node serving the site now (`crate::tunnels`).
+/// Routes to the sites placed on providers' nodes, to the loopback
+/// forwarder that carries each connection through the tunnel of the node
+/// serving the site now (`crate::tunnels`). The routed component's
+/// `route:` holds as for a site of this machine: its host (else
+/// `SITE.localhost`), path, login-only paths, limits and user header; and
+/// `COMPONENT.SITE.localhost` too.
 pub fn node_routes(state: &AppState) -> Vec<RouteSpec> {
     let Some(runtime) = state.tunnels.runtime() else {
         return Vec::new();
     };
-    state
-        .nodes
-        .routed_sites()
-        .into_iter()
-        .filter_map(|(site, component, epoch)| {
-            let upstream = state
+    let mut out = Vec::new();
+    for placed in state.nodes.routed_sites() {
+        let Some(upstream) =
+            state
                 .tunnels
-                .forwarder(&runtime, &site, &component, epoch)?;
-            Some(RouteSpec {
-                host: format!("{site}.localhost"),
-                path: "/".into(),
-                deployment: site,
-                component,
-                operator: "local".into(),
-                upstreams: vec![upstream],
-                idle: false,
-                login: Vec::new(),
-                max_body: None,
-                max_header: None,
-                response_timeout_ms: None,
-                user_header: None,
-            })
-        })
-        .collect()
+                .forwarder(&runtime, &placed.site, &placed.component, placed.epoch)
+        else {
+            continue;
+        };
+        let route = placed.route.as_ref();
+        let spec = |host: String, path: String| RouteSpec {
+            host,
+            path,
+            deployment: placed.site.clone(),
+            component: placed.component.clone(),
+            operator: "local".into(),
+            upstreams: vec![upstream],
+            idle: false,
+            login: route.map(|r| r.login.clone()).unwrap_or_default(),
+            max_body: route.and_then(|r| r.max_body_bytes),
+            max_header: route.and_then(|r| r.max_header_bytes).map(|b| b as usize),
+            response_timeout_ms: route.and_then(|r| r.response_timeout_ms),
+            user_header: route.and_then(|r| r.user_header.clone()),
+        };
+        let path = route.map_or("/".to_string(), |r| r.path.clone());
+        match route.and_then(|r| r.host.as_ref()) {
+            Some(host) => {
+                if let Some(host) = commons_gateway::target::canonical_host(host) {
+                    out.push(spec(host, path));
+                }
+            }
+            None => out.push(spec(format!("{}.localhost", placed.site), path)),
+        }
+        out.push(spec(
+            format!("{}.{}.localhost", placed.component, placed.site),
+            "/".into(),
+        ));
+    }
+    out
 }
 
 /// Every route: this machine's sites and those on providers' nodes.

@@ -95,6 +95,10 @@ struct Placed {
     /// The component `SITE.localhost` is routed to.
     #[serde(default)]
     web: Option<String>,
+    /// That component's `route:` (its host, path, login-only paths and
+    /// limits), which the gateway holds to as for a site of this machine.
+    #[serde(default)]
+    route: Option<commons_blueprint::model::Route>,
     /// The node it is moving to: new connections to it wait meanwhile.
     #[serde(default)]
     moving: Option<String>,
@@ -203,15 +207,33 @@ fn internal(e: impl std::fmt::Display) -> AppError {
     AppError::new(ErrorKind::Internal, "Nodes", e.to_string())
 }
 
+/// A site on a provider's node as the gateway routes it.
+#[derive(Debug, Clone)]
+pub struct RoutedSite {
+    pub site: String,
+    /// The component its routes lead to.
+    pub component: String,
+    /// Changes with every placement and move (see `epoch`).
+    pub epoch: u64,
+    /// The component's `route:`, when its blueprint gives one.
+    pub route: Option<commons_blueprint::model::Route>,
+}
+
 fn epoch(p: &Placed) -> u64 {
     p.generation * 2 + u64::from(p.moving.is_some())
 }
 
 /// What placement needs of a blueprint: whether it keeps data (a volume,
 /// SQLite or PostgreSQL: such a site waits for its node, or for an explicit
-/// move) and the component its host is routed to. Read from the text alone:
-/// includes are not followed.
-fn shape(blueprint: &str) -> Result<(bool, Option<String>), AppError> {
+/// move), the component its host is routed to and that component's route.
+/// Read from the text alone: includes are not followed.
+type Shape = (
+    bool,
+    Option<String>,
+    Option<commons_blueprint::model::Route>,
+);
+
+fn shape(blueprint: &str) -> Result<Shape, AppError> {
     use commons_blueprint::model::Kind;
     let file = Path::new("/blueprint/commons.yaml");
     let sources =
@@ -230,9 +252,12 @@ fn shape(blueprint: &str) -> Result<(bool, Option<String>), AppError> {
     let web = bp
         .components
         .iter()
-        .find(|(_, c)| matches!(c.kind, Kind::Process { .. } | Kind::Image(_)))
-        .map(|(name, _)| name.clone());
-    Ok((keeps_data, web))
+        .find(|(_, c)| matches!(c.kind, Kind::Process { .. } | Kind::Image(_)));
+    Ok((
+        keeps_data,
+        web.map(|(name, _)| name.clone()),
+        web.and_then(|(_, c)| c.route.clone()),
+    ))
 }
 
 impl Nodes {
@@ -706,7 +731,7 @@ impl Nodes {
     /// placements never overcommit a node. A site placed before is applied
     /// again where it is when it still fits there, at the next generation.
     pub fn place(&self, req: PlaceRequest) -> Result<Decision, AppError> {
-        let (keeps_data, web) = shape(&req.blueprint)?;
+        let (keeps_data, web, route) = shape(&req.blueprint)?;
         let stateless = !keeps_data;
         let mut inner = self.lock();
         let previous = inner.reg.placements.remove(&req.site);
@@ -748,6 +773,7 @@ impl Nodes {
                 needs: req.needs,
                 stateless,
                 web,
+                route,
                 moving: None,
                 left_on: Vec::new(),
                 request: PlaceRequest {
@@ -859,12 +885,19 @@ impl Nodes {
     /// the placement's epoch: it changes when a move starts and when it
     /// ends, and with it the upstream the gateway is given, so requests
     /// in flight finish where they started while new ones wait.
-    pub fn routed_sites(&self) -> Vec<(String, String, u64)> {
+    pub fn routed_sites(&self) -> Vec<RoutedSite> {
         self.lock()
             .reg
             .placements
             .iter()
-            .filter_map(|(site, p)| Some((site.clone(), p.web.clone()?, epoch(p))))
+            .filter_map(|(site, p)| {
+                Some(RoutedSite {
+                    site: site.clone(),
+                    component: p.web.clone()?,
+                    epoch: epoch(p),
+                    route: p.route.clone(),
+                })
+            })
             .collect()
     }
 
