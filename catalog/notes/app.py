@@ -56,6 +56,19 @@ def consent_url(problem):
     return m.group(1) if m else None
 
 
+def note_value(fields):
+    """A note record from a form's or a JSON object's fields."""
+    fields = fields if isinstance(fields, dict) else {}
+    value = {
+        "$type": NSID,
+        "text": str(fields.get("text", "")),
+        "createdAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+    }
+    if fields.get("title"):
+        value["title"] = str(fields["title"])
+    return value
+
+
 def page(title, body):
     return (
         "<!doctype html><html lang=en><meta charset=utf-8>"
@@ -154,15 +167,15 @@ class Notes(BaseHTTPRequestHandler):
             fields, as_json = self.read_body()
         except ValueError:
             return self.json(400, {"title": "Bad request", "detail": "the body is not JSON"})
+        if path == "/api/notes" and isinstance(fields, list):
+            # Several notes at once: one commit, all of them or none.
+            writes = [{"collection": NSID, "create": True, "value": note_value(f)} for f in fields]
+            status, body = call("POST", "/data/v1/batch", self.identity(), {"writes": writes})
+            if status != 200:
+                return self.refused(status, body, True)
+            return self.json(201, body["results"])
         if path in ("/notes", "/api/notes"):
-            value = {
-                "$type": NSID,
-                "text": str(fields.get("text", "")),
-                "createdAt": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-            }
-            if fields.get("title"):
-                value["title"] = str(fields["title"])
-            status, body = call("POST", RECORDS, self.identity(), {"value": value})
+            status, body = call("POST", RECORDS, self.identity(), {"value": note_value(fields)})
             if status not in (200, 201):
                 return self.refused(status, body, as_json or path.startswith("/api/"))
             if path.startswith("/api/"):

@@ -261,7 +261,7 @@ fn notes_keeps_each_users_notes_in_their_own_repository() {
     let (nia, obi) = (&people[0], &people[1]);
     let call = |who: &(String, String, Api), method: &str, path: &str, body: &str| {
         let mut headers = vec![("Authorization", who.1.as_str())];
-        if body.starts_with('{') {
+        if body.starts_with('{') || body.starts_with('[') {
             headers.push(("Content-Type", "application/json"));
         } else if !body.is_empty() {
             headers.push(("Content-Type", "application/x-www-form-urlencoded"));
@@ -301,16 +301,40 @@ fn notes_keeps_each_users_notes_in_their_own_repository() {
         r#"{"title": "Ideas", "text": "a garden on the roof"}"#,
     );
     assert_eq!(code, 201, "{body}");
+    // Several at once: one commit through the data API's batch, all or none.
+    let (code, body) = call(
+        nia,
+        "POST",
+        "/api/notes",
+        r#"[{"text": "first of two"}, {"text": "second of two"}]"#,
+    );
+    assert_eq!(code, 201, "{body}");
+    let results: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(results.as_array().unwrap().len(), 2, "{results}");
+    assert_eq!(results[0]["commit"], results[1]["commit"], "one commit");
+    let long = "x".repeat(20_001);
+    let (code, body) = call(
+        nia,
+        "POST",
+        "/api/notes",
+        &format!(r#"[{{"text": "fine"}}, {{"text": "{long}"}}]"#),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("writes[1]"), "{body}");
     let (code, page) = call(nia, "GET", "/", "");
     assert_eq!(code, 200, "{page}");
     assert!(
         page.contains("Groceries") && page.contains("a garden on the roof"),
         "{page}"
     );
+    assert!(
+        page.contains("second of two") && !page.contains(">fine<"),
+        "{page}"
+    );
     let (code, listed) = call(nia, "GET", "/api/notes", "");
     assert_eq!(code, 200, "{listed}");
     let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
-    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(listed.as_array().unwrap().len(), 4, "{listed}");
     assert!(listed
         .as_array()
         .unwrap()
@@ -320,7 +344,7 @@ fn notes_keeps_each_users_notes_in_their_own_repository() {
     // They are in her repository, with provenance, and nowhere in the app.
     let (code, mine) = nia.2.get("/api/data/me");
     assert_eq!(code, 200, "{mine}");
-    assert_eq!(mine["records"].as_array().unwrap().len(), 2, "{mine}");
+    assert_eq!(mine["records"].as_array().unwrap().len(), 4, "{mine}");
     let app_dir = s.home.join("deployments/notes/data");
     for entry in walk(&app_dir) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
@@ -342,7 +366,7 @@ fn notes_keeps_each_users_notes_in_their_own_repository() {
     assert_eq!(code, 200, "{body}");
     let (_, left) = call(nia, "GET", "/api/notes", "");
     let left: serde_json::Value = serde_json::from_str(&left).unwrap();
-    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left.as_array().unwrap().len(), 3, "{left}");
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

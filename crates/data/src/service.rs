@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::db::Db;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
@@ -392,6 +392,24 @@ pub struct RepoImported {
     pub commit: String,
     pub rev: String,
 }
+
+/// One write of a batch ([`DataCommons::apply_writes`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct WriteOp {
+    pub collection: String,
+    /// The record's key; a create without one gets a TID.
+    #[serde(default)]
+    pub rkey: Option<String>,
+    /// The record (a create or an update); none deletes.
+    #[serde(default)]
+    pub value: Option<Value>,
+    /// A new record (refused if the key exists) rather than an update.
+    #[serde(default)]
+    pub create: bool,
+}
+
+/// The most writes one batch commits (atproto's `applyWrites` takes 200).
+pub const MAX_BATCH: usize = 200;
 
 /// What erase did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -887,62 +905,122 @@ impl DataCommons {
         value: Option<&Value>,
         create: bool,
     ) -> Result<WriteResult, DataError> {
+        let op = WriteOp {
+            collection: collection.to_owned(),
+            rkey: Some(rkey.to_owned()),
+            value: value.cloned(),
+            create,
+        };
+        let mut done = self.write_all(call, std::slice::from_ref(&op), false)?;
+        Ok(done.remove(0))
+    }
+
+    /// Applies several writes to the calling user's repository as one
+    /// signed commit (atproto's `applyWrites`): all of them or none. A
+    /// refusal names the write it is about (`writes[N]`).
+    pub fn apply_writes(
+        &self,
+        call: &AppCall,
+        writes: &[WriteOp],
+    ) -> Result<Vec<WriteResult>, DataError> {
+        if writes.is_empty() || writes.len() > MAX_BATCH {
+            return Err(DataError::invalid(
+                "writes",
+                format!("send 1 to {MAX_BATCH} writes, not {}", writes.len()),
+            ));
+        }
+        self.write_all(call, writes, true)
+    }
+
+    fn write_all(
+        &self,
+        call: &AppCall,
+        writes: &[WriteOp],
+        batch: bool,
+    ) -> Result<Vec<WriteResult>, DataError> {
         let mut guard = self.state();
         let state = &mut *guard;
-        let (info, app_use) = may_write(state, call, collection)?;
-        syntax::record_key(rkey).map_err(|e| DataError::invalid("rkey", e.to_string()))?;
-        let path = format!("{collection}/{rkey}");
-        let (record, plain_len) = match value {
-            Some(value) => (
-                Some(model::from_json(value).map_err(|e| DataError::invalid(e.path, e.problem))?),
-                value.to_string().len(),
-            ),
-            None => (None, 0),
-        };
-        let (block, indexed) = match &record {
-            Some(record) => {
-                let (block, indexed) =
-                    prepare_record(state, &call.user, &info, (collection, rkey), record)?;
-                (Some(block), indexed)
-            }
-            None => {
-                ensure_account(state, &call.user)?;
-                (None, Vec::new())
-            }
-        };
-        let change = Change {
-            path: path.clone(),
-            block,
-            create,
-            class: info.class,
-            app: call.app.clone(),
-            revision: app_use.revision.clone(),
-            sealed_by: None,
-            indexed,
-        };
-        let landed = self.commit_changes(state, &call.user, vec![change])?;
-        note_access(
-            state,
-            &call.user,
-            &call.app,
-            collection,
-            "write",
-            plain_len as u64,
-        );
+        let mut changes = Vec::with_capacity(writes.len());
+        let mut sizes = Vec::with_capacity(writes.len());
+        for (n, w) in writes.iter().enumerate() {
+            let at = |e: DataError| match e {
+                DataError::Invalid { path, message } if batch => DataError::Invalid {
+                    path: format!("writes[{n}].{path}"),
+                    message,
+                },
+                other => other,
+            };
+            let (info, app_use) = may_write(state, call, &w.collection)?;
+            let rkey = match &w.rkey {
+                Some(r) => r.clone(),
+                None if w.create => self.shared.clock.next(),
+                None => {
+                    return Err(at(DataError::invalid(
+                        "rkey",
+                        "an update or delete names its record",
+                    )))
+                }
+            };
+            syntax::record_key(&rkey).map_err(|e| at(DataError::invalid("rkey", e.to_string())))?;
+            let (record, plain_len) = match &w.value {
+                Some(value) => (
+                    Some(
+                        model::from_json(value)
+                            .map_err(|e| at(DataError::invalid(e.path, e.problem)))?,
+                    ),
+                    value.to_string().len(),
+                ),
+                None => (None, 0),
+            };
+            let (block, indexed) = match &record {
+                Some(record) => {
+                    let (block, indexed) =
+                        prepare_record(state, &call.user, &info, (&w.collection, &rkey), record)
+                            .map_err(at)?;
+                    (Some(block), indexed)
+                }
+                None => {
+                    ensure_account(state, &call.user)?;
+                    (None, Vec::new())
+                }
+            };
+            sizes.push(plain_len as u64);
+            changes.push(Change {
+                path: format!("{}/{rkey}", w.collection),
+                block,
+                create: w.create,
+                class: info.class,
+                app: call.app.clone(),
+                revision: app_use.revision.clone(),
+                sealed_by: None,
+                indexed,
+            });
+        }
+        let paths: Vec<String> = changes.iter().map(|c| c.path.clone()).collect();
+        let landed = self.commit_changes(state, &call.user, changes)?;
+        for (w, bytes) in writes.iter().zip(&sizes) {
+            note_access(state, &call.user, &call.app, &w.collection, "write", *bytes);
+        }
         drop(guard);
-        self.shared.usage.record(UsageEvent {
-            user: call.user.clone(),
-            app: call.app.clone(),
-            collection: collection.into(),
-            action: "write",
-            bytes: plain_len as u64,
-        });
-        Ok(WriteResult {
-            uri: format!("at://{}/{path}", landed.did),
-            cid: op_cid_string(landed.cids[0]),
-            rev: landed.rev,
-            commit: landed.commit.to_string(),
-        })
+        for (w, bytes) in writes.iter().zip(&sizes) {
+            self.shared.usage.record(UsageEvent {
+                user: call.user.clone(),
+                app: call.app.clone(),
+                collection: w.collection.clone(),
+                action: "write",
+                bytes: *bytes,
+            });
+        }
+        Ok(paths
+            .iter()
+            .zip(&landed.cids)
+            .map(|(path, cid)| WriteResult {
+                uri: format!("at://{}/{path}", landed.did),
+                cid: op_cid_string(*cid),
+                rev: landed.rev.clone(),
+                commit: landed.commit.to_string(),
+            })
+            .collect())
     }
 
     /// Commits `changes` to `user`'s repository in one signed commit and

@@ -161,6 +161,7 @@ on_both!(
     fork_diverge_and_merge_with_a_conflict_list,
     blobs_follow_their_collections_rules,
     a_repository_file_imports_into_a_users_repository,
+    a_batch_of_writes_is_one_commit_or_nothing,
 );
 
 fn schema(nsid: &str, properties: Value, required: &[&str]) -> Value {
@@ -1186,4 +1187,168 @@ async fn a_repository_file_imports_into_a_users_repository(kind: Kind) {
         422
     );
     assert_eq!(commons.repo_car("ada").unwrap(), head, "nothing changed");
+}
+
+/// A batch of writes (atproto's applyWrites) lands as one signed commit —
+/// one feed event with every op — or, when any write is refused, not at
+/// all; a refusal names the write.
+async fn a_batch_of_writes_is_one_commit_or_nothing(kind: Kind) {
+    use commons_data::service::WriteOp;
+    let place = place(kind, "batch");
+    let (commons, usage) = platform(&place);
+    commons.consent("alice", "notes").unwrap();
+    let notes = call("notes", "alice");
+    let op = |collection: &str, rkey: Option<&str>, value: Option<Value>, create: bool| WriteOp {
+        collection: collection.into(),
+        rkey: rkey.map(String::from),
+        value,
+        create,
+    };
+    let mut feed = commons
+        .subscribe(Viewer::Owner("alice".into()), None)
+        .unwrap();
+    let before = usage.0.lock().unwrap().len();
+    let done = commons
+        .apply_writes(
+            &notes,
+            &[
+                op(
+                    NOTE,
+                    Some("b1"),
+                    Some(json!({"$type": NOTE, "text": "one"})),
+                    true,
+                ),
+                op(
+                    HEALTH,
+                    None,
+                    Some(json!({"$type": HEALTH, "weight": 61})),
+                    true,
+                ),
+                op(
+                    DIARY,
+                    Some("d1"),
+                    Some(json!({"$type": DIARY, "text": "dear"})),
+                    true,
+                ),
+            ],
+        )
+        .unwrap();
+    assert_eq!(done.len(), 3);
+    assert!(done
+        .iter()
+        .all(|w| w.commit == done[0].commit && w.rev == done[0].rev));
+    assert!(
+        done[1].uri.contains("/app.notes.health/"),
+        "a TID key was made: {}",
+        done[1].uri
+    );
+    let Event::Commit(c) = &*next_event(&mut feed).await else {
+        panic!("expected one commit event")
+    };
+    assert_eq!(c.ops.len(), 3, "one event with every op");
+    assert_eq!(c.commit, done[0].commit);
+    assert_eq!(
+        usage.0.lock().unwrap().len() - before,
+        3,
+        "one usage event per write"
+    );
+
+    // A refused write refuses the batch, named by its place; nothing lands.
+    let head = commons.repo_car("alice").unwrap();
+    let err = commons
+        .apply_writes(
+            &notes,
+            &[
+                op(
+                    NOTE,
+                    Some("b2"),
+                    Some(json!({"$type": NOTE, "text": "fine"})),
+                    true,
+                ),
+                op(
+                    HEALTH,
+                    Some("h2"),
+                    Some(json!({"$type": HEALTH, "weight": "heavy"})),
+                    true,
+                ),
+            ],
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 422, "{err}");
+    assert!(err.to_string().starts_with("writes[1]."), "{err}");
+    let err = commons
+        .apply_writes(
+            &notes,
+            &[
+                op(
+                    NOTE,
+                    Some("b3"),
+                    Some(json!({"$type": NOTE, "text": "new"})),
+                    true,
+                ),
+                op(
+                    NOTE,
+                    Some("b1"),
+                    Some(json!({"$type": NOTE, "text": "again"})),
+                    true,
+                ),
+            ],
+        )
+        .unwrap_err();
+    assert!(err.status() >= 400, "{err}");
+    let too_many: Vec<WriteOp> = (0..201)
+        .map(|i| {
+            op(
+                NOTE,
+                Some(&format!("x{i}")),
+                Some(json!({"$type": NOTE, "text": "x"})),
+                true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        commons
+            .apply_writes(&notes, &too_many)
+            .unwrap_err()
+            .status(),
+        422
+    );
+    assert_eq!(commons.apply_writes(&notes, &[]).unwrap_err().status(), 422);
+    assert_eq!(commons.repo_car("alice").unwrap(), head, "nothing landed");
+    // An app without the grant writes nothing in a batch either.
+    let err = commons
+        .apply_writes(
+            &call("coach", "alice"),
+            &[op(
+                HEALTH,
+                Some("h3"),
+                Some(json!({"$type": HEALTH, "weight": 1})),
+                true,
+            )],
+        )
+        .unwrap_err();
+    assert_eq!(err.status(), 403, "{err}");
+
+    // Updates and deletes batch too.
+    let done = commons
+        .apply_writes(
+            &notes,
+            &[
+                op(
+                    NOTE,
+                    Some("b1"),
+                    Some(json!({"$type": NOTE, "text": "two"})),
+                    false,
+                ),
+                op(DIARY, Some("d1"), None, false),
+            ],
+        )
+        .unwrap();
+    assert_eq!(done.len(), 2);
+    let mine = commons.my_records("alice").unwrap();
+    assert_eq!(mine.len(), 2, "{mine:?}");
+    assert_eq!(
+        mine.iter().find(|r| r.rkey == "b1").unwrap().value["text"],
+        "two"
+    );
 }

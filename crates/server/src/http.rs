@@ -227,6 +227,10 @@ fn data_routes() -> Router<Arc<AppState>> {
         )
         .route("/data/v1/subscribe", get(api::data::subscribe))
         .route(
+            "/data/v1/batch",
+            post(api::data::apply_writes).layer(DefaultBodyLimit::max(8 << 20)),
+        )
+        .route(
             "/data/v1/blobs/{collection}",
             post(api::data::put_blob).layer(DefaultBodyLimit::max(11 << 20)),
         )

@@ -89,6 +89,7 @@ impl Modify for Bearer {
         crate::api::billing::cancel,
         crate::api::billing::change,
         crate::api::data::create,
+        crate::api::data::apply_writes,
         crate::api::data::list,
         crate::api::data::get,
         crate::api::data::update,

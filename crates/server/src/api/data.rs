@@ -126,6 +126,30 @@ pub async fn create(
     Ok(created(serde_json::to_value(done).expect("serialisable")))
 }
 
+/// Applies several writes to the user's repository as one signed commit
+/// (atproto's `applyWrites`): all of them or none.
+#[utoipa::path(post, path = "/data/v1/batch", tag = "data", operation_id = "data_apply_writes",
+    request_body = ops::Batch,
+    responses(
+        (status = 200, description = "`{results}`: `{uri, cid, rev, commit}` per write, in order, one commit", body = Object),
+        crate::schema::Malformed,
+        (status = 401, description = "no service token or no identity assertion", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "a write the app did not declare or the user has not granted; nothing written", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "a collection nobody declared, or a record to update or delete that does not exist; nothing written", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "a record to create exists; nothing written", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "a record larger than 256 KiB; nothing written", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "no writes, more than 200, or a record that breaks its schema (the detail names writes[N] and the field's path); nothing written", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn apply_writes(
+    State(state): State<Arc<AppState>>,
+    App(caller): App,
+    body: Bytes,
+) -> Reply {
+    let batch: ops::Batch = json_body(&body)?;
+    let done = blocking(move || ops::apply_writes(&state, &caller, &batch)).await?;
+    Ok(Json(serde_json::json!({ "results": done })).into_response())
+}
+
 /// A record's new value.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct Replacement {

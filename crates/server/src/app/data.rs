@@ -61,6 +61,33 @@ pub struct NewRecord {
     pub value: Value,
 }
 
+/// Several writes as one commit (atproto's `applyWrites`): all or none.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct Batch {
+    /// Each `{collection, rkey?, value?, create}`: a create (a TID key when
+    /// none is given), an update, or — without a value — a delete.
+    #[schema(value_type = Vec<Object>)]
+    pub writes: Vec<commons_data::service::WriteOp>,
+}
+
+pub fn apply_writes(
+    state: &AppState,
+    caller: &AppCaller,
+    batch: &Batch,
+) -> Result<Vec<WriteResult>> {
+    let mut checked = std::collections::BTreeSet::new();
+    for w in &batch.writes {
+        if checked.insert(w.collection.as_str()) {
+            registered(state, caller, &w.collection, Action::Write)?;
+        }
+    }
+    state
+        .data
+        .commons
+        .apply_writes(&caller.call(), &batch.writes)
+        .map_err(|e| refused(state, &caller.site, e))
+}
+
 /// Stores a blob (media, attachments) for records of `collection`.
 pub fn put_blob(
     state: &AppState,
