@@ -354,7 +354,13 @@ fn main() -> ExitCode {
     // `serve` resolves its own (flags, environment, file); every other
     // command runs workloads under the platform's defaults.
     if !matches!(cli.command, Command::Serve(_)) {
-        let _ = commons_runtime::RuntimeSettings::for_platform().install();
+        let mut settings = commons_runtime::RuntimeSettings::for_platform();
+        if matches!(cli.command, Command::Agent(_)) {
+            // A provider's node serves no data API: its sites are told of
+            // none rather than of a port on the node's own loopback.
+            settings.data_api = None;
+        }
+        let _ = settings.install();
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
