@@ -630,20 +630,7 @@ fn an_oidc_application_reads_notes_within_its_scope_and_grant() {
     let verifier = "a-verifier-of-more-than-forty-three-characters-0123456789";
     let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .encode(sha2::Sha256::digest(verifier.as_bytes()));
-    let session = nia
-        .headers
-        .iter()
-        .find(|(k, _)| k == "Cookie")
-        .unwrap()
-        .1
-        .clone();
-    let csrf = nia
-        .headers
-        .iter()
-        .find(|(k, _)| k == "X-CSRF-Token")
-        .unwrap()
-        .1
-        .clone();
+    let (session, csrf) = console_session(&nia);
     let params = |scope: &str| {
         serde_urlencoded::to_string([
             ("response_type", "code"),

@@ -516,11 +516,15 @@ pub struct Verified {
 /// tree is canonical (rebuilding it from its keys gives the same root) and
 /// that every record it names is in the file.
 pub async fn verify(bytes: &[u8], key: Option<&PublicKey>) -> Result<Verified, RepoError> {
-    verify_car(&car::read(bytes).await?, key)
+    Ok(verify_car(&car::read(bytes).await?, key)?.0)
 }
 
-/// [`verify`] of a CAR already read (and its blocks' hashes checked).
-pub fn verify_car(car: &Car, key: Option<&PublicKey>) -> Result<Verified, RepoError> {
+/// [`verify`] of a CAR already read (and its blocks' hashes checked),
+/// with the records it holds: (path, CID) in key order.
+pub fn verify_car(
+    car: &Car,
+    key: Option<&PublicKey>,
+) -> Result<(Verified, Vec<(String, Cid)>), RepoError> {
     let loaded = load(car)?;
     let mut signature_checked = false;
     if let Some((_, commit)) = &loaded.commit {
@@ -556,13 +560,14 @@ pub fn verify_car(car: &Car, key: Option<&PublicKey>) -> Result<Verified, RepoEr
             rebuilt: rebuilt.root.to_string(),
         });
     }
-    Ok(Verified {
+    let verified = Verified {
         data: loaded.tree.root,
         commit: loaded.commit,
         records: entries.len(),
         nodes: loaded.nodes.len(),
         signature_checked,
-    })
+    };
+    Ok((verified, entries))
 }
 
 /// The changes from the repository in CAR `a` to the one in CAR `b`.

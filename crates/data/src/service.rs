@@ -408,6 +408,14 @@ pub struct WriteOp {
     pub create: bool,
 }
 
+/// A write as the service takes it, borrowed from the caller.
+struct WriteRef<'a> {
+    collection: &'a str,
+    rkey: Option<&'a str>,
+    value: Option<&'a Value>,
+    create: bool,
+}
+
 /// The most writes one batch commits (atproto's `applyWrites` takes 200).
 pub const MAX_BATCH: usize = 200;
 
@@ -905,13 +913,13 @@ impl DataCommons {
         value: Option<&Value>,
         create: bool,
     ) -> Result<WriteResult, DataError> {
-        let op = WriteOp {
-            collection: collection.to_owned(),
-            rkey: Some(rkey.to_owned()),
-            value: value.cloned(),
+        let op = WriteRef {
+            collection,
+            rkey: Some(rkey),
+            value,
             create,
         };
-        let mut done = self.write_all(call, std::slice::from_ref(&op), false)?;
+        let mut done = self.write_all(call, &[op], false)?;
         Ok(done.remove(0))
     }
 
@@ -929,13 +937,22 @@ impl DataCommons {
                 format!("send 1 to {MAX_BATCH} writes, not {}", writes.len()),
             ));
         }
-        self.write_all(call, writes, true)
+        let writes: Vec<WriteRef<'_>> = writes
+            .iter()
+            .map(|w| WriteRef {
+                collection: &w.collection,
+                rkey: w.rkey.as_deref(),
+                value: w.value.as_ref(),
+                create: w.create,
+            })
+            .collect();
+        self.write_all(call, &writes, true)
     }
 
     fn write_all(
         &self,
         call: &AppCall,
-        writes: &[WriteOp],
+        writes: &[WriteRef<'_>],
         batch: bool,
     ) -> Result<Vec<WriteResult>, DataError> {
         let mut guard = self.state();
@@ -950,9 +967,9 @@ impl DataCommons {
                 },
                 other => other,
             };
-            let (info, app_use) = may_write(state, call, &w.collection)?;
-            let rkey = match &w.rkey {
-                Some(r) => r.clone(),
+            let (info, app_use) = may_write(state, call, w.collection)?;
+            let rkey = match w.rkey {
+                Some(r) => r.to_owned(),
                 None if w.create => self.shared.clock.next(),
                 None => {
                     return Err(at(DataError::invalid(
@@ -962,7 +979,7 @@ impl DataCommons {
                 }
             };
             syntax::record_key(&rkey).map_err(|e| at(DataError::invalid("rkey", e.to_string())))?;
-            let (record, plain_len) = match &w.value {
+            let (record, plain_len) = match w.value {
                 Some(value) => (
                     Some(
                         model::from_json(value)
@@ -975,7 +992,7 @@ impl DataCommons {
             let (block, indexed) = match &record {
                 Some(record) => {
                     let (block, indexed) =
-                        prepare_record(state, &call.user, &info, (&w.collection, &rkey), record)
+                        prepare_record(state, &call.user, &info, (w.collection, &rkey), record)
                             .map_err(at)?;
                     (Some(block), indexed)
                 }
@@ -999,14 +1016,14 @@ impl DataCommons {
         let paths: Vec<String> = changes.iter().map(|c| c.path.clone()).collect();
         let landed = self.commit_changes(state, &call.user, changes)?;
         for (w, bytes) in writes.iter().zip(&sizes) {
-            note_access(state, &call.user, &call.app, &w.collection, "write", *bytes);
+            note_access(state, &call.user, &call.app, w.collection, "write", *bytes);
         }
         drop(guard);
         for (w, bytes) in writes.iter().zip(&sizes) {
             self.shared.usage.record(UsageEvent {
                 user: call.user.clone(),
                 app: call.app.clone(),
-                collection: w.collection.clone(),
+                collection: w.collection.to_owned(),
                 action: "write",
                 bytes: *bytes,
             });
@@ -1567,9 +1584,7 @@ impl DataCommons {
     pub fn import_repo(&self, user: &str, bytes: &[u8]) -> Result<RepoImported, DataError> {
         let bad = |e: &dyn std::fmt::Display| DataError::invalid("car", e.to_string());
         let car = crate::car::read_sync(bytes).map_err(|e| bad(&e))?;
-        let verified = crate::repo::verify_car(&car, None).map_err(|e| bad(&e))?;
-        let loaded = crate::repo::load(&car).map_err(|e| bad(&e))?;
-        let entries = loaded.tree.entries(&loaded.nodes).map_err(|e| bad(&e))?;
+        let (verified, entries) = crate::repo::verify_car(&car, None).map_err(|e| bad(&e))?;
         let source = match &verified.commit {
             Some((cid, _)) => cid.to_string(),
             None => verified.data.to_string(),

@@ -646,13 +646,14 @@ pub fn site_network(home: &Path, deployment: &str, egress: bool) -> std::io::Res
     if !net.exists() {
         ensure(&net)?;
     }
-    sync_egress(&net, egress)?;
+    sync(&net, Allowance::Egress, egress)?;
     Ok(net)
 }
 
-/// What this process last put in `@egress_sites`, by namespace: forgotten
-/// when a namespace is removed (its index may go to another site).
-static EGRESS_SET: Mutex<BTreeMap<String, bool>> = Mutex::new(BTreeMap::new());
+/// What this process last put in the firewall's sets (`@egress_sites`,
+/// `@data_sites`), by namespace: forgotten when a namespace is removed
+/// (its index may go to another site).
+static SYNCED: Mutex<BTreeMap<(String, Allowance), bool>> = Mutex::new(BTreeMap::new());
 
 /// Lets `deployment`'s network out to the internet or not, if it has one.
 pub fn set_egress(home: &Path, deployment: &str, egress: bool) -> std::io::Result<()> {
@@ -662,20 +663,21 @@ pub fn set_egress(home: &Path, deployment: &str, egress: bool) -> std::io::Resul
     let net = SiteNet::of(index, crate::settings::current().network)?;
     if net.exists() {
         crate::settings::current().firewall().install()?;
-        sync_egress(&net, egress)?;
+        sync(&net, Allowance::Egress, egress)?;
     }
     Ok(())
 }
 
-/// Puts the site in or out of `@egress_sites`, asking nft only when this
+/// Puts the site in or out of `what`'s set, asking nft only when this
 /// process has not set it so already.
-fn sync_egress(net: &SiteNet, egress: bool) -> std::io::Result<()> {
-    let mut set = EGRESS_SET.lock().unwrap_or_else(|p| p.into_inner());
-    if set.get(&net.netns) == Some(&egress) {
+fn sync(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
+    let mut synced = SYNCED.lock().unwrap_or_else(|p| p.into_inner());
+    let key = (net.netns.clone(), what);
+    if synced.get(&key) == Some(&yes) {
         return Ok(());
     }
-    allow(net, Allowance::Egress, egress)?;
-    set.insert(net.netns.clone(), egress);
+    allow(net, what, yes)?;
+    synced.insert(key, yes);
     Ok(())
 }
 
@@ -698,10 +700,10 @@ pub fn remove_site(home: &Path, deployment: &str) {
 /// end; both are asked for in case one was left alone), and its place in
 /// the firewall's sets.
 pub fn remove(net: &SiteNet) {
-    EGRESS_SET
+    SYNCED
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .remove(&net.netns);
+        .retain(|(netns, _), _| *netns != net.netns);
     for instance in instances_of(net) {
         let _ = run("ip", &["netns", "del", &instance], None);
     }
@@ -742,7 +744,7 @@ pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
 }
 
 /// What a site may reach beyond the gateway's requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Allowance {
     Egress,
     Postgres,
@@ -761,7 +763,7 @@ pub fn data_api_url(
 ) -> std::io::Result<Option<String>> {
     let api = api.filter(|_| wanted);
     if let Some(net) = net {
-        allow(net, Allowance::Data, api.is_some())?;
+        sync(net, Allowance::Data, api.is_some())?;
     }
     Ok(api.map(|api| match net {
         Some(net) => format!("http://{}:{}", net.host_ip, api.port()),
