@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -20,10 +21,19 @@ use crate::AgentError;
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
+/// A request's body: JSON in memory, or a file streamed from disk.
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: Vec<u8>) -> Body {
+    Full::new(Bytes::from(bytes))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
 /// A control plane at `base` (`https://HOST:PORT`).
 pub struct ControlPlane {
     base: String,
-    client: Client<Https, Full<Bytes>>,
+    client: Client<Https, Body>,
 }
 
 /// How long a call may take beyond the wait it asked for.
@@ -77,18 +87,29 @@ impl ControlPlane {
         body: Option<Vec<u8>>,
         extra_wait: Duration,
     ) -> Result<Bytes, AgentError> {
+        let kind = body.as_ref().map(|_| "application/json");
+        let body = full(body.unwrap_or_default());
+        self.send(method, path, kind, body, extra_wait, None).await
+    }
+
+    /// Sends a request; its answer's body is returned, or written to `into`
+    /// (then nothing is returned) when the call succeeds.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        kind: Option<&str>,
+        body: Body,
+        extra_wait: Duration,
+        into: Option<&mut tokio::fs::File>,
+    ) -> Result<Bytes, AgentError> {
         let mut req = Request::builder().uri(format!("{}{path}", self.base));
-        if body.is_some() {
-            let kind = if method == Method::PUT {
-                "application/x-tar"
-            } else {
-                "application/json"
-            };
+        if let Some(kind) = kind {
             req = req.header("content-type", kind);
         }
         let req = req
             .method(method)
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(body)
             .map_err(|e| AgentError::Failed(e.to_string()))?;
         let call = async {
             let resp = self.client.request(req).await.map_err(|e| {
@@ -102,12 +123,20 @@ impl ControlPlane {
                 AgentError::Failed(format!("cannot reach the control plane: {text}"))
             })?;
             let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| AgentError::Failed(e.to_string()))?
-                .to_bytes();
+            let failed = |e: &dyn std::fmt::Display| AgentError::Failed(e.to_string());
+            let mut body = resp.into_body();
+            if let (Some(file), true) = (into, status.is_success()) {
+                use tokio::io::AsyncWriteExt;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| failed(&e))?;
+                    if let Ok(data) = frame.into_data() {
+                        file.write_all(&data).await.map_err(|e| failed(&e))?;
+                    }
+                }
+                file.flush().await.map_err(|e| failed(&e))?;
+                return Ok((status, Bytes::new()));
+            }
+            let bytes = body.collect().await.map_err(|e| failed(&e))?.to_bytes();
             Ok::<_, AgentError>((status, bytes))
         };
         let (status, bytes) = tokio::time::timeout(CALL_TIMEOUT + extra_wait, call)
@@ -180,25 +209,53 @@ impl ControlPlane {
         .map(|_| ())
     }
 
-    /// Sends `bytes` as `site`'s snapshot, on its way to another node.
-    pub async fn upload_snapshot(
+    /// Streams the file at `from` as an increment of `site`, on its way to
+    /// another node.
+    pub async fn upload_increment(
         &self,
         node: &str,
         site: &str,
-        bytes: Vec<u8>,
+        from: &std::path::Path,
     ) -> Result<(), AgentError> {
         let path = format!("/agent/v1/nodes/{node}/snapshots/{site}");
-        self.call::<serde_json::Value>(Method::PUT, &path, Some(bytes), Duration::from_secs(600))
+        let file = tokio::fs::File::open(from)
             .await
-            .map(|_| ())
+            .map_err(|e| AgentError::Failed(format!("{}: {e}", from.display())))?;
+        let frames = futures_util::TryStreamExt::map_ok(
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024),
+            hyper::body::Frame::data,
+        );
+        let body = BodyExt::boxed(StreamBody::new(frames));
+        self.send(
+            Method::PUT,
+            &path,
+            Some("application/octet-stream"),
+            body,
+            Duration::from_secs(3600),
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
-    /// The snapshot of `site` shipped to this node.
-    pub async fn download_snapshot(&self, node: &str, site: &str) -> Result<Vec<u8>, AgentError> {
+    /// Streams the increment of `site` shipped to this node into `into`.
+    pub async fn download_increment(
+        &self,
+        node: &str,
+        site: &str,
+        into: &mut tokio::fs::File,
+    ) -> Result<(), AgentError> {
         let path = format!("/agent/v1/nodes/{node}/snapshots/{site}");
-        self.raw(Method::GET, &path, None, Duration::from_secs(600))
-            .await
-            .map(|b| b.to_vec())
+        self.send(
+            Method::GET,
+            &path,
+            None,
+            full(Vec::new()),
+            Duration::from_secs(3600),
+            Some(into),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn usage(&self, node: &str, batch: &UsageBatch) -> Result<(), AgentError> {

@@ -7,7 +7,10 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
 use commons_engine::apply::Quiet;
+use commons_engine::increments::{apply_increment, Shipped, Stats};
 use commons_engine::Engine;
 
 use crate::client::ControlPlane;
@@ -24,6 +27,15 @@ pub struct Link<'a> {
 pub struct Executor {
     engine: Engine,
     dir: PathBuf,
+    /// For each site this node ships away: to which node, the last
+    /// increment shipped and what that node holds since.
+    shipping: std::sync::Mutex<HashMap<String, Shipping>>,
+}
+
+struct Shipping {
+    to: String,
+    last: u64,
+    shipped: Shipped,
 }
 
 fn report(outcome: &str, detail: impl Into<String>) -> Report {
@@ -47,7 +59,12 @@ impl Executor {
         let dir = crate::join::dir(home);
         commons_files::private_dir(&dir.join("ops"))?;
         commons_files::private_dir(&dir.join("sites"))?;
-        Ok(Executor { engine, dir })
+        commons_files::private_dir(&dir.join("moves"))?;
+        Ok(Executor {
+            engine,
+            dir,
+            shipping: Default::default(),
+        })
     }
 
     /// Runs `assigned` once; a repeat of its id answers the first report.
@@ -151,7 +168,23 @@ impl Executor {
                 }
                 Ok(format!("drained: {}", stopped.join(", ")))
             }
-            Operation::Restore { site, snapshot } => {
+            Operation::Restore {
+                site,
+                snapshot,
+                increment: Some(n),
+            } => {
+                let link = linked()?;
+                let stats = self.receive(link, site, snapshot, *n == 0).await?;
+                Ok(format!(
+                    "{site}: increment {n} applied ({})",
+                    describe(&stats)
+                ))
+            }
+            Operation::Restore {
+                site,
+                snapshot,
+                increment: None,
+            } => {
                 self.site_dir(site)?;
                 let archive = self.local_archive(snapshot)?;
                 self.restore(site, &archive).await
@@ -161,19 +194,14 @@ impl Executor {
                 let stopped = self.engine.idle(site).await.map_err(e)?;
                 Ok(format!("{site} frozen: stopped {}", stopped.join(", ")))
             }
-            Operation::ShipIncrement { site, to } => {
+            Operation::ShipIncrement {
+                site,
+                to,
+                increment,
+            } => {
                 self.site_dir(site)?;
                 let link = linked()?;
-                let b = self.engine.backup(site).map_err(e)?;
-                let bytes = std::fs::read(&b.path).map_err(|e| e.to_string())?;
-                link.client
-                    .upload_snapshot(link.node, site, bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(format!(
-                    "{site} shipped for {to}: sha256:{} ({} bytes)",
-                    b.sha256, b.bytes
-                ))
+                self.ship(link, site, to, *increment).await
             }
             Operation::CutOver {
                 site,
@@ -187,27 +215,122 @@ impl Executor {
                 site,
                 snapshot: Some(sha256),
             } => {
-                let dir = self.site_dir(site)?;
                 let link = linked()?;
-                let bytes = link
-                    .client
-                    .download_snapshot(link.node, site)
+                let copy = self.copy_dir(site)?;
+                // Without a copy begun here, the last increment must be the
+                // whole site (the control plane then ships increment 0).
+                let fresh = !copy.join("manifest.json").exists();
+                let stats = self.receive(link, site, sha256, fresh).await?;
+                self.destroy_if_here(site).await?;
+                let restored = self
+                    .engine
+                    .restore_copy(&copy, Some(site), 4, &Quiet)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let got = crate::protocol::pin_of(&bytes);
-                if got != *sha256 {
-                    return Err(format!(
-                        "the snapshot of {site} is not the one shipped (sha256 {got}, expected {sha256})"
-                    ));
-                }
-                commons_files::private_dir(&dir).map_err(|e| e.to_string())?;
-                let archive = dir.join("incoming.tar");
-                commons_files::write_durable(&archive, &bytes).map_err(|e| e.to_string())?;
-                let done = self.restore(site, &archive).await;
-                let _ = std::fs::remove_file(&archive);
-                done
+                    .map_err(e);
+                let _ = std::fs::remove_dir_all(&copy);
+                restored?;
+                Ok(format!(
+                    "{site} restored from its copy and serving (last increment: {})",
+                    describe(&stats)
+                ))
             }
         }
+    }
+
+    /// Where the copy of a site moving here is built.
+    fn copy_dir(&self, site: &str) -> Result<PathBuf, String> {
+        Ok(self.site_dir(site)?.join("copy"))
+    }
+
+    /// Ships increment `n` of `site` for node `to`: written to a file here
+    /// (the site may be serving: reading it takes as long as it takes),
+    /// then streamed to the control plane.
+    async fn ship(&self, link: &Link<'_>, site: &str, to: &str, n: u64) -> Result<String, String> {
+        let mut state = self
+            .shipping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(site)
+            .filter(|s| n > 0 && s.to == to && s.last + 1 == n)
+            .unwrap_or_else(|| Shipping {
+                to: to.to_string(),
+                last: 0,
+                shipped: Shipped::default(),
+            });
+        let whole = state.shipped.is_empty();
+        let file = self.dir.join("moves").join(format!("{site}.increment"));
+        let written = tokio::task::block_in_place(|| {
+            let mut out = std::io::BufWriter::with_capacity(
+                1 << 20,
+                std::fs::File::create(&file).map_err(|e| e.to_string())?,
+            );
+            self.engine
+                .write_increment(site, &mut state.shipped, &mut out)
+                .map_err(|e| e.to_string())
+        });
+        let sent = match written {
+            Ok(stats) => link
+                .client
+                .upload_increment(link.node, site, &file)
+                .await
+                .map(|_| stats)
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&file);
+        // What was not shipped is not held there: the next increment
+        // starts again from the whole.
+        let stats = sent?;
+        state.last = n;
+        self.shipping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(site.to_string(), state);
+        Ok(format!(
+            "{site}: increment {n} shipped for {to}{} ({})",
+            if whole && n > 0 { ", whole" } else { "" },
+            describe(&stats)
+        ))
+    }
+
+    /// Fetches the increment shipped to this node for `site`, checks it is
+    /// the one with `sha256`, and applies it to the site's copy.
+    async fn receive(
+        &self,
+        link: &Link<'_>,
+        site: &str,
+        sha256: &str,
+        fresh: bool,
+    ) -> Result<Stats, String> {
+        let dir = self.site_dir(site)?;
+        commons_files::private_dir(&dir).map_err(|e| e.to_string())?;
+        let path = dir.join("incoming.increment");
+        let mut file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let fetched = link
+            .client
+            .download_increment(link.node, site, &mut file)
+            .await
+            .map_err(|e| e.to_string());
+        drop(file);
+        let applied = fetched.and_then(|_| {
+            tokio::task::block_in_place(|| {
+                let got = crate::protocol::sha256_of_file(&path).map_err(|e| e.to_string())?;
+                if got != sha256 {
+                    return Err(format!(
+                        "the increment of {site} is not the one shipped (sha256 {got}, expected {sha256})"
+                    ));
+                }
+                let mut input = std::io::BufReader::with_capacity(
+                    1 << 20,
+                    std::fs::File::open(&path).map_err(|e| e.to_string())?,
+                );
+                apply_increment(&dir.join("copy"), &mut input, fresh).map_err(|e| e.to_string())
+            })
+        });
+        let _ = std::fs::remove_file(&path);
+        applied
     }
 
     /// A snapshot this node took, by its sha256.
@@ -309,6 +432,14 @@ impl Executor {
             })
             .collect()
     }
+}
+
+/// An increment's size, for reports.
+fn describe(s: &Stats) -> String {
+    format!(
+        "{} of {} blocks, {} of {} bytes, {} entries",
+        s.blocks_sent, s.blocks, s.bytes_sent, s.bytes, s.entries
+    )
 }
 
 #[cfg(test)]

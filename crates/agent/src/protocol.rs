@@ -9,8 +9,8 @@
 //! | `GET /agent/v1/nodes/ID/assignments?after=REV&wait=SECS` | the node ID | [`Assignments`] after revision REV, waiting up to SECS for one |
 //! | `POST /agent/v1/nodes/ID/operations/OP` | the node ID | [`Report`] of operation OP → 204 |
 //! | `POST /agent/v1/nodes/ID/usage` | the node ID | [`UsageBatch`] → 204 |
-//! | `PUT /agent/v1/nodes/ID/snapshots/SITE` | the node ID, while it ships SITE away | the snapshot's bytes → 204 |
-//! | `GET /agent/v1/nodes/ID/snapshots/SITE` | the node ID, while SITE moves to it | the snapshot's bytes |
+//! | `PUT /agent/v1/nodes/ID/snapshots/SITE` | the node ID, while it ships SITE away | an increment of SITE's data (`commons_engine::increments`) → 204 |
+//! | `GET /agent/v1/nodes/ID/snapshots/SITE` | the node ID, while SITE moves to it | the latest increment shipped |
 //! | `POST /agent/v1/nodes/ID/tunnel` (`Upgrade: commons-tunnel/1`) | the node ID | 101, then HTTP/2 with the control plane as the client (`tunnel`) |
 //!
 //! Every call but `join` is made with the node's certificate; the node in
@@ -115,17 +115,33 @@ pub enum Operation {
     Remove { site: String },
     /// Back a site up on the node.
     Snapshot { site: String },
-    /// Restore a site from one of its snapshots on the node.
-    Restore { site: String, snapshot: String },
-    /// Send the site's data to the control plane for node `to` (today the
-    /// whole snapshot: the first increment is everything).
-    ShipIncrement { site: String, to: String },
+    /// Restore a site from one of its snapshots on the node (`snapshot`:
+    /// its sha256); or, with `increment`, apply that increment of a site
+    /// moving here (shipped with this sha256) to the copy the node builds
+    /// of it — the site does not start until its cut-over.
+    Restore {
+        site: String,
+        snapshot: String,
+        #[serde(default)]
+        increment: Option<u64>,
+    },
+    /// Send the control plane, for node `to`, increment number `increment`
+    /// of the site's data: what changed since the increment before (the
+    /// first, 0, is everything; so is any increment this node cannot build
+    /// on the one before). The site may be serving meanwhile.
+    ShipIncrement {
+        site: String,
+        to: String,
+        #[serde(default)]
+        increment: u64,
+    },
     /// Stop taking writes for a site (before a cut-over): its components
     /// stop, its data stays.
     Freeze { site: String },
-    /// Start serving a site: from the snapshot with this sha256 shipped to
-    /// this node, or — without one — from its own data again (a frozen
-    /// site resumes).
+    /// Start serving a site: once the last increment of its move (shipped
+    /// with this sha256, after the source froze) completes the copy built
+    /// here, from that copy; or — without one — from its own data again
+    /// (a frozen site resumes).
     CutOver {
         site: String,
         snapshot: Option<String>,
@@ -208,6 +224,26 @@ pub fn pin_of(ca_der: &[u8]) -> String {
         hex.push_str(&format!("{b:02x}"));
     }
     hex
+}
+
+/// The hex SHA-256 of a file's bytes, read in pieces.
+pub fn sha256_of_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// A join token's parts: the CA pin and the secret.

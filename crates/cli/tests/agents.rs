@@ -761,12 +761,18 @@ const WRITES_SITE: &str = r#"name: ledger
 components:
   db:
     sqlite: {}
+  files:
+    volume: {}
   web:
     process: |
-      exec python3 - "${components.db.path}" <<'PY'
-      import os, sqlite3, sys
+      exec python3 - "${components.db.path}" "${components.files.path}" <<'PY'
+      import hashlib, os, sqlite3, sys
       from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
       path = sys.argv[1]
+      blob = os.path.join(sys.argv[2], "blob")
+      if not os.path.exists(blob):
+          with open(blob, "wb") as f:
+              f.write(os.urandom(3 * 65536 + 17))
       c = sqlite3.connect(path)
       c.execute("CREATE TABLE IF NOT EXISTS w (n INTEGER PRIMARY KEY)")
       c.commit()
@@ -780,7 +786,9 @@ components:
               self.wfile.write(b)
           def do_GET(self):
               db = sqlite3.connect(path)
-              if self.path.startswith("/has/"):
+              if self.path == "/blob":
+                  self.reply(200, hashlib.sha256(open(blob, "rb").read()).hexdigest())
+              elif self.path.startswith("/has/"):
                   found = db.execute("SELECT 1 FROM w WHERE n = ?", (int(self.path[5:]),)).fetchone()
                   self.reply(200 if found else 404, "")
               else:
@@ -821,6 +829,14 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
         a.log()
     );
 
+    let blob = || {
+        http(gw, "GET", "/blob", &[("Host", "ledger.localhost")], b"")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    let blob_on_a = blob();
+    assert_eq!(blob_on_a.len(), 64, "{blob_on_a}");
+
     // A writer that records every acknowledged write, a reader that counts
     // failed reads; the move happens under both.
     let stop = AtomicBool::new(false);
@@ -851,17 +867,16 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
         });
         std::thread::sleep(Duration::from_secs(1));
         let (code, v) = admin.post("/api/placements/ledger/move", json!({ "to": node_b }));
-        assert_eq!(code, 202, "{v}");
-        assert!(
-            wait_for(Duration::from_secs(120), || node_state(&admin, &node_b)
-                ["placed"]
-                == json!(["ledger"])),
-            "the site moved to B:\n{}\n{}",
-            a.log(),
-            b.log()
-        );
+        let moved = code == 202
+            && wait_for(Duration::from_secs(120), || {
+                node_state(&admin, &node_b)["placed"] == json!(["ledger"])
+            });
         std::thread::sleep(Duration::from_secs(1));
+        // The load stops before anything is asserted: a failed assertion
+        // must not leave the scope waiting for its threads.
         stop.store(true, Ordering::Relaxed);
+        assert_eq!(code, 202, "{v}");
+        assert!(moved, "the site moved to B:\n{}\n{}", a.log(), b.log());
         let (acked, failed_writes, slowest) = writer.join().unwrap();
         let (failed_reads, reads) = reader.join().unwrap();
         (acked, failed_writes, slowest, failed_reads, reads)
@@ -884,6 +899,16 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
         .filter(|n| request("GET", &format!("/has/{n}")) != 200)
         .collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    // The volume came too; the copy was built while A served (increment 0),
+    // and completed by an increment after the freeze.
+    assert_eq!(blob(), blob_on_a, "the volume's file moved intact");
+    let (log_a, log_b) = (a.log(), b.log());
+    assert!(log_b.contains("increment 0 applied"), "{log_b}");
+    assert!(
+        log_a.contains("increment 1 shipped for"),
+        "a last increment after the live one:\n{log_a}"
+    );
+    assert!(log_b.contains("restored from its copy"), "{log_b}");
     // A keeps its copy, stopped, until the operator confirms the move.
     assert!(a.get("ledger").is_none(), "A no longer serves it");
     assert_eq!(node_state(&admin, &node_a)["kept"], json!(["ledger"]));

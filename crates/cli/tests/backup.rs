@@ -60,8 +60,22 @@ components:
     )
     .unwrap();
 
+    // A link the tenant made to a host file it cannot read: archived as a
+    // link, never as the file's bytes.
+    let secret = s.dir.join("host-secret");
+    std::fs::write(&secret, "canary-host-secret-7d1f").unwrap();
+    std::os::unix::fs::symlink(&secret, s.home.join("deployments/notes/volumes/files/leak"))
+        .unwrap();
+
     let b = run(&s, &["backup", "notes", "--json"]).json();
     let archive = b["path"].as_str().unwrap().to_string();
+    let bytes = std::fs::read(&archive).unwrap();
+    assert!(
+        !bytes
+            .windows(b"canary-host-secret".len())
+            .any(|w| w == b"canary-host-secret"),
+        "a link in a volume was followed into the backup"
+    );
     assert!(
         archive.ends_with(&format!("{}.tar", b["sha256"].as_str().unwrap())),
         "content-addressed: {archive}"
@@ -120,5 +134,7 @@ components:
         .unwrap(),
         "kept in a volume"
     );
+    let leak = s.home.join("deployments/notes-copy/volumes/files/leak");
+    assert!(leak.is_symlink(), "restored as the link it was");
     run(&s, &["destroy", "notes-copy"]);
 }

@@ -108,6 +108,16 @@ fn admin_for(db: &str) -> Result<String, EngineError> {
     })
 }
 
+/// A plain-SQL dump of deployment `name`'s database `component`: portable
+/// SQL, no owners or grants, so it loads under a new role.
+pub(crate) fn dump_database(name: &str, component: &str) -> Result<Vec<u8>, EngineError> {
+    let conn = admin_for(&db_name(name, component))?;
+    pg_tool(
+        "pg_dump",
+        &["--no-owner", "--no-privileges", "--dbname", &conn],
+    )
+}
+
 /// Writes the backup of `name`.
 pub(crate) fn write(
     engine: &crate::Engine,
@@ -120,6 +130,9 @@ pub(crate) fn write(
     let commit = history.last().map(|e| e.commit.clone()).unwrap_or_default();
     let mut tar = tar::Builder::new(Vec::new());
     tar.mode(tar::HeaderMode::Deterministic);
+    // A link a tenant made in its data is archived as a link: followed, it
+    // would copy whatever it names on the host into the tenant's backup.
+    tar.follow_symlinks(false);
     let staging = layout.home.join("clones").join(crate::secrets::token());
     records::checkout(&layout.records_dir(name).display().to_string(), &staging)?;
     add_dir(&mut tar, &staging, "record")?;
@@ -138,12 +151,7 @@ pub(crate) fn write(
                 volumes.push(component.clone());
             }
             "postgres" => {
-                let conn = admin_for(&db_name(name, component))?;
-                // Portable SQL: no owners or grants, so it loads under a new role.
-                let dump = pg_tool(
-                    "pg_dump",
-                    &["--no-owner", "--no-privileges", "--dbname", &conn],
-                )?;
+                let dump = dump_database(name, component)?;
                 add_bytes(&mut tar, &format!("postgres/{component}.sql"), &dump)?;
                 databases.push(component.clone());
             }
@@ -200,15 +208,19 @@ pub(crate) fn unpack(archive: &Path, into: &Path) -> Result<Manifest, EngineErro
         .map_err(|e| {
             EngineError::Input(format!("cannot unpack backup {}: {e}", archive.display()))
         })?;
-    let manifest: Manifest = std::fs::read(into.join("manifest.json"))
+    read_manifest(
+        into,
+        &format!("{} is not a OneCommons backup", archive.display()),
+    )
+}
+
+/// The manifest of an unpacked backup, or of a copy built for a move, at
+/// `dir`; `what` says what it is not when it has none.
+pub(crate) fn read_manifest(dir: &Path, what: &str) -> Result<Manifest, EngineError> {
+    let manifest: Manifest = std::fs::read(dir.join("manifest.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .ok_or_else(|| {
-            EngineError::Input(format!(
-                "{} is not a OneCommons backup (no manifest)",
-                archive.display()
-            ))
-        })?;
+        .ok_or_else(|| EngineError::Input(format!("{what} (no manifest)")))?;
     if manifest.format != FORMAT {
         return Err(EngineError::Input(format!(
             "unknown backup format {:?}",
@@ -236,7 +248,28 @@ pub(crate) fn load_database(app_url: &str, dump: &Path) -> Result<(), EngineErro
     Ok(())
 }
 
-/// Copies a directory tree (restoring data and volumes).
+/// Puts a directory tree in place (restoring data and volumes): renamed
+/// when it can be — a copy built for a move is gigabytes, and is not needed
+/// where it was — copied otherwise. `from` is consumed either way.
+pub(crate) fn move_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    // An empty directory in the way is replaced; anything else is merged into.
+    let _ = std::fs::remove_dir(to);
+    if !to.exists() {
+        if let Some(parent) = to.parent() {
+            commons_runtime::layout::private_dir(parent)
+                .map_err(io(format!("creating {}", parent.display())))?;
+        }
+        if std::fs::rename(from, to).is_ok() {
+            return Ok(());
+        }
+    }
+    copy_tree(from, to)
+}
+
+/// Copies a directory tree; links are made again as links, never followed.
 pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
     if !from.is_dir() {
         return Ok(());
@@ -250,8 +283,17 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), EngineError> {
             .flatten()
         {
             let (s, d) = (e.path(), dst.join(e.file_name()));
-            if s.is_dir() {
+            let kind = e
+                .file_type()
+                .map_err(io(format!("reading {}", s.display())))?;
+            if kind.is_dir() {
                 todo.push((s, d));
+            } else if kind.is_symlink() {
+                let target =
+                    std::fs::read_link(&s).map_err(io(format!("reading {}", s.display())))?;
+                let _ = std::fs::remove_file(&d);
+                std::os::unix::fs::symlink(target, &d)
+                    .map_err(io(format!("restoring {}", d.display())))?;
             } else {
                 std::fs::copy(&s, &d).map_err(io(format!("restoring {}", d.display())))?;
             }

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod backup;
 mod deploy;
 mod hosting;
+pub mod increments;
 pub mod plan;
 pub mod records;
 pub mod secrets;
@@ -173,18 +174,23 @@ impl Engine {
     /// Writes a backup of `name` (data, volumes, databases, record) to the archive.
     pub fn backup(&self, name: &str) -> Result<backup::Backup, EngineError> {
         let _lock = self.lock(name)?;
+        let kinds = self.component_kinds(name)?;
+        backup::write(self, name, &kinds, now_ms())
+    }
+
+    /// Each component of deployment `name` with its kind.
+    fn component_kinds(&self, name: &str) -> Result<Vec<(String, String)>, EngineError> {
         if self.store.deployment(name)?.is_none() {
             return Err(EngineError::Input(format!(
                 "no deployment named \"{name}\""
             )));
         }
-        let kinds: Vec<(String, String)> = self
+        Ok(self
             .store
             .components(name)?
             .into_iter()
             .map(|c| (c.name, c.kind))
-            .collect();
-        backup::write(self, name, &kinds, now_ms())
+            .collect())
     }
 
     /// Stands a backed-up deployment up again, under its name or `as_name`,
@@ -235,10 +241,10 @@ impl Engine {
             .unwrap_or("source/commons.yaml")
             .to_string();
         let dest = self.layout.deployment_dir(&name).join("source");
-        backup::copy_tree(&staging.join("record"), &dest)?;
-        backup::copy_tree(&staging.join("data"), &self.layout.data_dir(&name))?;
+        backup::move_tree(&staging.join("record"), &dest)?;
+        backup::move_tree(&staging.join("data"), &self.layout.data_dir(&name))?;
         for v in &manifest.volumes {
-            backup::copy_tree(
+            backup::move_tree(
                 &staging.join("volumes").join(v),
                 &self.layout.volume_dir(&name, v),
             )?;

@@ -162,8 +162,10 @@ async fn tunnel(
         .expect("a valid response"))
 }
 
-/// A node ships a site's snapshot while the site moves away from it; it
-/// is streamed to a file under `nodes/snapshots/`, never into a database.
+/// A node ships an increment of a site while the site moves away from it;
+/// it is streamed to a file under `nodes/snapshots/` (never into a
+/// database, never whole in memory) and hashed on the way, so the node it
+/// goes to can check it got those bytes.
 async fn ship_snapshot(
     State(state): State<Arc<AppState>>,
     AsNode(node): AsNode,
@@ -183,17 +185,27 @@ async fn ship_snapshot(
     let io = |e: std::io::Error| AppError::new(ErrorKind::Internal, "Snapshot", e.to_string());
     crate::private_dir(path.parent().expect("in a directory")).map_err(io)?;
     let partial = path.with_extension("part");
-    let mut file = tokio::fs::File::create(&partial).await.map_err(io)?;
+    let file = tokio::fs::File::create(&partial).await.map_err(io)?;
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, file);
+    let mut hash = <sha2::Sha256 as sha2::Digest>::new();
     let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
             AppError::new(ErrorKind::Malformed, "Snapshot cut short", e.to_string())
         })?;
         if let Ok(data) = frame.into_data() {
+            sha2::Digest::update(&mut hash, &data);
             file.write_all(&data).await.map_err(io)?;
         }
     }
-    file.sync_all().await.map_err(io)?;
+    file.flush().await.map_err(io)?;
+    let sha256: String = sha2::Digest::finalize(hash)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    tokio::fs::write(path.with_extension("sha256"), &sha256)
+        .await
+        .map_err(io)?;
     tokio::fs::rename(&partial, &path).await.map_err(io)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -211,12 +223,13 @@ async fn fetch_snapshot(
             format!("{site} is not moving to node {node}"),
         ));
     }
-    let bytes = tokio::fs::read(state.nodes.snapshot_path(&site))
+    let file = tokio::fs::File::open(state.nodes.snapshot_path(&site))
         .await
         .map_err(|e| AppError::new(ErrorKind::NotFound, "No snapshot", e.to_string()))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/x-tar")],
-        bytes,
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(stream),
     )
         .into_response())
 }

@@ -177,11 +177,14 @@ pub struct MoveStarted {
     pub to: String,
 }
 
-/// Moves a placed site, with its data, to node `to`: the source freezes,
-/// ships its snapshot, the target restores it and starts; meanwhile new
-/// connections to the site wait rather than fail, and are released to the
-/// target once it serves. When any step fails the source serves again.
-/// Runs in the background on the caller's runtime.
+/// Moves a placed site, with its data, to node `to`. While the site keeps
+/// serving from where it is, increments of its data build a copy on the
+/// target, each carrying only what changed since the one before; once one
+/// is small, the move cuts over: new connections wait, those in flight
+/// finish, the source freezes, the last increment ships, and the target
+/// starts from its completed copy; the held connections then go there.
+/// When any step fails the source serves again. Runs in the background on
+/// the caller's runtime.
 pub fn move_site(
     state: &std::sync::Arc<AppState>,
     who: &Principal,
@@ -190,57 +193,38 @@ pub fn move_site(
 ) -> Result<MoveStarted> {
     platform_only(who)?;
     let (from, to) = state.nodes.begin_move(site, to)?;
-    let since_ms = commons_clock::now_ms() as u64;
-    let (nodes, tunnels, s, f, t) = (
-        state.nodes.clone(),
-        state.tunnels.clone(),
-        site.to_string(),
-        from.clone(),
-        to.clone(),
-    );
-    let layout = state.engine.layout.clone();
+    let mover = Mover {
+        nodes: state.nodes.clone(),
+        tunnels: state.tunnels.clone(),
+        layout: state.engine.layout.clone(),
+        site: site.to_string(),
+        from: from.clone(),
+        to: to.clone(),
+    };
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        // New requests wait on the moving epoch's upstream; those in flight
-        // on any other upstream of the site finish before the source
-        // freezes: the gateway must route to the moving one alone.
-        if let Some((component, epoch)) = nodes.route_of(&s) {
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            let drained = || {
-                let routed = tunnels.existing(&s, &component, epoch).is_some_and(|new| {
-                    commons_runtime::drivers::gateway_still_uses(&layout, new, since_ms)
-                });
-                routed
-                    && tunnels.others(&s, epoch).into_iter().all(|old| {
-                        !commons_runtime::drivers::gateway_still_uses(&layout, old, since_ms)
-                    })
-            };
-            while std::time::Instant::now() < deadline && !drained() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let (s, f, t) = (&mover.site, &mover.from, &mover.to);
+        let outcome = mover.carry_out().await;
+        match &outcome {
+            Err(e) => {
+                eprintln!(
+                    "{:>12} {s} from {f} to {t}: {e}; {f} serves it again",
+                    "Failed"
+                );
+                mover.give_up().await;
             }
-        }
-        let outcome = carry_out_move(&nodes, &s, &f, &t).await;
-        if let Err(e) = &outcome {
-            eprintln!(
-                "{:>12} {s} from {f} to {t}: {e}; {f} serves it again",
-                "Failed"
-            );
-            let resume = commons_agent::protocol::Operation::CutOver {
-                site: s.clone(),
-                snapshot: None,
-            };
-            if let Ok((op, _)) = nodes.assign(&f, resume) {
-                let _ = nodes.wait_report(&f, &op, Duration::from_secs(120)).await;
-            }
-        } else {
-            eprintln!(
-                "{:>12} {s} from {f} to {t} in {:?}",
+            Ok(moved) => eprintln!(
+                "{:>12} {s} from {f} to {t} in {:.1?}: {} increments while it served, then held {:.1?}",
                 "Moved",
-                started.elapsed()
-            );
+                started.elapsed(),
+                moved.live_increments,
+                moved.held
+            ),
         }
-        let _ = nodes.finish_move(&s, outcome.is_ok());
-        let _ = std::fs::remove_file(nodes.snapshot_path(&s));
+        let _ = mover.nodes.finish_move(s, outcome.is_ok());
+        let path = mover.nodes.snapshot_path(s);
+        let _ = std::fs::remove_file(path.with_extension("sha256"));
+        let _ = std::fs::remove_file(path);
     });
     Ok(MoveStarted {
         site: site.to_string(),
@@ -249,48 +233,164 @@ pub fn move_site(
     })
 }
 
-async fn carry_out_move(
-    nodes: &crate::nodes::Nodes,
-    site: &str,
-    from: &str,
-    to: &str,
-) -> std::result::Result<(), String> {
-    use commons_agent::protocol::Operation;
-    let step = |node: &str, op: Operation| {
-        let node = node.to_string();
-        async move {
-            let (id, _) = nodes.assign(&node, op).map_err(|e| e.detail)?;
-            match nodes
-                .wait_report(&node, &id, Duration::from_secs(600))
-                .await
-            {
-                Some(r) if r.outcome == "done" => Ok(r.detail),
-                Some(r) => Err(format!("{node}: {} ({})", r.detail, r.outcome)),
-                None => Err(format!("{node} did not report {id} in time")),
+/// Increments shipped while the site serves, at most; then it cuts over
+/// whatever the last one's size.
+const LIVE_INCREMENTS: u64 = 8;
+
+/// An increment this small is the last one shipped while the site serves:
+/// the one after the freeze is about as small, and ships in well under a
+/// second.
+const SMALL_INCREMENT: u64 = 16 << 20;
+
+/// One move, carried out in the background.
+struct Mover {
+    nodes: std::sync::Arc<crate::nodes::Nodes>,
+    tunnels: std::sync::Arc<crate::tunnels::Tunnels>,
+    layout: commons_runtime::Layout,
+    site: String,
+    from: String,
+    to: String,
+}
+
+struct Moved {
+    live_increments: u64,
+    /// From the hold to the cut-over's end: how long new requests waited.
+    held: Duration,
+}
+
+impl Mover {
+    /// Assigns `op` to `node` and waits for its report.
+    async fn step(
+        &self,
+        node: &str,
+        op: commons_agent::protocol::Operation,
+    ) -> std::result::Result<String, String> {
+        let (id, _) = self.nodes.assign(node, op).map_err(|e| e.detail)?;
+        match self
+            .nodes
+            .wait_report(node, &id, Duration::from_secs(3600))
+            .await
+        {
+            Some(r) if r.outcome == "done" => Ok(r.detail),
+            Some(r) => Err(format!("{node}: {} ({})", r.detail, r.outcome)),
+            None => Err(format!("{node} did not report {id} in time")),
+        }
+    }
+
+    /// The source ships increment `n`: answers its sha256 and size.
+    async fn ship(&self, n: u64) -> std::result::Result<(String, u64), String> {
+        self.step(
+            &self.from,
+            commons_agent::protocol::Operation::ShipIncrement {
+                site: self.site.clone(),
+                to: self.to.clone(),
+                increment: n,
+            },
+        )
+        .await?;
+        let path = self.nodes.snapshot_path(&self.site);
+        let sha256 = std::fs::read_to_string(path.with_extension("sha256"))
+            .map_err(|e| format!("the shipped increment's hash: {e}"))?;
+        let bytes = std::fs::metadata(&path)
+            .map_err(|e| format!("the shipped increment: {e}"))?
+            .len();
+        Ok((sha256, bytes))
+    }
+
+    async fn carry_out(&self) -> std::result::Result<Moved, String> {
+        use commons_agent::protocol::Operation;
+        let site = self.site.clone();
+        // The copy is built while the site serves from its source.
+        let mut n = 0;
+        loop {
+            let (sha256, bytes) = self.ship(n).await?;
+            self.step(
+                &self.to,
+                Operation::Restore {
+                    site: site.clone(),
+                    snapshot: sha256,
+                    increment: Some(n),
+                },
+            )
+            .await?;
+            n += 1;
+            if bytes <= SMALL_INCREMENT || n >= LIVE_INCREMENTS {
+                break;
             }
         }
-    };
-    step(from, Operation::Freeze { site: site.into() }).await?;
-    step(
-        from,
-        Operation::ShipIncrement {
-            site: site.into(),
-            to: to.into(),
-        },
-    )
-    .await?;
-    let bytes = std::fs::read(nodes.snapshot_path(site))
-        .map_err(|e| format!("the shipped snapshot: {e}"))?;
-    let sha256 = commons_agent::protocol::pin_of(&bytes);
-    step(
-        to,
-        Operation::CutOver {
-            site: site.into(),
-            snapshot: Some(sha256),
-        },
-    )
-    .await?;
-    Ok(())
+        // The cut-over.
+        let held = std::time::Instant::now();
+        let since_ms = commons_clock::now_ms() as u64;
+        self.nodes.hold_move(&site).map_err(|e| e.detail)?;
+        self.drain(since_ms).await;
+        self.step(&self.from, Operation::Freeze { site: site.clone() })
+            .await?;
+        let (sha256, _) = self.ship(n).await?;
+        self.step(
+            &self.to,
+            Operation::CutOver {
+                site,
+                snapshot: Some(sha256),
+            },
+        )
+        .await?;
+        Ok(Moved {
+            live_increments: n,
+            held: held.elapsed(),
+        })
+    }
+
+    /// New connections wait on the holding epoch's upstream; those in
+    /// flight on any other upstream of the site finish before the source
+    /// freezes: the gateway must route to the holding one alone.
+    async fn drain(&self, since_ms: u64) {
+        let Some((component, epoch)) = self.nodes.route_of(&self.site) else {
+            return;
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let drained = || {
+            let routed = self
+                .tunnels
+                .existing(&self.site, &component, epoch)
+                .is_some_and(|new| {
+                    commons_runtime::drivers::gateway_still_uses(&self.layout, new, since_ms)
+                });
+            routed
+                && self
+                    .tunnels
+                    .others(&self.site, epoch)
+                    .into_iter()
+                    .all(|old| {
+                        !commons_runtime::drivers::gateway_still_uses(&self.layout, old, since_ms)
+                    })
+        };
+        while std::time::Instant::now() < deadline && !drained() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The move failed: the source serves again (it resumes if it froze),
+    /// and the target drops the copy it was building — unless it keeps a
+    /// stopped copy of the site from an earlier move, which stays.
+    async fn give_up(&self) {
+        use commons_agent::protocol::Operation;
+        let resume = Operation::CutOver {
+            site: self.site.clone(),
+            snapshot: None,
+        };
+        if let Ok((op, _)) = self.nodes.assign(&self.from, resume) {
+            let _ = self
+                .nodes
+                .wait_report(&self.from, &op, Duration::from_secs(120))
+                .await;
+        }
+        if !self.nodes.left_on(&self.site).contains(&self.to) {
+            let remove = Operation::Remove {
+                site: self.site.clone(),
+            };
+            let _ = self.nodes.assign(&self.to, remove);
+        }
+    }
 }
 
 /// The nodes a confirmed move's stopped copies are removed from.

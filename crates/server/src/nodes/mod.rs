@@ -99,9 +99,13 @@ struct Placed {
     /// limits), which the gateway holds to as for a site of this machine.
     #[serde(default)]
     route: Option<commons_blueprint::model::Route>,
-    /// The node it is moving to: new connections to it wait meanwhile.
+    /// The node it is moving to. It serves from `node` while its copy is
+    /// built there, then `holding` from the freeze to the cut-over.
     #[serde(default)]
     moving: Option<String>,
+    /// New connections to it wait (its move is cutting over).
+    #[serde(default)]
+    holding: bool,
     /// Nodes it moved away from that keep its stopped copy until the
     /// operator confirms the move.
     #[serde(default)]
@@ -220,7 +224,7 @@ pub struct RoutedSite {
 }
 
 fn epoch(p: &Placed) -> u64 {
-    p.generation * 2 + u64::from(p.moving.is_some())
+    p.generation * 2 + u64::from(p.holding)
 }
 
 /// What placement needs of a blueprint: whether it keeps data (a volume,
@@ -775,6 +779,7 @@ impl Nodes {
                 web,
                 route,
                 moving: None,
+                holding: false,
                 left_on: Vec::new(),
                 request: PlaceRequest {
                     dry_run: false,
@@ -986,10 +991,24 @@ impl Nodes {
         Ok((placed.node, target))
     }
 
+    /// `site`'s move cuts over: new connections to it wait from now on,
+    /// until [`Nodes::finish_move`].
+    pub fn hold_move(&self, site: &str) -> Result<(), AppError> {
+        let mut inner = self.lock();
+        if let Some(p) = inner.reg.placements.get_mut(site) {
+            p.holding = p.moving.is_some();
+        }
+        self.save(&inner.reg)?;
+        drop(inner);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
     /// Ends `site`'s move: on `to` when it succeeded, where it was when not.
     pub fn finish_move(&self, site: &str, succeeded: bool) -> Result<(), AppError> {
         let mut inner = self.lock();
         if let Some(p) = inner.reg.placements.get_mut(site) {
+            p.holding = false;
             if let Some(to) = p.moving.take() {
                 if succeeded {
                     let from = std::mem::replace(&mut p.node, to);
@@ -1051,7 +1070,7 @@ impl Nodes {
             .reg
             .placements
             .get(site)
-            .is_some_and(|p| p.moving.is_some() && self::epoch(p) == epoch)
+            .is_some_and(|p| p.holding && self::epoch(p) == epoch)
     }
 
     /// Whether `node` may send (`sending`) or fetch `site`'s snapshot: the
@@ -1069,13 +1088,14 @@ impl Nodes {
             })
     }
 
-    /// Where `site`'s snapshot waits while it moves.
+    /// Where the latest increment of `site` waits while it moves (and,
+    /// beside it with the extension `sha256`, its hash).
     pub fn snapshot_path(&self, site: &str) -> PathBuf {
         self.path
             .parent()
             .expect("in the nodes directory")
             .join("snapshots")
-            .join(format!("{site}.tar"))
+            .join(format!("{site}.increment"))
     }
 
     /// Waits for `node`'s report of operation `op`, up to `limit`.
@@ -1090,6 +1110,16 @@ impl Nodes {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The nodes that keep a stopped copy of `site` from its earlier moves.
+    pub fn left_on(&self, site: &str) -> Vec<String> {
+        self.lock()
+            .reg
+            .placements
+            .get(site)
+            .map(|p| p.left_on.clone())
+            .unwrap_or_default()
     }
 
     /// The provider a node belongs to.
