@@ -6,6 +6,7 @@ gateway, and a site with SQLite data moved under continuous writes.
 Runs `commons serve` with the agent listener and `commons agent` processes,
 each with a data directory of its own, everything on loopback. Usage:
     python3 bench/agents.py [path/to/commons] [--data-mb N]
+The moved site has N MiB of SQLite and N MiB in a volume (default 64).
 """
 import json, os, shutil, signal, subprocess, sys, tempfile, threading, time
 import http.client
@@ -14,6 +15,7 @@ COMMONS = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") 
 DATA_MB = int(sys.argv[sys.argv.index("--data-mb") + 1]) if "--data-mb" in sys.argv else 64
 ROOT = tempfile.mkdtemp(prefix="commons-bench-agents-")
 CHILDREN = []
+MOVES = []
 
 
 def env(home, extra=None):
@@ -31,7 +33,7 @@ def serve():
         stderr=subprocess.PIPE, text=True)
     CHILDREN.append(p)
     ports = {}
-    while len(ports) < 3:
+    while not {"api", "agents", "http"} <= set(ports):
         line = p.stderr.readline()
         if not line:
             sys.exit("serve stopped")
@@ -44,7 +46,9 @@ def serve():
             ports["agents"] = int(w[1].rsplit(":", 1)[1])
         else:
             ports[w[1]] = int(w[2].rsplit(":", 1)[1])
-    threading.Thread(target=lambda: [None for _ in p.stderr], daemon=True).start()
+    # The control plane's own account of each move ("Moved SITE ... held T").
+    threading.Thread(target=lambda: [MOVES.append(l.strip()) for l in p.stderr
+                                     if l.split()[:1] in (["Moved"], ["Failed"])], daemon=True).start()
     tok = os.path.join(home, "secrets", "admin.token")
     while not os.path.exists(tok):
         time.sleep(0.05)
@@ -101,12 +105,20 @@ WRITES = """name: ledger
 components:
   db:
     sqlite: {}
+  files:
+    volume: {}
   web:
     process: |
-      exec python3 - "${components.db.path}" <<'PY'
+      exec python3 - "${components.db.path}" "${components.files.path}" <<'PY'
       import os, sqlite3, sys
       from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
       path = sys.argv[1]
+      blob = os.path.join(sys.argv[2], "blob")
+      if not os.path.exists(blob):
+          with open(blob + ".part", "wb") as f:
+              for _ in range(int(os.environ.get("FILL_MB", "0"))):
+                  f.write(os.urandom(1048576))
+          os.rename(blob + ".part", blob)
       c = sqlite3.connect(path)
       c.execute("CREATE TABLE IF NOT EXISTS w (n INTEGER PRIMARY KEY)")
       c.execute("CREATE TABLE IF NOT EXISTS filler (b BLOB)")
@@ -231,10 +243,14 @@ def main():
     writer.end()
     reader.end()
     lost = [n for n in writer.acked if call(gw, "GET", "/has/%d" % n, host="ledger.localhost")[0] != 200]
-    print("site with %d MiB of SQLite moved under writes: move %.2f s; write pause (the longest write) %.0f ms "
-          "(target p95 <= 2 s with 1 GiB); %d writes acknowledged, %d lost, %d refused; %d reads, %d failed" % (
-              DATA_MB, moved, max(writer.waits) * 1000, len(writer.acked),
+    print("site with %d MiB of SQLite and %d MiB in a volume moved under writes: move %.2f s; write pause "
+          "(the longest write) %.0f ms (target p95 <= 2 s with 1 GiB); %d writes acknowledged, %d lost, %d refused; "
+          "%d reads, %d failed" % (
+              DATA_MB, DATA_MB, moved, max(writer.waits) * 1000, len(writer.acked),
               len(lost), writer.failed, len(reader.waits), reader.failed))
+    for line in MOVES:
+        if "ledger" in line:
+            print("  control plane: " + line)
 
     # A node killed with kill -9, at the default heartbeat (5 s) and loss
     # (15 s) settings.

@@ -120,6 +120,10 @@ async fn heartbeats(
     }
 }
 
+/// The most usage events a node holds for a control plane that does not
+/// take them (about a day of samples for a hundred sites).
+const MAX_UNSENT: usize = 200_000;
+
 /// Samples the sites' CPU and memory every `every` and sends them as
 /// usage in the node's name.
 async fn send_usage(
@@ -129,6 +133,11 @@ async fn send_usage(
     every: Duration,
 ) {
     let sampler = Arc::new(std::sync::Mutex::new(crate::usage::Sampler::default()));
+    // Usage not yet taken by the control plane: sent again with the next
+    // sample (events carry ids, so one that did arrive is not counted
+    // twice). Money follows usage: it is dropped only when refused as
+    // invalid, or past a bound no outage should reach.
+    let mut unsent: Vec<serde_json::Value> = Vec::new();
     loop {
         tokio::time::sleep(every).await;
         let node = identity.read().await.node.clone();
@@ -142,13 +151,31 @@ async fn send_usage(
         else {
             continue;
         };
-        if events.is_empty() {
+        unsent.extend(events);
+        if unsent.is_empty() {
             continue;
         }
+        if unsent.len() > MAX_UNSENT {
+            let dropped = unsent.len() - MAX_UNSENT;
+            eprintln!(
+                "{:>12} usage: {dropped} events the control plane did not take for too long",
+                "Dropped"
+            );
+            unsent.drain(..dropped);
+        }
         let node = identity.read().await.node.clone();
-        let batch = crate::protocol::UsageBatch { events };
-        if let Err(e) = client.read().await.usage(&node, &batch).await {
-            eprintln!("{:>12} usage: {e}", "Warning");
+        let batch = crate::protocol::UsageBatch {
+            events: std::mem::take(&mut unsent),
+        };
+        match client.read().await.usage(&node, &batch).await {
+            Ok(()) => {}
+            Err(AgentError::Refused(why)) if why.starts_with('4') => {
+                eprintln!("{:>12} usage refused: {why}", "Warning");
+            }
+            Err(e) => {
+                eprintln!("{:>12} usage: {e}; it is sent again", "Warning");
+                unsent = batch.events;
+            }
         }
     }
 }

@@ -347,7 +347,12 @@ impl Meter {
             .map(|e| (e.kind.as_str(), format!("events:{}", e.kind)))
             .collect();
         let mut out = Vec::with_capacity(events.len());
-        let tx = self.conn.transaction()?;
+        // Immediate: the write lock is taken (waiting out the busy timeout)
+        // before anything is read; a read snapshot upgraded to a write
+        // fails at once when another connection wrote since.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let mut existing =
                 tx.prepare_cached("SELECT digest FROM events WHERE source = ?1 AND id = ?2")?;
@@ -553,7 +558,12 @@ impl Meter {
 
     /// Removes a backfill's events and adjustments, whole.
     pub fn revert_backfill(&mut self, backfill: &str) -> Result<usize, MeterError> {
-        let tx = self.conn.transaction()?;
+        // Immediate: the write lock is taken (waiting out the busy timeout)
+        // before anything is read; a read snapshot upgraded to a write
+        // fails at once when another connection wrote since.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let n = tx.execute("DELETE FROM events WHERE backfill = ?1", [backfill])?;
         tx.execute("DELETE FROM aggregates WHERE adjustment = ?1", [backfill])?;
         tx.execute("DELETE FROM usage WHERE adjustment = ?1", [backfill])?;

@@ -293,3 +293,40 @@ fn an_aggregated_event_counts_as_its_count() {
     assert_eq!(by_user["alice"], vec![("wiki".to_string(), 8)]);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn two_writers_on_one_file_wait_for_each_other_instead_of_failing() {
+    // The API and the supervisor each hold a connection to the meter's
+    // file. A batch reads (dedup) before it writes; two such batches at
+    // once must queue on the write lock, not fail with "database is locked"
+    // — a node's usage refused that way was lost money.
+    let (_, dir) = meter("two-writers");
+    let path = dir.join("meter.db");
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut m = Meter::open(&path, 86_400_000).unwrap();
+                for batch in 0..100 {
+                    let events: Vec<Event> = (0..20)
+                        .map(|i| {
+                            ev(
+                                &format!("w{w}-b{batch}-e{i}"),
+                                "2026-11-18T10:00:00Z",
+                                "u1",
+                                "s1",
+                                1,
+                            )
+                        })
+                        .collect();
+                    m.ingest_at(&events, None, NOW)
+                        .unwrap_or_else(|e| panic!("writer {w}, batch {batch}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

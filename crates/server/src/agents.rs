@@ -326,7 +326,17 @@ async fn usage(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: B
     })
     .await
     .map_err(|e| AppError::new(ErrorKind::Internal, "Metering failed", e.to_string()))?
-    .map_err(|e| AppError::new(ErrorKind::Invalid, "Usage refused", e.to_string()))?;
+    .map_err(|e| match e {
+        // The store could not take it now: the node keeps it and sends it again.
+        commons_meter::MeterError::Sqlite(_) => AppError::new(
+            ErrorKind::Unavailable,
+            "Metering unavailable",
+            e.to_string(),
+        ),
+        commons_meter::MeterError::Input(_) => {
+            AppError::new(ErrorKind::Invalid, "Usage refused", e.to_string())
+        }
+    })?;
     // The rest were recorded; the node hears why these were not.
     if let Some(why) = outcomes.iter().find_map(|o| match o {
         commons_meter::Outcome::Rejected(r) => Some(r.to_string()),
