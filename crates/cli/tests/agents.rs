@@ -53,14 +53,27 @@ fn admin(s: &Sandbox, server: &Server) -> Api {
 /// A provider's machine: a data directory of its own.
 struct Agent {
     home: PathBuf,
+    /// Its sites' databases' prefix on the one PostgreSQL server all nodes
+    /// share here (a provider's node would have its own server).
+    prefix: String,
     child: Option<Child>,
+}
+
+/// The PostgreSQL server's administrator connection.
+fn postgres_admin() -> String {
+    std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
 }
 
 impl Agent {
     fn new(s: &Sandbox, name: &str) -> Agent {
         let home = s.dir.join(format!("agent-{name}"));
         std::fs::create_dir_all(&home).unwrap();
-        Agent { home, child: None }
+        Agent {
+            home,
+            prefix: name.replace(|c: char| !c.is_ascii_alphanumeric(), ""),
+            child: None,
+        }
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
@@ -69,6 +82,8 @@ impl Agent {
             .env("COMMONS_HOME", &self.home)
             .env("COMMONS_DAEMON", "off")
             .env("COMMONS_SANDBOX", "0")
+            .env("COMMONS_POSTGRES_URL", postgres_admin())
+            .env("COMMONS_POSTGRES_PREFIX", &self.prefix)
             .env_remove("COMMONS_JOIN_TOKEN")
             .env_remove("CI");
         c
@@ -90,6 +105,8 @@ impl Agent {
                 "2048",
                 "--feature",
                 "sandbox",
+                "--feature",
+                "postgres",
             ])
             .output()
             .unwrap())
@@ -763,11 +780,17 @@ components:
     sqlite: {}
   files:
     volume: {}
+  pg:
+    postgres: {}
   web:
     process: |
       exec python3 - "${components.db.path}" "${components.files.path}" <<'PY'
-      import hashlib, os, sqlite3, sys
+      import hashlib, os, sqlite3, subprocess, sys
       from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+      def psql(sql):
+          return subprocess.run(["psql", os.environ["PG_URL"], "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
+                                check=True, capture_output=True, text=True).stdout.strip()
+      psql("CREATE TABLE IF NOT EXISTS w (n bigint PRIMARY KEY)")
       path = sys.argv[1]
       blob = os.path.join(sys.argv[2], "blob")
       if not os.path.exists(blob):
@@ -789,25 +812,50 @@ components:
               if self.path == "/blob":
                   self.reply(200, hashlib.sha256(open(blob, "rb").read()).hexdigest())
               elif self.path.startswith("/has/"):
-                  found = db.execute("SELECT 1 FROM w WHERE n = ?", (int(self.path[5:]),)).fetchone()
-                  self.reply(200 if found else 404, "")
+                  n = int(self.path[5:])
+                  found = db.execute("SELECT 1 FROM w WHERE n = ?", (n,)).fetchone()
+                  in_pg = psql("SELECT 1 FROM w WHERE n = %d" % n) == "1"
+                  self.reply(200 if found and in_pg else 404, "")
               else:
                   self.reply(200, str(db.execute("SELECT COUNT(*) FROM w").fetchone()[0]))
           def do_POST(self):
               db = sqlite3.connect(path)
-              db.execute("INSERT OR IGNORE INTO w VALUES (?)", (int(self.path[1:]),))
+              n = int(self.path[1:])
+              db.execute("INSERT OR IGNORE INTO w VALUES (?)", (n,))
               db.commit()
+              psql("INSERT INTO w VALUES (%d) ON CONFLICT DO NOTHING" % n)
               self.reply(200, "ok")
           def log_message(self, *a):
               pass
       ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
       PY
+    env: { PG_URL: "${components.pg.url}" }
     health: { http: "/" }
 "#;
+
+fn pg(db: &str) -> postgres::Client {
+    postgres::Client::connect(
+        &format!("{} dbname={db}", postgres_admin()),
+        postgres::NoTls,
+    )
+    .unwrap_or_else(|e| {
+        panic!("PostgreSQL is needed for this test: {e}; `bash scripts/test` starts it")
+    })
+}
 
 #[test]
 fn a_site_with_data_moves_under_load_without_losing_a_write() {
     use std::sync::atomic::{AtomicBool, Ordering};
+    // What an earlier run left on the shared server goes first.
+    let mut admin_db = pg("postgres");
+    for db in ["acme_ledger_pg", "globex_ledger_pg"] {
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            format!("DROP ROLE IF EXISTS {db}"),
+        ] {
+            admin_db.batch_execute(&sql).unwrap();
+        }
+    }
     let s = Sandbox::new("agents-move");
     let (server, admin, a, b) = two_providers(&s);
     let (node_a, node_b) = (a.node(), b.node());
@@ -899,6 +947,20 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
         .filter(|n| request("GET", &format!("/has/{n}")) != 200)
         .collect();
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+    // The PostgreSQL database came too: B's own holds every acknowledged
+    // write, A's stays as it was until the move is confirmed.
+    let on_b: Vec<i64> = pg("globex_ledger_pg")
+        .query("SELECT n FROM w ORDER BY n", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for n in &acked {
+        assert!(
+            on_b.binary_search(&(*n as i64)).is_ok(),
+            "write {n} is not in B's database"
+        );
+    }
     // The volume came too; the copy was built while A served (increment 0),
     // and completed by an increment after the freeze.
     assert_eq!(blob(), blob_on_a, "the volume's file moved intact");

@@ -25,6 +25,10 @@ pub struct RuntimeSettings {
     /// An administrator's connection to the PostgreSQL server that
     /// `postgres` components get their databases on (`COMMONS_POSTGRES_URL`).
     pub postgres_admin_url: Option<String>,
+    /// What `postgres` components' database and role names begin with
+    /// (`[runtime] postgres_prefix`, `COMMONS_POSTGRES_PREFIX`; empty: `c`):
+    /// several nodes or platforms sharing one server each take their own.
+    pub postgres_prefix: String,
     /// The block sandboxed sites' links are numbered from (`[runtime]
     /// network`, `COMMONS_SITES_NETWORK`).
     pub network: crate::net::Network,
@@ -52,6 +56,7 @@ impl std::fmt::Debug for RuntimeSettings {
                 "postgres_admin_url",
                 &self.postgres_admin_url.as_ref().map(|_| "<redacted>"),
             )
+            .field("postgres_prefix", &self.postgres_prefix)
             .field("network", &self.network)
             .field("insecure_registries", &self.insecure_registries)
             .field("registry_mirrors", &self.registry_mirrors)
@@ -117,6 +122,12 @@ impl RuntimeSettings {
             postgres_admin_url: std::env::var(crate::drivers::postgres::ADMIN_URL_VAR)
                 .ok()
                 .filter(|u| !u.is_empty()),
+            // (`commons serve` refuses a malformed value at start; here one
+            // is ignored, as a mirror is.)
+            postgres_prefix: std::env::var(crate::drivers::postgres::PREFIX_VAR)
+                .ok()
+                .filter(|p| crate::drivers::postgres::valid_prefix(p))
+                .unwrap_or_default(),
             network: std::env::var(NETWORK_VAR)
                 .ok()
                 .and_then(|n| n.parse().ok())

@@ -25,6 +25,7 @@
 //! idle_after_seconds = 900
 //! sample_seconds = 60
 //! postgres_url = "host=127.0.0.1 user=commons"
+//! postgres_prefix = "c"   # sites' database names begin c_; one per platform or node sharing a server
 //! [store]
 //! database_url = "host=127.0.0.1 user=commons dbname=commons"
 //! [payments]
@@ -114,6 +115,8 @@ pub struct Runtime {
     pub idle_after_seconds: Option<u64>,
     pub sample_seconds: Option<u64>,
     pub postgres_url: Option<String>,
+    /// What sites' database and role names begin with (default `c`).
+    pub postgres_prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -353,6 +356,16 @@ pub fn resolve(
                 )?,
             postgres_admin_url: env(commons_runtime::drivers::postgres::ADMIN_URL_VAR)
                 .or(file.runtime.postgres_url),
+            postgres_prefix: match env(commons_runtime::drivers::postgres::PREFIX_VAR)
+                .or(file.runtime.postgres_prefix)
+            {
+                Some(p) if !commons_runtime::drivers::postgres::valid_prefix(&p) => {
+                    return Err(format!(
+                        "[runtime] postgres_prefix: \"{p}\" is not a prefix: use 1 to 16 lowercase letters and digits, starting with a letter"
+                    ))
+                }
+                p => p.unwrap_or_default(),
+            },
             network: match env(commons_runtime::settings::NETWORK_VAR).or(file.runtime.network) {
                 Some(n) => n.parse().map_err(|e| format!("[runtime] network: {e}"))?,
                 None => Default::default(),

@@ -17,10 +17,27 @@ pub const MASK: &str = "[sensitive]";
 
 pub struct PostgresDriver;
 
-/// The database and role name of a component: `c_` + deployment + component,
-/// lowercased, at most 63 characters.
+/// What database and role names begin with, when not `c`.
+pub const PREFIX_VAR: &str = "COMMONS_POSTGRES_PREFIX";
+
+/// A prefix of database names: 1 to 16 lowercase letters and digits,
+/// starting with a letter.
+pub fn valid_prefix(prefix: &str) -> bool {
+    (1..=16).contains(&prefix.len())
+        && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+        && prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The database and role name of a component: the prefix (`c` unless set),
+/// `_`, deployment, `_`, component, lowercased, at most 63 characters.
 pub fn name(deployment: &str, component: &str) -> String {
-    let raw: String = format!("c_{deployment}_{component}")
+    let prefix = match crate::settings::current().postgres_prefix.as_str() {
+        "" => "c",
+        p => p,
+    };
+    let raw: String = format!("{prefix}_{deployment}_{component}")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
@@ -215,5 +232,30 @@ impl Driver for PostgresDriver {
 
     fn observe(&self, _: &Handle) -> Observed {
         Observed::Present
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_are_short_lowercase_names() {
+        for good in ["c", "acme", "node7", "abcdefghijklmnop"] {
+            assert!(valid_prefix(good), "{good}");
+        }
+        for bad in [
+            "",
+            "7up",
+            "Acme",
+            "a-b",
+            "a_b",
+            "abcdefghijklmnopq",
+            "a;drop",
+        ] {
+            assert!(!valid_prefix(bad), "{bad}");
+        }
+        // Unset, names begin as they always did.
+        assert_eq!(name("wiki", "db"), "c_wiki_db");
     }
 }
