@@ -12,6 +12,7 @@
 //! is checked against the certificate it came with ([`Nodes::authenticate`]).
 
 pub mod ca;
+mod journal;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::placement::{self, Decision};
 use crate::{AppError, ErrorKind};
+use journal::{Journal, Key};
 
 /// How nodes are looked after.
 #[derive(Debug, Clone)]
@@ -132,6 +134,11 @@ struct Registry {
 
 struct Inner {
     reg: Registry,
+    journal: Journal,
+    /// What the placements take of each node and how many each provider
+    /// has: kept by `place` as it goes (placing one site must not count
+    /// them all), made again after any other change of placements.
+    load: Option<Load>,
     last_seen: HashMap<String, Instant>,
     sites: HashMap<String, Vec<SiteState>>,
 }
@@ -211,6 +218,49 @@ fn internal(e: impl std::fmt::Display) -> AppError {
     AppError::new(ErrorKind::Internal, "Nodes", e.to_string())
 }
 
+/// What the placements take of each node, and how many sites each
+/// provider's nodes have.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Load {
+    taken: HashMap<String, Resources>,
+    by_provider: BTreeMap<String, u32>,
+}
+
+impl Load {
+    fn of(reg: &Registry) -> Load {
+        let mut load = Load::default();
+        for p in reg.placements.values() {
+            load.count(p, reg, true);
+        }
+        load
+    }
+
+    /// Counts placement `p` in (`add`) or out.
+    fn count(&mut self, p: &Placed, reg: &Registry, add: bool) {
+        let t = self.taken.entry(p.node.clone()).or_default();
+        let f = |a: u64, b: u64| if add { a + b } else { a.saturating_sub(b) };
+        t.cpu_millis = f(t.cpu_millis, p.needs.cpu_millis);
+        t.memory_bytes = f(t.memory_bytes, p.needs.memory_bytes);
+        t.disk_bytes = f(t.disk_bytes, p.needs.disk_bytes);
+        if *t == Resources::default() {
+            self.taken.remove(&p.node);
+        }
+        if let Some(n) = reg.nodes.get(&p.node) {
+            let c = self.by_provider.entry(n.provider.clone()).or_default();
+            *c = if add { *c + 1 } else { c.saturating_sub(1) };
+            if *c == 0 {
+                self.by_provider.remove(&n.provider);
+            }
+        }
+    }
+}
+
+/// What assigning an operation to `node` changes: its revision and its
+/// operations.
+fn assigned(node: &str) -> [Key; 2] {
+    [Key::Node(node.to_string()), Key::Ops(node.to_string())]
+}
+
 /// A site on a provider's node as the gateway routes it.
 #[derive(Debug, Clone)]
 pub struct RoutedSite {
@@ -271,13 +321,7 @@ impl Nodes {
         crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ca = ca::NodeCa::open(&dir)?;
         let path = dir.join("registry.json");
-        let reg: Registry = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry::default(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
+        let (journal, reg) = Journal::open(&dir)?;
         let now = Instant::now();
         let last_seen = reg.nodes.keys().map(|id| (id.clone(), now)).collect();
         Ok(Nodes {
@@ -286,6 +330,8 @@ impl Nodes {
             settings,
             inner: Mutex::new(Inner {
                 reg,
+                journal,
+                load: None,
                 last_seen,
                 sites: HashMap::new(),
             }),
@@ -297,9 +343,16 @@ impl Nodes {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, reg: &Registry) -> Result<(), AppError> {
-        let bytes = serde_json::to_vec(reg).map_err(internal)?;
-        commons_files::write_durable(&self.path, &bytes).map_err(internal)
+    /// Keeps the entries `changed` (as `inner` holds them now) on disk.
+    fn save(&self, inner: &mut Inner, changed: &[Key]) -> Result<(), AppError> {
+        let Inner { journal, reg, .. } = inner;
+        journal.record(reg, changed).map_err(internal)
+    }
+
+    /// Keeps the whole registry on disk (after a change of many entries).
+    fn save_all(&self, inner: &mut Inner) -> Result<(), AppError> {
+        let Inner { journal, reg, .. } = inner;
+        journal.compact(reg).map_err(internal)
     }
 
     /// Makes a single-use join token for `org`'s nodes, good for `ttl`:
@@ -315,8 +368,9 @@ impl Nodes {
         let id = format!("jt-{}", crate::tokens::random(12));
         let expires_at_ms = commons_clock::now_ms() + ttl.as_millis() as i64;
         let mut inner = self.lock();
+        let key = crate::tokens::hash(&secret);
         inner.reg.join_tokens.insert(
-            crate::tokens::hash(&secret),
+            key.clone(),
             JoinTokenRecord {
                 id: id.clone(),
                 org: org.to_string(),
@@ -325,7 +379,7 @@ impl Nodes {
                 used_by: None,
             },
         );
-        self.save(&inner.reg)?;
+        self.save(&mut inner, &[Key::Token(key)])?;
         let token = format!("{JOIN_TOKEN_PREFIX}{}_{secret}", self.ca.pin());
         Ok((token, id, expires_at_ms))
     }
@@ -397,7 +451,14 @@ impl Nodes {
             },
         );
         inner.last_seen.insert(node.clone(), Instant::now());
-        self.save(&inner.reg)?;
+        self.save(
+            &mut inner,
+            &[
+                Key::Token(key),
+                Key::Cert(signed.fingerprint.clone()),
+                Key::Node(node.clone()),
+            ],
+        )?;
         eprintln!("{:>12} node {node} of {}", "Joined", token.org);
         Ok(self.certified(node, signed))
     }
@@ -447,6 +508,13 @@ impl Nodes {
             .map_err(|e| AppError::new(ErrorKind::Invalid, "Invalid certificate request", e))?;
         let mut inner = self.lock();
         let now = commons_clock::now_secs() as i64;
+        let mut changed: Vec<Key> = inner
+            .reg
+            .certificates
+            .iter()
+            .filter(|(_, c)| c.not_after <= now)
+            .map(|(k, _)| Key::Cert(k.clone()))
+            .collect();
         inner.reg.certificates.retain(|_, c| c.not_after > now);
         inner.reg.certificates.insert(
             signed.fingerprint.clone(),
@@ -455,7 +523,8 @@ impl Nodes {
                 not_after: signed.not_after,
             },
         );
-        self.save(&inner.reg)?;
+        changed.push(Key::Cert(signed.fingerprint.clone()));
+        self.save(&mut inner, &changed)?;
         Ok(self.certified(node.to_string(), signed))
     }
 
@@ -474,7 +543,7 @@ impl Nodes {
         };
         if back {
             eprintln!("{:>12} node {node} is back", "Node");
-            self.save(&inner.reg)?;
+            self.save(&mut inner, &[Key::Node(node.to_string())])?;
         }
         Ok(())
     }
@@ -531,7 +600,7 @@ impl Nodes {
             );
         }
         record.report = Some(report);
-        self.save(&inner.reg)
+        self.save(&mut inner, &[Key::Ops(node.to_string())])
     }
 
     /// The report of one operation, if it came.
@@ -550,7 +619,7 @@ impl Nodes {
     pub fn assign(&self, node: &str, operation: Operation) -> Result<(String, u64), AppError> {
         let mut inner = self.lock();
         let r = Self::assign_locked(&mut inner.reg, node, operation)?;
-        self.save(&inner.reg)?;
+        self.save(&mut inner, &assigned(node))?;
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         Ok(r)
@@ -625,8 +694,16 @@ impl Nodes {
                 ))
             }
         }
+        let mut changed: Vec<Key> = inner
+            .reg
+            .certificates
+            .iter()
+            .filter(|(_, c)| c.node == id)
+            .map(|(k, _)| Key::Cert(k.clone()))
+            .collect();
         inner.reg.certificates.retain(|_, c| c.node != id);
-        self.save(&inner.reg)?;
+        changed.push(Key::Node(id.to_string()));
+        self.save(&mut inner, &changed)?;
         eprintln!("{:>12} node {id}", "Revoked");
         Ok(())
     }
@@ -682,14 +759,8 @@ impl Nodes {
 
     /// The nodes as placement sees them: ready ones alive, with what the
     /// sites placed there take.
-    fn candidates(reg: &Registry) -> Vec<placement::Node> {
-        let mut taken: HashMap<&str, Resources> = HashMap::new();
-        for p in reg.placements.values() {
-            let t = taken.entry(p.node.as_str()).or_default();
-            t.cpu_millis += p.needs.cpu_millis;
-            t.memory_bytes += p.needs.memory_bytes;
-            t.disk_bytes += p.needs.disk_bytes;
-        }
+    fn candidates(reg: &Registry, load: &Load) -> Vec<placement::Node> {
+        let taken = &load.taken;
         reg.nodes
             .values()
             .filter(|n| n.state != NodeState::Revoked)
@@ -708,15 +779,10 @@ impl Nodes {
 
     fn placement_request(
         req: &PlaceRequest,
-        reg: &Registry,
+        load: &Load,
         data_on: Option<String>,
     ) -> placement::Request {
-        let mut operator_sites: BTreeMap<String, u32> = BTreeMap::new();
-        for p in reg.placements.values() {
-            if let Some(n) = reg.nodes.get(&p.node) {
-                *operator_sites.entry(n.provider.clone()).or_default() += 1;
-            }
-        }
+        let operator_sites = load.by_provider.clone();
         placement::Request {
             site: req.site.clone(),
             needs: req.needs,
@@ -737,20 +803,30 @@ impl Nodes {
     pub fn place(&self, req: PlaceRequest) -> Result<Decision, AppError> {
         let (keeps_data, web, route) = shape(&req.blueprint)?;
         let stateless = !keeps_data;
-        let mut inner = self.lock();
+        let site = req.site.clone();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let load = inner.load.get_or_insert_with(|| Load::of(&inner.reg));
         let previous = inner.reg.placements.remove(&req.site);
+        if let Some(p) = &previous {
+            load.count(p, &inner.reg, false);
+        }
         let request =
-            Self::placement_request(&req, &inner.reg, previous.as_ref().map(|p| p.node.clone()));
-        let decision = placement::decide(&Self::candidates(&inner.reg), &request);
+            Self::placement_request(&req, load, previous.as_ref().map(|p| p.node.clone()));
+        let decision = placement::decide(&Self::candidates(&inner.reg, load), &request);
         if req.dry_run || decision.node.is_none() {
             if let Some(p) = previous {
+                load.count(&p, &inner.reg, true);
                 inner.reg.placements.insert(req.site.clone(), p);
             }
             return Ok(decision);
         }
         let node = decision.node.clone().expect("checked above");
         let generation = previous.as_ref().map(|p| p.generation + 1).unwrap_or(1);
+        let mut changed = vec![Key::Placement(req.site.clone())];
+        changed.extend(assigned(&node));
         if let Some(old) = previous.as_ref().filter(|p| p.node != node) {
+            changed.extend(assigned(&old.node));
             Self::assign_locked(
                 &mut inner.reg,
                 &old.node,
@@ -787,8 +863,17 @@ impl Nodes {
                 },
             },
         );
-        self.save(&inner.reg)?;
-        drop(inner);
+        if let (Some(load), Some(p)) = (inner.load.as_mut(), inner.reg.placements.get(&site)) {
+            load.count(p, &inner.reg, true);
+        }
+        #[cfg(debug_assertions)]
+        assert_eq!(
+            inner.load.as_ref(),
+            Some(&Load::of(&inner.reg)),
+            "placements' load"
+        );
+        self.save(inner, &changed)?;
+        drop(guard);
         self.changed.send_modify(|n| *n += 1);
         Ok(decision)
     }
@@ -831,8 +916,11 @@ impl Nodes {
             .collect();
         for (site, placed) in moving {
             inner.reg.placements.remove(&site);
-            let request = Self::placement_request(&placed.request, &inner.reg, None);
-            let decision = placement::decide(&Self::candidates(&inner.reg), &request);
+            // Rare (a node was lost): counted afresh for each site.
+            inner.load = None;
+            let load = Load::of(&inner.reg);
+            let request = Self::placement_request(&placed.request, &load, None);
+            let decision = placement::decide(&Self::candidates(&inner.reg, &load), &request);
             let Some(node) = decision.node else {
                 eprintln!(
                     "{:>12} no node can take {site}, whose node was lost",
@@ -870,7 +958,8 @@ impl Nodes {
                 },
             );
         }
-        if let Err(e) = self.save(&inner.reg) {
+        // Many entries change, rarely: the whole registry is kept.
+        if let Err(e) = self.save_all(&mut inner) {
             eprintln!("{:>12} nodes: {}", "Warning", e.detail);
         }
         drop(inner);
@@ -953,10 +1042,12 @@ impl Nodes {
         // The target must take it as placement would: filters and room,
         // the site's own share not counted twice.
         inner.reg.placements.remove(site);
-        let mut request = Self::placement_request(&placed.request, &inner.reg, None);
+        inner.load = None;
+        let load = Load::of(&inner.reg);
+        let mut request = Self::placement_request(&placed.request, &load, None);
         request.needs = placed.needs;
         // `to` names a node, or a provider: then its best node for the site.
-        let candidates: Vec<placement::Node> = Self::candidates(&inner.reg)
+        let candidates: Vec<placement::Node> = Self::candidates(&inner.reg, &load)
             .into_iter()
             .filter(|n| (n.id == to || n.provider == to) && n.id != placed.node)
             .collect();
@@ -985,7 +1076,7 @@ impl Nodes {
             .get_mut(site)
             .expect("kept above")
             .moving = Some(target.clone());
-        self.save(&inner.reg)?;
+        self.save(&mut inner, &[Key::Placement(site.to_string())])?;
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         Ok((placed.node, target))
@@ -998,7 +1089,7 @@ impl Nodes {
         if let Some(p) = inner.reg.placements.get_mut(site) {
             p.holding = p.moving.is_some();
         }
-        self.save(&inner.reg)?;
+        self.save(&mut inner, &[Key::Placement(site.to_string())])?;
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         Ok(())
@@ -1007,6 +1098,8 @@ impl Nodes {
     /// Ends `site`'s move: on `to` when it succeeded, where it was when not.
     pub fn finish_move(&self, site: &str, succeeded: bool) -> Result<(), AppError> {
         let mut inner = self.lock();
+        // The site's node may change: its load is counted afresh.
+        inner.load = None;
         if let Some(p) = inner.reg.placements.get_mut(site) {
             p.holding = false;
             if let Some(to) = p.moving.take() {
@@ -1020,7 +1113,7 @@ impl Nodes {
                 }
             }
         }
-        self.save(&inner.reg)?;
+        self.save(&mut inner, &[Key::Placement(site.to_string())])?;
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         Ok(())
@@ -1045,6 +1138,7 @@ impl Nodes {
             ));
         }
         let left = std::mem::take(&mut p.left_on);
+        let mut changed = vec![Key::Placement(site.to_string())];
         for node in &left {
             // A node that was revoked since has nothing to be told.
             let _ = Self::assign_locked(
@@ -1054,8 +1148,9 @@ impl Nodes {
                     site: site.to_string(),
                 },
             );
+            changed.extend(assigned(node));
         }
-        self.save(&inner.reg)?;
+        self.save(&mut inner, &changed)?;
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
         Ok(left)
