@@ -37,6 +37,27 @@ pub struct Manifest {
 
 pub const FORMAT: &str = "onecommons-backup/v1";
 
+impl Manifest {
+    /// What a backup (or a move's copy) of `deployment` at `record_commit`
+    /// holds, made now.
+    pub(crate) fn new(
+        deployment: &str,
+        record_commit: String,
+        databases: Vec<String>,
+        volumes: Vec<String>,
+        created_at_ms: i64,
+    ) -> Manifest {
+        Manifest {
+            format: FORMAT.into(),
+            deployment: deployment.into(),
+            record_commit,
+            databases,
+            volumes,
+            created_at_ms,
+        }
+    }
+}
+
 /// A written backup.
 #[derive(Debug, Clone, Serialize)]
 pub struct Backup {
@@ -158,14 +179,7 @@ pub(crate) fn write(
             _ => {}
         }
     }
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        deployment: name.into(),
-        record_commit: commit,
-        databases,
-        volumes,
-        created_at_ms: now_ms,
-    };
+    let manifest = Manifest::new(name, commit, databases, volumes, now_ms);
     add_bytes(
         &mut tar,
         "manifest.json",

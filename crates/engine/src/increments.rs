@@ -29,7 +29,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backup::{self, Manifest, FORMAT};
+use crate::backup::{self, Manifest};
 use crate::{records, EngineError};
 
 /// The unit of change.
@@ -308,14 +308,7 @@ impl crate::Engine {
                 }
             }
             roots.push(("postgres".to_string(), made.join("postgres")));
-            let manifest = Manifest {
-                format: FORMAT.into(),
-                deployment: name.into(),
-                record_commit: commit,
-                databases,
-                volumes,
-                created_at_ms: commons_clock::now_ms(),
-            };
+            let manifest = Manifest::new(name, commit, databases, volumes, commons_clock::now_ms());
             std::fs::write(
                 made.join("manifest.json"),
                 serde_json::to_vec_pretty(&manifest).expect("json"),
