@@ -136,5 +136,44 @@ components:
     );
     let leak = s.home.join("deployments/notes-copy/volumes/files/leak");
     assert!(leak.is_symlink(), "restored as the link it was");
+
+    // A crafted archive whose dump runs a shell command: the load refuses
+    // every backslash command, and nothing runs.
+    let crafted = s.dir.join("crafted");
+    std::fs::create_dir_all(&crafted).unwrap();
+    let tar = |args: &[&str]| {
+        let ok = std::process::Command::new("tar")
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "tar {args:?}");
+    };
+    tar(&["-xf", &archive, "-C", crafted.to_str().unwrap()]);
+    let canary = s.dir.join("shell-ran");
+    let dump = crafted.join("postgres/db.sql");
+    let mut sql = std::fs::read_to_string(&dump).unwrap();
+    sql.push_str(&format!("\\! touch {}\n", canary.display()));
+    sql.push_str("\\unrestrict guessed\n\\! touch /dev/null\n");
+    std::fs::write(&dump, sql).unwrap();
+    let evil = s.dir.join("crafted.tar");
+    tar(&[
+        "-cf",
+        evil.to_str().unwrap(),
+        "-C",
+        crafted.to_str().unwrap(),
+        ".",
+    ]);
+    let r = Run(s
+        .cmd(&["restore", evil.to_str().unwrap(), "--as", "evil"])
+        .env("COMMONS_POSTGRES_URL", admin_url())
+        .output()
+        .unwrap());
+    assert_ne!(r.code(), 0, "{}", r.all());
+    assert!(r.stderr().contains("restricted"), "{}", r.stderr());
+    assert!(!canary.exists(), "a dump in an archive ran a shell command");
+    let _ = pg("test").batch_execute(
+        "DROP DATABASE IF EXISTS c_evil_db WITH (FORCE); DROP ROLE IF EXISTS c_evil_db",
+    );
     run(&s, &["destroy", "notes-copy"]);
 }

@@ -13,13 +13,13 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use commons_runtime::drivers::postgres::{name as db_name, ADMIN_URL_VAR};
 
+use crate::pgtools::{self, Conn};
 use crate::{records, EngineError};
 
 /// What a backup holds.
@@ -93,24 +93,8 @@ fn add_bytes(tar: &mut tar::Builder<Vec<u8>>, path: &str, bytes: &[u8]) -> Resul
         .map_err(io(format!("archiving {path}")))
 }
 
-/// Runs a PostgreSQL client tool, failing with what it printed.
-fn pg_tool(program: &str, args: &[&str]) -> Result<Vec<u8>, EngineError> {
-    let out = Command::new(program).args(args).output().map_err(|e| {
-        EngineError::Internal(format!(
-            "cannot run {program} (install postgresql-client): {e}"
-        ))
-    })?;
-    if !out.status.success() {
-        return Err(EngineError::Internal(format!(
-            "{program} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(out.stdout)
-}
-
 /// The admin connection string pointed at database `db`.
-fn admin_for(db: &str) -> Result<String, EngineError> {
+pub(crate) fn admin_for(db: &str) -> Result<String, EngineError> {
     let url = commons_runtime::settings::current()
         .postgres_admin_url
         .clone()
@@ -132,11 +116,8 @@ fn admin_for(db: &str) -> Result<String, EngineError> {
 /// A plain-SQL dump of deployment `name`'s database `component`: portable
 /// SQL, no owners or grants, so it loads under a new role.
 pub(crate) fn dump_database(name: &str, component: &str) -> Result<Vec<u8>, EngineError> {
-    let conn = admin_for(&db_name(name, component))?;
-    pg_tool(
-        "pg_dump",
-        &["--no-owner", "--no-privileges", "--dbname", &conn],
-    )
+    let conn = Conn::parse(&admin_for(&db_name(name, component))?)?;
+    pgtools::output("pg_dump", &conn, &["--no-owner", "--no-privileges"])
 }
 
 /// Writes the backup of `name`.
@@ -244,22 +225,11 @@ pub(crate) fn read_manifest(dir: &Path, what: &str) -> Result<Manifest, EngineEr
     Ok(manifest)
 }
 
-/// Loads a dumped database into a restored component's database, as its own role.
+/// Loads a dumped database into a restored component's database, as its
+/// own role; the dump's backslash commands are refused (it may come from
+/// another machine).
 pub(crate) fn load_database(app_url: &str, dump: &Path) -> Result<(), EngineError> {
-    let dump = dump.display().to_string();
-    pg_tool(
-        "psql",
-        &[
-            "--quiet",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--dbname",
-            app_url,
-            "-f",
-            &dump,
-        ],
-    )?;
-    Ok(())
+    pgtools::load(&Conn::parse(app_url)?, dump)
 }
 
 /// Puts a directory tree in place (restoring data and volumes): renamed

@@ -8,6 +8,7 @@ pub mod backup;
 mod deploy;
 mod hosting;
 pub mod increments;
+mod pgtools;
 pub mod plan;
 pub mod records;
 pub mod secrets;
