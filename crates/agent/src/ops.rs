@@ -30,6 +30,8 @@ pub struct Executor {
     /// For each site this node ships away: to which node, the last
     /// increment shipped and what that node holds since.
     shipping: std::sync::Mutex<HashMap<String, Shipping>>,
+    /// Sites frozen for a move's cut-over: the next increment is the last.
+    frozen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 struct Shipping {
@@ -64,6 +66,7 @@ impl Executor {
             engine,
             dir,
             shipping: Default::default(),
+            frozen: Default::default(),
         })
     }
 
@@ -147,6 +150,10 @@ impl Executor {
             Operation::Remove { site } => {
                 let dir = self.site_dir(site)?;
                 self.destroy_if_here(site).await?;
+                self.engine
+                    .drop_copy_databases(site, &self.caught_dir(site)?)
+                    .await
+                    .map_err(e)?;
                 let _ = std::fs::remove_dir_all(dir);
                 Ok(format!("{site} removed"))
             }
@@ -175,9 +182,15 @@ impl Executor {
             } => {
                 let link = linked()?;
                 let stats = self.receive(link, site, snapshot, *n == 0).await?;
+                let followed = self
+                    .engine
+                    .follow_copy(site, &self.copy_dir(site)?, &self.caught_dir(site)?)
+                    .await
+                    .map_err(e)?;
                 Ok(format!(
-                    "{site}: increment {n} applied ({})",
-                    describe(&stats)
+                    "{site}: increment {n} applied ({}){}",
+                    describe(&stats),
+                    and_then(&followed)
                 ))
             }
             Operation::Restore {
@@ -192,6 +205,7 @@ impl Executor {
             Operation::Freeze { site } => {
                 self.site_dir(site)?;
                 let stopped = self.engine.idle(site).await.map_err(e)?;
+                self.frozen_sites().insert(site.clone());
                 Ok(format!("{site} frozen: stopped {}", stopped.join(", ")))
             }
             Operation::ShipIncrement {
@@ -208,6 +222,16 @@ impl Executor {
                 snapshot: None,
             } => {
                 self.site_dir(site)?;
+                self.frozen_sites().remove(site);
+                // The move was given up: what followed its databases goes.
+                let given_up = self
+                    .shipping
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(site);
+                if let Some(mut s) = given_up {
+                    tokio::task::block_in_place(|| s.shipped.stop_following());
+                }
                 self.engine.wake(site).await.map_err(e)?;
                 Ok(format!("{site} serves here again"))
             }
@@ -220,18 +244,26 @@ impl Executor {
                 // Without a copy begun here, the last increment must be the
                 // whole site (the control plane then ships increment 0).
                 let fresh = !copy.join("manifest.json").exists();
+                let caught = self.caught_dir(site)?;
                 let stats = self.receive(link, site, sha256, fresh).await?;
+                let followed = self
+                    .engine
+                    .follow_copy(site, &copy, &caught)
+                    .await
+                    .map_err(e)?;
                 self.destroy_if_here(site).await?;
                 let restored = self
                     .engine
-                    .restore_copy(&copy, Some(site), 4, &Quiet)
+                    .restore_copy(&copy, Some(&caught), Some(site), 4, &Quiet)
                     .await
                     .map_err(e);
                 let _ = std::fs::remove_dir_all(&copy);
+                let _ = std::fs::remove_dir_all(&caught);
                 restored?;
                 Ok(format!(
-                    "{site} restored from its copy and serving (last increment: {})",
-                    describe(&stats)
+                    "{site} restored from its copy and serving (last increment: {}){}",
+                    describe(&stats),
+                    and_then(&followed)
                 ))
             }
         }
@@ -242,21 +274,39 @@ impl Executor {
         Ok(self.site_dir(site)?.join("copy"))
     }
 
+    /// Where what was done with the copy's databases is kept.
+    fn caught_dir(&self, site: &str) -> Result<PathBuf, String> {
+        Ok(self.site_dir(site)?.join("copy-databases"))
+    }
+
+    fn frozen_sites(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.frozen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Ships increment `n` of `site` for node `to`: written to a file here
     /// (the site may be serving: reading it takes as long as it takes),
     /// then streamed to the control plane.
     async fn ship(&self, link: &Link<'_>, site: &str, to: &str, n: u64) -> Result<String, String> {
-        let mut state = self
+        let before = self
             .shipping
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(site)
-            .filter(|s| n > 0 && s.to == to && s.last + 1 == n)
-            .unwrap_or_else(|| Shipping {
-                to: to.to_string(),
-                last: 0,
-                shipped: Shipped::default(),
-            });
+            .remove(site);
+        let mut state = match before {
+            Some(s) if n > 0 && s.to == to && s.last + 1 == n => s,
+            other => {
+                // Cannot build on what was shipped before: start again.
+                if let Some(mut old) = other {
+                    tokio::task::block_in_place(|| old.shipped.stop_following());
+                }
+                Shipping {
+                    to: to.to_string(),
+                    last: 0,
+                    shipped: Shipped::default(),
+                }
+            }
+        };
+        let last = self.frozen_sites().contains(site);
         let whole = state.shipped.is_empty();
         let file = self.dir.join("moves").join(format!("{site}.increment"));
         let written = tokio::task::block_in_place(|| {
@@ -280,8 +330,18 @@ impl Executor {
         let _ = std::fs::remove_file(&file);
         // What was not shipped is not held there: the next increment
         // starts again from the whole.
-        let stats = sent?;
+        let stats = match sent {
+            Ok(stats) => stats,
+            Err(e) => {
+                tokio::task::block_in_place(|| state.shipped.stop_following());
+                return Err(e);
+            }
+        };
         state.last = n;
+        if last {
+            // Shipped once the site stopped: nothing changes any more.
+            tokio::task::block_in_place(|| state.shipped.stop_following());
+        }
         self.shipping
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -435,11 +495,27 @@ impl Executor {
 }
 
 /// An increment's size, for reports.
+/// What was done with a copy's databases, after what was said before.
+fn and_then(followed: &str) -> String {
+    if followed.is_empty() {
+        String::new()
+    } else {
+        format!("; {followed}")
+    }
+}
+
 fn describe(s: &Stats) -> String {
-    format!(
+    let mut d = format!(
         "{} of {} blocks, {} of {} bytes, {} entries",
         s.blocks_sent, s.blocks, s.bytes_sent, s.bytes, s.entries
-    )
+    );
+    if s.changes > 0 {
+        d.push_str(&format!(", {} database changes", s.changes));
+    }
+    for why in &s.dumped {
+        d.push_str(&format!(", dumped {why}"));
+    }
+    d
 }
 
 #[cfg(test)]

@@ -790,7 +790,10 @@ components:
       def psql(sql):
           return subprocess.run(["psql", os.environ["PG_URL"], "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
                                 check=True, capture_output=True, text=True).stdout.strip()
-      psql("CREATE TABLE IF NOT EXISTS w (n bigint PRIMARY KEY)")
+      psql("CREATE TABLE IF NOT EXISTS w (n bigint PRIMARY KEY); "
+           "CREATE TABLE IF NOT EXISTS c (id int PRIMARY KEY, total bigint NOT NULL); "
+           "INSERT INTO c VALUES (1, 0) ON CONFLICT DO NOTHING; "
+           "CREATE TABLE IF NOT EXISTS log (id bigserial PRIMARY KEY, n bigint NOT NULL)")
       path = sys.argv[1]
       blob = os.path.join(sys.argv[2], "blob")
       if not os.path.exists(blob):
@@ -823,7 +826,10 @@ components:
               n = int(self.path[1:])
               db.execute("INSERT OR IGNORE INTO w VALUES (?)", (n,))
               db.commit()
-              psql("INSERT INTO w VALUES (%d) ON CONFLICT DO NOTHING" % n)
+              # An insert, an update and a sequence's step in one transaction.
+              psql("WITH ins AS (INSERT INTO w VALUES (%d) ON CONFLICT DO NOTHING RETURNING n) "
+                   "UPDATE c SET total = total + (SELECT count(*) FROM ins) WHERE id = 1; "
+                   "INSERT INTO log (n) VALUES (%d)" % (n, n))
               self.reply(200, "ok")
           def log_message(self, *a):
               pass
@@ -949,7 +955,34 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
     assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
     // The PostgreSQL database came too: B's own holds every acknowledged
     // write, A's stays as it was until the move is confirmed.
-    let on_b: Vec<i64> = pg("globex_ledger_pg")
+    let mut on_b_db = pg("globex_ledger_pg");
+    // Updates and sequences came as they were: the counter counts the
+    // rows, the sequence stands past every id it gave.
+    let row = on_b_db
+        .query_one(
+            "SELECT (SELECT total FROM c WHERE id = 1), (SELECT count(*) FROM w), \
+             (SELECT last_value FROM log_id_seq), (SELECT coalesce(max(id), 0) FROM log)",
+            &[],
+        )
+        .unwrap();
+    let (total, rows, seq, max_id): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(total, rows, "the counter's updates all came");
+    assert!(
+        seq >= max_id,
+        "the sequence ({seq}) stands past every id ({max_id})"
+    );
+    // Nothing of the following stays on the source's server: a slot left
+    // there would keep its WAL forever.
+    let slots: i64 = admin_db
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = 'acme_ledger_pg'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "the move's replication slot was dropped");
+    let on_b: Vec<i64> = on_b_db
         .query("SELECT n FROM w ORDER BY n", &[])
         .unwrap()
         .iter()
@@ -966,6 +999,11 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
     assert_eq!(blob(), blob_on_a, "the volume's file moved intact");
     let (log_a, log_b) = (a.log(), b.log());
     assert!(log_b.contains("increment 0 applied"), "{log_b}");
+    // The database went by its changes while A served, not as dumps.
+    assert!(log_b.contains("pg: base loaded"), "{log_b}");
+    assert!(log_b.contains("changes applied"), "{log_b}");
+    assert!(log_a.contains("database changes"), "{log_a}");
+    assert!(!log_a.contains("dumped pg"), "{log_a}");
     assert!(
         log_a.contains("increment 1 shipped for"),
         "a last increment after the live one:\n{log_a}"

@@ -30,6 +30,16 @@ fn pg(db: &str) -> postgres::Client {
 #[test]
 fn backup_destroy_restore_round_trips_real_data() {
     let s = Sandbox::new("backup");
+    // What an earlier run may have left on the shared server.
+    let mut admin = pg("test");
+    for db in ["c_notes_db", "c_notes_copy_db", "c_evil_db"] {
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"),
+            format!("DROP ROLE IF EXISTS {db}"),
+        ] {
+            admin.batch_execute(&sql).unwrap();
+        }
+    }
     s.blueprint(
         r#"name: notes
 components:
@@ -172,8 +182,15 @@ components:
     assert_ne!(r.code(), 0, "{}", r.all());
     assert!(r.stderr().contains("restricted"), "{}", r.stderr());
     assert!(!canary.exists(), "a dump in an archive ran a shell command");
-    let _ = pg("test").batch_execute(
-        "DROP DATABASE IF EXISTS c_evil_db WITH (FORCE); DROP ROLE IF EXISTS c_evil_db",
-    );
+    // The half-loaded database was not kept: nothing is in the way of
+    // another try.
+    let left: i64 = pg("test")
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = 'c_evil_db'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "a failed restore keeps no database");
     run(&s, &["destroy", "notes-copy"]);
 }

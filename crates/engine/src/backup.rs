@@ -117,8 +117,17 @@ pub(crate) fn admin_for(db: &str) -> Result<String, EngineError> {
 /// SQL, no owners or grants, so it loads under a new role.
 pub(crate) fn dump_database(name: &str, component: &str) -> Result<Vec<u8>, EngineError> {
     let conn = Conn::parse(&admin_for(&db_name(name, component))?)?;
-    pgtools::output("pg_dump", &conn, &["--no-owner", "--no-privileges"])
+    pgtools::output("pg_dump", &conn, DUMP_OPTIONS)
 }
+
+/// A dump loads under any role, and leaves out what a move made for
+/// itself (its publication).
+pub(crate) const DUMP_OPTIONS: &[&str] = &[
+    "--no-owner",
+    "--no-privileges",
+    "--no-publications",
+    "--no-subscriptions",
+];
 
 /// Writes the backup of `name`.
 pub(crate) fn write(

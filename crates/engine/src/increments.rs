@@ -30,6 +30,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backup::{self, Manifest};
+use crate::follow::{self, Following};
 use crate::{records, EngineError};
 
 /// The unit of change.
@@ -48,12 +49,23 @@ const SETTLED_NS: i128 = 2_000_000_000;
 #[derive(Debug, Default)]
 pub struct Shipped {
     files: HashMap<String, Seen>,
+    /// PostgreSQL databases followed by their changes, by component.
+    databases: HashMap<String, Following>,
 }
 
 impl Shipped {
     /// Nothing shipped yet: the next increment is the whole.
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
+    }
+
+    /// Stops following the databases: the move is over (its last
+    /// increment went after the site stopped) or given up. What the
+    /// server keeps for following (a replication slot) goes.
+    pub fn stop_following(&mut self) {
+        for (_, f) in self.databases.drain() {
+            f.end();
+        }
     }
 }
 
@@ -125,7 +137,7 @@ struct Header {
 }
 
 /// What an increment held.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     pub entries: usize,
     /// Blocks of every file, and those sent.
@@ -134,6 +146,10 @@ pub struct Stats {
     /// Bytes of the files, and of the blocks sent.
     pub bytes: u64,
     pub bytes_sent: u64,
+    /// Row changes of followed databases.
+    pub changes: u64,
+    /// Databases that went as a dump, and why.
+    pub dumped: Vec<String>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -271,6 +287,8 @@ impl crate::Engine {
         let layout = &self.layout;
         let _lock = self.lock(name)?;
         let kinds = self.component_kinds(name)?;
+        let whole = shipped.is_empty();
+        let mut carried = Stats::default();
         // What is made for the copy rather than read from the site: its
         // record, its databases' dumps and the manifest.
         let made = layout.home.join("clones").join(crate::secrets::token());
@@ -296,12 +314,21 @@ impl crate::Engine {
                         volumes.push(component.clone());
                     }
                     "postgres" => {
-                        let dump = backup::dump_database(name, component)?;
                         let dir = made.join("postgres");
                         commons_runtime::layout::private_dir(&dir)
                             .map_err(io("creating the dumps' directory"))?;
-                        std::fs::write(dir.join(format!("{component}.sql")), dump)
-                            .map_err(io("writing a database's dump"))?;
+                        match database(layout, name, component, whole, &dir, shipped)? {
+                            Carried::Followed { base, changes } => {
+                                roots.push((format!("postgres/{component}.sql"), base));
+                                carried.changes += changes;
+                            }
+                            Carried::Dumped(why) => {
+                                let dump = backup::dump_database(name, component)?;
+                                std::fs::write(dir.join(format!("{component}.sql")), dump)
+                                    .map_err(io("writing a database's dump"))?;
+                                carried.dumped.push(format!("{component}: {why}"));
+                            }
+                        }
                         databases.push(component.clone());
                     }
                     _ => {}
@@ -323,7 +350,10 @@ impl crate::Engine {
             entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
             // Stamps are taken before the files are read: a change after
             // the look shows as a new stamp next time.
-            send(name, &entries, shipped, out, now_ns())
+            let mut stats = send(name, &entries, shipped, out, now_ns())?;
+            stats.changes = carried.changes;
+            stats.dumped = std::mem::take(&mut carried.dumped);
+            Ok(stats)
         })();
         let _ = std::fs::remove_dir_all(&made);
         result
@@ -332,17 +362,91 @@ impl crate::Engine {
     /// Stands a deployment up from a copy that increments built (see
     /// [`apply_increment`]), as a restore from a backup does; the copy's
     /// files are moved into place.
+    /// `caught` is the state [`crate::Engine::follow_copy`] kept: databases
+    /// it loaded as their changes came are not loaded again.
     pub async fn restore_copy(
         &self,
         copy: &Path,
+        caught: Option<&Path>,
         as_name: Option<&str>,
         jobs: usize,
         progress: &dyn crate::Progress,
     ) -> Result<(crate::Target, crate::Outcome), EngineError> {
         let what = format!("{} is not a complete copy of a site", copy.display());
         let manifest = backup::read_manifest(copy, &what)?;
-        self.restore_from(copy, &manifest, as_name, jobs, progress)
+        self.restore_from(copy, &manifest, caught, as_name, jobs, progress)
             .await
+    }
+}
+
+/// How a database goes in an increment.
+enum Carried {
+    /// By its changes: the base dump (at this path) and the changes file
+    /// (in the increment's own files), with this many changes.
+    Followed { base: PathBuf, changes: u64 },
+    /// As a dump, for this reason.
+    Dumped(String),
+}
+
+/// Carries database `component` of deployment `name` in an increment:
+/// its changes since the last one, written to `dir`, when it is followed
+/// (following begins with the first increment, and again when the schema
+/// changed); else a dump.
+fn database(
+    layout: &commons_runtime::Layout,
+    name: &str,
+    component: &str,
+    whole: bool,
+    dir: &Path,
+    shipped: &mut Shipped,
+) -> Result<Carried, EngineError> {
+    let db = commons_runtime::drivers::postgres::name(name, component);
+    let changes_file = dir.join(format!("{component}.changes"));
+    let mut following = shipped.databases.remove(component);
+    if whole {
+        if let Some(f) = following.take() {
+            f.end();
+        }
+    }
+    if let Some(mut f) = following {
+        match f.write_changes(&changes_file) {
+            Ok(Some(changes)) => {
+                let base = f.dump.clone();
+                shipped.databases.insert(component.to_string(), f);
+                return Ok(Carried::Followed { base, changes });
+            }
+            // The schema changed: following begins again, from a new base.
+            Ok(None) => {
+                let _ = std::fs::remove_file(&changes_file);
+                f.end();
+            }
+            Err(e) => {
+                f.end();
+                return Err(e);
+            }
+        }
+    }
+    let kept = layout.home.join("following").join(name);
+    commons_runtime::layout::private_dir(&kept).map_err(io("keeping a database's base"))?;
+    let mut f = match follow::begin(&db, &kept.join(format!("{component}.sql")))? {
+        Ok(f) => f,
+        Err(why) => return Ok(Carried::Dumped(why)),
+    };
+    match f.write_changes(&changes_file) {
+        Ok(Some(changes)) => {
+            let base = f.dump.clone();
+            shipped.databases.insert(component.to_string(), f);
+            Ok(Carried::Followed { base, changes })
+        }
+        Ok(None) => {
+            let _ = std::fs::remove_file(&changes_file);
+            f.end();
+            Ok(Carried::Dumped("its schema is changing".into()))
+        }
+        Err(e) => {
+            f.end();
+            Err(e)
+        }
     }
 }
 

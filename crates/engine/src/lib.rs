@@ -6,8 +6,10 @@
 pub mod apply;
 pub mod backup;
 mod deploy;
+pub mod follow;
 mod hosting;
 pub mod increments;
+pub mod pgoutput;
 mod pgtools;
 pub mod plan;
 pub mod records;
@@ -206,7 +208,7 @@ impl Engine {
         let staging = self.layout.home.join("clones").join(secrets::token());
         let manifest = backup::unpack(archive, &staging)?;
         let result = self
-            .restore_from(&staging, &manifest, as_name, jobs, progress)
+            .restore_from(&staging, &manifest, None, as_name, jobs, progress)
             .await;
         let _ = std::fs::remove_dir_all(&staging);
         result
@@ -216,6 +218,7 @@ impl Engine {
         &self,
         staging: &Path,
         manifest: &backup::Manifest,
+        caught: Option<&Path>,
         as_name: Option<&str>,
         jobs: usize,
         progress: &dyn Progress,
@@ -280,10 +283,12 @@ impl Engine {
                     EngineError::Internal(format!("restoring database {component}: {e}"))
                 })?;
             let url = applied.outputs.get("url").cloned().unwrap_or_default();
-            backup::load_database(
-                &url,
-                &staging.join("postgres").join(format!("{component}.sql")),
-            )?;
+            let db = commons_runtime::drivers::postgres::name(&name, component);
+            if let Err(e) = follow::finish_restore(caught, &db, component, staging, &url) {
+                // Half a load is not kept: the restore can be tried again.
+                let _ = self.drop_database(&name, component).await;
+                return Err(e);
+            }
         }
         let outcome = self
             .deploy_with(&target, jobs, progress, true, None)

@@ -218,6 +218,12 @@ impl Driver for PostgresDriver {
             }
             let db = name(deployment, component);
             let client = connect(&config).await?;
+            // A replication slot (a move following the database) would
+            // keep the database from being dropped.
+            client
+                .batch_execute(&format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{db}'"))
+                .await
+                .map_err(failed("dropping the database's replication slots"))?;
             client
                 .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
                 .await
