@@ -5,21 +5,28 @@ gateway, and a site with SQLite data moved under continuous writes.
 
 Runs `commons serve` with the agent listener and `commons agent` processes,
 each with a data directory of its own, everything on loopback. Usage:
-    python3 bench/agents.py [path/to/commons] [--data-mb N]
-The moved site has N MiB of SQLite and N MiB in a volume (default 64).
+    python3 bench/agents.py [path/to/commons] [--data-mb N] [--pg-mb M]
+The moved site has N MiB of SQLite and N MiB in a volume (default 64); a
+second site has M MiB in a PostgreSQL database (default 256; 0 skips it),
+moved under writes, its pause printed beside what a dump and load of the
+same database takes (what a move by dump would pause at least). The
+PostgreSQL server is COMMONS_TEST_POSTGRES's (wal_level=logical).
 """
 import json, os, shutil, signal, subprocess, sys, tempfile, threading, time
 import http.client
 
 COMMONS = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "target/release/commons"
 DATA_MB = int(sys.argv[sys.argv.index("--data-mb") + 1]) if "--data-mb" in sys.argv else 64
+PG_MB = int(sys.argv[sys.argv.index("--pg-mb") + 1]) if "--pg-mb" in sys.argv else 256
+PG = os.environ.get("COMMONS_TEST_POSTGRES", "host=127.0.0.1 user=postgres dbname=test")
 ROOT = tempfile.mkdtemp(prefix="commons-bench-agents-")
 CHILDREN = []
 MOVES = []
 
 
 def env(home, extra=None):
-    e = dict(os.environ, COMMONS_HOME=home, COMMONS_DAEMON="off", COMMONS_SANDBOX="0")
+    e = dict(os.environ, COMMONS_HOME=home, COMMONS_DAEMON="off", COMMONS_SANDBOX="0",
+             COMMONS_POSTGRES_URL=PG)
     e.pop("COMMONS_JOIN_TOKEN", None)
     e.update(extra or {})
     return e
@@ -83,7 +90,9 @@ def agent(name, url, token, provider_env=None):
                     "--cpu-millis", "8000", "--memory-mib", "16384", "--disk-gib", "100"],
                    env=env(home), check=True, capture_output=True)
     node = json.load(open(os.path.join(home, "agent", "identity.json")))["node"]
-    p = subprocess.Popen([COMMONS, "agent", "run", "--poll-seconds", "25"], env=env(home),
+    # Agents share the suite's server, each under a prefix of its own.
+    p = subprocess.Popen([COMMONS, "agent", "run", "--poll-seconds", "25"],
+                         env=env(home, {"COMMONS_POSTGRES_PREFIX": "bench" + name}),
                          stdout=subprocess.DEVNULL, stderr=open(os.path.join(home, "agent.log"), "w"))
     CHILDREN.append(p)
     return node, p, home
@@ -146,6 +155,61 @@ components:
     env: { FILL_MB: "%d" }
     health: { http: "/" }
 """
+
+
+BOOKS = """name: books
+components:
+  pg:
+    postgres: {}
+  web:
+    process: |
+      exec python3 - <<'PY'
+      import os, subprocess
+      from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+      def psql(sql):
+          return subprocess.run(["psql", os.environ["PG_URL"], "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
+                                check=True, capture_output=True, text=True).stdout.strip()
+      psql("CREATE TABLE IF NOT EXISTS w (n bigint PRIMARY KEY); "
+           "CREATE TABLE IF NOT EXISTS filler (id bigint PRIMARY KEY, body text)")
+      if psql("SELECT count(*) FROM (SELECT 1 FROM filler LIMIT 1) x") == "0":
+          psql("INSERT INTO filler SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, %d) g")
+      class H(BaseHTTPRequestHandler):
+          protocol_version = "HTTP/1.1"
+          def reply(self, code, body):
+              b = body.encode(); self.send_response(code)
+              self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+          def do_GET(self):
+              if self.path.startswith("/has/"):
+                  self.reply(200 if psql("SELECT 1 FROM w WHERE n = %%d" %% int(self.path[5:])) == "1" else 404, "")
+              else:
+                  self.reply(200, psql("SELECT count(*) FROM w"))
+          def do_POST(self):
+              psql("INSERT INTO w VALUES (%%d) ON CONFLICT DO NOTHING" %% int(self.path[1:]))
+              self.reply(200, "ok")
+          def log_message(self, *a): pass
+      ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+      PY
+    env: { PG_URL: "${components.pg.url}" }
+    health: { http: "/" }
+"""
+
+
+def move_under_load(api, gw, admin, site, to):
+    """Moves `site` to `to` under a writer and a reader; answers the move's
+    time, the writer, the reader, and the acknowledged writes not found."""
+    host = site + ".localhost"
+    writer, reader = Load(gw, host, True), Load(gw, host, False)
+    time.sleep(1)
+    t = time.time()
+    code, v = call(api, "POST", "/api/placements/%s/move" % site, {"to": to}, token=admin)
+    assert code == 202, v
+    wait_for(lambda: site in nodes(api, admin)[to]["placed"], 900)
+    moved = time.time() - t
+    time.sleep(1)
+    writer.end()
+    reader.end()
+    lost = [n for n in writer.acked if call(gw, "GET", "/has/%d" % n, host=host)[0] != 200]
+    return moved, writer, reader, lost
 
 
 class Load:
@@ -232,17 +296,7 @@ def main():
     assert code == 200 and placed["node"], placed
     to = b if placed["node"] != b else a
     wait_for(lambda: call(gw, "GET", "/", host="ledger.localhost")[0] == 200, 600)
-    writer, reader = Load(gw, "ledger.localhost", True), Load(gw, "ledger.localhost", False)
-    time.sleep(1)
-    t = time.time()
-    code, v = call(api, "POST", "/api/placements/ledger/move", {"to": to}, token=admin)
-    assert code == 202, v
-    wait_for(lambda: "ledger" in nodes(api, admin)[to]["placed"], 600)
-    moved = time.time() - t
-    time.sleep(1)
-    writer.end()
-    reader.end()
-    lost = [n for n in writer.acked if call(gw, "GET", "/has/%d" % n, host="ledger.localhost")[0] != 200]
+    moved, writer, reader, lost = move_under_load(api, gw, admin, "ledger", to)
     print("site with %d MiB of SQLite and %d MiB in a volume moved under writes: move %.2f s; write pause "
           "(the longest write) %.0f ms (target p95 <= 2 s with 1 GiB); %d writes acknowledged, %d lost, %d refused; "
           "%d reads, %d failed" % (
@@ -251,6 +305,38 @@ def main():
     for line in MOVES:
         if "ledger" in line:
             print("  control plane: " + line)
+
+    if PG_MB:
+        # A site with PG_MB in PostgreSQL moved under writes: by its changes.
+        code, placed = call(api, "POST", "/api/placements", {"site": "books", "blueprint": BOOKS % (PG_MB * 1024)},
+                            token=admin)
+        assert code == 200 and placed["node"], placed
+        source = placed["node"]
+        to = b if source != b else a
+        wait_for(lambda: call(gw, "GET", "/", host="books.localhost")[0] == 200, 900)
+        moved, writer, reader, lost = move_under_load(api, gw, admin, "books", to)
+        pause = max(writer.waits)
+        # What a move by dump would pause at least: the same database
+        # dumped and loaded (the source keeps its stopped copy until the
+        # move is confirmed).
+        home = [h for (n, _, h) in agents if n == source][0]
+        src_db = "bench" + os.path.basename(home)[len("agent-"):] + "_books_pg"
+        scratch = "bench_books_dump"
+        subprocess.run(["psql", PG, "-qc", "DROP DATABASE IF EXISTS %s" % scratch], check=True, capture_output=True)
+        subprocess.run(["psql", PG, "-qc", "CREATE DATABASE %s" % scratch], check=True)
+        t = time.time()
+        subprocess.run("pg_dump --no-owner --dbname \"%s dbname=%s\" | psql -q --dbname \"%s dbname=%s\""
+                       % (PG, src_db, PG, scratch), shell=True, check=True, capture_output=True)
+        dump_load = time.time() - t
+        subprocess.run(["psql", PG, "-qc", "DROP DATABASE IF EXISTS %s" % scratch], check=True)
+        print("site with %d MiB in PostgreSQL moved under writes: move %.2f s; write pause %.0f ms, "
+              "a dump and load of the same database %.2f s (pause / dump = %.2f); "
+              "%d writes acknowledged, %d lost, %d refused; %d reads, %d failed" % (
+                  PG_MB, moved, pause * 1000, dump_load, pause / dump_load, len(writer.acked), len(lost),
+                  writer.failed, len(reader.waits), reader.failed))
+        for line in MOVES:
+            if "books" in line:
+                print("  control plane: " + line)
 
     # A node killed with kill -9, at the default heartbeat (5 s) and loss
     # (15 s) settings.
@@ -269,6 +355,6 @@ finally:
     for d in os.listdir(ROOT):
         if d.startswith("agent-"):
             subprocess.run([COMMONS, "list", "--json"], env=env(os.path.join(ROOT, d)), capture_output=True)
-            for name in ("hello", "ledger"):
+            for name in ("hello", "ledger", "books"):
                 subprocess.run([COMMONS, "destroy", name], env=env(os.path.join(ROOT, d)), capture_output=True)
     shutil.rmtree(ROOT, ignore_errors=True)

@@ -257,7 +257,11 @@ impl Executor {
                     .restore_copy(&copy, Some(&caught), Some(site), 4, &Quiet)
                     .await
                     .map_err(e);
-                let _ = std::fs::remove_dir_all(&copy);
+                // What is left of the copy (a database's base, gigabytes) is
+                // removed after the report: requests wait for the report.
+                let left = copy.with_extension(format!("left-{}", std::process::id()));
+                let _ = std::fs::rename(&copy, &left);
+                std::thread::spawn(move || std::fs::remove_dir_all(left));
                 let _ = std::fs::remove_dir_all(&caught);
                 restored?;
                 Ok(format!(

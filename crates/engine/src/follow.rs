@@ -342,7 +342,10 @@ impl Following {
     /// Stops following: the slot and the publication are dropped (a slot
     /// left behind keeps the server's WAL forever), the base dump removed.
     pub(crate) fn end(self) {
-        let _ = std::fs::remove_file(&self.dump);
+        // The base may be gigabytes: removing it is not the caller's wait
+        // (the last increment is shipped while the site is held).
+        let dump = self.dump.clone();
+        std::thread::spawn(move || std::fs::remove_file(dump));
         let slot = slot_name(&self.db);
         let db = self.db;
         if let Err(e) = off_runtime(|| connect(&db).and_then(|mut c| drop_slot(&mut c, &slot))) {
