@@ -9,9 +9,11 @@
 //! shipped before. Files are read while the site runs, so a block may be
 //! torn; the last increment is taken once the site has stopped, and every
 //! block that differs from the one shipped goes again: the copy is then
-//! exact. Blocks are fixed and aligned, as SQLite writes its pages in place
-//! and most volume files are appended to or written whole; a byte inserted
-//! mid-file sends that file's tail again.
+//! exact. Blocks are fixed and aligned for SQLite files and the rest (SQLite
+//! writes its pages in place); volumes' files go in content-defined chunks
+//! instead, as pieces of their new version — chunks the copy holds as
+//! copies from where they are, the others as bytes — so a byte inserted
+//! mid-file sends the chunks around it, not the file's tail.
 //!
 //! A file is not read again when its size, inode and times are those seen
 //! before it was last read, and it had last changed well before that read
@@ -72,7 +74,38 @@ impl Shipped {
 #[derive(Debug)]
 struct Seen {
     stamp: Stamp,
+    /// A file in fixed blocks: each block's hash.
     blocks: Vec<[u8; 32]>,
+    /// A file in content-defined chunks: each chunk's hash and place.
+    chunks: Vec<Chunk>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    hash: [u8; 32],
+    at: u64,
+    len: u32,
+}
+
+/// Content-defined chunks' sizes (FastCDC, normalised): a byte inserted
+/// or removed moves the boundaries near it only, so the rest of the file
+/// is found again by its chunks' hashes.
+const CHUNK_MIN: u32 = 16 * 1024;
+const CHUNK_AVG: u32 = 64 * 1024;
+const CHUNK_MAX: u32 = 256 * 1024;
+
+/// A record's entry index with this bit set: `at`, `len` and `len` bytes
+/// of a chunked file's new version.
+const PIECE_DATA: u32 = 1 << 31;
+/// With this bit: `at`, `len`, `from`: bytes of the new version found in
+/// the version the copy holds, at `from`.
+const PIECE_COPY: u32 = 1 << 30;
+
+/// Whether a file goes in content-defined chunks: volumes' files, where
+/// uploads are written whole and edits insert; SQLite files and the rest
+/// change in place, which fixed blocks follow best.
+fn chunked(path: &str) -> bool {
+    path.starts_with("volumes/")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +161,10 @@ struct Entry {
     /// A link's target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     target: Option<String>,
+    /// A file that goes in content-defined chunks: when pieces of it come,
+    /// its new version is built from them and the version the copy holds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    chunked: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -182,6 +219,7 @@ fn walk(root: &Path, prefix: &str, out: &mut Vec<(Entry, PathBuf)>) -> Result<()
                     size: 0,
                     mode,
                     target: None,
+                    chunked: false,
                 },
                 path.clone(),
             ));
@@ -209,6 +247,7 @@ fn walk(root: &Path, prefix: &str, out: &mut Vec<(Entry, PathBuf)>) -> Result<()
                     size: 0,
                     mode,
                     target: Some(target.to_string_lossy().into_owned()),
+                    chunked: false,
                 },
                 path,
             ));
@@ -220,6 +259,7 @@ fn walk(root: &Path, prefix: &str, out: &mut Vec<(Entry, PathBuf)>) -> Result<()
                     size: meta.len(),
                     mode,
                     target: None,
+                    chunked: false,
                 },
                 path,
             ));
@@ -250,6 +290,7 @@ fn add_parent_dirs(entries: &mut Vec<(Entry, PathBuf)>, placeholder: &Path) {
                 size: 0,
                 mode: 0o700,
                 target: None,
+                chunked: false,
             },
             placeholder.to_path_buf(),
         ));
@@ -461,7 +502,13 @@ fn send(
     let w = |e: std::io::Error| io("writing the increment")(e);
     let header = Header {
         deployment: name.to_string(),
-        entries: entries.iter().map(|(e, _)| e.clone()).collect(),
+        entries: entries
+            .iter()
+            .map(|(e, _)| Entry {
+                chunked: e.kind == Kind::File && chunked(&e.path),
+                ..e.clone()
+            })
+            .collect(),
     };
     let header = serde_json::to_vec(&header).expect("json");
     out.write_all(MAGIC).map_err(w)?;
@@ -497,6 +544,20 @@ fn send(
                 Seen {
                     stamp,
                     blocks: b.blocks.clone(),
+                    chunks: b.chunks.clone(),
+                },
+            );
+            continue;
+        }
+        if chunked(&entry.path) {
+            let chunks = send_chunks(index as u32, &file, size, before.as_ref(), out, &mut stats)
+                .map_err(io(format!("reading {}", path.display())))?;
+            kept.insert(
+                entry.path.clone(),
+                Seen {
+                    stamp,
+                    blocks: Vec::new(),
+                    chunks,
                 },
             );
             continue;
@@ -526,7 +587,14 @@ fn send(
             }
             blocks.push(hash);
         }
-        kept.insert(entry.path.clone(), Seen { stamp, blocks });
+        kept.insert(
+            entry.path.clone(),
+            Seen {
+                stamp,
+                blocks,
+                chunks: Vec::new(),
+            },
+        );
     }
     put_u32(out, END).map_err(w)?;
     out.flush().map_err(w)?;
@@ -535,6 +603,92 @@ fn send(
 }
 
 /// Reads up to `buf.len()` bytes at `at`, fewer only at the end of the file.
+/// Sends file `index` (`size` bytes, as the header says) as pieces of its
+/// new version: chunks the copy holds (in the version `before` describes)
+/// as copies from where they are, the others as bytes. Answers the new
+/// version's chunks.
+fn send_chunks(
+    index: u32,
+    file: &std::fs::File,
+    size: u64,
+    before: Option<&Seen>,
+    out: &mut dyn Write,
+    stats: &mut Stats,
+) -> std::io::Result<Vec<Chunk>> {
+    let known: HashMap<[u8; 32], (u64, u32)> = before
+        .map(|b| b.chunks.iter().map(|c| (c.hash, (c.at, c.len))).collect())
+        .unwrap_or_default();
+    let mut chunks = Vec::new();
+    // A run of copies that follow each other, sent as one.
+    let mut run: Option<(u64, u32, u64)> = None;
+    let flush = |run: &mut Option<(u64, u32, u64)>, out: &mut dyn Write| {
+        if let Some((at, len, from)) = run.take() {
+            put_u32(out, index | PIECE_COPY)?;
+            out.write_all(&at.to_le_bytes())?;
+            put_u32(out, len)?;
+            out.write_all(&from.to_le_bytes())?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let reader = Exactly { file, at: 0, size };
+    for chunk in fastcdc::v2020::StreamCDC::new(reader, CHUNK_MIN, CHUNK_AVG, CHUNK_MAX) {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        let hash = *blake3::hash(&chunk.data).as_bytes();
+        let len = chunk.length as u32;
+        match known.get(&hash) {
+            Some(&(from, was)) if was == len => {
+                run = match run {
+                    Some((at, n, f)) if at + n as u64 == chunk.offset && f + n as u64 == from => {
+                        Some((at, n + len, f))
+                    }
+                    other => {
+                        let mut other = other;
+                        flush(&mut other, out)?;
+                        Some((chunk.offset, len, from))
+                    }
+                };
+            }
+            _ => {
+                flush(&mut run, out)?;
+                put_u32(out, index | PIECE_DATA)?;
+                out.write_all(&chunk.offset.to_le_bytes())?;
+                put_u32(out, len)?;
+                out.write_all(&chunk.data)?;
+                stats.blocks_sent += 1;
+                stats.bytes_sent += len as u64;
+            }
+        }
+        chunks.push(Chunk {
+            hash,
+            at: chunk.offset,
+            len,
+        });
+    }
+    flush(&mut run, out)?;
+    Ok(chunks)
+}
+
+/// A file read as exactly `size` bytes: zeros past its end if it shrank
+/// since the header was written (the last increment sends what it is).
+struct Exactly<'a> {
+    file: &'a std::fs::File,
+    at: u64,
+    size: u64,
+}
+
+impl Read for Exactly<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = (self.size - self.at).min(buf.len() as u64) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let got = read_at_most(self.file, &mut buf[..want], self.at)?;
+        buf[got..want].fill(0);
+        self.at += want as u64;
+        Ok(want)
+    }
+}
+
 fn read_at_most(file: &std::fs::File, buf: &mut [u8], at: u64) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
@@ -617,7 +771,7 @@ pub fn apply_increment(
     // Entries first, parents before children (the list is sorted): what
     // changed kind goes, directories and links are made, files sized.
     let mut listed = BTreeSet::new();
-    let mut files: Vec<Option<(std::fs::File, u64)>> = Vec::with_capacity(header.entries.len());
+    let mut files: Vec<Option<Receiving>> = Vec::with_capacity(header.entries.len());
     for e in &header.entries {
         let path = inside(copy, &e.path).ok_or_else(|| bad(format!("the path {:?}", e.path)))?;
         no_link_above(copy, &path)?;
@@ -657,6 +811,7 @@ pub fn apply_increment(
             }
             Kind::File => {
                 let file = std::fs::OpenOptions::new()
+                    .read(true)
                     .write(true)
                     .create(true)
                     .truncate(false)
@@ -664,29 +819,86 @@ pub fn apply_increment(
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(w(&path))?;
-                file.set_len(e.size).map_err(w(&path))?;
+                // A chunked file keeps the version it holds until pieces of
+                // the new one come: they may copy from anywhere in it.
+                if !e.chunked {
+                    file.set_len(e.size).map_err(w(&path))?;
+                }
                 file.set_permissions(std::fs::Permissions::from_mode(mode))
                     .map_err(w(&path))?;
                 stats.blocks += e.size.div_ceil(BLOCK as u64);
                 stats.bytes += e.size;
-                files.push(Some((file, e.size)));
+                files.push(Some(Receiving {
+                    file,
+                    size: e.size,
+                    chunked: e.chunked,
+                    path,
+                    mode,
+                }));
             }
         }
     }
     // What the copy holds and the increment does not list goes.
     remove_unlisted(copy, &listed)?;
-    let mut buf = vec![0u8; BLOCK];
+    let mut buf = vec![0u8; CHUNK_MAX as usize];
     let mut written = vec![false; files.len()];
+    let scratch = copy.with_extension("chunks");
+    let mut building: Option<Building> = None;
     loop {
         let index = read_u32(input).map_err(r)?;
         if index == END {
             break;
         }
+        if index & (PIECE_DATA | PIECE_COPY) != 0 {
+            let copying = index & PIECE_COPY != 0;
+            let index = index & !(PIECE_DATA | PIECE_COPY);
+            let Some(Some(target)) = files
+                .get(index as usize)
+                .filter(|f| f.as_ref().is_some_and(|f| f.chunked))
+            else {
+                return Err(bad(format!(
+                    "a piece for entry {index}, which is not a chunked file"
+                )));
+            };
+            if building.as_ref().is_some_and(|b| b.index != index) {
+                building.take().expect("some").finish(&files)?;
+            }
+            if building.is_none() {
+                building = Some(Building::start(&scratch, index, target)?);
+            }
+            let b = building.as_mut().expect("some");
+            let at = read_u64(input).map_err(r)?;
+            let len = read_u32(input).map_err(r)?;
+            if (len > CHUNK_MAX && !copying)
+                || at
+                    .checked_add(len as u64)
+                    .is_none_or(|end| end > target.size)
+            {
+                return Err(bad(format!(
+                    "a piece of {len} bytes at {at} lies outside its file"
+                )));
+            }
+            if copying {
+                let from = read_u64(input).map_err(r)?;
+                b.copy(&target.file, from, at, len, &mut buf)?;
+            } else {
+                input.read_exact(&mut buf[..len as usize]).map_err(r)?;
+                b.temp
+                    .write_all_at(&buf[..len as usize], at)
+                    .map_err(io("writing a piece of the copy"))?;
+                stats.blocks_sent += 1;
+                stats.bytes_sent += len as u64;
+            }
+            continue;
+        }
         let n = read_u64(input).map_err(r)?;
         let len = read_u32(input).map_err(r)? as usize;
-        let Some(Some((file, size))) = files.get(index as usize) else {
+        let Some(Some(Receiving { file, size, .. })) = files
+            .get(index as usize)
+            .filter(|f| f.as_ref().is_some_and(|f| !f.chunked))
+        else {
             return Err(bad(format!(
-                "a block for entry {index}, which is not a file"
+                "a block for entry {index}, which is not a file in blocks"
             )));
         };
         let at = n
@@ -700,12 +912,107 @@ pub fn apply_increment(
         stats.blocks_sent += 1;
         stats.bytes_sent += len as u64;
     }
+    if let Some(b) = building.take() {
+        b.finish(&files)?;
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
     for (i, f) in files.iter().enumerate() {
-        if let (Some((file, _)), true) = (f, written[i]) {
+        if let (Some(Receiving { file, .. }), true) = (f, written[i]) {
             file.sync_data().map_err(io("syncing the copy"))?;
         }
     }
     Ok(stats)
+}
+
+/// A file of the copy an increment lists.
+struct Receiving {
+    file: std::fs::File,
+    size: u64,
+    chunked: bool,
+    path: PathBuf,
+    mode: u32,
+}
+
+/// The new version of a chunked file, built beside the copy from pieces,
+/// then put in its place.
+struct Building {
+    index: u32,
+    temp: std::fs::File,
+    temp_path: PathBuf,
+    /// The size of the version the copy holds.
+    old_size: u64,
+}
+
+impl Building {
+    fn start(scratch: &Path, index: u32, target: &Receiving) -> Result<Building, EngineError> {
+        commons_runtime::layout::private_dir(scratch)
+            .map_err(io(format!("creating {}", scratch.display())))?;
+        let temp_path = scratch.join(index.to_string());
+        let w = io(format!("writing {}", temp_path.display()));
+        let temp = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&temp_path)
+            .map_err(w)?;
+        temp.set_len(target.size)
+            .map_err(io(format!("writing {}", temp_path.display())))?;
+        let old_size = target
+            .file
+            .metadata()
+            .map_err(io(format!("reading {}", target.path.display())))?
+            .len();
+        Ok(Building {
+            index,
+            temp,
+            temp_path,
+            old_size,
+        })
+    }
+
+    /// Copies `len` bytes at `from` in the version the copy holds to `at`
+    /// in the new one.
+    fn copy(
+        &mut self,
+        old: &std::fs::File,
+        from: u64,
+        at: u64,
+        len: u32,
+        buf: &mut [u8],
+    ) -> Result<(), EngineError> {
+        if from
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.old_size)
+        {
+            return Err(bad(format!(
+                "a piece copies {len} bytes at {from}, outside the file the copy holds"
+            )));
+        }
+        let mut done = 0u64;
+        while done < len as u64 {
+            let n = (len as u64 - done).min(buf.len() as u64) as usize;
+            old.read_exact_at(&mut buf[..n], from + done)
+                .map_err(io("reading the copy"))?;
+            self.temp
+                .write_all_at(&buf[..n], at + done)
+                .map_err(io("writing a piece of the copy"))?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn finish(self, files: &[Option<Receiving>]) -> Result<(), EngineError> {
+        let target = files[self.index as usize].as_ref().expect("a file");
+        self.temp
+            .set_permissions(std::fs::Permissions::from_mode(target.mode))
+            .and_then(|_| self.temp.sync_data())
+            .map_err(io(format!("writing {}", self.temp_path.display())))?;
+        std::fs::rename(&self.temp_path, &target.path)
+            .map_err(io(format!("replacing {}", target.path.display())))
+    }
 }
 
 /// Removes what lies under `copy` and is not in `listed`.
@@ -744,6 +1051,7 @@ mod tests {
             size,
             mode: 0o644,
             target: None,
+            chunked: false,
         }
     }
 
@@ -769,6 +1077,94 @@ mod tests {
         let sent = send("site", &entries, shipped, &mut wire, looked).unwrap();
         let applied = apply_increment(copy, &mut wire.as_slice(), fresh).unwrap();
         (sent, applied)
+    }
+
+    /// Sends the tree at `src` as the volume `v` onto `copy`.
+    fn ship_volume(src: &Path, shipped: &mut Shipped, copy: &Path, fresh: bool) -> Stats {
+        let mut entries = Vec::new();
+        walk(src, "volumes/v", &mut entries).unwrap();
+        add_parent_dirs(&mut entries, src);
+        entries.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+        let mut wire = Vec::new();
+        let sent = send("site", &entries, shipped, &mut wire, now_ns()).unwrap();
+        let applied = apply_increment(copy, &mut wire.as_slice(), fresh).unwrap();
+        assert_eq!(applied.bytes_sent, sent.bytes_sent);
+        sent
+    }
+
+    /// Bytes that look random (content-defined chunking needs some): a
+    /// hash of a counter.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 32);
+        let mut n = 0u64;
+        while out.len() < len {
+            let mut h = blake3::Hasher::new();
+            h.update(&seed.to_le_bytes()).update(&n.to_le_bytes());
+            out.extend_from_slice(h.finalize().as_bytes());
+            n += 1;
+        }
+        out.truncate(len);
+        out
+    }
+
+    #[test]
+    fn a_byte_inserted_in_a_volume_file_sends_the_chunks_around_it() {
+        let root = temp("chunks");
+        let (src, copy) = (root.join("src"), root.join("copy"));
+        std::fs::create_dir_all(&src).unwrap();
+        let mut big = noise(4 << 20, 7);
+        std::fs::write(src.join("upload.bin"), &big).unwrap();
+        let mut shipped = Shipped::default();
+        let sent = ship_volume(&src, &mut shipped, &copy, true);
+        assert_eq!(sent.bytes_sent, 4 << 20);
+        // One byte in, near the front: fixed blocks would send 3 MiB and more.
+        big.insert((1 << 20) + 7, 42);
+        std::fs::write(src.join("upload.bin"), &big).unwrap();
+        let sent = ship_volume(&src, &mut shipped, &copy, false);
+        assert!(
+            sent.bytes_sent <= 2 * CHUNK_MAX as u64,
+            "only the chunks around the byte go: {sent:?}"
+        );
+        assert!(std::fs::read(copy.join("volumes/v/upload.bin")).unwrap() == big);
+        // Cut short, then a piece of it moved to the end.
+        let mut moved = big[..3 << 20].to_vec();
+        moved.extend_from_slice(&big[..1 << 20]);
+        std::fs::write(src.join("upload.bin"), &moved).unwrap();
+        let sent = ship_volume(&src, &mut shipped, &copy, false);
+        assert!(sent.bytes_sent <= 3 * CHUNK_MAX as u64, "{sent:?}");
+        assert!(std::fs::read(copy.join("volumes/v/upload.bin")).unwrap() == moved);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_piece_copying_from_outside_the_file_is_refused() {
+        let root = temp("bad-piece");
+        let copy = root.join("copy");
+        let header = Header {
+            deployment: "site".into(),
+            entries: vec![
+                entry("volumes", Kind::Dir, 0),
+                Entry {
+                    chunked: true,
+                    ..entry("volumes/v", Kind::File, 10)
+                },
+            ],
+        };
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut wire = MAGIC.to_vec();
+        wire.extend_from_slice(&(header.len() as u64).to_le_bytes());
+        wire.extend_from_slice(&header);
+        wire.extend_from_slice(&(PIECE_COPY | 1).to_le_bytes());
+        wire.extend_from_slice(&0u64.to_le_bytes());
+        wire.extend_from_slice(&10u32.to_le_bytes());
+        wire.extend_from_slice(&0u64.to_le_bytes());
+        wire.extend_from_slice(&END.to_le_bytes());
+        let err = apply_increment(&copy, &mut wire.as_slice(), true).unwrap_err();
+        assert!(
+            err.to_string().contains("outside the file the copy holds"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     fn same_tree(a: &Path, b: &Path) {
