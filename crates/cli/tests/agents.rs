@@ -238,6 +238,8 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     let server = s.serve(AGENT_ENV);
     let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
     let admin = admin(&s, &server);
+    // The first account administers the platform; providers come after.
+    signup(server.port, "operator@example.org", "Operator");
     signup(server.port, "acme@example.org", "Acme");
     signup(server.port, "mallory@example.org", "Mallory");
     let acme = login(server.port, "acme@example.org", true);
@@ -514,6 +516,9 @@ fn two_providers(s: &Sandbox) -> (Server, Api, Agent, Agent) {
     let server = s.serve(AGENT_ENV);
     let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
     let admin = admin(s, &server);
+    // The first account administers the platform (the console's
+    // placements are its); providers come after.
+    signup(server.port, "operator@example.org", "Operator");
     let mut agents = Vec::new();
     for provider in ["acme", "globex"] {
         signup(server.port, &format!("{provider}@example.org"), provider);
@@ -728,6 +733,7 @@ fn concurrent_placements_never_overcommit_a_node() {
     let server = s.serve(&[("COMMONS_AGENT_LISTEN", "127.0.0.1:0")]);
     let url = format!("https://127.0.0.1:{}", server.agents.unwrap());
     let admin = admin(&s, &server);
+    signup(server.port, "operator@example.org", "Operator");
     signup(server.port, "acme@example.org", "Acme");
     let acme = login(server.port, "acme@example.org", true);
     // Two nodes of 2000 m CPU each (see `Agent::join`): room for 8 sites
@@ -839,6 +845,41 @@ components:
     health: { http: "/" }
 "#;
 
+/// Posts a console form as `who` (with their session's CSRF token);
+/// answers the status, the head and the body.
+fn console_post(who: &Api, port: u16, path: &str, form: &str) -> (u16, String, String) {
+    let header = |name: &str| {
+        who.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap()
+    };
+    let body = format!("csrf={}&{form}", header("X-CSRF-Token"));
+    let cookie = header("Cookie");
+    http_with_head(
+        port,
+        "POST",
+        path,
+        &[
+            ("Cookie", cookie.as_str()),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        body.as_bytes(),
+    )
+    .unwrap()
+}
+
+/// `text` as a form field's value.
+fn form_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn pg(db: &str) -> postgres::Client {
     postgres::Client::connect(
         &format!("{} dbname={db}", postgres_admin()),
@@ -865,6 +906,37 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
     let s = Sandbox::new("agents-move");
     let (server, admin, a, b) = two_providers(&s);
     let (node_a, node_b) = (a.node(), b.node());
+    let operator = login(server.port, "operator@example.org", true);
+    // Where it would go, and why, as the console shows it: each node's
+    // verdict, scores charted; nothing is placed by asking.
+    let (code, _, page) = console_post(
+        &operator,
+        server.port,
+        "/console/placements/plan",
+        &format!(
+            "site=ledger&preferred=acme&action=plan&blueprint={}",
+            form_encode(WRITES_SITE)
+        ),
+    );
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("ledger would go to") && page.contains(&node_a) && page.contains(&node_b),
+        "{page}"
+    );
+    assert!(
+        page.contains("<svg role=\"img\" aria-label=\"price"),
+        "{page}"
+    );
+    assert_eq!(node_state(&admin, &node_a)["placed"], json!([]));
+    // A provider is not the platform's administrator.
+    let acme = login(server.port, "acme@example.org", true);
+    let (code, _, _) = console_post(
+        &acme,
+        server.port,
+        "/console/placements/plan",
+        "site=x&blueprint=y",
+    );
+    assert_eq!(code, 403);
     let (code, v) = admin.post(
         "/api/placements",
         json!({ "site": "ledger", "blueprint": WRITES_SITE, "preferred": ["acme"] }),
@@ -920,8 +992,15 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
             (failed, reads)
         });
         std::thread::sleep(Duration::from_secs(1));
-        let (code, v) = admin.post("/api/placements/ledger/move", json!({ "to": node_b }));
-        let moved = code == 202
+        // The operator moves it from the console.
+        let (code, head, v) = console_post(
+            &operator,
+            server.port,
+            "/console/placements/ledger/move",
+            &format!("to={node_b}"),
+        );
+        let moved = code == 303
+            && head.contains("/console/placements")
             && wait_for(Duration::from_secs(120), || {
                 node_state(&admin, &node_b)["placed"] == json!(["ledger"])
             });
@@ -929,7 +1008,7 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
         // The load stops before anything is asserted: a failed assertion
         // must not leave the scope waiting for its threads.
         stop.store(true, Ordering::Relaxed);
-        assert_eq!(code, 202, "{v}");
+        assert_eq!(code, 303, "{v}");
         assert!(moved, "the site moved to B:\n{}\n{}", a.log(), b.log());
         let (acked, failed_writes, slowest) = writer.join().unwrap();
         let (failed_reads, reads) = reader.join().unwrap();

@@ -106,6 +106,9 @@ pub(crate) fn page(title: &str, who: Option<&Member>, refresh: bool, body: Marku
                             a href="/console/money" { "Your money" }
                             a href="/console/billing" { "Subscription" }
                             a href="/console/tokens" { "Tokens" }
+                            @if m.user.platform_admin {
+                                a href="/console/placements" { "Placements" }
+                            }
                             span { (m.user.name) }
                             form.inline method="post" action="/console/logout" {
                                 input type="hidden" name="csrf" value=(m.csrf.as_deref().unwrap_or(""));

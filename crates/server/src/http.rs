@@ -15,8 +15,8 @@ use axum::Router;
 
 use crate::web::problem;
 use crate::{
-    api, books, console, console_data, console_nodes, local, my_money, my_usage, oidc, openapi,
-    platform, statements, subscribe, AppState,
+    api, books, console, console_data, console_nodes, console_placements, local, my_money,
+    my_usage, oidc, openapi, platform, statements, subscribe, AppState,
 };
 
 /// The API's routes.
@@ -176,6 +176,22 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(console_data::consent_page).post(console_data::consent_submit),
         )
         .route("/console/orgs/{org}/nodes", get(console_nodes::nodes_page))
+        .route(
+            "/console/placements",
+            get(console_placements::placements_page),
+        )
+        .route(
+            "/console/placements/plan",
+            post(console_placements::plan_submit),
+        )
+        .route(
+            "/console/placements/{site}/move",
+            post(console_placements::move_submit),
+        )
+        .route(
+            "/console/placements/{site}/confirm",
+            post(console_placements::confirm_submit),
+        )
         .route(
             "/console/orgs/{org}/join-tokens",
             post(console_nodes::join_token_submit),

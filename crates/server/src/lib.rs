@@ -19,6 +19,7 @@ pub mod config;
 pub mod console;
 mod console_data;
 mod console_nodes;
+mod console_placements;
 pub mod data;
 pub mod error;
 pub mod gateway;

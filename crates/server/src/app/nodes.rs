@@ -104,6 +104,9 @@ pub fn revoke(state: &AppState, who: &Principal, org: &str, id: &str) -> Result<
 fn platform_only(who: &Principal) -> Result<()> {
     match who {
         Principal::Platform => Ok(()),
+        // The platform's administrator signed in to the console (a session,
+        // not a token: tokens are for what their scopes name).
+        Principal::User(m) if m.user.platform_admin && m.scopes.is_none() => Ok(()),
         Principal::User(_) => Err(AppError::new(
             ErrorKind::Forbidden,
             "Not allowed",
