@@ -238,5 +238,52 @@ async fn a_followed_database_reaches_the_copy_by_its_changes() {
     assert_eq!(slots("c_fsrc_pg"), 0, "the move's slot was dropped");
     b.drop_copy_databases("fdst", &state).await.unwrap();
     assert_eq!(dst_exists(), 0, "the copy's database was dropped");
+
+    // Moving back onto a node that keeps a stopped copy of the site under
+    // the same names: the changes wait beside the copy, and the cut-over
+    // loads the base and applies them in order.
+    let kept = dir.join("kept.yaml");
+    std::fs::write(&kept, "name: fdst\ncomponents:\n  pg: { postgres: {} }\n").unwrap();
+    let old = b
+        .target(Some(kept.to_str().unwrap()), Some("fdst"), &[])
+        .unwrap();
+    b.deploy(&old, 2, &Quiet).await.unwrap();
+    let (copy, state) = (dir.join("copy2"), dir.join("caught2"));
+    let mut shipped = Shipped::default();
+    let (_, followed) = step(&a, &b, &mut shipped, &copy, &state).await;
+    assert_eq!(
+        followed.unwrap(),
+        "",
+        "nothing is loaded over the kept copy"
+    );
+    for round in 0..2 {
+        sql("c_fsrc_pg", move |c| {
+            c.batch_execute(&format!(
+                "INSERT INTO notes (body) VALUES ('round {round}'); UPDATE notes SET body = 'again' WHERE id = 1"
+            ))
+            .unwrap()
+        });
+        let (stats, followed) = step(&a, &b, &mut shipped, &copy, &state).await;
+        assert_eq!(stats.changes, 2, "{stats:?}");
+        assert_eq!(followed.unwrap(), "");
+    }
+    let tables: i64 = sql("c_fdst_pg", |c| {
+        c.query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'notes'",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+    });
+    assert_eq!(tables, 0, "the kept copy's database was left as it was");
+    // The cut-over: the kept copy goes, the copy stands up in its place.
+    b.destroy("fdst", 2, &Quiet).await.unwrap();
+    b.restore_copy(&copy, Some(&state), Some("fdst"), 2, &Quiet)
+        .await
+        .unwrap();
+    assert_eq!(rows("c_fdst_pg"), rows("c_fsrc_pg"));
+    tokio::task::block_in_place(|| shipped.stop_following());
+    assert_eq!(slots("c_fsrc_pg"), 0);
+    b.destroy("fdst", 2, &Quiet).await.unwrap();
     a.destroy("fsrc", 2, &Quiet).await.unwrap();
 }
