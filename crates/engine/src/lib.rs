@@ -171,6 +171,12 @@ impl Engine {
     pub fn store(&self) -> &dyn StateStore {
         self.store.as_ref()
     }
+
+    /// The state store, to share with what reads its changes (the relay
+    /// to an event bus).
+    pub fn shared_store(&self) -> Arc<dyn StateStore> {
+        self.store.clone()
+    }
 }
 
 impl Engine {

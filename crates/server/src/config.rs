@@ -28,6 +28,8 @@
 //! postgres_prefix = "c"   # sites' database names begin c_; one per platform or node sharing a server
 //! [store]
 //! database_url = "host=127.0.0.1 user=commons dbname=commons"
+//! [bus]
+//! nats_url = "nats://127.0.0.1:4222"   # every recorded change relayed to JetStream
 //! [payments]
 //! stripe_webhook_secret = "whsec_..."
 //! stripe_secret_key = "sk_live_..."   # subscribe through Stripe Checkout
@@ -56,8 +58,17 @@ pub struct ServeConfig {
     pub acme: Acme,
     pub runtime: Runtime,
     pub store: Store,
+    pub bus: Bus,
     pub payments: Payments,
     pub agents: Agents,
+}
+
+/// The event bus of a scaled-out platform.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Bus {
+    /// A NATS server with JetStream; the state's changes are relayed there.
+    pub nats_url: Option<String>,
 }
 
 /// Where providers' node agents reach the control plane.
@@ -223,6 +234,10 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     pub runtime: RuntimeSettings,
     pub store: StoreConfig,
+    /// The NATS server the state's changes are relayed to
+    /// (`COMMONS_NATS_URL`, `[bus] nats_url`); none: they stay in the
+    /// store's outbox.
+    pub nats_url: Option<String>,
     pub stripe_webhook_secret: Option<String>,
     /// Stripe's API, when the platform takes subscriptions through Stripe
     /// Checkout (`COMMONS_STRIPE_SECRET_KEY`).
@@ -392,6 +407,7 @@ pub fn resolve(
             env(commons_store::DATABASE_URL_VAR).or(file.store.database_url),
             env(commons_store::DATABASE_SCHEMA_VAR),
         ),
+        nats_url: env("COMMONS_NATS_URL").or(file.bus.nats_url),
         stripe_webhook_secret: env("COMMONS_STRIPE_WEBHOOK_SECRET")
             .or(file.payments.stripe_webhook_secret),
         stripe_api: stripe_settings(

@@ -110,6 +110,18 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
             );
         }
         crate::supervisor::spawn(supervisor_engine, settings.supervisor.clone());
+        if let Some(url) = &settings.nats_url {
+            eprintln!(
+                "{:>12} the state's changes to NATS JetStream at {url} (stream COMMONS_CHANGES)",
+                "Relaying"
+            );
+            tokio::spawn(commons_bus::relay(
+                state.engine.shared_store(),
+                commons_bus::RelayConfig::new(url),
+                std::time::Duration::from_millis(50),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            ));
+        }
         let state = Arc::new(state);
         let data_listener = tokio::net::TcpListener::from_std(data_listener)
             .map_err(|e| RunError::Failed(e.to_string()))?;
