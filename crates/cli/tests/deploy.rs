@@ -798,3 +798,96 @@ fn deploys_of_one_site_are_one_at_a_time_across_instances() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
 }
+
+/// Two platform instances (two data directories) sharing one PostgreSQL
+/// close the same period at the same moment, twice over: the subscriber's
+/// payment is allocated once in all, and the journal still verifies.
+#[test]
+fn a_period_closed_by_two_instances_at_once_is_closed_once() {
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("period_race_{}", std::process::id());
+    let (first, second) = (Sandbox::new("race-one"), Sandbox::new("race-two"));
+    let cmd = |s: &Sandbox, args: &[&str]| {
+        let mut c = s.cmd(args);
+        c.env("COMMONS_DATABASE_URL", &url)
+            .env("COMMONS_DATABASE_SCHEMA", &schema)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let ok = |s: &Sandbox, args: &[&str]| {
+        let out = cmd(s, args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    ok(
+        &first,
+        &["ledger", "bootstrap", "--cash", "1000", "--tokens", "1000"],
+    );
+    ok(
+        &first,
+        &["subscribe", "alice", "member", "--payment", "bank-1"],
+    );
+    let period = {
+        let sub: serde_json::Value =
+            serde_json::from_slice(&ok(&second, &["subscribe", "alice", "--json"])).unwrap();
+        assert_eq!(sub["subscription"]["tier"], "member", "both see it: {sub}");
+        let out = std::process::Command::new("date")
+            .arg("+%Y-%m")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let mut allocated = 0;
+    let mut closers = 0;
+    for _ in 0..2 {
+        let racing: Vec<_> = [&first, &second, &first, &second]
+            .iter()
+            .map(|s| {
+                cmd(s, &["period", "close", &period, "--json"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for r in racing {
+            let out = r.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "a racing close failed instead of finding it closed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let closed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            allocated += closed["tokens_allocated"].as_i64().unwrap();
+            if closed["subscribers"].as_i64() == Some(1) {
+                closers += 1;
+            }
+        }
+    }
+    assert_eq!(closers, 1, "one close allocated the payment");
+    assert_eq!(allocated, 500, "the member's payment, allocated once");
+    let export = first.dir.join("journal.export");
+    ok(
+        &first,
+        &["ledger", "export", "-o", export.to_str().unwrap()],
+    );
+    let key = String::from_utf8(ok(&first, &["ledger", "key"])).unwrap();
+    ok(
+        &first,
+        &[
+            "ledger",
+            "verify",
+            "--key",
+            key.trim(),
+            export.to_str().unwrap(),
+        ],
+    );
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .unwrap();
+}

@@ -156,6 +156,31 @@ pub fn close(home: &Path, store: &StoreConfig, period: &str) -> Result<Closed, M
     )
 }
 
+/// How long an instance waits for another's close of the same period.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The lease on closing `period`, once no other instance holds it.
+fn close_lease(store: &StoreConfig, period: &str) -> Result<commons_store::Lease, MoneyError> {
+    let started = std::time::Instant::now();
+    loop {
+        match store
+            .try_lease(&format!("period-close:{period}"))
+            .map_err(failed("store"))?
+        {
+            commons_store::Leased::Held(lease) => return Ok(lease),
+            commons_store::Leased::Taken if started.elapsed() < CLOSE_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            commons_store::Leased::Taken => {
+                return Err(MoneyError::Failed(format!(
+                    "another platform instance has been closing {period} for {} s; try again once it is done",
+                    CLOSE_WAIT.as_secs()
+                )))
+            }
+        }
+    }
+}
+
 /// [`close`] with the meter and the journal the caller holds (the server's:
 /// the journal has one writer at a time).
 pub fn close_with(
@@ -171,6 +196,11 @@ pub fn close_with(
         )));
     }
     let settings = MoneySettings::load(home)?;
+    // Instances sharing one PostgreSQL close a period one at a time: the
+    // one that waited then plans on the book as the other left it (caught
+    // up), finds the period closed, and changes nothing.
+    let _lease = close_lease(store, period)?;
+    j.catch_up().map_err(failed("ledger"))?;
     m.close_period(period).map_err(failed("meter"))?;
     let usage = m.usage_by_user(period).map_err(failed("meter"))?;
     let mut sites = local_sites(home, store);
