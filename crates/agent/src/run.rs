@@ -34,6 +34,16 @@ pub async fn run(
     let identity = Identity::load(&home)?;
     let client = Arc::new(RwLock::new(Arc::new(identity.client(&home)?)));
     let identity = Arc::new(RwLock::new(identity));
+    // A move this agent was shipping when it stopped will not go on: what
+    // followed its databases goes.
+    match tokio::task::block_in_place(|| engine.forget_moves()) {
+        Ok(0) => {}
+        Ok(n) => eprintln!(
+            "{:>12} {n} replication slots of moves that stopped",
+            "Dropped"
+        ),
+        Err(e) => eprintln!("{:>12} replication slots of stopped moves: {e}", "Warning"),
+    }
     let executor =
         Arc::new(Executor::new(&home, engine).map_err(|e| AgentError::Failed(e.to_string()))?);
     eprintln!(

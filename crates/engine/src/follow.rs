@@ -674,6 +674,44 @@ fn apply_changes(db: &str, changes: &Path) -> Result<u64, EngineError> {
 }
 
 impl crate::Engine {
+    /// Drops what following this machine's databases for a move left
+    /// behind: a process that ships a site remembers its following in
+    /// memory, so after a restart a slot would stay — keeping the server's
+    /// WAL forever. Called as the shipping process starts; answers how many
+    /// slots went.
+    pub fn forget_moves(&self) -> Result<usize, EngineError> {
+        if commons_runtime::settings::current()
+            .postgres_admin_url
+            .is_none()
+        {
+            return Ok(0);
+        }
+        let mut dropped = 0;
+        for d in self.store.deployments()? {
+            for (component, kind) in self.component_kinds(&d.name)? {
+                if kind != "postgres" {
+                    continue;
+                }
+                let db = commons_runtime::drivers::postgres::name(&d.name, &component);
+                let slot = slot_name(&db);
+                dropped += off_runtime(|| -> Result<usize, EngineError> {
+                    let mut client = connect(&db)?;
+                    let had = client
+                        .query_one(
+                            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                            &[&slot],
+                        )
+                        .map_err(internal("looking for a replication slot"))?
+                        .get::<_, i64>(0);
+                    drop_slot(&mut client, &slot)?;
+                    Ok(had as usize)
+                })?;
+            }
+            let _ = std::fs::remove_dir_all(self.layout.home.join("following").join(&d.name));
+        }
+        Ok(dropped)
+    }
+
     /// Brings the databases of the copy of `name` being built at `copy` up
     /// to what the copy holds: a new base is loaded, new changes applied
     /// (see the module's text). `state` is a directory beside the copy.

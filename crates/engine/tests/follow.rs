@@ -227,10 +227,26 @@ async fn a_followed_database_reaches_the_copy_by_its_changes() {
     };
     assert_eq!(dst_exists(), 0);
 
-    // Followed again, then given up: the slot and the copy's database go.
+    // The shipping process stops mid-move (its memory of the move gone):
+    // started again, it drops the slot left behind.
     sql("c_fsrc_pg", |c| {
         c.batch_execute("DROP TABLE loose").unwrap()
     });
+    let mut lost = Shipped::default();
+    let (_, followed) = step(&a, &b, &mut lost, &copy, &state).await;
+    assert_eq!(followed.unwrap(), "pg: base loaded");
+    assert_eq!(slots("c_fsrc_pg"), 1);
+    drop(lost);
+    assert_eq!(
+        slots("c_fsrc_pg"),
+        1,
+        "a slot outlives the process's memory"
+    );
+    let forgot = tokio::task::block_in_place(|| a.forget_moves()).unwrap();
+    assert_eq!(forgot, 1);
+    assert_eq!(slots("c_fsrc_pg"), 0, "dropped as the process starts again");
+
+    // Followed again, then given up: the slot and the copy's database go.
     let (_, followed) = step(&a, &b, &mut shipped, &copy, &state).await;
     assert_eq!(followed.unwrap(), "pg: base loaded");
     assert_eq!(slots("c_fsrc_pg"), 1);
