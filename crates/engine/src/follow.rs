@@ -284,11 +284,11 @@ impl Following {
         file.write_all(b"\n").map_err(w)?;
         let slot = slot_name(&self.db);
         let db = self.db.clone();
-        let fingerprint = self.fingerprint.clone();
+        let schema_then = self.fingerprint.clone();
         let decoder = &mut self.decoder;
         let counted = off_runtime(move || -> Result<Option<u64>, EngineError> {
             let mut client = connect(&db)?;
-            if fingerprint_of(&mut client)? != fingerprint {
+            if fingerprint(&mut client)? != schema_then {
                 return Ok(None);
             }
             let mut count = 0;
@@ -325,7 +325,7 @@ impl Following {
             }
             // A change of schema while the changes were read: they may not
             // fit the tables the target has.
-            if fingerprint_of(&mut client)? != fingerprint {
+            if fingerprint(&mut client)? != schema_then {
                 return Ok(None);
             }
             file.flush()
@@ -355,10 +355,6 @@ impl Following {
             );
         }
     }
-}
-
-fn fingerprint_of(client: &mut postgres::Client) -> Result<String, EngineError> {
-    fingerprint(client)
 }
 
 fn write_line(out: &mut dyn Write, change: &Change) -> Result<(), EngineError> {

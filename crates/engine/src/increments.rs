@@ -449,40 +449,40 @@ fn database(
             f.end();
         }
     }
-    if let Some(mut f) = following {
-        match f.write_changes(&changes_file) {
-            Ok(Some(changes)) => {
-                let base = f.dump.clone();
-                shipped.databases.insert(component.to_string(), f);
-                return Ok(Carried::Followed { base, changes });
-            }
-            // The schema changed: following begins again, from a new base.
-            Ok(None) => {
-                let _ = std::fs::remove_file(&changes_file);
-                f.end();
-            }
-            Err(e) => {
-                f.end();
-                return Err(e);
-            }
+    if let Some(f) = following {
+        // None: the schema changed, following begins again from a new base.
+        if let Some(carried) = next_changes(f, &changes_file, component, shipped)? {
+            return Ok(carried);
         }
     }
     let kept = layout.home.join("following").join(name);
     commons_runtime::layout::private_dir(&kept).map_err(io("keeping a database's base"))?;
-    let mut f = match follow::begin(&db, &kept.join(format!("{component}.sql")))? {
+    let f = match follow::begin(&db, &kept.join(format!("{component}.sql")))? {
         Ok(f) => f,
         Err(why) => return Ok(Carried::Dumped(why)),
     };
-    match f.write_changes(&changes_file) {
+    Ok(next_changes(f, &changes_file, component, shipped)?
+        .unwrap_or_else(|| Carried::Dumped("its schema is changing".into())))
+}
+
+/// Writes `f`'s next changes file; `None` (following ended) when the
+/// schema changed. Following ends on any failure too.
+fn next_changes(
+    mut f: Following,
+    changes_file: &Path,
+    component: &str,
+    shipped: &mut Shipped,
+) -> Result<Option<Carried>, EngineError> {
+    match f.write_changes(changes_file) {
         Ok(Some(changes)) => {
             let base = f.dump.clone();
             shipped.databases.insert(component.to_string(), f);
-            Ok(Carried::Followed { base, changes })
+            Ok(Some(Carried::Followed { base, changes }))
         }
         Ok(None) => {
-            let _ = std::fs::remove_file(&changes_file);
+            let _ = std::fs::remove_file(changes_file);
             f.end();
-            Ok(Carried::Dumped("its schema is changing".into()))
+            Ok(None)
         }
         Err(e) => {
             f.end();
