@@ -32,14 +32,30 @@ pub struct RelayConfig {
     pub subject: String,
 }
 
+/// The name a platform goes by on a bus it may share with others (as it
+/// may share a PostgreSQL server under a schema of its own).
+pub const DEFAULT_NAME: &str = "commons";
+
 impl RelayConfig {
-    pub fn new(url: &str) -> RelayConfig {
+    /// A platform named `name` (see [`valid_name`]) on the NATS server at
+    /// `url`: stream `NAME_CHANGES`, subjects `name.changes.KIND`.
+    pub fn new(url: &str, name: &str) -> RelayConfig {
         RelayConfig {
             url: url.to_string(),
-            stream: "COMMONS_CHANGES".into(),
-            subject: "commons.changes".into(),
+            stream: format!("{}_CHANGES", name.to_ascii_uppercase()),
+            subject: format!("{name}.changes"),
         }
     }
+}
+
+/// 1 to 32 lowercase letters, digits and `_`, starting with a letter: a
+/// stream's name and one subject token, whatever the server's version.
+pub fn valid_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 /// The header holding a change's rev.
@@ -208,7 +224,8 @@ mod tests {
 
     #[test]
     fn kinds_become_subjects_and_odd_ones_go_as_other() {
-        let c = RelayConfig::new("nats://127.0.0.1:4222");
+        let c = RelayConfig::new("nats://127.0.0.1:4222", DEFAULT_NAME);
+        assert_eq!(c.stream, "COMMONS_CHANGES");
         assert_eq!(
             subject(&c, "deployment.put"),
             "commons.changes.deployment.put"
@@ -216,6 +233,17 @@ mod tests {
         assert_eq!(subject(&c, "run.finish"), "commons.changes.run.finish");
         for odd in ["", "a..b", "a b", "a.>", "*", "Upper"] {
             assert_eq!(subject(&c, odd), "commons.changes.other", "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn platforms_sharing_a_server_keep_apart_by_name() {
+        let c = RelayConfig::new("nats://127.0.0.1:4222", "tenant_2");
+        assert_eq!(c.stream, "TENANT_2_CHANGES");
+        assert_eq!(subject(&c, "run.finish"), "tenant_2.changes.run.finish");
+        assert!(valid_name("commons") && valid_name("p1_x"));
+        for bad in ["", "1a", "A", "a.b", "a b", "a>", &"a".repeat(33)] {
+            assert!(!valid_name(bad), "{bad:?}");
         }
     }
 }

@@ -114,7 +114,7 @@ async fn every_change_is_published_once_in_order_across_server_and_relay_restart
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
     let mut server = nats(port, &dir.join("js"));
-    let config = RelayConfig::new(&url);
+    let config = RelayConfig::new(&url, commons_bus::DEFAULT_NAME);
 
     write(&store, 300);
     let (stop, relaying) = start_relay(&store, &config);

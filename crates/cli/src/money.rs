@@ -62,7 +62,7 @@ fn journal(home: &Path) -> Result<Journal, Failure> {
 }
 
 fn meter(home: &Path) -> Result<Meter, Failure> {
-    periods::meter(home).map_err(money)
+    periods::meter(home, &commons_engine::StoreConfig::from_env()).map_err(money)
 }
 
 use commons_clock::now_ms;

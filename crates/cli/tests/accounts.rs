@@ -47,11 +47,7 @@ fn accounts_roles_tokens_and_sites_through_the_api() {
         "{v}"
     );
     // Passwords are stored as argon2 hashes only (in the database or its WAL).
-    let stored = || {
-        let mut bytes = std::fs::read(s.home.join("state.db")).unwrap();
-        bytes.extend(std::fs::read(s.home.join("state.db-wal")).unwrap_or_default());
-        String::from_utf8_lossy(&bytes).into_owned()
-    };
+    let stored = || s.stored_state();
     let db = stored();
     assert!(!db.contains("a long enough password"));
     assert!(db.contains("$argon2id$"));

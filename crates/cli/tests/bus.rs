@@ -17,14 +17,14 @@ components:
 "#;
 
 /// The (subject, key) of every message in the changes' stream.
-fn published(url: &str) -> Vec<(String, String)> {
+fn published(url: &str, name: &str) -> Vec<(String, String)> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
-        let config = commons_bus::RelayConfig::new(url);
+        let config = commons_bus::RelayConfig::new(url, name);
         let Ok(mut stream) = js.get_stream(&config.stream).await else {
             return Vec::new();
         };
@@ -72,25 +72,28 @@ fn a_platform_with_nats_publishes_every_change_of_its_state() {
     s.blueprint(SITE);
     s.ok(&["deploy"]);
     let has = |subject: &str| {
-        published(&url)
+        published(&url, s.bus_name())
             .iter()
             .any(|(sub, key)| sub == subject && key == "hello")
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !(has("commons.changes.deployment.put") && has("commons.changes.run.finish")) {
+    let subject = |kind: &str| format!("{}.changes.{kind}", s.bus_name());
+    while !(has(&subject("deployment.put")) && has(&subject("run.finish"))) {
         assert!(
             Instant::now() < deadline,
             "the deploy's changes reach JetStream: {:?}",
-            published(&url)
+            published(&url, s.bus_name())
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let before = published(&url).len();
+    let before = published(&url, s.bus_name()).len();
     s.ok(&["destroy", "hello"]);
     assert!(
-        wait_for(Duration::from_secs(20), || published(&url).len() > before),
+        wait_for(Duration::from_secs(20), || published(&url, s.bus_name())
+            .len()
+            > before),
         "the destroy's changes too: {:?}",
-        published(&url)
+        published(&url, s.bus_name())
     );
     let _ = nats.kill();
     let _ = nats.wait();

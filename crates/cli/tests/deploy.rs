@@ -735,18 +735,23 @@ fn the_state_store_can_be_postgresql() {
 }
 
 /// Two platform instances (two data directories, as on two machines) that
-/// share one PostgreSQL deploy one site one at a time: while one deploys,
-/// the other is told to wait, and the record stays whole.
+/// share one PostgreSQL deploy one site one at a time: the second waits for
+/// the first to finish, then deploys, and the record stays whole.
 #[test]
 fn deploys_of_one_site_are_one_at_a_time_across_instances() {
     let url = std::env::var("COMMONS_TEST_POSTGRES")
         .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
     let schema = format!("engine_lease_{}", std::process::id());
-    let blueprint = "name: shared\ncomponents:\n  a: { job: \"sleep 2; echo done >> $COMMONS_DATA_DIR/runs\" }\n";
     let first = Sandbox::new("lease-one");
     let second = Sandbox::new("lease-two");
-    first.blueprint(blueprint);
-    second.blueprint(blueprint);
+    // Both instances' jobs write to one file: their lines must not interleave.
+    let shared = first.dir.join("both.log");
+    let blueprint = format!(
+        "name: shared\ncomponents:\n  a: {{ job: \"echo start >> {0}; sleep 2; echo done >> {0}\" }}\n",
+        shared.display()
+    );
+    first.blueprint(&blueprint);
+    second.blueprint(&blueprint);
     let deploy = |s: &Sandbox| {
         s.cmd(&["deploy"])
             .env("COMMONS_DATABASE_URL", &url)
@@ -759,23 +764,23 @@ fn deploys_of_one_site_are_one_at_a_time_across_instances() {
     let running = deploy(&first);
     // The first holds the site's lease while its job sleeps.
     std::thread::sleep(std::time::Duration::from_millis(800));
-    let refused = deploy(&second).wait_with_output().unwrap();
-    let said = String::from_utf8_lossy(&refused.stderr);
-    assert!(!refused.status.success(), "both deployed at once: {said}");
-    assert!(said.contains("another platform instance"), "{said}");
+    let asked = std::time::Instant::now();
+    let waiting = deploy(&second);
     let done = running.wait_with_output().unwrap();
     assert!(
         done.status.success(),
         "{}",
         String::from_utf8_lossy(&done.stderr)
     );
-    // Once the first is done, the second may.
-    let after = deploy(&second).wait_with_output().unwrap();
+    let after = waiting.wait_with_output().unwrap();
     assert!(
         after.status.success(),
-        "{}",
+        "the second waited, then deployed: {}",
         String::from_utf8_lossy(&after.stderr)
     );
+    // It waited the first's remaining ~1.2 s, then ran its own 2 s job.
+    assert!(asked.elapsed() >= std::time::Duration::from_secs(3));
+    assert_eq!(lines(&shared), ["start", "done", "start", "done"]);
     let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
     let runs: Vec<(i64, String)> = admin
         .query(

@@ -3,15 +3,13 @@
 mod common;
 
 use common::*;
-use commons_ledger::journal::Journal;
 use commons_ledger::{flags, Account, Transfer};
 
 #[test]
 fn export_verifies_and_tampering_fails() {
     let s = Sandbox::new("ledger");
-    std::fs::create_dir_all(s.home.join("ledger")).unwrap();
     {
-        let mut j = Journal::open(&s.home.join("ledger/ledger.db")).unwrap();
+        let mut j = s.journal();
         let acct = |id: u64, name: &str, f: u16| Account {
             id,
             ledger: 840,

@@ -103,8 +103,7 @@ components:
         })
     };
     assert!(!leaked(&log));
-    let state = std::fs::read(s.home.join("state.db")).unwrap();
-    assert!(!leaked(&String::from_utf8_lossy(&state)));
+    assert!(!leaked(&s.stored_state()));
 
     // Destroy drops the database and its role.
     let r = with_pg(&s, &["destroy", "pgsite"]);

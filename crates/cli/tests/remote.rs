@@ -160,7 +160,7 @@ fn the_cli_drives_a_remote_platform_after_login() {
     let (_, page) = get();
     assert!(page.contains("served from an uploaded file"), "{page}");
     // Not on Ann's machine.
-    assert!(!ann.home.join("state.db").exists());
+    assert!(!ann.has_local_state());
 
     let list = ann.ok(&["list", "--json"]).json();
     assert_eq!(list[0]["name"], "rweb", "{list}");
@@ -311,7 +311,7 @@ fn the_cli_drives_a_remote_platform_after_login() {
     assert_eq!(code, 401, "the CLI's token is revoked at logout");
     let r = ann.ok(&["list", "--json"]);
     assert_eq!(r.json(), json!([]));
-    assert!(ann.home.join("state.db").exists(), "list acted locally");
+    assert!(ann.has_local_state(), "list acted locally");
 
     // A token from elsewhere works too, and logout leaves it alone.
     let r = with_stdin(

@@ -134,7 +134,9 @@ components:
             .mode()
             & 0o777
     };
-    assert_eq!(mode("state.db"), 0o600);
+    if s.scale_out.is_none() {
+        assert_eq!(mode("state.db"), 0o600);
+    }
     assert_eq!(mode("secrets"), 0o700);
     assert_eq!(mode("deployments/siteb/logs"), 0o700);
 }

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How long a deploy waits for another platform instance's work on the
+/// same deployment.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// An exclusive lock on one deployment, released on drop (or when the
 /// process dies, since it is an `flock`) — on this machine, and, when the
 /// state is in PostgreSQL, across every instance sharing it (a lease).
@@ -34,11 +38,14 @@ impl Lock {
                 "another command is working on deployment \"{deployment}\"; wait for it to finish"
             )));
         }
-        let lease = match store.try_lease(&format!("deploy:{deployment}"))? {
+        // Another instance's work on it is waited for (a deploy's image
+        // pulls and health checks take minutes at most).
+        let lease = match store.lease(&format!("deploy:{deployment}"), LEASE_WAIT)? {
             commons_store::Leased::Held(lease) => lease,
             commons_store::Leased::Taken => {
                 return Err(EngineError::Busy(format!(
-                    "another platform instance is working on deployment \"{deployment}\"; wait for it to finish"
+                    "another platform instance has been working on deployment \"{deployment}\" for {} s; try again once it is done",
+                    LEASE_WAIT.as_secs()
                 )))
             }
         };

@@ -492,6 +492,12 @@ CREATE TABLE IF NOT EXISTS subscriber_shares (
 /// The scale-out store: PostgreSQL, one transaction per batch (committed
 /// with the server's `synchronous_commit`, i.e. flushed to its WAL).
 pub struct PgStore {
+    conn: PgConnection,
+}
+
+/// The client, whose calls block: [`PgStore`] makes each off any async
+/// runtime's thread.
+struct PgConnection {
     client: postgres::Client,
 }
 
@@ -511,17 +517,91 @@ impl PgStore {
                 "invalid schema name {schema:?}"
             )));
         }
-        let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(pg)?;
-        client
-            .batch_execute(&format!(
+        let client = commons_blocking::outside_async(|| {
+            let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+            client.batch_execute(&format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}; SET search_path TO {schema}; {PG_SCHEMA}"
-            ))
-            .map_err(pg)?;
-        Ok(PgStore { client })
+            ))?;
+            Ok(client)
+        })
+        .map_err(pg)?;
+        Ok(PgStore {
+            conn: PgConnection { client },
+        })
     }
 }
 
+/// Each call made by the connection, off any async runtime's thread.
 impl Store for PgStore {
+    fn load_from(&mut self, start: u64) -> Result<Vec<Vec<u8>>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.load_from(start))
+    }
+    fn append(
+        &mut self,
+        start: u64,
+        entries: &[Vec<u8>],
+        side: &[Side],
+        fail_after: Option<usize>,
+    ) -> Result<(), JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.append(start, entries, side, fail_after))
+    }
+    fn put_checkpoint(&mut self, checkpoint: &Checkpoint) -> Result<(), JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.put_checkpoint(checkpoint))
+    }
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.checkpoints())
+    }
+    fn statement(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<StatementLine>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.statement(recipient, period))
+    }
+    fn owed(&mut self, period: &str) -> Result<Vec<(String, u64, u64)>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.owed(period))
+    }
+    fn statement_entries(
+        &mut self,
+        recipient: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<u64>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.statement_entries(recipient, period))
+    }
+    fn entry(&mut self, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.entry(seq))
+    }
+    fn close_entries(&mut self) -> Result<Vec<u64>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.close_entries())
+    }
+    fn shares(
+        &mut self,
+        subscriber: &str,
+        period: Option<&str>,
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.shares(subscriber, period))
+    }
+    fn totals(&mut self) -> Result<Vec<(String, String, u64)>, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.totals())
+    }
+    fn forget(&mut self, subscriber: &str) -> Result<u64, JournalError> {
+        let c = &mut self.conn;
+        commons_blocking::outside_async(move || c.forget(subscriber))
+    }
+}
+
+impl Store for PgConnection {
     fn load_from(&mut self, start: u64) -> Result<Vec<Vec<u8>>, JournalError> {
         let rows = self
             .client

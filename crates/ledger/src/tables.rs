@@ -114,10 +114,13 @@ impl Tables {
         {
             return Err(TableError(format!("invalid schema name {namespace:?}")));
         }
-        let mut client = postgres::Client::connect(url, postgres::NoTls)?;
-        client.batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {namespace}; SET search_path TO {namespace}; {schema}"
-        ))?;
+        let client = commons_blocking::outside_async(|| {
+            let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+            client.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {namespace}; SET search_path TO {namespace}; {schema}"
+            ))?;
+            Ok::<_, postgres::Error>(client)
+        })?;
         Ok(Tables::Postgres(RefCell::new(client)))
     }
 
@@ -133,7 +136,12 @@ impl Tables {
             }
             Tables::Postgres(c) => {
                 let values = pg_values(params);
-                Ok(c.borrow_mut().execute(sql, &pg_refs(&values))?)
+                let mut client = c.borrow_mut();
+                let client: &mut postgres::Client = &mut client;
+                // The client blocks: off any async runtime's thread.
+                Ok(commons_blocking::outside_async(move || {
+                    client.execute(sql, &pg_refs(&values))
+                })?)
             }
         }
     }
@@ -170,7 +178,10 @@ impl Tables {
             }
             Tables::Postgres(c) => {
                 let values = pg_values(params);
-                let rows = c.borrow_mut().query(sql, &pg_refs(&values))?;
+                let mut client = c.borrow_mut();
+                let client: &mut postgres::Client = &mut client;
+                let rows =
+                    commons_blocking::outside_async(move || client.query(sql, &pg_refs(&values)))?;
                 Ok(rows
                     .iter()
                     .map(|r| {

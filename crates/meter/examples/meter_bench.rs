@@ -1,4 +1,6 @@
-//! Metering ingest with durable dedup: events/s on the embedded store.
+//! Metering ingest with durable dedup: events/s on the embedded store, and
+//! on PostgreSQL when `COMMONS_BENCH_POSTGRES` names a server (a schema of
+//! the bench's own is made there and dropped).
 //!
 //!     cargo run --release -p commons-meter --example meter_bench
 //!
@@ -15,7 +17,25 @@ use commons_meter::{Event, Meter, Outcome};
 fn main() {
     let dir = std::env::temp_dir().join(format!("commons-meter-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut m = Meter::open(&dir.join("meter.db"), 86_400_000).unwrap();
+    run(
+        "sqlite",
+        Meter::open(&dir.join("meter.db"), 86_400_000).unwrap(),
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    if let Ok(url) = std::env::var("COMMONS_BENCH_POSTGRES") {
+        let schema = format!("meter_bench_{}", std::process::id());
+        run(
+            "postgres",
+            Meter::open_postgres(&url, &schema, 86_400_000).unwrap(),
+        );
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .unwrap();
+    }
+}
+
+fn run(store: &str, mut m: Meter) {
     let batch = 10_000;
     let batches = 20;
     let base = 1_795_000_000_000i64; // inside 2026-11
@@ -51,15 +71,14 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     let n = (batch * batches) as f64;
-    println!("meter ingest (new events, dedup + aggregation, fsync per batch of {batch}): {:.0} events/s", n / secs);
+    println!("meter ingest on {store} (new events, dedup + aggregation, durable per batch of {batch}): {:.0} events/s", n / secs);
     let start = Instant::now();
     for b in &all {
         let r = m.ingest_at(b, None, now).unwrap();
         assert!(r.iter().all(|o| *o == Outcome::Duplicate));
     }
     println!(
-        "meter ingest (all duplicates): {:.0} events/s",
+        "meter ingest on {store} (all duplicates): {:.0} events/s",
         n / start.elapsed().as_secs_f64()
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }

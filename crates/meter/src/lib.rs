@@ -17,15 +17,20 @@
 //!   operator and provider) are kept up to date per batch; UNIQUE_COUNT is
 //!   computed exactly from the events.
 //!
-//! One batch is one SQLite transaction with the WAL fsynced at commit.
+//! One batch is one transaction: in SQLite (the embedded default, its WAL
+//! fsynced at commit; `sqlite.rs`) or in PostgreSQL (scale-out, any number
+//! of writers; `pg.rs`). What a batch does is decided here, once; a store
+//! only reads and writes rows.
 
 #![forbid(unsafe_code)]
+
+mod pg;
+mod sqlite;
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use commons_clock::now_ms;
-use rusqlite::{params, Connection, OptionalExtension};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -73,7 +78,7 @@ impl Window {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Window::Minute => "minute",
             Window::Hour => "hour",
@@ -125,20 +130,27 @@ pub enum Outcome {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeterError {
+    /// The store could not do it now (not the events' fault): their sender
+    /// keeps them and sends them again.
     #[error("meter store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Store(String),
     #[error("{0}")]
     Input(String),
 }
 
-/// Index of `period` in `list`, adding it if new (a batch spans few periods).
-fn period_index(list: &mut Vec<String>, period: &str) -> usize {
-    match list.iter().position(|p| p == period) {
-        Some(i) => i,
-        None => {
-            list.push(period.to_string());
-            list.len() - 1
-        }
+impl From<rusqlite::Error> for MeterError {
+    fn from(e: rusqlite::Error) -> Self {
+        MeterError::Store(e.to_string())
+    }
+}
+
+impl From<postgres::Error> for MeterError {
+    fn from(e: postgres::Error) -> Self {
+        // The server's own message, not only "db error".
+        MeterError::Store(match e.as_db_error() {
+            Some(db) => format!("PostgreSQL: {}", db.message()),
+            None => format!("PostgreSQL: {e}"),
+        })
     }
 }
 
@@ -196,45 +208,19 @@ fn digest(e: &Event, data_json: &str) -> [u8; 32] {
 
 /// The metering store.
 pub struct Meter {
-    conn: Connection,
+    store: Box<dyn Store>,
     /// How long after a period ends its events are still accepted.
     pub grace_ms: i64,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS events (
-    source TEXT NOT NULL, id TEXT NOT NULL, digest BLOB NOT NULL,
-    period TEXT NOT NULL, time_ms INTEGER NOT NULL, type TEXT NOT NULL,
-    user TEXT, site TEXT, operator TEXT, provider TEXT, node TEXT,
-    data TEXT NOT NULL, backfill TEXT,
-    PRIMARY KEY (source, id)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_site_time ON events (site, time_ms);
--- Who used which site, per period: the weights of period close.
-CREATE TABLE IF NOT EXISTS usage (
-    period TEXT NOT NULL, user TEXT NOT NULL, site TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
-    events INTEGER NOT NULL,
-    PRIMARY KEY (period, user, site, adjustment)) WITHOUT ROWID;
--- The same per day: what a user's usage page charts per site.
-CREATE TABLE IF NOT EXISTS usage_days (
-    user TEXT NOT NULL, day_ms INTEGER NOT NULL, site TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
-    events INTEGER NOT NULL,
-    PRIMARY KEY (user, day_ms, site, adjustment)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS aggregates (
-    window TEXT NOT NULL, start_ms INTEGER NOT NULL, dim TEXT NOT NULL, value TEXT NOT NULL,
-    metric TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
-    sum REAL NOT NULL, count INTEGER NOT NULL, max REAL NOT NULL,
-    PRIMARY KEY (window, dim, value, metric, start_ms, adjustment)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS closed_periods (period TEXT PRIMARY KEY, closed_at_ms INTEGER NOT NULL);
-";
-
 /// (window, dimension, value, metric, window start): borrowed from the batch.
-type AggKey<'a> = (Window, &'static str, &'a str, &'a str, i64);
+pub(crate) type AggKey<'a> = (Window, &'static str, &'a str, &'a str, i64);
 
 #[derive(Default, Clone, Copy)]
-struct Agg {
-    sum: f64,
-    count: i64,
-    max: f64,
+pub(crate) struct Agg {
+    pub sum: f64,
+    pub count: i64,
+    pub max: f64,
 }
 
 impl Agg {
@@ -247,6 +233,81 @@ impl Agg {
         self.sum += sum;
         self.count += count;
     }
+}
+
+/// One event as stored.
+pub(crate) struct EventRow<'a> {
+    pub source: &'a str,
+    pub id: &'a str,
+    pub digest: [u8; 32],
+    pub period: String,
+    pub time_ms: i64,
+    pub kind: &'a str,
+    /// The dimensions and the node, in the order of [`DIMENSIONS`] then node.
+    pub dims: [Option<&'a str>; 5],
+    pub data: String,
+    pub backfill: Option<&'a str>,
+}
+
+/// What a batch adds to the running totals, each list in its table's key
+/// order (so concurrent writers take row locks in the same order).
+pub(crate) struct Totals<'a> {
+    /// Backfill id, or "" for events on time.
+    pub adjustment: &'a str,
+    pub aggregates: Vec<(AggKey<'a>, Agg)>,
+    /// (period, user, site, events)
+    pub usage: Vec<(&'a str, &'a str, &'a str, i64)>,
+    /// (user, day's start, site, events)
+    pub usage_days: Vec<(&'a str, i64, &'a str, i64)>,
+}
+
+/// A batch's transaction, as the ingest logic sees it.
+pub(crate) trait Tx {
+    /// When `period` was closed explicitly, if it was.
+    fn closed_at(&mut self, period: &str) -> Result<Option<i64>, MeterError>;
+    /// The stored digest of each (source, id), if stored.
+    fn digests(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Vec<u8>>>, MeterError>;
+    /// Stores the rows whose key is new. For each row: `None` if it was
+    /// stored now, or the digest its key was stored with before.
+    fn insert_events(&mut self, rows: &[EventRow<'_>]) -> Result<Vec<Option<Vec<u8>>>, MeterError>;
+    fn add_totals(&mut self, totals: &Totals<'_>) -> Result<(), MeterError>;
+}
+
+/// A batch's work: run in a transaction, again if the store asks.
+pub(crate) type Work<'w> = dyn FnMut(&mut dyn Tx) -> Result<Vec<Outcome>, MeterError> + Send + 'w;
+
+/// Where the meter's rows live.
+pub(crate) trait Store: Send {
+    /// Runs `work` in one transaction and commits it.
+    fn transaction(&mut self, work: &mut Work<'_>) -> Result<Vec<Outcome>, MeterError>;
+    fn revert_backfill(&mut self, backfill: &str) -> Result<usize, MeterError>;
+    fn close_period(&self, period: &str, at_ms: i64) -> Result<(), MeterError>;
+    fn closed_at(&self, period: &str) -> Result<Option<i64>, MeterError>;
+    /// Per window start: the aggregation of the matching aggregates.
+    fn aggregates(&self, q: &Query<'_>) -> Result<Vec<(i64, f64)>, MeterError>;
+    /// `dim` and `field` are checked column names.
+    fn unique_count(
+        &self,
+        dim: &str,
+        value: &str,
+        field: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<u64, MeterError>;
+    /// (user, site, events) in a period, by user then site.
+    fn usage(&self, period: &str) -> Result<Vec<(String, String, i64)>, MeterError>;
+    /// (site, provider, resource units) in a period, by site then provider.
+    fn provider_units(&self, period: &str) -> Result<Vec<(String, String, f64)>, MeterError>;
+    /// (site, events) of one user in a period, most used first.
+    fn sites_used(&self, period: &str, user: &str) -> Result<Vec<(String, i64)>, MeterError>;
+    /// (day's start, site, events) of one user, by day then site.
+    fn site_days(
+        &self,
+        user: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, String, i64)>, MeterError>;
+    fn last_request(&self, site: &str) -> Result<Option<i64>, MeterError>;
 }
 
 /// What to read from the aggregates.
@@ -275,20 +336,22 @@ pub enum Aggregation {
 }
 
 impl Meter {
-    /// Opens (creating) the store; `grace_ms` is how long late events for a
-    /// period that ended are still taken.
+    /// Opens (creating) the embedded store, a SQLite file; `grace_ms` is how
+    /// long late events for a period that ended are still taken.
     pub fn open(path: &Path, grace_ms: i64) -> Result<Meter, MeterError> {
-        let conn = Connection::open(path)?;
-        // The API and the supervisor share the file: wait for each other.
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        // Events and aggregates are B-trees keyed by text; a page cache that
-        // holds their hot part keeps inserts from re-reading pages.
-        conn.pragma_update(None, "cache_size", -262_144)?; // 256 MiB
-        conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
-        conn.execute_batch(SCHEMA)?;
-        Ok(Meter { conn, grace_ms })
+        Ok(Meter {
+            store: Box::new(sqlite::SqliteStore::open(path)?),
+            grace_ms,
+        })
+    }
+
+    /// Opens (creating) the meter's tables in `schema` on a PostgreSQL
+    /// server, which any number of platform instances may share.
+    pub fn open_postgres(url: &str, schema: &str, grace_ms: i64) -> Result<Meter, MeterError> {
+        Ok(Meter {
+            store: Box::new(pg::PgStore::connect(url, schema)?),
+            grace_ms,
+        })
     }
 
     /// Closes a period to new events now (backfills still go in).
@@ -298,22 +361,11 @@ impl Meter {
                 "\"{period}\" is not a period (YYYY-MM)"
             )));
         }
-        self.conn.execute(
-            "INSERT OR IGNORE INTO closed_periods (period, closed_at_ms) VALUES (?1, ?2)",
-            params![period, now_ms()],
-        )?;
-        Ok(())
+        self.store.close_period(period, now_ms())
     }
 
     fn is_closed(&self, period: &str, now: i64) -> Result<bool, MeterError> {
-        let explicit: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT closed_at_ms FROM closed_periods WHERE period = ?1",
-                [period],
-                |r| r.get(0),
-            )
-            .optional()?;
+        let explicit = self.store.closed_at(period)?;
         let (_, end) = period_bounds(period).unwrap_or((0, 0));
         Ok(explicit.is_some() || now > end + self.grace_ms)
     }
@@ -334,286 +386,30 @@ impl Meter {
         backfill: Option<&str>,
         now: i64,
     ) -> Result<Vec<Outcome>, MeterError> {
-        let mut closed: HashMap<String, bool> = HashMap::new();
-        let mut aggs: FxHashMap<AggKey<'_>, Agg> = FxHashMap::default();
-        // (period, user, site) -> events, for the usage table.
-        let mut periods: Vec<String> = Vec::new();
-        let mut pairs: FxHashMap<(usize, &str, &str), i64> = FxHashMap::default();
-        // (user, day, site) -> events, for the usage_days table.
-        let mut days: FxHashMap<(&str, i64, &str), i64> = FxHashMap::default();
-        // "events:TYPE" metric names, made once per type.
-        let kinds: HashMap<&str, String> = events
-            .iter()
-            .map(|e| (e.kind.as_str(), format!("events:{}", e.kind)))
-            .collect();
-        let mut out = Vec::with_capacity(events.len());
-        // Immediate: the write lock is taken (waiting out the busy timeout)
-        // before anything is read; a read snapshot upgraded to a write
-        // fails at once when another connection wrote since.
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let mut existing =
-                tx.prepare_cached("SELECT digest FROM events WHERE source = ?1 AND id = ?2")?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO events (source, id, digest, period, time_ms, type, user, site, operator, provider, node, data, backfill)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                 ON CONFLICT (source, id) DO NOTHING",
-            )?;
-            // Keys seen earlier in this batch, for dedup within the batch.
-            let mut in_batch: FxHashMap<(&str, &str), [u8; 32]> = FxHashMap::default();
-            for e in events {
-                let invalid = |message: &str| {
-                    Outcome::Rejected(Rejection::Invalid {
-                        id: e.id.clone(),
-                        message: message.into(),
-                    })
-                };
-                if e.id.is_empty() || e.source.is_empty() || e.kind.is_empty() {
-                    out.push(invalid("id, source and type are required"));
-                    continue;
-                }
-                let Some(time_ms) = parse_time(&e.time) else {
-                    out.push(invalid("time must be RFC 3339, e.g. 2026-11-24T10:00:00Z"));
-                    continue;
-                };
-                let data_json = serde_json::to_string(&e.data).expect("json");
-                let d = digest(e, &data_json);
-                if let Some(prev) = in_batch.get(&(e.source.as_str(), e.id.as_str())) {
-                    out.push(if *prev == d {
-                        Outcome::Duplicate
-                    } else {
-                        Outcome::Rejected(Rejection::Conflict {
-                            origin: e.source.clone(),
-                            id: e.id.clone(),
-                        })
-                    });
-                    continue;
-                }
-                let period = period_of(time_ms);
-                let is_closed = match closed.get(&period) {
-                    Some(c) => *c,
-                    None => {
-                        let c = {
-                            let explicit: Option<i64> = tx
-                                .query_row(
-                                    "SELECT closed_at_ms FROM closed_periods WHERE period = ?1",
-                                    [&period],
-                                    |r| r.get(0),
-                                )
-                                .optional()?;
-                            let (_, end) = period_bounds(&period).unwrap_or((0, 0));
-                            explicit.is_some() || now > end + self.grace_ms
-                        };
-                        closed.insert(period.clone(), c);
-                        c
-                    }
-                };
-                if is_closed && backfill.is_none() {
-                    // A repeat of an event recorded in time is still just a repeat.
-                    let prev: Option<Vec<u8>> = existing
-                        .query_row(params![e.source, e.id], |r| r.get(0))
-                        .optional()?;
-                    out.push(match prev {
-                        Some(p) if p == d => Outcome::Duplicate,
-                        Some(_) => Outcome::Rejected(Rejection::Conflict {
-                            origin: e.source.clone(),
-                            id: e.id.clone(),
-                        }),
-                        None => Outcome::Rejected(Rejection::Late {
-                            id: e.id.clone(),
-                            period,
-                        }),
-                    });
-                    continue;
-                }
-                let dim = |k: &str| e.data.get(k).and_then(|v| v.as_str());
-                // Insert first: a new event (the common case) costs one B-tree
-                // probe; only a repeat reads back the stored digest.
-                let inserted = insert.execute(params![
-                    e.source,
-                    e.id,
-                    d,
-                    period,
-                    time_ms,
-                    e.kind,
-                    dim("user"),
-                    dim("site"),
-                    dim("operator"),
-                    dim("provider"),
-                    dim("node"),
-                    data_json,
-                    backfill
-                ])?;
-                if inserted == 0 {
-                    let prev: Vec<u8> =
-                        existing.query_row(params![e.source, e.id], |r| r.get(0))?;
-                    out.push(if prev == d {
-                        Outcome::Duplicate
-                    } else {
-                        Outcome::Rejected(Rejection::Conflict {
-                            origin: e.source.clone(),
-                            id: e.id.clone(),
-                        })
-                    });
-                    continue;
-                }
-                in_batch.insert((e.source.as_str(), e.id.as_str()), d);
-                // An aggregated event (the gateway's, under load) stands for
-                // `count` events of its type.
-                let weight = e
-                    .data
-                    .get("count")
-                    .and_then(|v| v.as_i64())
-                    .filter(|n| *n > 0)
-                    .unwrap_or(1);
-                let mut metrics: Vec<(&str, f64)> =
-                    vec![(kinds[e.kind.as_str()].as_str(), weight as f64)];
-                for (k, v) in &e.data {
-                    if let Some(x) = v.as_f64() {
-                        metrics.push((k.as_str(), x));
-                    }
-                }
-                if let (Some(user), Some(site)) = (dim("user"), dim("site")) {
-                    *pairs
-                        .entry((period_index(&mut periods, &period), user, site))
-                        .or_default() += weight;
-                    *days
-                        .entry((user, Window::Day.start(time_ms), site))
-                        .or_default() += weight;
-                }
-                // Minutes here; hours and days are rolled up from them below.
-                let minute = Window::Minute.start(time_ms);
-                for d in DIMENSIONS {
-                    let Some(value) = e.data.get(d).and_then(|v| v.as_str()) else {
-                        continue;
-                    };
-                    for &(m, x) in &metrics {
-                        aggs.entry((Window::Minute, d, value, m, minute))
-                            .or_default()
-                            .add(x, 1, x);
-                    }
-                }
-                out.push(Outcome::Accepted);
-            }
-            let mut upsert = tx.prepare_cached(
-                "INSERT INTO aggregates (window, start_ms, dim, value, metric, adjustment, sum, count, max)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (window, dim, value, metric, start_ms, adjustment) DO UPDATE SET
-                   sum = sum + excluded.sum, count = count + excluded.count, max = MAX(max, excluded.max)",
-            )?;
-            let adjustment = backfill.unwrap_or("");
-            let minutes: Vec<(AggKey<'_>, Agg)> = aggs.iter().map(|(k, a)| (*k, *a)).collect();
-            for ((_, d, value, metric, start), a) in minutes {
-                for w in [Window::Hour, Window::Day] {
-                    aggs.entry((w, d, value, metric, w.start(start)))
-                        .or_default()
-                        .add(a.sum, a.count, a.max);
-                }
-            }
-            // In the table's key order: each upsert lands next to the last
-            // one's B-tree page instead of anywhere in the table.
-            let mut rows: Vec<(AggKey<'_>, Agg)> = aggs.into_iter().collect();
-            rows.sort_unstable_by(|((w1, d1, v1, m1, s1), _), ((w2, d2, v2, m2, s2), _)| {
-                (w1.name(), d1, v1, m1, s1).cmp(&(w2.name(), d2, v2, m2, s2))
-            });
-            for ((w, d, value, metric, start), a) in rows {
-                upsert.execute(params![
-                    w.name(),
-                    start,
-                    d,
-                    value,
-                    metric,
-                    adjustment,
-                    a.sum,
-                    a.count,
-                    a.max
-                ])?;
-            }
-            let mut usage = tx.prepare_cached(
-                "INSERT INTO usage (period, user, site, adjustment, events) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (period, user, site, adjustment) DO UPDATE SET events = events + excluded.events",
-            )?;
-            let mut pairs: Vec<((usize, &str, &str), i64)> = pairs.into_iter().collect();
-            pairs.sort_unstable_by(|((p1, u1, s1), _), ((p2, u2, s2), _)| {
-                (&periods[*p1], u1, s1).cmp(&(&periods[*p2], u2, s2))
-            });
-            for ((p, user, site), n) in pairs {
-                usage.execute(params![periods[p], user, site, adjustment, n])?;
-            }
-            let mut usage_day = tx.prepare_cached(
-                "INSERT INTO usage_days (user, day_ms, site, adjustment, events) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (user, day_ms, site, adjustment) DO UPDATE SET events = events + excluded.events",
-            )?;
-            let mut days: Vec<((&str, i64, &str), i64)> = days.into_iter().collect();
-            days.sort_unstable();
-            for ((user, day, site), n) in days {
-                usage_day.execute(params![user, day, site, adjustment, n])?;
-            }
-        }
-        tx.commit()?;
-        Ok(out)
+        let grace_ms = self.grace_ms;
+        self.store
+            .transaction(&mut |tx| ingest_in(tx, events, backfill, now, grace_ms))
     }
 
     /// Removes a backfill's events and adjustments, whole.
     pub fn revert_backfill(&mut self, backfill: &str) -> Result<usize, MeterError> {
-        // Immediate: the write lock is taken (waiting out the busy timeout)
-        // before anything is read; a read snapshot upgraded to a write
-        // fails at once when another connection wrote since.
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let n = tx.execute("DELETE FROM events WHERE backfill = ?1", [backfill])?;
-        tx.execute("DELETE FROM aggregates WHERE adjustment = ?1", [backfill])?;
-        tx.execute("DELETE FROM usage WHERE adjustment = ?1", [backfill])?;
-        tx.execute("DELETE FROM usage_days WHERE adjustment = ?1", [backfill])?;
-        tx.commit()?;
-        Ok(n)
+        self.store.revert_backfill(backfill)
     }
 
     /// An aggregate for one dimension value, per window in a time range;
     /// adjustments (backfills) included.
     pub fn query(&self, q: &Query<'_>) -> Result<Vec<(i64, f64)>, MeterError> {
-        let Query {
-            window,
-            dim,
-            value,
-            metric,
-            aggregation: agg,
-            from_ms,
-            to_ms,
-        } = *q;
-        if !DIMENSIONS.contains(&dim) {
+        if !DIMENSIONS.contains(&q.dim) {
             return Err(MeterError::Input(format!(
-                "unknown dimension \"{dim}\"; use one of {}",
+                "unknown dimension \"{}\"; use one of {}",
+                q.dim,
                 DIMENSIONS.join(", ")
             )));
         }
-        let select = match agg {
-            Aggregation::Sum => "SUM(sum)",
-            Aggregation::Count => "SUM(count)",
-            Aggregation::Max => "MAX(max)",
-        };
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT start_ms, {select} FROM aggregates
-             WHERE window = ?1 AND dim = ?2 AND value = ?3 AND metric = ?4 AND start_ms >= ?5 AND start_ms < ?6
-             GROUP BY start_ms ORDER BY start_ms"
-        ))?;
-        let rows = stmt
-            .query_map(
-                params![
-                    window.name(),
-                    dim,
-                    value,
-                    metric,
-                    window.start(from_ms),
-                    to_ms
-                ],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.store.aggregates(&Query {
+            from_ms: q.window.start(q.from_ms),
+            ..*q
+        })
     }
 
     /// Distinct values of `field` (e.g. `user`) among events for one
@@ -633,12 +429,7 @@ impl Meter {
                 cols.join(", ")
             )));
         }
-        let n: i64 = self.conn.query_row(
-            &format!("SELECT COUNT(DISTINCT {field}) FROM events WHERE {dim} = ?1 AND time_ms >= ?2 AND time_ms < ?3"),
-            params![value, from_ms, to_ms],
-            |r| r.get(0),
-        )?;
-        Ok(n as u64)
+        self.store.unique_count(dim, value, field, from_ms, to_ms)
     }
 
     /// Per user, the sites they used in a period and how much (events,
@@ -647,19 +438,8 @@ impl Meter {
         &self,
         period: &str,
     ) -> Result<HashMap<String, Vec<(String, u64)>>, MeterError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT user, site, SUM(events) FROM usage WHERE period = ?1 GROUP BY user, site ORDER BY user, site",
-        )?;
         let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-        let rows = stmt.query_map([period], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-            ))
-        })?;
-        for row in rows {
-            let (user, site, n) = row?;
+        for (user, site, n) in self.store.usage(period)? {
             out.entry(user).or_default().push((site, n as u64));
         }
         Ok(out)
@@ -673,25 +453,8 @@ impl Meter {
         &self,
         period: &str,
     ) -> Result<HashMap<String, Vec<(String, u64)>>, MeterError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT site, provider, SUM(CASE type
-                 WHEN 'request' THEN COALESCE(json_extract(data, '$.count'), 1)
-                 WHEN 'resources' THEN COALESCE(json_extract(data, '$.cpu_ms'), 0) / 1000.0
-                     + COALESCE(json_extract(data, '$.memory_byte_seconds'), 0) / 1073741824.0
-                 ELSE 0 END)
-             FROM events WHERE period = ?1 AND site IS NOT NULL AND provider IS NOT NULL
-             GROUP BY site, provider ORDER BY site, provider",
-        )?;
-        let rows = stmt.query_map([period], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, f64>(2)?,
-            ))
-        })?;
         let mut out: HashMap<String, Vec<(String, u64)>> = HashMap::new();
-        for row in rows {
-            let (site, provider, units) = row?;
+        for (site, provider, units) in self.store.provider_units(period)? {
             let milli = (units * 1000.0).round() as u64;
             if milli > 0 {
                 out.entry(site).or_default().push((provider, milli));
@@ -704,16 +467,12 @@ impl Meter {
     /// indirect, backfills included): what period close weighs their
     /// payment by.
     pub fn sites_used(&self, period: &str, user: &str) -> Result<Vec<(String, u64)>, MeterError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT site, SUM(events) FROM usage WHERE period = ?1 AND user = ?2
-             GROUP BY site ORDER BY SUM(events) DESC, site",
-        )?;
-        let rows = stmt
-            .query_map(params![period, user], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        Ok(self
+            .store
+            .sites_used(period, user)?
+            .into_iter()
+            .map(|(site, n)| (site, n.max(0) as u64))
+            .collect())
     }
 
     /// What `user` used per day and site in `[from_ms, to_ms)` (events,
@@ -724,30 +483,234 @@ impl Meter {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<(i64, String, u64)>, MeterError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT day_ms, site, SUM(events) FROM usage_days
-             WHERE user = ?1 AND day_ms >= ?2 AND day_ms < ?3 GROUP BY day_ms, site ORDER BY day_ms, site",
-        )?;
-        let rows = stmt
-            .query_map(params![user, from_ms, to_ms], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)?.max(0) as u64))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        Ok(self
+            .store
+            .site_days(user, from_ms, to_ms)?
+            .into_iter()
+            .map(|(day, site, n)| (day, site, n.max(0) as u64))
+            .collect())
     }
 
     /// When `site` last had a request (ms since the epoch), if ever.
     pub fn last_request(&self, site: &str) -> Result<Option<i64>, MeterError> {
-        Ok(self.conn.query_row(
-            "SELECT MAX(time_ms) FROM events WHERE site = ?1 AND type = 'request'",
-            [site],
-            |r| r.get(0),
-        )?)
+        self.store.last_request(site)
     }
 
     /// Whether events for `period` are still accepted without a backfill.
     pub fn accepts(&self, period: &str) -> Result<bool, MeterError> {
         Ok(!self.is_closed(period, now_ms())?)
+    }
+}
+
+/// A repeat's outcome: the same payload is a duplicate, another a conflict.
+fn repeat(e: &Event, stored: &[u8], digest: &[u8; 32]) -> Outcome {
+    if stored == digest {
+        Outcome::Duplicate
+    } else {
+        Outcome::Rejected(Rejection::Conflict {
+            origin: e.source.clone(),
+            id: e.id.clone(),
+        })
+    }
+}
+
+/// One batch, inside its transaction: each event checked, deduplicated
+/// (within the batch and against the store), stored if new, and the new
+/// ones added to the running totals.
+fn ingest_in(
+    tx: &mut dyn Tx,
+    events: &[Event],
+    backfill: Option<&str>,
+    now: i64,
+    grace_ms: i64,
+) -> Result<Vec<Outcome>, MeterError> {
+    let mut out: Vec<Option<Outcome>> = vec![None; events.len()];
+    let mut closed: HashMap<String, bool> = HashMap::new();
+    // Keys seen earlier in this batch, for dedup within the batch.
+    let mut in_batch: FxHashMap<(&str, &str), [u8; 32]> = FxHashMap::default();
+    // Events of closed periods (no backfill): a repeat of one recorded in
+    // time is still just a repeat; anything else is late.
+    let mut late: Vec<(usize, [u8; 32], String)> = Vec::new();
+    let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(events.len());
+    // The event each row is.
+    let mut row_event: Vec<usize> = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        let invalid = |message: &str| {
+            Some(Outcome::Rejected(Rejection::Invalid {
+                id: e.id.clone(),
+                message: message.into(),
+            }))
+        };
+        if e.id.is_empty() || e.source.is_empty() || e.kind.is_empty() {
+            out[i] = invalid("id, source and type are required");
+            continue;
+        }
+        let Some(time_ms) = parse_time(&e.time) else {
+            out[i] = invalid("time must be RFC 3339, e.g. 2026-11-24T10:00:00Z");
+            continue;
+        };
+        let data_json = serde_json::to_string(&e.data).expect("json");
+        let d = digest(e, &data_json);
+        let key = (e.source.as_str(), e.id.as_str());
+        if let Some(prev) = in_batch.get(&key) {
+            out[i] = Some(repeat(e, prev, &d));
+            continue;
+        }
+        let period = period_of(time_ms);
+        let is_closed = match closed.get(&period) {
+            Some(c) => *c,
+            None => {
+                let (_, end) = period_bounds(&period).unwrap_or((0, 0));
+                let c = tx.closed_at(&period)?.is_some() || now > end + grace_ms;
+                closed.insert(period.clone(), c);
+                c
+            }
+        };
+        if is_closed && backfill.is_none() {
+            late.push((i, d, period));
+            continue;
+        }
+        in_batch.insert(key, d);
+        let dim = |k: &str| e.data.get(k).and_then(|v| v.as_str());
+        rows.push(EventRow {
+            source: &e.source,
+            id: &e.id,
+            digest: d,
+            period,
+            time_ms,
+            kind: &e.kind,
+            dims: [
+                dim("user"),
+                dim("site"),
+                dim("operator"),
+                dim("provider"),
+                dim("node"),
+            ],
+            data: data_json,
+            backfill,
+        });
+        row_event.push(i);
+    }
+    if !late.is_empty() {
+        let keys: Vec<(&str, &str)> = late
+            .iter()
+            .map(|(i, ..)| (events[*i].source.as_str(), events[*i].id.as_str()))
+            .collect();
+        for ((i, d, period), stored) in late.into_iter().zip(tx.digests(&keys)?) {
+            let e = &events[i];
+            out[i] = Some(match stored {
+                Some(s) => repeat(e, &s, &d),
+                None => Outcome::Rejected(Rejection::Late {
+                    id: e.id.clone(),
+                    period,
+                }),
+            });
+        }
+    }
+    let stored_before = tx.insert_events(&rows)?;
+    let inserted: Vec<bool> = stored_before.iter().map(Option::is_none).collect();
+    for (r, stored) in stored_before.iter().enumerate() {
+        if let Some(stored) = stored {
+            out[row_event[r]] = Some(repeat(&events[row_event[r]], stored, &rows[r].digest));
+        }
+    }
+    let new_rows = (0..rows.len())
+        .filter(|r| inserted[*r])
+        .map(|r| (&rows[r], &events[row_event[r]]));
+    // "events:TYPE" metric names, made once per type.
+    let kinds: HashMap<&str, String> = events
+        .iter()
+        .map(|e| (e.kind.as_str(), format!("events:{}", e.kind)))
+        .collect();
+    tx.add_totals(&totals(new_rows, &kinds, backfill.unwrap_or("")))?;
+    for (r, &i) in row_event.iter().enumerate() {
+        if inserted[r] {
+            out[i] = Some(Outcome::Accepted);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|o| o.expect("every event has an outcome"))
+        .collect())
+}
+
+/// What new events add to the aggregates and the usage tables.
+fn totals<'a>(
+    new: impl Iterator<Item = (&'a EventRow<'a>, &'a Event)>,
+    kinds: &'a HashMap<&'a str, String>,
+    adjustment: &'a str,
+) -> Totals<'a> {
+    let mut aggs: FxHashMap<AggKey<'a>, Agg> = FxHashMap::default();
+    // (period, user, site) -> events, for the usage table.
+    let mut pairs: FxHashMap<(&'a str, &'a str, &'a str), i64> = FxHashMap::default();
+    // (user, day, site) -> events, for the usage_days table.
+    let mut days: FxHashMap<(&'a str, i64, &'a str), i64> = FxHashMap::default();
+    let mut metrics: Vec<(&'a str, f64)> = Vec::new();
+    for (row, e) in new {
+        // An aggregated event (the gateway's, under load) stands for
+        // `count` events of its type.
+        let weight = e
+            .data
+            .get("count")
+            .and_then(|v| v.as_i64())
+            .filter(|n| *n > 0)
+            .unwrap_or(1);
+        metrics.clear();
+        metrics.push((kinds[e.kind.as_str()].as_str(), weight as f64));
+        for (k, v) in &e.data {
+            if let Some(x) = v.as_f64() {
+                metrics.push((k.as_str(), x));
+            }
+        }
+        let [user, site, ..] = row.dims;
+        if let (Some(user), Some(site)) = (user, site) {
+            *pairs.entry((&row.period, user, site)).or_default() += weight;
+            *days
+                .entry((user, Window::Day.start(row.time_ms), site))
+                .or_default() += weight;
+        }
+        // Minutes here; hours and days are rolled up from them below.
+        let minute = Window::Minute.start(row.time_ms);
+        for (d, value) in DIMENSIONS.iter().zip(row.dims) {
+            let Some(value) = value else {
+                continue;
+            };
+            for &(m, x) in &metrics {
+                aggs.entry((Window::Minute, d, value, m, minute))
+                    .or_default()
+                    .add(x, 1, x);
+            }
+        }
+    }
+    let minutes: Vec<(AggKey<'a>, Agg)> = aggs.iter().map(|(k, a)| (*k, *a)).collect();
+    for ((_, d, value, metric, start), a) in minutes {
+        for w in [Window::Hour, Window::Day] {
+            aggs.entry((w, d, value, metric, w.start(start)))
+                .or_default()
+                .add(a.sum, a.count, a.max);
+        }
+    }
+    // In the table's key order: each upsert lands next to the last one's
+    // B-tree page, and concurrent writers lock rows in one order.
+    let mut aggregates: Vec<(AggKey<'a>, Agg)> = aggs.into_iter().collect();
+    aggregates.sort_unstable_by(|((w1, d1, v1, m1, s1), _), ((w2, d2, v2, m2, s2), _)| {
+        (w1.name(), d1, v1, m1, s1).cmp(&(w2.name(), d2, v2, m2, s2))
+    });
+    let mut usage: Vec<(&'a str, &'a str, &'a str, i64)> = pairs
+        .into_iter()
+        .map(|((p, u, s), n)| (p, u, s, n))
+        .collect();
+    usage.sort_unstable();
+    let mut usage_days: Vec<(&'a str, i64, &'a str, i64)> = days
+        .into_iter()
+        .map(|((u, d, s), n)| (u, d, s, n))
+        .collect();
+    usage_days.sort_unstable();
+    Totals {
+        adjustment,
+        aggregates,
+        usage,
+        usage_days,
     }
 }
 

@@ -1,13 +1,109 @@
-//! Dedup, conflicts, late events, backfills and aggregation, on a real store.
+//! Dedup, conflicts, late events, backfills and aggregation, on a real
+//! store: every case runs on the embedded SQLite file and on PostgreSQL (a
+//! real server; `COMMONS_TEST_POSTGRES` names it, default
+//! `host=127.0.0.1 user=postgres dbname=test`).
 
 use commons_meter::*;
 
-fn meter(name: &str) -> (Meter, std::path::PathBuf) {
-    let d = std::env::temp_dir().join(format!("commons-meter-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    (Meter::open(&d.join("meter.db"), 86_400_000).unwrap(), d)
+#[derive(Clone, Copy)]
+enum Kind {
+    Sqlite,
+    Postgres,
 }
+
+/// Where one test's meter lives; removed when the test ends.
+struct Place {
+    kind: Kind,
+    dir: std::path::PathBuf,
+    schema: String,
+}
+
+fn postgres_url() -> String {
+    std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+impl Place {
+    fn new(kind: Kind, name: &str) -> Place {
+        let tag = match kind {
+            Kind::Sqlite => "sqlite",
+            Kind::Postgres => "pg",
+        };
+        let d =
+            std::env::temp_dir().join(format!("commons-meter-{name}-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let place = Place {
+            kind,
+            dir: d,
+            schema: format!("meter_{}_{}", name.replace('-', "_"), std::process::id()),
+        };
+        place.drop_schema();
+        place
+    }
+
+    /// Opens the meter (again).
+    fn open(&self) -> Meter {
+        match self.kind {
+            Kind::Sqlite => Meter::open(&self.dir.join("meter.db"), 86_400_000).unwrap(),
+            Kind::Postgres => Meter::open_postgres(&postgres_url(), &self.schema, 86_400_000)
+                .unwrap_or_else(|e| {
+                    panic!("these tests need PostgreSQL at {:?}: {e}", postgres_url())
+                }),
+        }
+    }
+
+    fn drop_schema(&self) {
+        if let Kind::Postgres = self.kind {
+            let mut db = postgres::Client::connect(&postgres_url(), postgres::NoTls)
+                .unwrap_or_else(|e| {
+                    panic!("these tests need PostgreSQL at {:?}: {e}", postgres_url())
+                });
+            db.batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if !std::thread::panicking() {
+            self.drop_schema();
+        }
+    }
+}
+
+fn meter(kind: Kind, name: &str) -> (Meter, Place) {
+    let place = Place::new(kind, name);
+    (place.open(), place)
+}
+
+/// Each case, once on each store.
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {$(
+        mod $case {
+            #[test]
+            fn sqlite() {
+                super::$case(super::Kind::Sqlite)
+            }
+            #[test]
+            fn postgres() {
+                super::$case(super::Kind::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_stores!(
+    duplicates_are_idempotent_and_conflicts_are_409,
+    late_events_are_refused_unless_backfilled_and_backfills_revert,
+    aggregates_by_window_and_dimension,
+    invalid_events_are_400,
+    an_aggregated_event_counts_as_its_count,
+    two_writers_wait_for_each_other_instead_of_failing,
+    a_closed_period_takes_no_event_from_a_batch_in_flight,
+);
 
 #[allow(clippy::too_many_arguments)]
 fn query(
@@ -47,9 +143,8 @@ fn ev(id: &str, time: &str, user: &str, site: &str, bytes: u64) -> Event {
 // "Now" inside November 2026, so November's events are on time.
 const NOW: i64 = 1_795_000_000_000; // 2026-11-18
 
-#[test]
-fn duplicates_are_idempotent_and_conflicts_are_409() {
-    let (mut m, dir) = meter("dedup");
+fn duplicates_are_idempotent_and_conflicts_are_409(kind: Kind) {
+    let (mut m, _place) = meter(kind, "dedup");
     let e = ev("e1", "2026-11-18T10:00:00Z", "alice", "wiki", 100);
     assert_eq!(
         m.ingest_at(std::slice::from_ref(&e), None, NOW).unwrap(),
@@ -79,7 +174,7 @@ fn duplicates_are_idempotent_and_conflicts_are_409() {
         .unwrap();
     assert_eq!(again, [Outcome::Accepted, Outcome::Duplicate]);
     drop(m);
-    let mut m = Meter::open(&dir.join("meter.db"), 86_400_000).unwrap();
+    let mut m = _place.open();
     assert_eq!(m.ingest_at(&[e], None, NOW).unwrap(), [Outcome::Duplicate]);
     let sum = query(
         &m,
@@ -95,12 +190,10 @@ fn duplicates_are_idempotent_and_conflicts_are_409() {
     // The duplicate and the conflicting copy counted nothing: 100 + 5.
     assert_eq!(sum.len(), 1);
     assert_eq!(sum[0].1, 105.0);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn late_events_are_refused_unless_backfilled_and_backfills_revert() {
-    let (mut m, dir) = meter("late");
+fn late_events_are_refused_unless_backfilled_and_backfills_revert(kind: Kind) {
+    let (mut m, _place) = meter(kind, "late");
     // October ended more than a day (the grace) before NOW.
     let late = ev("old", "2026-10-30T12:00:00Z", "alice", "wiki", 7);
     let r = m.ingest_at(std::slice::from_ref(&late), None, NOW).unwrap();
@@ -140,12 +233,10 @@ fn late_events_are_refused_unless_backfilled_and_backfills_revert() {
         .unwrap();
     assert!(matches!(&r[0], Outcome::Rejected(Rejection::Late { .. })));
     assert!(m.close_period("November").is_err());
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn aggregates_by_window_and_dimension() {
-    let (mut m, dir) = meter("agg");
+fn aggregates_by_window_and_dimension(kind: Kind) {
+    let (mut m, _place) = meter(kind, "agg");
     let events = vec![
         ev("1", "2026-11-18T10:00:10Z", "alice", "wiki", 100),
         ev("2", "2026-11-18T10:00:50Z", "bob", "wiki", 300),
@@ -238,12 +329,10 @@ fn aggregates_by_window_and_dimension() {
         .unwrap()
         .is_empty());
     assert!(query(&m, Window::Day, "colour", "x", "m", Aggregation::Sum, 0, 1).is_err());
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn invalid_events_are_400() {
-    let (mut m, dir) = meter("invalid");
+fn invalid_events_are_400(kind: Kind) {
+    let (mut m, _place) = meter(kind, "invalid");
     let mut e = ev("x", "yesterday", "a", "s", 1);
     let r = m.ingest_at(std::slice::from_ref(&e), None, NOW).unwrap();
     assert!(matches!(&r[0], Outcome::Rejected(rej) if rej.status() == 400));
@@ -253,12 +342,10 @@ fn invalid_events_are_400() {
         &m.ingest_at(&[e], None, NOW).unwrap()[0],
         Outcome::Rejected(Rejection::Invalid { .. })
     ));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn an_aggregated_event_counts_as_its_count() {
-    let (mut m, dir) = meter("count");
+fn an_aggregated_event_counts_as_its_count(kind: Kind) {
+    let (mut m, _place) = meter(kind, "count");
     let mut folded = ev("agg-1", "2026-11-18T10:00:00Z", "alice", "wiki", 700);
     folded.data.insert("count".into(), 7.into());
     let single = ev("one-1", "2026-11-18T10:00:30Z", "alice", "wiki", 100);
@@ -291,34 +378,35 @@ fn an_aggregated_event_counts_as_its_count() {
     assert_eq!(bytes.iter().map(|(_, v)| v).sum::<f64>(), 800.0);
     let by_user = m.usage_by_user("2026-11").unwrap();
     assert_eq!(by_user["alice"], vec![("wiki".to_string(), 8)]);
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
-#[test]
-fn two_writers_on_one_file_wait_for_each_other_instead_of_failing() {
-    // The API and the supervisor each hold a connection to the meter's
-    // file. A batch reads (dedup) before it writes; two such batches at
-    // once must queue on the write lock, not fail with "database is locked"
-    // — a node's usage refused that way was lost money.
-    let (_, dir) = meter("two-writers");
-    let path = dir.join("meter.db");
+fn two_writers_wait_for_each_other_instead_of_failing(kind: Kind) {
+    // The API and the supervisor each hold a connection to the meter (and,
+    // scaled out, several instances do). A batch reads (dedup) before it
+    // writes; two such batches at once must queue, not fail with "database
+    // is locked" or a deadlock — a node's usage refused that way was lost
+    // money. Half of each writer's events are the other's too, sent at the
+    // same moment: each is counted once.
+    let place = std::sync::Arc::new(Place::new(kind, "two-writers"));
     let writers: Vec<_> = (0..2)
         .map(|w| {
-            let path = path.clone();
+            let place = place.clone();
             std::thread::spawn(move || {
-                let mut m = Meter::open(&path, 86_400_000).unwrap();
+                let mut m = place.open();
                 for batch in 0..100 {
-                    let events: Vec<Event> = (0..20)
+                    let mut events: Vec<Event> = (0..20)
                         .map(|i| {
-                            ev(
-                                &format!("w{w}-b{batch}-e{i}"),
-                                "2026-11-18T10:00:00Z",
-                                "u1",
-                                "s1",
-                                1,
-                            )
+                            let id = if i % 2 == 0 {
+                                format!("shared-b{batch}-e{i}")
+                            } else {
+                                format!("w{w}-b{batch}-e{i}")
+                            };
+                            ev(&id, "2026-11-18T10:00:00Z", "u1", "s1", 1)
                         })
                         .collect();
+                    if w == 1 {
+                        events.reverse();
+                    }
                     m.ingest_at(&events, None, NOW)
                         .unwrap_or_else(|e| panic!("writer {w}, batch {batch}: {e}"));
                 }
@@ -328,5 +416,84 @@ fn two_writers_on_one_file_wait_for_each_other_instead_of_failing() {
     for w in writers {
         w.join().unwrap();
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let m = place.open();
+    let count = query(
+        &m,
+        Window::Day,
+        "site",
+        "s1",
+        "events:request",
+        Aggregation::Sum,
+        0,
+        i64::MAX,
+    )
+    .unwrap();
+    // 100 batches × (10 shared + 10 of each writer's own).
+    assert_eq!(count.iter().map(|(_, n)| n).sum::<f64>(), 3000.0);
+    assert_eq!(
+        m.usage_by_user("2026-11").unwrap()["u1"],
+        [("s1".to_string(), 3000)]
+    );
+}
+
+fn a_closed_period_takes_no_event_from_a_batch_in_flight(kind: Kind) {
+    // A writer keeps sending November's events while November is closed:
+    // every event is either counted before the close or refused as late
+    // after it — what period close reads right after closing is final —
+    // and what the usage table says is what was accepted.
+    let place = std::sync::Arc::new(Place::new(kind, "close-race"));
+    let (started, first_batch) = std::sync::mpsc::channel();
+    let writer = {
+        let place = place.clone();
+        std::thread::spawn(move || {
+            let mut m = place.open();
+            let mut accepted = 0u64;
+            let mut late = 0u64;
+            for batch in 0..60 {
+                let events: Vec<Event> = (0..50)
+                    .map(|i| {
+                        ev(
+                            &format!("b{batch}-e{i}"),
+                            "2026-11-18T10:00:00Z",
+                            "u1",
+                            "s1",
+                            1,
+                        )
+                    })
+                    .collect();
+                for o in m.ingest_at(&events, None, NOW).unwrap() {
+                    match o {
+                        Outcome::Accepted => accepted += 1,
+                        Outcome::Rejected(Rejection::Late { .. }) => late += 1,
+                        other => panic!("{other:?}"),
+                    }
+                }
+                let _ = started.send(());
+            }
+            (accepted, late)
+        })
+    };
+    // Closed while the writer is between batches or inside one.
+    let closer = place.open();
+    first_batch.recv().unwrap();
+    closer.close_period("2026-11").unwrap();
+    // What period close reads once the meter's period is closed: final.
+    let at_close = closer.usage_by_user("2026-11").unwrap();
+    let (accepted, late) = writer.join().unwrap();
+    assert_eq!(accepted + late, 3000);
+    assert!(accepted >= 50, "the first batch was on time");
+    let m = place.open();
+    let counted = m
+        .usage_by_user("2026-11")
+        .unwrap()
+        .get("u1")
+        .map(|s| s[0].1)
+        .unwrap_or(0);
+    assert_eq!(counted, accepted);
+    assert_eq!(
+        m.usage_by_user("2026-11").unwrap(),
+        at_close,
+        "events were counted after the period closed"
+    );
+    assert!(!m.accepts("2026-11").unwrap());
 }

@@ -30,6 +30,7 @@
 //! database_url = "host=127.0.0.1 user=commons dbname=commons"
 //! [bus]
 //! nats_url = "nats://127.0.0.1:4222"   # every recorded change relayed to JetStream
+//! name = "commons"        # streams NAME_…, subjects name.…; one per platform sharing a server
 //! [payments]
 //! stripe_webhook_secret = "whsec_..."
 //! stripe_secret_key = "sk_live_..."   # subscribe through Stripe Checkout
@@ -69,6 +70,8 @@ pub struct ServeConfig {
 pub struct Bus {
     /// A NATS server with JetStream; the state's changes are relayed there.
     pub nats_url: Option<String>,
+    /// The platform's name on that server (`commons` when unset).
+    pub name: Option<String>,
 }
 
 /// Where providers' node agents reach the control plane.
@@ -235,9 +238,10 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     pub store: StoreConfig,
     /// The NATS server the state's changes are relayed to
-    /// (`COMMONS_NATS_URL`, `[bus] nats_url`); none: they stay in the
+    /// (`COMMONS_NATS_URL`, `[bus] nats_url`) under the platform's name
+    /// there (`COMMONS_BUS_NAME`, `[bus] name`); none: they stay in the
     /// store's outbox.
-    pub nats_url: Option<String>,
+    pub bus: Option<commons_bus::RelayConfig>,
     pub stripe_webhook_secret: Option<String>,
     /// Stripe's API, when the platform takes subscriptions through Stripe
     /// Checkout (`COMMONS_STRIPE_SECRET_KEY`).
@@ -407,7 +411,21 @@ pub fn resolve(
             env(commons_store::DATABASE_URL_VAR).or(file.store.database_url),
             env(commons_store::DATABASE_SCHEMA_VAR),
         ),
-        nats_url: env("COMMONS_NATS_URL").or(file.bus.nats_url),
+        bus: match (
+            env("COMMONS_NATS_URL").or(file.bus.nats_url),
+            env("COMMONS_BUS_NAME").or(file.bus.name),
+        ) {
+            (_, Some(name)) if !commons_bus::valid_name(&name) => {
+                return Err(format!(
+                    "[bus] name: \"{name}\" is not a name: use 1 to 32 lowercase letters, digits and _, starting with a letter"
+                ))
+            }
+            (Some(url), name) => Some(commons_bus::RelayConfig::new(
+                &url,
+                name.as_deref().unwrap_or(commons_bus::DEFAULT_NAME),
+            )),
+            (None, _) => None,
+        },
         stripe_webhook_secret: env("COMMONS_STRIPE_WEBHOOK_SECRET")
             .or(file.payments.stripe_webhook_secret),
         stripe_api: stripe_settings(
@@ -581,6 +599,7 @@ mod tests {
         assert!(bad("COMMONS_SANDBOX", "yes").contains("COMMONS_SANDBOX=yes"));
         assert!(bad("COMMONS_IDLE_AFTER", "soon").contains("COMMONS_IDLE_AFTER=soon"));
         assert!(bad("COMMONS_TRUSTED_PROXIES", "10.0.0.1,proxy").contains("\"proxy\""));
+        assert!(bad("COMMONS_BUS_NAME", "Two.Words").contains("[bus] name: \"Two.Words\""));
     }
 
     #[test]

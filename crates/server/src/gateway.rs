@@ -402,7 +402,7 @@ pub fn spawn(
     let dir = layout.gateway_dir();
     crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let signer = identity::Signer::open(&layout.identity_key()).map_err(|e| e.to_string())?;
-    let meter = commons_meter::Meter::open(&layout.meter_db(), crate::GRACE_MS)
+    let meter = crate::periods::meter(home, state.engine.store_config())
         .map_err(|e| format!("meter: {e}"))?;
     let log_dir = layout.platform_logs();
     crate::private_dir(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;

@@ -156,9 +156,7 @@ impl AppState {
         );
         Ok(AppState {
             home: home.to_path_buf(),
-            meter: Mutex::new(
-                Meter::open(&layout.meter_db(), GRACE_MS).map_err(|e| err("meter", &e))?,
-            ),
+            meter: Mutex::new(periods::meter(home, store).map_err(|e| err("meter", &e))?),
             journal: Mutex::new(periods::journal(home, store).map_err(|e| err("ledger", &e))?),
             billing: Mutex::new(
                 periods::billing(home, store, tiers.unwrap_or_else(default_tiers))

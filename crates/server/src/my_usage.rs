@@ -154,7 +154,9 @@ pub async fn usage_json(
     Params(q): Params<PeriodQuery>,
 ) -> Result<Response, AppError> {
     let m = account(&who)?;
-    Ok(Json(read(&state, &m.user.id, q.period.as_deref())?).into_response())
+    // The meter's store may block (PostgreSQL's client).
+    let usage = tokio::task::block_in_place(|| read(&state, &m.user.id, q.period.as_deref()))?;
+    Ok(Json(usage).into_response())
 }
 
 /// The console's page of it, with a chart of the days.
@@ -167,7 +169,8 @@ pub async fn page(
         Ok(m) => m,
         Err(p) => return crate::console::problem_page(p, None),
     };
-    let usage = match read(&state, &m.user.id, q.period.as_deref()) {
+    let usage = match tokio::task::block_in_place(|| read(&state, &m.user.id, q.period.as_deref()))
+    {
         Ok(u) => u,
         Err(p) => return crate::console::problem_page(p, Some(m)),
     };

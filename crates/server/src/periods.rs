@@ -94,12 +94,21 @@ pub fn journal(home: &Path, store: &StoreConfig) -> Result<Journal, MoneyError> 
     }
 }
 
-/// The meter.
-pub fn meter(home: &Path) -> Result<Meter, MoneyError> {
-    let db = Layout::new(home).meter_db();
-    let dir = db.parent().expect("the meter's file is in a directory");
-    crate::private_dir(dir).map_err(failed(&dir.display().to_string()))?;
-    Meter::open(&db, crate::GRACE_MS).map_err(failed("meter"))
+/// The meter, where the platform keeps its state: the embedded file under
+/// `home`, or PostgreSQL (the same server, schema `<schema>_meter`).
+pub fn meter(home: &Path, store: &StoreConfig) -> Result<Meter, MoneyError> {
+    match store {
+        StoreConfig::Embedded => {
+            let db = Layout::new(home).meter_db();
+            let dir = db.parent().expect("the meter's file is in a directory");
+            crate::private_dir(dir).map_err(failed(&dir.display().to_string()))?;
+            Meter::open(&db, crate::GRACE_MS).map_err(failed("meter"))
+        }
+        StoreConfig::Postgres { url, schema } => {
+            Meter::open_postgres(url, &format!("{schema}_meter"), crate::GRACE_MS)
+                .map_err(failed("meter"))
+        }
+    }
 }
 
 /// Subscriptions, payments and their tiers: beside the journal, in SQLite or
@@ -151,7 +160,7 @@ pub fn close(home: &Path, store: &StoreConfig, period: &str) -> Result<Closed, M
         home,
         store,
         period,
-        &meter(home)?,
+        &meter(home, store)?,
         &mut journal(home, store)?,
     )
 }
@@ -161,23 +170,15 @@ const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The lease on closing `period`, once no other instance holds it.
 fn close_lease(store: &StoreConfig, period: &str) -> Result<commons_store::Lease, MoneyError> {
-    let started = std::time::Instant::now();
-    loop {
-        match store
-            .try_lease(&format!("period-close:{period}"))
-            .map_err(failed("store"))?
-        {
-            commons_store::Leased::Held(lease) => return Ok(lease),
-            commons_store::Leased::Taken if started.elapsed() < CLOSE_WAIT => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-            }
-            commons_store::Leased::Taken => {
-                return Err(MoneyError::Failed(format!(
-                    "another platform instance has been closing {period} for {} s; try again once it is done",
-                    CLOSE_WAIT.as_secs()
-                )))
-            }
-        }
+    match store
+        .lease(&format!("period-close:{period}"), CLOSE_WAIT)
+        .map_err(failed("store"))?
+    {
+        commons_store::Leased::Held(lease) => Ok(lease),
+        commons_store::Leased::Taken => Err(MoneyError::Failed(format!(
+            "another platform instance has been closing {period} for {} s; try again once it is done",
+            CLOSE_WAIT.as_secs()
+        ))),
     }
 }
 

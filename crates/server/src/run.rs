@@ -110,14 +110,14 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
             );
         }
         crate::supervisor::spawn(supervisor_engine, settings.supervisor.clone());
-        if let Some(url) = &settings.nats_url {
+        if let Some(bus) = &settings.bus {
             eprintln!(
-                "{:>12} the state's changes to NATS JetStream at {url} (stream COMMONS_CHANGES)",
-                "Relaying"
+                "{:>12} the state's changes to NATS JetStream at {} (stream {})",
+                "Relaying", bus.url, bus.stream
             );
             tokio::spawn(commons_bus::relay(
                 state.engine.shared_store(),
-                commons_bus::RelayConfig::new(url),
+                bus.clone(),
                 std::time::Duration::from_millis(50),
                 Arc::new(std::sync::atomic::AtomicBool::new(false)),
             ));

@@ -21,11 +21,12 @@ pub fn spawn(engine: Engine, settings: SupervisorSettings) {
                 .build()
                 .expect("the async runtime starts");
             let mut supervisor = commons_engine::supervise::Supervisor::new();
-            let mut sampler = Sampler::new(&engine.layout.home, &settings);
+            let mut sampler = Sampler::new(&engine, &settings);
             loop {
                 let pass = rt.block_on(supervisor.pass(&engine));
                 sampler.maybe_sample(&engine);
-                for (d, stopped) in rt.block_on(sampler.idle_quiet_sites(&engine)) {
+                let quiet = sampler.quiet_sites(&engine);
+                for (d, stopped) in rt.block_on(idle(&engine, quiet)) {
                     eprintln!(
                         "{:>12} {d} ({} idle, no traffic)",
                         "Idled",
@@ -55,13 +56,20 @@ pub struct Sampler {
     node: String,
 }
 
+/// Stops the processes of each site in `sites`; says which it stopped.
+async fn idle(engine: &Engine, sites: Vec<String>) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    for site in sites {
+        if let Ok(stopped) = engine.idle(&site).await {
+            out.push((site, stopped));
+        }
+    }
+    out
+}
+
 impl Sampler {
-    pub fn new(home: &std::path::Path, settings: &SupervisorSettings) -> Sampler {
-        let db = commons_runtime::Layout::new(home).meter_db();
-        let meter = db
-            .parent()
-            .and_then(|dir| crate::private_dir(dir).ok())
-            .and_then(|_| commons_meter::Meter::open(&db, crate::GRACE_MS).ok());
+    pub fn new(engine: &Engine, settings: &SupervisorSettings) -> Sampler {
+        let meter = crate::periods::meter(&engine.layout.home, engine.store_config()).ok();
         let node = crate::host_name().unwrap_or_else(|| "local".into());
         Sampler {
             meter,
@@ -73,10 +81,11 @@ impl Sampler {
         }
     }
 
-    /// Stops the processes of free-hosted sites with no request for
-    /// `idle_after` (unset: never), counting a deploy or wake
-    /// as activity. Always-on sites are left running.
-    pub async fn idle_quiet_sites(&self, engine: &Engine) -> Vec<(String, Vec<String>)> {
+    /// The free-hosted sites running with no request for `idle_after`
+    /// (unset: none), counting a deploy or wake as activity. Always-on
+    /// sites are left running. (Not async: the meter's PostgreSQL client
+    /// blocks.)
+    pub fn quiet_sites(&self, engine: &Engine) -> Vec<String> {
         let Some(after) = self.idle_after.map(|d| d.as_secs() as i64) else {
             return Vec::new();
         };
@@ -102,9 +111,7 @@ impl Sampler {
                 .and_then(|m| m.last_request(&d.name).ok().flatten())
                 .unwrap_or(0);
             if now - last_request.max(d.updated_at_ms) > after * 1000 {
-                if let Ok(stopped) = engine.idle(&d.name).await {
-                    out.push((d.name.clone(), stopped));
-                }
+                out.push(d.name);
             }
         }
         out

@@ -1,5 +1,5 @@
 //! Work that only one platform instance may do at a time, when several
-//! share one PostgreSQL (deploying one site, for now): a session-level
+//! share one PostgreSQL (deploying one site, closing a period): a session-level
 //! advisory lock on a connection of its own, held while the work runs and
 //! released when the holder is dropped — or, if its process dies, when
 //! PostgreSQL sees the connection close. The embedded store has one
@@ -24,9 +24,11 @@ pub enum Leased {
 }
 
 impl StoreConfig {
-    /// Tries to take the lease named `what` (e.g. `deploy:wiki`) without
-    /// waiting. With the embedded store there is nobody else: always held.
-    pub fn try_lease(&self, what: &str) -> Result<Leased> {
+    /// Takes the lease named `what` (e.g. `deploy:wiki`), waiting up to
+    /// `wait` (zero: not at all) for the instance that holds it, in
+    /// PostgreSQL's queue for the lock; [`Leased::Taken`] if it still holds
+    /// it then. With the embedded store there is nobody else: always held.
+    pub fn lease(&self, what: &str, wait: std::time::Duration) -> Result<Leased> {
         let StoreConfig::Postgres { url, schema } = self else {
             return Ok(Leased::Held(Lease { _release: None }));
         };
@@ -41,14 +43,35 @@ impl StoreConfig {
                     .map_err(pg)
                     .and_then(|mut client| {
                         // Two 32-bit keys: the schema (one platform) and the name in it.
-                        let got: bool = client
-                            .query_one(
-                                "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
-                                &[&schema, &what],
-                            )
-                            .map_err(pg)?
-                            .get(0);
-                        Ok((got, client))
+                        if wait.is_zero() {
+                            let got: bool = client
+                                .query_one(
+                                    "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                                    &[&schema, &what],
+                                )
+                                .map_err(pg)?
+                                .get(0);
+                            return Ok((got, client));
+                        }
+                        client
+                            .batch_execute(&format!(
+                                "SET lock_timeout = {}",
+                                wait.as_millis().max(1)
+                            ))
+                            .map_err(pg)?;
+                        match client.execute(
+                            "SELECT pg_advisory_lock(hashtext($1), hashtext($2))",
+                            &[&schema, &what],
+                        ) {
+                            Ok(_) => Ok((true, client)),
+                            Err(e)
+                                if e.code()
+                                    == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                            {
+                                Ok((false, client))
+                            }
+                            Err(e) => Err(pg(e)),
+                        }
                     });
                 match taken {
                     Ok((got, client)) => {

@@ -374,3 +374,54 @@ fn postgres_store_passes_the_suite() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
 }
+
+/// A lease held by one instance: another trying at once is told it is
+/// taken; one that waits gets it as soon as the holder lets go, and not
+/// before; a holder that dies (its connection closes) lets go too.
+#[test]
+fn a_lease_is_waited_for_and_passes_on_release() {
+    use commons_store::{Leased, StoreConfig};
+    use std::time::{Duration, Instant};
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let store = StoreConfig::Postgres {
+        url,
+        schema: format!("lease_{}", std::process::id()),
+    };
+    let Leased::Held(first) = store.lease("deploy:wiki", Duration::ZERO).unwrap() else {
+        panic!("nobody held it");
+    };
+    assert!(matches!(
+        store.lease("deploy:wiki", Duration::ZERO).unwrap(),
+        Leased::Taken
+    ));
+    // Another name is free.
+    assert!(matches!(
+        store.lease("deploy:blog", Duration::ZERO).unwrap(),
+        Leased::Held(_)
+    ));
+    let started = Instant::now();
+    assert!(matches!(
+        store
+            .lease("deploy:wiki", Duration::from_millis(300))
+            .unwrap(),
+        Leased::Taken
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let waiter = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let asked = Instant::now();
+            let got = store.lease("deploy:wiki", Duration::from_secs(30)).unwrap();
+            (matches!(got, Leased::Held(_)), asked.elapsed())
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    drop(first);
+    let (held, waited) = waiter.join().unwrap();
+    assert!(held, "the waiter got the lease");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+}

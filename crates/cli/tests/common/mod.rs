@@ -18,6 +18,61 @@ pub struct Sandbox {
     /// Where its platform serves the data API: every command is told, so
     /// sites deployed without the daemon learn it too.
     pub data_port: u16,
+    /// Its place in the scale-out configuration, when the suite runs on it.
+    pub scale_out: Option<ScaleOut>,
+}
+
+/// The scale-out configuration the whole suite runs on a second time
+/// (`COMMONS_TEST_SCALE_OUT=1`, set by `scripts/test`): each sandbox's
+/// platform keeps its state, accounts, ledger and DataCommons in schemas of
+/// its own on the suite's PostgreSQL (`COMMONS_TEST_POSTGRES`) and relays
+/// its changes to the suite's NATS server (`COMMONS_TEST_NATS`) under a name
+/// of its own, as platforms sharing those servers would.
+pub struct ScaleOut {
+    pub database_url: String,
+    /// Also the platform's name on the bus.
+    pub schema: String,
+    pub nats_url: String,
+}
+
+impl ScaleOut {
+    /// The configuration for the sandbox `test`, when the suite runs on it.
+    fn for_test(test: &str) -> Option<ScaleOut> {
+        if std::env::var("COMMONS_TEST_SCALE_OUT").ok().as_deref() != Some("1") {
+            return None;
+        }
+        let need = |var: &str| {
+            std::env::var(var).unwrap_or_else(|_| {
+                panic!("COMMONS_TEST_SCALE_OUT=1 needs {var}: run the suite with scripts/test")
+            })
+        };
+        let name: String = test
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '_'
+                }
+            })
+            .take(20)
+            .collect();
+        Some(ScaleOut {
+            database_url: need("COMMONS_TEST_POSTGRES"),
+            schema: format!("t_{name}_{}", std::process::id()),
+            nats_url: need("COMMONS_TEST_NATS"),
+        })
+    }
+
+    /// Drops the platform's schemas (the state's and DataCommons').
+    fn remove(&self) {
+        if let Ok(mut db) = postgres::Client::connect(&self.database_url, postgres::NoTls) {
+            let _ = db.batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {0} CASCADE; DROP SCHEMA IF EXISTS {0}_data CASCADE",
+                self.schema
+            ));
+        }
+    }
 }
 
 impl Sandbox {
@@ -26,10 +81,16 @@ impl Sandbox {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("app")).unwrap();
         let home = dir.join("home");
+        let scale_out = ScaleOut::for_test(test);
+        if let Some(s) = &scale_out {
+            // Left by an earlier run that was killed.
+            s.remove();
+        }
         Sandbox {
             dir,
             home,
             data_port: free_port(),
+            scale_out,
         }
     }
 
@@ -65,6 +126,12 @@ impl Sandbox {
                 format!("127.0.0.1:{}", self.data_port),
             )
             .env_remove("CI");
+        if let Some(s) = &self.scale_out {
+            c.env("COMMONS_DATABASE_URL", &s.database_url)
+                .env("COMMONS_DATABASE_SCHEMA", &s.schema)
+                .env("COMMONS_NATS_URL", &s.nats_url)
+                .env("COMMONS_BUS_NAME", &s.schema);
+        }
         c
     }
 
@@ -83,6 +150,73 @@ impl Sandbox {
 
     pub fn status_json(&self, name: &str) -> serde_json::Value {
         self.ok(&["status", name, "--json"]).json()
+    }
+
+    /// Everything the platform stored about its state, accounts and
+    /// tokens, as text to search: `state.db` and its WAL, or a dump of its
+    /// schema in the scale-out configuration.
+    pub fn stored_state(&self) -> String {
+        match &self.scale_out {
+            None => {
+                let mut bytes = std::fs::read(self.home.join("state.db")).unwrap();
+                bytes.extend(std::fs::read(self.home.join("state.db-wal")).unwrap_or_default());
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            Some(s) => {
+                let out = Command::new("pg_dump")
+                    .args(["--schema", &s.schema, "--no-owner", &s.database_url])
+                    .output()
+                    .expect("pg_dump runs");
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            }
+        }
+    }
+
+    /// Whether this machine keeps a platform's state (the CLI acted
+    /// locally): its `state.db`, or its tables in the scale-out schema.
+    pub fn has_local_state(&self) -> bool {
+        match &self.scale_out {
+            None => self.home.join("state.db").exists(),
+            Some(s) => {
+                let mut db = postgres::Client::connect(&s.database_url, postgres::NoTls).unwrap();
+                let n: i64 = db
+                    .query_one(
+                        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = $1",
+                        &[&s.schema],
+                    )
+                    .unwrap()
+                    .get(0);
+                n > 0
+            }
+        }
+    }
+
+    /// The platform's ledger journal, wherever it keeps it.
+    pub fn journal(&self) -> commons_ledger::journal::Journal {
+        use commons_ledger::journal::Journal;
+        match &self.scale_out {
+            None => {
+                std::fs::create_dir_all(self.home.join("ledger")).unwrap();
+                Journal::open(&self.home.join("ledger/ledger.db")).unwrap()
+            }
+            Some(s) => Journal::with_store(Box::new(
+                commons_ledger::store::PgStore::connect(&s.database_url, &s.schema).unwrap(),
+            ))
+            .unwrap(),
+        }
+    }
+
+    /// The platform's name on the event bus.
+    pub fn bus_name(&self) -> &str {
+        self.scale_out
+            .as_ref()
+            .map(|s| s.schema.as_str())
+            .unwrap_or(commons_bus::DEFAULT_NAME)
     }
 
     /// The status entry of one component.
@@ -113,6 +247,9 @@ impl Drop for Sandbox {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(s) = &self.scale_out {
+            s.remove();
+        }
     }
 }
 
