@@ -17,6 +17,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod usage;
+
 use async_nats::jetstream::{self, stream};
 use async_nats::HeaderMap;
 use commons_store::{Change, StateStore};
@@ -26,6 +28,8 @@ use commons_store::{Change, StateStore};
 pub struct RelayConfig {
     /// The NATS server, e.g. `nats://127.0.0.1:4222`.
     pub url: String,
+    /// The platform's name there.
+    pub name: String,
     /// The stream's name.
     pub stream: String,
     /// Subjects are `SUBJECT.KIND`.
@@ -42,6 +46,7 @@ impl RelayConfig {
     pub fn new(url: &str, name: &str) -> RelayConfig {
         RelayConfig {
             url: url.to_string(),
+            name: name.to_string(),
             stream: format!("{}_CHANGES", name.to_ascii_uppercase()),
             subject: format!("{name}.changes"),
         }

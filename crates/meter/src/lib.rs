@@ -549,6 +549,19 @@ fn ingest_in(
             out[i] = invalid("time must be RFC 3339, e.g. 2026-11-24T10:00:00Z");
             continue;
         };
+        // PostgreSQL keeps no NUL in text: refused on either store alike.
+        let dims_nul = ["user", "site", "operator", "provider", "node"]
+            .iter()
+            .any(|k| {
+                e.data
+                    .get(*k)
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|v| v.contains('\0'))
+            });
+        if dims_nul || [&e.id, &e.source, &e.kind].iter().any(|t| t.contains('\0')) {
+            out[i] = invalid("text may not contain the NUL character (U+0000)");
+            continue;
+        }
         let data_json = serde_json::to_string(&e.data).expect("json");
         let d = digest(e, &data_json);
         let key = (e.source.as_str(), e.id.as_str());

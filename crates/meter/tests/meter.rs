@@ -339,9 +339,20 @@ fn invalid_events_are_400(kind: Kind) {
     e.time = "2026-11-18T10:00:00Z".into();
     e.id = String::new();
     assert!(matches!(
-        &m.ingest_at(&[e], None, NOW).unwrap()[0],
+        &m.ingest_at(&[e.clone()], None, NOW).unwrap()[0],
         Outcome::Rejected(Rejection::Invalid { .. })
     ));
+    // A NUL in any text the store indexes: refused on both stores, the
+    // rest of the batch taken.
+    e.id = "nul".into();
+    e.data.insert("user".into(), "a\u{0}b".into());
+    let ok = ev("fine", "2026-11-18T10:00:00Z", "a", "s", 1);
+    let r = m.ingest_at(&[e, ok], None, NOW).unwrap();
+    assert!(
+        matches!(&r[0], Outcome::Rejected(Rejection::Invalid { message, .. }) if message.contains("NUL")),
+        "{r:?}"
+    );
+    assert_eq!(r[1], Outcome::Accepted);
 }
 
 fn an_aggregated_event_counts_as_its_count(kind: Kind) {

@@ -66,10 +66,15 @@ impl std::fmt::Display for AppError {
 
 impl std::error::Error for AppError {}
 
-/// A store that fails is not the caller's fault.
+/// A store that fails is not the caller's fault (text it cannot keep is).
 impl From<commons_store::StoreError> for AppError {
     fn from(e: commons_store::StoreError) -> AppError {
-        AppError::new(ErrorKind::Internal, "Store failed", e.to_string())
+        match e {
+            commons_store::StoreError::Refused(why) => {
+                AppError::new(ErrorKind::Invalid, "Text refused", why)
+            }
+            e => AppError::new(ErrorKind::Internal, "Store failed", e.to_string()),
+        }
     }
 }
 

@@ -371,19 +371,12 @@ impl Hooks for Platform {
     }
 }
 
-/// Usage events go to the embedded meter; a request to a site on a
-/// provider's node is that node's and its provider's.
+/// Usage events go to the meter directly (no bus).
 struct MeterSink(commons_meter::Meter, Arc<crate::nodes::Nodes>);
 
 impl usage::UsageSink for MeterSink {
     fn write(&mut self, mut events: Vec<commons_meter::Event>) {
-        for e in &mut events {
-            let site = e.data.get("site").and_then(|s| s.as_str()).unwrap_or("");
-            if let Some((node, provider)) = self.1.attribution(site) {
-                e.data.insert("node".into(), node.into());
-                e.data.insert("provider".into(), provider.into());
-            }
-        }
+        self.1.attribute(&mut events);
         if let Err(e) = self.0.ingest(&events, None) {
             tracing::warn!(error = %e, "the meter refused gateway usage");
         }
@@ -397,13 +390,13 @@ pub fn spawn(
     home: &Path,
     state: Arc<AppState>,
     settings: GatewaySettings,
+    usage_bus: Option<commons_bus::usage::UsageConfig>,
 ) -> Result<RunningGateway, String> {
     let layout = commons_runtime::Layout::new(home);
     let dir = layout.gateway_dir();
     crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let signer = identity::Signer::open(&layout.identity_key()).map_err(|e| e.to_string())?;
-    let meter = crate::periods::meter(home, state.engine.store_config())
-        .map_err(|e| format!("meter: {e}"))?;
+
     let log_dir = layout.platform_logs();
     crate::private_dir(&log_dir).map_err(|e| format!("{}: {e}", log_dir.display()))?;
     let access_log = std::fs::OpenOptions::new()
@@ -411,8 +404,20 @@ pub fn spawn(
         .append(true)
         .open(layout.access_log())
         .map_err(|e| format!("access log: {e}"))?;
+    let sink: Box<dyn usage::UsageSink> = match usage_bus {
+        Some(config) => Box::new(crate::usage_bus::PublishingSink::new(
+            config,
+            &format!("gateway/{}", settings.config.node),
+            state.nodes.clone(),
+        )),
+        None => Box::new(MeterSink(
+            crate::periods::meter(home, state.engine.store_config())
+                .map_err(|e| format!("meter: {e}"))?,
+            state.nodes.clone(),
+        )),
+    };
     let tap = usage::Tap::start(
-        Box::new(MeterSink(meter, state.nodes.clone())),
+        sink,
         Some(Box::new(access_log)),
         settings.config.node.clone(),
     );

@@ -45,6 +45,7 @@ pub mod subscribe;
 pub mod supervisor;
 pub mod tokens;
 pub mod tunnels;
+pub mod usage_bus;
 pub mod web;
 
 use std::path::{Path, PathBuf};

@@ -30,7 +30,8 @@ impl Modify for Bearer {
             Users log in (a session cookie, plus X-CSRF-Token on changes) or send their API \
             tokens (`cmnu_...`, POST /api/tokens) as bearer tokens; platform \
             Bearer tokens carry scopes (`commons token create NAME --scope SCOPE`); \
-            errors are RFC 9457 problem documents."
+            errors are RFC 9457 problem documents. No text may contain the NUL character \
+            (U+0000): a platform on PostgreSQL refuses it with a 422."
     ),
     paths(
         crate::platform::healthz,

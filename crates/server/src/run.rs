@@ -179,7 +179,15 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
                 .await;
             }
         });
-        let gateway = crate::gateway::spawn(&home, state.clone(), settings.gateway)
+        // With a bus, usage goes through it: the gateway publishes, and
+        // this instance's meter takes its share.
+        let usage_bus = settings.bus.as_ref().map(|b| {
+            commons_bus::usage::UsageConfig::new(&b.url, &b.name)
+        });
+        if let Some(config) = &usage_bus {
+            crate::usage_bus::spawn_meter(state.clone(), config.clone());
+        }
+        let gateway = crate::gateway::spawn(&home, state.clone(), settings.gateway, usage_bus)
             .map_err(RunError::Input)?;
         let bound = gateway.bound.clone();
         for (what, addr) in &bound {

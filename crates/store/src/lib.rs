@@ -32,6 +32,10 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("state store (PostgreSQL): {0}")]
     Postgres(String),
+    /// Text the store cannot keep (PostgreSQL keeps no NUL character in
+    /// text): the caller's to fix, not the store's failure.
+    #[error("{0}")]
+    Refused(String),
     #[error("state store at {path}: {message}")]
     Open { path: String, message: String },
 }

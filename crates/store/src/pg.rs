@@ -78,6 +78,12 @@ pub struct PgStore {
 }
 
 pub(crate) fn pg(e: ::postgres::Error) -> StoreError {
+    use ::postgres::error::SqlState;
+    if e.code() == Some(&SqlState::CHARACTER_NOT_IN_REPERTOIRE) {
+        return StoreError::Refused(
+            "text may not contain the NUL character (U+0000, %00 in a URL); remove it".into(),
+        );
+    }
     StoreError::Postgres(e.to_string())
 }
 

@@ -1009,6 +1009,18 @@ impl Nodes {
         Some((node.clone(), inner.reg.nodes.get(node)?.provider.clone()))
     }
 
+    /// Marks each event with the node and provider that served its site
+    /// (a request to a site on a provider's node is theirs).
+    pub fn attribute(&self, events: &mut [commons_meter::Event]) {
+        for e in events {
+            let site = e.data.get("site").and_then(|s| s.as_str()).unwrap_or("");
+            if let Some((node, provider)) = self.attribution(site) {
+                e.data.insert("node".into(), node.into());
+                e.data.insert("provider".into(), provider.into());
+            }
+        }
+    }
+
     /// A number that changes whenever placements do.
     pub fn version(&self) -> u64 {
         *self.changed.borrow()
