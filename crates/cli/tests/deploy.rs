@@ -6,6 +6,8 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use serde_json::json;
+
 use common::*;
 
 fn data_file(s: &Sandbox, deployment: &str, file: &str) -> PathBuf {
@@ -895,4 +897,79 @@ fn a_period_closed_by_two_instances_at_once_is_closed_once() {
     admin
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .unwrap();
+}
+
+/// Two `commons serve` instances (two data directories, as on two
+/// machines) sharing one PostgreSQL: a deploy of a site through one and a
+/// redeploy of it through the other at the same moment. One runs, the
+/// other waits for it, then runs; both answer, and the record is whole.
+#[test]
+fn two_serve_instances_deploy_one_site_one_after_the_other() {
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("serve_lease_{}", std::process::id());
+    let (one, two) = (
+        Sandbox::new("serve-lease-one"),
+        Sandbox::new("serve-lease-two"),
+    );
+    let shared = one.dir.join("both.log");
+    let blueprint = format!(
+        "name: shared\ncomponents:\n  a: {{ job: \"echo start >> {0}; sleep 2; echo done >> {0}\" }}\n",
+        shared.display()
+    );
+    let env = [
+        ("COMMONS_DATABASE_URL", url.as_str()),
+        ("COMMONS_DATABASE_SCHEMA", schema.as_str()),
+    ];
+    let first = one.serve(&env);
+    let second = two.serve(&env);
+    // One account, seen by both instances (it is in the shared store).
+    signup(first.port, "ann@example.org", "Ann");
+    let (a, b) = (
+        login(first.port, "ann@example.org", true),
+        login(second.port, "ann@example.org", true),
+    );
+    let (code, v) = a.post(
+        "/api/orgs/ann/sites",
+        json!({ "name": "shared", "blueprint": blueprint }),
+    );
+    assert_eq!(code, 202, "{v}");
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, v) = b.call(
+        "PUT",
+        "/api/sites/shared",
+        Some(json!({ "blueprint": blueprint })),
+    );
+    assert_eq!(code, 202, "{v}");
+    let runs = || -> Vec<(i64, String)> {
+        let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        db.query(
+            &format!(
+                "SELECT run, outcome FROM {schema}.runs WHERE deployment = 'shared' ORDER BY run"
+            ),
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get::<_, Option<String>>(1).unwrap_or_default()))
+        .collect()
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || runs()
+            == [(1, "ok".to_string()), (2, "ok".to_string())]),
+        "both deploys ran, one after the other: {:?}",
+        runs()
+    );
+    // The second instance's job started only after the first's ended.
+    assert_eq!(lines(&shared), ["start", "done", "start", "done"]);
+    drop((first, second));
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    for s in [
+        schema.clone(),
+        format!("{schema}_meter"),
+        format!("{schema}_data"),
+    ] {
+        db.batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
+            .unwrap();
+    }
 }
