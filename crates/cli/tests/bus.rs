@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -45,29 +44,8 @@ fn published(url: &str, name: &str) -> Vec<(String, String)> {
 #[test]
 fn a_platform_with_nats_publishes_every_change_of_its_state() {
     let s = Sandbox::new("bus");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut nats = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(s.dir.join("jetstream"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("nats-server is needed for this test (`bash scripts/test` installs it): {e}")
-        });
-    assert!(
-        wait_for(Duration::from_secs(10), || std::net::TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok()),
-        "nats-server listens"
-    );
-    let url = format!("nats://127.0.0.1:{port}");
+    let nats = Nats::start(&s.dir.join("jetstream"));
+    let url = nats.url.clone();
     let _server = s.serve(&[("COMMONS_NATS_URL", &url)]);
     s.blueprint(SITE);
     s.ok(&["deploy"]);
@@ -95,6 +73,5 @@ fn a_platform_with_nats_publishes_every_change_of_its_state() {
         "the destroy's changes too: {:?}",
         published(&url, s.bus_name())
     );
-    let _ = nats.kill();
-    let _ = nats.wait();
+    drop(nats);
 }

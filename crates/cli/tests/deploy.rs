@@ -963,13 +963,5 @@ fn two_serve_instances_deploy_one_site_one_after_the_other() {
     // The second instance's job started only after the first's ended.
     assert_eq!(lines(&shared), ["start", "done", "start", "done"]);
     drop((first, second));
-    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-    for s in [
-        schema.clone(),
-        format!("{schema}_meter"),
-        format!("{schema}_data"),
-    ] {
-        db.batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"))
-            .unwrap();
-    }
+    drop_platform_schemas(&url, &schema);
 }

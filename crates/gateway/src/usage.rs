@@ -371,7 +371,10 @@ impl Writer {
             }
             events.push(commons_meter::Event {
                 specversion: "1.0".into(),
-                id: format!("{}-{}", self.boot_ms, self.seq),
+                // Unique across restarts (the start time) and across
+                // instances on one machine started in the same millisecond
+                // (the process id): they share the source.
+                id: format!("{}-{}-{}", self.boot_ms, std::process::id(), self.seq),
                 source: format!("gateway/{}", self.node),
                 kind: "request".into(),
                 subject: Some(site.to_string()),

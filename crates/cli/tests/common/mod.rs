@@ -64,13 +64,21 @@ impl ScaleOut {
         })
     }
 
-    /// Drops the platform's schemas (the state's and DataCommons').
     fn remove(&self) {
-        if let Ok(mut db) = postgres::Client::connect(&self.database_url, postgres::NoTls) {
-            let _ = db.batch_execute(&format!(
-                "DROP SCHEMA IF EXISTS {0} CASCADE; DROP SCHEMA IF EXISTS {0}_data CASCADE",
-                self.schema
-            ));
+        drop_platform_schemas(&self.database_url, &self.schema);
+    }
+}
+
+/// Drops a platform's schemas on PostgreSQL: its state's (with the ledger
+/// and billing), its meter's and DataCommons'.
+pub fn drop_platform_schemas(url: &str, schema: &str) {
+    if let Ok(mut db) = postgres::Client::connect(url, postgres::NoTls) {
+        for s in [
+            schema.to_string(),
+            format!("{schema}_meter"),
+            format!("{schema}_data"),
+        ] {
+            let _ = db.batch_execute(&format!("DROP SCHEMA IF EXISTS {s} CASCADE"));
         }
     }
 }
@@ -501,6 +509,47 @@ impl Sandbox {
 }
 
 impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `nats-server -js` of a test's own, on loopback; stopped when dropped.
+pub struct Nats {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Nats {
+    /// Starts one keeping its streams in `dir`.
+    pub fn start(dir: &Path) -> Nats {
+        let port = free_port();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("nats-server is needed for this test (`bash scripts/test` installs it): {e}")
+            });
+        assert!(
+            wait_for(Duration::from_secs(10), || TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "nats-server listens"
+        );
+        Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
