@@ -134,6 +134,10 @@ pub enum MeterError {
     /// keeps them and sends them again.
     #[error("meter store: {0}")]
     Store(String),
+    /// Concurrent writers met (a deadlock, a serialization failure): the
+    /// batch runs again (the PostgreSQL store does so itself).
+    #[error("meter store: {0}")]
+    Conflict(String),
     #[error("{0}")]
     Input(String),
 }
@@ -146,11 +150,21 @@ impl From<rusqlite::Error> for MeterError {
 
 impl From<postgres::Error> for MeterError {
     fn from(e: postgres::Error) -> Self {
+        use postgres::error::SqlState;
         // The server's own message, not only "db error".
-        MeterError::Store(match e.as_db_error() {
+        let message = match e.as_db_error() {
             Some(db) => format!("PostgreSQL: {}", db.message()),
             None => format!("PostgreSQL: {e}"),
-        })
+        };
+        match e.code() {
+            Some(c)
+                if *c == SqlState::T_R_DEADLOCK_DETECTED
+                    || *c == SqlState::T_R_SERIALIZATION_FAILURE =>
+            {
+                MeterError::Conflict(message)
+            }
+            _ => MeterError::Store(message),
+        }
     }
 }
 

@@ -12,8 +12,6 @@
 use std::collections::HashSet;
 use std::sync::Mutex;
 
-use postgres::error::SqlState;
-
 use crate::{Aggregation, EventRow, MeterError, Outcome, Query, Store, Totals, Tx, Work};
 
 const SCHEMA: &str = r#"
@@ -107,11 +105,15 @@ impl PgStore {
                     ptx.0.commit().map_err(Err)?;
                     Ok(out)
                 };
-            match run(client) {
+            // A conflict may surface from any statement of the batch.
+            let failed: MeterError = match run(client) {
                 Ok(out) => return Ok(out),
-                Err(Err(e)) if transient(&e) && attempt < ATTEMPTS => continue,
-                Err(Err(e)) => return Err(e.into()),
-                Err(Ok(e)) => return Err(e),
+                Err(Err(e)) => e.into(),
+                Err(Ok(e)) => e,
+            };
+            match failed {
+                MeterError::Conflict(_) if attempt < ATTEMPTS => continue,
+                e => return Err(e),
             }
         }
     }
@@ -151,17 +153,21 @@ impl Tx for PgTx<'_> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let sources: Vec<&str> = rows.iter().map(|r| r.source).collect();
-        let ids: Vec<&str> = rows.iter().map(|r| r.id).collect();
-        let digests: Vec<&[u8]> = rows.iter().map(|r| r.digest.as_slice()).collect();
-        let periods: Vec<&str> = rows.iter().map(|r| r.period.as_str()).collect();
-        let times: Vec<i64> = rows.iter().map(|r| r.time_ms).collect();
-        let kinds: Vec<&str> = rows.iter().map(|r| r.kind).collect();
+        // In key order: two batches repeating each other's events take the
+        // key's locks in one order, so they wait rather than deadlock.
+        let mut sorted: Vec<&EventRow<'_>> = rows.iter().collect();
+        sorted.sort_unstable_by_key(|r| (r.source, r.id));
+        let sources: Vec<&str> = sorted.iter().map(|r| r.source).collect();
+        let ids: Vec<&str> = sorted.iter().map(|r| r.id).collect();
+        let digests: Vec<&[u8]> = sorted.iter().map(|r| r.digest.as_slice()).collect();
+        let periods: Vec<&str> = sorted.iter().map(|r| r.period.as_str()).collect();
+        let times: Vec<i64> = sorted.iter().map(|r| r.time_ms).collect();
+        let kinds: Vec<&str> = sorted.iter().map(|r| r.kind).collect();
         let dims: Vec<Vec<Option<&str>>> = (0..5)
-            .map(|d| rows.iter().map(|r| r.dims[d]).collect())
+            .map(|d| sorted.iter().map(|r| r.dims[d]).collect())
             .collect();
-        let data: Vec<&str> = rows.iter().map(|r| r.data.as_str()).collect();
-        let backfills: Vec<Option<&str>> = rows.iter().map(|r| r.backfill).collect();
+        let data: Vec<&str> = sorted.iter().map(|r| r.data.as_str()).collect();
+        let backfills: Vec<Option<&str>> = sorted.iter().map(|r| r.backfill).collect();
         let stored = self.0.query(
             r#"INSERT INTO events (source, id, digest, period, time_ms, type, "user", site, operator, provider, node, data, backfill)
                SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::bigint[], $6::text[],
@@ -252,14 +258,6 @@ impl Tx for PgTx<'_> {
         }
         Ok(())
     }
-}
-
-/// Whether a failed batch may simply run again.
-fn transient(e: &postgres::Error) -> bool {
-    matches!(
-        e.code(),
-        Some(c) if *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
-    )
 }
 
 impl Store for PgStore {

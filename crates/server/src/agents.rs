@@ -328,11 +328,13 @@ async fn usage(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: B
     .map_err(|e| AppError::new(ErrorKind::Internal, "Metering failed", e.to_string()))?
     .map_err(|e| match e {
         // The store could not take it now: the node keeps it and sends it again.
-        commons_meter::MeterError::Store(_) => AppError::new(
-            ErrorKind::Unavailable,
-            "Metering unavailable",
-            e.to_string(),
-        ),
+        commons_meter::MeterError::Store(_) | commons_meter::MeterError::Conflict(_) => {
+            AppError::new(
+                ErrorKind::Unavailable,
+                "Metering unavailable",
+                e.to_string(),
+            )
+        }
         commons_meter::MeterError::Input(_) => {
             AppError::new(ErrorKind::Invalid, "Usage refused", e.to_string())
         }
