@@ -496,6 +496,20 @@ impl Sandbox {
         }
         // Keep draining what it says, so it never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+        // The CLI finds it by its daemon file and socket, written just
+        // after the listeners say where they are.
+        assert!(
+            wait_for(Duration::from_secs(10), || self
+                .home
+                .join("daemon.json")
+                .exists()
+                && std::os::unix::net::UnixStream::connect(
+                    self.home.join("api.sock")
+                )
+                .is_ok()),
+            "serve never announced itself in {}",
+            self.home.display()
+        );
         Server {
             child,
             port: ports["api"],
