@@ -32,6 +32,8 @@ pub struct Executor {
     shipping: std::sync::Mutex<HashMap<String, Shipping>>,
     /// Sites frozen for a move's cut-over: the next increment is the last.
     frozen: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Which instance of a replicated component the next stream goes to.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 struct Shipping {
@@ -67,6 +69,7 @@ impl Executor {
             dir,
             shipping: Default::default(),
             frozen: Default::default(),
+            turn: Default::default(),
         })
     }
 
@@ -441,15 +444,27 @@ impl Executor {
         Ok(format!("{site} restored and serving"))
     }
 
-    /// Where a site's component listens on this node, while it runs.
+    /// Where a site's component listens on this node, while it runs: one
+    /// of its live instances, in turn, when it has replicas.
     pub fn upstream(&self, site: &str, component: &str) -> Option<std::net::SocketAddr> {
         let status = self.engine.observe(site).ok()?;
-        let c = status.components.iter().find(|c| c.name == component)?;
-        c.pid?;
-        Some(std::net::SocketAddr::from((
-            c.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
-            c.port?,
-        )))
+        let live: Vec<std::net::SocketAddr> = status
+            .components
+            .iter()
+            .filter(|c| commons_blueprint::replica_of(&c.name).0 == component)
+            .filter_map(|c| {
+                c.pid?;
+                Some(std::net::SocketAddr::from((
+                    c.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
+                    c.port?,
+                )))
+            })
+            .collect();
+        if live.is_empty() {
+            return None;
+        }
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(live[turn % live.len()])
     }
 
     /// Every running component here: (site, component, its process group).

@@ -216,10 +216,54 @@ pub struct Component {
     /// platform decides, see [`Replace`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replace: Option<Replace>,
+    /// How many instances of a process or image run at once (`replicas:`).
+    /// Loading expands them: the first keeps the component's name, the
+    /// others are components of their own named `NAME.2` … `NAME.N` (see
+    /// [`replica_of`]), each after the one before, so a redeploy replaces
+    /// them one at a time.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub replicas: u32,
     /// Directory commands run in and relative paths resolve against.
     pub dir: PathBuf,
     /// Where the component is declared.
     pub origin: Origin,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// The most instances one component may run.
+pub const MAX_REPLICAS: u32 = 64;
+
+/// The component an instance belongs to and its number: `web.3` → (`web`,
+/// 3); any other name → (itself, 1). Component names never have a segment
+/// that starts with a digit, so the suffix cannot be mistaken.
+pub fn replica_of(name: &str) -> (&str, u32) {
+    match name.rsplit_once('.') {
+        Some((base, n))
+            if !base.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            match n.parse::<u32>() {
+                Ok(n) if n >= 2 => (base, n),
+                _ => (name, 1),
+            }
+        }
+        _ => (name, 1),
+    }
+}
+
+/// The name of instance `n` (from 1) of component `base`.
+pub fn replica_name(base: &str, n: u32) -> String {
+    if n <= 1 {
+        base.to_string()
+    } else {
+        format!("{base}.{n}")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -103,6 +103,11 @@ pub fn json_schema() -> Value {
         json!({ "enum": ["start-first", "stop-first"] }),
     );
     c.insert(
+        "replicas".into(),
+        json!({ "type": "integer", "minimum": 1, "maximum": crate::model::MAX_REPLICAS,
+                "description": "process or image: instances run at once, replaced one at a time" }),
+    );
+    c.insert(
         "with".into(),
         json!({ "type": "object", "additionalProperties": template.clone() }),
     );

@@ -669,6 +669,63 @@ fn replace_must_be_a_known_strategy() {
 }
 
 #[test]
+fn replicas_expand_into_instances_each_after_the_one_before() {
+    let src = files(&[(
+        "/bp/commons.yaml",
+        "name: x\ncomponents:\n  db: { postgres: {} }\n  web:\n    process: serve\n    env: { DB: \"${components.db.url}\" }\n    replicas: 3\n    resources: { memory: 64Mi }\n  worker: { process: work, env: { WEB: \"${components.web.url}\" } }\n",
+    )]);
+    let bp = load(Path::new("/bp/commons.yaml"), &src).expect("loads");
+    let names: Vec<&str> = bp.components.keys().map(String::as_str).collect();
+    assert_eq!(names, ["db", "web", "web.2", "web.3", "worker"]);
+    assert_eq!(bp.components["web"].depends_on, ["db"]);
+    assert_eq!(bp.components["web.2"].depends_on, ["web", "db"]);
+    assert_eq!(bp.components["web.3"].depends_on, ["web.2", "db"]);
+    // Resources are per instance; others read the first instance.
+    assert_eq!(
+        bp.components["web.3"].resources.memory_bytes,
+        Some(64 << 20)
+    );
+    assert_eq!(bp.components["worker"].depends_on, ["web"]);
+    assert_eq!(commons_blueprint::replica_of("web.3"), ("web", 3));
+    assert_eq!(commons_blueprint::replica_of("inc.web"), ("inc.web", 1));
+    assert_eq!(commons_blueprint::replica_of("inc.web.2"), ("inc.web", 2));
+    assert_eq!(commons_blueprint::replica_of("web"), ("web", 1));
+}
+
+#[test]
+fn a_site_that_keeps_files_runs_one_replica_and_says_why() {
+    let d = errors(
+        "name: x\ncomponents:\n  data: { volume: {} }\n  web:\n    process: serve\n    replicas: 2\n",
+    );
+    assert_eq!(d.len(), 1, "{d}");
+    let e = &d.0[0];
+    assert_eq!((e.line, e.column), (4, 3), "{e}");
+    assert!(
+        e.message.contains("asks for 2 replicas") && e.message.contains("\"data\" is a volume"),
+        "{e}"
+    );
+    assert!(e.help.as_deref().unwrap().contains("postgres"), "{e}");
+    one(
+        "name: x\ncomponents:\n  web: { process: serve, replicas: 0 }\n",
+        3,
+        36,
+        "replicas must be at least 1",
+    );
+    one(
+        "name: x\ncomponents:\n  web: { process: serve, replicas: 65 }\n",
+        3,
+        36,
+        "replicas must be at most 64",
+    );
+    one(
+        "name: x\ncomponents:\n  j: { job: run, replicas: 2 }\n",
+        3,
+        18,
+        "field \"replicas\" does not apply to a job component",
+    );
+}
+
+#[test]
 fn network_says_whether_the_site_reaches_the_internet() {
     let load_text = |text: &str| {
         let src = files(&[("/bp/commons.yaml", text)]);

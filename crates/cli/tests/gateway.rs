@@ -163,6 +163,155 @@ fn twenty_redeploys_under_load_fail_no_request() {
     assert_eq!(python_processes, 1, "replaced versions are stopped");
 }
 
+/// An app that says which version and instance answered, and notes when
+/// each instance starts listening and when it is stopped.
+const INSTANCE_APP: &str = r#"import os, signal, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, version = int(os.environ["PORT"]), os.environ["VERSION"]
+log = os.path.join(os.environ["COMMONS_DATA_DIR"], "instances.log")
+def note(what):
+    with open(log, "a") as f:
+        f.write("%.6f %s %s %d\n" % (time.time(), what, version, port))
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = ("v%s %d" % (version, port)).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+def stop(*_):
+    # Drains a moment: a second SIGTERM meanwhile would be noted too.
+    note("stop")
+    time.sleep(0.3)
+    os._exit(0)
+signal.signal(signal.SIGTERM, stop)
+server = ThreadingHTTPServer(("127.0.0.1", port), H)
+note("start")
+server.serve_forever()
+"#;
+
+const FLEET: &str = r#"name: fleet
+inputs:
+  version: { type: string, default: "1" }
+components:
+  web:
+    process: python3 app.py
+    env: { VERSION: "${inputs.version}" }
+    health: { http: "/", interval: 50ms }
+    replicas: 3
+"#;
+
+/// Which instance (by port) answered each of `n` requests, and the versions seen.
+fn answers(port: u16, n: usize) -> (std::collections::HashSet<String>, Vec<String>) {
+    let (mut ports, mut versions) = (std::collections::HashSet::new(), Vec::new());
+    for _ in 0..n {
+        let (code, body) = get(port, "fleet.localhost", "/");
+        assert_eq!(code, 200, "{body}");
+        let (version, at) = body.split_once(' ').unwrap();
+        ports.insert(at.to_string());
+        versions.push(version.to_string());
+    }
+    (ports, versions)
+}
+
+#[test]
+fn three_replicas_share_the_load_and_roll_one_at_a_time_without_a_failed_request() {
+    let s = Sandbox::new("gw-replicas");
+    s.write("app.py", INSTANCE_APP);
+    s.blueprint(FLEET);
+    s.ok(&["deploy"]);
+    let status = s.status_json("fleet");
+    let names: Vec<&str> = status["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web", "web.2", "web.3"], "{status}");
+    let server = s.serve(&[]);
+    // The gateway spreads requests over the three.
+    let (ports, versions) = answers(server.http, 30);
+    assert_eq!(ports.len(), 3, "answered by {ports:?}");
+    assert!(versions.iter().all(|v| v == "v1"));
+
+    let mut load = Load::start(server.http, "fleet.localhost", 40);
+    std::thread::sleep(Duration::from_millis(500));
+    let rolled_at = commons_clock::now_ms() as f64 / 1000.0;
+    for v in 2..=4 {
+        let input = format!("version={v}");
+        s.ok(&["deploy", "-i", &input]);
+        for c in ["web", "web.2", "web.3"] {
+            assert_eq!(s.component("fleet", c)["state"], "running");
+        }
+    }
+    assert!(load.running(), "the load ended before the redeploys did");
+    let (requests, failures, summary) = load.finish();
+    assert!(
+        requests > 300,
+        "too little load to prove anything:\n{summary}"
+    );
+    let failed: Vec<String> = lines(&s.home.join("logs/gateway-access.log"))
+        .into_iter()
+        .filter(|l| l.contains("\"site\":\"fleet\"") && !l.contains("\"status\":200"))
+        .collect();
+    assert_eq!(
+        failures,
+        0,
+        "requests failed during the rolling redeploys:\n{summary}\n{}",
+        failed.join("\n")
+    );
+    let (ports, versions) = answers(server.http, 30);
+    assert_eq!(ports.len(), 3, "answered by {ports:?}");
+    assert!(versions.iter().all(|v| v == "v4"), "{versions:?}");
+
+    // One instance at a time: from the first redeploy on, three instances
+    // always listened, and never more than four.
+    let log = lines(&s.home.join("deployments/fleet/data/instances.log"));
+    // Each instance was asked to stop once (many apps take a second
+    // SIGTERM as "quit now, skip the drain").
+    let mut noted = std::collections::HashSet::new();
+    let mut events: Vec<(f64, i32)> = log
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert!(
+                noted.insert((f[1], f[3])),
+                "instance {} noted \"{}\" twice:\n{}",
+                f[3],
+                f[1],
+                log.join("\n")
+            );
+            (f[0].parse().unwrap(), if f[1] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (mut live, mut most, mut least) = (0, 0, i32::MAX);
+    for (at, change) in &events {
+        live += change;
+        if *at >= rolled_at {
+            most = most.max(live);
+            least = least.min(live);
+        }
+    }
+    let starts = events.iter().filter(|e| e.1 == 1).count();
+    assert_eq!(starts, 12, "3 instances of 4 versions:\n{}", log.join("\n"));
+    assert_eq!(
+        live,
+        3,
+        "the replaced instances stopped:\n{}\n{}",
+        log.join("\n"),
+        s.status_json("fleet")
+    );
+    assert!(
+        (3..=4).contains(&least) && most == 4,
+        "instances listening during the rollout went from {least} to {most}:\n{}",
+        log.join("\n")
+    );
+}
+
 #[test]
 fn blueprints_set_login_paths_and_limits() {
     let s = Sandbox::new("gw-login");

@@ -241,6 +241,29 @@ pub async fn execute(
     Ok(rows)
 }
 
+/// Rolling replacement: before instance k of a component is replaced, the
+/// version instance k-1 replaced start-first (recorded before this task
+/// started) is drained and stopped, so a redeploy runs at most one instance
+/// more than the component asks for. The last one's waits for the end of
+/// the deploy, as any other replaced process's.
+async fn retire_previous_replica(ctx: &Context, component: &str) {
+    let (base, k) = commons_blueprint::replica_of(component);
+    if k < 2 {
+        return;
+    }
+    let before = commons_blueprint::replica_name(base, k - 1);
+    let old = {
+        let mut retired = ctx.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let at = retired.iter().position(|(c, _)| *c == before);
+        at.map(|i| retired.remove(i))
+    };
+    if let Some((name, old)) = old {
+        let recorded_at = now_ms() as u64;
+        commons_runtime::drivers::retire(&ctx.layout, &ctx.deployment, &name, &old, recorded_at)
+            .await;
+    }
+}
+
 /// The row recorded before a task starts anything, and the instance token
 /// the task's processes will carry.
 ///
@@ -292,6 +315,7 @@ async fn run(
         reap_interrupted(&ctx.layout, &ctx.deployment, &task.component, &pending).await;
     }
     let previous = previous.map(|h| Handle { pending: None, ..h });
+    retire_previous_replica(ctx, &task.component).await;
     let (result, attempts, change) = if task.action == Action::Delete {
         let handle = previous.clone().unwrap_or_default();
         let r = driver_for(&task.kind)

@@ -345,11 +345,17 @@ pub fn replace_of(
     }
 }
 
-/// The components some other component depends on (reads).
+/// The components some other component depends on (reads). An instance of
+/// a component with replicas comes after the one before it without reading it.
 pub fn read_by_others(components: &IndexMap<String, Component>) -> HashSet<String> {
     let mut read = HashSet::new();
     for (name, c) in components {
-        for d in c.depends_on.iter().filter(|d| *d != name) {
+        let own = commons_blueprint::replica_of(name).0;
+        for d in c
+            .depends_on
+            .iter()
+            .filter(|d| *d != name && commons_blueprint::replica_of(d).0 != own)
+        {
             read.insert(d.clone());
         }
     }

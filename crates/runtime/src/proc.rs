@@ -383,6 +383,13 @@ pub(crate) fn group_stats(pgid: i32) -> Vec<(i32, Vec<String>)> {
     out
 }
 
+/// Whether `pid` is a keeper (`commons __sandbox …`), which passes a
+/// SIGTERM on to its group.
+fn is_keeper(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"__sandbox"))
+}
+
 /// Stops the process group that `pid` leads: SIGTERM, then SIGKILL after
 /// `grace`. Returns once no member is left.
 ///
@@ -397,9 +404,13 @@ pub async fn stop(pid: i32, instance: &str, grace: Duration) {
     if !ours(&members) {
         return;
     }
+    // A keeper passes SIGTERM on to its whole group itself: signalled with
+    // the group, the workload would get it twice (and many apps take a
+    // second SIGTERM as "quit now", skipping their drain).
+    let target = if is_keeper(pid) { pid } else { -pid };
     // SAFETY: kill takes plain integers; the group is ours (checked above).
     unsafe {
-        libc::kill(-pid, libc::SIGTERM);
+        libc::kill(target, libc::SIGTERM);
     }
     let deadline = Instant::now() + grace;
     loop {

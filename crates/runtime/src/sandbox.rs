@@ -526,6 +526,9 @@ pub fn helper_main(args: &[String]) -> ! {
         // takes the whole namespace with it). (Its parent is outside the
         // namespace: getppid() says 0, so there is nothing to compare.)
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // The keeper outside passes a SIGTERM on to the whole group, this
+        // init included: passed on again, the workload would get it twice.
+        STOPPING.store(true, Ordering::SeqCst);
         // Private mounts, fresh /proc, private /tmp.
         let none = CString::new("none").expect("static");
         let slash = CString::new("/").expect("static");

@@ -7,6 +7,7 @@
 //! at `DEPLOYMENT.localhost` (its first process). A running process is an
 //! upstream; an idle or stopped one makes the route wake the site.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, Weak};
@@ -61,20 +62,30 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
             .iter()
             .any(|c| c.route.as_ref().is_some_and(|r| r.host.is_some()));
         let mut first = true;
-        for c in status
-            .components
-            .iter()
-            .filter(|c| commons_blueprint::Kind::runs(&c.kind))
-        {
+        let running = || {
+            status
+                .components
+                .iter()
+                .filter(|c| commons_blueprint::Kind::runs(&c.kind))
+        };
+        // Every instance of a component with replicas serves its route:
+        // (upstreams, whether every instance is idle or down) by component.
+        let mut instances: HashMap<&str, (Vec<SocketAddr>, bool)> = HashMap::new();
+        for c in running() {
+            let (of, _) = commons_blueprint::replica_of(&c.name);
+            let entry = instances.entry(of).or_insert((Vec::new(), true));
             // A live process is an upstream, also while a deploy replaces
             // it (until its successor is recorded).
-            let upstreams: Vec<SocketAddr> = match (c.pid, c.port) {
-                (Some(_), Some(port)) => vec![SocketAddr::from((
+            if let (Some(_), Some(port)) = (c.pid, c.port) {
+                entry.0.push(SocketAddr::from((
                     c.address.unwrap_or(std::net::Ipv4Addr::LOCALHOST),
                     port,
-                ))],
-                _ => Vec::new(),
-            };
+                )));
+            }
+            entry.1 &= c.state == "idle" || commons_engine::is_down(&c.state);
+        }
+        for c in running().filter(|c| commons_blueprint::replica_of(&c.name).1 == 1) {
+            let (upstreams, idle) = instances.get(c.name.as_str()).cloned().unwrap_or_default();
             if c.port.is_none() && c.route.is_none() {
                 continue;
             }
@@ -85,7 +96,7 @@ pub fn routes_of(engine: &Engine) -> Vec<RouteSpec> {
                 component: c.name.clone(),
                 operator: "local".into(),
                 upstreams: upstreams.clone(),
-                idle: c.state == "idle" || commons_engine::is_down(&c.state),
+                idle,
                 login: c
                     .route
                     .as_ref()

@@ -62,6 +62,25 @@ impl Loader<'_> {
             Some(r) => self.replace(file, r, &mut ok),
             None => None,
         };
+        let replicas = match f.get("replicas") {
+            Some(r) => match self.uint(file, r, "replicas", MAX_REPLICAS as u64) {
+                Some(0) => {
+                    self.sink(file).error_help(
+                        r.pos,
+                        "replicas must be at least 1",
+                        "write `replicas: 1` or more; to stop a site, use `commons down`",
+                    );
+                    ok = false;
+                    1
+                }
+                Some(n) => n as u32,
+                None => {
+                    ok = false;
+                    1
+                }
+            },
+            None => 1,
+        };
         ok.then_some(RawComponent {
             pos,
             kind,
@@ -73,6 +92,7 @@ impl Loader<'_> {
             timeout_ms,
             retries,
             replace,
+            replicas,
         })
     }
 
@@ -119,7 +139,7 @@ impl Loader<'_> {
     fn only_fields_of(&mut self, file: &Path, keyword: &str, f: &Fields<'_>) -> bool {
         let applies = |field: &str| match field {
             "env" | "resources" => matches!(keyword, "job" | "process" | "image"),
-            "health" | "replace" => matches!(keyword, "process" | "image"),
+            "health" | "replace" | "replicas" => matches!(keyword, "process" | "image"),
             "route" => matches!(keyword, "process" | "image" | "static"),
             "command" | "port" | "volumes" => keyword == "image",
             "with" => keyword == "blueprint",

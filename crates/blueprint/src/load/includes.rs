@@ -128,6 +128,7 @@ pub(super) fn flatten_root(
         });
         return None;
     }
+    let components = expand_replicas(components, diags)?;
     Some(Blueprint {
         name: raw.name.clone(),
         version: raw.version.clone(),
@@ -142,6 +143,56 @@ pub(super) fn flatten_root(
         data: raw.data.clone(),
         files,
     })
+}
+
+/// Each component with `replicas: N` becomes N components (see
+/// [`Component::replicas`]), instance k after instance k-1. A site that
+/// keeps files (a volume or a SQLite database) runs one instance of each:
+/// two would write the same files at once.
+fn expand_replicas(
+    components: IndexMap<String, Component>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<IndexMap<String, Component>> {
+    if components.values().all(|c| c.replicas <= 1) {
+        return Some(components);
+    }
+    let keeper = components
+        .iter()
+        .find(|(_, c)| matches!(c.kind, Kind::Volume | Kind::Sqlite));
+    if let Some((files, kept)) = keeper {
+        for (name, c) in components.iter().filter(|(_, c)| c.replicas > 1) {
+            diags.push(Diagnostic {
+                file: c.origin.file.clone(),
+                line: c.origin.line,
+                column: c.origin.column,
+                offset: 0,
+                message: format!(
+                    "component \"{name}\" asks for {} replicas, but this site keeps files \
+                     (\"{files}\" is a {}): every instance would write them at once",
+                    c.replicas,
+                    kept.kind.keyword()
+                ),
+                help: Some(
+                    "remove `replicas:` (one instance), or keep the data in a `postgres:` component"
+                        .into(),
+                ),
+            });
+        }
+        return None;
+    }
+    let mut out = IndexMap::with_capacity(components.len());
+    for (name, c) in components {
+        let n = c.replicas;
+        out.insert(name.clone(), c.clone());
+        for k in 2..=n {
+            let mut replica = c.clone();
+            let before = replica_name(&name, k - 1);
+            replica.depends_on.retain(|d| *d != before);
+            replica.depends_on.insert(0, before);
+            out.insert(replica_name(&name, k), replica);
+        }
+    }
+    Some(out)
 }
 
 /// Rewrites a template of `raw`'s scope into flat names.
@@ -271,6 +322,7 @@ pub(super) fn flatten(
                     timeout_ms: c.timeout_ms,
                     retries: c.retries,
                     replace: c.replace,
+                    replicas: c.replicas,
                     dir: raw.dir.clone(),
                     origin: Origin {
                         file: raw.file.clone(),

@@ -63,6 +63,7 @@ pub const COMMON_FIELDS: &[&str] = &[
     "timeout",
     "retries",
     "replace",
+    "replicas",
     "with",
     "description",
     "command",
@@ -200,6 +201,7 @@ struct RawComponent {
     timeout_ms: Option<u64>,
     retries: u32,
     replace: Option<Replace>,
+    replicas: u32,
 }
 
 enum RawKind {
