@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod routes;
 pub mod usage;
 
 use async_nats::jetstream::{self, stream};

@@ -197,6 +197,43 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
 }
 
+/// What a table carries over by address (and counters by site), for
+/// routes that changed: read from the previous table once, when needed.
+struct Carried {
+    health: HashMap<SocketAddr, Arc<AtomicU64>>,
+    load: HashMap<SocketAddr, Arc<AtomicU64>>,
+    pools: HashMap<SocketAddr, Arc<Mutex<Vec<Sender>>>>,
+    direct: HashMap<SocketAddr, Arc<crate::upstream::Pool>>,
+    stats: HashMap<String, Arc<SiteStats>>,
+}
+
+impl Carried {
+    fn of(previous: &RouteTable) -> Carried {
+        let mut c = Carried {
+            health: HashMap::new(),
+            load: HashMap::new(),
+            pools: HashMap::new(),
+            direct: HashMap::new(),
+            stats: HashMap::new(),
+        };
+        for (addr, n, _) in &previous.retired {
+            c.load.insert(*addr, n.clone());
+        }
+        for site in previous.hosts.values().flatten() {
+            c.stats
+                .entry(site.spec.deployment.clone())
+                .or_insert_with(|| site.stats.clone());
+            for u in &site.upstreams {
+                c.health.insert(u.addr, u.down_until.clone());
+                c.load.insert(u.addr, u.in_flight.clone());
+                c.pools.insert(u.addr, u.idle.clone());
+                c.direct.insert(u.addr, u.direct.clone());
+            }
+        }
+        c
+    }
+}
+
 /// The table the proxy reads on every request.
 #[derive(Default, Debug)]
 pub struct RouteTable {
@@ -215,78 +252,92 @@ pub const RETIRED_GRACE: Duration = Duration::from_millis(250);
 
 impl RouteTable {
     /// Builds a table from `specs`, carrying passive health and counters over
-    /// from `previous`.
+    /// from `previous`. A route whose spec did not change keeps its [`Site`]
+    /// whole, so a change to one site costs little however many are routed
+    /// (the state carried by address is read only for routes that changed).
     pub fn build(specs: Vec<RouteSpec>, previous: &RouteTable) -> RouteTable {
-        let mut health: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
-        let mut pools: HashMap<SocketAddr, Arc<Mutex<Vec<Sender>>>> = HashMap::new();
-        let mut direct: HashMap<SocketAddr, Arc<crate::upstream::Pool>> = HashMap::new();
-        let mut load: HashMap<SocketAddr, Arc<AtomicU64>> = HashMap::new();
-        let mut since: HashMap<SocketAddr, Instant> = HashMap::new();
-        for (addr, n, at) in &previous.retired {
-            load.insert(*addr, n.clone());
-            since.insert(*addr, *at);
-        }
-        let mut stats: HashMap<&str, Arc<SiteStats>> = HashMap::new();
-        for sites in previous.hosts.values() {
-            for site in sites {
-                stats.insert(&site.spec.deployment, site.stats.clone());
-                for u in &site.upstreams {
-                    health.insert(u.addr, u.down_until.clone());
-                    load.insert(u.addr, u.in_flight.clone());
-                    pools.insert(u.addr, u.idle.clone());
-                    direct.insert(u.addr, u.direct.clone());
-                }
-            }
-        }
-        let mut hosts: HashMap<Box<str>, Vec<Arc<Site>>> = HashMap::new();
+        let unchanged: HashMap<(&str, &str), &Arc<Site>> = previous
+            .hosts
+            .values()
+            .flatten()
+            .map(|site| ((&*site.host, site.spec.path.as_str()), site))
+            .collect();
+        let mut carried: Option<Carried> = None;
+        // Counters of the sites first routed in this table.
+        let mut new_stats: HashMap<&str, Arc<SiteStats>> = HashMap::new();
+        let mut hosts: HashMap<Box<str>, Vec<Arc<Site>>> = HashMap::with_capacity(specs.len());
         for spec in &specs {
-            let site = Site {
-                upstreams: spec
-                    .upstreams
-                    .iter()
-                    .map(|&addr| Upstream {
-                        addr,
-                        down_until: health.get(&addr).cloned().unwrap_or_default(),
-                        in_flight: load.get(&addr).cloned().unwrap_or_default(),
-                        idle: pools.get(&addr).cloned().unwrap_or_default(),
-                        direct: direct.get(&addr).cloned().unwrap_or_default(),
-                    })
-                    .collect(),
-                stats: stats
-                    .get(spec.deployment.as_str())
-                    .cloned()
-                    .unwrap_or_default(),
-                next: AtomicUsize::new(0),
-                host: Arc::from(spec.host.to_ascii_lowercase().as_str()),
-                deployment: Arc::from(spec.deployment.as_str()),
-                component: Arc::from(spec.component.as_str()),
-                operator: Arc::from(spec.operator.as_str()),
-                user_header: spec
-                    .user_header
-                    .as_deref()
-                    .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
-                spec: spec.clone(),
+            let host = if spec.host.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(spec.host.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(spec.host.as_str())
             };
-            stats.insert(&spec.deployment, site.stats.clone());
-            hosts
-                .entry(spec.host.to_ascii_lowercase().into_boxed_str())
-                .or_default()
-                .push(Arc::new(site));
+            let kept = unchanged
+                .get(&(&*host, spec.path.as_str()))
+                .filter(|site| site.spec == *spec);
+            let site = match kept {
+                Some(site) => Arc::clone(site),
+                None => {
+                    let c = carried.get_or_insert_with(|| Carried::of(previous));
+                    let stats = match c.stats.get(spec.deployment.as_str()) {
+                        Some(s) => s.clone(),
+                        None => new_stats
+                            .entry(spec.deployment.as_str())
+                            .or_default()
+                            .clone(),
+                    };
+                    Arc::new(Site {
+                        upstreams: spec
+                            .upstreams
+                            .iter()
+                            .map(|&addr| Upstream {
+                                addr,
+                                down_until: c.health.get(&addr).cloned().unwrap_or_default(),
+                                in_flight: c.load.get(&addr).cloned().unwrap_or_default(),
+                                idle: c.pools.get(&addr).cloned().unwrap_or_default(),
+                                direct: c.direct.get(&addr).cloned().unwrap_or_default(),
+                            })
+                            .collect(),
+                        stats,
+                        next: AtomicUsize::new(0),
+                        host: Arc::from(&*host),
+                        deployment: Arc::from(spec.deployment.as_str()),
+                        component: Arc::from(spec.component.as_str()),
+                        operator: Arc::from(spec.operator.as_str()),
+                        user_header: spec
+                            .user_header
+                            .as_deref()
+                            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+                        spec: spec.clone(),
+                    })
+                }
+            };
+            hosts.entry(host.into()).or_default().push(site);
         }
         for sites in hosts.values_mut() {
-            sites.sort_by_key(|s| std::cmp::Reverse(s.spec.path.trim_end_matches('/').len()));
+            if sites.len() > 1 {
+                sites.sort_by_key(|s| std::cmp::Reverse(s.spec.path.trim_end_matches('/').len()));
+            }
         }
         let routed: std::collections::HashSet<SocketAddr> = specs
             .iter()
             .flat_map(|s| s.upstreams.iter().copied())
             .collect();
+        // Upstreams no longer routed: still draining, or only just retired.
         let now = Instant::now();
-        let retired = load
-            .into_iter()
-            .filter(|(addr, _)| !routed.contains(addr))
-            .map(|(addr, n)| (addr, n, since.get(&addr).copied().unwrap_or(now)))
-            .filter(|(_, n, at)| n.load(Ordering::Relaxed) > 0 || at.elapsed() < RETIRED_GRACE)
-            .collect();
+        let mut retired = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (addr, n, at) in &previous.retired {
+            if !routed.contains(addr) && seen.insert(*addr) {
+                retired.push((*addr, n.clone(), *at));
+            }
+        }
+        for u in previous.hosts.values().flatten().flat_map(|s| &s.upstreams) {
+            if !routed.contains(&u.addr) && seen.insert(u.addr) {
+                retired.push((u.addr, u.in_flight.clone(), now));
+            }
+        }
+        retired.retain(|(_, n, at)| n.load(Ordering::Relaxed) > 0 || at.elapsed() < RETIRED_GRACE);
         RouteTable {
             hosts,
             specs,
@@ -377,6 +428,46 @@ mod tests {
         assert_eq!(dep("/apix"), Some("root"));
         assert_eq!(dep("/api/v2/users"), Some("v2"));
         assert!(t.lookup("b.test", "/").is_none());
+    }
+
+    #[test]
+    fn a_rebuild_keeps_unchanged_routes_and_carries_state_to_changed_ones() {
+        let t = RouteTable::build(
+            vec![
+                spec("a.test", "/", "a", &[1]),
+                spec("b.test", "/", "b", &[2, 3]),
+            ],
+            &RouteTable::default(),
+        );
+        let b = t.lookup("b.test", "/").unwrap().clone();
+        b.stats.requests.fetch_add(7, Ordering::Relaxed);
+        b.mark_down(SocketAddr::from(([127, 0, 0, 1], 2)), 1000);
+        // a's route is untouched; b's loses an upstream and gains one.
+        let t2 = RouteTable::build(
+            vec![
+                spec("a.test", "/", "a", &[1]),
+                spec("b.test", "/", "b", &[2, 4]),
+            ],
+            &t,
+        );
+        assert!(Arc::ptr_eq(
+            t.lookup("a.test", "/").unwrap(),
+            t2.lookup("a.test", "/").unwrap()
+        ));
+        let b2 = t2.lookup("b.test", "/").unwrap();
+        assert!(!Arc::ptr_eq(&b, b2));
+        assert_eq!(
+            b2.stats.requests.load(Ordering::Relaxed),
+            7,
+            "counters go on"
+        );
+        // Upstream 2 is still marked down; 4 is new.
+        assert_eq!(b2.pick(1500).unwrap().addr.port(), 4);
+        assert_eq!(b2.pick(1500).unwrap().addr.port(), 4);
+        // 3 is no longer routed: retired, briefly reported as draining.
+        assert!(t2
+            .upstream_load()
+            .contains_key(&SocketAddr::from(([127, 0, 0, 1], 3))));
     }
 
     #[test]

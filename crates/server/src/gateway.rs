@@ -402,6 +402,7 @@ pub fn spawn(
     state: Arc<AppState>,
     settings: GatewaySettings,
     usage_bus: Option<commons_bus::usage::UsageConfig>,
+    routes_bus: Option<commons_bus::routes::RoutesConfig>,
 ) -> Result<RunningGateway, String> {
     let layout = commons_runtime::Layout::new(home);
     let dir = layout.gateway_dir();
@@ -483,6 +484,37 @@ pub fn spawn(
         gateway.enable_acme(acme.clone());
     }
 
+    // With a bus, routes go through its bucket: published by every
+    // instance, followed by every gateway (`routes_bus`).
+    let followed = Arc::new(crate::routes_bus::Followed::default());
+    if routes_bus.is_some() {
+        // What the gateway serves from the start, whatever the bucket holds.
+        let rev = state.engine.store().revision().unwrap_or(0);
+        followed.set_local(rev, routes_of(&state.engine));
+    }
+    let (stop_following, following) = tokio::sync::watch::channel(false);
+    let publisher = match (&routes_bus, tokio::runtime::Handle::try_current()) {
+        (Some(config), Ok(runtime)) => {
+            let (weak, state) = (Arc::downgrade(&gateway), state.clone());
+            let routes = followed.clone();
+            crate::routes_bus::spawn_follower(
+                &runtime,
+                config.clone(),
+                followed.clone(),
+                move || {
+                    if let Some(gateway) = weak.upgrade() {
+                        let mut all = routes.routes();
+                        all.extend(node_routes(&state));
+                        gateway.set_routes(all);
+                    }
+                },
+                following,
+            );
+            Some(crate::routes_bus::spawn_publisher(&runtime, config.clone()))
+        }
+        _ => None,
+    };
+
     // Routes follow the engine's state from a thread of their own, so the
     // proxy's event loop never waits on the state store.
     let routes_gateway = gateway.clone();
@@ -496,6 +528,8 @@ pub fn spawn(
             let state_file = engine.layout.gateway_state();
             let mut last = (String::new(), std::time::Instant::now());
             let mut seen = (None, std::time::Instant::now());
+            // Held for as long as routes are followed.
+            let _stop_following = stop_following;
             loop {
                 // Routes follow recorded state: read it again when the state
                 // store's outbox has a new change (a deploy, a restart, an
@@ -503,13 +537,18 @@ pub fn spawn(
                 // sharing the store), and every FULL_REFRESH anyway (a
                 // process that died unrecorded).
                 // Placements on nodes change routes too.
-                let version = engine
-                    .store()
-                    .revision()
-                    .ok()
-                    .map(|v| (v, routes_state.nodes.version()));
+                let rev = engine.store().revision().ok();
+                let version = rev.map(|v| (v, routes_state.nodes.version()));
                 if version.is_none() || version != seen.0 || seen.1.elapsed() >= FULL_REFRESH {
-                    routes_gateway.set_routes(all_routes(&engine, &routes_state));
+                    let mut routes = routes_of(&engine);
+                    if let (Some(publisher), Some(rev)) = (&publisher, rev) {
+                        let _ = publisher.send(Some((rev, crate::routes_bus::by_site(&routes))));
+                        // Each site as of the later of this view and the bucket's.
+                        followed.set_local(rev, routes);
+                        routes = followed.routes();
+                    }
+                    routes.extend(node_routes(&routes_state));
+                    routes_gateway.set_routes(routes);
                     seen = (version, std::time::Instant::now());
                 }
                 // The engine reads this before it stops a replaced instance.

@@ -35,6 +35,7 @@ pub mod outbound;
 pub mod periods;
 pub mod placement;
 pub mod platform;
+pub mod routes_bus;
 pub mod rs256;
 mod run;
 mod sankey;

@@ -187,8 +187,13 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
         if let Some(config) = &usage_bus {
             crate::usage_bus::spawn_meter(state.clone(), config.clone());
         }
-        let gateway = crate::gateway::spawn(&home, state.clone(), settings.gateway, usage_bus)
-            .map_err(RunError::Input)?;
+        let routes_bus = settings
+            .bus
+            .as_ref()
+            .map(|b| commons_bus::routes::RoutesConfig::new(&b.url, &b.name));
+        let gateway =
+            crate::gateway::spawn(&home, state.clone(), settings.gateway, usage_bus, routes_bus)
+                .map_err(RunError::Input)?;
         let bound = gateway.bound.clone();
         for (what, addr) in &bound {
             eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
