@@ -5,9 +5,11 @@
 #   JetStream, the meter taking them exactly once into PostgreSQL, at 1k,
 #   10k and 50k sites (target >= 100,000 events/s);
 # - the meter's own ingest on PostgreSQL and on SQLite, beside it;
-# - the ledger on PostgreSQL (target >= 50,000 transfers/s).
+# - the ledger on PostgreSQL (target >= 50,000 transfers/s);
+# - a route change seen by 3 gateways following the routes' bucket, at 1k,
+#   10k and 50k sites (target p99 <= 1 s).
 # Not measured here yet: mutating API calls with 3 control-plane instances
-# and 50,000 sites, route changes seen by 3 gateways.
+# and 50,000 sites.
 # PostgreSQL: COMMONS_BENCH_POSTGRES (default
 # "host=127.0.0.1 user=postgres dbname=test"). EVENTS (default 300000).
 set -euo pipefail
@@ -17,6 +19,7 @@ events="${EVENTS:-300000}"
 cargo build --release --quiet -p commons-bus --example usage_bench
 cargo build --release --quiet -p commons-meter --example meter_bench
 cargo build --release --quiet -p commons-ledger --example ledger_bench
+cargo build --release --quiet -p commons-bus --example routes_bench
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dir=$(mktemp -d)
@@ -31,3 +34,6 @@ done
 target/release/examples/usage_bench "nats://127.0.0.1:$port" "$events" 1000
 COMMONS_BENCH_POSTGRES="$pg" target/release/examples/meter_bench
 COMMONS_BENCH_POSTGRES="$pg" target/release/examples/ledger_bench
+for sites in 1000 10000 50000; do
+  target/release/examples/routes_bench "nats://127.0.0.1:$port" "$sites" 100
+done

@@ -1,15 +1,15 @@
 //! A route change seen by 3 gateways through the JetStream bucket: the
 //! time from a control plane's publish to each gateway's table serving it,
 //! with SITES sites routed (two routes each, as `routes_of` makes them).
-//! Each follower does what `commons serve`'s does: reads again only the
-//! sites that changed, then rebuilds its whole table.
+//! Each follower does what `commons serve`'s does: reads the sites that
+//! changed and patches its table with them.
 //!
 //!     routes_bench NATS_URL SITES [CHANGES]
 //!
 //! `bench/scale.sh` starts the NATS server and runs this at several site
 //! counts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc, Arc};
@@ -57,22 +57,18 @@ fn gateway(
     seen: mpsc::Sender<(usize, u16, Instant)>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut parsed: BTreeMap<String, (i64, Vec<RouteSpec>)> = BTreeMap::new();
     let mut table = RouteTable::default();
-    let apply = move |sites: &BTreeMap<String, SiteRoutes>| {
-        parsed.retain(|name, _| sites.contains_key(name));
-        for (name, site) in sites {
-            if parsed.get(name).is_some_and(|(rev, _)| *rev == site.rev) {
-                continue;
-            }
-            let routes: Vec<RouteSpec> = serde_json::from_value(site.routes.clone()).unwrap();
-            parsed.insert(name.clone(), (site.rev, routes));
-        }
-        let specs: Vec<RouteSpec> = parsed
-            .values()
-            .flat_map(|(_, r)| r.iter().cloned())
+    let apply = move |sites: &BTreeMap<String, SiteRoutes>, changed: &BTreeSet<String>| {
+        let changed: Vec<(String, Vec<RouteSpec>)> = changed
+            .iter()
+            .map(|name| {
+                let routes = sites.get(name).map_or(Vec::new(), |site| {
+                    serde_json::from_value(site.routes.clone()).unwrap()
+                });
+                (name.clone(), routes)
+            })
             .collect();
-        table = RouteTable::build(specs, &table);
+        table = table.patch(changed);
         if let Some(site) = table.lookup("site0.localhost", "/") {
             let _ = seen.send((n, site.upstreams[0].addr.port(), Instant::now()));
         }

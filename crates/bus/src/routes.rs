@@ -18,7 +18,7 @@
 //!   The state store stays the source of truth: while the bucket cannot be
 //!   followed, gateways compute routes from it as before.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,15 +250,15 @@ async fn read_all(store: &kv::Store) -> Result<HashMap<String, Value>, BusError>
 }
 
 /// Follows the bucket until `stop` turns true: calls `apply` with every
-/// site's routes (some may have none) once caught up, and again after each
-/// burst of changes (so a gateway rebuilds its table once per burst, not
-/// per site). `up` says whether what was applied is current: false until
+/// site's routes (some may have none) and the sites that changed (all of
+/// them, once caught up), then again after each burst of changes, so a
+/// gateway updates its table once per burst, and only for those sites. `up` says whether what was applied is current: false until
 /// caught up, while the connection is lost, and after an error (then the
 /// caller falls back on the state store); the watch resumes after the last
 /// revision seen.
 pub async fn follow(
     config: RoutesConfig,
-    mut apply: impl FnMut(&BTreeMap<String, SiteRoutes>) + Send,
+    mut apply: impl FnMut(&BTreeMap<String, SiteRoutes>, &BTreeSet<String>) + Send,
     up: Arc<AtomicBool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -285,7 +285,7 @@ async fn follow_once(
     config: &RoutesConfig,
     sites: &mut BTreeMap<String, SiteRoutes>,
     last_revision: &mut u64,
-    apply: &mut (impl FnMut(&BTreeMap<String, SiteRoutes>) + Send),
+    apply: &mut (impl FnMut(&BTreeMap<String, SiteRoutes>, &BTreeSet<String>) + Send),
     up: &Arc<AtomicBool>,
 ) -> Result<(), BusError> {
     let connected = Arc::new(AtomicBool::new(true));
@@ -306,8 +306,9 @@ async fn follow_once(
     let mut caught_up = pending == 0 || *last_revision > 0;
     if caught_up {
         up.store(connected.load(Ordering::SeqCst), Ordering::SeqCst);
-        apply(sites);
+        apply(sites, &sites.keys().cloned().collect());
     }
+    let mut touched = BTreeSet::new();
     loop {
         up.store(
             caught_up && connected.load(Ordering::SeqCst),
@@ -322,6 +323,7 @@ async fn follow_once(
         };
         *last_revision = (*last_revision).max(entry.revision);
         take(sites, &entry);
+        touched.insert(entry.key.clone());
         if !caught_up && entry.delta > 0 {
             continue;
         }
@@ -331,6 +333,7 @@ async fn follow_once(
                 Ok(Some(Ok(entry))) => {
                     *last_revision = (*last_revision).max(entry.revision);
                     take(sites, &entry);
+                    touched.insert(entry.key.clone());
                 }
                 Ok(Some(Err(e))) => return Err(err("watching the routes' bucket")(&e)),
                 Ok(None) => return Err(BusError("the bucket's watch ended".into())),
@@ -339,7 +342,8 @@ async fn follow_once(
         }
         caught_up = true;
         up.store(connected.load(Ordering::SeqCst), Ordering::SeqCst);
-        apply(sites);
+        apply(sites, &touched);
+        touched.clear();
     }
 }
 

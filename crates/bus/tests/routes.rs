@@ -33,7 +33,17 @@ fn follower(config: &RoutesConfig, stop: &tokio::sync::watch::Sender<bool>) -> S
     let sites = seen.sites.clone();
     tokio::spawn(follow(
         config.clone(),
-        move |all| *sites.lock().unwrap() = all.clone(),
+        move |all: &BTreeMap<String, SiteRoutes>, changed: &std::collections::BTreeSet<String>| {
+            let mut held = sites.lock().unwrap();
+            // Only what changed is read: the rest must be as held.
+            for name in changed {
+                match all.get(name) {
+                    Some(site) => held.insert(name.clone(), site.clone()),
+                    None => held.remove(name),
+                };
+            }
+            assert_eq!(*held, *all, "a change went unreported");
+        },
         seen.up.clone(),
         stop.subscribe(),
     ));

@@ -224,12 +224,25 @@ impl Gateway {
         specs.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
         let _one_writer = self.routes_update.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.routes.load();
-        if current.specs() == specs.as_slice() {
+        if current.specs() == specs {
             return false;
         }
         let table = routes::RouteTable::build(specs, &current);
         self.routes.store(Arc::new(table));
         true
+    }
+
+    /// Replaces the routes of the sites (deployments) named in `changed`
+    /// (none: no longer routed), copying only the parts of the table they
+    /// touch: what a follower of route changes calls, however many sites
+    /// are routed.
+    pub fn patch_routes(&self, changed: Vec<(String, Vec<RouteSpec>)>) {
+        if changed.is_empty() {
+            return;
+        }
+        let _one_writer = self.routes_update.lock().unwrap_or_else(|p| p.into_inner());
+        let table = self.routes.load().patch(changed);
+        self.routes.store(Arc::new(table));
     }
 
     /// Requests in flight per upstream, draining ones included (see
@@ -239,7 +252,7 @@ impl Gateway {
     }
 
     pub fn routes(&self) -> Vec<RouteSpec> {
-        self.routes.load().specs().to_vec()
+        self.routes.load().specs()
     }
 
     /// Turns on ACME for hosts without a certificate.

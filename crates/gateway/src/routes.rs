@@ -197,152 +197,241 @@ pub fn path_has_prefix(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'))
 }
 
-/// What a table carries over by address (and counters by site), for
-/// routes that changed: read from the previous table once, when needed.
+/// What a table carries over by address (and counters by site) to routes
+/// that changed, read from the sites they replace.
+#[derive(Default)]
 struct Carried {
     health: HashMap<SocketAddr, Arc<AtomicU64>>,
     load: HashMap<SocketAddr, Arc<AtomicU64>>,
     pools: HashMap<SocketAddr, Arc<Mutex<Vec<Sender>>>>,
     direct: HashMap<SocketAddr, Arc<crate::upstream::Pool>>,
-    stats: HashMap<String, Arc<SiteStats>>,
+    stats: HashMap<Arc<str>, Arc<SiteStats>>,
 }
 
 impl Carried {
-    fn of(previous: &RouteTable) -> Carried {
-        let mut c = Carried {
-            health: HashMap::new(),
-            load: HashMap::new(),
-            pools: HashMap::new(),
-            direct: HashMap::new(),
-            stats: HashMap::new(),
-        };
-        for (addr, n, _) in &previous.retired {
-            c.load.insert(*addr, n.clone());
+    fn take<'a>(&mut self, retired: &[Retired], sites: impl Iterator<Item = &'a Arc<Site>>) {
+        for (addr, n, _) in retired {
+            self.load.insert(*addr, n.clone());
         }
-        for site in previous.hosts.values().flatten() {
-            c.stats
-                .entry(site.spec.deployment.clone())
+        for site in sites {
+            self.stats
+                .entry(site.deployment.clone())
                 .or_insert_with(|| site.stats.clone());
             for u in &site.upstreams {
-                c.health.insert(u.addr, u.down_until.clone());
-                c.load.insert(u.addr, u.in_flight.clone());
-                c.pools.insert(u.addr, u.idle.clone());
-                c.direct.insert(u.addr, u.direct.clone());
+                self.health.insert(u.addr, u.down_until.clone());
+                self.load.insert(u.addr, u.in_flight.clone());
+                self.pools.insert(u.addr, u.idle.clone());
+                self.direct.insert(u.addr, u.direct.clone());
             }
         }
-        c
+    }
+
+    /// The site `spec` describes: `kept` when that is the same route
+    /// unchanged, else a new one with the state its addresses had.
+    fn site(&mut self, spec: &RouteSpec, host: &str, kept: Option<&Arc<Site>>) -> Arc<Site> {
+        if let Some(site) = kept.filter(|site| site.spec == *spec) {
+            return site.clone();
+        }
+        let stats = self
+            .stats
+            .entry(Arc::from(spec.deployment.as_str()))
+            .or_default()
+            .clone();
+        Arc::new(Site {
+            upstreams: spec
+                .upstreams
+                .iter()
+                .map(|&addr| Upstream {
+                    addr,
+                    down_until: self.health.get(&addr).cloned().unwrap_or_default(),
+                    in_flight: self.load.get(&addr).cloned().unwrap_or_default(),
+                    idle: self.pools.get(&addr).cloned().unwrap_or_default(),
+                    direct: self.direct.get(&addr).cloned().unwrap_or_default(),
+                })
+                .collect(),
+            stats,
+            next: AtomicUsize::new(0),
+            host: Arc::from(host),
+            deployment: Arc::from(spec.deployment.as_str()),
+            component: Arc::from(spec.component.as_str()),
+            operator: Arc::from(spec.operator.as_str()),
+            user_header: spec
+                .user_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
+            spec: spec.clone(),
+        })
     }
 }
 
+/// An upstream no longer routed, its requests in flight, and since when.
+type Retired = (SocketAddr, Arc<AtomicU64>, Instant);
+
+/// How many parts the table is kept in. A change copies only the parts
+/// it touches (the rest are shared with the table before), so changing one
+/// site costs the same with 100 sites routed or 100,000.
+const SHARDS: usize = 64;
+
+/// Which part a name (a host, or a site's name) is kept in: FNV-1a, cheap
+/// on the request path.
+fn shard_of(name: &str) -> usize {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h as usize % SHARDS
+}
+
+/// A host as the table keys it.
+fn lower(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
+}
+
+type Shard<T> = Arc<HashMap<Box<str>, T>>;
+
 /// The table the proxy reads on every request.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct RouteTable {
-    /// Per host, routes by path prefix, longest first.
-    hosts: HashMap<Box<str>, Vec<Arc<Site>>>,
-    specs: Vec<RouteSpec>,
+    /// Per host, routes by path prefix, longest first (in [`SHARDS`] parts
+    /// by host).
+    hosts: Vec<Shard<Vec<Arc<Site>>>>,
+    /// Each site's (deployment's) route specs (in parts by its name).
+    specs: Vec<Shard<Vec<RouteSpec>>>,
     /// Upstreams no longer routed, with when they stopped being routed:
     /// reported as draining while requests are in flight there, and for
     /// [`RETIRED_GRACE`] anyway (a request that read the previous table may
     /// be about to start).
-    retired: Vec<(SocketAddr, Arc<AtomicU64>, Instant)>,
+    retired: Vec<Retired>,
+}
+
+impl Default for RouteTable {
+    fn default() -> RouteTable {
+        RouteTable {
+            hosts: (0..SHARDS).map(|_| Arc::default()).collect(),
+            specs: (0..SHARDS).map(|_| Arc::default()).collect(),
+            retired: Vec::new(),
+        }
+    }
 }
 
 /// How long an upstream counts as draining after it stopped being routed.
 pub const RETIRED_GRACE: Duration = Duration::from_millis(250);
 
+fn sort_by_path(sites: &mut [Arc<Site>]) {
+    if sites.len() > 1 {
+        sites.sort_by_key(|s| std::cmp::Reverse(s.spec.path.trim_end_matches('/').len()));
+    }
+}
+
 impl RouteTable {
     /// Builds a table from `specs`, carrying passive health and counters over
-    /// from `previous`. A route whose spec did not change keeps its [`Site`]
-    /// whole, so a change to one site costs little however many are routed
-    /// (the state carried by address is read only for routes that changed).
+    /// from `previous`; a route whose spec did not change keeps its [`Site`].
     pub fn build(specs: Vec<RouteSpec>, previous: &RouteTable) -> RouteTable {
-        let unchanged: HashMap<(&str, &str), &Arc<Site>> = previous
-            .hosts
-            .values()
-            .flatten()
-            .map(|site| ((&*site.host, site.spec.path.as_str()), site))
-            .collect();
-        let mut carried: Option<Carried> = None;
-        // Counters of the sites first routed in this table.
-        let mut new_stats: HashMap<&str, Arc<SiteStats>> = HashMap::new();
-        let mut hosts: HashMap<Box<str>, Vec<Arc<Site>>> = HashMap::with_capacity(specs.len());
+        let mut by_site: HashMap<&str, Vec<RouteSpec>> = HashMap::new();
         for spec in &specs {
-            let host = if spec.host.bytes().any(|b| b.is_ascii_uppercase()) {
-                std::borrow::Cow::Owned(spec.host.to_ascii_lowercase())
-            } else {
-                std::borrow::Cow::Borrowed(spec.host.as_str())
-            };
-            let kept = unchanged
-                .get(&(&*host, spec.path.as_str()))
-                .filter(|site| site.spec == *spec);
-            let site = match kept {
-                Some(site) => Arc::clone(site),
-                None => {
-                    let c = carried.get_or_insert_with(|| Carried::of(previous));
-                    let stats = match c.stats.get(spec.deployment.as_str()) {
-                        Some(s) => s.clone(),
-                        None => new_stats
-                            .entry(spec.deployment.as_str())
-                            .or_default()
-                            .clone(),
-                    };
-                    Arc::new(Site {
-                        upstreams: spec
-                            .upstreams
-                            .iter()
-                            .map(|&addr| Upstream {
-                                addr,
-                                down_until: c.health.get(&addr).cloned().unwrap_or_default(),
-                                in_flight: c.load.get(&addr).cloned().unwrap_or_default(),
-                                idle: c.pools.get(&addr).cloned().unwrap_or_default(),
-                                direct: c.direct.get(&addr).cloned().unwrap_or_default(),
-                            })
-                            .collect(),
-                        stats,
-                        next: AtomicUsize::new(0),
-                        host: Arc::from(&*host),
-                        deployment: Arc::from(spec.deployment.as_str()),
-                        component: Arc::from(spec.component.as_str()),
-                        operator: Arc::from(spec.operator.as_str()),
-                        user_header: spec
-                            .user_header
-                            .as_deref()
-                            .and_then(|h| http::HeaderName::from_bytes(h.as_bytes()).ok()),
-                        spec: spec.clone(),
-                    })
+            by_site
+                .entry(spec.deployment.as_str())
+                .or_default()
+                .push(spec.clone());
+        }
+        // Sites routed before and not now go.
+        let mut gone = Vec::new();
+        for shard in &previous.specs {
+            for site in shard.keys() {
+                if !by_site.contains_key(&**site) {
+                    gone.push((site.to_string(), Vec::new()));
                 }
-            };
-            hosts.entry(host.into()).or_default().push(site);
-        }
-        for sites in hosts.values_mut() {
-            if sites.len() > 1 {
-                sites.sort_by_key(|s| std::cmp::Reverse(s.spec.path.trim_end_matches('/').len()));
             }
         }
-        let routed: std::collections::HashSet<SocketAddr> = specs
-            .iter()
-            .flat_map(|s| s.upstreams.iter().copied())
+        let mut changed: Vec<(String, Vec<RouteSpec>)> = by_site
+            .into_iter()
+            .map(|(site, specs)| (site.to_string(), specs))
             .collect();
-        // Upstreams no longer routed: still draining, or only just retired.
-        let now = Instant::now();
-        let mut retired = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for (addr, n, at) in &previous.retired {
-            if !routed.contains(addr) && seen.insert(*addr) {
-                retired.push((*addr, n.clone(), *at));
+        changed.extend(gone);
+        if changed.len() > SHARDS * 4 {
+            // Many sites: start from empty parts rather than copy and edit.
+            let mut next = RouteTable::default();
+            next.put(changed, previous, previous.sites().cloned().collect());
+            return next;
+        }
+        previous.patch(changed)
+    }
+
+    /// This table with the routes of each site named in `changed` replaced
+    /// (none: the site is no longer routed). Only the parts holding those
+    /// sites' hosts are copied.
+    pub fn patch(&self, changed: Vec<(String, Vec<RouteSpec>)>) -> RouteTable {
+        let mut next = RouteTable {
+            hosts: self.hosts.clone(),
+            specs: self.specs.clone(),
+            retired: Vec::new(),
+        };
+        let mut replaced: Vec<Arc<Site>> = Vec::new();
+        for (site, _) in &changed {
+            let Some(old) = self.specs[shard_of(site)].get(site.as_str()) else {
+                continue;
+            };
+            for spec in old {
+                let host = lower(&spec.host);
+                let shard = Arc::make_mut(&mut next.hosts[shard_of(&host)]);
+                if let Some(sites) = shard.get_mut(&*host) {
+                    sites.retain(|s| {
+                        let theirs = *s.deployment == **site;
+                        if theirs {
+                            replaced.push(s.clone());
+                        }
+                        !theirs
+                    });
+                    if sites.is_empty() {
+                        shard.remove(&*host);
+                    }
+                }
             }
         }
-        for u in previous.hosts.values().flatten().flat_map(|s| &s.upstreams) {
-            if !routed.contains(&u.addr) && seen.insert(u.addr) {
-                retired.push((u.addr, u.in_flight.clone(), now));
+        next.put(changed, self, replaced);
+        next
+    }
+
+    /// Puts each site's routes of `changed` in (none: takes the site out),
+    /// carrying the state of `replaced` (the routes they replace, from
+    /// `previous`) over to them.
+    fn put(
+        &mut self,
+        changed: Vec<(String, Vec<RouteSpec>)>,
+        previous: &RouteTable,
+        replaced: Vec<Arc<Site>>,
+    ) {
+        let mut carried = Carried::default();
+        carried.take(&previous.retired, replaced.iter());
+        let kept: HashMap<(&str, &str), &Arc<Site>> = replaced
+            .iter()
+            .map(|s| ((&*s.host, s.spec.path.as_str()), s))
+            .collect();
+        let mut routed = std::collections::HashSet::new();
+        for (site, specs) in changed {
+            for spec in &specs {
+                let host = lower(&spec.host);
+                let old = kept.get(&(&*host, spec.path.as_str())).copied();
+                let new = carried.site(spec, &host, old);
+                routed.extend(spec.upstreams.iter().copied());
+                let shard = Arc::make_mut(&mut self.hosts[shard_of(&host)]);
+                let sites = shard.entry(host.into()).or_default();
+                sites.push(new);
+                sort_by_path(sites);
+            }
+            let shard = Arc::make_mut(&mut self.specs[shard_of(&site)]);
+            if specs.is_empty() {
+                shard.remove(site.as_str());
+            } else {
+                shard.insert(site.into(), specs);
             }
         }
-        retired.retain(|(_, n, at)| n.load(Ordering::Relaxed) > 0 || at.elapsed() < RETIRED_GRACE);
-        RouteTable {
-            hosts,
-            specs,
-            retired,
-        }
+        let gone = replaced.iter().flat_map(|s| &s.upstreams);
+        self.retired = retire(&previous.retired, gone, &routed);
     }
 
     /// Requests in flight per upstream: every routed one, and those no
@@ -365,26 +454,58 @@ impl RouteTable {
 
     /// The site serving `host` (lower case, no port) and `path`.
     pub fn lookup(&self, host: &str, path: &str) -> Option<&Arc<Site>> {
-        self.hosts
+        self.hosts[shard_of(host)]
             .get(host)?
             .iter()
             .find(|s| path_has_prefix(path, &s.spec.path))
     }
 
-    pub fn specs(&self) -> &[RouteSpec] {
-        &self.specs
+    /// Every route's spec, by host and path.
+    pub fn specs(&self) -> Vec<RouteSpec> {
+        let mut out: Vec<RouteSpec> = self
+            .specs
+            .iter()
+            .flat_map(|shard| shard.values().flatten().cloned())
+            .collect();
+        out.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        out
     }
 
     /// True when some route serves `host`: on-demand certificates are issued
     /// only for these.
     pub fn serves_host(&self, host: &str) -> bool {
-        self.hosts.contains_key(host)
+        self.hosts[shard_of(host)].contains_key(host)
     }
 
-    /// Every site once (per deployment), for metrics.
+    /// Every route once, for metrics.
     pub fn sites(&self) -> impl Iterator<Item = &Arc<Site>> {
-        self.hosts.values().flatten()
+        self.hosts.iter().flat_map(|shard| shard.values().flatten())
     }
+}
+
+/// Upstreams no longer routed: those retired before and those of `gone`
+/// (routes replaced) that `routed` (the new routes) no longer names, kept
+/// while requests are in flight there or for [`RETIRED_GRACE`].
+fn retire<'a>(
+    before: &[Retired],
+    gone: impl Iterator<Item = &'a Upstream>,
+    routed: &std::collections::HashSet<SocketAddr>,
+) -> Vec<Retired> {
+    let now = Instant::now();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (addr, n, at) in before {
+        if !routed.contains(addr) && seen.insert(*addr) {
+            out.push((*addr, n.clone(), *at));
+        }
+    }
+    for u in gone {
+        if !routed.contains(&u.addr) && seen.insert(u.addr) {
+            out.push((u.addr, u.in_flight.clone(), now));
+        }
+    }
+    out.retain(|(_, n, at)| n.load(Ordering::Relaxed) > 0 || at.elapsed() < RETIRED_GRACE);
+    out
 }
 
 #[cfg(test)]
@@ -432,11 +553,22 @@ mod tests {
 
     #[test]
     fn a_rebuild_keeps_unchanged_routes_and_carries_state_to_changed_ones() {
+        // Few sites (parts copied and edited) and many (parts made anew).
+        for others in [0, 300] {
+            rebuild_with(others);
+        }
+    }
+
+    fn rebuild_with(others: u16) {
+        let filler: Vec<RouteSpec> = (0..others)
+            .map(|i| spec(&format!("f{i}.test"), "/", &format!("f{i}"), &[10_000 + i]))
+            .collect();
+        let with = |specs: Vec<RouteSpec>| specs.into_iter().chain(filler.clone()).collect();
         let t = RouteTable::build(
-            vec![
+            with(vec![
                 spec("a.test", "/", "a", &[1]),
                 spec("b.test", "/", "b", &[2, 3]),
-            ],
+            ]),
             &RouteTable::default(),
         );
         let b = t.lookup("b.test", "/").unwrap().clone();
@@ -444,12 +576,13 @@ mod tests {
         b.mark_down(SocketAddr::from(([127, 0, 0, 1], 2)), 1000);
         // a's route is untouched; b's loses an upstream and gains one.
         let t2 = RouteTable::build(
-            vec![
+            with(vec![
                 spec("a.test", "/", "a", &[1]),
                 spec("b.test", "/", "b", &[2, 4]),
-            ],
+            ]),
             &t,
         );
+        assert_eq!(t2.specs().len(), 2 + others as usize);
         assert!(Arc::ptr_eq(
             t.lookup("a.test", "/").unwrap(),
             t2.lookup("a.test", "/").unwrap()
@@ -468,6 +601,27 @@ mod tests {
         assert!(t2
             .upstream_load()
             .contains_key(&SocketAddr::from(([127, 0, 0, 1], 3))));
+        // A patch of one site: the rest stay as they were; a site patched
+        // to no routes is gone.
+        let t3 = t2.patch(vec![
+            ("a".into(), vec![spec("a.test", "/", "a", &[5])]),
+            ("b".into(), Vec::new()),
+        ]);
+        assert_eq!(
+            t3.lookup("a.test", "/").unwrap().upstreams[0].addr.port(),
+            5
+        );
+        assert!(t3.lookup("b.test", "/").is_none() && !t3.serves_host("b.test"));
+        assert_eq!(t3.specs().len(), 1 + others as usize);
+        if others > 0 {
+            assert!(Arc::ptr_eq(
+                t2.lookup("f7.test", "/").unwrap(),
+                t3.lookup("f7.test", "/").unwrap()
+            ));
+        }
+        assert!(t3
+            .upstream_load()
+            .contains_key(&SocketAddr::from(([127, 0, 0, 1], 4))));
     }
 
     #[test]
@@ -481,7 +635,7 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(site.pick(1500).unwrap().addr.port(), 2);
         }
-        let t2 = RouteTable::build(t.specs().to_vec(), &t);
+        let t2 = RouteTable::build(t.specs(), &t);
         let site2 = t2.lookup("a.test", "/").unwrap();
         assert_eq!(site2.pick(1500).unwrap().addr.port(), 2);
         assert_eq!(site2.pick(1500).unwrap().addr.port(), 2);

@@ -495,17 +495,19 @@ pub fn spawn(
     let (stop_following, following) = tokio::sync::watch::channel(false);
     let publisher = match (&routes_bus, tokio::runtime::Handle::try_current()) {
         (Some(config), Ok(runtime)) => {
-            let (weak, state) = (Arc::downgrade(&gateway), state.clone());
+            let weak = Arc::downgrade(&gateway);
             let routes = followed.clone();
             crate::routes_bus::spawn_follower(
                 &runtime,
                 config.clone(),
                 followed.clone(),
-                move || {
+                move |changed: &std::collections::BTreeSet<String>| {
                     if let Some(gateway) = weak.upgrade() {
-                        let mut all = routes.routes();
-                        all.extend(node_routes(&state));
-                        gateway.set_routes(all);
+                        let sites = changed
+                            .iter()
+                            .map(|site| (site.clone(), routes.site(site)))
+                            .collect();
+                        gateway.patch_routes(sites);
                     }
                 },
                 following,

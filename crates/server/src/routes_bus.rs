@@ -5,7 +5,7 @@
 //! gateway at once. While the bucket cannot be followed, the gateway goes
 //! on with the routes this instance computes itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +43,17 @@ impl Followed {
             sites.entry(r.deployment.clone()).or_default().push(r);
         }
         *self.local.lock().unwrap_or_else(|p| p.into_inner()) = (rev, sites);
+    }
+
+    /// The routes `site` has now: the bucket's if they are of a later
+    /// state revision than this instance's view, else its own.
+    pub fn site(&self, site: &str) -> Vec<RouteSpec> {
+        let local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        let bucket = self.bucket.lock().unwrap_or_else(|p| p.into_inner());
+        match bucket.get(site) {
+            Some((rev, routes)) if *rev > local.0 => routes.clone(),
+            _ => local.1.get(site).cloned().unwrap_or_default(),
+        }
     }
 
     /// For each site, the routes of the later revision: this instance's
@@ -123,25 +134,24 @@ pub fn spawn_publisher(
     tx
 }
 
-/// Starts following the bucket into `followed`; `applied` is called after
-/// each change (to set the gateway's table).
+/// Starts following the bucket into `followed`; `applied` is called with
+/// the sites that changed (to patch the gateway's table).
 pub fn spawn_follower(
     runtime: &tokio::runtime::Handle,
     config: RoutesConfig,
     followed: Arc<Followed>,
-    applied: impl Fn() + Send + 'static,
+    applied: impl Fn(&BTreeSet<String>) + Send + 'static,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let up = followed.up.clone();
-    let apply = move |sites: &BTreeMap<String, SiteRoutes>| {
+    let apply = move |sites: &BTreeMap<String, SiteRoutes>, changed: &BTreeSet<String>| {
         {
             let mut bucket = followed.bucket.lock().unwrap_or_else(|p| p.into_inner());
-            bucket.retain(|name, _| sites.contains_key(name));
-            for (name, site) in sites {
-                // Read again only what changed since the last burst.
-                if bucket.get(name).is_some_and(|(rev, _)| *rev == site.rev) {
+            for name in changed {
+                let Some(site) = sites.get(name) else {
+                    bucket.remove(name);
                     continue;
-                }
+                };
                 match serde_json::from_value::<Vec<RouteSpec>>(site.routes.clone()) {
                     Ok(routes) => {
                         bucket.insert(name.clone(), (site.rev, routes));
@@ -150,7 +160,7 @@ pub fn spawn_follower(
                 }
             }
         }
-        applied();
+        applied(changed);
     };
     runtime.spawn(follow(config, apply, up, stop));
 }
