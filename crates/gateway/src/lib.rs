@@ -224,7 +224,7 @@ impl Gateway {
         specs.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
         let _one_writer = self.routes_update.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.routes.load();
-        if current.specs() == specs {
+        if current.holds(&specs) {
             return false;
         }
         let table = routes::RouteTable::build(specs, &current);

@@ -412,7 +412,9 @@ impl RouteTable {
             .map(|s| ((&*s.host, s.spec.path.as_str()), s))
             .collect();
         let mut routed = std::collections::HashSet::new();
-        for (site, specs) in changed {
+        for (site, mut specs) in changed {
+            // Kept as `specs()` gives them, for `holds`.
+            specs.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
             for spec in &specs {
                 let host = lower(&spec.host);
                 let old = kept.get(&(&*host, spec.path.as_str())).copied();
@@ -458,6 +460,23 @@ impl RouteTable {
             .get(host)?
             .iter()
             .find(|s| path_has_prefix(path, &s.spec.path))
+    }
+
+    /// Whether the table holds exactly `specs` (sorted by host and path, as
+    /// [`RouteTable::specs`] gives them), compared site by site without
+    /// copying the table's own.
+    pub fn holds(&self, specs: &[RouteSpec]) -> bool {
+        let mut by_site: HashMap<&str, Vec<&RouteSpec>> = HashMap::new();
+        for spec in specs {
+            by_site.entry(&spec.deployment).or_default().push(spec);
+        }
+        let held: usize = self.specs.iter().map(|shard| shard.len()).sum();
+        held == by_site.len()
+            && by_site.iter().all(|(site, given)| {
+                self.specs[shard_of(site)].get(*site).is_some_and(|ours| {
+                    ours.len() == given.len() && ours.iter().zip(given).all(|(a, b)| a == *b)
+                })
+            })
     }
 
     /// Every route's spec, by host and path.
@@ -613,6 +632,8 @@ mod tests {
         );
         assert!(t3.lookup("b.test", "/").is_none() && !t3.serves_host("b.test"));
         assert_eq!(t3.specs().len(), 1 + others as usize);
+        assert!(t2.holds(&t2.specs()) && t3.holds(&t3.specs()));
+        assert!(!t3.holds(&t2.specs()) && !t2.holds(&t3.specs()));
         if others > 0 {
             assert!(Arc::ptr_eq(
                 t2.lookup("f7.test", "/").unwrap(),
