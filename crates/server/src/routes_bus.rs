@@ -6,7 +6,7 @@
 //! on with the routes this instance computes itself.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,9 @@ const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// whichever is newer.
 #[derive(Default)]
 pub struct Followed {
-    /// Whether the bucket is followed (caught up and connected).
+    /// Whether the bucket is followed (caught up and connected): set by
+    /// `commons_bus::routes::follow`; the table does not depend on it (each
+    /// site takes the newer of the two views either way).
     pub up: Arc<AtomicBool>,
     /// (the state revision, the routes of each site) computed here.
     local: Mutex<(i64, BTreeMap<String, Vec<RouteSpec>>)>,
@@ -32,10 +34,6 @@ pub struct Followed {
 }
 
 impl Followed {
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
-    }
-
     /// Sets what this instance computed at state revision `rev`.
     pub fn set_local(&self, rev: i64, routes: Vec<RouteSpec>) {
         let mut sites: BTreeMap<String, Vec<RouteSpec>> = BTreeMap::new();
