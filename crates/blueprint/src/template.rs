@@ -231,6 +231,28 @@ fn parse_ref(body: &str) -> Result<Ref, (String, Option<String>)> {
     }
 }
 
+/// The environment variable a command reads a reference from.
+///
+/// Commands never have values pasted in: `${inputs.x}` becomes
+/// `${COMMONS_INPUT_X}`, so values cannot inject shell syntax and secrets
+/// never appear in a process's argv.
+pub fn env_name(r: &Ref) -> String {
+    let up = |s: &str| s.to_ascii_uppercase().replace('-', "_").replace('.', "__");
+    match r {
+        Ref::Input { name } => format!("COMMONS_INPUT_{}", up(name)),
+        Ref::Secret { name } => format!("COMMONS_SECRET_{}", up(name)),
+        Ref::Component { name, attr } => format!("COMMONS_COMPONENT_{}_{}", up(name), up(attr)),
+    }
+}
+
+/// How a JSON input value is written into text.
+pub fn input_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -101,27 +101,7 @@ impl Plan {
     }
 }
 
-/// The environment variable a command reads a reference from.
-///
-/// Commands never have values pasted in: `${inputs.x}` becomes
-/// `${COMMONS_INPUT_X}`, so values cannot inject shell syntax and secrets
-/// never appear in a process's argv.
-pub fn env_name(r: &Ref) -> String {
-    let up = |s: &str| s.to_ascii_uppercase().replace('-', "_").replace('.', "__");
-    match r {
-        Ref::Input { name } => format!("COMMONS_INPUT_{}", up(name)),
-        Ref::Secret { name } => format!("COMMONS_SECRET_{}", up(name)),
-        Ref::Component { name, attr } => format!("COMMONS_COMPONENT_{}_{}", up(name), up(attr)),
-    }
-}
-
-/// How a JSON input value is written into text.
-pub fn input_text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
+pub use commons_blueprint::template::{env_name, input_text};
 
 /// What a plan or a deploy knows about values.
 pub struct Values<'a> {
