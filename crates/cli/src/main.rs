@@ -7,6 +7,7 @@
 mod agent;
 mod daemon;
 mod data;
+mod kubernetes;
 mod ledger;
 mod money;
 mod nodes;
@@ -91,8 +92,14 @@ enum Command {
         /// Blueprint file or directory [default: ./commons.yaml]
         path: Option<PathBuf>,
     },
-    /// Show what a deploy would change, attribute by attribute.
-    Plan(TargetArgs),
+    /// Show what a deploy would change, attribute by attribute (with
+    /// --kubeconfig: the objects it would apply to the cluster).
+    Plan {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[command(flatten)]
+        cluster: kubernetes::ClusterArgs,
+    },
     /// Make a deployment match its blueprint.
     Deploy {
         #[command(flatten)]
@@ -103,8 +110,10 @@ enum Command {
         /// Hosting plan: `free` sites are idled when nobody uses them and
         /// woken by the next request; `always-on` ones keep running
         /// [default: as before, free for a new site].
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, conflicts_with = "kubeconfig")]
         hosting: Option<HostingArg>,
+        #[command(flatten)]
+        cluster: kubernetes::ClusterArgs,
     },
     /// Show the state of a deployment's components (all deployments with no name and no ./commons.yaml).
     Status {
@@ -474,13 +483,16 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 Err(d) => Err(EngineError::Blueprint(d).into()),
             }
         }
-        Command::Plan(t) => {
+        Command::Plan { target: t, cluster } => {
             let engine = engine()?;
             let target = engine.target(
                 catalog_target(&home, t.target)?.as_deref(),
                 t.name.as_deref(),
                 &t.inputs,
             )?;
+            if cluster.kubeconfig.is_some() {
+                return kubernetes::plan(&target, &cluster, json);
+            }
             let plan = engine.plan(&target)?;
             if json {
                 output::json(&plan);
@@ -493,6 +505,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             target: t,
             jobs,
             hosting,
+            cluster,
         } => {
             let engine = engine()?;
             let target = engine.target(
@@ -500,6 +513,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 t.name.as_deref(),
                 &t.inputs,
             )?;
+            if cluster.kubeconfig.is_some() {
+                return kubernetes::deploy(&home, &engine, &target, &cluster, json);
+            }
+            if let Some(p) = kubernetes::placement_of(&home, &target.name)? {
+                return Err(Failure::Input(format!(
+                    "\"{}\" runs on the Kubernetes cluster of {}; deploy it there with --kubeconfig, \
+                     or `commons destroy {}` first",
+                    p.site,
+                    p.kubeconfig.display(),
+                    p.site
+                )));
+            }
             let started = Instant::now();
             let progress = progress::Reporter::new(json, "Deploying");
             let outcome = runtime().block_on(engine.deploy(&target, jobs, &progress))?;
@@ -514,6 +539,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Destroy { name, jobs } => {
             let name = name_or_local(name)?;
             let engine = engine()?;
+            if let Some(p) = kubernetes::placement_of(&home, &name)? {
+                return kubernetes::destroy(&home, &engine, &p, json);
+            }
             let started = Instant::now();
             let progress = progress::Reporter::new(json, "Destroying");
             let outcome = runtime().block_on(engine.destroy(&name, jobs, &progress))?;
@@ -556,6 +584,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 None => return output::list(&engine.list()?, json),
             };
+            if let Some(p) = kubernetes::placement_of(&home, &name)? {
+                return kubernetes::status(&p, json);
+            }
             let status = engine.status(&name)?;
             if json {
                 output::json(&status);

@@ -262,8 +262,17 @@ pub fn run(remote: &Remote, command: &Command, as_json: bool) -> Option<Result<(
         json: as_json,
     };
     Some(match command {
+        Command::Plan { cluster, .. } | Command::Deploy { cluster, .. }
+            if cluster.kubeconfig.is_some() =>
+        {
+            Err(Failure::Input(format!(
+                "a Kubernetes cluster is deployed to from this machine, and site commands act on \
+                 {} (logged in as {}); `commons logout` first",
+                remote.url, remote.email
+            )))
+        }
         Command::Catalog => r.catalog(),
-        Command::Plan(t) => r.plan(t),
+        Command::Plan { target: t, .. } => r.plan(t),
         Command::Deploy {
             target, hosting, ..
         } => r.deploy(target, hosting.map(Into::into)),

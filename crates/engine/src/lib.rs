@@ -19,6 +19,15 @@ pub mod supervise;
 mod target;
 
 pub use deploy::{source_files, Lock};
+
+/// A site's secret values for a cluster (see [`Engine::cluster_secrets`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSecrets {
+    /// By the blueprint's secret name.
+    pub secrets: std::collections::BTreeMap<String, String>,
+    /// By `postgres:` component.
+    pub passwords: std::collections::BTreeMap<String, String>,
+}
 pub use hosting::Hosting;
 pub use status::{is_down, ComponentStatus, CrashLoop, DeploymentStatus, LastExit, Outcome};
 use target::target_from_record;
@@ -155,6 +164,38 @@ impl Engine {
                 .fold(0u8, |acc, (a, b)| acc | (a ^ b))
                 == 0;
         same.then(|| deployment.to_string())
+    }
+
+    /// What a site's templates read when it runs on a provider's
+    /// Kubernetes cluster instead of here, under the site's lock (held as
+    /// long as the returned [`Lock`] lives, so a deploy here and one there
+    /// never overlap): its secrets, kept, made or read as for any deploy
+    /// and stored sealed; a password for each `postgres:` component,
+    /// derived from the platform's key and never stored.
+    pub fn cluster_secrets(&self, target: &Target) -> Result<(Lock, ClusterSecrets), EngineError> {
+        let lock = self.lock(&target.name)?;
+        let (secrets, changed) =
+            self.secrets
+                .resolve(&target.name, &target.blueprint.secrets, false)?;
+        if changed {
+            self.secrets.save(&target.name, &secrets)?;
+        }
+        let passwords = target
+            .blueprint
+            .components
+            .iter()
+            .filter(|(_, c)| matches!(c.kind, commons_blueprint::Kind::Postgres))
+            .map(|(name, _)| {
+                let purpose = format!("kubernetes/{}/{name}", target.name);
+                (name.clone(), self.secrets.derive(&purpose))
+            })
+            .collect();
+        Ok((lock, ClusterSecrets { secrets, passwords }))
+    }
+
+    /// Forgets the stored secrets of a site that is gone from a cluster.
+    pub fn forget_secrets(&self, name: &str) {
+        self.secrets.delete(name);
     }
 
     /// A key for `purpose` derived from the platform's key (the same on

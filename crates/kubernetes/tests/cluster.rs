@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use commons_kubernetes::mock::{handle, query_param, MockApi, Report, Seen};
 use commons_kubernetes::{render, Cluster, ClusterError, Manifests, Settings, State, Values};
 use http::{Request, Response};
 use kube::client::Body;
@@ -47,183 +48,18 @@ fn manifests() -> Manifests {
     render("shop", &bp, &values, &settings).unwrap()
 }
 
-/// One request as the mock saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
-
-/// How the mock's "controllers" report a workload, by object name.
-#[derive(Clone, Copy, PartialEq)]
-enum Report {
-    Ready,
-    Failed,
-    /// Progressing for this many reads, then ready.
-    After(u32),
-}
-
-#[derive(Default)]
-struct Api {
-    /// (plural, namespace, name) → object.
-    objects: BTreeMap<(String, String, String), Value>,
-    seen: Vec<Seen>,
-    reports: BTreeMap<String, Report>,
-    reads: BTreeMap<String, u32>,
-    /// Answer every request with this status and reason.
-    refuse: Option<(u16, &'static str)>,
-}
-
-fn matches(labels: &Value, selector: &str) -> bool {
-    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
-        let (k, v) = term.split_once('=').unwrap();
-        labels[k] == v
-    })
-}
-
-fn query_param(query: &str, key: &str) -> Option<String> {
-    query.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| {
-            v.replace("%2F", "/")
-                .replace("%2C", ",")
-                .replace("%3D", "=")
-        })
-    })
-}
-
-impl Api {
-    /// The object with the status its controller would give it.
-    fn with_status(&mut self, plural: &str, mut object: Value) -> Value {
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let reads = self.reads.entry(name.clone()).or_default();
-        *reads += 1;
-        let report = self.reports.get(&name).copied().unwrap_or(Report::Ready);
-        let ready = match report {
-            Report::Ready => true,
-            Report::Failed => false,
-            Report::After(n) => *reads > n,
-        };
-        let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
-        object["metadata"]["generation"] = json!(1);
-        object["status"] = match (plural, ready) {
-            ("jobs", true) => {
-                json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] })
-            }
-            ("jobs", false) if report == Report::Failed => json!({ "failed": 3, "conditions": [
-                { "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit" },
-            ] }),
-            ("jobs", false) => json!({ "active": 1 }),
-            ("deployments", true) => {
-                json!({ "observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas })
-            }
-            ("deployments", false) => {
-                json!({ "observedGeneration": 1, "replicas": replicas, "updatedReplicas": 0, "readyReplicas": 0 })
-            }
-            ("statefulsets", true) => {
-                json!({ "observedGeneration": 1, "replicas": replicas, "readyReplicas": replicas, "currentRevision": "r1", "updateRevision": "r1" })
-            }
-            (_, _) => {
-                json!({ "observedGeneration": 1, "replicas": replicas, "readyReplicas": 0, "currentRevision": "r0", "updateRevision": "r1" })
-            }
-        };
-        object
-    }
-
-    fn answer(&mut self, seen: &Seen) -> (u16, Value) {
-        if let Some((code, reason)) = self.refuse {
-            return (
-                code,
-                json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
-                        "message": format!("namespaces is {reason}: User \"provider\" cannot patch resource") }),
-            );
-        }
-        // /api/v1/namespaces/NS[/PLURAL[/NAME]] or /apis/G/V/namespaces/NS/PLURAL[/NAME]
-        let parts: Vec<&str> = seen.path.split('/').filter(|p| !p.is_empty()).collect();
-        let at = parts.iter().position(|p| *p == "namespaces").unwrap();
-        let rest = &parts[at + 1..];
-        let (plural, ns, name) = match rest {
-            [name] => ("namespaces", "", Some(*name)),
-            [ns, plural] => (*plural, *ns, None),
-            [ns, plural, name] => (*plural, *ns, Some(*name)),
-            _ => panic!("unexpected path {}", seen.path),
-        };
-        let key = |name: &str| (plural.to_string(), ns.to_string(), name.to_string());
-        match (seen.method.as_str(), name) {
-            ("PATCH", Some(name)) => {
-                self.objects.insert(key(name), seen.body.clone());
-                (200, seen.body.clone())
-            }
-            ("GET", Some(name)) => match self.objects.get(&key(name)).cloned() {
-                Some(object) => (200, self.with_status(plural, object)),
-                None => (
-                    404,
-                    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found" }),
-                ),
-            },
-            ("GET", None) => {
-                let selector = query_param(&seen.query, "labelSelector").unwrap_or_default();
-                let items: Vec<Value> = self
-                    .objects
-                    .iter()
-                    .filter(|((p, n, _), o)| {
-                        p == plural && n == ns && matches(&o["metadata"]["labels"], &selector)
-                    })
-                    .map(|(_, o)| o.clone())
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .map(|o| self.with_status(plural, o))
-                    .collect();
-                (
-                    200,
-                    json!({ "kind": "List", "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items }),
-                )
-            }
-            ("DELETE", Some(name)) => match self.objects.remove(&key(name)) {
-                Some(object) => (200, object),
-                None => (
-                    404,
-                    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound", "message": "not found" }),
-                ),
-            },
-            other => panic!("unexpected request {other:?} {}", seen.path),
-        }
-    }
-}
-
 /// A cluster whose API is the mock.
-fn mocked(api: Arc<Mutex<Api>>) -> Cluster {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+fn mocked(api: Arc<Mutex<MockApi>>) -> Cluster {
+    let (service, mut requests) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     tokio::spawn(async move {
-        while let Some((request, respond)) = handle.next_request().await {
+        while let Some((request, respond)) = requests.next_request().await {
             let (parts, body) = request.into_parts();
             let bytes = body.collect_bytes().await.unwrap();
-            let seen = Seen {
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                content_type: parts
-                    .headers
-                    .get("content-type")
-                    .map(|v| v.to_str().unwrap().to_string())
-                    .unwrap_or_default(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            let (code, answer) = {
-                let mut api = api.lock().unwrap();
-                api.seen.push(seen.clone());
-                api.answer(&seen)
-            };
+            let (code, answer) = handle(&api, &parts, &bytes);
             let response = Response::builder()
                 .status(code)
                 .header("content-type", "application/json")
-                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .body(Body::from(answer))
                 .unwrap();
             respond.send_response(response);
         }
@@ -245,7 +81,7 @@ fn labelled(kind: &str, api_version: &str, name: &str, labels: Value) -> Value {
 async fn deploy_applies_server_side_in_dependency_order_and_prunes_only_the_sites_leftovers() {
     let m = manifests();
     let job = job_name(&m);
-    let api = Arc::new(Mutex::new(Api::default()));
+    let api = Arc::new(Mutex::new(MockApi::default()));
     {
         let mut api = api.lock().unwrap();
         let ours =
@@ -361,7 +197,7 @@ async fn deploy_applies_server_side_in_dependency_order_and_prunes_only_the_site
 async fn a_failed_job_stops_the_deploy_before_what_comes_after_it() {
     let m = manifests();
     let job = job_name(&m);
-    let api = Arc::new(Mutex::new(Api::default()));
+    let api = Arc::new(Mutex::new(MockApi::default()));
     api.lock()
         .unwrap()
         .reports
@@ -391,7 +227,7 @@ async fn a_failed_job_stops_the_deploy_before_what_comes_after_it() {
 #[tokio::test]
 async fn a_workload_that_never_comes_up_times_out_naming_it() {
     let m = manifests();
-    let api = Arc::new(Mutex::new(Api::default()));
+    let api = Arc::new(Mutex::new(MockApi::default()));
     api.lock()
         .unwrap()
         .reports
@@ -409,9 +245,9 @@ async fn a_workload_that_never_comes_up_times_out_naming_it() {
 
 #[tokio::test]
 async fn a_refusal_says_what_was_refused_and_why() {
-    let api = Arc::new(Mutex::new(Api {
+    let api = Arc::new(Mutex::new(MockApi {
         refuse: Some((403, "Forbidden")),
-        ..Api::default()
+        ..MockApi::default()
     }));
     let e = mocked(api)
         .deploy(&manifests(), Duration::from_secs(1), &mut |_| {})
@@ -431,7 +267,7 @@ async fn a_refusal_says_what_was_refused_and_why() {
 #[tokio::test]
 async fn status_reads_the_sites_workloads_back_and_destroy_removes_its_namespace() {
     let m = manifests();
-    let api = Arc::new(Mutex::new(Api::default()));
+    let api = Arc::new(Mutex::new(MockApi::default()));
     let cluster = mocked(api.clone());
     cluster
         .deploy(&m, Duration::from_secs(10), &mut |_| {})
