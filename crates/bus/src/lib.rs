@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod feed;
 pub mod routes;
 pub mod usage;
 
@@ -77,6 +78,17 @@ impl std::fmt::Display for BusError {
 }
 
 impl std::error::Error for BusError {}
+
+/// A client of the NATS server at `url`, with the timeouts every part of
+/// the bus uses.
+pub(crate) async fn nats_client(url: &str) -> Result<async_nats::Client, BusError> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .request_timeout(Some(Duration::from_secs(5)))
+        .connect(url)
+        .await
+        .map_err(|e| err("connecting")(&e))
+}
 
 fn err(what: &'static str) -> impl Fn(&dyn std::fmt::Display) -> BusError {
     move |e| BusError(format!("{what}: {e}"))

@@ -52,13 +52,7 @@ impl UsageConfig {
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 async fn connect(url: &str) -> Result<jetstream::Context, BusError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(2))
-        .request_timeout(Some(Duration::from_secs(5)))
-        .connect(url)
-        .await
-        .map_err(|e| err("connecting")(&e))?;
-    Ok(jetstream::new(client))
+    Ok(jetstream::new(crate::nats_client(url).await?))
 }
 
 /// The usage stream, made if missing.

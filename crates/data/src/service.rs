@@ -294,10 +294,16 @@ struct State {
     events_since_prune: usize,
 }
 
+/// Hears each committed feed event's sequence number.
+type Relay = Arc<dyn Fn(i64) + Send + Sync>;
+
 struct Shared {
     state: Mutex<State>,
     clock: TidClock,
     feed: broadcast::Sender<Arc<Event>>,
+    /// Told each committed event's sequence number, for other instances
+    /// sharing the database (`relay_commits`).
+    relay: std::sync::RwLock<Option<Relay>>,
     usage: Arc<dyn UsageSink>,
     window: i64,
     dir: PathBuf,
@@ -525,6 +531,7 @@ impl DataCommons {
         let (feed, _) = broadcast::channel(8192);
         Ok(Self {
             shared: Arc::new(Shared {
+                relay: std::sync::RwLock::new(None),
                 state: Mutex::new(State {
                     conn,
                     platform,
@@ -1144,7 +1151,50 @@ impl DataCommons {
             let (_, newest) = db::event_bounds(&mut state.conn)?;
             db::prune_events(&mut state.conn, newest - self.shared.window)?;
         }
+        let seq = event.seq();
         // No receivers is fine: nobody is subscribed.
+        let _ = self.shared.feed.send(Arc::new(event));
+        if let Some(relay) = self
+            .shared
+            .relay
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            relay(seq);
+        }
+        Ok(())
+    }
+
+    /// Tells `relay` the sequence number of every feed event committed from
+    /// now on, for instances sharing this database (the bus carries it to
+    /// them; nothing of the event itself leaves the database).
+    pub fn relay_commits(&self, relay: impl Fn(i64) + Send + Sync + 'static) {
+        *self.shared.relay.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(relay));
+    }
+
+    /// Another instance sharing the database committed feed event `seq`:
+    /// read it from there and hand it to this instance's subscribers. An
+    /// event already pruned is skipped (subscriptions catch up from the
+    /// database when they see a gap).
+    pub fn committed_elsewhere(&self, seq: i64) -> Result<(), DataError> {
+        let (row, user) = {
+            let mut state = self.state();
+            let row = db::events_after(&mut state.conn, seq - 1, 1)?
+                .into_iter()
+                .find(|(s, _)| *s == seq);
+            let user = db::event_owner(&mut state.conn, seq)?;
+            (row, user)
+        };
+        let (Some((_, body)), Some(user)) = (row, user) else {
+            return Ok(());
+        };
+        let mut event: Event =
+            serde_json::from_slice(&body).map_err(|e| DataError::Internal(e.to_string()))?;
+        match &mut event {
+            Event::Commit(c) => c.user = user,
+            Event::Account(a) => a.user = user,
+        }
         let _ = self.shared.feed.send(Arc::new(event));
         Ok(())
     }
@@ -2345,6 +2395,13 @@ impl Subscription {
             match self.live.recv().await {
                 Ok(event) => {
                     if event.seq() <= self.last {
+                        continue;
+                    }
+                    // One before it has not come (committed by another
+                    // instance, its notice still on its way): the database
+                    // has both, in order.
+                    if event.seq() > self.last + 1 {
+                        self.replaying = true;
                         continue;
                     }
                     self.last = event.seq();

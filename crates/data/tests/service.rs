@@ -162,6 +162,7 @@ on_both!(
     blobs_follow_their_collections_rules,
     a_repository_file_imports_into_a_users_repository,
     a_batch_of_writes_is_one_commit_or_nothing,
+    the_feed_reaches_subscribers_of_another_instance_sharing_the_database,
 );
 
 fn schema(nsid: &str, properties: Value, required: &[&str]) -> Value {
@@ -828,6 +829,57 @@ fn grep_dir(dir: &Path, needle: &[u8]) -> bool {
             contains(&std::fs::read(&path).unwrap_or_default(), needle)
         }
     })
+}
+
+async fn the_feed_reaches_subscribers_of_another_instance_sharing_the_database(kind: Kind) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let place = place(kind, "fanout");
+    let (here, _) = platform(&place);
+    let (there, _) = platform(&place);
+    // What the bus carries between instances: each committed event's
+    // sequence number (crates/bus/tests/feed.rs carries it through a real
+    // NATS server). `lose` drops one notice, as a lost connection would.
+    let lose = Arc::new(AtomicBool::new(false));
+    {
+        let (here, lose) = (here.clone(), lose.clone());
+        there.relay_commits(move |seq| {
+            if !lose.swap(false, Ordering::SeqCst) {
+                here.committed_elsewhere(seq).unwrap();
+            }
+        });
+    }
+    let mut sub = here.subscribe(Viewer::Public, None).unwrap();
+    there.consent("alice", "notes").unwrap();
+    let notes = call("notes", "alice");
+    let write = |key: &str| {
+        there
+            .create(
+                &notes,
+                NOTE,
+                Some(key),
+                &json!({"$type": NOTE, "text": key}),
+            )
+            .unwrap();
+    };
+    write("first");
+    let mut paths = Vec::new();
+    loop {
+        let event = next_event(&mut sub).await;
+        paths.extend(ops(&event).into_iter().map(|(_, p)| p));
+        if paths.iter().any(|p| p.ends_with("/first")) {
+            break;
+        }
+    }
+    // The notice of "second" is lost; "third"'s shows the gap, and the
+    // subscriber reads both from the database, in order.
+    lose.store(true, Ordering::SeqCst);
+    write("second");
+    write("third");
+    let a = next_event(&mut sub).await;
+    let b = next_event(&mut sub).await;
+    assert_eq!(b.seq(), a.seq() + 1);
+    assert_eq!(ops(&a)[0].1, format!("{NOTE}/second"));
+    assert_eq!(ops(&b)[0].1, format!("{NOTE}/third"));
 }
 
 async fn next_event(sub: &mut commons_data::service::Subscription) -> Arc<Event> {

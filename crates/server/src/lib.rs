@@ -22,6 +22,7 @@ mod console_nodes;
 mod console_placements;
 pub mod data;
 pub mod error;
+pub mod feed_bus;
 pub mod gateway;
 pub mod hosts;
 pub mod http;

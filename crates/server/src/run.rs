@@ -187,6 +187,13 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
         if let Some(config) = &usage_bus {
             crate::usage_bus::spawn_meter(state.clone(), config.clone());
         }
+        if let Some(b) = &settings.bus {
+            crate::feed_bus::spawn(
+                &tokio::runtime::Handle::current(),
+                state.data.commons.clone(),
+                commons_bus::feed::FeedConfig::new(&b.url, &b.name),
+            );
+        }
         let routes_bus = settings
             .bus
             .as_ref()

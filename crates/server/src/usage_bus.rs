@@ -82,8 +82,8 @@ impl PublishingSink {
     }
 }
 
-/// 16 random hex digits: this run of a gateway.
-fn run_id() -> String {
+/// 16 random hex digits: this run of a gateway (or of an instance).
+pub(crate) fn run_id() -> String {
     let mut bytes = [0u8; 8];
     getrandom::getrandom(&mut bytes).expect("the OS random number generator works");
     bytes.iter().map(|b| format!("{b:02x}")).collect()

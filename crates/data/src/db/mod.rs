@@ -542,6 +542,13 @@ pub fn access_log(db: &mut impl Sql, user: &str) -> Result<Vec<AccessRow>> {
 
 /// The sequence number the next event gets (the key is the events' order).
 pub fn next_seq(db: &mut impl Sql) -> Result<i64> {
+    // Instances sharing PostgreSQL take numbers one at a time: the lock is
+    // held until the event's transaction ends, so none reads the same MAX.
+    if db.dialect() == Dialect::Postgres {
+        db.batch(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || ' datacommons feed'))",
+        )?;
+    }
     match db.query_opt("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", &[])? {
         Some(mut r) => r.int(0),
         None => Ok(1),
