@@ -263,6 +263,57 @@ pub fn status(placement: &Placement, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `commons status NAME --watch` for a site on a cluster: each change as it
+/// comes, until every workload is ready (success) or one failed.
+pub fn watch(placement: &Placement, json: bool) -> Result<(), Failure> {
+    let mut last: std::collections::HashMap<String, State> = Default::default();
+    let mut failed = None;
+    runtime()
+        .block_on(async {
+            let cluster = Cluster::from_kubeconfig(&placement.kubeconfig).await?;
+            cluster
+                .watch(&placement.site, &placement.namespace, &mut |now| {
+                    if json {
+                        output::json(&now);
+                    }
+                    for s in now {
+                        if last.get(&s.object) != Some(&s.state) {
+                            last.insert(s.object.clone(), s.state.clone());
+                            if !json {
+                                println!(
+                                    "{:>12} {} {}/{}",
+                                    word(&s.state),
+                                    s.object,
+                                    s.ready,
+                                    s.desired
+                                );
+                            }
+                        }
+                        if let State::Failed { reason } = &s.state {
+                            failed = Some(format!("{} failed: {reason}", s.object));
+                        }
+                    }
+                    let done = !now.is_empty() && now.iter().all(|s| s.state == State::Ready);
+                    !done && failed.is_none()
+                })
+                .await
+        })
+        .map_err(cluster_failure)?;
+    match failed {
+        Some(why) => Err(Failure::Failed(why)),
+        None => Ok(()),
+    }
+}
+
+fn word(state: &State) -> String {
+    match state {
+        State::Ready => "Ready".into(),
+        State::Progressing { reason } => format!("Waiting ({reason})"),
+        State::Failed { reason } => format!("Failed ({reason})"),
+        State::Missing => "Missing".into(),
+    }
+}
+
 /// `commons destroy NAME` for a site on a cluster: its namespace goes, and
 /// everything in it.
 pub fn destroy(

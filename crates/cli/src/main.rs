@@ -119,6 +119,10 @@ enum Command {
     Status {
         /// Deployment name [default: the name in ./commons.yaml]
         name: Option<String>,
+        /// A site on a Kubernetes cluster: follow its workloads as the
+        /// cluster changes them, until every one is ready or one failed.
+        #[arg(long)]
+        watch: bool,
     },
     /// List deployments.
     List,
@@ -575,7 +579,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             daemon::ensure_supervised(&home, &engine, &outcome.deployment);
             Ok(())
         }
-        Command::Status { name } => {
+        Command::Status { name, watch } => {
             let engine = engine()?;
             let name = match name {
                 Some(n) => n,
@@ -585,7 +589,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 None => return output::list(&engine.list()?, json),
             };
             if let Some(p) = kubernetes::placement_of(&home, &name)? {
+                if watch {
+                    return kubernetes::watch(&p, json);
+                }
                 return kubernetes::status(&p, json);
+            }
+            if watch {
+                // Not a site at all: that is the error to give.
+                engine.status(&name)?;
+                return Err(Failure::Input(format!(
+                    "--watch follows a site on a Kubernetes cluster, and \"{name}\" runs here; \
+                     `commons logs -f {name}` follows its output"
+                )));
             }
             let status = engine.status(&name)?;
             if json {

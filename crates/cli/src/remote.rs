@@ -277,7 +277,7 @@ pub fn run(remote: &Remote, command: &Command, as_json: bool) -> Option<Result<(
             target, hosting, ..
         } => r.deploy(target, hosting.map(Into::into)),
         Command::List => r.list(),
-        Command::Status { name } => match name {
+        Command::Status { name, .. } => match name {
             Some(n) => r.status(n),
             None if Path::new(commons_blueprint::FILE_NAME).exists() => {
                 crate::name_or_local(None).and_then(|n| r.status(&n))

@@ -145,6 +145,29 @@ fn a_site_is_planned_deployed_read_back_and_destroyed_on_a_mocked_cluster() {
         "{text}"
     );
 
+    // Followed until every workload is ready: a rollout of the web first.
+    {
+        let mut api = api.lock().unwrap();
+        let reads = api.reads.get("web").copied().unwrap_or(0);
+        api.reports.insert(
+            "web".into(),
+            commons_kubernetes::mock::Report::After(reads + 2),
+        );
+    }
+    let watched = s.ok(&["status", "shop", "--watch"]).stdout();
+    assert!(
+        watched.contains("Waiting (0 of 2 updated, 0 ready) Deployment/web 0/2"),
+        "{watched}"
+    );
+    assert!(watched.contains("Ready Deployment/web 2/2"), "{watched}");
+    let r = s.run(&["status", "elsewhere", "--watch"]);
+    assert_ne!(r.code(), 0);
+    assert!(
+        !r.stderr().contains("--watch follows"),
+        "not a site at all: {}",
+        r.all()
+    );
+
     // Deployed again, the site keeps its secret and its database password.
     s.ok(&[&["deploy", "--kubeconfig", kc][..], &image[..]].concat());
     assert_eq!(secret_data(&api), secrets);

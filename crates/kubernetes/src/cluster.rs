@@ -7,13 +7,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     Namespace, PersistentVolumeClaim, ResourceQuota, Secret, Service,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, WatchEvent, WatchParams};
 use kube::core::{ApiResource, DynamicObject};
 use kube::Client;
 use serde_json::Value;
@@ -82,6 +83,33 @@ fn resource_of(kind: &str) -> Option<ApiResource> {
         return Some(ApiResource::erase::<Namespace>(&()));
     }
     namespaced_kinds().into_iter().find(|r| r.kind == kind)
+}
+
+/// What one watch event says of a workload.
+enum Seen {
+    /// Its status now, at this resource version.
+    Changed(String, WorkloadStatus),
+    /// Deleted (by object name).
+    Gone(String, WorkloadStatus),
+    /// Nothing but a newer version to resume from.
+    Version(String),
+    /// The version watched from is no longer kept.
+    Expired,
+}
+
+fn seen<K: kube::Resource>(event: WatchEvent<K>, status: fn(&K) -> WorkloadStatus) -> Seen {
+    let version = |k: &K| {
+        k.meta()
+            .resource_version
+            .clone()
+            .unwrap_or_else(|| "0".into())
+    };
+    match event {
+        WatchEvent::Added(k) | WatchEvent::Modified(k) => Seen::Changed(version(&k), status(&k)),
+        WatchEvent::Deleted(k) => Seen::Gone(version(&k), status(&k)),
+        WatchEvent::Bookmark(b) => Seen::Version(b.metadata.resource_version),
+        WatchEvent::Error(_) => Seen::Expired,
+    }
 }
 
 /// One cluster.
@@ -295,6 +323,72 @@ impl Cluster {
         }
         out.sort_by(|a, b| a.object.cmp(&b.object));
         Ok(out)
+    }
+
+    /// Follows a site's workloads as the cluster changes them (the API's
+    /// watch, resumed from the last version seen when it ends, begun anew
+    /// when that version is too old): `on_change` hears every workload's
+    /// status after each change, until it returns false.
+    pub async fn watch(
+        &self,
+        site: &str,
+        namespace: &str,
+        on_change: &mut (dyn FnMut(&[WorkloadStatus]) -> bool + Send),
+    ) -> Result<(), ClusterError> {
+        let wp = || {
+            WatchParams::default()
+                .labels(&site_selector(site))
+                .timeout(290)
+        };
+        let mut versions = ["0".to_string(), "0".to_string(), "0".to_string()];
+        let mut statuses: std::collections::BTreeMap<String, WorkloadStatus> = Default::default();
+        loop {
+            let action = "watch the site's workloads".to_string();
+            let deployments = Api::<Deployment>::namespaced(self.client.clone(), namespace)
+                .watch(&wp(), &versions[0])
+                .await
+                .map_err(api_error(action.clone()))?
+                .map(|e| (0, e.map(|e| seen(e, of_deployment))));
+            let sets = Api::<StatefulSet>::namespaced(self.client.clone(), namespace)
+                .watch(&wp(), &versions[1])
+                .await
+                .map_err(api_error(action.clone()))?
+                .map(|e| (1, e.map(|e| seen(e, of_stateful_set))));
+            let jobs = Api::<Job>::namespaced(self.client.clone(), namespace)
+                .watch(&wp(), &versions[2])
+                .await
+                .map_err(api_error(action.clone()))?
+                .map(|e| (2, e.map(|e| seen(e, of_job))));
+            let mut events =
+                futures_util::stream::select_all([deployments.boxed(), sets.boxed(), jobs.boxed()]);
+            while let Some((kind, event)) = events.next().await {
+                match event.map_err(api_error(action.clone()))? {
+                    Seen::Changed(version, status) => {
+                        versions[kind] = version;
+                        statuses.insert(status.object.clone(), status);
+                    }
+                    Seen::Gone(version, status) => {
+                        versions[kind] = version;
+                        statuses.remove(&status.object);
+                    }
+                    Seen::Version(version) => {
+                        versions[kind] = version;
+                        continue;
+                    }
+                    // Too old a version: from the start again.
+                    Seen::Expired => {
+                        versions.fill("0".to_string());
+                        break;
+                    }
+                }
+                let now: Vec<WorkloadStatus> = statuses.values().cloned().collect();
+                if !on_change(&now) {
+                    return Ok(());
+                }
+            }
+            // The server ended the watch (its timeout): again, shortly.
+            tokio::time::sleep(self.poll.min(Duration::from_millis(200))).await;
+        }
     }
 
     /// Deletes the site's objects that its manifests no longer have: a

@@ -72,6 +72,7 @@ impl MockApi {
             .to_string();
         let reads = self.reads.entry(name.clone()).or_default();
         *reads += 1;
+        let version = reads.to_string();
         let report = self.reports.get(&name).copied().unwrap_or(Report::Ready);
         let ready = match report {
             Report::Ready => true,
@@ -80,6 +81,7 @@ impl MockApi {
         };
         let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
         object["metadata"]["generation"] = json!(1);
+        object["metadata"]["resourceVersion"] = json!(version);
         object["status"] = match (plural, ready) {
             ("jobs", true) => {
                 json!({ "succeeded": 1, "conditions": [{ "type": "Complete", "status": "True" }] })
@@ -149,6 +151,13 @@ impl MockApi {
                     .into_iter()
                     .map(|o| self.with_status(plural, o))
                     .collect();
+                if watching(seen) {
+                    // Each as added, then the watch ends (as at a timeout).
+                    let events = items
+                        .into_iter()
+                        .map(|o| json!({ "type": "ADDED", "object": o }));
+                    return (200, Value::Array(events.collect()));
+                }
                 (
                     200,
                     json!({ "kind": "List", "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items }),
@@ -188,7 +197,20 @@ pub fn handle(
     let mut api = api.lock().unwrap_or_else(|p| p.into_inner());
     api.seen.push(seen.clone());
     let (code, answer) = api.answer(&seen);
-    (code, serde_json::to_vec(&answer).unwrap_or_default())
+    let body = match answer {
+        // A watch's events, one JSON document a line.
+        Value::Array(events) if watching(&seen) => events
+            .iter()
+            .map(|e| format!("{e}\n"))
+            .collect::<String>()
+            .into_bytes(),
+        answer => serde_json::to_vec(&answer).unwrap_or_default(),
+    };
+    (code, body)
+}
+
+fn watching(seen: &Seen) -> bool {
+    query_param(&seen.query, "watch").is_some_and(|w| w == "true" || w == "1")
 }
 
 /// Serves `api` over HTTP/1.1 on `listener` until the task is dropped.

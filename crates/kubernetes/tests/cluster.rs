@@ -264,15 +264,20 @@ async fn a_refusal_says_what_was_refused_and_why() {
     );
 }
 
-#[tokio::test]
-async fn status_reads_the_sites_workloads_back_and_destroy_removes_its_namespace() {
-    let m = manifests();
+/// The site deployed on a fresh mock, every workload ready.
+async fn deployed() -> (Arc<Mutex<MockApi>>, Cluster) {
     let api = Arc::new(Mutex::new(MockApi::default()));
     let cluster = mocked(api.clone());
     cluster
-        .deploy(&m, Duration::from_secs(10), &mut |_| {})
+        .deploy(&manifests(), Duration::from_secs(10), &mut |_| {})
         .await
         .unwrap();
+    (api, cluster)
+}
+
+#[tokio::test]
+async fn status_reads_the_sites_workloads_back_and_destroy_removes_its_namespace() {
+    let (api, cluster) = deployed().await;
     api.lock()
         .unwrap()
         .reports
@@ -301,4 +306,56 @@ async fn status_reads_the_sites_workloads_back_and_destroy_removes_its_namespace
         .any(|(p, _, n)| p == "namespaces" && n == "commons-shop"));
     // Gone already: not an error.
     cluster.destroy("commons-shop").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_watch_follows_the_workloads_until_told_to_stop() {
+    let (api, cluster) = deployed().await;
+    // A rollout: the web takes two more reads to be ready.
+    {
+        let mut api = api.lock().unwrap();
+        let reads = api.reads.get("web").copied().unwrap_or(0);
+        api.reports.insert("web".into(), Report::After(reads + 2));
+    }
+    let mut heard: Vec<Vec<(String, State)>> = Vec::new();
+    cluster
+        .watch("shop", "commons-shop", &mut |now| {
+            heard.push(
+                now.iter()
+                    .map(|s| (s.object.clone(), s.state.clone()))
+                    .collect(),
+            );
+            !now.iter().all(|s| s.state == State::Ready) || now.len() < 3
+        })
+        .await
+        .unwrap();
+    let web = |h: &Vec<(String, State)>| {
+        h.iter()
+            .find(|(o, _)| o == "Deployment/web")
+            .map(|(_, s)| s.clone())
+    };
+    assert!(
+        heard
+            .iter()
+            .any(|h| matches!(web(h), Some(State::Progressing { .. }))),
+        "the rollout was heard: {heard:?}"
+    );
+    let last = heard.last().unwrap();
+    assert_eq!(last.len(), 3, "{last:?}");
+    assert!(last.iter().all(|(_, s)| *s == State::Ready), "{last:?}");
+    // Watched, with the site's selector, from the version last seen.
+    let api = api.lock().unwrap();
+    let watches: Vec<&Seen> = api
+        .seen
+        .iter()
+        .filter(|s| query_param(&s.query, "watch").as_deref() == Some("true"))
+        .collect();
+    assert!(watches.len() >= 6, "watched again after the first ended");
+    assert!(watches
+        .iter()
+        .all(|w| query_param(&w.query, "labelSelector").as_deref()
+            == Some("app.kubernetes.io/managed-by=commons,onecommons.org/site=shop")));
+    assert!(watches[3..]
+        .iter()
+        .any(|w| query_param(&w.query, "resourceVersion").as_deref() != Some("0")));
 }
