@@ -71,6 +71,11 @@ pub fn placement_of(home: &Path, site: &str) -> Result<Option<Placement>, Failur
     placements(home).get(site).map_err(cannot_keep)
 }
 
+/// Every site deployed to a cluster from this machine.
+pub fn placed(home: &Path) -> Result<Vec<Placement>, Failure> {
+    placements(home).list().map_err(cannot_keep)
+}
+
 /// Blueprint problems a cluster has, shown like any blueprint's.
 fn refused(e: RenderErrors) -> Failure {
     let diagnostics =

@@ -586,7 +586,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 None if PathBuf::from(commons_blueprint::FILE_NAME).exists() => {
                     name_or_local(None)?
                 }
-                None => return output::list(&engine.list()?, json),
+                None => return output::list(&engine.list()?, &kubernetes::placed(&home)?, json),
             };
             if let Some(p) = kubernetes::placement_of(&home, &name)? {
                 if watch {
@@ -620,7 +620,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Command::List => output::list(&engine()?.list()?, json),
+        Command::List => output::list(&engine()?.list()?, &kubernetes::placed(&home)?, json),
         Command::Wake { name } => {
             let name = name_or_local(name)?;
             let started = Instant::now();

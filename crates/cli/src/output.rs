@@ -255,19 +255,46 @@ pub fn status(s: &DeploymentStatus) {
     }
 }
 
-pub fn list(rows: &[commons_engine::DeploymentRow], as_json: bool) -> Result<(), Failure> {
+/// This machine's deployments, then the sites it deployed to Kubernetes
+/// clusters.
+pub fn list(
+    rows: &[commons_engine::DeploymentRow],
+    clusters: &[commons_kubernetes::Placement],
+    as_json: bool,
+) -> Result<(), Failure> {
     if as_json {
-        json(rows);
+        let mut all: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::to_value(r).expect("a row serialises"))
+            .collect();
+        all.extend(clusters.iter().map(|p| {
+            serde_json::json!({ "name": p.site, "kubernetes": { "namespace": p.namespace, "kubeconfig": p.kubeconfig } })
+        }));
+        json(&all);
         return Ok(());
     }
-    if rows.is_empty() {
+    if rows.is_empty() && clusters.is_empty() {
         eprintln!("no deployments yet; `commons deploy` makes one");
         return Ok(());
     }
-    let width = rows.iter().map(|r| r.name.len()).max().unwrap_or(4).max(10);
+    let names = rows.iter().map(|r| r.name.len());
+    let width = names
+        .chain(clusters.iter().map(|p| p.site.len()))
+        .max()
+        .unwrap_or(4)
+        .max(10);
     println!("{:width$}  {:8}  BLUEPRINT", "DEPLOYMENT", "STATUS");
     for r in rows {
         println!("{:width$}  {:8}  {}", r.name, r.status, r.blueprint);
+    }
+    for p in clusters {
+        println!(
+            "{:width$}  {:8}  namespace {} ({})",
+            p.site,
+            "cluster",
+            p.namespace,
+            p.kubeconfig.display()
+        );
     }
     Ok(())
 }

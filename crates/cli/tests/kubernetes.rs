@@ -135,6 +135,13 @@ fn a_site_is_planned_deployed_read_back_and_destroyed_on_a_mocked_cluster() {
         .collect();
     assert_eq!(objects.len(), 3, "{status}");
     assert!(objects.contains(&"Deployment/web") && objects.contains(&"StatefulSet/db"));
+    let listed = s.ok(&["list", "--json"]).json();
+    assert_eq!(listed[0]["name"], "shop", "{listed}");
+    assert_eq!(listed[0]["kubernetes"]["namespace"], "commons-shop");
+    assert!(s
+        .ok(&["list"])
+        .stdout()
+        .contains("shop        cluster   namespace commons-shop"));
     let text = s.ok(&["status", "shop"]).stdout();
     assert!(
         text.contains("shop on Kubernetes (namespace commons-shop"),
