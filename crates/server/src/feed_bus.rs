@@ -28,9 +28,15 @@ pub fn spawn(runtime: &tokio::runtime::Handle, commons: DataCommons, config: Fee
                     publisher = FeedPublisher::connect(&config, &origin).await.ok();
                 }
                 let Some(p) = &publisher else {
-                    // Not kept: the others' subscribers read it from the
-                    // database when the next number shows them the gap.
-                    tracing::warn!(seq, "the data feed's bus is unreachable");
+                    // Not kept, nor what queued meanwhile: the others'
+                    // subscribers read them from the database when the
+                    // next number shows them the gap.
+                    let mut dropped = 1;
+                    while rx.try_recv().is_ok() {
+                        dropped += 1;
+                    }
+                    tracing::warn!(seq, dropped, "the data feed's bus is unreachable");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                     continue;
                 };
                 if let Err(e) = p.publish(seq).await {
