@@ -922,6 +922,7 @@ fn two_serve_instances_deploy_one_site_one_after_the_other() {
         ("COMMONS_DATABASE_SCHEMA", schema.as_str()),
     ];
     let first = one.serve(&env);
+    one.share_platform_key(&two);
     let second = two.serve(&env);
     // One account, seen by both instances (it is in the shared store).
     signup(first.port, "ann@example.org", "Ann");

@@ -492,6 +492,18 @@ impl DataCommons {
         let platform = Key::platform(&dir.join("platform.key"))
             .map_err(|e| DataError::Internal(e.to_string()))?;
         let mut conn = db::open(backend, dir)?;
+        // Instances sharing a database must share the key its accounts are
+        // sealed with: one with another key would make accounts it cannot
+        // open and fail on everyone else's.
+        const CHECK: &[u8] = b"datacommons platform key";
+        let kept = db::key_check(&mut conn, &platform.seal(CHECK, b"key-check"))?;
+        if platform.open(&kept, b"key-check").ok().as_deref() != Some(CHECK) {
+            return Err(DataError::Internal(format!(
+                "{} is not the key this database's accounts are sealed with: every instance \
+                 sharing the database needs the same file (copy it from the instance that made it)",
+                dir.join("platform.key").display()
+            )));
+        }
         let mut catalog = Catalog::new();
         let mut collections = HashMap::new();
         for (nsid, class, licence, schema, indexed) in db::collections(&mut conn)? {

@@ -163,6 +163,7 @@ on_both!(
     a_repository_file_imports_into_a_users_repository,
     a_batch_of_writes_is_one_commit_or_nothing,
     the_feed_reaches_subscribers_of_another_instance_sharing_the_database,
+    an_instance_with_another_platform_key_is_refused,
 );
 
 fn schema(nsid: &str, properties: Value, required: &[&str]) -> Value {
@@ -880,6 +881,36 @@ async fn the_feed_reaches_subscribers_of_another_instance_sharing_the_database(k
     assert_eq!(b.seq(), a.seq() + 1);
     assert_eq!(ops(&a)[0].1, format!("{NOTE}/second"));
     assert_eq!(ops(&b)[0].1, format!("{NOTE}/third"));
+}
+
+async fn an_instance_with_another_platform_key_is_refused(kind: Kind) {
+    let place = place(kind, "keycheck");
+    let (first, _) = platform(&place);
+    first.consent("alice", "notes").unwrap();
+    drop(first);
+    // The same key again: it opens, and alice's account with it.
+    let (again, _) = platform(&place);
+    again
+        .create(
+            &call("notes", "alice"),
+            NOTE,
+            Some("k"),
+            &json!({"$type": NOTE, "text": "k"}),
+        )
+        .unwrap();
+    drop(again);
+    // An instance that made a key of its own (its data directory without
+    // the shared file) is refused before it seals anything with it.
+    std::fs::remove_file(place.dir.join("platform.key")).unwrap();
+    let usage = Arc::new(Usage::default());
+    let err = DataCommons::open_on(&place.backend, &place.dir, usage, 1000)
+        .err()
+        .expect("another key is refused");
+    assert!(
+        err.to_string()
+            .contains("is not the key this database's accounts are sealed with"),
+        "{err}"
+    );
 }
 
 async fn next_event(sub: &mut commons_data::service::Subscription) -> Arc<Event> {

@@ -227,6 +227,19 @@ impl Sandbox {
             .unwrap_or(commons_bus::DEFAULT_NAME)
     }
 
+    /// Gives `other` this platform's DataCommons key, as an operator does
+    /// for every instance sharing one database (their accounts are sealed
+    /// with it; an instance with a key of its own is refused).
+    pub fn share_platform_key(&self, other: &Sandbox) {
+        let key = std::fs::read(self.home.join("datacommons/platform.key"))
+            .expect("the first instance made its key");
+        std::fs::create_dir_all(other.home.join("datacommons")).unwrap();
+        let path = other.home.join("datacommons/platform.key");
+        std::fs::write(&path, key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     /// The status entry of one component.
     pub fn component(&self, name: &str, component: &str) -> serde_json::Value {
         let s = self.status_json(name);

@@ -112,6 +112,10 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL         -- the event as JSON
 );
 CREATE INDEX IF NOT EXISTS events_by_owner ON events (owner);
+CREATE TABLE IF NOT EXISTS key_check (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    sealed BLOB NOT NULL       -- a known text sealed with the platform key
+);
 ";
 
 /// The same tables on PostgreSQL (see [`SQLITE_SCHEMA`] for what each
@@ -152,6 +156,7 @@ CREATE TABLE IF NOT EXISTS forks (
 CREATE TABLE IF NOT EXISTS events (
     seq BIGINT PRIMARY KEY, owner TEXT NOT NULL, time_ms BIGINT NOT NULL, body BYTEA NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_owner ON events (owner);
+CREATE TABLE IF NOT EXISTS key_check (id INTEGER PRIMARY KEY CHECK (id = 1), sealed BYTEA NOT NULL);
 "#;
 
 /// Where DataCommons keeps its tables.
@@ -552,6 +557,19 @@ pub fn next_seq(db: &mut impl Sql) -> Result<i64> {
     match db.query_opt("SELECT COALESCE(MAX(seq), 0) + 1 FROM events", &[])? {
         Some(mut r) => r.int(0),
         None => Ok(1),
+    }
+}
+
+/// The platform key's check: `sealed` kept by the first to open the
+/// database; what is kept is returned either way.
+pub fn key_check(db: &mut impl Sql, sealed: &[u8]) -> Result<Vec<u8>> {
+    db.exec(
+        "INSERT INTO key_check (id, sealed) VALUES (1, ?1) ON CONFLICT (id) DO NOTHING",
+        params![sealed],
+    )?;
+    match db.query_opt("SELECT sealed FROM key_check WHERE id = 1", &[])? {
+        Some(mut r) => r.blob(0),
+        None => Ok(sealed.to_vec()),
     }
 }
 
