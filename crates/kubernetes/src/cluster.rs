@@ -4,6 +4,7 @@
 //! workloads brought up in dependency order, what the site no longer has
 //! deleted, and status read back.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -187,24 +188,38 @@ impl Cluster {
         progress: &mut (dyn FnMut(&WorkloadStatus) + Send),
     ) -> Result<Vec<WorkloadStatus>, ClusterError> {
         let ns = &manifests.namespace;
-        let is_workload = |o: &Value| {
-            manifests
-                .workloads
-                .iter()
-                .any(|w| w.kind.name() == kind_of(o) && w.name == name_of(o))
-        };
-        for object in manifests.objects.iter().filter(|o| !is_workload(o)) {
-            self.apply_object(ns, object).await?;
+        // Looked up by (kind, name) and by name: linear in the site's size.
+        let workload_of: HashMap<(&str, &str), &Workload> = manifests
+            .workloads
+            .iter()
+            .map(|w| ((w.kind.name(), w.name.as_str()), w))
+            .collect();
+        let by_name: HashMap<&str, &Workload> = manifests
+            .workloads
+            .iter()
+            .map(|w| (w.name.as_str(), w))
+            .collect();
+        let mut workload_objects: HashMap<&str, &Value> = HashMap::new();
+        for object in &manifests.objects {
+            match workload_of.get(&(kind_of(object), name_of(object))) {
+                Some(w) => {
+                    workload_objects.insert(w.name.as_str(), object);
+                }
+                None => self.apply_object(ns, object).await?,
+            }
         }
         let deadline = Instant::now() + timeout;
+        let mut ready: std::collections::HashSet<&str> = Default::default();
         for w in &manifests.workloads {
             for after in &w.after {
-                if let Some(dep) = manifests.workloads.iter().find(|d| &d.name == after) {
-                    self.wait_ready(ns, dep, deadline, timeout, progress)
-                        .await?;
+                if let Some(dep) = by_name.get(after.as_str()) {
+                    if ready.insert(dep.name.as_str()) {
+                        self.wait_ready(ns, dep, deadline, timeout, progress)
+                            .await?;
+                    }
                 }
             }
-            if let Some(object) = manifests.workload_object(w) {
+            if let Some(object) = workload_objects.get(w.name.as_str()) {
                 self.apply_object(ns, object).await?;
             }
         }
@@ -396,6 +411,11 @@ impl Cluster {
     /// labelled as the platform's and this site's are ever looked at.
     pub async fn prune(&self, manifests: &Manifests) -> Result<Vec<String>, ClusterError> {
         let lp = ListParams::default().labels(&site_selector(&manifests.site));
+        let wanted: std::collections::HashSet<(&str, &str)> = manifests
+            .objects
+            .iter()
+            .map(|o| (kind_of(o), name_of(o)))
+            .collect();
         let mut deleted = Vec::new();
         for resource in namespaced_kinds() {
             let api = self.api(&manifests.namespace, &resource);
@@ -405,11 +425,7 @@ impl Cluster {
                 .map_err(api_error(format!("list the site's {}s", resource.kind)))?;
             for object in listed {
                 let name = object.metadata.name.clone().unwrap_or_default();
-                let wanted = manifests
-                    .objects
-                    .iter()
-                    .any(|o| kind_of(o) == resource.kind && name_of(o) == name);
-                if wanted {
+                if wanted.contains(&(resource.kind.as_str(), name.as_str())) {
                     continue;
                 }
                 // A job's pods go with it.

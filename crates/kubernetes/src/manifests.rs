@@ -270,7 +270,13 @@ pub fn render(
     let mut workloads: Vec<(Workload, Value)> = Vec::new();
     let mut quota = Quota::default();
 
-    for (name, c) in &blueprint.components {
+    // Dependencies first: the workloads come out in the order they go up.
+    let order = commons_blueprint::topo_order(&blueprint.components)
+        .unwrap_or_else(|_| (0..blueprint.components.len()).collect());
+    for (name, c) in order
+        .into_iter()
+        .filter_map(|i| blueprint.components.get_index(i))
+    {
         let Some(k8s) = names.get(name.as_str()) else {
             continue; // a further instance, folded into its first
         };
@@ -427,7 +433,7 @@ pub fn render(
     }
     objects.extend(claims);
     objects.extend(services);
-    let workloads = in_order(workloads);
+    let workloads = named_after(workloads);
     objects.extend(workloads.iter().map(|(_, o)| o.clone()));
     Ok(Manifests {
         site: site.to_string(),
@@ -478,14 +484,13 @@ fn workload(
     }
 }
 
-/// Workloads with each after those it waits for (by their component's
-/// name); the blueprint has no cycles, so this always ends.
-fn in_order(mut pending: Vec<(Workload, Value)>) -> Vec<(Workload, Value)> {
+/// Workloads (in dependency order already) with what each waits for named
+/// by object: a job's name carries a hash of what it runs.
+fn named_after(mut pending: Vec<(Workload, Value)>) -> Vec<(Workload, Value)> {
     let component_of: HashMap<String, String> = pending
         .iter()
         .map(|(w, _)| (dns_label(&w.component), w.name.clone()))
         .collect();
-    // Dependencies name components; jobs' objects carry a hash.
     for (w, _) in &mut pending {
         w.after = w
             .after
@@ -493,19 +498,7 @@ fn in_order(mut pending: Vec<(Workload, Value)>) -> Vec<(Workload, Value)> {
             .filter_map(|a| component_of.get(a).cloned())
             .collect();
     }
-    let mut done: Vec<(Workload, Value)> = Vec::with_capacity(pending.len());
-    while !pending.is_empty() {
-        let ready = pending
-            .iter()
-            .position(|(w, _)| {
-                w.after
-                    .iter()
-                    .all(|a| done.iter().any(|(d, _)| &d.name == a))
-            })
-            .unwrap_or(0);
-        done.push(pending.remove(ready));
-    }
-    done
+    pending
 }
 
 /// A component's CPU (millicores) and memory (bytes) limits.

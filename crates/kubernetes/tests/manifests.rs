@@ -369,3 +369,26 @@ components:
         "{e}"
     );
 }
+
+#[test]
+fn a_long_chain_declared_backwards_comes_up_in_dependency_order() {
+    // 2,000 images, each after the one before, declared last first: the
+    // order is the dependencies', found in time linear in the site's size.
+    let n = 2000;
+    let mut text = String::from("name: chain\ncomponents:\n");
+    for i in (0..n).rev() {
+        text.push_str(&format!(
+            "  c{i}:\n    image: registry.example/c:1\n    port: 8080\n{}",
+            if i > 0 {
+                format!("    after: [c{}]\n", i - 1)
+            } else {
+                String::new()
+            }
+        ));
+    }
+    let m = render("chain", &load(&text), &values(), &settings()).unwrap();
+    let order: Vec<String> = m.workloads.iter().map(|w| w.name.clone()).collect();
+    let expected: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    assert_eq!(order, expected);
+    assert_eq!(m.workloads[1].after, ["c0"]);
+}
