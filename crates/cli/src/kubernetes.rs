@@ -132,6 +132,7 @@ pub fn plan(target: &Target, args: &ClusterArgs, json: bool) -> Result<(), Failu
             .filter(|(_, c)| matches!(c.kind, commons_blueprint::Kind::Postgres))
             .map(|(k, _)| (k.clone(), shown.clone()))
             .collect(),
+        secrets_print: shown.clone(),
     };
     let m = manifests(target, &values, args)?;
     if json {
@@ -175,6 +176,7 @@ pub fn deploy(
         inputs: target.inputs.clone(),
         secrets: secrets.secrets,
         passwords: secrets.passwords,
+        secrets_print: secrets.print,
     };
     let m = manifests(target, &values, args)?;
     let kubeconfig = std::fs::canonicalize(&kubeconfig).unwrap_or(kubeconfig);

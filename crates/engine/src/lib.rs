@@ -27,6 +27,8 @@ pub struct ClusterSecrets {
     pub secrets: std::collections::BTreeMap<String, String>,
     /// By `postgres:` component.
     pub passwords: std::collections::BTreeMap<String, String>,
+    /// A keyed fingerprint of them all: equal values, equal prints.
+    pub print: String,
 }
 pub use hosting::Hosting;
 pub use status::{is_down, ComponentStatus, CrashLoop, DeploymentStatus, LastExit, Outcome};
@@ -190,7 +192,17 @@ impl Engine {
                 (name.clone(), self.secrets.derive(&purpose))
             })
             .collect();
-        Ok((lock, ClusterSecrets { secrets, passwords }))
+        let print = self.secrets.fingerprint(
+            &serde_json::to_string(&(&secrets, &passwords)).expect("maps of strings serialise"),
+        );
+        Ok((
+            lock,
+            ClusterSecrets {
+                secrets,
+                passwords,
+                print,
+            },
+        ))
     }
 
     /// Forgets the stored secrets of a site that is gone from a cluster.

@@ -82,6 +82,10 @@ pub struct Values {
     pub secrets: BTreeMap<String, String>,
     /// A `postgres:` component's password, by component.
     pub passwords: BTreeMap<String, String>,
+    /// A keyed fingerprint of all of the above that are secret (the
+    /// engine's): on the pods that read a secret, so a changed value rolls
+    /// them, without the value being guessable from the object.
+    pub secrets_print: String,
 }
 
 /// The kind of object that runs a component.
@@ -195,6 +199,9 @@ impl std::fmt::Display for RenderError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct RenderErrors(pub Vec<RenderError>);
+
+/// Annotation: the fingerprint of the secrets a pod's containers read.
+pub const SECRETS_PRINT: &str = "onecommons.org/secrets";
 
 /// The mount point of a `volume:` or `sqlite:` component's claim.
 fn data_dir(k8s_name: &str) -> String {
@@ -354,8 +361,14 @@ pub fn render(
                     }
                     _ => {
                         services.push(service(&meta(k8s, Some(k8s)), k8s, container.port));
-                        let template =
+                        let mut template =
                             json!({ "metadata": { "labels": labels(Some(k8s)) }, "spec": pod });
+                        if !container.secret_keys.is_empty() {
+                            // Containers read secrets at start: a new value
+                            // needs new pods.
+                            template["metadata"]["annotations"] =
+                                json!({ SECRETS_PRINT: values.secrets_print });
+                        }
                         let selector = json!({ "matchLabels": { SITE: site, COMPONENT: k8s } });
                         let (kind, object) = if container.has_data {
                             quota.add(cpu, memory, 1, 0);

@@ -67,6 +67,7 @@ fn values() -> Values {
         inputs: serde_json::Map::new(),
         secrets: BTreeMap::from([("session_key".into(), "s3cr3t-session-key-value".into())]),
         passwords: BTreeMap::from([("db".into(), "pg-password-0123456789".into())]),
+        secrets_print: "print-1".into(),
     }
 }
 
@@ -391,4 +392,25 @@ fn a_long_chain_declared_backwards_comes_up_in_dependency_order() {
     let expected: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
     assert_eq!(order, expected);
     assert_eq!(m.workloads[1].after, ["c0"]);
+}
+
+#[test]
+fn pods_that_read_a_secret_roll_when_it_changes_and_only_they() {
+    let annotation = |print: &str, kind: &str| {
+        let mut v = values();
+        v.secrets_print = print.into();
+        let m = render("shop", &load(SHOP), &v, &settings()).unwrap();
+        let o = m
+            .objects
+            .iter()
+            .find(|o| o["kind"] == kind)
+            .unwrap()
+            .clone();
+        o["spec"]["template"]["metadata"]["annotations"]["onecommons.org/secrets"].clone()
+    };
+    assert_eq!(annotation("print-1", "Deployment"), "print-1");
+    assert_eq!(annotation("print-2", "Deployment"), "print-2");
+    // The database's own pod reads its password from the Secret at first
+    // start only: PostgreSQL keeps it in its data.
+    assert!(annotation("print-2", "StatefulSet").is_null());
 }
