@@ -37,6 +37,12 @@ CREATE TABLE IF NOT EXISTS aggregates (
     metric TEXT NOT NULL, adjustment TEXT NOT NULL DEFAULT '',
     sum DOUBLE PRECISION NOT NULL, count BIGINT NOT NULL, max DOUBLE PRECISION NOT NULL,
     PRIMARY KEY ("window", dim, value, metric, start_ms, adjustment));
+-- Totals are updated in place batch after batch: room left on each page
+-- lets PostgreSQL write the new version beside the old (a HOT update)
+-- without a new entry in the wide key's index.
+ALTER TABLE aggregates SET (fillfactor = 70);
+ALTER TABLE usage SET (fillfactor = 70);
+ALTER TABLE usage_days SET (fillfactor = 70);
 CREATE TABLE IF NOT EXISTS closed_periods (period TEXT PRIMARY KEY, closed_at_ms BIGINT NOT NULL);
 "#;
 
