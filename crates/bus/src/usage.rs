@@ -72,6 +72,28 @@ pub async fn usage_stream(
     .map_err(|e| err("making the usage stream")(&e))
 }
 
+/// Waits, up to `limit`, until the meters have taken every batch the usage
+/// stream holds (a work queue: a batch leaves it once acknowledged), so a
+/// platform that stops has its last usage counted; whether they did.
+pub async fn wait_taken(config: &UsageConfig, limit: Duration) -> Result<bool, BusError> {
+    let js = connect(&config.url).await?;
+    let mut stream = usage_stream(&js, config).await?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| err("reading the usage stream")(&e))?;
+        if info.state.messages == 0 {
+            return Ok(true);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A subject token for a source: what NATS allows in one, others as `_`.
 fn token(source: &str) -> String {
     let t: String = source

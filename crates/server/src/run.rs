@@ -198,6 +198,7 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
             .bus
             .as_ref()
             .map(|b| commons_bus::routes::RoutesConfig::new(&b.url, &b.name));
+        let stopping_usage = usage_bus.clone();
         let gateway =
             crate::gateway::spawn(&home, state.clone(), settings.gateway, usage_bus, routes_bus)
                 .map_err(RunError::Input)?;
@@ -220,6 +221,19 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
         let served = crate::serve(listener, Some(socket), state).await;
         // Asked to stop: requests in flight finish, their usage is written.
         gateway.stop();
+        // Through the bus, written means published: this instance's meter
+        // (still taking) is given a moment to count it too.
+        if let Some(config) = &stopping_usage {
+            let limit = std::time::Duration::from_secs(5);
+            match commons_bus::usage::wait_taken(config, limit).await {
+                Ok(true) => {}
+                Ok(false) => eprintln!(
+                    "{:>12} usage is still in the bus's stream; a running instance's meter takes it",
+                    "Note"
+                ),
+                Err(e) => eprintln!("{:>12} the usage stream: {e}", "Warning"),
+            }
+        }
         served.map_err(|e| RunError::Failed(e.to_string()))
     })
 }
