@@ -277,10 +277,13 @@ fn three_replicas_share_the_load_and_roll_one_at_a_time_without_a_failed_request
         .iter()
         .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
+            // An instance is its version and port: a port freed by a stop
+            // may be given to a later version's instance.
             assert!(
-                noted.insert((f[1], f[3])),
-                "instance {} noted \"{}\" twice:\n{}",
+                noted.insert((f[1], f[2], f[3])),
+                "instance {} of version {} noted \"{}\" twice:\n{}",
                 f[3],
+                f[2],
                 f[1],
                 log.join("\n")
             );
