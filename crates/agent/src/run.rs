@@ -211,7 +211,14 @@ async fn assignments(
                 b
             }
             Err(AgentError::Refused(detail)) if detail.starts_with("403") => {
-                // Revoked, or another node's: no retry makes it right.
+                // A renewal may have replaced the certificate this call
+                // presented while it was on its way, and the control plane
+                // forgets an expired one once it signs the next: ask again
+                // with the current one. Refused with the current one, the
+                // node is revoked or another's: no retry makes it right.
+                if !Arc::ptr_eq(&current, &*client.read().await) {
+                    continue;
+                }
                 return Err(AgentError::Refused(detail));
             }
             Err(e) => {

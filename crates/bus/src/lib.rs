@@ -17,6 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod acme;
 pub mod feed;
 pub mod routes;
 pub mod usage;
@@ -234,6 +235,65 @@ async fn relay_connected(
         }
     }
     Ok(())
+}
+
+/// Opens the key-value bucket `bucket` on the NATS server at `url`, making
+/// it if needed (values older than `max_age`, if set, expire). `up`, if
+/// given, follows whether the connection is up (the client reconnects by
+/// itself, and a watch goes on where it was).
+pub(crate) async fn kv_bucket(
+    url: &str,
+    bucket: &str,
+    description: &str,
+    max_age: Option<std::time::Duration>,
+    up: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+) -> Result<async_nats::jetstream::kv::Store, BusError> {
+    use std::sync::atomic::Ordering;
+    let mut options =
+        async_nats::ConnectOptions::new().connection_timeout(std::time::Duration::from_secs(5));
+    if let Some(up) = up {
+        options = options.event_callback(move |event| {
+            let up = up.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => up.store(false, Ordering::SeqCst),
+                    async_nats::Event::Connected => up.store(true, Ordering::SeqCst),
+                    _ => {}
+                }
+            }
+        });
+    }
+    let client = options
+        .connect(url)
+        .await
+        .map_err(|e| err("connecting to NATS")(&e))?;
+    let js = async_nats::jetstream::new(client);
+    if let Ok(store) = js.get_key_value(bucket).await {
+        return Ok(store);
+    }
+    // The bucket's stream, made as a key-value bucket's is (`KV_NAME`,
+    // subjects `$KV.NAME.>`, one value per key): `create_key_value` asks
+    // the server for account details a 2.9 server does not give.
+    let made = js
+        .get_or_create_stream(stream::Config {
+            name: format!("KV_{bucket}"),
+            description: Some(description.to_string()),
+            subjects: vec![format!("$KV.{bucket}.>")],
+            max_messages_per_subject: 1,
+            max_age: max_age.unwrap_or_default(),
+            storage: stream::StorageType::File,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err("making a key-value bucket")(&e))?;
+    drop(made);
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| err("opening a key-value bucket")(&e))
 }
 
 #[cfg(test)]

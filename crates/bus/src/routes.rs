@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use serde_json::Value;
 
@@ -72,51 +72,14 @@ impl SiteRoutes {
 }
 
 async fn bucket(config: &RoutesConfig, up: Option<Arc<AtomicBool>>) -> Result<kv::Store, BusError> {
-    let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
-    if let Some(up) = up {
-        // The client reconnects by itself (and the watch goes on where it
-        // was): meanwhile the follower is not up to date.
-        options = options.event_callback(move |event| {
-            let up = up.clone();
-            async move {
-                match event {
-                    async_nats::Event::Disconnected => up.store(false, Ordering::SeqCst),
-                    async_nats::Event::Connected => up.store(true, Ordering::SeqCst),
-                    _ => {}
-                }
-            }
-        });
-    }
-    let client = options
-        .connect(&config.url)
-        .await
-        .map_err(|e| err("connecting to NATS")(&e))?;
-    let js = jetstream::new(client);
-    if let Ok(store) = js.get_key_value(&config.bucket).await {
-        return Ok(store);
-    }
-    // The bucket's stream, made as a key-value bucket's is (`KV_NAME`,
-    // subjects `$KV.NAME.>`, one value per key): `create_key_value` asks
-    // the server for account details a 2.9 server does not give.
-    let made = js
-        .get_or_create_stream(jetstream::stream::Config {
-            name: format!("KV_{}", config.bucket),
-            description: Some("each site's routes, for every gateway".into()),
-            subjects: vec![format!("$KV.{}.>", config.bucket)],
-            max_messages_per_subject: 1,
-            storage: jetstream::stream::StorageType::File,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| err("making the routes' bucket")(&e))?;
-    drop(made);
-    js.get_key_value(&config.bucket)
-        .await
-        .map_err(|e| err("opening the routes' bucket")(&e))
+    crate::kv_bucket(
+        &config.url,
+        &config.bucket,
+        "each site's routes, for every gateway",
+        None,
+        up,
+    )
+    .await
 }
 
 /// Writes each site's routes to the bucket when they changed.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
-use commons_ledger::journal::{load_or_create_key, Journal};
+use commons_ledger::journal::Journal;
 use commons_ledger::{export, proof};
 
 use crate::{output, Failure};
@@ -71,8 +71,11 @@ fn open(home: &Path) -> Result<Journal, Failure> {
         .map_err(|e| Failure::Failed(e.to_string()))
 }
 
-fn key_path(home: &Path) -> PathBuf {
-    commons_runtime::Layout::new(home).custodian_key()
+/// The custodian key the platform signs with (the one its instances share
+/// on a database).
+fn custodian_key(home: &Path) -> Result<commons_ledger::journal::SigningKey, Failure> {
+    commons_server::app::money::custodian_key(home, &commons_engine::StoreConfig::from_env())
+        .map_err(Failure::Failed)
 }
 
 pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
@@ -181,8 +184,7 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
             Ok(())
         }
         LedgerCommand::Key => {
-            let key =
-                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let key = custodian_key(home)?;
             let pk = commons_ledger::hex::encode(key.verifying_key().as_bytes());
             if json {
                 output::json(&serde_json::json!({ "public_key": pk }));
@@ -193,8 +195,7 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
         }
         LedgerCommand::Checkpoint => {
             let mut j = open(home)?;
-            let key =
-                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let key = custodian_key(home)?;
             let cp = j
                 .checkpoint(&key)
                 .map_err(|e| Failure::Failed(e.to_string()))?;
@@ -210,8 +211,7 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
         }
         LedgerCommand::Export { output: path } => {
             let mut j = open(home)?;
-            let key =
-                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let key = custodian_key(home)?;
             // An export always ends with a checkpoint covering all of it.
             j.checkpoint(&key)
                 .map_err(|e| Failure::Failed(e.to_string()))?;
@@ -233,8 +233,7 @@ pub fn run(cmd: LedgerCommand, home: &Path, json: bool) -> Result<(), Failure> {
                 )));
             };
             let mut j = open(home)?;
-            let key =
-                load_or_create_key(&key_path(home)).map_err(|e| Failure::Failed(e.to_string()))?;
+            let key = custodian_key(home)?;
             let cp = j
                 .checkpoint(&key)
                 .map_err(|e| Failure::Failed(e.to_string()))?;

@@ -181,6 +181,10 @@ enum Command {
     /// Run the platform on this machine: the gateway in front of every site,
     /// the API (usage ingest, payment webhooks, tiers) and the supervisor.
     Serve(ServeArgs),
+    /// A gateway on its own, beside the platform's `commons serve` instances
+    /// on one database: routes from the bus, certificates and keys from the
+    /// database, idle sites woken through a control plane's API.
+    Gateway(GatewayArgs),
     /// Curated open-source applications: `commons deploy catalog:NAME`.
     Catalog,
     /// The platform daemon (`commons serve`) of this data directory: start,
@@ -437,7 +441,19 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     let home = cli.home.clone().unwrap_or_else(default_home);
     let store = commons_engine::StoreConfig::from_env();
-    let engine = || Engine::open(&home, &store).map_err(Failure::from);
+    // A person's command waits for a deployment the platform's idler,
+    // supervisor or another command is working on, as cargo waits for a
+    // lock on its build directory.
+    let engine = || {
+        Engine::open(&home, &store)
+            .map(|e| {
+                e.wait_for_locks(commons_engine::LockWait {
+                    patience: std::time::Duration::from_secs(600),
+                    notice: output::blocking,
+                })
+            })
+            .map_err(Failure::from)
+    };
     if let Some(remote) = remote::load(&home)? {
         if let Some(done) = remote::run(&remote, &cli.command, json) {
             return done;
@@ -685,6 +701,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Ledger(cmd) => ledger::run(cmd, &home, json),
         Command::Usage(cmd) => money::usage(cmd, &home, json),
         Command::Serve(args) => serve(&home, args),
+        Command::Gateway(args) => gateway(&home, args),
         Command::Daemon(cmd) => daemon::run(cmd, &home, json),
         Command::Agent(cmd) => agent::run(cmd, &home, json),
         Command::Data(cmd) => data::run(cmd, &home, json),
@@ -756,6 +773,20 @@ struct ServeArgs {
     /// Address of the API [default: 127.0.0.1:8070].
     #[arg(long, env = "COMMONS_LISTEN")]
     listen: Option<String>,
+    #[command(flatten)]
+    gateway: GatewayFlags,
+    /// One person's platform, on their own machine: sites from the API and
+    /// the console run unsandboxed, as this user (unsafe: let nobody else
+    /// deploy). Without it, and without the sandbox (COMMONS_SANDBOX=1, as
+    /// root), only the platform's administrator deploys.
+    #[arg(long)]
+    single_user: bool,
+}
+
+/// Where the gateway listens and how it gets certificates: `commons serve`'s
+/// gateway and `commons gateway` alike.
+#[derive(clap::Args, Debug)]
+struct GatewayFlags {
     /// The gateway's plain-HTTP address (sites at http://NAME.localhost:PORT)
     /// [default: 127.0.0.1:8080].
     #[arg(long, env = "COMMONS_GATEWAY_HTTP")]
@@ -787,35 +818,80 @@ struct ServeArgs {
     /// port 80 is closed) [default: http-01].
     #[arg(long, env = "COMMONS_ACME_CHALLENGE")]
     acme_challenge: Option<String>,
-    /// One person's platform, on their own machine: sites from the API and
-    /// the console run unsandboxed, as this user (unsafe: let nobody else
-    /// deploy). Without it, and without the sandbox (COMMONS_SANDBOX=1, as
-    /// root), only the platform's administrator deploys.
-    #[arg(long)]
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayArgs {
+    /// Configuration file [default: $COMMONS_HOME/commons.toml when it
+    /// exists]: the platform's, for its database, bus and gateway settings.
+    #[arg(long, env = "COMMONS_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    gateway: GatewayFlags,
+    /// A control plane's API (any `commons serve` instance of the platform),
+    /// which wakes idle sites; its token, with the scope runtime:wake, in
+    /// COMMONS_CONTROL_PLANE_TOKEN.
+    #[arg(long, env = "COMMONS_CONTROL_PLANE", value_name = "URL")]
+    control_plane: String,
+}
+
+/// Settings of `commons serve` (or of a gateway on its own) from flags, the
+/// environment and the configuration file.
+fn settings(
+    home: &std::path::Path,
+    config: Option<&std::path::Path>,
+    listen: Option<String>,
+    gateway: GatewayFlags,
     single_user: bool,
+) -> Result<commons_server::config::Settings, Failure> {
+    let file = commons_server::config::load(home, config).map_err(Failure::Input)?;
+    let flags = commons_server::config::ServeFlags {
+        listen,
+        http: gateway.http,
+        https: gateway.https,
+        admin: gateway.admin,
+        gateway_threads: gateway.gateway_threads,
+        acme_directory: gateway.acme_directory,
+        acme_root: gateway.acme_root,
+        acme_email: gateway.acme_email,
+        acme_challenge: gateway.acme_challenge,
+        single_user,
+    };
+    commons_server::config::resolve(home, flags, file, &|k| std::env::var(k).ok())
+        .map_err(Failure::Input)
+}
+
+fn run_failure(e: commons_server::RunError) -> Failure {
+    match e {
+        commons_server::RunError::Input(m) => Failure::Input(m),
+        commons_server::RunError::Failed(m) => Failure::Failed(m),
+    }
 }
 
 fn serve(home: &std::path::Path, args: ServeArgs) -> Result<(), Failure> {
-    let file =
-        commons_server::config::load(home, args.config.as_deref()).map_err(Failure::Input)?;
-    let flags = commons_server::config::ServeFlags {
-        listen: args.listen,
-        http: args.http,
-        https: args.https,
-        admin: args.admin,
-        gateway_threads: args.gateway_threads,
-        acme_directory: args.acme_directory,
-        acme_root: args.acme_root,
-        acme_email: args.acme_email,
-        acme_challenge: args.acme_challenge,
-        single_user: args.single_user,
-    };
-    let settings = commons_server::config::resolve(home, flags, file, &|k| std::env::var(k).ok())
-        .map_err(Failure::Input)?;
-    commons_server::run(settings).map_err(|e| match e {
-        commons_server::RunError::Input(m) => Failure::Input(m),
-        commons_server::RunError::Failed(m) => Failure::Failed(m),
-    })
+    let settings = settings(
+        home,
+        args.config.as_deref(),
+        args.listen,
+        args.gateway,
+        args.single_user,
+    )?;
+    commons_server::run(settings).map_err(run_failure)
+}
+
+/// A gateway on its own, beside the platform's instances.
+fn gateway(home: &std::path::Path, args: GatewayArgs) -> Result<(), Failure> {
+    let settings = settings(home, args.config.as_deref(), None, args.gateway, false)?;
+    let token = std::env::var("COMMONS_CONTROL_PLANE_TOKEN").map_err(|_| {
+        Failure::Input(
+            "set COMMONS_CONTROL_PLANE_TOKEN to a platform token with the scope runtime:wake \
+             (`commons token create gateway --scope runtime:wake`): the gateway asks the \
+             control plane to wake idle sites with it"
+                .into(),
+        )
+    })?;
+    let control_plane = commons_server::gateway::ControlPlane::new(args.control_plane, token);
+    commons_server::edge::run(settings, control_plane).map_err(run_failure)
 }
 
 fn domains(home: &std::path::Path, cmd: DomainsCommand, json: bool) -> Result<(), Failure> {
@@ -842,7 +918,13 @@ fn domains(home: &std::path::Path, cmd: DomainsCommand, json: bool) -> Result<()
 }
 
 fn token(home: &std::path::Path, cmd: TokenCommand, json: bool) -> Result<(), Failure> {
-    let tokens = commons_server::Tokens::new(home);
+    // The platform's tokens where its state is (shared by its instances on
+    // a database).
+    let store = commons_engine::StoreConfig::from_env();
+    let state = store
+        .open_state(&commons_runtime::Layout::new(home).state_db())
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let tokens = commons_server::Tokens::open(home, &store, state).map_err(Failure::Failed)?;
     match cmd {
         TokenCommand::Create { name, scopes } => {
             let now = commons_clock::now_ms();

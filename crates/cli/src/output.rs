@@ -22,6 +22,14 @@ pub fn warn(msg: &str) {
     eprintln!("warning: {msg}");
 }
 
+/// Said when a command waits for a deployment another process holds.
+pub fn blocking(deployment: &str) {
+    eprintln!(
+        "{:>12} waiting for another command working on deployment \"{deployment}\"",
+        "Blocking"
+    );
+}
+
 pub fn error(msg: &str) {
     eprintln!("error: {msg}");
 }

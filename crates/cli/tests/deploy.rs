@@ -375,6 +375,47 @@ components:
 }
 
 #[test]
+fn a_command_waits_for_a_deployment_another_process_holds() {
+    // The platform's idler or supervisor holds a deployment for a moment
+    // now and then; a person's command waits for it, saying so, instead of
+    // failing.
+    let s = Sandbox::new("lockwait");
+    s.blueprint("name: held\ncomponents:\n  store: { volume: {} }\n");
+    s.ok(&["deploy"]);
+    let lock = s.home.join("locks").join("held.lock");
+    let mut holder = std::process::Command::new("flock")
+        .arg(&lock)
+        .args(["sleep", "3"])
+        .spawn()
+        .expect("flock (util-linux) runs");
+    // Until the holder has it, a non-blocking try succeeds.
+    assert!(wait_for(Duration::from_secs(5), || {
+        !std::process::Command::new("flock")
+            .args(["--nonblock", "--conflict-exit-code", "9"])
+            .arg(&lock)
+            .arg("true")
+            .status()
+            .unwrap()
+            .success()
+    }));
+    let t = std::time::Instant::now();
+    let r = s.run(&["destroy", "held"]);
+    assert_eq!(r.code(), 0, "{}", r.all());
+    assert!(
+        r.stderr().contains("Blocking") && r.stderr().contains("\"held\""),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    holder.wait().unwrap();
+    assert!(!s.home.join("deployments/held/volumes/store").exists());
+}
+
+#[test]
 fn records_never_hold_a_secret() {
     let s = Sandbox::new("secrets");
     s.blueprint(
@@ -746,6 +787,7 @@ fn deploys_of_one_site_are_one_at_a_time_across_instances() {
     let schema = format!("engine_lease_{}", std::process::id());
     let first = Sandbox::new("lease-one");
     let second = Sandbox::new("lease-two");
+    first.share_keys(&second);
     // Both instances' jobs write to one file: their lines must not interleave.
     let shared = first.dir.join("both.log");
     let blueprint = format!(
@@ -815,6 +857,7 @@ fn a_period_closed_by_two_instances_at_once_is_closed_once() {
         .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
     let schema = format!("period_race_{}", std::process::id());
     let (first, second) = (Sandbox::new("race-one"), Sandbox::new("race-two"));
+    first.share_keys(&second);
     let cmd = |s: &Sandbox, args: &[&str]| {
         let mut c = s.cmd(args);
         c.env("COMMONS_DATABASE_URL", &url)
@@ -883,6 +926,13 @@ fn a_period_closed_by_two_instances_at_once_is_closed_once() {
         &["ledger", "export", "-o", export.to_str().unwrap()],
     );
     let key = String::from_utf8(ok(&first, &["ledger", "key"])).unwrap();
+    // Every instance signs with the one custodian key kept in the database,
+    // on the command line too.
+    assert_eq!(
+        String::from_utf8(ok(&second, &["ledger", "key"])).unwrap(),
+        key,
+        "one custodian key for the platform"
+    );
     ok(
         &first,
         &[
@@ -922,7 +972,7 @@ fn two_serve_instances_deploy_one_site_one_after_the_other() {
         ("COMMONS_DATABASE_SCHEMA", schema.as_str()),
     ];
     let first = one.serve(&env);
-    one.share_platform_key(&two);
+    one.share_keys(&two);
     let second = two.serve(&env);
     // One account, seen by both instances (it is in the shared store).
     signup(first.port, "ann@example.org", "Ann");

@@ -454,7 +454,7 @@ fn a_gateway_killed_under_load_loses_no_request_and_no_published_usage() {
     }
     run_ok(&mut deploy);
     let mut first = one.serve(&env);
-    one.share_platform_key(&two);
+    one.share_keys(&two);
     let second = two.serve(&env);
     let gateways = [first.http, second.http];
     // Requests made before the load (each is metered too).

@@ -204,7 +204,8 @@ components:
         "postgres_on_loopback": ["127.0.0.1", 5432],
         "postgres_on_host": ["HOST", 5432],
         "data_api_on_loopback": ["127.0.0.1", server.data],
-        "data_api_on_host": ["HOST", server.data],
+        "data_api_on_host": ["HOST", commons_runtime::net::SITE_DATA_PORT],
+        "data_listener_port_on_host": ["HOST", server.data],
         "registry": [registry_ip.to_string(), 443],
     })
     .to_string();
@@ -250,6 +251,7 @@ components:
         "postgres_on_host",
         "data_api_on_loopback",
         "data_api_on_host",
+        "data_listener_port_on_host",
     ] {
         let o = outcome(attack);
         assert!(
@@ -398,8 +400,15 @@ open(os.path.join(os.environ["COMMONS_DATA_DIR"], "egress"), "w").write(" ".join
         r#"{"lexicon": 1, "id": "org.example.keeper.n", "defs": {"main": {"type": "record", "key": "tid", "record": {"type": "object", "properties": {"t": {"type": "string"}}}}}}"#,
     );
     s.write("keeper/probe.py", PROBE);
+    // Another platform on the same host, with a data API of its own: a
+    // tenant of this one must not reach it (nor this platform's listener at
+    // any port but the one sites are given).
+    let neighbour = Sandbox::new("network-neighbour");
+    let other = neighbour.serve(&[("COMMONS_SANDBOX", "1")]);
     let keeper_targets = serde_json::json!({
-        "data_api_on_host": ["HOST", server.data],
+        "data_api_on_host": ["HOST", commons_runtime::net::SITE_DATA_PORT],
+        "data_listener_port_on_host": ["HOST", server.data],
+        "other_platforms_data_api_on_host": ["HOST", other.data],
         "api_on_host": ["HOST", server.port],
         "gateway_admin_on_host": ["HOST", server.admin],
         "postgres_on_host": ["HOST", 5432],
@@ -433,7 +442,7 @@ data:
         std::fs::read_to_string(keeper_dir.join("data_url"))
             .unwrap()
             .trim(),
-        format!("http://{host}:{}", server.data),
+        format!("http://{host}:{}", commons_runtime::net::SITE_DATA_PORT),
         "the site is told where the data API is, as it reaches it"
     );
     let reached = keeper["data_api_on_host"].as_str().unwrap_or_default();
@@ -441,7 +450,13 @@ data:
         reached.starts_with("CONNECTED HTTP/1.0 404") && reached.contains("serves the data API"),
         "the data API's own listener answers, and serves nothing but the data API: {keeper}"
     );
-    for attack in ["api_on_host", "gateway_admin_on_host", "postgres_on_host"] {
+    for attack in [
+        "data_listener_port_on_host",
+        "other_platforms_data_api_on_host",
+        "api_on_host",
+        "gateway_admin_on_host",
+        "postgres_on_host",
+    ] {
         let o = keeper[attack].as_str().unwrap_or_default();
         assert!(
             o == "refused" || o == "timeout",

@@ -33,8 +33,14 @@ fn usage_batches_need_a_scoped_token_and_conflicts_are_409() {
         .trim()
         .to_string();
     // Only hashes are kept.
-    let stored = std::fs::read_to_string(s.home.join("tokens.json")).unwrap();
+    let stored = s.stored_tokens();
     assert!(!stored.contains(&writer));
+    use sha2::Digest;
+    let hash: String = sha2::Sha256::digest(writer.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(stored.contains(&hash), "{stored}");
     let server = s.serve(&[]);
     let body = serde_json::to_vec(&vec![event("e1", 10), event("e2", 20)]).unwrap();
     let (code, out) = http(server.port, "POST", "/api/usage/events", &[], &body).unwrap();

@@ -81,6 +81,9 @@ pub struct Context {
     /// Instances replaced start-first, to stop once the gateway drained them.
     /// (component, its replaced instance)
     pub retired: Mutex<Vec<(String, Handle)>>,
+    /// The platform's other gateways, which must have drained a replaced
+    /// instance too (when instances share the store).
+    pub other_gateways: Option<std::sync::Arc<dyn commons_runtime::drivers::OtherGateways>>,
     /// The components another reads, made once (see `plan::replace_of`).
     pub read_by_others: std::sync::OnceLock<std::collections::HashSet<String>>,
 }
@@ -259,8 +262,15 @@ async fn retire_previous_replica(ctx: &Context, component: &str) {
     };
     if let Some((name, old)) = old {
         let recorded_at = now_ms() as u64;
-        commons_runtime::drivers::retire(&ctx.layout, &ctx.deployment, &name, &old, recorded_at)
-            .await;
+        commons_runtime::drivers::retire(
+            &ctx.layout,
+            &ctx.deployment,
+            &name,
+            &old,
+            recorded_at,
+            ctx.other_gateways.as_deref(),
+        )
+        .await;
     }
 }
 

@@ -8,6 +8,29 @@ use super::*;
 /// same deployment.
 const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// How often a waiting command tries a busy deployment's lock again.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What taking a deployment's lock does when another process holds it.
+#[derive(Clone, Copy)]
+pub struct LockWait {
+    /// How long to wait: zero for the platform's own background work (it
+    /// tries again on its next pass); minutes for a person's command, whose
+    /// deployment the platform's idler or supervisor may hold for a moment.
+    pub patience: std::time::Duration,
+    /// Told the deployment's name once when the wait begins.
+    pub notice: fn(&str),
+}
+
+impl Default for LockWait {
+    fn default() -> Self {
+        LockWait {
+            patience: std::time::Duration::ZERO,
+            notice: |_| {},
+        }
+    }
+}
+
 /// An exclusive lock on one deployment, released on drop (or when the
 /// process dies, since it is an `flock`) — on this machine, and, when the
 /// state is in PostgreSQL, across every instance sharing it (a lease).
@@ -17,10 +40,14 @@ pub struct Lock {
 }
 
 impl Lock {
+    /// Takes the lock; when another process on this machine holds it,
+    /// waits up to `wait.patience` (calling `wait.notice` once, so a person
+    /// hears why nothing happens yet) before answering [`EngineError::Busy`].
     pub(crate) fn take(
         path: &Path,
         deployment: &str,
         store: &StoreConfig,
+        wait: &LockWait,
     ) -> Result<Lock, EngineError> {
         use std::os::unix::io::AsRawFd;
         if let Some(dir) = path.parent() {
@@ -33,10 +60,23 @@ impl Lock {
             .open(path)
             .map_err(EngineError::io("opening the lock file"))?;
         // SAFETY: flock on a descriptor `f` owns for the whole call.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(EngineError::Busy(format!(
-                "another command is working on deployment \"{deployment}\"; wait for it to finish"
-            )));
+        let try_lock = || unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if !try_lock() {
+            let since = std::time::Instant::now();
+            if !wait.patience.is_zero() {
+                (wait.notice)(deployment);
+            }
+            loop {
+                if since.elapsed() >= wait.patience {
+                    return Err(EngineError::Busy(format!(
+                        "another command is working on deployment \"{deployment}\"; wait for it to finish"
+                    )));
+                }
+                std::thread::sleep(LOCK_POLL.min(wait.patience));
+                if try_lock() {
+                    break;
+                }
+            }
         }
         // Another instance's work on it is waited for (a deploy's image
         // pulls and health checks take minutes at most).
@@ -427,6 +467,7 @@ impl Engine {
             recorded,
             outputs: Mutex::new(outputs),
             retired: Mutex::new(Vec::new()),
+            other_gateways: self.other_gateways(),
             read_by_others: Default::default(),
         });
         let rows = apply::execute(ctx.clone(), self.store.as_ref(), tasks, jobs, progress).await?;
@@ -452,6 +493,7 @@ impl Engine {
                 component,
                 old,
                 recorded_at as u64,
+                ctx.other_gateways.as_deref(),
             )
             .await;
         }
@@ -611,6 +653,7 @@ impl Engine {
             egress: true,
             data_api: false,
             retired: Mutex::new(Vec::new()),
+            other_gateways: self.other_gateways(),
             read_by_others: Default::default(),
         });
         let rows = apply::execute(ctx, self.store.as_ref(), tasks, jobs, progress).await?;

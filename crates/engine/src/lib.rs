@@ -18,7 +18,7 @@ mod status;
 pub mod supervise;
 mod target;
 
-pub use deploy::{source_files, Lock};
+pub use deploy::{source_files, Lock, LockWait};
 
 /// A site's secret values for a cluster (see [`Engine::cluster_secrets`]).
 #[derive(Debug, Clone, Default)]
@@ -108,6 +108,7 @@ pub struct Engine {
     store: Arc<dyn StateStore>,
     store_config: StoreConfig,
     secrets: secrets::SecretBox,
+    lock_wait: deploy::LockWait,
 }
 
 impl Engine {
@@ -117,13 +118,55 @@ impl Engine {
         commons_runtime::layout::private_dir(home)
             .map_err(EngineError::io(format!("creating {}", home.display())))?;
         let layout = Layout::new(home);
-        let secrets = secrets::SecretBox::open(&layout.secrets_key())?;
+        let mut secrets = secrets::SecretBox::open(&layout.secrets_key())?;
+        let state = store.open_state(&layout.state_db())?;
+        // Instances sharing a database must share the key: site sessions,
+        // service tokens, derived passwords and everything sealed in the
+        // shared store (the gateways' certificates) come from it. The first
+        // to open the store keeps a value sealed with its key; an instance
+        // whose key does not open it is refused before it writes anything.
+        const CHECK: &[u8] = b"onecommons platform key";
+        // Read first: only the first open of a store writes the check.
+        let kept = match state.shared("check", "secrets-key")? {
+            Some(kept) => kept,
+            None => state.keep_first("check", "secrets-key", &secrets.seal("key-check", CHECK))?,
+        };
+        if secrets.open_sealed("key-check", &kept).as_deref() != Some(CHECK) {
+            return Err(EngineError::Internal(format!(
+                "{} is not the key this platform's state was made with: every instance sharing \
+                 the database needs the same file (copy it, mode 0600, from an instance that \
+                 already uses the database)",
+                layout.secrets_key().display()
+            )));
+        }
+        if matches!(store, StoreConfig::Postgres { .. }) {
+            secrets.share_through(state.clone());
+        }
         Ok(Engine {
-            store: store.open_state(&layout.state_db())?,
+            store: state,
             store_config: store.clone(),
             layout,
             secrets,
+            lock_wait: Default::default(),
         })
+    }
+
+    /// Makes this engine wait for a deployment another process is working
+    /// on, as a person's command should, instead of answering `Busy` at once.
+    pub fn wait_for_locks(mut self, wait: LockWait) -> Engine {
+        self.lock_wait = wait;
+        self
+    }
+
+    /// `plain` sealed for `purpose` with the platform's key, for what the
+    /// platform keeps outside its data directory (the shared store).
+    pub fn seal(&self, purpose: &str, plain: &[u8]) -> Vec<u8> {
+        self.secrets.seal(purpose, plain)
+    }
+
+    /// What [`Engine::seal`] sealed; `None` if it does not open.
+    pub fn open_sealed(&self, purpose: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        self.secrets.open_sealed(purpose, sealed)
     }
 
     /// Where its state is kept.
@@ -134,13 +177,18 @@ impl Engine {
     /// The exclusive lock on deployment `name`, on this machine and across
     /// the instances sharing its state.
     pub(crate) fn lock(&self, name: &str) -> Result<Lock, EngineError> {
-        Lock::take(&self.layout.lock_file(name), name, &self.store_config)
+        Lock::take(
+            &self.layout.lock_file(name),
+            name,
+            &self.store_config,
+            &self.lock_wait,
+        )
     }
 
     /// Another engine over the same data directory and store, for a thread
     /// of its own (each has its own connection).
     pub fn reopen(&self) -> Result<Engine, EngineError> {
-        Engine::open(&self.layout.home, &self.store_config)
+        Ok(Engine::open(&self.layout.home, &self.store_config)?.wait_for_locks(self.lock_wait))
     }
 
     /// The credential a deployment's processes prove who they are with
@@ -229,6 +277,34 @@ impl Engine {
     /// to an event bus).
     pub fn shared_store(&self) -> Arc<dyn StateStore> {
         self.store.clone()
+    }
+
+    /// Every gateway of the platform, when instances share this store: a
+    /// replaced instance is stopped once none of them uses it.
+    pub(crate) fn other_gateways(
+        &self,
+    ) -> Option<Arc<dyn commons_runtime::drivers::OtherGateways>> {
+        match self.store_config {
+            StoreConfig::Postgres { .. } => Some(Arc::new(SharedGateways(self.store.clone()))),
+            StoreConfig::Embedded => None,
+        }
+    }
+}
+
+/// What each gateway sharing the store says of the upstreams it uses.
+struct SharedGateways(Arc<dyn StateStore>);
+
+impl commons_runtime::drivers::OtherGateways for SharedGateways {
+    fn still_use(&self, addr: std::net::SocketAddr, since_ms: u64) -> bool {
+        use commons_runtime::drivers::{GatewayLoad, GATEWAY_LOAD_KIND};
+        let Ok(entries) = self.0.shared_since(GATEWAY_LOAD_KIND, 0) else {
+            return false;
+        };
+        let now = now_ms() as u64;
+        entries
+            .iter()
+            .filter_map(|e| serde_json::from_slice::<GatewayLoad>(&e.body).ok())
+            .any(|load| load.still_uses(addr, since_ms, now))
     }
 }
 

@@ -2,7 +2,10 @@
 //!
 //! Each deployment's secrets are one XChaCha20-Poly1305 sealed JSON map in
 //! `secrets/NAME.enc`, under a key made on first use in `secrets/key`
-//! (mode 0600). Change detection uses a keyed BLAKE3 fingerprint, so the state
+//! (mode 0600) — or, when the platform's state is on a database its
+//! instances share, in the state store's shared entries, sealed the same
+//! way (the instances share the key), so that a redeploy through any
+//! instance keeps the values another made. Change detection uses a keyed BLAKE3 fingerprint, so the state
 //! store can tell that a secret changed without holding it.
 
 use std::collections::BTreeMap;
@@ -45,7 +48,12 @@ pub fn token() -> String {
 pub struct SecretBox {
     key: [u8; 32],
     dir: PathBuf,
+    /// Where they are kept instead of files, when instances share it.
+    shared: Option<std::sync::Arc<dyn commons_store::StateStore>>,
 }
+
+/// The shared entries' kind for sites' secrets.
+const SHARED_KIND: &str = "site-secrets";
 
 impl SecretBox {
     /// Opens the key at `key_path`, creating it if it does not exist yet.
@@ -70,7 +78,21 @@ impl SecretBox {
                 ))
             }
         };
-        Ok(SecretBox { key, dir })
+        Ok(SecretBox {
+            key,
+            dir,
+            shared: None,
+        })
+    }
+
+    /// Keeps secrets in `store`'s shared entries from now on (those still
+    /// in files are read from them until saved again).
+    pub fn share_through(&mut self, store: std::sync::Arc<dyn commons_store::StateStore>) {
+        self.shared = Some(store);
+    }
+
+    fn shared_purpose(deployment: &str) -> String {
+        format!("{SHARED_KIND}/{deployment}")
     }
     fn file(&self, deployment: &str) -> PathBuf {
         self.dir.join(format!("{deployment}.enc"))
@@ -78,6 +100,20 @@ impl SecretBox {
 
     /// The stored secrets of a deployment (empty if none).
     pub fn load(&self, deployment: &str) -> Result<BTreeMap<String, String>, EngineError> {
+        if let Some(store) = &self.shared {
+            if let Some(sealed) = store.shared(SHARED_KIND, deployment)? {
+                let plain = self
+                    .open_sealed(&Self::shared_purpose(deployment), &sealed)
+                    .ok_or_else(|| {
+                        EngineError::Internal(format!(
+                            "the secrets of {deployment} in the shared store cannot be \
+                             decrypted with this instance's key"
+                        ))
+                    })?;
+                return serde_json::from_slice(&plain)
+                    .map_err(|e| EngineError::Internal(format!("secrets of {deployment}: {e}")));
+            }
+        }
         let path = self.file(deployment);
         let sealed = match std::fs::read(&path) {
             Ok(b) => b,
@@ -112,6 +148,16 @@ impl SecretBox {
     ) -> Result<(), EngineError> {
         let path = self.file(deployment);
         let plain = serde_json::to_vec(values).expect("a map of strings serialises");
+        if let Some(store) = &self.shared {
+            store.put_shared(
+                SHARED_KIND,
+                deployment,
+                &self.seal(&Self::shared_purpose(deployment), &plain),
+            )?;
+            // The file, if an earlier version kept one, is out of date now.
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
         let mut nonce = [0u8; 24];
         getrandom::getrandom(&mut nonce).expect("the OS random number generator works");
         let cipher = XChaCha20Poly1305::new(&self.key.into());
@@ -126,6 +172,47 @@ impl SecretBox {
 
     pub fn delete(&self, deployment: &str) {
         let _ = std::fs::remove_file(self.file(deployment));
+        if let Some(store) = &self.shared {
+            if let Err(e) = store.delete_shared(SHARED_KIND, deployment) {
+                eprintln!(
+                    "{:>12} the shared secrets of {deployment} may be left: {e}",
+                    "Warning"
+                );
+            }
+        }
+    }
+
+    /// `plain` sealed under a key for `purpose` alone (derived from the
+    /// platform's key): nonce, then ciphertext and tag.
+    pub fn seal(&self, purpose: &str, plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; 24];
+        getrandom::getrandom(&mut nonce).expect("the OS random number generator works");
+        let body = self
+            .purpose_cipher(purpose)
+            .encrypt(XNonce::from_slice(&nonce), plain)
+            .expect("sealing in memory does not fail");
+        let mut sealed = nonce.to_vec();
+        sealed.extend_from_slice(&body);
+        sealed
+    }
+
+    /// What [`SecretBox::seal`] sealed for `purpose`; `None` when it was
+    /// sealed with another key or for another purpose, or was altered.
+    pub fn open_sealed(&self, purpose: &str, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < 24 {
+            return None;
+        }
+        let (nonce, body) = sealed.split_at(24);
+        self.purpose_cipher(purpose)
+            .decrypt(XNonce::from_slice(nonce), body)
+            .ok()
+    }
+
+    fn purpose_cipher(&self, purpose: &str) -> XChaCha20Poly1305 {
+        let mut material = self.key.to_vec();
+        material.extend_from_slice(purpose.as_bytes());
+        let key = blake3::derive_key("onecommons sealed value v1", &material);
+        XChaCha20Poly1305::new(&key.into())
     }
 
     /// A password for `purpose` (e.g. `postgres/site/db`), derived from the
@@ -251,6 +338,93 @@ mod tests {
         assert_eq!(g.len(), 32);
         assert!(g.chars().all(|c| c.is_ascii_alphanumeric()));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_sealed_value_opens_only_with_its_key_and_purpose() {
+        let dir = std::env::temp_dir().join(format!("commons-secrets-seal-{}", std::process::id()));
+        let b = SecretBox::open(&dir.join("key")).unwrap();
+        let other = SecretBox::open(&dir.join("other/key")).unwrap();
+        let sealed = b.seal("certificate", b"-----BEGIN PRIVATE KEY-----");
+        assert!(!sealed.windows(5).any(|w| w == b"BEGIN"));
+        assert_eq!(
+            b.open_sealed("certificate", &sealed).as_deref(),
+            Some(&b"-----BEGIN PRIVATE KEY-----"[..])
+        );
+        assert_eq!(b.open_sealed("answer", &sealed), None, "another purpose");
+        assert_eq!(
+            other.open_sealed("certificate", &sealed),
+            None,
+            "another key"
+        );
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert_eq!(b.open_sealed("certificate", &altered), None);
+        assert_eq!(b.open_sealed("certificate", &sealed[..10]), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn instances_sharing_a_store_keep_one_set_of_a_sites_secrets() {
+        let dir =
+            std::env::temp_dir().join(format!("commons-secrets-shared-{}", std::process::id()));
+        let store: std::sync::Arc<dyn commons_store::StateStore> =
+            std::sync::Arc::new(commons_store::SqliteStore::memory().unwrap());
+        let mut one = SecretBox::open(&dir.join("one/key")).unwrap();
+        std::fs::create_dir_all(dir.join("two")).unwrap();
+        std::fs::copy(dir.join("one/key"), dir.join("two/key")).unwrap();
+        let mut two = SecretBox::open(&dir.join("two/key")).unwrap();
+        // A value kept in a file before the store was shared is still read.
+        let mut old = BTreeMap::new();
+        old.insert("password".to_string(), "kept-in-a-file".to_string());
+        one.save("site", &old).unwrap();
+        one.share_through(store.clone());
+        two.share_through(store.clone());
+        assert_eq!(one.load("site").unwrap(), old);
+        assert!(
+            two.load("site").unwrap().is_empty(),
+            "two never saw the file"
+        );
+
+        let mut values = BTreeMap::new();
+        values.insert("password".to_string(), "s3cr3t-shared-xyz".to_string());
+        one.save("site", &values).unwrap();
+        assert!(!dir.join("one/site.enc").exists(), "the old file is gone");
+        assert_eq!(
+            two.load("site").unwrap(),
+            values,
+            "the other instance reads it"
+        );
+        let sealed = store.shared(SHARED_KIND, "site").unwrap().unwrap();
+        assert!(!sealed.windows(17).any(|w| w == b"s3cr3t-shared-xyz"));
+        // Sealed for its site: moved under another name, it does not open.
+        store.put_shared(SHARED_KIND, "other", &sealed).unwrap();
+        assert!(two.load("other").is_err());
+        two.delete("site");
+        assert!(one.load("site").unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_engine_with_another_key_than_its_state_was_made_with_is_refused() {
+        let home = std::env::temp_dir().join(format!("commons-key-check-{}", std::process::id()));
+        let config = commons_store::StoreConfig::Embedded;
+        drop(crate::Engine::open(&home, &config).unwrap());
+        drop(crate::Engine::open(&home, &config).expect("the same key opens again"));
+        let key = home.join("secrets/key");
+        let kept = std::fs::read(&key).unwrap();
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        let refused = crate::Engine::open(&home, &config)
+            .err()
+            .expect("another key is refused")
+            .to_string();
+        assert!(
+            refused.contains("secrets/key") && refused.contains("copy it"),
+            "{refused}"
+        );
+        std::fs::write(&key, kept).unwrap();
+        assert!(crate::Engine::open(&home, &config).is_ok());
+        std::fs::remove_dir_all(home).unwrap();
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //! host). They are renewed when a third of their validity is left. The
 //! account key and every certificate and key are kept under the gateway's
 //! directory, mode 0600, and loaded again at start.
+//!
+//! Several gateways in front of one platform share what ACME gives them
+//! through a [`SharedAcme`] (the platform's shared store, sealed): one
+//! gateway orders a host's certificate while it holds that host's lease,
+//! the others wait for it and take the same certificate; every gateway
+//! answers every HTTP-01 challenge (the ACME server may reach any of them);
+//! and each picks up the certificates the others issued or renewed.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -23,7 +30,7 @@ use instant_acme::{
 
 use crate::identity::write_private_file;
 use crate::tls::Cert;
-use crate::Gateway;
+use crate::{BoxFuture, Gateway};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcmeError {
@@ -42,7 +49,38 @@ pub enum AcmeError {
     NotADomain(String),
     #[error("the issued certificate is unusable: {0}")]
     Cert(#[from] crate::tls::TlsError),
+    #[error("the gateways' shared ACME store: {0}")]
+    Shared(String),
+    #[error("another gateway is still ordering the certificate for {0}")]
+    Leased(String),
 }
+
+/// What the gateways in front of one platform share of ACME. An
+/// implementation keeps keys sealed at rest; every call may reach another
+/// machine.
+pub trait SharedAcme: Send + Sync {
+    /// The certificate chain and key (PEM) kept for `host`.
+    fn certificate(&self, host: &str) -> BoxFuture<Result<Option<(String, String)>, String>>;
+    fn save_certificate(&self, host: &str, chain: &str, key: &str)
+        -> BoxFuture<Result<(), String>>;
+    /// Certificates saved after position `after` (0: all), as (host,
+    /// chain, key), and the position to ask from next time.
+    fn certificates_since(&self, after: i64) -> BoxFuture<Result<(Vec<SharedCert>, i64), String>>;
+    /// The right to order `host`'s certificate: `Some` while held (dropped,
+    /// another gateway may take it; a gateway that dies loses it), `None`
+    /// while another gateway holds it.
+    fn lease(&self, host: &str) -> BoxFuture<Result<Option<Box<dyn Send>>, String>>;
+    /// Makes an HTTP-01 answer known to every gateway, until removed.
+    fn put_answer(&self, token: &str, key_authorization: &str) -> BoxFuture<Result<(), String>>;
+    fn answer(&self, token: &str) -> BoxFuture<Option<String>>;
+    fn remove_answer(&self, token: &str) -> BoxFuture<()>;
+}
+
+/// A certificate another gateway saved: (host, chain, key), PEM.
+pub type SharedCert = (String, String, String);
+
+/// How long a gateway waits for the one holding a host's lease.
+const LEASE_WAIT: Duration = Duration::from_secs(90);
 
 /// Where to get certificates.
 #[derive(Debug, Clone)]
@@ -105,15 +143,134 @@ pub struct Acme {
     account: tokio::sync::Mutex<Option<Account>>,
     /// One issuance per host at a time.
     issuing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    shared: Option<Arc<dyn SharedAcme>>,
+    /// The position in the shared store's certificates taken so far.
+    synced: std::sync::atomic::AtomicI64,
 }
 
 impl Acme {
+    /// ACME for one gateway: certificates kept in `config.dir`.
     pub fn new(config: AcmeConfig) -> Arc<Acme> {
+        Acme::build(config, None)
+    }
+
+    /// ACME for one of several gateways: certificates, orders and
+    /// challenge answers go through `shared` (the account stays in
+    /// `config.dir`; no certificate or key is written there).
+    pub fn shared(config: AcmeConfig, shared: Arc<dyn SharedAcme>) -> Arc<Acme> {
+        Acme::build(config, Some(shared))
+    }
+
+    fn build(config: AcmeConfig, shared: Option<Arc<dyn SharedAcme>>) -> Arc<Acme> {
         Arc::new(Acme {
             config,
             account: tokio::sync::Mutex::new(None),
             issuing: Default::default(),
+            shared,
+            synced: Default::default(),
         })
+    }
+
+    /// The HTTP-01 answer for `token` that another gateway's order put in
+    /// the shared store.
+    pub(crate) async fn shared_answer(&self, token: &str) -> Option<String> {
+        // Tokens are base64url (RFC 8555 §8.1): nothing else is looked up.
+        let plausible = !token.is_empty()
+            && token.len() <= 128
+            && token
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        match &self.shared {
+            Some(shared) if plausible => shared.answer(token).await,
+            _ => None,
+        }
+    }
+
+    /// Takes the certificates other gateways saved since the last call into
+    /// `gateway`; returns how many.
+    pub async fn sync(&self, gateway: &Gateway) -> Result<usize, AcmeError> {
+        use std::sync::atomic::Ordering;
+        let Some(shared) = &self.shared else {
+            return Ok(0);
+        };
+        let after = self.synced.load(Ordering::Relaxed);
+        let (certs, next) = shared
+            .certificates_since(after)
+            .await
+            .map_err(AcmeError::Shared)?;
+        let mut n = 0;
+        for (host, chain, key) in certs {
+            match Cert::from_pem(&chain, &key, true) {
+                // The later of what this gateway has and what was saved.
+                Ok(cert)
+                    if gateway
+                        .certs
+                        .get(&host)
+                        .is_none_or(|c| !c.acme || c.not_after <= cert.not_after) =>
+                {
+                    gateway.certs.insert(&host, cert);
+                    n += 1;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(host = %host, error = %e, "skipping a shared certificate"),
+            }
+        }
+        self.synced.fetch_max(next, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Takes `host`'s shared certificate when it is not due for renewal at
+    /// `now_s`; true if it did.
+    async fn take_shared(
+        &self,
+        shared: &dyn SharedAcme,
+        gateway: &Gateway,
+        host: &str,
+        now_s: i64,
+    ) -> Result<bool, AcmeError> {
+        let Some((chain, key)) = shared.certificate(host).await.map_err(AcmeError::Shared)? else {
+            return Ok(false);
+        };
+        let cert = Cert::from_pem(&chain, &key, true)?;
+        if cert.due_for_renewal(now_s) {
+            return Ok(false);
+        }
+        gateway.certs.insert(host, cert);
+        Ok(true)
+    }
+
+    /// Issues (or renews) `host`'s certificate once among the gateways
+    /// sharing `shared`: taken from the store if another gateway has one
+    /// not due at `now_s`, else ordered here while this gateway holds the
+    /// host's lease, else waited for.
+    async fn issue_once(
+        &self,
+        shared: &dyn SharedAcme,
+        gateway: &Gateway,
+        host: &str,
+        now_s: i64,
+    ) -> Result<(), AcmeError> {
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        loop {
+            if self.take_shared(shared, gateway, host, now_s).await? {
+                return Ok(());
+            }
+            match shared.lease(host).await.map_err(AcmeError::Shared)? {
+                Some(lease) => {
+                    // Another may have finished between the look and the lease.
+                    if self.take_shared(shared, gateway, host, now_s).await? {
+                        return Ok(());
+                    }
+                    let issued = self.issue(gateway, host).await;
+                    drop(lease);
+                    return issued;
+                }
+                None if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None => return Err(AcmeError::Leased(host.to_string())),
+            }
+        }
     }
 
     fn io(&self, source: std::io::Error) -> AcmeError {
@@ -177,7 +334,10 @@ impl Acme {
         {
             return Ok(());
         }
-        self.issue(gateway, host).await
+        match &self.shared {
+            Some(shared) => self.issue_once(shared.as_ref(), gateway, host, now).await,
+            None => self.issue(gateway, host).await,
+        }
     }
 
     /// Renews every ACME certificate due at `now_s`; returns the hosts
@@ -188,9 +348,18 @@ impl Acme {
         now_s: i64,
     ) -> Vec<(String, Result<(), AcmeError>)> {
         let mut out = Vec::new();
+        if let Err(e) = self.sync(gateway).await {
+            tracing::warn!(error = %e, "cannot read the shared certificates");
+        }
         for (host, cert) in gateway.certs.all() {
             if cert.acme && cert.due_for_renewal(now_s) {
-                let r = self.issue(gateway, &host).await;
+                let r = match &self.shared {
+                    Some(shared) => {
+                        self.issue_once(shared.as_ref(), gateway, &host, now_s)
+                            .await
+                    }
+                    None => self.issue(gateway, &host).await,
+                };
                 if let Err(e) = &r {
                     tracing::warn!(host = %host, error = %e, "certificate renewal failed");
                 }
@@ -200,14 +369,32 @@ impl Acme {
         out
     }
 
-    /// Checks for due renewals every `every`, for as long as the gateway runs.
-    pub fn spawn_renewal(self: &Arc<Self>, gateway: Arc<Gateway>, every: Duration) {
+    /// Checks for due renewals every `every`, for as long as the gateway
+    /// runs; with a shared store, takes what other gateways saved every
+    /// `sync_every` too.
+    pub fn spawn_renewal(
+        self: &Arc<Self>,
+        gateway: Arc<Gateway>,
+        every: Duration,
+        sync_every: Duration,
+    ) {
         let acme = self.clone();
         tokio::spawn(async move {
+            let mut renewed = tokio::time::Instant::now();
             loop {
-                tokio::time::sleep(every).await;
-                acme.renew_due(&gateway, commons_clock::now_secs() as i64)
-                    .await;
+                if acme.shared.is_some() {
+                    tokio::time::sleep(sync_every.min(every)).await;
+                    if let Err(e) = acme.sync(&gateway).await {
+                        tracing::warn!(error = %e, "cannot read the shared certificates");
+                    }
+                } else {
+                    tokio::time::sleep(every).await;
+                }
+                if renewed.elapsed() >= every {
+                    acme.renew_due(&gateway, commons_clock::now_secs() as i64)
+                        .await;
+                    renewed = tokio::time::Instant::now();
+                }
             }
         });
     }
@@ -280,6 +467,12 @@ impl Acme {
             let key_authorization = challenge.key_authorization();
             match self.config.challenge {
                 Challenge::Http01 => {
+                    if let Some(shared) = &self.shared {
+                        shared
+                            .put_answer(&challenge.token, key_authorization.as_str())
+                            .await
+                            .map_err(AcmeError::Shared)?;
+                    }
                     gateway
                         .challenges
                         .write()
@@ -312,6 +505,11 @@ impl Acme {
                 c.remove(t);
             }
         }
+        if let Some(shared) = &self.shared {
+            for t in &tokens {
+                shared.remove_answer(t).await;
+            }
+        }
         gateway
             .alpn_challenges
             .write()
@@ -327,11 +525,19 @@ impl Acme {
         let key = order.finalize().await?;
         let chain = order.poll_certificate(&retry).await?;
         let cert = Cert::from_pem(&chain, &key, true)?;
-        let dir = self.config.dir.join("certs");
-        write_private_file(&dir.join(format!("{host}.key")), key.as_bytes())
-            .map_err(|e| self.io(e))?;
-        write_private_file(&dir.join(format!("{host}.crt")), chain.as_bytes())
-            .map_err(|e| self.io(e))?;
+        match &self.shared {
+            Some(shared) => shared
+                .save_certificate(host, &chain, &key)
+                .await
+                .map_err(AcmeError::Shared)?,
+            None => {
+                let dir = self.config.dir.join("certs");
+                write_private_file(&dir.join(format!("{host}.key")), key.as_bytes())
+                    .map_err(|e| self.io(e))?;
+                write_private_file(&dir.join(format!("{host}.crt")), chain.as_bytes())
+                    .map_err(|e| self.io(e))?;
+            }
+        }
         gateway.certs.insert(host, cert);
         tracing::info!(host, "certificate issued");
         Ok(())

@@ -9,6 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use tokio::time::{Instant, Sleep};
 
@@ -36,22 +37,42 @@ impl Deadline {
 
     /// Runs `work` until it finishes (`Some`) or the deadline passes
     /// (`None`).
-    pub(crate) async fn within<F: Future>(&mut self, work: F) -> Option<F::Output> {
-        tokio::pin!(work);
-        loop {
-            tokio::select! {
-                biased;
-                out = &mut work => return Some(out),
-                _ = self.timer.as_mut() => {
-                    if Instant::now() >= self.due {
-                        return None;
-                    }
-                    // Fired for an earlier deadline: wait on for this one.
-                    let due = self.due;
-                    self.timer.as_mut().reset(due);
-                }
-            }
+    pub(crate) fn within<F: Future>(&mut self, work: F) -> Within<'_, F> {
+        Within {
+            deadline: self,
+            work,
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Deadline::within`]'s future: the work and the deadline, nothing
+    /// more (an async fn would hold the work twice, and an idle connection
+    /// waits in one of these).
+    pub(crate) struct Within<'a, F> {
+        deadline: &'a mut Deadline,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.work.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        while this.deadline.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= this.deadline.due {
+                return Poll::Ready(None);
+            }
+            // Fired for an earlier deadline: wait on for this one.
+            let due = this.deadline.due;
+            this.deadline.timer.as_mut().reset(due);
+        }
+        Poll::Pending
     }
 }
 

@@ -29,7 +29,7 @@ impl Gateway {
     ) {
         let proto: &[u8] = if conn.tls { b"https" } else { b"http" };
         let mut forwarded = Vec::with_capacity(64);
-        forwarded.extend_from_slice(conn.forwarded_for.as_bytes());
+        put_for(conn, &mut forwarded);
         forwarded.extend_from_slice(b";proto=");
         forwarded.extend_from_slice(proto);
         forwarded.extend_from_slice(b";host=\"");
@@ -37,7 +37,7 @@ impl Gateway {
         forwarded.push(b'"');
         put(&header::HOST, host_value);
         put(&FORWARDED, &forwarded);
-        put(&X_FORWARDED_FOR, conn.peer_ip.as_bytes());
+        put(&X_FORWARDED_FOR, conn.peer_text.as_bytes());
         put(&X_FORWARDED_PROTO, proto);
         put(&X_FORWARDED_HOST, host_value);
         if let Some(identity) = &caller.identity {
@@ -181,5 +181,35 @@ impl Gateway {
             h.insert(header::UPGRADE, proto);
             h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
+    }
+}
+
+/// `for=` of the Forwarded header (RFC 7239): an IPv6 address quoted and
+/// in brackets.
+fn put_for(conn: &ConnInfo, out: &mut Vec<u8>) {
+    let v6 = conn.peer_is_v6();
+    out.extend_from_slice(if v6 { b"for=\"[" } else { b"for=" });
+    out.extend_from_slice(conn.peer_text.as_bytes());
+    if v6 {
+        out.extend_from_slice(b"]\"");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn for_of(peer: &str) -> String {
+        let mut out = Vec::new();
+        put_for(&ConnInfo::new(peer.parse().unwrap(), false), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn forwarded_for_quotes_ipv6_and_unmaps_ipv4() {
+        assert_eq!(for_of("192.0.2.7:5000"), "for=192.0.2.7");
+        assert_eq!(for_of("[2001:db8::1]:5000"), "for=\"[2001:db8::1]\"");
+        // An IPv4 client on a dual-stack socket is an IPv4 client.
+        assert_eq!(for_of("[::ffff:192.0.2.7]:5000"), "for=192.0.2.7");
     }
 }

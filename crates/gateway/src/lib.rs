@@ -156,10 +156,9 @@ pub fn background_priority() {
 /// What a connection's requests share.
 pub(crate) struct ConnInfo {
     pub tls: bool,
-    /// `for=` of the Forwarded header and X-Forwarded-For, made once.
-    pub forwarded_for: http::HeaderValue,
-    pub peer_ip: http::HeaderValue,
-    /// The client's address as the access log shows it.
+    /// The client's address as text: X-Forwarded-For, `for=` of the
+    /// Forwarded header, the access log. One allocation, made once; idle
+    /// connections are many.
     pub peer_text: Arc<str>,
 }
 
@@ -316,21 +315,20 @@ impl Gateway {
             // ones (most) hold only what `h1` needs; TLS handshakes and
             // HTTP/2 live in boxes of their own.
             match tls {
+                // The h1 server's future is the task itself: a block
+                // around it would hold its arguments a second time.
                 None => {
-                    tokio::spawn(async move {
-                        let _open = open;
-                        h1::serve(gw, stream, info).await
-                    });
+                    tokio::spawn(h1::serve(open, stream, info));
                 }
                 Some(config) => {
                     tokio::spawn(async move {
-                        let _open = open;
                         let handshake = Box::pin(gw.handshake(stream, config)).await;
                         if let Some((stream, h2)) = handshake {
                             if h2 {
+                                let _open = open;
                                 Box::pin(gw.serve_h2(stream, info)).await
                             } else {
-                                h1::serve(gw, stream, info).await
+                                h1::serve(open, stream, info).await
                             }
                         }
                     });
@@ -608,18 +606,17 @@ impl Gateway {
 }
 
 impl ConnInfo {
-    fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
-        let ip = peer.ip().to_canonical();
-        let forwarded_for = match ip {
-            std::net::IpAddr::V4(v4) => format!("for={v4}"),
-            std::net::IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
-        };
+    pub(crate) fn new(peer: SocketAddr, tls: bool) -> ConnInfo {
         ConnInfo {
             tls,
-            forwarded_for: http::HeaderValue::from_str(&forwarded_for).expect("ascii"),
-            peer_ip: http::HeaderValue::from_str(&ip.to_string()).expect("ascii"),
-            peer_text: Arc::from(ip.to_string().as_str()),
+            peer_text: Arc::from(peer.ip().to_canonical().to_string().as_str()),
         }
+    }
+
+    /// Whether the client's address is IPv6 (quoted and bracketed in
+    /// `for=`).
+    pub(crate) fn peer_is_v6(&self) -> bool {
+        self.peer_text.contains(':')
     }
 }
 
@@ -658,8 +655,8 @@ where
     }
 }
 
-/// Counts a connection as open for as long as it lives.
-struct OpenConnection(Arc<Gateway>);
+/// Counts a connection as open for as long as it lives; its gateway.
+pub(crate) struct OpenConnection(Arc<Gateway>);
 
 impl OpenConnection {
     fn new(gw: Arc<Gateway>) -> OpenConnection {

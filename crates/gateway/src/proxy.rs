@@ -132,7 +132,7 @@ impl Gateway {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         if req.uri().path().starts_with("/.well-known/") {
-            if let Some(r) = self.platform_path(&req) {
+            if let Some(r) = self.platform_path(&req).await {
                 return r;
             }
         }
@@ -588,15 +588,21 @@ impl Gateway {
     }
 
     /// Answers the platform's own paths on every host.
-    fn platform_path(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    async fn platform_path(&self, req: &Request<Incoming>) -> Option<Response<ResponseBody>> {
         let path = req.uri().path();
         if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
-            let answer = self
+            let local = self
                 .challenges
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .get(token)
                 .cloned();
+            // Another gateway's order: its answer is in the shared store.
+            let answer = match (local, self.acme()) {
+                (Some(a), _) => Some(a),
+                (None, Some(acme)) => acme.shared_answer(token).await,
+                (None, None) => None,
+            };
             return Some(match answer {
                 Some(a) => Response::builder()
                     .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -777,7 +783,20 @@ impl Gateway {
         }
         self.metrics.wakes.fetch_add(1, Ordering::Relaxed);
         match tokio::time::timeout_at(deadline.into(), self.hooks.wake(&deployment)).await {
-            Ok(Ok(())) => routed().ok_or_else(|| unavailable("2")),
+            Ok(Ok(())) => {
+                // Awake: served once its routes reach this gateway (at once
+                // when the hook set them; a gateway that follows another's
+                // routes hears of them a moment later).
+                loop {
+                    if let Some(s) = routed() {
+                        return Ok(s);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(unavailable("2"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             Ok(Err(why)) => {
                 tracing::warn!(site = %deployment, error = %why, "wake failed");
                 Err(unavailable("10"))

@@ -7,7 +7,9 @@
 
 use std::path::Path;
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+/// The custodian's key, which signs checkpoints ([`load_or_create_key`]).
+pub use ed25519_dalek::SigningKey;
+use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::book::{Accepted, Account, Book, Entry, PeriodClosed, Refusal, Transfer};

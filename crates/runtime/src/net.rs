@@ -20,9 +20,12 @@
 //!   `HOST_IP:PGPORT` (DNAT to the server). PostgreSQL sees the site's own
 //!   address, so `pg_hba.conf` tells sites from the platform's own
 //!   connections (`host sameuser all 10.200.0.0/14 scram-sha-256`).
-//!   Likewise, for sites with a `data:` section only, the platform's data
-//!   API at `HOST_IP:PORT` (DNAT to its loopback listener, which serves the
-//!   data API and nothing else); such a site's workloads are told where in
+//!   Likewise, for sites with a `data:` section only, their own platform's
+//!   data API at `HOST_IP:8072` ([`SITE_DATA_PORT`]): the map `@data_api`
+//!   sends each such site's address to its platform's loopback listener
+//!   (which serves the data API and nothing else), so a site reaches no
+//!   other port of the host's loopback, and no other platform's data API
+//!   on the same host; such a site's workloads are told where in
 //!   `COMMONS_DATA_URL`.
 //!
 //! The namespace and its link are made with iproute2 (`ip`) and the rules
@@ -48,6 +51,10 @@ pub const DEFAULT_NETWORK: Network = Network {
     base: Ipv4Addr::new(10, 200, 0, 0),
     prefix: 14,
 };
+
+/// Where a site with a `data:` section reaches its platform's data API, on
+/// its host address, whatever port the platform's listener has on loopback.
+pub const SITE_DATA_PORT: u16 = 8072;
 
 /// Ranges a site never reaches, whatever its egress: loopback, private,
 /// shared (CGNAT), link-local, multicast and reserved.
@@ -651,9 +658,9 @@ pub fn site_network(home: &Path, deployment: &str, egress: bool) -> std::io::Res
 }
 
 /// What this process last put in the firewall's sets (`@egress_sites`,
-/// `@data_sites`), by namespace: forgotten when a namespace is removed
-/// (its index may go to another site).
-static SYNCED: Mutex<BTreeMap<(String, Allowance), bool>> = Mutex::new(BTreeMap::new());
+/// `@postgres_sites`) and map (`@data_api`: the port), by namespace:
+/// forgotten when a namespace is removed (its index may go to another site).
+static SYNCED: Mutex<BTreeMap<(String, Allowance), Option<u16>>> = Mutex::new(BTreeMap::new());
 
 /// Lets `deployment`'s network out to the internet or not, if it has one.
 pub fn set_egress(home: &Path, deployment: &str, egress: bool) -> std::io::Result<()> {
@@ -671,13 +678,21 @@ pub fn set_egress(home: &Path, deployment: &str, egress: bool) -> std::io::Resul
 /// Puts the site in or out of `what`'s set, asking nft only when this
 /// process has not set it so already.
 fn sync(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
+    sync_grant(net, what, yes.then_some(0))
+}
+
+/// [`sync`], for a grant that may carry a port (the data API's).
+fn sync_grant(net: &SiteNet, what: Allowance, grant: Option<u16>) -> std::io::Result<()> {
     let mut synced = SYNCED.lock().unwrap_or_else(|p| p.into_inner());
     let key = (net.netns.clone(), what);
-    if synced.get(&key) == Some(&yes) {
+    if synced.get(&key) == Some(&grant) {
         return Ok(());
     }
-    allow(net, what, yes)?;
-    synced.insert(key, yes);
+    match (what, grant) {
+        (Allowance::Data, Some(port)) => allow_data(net, port)?,
+        _ => allow(net, what, grant.is_some())?,
+    }
+    synced.insert(key, grant);
     Ok(())
 }
 
@@ -714,20 +729,26 @@ pub fn remove(net: &SiteNet) {
     }
 }
 
-/// Lets `net` reach the internet (`egress`), the platform's PostgreSQL
-/// server (`postgres`) or its data API (`data`), or stops it.
+/// Lets `net` reach the internet (`egress`) or the platform's PostgreSQL
+/// server (`postgres`), or stops it; `data` here only stops it (see
+/// [`allow_data`]).
 pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
-    let set = match what {
-        Allowance::Egress => "egress_sites",
-        Allowance::Postgres => "postgres_sites",
-        Allowance::Data => "data_sites",
+    let (kind, set) = match what {
+        Allowance::Egress => ("element", "egress_sites"),
+        Allowance::Postgres => ("element", "postgres_sites"),
+        Allowance::Data if yes => {
+            return Err(std::io::Error::other(
+                "the way to the data API names the platform's port (allow_data)",
+            ))
+        }
+        Allowance::Data => ("element", "data_api"),
     };
     let verb = if yes { "add" } else { "delete" };
     let r = run(
         "nft",
         &[
             verb,
-            "element",
+            kind,
             "inet",
             TABLE,
             set,
@@ -741,6 +762,20 @@ pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// Lets `net` reach its platform's data API, listening on loopback at
+/// `port`: the site's address maps to `127.0.0.1:port` and nothing else.
+/// What the map held for the address before (another port, left by a
+/// platform since restarted) goes first.
+fn allow_data(net: &SiteNet, port: u16) -> std::io::Result<()> {
+    allow(net, Allowance::Data, false)?;
+    let element = format!("{{ {} : 127.0.0.1 . {port} }}", net.site_ip);
+    run(
+        "nft",
+        &["add", "element", "inet", TABLE, "data_api", &element],
+        None,
+    )
 }
 
 /// What a site may reach beyond the gateway's requests.
@@ -763,10 +798,10 @@ pub fn data_api_url(
 ) -> std::io::Result<Option<String>> {
     let api = api.filter(|_| wanted);
     if let Some(net) = net {
-        sync(net, Allowance::Data, api.is_some())?;
+        sync_grant(net, Allowance::Data, api.map(|a| a.port()))?;
     }
     Ok(api.map(|api| match net {
-        Some(net) => format!("http://{}:{}", net.host_ip, api.port()),
+        Some(net) => format!("http://{}:{SITE_DATA_PORT}", net.host_ip),
         None => format!("http://{api}"),
     }))
 }
@@ -778,11 +813,12 @@ pub struct Firewall {
     /// The platform's PostgreSQL server, as sites with a `postgres:`
     /// component reach it (at their host address, this port).
     pub postgres: Option<SocketAddrV4>,
-    /// The platform's data API, as sites with a `data:` section reach it
-    /// (at their host address, this port). The rules name no port: the
-    /// port joins the set `data_ports`, so every process of the host (the
-    /// daemon, a CLI deploying) writes the same ruleset and none undoes
-    /// another's.
+    /// The platform's data API on loopback, which sites with a `data:`
+    /// section reach at their host address, port [`SITE_DATA_PORT`]. The
+    /// rules name no port: each such site's address maps to its own
+    /// platform's port in `@data_api`, so every process of the host (the
+    /// daemons of several platforms, a CLI deploying) writes the same
+    /// ruleset and none undoes another's or opens another's port.
     pub data_api: Option<SocketAddrV4>,
     /// The host's DNS resolvers, which sites may ask.
     pub resolvers: Vec<Ipv4Addr>,
@@ -818,13 +854,16 @@ impl Firewall {
             );
         }
         // The data API listens on IPv4 loopback only (`commons serve`
-        // refuses anything else), on a port in `data_ports`.
+        // refuses anything else): a data site's address maps to its own
+        // platform's listener; an address not in the map is not turned, and
+        // its packets meet the drop below. Only this rule turns a site's
+        // connection to SITE_DATA_PORT, so those it turned are let in.
         pg_pre.push_str(&format!(
-            "    iifname \"cmsite*\" ip saddr @data_sites ip daddr {net} tcp dport @data_ports dnat ip to 127.0.0.1\n"
+            "    iifname \"cmsite*\" ip daddr {net} tcp dport {SITE_DATA_PORT} dnat ip to ip saddr map @data_api\n"
         ));
-        pg_in.push_str(
-            "    iifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport @data_ports accept\n",
-        );
+        pg_in.push_str(&format!(
+            "    iifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst {SITE_DATA_PORT} ip daddr 127.0.0.1 accept\n",
+        ));
         let dns = if self.resolvers.is_empty() {
             String::new()
         } else {
@@ -843,8 +882,7 @@ impl Firewall {
             "add table inet {TABLE}\n\
              add set inet {TABLE} postgres_sites {{ type ipv4_addr; }}\n\
              add set inet {TABLE} egress_sites {{ type ipv4_addr; }}\n\
-             add set inet {TABLE} data_sites {{ type ipv4_addr; }}\n\
-             add set inet {TABLE} data_ports {{ type inet_service; }}\n\
+             add map inet {TABLE} data_api {{ type ipv4_addr : ipv4_addr . inet_service; }}\n\
              add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
              add chain inet {TABLE} input {{ type filter hook input priority filter - 10; policy accept; }}\n\
              add chain inet {TABLE} forward {{ type filter hook forward priority filter - 10; policy accept; }}\n\
@@ -882,22 +920,18 @@ impl Firewall {
     pub fn install(&self) -> std::io::Result<()> {
         static INSTALLED: Mutex<Option<String>> = Mutex::new(None);
         let ruleset = self.ruleset();
-        let key = format!("{ruleset}{:?}", self.data_api.map(|a| a.port()));
         let mut done = INSTALLED.lock().unwrap_or_else(|p| p.into_inner());
-        if done.as_deref() == Some(key.as_str()) {
+        if done.as_deref() == Some(ruleset.as_str()) {
             return Ok(());
         }
         run("nft", &["-f", "-"], Some(&ruleset))?;
-        if let Some(api) = self.data_api {
-            let port = format!("{{ {} }}", api.port());
-            run(
-                "nft",
-                &["add", "element", "inet", TABLE, "data_ports", &port],
-                None,
-            )?;
+        // Earlier versions let every data site reach every port in one
+        // host-wide set; no rule refers to those sets any more.
+        for old in ["data_ports", "data_sites"] {
+            let _ = run("nft", &["delete", "set", "inet", TABLE, old], None);
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-        *done = Some(key);
+        *done = Some(ruleset);
         Ok(())
     }
 }
@@ -987,10 +1021,12 @@ mod tests {
         let r = r.lines().map(str::trim).collect::<Vec<_>>().join("\n");
         // Nothing from a site to the host but replies, and PostgreSQL and
         // the data API for those allowed each.
-        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" ip saddr @data_sites ct status dnat tcp dport @data_ports accept\niifname \"cmsite*\" drop"), "{r}");
-        assert!(r.contains("ip saddr @data_sites ip daddr 10.200.0.0/14 tcp dport @data_ports dnat ip to 127.0.0.1"), "{r}");
-        // The same rules whatever the data API's port (it joins a set), so
-        // processes of one host never undo each other's.
+        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst 8072 ip daddr 127.0.0.1 accept\niifname \"cmsite*\" drop"), "{r}");
+        // Each data site to its own platform's port, by its address.
+        assert!(r.contains("iifname \"cmsite*\" ip daddr 10.200.0.0/14 tcp dport 8072 dnat ip to ip saddr map @data_api"), "{r}");
+        assert!(!r.contains("data_ports"), "no host-wide set of ports: {r}");
+        // The same rules whatever the data API's port (each site's is in
+        // the map), so processes of one host never undo each other's.
         assert_eq!(
             r,
             Firewall {

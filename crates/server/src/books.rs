@@ -74,6 +74,12 @@ pub fn read(state: &AppState) -> Result<Books, AppError> {
     // What other writers (the CLI) appended shows too.
     journal.catch_up().map_err(ledger_failed)?;
     let key_path = state.engine.layout.custodian_key();
+    // Another instance sharing the database may have signed the checkpoints.
+    if let Err(e) =
+        crate::keys::fetch_shared(&state.engine, crate::app::money::CUSTODIAN, &key_path)
+    {
+        tracing::warn!(error = %e, "cannot read the shared custodian key");
+    }
     let custodian_key = key_path
         .exists()
         .then(|| load_or_create_key(&key_path).ok())

@@ -29,6 +29,11 @@ pub const ROUTES_EVERY: Duration = Duration::from_millis(100);
 /// Routes are read from the engine at least this often, changed or not.
 pub const FULL_REFRESH: Duration = Duration::from_secs(2);
 
+/// How often certificates due for renewal are looked for.
+const ACME_RENEWAL: Duration = Duration::from_secs(3600);
+/// How often a gateway takes the certificates other instances issued.
+const ACME_SYNC: Duration = Duration::from_secs(30);
+
 /// Where the gateway listens and how it gets certificates.
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -192,10 +197,17 @@ pub fn all_routes(engine: &Engine, state: &AppState) -> Vec<RouteSpec> {
 /// `/console/site-sign-in` for one host and one gateway-made `state`,
 /// redeemed by the gateway at the site's `/.commons/sign-in` for a site
 /// session of that host (never the console session itself), each once,
-/// within a minute.
+/// within a minute. Instances sharing a database keep them in its shared
+/// entries (by the code's hash), so the gateway of any instance redeems a
+/// code another instance's console made.
 #[derive(Default)]
-pub struct SignIns(std::sync::Mutex<std::collections::HashMap<String, PendingSignIn>>);
+pub struct SignIns {
+    pending: std::sync::Mutex<std::collections::HashMap<String, PendingSignIn>>,
+    shared: Option<Arc<dyn commons_store::StateStore>>,
+    minted: std::sync::atomic::AtomicU64,
+}
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct PendingSignIn {
     /// The console session's hash: the site session ends with it.
     session_hash: String,
@@ -208,40 +220,93 @@ struct PendingSignIn {
 const SIGN_IN_CODE_MS: i64 = 60_000;
 /// Codes pending at once at most (a code lives a minute).
 const SIGN_INS_PENDING: usize = 100_000;
+/// The shared entries' kind.
+const SIGN_IN_KIND: &str = "sign-in";
+/// Expired codes are swept from the shared entries once per this many made.
+const SWEEP_EVERY: u64 = 256;
 
 impl SignIns {
+    /// Codes kept in `store`, for every instance sharing it.
+    pub fn shared(store: Arc<dyn commons_store::StateStore>) -> SignIns {
+        SignIns {
+            shared: Some(store),
+            ..SignIns::default()
+        }
+    }
+
     /// A code for the user of the console session `session` at `host`,
     /// good only with `state`.
     pub fn mint(&self, session: &str, user: &str, host: &str, state: &str) -> String {
         let code = crate::tokens::random(32);
         let now = commons_clock::now_ms();
-        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let pending = PendingSignIn {
+            session_hash: crate::tokens::hash(session),
+            user: user.to_string(),
+            host: host.to_string(),
+            state: state.to_string(),
+            expires_ms: now + SIGN_IN_CODE_MS,
+        };
+        if let Some(store) = &self.shared {
+            let body = serde_json::to_vec(&pending).expect("json");
+            match store.put_shared(SIGN_IN_KIND, &crate::tokens::hash(&code), &body) {
+                Ok(_) => {
+                    use std::sync::atomic::Ordering;
+                    if self
+                        .minted
+                        .fetch_add(1, Ordering::Relaxed)
+                        .is_multiple_of(SWEEP_EVERY)
+                    {
+                        sweep_expired(store.as_ref(), now);
+                    }
+                    return code;
+                }
+                // This instance's gateway still redeems it.
+                Err(e) => tracing::warn!(error = %e, "a sign-in code is kept here only"),
+            }
+        }
+        let mut all = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         all.retain(|_, p| p.expires_ms > now);
         if all.len() >= SIGN_INS_PENDING {
             all.clear();
         }
-        all.insert(
-            crate::tokens::hash(&code),
-            PendingSignIn {
-                session_hash: crate::tokens::hash(session),
-                user: user.to_string(),
-                host: host.to_string(),
-                state: state.to_string(),
-                expires_ms: now + SIGN_IN_CODE_MS,
-            },
-        );
+        all.insert(crate::tokens::hash(&code), pending);
         code
     }
 
     /// (console session hash, user) of `code`, if it was made for `host`
     /// and `state`, in time; a code is good once, whatever the outcome.
     fn redeem(&self, code: &str, host: &str, state: &str) -> Option<(String, String)> {
-        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let pending = all.remove(&crate::tokens::hash(code))?;
+        let hash = crate::tokens::hash(code);
+        let local = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&hash);
+        let pending = match (local, &self.shared) {
+            (Some(p), _) => p,
+            (None, Some(store)) => {
+                serde_json::from_slice(&store.take_shared(SIGN_IN_KIND, &hash).ok()??).ok()?
+            }
+            (None, None) => return None,
+        };
         (pending.host == host
             && pending.state == state
             && pending.expires_ms > commons_clock::now_ms())
         .then_some((pending.session_hash, pending.user))
+    }
+}
+
+/// Removes the shared codes that expired unused.
+fn sweep_expired(store: &dyn commons_store::StateStore, now_ms: i64) {
+    let Ok(all) = store.shared_since(SIGN_IN_KIND, 0) else {
+        return;
+    };
+    for e in all {
+        let expired = serde_json::from_slice::<PendingSignIn>(&e.body)
+            .map_or(true, |p| p.expires_ms <= now_ms);
+        if expired {
+            let _ = store.delete_shared(SIGN_IN_KIND, &e.name);
+        }
     }
 }
 
@@ -296,10 +361,104 @@ impl SiteSessions {
     }
 }
 
+/// Who wakes an idle site for a request, and who computes the routes.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// The gateway of `commons serve`: its engine wakes sites, and it
+    /// computes routes from the state (and publishes them to the bus).
+    Platform,
+    /// A gateway on its own (`commons gateway`): a control plane's API
+    /// wakes sites, and routes come from the bus's bucket (from the state
+    /// store, on the sites' host, without a bus). It runs no workload.
+    Edge(ControlPlane),
+}
+
+/// A control plane's API as a gateway on its own calls it.
+#[derive(Clone)]
+pub struct ControlPlane {
+    /// `http(s)://…` of any `commons serve` instance of the platform.
+    pub url: String,
+    /// A platform token with the scope `runtime:wake`.
+    pub token: String,
+    /// Made at the first wake, kept for the next.
+    http: Arc<OnceLock<Client>>,
+}
+
+type Client = hyper_util::client::legacy::Client<
+    crate::outbound::Https,
+    http_body_util::Full<hyper::body::Bytes>,
+>;
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("url", &self.url)
+            .field("token", &"(secret)")
+            .finish()
+    }
+}
+
+impl ControlPlane {
+    pub fn new(url: String, token: String) -> ControlPlane {
+        ControlPlane {
+            url,
+            token,
+            http: Arc::default(),
+        }
+    }
+
+    /// Asks the control plane to wake `deployment`; returns once it answers
+    /// that the site is healthy.
+    async fn wake(&self, deployment: &str) -> Result<(), String> {
+        use http_body_util::BodyExt;
+        let http = match self.http.get() {
+            Some(http) => http,
+            None => {
+                let made = crate::outbound::https_client()?;
+                self.http.get_or_init(|| made)
+            }
+        };
+        let url = format!(
+            "{}/api/deployments/{}/wake",
+            self.url.trim_end_matches('/'),
+            crate::outbound::segment(deployment)
+        );
+        let request = hyper::Request::post(&url)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .body(http_body_util::Full::new(hyper::body::Bytes::new()))
+            .map_err(|e| e.to_string())?;
+        let answer = http
+            .request(request)
+            .await
+            .map_err(|e| format!("cannot reach the control plane at {}: {e}", self.url))?;
+        let status = answer.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = answer
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let detail = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|p| p["detail"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        Err(format!(
+            "the control plane did not wake it ({status}): {detail}"
+        ))
+    }
+}
+
 /// The platform's answers to the gateway.
 struct Platform {
     state: Arc<AppState>,
     gateway: OnceLock<Weak<Gateway>>,
+    role: Role,
 }
 
 impl Hooks for Platform {
@@ -307,6 +466,12 @@ impl Hooks for Platform {
         let state = self.state.clone();
         let gateway = self.gateway.get().and_then(Weak::upgrade);
         let name = deployment.to_string();
+        if let Role::Edge(control_plane) = &self.role {
+            // The routes follow (from the bucket, or the state); the
+            // gateway waits for them.
+            let control_plane = control_plane.clone();
+            return Box::pin(async move { control_plane.wake(&name).await });
+        }
         Box::pin(async move {
             // The supervisor or the idler may hold the deployment for a
             // moment: try again until it is free (the gateway bounds the wait).
@@ -402,8 +567,15 @@ pub fn spawn(
     state: Arc<AppState>,
     settings: GatewaySettings,
     usage_bus: Option<commons_bus::usage::UsageConfig>,
-    routes_bus: Option<commons_bus::routes::RoutesConfig>,
+    bus: Option<commons_bus::RelayConfig>,
+    role: Role,
 ) -> Result<RunningGateway, String> {
+    // A gateway on its own with a bus serves what the bucket holds: the
+    // state's processes are another host's, which it cannot look at.
+    let computes_routes = matches!(role, Role::Platform) || bus.is_none();
+    let routes_bus = bus
+        .as_ref()
+        .map(|b| commons_bus::routes::RoutesConfig::new(&b.url, &b.name));
     let layout = commons_runtime::Layout::new(home);
     let dir = layout.gateway_dir();
     crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -436,10 +608,13 @@ pub fn spawn(
     let hooks = Arc::new(Platform {
         state: state.clone(),
         gateway: OnceLock::new(),
+        role: role.clone(),
     });
     let gateway = Gateway::new(settings.config.clone(), signer, tap, hooks.clone());
     let _ = hooks.gateway.set(Arc::downgrade(&gateway));
-    gateway.set_routes(all_routes(&state.engine, &state));
+    if computes_routes {
+        gateway.set_routes(all_routes(&state.engine, &state));
+    }
 
     let bind = |what: &str, addr: &str| {
         let l = std::net::TcpListener::bind(addr)
@@ -471,13 +646,25 @@ pub fn spawn(
     }
 
     let acme = settings.acme.as_ref().map(|a| {
-        acme::Acme::new(acme::AcmeConfig {
+        let config = acme::AcmeConfig {
             directory: a.directory.clone(),
             root: a.root.clone(),
             contact: a.contact.clone(),
             dir: dir.join("acme"),
             challenge: a.challenge,
-        })
+        };
+        // Instances sharing a database share their certificates, orders
+        // and challenge answers; one alone keeps them in its directory.
+        match state.engine.store_config() {
+            commons_store::StoreConfig::Postgres { .. } => acme::Acme::shared(
+                config,
+                Arc::new(crate::acme_shared::SharedStoreAcme::new(
+                    state.clone(),
+                    bus.clone(),
+                )),
+            ),
+            commons_store::StoreConfig::Embedded => acme::Acme::new(config),
+        }
     });
     if let Some(acme) = &acme {
         acme.load(&gateway).map_err(|e| e.to_string())?;
@@ -487,7 +674,7 @@ pub fn spawn(
     // With a bus, routes go through its bucket: published by every
     // instance, followed by every gateway (`routes_bus`).
     let followed = Arc::new(crate::routes_bus::Followed::default());
-    if routes_bus.is_some() {
+    if routes_bus.is_some() && computes_routes {
         // What the gateway serves from the start, whatever the bucket holds.
         let rev = state.engine.store().revision().unwrap_or(0);
         followed.set_local(rev, routes_of(&state.engine));
@@ -512,16 +699,25 @@ pub fn spawn(
                 },
                 following,
             );
-            Some(crate::routes_bus::spawn_publisher(&runtime, config.clone()))
+            computes_routes.then(|| crate::routes_bus::spawn_publisher(&runtime, config.clone()))
         }
         _ => None,
     };
+    if routes_bus.is_some() && !computes_routes {
+        eprintln!("{:>12} routes from the bus's bucket", "Following");
+    }
+
+    // Where instances share a database, every gateway says there which
+    // upstreams it uses, so an instance retiring a replaced process waits
+    // for all of them to drain it (`OtherGateways`).
+    let shared_load = SharedLoad::open(&state, &settings.config.node);
 
     // Routes follow the engine's state from a thread of their own, so the
     // proxy's event loop never waits on the state store.
     let routes_gateway = gateway.clone();
     let routes_engine = state.engine.reopen().map_err(|e| format!("engine: {e}"))?;
     let routes_state = state.clone();
+    let thread_load = shared_load.clone();
     std::thread::Builder::new()
         .name("commons-routes".into())
         .spawn(move || {
@@ -541,7 +737,14 @@ pub fn spawn(
                 // Placements on nodes change routes too.
                 let rev = engine.store().revision().ok();
                 let version = rev.map(|v| (v, routes_state.nodes.version()));
-                if version.is_none() || version != seen.0 || seen.1.elapsed() >= FULL_REFRESH {
+                if !computes_routes {
+                    // What the bucket holds (patched as it changes).
+                    if seen.1.elapsed() >= FULL_REFRESH {
+                        routes_gateway.set_routes(followed.routes());
+                        seen = (version, std::time::Instant::now());
+                    }
+                } else if version.is_none() || version != seen.0 || seen.1.elapsed() >= FULL_REFRESH
+                {
                     let mut routes = routes_of(&engine);
                     if let (Some(publisher), Some(rev)) = (&publisher, rev) {
                         let _ = publisher.send(Some((rev, crate::routes_bus::by_site(&routes))));
@@ -566,6 +769,9 @@ pub fn spawn(
                         commons_clock::now_ms()
                     );
                     let _ = commons_runtime::layout::write_whole(&state_file, json.as_bytes());
+                    if let Some(shared) = &thread_load {
+                        shared.say(json.as_bytes());
+                    }
                     last = (body, std::time::Instant::now());
                 }
                 std::thread::sleep(ROUTES_EVERY);
@@ -593,7 +799,10 @@ pub fn spawn(
                 let listener =
                     |l: std::net::TcpListener| tokio::net::TcpListener::from_std(l).expect("tokio");
                 if let Some(acme) = &acme {
-                    acme.spawn_renewal(gateway.clone(), Duration::from_secs(3600));
+                    if let Err(e) = acme.sync(&gateway).await {
+                        tracing::warn!(error = %e, "cannot read the shared certificates");
+                    }
+                    acme.spawn_renewal(gateway.clone(), ACME_RENEWAL, ACME_SYNC);
                 }
                 if let Some(l) = admin {
                     tokio::spawn(gateway.clone().serve_admin(listener(l)));
@@ -609,7 +818,60 @@ pub fn spawn(
         bound,
         gateway: serving,
         thread,
+        shared_load,
     })
+}
+
+/// This gateway's entry among the shared entries of [`GATEWAY_LOAD_KIND`]
+/// (instances sharing a database only).
+///
+/// [`GATEWAY_LOAD_KIND`]: commons_runtime::drivers::GATEWAY_LOAD_KIND
+#[derive(Clone)]
+struct SharedLoad {
+    store: Arc<dyn commons_store::StateStore>,
+    id: String,
+}
+
+/// Entries of gateways that stopped without removing theirs are removed
+/// after this long.
+const STALE_LOAD_MS: u64 = 3_600_000;
+
+impl SharedLoad {
+    fn open(state: &AppState, node: &str) -> Option<SharedLoad> {
+        use commons_runtime::drivers::{GatewayLoad, GATEWAY_LOAD_KIND};
+        if !matches!(
+            state.engine.store_config(),
+            commons_store::StoreConfig::Postgres { .. }
+        ) {
+            return None;
+        }
+        let store = state.engine.shared_store();
+        let mut random = [0u8; 8];
+        getrandom::getrandom(&mut random).ok()?;
+        let id = format!("{node}-{:016x}", u64::from_be_bytes(random));
+        // What gateways killed long ago left.
+        let now = commons_clock::now_ms() as u64;
+        for entry in store.shared_since(GATEWAY_LOAD_KIND, 0).unwrap_or_default() {
+            let stale = serde_json::from_slice::<GatewayLoad>(&entry.body)
+                .map_or(true, |l| now.saturating_sub(l.updated_ms) > STALE_LOAD_MS);
+            if stale {
+                let _ = store.delete_shared(GATEWAY_LOAD_KIND, &entry.name);
+            }
+        }
+        Some(SharedLoad { store, id })
+    }
+
+    fn say(&self, load: &[u8]) {
+        let kind = commons_runtime::drivers::GATEWAY_LOAD_KIND;
+        if let Err(e) = self.store.put_shared(kind, &self.id, load) {
+            tracing::warn!(error = %e, "cannot share the gateway's load");
+        }
+    }
+
+    fn forget(&self) {
+        let kind = commons_runtime::drivers::GATEWAY_LOAD_KIND;
+        let _ = self.store.delete_shared(kind, &self.id);
+    }
 }
 
 /// The gateway `commons serve` runs, and where it listens.
@@ -618,6 +880,7 @@ pub struct RunningGateway {
     pub bound: Vec<(String, SocketAddr)>,
     gateway: Arc<Gateway>,
     thread: std::thread::JoinHandle<()>,
+    shared_load: Option<SharedLoad>,
 }
 
 impl RunningGateway {
@@ -629,5 +892,69 @@ impl RunningGateway {
         if !self.gateway.tap.wait_handled(Duration::from_secs(5)) {
             eprintln!("gateway: some requests' usage was not written before stopping");
         }
+        // Nothing in flight any more: no retiring instance waits for it.
+        if let Some(shared) = &self.shared_load {
+            shared.forget();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_code_made_by_one_instance_is_redeemed_once_by_another() {
+        let store: Arc<dyn commons_store::StateStore> =
+            Arc::new(commons_store::SqliteStore::memory().unwrap());
+        let (console, gateway) = (
+            SignIns::shared(store.clone()),
+            SignIns::shared(store.clone()),
+        );
+        let code = console.mint("cmss_session", "ann", "shop.example.test", "st");
+        assert!(
+            console.pending.lock().unwrap().is_empty(),
+            "kept in the store"
+        );
+        let (session, user) = gateway
+            .redeem(&code, "shop.example.test", "st")
+            .expect("the other instance redeems it");
+        assert_eq!(
+            (session.as_str(), user.as_str()),
+            (crate::tokens::hash("cmss_session").as_str(), "ann")
+        );
+        assert_eq!(
+            console.redeem(&code, "shop.example.test", "st"),
+            None,
+            "once"
+        );
+
+        // A code tried at another host or with another state is spent.
+        let code = console.mint("cmss_session", "ann", "shop.example.test", "st");
+        assert_eq!(gateway.redeem(&code, "evil.example.test", "st"), None);
+        assert_eq!(gateway.redeem(&code, "shop.example.test", "st"), None);
+        let code = console.mint("cmss_session", "ann", "shop.example.test", "st");
+        assert_eq!(gateway.redeem(&code, "shop.example.test", "other"), None);
+        assert!(store.shared_since(SIGN_IN_KIND, 0).unwrap().is_empty());
+
+        // Codes nobody redeemed are swept once expired.
+        let stale = serde_json::to_vec(&PendingSignIn {
+            session_hash: String::new(),
+            user: "bob".into(),
+            host: "h".into(),
+            state: "s".into(),
+            expires_ms: 1,
+        })
+        .unwrap();
+        store.put_shared(SIGN_IN_KIND, "stale", &stale).unwrap();
+        let live = console.mint("cmss_session", "ann", "shop.example.test", "st");
+        sweep_expired(store.as_ref(), commons_clock::now_ms());
+        let left: Vec<String> = store
+            .shared_since(SIGN_IN_KIND, 0)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(left, [crate::tokens::hash(&live)]);
     }
 }

@@ -9,6 +9,7 @@
 //! appears in a response or a log line.
 
 pub mod accounts;
+mod acme_shared;
 pub mod agents;
 pub mod api;
 pub mod app;
@@ -21,11 +22,13 @@ mod console_data;
 mod console_nodes;
 mod console_placements;
 pub mod data;
+pub mod edge;
 pub mod error;
 pub mod feed_bus;
 pub mod gateway;
 pub mod hosts;
 pub mod http;
+mod keys;
 pub mod local;
 pub mod my_money;
 pub mod my_usage;
@@ -152,7 +155,19 @@ impl AppState {
         }
         let engine = commons_engine::Engine::open(home, store).map_err(|e| err("engine", &e))?;
         let layout = engine.layout.clone();
+        // The gateway's identity key (made here the first time), as every
+        // instance sharing the database holds it.
+        commons_gateway::identity::Signer::open(&layout.identity_key())
+            .map_err(|e| err("identity key", &e))?;
+        keys::adopt_shared(&engine, "gateway-identity", &layout.identity_key())
+            .map_err(|e| err("identity key", &e))?;
         let site_sessions = gateway::SiteSessions::new(&engine);
+        let sign_ins = match store {
+            commons_store::StoreConfig::Embedded => gateway::SignIns::default(),
+            commons_store::StoreConfig::Postgres { .. } => {
+                gateway::SignIns::shared(engine.shared_store())
+            }
+        };
         let nodes = std::sync::Arc::new(
             nodes::Nodes::open(home, nodes::NodeSettings::default())
                 .map_err(|e| err("nodes", &e))?,
@@ -167,7 +182,8 @@ impl AppState {
             ),
             stripe: stripe_secret.map(Stripe::new),
             stripe_api: None,
-            tokens: Tokens::new(home),
+            tokens: Tokens::open(home, store, engine.shared_store())
+                .map_err(|e| err("tokens", &e))?,
             accounts: accounts::Accounts::new(
                 store
                     .open_accounts(&layout.state_db())
@@ -180,7 +196,7 @@ impl AppState {
             oidc: oidc::Provider::new(layout.oidc_key()),
             public_url: std::sync::OnceLock::new(),
             deploys: Mutex::new(std::collections::HashMap::new()),
-            sign_ins: gateway::SignIns::default(),
+            sign_ins,
             site_sessions,
             books_export: Mutex::new(None),
             nodes: nodes.clone(),

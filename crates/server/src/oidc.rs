@@ -120,15 +120,19 @@ impl Provider {
         Some((a.user_id.clone(), a.client_id.clone(), scopes))
     }
 
-    /// The signing key, loading or making it the first time.
-    async fn signer(&self) -> Result<&RsaSigner, String> {
+    /// The signing key, loading or making it the first time (as every
+    /// instance sharing `engine`'s database holds it).
+    async fn signer(&self, engine: &commons_engine::Engine) -> Result<&RsaSigner, String> {
         if let Some(s) = self.signer.get() {
             return Ok(s);
         }
         let path = self.key_path.clone();
-        let made = tokio::task::spawn_blocking(move || RsaSigner::open(&path))
+        let mut made = tokio::task::spawn_blocking(move || RsaSigner::open(&path))
             .await
             .map_err(|e| e.to_string())??;
+        if crate::keys::adopt_shared(engine, "oidc", &self.key_path)? {
+            made = RsaSigner::open(&self.key_path)?;
+        }
         // Two first requests at once: whichever was set first is kept (both
         // read the same file, or the second made it over the first's).
         let _ = self.signer.set(made);
@@ -181,7 +185,7 @@ async fn discovery(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Re
 }
 
 async fn jwks(State(state): State<Arc<AppState>>) -> Response {
-    match state.oidc.signer().await {
+    match state.oidc.signer(&state.engine).await {
         Ok(s) => Json(serde_json::json!({ "keys": [s.jwk()] })).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "the OpenID provider's key");
@@ -597,7 +601,7 @@ async fn token(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
             },
         );
     }
-    let id_token = match state.oidc.signer().await {
+    let id_token = match state.oidc.signer(&state.engine).await {
         Ok(s) => s.sign(&claims),
         Err(e) => {
             tracing::error!(error = %e, "the OpenID provider's key");

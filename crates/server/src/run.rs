@@ -67,7 +67,7 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
         .map(crate::stripe_api::StripeApi::new)
         .transpose()
         .map_err(RunError::Failed)?;
-    bootstrap_admin(&home)?;
+    bootstrap_admin(&home, &state.tokens)?;
     let supervisor_engine = state
         .engine
         .reopen()
@@ -194,14 +194,16 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
                 commons_bus::feed::FeedConfig::new(&b.url, &b.name),
             );
         }
-        let routes_bus = settings
-            .bus
-            .as_ref()
-            .map(|b| commons_bus::routes::RoutesConfig::new(&b.url, &b.name));
         let stopping_usage = usage_bus.clone();
-        let gateway =
-            crate::gateway::spawn(&home, state.clone(), settings.gateway, usage_bus, routes_bus)
-                .map_err(RunError::Input)?;
+        let gateway = crate::gateway::spawn(
+            &home,
+            state.clone(),
+            settings.gateway,
+            usage_bus,
+            settings.bus.clone(),
+            crate::gateway::Role::Platform,
+        )
+        .map_err(RunError::Input)?;
         let bound = gateway.bound.clone();
         for (what, addr) in &bound {
             eprintln!("{:>12} {what} {addr} (gateway)", "Listening");
@@ -277,8 +279,7 @@ fn warn_about_isolation(runtime: &commons_runtime::RuntimeSettings) {
 /// On the first start, the platform's administrator: a token with every
 /// scope, shown once — on the terminal when there is one, else only in a
 /// file of the platform's (mode 0600), so it never lands in a log.
-fn bootstrap_admin(home: &std::path::Path) -> Result<(), RunError> {
-    let tokens = crate::Tokens::new(home);
+fn bootstrap_admin(home: &std::path::Path, tokens: &crate::Tokens) -> Result<(), RunError> {
     let existing = tokens.list().map_err(|e| RunError::Failed(e.to_string()))?;
     if existing
         .iter()

@@ -186,6 +186,31 @@ pub trait StateStore: Send + Sync {
     fn revision(&self) -> Result<i64>;
     /// Changes after `rev`, oldest first, at most `limit`.
     fn changes_since(&self, rev: i64, limit: u32) -> Result<Vec<Change>>;
+
+    /// What the platform's instances keep for one another beside the
+    /// engine's state (the gateways' certificates, a key's check), by kind
+    /// and name: bytes the caller has sealed, never read here. Not part of
+    /// the outbox. Keeps `body` under (kind, name) unless something is
+    /// there already, and returns what is kept: the first writer wins.
+    fn keep_first(&self, kind: &str, name: &str, body: &[u8]) -> Result<Vec<u8>>;
+    /// Sets (kind, name) to `body`; returns the entry's new sequence
+    /// number, larger than any before it of that kind.
+    fn put_shared(&self, kind: &str, name: &str, body: &[u8]) -> Result<i64>;
+    fn shared(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Entries of `kind` set after sequence number `after`, oldest first.
+    fn shared_since(&self, kind: &str, after: i64) -> Result<Vec<SharedEntry>>;
+    fn delete_shared(&self, kind: &str, name: &str) -> Result<()>;
+    /// Removes (kind, name) and returns what it held: of several takers at
+    /// once, one gets it.
+    fn take_shared(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>>;
+}
+
+/// One entry of [`StateStore::shared_since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedEntry {
+    pub name: String,
+    pub body: Vec<u8>,
+    pub seq: i64,
 }
 
 /// How many of the latest changes the outbox keeps: a consumer further

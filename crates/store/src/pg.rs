@@ -32,6 +32,11 @@ CREATE INDEX IF NOT EXISTS audit_by_org ON audit (org, seq);
 CREATE TABLE IF NOT EXISTS changes (
     rev BIGSERIAL PRIMARY KEY, key TEXT NOT NULL, kind TEXT NOT NULL,
     payload TEXT NOT NULL, at_ms BIGINT NOT NULL);
+CREATE SEQUENCE IF NOT EXISTS shared_seq;
+CREATE TABLE IF NOT EXISTS shared (
+    kind TEXT NOT NULL, name TEXT NOT NULL, body BYTEA NOT NULL,
+    seq BIGINT NOT NULL DEFAULT nextval('shared_seq'), PRIMARY KEY (kind, name));
+CREATE INDEX IF NOT EXISTS shared_by_seq ON shared (kind, seq);
 ";
 
 /// Adds a change to the outbox, in the caller's transaction (dropping, now
@@ -419,6 +424,93 @@ impl StateStore for PgStore {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect())
+        })
+    }
+
+    fn keep_first(&self, kind: &str, name: &str, body: &[u8]) -> Result<Vec<u8>> {
+        let (kind, name, body) = (kind.to_string(), name.to_string(), body.to_vec());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO shared (kind, name, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (kind, name) DO NOTHING",
+                &[&kind, &name, &body],
+            )
+            .map_err(pg)?;
+            Ok(c.query_one(
+                "SELECT body FROM shared WHERE kind = $1 AND name = $2",
+                &[&kind, &name],
+            )
+            .map_err(pg)?
+            .get(0))
+        })
+    }
+
+    fn put_shared(&self, kind: &str, name: &str, body: &[u8]) -> Result<i64> {
+        let (kind, name, body) = (kind.to_string(), name.to_string(), body.to_vec());
+        self.with(move |c| {
+            Ok(c.query_one(
+                "INSERT INTO shared (kind, name, body) VALUES ($1, $2, $3)
+                 ON CONFLICT (kind, name)
+                 DO UPDATE SET body = excluded.body, seq = nextval('shared_seq')
+                 RETURNING seq",
+                &[&kind, &name, &body],
+            )
+            .map_err(pg)?
+            .get(0))
+        })
+    }
+
+    fn shared(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        let (kind, name) = (kind.to_string(), name.to_string());
+        self.with(move |c| {
+            Ok(c.query_opt(
+                "SELECT body FROM shared WHERE kind = $1 AND name = $2",
+                &[&kind, &name],
+            )
+            .map_err(pg)?
+            .map(|r| r.get(0)))
+        })
+    }
+
+    fn shared_since(&self, kind: &str, after: i64) -> Result<Vec<SharedEntry>> {
+        let kind = kind.to_string();
+        self.with(move |c| {
+            Ok(c.query(
+                "SELECT name, body, seq FROM shared WHERE kind = $1 AND seq > $2 ORDER BY seq",
+                &[&kind, &after],
+            )
+            .map_err(pg)?
+            .iter()
+            .map(|r| SharedEntry {
+                name: r.get(0),
+                body: r.get(1),
+                seq: r.get(2),
+            })
+            .collect())
+        })
+    }
+
+    fn delete_shared(&self, kind: &str, name: &str) -> Result<()> {
+        let (kind, name) = (kind.to_string(), name.to_string());
+        self.with(move |c| {
+            c.execute(
+                "DELETE FROM shared WHERE kind = $1 AND name = $2",
+                &[&kind, &name],
+            )
+            .map_err(pg)?;
+            Ok(())
+        })
+    }
+
+    fn take_shared(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        let (kind, name) = (kind.to_string(), name.to_string());
+        self.with(move |c| {
+            Ok(c.query_opt(
+                "DELETE FROM shared WHERE kind = $1 AND name = $2 RETURNING body",
+                &[&kind, &name],
+            )
+            .map_err(pg)?
+            .map(|r| r.get(0)))
         })
     }
 

@@ -65,7 +65,15 @@ const MIGRATIONS: &[&[&str]] = &[
     &[crate::accounts::SCHEMA, AUDIT],
     &[crate::accounts::OIDC_SCHEMA],
     &[OUTBOX],
+    &[SHARED],
 ];
+
+const SHARED: &str = "
+CREATE TABLE shared (
+    kind TEXT NOT NULL, name TEXT NOT NULL, body BLOB NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY (kind, name));
+CREATE INDEX shared_by_seq ON shared (kind, seq);
+";
 
 const OUTBOX: &str = "
 CREATE TABLE changes (
@@ -462,6 +470,87 @@ impl StateStore for SqliteStore {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
+        })
+    }
+
+    fn keep_first(&self, kind: &str, name: &str, body: &[u8]) -> Result<Vec<u8>> {
+        // `WHERE true`: SQLite reads `ON CONFLICT` after a bare `SELECT ...
+        // FROM` as a join's constraint.
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.prepare_cached(
+                "INSERT INTO shared (kind, name, body, seq)
+                 SELECT ?1, ?2, ?3, COALESCE(MAX(seq), 0) + 1 FROM shared WHERE true
+                 ON CONFLICT (kind, name) DO NOTHING",
+            )?
+            .execute(params![kind, name, body])?;
+            let kept = tx
+                .prepare_cached("SELECT body FROM shared WHERE kind = ?1 AND name = ?2")?
+                .query_row(params![kind, name], |r| r.get(0))?;
+            tx.commit()?;
+            Ok(kept)
+        })
+    }
+
+    fn put_shared(&self, kind: &str, name: &str, body: &[u8]) -> Result<i64> {
+        self.with(|c| {
+            Ok(c.prepare_cached(
+                "INSERT INTO shared (kind, name, body, seq)
+                 SELECT ?1, ?2, ?3, COALESCE(MAX(seq), 0) + 1 FROM shared WHERE true
+                 ON CONFLICT (kind, name) DO UPDATE SET body = excluded.body, seq = excluded.seq
+                 RETURNING seq",
+            )?
+            .query_row(params![kind, name, body], |r| r.get(0))?)
+        })
+    }
+
+    fn shared(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        use rusqlite::OptionalExtension;
+        self.with(|c| {
+            Ok(
+                c.prepare_cached("SELECT body FROM shared WHERE kind = ?1 AND name = ?2")?
+                    .query_row(params![kind, name], |r| r.get(0))
+                    .optional()?,
+            )
+        })
+    }
+
+    fn shared_since(&self, kind: &str, after: i64) -> Result<Vec<SharedEntry>> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, body, seq FROM shared WHERE kind = ?1 AND seq > ?2 ORDER BY seq",
+            )?;
+            let rows = stmt
+                .query_map(params![kind, after], |r| {
+                    Ok(SharedEntry {
+                        name: r.get(0)?,
+                        body: r.get(1)?,
+                        seq: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn delete_shared(&self, kind: &str, name: &str) -> Result<()> {
+        self.with(|c| {
+            c.prepare_cached("DELETE FROM shared WHERE kind = ?1 AND name = ?2")?
+                .execute(params![kind, name])?;
+            Ok(())
+        })
+    }
+
+    fn take_shared(&self, kind: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        use rusqlite::OptionalExtension;
+        self.with(|c| {
+            Ok(
+                c.prepare_cached(
+                    "DELETE FROM shared WHERE kind = ?1 AND name = ?2 RETURNING body",
+                )?
+                .query_row(params![kind, name], |r| r.get(0))
+                .optional()?,
+            )
         })
     }
 

@@ -129,6 +129,45 @@ fn suite(s: &dyn StateStore) {
         1,
         "runs start again after a delete"
     );
+
+    // What instances keep for one another: the first writer of a check wins.
+    let rev = s.revision().unwrap();
+    assert_eq!(s.keep_first("check", "k", b"one").unwrap(), b"one");
+    assert_eq!(s.keep_first("check", "k", b"two").unwrap(), b"one");
+    assert_eq!(
+        s.shared("check", "k").unwrap().as_deref(),
+        Some(&b"one"[..])
+    );
+    assert_eq!(s.shared("check", "nope").unwrap(), None);
+    let first = s.put_shared("cert", "a.example", b"a1").unwrap();
+    let second = s.put_shared("cert", "b.example", b"b1").unwrap();
+    let third = s.put_shared("cert", "a.example", b"a2").unwrap();
+    assert!(first < second && second < third);
+    let since = s.shared_since("cert", first).unwrap();
+    assert_eq!(
+        since
+            .iter()
+            .map(|e| (e.name.as_str(), e.body.as_slice()))
+            .collect::<Vec<_>>(),
+        [("b.example", &b"b1"[..]), ("a.example", &b"a2"[..])]
+    );
+    assert!(s.shared_since("cert", third).unwrap().is_empty());
+    assert!(
+        s.shared_since("check", 0).unwrap().len() == 1,
+        "kinds are apart"
+    );
+    assert_eq!(
+        s.take_shared("cert", "b.example").unwrap().as_deref(),
+        Some(&b"b1"[..])
+    );
+    assert_eq!(
+        s.take_shared("cert", "b.example").unwrap(),
+        None,
+        "taken once"
+    );
+    s.delete_shared("cert", "a.example").unwrap();
+    assert_eq!(s.shared("cert", "a.example").unwrap(), None);
+    assert_eq!(s.revision().unwrap(), rev, "not part of the outbox");
 }
 
 fn entry(action: &str, target: &str, org: Option<&str>) -> accounts::AuditEntry {

@@ -185,6 +185,29 @@ impl Sandbox {
         }
     }
 
+    /// The platform's token records, as text: `tokens.json`, or its shared
+    /// entries in the scale-out configuration.
+    pub fn stored_tokens(&self) -> String {
+        match &self.scale_out {
+            None => std::fs::read_to_string(self.home.join("tokens.json")).unwrap(),
+            Some(s) => {
+                let mut db = postgres::Client::connect(&s.database_url, postgres::NoTls).unwrap();
+                db.query(
+                    &format!(
+                        "SELECT convert_from(body, 'UTF8') FROM {}.shared WHERE kind = 'platform-token'",
+                        s.schema
+                    ),
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+            }
+        }
+    }
+
     /// Whether this machine keeps a platform's state (the CLI acted
     /// locally): its `state.db`, or its tables in the scale-out schema.
     pub fn has_local_state(&self) -> bool {
@@ -227,17 +250,40 @@ impl Sandbox {
             .unwrap_or(commons_bus::DEFAULT_NAME)
     }
 
-    /// Gives `other` this platform's DataCommons key, as an operator does
-    /// for every instance sharing one database (their accounts are sealed
-    /// with it; an instance with a key of its own is refused).
-    pub fn share_platform_key(&self, other: &Sandbox) {
-        let key = std::fs::read(self.home.join("datacommons/platform.key"))
-            .expect("the first instance made its key");
-        std::fs::create_dir_all(other.home.join("datacommons")).unwrap();
-        let path = other.home.join("datacommons/platform.key");
-        std::fs::write(&path, key).unwrap();
+    /// Gives `other` this platform's keys, as an operator does for every
+    /// instance sharing one database: the platform's key (`secrets/key`,
+    /// made here first if this instance has not run yet: site sessions,
+    /// service tokens and what is sealed in the shared store come from it)
+    /// and, once this instance made it, the DataCommons key its accounts are
+    /// sealed with. An instance with keys of its own is refused.
+    pub fn share_keys(&self, other: &Sandbox) {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let copy = |from: &std::path::Path, to: &std::path::Path| {
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::set_permissions(to.parent().unwrap(), std::fs::Permissions::from_mode(0o700))
+                .unwrap();
+            std::fs::write(to, std::fs::read(from).unwrap()).unwrap();
+            std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        let key = self.home.join("secrets/key");
+        if !key.exists() {
+            let mut bytes = [0u8; 32];
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom")
+                .unwrap()
+                .read_exact(&mut bytes)
+                .unwrap();
+            let made = self.home.join("secrets/key.made");
+            std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+            std::fs::write(&made, bytes).unwrap();
+            copy(&made, &key);
+            std::fs::remove_file(made).unwrap();
+        }
+        copy(&key, &other.home.join("secrets/key"));
+        let data = self.home.join("datacommons/platform.key");
+        if data.exists() {
+            copy(&data, &other.home.join("datacommons/platform.key"));
+        }
     }
 
     /// The status entry of one component.
@@ -830,6 +876,11 @@ pub struct Load {
 
 impl Load {
     pub fn start(port: u16, host: &str, seconds: u64) -> Load {
+        Load::start_with(port, host, seconds, &[])
+    }
+
+    /// [`Load::start`] with more of wrk's arguments (`-s SCRIPT`).
+    pub fn start_with(port: u16, host: &str, seconds: u64, extra: &[&str]) -> Load {
         let found = std::env::var_os("PATH")
             .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("wrk").exists()));
         assert!(
@@ -840,6 +891,7 @@ impl Load {
         let child = std::process::Command::new("wrk")
             .args(["-t1", "-c8", &format!("-d{seconds}s"), "--timeout", "10s"])
             .args(["-H", &format!("Host: {host}")])
+            .args(extra)
             .arg(format!("http://127.0.0.1:{port}/"))
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

@@ -3,7 +3,7 @@
 mod job;
 pub mod postgres;
 mod process;
-pub use process::gateway_still_uses;
+pub use process::{gateway_still_uses, GatewayLoad, OtherGateways, GATEWAY_LOAD_KIND};
 mod resources;
 
 use crate::{Applied, BoxFuture, DriverError, Handle, Layout, Observed, Spec};

@@ -257,15 +257,53 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 /// The gateway rewrites its state at least this often while it runs.
 const GATEWAY_FRESH_MS: u64 = 3_000;
 
-/// Stops a replaced instance once no request can reach it: the gateway
-/// (if one runs) no longer routes to its address and has no request in flight
-/// there. `since_ms` is when the new instance was recorded.
+/// What a gateway says, at least every second while it runs, about the
+/// upstreams it uses: this host's gateway in its data directory's
+/// `gateway/state.json`, and every gateway of a platform whose instances
+/// share a database in its shared entries ([`GATEWAY_LOAD_KIND`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GatewayLoad {
+    pub updated_ms: u64,
+    /// "IP:PORT" → requests in flight (those it routes to, and those it
+    /// stopped routing to with requests still in flight).
+    pub upstreams: std::collections::BTreeMap<String, u64>,
+}
+
+/// The kind of the state store's shared entries that hold each gateway's
+/// [`GatewayLoad`], by gateway.
+pub const GATEWAY_LOAD_KIND: &str = "gateway-load";
+
+impl GatewayLoad {
+    /// Whether this gateway, if it still runs, routes to `addr` or has
+    /// requests in flight there, or has not yet said anything since the
+    /// state written at `since_ms` (so may still route there).
+    pub fn still_uses(&self, addr: std::net::SocketAddr, since_ms: u64, now_ms: u64) -> bool {
+        if now_ms.saturating_sub(self.updated_ms) > GATEWAY_FRESH_MS {
+            // It does not run: nothing routes there.
+            return false;
+        }
+        self.updated_ms <= since_ms || self.upstreams.contains_key(&addr.to_string())
+    }
+}
+
+/// Gateways beyond this host's own file: every gateway of the platform,
+/// where its instances share a database (other instances', gateways on
+/// their own).
+pub trait OtherGateways: Send + Sync {
+    /// Whether any of them still uses `addr` (see [`GatewayLoad::still_uses`]).
+    fn still_use(&self, addr: std::net::SocketAddr, since_ms: u64) -> bool;
+}
+
+/// Stops a replaced instance once no request can reach it: no gateway that
+/// runs (this host's, and `others`) routes to its address or has a request
+/// in flight there. `since_ms` is when the new instance was recorded.
 pub async fn retire(
     layout: &Layout,
     deployment: &str,
     component: &str,
     old: &Handle,
     since_ms: u64,
+    others: Option<&dyn OtherGateways>,
 ) {
     if old.pid.is_none() || old.instance.is_none() {
         return;
@@ -274,32 +312,22 @@ pub async fn retire(
         let deadline = Instant::now() + DRAIN_LIMIT;
         let addr =
             std::net::SocketAddr::from((old.addr.unwrap_or(std::net::Ipv4Addr::LOCALHOST), port));
-        while Instant::now() < deadline && gateway_still_uses(layout, addr, since_ms) {
+        while Instant::now() < deadline
+            && (gateway_still_uses(layout, addr, since_ms)
+                || others.is_some_and(|o| o.still_use(addr, since_ms)))
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
     stop_instance(deployment, component, old, STOP_GRACE).await;
 }
 
-/// True while a running gateway routes to `addr` or has requests in flight
-/// there, or has not yet seen the state written at `since_ms`.
+/// True while this host's gateway runs and routes to `addr` or has
+/// requests in flight there, or has not yet seen the state written at
+/// `since_ms`.
 pub fn gateway_still_uses(layout: &Layout, addr: std::net::SocketAddr, since_ms: u64) -> bool {
-    #[derive(serde::Deserialize)]
-    struct State {
-        updated_ms: u64,
-        /// "IP:PORT" → requests in flight.
-        upstreams: std::collections::HashMap<String, u64>,
-    }
-    let Some(state) = std::fs::read(layout.gateway_state())
+    std::fs::read(layout.gateway_state())
         .ok()
-        .and_then(|b| serde_json::from_slice::<State>(&b).ok())
-    else {
-        return false;
-    };
-    let now = commons_clock::now_ms() as u64;
-    if now.saturating_sub(state.updated_ms) > GATEWAY_FRESH_MS {
-        // No gateway runs: nothing routes there.
-        return false;
-    }
-    state.updated_ms <= since_ms || state.upstreams.contains_key(&addr.to_string())
+        .and_then(|b| serde_json::from_slice::<GatewayLoad>(&b).ok())
+        .is_some_and(|load| load.still_uses(addr, since_ms, commons_clock::now_ms() as u64))
 }

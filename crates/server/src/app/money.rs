@@ -340,6 +340,27 @@ pub fn period_totals(state: &AppState) -> Result<Vec<PeriodTotals>> {
     Ok(out)
 }
 
+/// The custodian key's name among the keys instances share.
+pub(crate) const CUSTODIAN: &str = "ledger-custodian";
+
+/// The key the platform signs its journal's checkpoints with, for a
+/// command run beside it (`commons ledger`): where instances share a
+/// database, the one they keep there (this data directory's file becomes
+/// it, or it becomes theirs if none is kept yet); else this data
+/// directory's own.
+pub fn custodian_key(
+    home: &std::path::Path,
+    store: &commons_store::StoreConfig,
+) -> std::result::Result<commons_ledger::journal::SigningKey, String> {
+    let path = commons_runtime::Layout::new(home).custodian_key();
+    load_or_create_key(&path).map_err(|e| e.to_string())?;
+    if let commons_store::StoreConfig::Postgres { .. } = store {
+        let engine = commons_engine::Engine::open(home, store).map_err(|e| e.to_string())?;
+        crate::keys::adopt_shared(&engine, CUSTODIAN, &path)?;
+    }
+    load_or_create_key(&path).map_err(|e| e.to_string())
+}
+
 /// The latest checkpoint if it covers the whole journal, else a new one
 /// signed now (so reading the books never grows them).
 pub fn covering_checkpoint(state: &AppState, journal: &mut Journal) -> Result<Checkpoint> {
@@ -348,6 +369,10 @@ pub fn covering_checkpoint(state: &AppState, journal: &mut Journal) -> Result<Ch
     if let Some(c) = latest.into_iter().last().filter(|c| c.tree_size == size) {
         return Ok(c);
     }
-    let key = load_or_create_key(&state.engine.layout.custodian_key()).map_err(failed)?;
+    // Signed with the key every instance sharing the database signs with.
+    let path = state.engine.layout.custodian_key();
+    load_or_create_key(&path).map_err(failed)?;
+    crate::keys::adopt_shared(&state.engine, CUSTODIAN, &path).map_err(failed)?;
+    let key = load_or_create_key(&path).map_err(failed)?;
     journal.checkpoint(&key).map_err(failed)
 }
