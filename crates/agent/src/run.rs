@@ -52,6 +52,9 @@ pub async fn run(
         identity.read().await.node,
         identity.read().await.control_plane
     );
+    // Told when the certificate was renewed, so the tunnel is dialled
+    // again before the old certificate's tunnel is closed.
+    let (renewed, renewals) = tokio::sync::watch::channel(());
     let tunnel = {
         let id = identity.read().await;
         let pem_path = crate::join::dir(&home).join("node.pem");
@@ -64,6 +67,7 @@ pub async fn run(
                     .map_err(|e| AgentError::Failed(format!("{}: {e}", pem_path.display())))
             },
             executor.clone(),
+            renewals,
         ))
     };
     let sampling = tokio::spawn(send_usage(
@@ -77,6 +81,7 @@ pub async fn run(
         client.clone(),
         executor.clone(),
         home.clone(),
+        renewed,
     ));
     let result = assignments(identity, client, executor, settings).await;
     beats.abort();
@@ -92,6 +97,7 @@ async fn heartbeats(
     client: Arc<RwLock<Arc<ControlPlane>>>,
     executor: Arc<Executor>,
     home: PathBuf,
+    renewed: tokio::sync::watch::Sender<()>,
 ) {
     loop {
         let (node, every, due) = {
@@ -110,12 +116,13 @@ async fn heartbeats(
                 .await
                 .and_then(|_| id.client(&home))
             {
-                Ok(renewed) => {
+                Ok(renewed_client) => {
                     eprintln!(
                         "{:>12} the node's certificate, until {}",
                         "Renewed", id.not_after
                     );
-                    *client.write().await = Arc::new(renewed);
+                    *client.write().await = Arc::new(renewed_client);
+                    renewed.send_replace(());
                 }
                 Err(e) => eprintln!("{:>12} cannot renew the node's certificate: {e}", "Warning"),
             }

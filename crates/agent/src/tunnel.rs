@@ -34,20 +34,49 @@ fn parse_authority(authority: &str) -> Option<(&str, &str)> {
 }
 
 /// Keeps a tunnel open, dialling again when it drops, until the process
-/// stops. `cert` is read anew for each dial (it is renewed meanwhile).
+/// stops. `cert` is read anew for each dial. The control plane closes a
+/// tunnel when the certificate it was opened with expires, so when
+/// `renewed` says the certificate was renewed a new tunnel is dialled at
+/// once: new connections go there, and the old one carries its own until
+/// it is closed.
 pub async fn keep_open(
     control_plane: String,
     pin: String,
     node: String,
     read_cert: impl Fn() -> Result<String, AgentError>,
     executor: Arc<Executor>,
+    mut renewed: tokio::sync::watch::Receiver<()>,
 ) {
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = std::time::Instant::now();
-        match open(&control_plane, &pin, &node, &read_cert, executor.clone()).await {
-            Ok(()) => {}
-            Err(e) => eprintln!("{:>12} tunnel: {e}", "Warning"),
+        let dialled = match read_cert() {
+            Ok(pem) => tokio::spawn(open(
+                control_plane.clone(),
+                pin.clone(),
+                node.clone(),
+                pem,
+                executor.clone(),
+            )),
+            Err(e) => {
+                eprintln!("{:>12} tunnel: {e}", "Warning");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let renewal = async {
+            if renewed.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            ended = dialled => {
+                if let Ok(Err(e)) = ended {
+                    eprintln!("{:>12} tunnel: {e}", "Warning");
+                }
+            }
+            // The old tunnel's task goes on by itself.
+            _ = renewal => continue,
         }
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(250);
@@ -59,16 +88,15 @@ pub async fn keep_open(
 
 /// One tunnel, served until it drops.
 async fn open(
-    control_plane: &str,
-    pin: &str,
-    node: &str,
-    read_cert: &impl Fn() -> Result<String, AgentError>,
+    control_plane: String,
+    pin: String,
+    node: String,
+    pem: String,
     executor: Arc<Executor>,
 ) -> Result<(), AgentError> {
     let failed = |what: &str, e: &dyn std::fmt::Display| AgentError::Failed(format!("{what}: {e}"));
-    let pem = read_cert()?;
     let tls = client_config(
-        pin,
+        &pin,
         Some(ClientCert {
             certificate_pem: &pem,
             key_pem: &pem,
@@ -76,7 +104,7 @@ async fn open(
     )?;
     let address = control_plane
         .strip_prefix("https://")
-        .unwrap_or(control_plane)
+        .unwrap_or(&control_plane)
         .trim_end_matches('/');
     let tcp = tokio::net::TcpStream::connect(address)
         .await

@@ -468,6 +468,24 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
         "node A serves the site it was assigned:\n{}",
         a.log()
     );
+    let through_tunnel = || {
+        http(server.http, "GET", "/", &[("Host", "hello.localhost")], b"")
+            .map(|(code, _)| code)
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || through_tunnel() == 200),
+        "the gateway reaches hello over A's tunnel:\n{}",
+        a.log()
+    );
+    // The tunnel lasts no longer than the certificate it was opened with.
+    let tunnel_until = || node_state(&admin, &node_a)["tunnel_until_ms"].as_i64();
+    let first_until = tunnel_until().expect("A's tunnel is open");
+    let first_expiry = first_until / 1000;
+    assert!(
+        first_expiry <= now_secs() + 6,
+        "the tunnel closes when the first certificate (6 s) expires: {first_until}"
+    );
     // Past the certificate's lifetime, the node still works: it renewed.
     std::thread::sleep(Duration::from_secs(7));
     assert_ne!(
@@ -483,6 +501,32 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
         "{view}"
     );
     assert_eq!(view["sites"][0]["site"], "hello", "{view}");
+    // The renewed certificate opened a new tunnel: the first one's closed
+    // with its certificate, and the site is still reached.
+    assert!(
+        wait_for(Duration::from_secs(5), || tunnel_until()
+            .is_some_and(|t| t > first_until)),
+        "a tunnel of the renewed certificate: {:?} (first until {first_until})\n{}",
+        tunnel_until(),
+        a.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || through_tunnel() == 200),
+        "served over the new tunnel:\n{}",
+        a.log()
+    );
+    // Renewals come every 4 s and each certificate lives 6 s. An earlier
+    // certificate's tunnel goes on carrying the connections it has (the
+    // gateway keeps its upstream connections open) until that certificate
+    // expires, then it is closed: a node never holds more than two (kept
+    // open, they would pile up, one per renewal).
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(9) {
+        through_tunnel();
+        let open = node_state(&admin, &node_a)["tunnels_open"].as_u64();
+        assert!(open.is_some_and(|n| n <= 2), "tunnels open: {open:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     // The old certificate expired; the old one is refused.
     std::fs::write(s.dir.join("old.pem"), &first_pem).unwrap();
     let (code, _) = assignments(Some(&s.dir.join("old.pem")), &node_a);
@@ -493,9 +537,30 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     assert_eq!(ops, 1, "one operation, run once");
 
     // Revoked by its provider, the node's certificate is refused at once,
+    // its tunnel closed by the control plane even while the agent cannot
+    // hear of it (stopped here, as a node ignoring the revocation would),
     // and the agent stops.
+    let agent_pid = a.child.as_ref().unwrap().id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &agent_pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
     let (code, _) = acme.call("DELETE", &format!("/api/orgs/acme/nodes/{node_a}"), None);
     assert_eq!(code, 204);
+    let closed = wait_for(Duration::from_secs(3), || tunnel_until().is_none());
+    let answered = through_tunnel();
+    signal("-CONT");
+    assert!(
+        closed,
+        "the revoked node's tunnel is closed: {:?}",
+        tunnel_until()
+    );
+    assert_ne!(answered, 200, "nothing reaches a revoked node's sites");
     let (code, body) = assignments(Some(&a.pem()), &node_a);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
@@ -721,6 +786,13 @@ fn a_lost_nodes_stateless_site_is_served_elsewhere() {
 }
 
 /// Now, as usage events state their time.
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
 fn now_rfc3339() -> String {
     let out = Command::new("date")
         .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])

@@ -32,7 +32,11 @@ pub struct Peer(Option<String>);
 /// The node a call acts for: the one its path names, proven by the
 /// certificate the connection presented. Every call but joining takes it,
 /// so none can act without it.
-struct AsNode(String);
+struct AsNode(String, CertificateExpiry);
+
+/// When the certificate a call presented expires, in seconds since the
+/// epoch.
+struct CertificateExpiry(i64);
 
 impl FromRequestParts<Arc<AppState>> for AsNode {
     type Rejection = AppError;
@@ -49,8 +53,8 @@ impl FromRequestParts<Arc<AppState>> for AsNode {
                 })?;
         let node = params.get("node").cloned().unwrap_or_default();
         let peer = parts.extensions.get::<Peer>().and_then(|p| p.0.as_deref());
-        state.nodes.authenticate(peer, &node)?;
-        Ok(AsNode(node))
+        let expires = state.nodes.authenticate(peer, &node)?;
+        Ok(AsNode(node, CertificateExpiry(expires)))
     }
 }
 
@@ -132,7 +136,7 @@ async fn join(State(state): State<Arc<AppState>>, body: Bytes) -> Reply {
 /// speaks HTTP/2 on it as the client (`crate::tunnels`).
 async fn tunnel(
     State(state): State<Arc<AppState>>,
-    AsNode(node): AsNode,
+    AsNode(node, CertificateExpiry(until)): AsNode,
     mut req: axum::extract::Request,
 ) -> Reply {
     use commons_agent::tunnel::UPGRADE;
@@ -151,7 +155,7 @@ async fn tunnel(
     let tunnels = state.tunnels.clone();
     tokio::spawn(async move {
         if let Ok(io) = upgrade.await {
-            tunnels.serve(node, io).await;
+            tunnels.serve(node, until, io).await;
         }
     });
     Ok(Response::builder()
@@ -168,7 +172,7 @@ async fn tunnel(
 /// goes to can check it got those bytes.
 async fn ship_snapshot(
     State(state): State<Arc<AppState>>,
-    AsNode(node): AsNode,
+    AsNode(node, _): AsNode,
     UrlPath((_, site)): UrlPath<(String, String)>,
     body: axum::body::Body,
 ) -> Reply {
@@ -213,7 +217,7 @@ async fn ship_snapshot(
 /// The node a site moves to fetches its snapshot.
 async fn fetch_snapshot(
     State(state): State<Arc<AppState>>,
-    AsNode(node): AsNode,
+    AsNode(node, _): AsNode,
     UrlPath((_, site)): UrlPath<(String, String)>,
 ) -> Reply {
     if !state.nodes.may_carry_snapshot(&node, &site, false) {
@@ -234,12 +238,16 @@ async fn fetch_snapshot(
         .into_response())
 }
 
-async fn renew(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {
+async fn renew(State(state): State<Arc<AppState>>, AsNode(node, _): AsNode, body: Bytes) -> Reply {
     let req: RenewRequest = json_body(&body)?;
     Ok(Json(state.nodes.renew(&node, &req.csr)?).into_response())
 }
 
-async fn heartbeat(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {
+async fn heartbeat(
+    State(state): State<Arc<AppState>>,
+    AsNode(node, _): AsNode,
+    body: Bytes,
+) -> Reply {
     let hb: Heartbeat = json_body(&body)?;
     state.nodes.heartbeat(&node, hb)?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -256,7 +264,7 @@ struct Poll {
 /// A node's operations after a revision, waiting (up to 60 s) for one.
 async fn assignments(
     State(state): State<Arc<AppState>>,
-    AsNode(node): AsNode,
+    AsNode(node, _): AsNode,
     Query(poll): Query<Poll>,
 ) -> Reply {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(poll.wait.min(60));
@@ -278,7 +286,7 @@ async fn assignments(
 
 async fn report(
     State(state): State<Arc<AppState>>,
-    AsNode(node): AsNode,
+    AsNode(node, _): AsNode,
     UrlPath((_, op)): UrlPath<(String, String)>,
     body: Bytes,
 ) -> Reply {
@@ -290,7 +298,7 @@ async fn report(
 /// Usage a node measured. Each event is stated as this node's and its
 /// provider's, whatever it says; an event that names another node refuses
 /// the whole batch.
-async fn usage(State(state): State<Arc<AppState>>, AsNode(node): AsNode, body: Bytes) -> Reply {
+async fn usage(State(state): State<Arc<AppState>>, AsNode(node, _): AsNode, body: Bytes) -> Reply {
     let batch: UsageBatch = json_body(&body)?;
     let provider = state.nodes.provider_of(&node).unwrap_or_default();
     let mut events = Vec::with_capacity(batch.events.len());

@@ -52,7 +52,7 @@ fn body(
         } @else {
             table {
                 thead { tr {
-                    th scope="col" { "Node" } th scope="col" { "State" } th scope="col" { "Heard from" }
+                    th scope="col" { "Node" } th scope="col" { "State" } th scope="col" { "Heard from" } th scope="col" { "Tunnel" }
                     th scope="col" { "Region" } th scope="col" { "CPU, memory" } th scope="col" { "Sites" } th scope="col" { "" }
                 } }
                 tbody {
@@ -62,6 +62,12 @@ fn body(
                             td { code { (n.id) } }
                             td class=(format!("state-{}", if state_name == "ready" { "running" } else { "failed" })) { (state_name) }
                             td { (ago(n.last_heartbeat_ms_ago)) }
+                            td {
+                                @match n.tunnel_until_ms {
+                                    Some(until) => { "open until " (commons_meter::format_time(until)) }
+                                    None => "closed",
+                                }
+                            }
                             td { (n.offer.region) }
                             td { (n.offer.capacity.cpu_millis) " m, " (n.offer.capacity.memory_bytes >> 20) " MiB" }
                             td { (n.placed.join(", ")) }

@@ -90,13 +90,25 @@ pub fn create_join_token(
 /// `org`'s nodes.
 pub fn list(state: &AppState, who: &Principal, org: &str) -> Result<Vec<NodeView>> {
     state.accounts.allow(who, org, Action::ReadNodes)?;
-    Ok(state.nodes.list(Some(org)))
+    Ok(with_tunnels(state, state.nodes.list(Some(org))))
+}
+
+/// Nodes' views with their tunnels as this instance holds them.
+fn with_tunnels(state: &AppState, mut views: Vec<NodeView>) -> Vec<NodeView> {
+    for v in &mut views {
+        v.tunnel_until_ms = state.tunnels.open_until(&v.id).map(|s| s * 1000);
+        v.tunnels_open = state.tunnels.live(&v.id);
+    }
+    views
 }
 
 /// Revokes `org`'s node `id`: its certificates stop working at once.
 pub fn revoke(state: &AppState, who: &Principal, org: &str, id: &str) -> Result<()> {
     state.accounts.allow(who, org, Action::ManageNodes)?;
     state.nodes.revoke(Some(org), id)?;
+    // Its tunnels close too: no connection goes on to a node its provider
+    // no longer vouches for, even one that ignores being told.
+    state.tunnels.close_revoked();
     audit(state, who, org, "node.revoke", id);
     Ok(())
 }
@@ -118,7 +130,7 @@ fn platform_only(who: &Principal) -> Result<()> {
 /// Every node (the platform's administrator).
 pub fn list_all(state: &AppState, who: &Principal) -> Result<Vec<NodeView>> {
     platform_only(who)?;
-    Ok(state.nodes.list(None))
+    Ok(with_tunnels(state, state.nodes.list(None)))
 }
 
 /// An operation assigned to a node.

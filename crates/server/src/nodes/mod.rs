@@ -164,6 +164,14 @@ pub struct NodeView {
     pub moving: Vec<String>,
     /// Sites that moved away and left a stopped copy here, until confirmed.
     pub kept: Vec<String>,
+    /// The node's tunnel is open, until then (milliseconds since the
+    /// epoch): when the certificate it was opened with expires. None while
+    /// no tunnel is open.
+    pub tunnel_until_ms: Option<i64>,
+    /// Tunnels it holds open: the newest, which new connections take, and
+    /// those of earlier certificates, which carry their connections until
+    /// their certificate expires.
+    pub tunnels_open: usize,
 }
 
 /// A site to place among the nodes.
@@ -474,8 +482,10 @@ impl Nodes {
     }
 
     /// Who the certificate `fingerprint` is, if it may act as `node`: a
-    /// certificate this CA issued, to that node, not revoked.
-    pub fn authenticate(&self, fingerprint: Option<&str>, node: &str) -> Result<(), AppError> {
+    /// certificate this CA issued, to that node, not revoked, not expired
+    /// (the handshake checks that too, but a connection may outlive it).
+    /// Answers when it expires, in seconds since the epoch.
+    pub fn authenticate(&self, fingerprint: Option<&str>, node: &str) -> Result<i64, AppError> {
         let Some(fingerprint) = fingerprint else {
             return Err(unauthenticated(
                 "present the node's certificate (only joining goes without one)",
@@ -493,10 +503,25 @@ impl Nodes {
                 cert.node
             )));
         }
+        if cert.not_after <= commons_clock::now_secs() as i64 {
+            return Err(forbidden(
+                "this certificate expired: an agent renews it before then, and a node that was \
+                 down longer joins again with a new token",
+            ));
+        }
         match inner.reg.nodes.get(node).map(|n| n.state) {
             Some(NodeState::Revoked) | None => Err(forbidden(format!("node {node} was revoked"))),
-            _ => Ok(()),
+            _ => Ok(cert.not_after),
         }
+    }
+
+    /// Whether `node` was revoked (or never joined).
+    pub fn is_revoked(&self, node: &str) -> bool {
+        self.lock()
+            .reg
+            .nodes
+            .get(node)
+            .is_none_or(|n| n.state == NodeState::Revoked)
     }
 
     /// A new certificate for a new key of `node` (already authenticated).
@@ -711,43 +736,55 @@ impl Nodes {
     /// The nodes of `org` (every node: `None`).
     pub fn list(&self, org: Option<&str>) -> Vec<NodeView> {
         let inner = self.lock();
+        // One pass over the placements, not one per node.
+        #[derive(Default)]
+        struct Here {
+            placed: Vec<String>,
+            moving: Vec<String>,
+            kept: Vec<String>,
+        }
+        let mut here: std::collections::HashMap<&str, Here> = Default::default();
+        for (site, p) in &inner.reg.placements {
+            let on = here.entry(p.node.as_str()).or_default();
+            on.placed.push(site.clone());
+            if p.moving.is_some() {
+                on.moving.push(site.clone());
+            }
+            for left in &p.left_on {
+                here.entry(left.as_str())
+                    .or_default()
+                    .kept
+                    .push(site.clone());
+            }
+        }
         inner
             .reg
             .nodes
             .values()
             .filter(|n| org.is_none_or(|o| o == n.provider))
-            .map(|n| NodeView {
-                id: n.id.clone(),
-                provider: n.provider.clone(),
-                offer: n.offer.clone(),
-                state: n.state,
-                joined_at_ms: n.joined_at_ms,
-                last_heartbeat_ms_ago: inner
-                    .last_seen
-                    .get(&n.id)
-                    .map(|t| t.elapsed().as_millis() as u64),
-                sites: inner.sites.get(&n.id).cloned().unwrap_or_default(),
-                placed: inner
-                    .reg
-                    .placements
-                    .iter()
-                    .filter(|(_, p)| p.node == n.id)
-                    .map(|(s, _)| s.clone())
-                    .collect(),
-                moving: inner
-                    .reg
-                    .placements
-                    .iter()
-                    .filter(|(_, p)| p.node == n.id && p.moving.is_some())
-                    .map(|(s, _)| s.clone())
-                    .collect(),
-                kept: inner
-                    .reg
-                    .placements
-                    .iter()
-                    .filter(|(_, p)| p.left_on.contains(&n.id))
-                    .map(|(s, _)| s.clone())
-                    .collect(),
+            .map(|n| {
+                let Here {
+                    placed,
+                    moving,
+                    kept,
+                } = here.remove(n.id.as_str()).unwrap_or_default();
+                NodeView {
+                    id: n.id.clone(),
+                    provider: n.provider.clone(),
+                    offer: n.offer.clone(),
+                    state: n.state,
+                    joined_at_ms: n.joined_at_ms,
+                    last_heartbeat_ms_ago: inner
+                        .last_seen
+                        .get(&n.id)
+                        .map(|t| t.elapsed().as_millis() as u64),
+                    sites: inner.sites.get(&n.id).cloned().unwrap_or_default(),
+                    placed,
+                    moving,
+                    kept,
+                    tunnel_until_ms: None,
+                    tunnels_open: 0,
+                }
             })
             .collect()
     }
