@@ -79,6 +79,28 @@ impl Identity {
         )
     }
 
+    /// Whether the certificate expired by `now_secs`: the control plane
+    /// accepts it no more, and only a new join token brings the node back.
+    pub fn expired(&self, now_secs: i64) -> bool {
+        now_secs >= self.not_after
+    }
+
+    /// What to do about an expired certificate.
+    pub fn expired_error(&self, now_secs: i64) -> AgentError {
+        AgentError::Input(format!(
+            "node {}'s certificate expired {} ago (the agent was stopped, or could not reach the \
+             control plane, for longer than a certificate lasts), and the control plane accepts it \
+             no more; ask the provider for a join token and run `commons agent join {} --token \
+             TOKEN` again: this machine comes back as node {}, with its sites",
+            self.node,
+            humantime::format_duration(std::time::Duration::from_secs(
+                (now_secs - self.not_after).max(0) as u64
+            )),
+            self.control_plane,
+            self.node
+        ))
+    }
+
     /// Whether the certificate is two thirds through its life.
     pub fn due_for_renewal(&self, now_secs: i64) -> bool {
         now_secs >= self.not_after - self.lifetime_secs / 3
@@ -137,15 +159,28 @@ pub async fn join(
         ));
     };
     let agent_dir = dir(home);
-    if agent_dir.join("identity.json").exists() {
+    // A machine that joined already comes back as the same node when its
+    // certificate expired (same control plane); otherwise it is told so.
+    let known = if agent_dir.join("identity.json").exists() {
         let known = Identity::load(home)?;
-        return Err(AgentError::Input(format!(
-            "this machine already joined {} as node {}; remove {} to join again",
-            known.control_plane,
-            known.node,
-            agent_dir.display()
-        )));
-    }
+        let now = commons_clock::now_secs() as i64;
+        if known.pin != pin || !known.expired(now) {
+            return Err(AgentError::Input(format!(
+                "this machine already joined {} as node {}{}; remove {} to join again",
+                known.control_plane,
+                known.node,
+                if known.pin == pin {
+                    " and its certificate is good: `commons agent run` starts it"
+                } else {
+                    ""
+                },
+                agent_dir.display()
+            )));
+        }
+        Some(known)
+    } else {
+        None
+    };
     commons_files::private_dir(&agent_dir).map_err(failed(&agent_dir))?;
     let (key_pem, csr) = new_key()?;
     let client = ControlPlane::new(url, pin, None)?;
@@ -154,16 +189,24 @@ pub async fn join(
             token: token.to_string(),
             csr,
             offer,
+            node: known.as_ref().map(|k| k.node.clone()),
         })
         .await?;
-    let mut identity = Identity {
-        node: certified.node.clone(),
-        control_plane: url.trim_end_matches('/').to_string(),
-        pin: pin.to_string(),
-        not_after: 0,
-        lifetime_secs: 0,
-        heartbeat_secs: 0,
-        revision: 0,
+    let mut identity = match known {
+        // The assignments resume where they were.
+        Some(known) => Identity {
+            control_plane: url.trim_end_matches('/').to_string(),
+            ..known
+        },
+        None => Identity {
+            node: certified.node.clone(),
+            control_plane: url.trim_end_matches('/').to_string(),
+            pin: pin.to_string(),
+            not_after: 0,
+            lifetime_secs: 0,
+            heartbeat_secs: 0,
+            revision: 0,
+        },
     };
     identity.keep(home, &key_pem, &certified)?;
     Ok(identity)

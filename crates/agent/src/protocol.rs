@@ -61,6 +61,11 @@ pub struct JoinRequest {
     /// A PKCS#10 certificate signing request for the node's key, PEM.
     pub csr: String,
     pub offer: NodeOffer,
+    /// The node this machine already is, when its certificate expired (it
+    /// was down longer than the certificate lasts): certified again as
+    /// that node, with its sites and data, on the provider's new token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

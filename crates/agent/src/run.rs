@@ -32,6 +32,10 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let home = settings.home.clone();
     let identity = Identity::load(&home)?;
+    let now = commons_clock::now_secs() as i64;
+    if identity.expired(now) {
+        return Err(identity.expired_error(now));
+    }
     let client = Arc::new(RwLock::new(Arc::new(identity.client(&home)?)));
     let identity = Arc::new(RwLock::new(identity));
     // A move this agent was shipping when it stopped will not go on: what
@@ -229,6 +233,15 @@ async fn assignments(
                 return Err(AgentError::Refused(detail));
             }
             Err(e) => {
+                // Unreachable until its certificate expired, the node can
+                // only come back with a new join token: it says so and
+                // stops, rather than retrying what cannot work.
+                let now = commons_clock::now_secs() as i64;
+                let id = identity.read().await;
+                if id.expired(now) {
+                    return Err(id.expired_error(now));
+                }
+                drop(id);
                 eprintln!("{:>12} assignments: {e}", "Warning");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -573,6 +573,68 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
         "a revoked agent stops"
     );
     assert!(a.log().contains("revoked"), "{}", a.log());
+
+    // B never ran, and its certificate (6 s) expired: the agent says what
+    // to do instead of retrying what cannot work.
+    let mut b = b;
+    b.start();
+    let child = b.child.as_mut().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || child
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "an agent with an expired certificate stops"
+    );
+    assert_eq!(child.try_wait().unwrap().unwrap().code(), Some(2));
+    assert!(
+        b.log().contains("expired") && b.log().contains("commons agent join"),
+        "{}",
+        b.log()
+    );
+    // Joining again on a new token of its provider brings the machine back
+    // as the same node, which then runs.
+    let r = b.join(&url, &join_token(&acme, "acme", 600), "us-east");
+    assert_eq!(r.code(), 0, "{}", r.all());
+    assert_eq!(b.node(), node_b, "the same node");
+    b.start();
+    assert!(
+        wait_for(Duration::from_secs(15), || node_state(&admin, &node_b)
+            ["last_heartbeat_ms_ago"]
+            .as_u64()
+            .is_some_and(|ms| ms < 2000)),
+        "node B beats again: {}\n{}",
+        node_state(&admin, &node_b),
+        b.log()
+    );
+    // Nobody else's token does that: another provider cannot take over
+    // acme's node by naming it, and a revoked node stays revoked.
+    let expire = |agent: &Agent| {
+        let path = agent.home.join("agent/identity.json");
+        let mut id: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        id["not_after"] = json!(0);
+        std::fs::write(&path, id.to_string()).unwrap();
+    };
+    let m = Agent::new(&s, "m");
+    std::fs::create_dir_all(m.home.join("agent")).unwrap();
+    std::fs::copy(
+        b.home.join("agent/identity.json"),
+        m.home.join("agent/identity.json"),
+    )
+    .unwrap();
+    expire(&m);
+    let r = m.join(&url, &join_token(&mallory, "mallory", 600), "eu-west");
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(
+        r.stderr().contains("not one of mallory's nodes"),
+        "{}",
+        r.all()
+    );
+    expire(&a);
+    let r = a.join(&url, &join_token(&acme, "acme", 600), "eu-west");
+    assert_eq!(r.code(), 2, "{}", r.all());
+    assert!(r.stderr().contains("was revoked"), "{}", r.all());
+    assert_eq!(node_state(&admin, &node_a)["state"], "revoked");
 }
 
 /// A control plane with two providers, acme and globex, each with a node

@@ -101,6 +101,7 @@ fn through_the_registry() {
                     price: 50 + (i as u64 * 7919) % 100,
                     features: ["sandbox".to_string()].into_iter().collect(),
                 },
+                node: None,
             })
             .expect("joined");
     }

@@ -335,6 +335,7 @@ mod tests {
                     price: 1,
                     features: Default::default(),
                 },
+                node: None,
             })
             .unwrap();
         (Arc::new(nodes), certified.node, home)

@@ -428,7 +428,33 @@ impl Nodes {
                 token.id
             )));
         }
-        let node = format!("node-{}", crate::tokens::random(12));
+        // A node whose certificate expired comes back as itself, on its
+        // provider's new token: the token is the provider's consent, and
+        // only its own nodes, never a revoked one, can be named.
+        let node = match &req.node {
+            None => format!("node-{}", crate::tokens::random(12)),
+            Some(known) => match inner.reg.nodes.get(known) {
+                Some(n) if n.provider != token.org => {
+                    return Err(forbidden(format!(
+                        "node {known} is not one of {}'s nodes",
+                        token.org
+                    )))
+                }
+                None => {
+                    return Err(forbidden(format!(
+                        "there is no node {known} here: join as a new node (remove the \
+                         machine's agent directory first)"
+                    )))
+                }
+                Some(n) if n.state == NodeState::Revoked => {
+                    return Err(forbidden(format!(
+                        "node {known} was revoked: join as a new node (remove the machine's \
+                         agent directory first)"
+                    )))
+                }
+                Some(_) => known.clone(),
+            },
+        };
         let lifetime = self.settings.certificate_lifetime.as_secs() as i64;
         let signed = self
             .ca
@@ -447,18 +473,25 @@ impl Nodes {
                 not_after: signed.not_after,
             },
         );
-        inner.reg.nodes.insert(
-            node.clone(),
-            NodeRecord {
-                id: node.clone(),
-                provider: token.org.clone(),
-                offer: req.offer.clone(),
-                state: NodeState::Ready,
-                joined_at_ms: now,
-                revision: 0,
-            },
-        );
-        inner.last_seen.insert(node.clone(), Instant::now());
+        match inner.reg.nodes.get_mut(&node) {
+            // Its offer, placements and operations stay as they were; the
+            // heartbeats that follow make it ready again if it was lost.
+            Some(_) => {}
+            None => {
+                inner.reg.nodes.insert(
+                    node.clone(),
+                    NodeRecord {
+                        id: node.clone(),
+                        provider: token.org.clone(),
+                        offer: req.offer.clone(),
+                        state: NodeState::Ready,
+                        joined_at_ms: now,
+                        revision: 0,
+                    },
+                );
+                inner.last_seen.insert(node.clone(), Instant::now());
+            }
+        }
         self.save(
             &mut inner,
             &[
@@ -467,7 +500,12 @@ impl Nodes {
                 Key::Node(node.clone()),
             ],
         )?;
-        eprintln!("{:>12} node {node} of {}", "Joined", token.org);
+        let verb = if req.node.is_some() {
+            "Rejoined"
+        } else {
+            "Joined"
+        };
+        eprintln!("{:>12} node {node} of {}", verb, token.org);
         Ok(self.certified(node, signed))
     }
 
