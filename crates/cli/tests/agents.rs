@@ -130,6 +130,13 @@ impl Agent {
         );
     }
 
+    /// How the agent's process ended, if it did within `limit`.
+    fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut().unwrap();
+        wait_for(limit, || child.try_wait().unwrap().is_some());
+        child.try_wait().unwrap()
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.home.join("agent.log")).unwrap_or_default()
     }
@@ -540,21 +547,13 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     // its tunnel closed by the control plane even while the agent cannot
     // hear of it (stopped here, as a node ignoring the revocation would),
     // and the agent stops.
-    let agent_pid = a.child.as_ref().unwrap().id().to_string();
-    let signal = |sig: &str| {
-        let ok = Command::new("kill")
-            .args([sig, &agent_pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig}");
-    };
-    signal("-STOP");
+    let agent_pid = a.child.as_ref().unwrap().id();
+    signal(agent_pid, "-STOP");
     let (code, _) = acme.call("DELETE", &format!("/api/orgs/acme/nodes/{node_a}"), None);
     assert_eq!(code, 204);
     let closed = wait_for(Duration::from_secs(3), || tunnel_until().is_none());
     let answered = through_tunnel();
-    signal("-CONT");
+    signal(agent_pid, "-CONT");
     assert!(
         closed,
         "the revoked node's tunnel is closed: {:?}",
@@ -564,12 +563,8 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     let (code, body) = assignments(Some(&a.pem()), &node_a);
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("revoked"), "{body}");
-    let child = a.child.as_mut().unwrap();
     assert!(
-        wait_for(Duration::from_secs(15), || child
-            .try_wait()
-            .unwrap()
-            .is_some()),
+        a.exited_within(Duration::from_secs(15)).is_some(),
         "a revoked agent stops"
     );
     assert!(a.log().contains("revoked"), "{}", a.log());
@@ -578,15 +573,12 @@ fn nodes_join_only_with_a_good_token_and_act_only_as_themselves() {
     // to do instead of retrying what cannot work.
     let mut b = b;
     b.start();
-    let child = b.child.as_mut().unwrap();
+    let ended = b.exited_within(Duration::from_secs(10));
     assert!(
-        wait_for(Duration::from_secs(10), || child
-            .try_wait()
-            .unwrap()
-            .is_some()),
+        ended.is_some(),
         "an agent with an expired certificate stops"
     );
-    assert_eq!(child.try_wait().unwrap().unwrap().code(), Some(2));
+    assert_eq!(ended.unwrap().code(), Some(2));
     assert!(
         b.log().contains("expired") && b.log().contains("commons agent join"),
         "{}",
@@ -865,11 +857,16 @@ fn now_rfc3339() -> String {
 
 /// `kill -9`.
 fn unsafe_kill(pid: u32) {
+    signal(pid, "-9");
+}
+
+/// Sends `sig` (as `kill` spells it) to `pid`.
+fn signal(pid: u32, sig: &str) {
     let status = Command::new("kill")
-        .args(["-9", &pid.to_string()])
+        .args([sig, &pid.to_string()])
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "kill {sig} {pid}");
 }
 
 #[test]

@@ -13,20 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const SITE: &str = r#"name: shop
-inputs:
-  version: { type: string, default: "1" }
-components:
-  page:
-    # Written aside and renamed: the running version never serves half a file.
-    job: "printf 'shop v%s' \"${inputs.version}\" > $COMMONS_DATA_DIR/new.html && mv $COMMONS_DATA_DIR/new.html $COMMONS_DATA_DIR/index.html"
-  web:
-    process: "python3 -m http.server --bind 127.0.0.1 --directory $COMMONS_DATA_DIR $PORT"
-    after: [page]
-    env: { VERSION: "${inputs.version}" }
-    health: { http: "/", interval: 50ms }
-"#;
-
 /// The state of the platform's `shop.web`, as its CLI reads it from the database.
 fn web_state(platform: &Sandbox, env: &[(&str, &str)]) -> String {
     let out = run_ok(
@@ -153,7 +139,7 @@ fn a_gateway_on_its_own_serves_wakes_and_meters_the_platforms_sites() {
         ("COMMONS_DATABASE_SCHEMA", schema.as_str()),
         ("COMMONS_BUS_NAME", schema.as_str()),
     ];
-    platform.blueprint(SITE);
+    platform.blueprint(VERSIONED_SHOP);
     run_ok(platform.cmd(&["deploy"]).envs(shared));
     // Sites idle after a second without requests (the meter, which every
     // gateway's requests reach, says when the last one was).

@@ -7,20 +7,6 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-const SITE: &str = r#"name: shop
-inputs:
-  version: { type: string, default: "1" }
-components:
-  page:
-    # Written aside and renamed: the running version never serves half a file.
-    job: "printf 'shop v%s' \"${inputs.version}\" > $COMMONS_DATA_DIR/new.html && mv $COMMONS_DATA_DIR/new.html $COMMONS_DATA_DIR/index.html"
-  web:
-    process: "python3 -m http.server --bind 127.0.0.1 --directory $COMMONS_DATA_DIR $PORT"
-    after: [page]
-    env: { VERSION: "${inputs.version}" }
-    health: { http: "/", interval: 50ms }
-"#;
-
 fn get(port: u16, host: &str, path: &str) -> (u16, String) {
     http(port, "GET", path, &[("Host", host)], b"").unwrap()
 }
@@ -38,7 +24,7 @@ fn metered(s: &Sandbox, site: &str) -> f64 {
 #[test]
 fn deployed_sites_are_routed_and_every_request_is_metered() {
     let s = Sandbox::new("gw-route");
-    s.blueprint(SITE);
+    s.blueprint(VERSIONED_SHOP);
     s.ok(&["deploy"]);
     let server = s.serve(&[]);
     // The deployment's own name, and the component's.
@@ -84,7 +70,7 @@ fn deployed_sites_are_routed_and_every_request_is_metered() {
 #[test]
 fn a_request_wakes_an_idle_site() {
     let s = Sandbox::new("gw-wake");
-    s.blueprint(SITE);
+    s.blueprint(VERSIONED_SHOP);
     s.ok(&["deploy"]);
     let server = s.serve(&[("COMMONS_IDLE_AFTER", "1")]);
     assert!(
@@ -108,7 +94,7 @@ fn a_request_wakes_an_idle_site() {
 #[test]
 fn twenty_redeploys_under_load_fail_no_request() {
     let s = Sandbox::new("gw-zero");
-    s.blueprint(SITE);
+    s.blueprint(VERSIONED_SHOP);
     s.ok(&["deploy"]);
     let server = s.serve(&[]);
     assert_eq!(get(server.http, "shop.localhost", "/").0, 200);
@@ -447,7 +433,7 @@ fn a_gateway_killed_under_load_loses_no_request_and_no_published_usage() {
         ("COMMONS_NATS_URL", nats.url.as_str()),
         ("COMMONS_BUS_NAME", schema.as_str()),
     ];
-    one.blueprint(SITE);
+    one.blueprint(VERSIONED_SHOP);
     let mut deploy = one.cmd(&["deploy"]);
     for (k, v) in env {
         deploy.env(k, v);

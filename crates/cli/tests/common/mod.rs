@@ -932,3 +932,19 @@ impl Load {
         (requests, socket + non_2xx, text)
     }
 }
+
+/// A site whose page says its version (`shop vN`, from the input
+/// `version`): redeploys under load show which version answered.
+pub const VERSIONED_SHOP: &str = r#"name: shop
+inputs:
+  version: { type: string, default: "1" }
+components:
+  page:
+    # Written aside and renamed: the running version never serves half a file.
+    job: "printf 'shop v%s' \"${inputs.version}\" > $COMMONS_DATA_DIR/new.html && mv $COMMONS_DATA_DIR/new.html $COMMONS_DATA_DIR/index.html"
+  web:
+    process: "python3 -m http.server --bind 127.0.0.1 --directory $COMMONS_DATA_DIR $PORT"
+    after: [page]
+    env: { VERSION: "${inputs.version}" }
+    health: { http: "/", interval: 50ms }
+"#;
