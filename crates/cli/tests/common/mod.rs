@@ -97,7 +97,7 @@ impl Sandbox {
         Sandbox {
             dir,
             home,
-            data_port: free_port(),
+            data_port: lasting_port(),
             scale_out,
         }
     }
@@ -663,6 +663,34 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// A free loopback port for a listener a test names long before it starts
+/// (a sandbox's data API, fixed for all its commands): taken below the
+/// kernel's ephemeral range, so no outgoing connection or `free_port` of
+/// another test is given it meanwhile, from a place that differs per
+/// process and call.
+pub fn lasting_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u32, ephemeral_low.max(10_001));
+    let span = high - low;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let seed = std::process::id()
+        .wrapping_mul(2_654_435_761)
+        .wrapping_add(nanos)
+        .wrapping_add(CALLS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7919));
+    (0..span)
+        .map(|i| (low + (seed.wrapping_add(i * 31)) % span) as u16)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// Runs `c`, failing the test with what it printed unless it succeeds.
