@@ -474,6 +474,7 @@ components:
   try:
     job: >-
       psql "${components.db.url}" -Atc "SELECT 'own database'" > $COMMONS_DATA_DIR/own 2>&1;
+      echo "${components.db.url}" > $COMMONS_DATA_DIR/url;
       psql "$(echo ${components.db.url} | sed 's#/c_tenant_db$#/c_victim_db#')" -Atc "SELECT 1" > $COMMONS_DATA_DIR/victim 2>&1 && echo GOT-IN >> $COMMONS_DATA_DIR/victim;
       psql "$(echo ${components.db.url} | sed 's#//c_tenant_db:[^@]*@#//c_victim_db:guess@#; s#/c_tenant_db$#/c_victim_db#')" -Atc "SELECT 1" > $COMMONS_DATA_DIR/guess 2>&1 && echo GOT-IN >> $COMMONS_DATA_DIR/guess;
       psql "$(echo ${components.db.url} | sed 's#//c_tenant_db:[^@]*@#//postgres@#; s#/c_tenant_db$#/postgres#')" -Atc "SELECT 1" > $COMMONS_DATA_DIR/superuser 2>&1 && echo GOT-IN >> $COMMONS_DATA_DIR/superuser;
@@ -491,6 +492,40 @@ components:
             "{attack}: {o}"
         );
     }
+
+    // Another platform on the host, without a PostgreSQL server, deploys a
+    // sandboxed site of its own (writing the host's rules as it does): the
+    // tenant's way to its own platform's server stays.
+    neighbour.write(
+        "plain/commons.yaml",
+        "name: plain\ncomponents:\n  web:\n    process: python3 -m http.server --bind 127.0.0.1 $PORT\n    health: { http: \"/\" }\n",
+    );
+    let r = Run(neighbour
+        .cmd(&["deploy", "plain"])
+        .env("COMMONS_SANDBOX", "1")
+        .env_remove("COMMONS_POSTGRES_URL")
+        .output()
+        .unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    let still = Run(std::process::Command::new("ip")
+        .args(["netns", "exec", &netns_of(&s, "tenant"), "psql"])
+        .arg(said("url").trim())
+        .args(["-Atc", "SELECT 'still there'"])
+        .output()
+        .unwrap());
+    assert_eq!(
+        still.stdout().trim(),
+        "still there",
+        "another platform's deploy took the tenant's way to its database: {}",
+        still.all()
+    );
+    let r = Run(neighbour
+        .cmd(&["destroy", "plain"])
+        .env("COMMONS_SANDBOX", "1")
+        .output()
+        .unwrap());
+    assert_eq!(r.code(), 0, "{}", r.all());
+    drop(other);
 
     // Gone with its site: the namespace, the link and its place in the
     // host's registry of site networks.

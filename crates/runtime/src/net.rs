@@ -16,10 +16,12 @@
 //!   host and to other sites, and what it sends to loopback, private,
 //!   link-local and multicast ranges; it lets through replies, DNS to the
 //!   host's resolvers, the internet (masqueraded), and — for sites with a
-//!   `postgres:` component only — the platform's PostgreSQL server at
-//!   `HOST_IP:PGPORT` (DNAT to the server). PostgreSQL sees the site's own
-//!   address, so `pg_hba.conf` tells sites from the platform's own
-//!   connections (`host sameuser all 10.200.0.0/14 scram-sha-256`).
+//!   `postgres:` component only — their platform's PostgreSQL server at
+//!   `HOST_IP:5432` ([`SITE_POSTGRES_PORT`]): the map `@postgres_server`
+//!   sends each such site's address to its own platform's server. PostgreSQL
+//!   sees the site's own address, so `pg_hba.conf` tells sites from the
+//!   platform's own connections (`host sameuser all 10.200.0.0/14
+//!   scram-sha-256`).
 //!   Likewise, for sites with a `data:` section only, their own platform's
 //!   data API at `HOST_IP:8072` ([`SITE_DATA_PORT`]): the map `@data_api`
 //!   sends each such site's address to its platform's loopback listener
@@ -27,6 +29,10 @@
 //!   other port of the host's loopback, and no other platform's data API
 //!   on the same host; such a site's workloads are told where in
 //!   `COMMONS_DATA_URL`.
+//!
+//! The rules name no platform's port or server (those are in the maps), so
+//! every process of the host — the daemons of several platforms, a CLI
+//! deploying — writes the same ruleset, and none undoes another's.
 //!
 //! The namespace and its link are made with iproute2 (`ip`) and the rules
 //! with `nft`, the tools an operator reads them back with.
@@ -55,6 +61,10 @@ pub const DEFAULT_NETWORK: Network = Network {
 /// Where a site with a `data:` section reaches its platform's data API, on
 /// its host address, whatever port the platform's listener has on loopback.
 pub const SITE_DATA_PORT: u16 = 8072;
+
+/// Where a site with a `postgres:` component reaches its platform's
+/// PostgreSQL server, on its host address, wherever the server listens.
+pub const SITE_POSTGRES_PORT: u16 = 5432;
 
 /// Ranges a site never reaches, whatever its egress: loopback, private,
 /// shared (CGNAT), link-local, multicast and reserved.
@@ -657,8 +667,8 @@ pub fn site_network(home: &Path, deployment: &str, egress: bool) -> std::io::Res
     Ok(net)
 }
 
-/// What this process last put in the firewall's sets (`@egress_sites`,
-/// `@postgres_sites`) and map (`@data_api`: the port), by namespace:
+/// What this process last put in the firewall's set (`@egress_sites`) and
+/// map (`@data_api`: the port), by namespace:
 /// forgotten when a namespace is removed (its index may go to another site).
 static SYNCED: Mutex<BTreeMap<(String, Allowance), Option<u16>>> = Mutex::new(BTreeMap::new());
 
@@ -729,26 +739,25 @@ pub fn remove(net: &SiteNet) {
     }
 }
 
-/// Lets `net` reach the internet (`egress`) or the platform's PostgreSQL
-/// server (`postgres`), or stops it; `data` here only stops it (see
-/// [`allow_data`]).
+/// Lets `net` reach the internet (`egress`), or stops it; `postgres` and
+/// `data` here only stop it (see [`allow_postgres`], [`allow_data`]).
 pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
-    let (kind, set) = match what {
-        Allowance::Egress => ("element", "egress_sites"),
-        Allowance::Postgres => ("element", "postgres_sites"),
-        Allowance::Data if yes => {
+    let set = match what {
+        Allowance::Egress => "egress_sites",
+        Allowance::Postgres | Allowance::Data if yes => {
             return Err(std::io::Error::other(
-                "the way to the data API names the platform's port (allow_data)",
+                "the way to a platform's service names it (allow_postgres, allow_data)",
             ))
         }
-        Allowance::Data => ("element", "data_api"),
+        Allowance::Postgres => "postgres_server",
+        Allowance::Data => "data_api",
     };
     let verb = if yes { "add" } else { "delete" };
     let r = run(
         "nft",
         &[
             verb,
-            kind,
+            "element",
             "inet",
             TABLE,
             set,
@@ -764,17 +773,33 @@ pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
     }
 }
 
-/// Lets `net` reach its platform's data API, listening on loopback at
-/// `port`: the site's address maps to `127.0.0.1:port` and nothing else.
-/// What the map held for the address before (another port, left by a
-/// platform since restarted) goes first.
-fn allow_data(net: &SiteNet, port: u16) -> std::io::Result<()> {
-    allow(net, Allowance::Data, false)?;
-    let element = format!("{{ {} : 127.0.0.1 . {port} }}", net.site_ip);
+/// Sends `net`'s connections to its host address at `port` on to `to`,
+/// through `map`, replacing what the map held for the site's address (left
+/// by a platform since restarted, or by another one).
+fn map_site(net: &SiteNet, what: Allowance, map: &str, to: SocketAddrV4) -> std::io::Result<()> {
+    allow(net, what, false)?;
+    let element = format!("{{ {} : {} . {} }}", net.site_ip, to.ip(), to.port());
     run(
         "nft",
-        &["add", "element", "inet", TABLE, "data_api", &element],
+        &["add", "element", "inet", TABLE, map, &element],
         None,
+    )
+}
+
+/// Lets `net` reach its platform's PostgreSQL server `server` at
+/// `HOST_IP:`[`SITE_POSTGRES_PORT`], and no other server.
+pub fn allow_postgres(net: &SiteNet, server: SocketAddrV4) -> std::io::Result<()> {
+    map_site(net, Allowance::Postgres, "postgres_server", server)
+}
+
+/// Lets `net` reach its platform's data API, listening on loopback at
+/// `port`: the site's address maps to `127.0.0.1:port` and nothing else.
+fn allow_data(net: &SiteNet, port: u16) -> std::io::Result<()> {
+    map_site(
+        net,
+        Allowance::Data,
+        "data_api",
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, port),
     )
 }
 
@@ -806,20 +831,12 @@ pub fn data_api_url(
     }))
 }
 
-/// The host's rules for all sites' links.
+/// The host's rules for all sites' links. They name no platform's server
+/// or port: which site reaches which is in the maps, so every process of
+/// the host writes the same ruleset and none undoes another's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Firewall {
     pub network: Network,
-    /// The platform's PostgreSQL server, as sites with a `postgres:`
-    /// component reach it (at their host address, this port).
-    pub postgres: Option<SocketAddrV4>,
-    /// The platform's data API on loopback, which sites with a `data:`
-    /// section reach at their host address, port [`SITE_DATA_PORT`]. The
-    /// rules name no port: each such site's address maps to its own
-    /// platform's port in `@data_api`, so every process of the host (the
-    /// daemons of several platforms, a CLI deploying) writes the same
-    /// ruleset and none undoes another's or opens another's port.
-    pub data_api: Option<SocketAddrV4>,
     /// The host's DNS resolvers, which sites may ask.
     pub resolvers: Vec<Ipv4Addr>,
 }
@@ -841,29 +858,25 @@ impl Firewall {
     /// its sets (which sites are in them is kept).
     pub fn ruleset(&self) -> String {
         let net = self.network;
-        let mut pg_pre = String::new();
-        let mut pg_in = String::new();
-        if let Some(pg) = self.postgres {
-            pg_pre = format!(
-                "    iifname \"cmsite*\" ip saddr @postgres_sites ip daddr {net} tcp dport {port} dnat ip to {pg}\n",
-                port = pg.port()
-            );
-            pg_in = format!(
-                "    iifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport {port} accept\n",
-                port = pg.port()
-            );
+        // A site in `@postgres_server` reaches its platform's server at its
+        // host address; one in `@data_api` its platform's data API (which
+        // listens on IPv4 loopback only: `commons serve` refuses anything
+        // else). An address not in a map is not turned, and its packets
+        // meet the drop below. Only these rules turn a site's connection to
+        // those ports, so the connections they turned are let in.
+        let mut pre = String::new();
+        let mut input = String::new();
+        for (port, map) in [
+            (SITE_POSTGRES_PORT, "postgres_server"),
+            (SITE_DATA_PORT, "data_api"),
+        ] {
+            pre.push_str(&format!(
+                "    iifname \"cmsite*\" ip daddr {net} tcp dport {port} dnat ip to ip saddr map @{map}\n"
+            ));
+            input.push_str(&format!(
+                "    iifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst {port} accept\n"
+            ));
         }
-        // The data API listens on IPv4 loopback only (`commons serve`
-        // refuses anything else): a data site's address maps to its own
-        // platform's listener; an address not in the map is not turned, and
-        // its packets meet the drop below. Only this rule turns a site's
-        // connection to SITE_DATA_PORT, so those it turned are let in.
-        pg_pre.push_str(&format!(
-            "    iifname \"cmsite*\" ip daddr {net} tcp dport {SITE_DATA_PORT} dnat ip to ip saddr map @data_api\n"
-        ));
-        pg_in.push_str(&format!(
-            "    iifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst {SITE_DATA_PORT} ip daddr 127.0.0.1 accept\n",
-        ));
         let dns = if self.resolvers.is_empty() {
             String::new()
         } else {
@@ -880,8 +893,8 @@ impl Firewall {
         };
         format!(
             "add table inet {TABLE}\n\
-             add set inet {TABLE} postgres_sites {{ type ipv4_addr; }}\n\
              add set inet {TABLE} egress_sites {{ type ipv4_addr; }}\n\
+             add map inet {TABLE} postgres_server {{ type ipv4_addr : ipv4_addr . inet_service; }}\n\
              add map inet {TABLE} data_api {{ type ipv4_addr : ipv4_addr . inet_service; }}\n\
              add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
              add chain inet {TABLE} input {{ type filter hook input priority filter - 10; policy accept; }}\n\
@@ -893,11 +906,11 @@ impl Firewall {
              flush chain inet {TABLE} postrouting\n\
              table inet {TABLE} {{\n\
                chain prerouting {{\n\
-             {pg_pre}\
+             {pre}\
                }}\n\
                chain input {{\n\
                  iifname \"cmsite*\" ct state established,related accept\n\
-             {pg_in}\
+             {input}\
                  iifname \"cmsite*\" drop\n\
                }}\n\
                chain forward {{\n\
@@ -926,8 +939,9 @@ impl Firewall {
         }
         run("nft", &["-f", "-"], Some(&ruleset))?;
         // Earlier versions let every data site reach every port in one
-        // host-wide set; no rule refers to those sets any more.
-        for old in ["data_ports", "data_sites"] {
+        // host-wide set, and named one PostgreSQL server in the rules; no
+        // rule refers to those sets any more.
+        for old in ["data_ports", "data_sites", "postgres_sites"] {
             let _ = run("nft", &["delete", "set", "inet", TABLE, old], None);
         }
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
@@ -1013,31 +1027,20 @@ mod tests {
     fn the_ruleset_drops_everything_a_site_was_not_given() {
         let f = Firewall {
             network: DEFAULT_NETWORK,
-            postgres: Some("127.0.0.1:5432".parse().unwrap()),
-            data_api: Some("127.0.0.1:8072".parse().unwrap()),
             resolvers: vec![Ipv4Addr::new(10, 255, 255, 53)],
         };
         let r = f.ruleset();
         let r = r.lines().map(str::trim).collect::<Vec<_>>().join("\n");
         // Nothing from a site to the host but replies, and PostgreSQL and
-        // the data API for those allowed each.
-        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" ip saddr @postgres_sites ct status dnat tcp dport 5432 accept\niifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst 8072 ip daddr 127.0.0.1 accept\niifname \"cmsite*\" drop"), "{r}");
-        // Each data site to its own platform's port, by its address.
+        // the data API for those given each.
+        assert!(r.contains("iifname \"cmsite*\" ct state established,related accept\niifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst 5432 accept\niifname \"cmsite*\" meta l4proto tcp ct status dnat ct original proto-dst 8072 accept\niifname \"cmsite*\" drop"), "{r}");
+        // Each site to its own platform's server and data API, by its address.
+        assert!(r.contains("iifname \"cmsite*\" ip daddr 10.200.0.0/14 tcp dport 5432 dnat ip to ip saddr map @postgres_server"), "{r}");
         assert!(r.contains("iifname \"cmsite*\" ip daddr 10.200.0.0/14 tcp dport 8072 dnat ip to ip saddr map @data_api"), "{r}");
         assert!(!r.contains("data_ports"), "no host-wide set of ports: {r}");
-        // The same rules whatever the data API's port (each site's is in
-        // the map), so processes of one host never undo each other's.
-        assert_eq!(
-            r,
-            Firewall {
-                data_api: Some("127.0.0.1:9999".parse().unwrap()),
-                ..f.clone()
-            }
-            .ruleset()
-            .lines()
-            .map(str::trim)
-            .collect::<Vec<_>>()
-            .join("\n")
+        assert!(
+            !r.contains("127.0.0.1"),
+            "the rules name no platform's server, so processes of one host never undo each other's: {r}"
         );
         // Site to site: dropped before anything is let through.
         let forward = &r[r.find("chain forward").unwrap()..];
@@ -1048,16 +1051,5 @@ mod tests {
         let out = forward.find("iifname \"cmsite*\" accept").unwrap();
         assert!(drop_to_sites < sealed, "{forward}");
         assert!(sealed < dns && dns < never && never < out, "{forward}");
-        assert!(r.contains("dnat ip to 127.0.0.1:5432"));
-        let without = Firewall {
-            postgres: None,
-            data_api: None,
-            ..f
-        }
-        .ruleset();
-        assert!(
-            !without.contains("5432"),
-            "no PostgreSQL path when there is no server"
-        );
     }
 }

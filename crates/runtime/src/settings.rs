@@ -169,31 +169,31 @@ impl RuntimeSettings {
     }
 }
 
-/// The host's rules for sites' networks under these settings: the
-/// PostgreSQL path only when the platform has a server at an IPv4 address
-/// (or `localhost`).
 impl RuntimeSettings {
+    /// The host's rules for sites' networks under these settings.
     pub fn firewall(&self) -> crate::net::Firewall {
-        let postgres = self.postgres_admin_url.as_deref().and_then(|url| {
-            let config: tokio_postgres::Config = url.parse().ok()?;
-            let host = config.get_hosts().iter().find_map(|h| match h {
-                tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
-                #[allow(unreachable_patterns)]
-                _ => None,
-            })?;
-            let ip: std::net::Ipv4Addr = match host.as_str() {
-                "localhost" => std::net::Ipv4Addr::LOCALHOST,
-                h => h.parse().ok()?,
-            };
-            let port = config.get_ports().first().copied().unwrap_or(5432);
-            Some(std::net::SocketAddrV4::new(ip, port))
-        });
         crate::net::Firewall {
             network: self.network,
-            postgres,
-            data_api: self.data_api,
             resolvers: crate::net::Firewall::host_resolvers(),
         }
+    }
+
+    /// The platform's PostgreSQL server, as the host's firewall sends
+    /// sites to it: at an IPv4 address (or `localhost`), over TCP.
+    pub fn postgres_server(&self) -> Option<std::net::SocketAddrV4> {
+        let url = self.postgres_admin_url.as_deref()?;
+        let config: tokio_postgres::Config = url.parse().ok()?;
+        let host = config.get_hosts().iter().find_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => Some(h.clone()),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        })?;
+        let ip: std::net::Ipv4Addr = match host.as_str() {
+            "localhost" => std::net::Ipv4Addr::LOCALHOST,
+            h => h.parse().ok()?,
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        Some(std::net::SocketAddrV4::new(ip, port))
     }
 }
 

@@ -91,7 +91,10 @@ fn app_url(
             })
         })
         .unwrap_or_else(|| "127.0.0.1".into());
-    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let port = match site {
+        Some(_) => crate::net::SITE_POSTGRES_PORT,
+        None => config.get_ports().first().copied().unwrap_or(5432),
+    };
     format!("postgres://{db}:{password}@{host}:{port}/{db}")
 }
 
@@ -155,7 +158,13 @@ impl Driver for PostgresDriver {
             if let Some(net) = &site {
                 crate::net::site_network(&layout.home, &spec.deployment, spec.egress)
                     .map_err(DriverError::io("making the site's network"))?;
-                crate::net::allow(net, crate::net::Allowance::Postgres, true)
+                let server = crate::settings::current().postgres_server().ok_or_else(|| {
+                    DriverError::Failed(format!(
+                        "sandboxed sites reach the platform's PostgreSQL server over TCP at an IPv4 address: \
+                         give {ADMIN_URL_VAR} a host such as 127.0.0.1 or localhost"
+                    ))
+                })?;
+                crate::net::allow_postgres(net, server)
                     .map_err(DriverError::io("opening the way to PostgreSQL"))?;
             }
             let password = spec.credential.as_deref().ok_or_else(|| {
