@@ -273,6 +273,9 @@ pub(crate) struct Totals<'a> {
     pub usage: Vec<(&'a str, &'a str, &'a str, i64)>,
     /// (user, day's start, site, events)
     pub usage_days: Vec<(&'a str, i64, &'a str, i64)>,
+    /// (site, its latest request in the batch), for events on time only: a
+    /// backfill's are of a closed period, and go with its revert.
+    pub last_requests: Vec<(&'a str, i64)>,
 }
 
 /// A batch's transaction, as the ingest logic sees it.
@@ -292,6 +295,8 @@ pub(crate) type Work<'w> = dyn FnMut(&mut dyn Tx) -> Result<Vec<Outcome>, MeterE
 
 /// Where the meter's rows live.
 pub(crate) trait Store: Send {
+    /// The same store on a new connection.
+    fn reopen(&self) -> Result<Box<dyn Store>, MeterError>;
     /// Runs `work` in one transaction and commits it.
     fn transaction(&mut self, work: &mut Work<'_>) -> Result<Vec<Outcome>, MeterError>;
     fn revert_backfill(&mut self, backfill: &str) -> Result<usize, MeterError>;
@@ -365,6 +370,16 @@ impl Meter {
         Ok(Meter {
             store: Box::new(pg::PgStore::connect(url, schema)?),
             grace_ms,
+        })
+    }
+
+    /// The same meter on a connection of its own, for work beside this
+    /// one's: batches in two connections' transactions go on at once (on
+    /// PostgreSQL; SQLite's writers take turns).
+    pub fn another_connection(&self) -> Result<Meter, MeterError> {
+        Ok(Meter {
+            store: self.store.reopen()?,
+            grace_ms: self.grace_ms,
         })
     }
 
@@ -672,8 +687,13 @@ fn totals<'a>(
     let mut pairs: FxHashMap<(&'a str, &'a str, &'a str), i64> = FxHashMap::default();
     // (user, day, site) -> events, for the usage_days table.
     let mut days: FxHashMap<(&'a str, i64, &'a str), i64> = FxHashMap::default();
+    let mut last_requests: FxHashMap<&'a str, i64> = FxHashMap::default();
     let mut metrics: Vec<(&'a str, f64)> = Vec::new();
     for (row, e) in new {
+        if let (Some(site), "request", "") = (row.dims[1], row.kind, adjustment) {
+            let last = last_requests.entry(site).or_insert(row.time_ms);
+            *last = (*last).max(row.time_ms);
+        }
         // An aggregated event (the gateway's, under load) stands for
         // `count` events of its type.
         let weight = e
@@ -733,11 +753,14 @@ fn totals<'a>(
         .map(|((u, d, s), n)| (u, d, s, n))
         .collect();
     usage_days.sort_unstable();
+    let mut last_requests: Vec<(&'a str, i64)> = last_requests.into_iter().collect();
+    last_requests.sort_unstable();
     Totals {
         adjustment,
         aggregates,
         usage,
         usage_days,
+        last_requests,
     }
 }
 

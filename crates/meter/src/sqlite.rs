@@ -32,8 +32,18 @@ CREATE TABLE IF NOT EXISTS aggregates (
 CREATE TABLE IF NOT EXISTS closed_periods (period TEXT PRIMARY KEY, closed_at_ms INTEGER NOT NULL);
 ";
 
+/// When each site last had a request (the idler asks every pass), filled
+/// from the events when the table is new.
+const LAST_REQUESTS: &str = "
+CREATE TABLE last_requests (site TEXT PRIMARY KEY, time_ms INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO last_requests
+  SELECT site, MAX(time_ms) FROM events
+  WHERE type = 'request' AND site IS NOT NULL AND backfill IS NULL GROUP BY site;
+";
+
 pub(crate) struct SqliteStore {
     conn: Connection,
+    path: std::path::PathBuf,
 }
 
 impl SqliteStore {
@@ -48,7 +58,20 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -262_144)?; // 256 MiB
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.execute_batch(SCHEMA)?;
-        Ok(SqliteStore { conn })
+        let tx = conn.unchecked_transaction()?;
+        let has_last_requests: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'last_requests')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_last_requests {
+            tx.execute_batch(LAST_REQUESTS)?;
+        }
+        tx.commit()?;
+        Ok(SqliteStore {
+            conn,
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -138,11 +161,22 @@ impl Tx for SqliteTx<'_> {
         for (user, day, site, n) in &totals.usage_days {
             usage_day.execute(params![user, day, site, adjustment, n])?;
         }
+        let mut last_request = self.0.prepare_cached(
+            "INSERT INTO last_requests (site, time_ms) VALUES (?1, ?2)
+             ON CONFLICT (site) DO UPDATE SET time_ms = MAX(time_ms, excluded.time_ms)",
+        )?;
+        for (site, time_ms) in &totals.last_requests {
+            last_request.execute(params![site, time_ms])?;
+        }
         Ok(())
     }
 }
 
 impl Store for SqliteStore {
+    fn reopen(&self) -> Result<Box<dyn Store>, MeterError> {
+        Ok(Box::new(SqliteStore::open(&self.path)?))
+    }
+
     fn transaction(&mut self, work: &mut Work<'_>) -> Result<Vec<Outcome>, MeterError> {
         // Immediate: the write lock is taken (waiting out the busy timeout)
         // before anything is read; a read snapshot upgraded to a write
@@ -287,7 +321,7 @@ impl Store for SqliteStore {
 
     fn last_request(&self, site: &str) -> Result<Option<i64>, MeterError> {
         Ok(self.conn.query_row(
-            "SELECT MAX(time_ms) FROM events WHERE site = ?1 AND type = 'request'",
+            "SELECT MAX(time_ms) FROM last_requests WHERE site = ?1",
             [site],
             |r| r.get(0),
         )?)

@@ -103,6 +103,7 @@ on_both_stores!(
     an_aggregated_event_counts_as_its_count,
     two_writers_wait_for_each_other_instead_of_failing,
     a_closed_period_takes_no_event_from_a_batch_in_flight,
+    a_sites_last_request_is_its_latest_on_time_request,
 );
 
 #[allow(clippy::too_many_arguments)]
@@ -507,4 +508,96 @@ fn a_closed_period_takes_no_event_from_a_batch_in_flight(kind: Kind) {
         "events were counted after the period closed"
     );
     assert!(!m.accepts("2026-11").unwrap());
+}
+
+fn a_sites_last_request_is_its_latest_on_time_request(kind: Kind) {
+    // The idler asks it of every site on every pass: kept per site as
+    // batches come, not searched for among the events.
+    let (mut m, place) = meter(kind, "last-request");
+    let at = |t: &str| {
+        humantime::parse_rfc3339(t)
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    m.ingest_at(
+        &[
+            ev("a", "2026-11-18T10:00:03Z", "u1", "wiki", 1),
+            ev("b", "2026-11-18T10:00:09Z", "u2", "wiki", 1),
+            ev("c", "2026-11-18T10:00:01Z", "u1", "blog", 1),
+        ],
+        None,
+        NOW,
+    )
+    .unwrap();
+    // An older request later, and a later event that is no request.
+    let mut sample = ev("d", "2026-11-18T11:00:00Z", "u1", "wiki", 1);
+    sample.kind = "resources".into();
+    m.ingest_at(
+        &[ev("e", "2026-11-18T10:00:05Z", "u1", "wiki", 1), sample],
+        None,
+        NOW,
+    )
+    .unwrap();
+    // A backfill's requests are of a closed period: they never wake a site.
+    let old = ev("f", "2026-10-30T12:00:00Z", "u1", "archive", 1);
+    assert_eq!(
+        m.ingest_at(&[old], Some("fix-1"), NOW).unwrap(),
+        [Outcome::Accepted]
+    );
+    assert_eq!(
+        m.last_request("wiki").unwrap(),
+        Some(at("2026-11-18T10:00:09Z"))
+    );
+    assert_eq!(
+        m.last_request("blog").unwrap(),
+        Some(at("2026-11-18T10:00:01Z"))
+    );
+    assert_eq!(m.last_request("archive").unwrap(), None);
+    assert_eq!(m.last_request("nowhere").unwrap(), None);
+    // Another connection sees the same.
+    let other = m.another_connection().unwrap();
+    assert_eq!(
+        other.last_request("wiki").unwrap(),
+        Some(at("2026-11-18T10:00:09Z"))
+    );
+    drop((m, other));
+
+    // A meter of an earlier schema (which searched the events by an index
+    // of site and time) has it filled from its events when opened.
+    match kind {
+        Kind::Sqlite => {
+            let db = rusqlite::Connection::open(place.dir.join("meter.db")).unwrap();
+            db.execute_batch("DROP TABLE last_requests").unwrap();
+        }
+        Kind::Postgres => {
+            let mut db = postgres::Client::connect(&postgres_url(), postgres::NoTls).unwrap();
+            db.batch_execute(&format!(
+                "SET search_path TO {}; DROP TABLE last_requests;
+                 CREATE INDEX events_by_site_time ON events (site, time_ms);
+                 CREATE INDEX events_by_period ON events (period);",
+                place.schema
+            ))
+            .unwrap();
+        }
+    }
+    let m = place.open();
+    assert_eq!(
+        m.last_request("wiki").unwrap(),
+        Some(at("2026-11-18T10:00:09Z"))
+    );
+    assert_eq!(m.last_request("archive").unwrap(), None);
+    if let Kind::Postgres = kind {
+        let mut db = postgres::Client::connect(&postgres_url(), postgres::NoTls).unwrap();
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE schemaname = $1
+                 AND indexname IN ('events_by_site_time', 'events_by_period')",
+                &[&place.schema],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(left, 0, "the earlier schema's indexes are gone");
+    }
 }
