@@ -11,11 +11,12 @@
 # Not measured here yet: mutating API calls with 3 control-plane instances
 # and 50,000 sites.
 # PostgreSQL: COMMONS_BENCH_POSTGRES (default
-# "host=127.0.0.1 user=postgres dbname=test"). EVENTS (default 300000).
+# "host=127.0.0.1 user=postgres dbname=test"). EVENTS (default 600000);
+# WORKERS: the meter's takers (default: as many as an instance runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pg="${COMMONS_BENCH_POSTGRES:-host=127.0.0.1 user=postgres dbname=test}"
-events="${EVENTS:-300000}"
+events="${EVENTS:-600000}"
 cargo build --release --quiet -p commons-bus --example usage_bench
 cargo build --release --quiet -p commons-meter --example meter_bench
 cargo build --release --quiet -p commons-ledger --example ledger_bench

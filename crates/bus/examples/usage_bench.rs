@@ -9,10 +9,10 @@
 //! site counts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use commons_bus::usage::{consume, Taken, UsageConfig, UsagePublisher};
+use commons_bus::usage::{consume, Taken, UsageConfig, UsagePublisher, METER_WORKERS};
 use commons_meter::{Event, Meter};
 
 const GATEWAYS: u64 = 3;
@@ -31,7 +31,11 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let run = format!("b{}", std::process::id());
+    let run = format!(
+        "b{}x{}",
+        std::process::id(),
+        std::time::UNIX_EPOCH.elapsed().unwrap().as_millis() % 100_000
+    );
     let dir = std::env::temp_dir().join(format!("commons-usage-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (meter, store) = match args.get(4) {
@@ -44,7 +48,14 @@ fn main() {
             "sqlite",
         ),
     };
-    let meter = Arc::new(Mutex::new(meter));
+    // As many takers as an instance runs, each on a connection of its own.
+    let workers: usize = std::env::var("WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(METER_WORKERS);
+    let meters: Vec<Meter> = (0..workers)
+        .map(|_| meter.another_connection().unwrap())
+        .collect();
     let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let config = UsageConfig::new(&url, &run);
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -81,32 +92,34 @@ fn main() {
         .collect();
     let total: u64 = batches.iter().flatten().map(|b| b.len() as u64).sum();
     let stop = Arc::new(AtomicBool::new(false));
-    // The meter takes usage on a thread of its own, as `commons serve` does.
-    let metering = {
-        let (config, meter, counted, stop) =
-            (config.clone(), meter.clone(), counted.clone(), stop.clone());
-        std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(consume(
-                    config,
-                    |events| match meter.lock().unwrap().ingest(&events, None) {
-                        Ok(outcomes) => {
-                            let accepted = outcomes
-                                .iter()
-                                .filter(|o| **o == commons_meter::Outcome::Accepted)
-                                .count();
-                            counted.fetch_add(accepted as u64, Ordering::SeqCst);
-                            Taken::Committed
-                        }
-                        Err(e) => Taken::Failed(e.to_string()),
-                    },
-                    stop,
-                ))
+    // The meter takes usage on threads of its own, as `commons serve` does.
+    let metering: Vec<_> = meters
+        .into_iter()
+        .map(|mut meter| {
+            let (config, counted, stop) = (config.clone(), counted.clone(), stop.clone());
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(consume(
+                        config,
+                        |events| match meter.ingest(&events, None) {
+                            Ok(outcomes) => {
+                                let accepted = outcomes
+                                    .iter()
+                                    .filter(|o| **o == commons_meter::Outcome::Accepted)
+                                    .count();
+                                counted.fetch_add(accepted as u64, Ordering::SeqCst);
+                                Taken::Committed
+                            }
+                            Err(e) => Taken::Failed(e.to_string()),
+                        },
+                        stop,
+                    ))
+            })
         })
-    };
+        .collect();
     let started = Instant::now();
     rt.block_on(async {
         let mut gateways = Vec::new();
@@ -140,9 +153,11 @@ fn main() {
     }
     let secs = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
-    let _ = metering.join();
+    for m in metering {
+        let _ = m.join();
+    }
     println!(
-        "usage through JetStream into the meter ({store}), {sites} sites: {total} events in {secs:.2} s = {:.0} events/s end to end (published in {:.2} s)",
+        "usage through JetStream into the meter ({store}, {workers} takers), {sites} sites: {total} events in {secs:.2} s = {:.0} events/s end to end (published in {:.2} s)",
         total as f64 / secs,
         published.as_secs_f64()
     );

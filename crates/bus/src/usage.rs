@@ -33,6 +33,9 @@ pub struct UsageConfig {
     pub subject: String,
     /// The durable consumer the meters share.
     pub consumer: String,
+    /// The most a taker gives the meter in one transaction (bytes of the
+    /// batches it fetched, [`FETCH_BYTES`] by default).
+    pub fetch_bytes: usize,
 }
 
 impl UsageConfig {
@@ -44,6 +47,7 @@ impl UsageConfig {
             stream: format!("{}_USAGE", name.to_ascii_uppercase()),
             subject: format!("{name}.usage"),
             consumer: "meter".into(),
+            fetch_bytes: FETCH_BYTES,
         }
     }
 }
@@ -159,6 +163,21 @@ impl UsagePublisher {
     }
 }
 
+/// How many takers one instance's meter runs on the stream, each with a
+/// connection and transactions of its own: while one's batch is in the
+/// database, another's is fetched and decoded, and on PostgreSQL their
+/// inserts go on at once. (Their totals' rows are taken in one order, so
+/// they wait for each other there rather than deadlock.) Two measured best
+/// on 2 cores (`bench/scale.sh`, `WORKERS=`): a third mostly waits for the
+/// others' totals; more instances add more.
+pub const METER_WORKERS: usize = 2;
+
+/// The most one taker gives the meter in one transaction, in CloudEvents
+/// JSON: about 200,000 events. A bound on what it holds decoded, and big
+/// enough that each site's totals are written once for many of its events
+/// (at 50,000 sites, 48 MiB took usage twice as fast as 24, `bench/scale.sh`).
+pub const FETCH_BYTES: usize = 48 << 20;
+
 /// What the meter said of a batch.
 pub enum Taken {
     /// Committed (accepted, duplicates and events refused as invalid
@@ -213,17 +232,23 @@ async fn consume_connected(
     while !stop.load(Ordering::Relaxed) {
         let mut batches = meter
             .fetch()
-            .max_messages(64)
+            // The more a transaction takes, the less each event costs it:
+            // its totals are a row per site and window, however many
+            // events the site had. What waits is taken up to this much.
+            .max_messages(256)
             .expires(Duration::from_millis(500))
             .messages()
             .await
             .map_err(|e| err("fetching usage")(&e))?;
-        // Every batch of one fetch goes to the meter in one transaction:
-        // its cost is per transaction far more than per event.
+        // The batches of one fetch go to the meter in one transaction (or
+        // one per `fetch_bytes` of them): its cost is per transaction far
+        // more than per event.
         let mut taken = Vec::new();
         let mut events: Vec<Event> = Vec::new();
+        let mut bytes = 0;
         while let Some(message) = batches.next().await {
             let message = message.map_err(|e| err("fetching usage")(&e))?;
+            bytes += message.payload.len();
             match serde_json::from_slice::<Vec<Event>>(&message.payload) {
                 Ok(batch) => events.extend(batch),
                 // Not a batch of events: no delivery will make it one.
@@ -233,27 +258,51 @@ async fn consume_connected(
                 ),
             }
             taken.push(message);
-        }
-        if taken.is_empty() {
-            continue;
-        }
-        match ingest(events) {
-            Taken::Committed => {
-                for message in taken {
-                    message
-                        .ack()
-                        .await
-                        .map_err(|e| err("acknowledging usage")(&e))?;
+            if bytes >= config.fetch_bytes {
+                if !hand_over(
+                    ingest,
+                    std::mem::take(&mut taken),
+                    std::mem::take(&mut events),
+                )
+                .await?
+                {
+                    // The rest of this fetch is delivered again too.
+                    break;
                 }
+                bytes = 0;
             }
-            Taken::Failed(why) => {
-                // Delivered again after the ack wait; back off meanwhile.
-                eprintln!("{:>12} the meter refused usage: {why}", "Warning");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+        }
+        if !taken.is_empty() {
+            hand_over(ingest, taken, events).await?;
         }
     }
     Ok(())
+}
+
+/// Gives `events` to the meter and acknowledges the batches they came in
+/// once it committed them; whether it did.
+async fn hand_over(
+    ingest: &mut impl FnMut(Vec<Event>) -> Taken,
+    taken: Vec<jetstream::Message>,
+    events: Vec<Event>,
+) -> Result<bool, BusError> {
+    match ingest(events) {
+        Taken::Committed => {
+            for message in taken {
+                message
+                    .ack()
+                    .await
+                    .map_err(|e| err("acknowledging usage")(&e))?;
+            }
+            Ok(true)
+        }
+        Taken::Failed(why) => {
+            // Delivered again after the ack wait; back off meanwhile.
+            eprintln!("{:>12} the meter refused usage: {why}", "Warning");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok(false)
+        }
+    }
 }
 
 #[cfg(test)]

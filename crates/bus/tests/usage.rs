@@ -1,7 +1,7 @@
 //! Usage through a real `nats-server -js` (started here, on loopback) into a
 //! real meter: every event counted once — while the NATS server is killed
-//! and started again mid-stream, and while the meter is stopped and a new
-//! one takes over from the same store.
+//! and started again mid-stream, and while the meter is stopped and two
+//! takers of a new one take over from the same store.
 
 mod common;
 
@@ -132,7 +132,14 @@ async fn usage_reaches_the_meter_once_across_server_and_meter_restarts() {
     let _ = metering.await;
     drop(meter);
     let meter = Arc::new(Mutex::new(Meter::open(&db, 86_400_000).unwrap()));
-    let (stop_meter, metering) = start_meter(&config, &meter);
+    // Two takers now, as an instance runs, each handing every batch over
+    // on its own, in the middle of a fetch.
+    let one_by_one = UsageConfig {
+        fetch_bytes: 1,
+        ..config.clone()
+    };
+    let (stop_meter, metering) = start_meter(&one_by_one, &meter);
+    let (stop_other, other) = start_meter(&one_by_one, &meter);
     publishing.await.unwrap();
 
     let total = BATCHES * PER_BATCH;
@@ -157,8 +164,10 @@ async fn usage_reaches_the_meter_once_across_server_and_meter_restarts() {
         by_user.values().flatten().map(|(_, n)| n).sum::<u64>(),
         total
     );
-    stop_meter.store(true, Ordering::SeqCst);
-    metering.abort();
+    for (stop, task) in [(stop_meter, metering), (stop_other, other)] {
+        stop.store(true, Ordering::SeqCst);
+        task.abort();
+    }
     server.kill().unwrap();
     server.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

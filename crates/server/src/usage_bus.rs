@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use commons_bus::usage::{Taken, UsageConfig, UsagePublisher};
+use commons_bus::usage::{Taken, UsageConfig, UsagePublisher, METER_WORKERS};
 use commons_gateway::usage::UsageSink;
 use commons_meter::Event;
 
@@ -111,27 +111,51 @@ impl UsageSink for PublishingSink {
     }
 }
 
-/// Starts this instance's meter taking usage from the bus, on a thread of
-/// its own (the meter's stores block).
+/// Starts this instance's meter taking usage from the bus: on
+/// [`METER_WORKERS`] threads of their own (the meter's stores block), each
+/// with a connection to the meter's store of its own.
 pub fn spawn_meter(state: Arc<AppState>, config: UsageConfig) {
-    std::thread::Builder::new()
-        .name("commons-usage".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("the usage consumer's runtime starts");
-            rt.block_on(commons_bus::usage::consume(
-                config,
-                |events| {
-                    let mut meter = state.meter.lock().unwrap_or_else(|p| p.into_inner());
-                    match meter.ingest(&events, None) {
-                        Ok(_) => Taken::Committed,
-                        Err(e) => Taken::Failed(e.to_string()),
-                    }
-                },
-                Arc::new(AtomicBool::new(false)),
-            ));
-        })
-        .expect("the usage consumer's thread starts");
+    for worker in 0..METER_WORKERS {
+        let own = state
+            .meter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .another_connection();
+        let mut meter = match own {
+            Ok(meter) => Some(meter),
+            Err(e) => {
+                // The shared one still takes usage, taking turns with the API.
+                tracing::warn!(error = %e, "the usage taker shares the API's meter");
+                None
+            }
+        };
+        let (state, config) = (state.clone(), config.clone());
+        std::thread::Builder::new()
+            .name(format!("commons-usage-{worker}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the usage consumer's runtime starts");
+                rt.block_on(commons_bus::usage::consume(
+                    config,
+                    |events| {
+                        let ingested = match meter.as_mut() {
+                            Some(meter) => meter.ingest(&events, None),
+                            None => state
+                                .meter
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .ingest(&events, None),
+                        };
+                        match ingested {
+                            Ok(_) => Taken::Committed,
+                            Err(e) => Taken::Failed(e.to_string()),
+                        }
+                    },
+                    Arc::new(AtomicBool::new(false)),
+                ));
+            })
+            .expect("the usage consumer's thread starts");
+    }
 }
