@@ -191,6 +191,7 @@ fn two_instances_order_a_hosts_certificate_once_and_both_serve_it_and_sign_alike
         .unwrap()
         .get(0);
     assert_eq!(answers, 0, "answers are removed once their order ends");
+    destroy_on(&one, &env, "shop");
     drop((first, second, pebble));
     drop_platform_schemas(&url, &schema);
 }

@@ -522,6 +522,7 @@ fn a_gateway_killed_under_load_loses_no_request_and_no_published_usage() {
         counted <= total + warmup as f64,
         "counted {counted} of {total} answered (+{warmup} before the load): some twice"
     );
+    destroy_on(&one, &env, "shop");
     drop((first, second, nats));
     drop_platform_schemas(&url, &schema);
 }

@@ -694,6 +694,18 @@ pub fn lasting_port() -> u16 {
 }
 
 /// Runs `c`, failing the test with what it printed unless it succeeds.
+/// Destroys `name` on the platform `env` selects (a database of the test's
+/// own), as a test that chose one must: the sandbox's clean-up looks only
+/// at the sandbox's own configuration, and the site's processes outlive
+/// the platform's.
+pub fn destroy_on(s: &Sandbox, env: &[(&str, &str)], name: &str) {
+    let mut c = s.cmd(&["destroy", name]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    run_ok(&mut c);
+}
+
 pub fn run_ok(c: &mut std::process::Command) -> std::process::Output {
     let out = c.output().unwrap();
     assert!(
