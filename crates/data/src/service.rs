@@ -1190,15 +1190,7 @@ impl DataCommons {
     /// event already pruned is skipped (subscriptions catch up from the
     /// database when they see a gap).
     pub fn committed_elsewhere(&self, seq: i64) -> Result<(), DataError> {
-        let (row, user) = {
-            let mut state = self.state();
-            let row = db::events_after(&mut state.conn, seq - 1, 1)?
-                .into_iter()
-                .find(|(s, _)| *s == seq);
-            let user = db::event_owner(&mut state.conn, seq)?;
-            (row, user)
-        };
-        let (Some((_, body)), Some(user)) = (row, user) else {
+        let Some((user, body)) = db::event(&mut self.state().conn, seq)? else {
             return Ok(());
         };
         let mut event: Event =

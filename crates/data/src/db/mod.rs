@@ -598,6 +598,17 @@ pub fn events_after(db: &mut impl Sql, cursor: i64, limit: usize) -> Result<Vec<
     .collect()
 }
 
+/// Event `seq`: whose it is and its body, if it is retained.
+pub fn event(db: &mut impl Sql, seq: i64) -> Result<Option<(String, Vec<u8>)>> {
+    match db.query_opt(
+        "SELECT owner, body FROM events WHERE seq = ?1",
+        params![seq],
+    )? {
+        Some(mut r) => Ok(Some((r.text(0)?, r.blob(1)?))),
+        None => Ok(None),
+    }
+}
+
 /// Whose event `seq` is.
 pub fn event_owner(db: &mut impl Sql, seq: i64) -> Result<Option<String>> {
     match db.query_opt("SELECT owner FROM events WHERE seq = ?1", params![seq])? {
