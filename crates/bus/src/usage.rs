@@ -223,19 +223,21 @@ async fn consume_connected(
                 ack_policy: consumer::AckPolicy::Explicit,
                 // A meter that took a batch and died: it goes to another
                 // (or the same, restarted) after this long.
-                ack_wait: Duration::from_secs(10),
+                ack_wait: ACK_WAIT,
                 ..Default::default()
             },
         )
         .await
         .map_err(|e| err("making the meter's consumer")(&e))?;
+    let mut fetch = MOST_FETCHED;
     while !stop.load(Ordering::Relaxed) {
+        let fetched_at = std::time::Instant::now();
         let mut batches = meter
             .fetch()
             // The more a transaction takes, the less each event costs it:
             // its totals are a row per site and window, however many
             // events the site had. What waits is taken up to this much.
-            .max_messages(256)
+            .max_messages(fetch)
             .expires(Duration::from_millis(500))
             .messages()
             .await
@@ -275,8 +277,31 @@ async fn consume_connected(
         if !taken.is_empty() {
             hand_over(ingest, taken, events).await?;
         }
+        fetch = next_fetch(fetch, fetched_at.elapsed());
     }
     Ok(())
+}
+
+/// How long the stream waits for a batch's acknowledgement before it
+/// delivers it again.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// The most batches one fetch takes.
+const MOST_FETCHED: usize = 256;
+
+/// How many batches to fetch next, after a fetch of `fetch` took `took`
+/// to be committed whole: every batch of it must be acknowledged within
+/// [`ACK_WAIT`] of its delivery, or it is delivered again (to be found a
+/// repeat, but its work done twice, on a meter already slow). So fewer
+/// when it took half of that, more again when it took a fifth.
+fn next_fetch(fetch: usize, took: Duration) -> usize {
+    if took > ACK_WAIT / 2 {
+        (fetch / 2).max(1)
+    } else if took < ACK_WAIT / 5 {
+        (fetch * 2).min(MOST_FETCHED)
+    } else {
+        fetch
+    }
 }
 
 /// Gives `events` to the meter and acknowledges the batches they came in
@@ -308,6 +333,17 @@ async fn hand_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_meter_is_given_fewer_batches_at_once() {
+        let slow = ACK_WAIT * 3 / 4;
+        let quick = ACK_WAIT / 10;
+        assert_eq!(next_fetch(256, slow), 128);
+        assert_eq!(next_fetch(1, slow), 1, "one batch at least");
+        assert_eq!(next_fetch(128, ACK_WAIT / 3), 128, "steady in between");
+        assert_eq!(next_fetch(128, quick), 256);
+        assert_eq!(next_fetch(256, quick), MOST_FETCHED);
+    }
 
     #[test]
     fn names_and_subjects() {
