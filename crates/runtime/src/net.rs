@@ -646,6 +646,18 @@ pub fn site_index(home: &Path, deployment: &str) -> Option<u32> {
 /// former holder of the index left (a namespace, a link, a place in the
 /// firewall's sets) is removed first, so no right passes to the next site.
 pub fn site_net(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
+    let _making = MAKING.lock().unwrap_or_else(|p| p.into_inner());
+    site_net_locked(home, deployment)
+}
+
+/// One site's network made at a time in this process. A deploy starts its
+/// jobs and drivers at once, each asking for the site's network: the first
+/// to allocate the index clears it (`remove`), and that must not undo a
+/// namespace another of them has just made and started a workload in —
+/// whose network would then be gone for its whole life.
+static MAKING: Mutex<()> = Mutex::new(());
+
+fn site_net_locked(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
     let (index, new) = Registry::open()?.index_for(&registry_key(home, deployment))?;
     let net = SiteNet::of(index, crate::settings::current().network)?;
     if new {
@@ -658,7 +670,8 @@ pub fn site_net(home: &Path, deployment: &str) -> std::io::Result<SiteNet> {
 /// needed, with egress to the internet if `egress`.
 pub fn site_network(home: &Path, deployment: &str, egress: bool) -> std::io::Result<SiteNet> {
     let settings = crate::settings::current();
-    let net = site_net(home, deployment)?;
+    let _making = MAKING.lock().unwrap_or_else(|p| p.into_inner());
+    let net = site_net_locked(home, deployment)?;
     settings.firewall().install()?;
     if !net.exists() {
         ensure(&net)?;
