@@ -3,7 +3,9 @@
 # JetStream server on loopback (started here):
 # - usage end to end: 3 gateways publishing batches of CloudEvents to
 #   JetStream, the meter taking them exactly once into PostgreSQL, at 1k,
-#   10k and 50k sites (target >= 100,000 events/s);
+#   10k and 50k sites (target >= 100,000 events/s), and a longer run at
+#   50k sites (LONG events, default 3,000,000) with the totals' folds
+#   running alongside;
 # - the meter's own ingest on PostgreSQL and on SQLite, beside it;
 # - the ledger on PostgreSQL (target >= 50,000 transfers/s);
 # - a route change seen by 3 gateways following the routes' bucket, at 1k,
@@ -17,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pg="${COMMONS_BENCH_POSTGRES:-host=127.0.0.1 user=postgres dbname=test}"
 events="${EVENTS:-600000}"
+long="${LONG:-3000000}"
 cargo build --release --quiet -p commons-bus --example usage_bench
 cargo build --release --quiet -p commons-meter --example meter_bench
 cargo build --release --quiet -p commons-ledger --example ledger_bench
@@ -32,6 +35,7 @@ for _ in $(seq 50); do grep -q "Server is ready" "$dir/log" && break; sleep 0.1;
 for sites in 1000 10000 50000; do
   target/release/examples/usage_bench "nats://127.0.0.1:$port" "$events" "$sites" "$pg"
 done
+target/release/examples/usage_bench "nats://127.0.0.1:$port" "$long" 50000 "$pg"
 target/release/examples/usage_bench "nats://127.0.0.1:$port" "$events" 1000
 COMMONS_BENCH_POSTGRES="$pg" target/release/examples/meter_bench
 COMMONS_BENCH_POSTGRES="$pg" target/release/examples/ledger_bench

@@ -14,8 +14,10 @@
 //!   which is recorded as an adjustment under its backfill id and can be
 //!   reverted whole.
 //! - **Aggregates** (SUM, COUNT, MAX per minute, hour and day, by user, site,
-//!   operator and provider) are kept up to date per batch; UNIQUE_COUNT is
-//!   computed exactly from the events.
+//!   operator and provider) count every batch from its commit on (SQLite
+//!   updates them in the batch; PostgreSQL appends the batch's cube and
+//!   folds it in later, reads adding what is not folded yet); UNIQUE_COUNT
+//!   is computed exactly from the events.
 //!
 //! One batch is one transaction: in SQLite (the embedded default, its WAL
 //! fsynced at commit; `sqlite.rs`) or in PostgreSQL (scale-out, any number
@@ -70,7 +72,7 @@ pub enum Window {
 impl Window {
     pub const ALL: [Window; 3] = [Window::Minute, Window::Hour, Window::Day];
 
-    fn ms(self) -> i64 {
+    pub(crate) fn ms(self) -> i64 {
         match self {
             Window::Minute => 60_000,
             Window::Hour => 3_600_000,
@@ -263,7 +265,29 @@ pub(crate) struct EventRow<'a> {
     pub backfill: Option<&'a str>,
 }
 
-/// What a batch adds to the running totals, each list in its table's key
+/// A cell of the cube: (minute's start, period, [user, site, operator,
+/// provider], metric).
+pub(crate) type CellKey<'a> = (i64, &'a str, [Option<&'a str>; 4], &'a str);
+
+/// What the events of one cell add up to.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Cell {
+    pub agg: Agg,
+    /// How many events the usage tables count (on the `events:TYPE` cell
+    /// only, so each event is counted once).
+    pub events: i64,
+    /// The latest request on time among them.
+    pub last_request_ms: Option<i64>,
+}
+
+/// What a batch adds to the running totals, cell by cell.
+pub(crate) struct Cube<'a> {
+    /// Backfill id, or "" for events on time.
+    pub adjustment: &'a str,
+    pub cells: Vec<(CellKey<'a>, Cell)>,
+}
+
+/// The running totals a cube adds to, each list in its table's key
 /// order (so concurrent writers take row locks in the same order).
 pub(crate) struct Totals<'a> {
     /// Backfill id, or "" for events on time.
@@ -287,7 +311,8 @@ pub(crate) trait Tx {
     /// Stores the rows whose key is new. For each row: `None` if it was
     /// stored now, or the digest its key was stored with before.
     fn insert_events(&mut self, rows: &[EventRow<'_>]) -> Result<Vec<Option<Vec<u8>>>, MeterError>;
-    fn add_totals(&mut self, totals: &Totals<'_>) -> Result<(), MeterError>;
+    /// Adds a batch's new events to the running totals.
+    fn add_totals(&mut self, cube: &Cube<'_>) -> Result<(), MeterError>;
 }
 
 /// A batch's work: run in a transaction, again if the store asks.
@@ -297,6 +322,12 @@ pub(crate) type Work<'w> = dyn FnMut(&mut dyn Tx) -> Result<Vec<Outcome>, MeterE
 pub(crate) trait Store: Send {
     /// The same store on a new connection.
     fn reopen(&self) -> Result<Box<dyn Store>, MeterError>;
+    /// Folds what batches added but the totals do not hold yet into them,
+    /// returning how many rows that was (none where batches update the
+    /// totals themselves).
+    fn compact(&self) -> Result<i64, MeterError> {
+        Ok(0)
+    }
     /// Runs `work` in one transaction and commits it.
     fn transaction(&mut self, work: &mut Work<'_>) -> Result<Vec<Outcome>, MeterError>;
     fn revert_backfill(&mut self, backfill: &str) -> Result<usize, MeterError>;
@@ -365,10 +396,11 @@ impl Meter {
     }
 
     /// Opens (creating) the meter's tables in `schema` on a PostgreSQL
-    /// server, which any number of platform instances may share.
+    /// server, which any number of platform instances may share. While it
+    /// is open, a thread of its own folds batches into the totals.
     pub fn open_postgres(url: &str, schema: &str, grace_ms: i64) -> Result<Meter, MeterError> {
         Ok(Meter {
-            store: Box::new(pg::PgStore::connect(url, schema)?),
+            store: Box::new(pg::PgStore::open(url, schema)?),
             grace_ms,
         })
     }
@@ -381,6 +413,13 @@ impl Meter {
             store: self.store.reopen()?,
             grace_ms: self.grace_ms,
         })
+    }
+
+    /// Folds the batches stored so far into the totals now, rather than when
+    /// the PostgreSQL store's compactor comes to them (reads count them
+    /// either way). Returns how many pending rows were folded.
+    pub fn compact(&self) -> Result<i64, MeterError> {
+        self.store.compact()
     }
 
     /// Closes a period to new events now (backfills still go in).
@@ -664,7 +703,7 @@ fn ingest_in(
         .iter()
         .map(|e| (e.kind.as_str(), format!("events:{}", e.kind)))
         .collect();
-    tx.add_totals(&totals(new_rows, &kinds, backfill.unwrap_or("")))?;
+    tx.add_totals(&cube(new_rows, &kinds, backfill.unwrap_or("")))?;
     for (r, &i) in row_event.iter().enumerate() {
         if inserted[r] {
             out[i] = Some(Outcome::Accepted);
@@ -676,24 +715,17 @@ fn ingest_in(
         .collect())
 }
 
-/// What new events add to the aggregates and the usage tables.
-fn totals<'a>(
+/// What new events add to the running totals, to the minute: one cell per
+/// (minute, period, dimensions, metric), the finest grain every total is
+/// made of (aggregates per window, usage per period and per day, a site's
+/// last request).
+fn cube<'a>(
     new: impl Iterator<Item = (&'a EventRow<'a>, &'a Event)>,
     kinds: &'a HashMap<&'a str, String>,
     adjustment: &'a str,
-) -> Totals<'a> {
-    let mut aggs: FxHashMap<AggKey<'a>, Agg> = FxHashMap::default();
-    // (period, user, site) -> events, for the usage table.
-    let mut pairs: FxHashMap<(&'a str, &'a str, &'a str), i64> = FxHashMap::default();
-    // (user, day, site) -> events, for the usage_days table.
-    let mut days: FxHashMap<(&'a str, i64, &'a str), i64> = FxHashMap::default();
-    let mut last_requests: FxHashMap<&'a str, i64> = FxHashMap::default();
-    let mut metrics: Vec<(&'a str, f64)> = Vec::new();
+) -> Cube<'a> {
+    let mut cells: FxHashMap<CellKey<'a>, Cell> = FxHashMap::default();
     for (row, e) in new {
-        if let (Some(site), "request", "") = (row.dims[1], row.kind, adjustment) {
-            let last = last_requests.entry(site).or_insert(row.time_ms);
-            *last = (*last).max(row.time_ms);
-        }
         // An aggregated event (the gateway's, under load) stands for
         // `count` events of its type.
         let weight = e
@@ -702,65 +734,93 @@ fn totals<'a>(
             .and_then(|v| v.as_i64())
             .filter(|n| *n > 0)
             .unwrap_or(1);
-        metrics.clear();
-        metrics.push((kinds[e.kind.as_str()].as_str(), weight as f64));
+        let minute = Window::Minute.start(row.time_ms);
+        let [user, site, operator, provider, _] = row.dims;
+        let dims = [user, site, operator, provider];
+        let kind = kinds[e.kind.as_str()].as_str();
+        let cell = cells
+            .entry((minute, row.period.as_str(), dims, kind))
+            .or_default();
+        cell.agg.add(weight as f64, 1, weight as f64);
+        cell.events += weight;
+        if let (Some(_), "request", "") = (site, row.kind, adjustment) {
+            cell.last_request_ms = Some(cell.last_request_ms.unwrap_or(i64::MIN).max(row.time_ms));
+        }
         for (k, v) in &e.data {
             if let Some(x) = v.as_f64() {
-                metrics.push((k.as_str(), x));
-            }
-        }
-        let [user, site, ..] = row.dims;
-        if let (Some(user), Some(site)) = (user, site) {
-            *pairs.entry((&row.period, user, site)).or_default() += weight;
-            *days
-                .entry((user, Window::Day.start(row.time_ms), site))
-                .or_default() += weight;
-        }
-        // Minutes here; hours and days are rolled up from them below.
-        let minute = Window::Minute.start(row.time_ms);
-        for (d, value) in DIMENSIONS.iter().zip(row.dims) {
-            let Some(value) = value else {
-                continue;
-            };
-            for &(m, x) in &metrics {
-                aggs.entry((Window::Minute, d, value, m, minute))
+                cells
+                    .entry((minute, row.period.as_str(), dims, k.as_str()))
                     .or_default()
+                    .agg
                     .add(x, 1, x);
             }
         }
     }
-    let minutes: Vec<(AggKey<'a>, Agg)> = aggs.iter().map(|(k, a)| (*k, *a)).collect();
-    for ((_, d, value, metric, start), a) in minutes {
-        for w in [Window::Hour, Window::Day] {
-            aggs.entry((w, d, value, metric, w.start(start)))
-                .or_default()
-                .add(a.sum, a.count, a.max);
-        }
-    }
-    // In the table's key order: each upsert lands next to the last one's
-    // B-tree page, and concurrent writers lock rows in one order.
-    let mut aggregates: Vec<(AggKey<'a>, Agg)> = aggs.into_iter().collect();
-    aggregates.sort_unstable_by(|((w1, d1, v1, m1, s1), _), ((w2, d2, v2, m2, s2), _)| {
-        (w1.name(), d1, v1, m1, s1).cmp(&(w2.name(), d2, v2, m2, s2))
-    });
-    let mut usage: Vec<(&'a str, &'a str, &'a str, i64)> = pairs
-        .into_iter()
-        .map(|((p, u, s), n)| (p, u, s, n))
-        .collect();
-    usage.sort_unstable();
-    let mut usage_days: Vec<(&'a str, i64, &'a str, i64)> = days
-        .into_iter()
-        .map(|((u, d, s), n)| (u, d, s, n))
-        .collect();
-    usage_days.sort_unstable();
-    let mut last_requests: Vec<(&'a str, i64)> = last_requests.into_iter().collect();
-    last_requests.sort_unstable();
-    Totals {
+    Cube {
         adjustment,
-        aggregates,
-        usage,
-        usage_days,
-        last_requests,
+        cells: cells.into_iter().collect(),
+    }
+}
+
+impl<'a> Cube<'a> {
+    /// The totals the cube adds to, each list in its table's key order.
+    fn totals(&self) -> Totals<'a> {
+        let mut aggs: FxHashMap<AggKey<'a>, Agg> = FxHashMap::default();
+        // (period, user, site) -> events, for the usage table.
+        let mut pairs: FxHashMap<(&'a str, &'a str, &'a str), i64> = FxHashMap::default();
+        // (user, day, site) -> events, for the usage_days table.
+        let mut days: FxHashMap<(&'a str, i64, &'a str), i64> = FxHashMap::default();
+        let mut last_requests: FxHashMap<&'a str, i64> = FxHashMap::default();
+        for &((minute, period, dims, metric), ref cell) in &self.cells {
+            let [user, site, ..] = dims;
+            if let Some(site) = site {
+                if let Some(t) = cell.last_request_ms {
+                    let last = last_requests.entry(site).or_insert(t);
+                    *last = (*last).max(t);
+                }
+            }
+            if let (Some(user), Some(site), true) = (user, site, cell.events > 0) {
+                *pairs.entry((period, user, site)).or_default() += cell.events;
+                *days
+                    .entry((user, Window::Day.start(minute), site))
+                    .or_default() += cell.events;
+            }
+            for (d, value) in DIMENSIONS.iter().zip(dims) {
+                let Some(value) = value else {
+                    continue;
+                };
+                for w in Window::ALL {
+                    aggs.entry((w, d, value, metric, w.start(minute)))
+                        .or_default()
+                        .add(cell.agg.sum, cell.agg.count, cell.agg.max);
+                }
+            }
+        }
+        // In the table's key order: each upsert lands next to the last one's
+        // B-tree page, and concurrent writers lock rows in one order.
+        let mut aggregates: Vec<(AggKey<'a>, Agg)> = aggs.into_iter().collect();
+        aggregates.sort_unstable_by(|((w1, d1, v1, m1, s1), _), ((w2, d2, v2, m2, s2), _)| {
+            (w1.name(), d1, v1, m1, s1).cmp(&(w2.name(), d2, v2, m2, s2))
+        });
+        let mut usage: Vec<(&'a str, &'a str, &'a str, i64)> = pairs
+            .into_iter()
+            .map(|((p, u, s), n)| (p, u, s, n))
+            .collect();
+        usage.sort_unstable();
+        let mut usage_days: Vec<(&'a str, i64, &'a str, i64)> = days
+            .into_iter()
+            .map(|((u, d, s), n)| (u, d, s, n))
+            .collect();
+        usage_days.sort_unstable();
+        let mut last_requests: Vec<(&'a str, i64)> = last_requests.into_iter().collect();
+        last_requests.sort_unstable();
+        Totals {
+            adjustment: self.adjustment,
+            aggregates,
+            usage,
+            usage_days,
+            last_requests,
+        }
     }
 }
 

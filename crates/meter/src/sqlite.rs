@@ -4,7 +4,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::{Aggregation, EventRow, MeterError, Outcome, Query, Store, Totals, Tx, Work};
+use crate::{Aggregation, Cube, EventRow, MeterError, Outcome, Query, Store, Tx, Work};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -126,7 +126,9 @@ impl Tx for SqliteTx<'_> {
             .collect()
     }
 
-    fn add_totals(&mut self, totals: &Totals<'_>) -> Result<(), MeterError> {
+    fn add_totals(&mut self, cube: &Cube<'_>) -> Result<(), MeterError> {
+        // One writer at a time: the totals are updated in place at once.
+        let totals = cube.totals();
         let adjustment = totals.adjustment;
         let mut upsert = self.0.prepare_cached(
             "INSERT INTO aggregates (window, start_ms, dim, value, metric, adjustment, sum, count, max)
