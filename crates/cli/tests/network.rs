@@ -471,6 +471,9 @@ data:
         r#"name: tenant
 components:
   db: { postgres: {} }
+  web:
+    process: python3 -m http.server --bind 127.0.0.1 $PORT
+    health: { http: "/" }
   try:
     job: >-
       psql "${components.db.url}" -Atc "SELECT 'own database'" > $COMMONS_DATA_DIR/own 2>&1;
@@ -507,17 +510,20 @@ components:
         .output()
         .unwrap());
     assert_eq!(r.code(), 0, "{}", r.all());
-    let still = Run(std::process::Command::new("ip")
-        .args(["netns", "exec", &netns_of(&s, "tenant"), "psql"])
-        .arg(said("url").trim())
-        .args(["-Atc", "SELECT 'still there'"])
-        .output()
-        .unwrap());
-    assert_eq!(
-        still.stdout().trim(),
+    // The tenant's own database, asked from inside its network, answers
+    // `word`; else `why` it did not.
+    let own_database_answers = |word: &str, why: &str| {
+        let r = Run(std::process::Command::new("ip")
+            .args(["netns", "exec", &netns_of(&s, "tenant"), "psql"])
+            .arg(said("url").trim())
+            .args(["-Atc", &format!("SELECT '{word}'")])
+            .output()
+            .unwrap());
+        assert_eq!(r.stdout().trim(), word, "{why}: {}", r.all());
+    };
+    own_database_answers(
         "still there",
-        "another platform's deploy took the tenant's way to its database: {}",
-        still.all()
+        "another platform's deploy took the tenant's way to its database",
     );
     let r = Run(neighbour
         .cmd(&["destroy", "plain"])
@@ -526,6 +532,34 @@ components:
         .unwrap());
     assert_eq!(r.code(), 0, "{}", r.all());
     drop(other);
+
+    // The host restarts: its namespaces and rules go, the site's data stays.
+    // The tenant's network, made again when its process starts again, has
+    // its way to its database back (no deploy of the database gives it).
+    let tenant_ns = netns_of(&s, "tenant");
+    let web_pid = s.component("tenant", "web")["pid"].as_i64().unwrap();
+    for lost in [
+        vec!["nft", "flush", "map", "inet", "commons", "postgres_server"],
+        vec!["ip", "netns", "del", tenant_ns.as_str()],
+        vec!["kill", "-KILL", &web_pid.to_string()],
+    ] {
+        let r = Run(std::process::Command::new(lost[0])
+            .args(&lost[1..])
+            .output()
+            .unwrap());
+        assert_eq!(r.code(), 0, "{lost:?}: {}", r.all());
+    }
+    deploy(&s, &["deploy", "tenant"]);
+    let web = s.component("tenant", "web");
+    assert_ne!(
+        web["pid"].as_i64(),
+        Some(web_pid),
+        "the process was started again"
+    );
+    own_database_answers(
+        "back",
+        "the site's network was made again without its way to its database",
+    );
 
     // Gone with its site: the namespace, the link and its place in the
     // host's registry of site networks.

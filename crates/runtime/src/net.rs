@@ -18,7 +18,9 @@
 //!   host's resolvers, the internet (masqueraded), and — for sites with a
 //!   `postgres:` component only — their platform's PostgreSQL server at
 //!   `HOST_IP:5432` ([`SITE_POSTGRES_PORT`]): the map `@postgres_server`
-//!   sends each such site's address to its own platform's server. PostgreSQL
+//!   sends each such site's address to its own platform's server (the
+//!   grant is kept beside the site, so a network made again after a restart
+//!   of the host gets it back; [`grant_postgres`]). PostgreSQL
 //!   sees the site's own address, so `pg_hba.conf` tells sites from the
 //!   platform's own connections (`host sameuser all 10.200.0.0/14
 //!   scram-sha-256`).
@@ -675,9 +677,66 @@ pub fn site_network(home: &Path, deployment: &str, egress: bool) -> std::io::Res
     settings.firewall().install()?;
     if !net.exists() {
         ensure(&net)?;
+        // Made again (the host restarted, say): its databases' way back,
+        // which only a deploy of the database would give it otherwise.
+        if has_postgres_grant(home, deployment) {
+            if let Some(server) = settings.postgres_server() {
+                allow_postgres(&net, server)?;
+            }
+        }
     }
     sync(&net, Allowance::Egress, egress)?;
     Ok(net)
+}
+
+/// Where a site's standing grants to its platform's PostgreSQL server are
+/// kept: a file per component holding a database there. Beside the site's
+/// data, so they outlive the host's networks and rules (gone at a restart),
+/// and go with the site.
+fn postgres_grants(home: &Path, deployment: &str) -> PathBuf {
+    crate::layout::Layout::new(home)
+        .deployment_dir(deployment)
+        .join("grants")
+        .join("postgres")
+}
+
+fn has_postgres_grant(home: &Path, deployment: &str) -> bool {
+    std::fs::read_dir(postgres_grants(home, deployment))
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false)
+}
+
+/// Lets `deployment`'s network reach its platform's PostgreSQL server for
+/// its database `component`, now and whenever the network is made again.
+pub fn grant_postgres(
+    home: &Path,
+    deployment: &str,
+    component: &str,
+    net: &SiteNet,
+    server: SocketAddrV4,
+) -> std::io::Result<()> {
+    let dir = postgres_grants(home, deployment);
+    std::fs::create_dir_all(&dir)?;
+    crate::layout::write_whole(&dir.join(component), b"")?;
+    allow_postgres(net, server)
+}
+
+/// Takes back [`grant_postgres`] for `component`; the way to the server
+/// closes with the site's last database there.
+pub fn revoke_postgres(
+    home: &Path,
+    deployment: &str,
+    component: &str,
+    net: &SiteNet,
+) -> std::io::Result<()> {
+    match std::fs::remove_file(postgres_grants(home, deployment).join(component)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    if has_postgres_grant(home, deployment) {
+        return Ok(());
+    }
+    allow(net, Allowance::Postgres, false)
 }
 
 /// What this process last put in the firewall's set (`@egress_sites`) and
@@ -753,13 +812,13 @@ pub fn remove(net: &SiteNet) {
 }
 
 /// Lets `net` reach the internet (`egress`), or stops it; `postgres` and
-/// `data` here only stop it (see [`allow_postgres`], [`allow_data`]).
+/// `data` here only stop it (see [`grant_postgres`], [`allow_data`]).
 pub fn allow(net: &SiteNet, what: Allowance, yes: bool) -> std::io::Result<()> {
     let set = match what {
         Allowance::Egress => "egress_sites",
         Allowance::Postgres | Allowance::Data if yes => {
             return Err(std::io::Error::other(
-                "the way to a platform's service names it (allow_postgres, allow_data)",
+                "the way to a platform's service names it (grant_postgres, allow_data)",
             ))
         }
         Allowance::Postgres => "postgres_server",
@@ -800,8 +859,9 @@ fn map_site(net: &SiteNet, what: Allowance, map: &str, to: SocketAddrV4) -> std:
 }
 
 /// Lets `net` reach its platform's PostgreSQL server `server` at
-/// `HOST_IP:`[`SITE_POSTGRES_PORT`], and no other server.
-pub fn allow_postgres(net: &SiteNet, server: SocketAddrV4) -> std::io::Result<()> {
+/// `HOST_IP:`[`SITE_POSTGRES_PORT`], and no other server (for this network
+/// as it is: [`grant_postgres`] keeps it).
+fn allow_postgres(net: &SiteNet, server: SocketAddrV4) -> std::io::Result<()> {
     map_site(net, Allowance::Postgres, "postgres_server", server)
 }
 

@@ -164,8 +164,14 @@ impl Driver for PostgresDriver {
                          give {ADMIN_URL_VAR} a host such as 127.0.0.1 or localhost"
                     ))
                 })?;
-                crate::net::allow_postgres(net, server)
-                    .map_err(DriverError::io("opening the way to PostgreSQL"))?;
+                crate::net::grant_postgres(
+                    &layout.home,
+                    &spec.deployment,
+                    &spec.component,
+                    net,
+                    server,
+                )
+                .map_err(DriverError::io("opening the way to PostgreSQL"))?;
             }
             let password = spec.credential.as_deref().ok_or_else(|| {
                 DriverError::Failed("no credential was derived for this database".into())
@@ -223,7 +229,7 @@ impl Driver for PostgresDriver {
         Box::pin(async move {
             let (config, _) = admin()?;
             if let Ok(Some(net)) = site_net(layout, deployment) {
-                let _ = crate::net::allow(&net, crate::net::Allowance::Postgres, false);
+                let _ = crate::net::revoke_postgres(&layout.home, deployment, component, &net);
             }
             let db = name(deployment, component);
             let client = connect(&config).await?;
