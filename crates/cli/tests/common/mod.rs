@@ -309,6 +309,11 @@ impl Drop for Sandbox {
                 for d in v.as_array().into_iter().flatten() {
                     if let Some(name) = d["name"].as_str() {
                         let _ = self.cmd(&["destroy", name]).output();
+                        // A destroy without the environment the test
+                        // deployed with (a database server's URL) fails
+                        // before it takes the site's network down: taken
+                        // here, so no namespace outlives its test.
+                        commons_runtime::net::remove_site(&self.home, name);
                     }
                 }
             }
