@@ -48,7 +48,7 @@ pub(crate) struct SqliteStore {
 
 impl SqliteStore {
     pub(crate) fn open(path: &Path) -> Result<SqliteStore, MeterError> {
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         // The API and the supervisor share the file: wait for each other.
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -58,7 +58,10 @@ impl SqliteStore {
         conn.pragma_update(None, "cache_size", -262_144)?; // 256 MiB
         conn.pragma_update(None, "wal_autocheckpoint", 10_000)?;
         conn.execute_batch(SCHEMA)?;
-        let tx = conn.unchecked_transaction()?;
+        // Immediate: a meter opened at once elsewhere may be making the
+        // table too, and a read transaction upgraded to a write after
+        // another connection wrote fails at once instead of waiting.
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let has_last_requests: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'last_requests')",
             [],
