@@ -127,7 +127,7 @@ impl Identity {
 }
 
 /// A new key pair for the node and a certificate request for it, PEM.
-fn new_key() -> Result<(String, String), AgentError> {
+pub(crate) fn new_key() -> Result<(String, String), AgentError> {
     let e = |e: rcgen::Error| AgentError::Failed(format!("the node's key: {e}"));
     let key = rcgen::KeyPair::generate().map_err(e)?;
     let mut params = rcgen::CertificateParams::default();

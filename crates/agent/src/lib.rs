@@ -15,7 +15,9 @@
 //! tunnel, and the control plane's gateway sends each connection to a site
 //! through it, so a node serves its sites without opening a port.
 //!
-//! The wire types both sides speak are in [`protocol`].
+//! The wire types both sides speak are in [`protocol`]. [`simulate`] stands
+//! for a fleet of nodes that run nothing, for benchmarks of the control
+//! planes.
 
 #![forbid(unsafe_code)]
 
@@ -24,6 +26,7 @@ pub mod join;
 pub mod ops;
 pub mod protocol;
 pub mod run;
+pub mod simulate;
 pub mod tls;
 pub mod tunnel;
 pub mod usage;

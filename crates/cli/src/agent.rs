@@ -46,6 +46,33 @@ pub enum AgentCommand {
         #[arg(long, default_value_t = 60)]
         sample_seconds: u64,
     },
+    /// Stand for many nodes that run nothing, for benchmarks and drills of
+    /// the control planes: each joins with a token of its own, beats, takes
+    /// its assignments and reports them done without running them.
+    Simulate {
+        /// A control plane's agent address, https://HOST:PORT; repeat it to
+        /// spread the nodes among several.
+        #[arg(long = "control-plane", required = true)]
+        control_planes: Vec<String>,
+        /// A file of join tokens, one per line: one node each.
+        #[arg(long)]
+        tokens: std::path::PathBuf,
+        /// Region or jurisdiction of every node.
+        #[arg(long, default_value = "sim")]
+        region: String,
+        /// CPU each node offers, in thousandths of a core.
+        #[arg(long, default_value_t = 64_000)]
+        cpu_millis: u64,
+        /// Memory each node offers, in MiB.
+        #[arg(long, default_value_t = 262_144)]
+        memory_mib: u64,
+        /// Disk each node offers, in GiB.
+        #[arg(long, default_value_t = 4096)]
+        disk_gib: u64,
+        /// How long one poll for assignments waits, in seconds.
+        #[arg(long, default_value_t = 25)]
+        poll_seconds: u64,
+    },
 }
 
 fn failure(e: AgentError) -> Failure {
@@ -110,6 +137,49 @@ pub fn run(cmd: AgentCommand, home: &Path, json: bool) -> Result<(), Failure> {
             };
             rt.block_on(commons_agent::run(settings, engine))
                 .map_err(failure)
+        }
+        AgentCommand::Simulate {
+            control_planes,
+            tokens,
+            region,
+            cpu_millis,
+            memory_mib,
+            disk_gib,
+            poll_seconds,
+        } => {
+            let text = std::fs::read_to_string(&tokens)
+                .map_err(|e| Failure::Input(format!("{}: {e}", tokens.display())))?;
+            let tokens: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            let sim = commons_agent::simulate::Simulation {
+                control_planes,
+                tokens,
+                offer: NodeOffer {
+                    region,
+                    capacity: Resources {
+                        cpu_millis,
+                        memory_bytes: memory_mib << 20,
+                        disk_bytes: disk_gib << 30,
+                    },
+                    price: 100,
+                    features: ["sandbox".to_string()].into_iter().collect(),
+                },
+                poll: Duration::from_secs(poll_seconds.clamp(1, 55)),
+            };
+            rt.block_on(commons_agent::simulate::simulate(sim, |n, took| {
+                if json {
+                    output::json(
+                        &serde_json::json!({ "joined": n, "seconds": took.as_secs_f64() }),
+                    );
+                } else {
+                    eprintln!("{:>12} {n} simulated nodes in {took:.1?}", "Joined");
+                }
+            }))
+            .map_err(failure)
         }
     }
 }

@@ -1247,3 +1247,134 @@ fn a_site_with_data_moves_under_load_without_losing_a_write() {
     );
     assert_eq!(node_state(&admin, &node_a)["kept"], json!([]));
 }
+
+/// Two control-plane instances (two data directories, as on two machines)
+/// sharing one PostgreSQL share their nodes: a token made on one joins on
+/// the other, a site placed through either reaches its node whichever
+/// instance the node calls, placements through both never overcommit, each
+/// instance sees the sites every node reports, and a node gone silent is
+/// lost for both. The nodes are `commons agent simulate`'s, one calling
+/// each instance.
+#[test]
+fn control_planes_sharing_a_database_share_their_nodes() {
+    let url = std::env::var("COMMONS_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into());
+    let schema = format!("nodes_instances_{}", std::process::id());
+    let (a, b) = (
+        Sandbox::new("agents-shared-a"),
+        Sandbox::new("agents-shared-b"),
+    );
+    a.share_keys(&b);
+    let mut env = AGENT_ENV.to_vec();
+    env.extend([
+        ("COMMONS_DATABASE_URL", url.as_str()),
+        ("COMMONS_DATABASE_SCHEMA", schema.as_str()),
+    ]);
+    let server_a = a.serve(&env);
+    let admin_a = admin(&a, &server_a);
+    signup(server_a.port, "operator@example.org", "Operator");
+    signup(server_a.port, "acme@example.org", "Acme");
+    let acme = login(server_a.port, "acme@example.org", true);
+    // With the DataCommons key a made.
+    a.share_keys(&b);
+    let server_b = b.serve(&env);
+    // The administrator's token is one of the platform's, good on both.
+    let token = std::fs::read_to_string(a.home.join("secrets/admin.token")).unwrap();
+    let admin_b = Api::token(server_b.port, token.trim());
+    let agents = |s: &Server| format!("https://127.0.0.1:{}", s.agents.unwrap());
+
+    // Two nodes of 2000 m CPU on tokens made on a: the first calls a, the
+    // second b.
+    let tokens = a.write(
+        "tokens",
+        &format!(
+            "{}\n{}\n",
+            join_token(&acme, "acme", 600),
+            join_token(&acme, "acme", 600)
+        ),
+    );
+    let mut fleet = a
+        .cmd(&["agent", "simulate", "--control-plane", &agents(&server_a)])
+        .args([
+            "--control-plane",
+            &agents(&server_b),
+            "--cpu-millis",
+            "2000",
+        ])
+        .arg("--tokens")
+        .arg(&tokens)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let nodes = |admin: &Api| -> Vec<Value> {
+        let (code, v) = admin.get("/api/nodes");
+        assert_eq!(code, 200, "{v}");
+        v["items"].as_array().unwrap().clone()
+    };
+    for admin in [&admin_a, &admin_b] {
+        assert!(
+            wait_for(Duration::from_secs(20), || nodes(admin)
+                .iter()
+                .filter(|n| n["state"] == "ready")
+                .count()
+                == 2),
+            "both instances know both nodes: {:?}",
+            nodes(admin)
+        );
+    }
+
+    // Four sites of 1000 m, placed through a and b in turn: two fit on
+    // each node, and a fifth fits nowhere, whichever instance is asked.
+    for i in 0..4 {
+        let admin = if i % 2 == 0 { &admin_a } else { &admin_b };
+        let (code, v) = admin.post(
+            "/api/placements",
+            json!({ "site": format!("s{i}"), "blueprint": SITE,
+                    "needs": { "cpu_millis": 1000, "memory_bytes": 0, "disk_bytes": 0 } }),
+        );
+        assert_eq!(code, 200, "{v}");
+        assert!(!v["node"].is_null(), "s{i} has room: {v}");
+    }
+    for admin in [&admin_a, &admin_b] {
+        let (code, v) = admin.post(
+            "/api/placements",
+            json!({ "site": "s-more", "blueprint": SITE,
+                    "needs": { "cpu_millis": 1000, "memory_bytes": 0, "disk_bytes": 0 } }),
+        );
+        assert_eq!(code, 200, "{v}");
+        assert!(v["node"].is_null(), "no room is left: {v}");
+    }
+    // Each node took its two sites, whichever instance placed them and
+    // whichever it calls, and both instances see them running there.
+    for admin in [&admin_a, &admin_b] {
+        assert!(
+            wait_for(Duration::from_secs(20), || nodes(admin).iter().all(|n| {
+                n["placed"].as_array().unwrap().len() == 2
+                    && n["sites"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|s| s["state"] == "running")
+                        .count()
+                        == 2
+            })),
+            "{:?}",
+            nodes(admin)
+        );
+    }
+
+    // The fleet goes silent: both instances find both nodes lost.
+    let _ = fleet.kill();
+    let _ = fleet.wait();
+    for admin in [&admin_a, &admin_b] {
+        assert!(
+            wait_for(Duration::from_secs(20), || nodes(admin)
+                .iter()
+                .all(|n| n["state"] == "lost")),
+            "{:?}",
+            nodes(admin)
+        );
+    }
+    drop((server_a, server_b));
+    common::drop_platform_schemas(&url, &schema);
+}

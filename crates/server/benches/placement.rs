@@ -76,7 +76,12 @@ fn through_the_registry() {
     use commons_server::nodes::{NodeSettings, Nodes, PlaceRequest};
     let home = std::env::temp_dir().join(format!("commons-bench-nodes-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
-    let nodes = Nodes::open(&home, NodeSettings::default()).expect("nodes");
+    let nodes = Nodes::open(
+        &home,
+        NodeSettings::default(),
+        &commons_store::StoreConfig::Embedded,
+    )
+    .expect("nodes");
     let key = rcgen::KeyPair::generate().expect("a key");
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)

@@ -49,6 +49,48 @@ pub fn adopt_shared(engine: &Engine, name: &str, path: &Path) -> Result<bool, St
     Ok(true)
 }
 
+/// Makes the files `paths` (which exist) hold what the instances sharing
+/// `engine`'s database agreed on under `name`, kept as one entry so that
+/// files which belong together (a CA's key and certificate) always come
+/// from the same instance; true if that replaced what they held.
+pub fn adopt_shared_files(engine: &Engine, name: &str, paths: &[&Path]) -> Result<bool, String> {
+    if matches!(engine.store_config(), StoreConfig::Embedded) {
+        return Ok(false);
+    }
+    let read = |path: &Path| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let local: Vec<Vec<u8>> = paths.iter().map(|p| read(p)).collect::<Result<_, _>>()?;
+    let bundle = serde_json::to_vec(&local).map_err(|e| e.to_string())?;
+    let purpose = format!("{KIND}/{name}");
+    let kept = engine
+        .store()
+        .keep_first(KIND, name, &engine.seal(&purpose, &bundle))
+        .map_err(|e| e.to_string())?;
+    let opened = engine.open_sealed(&purpose, &kept).ok_or_else(|| {
+        format!(
+            "the {name} kept in the database does not open with {}",
+            engine.layout.secrets_key().display()
+        )
+    })?;
+    let agreed: Vec<Vec<u8>> = serde_json::from_slice(&opened)
+        .ok()
+        .filter(|files: &Vec<Vec<u8>>| files.len() == paths.len())
+        .ok_or_else(|| {
+            format!(
+                "the {name} kept in the database is not {} files",
+                paths.len()
+            )
+        })?;
+    if agreed == local {
+        return Ok(false);
+    }
+    for (path, bytes) in paths.iter().zip(&agreed) {
+        commons_runtime::layout::write_durable(path, bytes)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    tracing::info!(name, "took what the platform's other instances use");
+    Ok(true)
+}
+
 /// Writes the key named `name` that the instances sharing `engine`'s
 /// database agreed on to `path`, if they agreed on one yet; true if it did.
 /// For a key an instance only reads until it first uses it.

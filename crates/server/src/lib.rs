@@ -168,8 +168,18 @@ impl AppState {
                 gateway::SignIns::shared(engine.shared_store())
             }
         };
+        // The node CA (made here the first time), as every instance sharing
+        // the database holds it: a node joins and calls any of them.
+        let nodes_dir = layout.nodes_dir();
+        nodes::ca::NodeCa::open(&nodes_dir).map_err(|e| err("node CA", &e))?;
+        keys::adopt_shared_files(
+            &engine,
+            "node-ca",
+            &[&nodes_dir.join("ca.key"), &nodes_dir.join("ca.pem")],
+        )
+        .map_err(|e| err("node CA", &e))?;
         let nodes = std::sync::Arc::new(
-            nodes::Nodes::open(home, nodes::NodeSettings::default())
+            nodes::Nodes::open(home, nodes::NodeSettings::default(), store)
                 .map_err(|e| err("nodes", &e))?,
         );
         Ok(AppState {

@@ -58,7 +58,8 @@ pub fn run(mut settings: Settings) -> Result<(), RunError> {
     .map_err(|e| RunError::Failed(e.to_string()))?;
     state.trusted_proxies = settings.trusted_proxies.clone();
     state.nodes = Arc::new(
-        crate::nodes::Nodes::open(&home, settings.nodes.clone()).map_err(RunError::Failed)?,
+        crate::nodes::Nodes::open(&home, settings.nodes.clone(), &settings.store)
+            .map_err(RunError::Failed)?,
     );
     state.tunnels = crate::tunnels::Tunnels::new(state.nodes.clone());
     state.stripe_api = settings

@@ -312,7 +312,12 @@ mod tests {
             std::process::id(),
             crate::tokens::random(6)
         ));
-        let nodes = Nodes::open(&home, Default::default()).unwrap();
+        let nodes = Nodes::open(
+            &home,
+            Default::default(),
+            &commons_store::StoreConfig::Embedded,
+        )
+        .unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = rcgen::CertificateParams::default()
             .serialize_request(&key)

@@ -10,6 +10,7 @@
 
 pub mod accounts;
 mod config;
+pub mod entries;
 mod lease;
 mod pg;
 mod sqlite;

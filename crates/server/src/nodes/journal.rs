@@ -32,7 +32,7 @@ pub(super) enum Key {
 /// One journal line: an entry's new value, or its removal.
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
-enum Line {
+pub(super) enum Line {
     Node {
         key: String,
         value: Option<NodeRecord>,
@@ -67,7 +67,29 @@ fn set<V>(map: &mut std::collections::BTreeMap<String, V>, key: String, value: O
 }
 
 impl Line {
-    fn of(reg: &Registry, key: &Key) -> Line {
+    /// The entry's name where entries are kept by name: `KIND/KEY`.
+    pub(super) fn name(&self) -> String {
+        let (kind, key) = match self {
+            Line::Node { key, .. } => ("node", key),
+            Line::Token { key, .. } => ("token", key),
+            Line::Cert { key, .. } => ("cert", key),
+            Line::Placement { key, .. } => ("placement", key),
+            Line::Ops { key, .. } => ("ops", key),
+        };
+        format!("{kind}/{key}")
+    }
+
+    /// Whether it changes what placements take of nodes.
+    pub(super) fn moves_load(&self) -> bool {
+        matches!(self, Line::Node { .. } | Line::Placement { .. })
+    }
+
+    /// Whether it changes a node's operations.
+    pub(super) fn assigns(&self) -> bool {
+        matches!(self, Line::Ops { .. })
+    }
+
+    pub(super) fn of(reg: &Registry, key: &Key) -> Line {
         match key {
             Key::Node(k) => Line::Node {
                 key: k.clone(),
@@ -92,7 +114,7 @@ impl Line {
         }
     }
 
-    fn apply(self, reg: &mut Registry) {
+    pub(super) fn apply(self, reg: &mut Registry) {
         match self {
             Line::Node { key, value } => set(&mut reg.nodes, key, value),
             Line::Token { key, value } => set(&mut reg.join_tokens, key, value),

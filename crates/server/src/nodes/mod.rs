@@ -13,10 +13,11 @@
 
 pub mod ca;
 mod journal;
+mod shared;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use commons_agent::protocol::{
@@ -134,7 +135,10 @@ struct Registry {
 
 struct Inner {
     reg: Registry,
-    journal: Journal,
+    /// The file journal, unless the registry is shared in PostgreSQL.
+    journal: Option<Journal>,
+    /// Shared: the sequence number of the latest row this holds.
+    seq: i64,
     /// What the placements take of each node and how many each provider
     /// has: kept by `place` as it goes (placing one site must not count
     /// them all), made again after any other change of placements.
@@ -205,9 +209,41 @@ pub struct Nodes {
     path: PathBuf,
     pub ca: ca::NodeCa,
     pub settings: NodeSettings,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     /// Bumped on every new assignment: long polls wait on it.
-    changed: tokio::sync::watch::Sender<u64>,
+    changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The registry in PostgreSQL, when the platform's store is there.
+    shared: Option<shared::SharedRegistry>,
+}
+
+/// The registry held to be changed: under the mutex and, when it is shared,
+/// under the database's lock too, with every other instance's changes read
+/// in. Dropped without [`Nodes::save`], the change is abandoned.
+struct Changing<'a> {
+    guard: std::sync::MutexGuard<'a, Inner>,
+    shared: Option<&'a shared::SharedRegistry>,
+}
+
+impl std::ops::Deref for Changing<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for Changing<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.guard
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        // After a save this ends nothing: the change was committed.
+        if let Some(shared) = self.shared {
+            shared.rollback();
+        }
+    }
 }
 
 fn unauthenticated(detail: impl Into<String>) -> AppError {
@@ -323,27 +359,59 @@ fn shape(blueprint: &str) -> Result<Shape, AppError> {
 }
 
 impl Nodes {
-    /// The nodes kept under `home/nodes`, and the CA, made on first use.
-    pub fn open(home: &Path, settings: NodeSettings) -> Result<Nodes, String> {
+    /// The nodes kept under `home/nodes` — or, with the platform's store in
+    /// PostgreSQL, in the database, shared by every instance (see
+    /// [`shared`]) — and the CA, made on first use.
+    pub fn open(
+        home: &Path,
+        settings: NodeSettings,
+        store: &commons_store::StoreConfig,
+    ) -> Result<Nodes, String> {
         let dir = commons_runtime::Layout::new(home).nodes_dir();
         crate::private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let ca = ca::NodeCa::open(&dir)?;
         let path = dir.join("registry.json");
-        let (journal, reg) = Journal::open(&dir)?;
+        let (journal, reg, shared, seq) = match store {
+            commons_store::StoreConfig::Embedded => {
+                let (journal, reg) = Journal::open(&dir)?;
+                (Some(journal), reg, None, 0)
+            }
+            commons_store::StoreConfig::Postgres { url, schema } => {
+                let (registry, rows) = shared::SharedRegistry::open(url, schema)?;
+                let mut reg = Registry::default();
+                let mut seq = 0;
+                for row in rows {
+                    seq = row.seq;
+                    row.line.apply(&mut reg);
+                }
+                (None, reg, Some(registry), seq)
+            }
+        };
         let now = Instant::now();
         let last_seen = reg.nodes.keys().map(|id| (id.clone(), now)).collect();
+        let inner = Arc::new(Mutex::new(Inner {
+            reg,
+            journal,
+            seq,
+            load: None,
+            last_seen,
+            sites: HashMap::new(),
+        }));
+        let changed = Arc::new(tokio::sync::watch::channel(0).0);
+        let shared = match shared {
+            Some(registry) => {
+                registry.follow(Arc::downgrade(&inner), Arc::downgrade(&changed))?;
+                Some(registry)
+            }
+            None => None,
+        };
         Ok(Nodes {
             path,
             ca,
             settings,
-            inner: Mutex::new(Inner {
-                reg,
-                journal,
-                load: None,
-                last_seen,
-                sites: HashMap::new(),
-            }),
-            changed: tokio::sync::watch::channel(0).0,
+            inner,
+            changed,
+            shared,
         })
     }
 
@@ -351,16 +419,72 @@ impl Nodes {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Keeps the entries `changed` (as `inner` holds them now) on disk.
-    fn save(&self, inner: &mut Inner, changed: &[Key]) -> Result<(), AppError> {
-        let Inner { journal, reg, .. } = inner;
-        journal.record(reg, changed).map_err(internal)
+    /// The registry held to be changed (see [`Changing`]).
+    fn lock_to_change(&self) -> Result<Changing<'_>, AppError> {
+        let guard = self.lock();
+        let Some(shared) = &self.shared else {
+            return Ok(Changing {
+                guard,
+                shared: None,
+            });
+        };
+        let after = guard.seq;
+        let mut changing = Changing {
+            guard,
+            shared: Some(shared),
+        };
+        let news = shared.begin(after).map_err(internal)?;
+        if shared::absorb(&mut changing, news) {
+            self.changed.send_modify(|n| *n += 1);
+        }
+        Ok(changing)
     }
 
-    /// Keeps the whole registry on disk (after a change of many entries).
-    fn save_all(&self, inner: &mut Inner) -> Result<(), AppError> {
+    /// Reads in what other instances changed, now rather than at the
+    /// follower's next turn (for a caller that would refuse what it does
+    /// not know of yet).
+    fn catch_up(&self) {
+        let Some(shared) = &self.shared else { return };
+        let after = self.lock().seq;
+        match shared.since(after) {
+            Ok(news) => {
+                if shared::absorb(&mut self.lock(), news) {
+                    self.changed.send_modify(|n| *n += 1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the nodes' registry"),
+        }
+    }
+
+    /// Keeps the entries `changed` (as `inner` holds them now): on disk, or
+    /// in the shared registry, ending the change.
+    fn save(&self, inner: &mut Inner, changed: &[Key]) -> Result<(), AppError> {
+        if let Some(shared) = &self.shared {
+            let keys: BTreeSet<&Key> = changed.iter().collect();
+            let lines: Vec<journal::Line> = keys
+                .into_iter()
+                .map(|k| journal::Line::of(&inner.reg, k))
+                .collect();
+            return match shared.commit(&lines, inner.seq) {
+                Ok(seq) => {
+                    inner.seq = seq;
+                    Ok(())
+                }
+                Err(e) => {
+                    // What this instance holds is the registry as kept.
+                    inner.reg = Registry::default();
+                    inner.seq = 0;
+                    inner.load = None;
+                    if let Ok(rows) = shared.since(0) {
+                        shared::absorb(inner, rows);
+                    }
+                    Err(internal(e))
+                }
+            };
+        }
         let Inner { journal, reg, .. } = inner;
-        journal.compact(reg).map_err(internal)
+        let journal = journal.as_mut().expect("a file journal when not shared");
+        journal.record(reg, changed).map_err(internal)
     }
 
     /// Makes a single-use join token for `org`'s nodes, good for `ttl`:
@@ -375,7 +499,7 @@ impl Nodes {
         let secret = crate::tokens::random(40);
         let id = format!("jt-{}", crate::tokens::random(12));
         let expires_at_ms = commons_clock::now_ms() + ttl.as_millis() as i64;
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let key = crate::tokens::hash(&secret);
         inner.reg.join_tokens.insert(
             key.clone(),
@@ -410,7 +534,7 @@ impl Nodes {
                 "say the node's region (`--region`)",
             ));
         }
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let key = crate::tokens::hash(secret);
         let now = commons_clock::now_ms();
         let Some(token) = inner.reg.join_tokens.get(&key).cloned() else {
@@ -529,6 +653,10 @@ impl Nodes {
                 "present the node's certificate (only joining goes without one)",
             ));
         };
+        // A certificate another instance issued a moment ago.
+        if !self.lock().reg.certificates.contains_key(fingerprint) {
+            self.catch_up();
+        }
         let inner = self.lock();
         let Some(cert) = inner.reg.certificates.get(fingerprint) else {
             return Err(forbidden(
@@ -569,7 +697,7 @@ impl Nodes {
             .ca
             .sign_node(csr, node, lifetime)
             .map_err(|e| AppError::new(ErrorKind::Invalid, "Invalid certificate request", e))?;
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let now = commons_clock::now_secs() as i64;
         let mut changed: Vec<Key> = inner
             .reg
@@ -594,21 +722,32 @@ impl Nodes {
     /// A heartbeat from `node`: it is alive, and runs these sites. A lost
     /// node that beats again is ready again.
     pub fn heartbeat(&self, node: &str, hb: Heartbeat) -> Result<(), AppError> {
+        if let Some(shared) = &self.shared {
+            shared.beat(node, &hb.sites);
+        }
         let mut inner = self.lock();
         inner.last_seen.insert(node.to_string(), Instant::now());
         inner.sites.insert(node.to_string(), hb.sites);
-        let back = match inner.reg.nodes.get_mut(node) {
-            Some(n) if n.state == NodeState::Lost => {
-                n.state = NodeState::Ready;
-                true
-            }
-            _ => false,
+        let lost = |inner: &Inner| {
+            inner
+                .reg
+                .nodes
+                .get(node)
+                .is_some_and(|n| n.state == NodeState::Lost)
         };
-        if back {
-            eprintln!("{:>12} node {node} is back", "Node");
-            self.save(&mut inner, &[Key::Node(node.to_string())])?;
+        if !lost(&inner) {
+            return Ok(());
         }
-        Ok(())
+        drop(inner);
+        let mut inner = self.lock_to_change()?;
+        if !lost(&inner) {
+            return Ok(());
+        }
+        if let Some(n) = inner.reg.nodes.get_mut(node) {
+            n.state = NodeState::Ready;
+        }
+        eprintln!("{:>12} node {node} is back", "Node");
+        self.save(&mut inner, &[Key::Node(node.to_string())])
     }
 
     /// The operations assigned to `node` after revision `after`.
@@ -643,7 +782,7 @@ impl Nodes {
 
     /// `node`'s report of one of its operations.
     pub fn report(&self, node: &str, op: &str, report: Report) -> Result<(), AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let Some(record) = inner
             .reg
             .operations
@@ -680,7 +819,7 @@ impl Nodes {
 
     /// Assigns `operation` to `node`: its id and revision.
     pub fn assign(&self, node: &str, operation: Operation) -> Result<(String, u64), AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let r = Self::assign_locked(&mut inner.reg, node, operation)?;
         self.save(&mut inner, &assigned(node))?;
         drop(inner);
@@ -746,7 +885,7 @@ impl Nodes {
 
     /// Revokes `org`'s node `id`: its certificates stop working at once.
     pub fn revoke(&self, org: Option<&str>, id: &str) -> Result<(), AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         match inner.reg.nodes.get_mut(id) {
             Some(n) if org.is_none_or(|o| o == n.provider) => n.state = NodeState::Revoked,
             _ => {
@@ -879,7 +1018,7 @@ impl Nodes {
         let (keeps_data, web, route) = shape(&req.blueprint)?;
         let stateless = !keeps_data;
         let site = req.site.clone();
-        let mut guard = self.lock();
+        let mut guard = self.lock_to_change()?;
         let inner = &mut *guard;
         let load = inner.load.get_or_insert_with(|| Load::of(&inner.reg));
         let previous = inner.reg.placements.remove(&req.site);
@@ -958,28 +1097,44 @@ impl Nodes {
     /// it comes back). Sites with data stay: they wait for their node, or
     /// for an operator's move. Returns the nodes newly lost.
     pub fn sweep(&self) -> Vec<String> {
-        let mut inner = self.lock();
         let lost_after = self.settings.lost_after;
-        let lost: Vec<String> = inner
-            .reg
-            .nodes
-            .values()
-            .filter(|n| n.state == NodeState::Ready)
-            .filter(|n| {
-                inner
-                    .last_seen
-                    .get(&n.id)
-                    .is_none_or(|t| t.elapsed() >= lost_after)
-            })
-            .map(|n| n.id.clone())
-            .collect();
+        let lost_now = |inner: &Inner| -> Vec<String> {
+            inner
+                .reg
+                .nodes
+                .values()
+                .filter(|n| n.state == NodeState::Ready)
+                .filter(|n| {
+                    inner
+                        .last_seen
+                        .get(&n.id)
+                        .is_none_or(|t| t.elapsed() >= lost_after)
+                })
+                .map(|n| n.id.clone())
+                .collect()
+        };
+        // Looked at first without the registry's lock, which another
+        // instance sharing it would wait for.
+        if lost_now(&self.lock()).is_empty() {
+            return Vec::new();
+        }
+        let mut inner = match self.lock_to_change() {
+            Ok(inner) => inner,
+            Err(e) => {
+                eprintln!("{:>12} nodes: {}", "Warning", e.detail);
+                return Vec::new();
+            }
+        };
+        let lost = lost_now(&inner);
         if lost.is_empty() {
             return lost;
         }
+        let mut changed = Vec::new();
         for id in &lost {
             if let Some(n) = inner.reg.nodes.get_mut(id) {
                 n.state = NodeState::Lost;
             }
+            changed.push(Key::Node(id.clone()));
             eprintln!("{:>12} node {id}: no heartbeat for {lost_after:?}", "Lost");
         }
         let moving: Vec<(String, Placed)> = inner
@@ -1005,6 +1160,9 @@ impl Nodes {
                 continue;
             };
             let generation = placed.generation + 1;
+            changed.push(Key::Placement(site.clone()));
+            changed.extend(assigned(&placed.node));
+            changed.extend(assigned(&node));
             let _ = Self::assign_locked(
                 &mut inner.reg,
                 &placed.node,
@@ -1033,8 +1191,7 @@ impl Nodes {
                 },
             );
         }
-        // Many entries change, rarely: the whole registry is kept.
-        if let Err(e) = self.save_all(&mut inner) {
+        if let Err(e) = self.save(&mut inner, &changed) {
             eprintln!("{:>12} nodes: {}", "Warning", e.detail);
         }
         drop(inner);
@@ -1104,7 +1261,7 @@ impl Nodes {
     /// Starts moving `site` to node `to` (or to the best node of provider
     /// `to`): it must fit there. Answers the nodes it moves from and to.
     pub fn begin_move(&self, site: &str, to: &str) -> Result<(String, String), AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let Some(placed) = inner.reg.placements.get(site).cloned() else {
             return Err(AppError::new(
                 ErrorKind::NotFound,
@@ -1172,7 +1329,7 @@ impl Nodes {
     /// `site`'s move cuts over: new connections to it wait from now on,
     /// until [`Nodes::finish_move`].
     pub fn hold_move(&self, site: &str) -> Result<(), AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         if let Some(p) = inner.reg.placements.get_mut(site) {
             p.holding = p.moving.is_some();
         }
@@ -1184,7 +1341,7 @@ impl Nodes {
 
     /// Ends `site`'s move: on `to` when it succeeded, where it was when not.
     pub fn finish_move(&self, site: &str, succeeded: bool) -> Result<(), AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         // The site's node may change: its load is counted afresh.
         inner.load = None;
         if let Some(p) = inner.reg.placements.get_mut(site) {
@@ -1209,7 +1366,7 @@ impl Nodes {
     /// The operator is content with `site`'s move: the nodes it left remove
     /// their stopped copies. Answers those nodes.
     pub fn confirm_move(&self, site: &str) -> Result<Vec<String>, AppError> {
-        let mut inner = self.lock();
+        let mut inner = self.lock_to_change()?;
         let Some(p) = inner.reg.placements.get_mut(site) else {
             return Err(AppError::new(
                 ErrorKind::NotFound,
