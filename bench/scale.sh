@@ -10,8 +10,9 @@
 # - the ledger on PostgreSQL (target >= 50,000 transfers/s);
 # - a route change seen by 3 gateways following the routes' bucket, at 1k,
 #   10k and 50k sites (target p99 <= 1 s).
-# Not measured here yet: mutating API calls with 3 control-plane instances
-# and 50,000 sites.
+# - mutating API calls with 3 control-plane instances and 1,000 simulated
+#   nodes, at 1k, 10k and 50k sites (`bench/control-planes.py`; target
+#   p99 <= 1 s).
 # PostgreSQL: COMMONS_BENCH_POSTGRES (default
 # "host=127.0.0.1 user=postgres dbname=test"). EVENTS (default 600000);
 # WORKERS: the meter's takers (default: as many as an instance runs).
@@ -24,6 +25,7 @@ cargo build --release --quiet -p commons-bus --example usage_bench
 cargo build --release --quiet -p commons-meter --example meter_bench
 cargo build --release --quiet -p commons-ledger --example ledger_bench
 cargo build --release --quiet -p commons-bus --example routes_bench
+cargo build --release --quiet --locked -p commons-cli
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 dir=$(mktemp -d)
@@ -42,3 +44,4 @@ COMMONS_BENCH_POSTGRES="$pg" target/release/examples/ledger_bench
 for sites in 1000 10000 50000; do
   target/release/examples/routes_bench "nats://127.0.0.1:$port" "$sites" 100
 done
+COMMONS_BENCH_POSTGRES="$pg" python3 bench/control-planes.py target/release/commons

@@ -268,7 +268,7 @@ async fn assignments(
     Query(poll): Query<Poll>,
 ) -> Reply {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(poll.wait.min(60));
-    let mut changed = state.nodes.watch();
+    let mut changed = state.nodes.watch_node(&node);
     loop {
         changed.borrow_and_update();
         let a = state.nodes.assignments(&node, poll.after);

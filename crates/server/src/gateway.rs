@@ -145,7 +145,13 @@ pub fn node_routes(state: &AppState) -> Vec<RouteSpec> {
         return Vec::new();
     };
     let mut out = Vec::new();
-    for placed in state.nodes.routed_sites() {
+    // With instances sharing the nodes, a node's tunnel ends at one of
+    // them: only that one can reach its sites, and only it gives them a
+    // forwarder (a listener each), so each instance holds its own nodes'
+    // sites' forwarders rather than every site's.
+    let here_only = state.nodes.is_shared();
+    let reachable = |node: &str| !here_only || state.tunnels.is_open(node);
+    for placed in state.nodes.routed_sites(reachable) {
         let Some(upstream) =
             state
                 .tunnels

@@ -116,6 +116,7 @@ impl Tunnels {
                 until,
             },
         );
+        self.nodes.reachability_changed();
         let expires_in = (until * 1000 - commons_clock::now_ms()).max(0) as u64;
         let revoked = async {
             // Checked once here too: a revocation may have come between
@@ -135,6 +136,8 @@ impl Tunnels {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         if open.get(&node).is_some_and(|o| o.dial == dial) {
             open.remove(&node);
+            drop(open);
+            self.nodes.reachability_changed();
         }
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = live.get_mut(&node) {
@@ -143,6 +146,14 @@ impl Tunnels {
                 live.remove(&node);
             }
         }
+    }
+
+    /// Whether `node` has a tunnel open to this instance.
+    pub fn is_open(&self, node: &str) -> bool {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(node)
     }
 
     /// How many tunnels `node` holds open.

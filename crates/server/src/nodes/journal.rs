@@ -79,14 +79,20 @@ impl Line {
         format!("{kind}/{key}")
     }
 
-    /// Whether it changes what placements take of nodes.
-    pub(super) fn moves_load(&self) -> bool {
-        matches!(self, Line::Node { .. } | Line::Placement { .. })
+    /// The placement it sets (or removes: `Some(None)`), if it is one.
+    pub(super) fn placement(&self) -> Option<(&str, Option<&Placed>)> {
+        match self {
+            Line::Placement { key, value } => Some((key, value.as_deref())),
+            _ => None,
+        }
     }
 
-    /// Whether it changes a node's operations.
-    pub(super) fn assigns(&self) -> bool {
-        matches!(self, Line::Ops { .. })
+    /// The node whose operations it changes, if it does.
+    pub(super) fn assigns(&self) -> Option<&str> {
+        match self {
+            Line::Ops { key, .. } => Some(key),
+            _ => None,
+        }
     }
 
     pub(super) fn of(reg: &Registry, key: &Key) -> Line {

@@ -210,10 +210,44 @@ pub struct Nodes {
     pub ca: ca::NodeCa,
     pub settings: NodeSettings,
     inner: Arc<Mutex<Inner>>,
-    /// Bumped on every new assignment: long polls wait on it.
-    changed: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Who to tell of a change.
+    wakes: Arc<Wakes>,
     /// The registry in PostgreSQL, when the platform's store is there.
     shared: Option<shared::SharedRegistry>,
+}
+
+/// Who waits for changes.
+#[derive(Default)]
+struct Wakes {
+    /// Bumped on every change of placements or assignments (the gateway's
+    /// routes, the tunnels).
+    all: tokio::sync::watch::Sender<u64>,
+    /// Bumped when a node's operations change: its long poll waits on its
+    /// own, so an assignment wakes one poll rather than every node's.
+    nodes: Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
+}
+
+impl Wakes {
+    fn node(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.entry(node.to_string()).or_default().subscribe()
+    }
+
+    /// Tells those waiting on `nodes`, and on any change.
+    fn assigned<'a>(&self, nodes: impl IntoIterator<Item = &'a str>) {
+        let polls = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut any = false;
+        for node in nodes {
+            any = true;
+            if let Some(poll) = polls.get(node) {
+                poll.send_modify(|n| *n += 1);
+            }
+        }
+        drop(polls);
+        if any {
+            self.all.send_modify(|n| *n += 1);
+        }
+    }
 }
 
 /// The registry held to be changed: under the mutex and, when it is shared,
@@ -309,6 +343,8 @@ fn assigned(node: &str) -> [Key; 2] {
 #[derive(Debug, Clone)]
 pub struct RoutedSite {
     pub site: String,
+    /// The node it is placed on.
+    pub node: String,
     /// The component its routes lead to.
     pub component: String,
     /// Changes with every placement and move (see `epoch`).
@@ -397,10 +433,10 @@ impl Nodes {
             last_seen,
             sites: HashMap::new(),
         }));
-        let changed = Arc::new(tokio::sync::watch::channel(0).0);
+        let wakes = Arc::new(Wakes::default());
         let shared = match shared {
             Some(registry) => {
-                registry.follow(Arc::downgrade(&inner), Arc::downgrade(&changed))?;
+                registry.follow(Arc::downgrade(&inner), Arc::downgrade(&wakes))?;
                 Some(registry)
             }
             None => None,
@@ -410,7 +446,7 @@ impl Nodes {
             ca,
             settings,
             inner,
-            changed,
+            wakes,
             shared,
         })
     }
@@ -434,9 +470,8 @@ impl Nodes {
             shared: Some(shared),
         };
         let news = shared.begin(after).map_err(internal)?;
-        if shared::absorb(&mut changing, news) {
-            self.changed.send_modify(|n| *n += 1);
-        }
+        let assigned = shared::absorb(&mut changing, news);
+        self.wakes.assigned(assigned.iter().map(String::as_str));
         Ok(changing)
     }
 
@@ -448,9 +483,8 @@ impl Nodes {
         let after = self.lock().seq;
         match shared.since(after) {
             Ok(news) => {
-                if shared::absorb(&mut self.lock(), news) {
-                    self.changed.send_modify(|n| *n += 1);
-                }
+                let assigned = shared::absorb(&mut self.lock(), news);
+                self.wakes.assigned(assigned.iter().map(String::as_str));
             }
             Err(e) => tracing::warn!(error = %e, "reading the nodes' registry"),
         }
@@ -459,6 +493,15 @@ impl Nodes {
     /// Keeps the entries `changed` (as `inner` holds them now): on disk, or
     /// in the shared registry, ending the change.
     fn save(&self, inner: &mut Inner, changed: &[Key]) -> Result<(), AppError> {
+        self.keep(inner, changed)?;
+        self.wakes.assigned(changed.iter().filter_map(|k| match k {
+            Key::Ops(node) => Some(node.as_str()),
+            _ => None,
+        }));
+        Ok(())
+    }
+
+    fn keep(&self, inner: &mut Inner, changed: &[Key]) -> Result<(), AppError> {
         if let Some(shared) = &self.shared {
             let keys: BTreeSet<&Key> = changed.iter().collect();
             let lines: Vec<journal::Line> = keys
@@ -775,9 +818,27 @@ impl Nodes {
         }
     }
 
-    /// Wakes when anything is assigned to any node.
+    /// Wakes when anything is assigned to any node, or placed.
     pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
+        self.wakes.all.subscribe()
+    }
+
+    /// Whether the registry is shared with other instances (kept in
+    /// PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Tells those following placements (the gateway's routes) that where
+    /// sites can be reached from here changed: a node's tunnel opened or
+    /// closed.
+    pub fn reachability_changed(&self) {
+        self.wakes.all.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes when `node`'s operations change (an assignment, a report).
+    pub fn watch_node(&self, node: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.wakes.node(node)
     }
 
     /// `node`'s report of one of its operations.
@@ -823,7 +884,7 @@ impl Nodes {
         let r = Self::assign_locked(&mut inner.reg, node, operation)?;
         self.save(&mut inner, &assigned(node))?;
         drop(inner);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         Ok(r)
     }
 
@@ -1088,7 +1149,7 @@ impl Nodes {
         );
         self.save(inner, &changed)?;
         drop(guard);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         Ok(decision)
     }
 
@@ -1195,7 +1256,7 @@ impl Nodes {
             eprintln!("{:>12} nodes: {}", "Warning", e.detail);
         }
         drop(inner);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         lost
     }
 
@@ -1211,14 +1272,18 @@ impl Nodes {
     /// the placement's epoch: it changes when a move starts and when it
     /// ends, and with it the upstream the gateway is given, so requests
     /// in flight finish where they started while new ones wait.
-    pub fn routed_sites(&self) -> Vec<RoutedSite> {
+    /// Only those on nodes `reachable` says this instance reaches are
+    /// counted (and copied).
+    pub fn routed_sites(&self, reachable: impl Fn(&str) -> bool) -> Vec<RoutedSite> {
         self.lock()
             .reg
             .placements
             .iter()
+            .filter(|(_, p)| reachable(&p.node))
             .filter_map(|(site, p)| {
                 Some(RoutedSite {
                     site: site.clone(),
+                    node: p.node.clone(),
                     component: p.web.clone()?,
                     epoch: epoch(p),
                     route: p.route.clone(),
@@ -1255,7 +1320,7 @@ impl Nodes {
 
     /// A number that changes whenever placements do.
     pub fn version(&self) -> u64 {
-        *self.changed.borrow()
+        *self.wakes.all.borrow()
     }
 
     /// Starts moving `site` to node `to` (or to the best node of provider
@@ -1322,7 +1387,7 @@ impl Nodes {
             .moving = Some(target.clone());
         self.save(&mut inner, &[Key::Placement(site.to_string())])?;
         drop(inner);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         Ok((placed.node, target))
     }
 
@@ -1335,7 +1400,7 @@ impl Nodes {
         }
         self.save(&mut inner, &[Key::Placement(site.to_string())])?;
         drop(inner);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -1359,7 +1424,7 @@ impl Nodes {
         }
         self.save(&mut inner, &[Key::Placement(site.to_string())])?;
         drop(inner);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -1396,7 +1461,7 @@ impl Nodes {
         }
         self.save(&mut inner, &changed)?;
         drop(inner);
-        self.changed.send_modify(|n| *n += 1);
+        self.wakes.all.send_modify(|n| *n += 1);
         Ok(left)
     }
 

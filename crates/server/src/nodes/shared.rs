@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use commons_store::entries::{Entry, Follower, SharedEntries};
 
 use super::journal::Line;
-use super::Inner;
+use super::{Inner, Wakes};
 
 /// How often an instance reads the others' changes and heartbeats.
 pub(super) const FOLLOW_EVERY: Duration = Duration::from_millis(200);
@@ -110,22 +110,18 @@ impl SharedRegistry {
     pub(super) fn follow(
         &self,
         inner: Weak<Mutex<Inner>>,
-        wake: Weak<tokio::sync::watch::Sender<u64>>,
+        wakes: Weak<Wakes>,
     ) -> Result<(), String> {
         let follower = self.entries.follower().map_err(failed)?;
         std::thread::Builder::new()
             .name("commons-nodes-follow".into())
-            .spawn(move || follow(follower, inner, wake))
+            .spawn(move || follow(follower, inner, wakes))
             .map_err(failed)?;
         Ok(())
     }
 }
 
-fn follow(
-    mut follower: Follower,
-    inner: Weak<Mutex<Inner>>,
-    wake: Weak<tokio::sync::watch::Sender<u64>>,
-) {
+fn follow(mut follower: Follower, inner: Weak<Mutex<Inner>>, wakes: Weak<Wakes>) {
     let mut beats_after = 0i64;
     loop {
         std::thread::sleep(FOLLOW_EVERY);
@@ -159,27 +155,35 @@ fn follow(
             }
         }
         drop(guard);
-        if assigned {
-            if let Some(wake) = wake.upgrade() {
-                wake.send_modify(|n| *n += 1);
-            }
+        if let Some(wakes) = wakes.upgrade() {
+            wakes.assigned(assigned.iter().map(String::as_str));
         }
     }
 }
 
-/// Applies rows newer than what `inner` holds; true if a node's operations
-/// changed.
-pub(super) fn absorb(inner: &mut Inner, news: Vec<Row>) -> bool {
-    let mut assigned = false;
+/// Applies rows newer than what `inner` holds; answers the nodes whose
+/// operations changed.
+pub(super) fn absorb(inner: &mut Inner, news: Vec<Row>) -> Vec<String> {
+    let mut assigned = Vec::new();
     for Row { seq, line } in news {
         if seq <= inner.seq {
             continue;
         }
         inner.seq = seq;
-        if line.moves_load() {
-            inner.load = None;
+        // What placements take of nodes follows, one placement at a time:
+        // counting them all again at each would cost every instance a pass
+        // over every site for each site placed anywhere.
+        if let (Some((site, placed)), Some(load)) = (line.placement(), inner.load.as_mut()) {
+            if let Some(old) = inner.reg.placements.get(site) {
+                load.count(old, &inner.reg, false);
+            }
+            if let Some(new) = placed {
+                load.count(new, &inner.reg, true);
+            }
         }
-        assigned |= line.assigns();
+        if let Some(node) = line.assigns() {
+            assigned.push(node.to_string());
+        }
         if let Line::Node {
             key,
             value: Some(_),
