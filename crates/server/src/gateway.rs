@@ -149,8 +149,11 @@ pub fn node_routes(state: &AppState) -> Vec<RouteSpec> {
     // them: only that one can reach its sites, and only it gives them a
     // forwarder (a listener each), so each instance holds its own nodes'
     // sites' forwarders rather than every site's.
-    let here_only = state.nodes.is_shared();
-    let reachable = |node: &str| !here_only || state.tunnels.is_open(node);
+    let here = state.nodes.is_shared().then(|| state.tunnels.open_nodes());
+    if here.as_ref().is_some_and(|nodes| nodes.is_empty()) {
+        return out;
+    }
+    let reachable = |node: &str| here.as_ref().is_none_or(|nodes| nodes.contains(node));
     for placed in state.nodes.routed_sites(reachable) {
         let Some(upstream) =
             state

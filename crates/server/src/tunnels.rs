@@ -148,12 +148,14 @@ impl Tunnels {
         }
     }
 
-    /// Whether `node` has a tunnel open to this instance.
-    pub fn is_open(&self, node: &str) -> bool {
+    /// The nodes with a tunnel open to this instance.
+    pub fn open_nodes(&self) -> std::collections::HashSet<String> {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(node)
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// How many tunnels `node` holds open.
